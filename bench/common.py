@@ -1,0 +1,112 @@
+"""Shared benchmark plumbing: environment record, timing, result records, JSON output.
+
+Every benchmark, CPU or GPU, produces records of one shape so that ``python -m bench.compare`` can
+diff any two result files:
+
+    {"name": "attention.fwd", "case": "wan1.3b-480p", "provider": "triton",
+     "metric": "tflops", "value": 451.0, "higher_is_better": true,
+     "baseline": "sdpa_flash", "ratio": 1.25, "extra": {...}}
+
+``ratio`` is value / the baseline provider's value for the same (name, case), measured in the same
+run; it is filled in by :func:`add_ratios`.
+"""
+
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import os
+import platform
+import subprocess
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+
+
+def git_commit() -> str:
+    try:
+        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def environment() -> dict[str, Any]:
+    """Device, versions and commit, recorded into every results file."""
+    env: dict[str, Any] = {
+        "date": _dt.datetime.now(_dt.UTC).isoformat(timespec="seconds"),
+        "commit": git_commit(),
+        "python": platform.python_version(),
+        "torch": torch.__version__,
+        "host": platform.node(),
+        "device": "cpu",
+        "cpu": platform.processor() or platform.machine(),
+        "num_threads": torch.get_num_threads(),
+    }
+    try:
+        import triton
+
+        env["triton"] = triton.__version__
+    except ImportError:
+        env["triton"] = None
+    if torch.cuda.is_available():
+        p = torch.cuda.get_device_properties(0)
+        env.update(device=p.name, sm=f"{p.major}.{p.minor}", num_sms=p.multi_processor_count,
+                   gpu_mem_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+    return env
+
+
+def device_slug(env: dict[str, Any]) -> str:
+    return "".join(c if c.isalnum() else "-" for c in env["device"]).strip("-").lower()
+
+
+def bench_fn(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10) -> float:
+    """Median seconds per call. CUDA: triton.testing.do_bench (L2 flushed, events); CPU: perf_counter."""
+    if torch.cuda.is_available():
+        from triton.testing import do_bench
+
+        return do_bench(fn, warmup=25, rep=100, return_mode="median") / 1e3
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(rep):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    times.sort()
+    return times[len(times) // 2]
+
+
+def record(name: str, case: str, provider: str, metric: str, value: float, *, higher_is_better: bool = True,
+           baseline: str | None = None, **extra: Any) -> dict[str, Any]:
+    return {"name": name, "case": case, "provider": provider, "metric": metric, "value": float(value),
+            "higher_is_better": higher_is_better, "baseline": baseline, "ratio": None, "extra": extra}
+
+
+def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Fill ``ratio`` = value / baseline's value (same name, case, metric), oriented so >1 is better."""
+    index = {(r["name"], r["case"], r["metric"], r["provider"]): r for r in records}
+    for r in records:
+        base = index.get((r["name"], r["case"], r["metric"], r["baseline"])) if r["baseline"] else None
+        if base and base["value"] > 0 and r["value"] > 0:
+            ratio = r["value"] / base["value"]
+            r["ratio"] = ratio if r["higher_is_better"] else 1.0 / ratio
+    return records
+
+
+def write_results(records: list[dict[str, Any]], out_dir: str | Path, *, tag: str = "", env: dict | None = None) -> Path:
+    """One JSON per run, named by date and device: ``<date>_<device>[_<tag>].json``."""
+    env = env or environment()
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    stamp = env["date"][:19].replace(":", "").replace("-", "")
+    path = out / f"{stamp}_{device_slug(env)}{'_' + tag if tag else ''}.json"
+    path.write_text(json.dumps({"env": env, "records": add_ratios(records)}, indent=1))
+    return path
+
+
+def out_dir() -> Path:
+    """$OUT on the device machine, else bench/results."""
+    return Path(os.environ.get("OUT") or Path(__file__).parent / "results")

@@ -1,0 +1,1 @@
+"""Video DiTs written here, weight-compatible with diffusers state dicts."""
