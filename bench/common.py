@@ -28,7 +28,9 @@ import torch
 
 def git_commit() -> str:
     try:
-        return subprocess.check_output(["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL).strip()
+        return subprocess.check_output(
+            ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
 
@@ -53,8 +55,13 @@ def environment() -> dict[str, Any]:
         env["triton"] = None
     if torch.cuda.is_available():
         p = torch.cuda.get_device_properties(0)
-        env.update(device=p.name, sm=f"{p.major}.{p.minor}", num_sms=p.multi_processor_count,
-                   gpu_mem_gb=round(p.total_memory / 2**30, 1), cuda=torch.version.cuda)
+        env.update(
+            device=p.name,
+            sm=f"{p.major}.{p.minor}",
+            num_sms=p.multi_processor_count,
+            gpu_mem_gb=round(p.total_memory / 2**30, 1),
+            cuda=torch.version.cuda,
+        )
     return env
 
 
@@ -79,10 +86,28 @@ def bench_fn(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10) -> float:
     return times[len(times) // 2]
 
 
-def record(name: str, case: str, provider: str, metric: str, value: float, *, higher_is_better: bool = True,
-           baseline: str | None = None, **extra: Any) -> dict[str, Any]:
-    return {"name": name, "case": case, "provider": provider, "metric": metric, "value": float(value),
-            "higher_is_better": higher_is_better, "baseline": baseline, "ratio": None, "extra": extra}
+def record(
+    name: str,
+    case: str,
+    provider: str,
+    metric: str,
+    value: float,
+    *,
+    higher_is_better: bool = True,
+    baseline: str | None = None,
+    **extra: Any,
+) -> dict[str, Any]:
+    return {
+        "name": name,
+        "case": case,
+        "provider": provider,
+        "metric": metric,
+        "value": float(value),
+        "higher_is_better": higher_is_better,
+        "baseline": baseline,
+        "ratio": None,
+        "extra": extra,
+    }
 
 
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
@@ -96,7 +121,9 @@ def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return records
 
 
-def write_results(records: list[dict[str, Any]], out_dir: str | Path, *, tag: str = "", env: dict | None = None) -> Path:
+def write_results(
+    records: list[dict[str, Any]], out_dir: str | Path, *, tag: str = "", env: dict | None = None
+) -> Path:
     """One JSON per run, named by date and device: ``<date>_<device>[_<tag>].json``."""
     env = env or environment()
     out = Path(out_dir)

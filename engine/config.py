@@ -250,7 +250,9 @@ def _coerce(value: Any, tp: Any, key: str) -> Any:
         return value
     if tp is bool or tp is str:
         if not isinstance(value, tp):
-            raise ConfigError(f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}")
+            raise ConfigError(
+                f"config key '{key}': expected {tp.__name__}, got {type(value).__name__} {value!r}"
+            )
         return value
     raise ConfigError(f"config key '{key}': unsupported annotation {tp!r}")
 
@@ -273,7 +275,9 @@ def _apply(obj: Any, data: dict, prefix: str) -> None:
 
 def _parse_cli_value(text: str, tp: Any) -> Any:
     """Parse one CLI value by the annotation: TOML syntax for lists/bools/numbers, raw text for str."""
-    if tp is str or (typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))):
+    if tp is str or (
+        typing.get_origin(tp) is Literal and all(isinstance(a, str) for a in typing.get_args(tp))
+    ):
         return text
     try:
         return tomllib.loads(f"v = {text}")["v"]

@@ -30,7 +30,9 @@ def get_logger(name: str | None = None) -> logging.Logger:
     root = logging.getLogger(_LOGGER_NAME)
     if not root.handlers:
         handler = logging.StreamHandler(sys.stderr)
-        handler.setFormatter(logging.Formatter("%(asctime)s [r%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S"))
+        handler.setFormatter(
+            logging.Formatter("%(asctime)s [r%(rank)s] %(levelname)s %(name)s: %(message)s", "%H:%M:%S")
+        )
         handler.addFilter(_RankFilter())
         root.addHandler(handler)
         root.setLevel(os.environ.get("WMSD_LOG_LEVEL", "INFO"))

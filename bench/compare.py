@@ -1,0 +1,139 @@
+"""Compare two benchmark result files, or plot one benchmark's history.
+
+    python -m bench.compare OLD.json NEW.json [--threshold 0.05]
+    python -m bench.compare --plot attention.fwd --case wan1.3b-480p bench/results/*.json -o hist.png
+
+For every (name, case, provider, metric) present in both files it prints OLD, NEW and NEW/OLD oriented
+so that > 1 is better (throughput up or time down). A benchmark that got worse by more than the
+threshold is flagged REGRESSION and the exit code is 1; records only in one file are listed. Results
+from different devices are compared only with --allow-device-mismatch (their ratios mean little).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Any
+
+Key = tuple[str, str, str, str]
+
+
+def load_results(path: str | Path) -> dict[str, Any]:
+    p = Path(path)
+    try:
+        data = json.loads(p.read_text())
+    except FileNotFoundError:
+        raise SystemExit(f"error: results file '{p}' does not exist") from None
+    except json.JSONDecodeError as e:
+        raise SystemExit(f"error: results file '{p}' is not valid JSON: {e}") from None
+    if not isinstance(data, dict) or "records" not in data or "env" not in data:
+        raise SystemExit(f"error: results file '{p}' has no 'env' and 'records' (not a bench result)")
+    return data
+
+
+def _index(records: list[dict]) -> dict[Key, dict]:
+    return {(r["name"], r["case"], r["provider"], r["metric"]): r for r in records if r["metric"] != "error"}
+
+
+def compare(old: dict, new: dict, threshold: float) -> tuple[list[dict], list[Key], list[Key]]:
+    """Rows of (key, old, new, change) where change > 1 means better; plus keys only in old / new."""
+    a, b = _index(old["records"]), _index(new["records"])
+    rows = []
+    for key in sorted(a.keys() & b.keys()):
+        ra, rb = a[key], b[key]
+        if ra["value"] <= 0 or rb["value"] <= 0:
+            continue
+        change = rb["value"] / ra["value"]
+        if not rb.get("higher_is_better", True):
+            change = 1.0 / change
+        rows.append(
+            {
+                "key": key,
+                "old": ra["value"],
+                "new": rb["value"],
+                "change": change,
+                "regression": change < 1.0 - threshold,
+            }
+        )
+    return rows, sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+
+
+def format_table(rows: list[dict]) -> str:
+    head = f"{'benchmark':<34} {'case':<22} {'provider':<14} {'metric':<10} {'old':>11} {'new':>11} {'new/old':>8}"
+    lines = [head, "-" * len(head)]
+    for r in rows:
+        name, case, provider, metric = r["key"]
+        flag = "  REGRESSION" if r["regression"] else ""
+        lines.append(
+            f"{name:<34} {case:<22} {provider:<14} {metric:<10} {r['old']:>11.4g} {r['new']:>11.4g} "
+            f"{r['change']:>7.3f}x{flag}"
+        )
+    return "\n".join(lines)
+
+
+def plot_history(paths: list[str], name: str, case: str | None, out: str) -> Path:
+    """PNG of one benchmark's value over result files (sorted by date), one line per provider."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    series: dict[str, list[tuple[str, float]]] = {}
+    for p in paths:
+        data = load_results(p)
+        for r in data["records"]:
+            if r["name"] == name and (case is None or r["case"] == case) and r["metric"] != "error":
+                label = f"{r['provider']} ({r['metric']}, {data['env'].get('device', '?')})"
+                series.setdefault(label, []).append((data["env"]["date"], r["value"]))
+    if not series:
+        raise SystemExit(f"error: no records named '{name}'" + (f" with case '{case}'" if case else ""))
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for label, pts in sorted(series.items()):
+        pts.sort()
+        ax.plot([d[:16] for d, _ in pts], [v for _, v in pts], marker="o", label=label)
+    ax.set_title(f"{name}" + (f" [{case}]" if case else ""))
+    ax.tick_params(axis="x", rotation=30)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out, dpi=100)
+    return Path(out)
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("files", nargs="+", help="OLD.json NEW.json, or with --plot any number of result files")
+    ap.add_argument("--threshold", type=float, default=0.05, help="regression threshold (0.05 = 5%% worse)")
+    ap.add_argument("--allow-device-mismatch", action="store_true")
+    ap.add_argument("--plot", metavar="NAME", help="plot the history of benchmark NAME instead")
+    ap.add_argument("--case", help="with --plot: only this case")
+    ap.add_argument("-o", "--output", default="bench_history.png", help="with --plot: PNG path")
+    args = ap.parse_args(argv)
+    if args.plot:
+        print(plot_history(args.files, args.plot, args.case, args.output))
+        return 0
+    if len(args.files) != 2:
+        ap.error("compare takes exactly two result files: OLD.json NEW.json")
+    old, new = load_results(args.files[0]), load_results(args.files[1])
+    dev_old, dev_new = old["env"].get("device"), new["env"].get("device")
+    if dev_old != dev_new and not args.allow_device_mismatch:
+        print(
+            f"error: devices differ ('{dev_old}' vs '{dev_new}'); pass --allow-device-mismatch",
+            file=sys.stderr,
+        )
+        return 2
+    rows, only_old, only_new = compare(old, new, args.threshold)
+    print(f"old: {args.files[0]} ({dev_old}, {old['env'].get('commit')})")
+    print(f"new: {args.files[1]} ({dev_new}, {new['env'].get('commit')})")
+    print(format_table(rows))
+    for label, keys in (("only in old", only_old), ("only in new", only_new)):
+        for k in keys:
+            print(f"{label}: {' / '.join(k)}")
+    n_reg = sum(r["regression"] for r in rows)
+    print(f"{len(rows)} compared, {n_reg} regression(s) beyond {args.threshold:.0%}")
+    return 1 if n_reg else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,70 @@
+"""bench.compare on real result files written by bench.common: table, planted regression, exit code."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from bench.common import environment, record, write_results
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _write(tmp_path, sub, fwd_tflops, step_ms):
+    recs = [
+        record("attention.fwd", "wan", "triton", "tflops", fwd_tflops, baseline="sdpa_flash"),
+        record("attention.fwd", "wan", "sdpa_flash", "tflops", 360.0),
+        record("trainer.step", "toy", "bf16", "ms", step_ms, higher_is_better=False),
+    ]
+    return write_results(recs, tmp_path / sub, env=environment())
+
+
+def _run(*args):
+    return subprocess.run(
+        [sys.executable, "-m", "bench.compare", *map(str, args)], capture_output=True, text=True, cwd=ROOT
+    )
+
+
+def test_ratio_filled_against_same_run_baseline(tmp_path):
+    path = _write(tmp_path, "a", 450.0, 10.0)
+    recs = {(r["provider"], r["metric"]): r for r in json.loads(path.read_text())["records"]}
+    assert abs(recs[("triton", "tflops")]["ratio"] - 450.0 / 360.0) < 1e-12
+
+
+def test_no_regression_exits_zero(tmp_path):
+    old, new = _write(tmp_path, "a", 450.0, 10.0), _write(tmp_path, "b", 460.0, 9.9)
+    r = _run(old, new)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "0 regression(s)" in r.stdout and "attention.fwd" in r.stdout
+
+
+def test_planted_regression_flagged(tmp_path):
+    # throughput down 20% and step time up 30%: both are regressions
+    old, new = _write(tmp_path, "a", 450.0, 10.0), _write(tmp_path, "b", 360.0, 13.0)
+    r = _run(old, new, "--threshold", "0.05")
+    assert r.returncode == 1
+    assert r.stdout.count("REGRESSION") == 2
+    assert "2 regression(s)" in r.stdout
+
+
+def test_time_metric_orientation(tmp_path):
+    # step time DOWN is an improvement even though the value decreased
+    old, new = _write(tmp_path, "a", 450.0, 10.0), _write(tmp_path, "b", 450.0, 5.0)
+    r = _run(old, new)
+    assert r.returncode == 0
+    assert "2.000x" in r.stdout
+
+
+def test_bad_file_is_clear(tmp_path):
+    p = tmp_path / "x.json"
+    p.write_text("{}")
+    r = _run(p, p)
+    assert r.returncode != 0 and "not a bench result" in r.stderr
+
+
+def test_plot_history(tmp_path):
+    a, b = _write(tmp_path, "a", 450.0, 10.0), _write(tmp_path, "b", 470.0, 10.0)
+    out = tmp_path / "h.png"
+    r = _run("--plot", "attention.fwd", "--case", "wan", a, b, "-o", out)
+    assert r.returncode == 0, r.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
