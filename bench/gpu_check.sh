@@ -1,0 +1,38 @@
+#!/usr/bin/env bash
+# The one script a GPU session runs, from the repo root, on a machine with a CUDA GPU:
+#   bash bench/gpu_check.sh [--quick]
+# 1. installs carried wheels from .whl/ (if any) into /tmp/site (no network needed),
+# 2. builds the CUDA extension kernels._C (csrc/) in place,
+# 3. runs `pytest -m gpu`,
+# 4. runs every bench/gpu_*.py module (python -m bench.gpu_check) with baselines in the same process,
+# and writes everything under $OUT (default bench/results/gpu_<date>): one results JSON + logs.
+set -uo pipefail
+cd "$(dirname "$0")/.."
+QUICK=""; [ "${1:-}" = "--quick" ] && QUICK="--quick"
+OUT="${OUT:-bench/results/gpu_$(date -u +%Y%m%dT%H%M%S)}"
+mkdir -p "$OUT"
+export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
+PY=${PYTHON:-python3}
+t0=$(date +%s)
+step() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
+
+if compgen -G ".whl/*.whl" > /dev/null; then
+  step "installing carried wheels"
+  $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
+    > "$OUT/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+fi
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+
+step "building kernels._C"
+WMSD_BUILD_CUDA=1 timeout 300 $PY setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 \
+  && step "build ok" || step "build FAILED (see build_ext.log)"
+
+step "pytest -m gpu"
+timeout "${GPU_TEST_TIMEOUT:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 120 \
+  --junitxml "$OUT/pytest_gpu.xml" tests > "$OUT/pytest_gpu.log" 2>&1
+step "pytest exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
+
+step "benchmarks"
+timeout "${GPU_BENCH_TIMEOUT:-330}" $PY -m bench.gpu_check $QUICK --out "$OUT" --timeout "${GPU_MODULE_TIMEOUT:-100}" \
+  2>&1 | tee "$OUT/bench.log"
+step "done"
