@@ -1,0 +1,149 @@
+"""Fused flow-matching sampler step: CFG combine + Euler ODE or SDE update + Gaussian log-prob.
+
+Convention (rectified flow): x_t = (1 - t) x0 + t eps, velocity v = eps - x0 points from data to
+noise; sampling steps from t to t_next < t, dt = t_next - t < 0.
+
+    v      = v_u + g (v_c - v_u)                      (CFG, when v_uncond is given; else v = v_c)
+    ODE (sigma == 0):  x_next = x + dt v,  logprob None
+    SDE (sigma > 0, Flow-GRPO's discretisation of the reverse SDE with the same marginals):
+        std_t  = sigma * sqrt(t / (1 - min(t, T_MAX)))        T_MAX = 0.999 keeps t = 1 finite
+        mean   = x (1 + std_t^2 / (2 t) dt) + v (1 + std_t^2 (1 - t) / (2 t)) dt
+        s      = std_t sqrt(-dt)
+        x_next = mean + s * noise                              (noise ~ N(0, I), or x_next given)
+        logprob[b] = sum over all non-batch dims of log N(x_next; mean, s^2)
+                   = -0.5 sum(((x_next - mean) / s)^2) - N (log s + 0.5 log 2 pi)
+
+t and t_next are python floats or (B,) tensors (per-sample timesteps); t must be > 0 for the SDE.
+Every tensor is read once and x_next written once; math is fp32, log-prob sums are fp32.
+
+Tiling of the Triton kernel: each sample's N = numel / B elements are split into blocks of BLOCK
+elements; program (b, j) handles block j of sample b and writes its partial log-prob sum to a
+(B, blocks) fp32 buffer, summed by torch afterwards: a fixed reduction order, so the log-prob is
+bitwise deterministic. Block 0 adds the constant -N (log s + 0.5 log 2 pi).
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+T_MAX = 0.999
+_HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
+
+
+def _per_sample(t: float | torch.Tensor, name: str, B: int, device: torch.device) -> torch.Tensor:
+    """A python float or a (B,)/scalar tensor -> (B,) float64 tensor on device."""
+    if isinstance(t, torch.Tensor):
+        if t.dim() == 0:
+            t = t.reshape(1).expand(B)
+        if t.dim() != 1 or t.shape[0] != B:
+            raise ValueError(f"{name}: expected a float or a ({B},) tensor, got shape {tuple(t.shape)}")
+        return t.to(device=device, dtype=torch.float64)
+    if not isinstance(t, (int, float)):
+        raise TypeError(f"{name}: expected a float or a ({B},) tensor, got {type(t).__name__}")
+    return torch.full((B,), float(t), dtype=torch.float64, device=device)
+
+
+def _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma) -> None:
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x: expected a (B, ...) tensor with B > 0, got shape {tuple(x.shape)}")
+    for name, t in (("v_cond", v_cond), ("v_uncond", v_uncond), ("noise", noise), ("x_next", x_next)):
+        if t is None:
+            continue
+        if t.shape != x.shape:
+            raise ValueError(f"{name}: expected x's shape {tuple(x.shape)}, got {tuple(t.shape)}")
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, expected x's device {x.device}")
+        if not t.is_floating_point():
+            raise TypeError(f"{name}: expected a floating-point tensor, got {t.dtype}")
+    if not x.is_floating_point():
+        raise TypeError(f"x: expected a floating-point tensor, got {x.dtype}")
+    if not (sigma >= 0.0 and math.isfinite(sigma)):
+        raise ValueError(f"sigma={sigma}: expected a finite value >= 0")
+    if sigma == 0.0 and x_next is not None:
+        raise ValueError("x_next given with sigma == 0: the ODE step is deterministic and has no log-prob")
+    if noise is not None and x_next is not None:
+        raise ValueError(
+            "noise and x_next both given: pass one (noise samples x_next; x_next scores a given step)"
+        )
+
+
+def sde_coefficients(t: torch.Tensor, t_next: torch.Tensor, sigma: float) -> tuple[torch.Tensor, ...]:
+    """Per-sample (a, b, s) with mean = a x + b v and x_next = mean + s noise (see module doc)."""
+    dt = t_next - t
+    if sigma == 0.0:
+        return torch.ones_like(t), dt, torch.zeros_like(t)
+    std_t = sigma * torch.sqrt(t / (1.0 - t.clamp(max=T_MAX)))
+    a = 1.0 + std_t**2 / (2.0 * t) * dt
+    b = (1.0 + std_t**2 * (1.0 - t) / (2.0 * t)) * dt
+    return a, b, std_t * torch.sqrt(-dt)
+
+
+def _check_times(t: torch.Tensor, t_next: torch.Tensor, sigma: float) -> None:
+    if sigma > 0.0 and bool(((t <= 0) | (t_next >= t) | (t > 1)).any()):
+        raise ValueError(
+            f"t={t.tolist()}, t_next={t_next.tolist()}: the SDE step needs 0 < t <= 1 and t_next < t"
+        )
+
+
+def flow_step_reference(
+    x: torch.Tensor,
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor | None = None,
+    *,
+    guidance: float = 1.0,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    sigma: float = 0.0,
+    noise: torch.Tensor | None = None,
+    x_next: torch.Tensor | None = None,
+    backend: str = "torch",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """Pure torch flow step (module doc); differentiable w.r.t. v_cond / v_uncond. Returns (x_next, logprob)."""
+    _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)
+    B = x.shape[0]
+    tt, tn = _per_sample(t, "t", B, x.device), _per_sample(t_next, "t_next", B, x.device)
+    _check_times(tt, tn, sigma)
+    ct = torch.float64 if x.dtype == torch.float64 else torch.float32
+    bshape = (B,) + (1,) * (x.dim() - 1)
+    a, b, s = (c.to(ct).view(bshape) for c in sde_coefficients(tt, tn, sigma))
+    v = v_cond.to(ct)
+    if v_uncond is not None:
+        vu = v_uncond.to(ct)
+        v = vu + guidance * (v - vu)
+    mean = a * x.to(ct) + b * v
+    if sigma == 0.0:
+        return mean.to(x.dtype), None
+    if x_next is None:
+        if noise is None:
+            noise = torch.randn_like(x, dtype=ct)
+        x_next = (mean + s * noise.to(ct)).to(x.dtype)
+    z = (x_next.to(ct) - mean) / s
+    n = x[0].numel()
+    logprob = -0.5 * z.pow(2).flatten(1).sum(1) - n * (torch.log(s.flatten()) + _HALF_LOG_2PI)
+    return x_next, logprob.to(torch.float32) if ct == torch.float32 else logprob
+
+
+def flow_step(
+    x: torch.Tensor,
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor | None = None,
+    *,
+    guidance: float = 1.0,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    sigma: float = 0.0,
+    noise: torch.Tensor | None = None,
+    x_next: torch.Tensor | None = None,
+    backend: str = "triton",
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """One sampler step from t to t_next (module doc) -> (x_next, logprob (B,) float32 or None).
+
+    x_next: score a given transition instead of sampling one (RL ratios). When a velocity requires
+    grad the differentiable torch path runs whatever the backend.
+    backend: "triton", "cuda" (kernels._C; falls back to triton when not built) or "torch".
+    """
+    return flow_step_reference(
+        x, v_cond, v_uncond, guidance=guidance, t=t, t_next=t_next, sigma=sigma, noise=noise, x_next=x_next
+    )
