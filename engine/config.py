@@ -86,6 +86,7 @@ class PrecisionConfig:
     fp8: Literal["none", "te", "torchao"] = "none"  # FP8 linear backend
     fp8_recipe: Literal["delayed", "current", "mxfp8"] = "current"  # TE scaling recipe
     fp8_min_features: int = 256  # linears smaller than this (in or out) stay in high precision
+    fp8_skip: list[str] = field(default_factory=list)  # linears whose name contains one of these stay high precision
 
 
 @dataclass
@@ -159,6 +160,11 @@ class DistillConfig:
     t_weighting: Literal["uniform", "snr", "late"] = "uniform"
     min_gap: float = 0.25  # stop before distilling when Demonstrator gap (solution - task) is below
     demos_per_task: int = 1  # off-policy: Demonstrator samples per task
+    pairs_per_image: int = 8  # propose: task/solution pairs per image (the paper's 8)
+    tasks: str = ""  # tasks.jsonl from recipes/propose.py ("" = <run>/tasks.jsonl); distill and rl read it
+    demos: str = ""  # off-policy: folder from recipes/demonstrate.py ("" = <run>/demos)
+    init: str = ""  # Executor's initial weights ("" = the Demonstrator, model.pretrained)
+    filter_threshold: float = 0.5  # off_policy_filtered: keep demonstrations whose judged Task score >= this
 
 
 @dataclass
@@ -168,6 +174,11 @@ class RLConfig:
     beta_d: float = 0.01  # anchor toward the Demonstrator (paper's best)
     train_timesteps: int = 2  # rollout steps trained on per group
     adv_eps: float = 1e-4
+    steps: int = 0  # RL optimizer steps (0 = train.steps)
+    init: str = ""  # Executor's initial weights ("" = the Demonstrator; the pipeline passes the distilled one)
+    prompts_per_step: int = 1  # (image, task) prompts per step; each gets group_size rollouts
+    reward_questions: list[str] = field(default_factory=lambda: ["task", "consistency"])  # reward = mean
+    prefetch: bool = True  # roll out + submit the next step's group before this step's update (judge overlaps)
 
 
 @dataclass
@@ -176,6 +187,10 @@ class EvalConfig:
     seeds: list[int] = field(default_factory=lambda: [0])
     write_videos: int = 8  # mp4 + contact sheet for the first N items
     ci: float = 0.95
+    tasks: str = ""  # held-out (image, task, solution) JSONL ("" = the toy world's held-out scenes)
+    executors: list[str] = field(default_factory=list)  # "name=weights" Executors to evaluate
+    baselines: bool = True  # also evaluate Demonstrator + task and Demonstrator + solution
+    batch_size: int = 32  # videos sampled per forward batch
 
 
 @dataclass
