@@ -1,0 +1,150 @@
+"""3D rotary position embedding (t, h, w) for video DiTs.
+
+Tables. A token at grid position (t, h, w) gets, per axis a with d_a channels, the angles
+``pos_a * theta^(-2j / d_a)`` for j < d_a / 2; the three axes' angles are concatenated (t, then h,
+then w) into D/2 angles per token. Tokens are ordered t-major (t, then h, then w), as patchified
+video latents are flattened. ``rope_3d_tables`` returns cos and sin of these angles, each (S, D/2)
+float32.
+
+Rotation. Interleaved pairs (the convention of diffusers' Wan and HunyuanVideo): channels (2i, 2i+1)
+rotate by angle i::
+
+    out[2i]   = x[2i] cos_i - x[2i+1] sin_i
+    out[2i+1] = x[2i] sin_i + x[2i+1] cos_i
+
+The rotation is orthogonal, so the backward pass is the rotation by -angle applied to the incoming
+gradient. The Triton kernel does both (one pass over x, fp32 math, output in x's dtype).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+def _wan_axes_dims(head_dim: int) -> tuple[int, int, int]:
+    hw = 2 * (head_dim // 6)
+    return head_dim - 2 * hw, hw, hw
+
+
+def rope_3d_tables(
+    grid: tuple[int, int, int],
+    head_dim: int,
+    *,
+    theta: float = 10000.0,
+    axes_dims: tuple[int, int, int] | None = None,
+    start: tuple[int, int, int] = (0, 0, 0),
+    device: torch.device | str | None = None,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables of a 3D RoPE over a (T, H, W) token grid, each (T*H*W, head_dim // 2) float32.
+
+    ``axes_dims`` = channels per axis (t, h, w), each even, summing to ``head_dim``; default is Wan's split
+    h = w = 2 * (head_dim // 6), t = the rest. ``start`` offsets the positions of each axis (e.g. for a
+    chunk of a longer video). Angles are computed in float64 and rounded once to float32.
+    """
+    if len(grid) != 3 or any(int(n) < 1 for n in grid):
+        raise ValueError(f"grid: expected three positive sizes (T, H, W), got {grid}")
+    axes_dims = _wan_axes_dims(head_dim) if axes_dims is None else tuple(axes_dims)
+    if len(axes_dims) != 3 or sum(axes_dims) != head_dim or any(d % 2 or d < 0 for d in axes_dims):
+        raise ValueError(
+            f"axes_dims: expected three even sizes summing to head_dim={head_dim}, got {axes_dims}"
+        )
+    angles = []
+    for axis, (n, d, s0) in enumerate(zip(grid, axes_dims, start)):
+        pos = torch.arange(s0, s0 + n, dtype=torch.float64, device=device)
+        freqs = theta ** (-torch.arange(0, d, 2, dtype=torch.float64, device=device) / d)  # (d/2,)
+        ang = torch.outer(pos, freqs)  # (n, d/2)
+        shape = [1, 1, 1, d // 2]
+        shape[axis] = n
+        angles.append(ang.view(shape).expand(*grid, d // 2))
+    ang = torch.cat(angles, dim=-1).reshape(-1, head_dim // 2)  # (T, H, W, D/2) -> (S, D/2)
+    return ang.cos().float(), ang.sin().float()
+
+
+def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Pure-torch interleaved rotation of x (B, S, H, D) by tables (S, D/2); fp32 math, x's dtype out."""
+    _check(x, cos, sin)
+    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D) -> 2 x (B, S, H, D/2)
+    c, s = cos[None, :, None, :], sin[None, :, None, :]  # (S, D/2) -> (1, S, 1, D/2)
+    out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)  # (B, S, H, D/2, 2)
+    return out.flatten(-2).to(x.dtype)  # (B, S, H, D)
+
+
+def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    if x.dim() != 4 or x.shape[-1] % 2:
+        raise ValueError(f"x: expected (B, S, H, D) with even D, got shape {tuple(x.shape)}")
+    want = (x.shape[1], x.shape[3] // 2)
+    for name, t in (("cos", cos), ("sin", sin)):
+        if tuple(t.shape) != want:
+            raise ValueError(
+                f"{name}: expected shape (S, D/2) = {want} for x {tuple(x.shape)}, got {tuple(t.shape)}"
+            )
+        if t.device != x.device:
+            raise ValueError(f"{name}: on {t.device}, expected x's device {x.device}")
+
+
+@triton.jit
+def _rope_kernel(
+    X,
+    Y,
+    COS,
+    SIN,
+    n_rows,
+    S,
+    H,
+    P: tl.constexpr,
+    SIGN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_P: tl.constexpr,
+):
+    """Rows r of x viewed as (B*S*H, D); token s = (r // H) % S. y = R(SIGN * angle) x, pair by pair."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
+    pairs = tl.arange(0, BLOCK_P)
+    mask = (rows[:, None] < n_rows) & (pairs[None, :] < P)
+    s = (rows // H) % S
+    x_off = rows[:, None].to(tl.int64) * (2 * P) + 2 * pairs[None, :]
+    t_off = s[:, None] * P + pairs[None, :]
+    x1 = tl.load(X + x_off, mask=mask, other=0.0).to(tl.float32)
+    x2 = tl.load(X + x_off + 1, mask=mask, other=0.0).to(tl.float32)
+    c = tl.load(COS + t_off, mask=mask, other=0.0)
+    sn = tl.load(SIN + t_off, mask=mask, other=0.0) * SIGN
+    tl.store(Y + x_off, (x1 * c - x2 * sn).to(Y.dtype.element_ty), mask=mask)
+    tl.store(Y + x_off + 1, (x1 * sn + x2 * c).to(Y.dtype.element_ty), mask=mask)
+
+
+def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    x = x.contiguous()
+    cos, sin = cos.float().contiguous(), sin.float().contiguous()
+    B, S, H, D = x.shape
+    y = torch.empty_like(x)
+    n_rows = B * S * H
+    block_p = triton.next_power_of_2(D // 2)
+    block_r = max(1, min(64, 4096 // block_p))
+    grid = (triton.cdiv(n_rows, block_r),)
+    _rope_kernel[grid](x, y, cos, sin, n_rows, S, H, D // 2, sign, BLOCK_R=block_r, BLOCK_P=block_p)
+    return y
+
+
+class _ApplyRope(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, cos, sin):
+        ctx.save_for_backward(cos, sin)
+        return _rope_launch(x, cos, sin, 1.0)
+
+    @staticmethod
+    def backward(ctx, dy):
+        cos, sin = ctx.saved_tensors
+        return _rope_launch(dy, cos, sin, -1.0), None, None
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Interleaved RoPE of x (B, S, H, D) with tables cos/sin (S, D/2) (Triton, differentiable in x).
+
+    out[2i] = x[2i] cos_i - x[2i+1] sin_i ; out[2i+1] = x[2i] sin_i + x[2i+1] cos_i. The tables are
+    constants (no gradient).
+    """
+    _check(x, cos, sin)
+    if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
+    return _ApplyRope.apply(x, cos, sin)
