@@ -86,7 +86,7 @@ class PrecisionConfig:
     fp8: Literal["none", "te", "torchao"] = "none"  # FP8 linear backend
     fp8_recipe: Literal["delayed", "current", "mxfp8"] = "current"  # TE scaling recipe
     fp8_min_features: int = 256  # linears smaller than this (in or out) stay in high precision
-    fp8_skip: list[str] = field(default_factory=list)  # linears whose name contains one of these stay high precision
+    fp8_skip: list[str] = field(default_factory=list)  # linears whose name contains one of these stay bf16
 
 
 @dataclass
@@ -128,6 +128,14 @@ class DataConfig:
     width: int = 32
     cache_dir: str = ""  # latent / text-embedding cache ("" = none)
     num_workers: int = 0
+    aspect_buckets: bool = False  # True: equal-area aspect-ratio buckets; False: one (height, width)
+    bucket_multiple: int = 16  # bucket sides are multiples of this (VAE stride x patch size)
+    clip_start: Literal["first", "random"] = "first"  # where a clip starts in a longer video
+    max_upscale: float = 4.0  # skip videos that must be enlarged more than this to fill the bucket
+    quarantine: str = ""  # JSONL of skipped files/rows ("" = <run dir or cache dir>/quarantine.jsonl)
+    shard_size: int = 64  # items per latent-cache shard
+    encode_batch: int = 4  # items per VAE / text-encoder call while caching
+    text_fields: list[str] = field(default_factory=lambda: ["task", "solution", "caption"])  # to embed
 
 
 @dataclass
