@@ -27,6 +27,8 @@ from __future__ import annotations
 import math
 
 import torch
+import triton
+import triton.language as tl
 
 T_MAX = 0.999
 _HALF_LOG_2PI = 0.5 * math.log(2.0 * math.pi)
@@ -125,6 +127,120 @@ def flow_step_reference(
     return x_next, logprob.to(torch.float32) if ct == torch.float32 else logprob
 
 
+@triton.jit
+def _flow_step_kernel(
+    x_ptr,
+    vc_ptr,
+    vu_ptr,
+    noise_ptr,
+    xn_ptr,
+    out_ptr,
+    part_ptr,
+    t_ptr,
+    tn_ptr,
+    t_val,
+    tn_val,
+    guidance,
+    sigma,
+    N,
+    n_blocks,
+    HAS_UNCOND: tl.constexpr,
+    MODE: tl.constexpr,
+    PER_SAMPLE_T: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    """One block of one sample. MODE 0: ODE x + dt v. MODE 1: SDE mean + s noise, log-prob partial.
+    MODE 2: log-prob partial of the given x_next (no store)."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    if PER_SAMPLE_T:
+        t = tl.load(t_ptr + b).to(tl.float32)
+        tn = tl.load(tn_ptr + b).to(tl.float32)
+    else:
+        t = t_val
+        tn = tn_val
+    dt = tn - t
+    offs = j * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < N
+    base = b.to(tl.int64) * N
+    v = tl.load(vc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if HAS_UNCOND:
+        vu = tl.load(vu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+        v = vu + guidance * (v - vu)
+    x = tl.load(x_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+    if MODE == 0:
+        tl.store(out_ptr + base + offs, (x + dt * v).to(out_ptr.dtype.element_ty), mask=mask)
+    else:
+        var_t = sigma * sigma * t / (1.0 - tl.minimum(t, 0.999))  # std_t^2; 0.999 == T_MAX
+        a = 1.0 + var_t / (2.0 * t) * dt
+        c = (1.0 + var_t * (1.0 - t) / (2.0 * t)) * dt
+        s = tl.sqrt(var_t * -dt)
+        mean = a * x + c * v
+        if MODE == 1:
+            z = tl.load(noise_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
+            xn = (mean + s * z).to(out_ptr.dtype.element_ty)
+            tl.store(out_ptr + base + offs, xn, mask=mask)
+            z = (xn.to(tl.float32) - mean) / s  # score the stored (rounded) sample, as the reference does
+        else:
+            z = (tl.load(xn_ptr + base + offs, mask=mask, other=0.0).to(tl.float32) - mean) / s
+        z = tl.where(mask, z, 0.0)
+        part = -0.5 * tl.sum(z * z, axis=0)
+        if j == 0:
+            part -= N * (tl.log(s) + 0.9189385332046727)  # 0.5 log(2 pi)
+        tl.store(part_ptr + b * n_blocks + j, part)
+
+
+def _flow_step_triton(x, v_cond, v_uncond, guidance, t, t_next, sigma, noise, x_next):
+    """Launch the kernel on contiguous (B, N) views; per-sample times stay on device (no sync)."""
+    B = x.shape[0]
+    N = x.numel() // B
+    x_, vc = x.contiguous(), v_cond.contiguous()
+    vu = v_uncond.contiguous() if v_uncond is not None else vc
+    mode = 0 if sigma == 0.0 else (2 if x_next is not None else 1)
+    if mode == 1 and noise is None:
+        noise = torch.randn_like(x_)
+    nz = noise.contiguous() if noise is not None else x_
+    xn = x_next.contiguous() if x_next is not None else x_
+    out = torch.empty_like(x_) if mode != 2 else xn
+    BLOCK = 4096 if N >= 4096 else triton.next_power_of_2(max(N, 16))
+    n_blocks = triton.cdiv(N, BLOCK)
+    part = torch.empty((B, n_blocks), device=x.device, dtype=torch.float32) if mode else out
+    per_sample = isinstance(t, torch.Tensor) or isinstance(t_next, torch.Tensor)
+    tt = _per_sample(t, "t", B, x.device).float() if per_sample else x_
+    tn = _per_sample(t_next, "t_next", B, x.device).float() if per_sample else x_
+    _flow_step_kernel[(n_blocks, B)](
+        x_,
+        vc,
+        vu,
+        nz,
+        xn,
+        out,
+        part,
+        tt,
+        tn,
+        0.0 if per_sample else float(t),
+        0.0 if per_sample else float(t_next),
+        float(guidance),
+        float(sigma),
+        N,
+        n_blocks,
+        HAS_UNCOND=v_uncond is not None,
+        MODE=mode,
+        PER_SAMPLE_T=per_sample,
+        BLOCK=BLOCK,
+        num_warps=8 if BLOCK >= 4096 else 4,
+    )
+    out = out.view(x.shape)
+    return out, (part.sum(1) if mode else None)
+
+
+def _check_float_times(t, t_next, sigma: float) -> None:
+    """Validate python-float times on the host; tensor times are not checked (that would sync the device)."""
+    if sigma > 0.0 and not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor):
+        if not (0.0 < t <= 1.0 and t_next < t):
+            raise ValueError(f"t={t}, t_next={t_next}: the SDE step needs 0 < t <= 1 and t_next < t")
+
+
 def flow_step(
     x: torch.Tensor,
     v_cond: torch.Tensor,
@@ -144,6 +260,38 @@ def flow_step(
     grad the differentiable torch path runs whatever the backend.
     backend: "triton", "cuda" (kernels._C; falls back to triton when not built) or "torch".
     """
-    return flow_step_reference(
-        x, v_cond, v_uncond, guidance=guidance, t=t, t_next=t_next, sigma=sigma, noise=noise, x_next=x_next
+    if backend not in ("triton", "cuda", "torch"):
+        raise ValueError(f"backend={backend!r}: expected 'triton', 'cuda' or 'torch'")
+    needs_grad = torch.is_grad_enabled() and any(
+        v is not None and v.requires_grad for v in (x, v_cond, v_uncond, x_next, noise)
     )
+    if backend == "torch" or needs_grad or x.dtype == torch.float64:
+        return flow_step_reference(
+            x,
+            v_cond,
+            v_uncond,
+            guidance=guidance,
+            t=t,
+            t_next=t_next,
+            sigma=sigma,
+            noise=noise,
+            x_next=x_next,
+        )
+    _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)
+    _check_float_times(t, t_next, sigma)
+    if backend == "cuda" and x.is_cuda:
+        from kernels import cuda as _cuda
+
+        if _cuda.available():
+            return _cuda.flow_step(
+                x,
+                v_cond,
+                v_uncond,
+                guidance=guidance,
+                t=t,
+                t_next=t_next,
+                sigma=sigma,
+                noise=noise,
+                x_next=x_next,
+            )
+    return _flow_step_triton(x, v_cond, v_uncond, guidance, t, t_next, sigma, noise, x_next)

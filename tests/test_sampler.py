@@ -1,0 +1,112 @@
+"""flow_step vs independent math: analytic Euler, torch.distributions.Normal log-densities, CFG."""
+
+import math
+
+import pytest
+import torch
+from torch.distributions import Normal
+
+from kernels.sampler import T_MAX, flow_step, flow_step_reference
+
+SHAPES = [(3, 4, 5, 7), (2, 3, 1500)]  # odd sizes; the second spans two kernel blocks
+BACKENDS = ["torch", "triton"]
+TOL = {torch.float32: dict(atol=1e-5, rtol=1e-5), torch.float16: dict(atol=2e-3, rtol=2e-3)}
+
+
+def _tensors(shape, dtype, device, n=4):
+    return [torch.randn(shape, device=device).to(dtype) for _ in range(n)]
+
+
+def _flowgrpo_mean_std(x, v, t, t_next, sigma):
+    """Flow-GRPO's SDE step written out independently, float64, t as python floats."""
+    dt = t_next - t
+    std_t = sigma * math.sqrt(t / (1 - min(t, T_MAX)))
+    mean = x * (1 + std_t**2 / (2 * t) * dt) + v * (1 + std_t**2 * (1 - t) / (2 * t)) * dt
+    return mean, std_t * math.sqrt(-dt)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_ode_is_euler_with_cfg(backend, dtype, shape, device):
+    x, vc, vu, _ = _tensors(shape, dtype, device)
+    g, t, tn = 4.5, 0.8, 0.65
+    out, lp = flow_step(x, vc, vu, guidance=g, t=t, t_next=tn, backend=backend)
+    v = vu.double() + g * (vc.double() - vu.double())
+    want = x.double() + (tn - t) * v
+    assert lp is None and out.dtype == dtype and out.shape == x.shape
+    # fp16 output: one rounding of the exact value
+    torch.testing.assert_close(out.double(), want.to(dtype).double(), **TOL[dtype])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_sde_sample_and_logprob_match_normal(backend, dtype, shape, device):
+    x, vc, vu, noise = _tensors(shape, dtype, device)
+    g, t, tn, sigma = 3.0, 0.7, 0.6, 0.8
+    out, lp = flow_step(x, vc, vu, guidance=g, t=t, t_next=tn, sigma=sigma, noise=noise, backend=backend)
+    v = vu.double() + g * (vc.double() - vu.double())
+    mean, std = _flowgrpo_mean_std(x.double(), v, t, tn, sigma)
+    torch.testing.assert_close(out.double(), (mean + std * noise.double()).to(dtype).double(), **TOL[dtype])
+    want = Normal(mean, std).log_prob(out.double()).flatten(1).sum(1)
+    assert lp.dtype == torch.float32 and lp.shape == (shape[0],)
+    # fp32 sums of N terms of size ~1: relative error ~1e-6
+    torch.testing.assert_close(lp.double(), want, atol=1e-3, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_per_sample_times_and_given_x_next(backend, device):
+    shape = (3, 2, 9, 11)
+    x, vc, _, x_next = _tensors(shape, torch.float32, device)
+    t = torch.tensor([0.9, 0.5, 1.0], device=device)
+    tn = torch.tensor([0.8, 0.2, 0.95], device=device)
+    sigma = 0.5
+    _, lp = flow_step(x, vc, t=t, t_next=tn, sigma=sigma, x_next=x_next, backend=backend)
+    for i in range(3):
+        mean, std = _flowgrpo_mean_std(x[i].double(), vc[i].double(), t[i].item(), tn[i].item(), sigma)
+        want = Normal(mean, std).log_prob(x_next[i].double()).sum()
+        torch.testing.assert_close(lp[i].double(), want, atol=1e-3, rtol=1e-5)
+    out, _ = flow_step(x, vc, t=t, t_next=tn, backend=backend)
+    torch.testing.assert_close(out, x + (tn - t).view(3, 1, 1, 1) * vc)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_logprob_grad_wrt_velocity(backend, device):
+    """d logprob / d v_c against the analytic gradient of a Gaussian log-density (float64)."""
+    x, vc, vu, x_next = (a.double() for a in _tensors((2, 3, 5), torch.float32, device))
+    vc.requires_grad_(True)
+    g, t, tn, sigma = 2.0, 0.6, 0.5, 0.9
+    _, lp = flow_step(x, vc, vu, guidance=g, t=t, t_next=tn, sigma=sigma, x_next=x_next, backend=backend)
+    lp.sum().backward()
+    v = vu + g * (vc.detach() - vu)
+    mean, std = _flowgrpo_mean_std(x, v, t, tn, sigma)
+    dmean_dv = (1 + (sigma**2 * t / (1 - t)) * (1 - t) / (2 * t)) * (tn - t)
+    want = (x_next - mean) / std**2 * dmean_dv * g
+    torch.testing.assert_close(vc.grad, want)
+
+
+def test_triton_matches_reference_when_sampling_noise(device):
+    """noise=None draws the same N(0, I) as torch.randn under the same seed."""
+    x, vc, _, _ = _tensors((2, 33), torch.float32, device)
+    torch.manual_seed(1)
+    a = flow_step(x, vc, t=0.5, t_next=0.4, sigma=0.3, backend="triton")
+    torch.manual_seed(1)
+    b = flow_step_reference(x, vc, t=0.5, t_next=0.4, sigma=0.3)
+    torch.testing.assert_close(a[0], b[0])
+    torch.testing.assert_close(a[1], b[1], atol=1e-4, rtol=1e-5)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_inputs(backend):
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match="v_cond: expected x's shape"):
+        flow_step(x, torch.randn(2, 3, 5), t=0.5, t_next=0.4, backend=backend)
+    with pytest.raises(ValueError, match="t_next < t"):
+        flow_step(x, x, t=0.5, t_next=0.6, sigma=0.5, backend=backend)
+    with pytest.raises(ValueError, match="sigma == 0"):
+        flow_step(x, x, t=0.5, t_next=0.4, x_next=x, backend=backend)
+    with pytest.raises(ValueError, match=r"t: expected a float or a \(2,\) tensor"):
+        flow_step(x, x, t=torch.ones(3), t_next=0.4, backend=backend)
+    with pytest.raises(ValueError, match="backend="):
+        flow_step(x, x, t=0.5, t_next=0.4, backend="nope")
