@@ -1,19 +1,649 @@
 """Fused video attention: softmax(q k^T * scale) v, non-causal, optional fused 3D RoPE and key lengths.
 
 Layout q (B, Sq, H, D), k and v (B, Sk, H, D) -> out (B, Sq, H, D); lse (B, H, Sq) float32 is
-``log sum_j exp(scale * q.k_j)`` over the valid keys (natural log).
+``log sum_j exp(scale * q.k_j)`` over the valid keys j < k_lengths[b] (natural log).
 
-(The Triton kernels are being written; until they land, backend="triton" runs SDPA.)
+Forward (FlashAttention-2). One program per (BLOCK_M queries, batch*head). The q tile is loaded once
+(and rotated by RoPE in registers when ``rope`` is given); the kernel walks BLOCK_N key tiles, each
+rotated as it is loaded, so rotated q/k never touch memory. Online softmax in base 2 with
+log2(e) folded into the scale: s = (q.k) * scale * log2(e), m' = max(m, rowmax s), p = 2^(s - m'),
+l' = l 2^(m - m') + rowsum p, acc' = acc 2^(m - m') + p v; out = acc / l, lse = ln2 (m + log2 l).
+Full key tiles run unmasked; only the ragged last tile (Sk or k_lengths not a multiple of BLOCK_N)
+is masked.
+
+Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
+dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
+tile accumulates dK, dV over all query tiles; a separate kernel per query tile accumulates dQ over key
+tiles, so there are no atomics and gradients are bitwise reproducible. With RoPE the products use the
+rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue (gradients w.r.t. the
+unrotated inputs).
+
+RoPE pairs are interleaved (kernels/rope.py): out[2i] = x[2i] c_i - x[2i+1] s_i,
+out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel it is x * c[d//2] + x[d^1] * s[d//2] * (-1 if d even else 1),
+the partner x[d^1] read by a second load of the same cache lines; the rotated tile is rounded to the
+input dtype, exactly as rope-then-attention would.
 """
 
 from __future__ import annotations
 
+import os
+
 import torch
 import torch.nn.functional as F
+import triton
+import triton.language as tl
 
 from kernels.rope import apply_rope, apply_rope_reference
 
 BACKENDS = ("triton", "sdpa", "flash_attn", "te", "torch")
+HEAD_DIMS = (16, 32, 64, 128)
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_LOG2E = 1.4426950408889634
+
+
+@triton.jit
+def _load_tile(
+    base,
+    offs_s,
+    offs_d,
+    row_ok,
+    COS,
+    SIN,
+    stride_s,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out)."""
+    ptrs = base + offs_s[:, None] * stride_s + offs_d[None, :]
+    if MASKED:
+        x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
+    else:
+        x = tl.load(ptrs)
+    if ROPE:
+        t_off = offs_s[:, None] * (D // 2) + (offs_d // 2)[None, :]
+        partner = base + offs_s[:, None] * stride_s + (offs_d ^ 1)[None, :]
+        if MASKED:
+            xp = tl.load(partner, mask=row_ok[:, None], other=0.0)
+            c = tl.load(COS + t_off, mask=row_ok[:, None], other=0.0)
+            s = tl.load(SIN + t_off, mask=row_ok[:, None], other=0.0)
+        else:
+            xp = tl.load(partner)
+            c = tl.load(COS + t_off)
+            s = tl.load(SIN + t_off)
+        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
+        x = (x.to(tl.float32) * c + xp.to(tl.float32) * s * sign[None, :]).to(x.dtype)
+    return x
+
+
+@triton.jit
+def _unrotate(g, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr):
+    """R^T g for an fp32 (BLOCK, D) gradient tile: g'[2i] = g[2i] c + g[2i+1] s, g'[2i+1] = g[2i+1] c - g[2i] s."""
+    offs_p = tl.arange(0, D // 2)
+    t_off = offs_s[:, None] * (D // 2) + offs_p[None, :]
+    c = tl.load(COS + t_off, mask=row_ok[:, None], other=0.0)
+    s = tl.load(SIN + t_off, mask=row_ok[:, None], other=0.0)
+    ge, go = tl.split(tl.reshape(g, (BLOCK, D // 2, 2)))  # (BLOCK, D) -> 2 x (BLOCK, D/2)
+    return tl.reshape(tl.join(ge * c + go * s, go * c - ge * s), (BLOCK, D))  # -> (BLOCK, D)
+
+
+@triton.jit
+def _fwd_tile(
+    acc,
+    m_i,
+    l_i,
+    q,
+    K,
+    V,
+    COS,
+    SIN,
+    start_n,
+    n_end,
+    stride_s,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_ok = offs_n < n_end
+    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, ROPE, MASKED)
+    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, False, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    if MASKED:
+        s = tl.where(k_ok[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _attn_fwd(
+    Q,
+    K,
+    V,
+    O,
+    LSE,
+    COS,
+    SIN,
+    KLEN,
+    Sq,
+    Sk,
+    H,
+    qk_scale,
+    Q_BUCKET,
+    K_BUCKET,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out = softmax(scale q k^T) v for BLOCK_M queries of one (batch, head); lse alongside."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    stride_s = H * D
+    q_base = Q + (b.to(tl.int64) * Sq * H + h) * D
+    k_base = K + (b.to(tl.int64) * Sk * H + h) * D
+    v_base = V + (b.to(tl.int64) * Sk * H + h) * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_ok = offs_m < Sq
+    q = _load_tile(q_base, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, ROPE, True)
+    n_end = Sk
+    if HAS_KLEN:
+        n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            start_n,
+            n_end,
+            stride_s,
+            qk_scale,
+            D,
+            BLOCK_N,
+            ROPE,
+            False,
+            PRECISION,
+        )
+    if n_full < n_end:
+        acc, m_i, l_i = _fwd_tile(
+            acc,
+            m_i,
+            l_i,
+            q,
+            k_base,
+            v_base,
+            COS,
+            SIN,
+            n_full,
+            n_end,
+            stride_s,
+            qk_scale,
+            D,
+            BLOCK_N,
+            ROPE,
+            True,
+            PRECISION,
+        )
+    empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    o_ptrs = O + (b.to(tl.int64) * Sq * H + h) * D + offs_m[:, None] * stride_s + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=q_ok)
+
+
+@triton.jit
+def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr):
+    """delta_i = sum_d dO_id O_id, fp32, stored (B, H, Sq)."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    ok = offs_m < Sq
+    off = (b.to(tl.int64) * Sq * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+    o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
+    tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=ok)
+
+
+@triton.jit
+def _dkdv_tile(
+    dk,
+    dv,
+    k,
+    v,
+    Q,
+    DO,
+    LSE,
+    DELTA,
+    COS,
+    SIN,
+    start_m,
+    Sq,
+    stride_s,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    ROPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_ok = offs_m < Sq
+    q = _load_tile(Q, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, ROPE, MASKED)
+    do = _load_tile(DO, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, False, MASKED)
+    if MASKED:
+        lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0)
+        delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
+    else:
+        lse = tl.load(LSE + offs_m)
+        delta = tl.load(DELTA + offs_m)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
+    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    if MASKED:
+        p_t = tl.where(q_ok[None, :], p_t, 0.0)
+    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    return dk, dv
+
+
+@triton.jit
+def _attn_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    COS,
+    SIN,
+    KLEN,
+    Sq,
+    Sk,
+    H,
+    scale,
+    qk_scale,
+    Q_BUCKET,
+    K_BUCKET,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    stride_s = H * D
+    q_off = (b.to(tl.int64) * Sq * H + h) * D
+    k_off = (b.to(tl.int64) * Sk * H + h) * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    n_end = Sk
+    if HAS_KLEN:
+        n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
+    k_ok = offs_n < n_end
+    k = _load_tile(K + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, ROPE, True)
+    v = _load_tile(V + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, False, True)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
+    m_full = (m_hi // BLOCK_M) * BLOCK_M
+    lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_tile(
+            dk,
+            dv,
+            k,
+            v,
+            Q + q_off,
+            DO + q_off,
+            lse_ptr,
+            delta_ptr,
+            COS,
+            SIN,
+            start_m,
+            Sq,
+            stride_s,
+            qk_scale,
+            D,
+            BLOCK_M,
+            ROPE,
+            False,
+            PRECISION,
+        )
+    if m_full < m_hi:
+        dk, dv = _dkdv_tile(
+            dk,
+            dv,
+            k,
+            v,
+            Q + q_off,
+            DO + q_off,
+            lse_ptr,
+            delta_ptr,
+            COS,
+            SIN,
+            m_full,
+            Sq,
+            stride_s,
+            qk_scale,
+            D,
+            BLOCK_M,
+            ROPE,
+            True,
+            PRECISION,
+        )
+    dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
+    dv = tl.where(k_ok[:, None], dv, 0.0)
+    if ROPE:
+        dk = _unrotate(dk, offs_n, k_ok, COS, SIN, BLOCK_N, D)
+    ptrs = k_off + offs_n[:, None] * stride_s + offs_d[None, :]
+    st_ok = (offs_n < Sk)[:, None]
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=st_ok)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=st_ok)
+
+
+@triton.jit
+def _dq_tile(
+    dq,
+    q,
+    do,
+    lse2,
+    delta,
+    K,
+    V,
+    COS,
+    SIN,
+    start_n,
+    n_end,
+    stride_s,
+    qk_scale,
+    D: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+    ROPE: tl.constexpr,
+    MASKED: tl.constexpr,
+    PRECISION: tl.constexpr,
+):
+    """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_ok = offs_n < n_end
+    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, ROPE, MASKED)
+    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, False, MASKED)
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(k_ok[None, :], p, 0.0)
+    dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
+    ds = p * (dp - delta[:, None])
+    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    return dq
+
+
+@triton.jit
+def _attn_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    LSE,
+    DELTA,
+    DQ,
+    COS,
+    SIN,
+    KLEN,
+    Sq,
+    Sk,
+    H,
+    scale,
+    qk_scale,
+    Q_BUCKET,
+    K_BUCKET,
+    D: tl.constexpr,
+    ROPE: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ of BLOCK_M queries of one (batch, head), looping over the valid key tiles."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    stride_s = H * D
+    q_off = (b.to(tl.int64) * Sq * H + h) * D
+    k_off = (b.to(tl.int64) * Sk * H + h) * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_ok = offs_m < Sq
+    q = _load_tile(Q + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, ROPE, True)
+    do = _load_tile(DO + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, False, True)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0)
+    n_end = Sk
+    if HAS_KLEN:
+        n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            K + k_off,
+            V + k_off,
+            COS,
+            SIN,
+            start_n,
+            n_end,
+            stride_s,
+            qk_scale,
+            D,
+            BLOCK_N,
+            ROPE,
+            False,
+            PRECISION,
+        )
+    if n_full < n_end:
+        dq = _dq_tile(
+            dq,
+            q,
+            do,
+            lse2,
+            delta,
+            K + k_off,
+            V + k_off,
+            COS,
+            SIN,
+            n_full,
+            n_end,
+            stride_s,
+            qk_scale,
+            D,
+            BLOCK_N,
+            ROPE,
+            True,
+            PRECISION,
+        )
+    dq = dq * scale
+    if ROPE:
+        dq = _unrotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D)
+    tl.store(
+        DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :],
+        dq.to(DQ.dtype.element_ty),
+        mask=q_ok[:, None],
+    )
+
+
+def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> Configs; one config under the interpreter."""
+    if _INTERPRET:
+        return [triton.Config({"BLOCK_M": interp[0], "BLOCK_N": interp[1]})]
+    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+
+
+# Hopper-sized tiles; the first of each list is the fixed config used with deterministic=True.
+_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)], (64, 32))
+_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64))
+_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32))
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
+_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
+_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
+_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+
+
+def _launch(
+    tuned,
+    raw,
+    configs: list[triton.Config],
+    tile: str,
+    n: int,
+    bh: int,
+    args: tuple,
+    meta: dict,
+    deterministic: bool,
+) -> None:
+    """Grid (ceil(n / tile), B*H); autotuned, or the fixed first config when deterministic."""
+    if deterministic:
+        c = configs[0]
+        grid = (triton.cdiv(n, c.kwargs[tile]), bh)
+        raw[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+    else:
+        tuned[lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
+
+
+def _check_triton(q: torch.Tensor) -> None:
+    if q.dtype not in (torch.float16, torch.bfloat16, torch.float32):
+        raise ValueError(
+            f"q, k, v: backend 'triton' takes float16/bfloat16/float32, got {q.dtype} "
+            "(use backend='torch' for float64)"
+        )
+    if q.shape[-1] not in HEAD_DIMS:
+        raise ValueError(f"q: backend 'triton' takes head dim in {HEAD_DIMS}, got {q.shape[-1]}")
+    if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
+        raise ValueError(
+            f"q: backend 'triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before "
+            f"import), got device {q.device}"
+        )
+
+
+def _meta(q, k, rope, k_lengths) -> dict:
+    return dict(
+        D=q.shape[-1],
+        ROPE=rope is not None,
+        HAS_KLEN=k_lengths is not None,
+        PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+    )
+
+
+def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
+    """Launch the forward; q, k, v contiguous (B, S, H, D). Returns out (B, Sq, H, D), lse (B, H, Sq)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    out = torch.empty_like(q)
+    lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    cos = q if cos is None else cos  # unused pointers when ROPE / HAS_KLEN are off
+    sin = q if sin is None else sin
+    klen = q if k_lengths is None else k_lengths
+    args = (
+        q,
+        k,
+        v,
+        out,
+        lse,
+        cos,
+        sin,
+        klen,
+        Sq,
+        Sk,
+        H,
+        scale * _LOG2E,
+        triton.next_power_of_2(Sq),
+        triton.next_power_of_2(Sk),
+    )
+    meta = _meta(q, k, None if cos is q else cos, None if klen is q else klen)
+    _launch(_fwd_tuned, _attn_fwd, _FWD_CONFIGS, "BLOCK_M", Sq, B * H, args, meta, deterministic)
+    return out, lse
+
+
+def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
+    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics)."""
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    delta = torch.empty_like(lse)
+    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    meta = _meta(q, k, cos, k_lengths)
+    cos = q if cos is None else cos
+    sin = q if sin is None else sin
+    klen = q if k_lengths is None else k_lengths
+    tail = (Sq, Sk, H, scale, scale * _LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
+    args = (q, k, v, do, lse, delta, dk, dv, cos, sin, klen) + tail
+    _launch(_dkdv_tuned, _attn_bwd_dkdv, _DKDV_CONFIGS, "BLOCK_N", Sk, B * H, args, meta, deterministic)
+    args = (q, k, v, do, lse, delta, dq, cos, sin, klen) + tail
+    _launch(_dq_tuned, _attn_bwd_dq, _DQ_CONFIGS, "BLOCK_M", Sq, B * H, args, meta, deterministic)
+    return dq, dk, dv
+
+
+class _TritonAttention(torch.autograd.Function):
+    """(q, k, v) -> (out, lse); lse is an output without gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, cos, sin, k_lengths, scale, deterministic):
+        out, lse = _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic)
+        ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_lengths)
+        ctx.scale, ctx.deterministic = scale, deterministic
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse, cos, sin, k_lengths = ctx.saved_tensors
+        dq, dk, dv = _attention_bwd(
+            do.contiguous(), q, k, v, out, lse, cos, sin, k_lengths, ctx.scale, ctx.deterministic
+        )
+        return dq, dk, dv, None, None, None, None, None
+
+
+def _triton(q, k, v, scale, k_lengths, rope, deterministic):
+    _check_triton(q)
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
+    cos = sin = None
+    if rope is not None:
+        cos, sin = (t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope)
+    if k_lengths is not None:
+        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    return _TritonAttention.apply(q, k, v, cos, sin, k_lengths, scale, deterministic)
 
 
 def _check_inputs(q, k, v, k_lengths, rope) -> None:
@@ -136,7 +766,10 @@ def attention(
         return attention_reference(
             q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse
         )
+    if backend == "triton":
+        out, lse = _triton(q, k, v, scale, k_lengths, rope, deterministic)
+        return (out, lse) if return_lse else out
     if return_lse:
         raise ValueError(f"return_lse: supported by backends 'triton' and 'torch', not {backend!r}")
-    fn = {"triton": _sdpa, "sdpa": _sdpa, "flash_attn": _flash_attn, "te": _te}[backend]
+    fn = {"sdpa": _sdpa, "flash_attn": _flash_attn, "te": _te}[backend]
     return fn(q, k, v, scale, k_lengths, rope)
