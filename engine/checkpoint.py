@@ -1,0 +1,247 @@
+"""Checkpointing on torch.distributed.checkpoint (DCP): sharded, atomic, async, resumable.
+
+Layout of ``<run>/checkpoints``::
+
+    step_00000100/            a complete checkpoint (only folders with COMPLETE count)
+      .metadata, __*.distcp   DCP shards: model, optimizer, EMA, train state, extra states
+      rank00000.pt ...        per-rank state: RNG (python, numpy, torch cpu/cuda) + data position
+      COMPLETE                written last, by rank 0, after every rank has finished
+    .tmp_step_00000150/       a save in progress (or killed mid-way: ignored, deleted on next save)
+
+A save writes everything into ``.tmp_step_N``, then rank 0 writes ``COMPLETE`` and renames the folder
+to ``step_N`` (rename is atomic on POSIX). A crash at any point leaves either the previous complete
+checkpoint or the new one, never a half one. ``keep_last`` prunes the oldest complete checkpoints.
+
+``states`` is a dict of Stateful objects (``state_dict()`` / ``load_state_dict()``) saved with DCP;
+``rank_states`` are Stateful objects whose state differs per rank (RNG, data-loader position) and go
+to the per-rank file. Works with and without a process group.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+import shutil
+from concurrent.futures import Future
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+import torch.nn as nn
+from torch.distributed.checkpoint.state_dict import (
+    StateDictOptions,
+    get_model_state_dict,
+    get_optimizer_state_dict,
+    set_model_state_dict,
+    set_optimizer_state_dict,
+)
+from torch.distributed.tensor import DTensor
+
+from engine.config import CheckpointConfig
+from engine.dist import barrier
+from engine.log import get_logger
+
+log = get_logger("checkpoint")
+
+MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d+)$")
+
+
+class Stateful(Protocol):
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class ModelState:
+    """Model (and optionally its optimizer) as a DCP Stateful; FSDP2-sharded or plain."""
+
+    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer | None = None):
+        self.model, self.optimizer = model, optimizer
+
+    def state_dict(self) -> dict[str, Any]:
+        if self.optimizer is None:
+            return get_model_state_dict(self.model)
+        return get_optimizer_state_dict(self.model, self.optimizer)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        if self.optimizer is None:
+            set_model_state_dict(self.model, state_dict)
+        else:
+            set_optimizer_state_dict(self.model, self.optimizer, state_dict)
+
+
+class RNGState:
+    """This rank's RNG streams: python, numpy, torch CPU and (when present) CUDA."""
+
+    def state_dict(self) -> dict[str, Any]:
+        sd = {"python": random.getstate(), "numpy": np.random.get_state(), "torch": torch.get_rng_state()}
+        if torch.cuda.is_available():
+            sd["cuda"] = torch.cuda.get_rng_state_all()
+        return sd
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        random.setstate(sd["python"])
+        np.random.set_state(sd["numpy"])
+        torch.set_rng_state(sd["torch"])
+        if "cuda" in sd and torch.cuda.is_available():
+            torch.cuda.set_rng_state_all(sd["cuda"])
+
+
+def _rank() -> int:
+    return dist.get_rank() if dist.is_initialized() else 0
+
+
+def _no_dist() -> bool:
+    return not dist.is_initialized()
+
+
+def complete_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
+    """(step, path) of every complete checkpoint under ``folder``, oldest first."""
+    root = Path(folder)
+    if not root.is_dir():
+        return []
+    found = []
+    for p in root.iterdir():
+        m = _STEP_RE.match(p.name)
+        if m and (p / MARKER).is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+class CheckpointManager:
+    """Saves every ``cfg.interval`` steps, keeps the last ``cfg.keep_last``, resumes the newest."""
+
+    def __init__(
+        self,
+        cfg: CheckpointConfig,
+        folder: str | Path,
+        states: dict[str, Stateful],
+        rank_states: dict[str, Stateful] | None = None,
+    ):
+        self.cfg, self.folder = cfg, Path(folder)
+        self.states, self.rank_states = states, rank_states or {}
+        self._pending: tuple[Future, Path, Path] | None = None
+
+    def _dcp_state(self) -> dict[str, Any]:
+        return {k: s.state_dict() for k, s in self.states.items()}
+
+    def save(self, step: int, *, force_sync: bool = False) -> Path:
+        """Write checkpoint ``step`` (async when configured); returns its final path."""
+        self.wait()
+        tmp, final = self.folder / f".tmp_step_{step:08d}", self.folder / f"step_{step:08d}"
+        if _rank() == 0:
+            for stale in self.folder.glob(".tmp_step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
+            tmp.mkdir(parents=True, exist_ok=True)
+        barrier("checkpoint mkdir")
+        torch.save({k: s.state_dict() for k, s in self.rank_states.items()}, tmp / f"rank{_rank():05d}.pt")
+        state = self._dcp_state()
+        if self.cfg.async_save and not force_sync:
+            fut = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+            self._pending = (fut, tmp, final)
+        else:
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+            self._commit(tmp, final)
+        return final
+
+    def wait(self) -> None:
+        """Finish a pending async save (and commit it)."""
+        if self._pending is not None:
+            fut, tmp, final = self._pending
+            self._pending = None
+            fut.result()
+            self._commit(tmp, final)
+
+    def _commit(self, tmp: Path, final: Path) -> None:
+        barrier("checkpoint write")
+        if _rank() == 0:
+            with open(tmp / MARKER, "w") as f:
+                f.write("ok\n")
+                f.flush()
+                os.fsync(f.fileno())
+            if final.exists():
+                shutil.rmtree(final)
+            os.rename(tmp, final)
+            self._prune()
+            log.info("checkpoint saved: %s", final)
+        barrier("checkpoint commit")
+
+    def _prune(self) -> None:
+        done = complete_checkpoints(self.folder)
+        for _, path in done[: max(0, len(done) - self.cfg.keep_last)] if self.cfg.keep_last > 0 else []:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def latest(self) -> tuple[int, Path] | None:
+        done = complete_checkpoints(self.folder)
+        return done[-1] if done else None
+
+    def load(self, path: str | Path) -> None:
+        """Restore every state from checkpoint folder ``path`` (must be complete)."""
+        path = Path(path)
+        if not (path / MARKER).is_file():
+            raise FileNotFoundError(f"checkpoint '{path}' is not complete (no {MARKER} marker)")
+        state = self._dcp_state()
+        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+        for k, s in self.states.items():
+            s.load_state_dict(state[k])
+        rank_file = path / f"rank{_rank():05d}.pt"
+        if self.rank_states:
+            if not rank_file.is_file():
+                raise FileNotFoundError(
+                    f"checkpoint '{path}' has no per-rank state for rank {_rank()} "
+                    "(saved with a different world size?)"
+                )
+            per_rank = torch.load(rank_file, weights_only=False)
+            for k, s in self.rank_states.items():
+                s.load_state_dict(per_rank[k])
+        log.info("resumed from %s", path)
+
+    def maybe_resume(self) -> int:
+        """Load the newest complete checkpoint when ``cfg.resume``; returns its step (0 if none)."""
+        found = self.latest() if self.cfg.resume and self.cfg.enabled else None
+        if found is None:
+            return 0
+        self.load(found[1])
+        return found[0]
+
+    def maybe_save(self, step: int, *, last: bool = False) -> None:
+        if self.cfg.enabled and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0)):
+            self.save(step, force_sync=last)
+
+
+def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """Unsharded CPU copy of the model's state dict (a collective under FSDP: call on every rank).
+
+    If the model has ``to_diffusers_state_dict()`` that result is used (diffusers key layout).
+    """
+    if hasattr(model, "to_diffusers_state_dict"):
+        sd = model.to_diffusers_state_dict()
+    else:
+        sd = get_model_state_dict(model, options=StateDictOptions(full_state_dict=False))
+    out = {}
+    for k in sorted(sd):  # same order on every rank: full_tensor() is a collective
+        v = sd[k]
+        if isinstance(v, DTensor):
+            v = v.full_tensor()
+        out[k] = v.detach().to("cpu").contiguous()
+    return out
+
+
+def export_safetensors(model: nn.Module, path: str | Path) -> Path | None:
+    """Write one consolidated safetensors file (rank 0); returns the path on rank 0, else None."""
+    from safetensors.torch import save_file
+
+    sd = full_state_dict(model)
+    path = Path(path)
+    if _rank() != 0:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    save_file({k: v.clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+    os.replace(tmp, path)
+    log.info("exported %d tensors to %s", len(sd), path)
+    return path

@@ -1,0 +1,187 @@
+"""Distributed setup from the torchrun environment: process group, DeviceMesh, timeouts, shutdown.
+
+One process per device. ``torchrun`` sets RANK / WORLD_SIZE / LOCAL_RANK / MASTER_ADDR / MASTER_PORT;
+without them (a plain ``python`` run) the job is single-process and no process group is created, so
+every engine component also works without torch.distributed.
+
+Mesh layout (torchtitan's HSDP naming), outermost first::
+
+    world = dp_replicate x dp_shard x cp
+    dp_replicate: parameters replicated, gradients all-reduced across these groups (HSDP outer dim)
+    dp_shard:     parameters sharded (FSDP2) inside a group
+    cp:           context/sequence parallel (reserved; ranks in one cp group see the same batch)
+
+The backend is gloo on CPU and nccl on CUDA. Every collective has ``timeout_s``; a hang turns into a
+:class:`DistTimeoutError` that names the collective and the timeout instead of a silent stall.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import os
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+from torch.distributed.device_mesh import DeviceMesh, init_device_mesh
+
+from engine.config import ParallelConfig
+from engine.log import get_logger
+
+log = get_logger("dist")
+
+
+class DistTimeoutError(RuntimeError):
+    """A collective did not finish within the configured timeout (a peer died or hung)."""
+
+
+@dataclass
+class DistInfo:
+    """Where this process sits: global rank, world size, local rank, its device and the mesh."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = torch.device("cpu")
+    mesh: DeviceMesh | None = None
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    @property
+    def distributed(self) -> bool:
+        return self.world_size > 1 and dist.is_initialized()
+
+    @property
+    def dp_mesh(self) -> DeviceMesh | None:
+        """The (dp_replicate, dp_shard) sub-mesh FSDP2 shards over (1-D when dp_replicate == 1)."""
+        if self.mesh is None:
+            return None
+        names = self.mesh.mesh_dim_names or ()
+        if "dp_replicate" in names and self.mesh["dp_replicate"].size() > 1:
+            return self.mesh["dp_replicate", "dp_shard"]
+        return self.mesh["dp_shard"]
+
+    @property
+    def dp_rank(self) -> int:
+        """Index of this rank's data shard (ranks in one cp group share a batch)."""
+        if self.mesh is None:
+            return 0
+        return self.dp_mesh.get_local_rank() if self.dp_mesh.ndim == 1 else self._flat_dp_rank()
+
+    @property
+    def dp_size(self) -> int:
+        return 1 if self.mesh is None else self.dp_mesh.size()
+
+    def _flat_dp_rank(self) -> int:
+        rep, shard = self.mesh["dp_replicate"], self.mesh["dp_shard"]
+        return rep.get_local_rank() * shard.size() + shard.get_local_rank()
+
+
+def resolve_device(device: str = "auto", local_rank: int = 0) -> torch.device:
+    """``"auto"`` -> cuda:<local_rank> when CUDA is available, else cpu."""
+    if device not in ("auto", "cpu", "cuda"):
+        raise ValueError(f"run.device {device!r}: expected 'auto', 'cpu' or 'cuda'")
+    if device == "cuda" or (device == "auto" and torch.cuda.is_available()):
+        if not torch.cuda.is_available():
+            raise RuntimeError("run.device 'cuda' was asked for but torch.cuda.is_available() is False")
+        torch.cuda.set_device(local_rank)
+        return torch.device("cuda", local_rank)
+    return torch.device("cpu")
+
+
+def mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, cp: int) -> tuple[int, int, int]:
+    """Resolve ``dp_shard = -1`` and check ``dp_replicate * dp_shard * cp == world_size``."""
+    for name, v in (("dp_replicate", dp_replicate), ("cp", cp)):
+        if v < 1:
+            raise ValueError(f"parallel.{name} = {v}: expected >= 1")
+    if dp_shard == -1:
+        if world_size % (dp_replicate * cp):
+            raise ValueError(
+                f"world size {world_size} is not divisible by parallel.dp_replicate * parallel.cp = "
+                f"{dp_replicate} * {cp}"
+            )
+        dp_shard = world_size // (dp_replicate * cp)
+    if dp_shard < 1 or dp_replicate * dp_shard * cp != world_size:
+        raise ValueError(
+            f"parallel.dp_replicate * dp_shard * cp = {dp_replicate} * {dp_shard} * {cp} must equal the "
+            f"world size {world_size}"
+        )
+    return dp_replicate, dp_shard, cp
+
+
+def build_mesh(device: torch.device, world_size: int, pcfg: ParallelConfig) -> DeviceMesh:
+    """A 3-D DeviceMesh ("dp_replicate", "dp_shard", "cp") over all ranks."""
+    shape = mesh_shape(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp)
+    return init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
+
+
+def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
+    """Read the torchrun environment, create the process group (gloo/nccl) and the mesh.
+
+    Single-process runs (no WORLD_SIZE, or WORLD_SIZE=1) get a DistInfo without a mesh.
+    """
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
+    dev = resolve_device(device, local_rank)
+    if world_size == 1:
+        return DistInfo(device=dev)
+    if not dist.is_initialized():
+        backend = "nccl" if dev.type == "cuda" else "gloo"
+        dist.init_process_group(
+            backend=backend,
+            timeout=datetime.timedelta(seconds=pcfg.timeout_s),
+            device_id=dev if dev.type == "cuda" else None,
+        )
+    mesh = build_mesh(dev, world_size, pcfg)
+    log.info("distributed: world %d, mesh %s %s", world_size, mesh.mesh_dim_names, tuple(mesh.shape))
+    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+
+
+_TIMEOUT_MARKERS = ("timed out", "timeout", "Timeout", "deadline")
+
+
+@contextlib.contextmanager
+def collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
+    """Turn a collective's timeout into a :class:`DistTimeoutError` that says what hung."""
+    try:
+        yield
+    except (RuntimeError, dist.DistError) as e:
+        if any(m in str(e) for m in _TIMEOUT_MARKERS):
+            after = f" after {timeout_s:g} s" if timeout_s else ""
+            raise DistTimeoutError(
+                f"collective '{what}' timed out{after} on rank {dist.get_rank() if dist.is_initialized() else 0}"
+                " (a peer process died or is stuck; raise parallel.timeout_s if the step is just slow): "
+                f"{e}"
+            ) from e
+        raise
+
+
+def barrier(what: str = "barrier", timeout_s: float | None = None) -> None:
+    """A barrier with a named, clear timeout error; a no-op without a process group."""
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
+    with collective(what, timeout_s):
+        if dist.get_backend() == "gloo":
+            dist.monitored_barrier(**kwargs)
+        else:
+            dist.barrier()
+
+
+def all_reduce_mean(t: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
+    """Mean of ``t`` over all ranks (in place); identity without a process group."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        with collective(what):
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
+def shutdown() -> None:
+    """Destroy the process group if one exists (safe to call twice)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

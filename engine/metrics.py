@@ -1,0 +1,155 @@
+"""Training metrics: step time, tokens/s, MFU, peak memory; JSONL + TensorBoard; progress on rank 0.
+
+Scalars stay on the device between logging steps (a ``.item()`` per step would sync the GPU every
+step); at a logging step they are averaged over the interval and moved to the host in one go.
+
+    MFU = achieved FLOP/s / device peak,  achieved = 3 * flops_per_token * tokens/s   (fwd + 2x bwd)
+
+``flops_per_token`` is the model's forward FLOPs per token (``model.flops_per_token`` attribute or
+method, when the model has one). Peaks are dense bf16 / fp8 tensor-core figures per device; on CPU
+MFU is None.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from engine.log import get_logger
+
+log = get_logger("metrics")
+
+# Dense peak FLOP/s per device (no sparsity), by a substring of torch.cuda.get_device_name().
+PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200": {"bf16": 989e12, "fp8": 1979e12},
+    "H100": {"bf16": 989e12, "fp8": 1979e12},
+    "B200": {"bf16": 2250e12, "fp8": 4500e12},
+    "A100": {"bf16": 312e12, "fp8": 312e12},
+    "L40S": {"bf16": 362e12, "fp8": 733e12},
+}
+
+
+def device_peak_flops(device: torch.device, precision: str = "bf16") -> float | None:
+    """Peak dense FLOP/s of ``device`` for ``precision`` ("bf16" | "fp8"); None on CPU / unknown GPUs."""
+    if device.type != "cuda":
+        return None
+    name = torch.cuda.get_device_name(device)
+    for key, peaks in PEAK_FLOPS.items():
+        if key in name:
+            return peaks[precision]
+    return None
+
+
+def model_flops_per_token(model: nn.Module) -> float | None:
+    """Forward FLOPs per token from ``model.flops_per_token`` (attribute or zero-arg method), else None."""
+    f = getattr(model, "flops_per_token", None)
+    if f is None:
+        return None
+    return float(f() if callable(f) else f)
+
+
+def mfu(tokens_per_s: float, flops_per_token: float | None, peak: float | None) -> float | None:
+    """Model FLOPs utilisation of a training step (forward + backward = 3x forward)."""
+    if not flops_per_token or not peak:
+        return None
+    return 3.0 * flops_per_token * tokens_per_s / peak
+
+
+def peak_memory_gb(device: torch.device) -> float | None:
+    if device.type != "cuda":
+        return None
+    return torch.cuda.max_memory_allocated(device) / 2**30
+
+
+class MetricsLogger:
+    """Collects per-step scalars; every ``log_every`` steps writes a JSONL row and TensorBoard scalars."""
+
+    def __init__(
+        self,
+        run_dir: str | Path,
+        *,
+        device: torch.device,
+        is_main: bool = True,
+        log_every: int = 10,
+        flops_per_token: float | None = None,
+        peak_flops: float | None = None,
+        tensorboard: bool = True,
+    ):
+        self.device, self.is_main, self.log_every = device, is_main, max(1, log_every)
+        self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._sums: dict[str, torch.Tensor | float] = {}
+        self._count, self._tokens = 0, 0
+        self._t0 = time.perf_counter()
+        self._tb = self._open_tensorboard(run_dir) if (tensorboard and is_main) else None
+        if is_main:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    @staticmethod
+    def _open_tensorboard(run_dir: str | Path) -> Any:
+        try:
+            from torch.utils.tensorboard import SummaryWriter
+        except ImportError:
+            return None
+        return SummaryWriter(str(Path(run_dir) / "tb"))
+
+    def update(self, scalars: dict[str, torch.Tensor | float], tokens: int = 0) -> None:
+        """Add one step's scalars (device tensors are summed on the device, no sync)."""
+        for k, v in scalars.items():
+            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            self._sums[k] = self._sums[k] + v if k in self._sums else v
+        self._count += 1
+        self._tokens += tokens
+
+    def should_log(self, step: int) -> bool:
+        return step % self.log_every == 0
+
+    def flush(self, step: int, counters: dict[str, float] | None = None) -> dict[str, float]:
+        """Average the interval's scalars, add throughput, write them; returns the row."""
+        if self._count == 0:
+            return {}
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        dt = time.perf_counter() - self._t0
+        keys = list(self._sums)
+        vals = [self._sums[k] for k in keys]
+        tens = [v for v in vals if isinstance(v, torch.Tensor)]
+        host = torch.stack([t.reshape(()) for t in tens]).cpu().tolist() if tens else []
+        it = iter(host)
+        row: dict[str, float] = {"step": step}
+        for k, v in zip(keys, vals):
+            row[k] = (next(it) if isinstance(v, torch.Tensor) else v) / self._count
+        row["step_time_s"] = dt / self._count
+        row["tokens_per_s"] = self._tokens / dt if dt > 0 else 0.0
+        m = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops)
+        if m is not None:
+            row["mfu"] = m
+        mem = peak_memory_gb(self.device)
+        if mem is not None:
+            row["peak_mem_gb"] = mem
+        row.update(counters or {})
+        self._write(step, row)
+        self._sums, self._count, self._tokens, self._t0 = {}, 0, 0, time.perf_counter()
+        return row
+
+    def _write(self, step: int, row: dict[str, float]) -> None:
+        if not self.is_main:
+            return
+        with open(self.path, "a") as f:
+            f.write(json.dumps(row) + "\n")
+        if self._tb is not None:
+            for k, v in row.items():
+                if k != "step" and isinstance(v, int | float) and math.isfinite(v):
+                    self._tb.add_scalar(k, v, step)
+        shown = " ".join(f"{k} {v:.4g}" for k, v in row.items() if k != "step")
+        log.info("step %d | %s", step, shown)
+
+    def close(self) -> None:
+        if self._tb is not None:
+            self._tb.close()

@@ -1,0 +1,157 @@
+"""Precision: the bf16 compute policy and FP8 linear layers.
+
+FP8 backends (``precision.fp8``):
+
+- ``"none"``: linears stay in their dtype (bf16 compute comes from FSDP's MixedPrecisionPolicy, or
+  from :func:`autocast` in single-process runs).
+- ``"torchao"``: ``nn.Linear`` -> torchao ``Float8Linear`` (dynamic tensor-wise scales; forward in
+  e4m3, gradients in e5m2). torch._scaled_mm needs inner dims that are multiples of 16; in backward
+  the inner dim of grad_weight = grad_out^T @ x is the token count (Wan 480p x 81f = 32,760 is not a
+  multiple of 16), so we set torchao's ``pad_inner_dim=True`` which pads that dim inside the matmul.
+  torch._scaled_mm also runs on CPU (torch >= 2.7), so the same path trains in CPU tests.
+- ``"te"``: ``nn.Linear`` -> ``transformer_engine.pytorch.Linear``, and the forward runs under
+  :func:`fp8_context` (TE's fp8 autocast) with the recipe ``delayed`` | ``current`` | ``mxfp8``.
+  TE is imported only when asked for; a missing TE, or one that fails to load its CUDA library
+  (RuntimeError / OSError on import), becomes a clear error then.
+
+Which linears convert (:func:`fp8_filter`): only those inside ``model.blocks`` (the token-wise layers
+where the FLOPs are; time/condition embedders fed one row per sample and the output head stay in high
+precision), with in and out features multiples of 16 and >= ``fp8_min_features``, and whose name
+contains none of ``fp8_skip``.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Callable
+from typing import Any
+
+import torch
+import torch.nn as nn
+
+from engine.config import PrecisionConfig
+from engine.log import get_logger
+
+log = get_logger("precision")
+
+
+class FP8UnavailableError(RuntimeError):
+    """The FP8 backend that the config asks for cannot be used here."""
+
+
+def fp8_filter(model: nn.Module, prec: PrecisionConfig) -> Callable[[nn.Module, str], bool]:
+    """``filter(module, fqn) -> bool``: True for the linears that should run in FP8."""
+    blocks = getattr(model, "blocks", None)
+    in_blocks = {id(m) for m in blocks.modules()} if isinstance(blocks, nn.Module) else None
+
+    def keep(module: nn.Module, fqn: str) -> bool:
+        if not isinstance(module, nn.Linear):
+            return False
+        if in_blocks is not None and id(module) not in in_blocks:
+            return False
+        if any(s in fqn for s in prec.fp8_skip):
+            return False
+        i, o = module.in_features, module.out_features
+        return i % 16 == 0 and o % 16 == 0 and min(i, o) >= prec.fp8_min_features
+
+    return keep
+
+
+def _import_te() -> Any:
+    try:
+        import transformer_engine.pytorch as te
+    except ImportError as e:
+        raise FP8UnavailableError(
+            f"precision.fp8 = 'te' needs Transformer Engine (pip install 'transformer-engine[pytorch]'): {e}"
+        ) from e
+    except (RuntimeError, OSError) as e:  # TE present but its CUDA library / driver failed to load
+        raise FP8UnavailableError(f"precision.fp8 = 'te': Transformer Engine failed to load: {e}") from e
+    return te
+
+
+def te_recipe(name: str) -> Any:
+    """The TE scaling recipe object for ``precision.fp8_recipe``."""
+    _import_te()
+    from transformer_engine.common import recipe
+
+    if name == "delayed":
+        return recipe.DelayedScaling()
+    if name == "current":
+        return recipe.Float8CurrentScaling()
+    if name == "mxfp8":
+        return recipe.MXFP8BlockScaling()
+    raise ValueError(f"precision.fp8_recipe {name!r}: expected 'delayed', 'current' or 'mxfp8'")
+
+
+def _swap_te_linears(model: nn.Module, keep: Callable[[nn.Module, str], bool]) -> int:
+    te = _import_te()
+    swaps = [(n, m) for n, m in model.named_modules() if keep(m, n)]
+    for name, lin in swaps:
+        parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
+        new = te.Linear(
+            lin.in_features,
+            lin.out_features,
+            bias=lin.bias is not None,
+            params_dtype=lin.weight.dtype,
+            device=lin.weight.device,
+        )
+        with torch.no_grad():
+            new.weight.copy_(lin.weight)
+            if lin.bias is not None:
+                new.bias.copy_(lin.bias)
+        new.weight.requires_grad_(lin.weight.requires_grad)
+        setattr(parent, name.rsplit(".", 1)[-1], new)
+    return len(swaps)
+
+
+def _convert_torchao(model: nn.Module, keep: Callable[[nn.Module, str], bool]) -> int:
+    try:
+        from torchao.float8 import Float8LinearConfig, convert_to_float8_training
+    except ImportError as e:
+        raise FP8UnavailableError(
+            f"precision.fp8 = 'torchao' needs torchao (pip install torchao): {e}"
+        ) from e
+    n = sum(1 for name, m in model.named_modules() if keep(m, name))
+    convert_to_float8_training(model, module_filter_fn=keep, config=Float8LinearConfig(pad_inner_dim=True))
+    return n
+
+
+def apply_fp8(model: nn.Module, prec: PrecisionConfig) -> nn.Module:
+    """Convert the model's eligible linears to the FP8 backend in ``prec.fp8`` (before FSDP/compile)."""
+    if prec.fp8 == "none":
+        return model
+    keep = fp8_filter(model, prec)
+    if prec.fp8 == "te":
+        n = _swap_te_linears(model, keep)
+    elif prec.fp8 == "torchao":
+        n = _convert_torchao(model, keep)
+    else:
+        raise ValueError(f"precision.fp8 {prec.fp8!r}: expected 'none', 'te' or 'torchao'")
+    total = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
+    log.info("fp8 (%s): %d linears converted, %d stay in high precision", prec.fp8, n, total - n)
+    if n == 0:
+        log.warning(
+            "fp8 (%s) converted no linear (all below fp8_min_features=%d or skipped)",
+            prec.fp8,
+            prec.fp8_min_features,
+        )
+    return model
+
+
+def fp8_context(prec: PrecisionConfig) -> contextlib.AbstractContextManager:
+    """The context the forward runs under: TE's fp8 autocast for "te", else a no-op."""
+    if prec.fp8 != "te":
+        return contextlib.nullcontext()
+    te = _import_te()
+    rec = te_recipe(prec.fp8_recipe)
+    if hasattr(te, "autocast"):  # TE >= 2.8 renamed fp8_autocast
+        return te.autocast(enabled=True, recipe=rec)
+    return te.fp8_autocast(enabled=True, fp8_recipe=rec)
+
+
+def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> contextlib.AbstractContextManager:
+    """bf16 autocast for unsharded runs; under FSDP2 the MixedPrecisionPolicy does the casting."""
+    if sharded or prec.param_dtype == "float32":
+        return contextlib.nullcontext()
+    dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[prec.param_dtype]
+    return torch.autocast(device_type=device.type, dtype=dtype)

@@ -1,0 +1,410 @@
+"""The training loop: one Trainer for distillation, RL and SFT recipes.
+
+    trainer = Trainer(cfg, model, loss_fn, batches, run_dir=run_dir, extra_state=None)
+    logs = trainer.fit()                  # runs until cfg.train.steps; returns the last logs (floats)
+    # or, one step at a time (a recipe that interleaves rollouts, judging, evaluation):
+    while trainer.step < cfg.train.steps:
+        logs = trainer.train_step()
+    trainer.close()                       # final checkpoint + export, flush metrics
+    with trainer.ema_weights():           # the EMA weights swapped into trainer.model (if train.ema_decay > 0)
+        evaluate(trainer.model)
+
+Contracts:
+
+- ``loss_fn(model, micro_batch) -> (loss, logs)``: a scalar loss tensor and a dict of scalars (floats
+  or 0-d tensors, averaged over micro-batches and logging steps). A log ``num_tokens`` is popped and
+  used for tokens/s and MFU. The recipe's loss_fn owns any frozen teacher/judge; the model passed in
+  is the trainer's wrapped model.
+- ``batches.next(step, model) -> list[micro_batch]`` gives one optimizer step's micro-batches (grad
+  accumulation = the list's length). It receives the current model because on-policy distillation
+  and RL roll out the policy to make the batch. ``batches.state_dict()`` / ``load_state_dict()`` make
+  the data position resume exactly (saved per rank).
+- ``extra_state``: more Stateful objects to checkpoint with DCP (e.g. a judge's running stats).
+
+The trainer owns: placement, FP8 conversion, AC / compile / FSDP2 (engine/parallel.py), AdamW over the
+trainable parameters (fused on CUDA), the LR schedule (linear warmup, then constant or cosine to
+``min_lr_ratio``), gradient clipping, EMA, the NaN/inf guard (a non-finite loss or gradient norm skips
+the update, is logged and counted; ``max_bad_steps`` in a row raise :class:`NonFiniteLossError`),
+per-rank seeding (``run.seed + rank``), checkpoints (engine/checkpoint.py), metrics and profiling.
+
+Every rank must build the model with the same weights; with several ranks the trainer also broadcasts
+rank 0's parameters before sharding, so a per-rank seed before building does no harm.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import random
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import torch
+import torch.distributed as dist
+import torch.nn as nn
+from torch.distributed.fsdp import FSDPModule
+
+from engine.checkpoint import CheckpointManager, ModelState, RNGState, export_safetensors
+from engine.config import JobConfig, save_config
+from engine.dist import DistInfo, collective, init_distributed
+from engine.log import get_logger, progress
+from engine.metrics import MetricsLogger, device_peak_flops, model_flops_per_token
+from engine.parallel import parallelize
+from engine.precision import apply_fp8, autocast, fp8_context
+from engine.profile import Profiler, span
+
+log = get_logger("trainer")
+
+LossFn = Callable[[nn.Module, Any], tuple[torch.Tensor, dict[str, Any]]]
+
+
+class Batches(Protocol):
+    def next(self, step: int, model: nn.Module) -> list[Any]: ...
+    def state_dict(self) -> dict[str, Any]: ...
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None: ...
+
+
+class NonFiniteLossError(RuntimeError):
+    """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
+    """LR for optimizer step ``step`` (0-based).
+
+    warmup: lr * (step + 1) / warmup for step < warmup; then "constant": lr, or "cosine":
+    lr * (r + (1 - r) * (1 + cos(pi * p)) / 2) with p = (step - warmup) / (total - warmup), r = min_ratio.
+    """
+    if step < warmup:
+        return lr * (step + 1) / warmup
+    if schedule == "constant":
+        return lr
+    if schedule != "cosine":
+        raise ValueError(f"train.lr_schedule {schedule!r}: expected 'constant' or 'cosine'")
+    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
+
+
+class EMA:
+    """Exponential moving average of the trainable parameters: ema <- decay * ema + (1 - decay) * p.
+
+    Kept in fp32, sharded like the parameters under FSDP2 (DTensor copies). Stateful for DCP.
+    """
+
+    def __init__(self, model: nn.Module, decay: float):
+        if not 0.0 < decay < 1.0:
+            raise ValueError(f"train.ema_decay {decay}: expected 0 < decay < 1 (0 disables EMA)")
+        self.decay = decay
+        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
+
+    @torch.no_grad()
+    def update(self) -> None:
+        for n, p in self.params.items():
+            self.shadow[n].lerp_(p.detach().float(), 1.0 - self.decay)
+
+    @contextlib.contextmanager
+    @torch.no_grad()
+    def swapped_in(self) -> Iterator[None]:
+        """Temporarily load the EMA weights into the model (restored on exit)."""
+        saved = {n: p.detach().clone() for n, p in self.params.items()}
+        for n, p in self.params.items():
+            p.copy_(self.shadow[n])
+        try:
+            yield
+        finally:
+            for n, p in self.params.items():
+                p.copy_(saved[n])
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(self.shadow)
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        for n, t in self.shadow.items():
+            t.copy_(sd[n])
+
+
+class TrainState:
+    """Step and NaN-guard counters (global, saved with DCP)."""
+
+    def __init__(self):
+        self.step, self.skipped, self.bad_in_row = 0, 0, 0
+
+    def state_dict(self) -> dict[str, Any]:
+        return {
+            "step": torch.tensor(self.step),
+            "skipped": torch.tensor(self.skipped),
+            "bad_in_row": torch.tensor(self.bad_in_row),
+        }
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.step, self.skipped, self.bad_in_row = (int(sd[k]) for k in ("step", "skipped", "bad_in_row"))
+
+
+class _RankState:
+    """Per-rank state: RNG streams and the data position."""
+
+    def __init__(self, batches: Batches):
+        self.batches, self.rng = batches, RNGState()
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"rng": self.rng.state_dict(), "batches": self.batches.state_dict()}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        self.rng.load_state_dict(sd["rng"])
+        self.batches.load_state_dict(sd["batches"])
+
+
+def seed_everything(seed: int) -> None:
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+
+
+def build_optimizer(model: nn.Module, cfg: JobConfig, device: torch.device) -> torch.optim.AdamW:
+    """AdamW over the parameters with requires_grad (fused on CUDA)."""
+    params = [p for p in model.parameters() if p.requires_grad]
+    if not params:
+        raise ValueError("the model has no trainable parameters (requires_grad=True); nothing to optimize")
+    t = cfg.train
+    if len(t.betas) != 2:
+        raise ValueError(f"train.betas {t.betas}: expected two values [beta1, beta2]")
+    return torch.optim.AdamW(
+        params, lr=t.lr, betas=tuple(t.betas), weight_decay=t.weight_decay, fused=device.type == "cuda"
+    )
+
+
+class Trainer:
+    """See the module docstring for the API."""
+
+    def __init__(
+        self,
+        cfg: JobConfig,
+        model: nn.Module,
+        loss_fn: LossFn,
+        batches: Batches,
+        *,
+        run_dir: str | Path,
+        extra_state: dict[str, Any] | None = None,
+        dist_info: DistInfo | None = None,
+    ):
+        self.cfg, self.loss_fn, self.batches = cfg, loss_fn, batches
+        self.run_dir = Path(run_dir)
+        self.dist = dist_info or init_distributed(cfg.parallel, cfg.run.device)
+        seed_everything(cfg.run.seed + self.dist.rank)
+        self.unwrapped = model
+        self.model = self._build_model(model)
+        self.optimizer = build_optimizer(self.model, cfg, self.dist.device)
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        self.state = TrainState()
+        self._build_components(extra_state or {})
+        self._last_logs: dict[str, float] = {}
+        self._resume()
+
+    # ---- build steps ----------------------------------------------------------------------------
+    def _build_model(self, model: nn.Module) -> nn.Module:
+        model.to(self.dist.device)
+        if self.dist.distributed:
+            with collective("broadcast initial parameters", self.cfg.parallel.timeout_s):
+                for t in list(model.parameters()) + list(model.buffers()):
+                    dist.broadcast(t.data, src=0)
+        apply_fp8(model, self.cfg.precision)
+        model = parallelize(model, self.cfg.parallel, self.cfg.precision, self.dist.dp_mesh)
+        self.sharded = isinstance(model, FSDPModule)
+        return model
+
+    def _build_components(self, extra_state: dict[str, Any]) -> None:
+        cfg, d = self.cfg, self.dist
+        if d.is_main:
+            save_config(cfg, self.run_dir)
+        states: dict[str, Any] = {
+            "model": ModelState(self.model),
+            "optim": ModelState(self.model, self.optimizer),
+            "train": self.state,
+            **extra_state,
+        }
+        if self.ema is not None:
+            states["ema"] = self.ema
+        self.checkpointer = CheckpointManager(
+            cfg.checkpoint, self.run_dir / "checkpoints", states, {"rank": _RankState(self.batches)}
+        )
+        peak = device_peak_flops(d.device, "fp8" if cfg.precision.fp8 != "none" else "bf16")
+        self.metrics = MetricsLogger(
+            self.run_dir,
+            device=d.device,
+            is_main=d.is_main,
+            log_every=cfg.train.log_every,
+            flops_per_token=model_flops_per_token(self.unwrapped),
+            peak_flops=peak,
+        )
+        trace_dir = cfg.profile.trace_dir or str(self.run_dir / "trace")
+        self.profiler = Profiler(cfg.profile, trace_dir, is_main=d.is_main).__enter__()
+
+    def _resume(self) -> None:
+        step = self.checkpointer.maybe_resume()
+        if step:
+            log.info("resumed at step %d", self.state.step)
+
+    # ---- public API -----------------------------------------------------------------------------
+    @property
+    def step(self) -> int:
+        """Optimizer steps taken so far (skipped non-finite steps count: they consume data)."""
+        return self.state.step
+
+    @property
+    def skipped_steps(self) -> int:
+        return self.state.skipped
+
+    def ema_weights(self) -> contextlib.AbstractContextManager:
+        """Context in which ``trainer.model`` holds the EMA weights (requires train.ema_decay > 0)."""
+        if self.ema is None:
+            raise RuntimeError("no EMA: set train.ema_decay > 0 to keep one")
+        return self.ema.swapped_in()
+
+    def current_lr(self) -> float:
+        t = self.cfg.train
+        return lr_at(
+            self.state.step,
+            lr=t.lr,
+            warmup=t.warmup_steps,
+            total=t.steps,
+            schedule=t.lr_schedule,
+            min_ratio=t.min_lr_ratio,
+        )
+
+    def train_step(self) -> dict[str, Any]:
+        """One optimizer step over ``batches.next(step, model)``; returns this step's logs (tensors)."""
+        micro = self.batches.next(self.state.step, self.model)
+        if not isinstance(micro, list | tuple) or not micro:
+            raise ValueError(
+                f"batches.next() must return a non-empty list of micro-batches, got {type(micro)}"
+            )
+        loss_sum, logs, tokens = self._forward_backward(list(micro))
+        gnorm = self._clip_grad_norm()
+        ok = self._finite(loss_sum, gnorm)
+        lr = self.current_lr()
+        if ok:
+            for g in self.optimizer.param_groups:
+                g["lr"] = lr
+            with span("optimizer"):
+                self.optimizer.step()
+                if self.ema is not None:
+                    self.ema.update()
+            self.state.bad_in_row = 0
+        else:
+            self._on_bad_step(loss_sum, gnorm)
+        self.optimizer.zero_grad(set_to_none=True)
+        self.state.step += 1
+        logs.update(loss=loss_sum.detach(), grad_norm=gnorm.detach(), lr=lr)
+        self._after_step(logs if ok else {"lr": lr}, tokens)
+        return logs
+
+    def fit(self) -> dict[str, float]:
+        """Train until ``train.steps``; save the final checkpoint and export; returns the last logs."""
+        steps = range(self.state.step, self.cfg.train.steps)
+        for _ in progress(steps, desc="train", total=len(steps)):
+            self.train_step()
+        self.close()
+        return self._last_logs
+
+    def close(self) -> None:
+        """Flush metrics, stop the profiler, write the final checkpoint and the safetensors export."""
+        self.profiler.__exit__(None, None, None)
+        self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
+        self.metrics.close()
+        ck = self.cfg.checkpoint
+        if ck.enabled and self.state.step > 0:
+            done = self.checkpointer.latest()
+            if done is None or done[0] != self.state.step:
+                self.checkpointer.maybe_save(self.state.step, last=True)
+            self.checkpointer.wait()
+        if ck.export_safetensors and self.state.step > 0:
+            export_safetensors(self.model, self.run_dir / "model.safetensors")
+            if self.ema is not None:
+                with self.ema_weights():
+                    export_safetensors(self.model, self.run_dir / "ema.safetensors")
+
+    # ---- step internals -------------------------------------------------------------------------
+    def _forward_backward(self, micro: list[Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
+        n = len(micro)
+        loss_sum = torch.zeros((), device=self.dist.device)
+        logs: dict[str, Any] = {}
+        tokens = 0
+        for i, mb in enumerate(micro):
+            if self.sharded:  # reduce-scatter gradients only on the last micro-step
+                self.model.set_requires_gradient_sync(i == n - 1)
+            with (
+                span("forward"),
+                fp8_context(self.cfg.precision),
+                autocast(self.dist.device, self.cfg.precision, self.sharded),
+            ):
+                loss, mlogs = self.loss_fn(self.model, mb)
+            if not isinstance(loss, torch.Tensor) or loss.numel() != 1:
+                raise ValueError(f"loss_fn must return a scalar tensor as its loss, got {loss!r:.80}")
+            with span("backward"):
+                (loss / n).backward()
+            loss_sum += loss.detach().float() / n
+            mlogs = dict(mlogs)
+            tokens += int(mlogs.pop("num_tokens", 0))
+            for k, v in mlogs.items():
+                v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+                logs[k] = logs.get(k, 0.0) + v / n
+        if not self.sharded and self.dist.distributed:
+            self._all_reduce_grads()
+        return loss_sum, logs, tokens
+
+    def _all_reduce_grads(self) -> None:
+        """Data parallel without FSDP (parallel.fsdp = false): average gradients over all ranks."""
+        with collective("gradient all-reduce", self.cfg.parallel.timeout_s):
+            for p in self.model.parameters():
+                if p.grad is not None:
+                    dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
+
+    def _clip_grad_norm(self) -> torch.Tensor:
+        params = [p for p in self.model.parameters() if p.grad is not None]
+        if not params:
+            return torch.zeros((), device=self.dist.device)
+        max_norm = self.cfg.train.max_grad_norm if self.cfg.train.max_grad_norm > 0 else float("inf")
+        with collective("grad-norm reduce", self.cfg.parallel.timeout_s):
+            norm = torch.nn.utils.clip_grad_norm_(params, max_norm, foreach=True)
+            if hasattr(norm, "full_tensor"):
+                norm = norm.full_tensor()
+        return norm
+
+    def _finite(self, loss_sum: torch.Tensor, gnorm: torch.Tensor) -> bool:
+        """One host sync per step: every rank must agree to skip (the loss is per rank)."""
+        bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(gnorm)).float().reshape(1)
+        if self.dist.distributed:
+            with collective("NaN-guard all-reduce", self.cfg.parallel.timeout_s):
+                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
+        return bad.item() == 0.0
+
+    def _on_bad_step(self, loss_sum: torch.Tensor, gnorm: torch.Tensor) -> None:
+        self.state.skipped += 1
+        self.state.bad_in_row += 1
+        limit = self.cfg.train.max_bad_steps
+        log.warning(
+            "step %d: non-finite loss %s / grad norm %s; update skipped (%d in a row, %d total)",
+            self.state.step,
+            loss_sum.item(),
+            gnorm.item(),
+            self.state.bad_in_row,
+            self.state.skipped,
+        )
+        if self.state.bad_in_row >= limit:
+            raise NonFiniteLossError(
+                f"{self.state.bad_in_row} consecutive steps (up to step {self.state.step}) had a non-finite loss "
+                f"or gradient norm (train.max_bad_steps = {limit}); stopping. Lower train.lr, check the data, "
+                "or resume from the last checkpoint."
+            )
+
+    def _counters(self) -> dict[str, float]:
+        return {"skipped_steps": float(self.state.skipped)}
+
+    def _after_step(self, logs: dict[str, Any], tokens: int) -> None:
+        self.metrics.update(logs, tokens)
+        if self.metrics.should_log(self.state.step):
+            self._last_logs = self.metrics.flush(self.state.step, self._counters())
+        self.profiler.step()
+        self.checkpointer.maybe_save(self.state.step)
