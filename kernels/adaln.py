@@ -23,7 +23,11 @@ reproducible).
 
 from __future__ import annotations
 
+import functools
+
 import torch
+import triton
+import triton.language as tl
 
 _NORMS = ("layer", "rms")
 
@@ -89,6 +93,352 @@ def gated_residual_reference(
     return (x.to(ct) + gate.to(ct) * y.to(ct)).to(x.dtype)
 
 
+@triton.jit
+def _row_stats(x, cols_ok, D, eps, RMS: tl.constexpr):
+    """x (R, BLOCK_D) fp32 rows, zero past D -> (mean (R,), rstd (R,)); mean is 0 for RMS."""
+    if RMS:
+        var = tl.sum(x * x, axis=1) / D
+        mean = tl.zeros_like(var)
+    else:
+        mean = tl.sum(x, axis=1) / D
+        xc = tl.where(cols_ok[None, :], x - mean[:, None], 0.0)
+        var = tl.sum(xc * xc, axis=1) / D
+    return mean, 1.0 / tl.sqrt(var + eps)
+
+
+@triton.jit
+def _adaln_fwd_kernel(
+    x_ptr,
+    scale_ptr,
+    shift_ptr,
+    y_ptr,
+    mean_ptr,
+    rstd_ptr,
+    S,
+    D,
+    rows_per_prog,
+    eps,
+    RMS: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """y = xhat * (1 + scale) + shift for rows [j*rows_per_prog, ...) of sample b; saves mean, rstd."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cols_ok = cols < D
+    if not PER_TOKEN:
+        sc = 1.0 + tl.load(scale_ptr + b * D + cols, mask=cols_ok, other=0.0).to(tl.float32)
+        sh = tl.load(shift_ptr + b * D + cols, mask=cols_ok, other=0.0).to(tl.float32)
+    r0 = j * rows_per_prog
+    r_end = tl.minimum(r0 + rows_per_prog, S)
+    for r in range(r0, r_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < r_end)[:, None] & cols_ok[None, :]
+        grow = b.to(tl.int64) * S + rows  # global row index
+        offs = grow[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        mean, rstd = _row_stats(x, cols_ok, D, eps, RMS)
+        xhat = (x - mean[:, None]) * rstd[:, None]
+        if PER_TOKEN:
+            y = xhat * (1.0 + tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32))
+            y += tl.load(shift_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        else:
+            y = xhat * sc[None, :] + sh[None, :]
+        tl.store(y_ptr + offs, y.to(y_ptr.dtype.element_ty), mask=ok)
+        tl.store(mean_ptr + grow, mean, mask=rows < r_end)
+        tl.store(rstd_ptr + grow, rstd, mask=rows < r_end)
+
+
+@triton.jit
+def _adaln_bwd_kernel(
+    x_ptr,
+    scale_ptr,
+    dy_ptr,
+    mean_ptr,
+    rstd_ptr,
+    dx_ptr,
+    dscale_ptr,
+    dshift_ptr,
+    S,
+    D,
+    rows_per_prog,
+    n_progs,
+    RMS: tl.constexpr,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dx per row; dscale = dy * xhat, dshift = dy per row (PER_TOKEN) or fp32 partial sums over this
+    program's rows written to (B, n_progs, D)."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cols_ok = cols < D
+    if not PER_TOKEN:
+        sc = 1.0 + tl.load(scale_ptr + b * D + cols, mask=cols_ok, other=0.0).to(tl.float32)
+        acc_sc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+        acc_sh = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    r0 = j * rows_per_prog
+    r_end = tl.minimum(r0 + rows_per_prog, S)
+    for r in range(r0, r_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < r_end)[:, None] & cols_ok[None, :]
+        grow = b.to(tl.int64) * S + rows
+        offs = grow[:, None] * D + cols[None, :]
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        dy = tl.load(dy_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        mean = tl.load(mean_ptr + grow, mask=rows < r_end, other=0.0)
+        rstd = tl.load(rstd_ptr + grow, mask=rows < r_end, other=0.0)
+        xhat = tl.where(ok, (x - mean[:, None]) * rstd[:, None], 0.0)
+        if PER_TOKEN:
+            dxhat = dy * (1.0 + tl.load(scale_ptr + offs, mask=ok, other=0.0).to(tl.float32))
+            tl.store(dscale_ptr + offs, (dy * xhat).to(dscale_ptr.dtype.element_ty), mask=ok)
+            tl.store(dshift_ptr + offs, dy.to(dshift_ptr.dtype.element_ty), mask=ok)
+        else:
+            dxhat = dy * sc[None, :]
+            acc_sc += dy * xhat
+            acc_sh += dy
+        c2 = tl.sum(dxhat * xhat, axis=1) / D
+        if RMS:
+            dx = (dxhat - xhat * c2[:, None]) * rstd[:, None]
+        else:
+            c1 = tl.sum(dxhat, axis=1) / D
+            dx = (dxhat - c1[:, None] - xhat * c2[:, None]) * rstd[:, None]
+        tl.store(dx_ptr + offs, dx.to(dx_ptr.dtype.element_ty), mask=ok)
+    if not PER_TOKEN:
+        poffs = (b * n_progs + j).to(tl.int64) * D + cols
+        tl.store(dscale_ptr + poffs, tl.sum(acc_sc, axis=0), mask=cols_ok)
+        tl.store(dshift_ptr + poffs, tl.sum(acc_sh, axis=0), mask=cols_ok)
+
+
+@triton.jit
+def _gated_fwd_kernel(
+    x_ptr,
+    y_ptr,
+    gate_ptr,
+    out_ptr,
+    S,
+    D,
+    rows_per_prog,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """out = x + gate * y (fp32 math)."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cols_ok = cols < D
+    if not PER_TOKEN:
+        g = tl.load(gate_ptr + b * D + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+    r0 = j * rows_per_prog
+    r_end = tl.minimum(r0 + rows_per_prog, S)
+    for r in range(r0, r_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < r_end)[:, None] & cols_ok[None, :]
+        offs = (b.to(tl.int64) * S + rows)[:, None] * D + cols[None, :]
+        if PER_TOKEN:
+            g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        x = tl.load(x_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        tl.store(out_ptr + offs, (x + g * y).to(out_ptr.dtype.element_ty), mask=ok)
+
+
+@triton.jit
+def _gated_bwd_kernel(
+    dout_ptr,
+    y_ptr,
+    gate_ptr,
+    dy_ptr,
+    dgate_ptr,
+    S,
+    D,
+    rows_per_prog,
+    n_progs,
+    PER_TOKEN: tl.constexpr,
+    BLOCK_R: tl.constexpr,
+    BLOCK_D: tl.constexpr,
+):
+    """dy = dout * gate; dgate = dout * y per row (PER_TOKEN) or fp32 partial sums (B, n_progs, D)."""
+    j = tl.program_id(0)
+    b = tl.program_id(1)
+    cols = tl.arange(0, BLOCK_D)
+    cols_ok = cols < D
+    if not PER_TOKEN:
+        g = tl.load(gate_ptr + b * D + cols, mask=cols_ok, other=0.0).to(tl.float32)[None, :]
+        acc = tl.zeros((BLOCK_R, BLOCK_D), dtype=tl.float32)
+    r0 = j * rows_per_prog
+    r_end = tl.minimum(r0 + rows_per_prog, S)
+    for r in range(r0, r_end, BLOCK_R):
+        rows = r + tl.arange(0, BLOCK_R)
+        ok = (rows < r_end)[:, None] & cols_ok[None, :]
+        offs = (b.to(tl.int64) * S + rows)[:, None] * D + cols[None, :]
+        do = tl.load(dout_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        y = tl.load(y_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+        if PER_TOKEN:
+            g = tl.load(gate_ptr + offs, mask=ok, other=0.0).to(tl.float32)
+            tl.store(dgate_ptr + offs, (do * y).to(dgate_ptr.dtype.element_ty), mask=ok)
+        else:
+            acc += do * y
+        tl.store(dy_ptr + offs, (do * g).to(dy_ptr.dtype.element_ty), mask=ok)
+    if not PER_TOKEN:
+        poffs = (b * n_progs + j).to(tl.int64) * D + cols
+        tl.store(dgate_ptr + poffs, tl.sum(acc, axis=0), mask=cols_ok)
+
+
+@functools.cache
+def _num_sms(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _launch_geometry(x: torch.Tensor, tile_elems: int, progs_per_sm: int) -> tuple[int, int, int, int]:
+    """-> (BLOCK_R, BLOCK_D, rows_per_prog, n_progs) for the (n_progs, B) grid over x (B, S, D)."""
+    B, S, D = x.shape
+    BLOCK_D = triton.next_power_of_2(D)
+    BLOCK_R = max(1, min(tile_elems // BLOCK_D, triton.next_power_of_2(S)))
+    target = progs_per_sm * (_num_sms(x.device.index or 0) if x.is_cuda else 2)
+    n_tiles = triton.cdiv(S, BLOCK_R)
+    tiles_per_prog = triton.cdiv(n_tiles, max(1, min(n_tiles, target // B)))
+    rows_per_prog = tiles_per_prog * BLOCK_R
+    return BLOCK_R, BLOCK_D, rows_per_prog, triton.cdiv(S, rows_per_prog)
+
+
+def _warps(BLOCK_R: int, BLOCK_D: int) -> int:
+    return 8 if BLOCK_R * BLOCK_D >= 4096 else 4
+
+
+class _AdaLNFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, scale, shift, rms: bool, eps: float):
+        B, S, D = x.shape
+        per_token = scale.shape[1] == S and S > 1
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, 4096, 16)
+        y = torch.empty_like(x)
+        mean = torch.empty((B * S,), device=x.device, dtype=torch.float32)
+        rstd = torch.empty_like(mean)
+        _adaln_fwd_kernel[(n_progs, B)](
+            x,
+            scale,
+            shift,
+            y,
+            mean,
+            rstd,
+            S,
+            D,
+            rpp,
+            eps,
+            RMS=rms,
+            PER_TOKEN=per_token,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
+            num_warps=_warps(BLOCK_R, BLOCK_D),
+        )
+        ctx.save_for_backward(x, scale, mean, rstd)
+        ctx.rms, ctx.per_token, ctx.shift_dtype = rms, per_token, shift.dtype
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, scale, mean, rstd = ctx.saved_tensors
+        B, S, D = x.shape
+        dy = dy.contiguous()
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, 4096, 4)
+        dx = torch.empty_like(x)
+        if ctx.per_token:
+            dscale = torch.empty_like(scale)
+            dshift = torch.empty(scale.shape, device=x.device, dtype=ctx.shift_dtype)
+        else:
+            dscale = torch.empty((B, n_progs, D), device=x.device, dtype=torch.float32)
+            dshift = torch.empty_like(dscale)
+        _adaln_bwd_kernel[(n_progs, B)](
+            x,
+            scale,
+            dy,
+            mean,
+            rstd,
+            dx,
+            dscale,
+            dshift,
+            S,
+            D,
+            rpp,
+            n_progs,
+            RMS=ctx.rms,
+            PER_TOKEN=ctx.per_token,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
+            num_warps=_warps(BLOCK_R, BLOCK_D),
+        )
+        if not ctx.per_token:
+            # (B, n_progs, D) -> (B, 1, D): fixed-order sum, deterministic
+            dscale = dscale.sum(1, keepdim=True).to(scale.dtype)
+            dshift = dshift.sum(1, keepdim=True).to(ctx.shift_dtype)
+        return dx, dscale, dshift, None, None
+
+
+class _GatedResidualFn(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, y, gate):
+        B, S, D = x.shape
+        per_token = gate.shape[1] == S and S > 1
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, 4096, 16)
+        out = torch.empty_like(x)
+        _gated_fwd_kernel[(n_progs, B)](
+            x,
+            y,
+            gate,
+            out,
+            S,
+            D,
+            rpp,
+            PER_TOKEN=per_token,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
+            num_warps=_warps(BLOCK_R, BLOCK_D),
+        )
+        ctx.save_for_backward(y, gate)
+        ctx.per_token, ctx.x_dtype = per_token, x.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        y, gate = ctx.saved_tensors
+        B, S, D = y.shape
+        dout = dout.contiguous()
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(y, 4096, 4)
+        dy = torch.empty_like(y)
+        if ctx.per_token:
+            dgate = torch.empty_like(gate)
+        else:
+            dgate = torch.empty((B, n_progs, D), device=y.device, dtype=torch.float32)
+        _gated_bwd_kernel[(n_progs, B)](
+            dout,
+            y,
+            gate,
+            dy,
+            dgate,
+            S,
+            D,
+            rpp,
+            n_progs,
+            PER_TOKEN=ctx.per_token,
+            BLOCK_R=BLOCK_R,
+            BLOCK_D=BLOCK_D,
+            num_warps=_warps(BLOCK_R, BLOCK_D),
+        )
+        if not ctx.per_token:
+            dgate = dgate.sum(1, keepdim=True).to(gate.dtype)  # (B, n_progs, D) -> (B, 1, D)
+        return dout.to(ctx.x_dtype), dy, dgate
+
+
+def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    if backend not in ("triton", "torch"):
+        raise ValueError(f"backend={backend!r}: expected 'triton' or 'torch'")
+    return backend == "triton" and all(t.dtype != torch.float64 for t in tensors)
+
+
 def adaln_modulate(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -100,13 +450,19 @@ def adaln_modulate(
 ) -> torch.Tensor:
     """``norm(x) * (1 + scale) + shift``; x (B, S, D), scale/shift (B, 1, D) or (B, S, D); see module doc.
 
-    backend: "triton" (fused kernels, autograd) or "torch" (the reference).
+    backend: "triton" (fused kernels, autograd) or "torch" (the reference). float64 runs the reference.
     """
-    return adaln_modulate_reference(x, scale, shift, norm=norm, eps=eps)
+    _check_adaln(x, scale, shift, norm)
+    if not _use_triton(backend, x, scale, shift):
+        return adaln_modulate_reference(x, scale, shift, norm=norm, eps=eps)
+    return _AdaLNFn.apply(x.contiguous(), scale.contiguous(), shift.contiguous(), norm == "rms", float(eps))
 
 
 def gated_residual(
     x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, backend: str = "triton"
 ) -> torch.Tensor:
     """``x + gate * y``; x, y (B, S, D), gate (B, 1, D) or (B, S, D). backend: "triton" or "torch"."""
-    return gated_residual_reference(x, y, gate)
+    _check_gated(x, y, gate)
+    if not _use_triton(backend, x, y, gate):
+        return gated_residual_reference(x, y, gate)
+    return _GatedResidualFn.apply(x.contiguous(), y.contiguous(), gate.contiguous())

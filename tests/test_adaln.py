@@ -1,0 +1,114 @@
+"""adaln_modulate / gated_residual: Triton forward and every gradient vs an fp64 reference, with the
+same-dtype torch computation's error as the yardstick; the reference itself checked by gradcheck."""
+
+import pytest
+import torch
+
+from kernels.adaln import adaln_modulate, adaln_modulate_reference, gated_residual, gated_residual_reference
+
+# (B, S, D): odd S and D, D not a power of two; (1, 300, 96) gives programs of several row tiles
+SHAPES = [(2, 7, 48), (3, 37, 20), (1, 300, 96)]
+
+
+def _max_err(a: torch.Tensor, ref: torch.Tensor) -> float:
+    return (a.double() - ref).abs().max().item()
+
+
+def _same_dtype_torch_adaln(x, scale, shift, norm, eps):
+    """What a plain same-dtype torch user computes (no fp32 upcast): the error yardstick."""
+    if norm == "layer":
+        xh = torch.nn.functional.layer_norm(x, (x.shape[-1],), eps=eps)
+    else:
+        xh = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps)
+    return xh * (1 + scale.to(x.dtype)) + shift.to(x.dtype)
+
+
+def _grads(fn, inputs, dout):
+    inputs = [t.detach().requires_grad_(True) for t in inputs]
+    out = fn(*inputs)
+    grads = torch.autograd.grad(out, inputs, dout)
+    return [out.detach(), *grads]
+
+
+def _assert_within_2x(ours, same_dtype, ref, dtype, what):
+    floor = {torch.float32: 1e-5, torch.float16: 2e-3}[dtype]
+    for name, a, b, r in zip(what, ours, same_dtype, ref):
+        err, base = _max_err(a, r), _max_err(b, r)
+        scale = 1 + r.abs().max().item()
+        assert err <= 2 * base + floor * scale, f"{name}: error {err:.3g} vs same-dtype torch {base:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_adaln_forward_and_grads(shape, norm, per_token, dtype, device):
+    B, S, D = shape
+    eps = 1e-6
+    mod_shape = (B, S, D) if per_token else (B, 1, D)
+    x = (torch.randn(shape, device=device) * 2 + 0.5).to(dtype)
+    scale, shift = (
+        (0.5 * torch.randn(mod_shape, device=device)).to(dtype),
+        torch.randn(mod_shape, device=device).to(dtype),
+    )
+    dout = torch.randn(shape, device=device).to(dtype)
+    ins = [x, scale, shift]
+    ours = _grads(lambda *a: adaln_modulate(*a, norm=norm, eps=eps, backend="triton"), ins, dout)
+    ref = _grads(
+        lambda *a: adaln_modulate_reference(*a, norm=norm, eps=eps), [t.double() for t in ins], dout.double()
+    )
+    same = _grads(lambda *a: _same_dtype_torch_adaln(*a, norm, eps), ins, dout)
+    assert ours[0].dtype == dtype and all(g.dtype == dtype for g in ours[1:])
+    _assert_within_2x(ours, same, ref, dtype, ["y", "dx", "dscale", "dshift"])
+
+
+def test_adaln_bf16_activations_fp32_modulation_like_wan(device):
+    """x in low precision, scale/shift fp32 (diffusers Wan): fp32 math, one rounding to x.dtype."""
+    x = torch.randn(2, 9, 40, device=device).to(torch.float16)
+    scale, shift = torch.randn(2, 1, 40, device=device), torch.randn(2, 1, 40, device=device)
+    ln = torch.nn.LayerNorm(40, elementwise_affine=False, eps=1e-6)
+    want = (ln(x.float()) * (1 + scale) + shift).type_as(x)  # diffusers' expression
+    got = adaln_modulate(x, scale, shift, backend="triton")
+    assert got.dtype == torch.float16
+    torch.testing.assert_close(got, want, atol=2e-3, rtol=1e-3)
+    scale.requires_grad_(True)
+    adaln_modulate(x, scale, shift).float().sum().backward()
+    assert scale.grad.dtype == torch.float32
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("per_token", [False, True])
+@pytest.mark.parametrize("shape", SHAPES)
+def test_gated_residual_forward_and_grads(shape, per_token, dtype, device):
+    B, S, D = shape
+    x, y, dout = (torch.randn(shape, device=device).to(dtype) for _ in range(3))
+    gate = torch.randn((B, S, D) if per_token else (B, 1, D), device=device).to(dtype)
+    ours = _grads(lambda *a: gated_residual(*a, backend="triton"), [x, y, gate], dout)
+    ref = _grads(gated_residual_reference, [x.double(), y.double(), gate.double()], dout.double())
+    same = _grads(lambda a, b, g: a + g * b, [x, y, gate], dout)
+    _assert_within_2x(ours, same, ref, dtype, ["out", "dx", "dy", "dgate"])
+
+
+@pytest.mark.parametrize("norm", ["layer", "rms"])
+@pytest.mark.parametrize("per_token", [False, True])
+def test_references_pass_gradcheck(norm, per_token):
+    B, S, D = 2, 3, 5
+    mod = (B, S, D) if per_token else (B, 1, D)
+    ins = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((B, S, D), mod, mod)]
+    assert torch.autograd.gradcheck(lambda *a: adaln_modulate_reference(*a, norm=norm, eps=1e-3), ins)
+    g_ins = [torch.randn(s, dtype=torch.float64, requires_grad=True) for s in ((B, S, D), (B, S, D), mod)]
+    assert torch.autograd.gradcheck(gated_residual_reference, g_ins)
+
+
+def test_bad_inputs():
+    x = torch.randn(2, 3, 4)
+    with pytest.raises(ValueError, match=r"scale: expected shape \(2, 1, 4\) or \(2, 3, 4\)"):
+        adaln_modulate(x, torch.randn(2, 2, 4), torch.randn(2, 2, 4))
+    with pytest.raises(ValueError, match="norm='group'"):
+        adaln_modulate(x, torch.randn(2, 1, 4), torch.randn(2, 1, 4), norm="group")
+    with pytest.raises(ValueError, match=r"x: expected shape \(B, S, D\)"):
+        adaln_modulate(x[0], torch.randn(2, 1, 4), torch.randn(2, 1, 4))
+    with pytest.raises(ValueError, match=r"gate: expected shape"):
+        gated_residual(x, x, torch.randn(2, 1, 5))
+    with pytest.raises(ValueError, match="backend="):
+        gated_residual(x, x, torch.randn(2, 1, 4), backend="cuda")
