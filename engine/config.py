@@ -159,6 +159,11 @@ class WorldConfig:
     num_scenes: int = 64  # scenes to propose tasks for
     eval_scenes: int = 256  # held-out paired scenes for the gap check and evaluation
     seed: int = 1234
+    text_layers: int = 1  # toy text encoder: transformer layers over learned embeddings (0 = embeddings only)
+    caption_dropout: float = 0.1  # pretraining: fraction of captions replaced by "" (for CFG)
+    time_budget_s: float = 0.0  # pretraining: stop after this many wall-clock seconds (0 = no limit)
+    demonstrator: str = ""  # folder with demonstrator.safetensors etc.; "" = engine/world/assets
+    gap_batch: int = 64  # videos per sampling batch in the gap check / evaluation
 
 
 @dataclass
