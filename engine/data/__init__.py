@@ -1,0 +1,7 @@
+"""Video/image data: manifest dataset, decoders (DALI GPU/CPU, PyAV), resumable sampler, latent cache."""
+
+from engine.data.dataset import SkipItem, VideoDataset, bucket_batches
+from engine.data.quarantine import Quarantine
+from engine.data.sampler import ResumableSampler
+
+__all__ = ["Quarantine", "ResumableSampler", "SkipItem", "VideoDataset", "bucket_batches"]

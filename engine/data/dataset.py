@@ -1,0 +1,285 @@
+"""VideoDataset: a JSONL manifest of videos/images with text, decoded into fixed-size clips.
+
+Manifest rows are JSON objects ``{"video" | "image": path, "caption" | "task" | "solution": str, ...}``;
+paths are relative to ``root`` (default: the manifest's folder). Iterating yields
+
+    {"video": float32 (3, T, H, W) in [-1, 1], "path": str, "index": int, <the row's other fields>}
+
+An image yields a one-frame video. A file or row that cannot give a clean clip (malformed row,
+missing/zero-length/non-video/truncated/corrupt file, too few frames, unexpected resolution or pixel
+format) is skipped with a warning naming it and the reason, added to ``dataset.skipped`` and the
+quarantine JSONL, and not retried in later epochs. Each item is built from one row only, so its text
+always belongs to its video. An iteration in which every item was skipped raises RuntimeError.
+"""
+
+from __future__ import annotations
+
+import json
+import random
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from engine.data.decode import SUPPORTED_PIX_FMTS, DecodeError, Decoder, build_decoders, probe
+from engine.data.quarantine import Quarantine
+from engine.data.transforms import (
+    frame_indices,
+    make_buckets,
+    max_start,
+    nearest_bucket,
+    resize_crop_normalize,
+)
+from engine.log import get_logger
+
+log = get_logger("data")
+
+TEXT_FIELDS = ("caption", "task", "solution")
+IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
+
+
+class SkipItem(Exception):
+    """An item that cannot be used; the message is the reason recorded in the quarantine."""
+
+
+def parse_manifest_line(line: str, root: Path) -> dict[str, Any]:
+    """One manifest line -> ``{"kind", "path", "fields"}``; raises SkipItem naming what is wrong."""
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise SkipItem(f"malformed JSON ({e.msg} at column {e.colno})") from None
+    if not isinstance(row, dict):
+        raise SkipItem(f"expected a JSON object, got {type(row).__name__}")
+    kinds = [k for k in ("video", "image") if k in row]
+    if len(kinds) != 1:
+        raise SkipItem(f"expected exactly one of 'video' or 'image', got {kinds or 'neither'}")
+    kind = kinds[0]
+    if not isinstance(row[kind], str) or not row[kind]:
+        raise SkipItem(f"'{kind}' must be a non-empty path string, got {row[kind]!r}")
+    fields = {k: v for k, v in row.items() if k != kind}
+    for k in TEXT_FIELDS:
+        if k in fields and not isinstance(fields[k], str):
+            raise SkipItem(f"text field '{k}' must be a string, got {type(fields[k]).__name__}")
+    bad = [k for k in ("video", "path", "index") if k in fields]
+    if bad:
+        raise SkipItem(f"reserved key(s) {bad} in row")
+    return {"kind": kind, "path": (root / row[kind]).resolve(), "fields": fields}
+
+
+def read_manifest(manifest: str | Path, root: str | Path | None, quarantine: Quarantine) -> list[dict]:
+    """Parse every line of ``manifest``; bad rows go to ``quarantine`` as ``<manifest>:<line>``."""
+    m = Path(manifest)
+    if not m.is_file():
+        raise FileNotFoundError(f"manifest '{m}' does not exist (expected a JSONL file)")
+    base = Path(root) if root else m.parent
+    rows = []
+    for lineno, line in enumerate(m.read_text().splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            rows.append(parse_manifest_line(line, base))
+        except SkipItem as e:
+            quarantine.add(f"{m}:{lineno}", str(e))
+    if not rows:
+        raise RuntimeError(
+            f"manifest '{m}': no usable rows ({len(quarantine)} skipped; see the warnings above)"
+        )
+    return rows
+
+
+class VideoDataset:
+    """Map-style and iterable dataset of clips from a JSONL manifest (see the module docstring).
+
+    ``decoder``: "auto" | "dali" | "dali_cpu" | "pyav"; ``fps``: target frame rate (0 = native);
+    ``aspect_buckets``: equal-area aspect-ratio buckets instead of one ``(height, width)``;
+    ``clip_start``: "first" or "random" (seeded by ``seed``, epoch and index); ``max_upscale``: skip
+    videos that would have to be enlarged more than this.
+    """
+
+    def __init__(
+        self,
+        manifest: str | Path,
+        *,
+        num_frames: int,
+        height: int,
+        width: int,
+        decoder: str = "auto",
+        fps: float = 0.0,
+        root: str | Path | None = None,
+        aspect_buckets: bool = False,
+        bucket_multiple: int = 16,
+        clip_start: str = "first",
+        max_upscale: float = 4.0,
+        quarantine: str | Path | None = None,
+        seed: int = 0,
+    ):
+        if num_frames < 1 or height < 1 or width < 1:
+            raise ValueError(
+                f"VideoDataset: num_frames/height/width must be >= 1, got {num_frames}/{height}/{width}"
+            )
+        if clip_start not in ("first", "random"):
+            raise ValueError(f"VideoDataset clip_start: expected 'first' or 'random', got {clip_start!r}")
+        self.manifest = Path(manifest)
+        self.num_frames, self.fps, self.clip_start, self.seed = num_frames, fps, clip_start, seed
+        self.max_upscale = max_upscale
+        self.buckets = make_buckets(height, width, multiple=bucket_multiple, aspect=aspect_buckets)
+        self.quarantine = Quarantine(quarantine)
+        self.decoders: list[Decoder] = build_decoders(decoder)
+        self.decoder_choice = decoder
+        self.rows = read_manifest(self.manifest, root, self.quarantine)
+        self.epoch = 0
+        self._bad: set[int] = set()
+        self._announced: set[tuple[str, str]] = set()
+
+    @classmethod
+    def from_config(cls, data: Any, *, quarantine: str | Path | None = None, seed: int = 0) -> VideoDataset:
+        """Build from a ``DataConfig`` section (engine.config)."""
+        return cls(
+            data.manifest,
+            num_frames=data.num_frames,
+            height=data.height,
+            width=data.width,
+            decoder=data.decoder,
+            fps=data.fps,
+            root=data.root or None,
+            aspect_buckets=data.aspect_buckets,
+            bucket_multiple=data.bucket_multiple,
+            clip_start=data.clip_start,
+            max_upscale=data.max_upscale,
+            quarantine=data.quarantine or quarantine,
+            seed=seed,
+        )
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        """``(path, reason)`` of every row or file skipped so far."""
+        return self.quarantine.entries
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch = int(epoch)
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        """Item ``i``; raises SkipItem (already quarantined) when it cannot be used."""
+        row = self.rows[i]
+        if i in self._bad:
+            raise SkipItem("quarantined earlier")
+        try:
+            frames = (
+                self._load_image(row["path"]) if row["kind"] == "image" else self._load_video(i, row["path"])
+            )
+            video = resize_crop_normalize(frames, *self._bucket_for(row["path"], frames))
+        except (SkipItem, DecodeError) as e:
+            self._bad.add(i)
+            self.quarantine.add(row["path"], str(e))
+            raise SkipItem(str(e)) from None
+        return {"video": video, "path": str(row["path"]), "index": i, **row["fields"]}
+
+    def iterate(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
+        """Items for ``indices`` (e.g. a ResumableSampler), skipping bad ones."""
+        tried = yielded = 0
+        for i in indices:
+            tried += 1
+            try:
+                item = self[i]
+            except SkipItem:
+                continue
+            yielded += 1
+            yield item
+        if tried and not yielded:
+            raise RuntimeError(
+                f"VideoDataset '{self.manifest}': all {tried} items of this pass were skipped "
+                f"({len(self.skipped)} in the quarantine; first: {self.skipped[:3]})"
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iterate(range(len(self)))
+
+    # --- loading ------------------------------------------------------------------------------
+
+    def _bucket_for(self, path: Path, frames: torch.Tensor) -> tuple[int, int]:
+        h, w = int(frames.shape[1]), int(frames.shape[2])
+        bh, bw = nearest_bucket(h, w, self.buckets)
+        scale = max(bh / h, bw / w)
+        if scale > self.max_upscale:
+            raise SkipItem(
+                f"resolution {w}x{h} too small for bucket {bw}x{bh} (needs {scale:.2f}x upscale > max_upscale "
+                f"{self.max_upscale})"
+            )
+        return bh, bw
+
+    def _load_image(self, path: Path) -> torch.Tensor:
+        from PIL import Image, UnidentifiedImageError
+
+        try:
+            with Image.open(path) as im:
+                arr = np.asarray(im.convert("RGB"))
+        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+            raise SkipItem(f"image cannot be read ({type(e).__name__}: {e})") from None
+        return torch.from_numpy(arr.copy())[None]  # (H, W, 3) -> (1, H, W, 3)
+
+    def _start(self, i: int, latest: int) -> int:
+        if self.clip_start == "first" or latest <= 0:
+            return 0
+        return random.Random(f"{self.seed}/{self.epoch}/{i}").randint(0, latest)
+
+    def _load_video(self, i: int, path: Path) -> torch.Tensor:
+        info = probe(path)
+        if info.pix_fmt not in SUPPORTED_PIX_FMTS:
+            raise SkipItem(
+                f"pixel format '{info.pix_fmt}' not supported (expected one of {sorted(SUPPORTED_PIX_FMTS)})"
+            )
+        if info.width < 2 or info.height < 2:
+            raise SkipItem(f"unexpected resolution {info.width}x{info.height}")
+        latest = max_start(info.num_frames, info.fps, self.num_frames, self.fps)
+        try:
+            idx = frame_indices(info.num_frames, info.fps, self.num_frames, self.fps, self._start(i, latest))
+        except ValueError as e:
+            raise SkipItem(f"too few frames: {e}") from None
+        return self._decode(path, info.codec, idx)
+
+    def _decode(self, path: Path, codec: str, idx: list[int]) -> torch.Tensor:
+        usable = [d for d in self.decoders if d.supports(codec)]
+        if not usable:
+            raise SkipItem(f"codec '{codec}' not supported by decoder '{self.decoder_choice}'")
+        errors = []
+        for dec in usable:
+            out = dec.decode_batch([(path, idx)])[0]
+            if isinstance(out, DecodeError):
+                errors.append(f"{dec.name}: {out}")
+                continue
+            if (dec.name, codec) not in self._announced:
+                self._announced.add((dec.name, codec))
+                log.info("decoder '%s' for %s videos (decoder=%s)", dec.name, codec, self.decoder_choice)
+            if out.shape[0] != len(idx):
+                raise SkipItem(f"decoder '{dec.name}' returned {out.shape[0]} frames (expected {len(idx)})")
+            return out
+        raise SkipItem("; ".join(errors))
+
+
+def bucket_batches(
+    items: Iterable[dict[str, Any]], batch_size: int, *, drop_last: bool = False
+) -> Iterator[dict[str, Any]]:
+    """Group items by video shape into batches: ``video`` stacked (B, 3, T, H, W), other keys as lists."""
+    if batch_size < 1:
+        raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
+    pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+
+    def collate(group: list[dict[str, Any]]) -> dict[str, Any]:
+        keys = set().union(*(g.keys() for g in group)) - {"video"}
+        out = {k: [g.get(k) for g in group] for k in sorted(keys)}
+        out["video"] = torch.stack([g["video"] for g in group])  # B x (3, T, H, W) -> (B, 3, T, H, W)
+        return out
+
+    for item in items:
+        group = pending.setdefault(tuple(item["video"].shape), [])
+        group.append(item)
+        if len(group) == batch_size:
+            yield collate(pending.pop(tuple(item["video"].shape)))
+    if not drop_last:
+        for group in pending.values():
+            yield collate(group)

@@ -1,0 +1,95 @@
+"""Frame sampling, aspect-ratio buckets, resize + centre crop, normalisation.
+
+Buckets (the choice, documented): every bucket has about the target area ``height * width`` so
+each sample costs about the same number of latent tokens (flat step time and memory), with sides
+rounded to a multiple of ``multiple`` (16 = VAE stride 8 x patch 2, what Wan/HunyuanVideo need).
+The aspect ratios are the common video/photo ones, portrait to landscape. A clip goes to the bucket
+with the nearest log aspect ratio, is resized to cover it (aspect preserved) and centre-cropped, so
+at most a thin border is lost and nothing is stretched. With bucketing off there is one bucket,
+``(height, width)``, and every clip is cover-resized and centre-cropped to it.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+
+BUCKET_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # width / height
+
+
+def frame_indices(
+    available: int, src_fps: float, num_frames: int, target_fps: float = 0.0, start: int = 0
+) -> list[int]:
+    """Indices of ``num_frames`` frames starting at ``start``, spaced to play at ``target_fps``.
+
+    step = src_fps / target_fps source frames per output frame (1 when either fps is 0, i.e.
+    native rate); index_k = round(start + k * step). Raises ValueError when the clip is too short.
+    """
+    if num_frames < 1:
+        raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
+    step = src_fps / target_fps if target_fps > 0 and src_fps > 0 else 1.0
+    need = max_start(available, src_fps, num_frames, target_fps)
+    if need < 0:
+        span = math.floor((num_frames - 1) * step + 0.5) + 1
+        raise ValueError(
+            f"only {available} frames (expected >= {span} for {num_frames} frames at step {step:.3g})"
+        )
+    if not 0 <= start <= need:
+        raise ValueError(f"start frame {start}: expected 0..{need}")
+    return [int(math.floor(start + k * step + 0.5)) for k in range(num_frames)]
+
+
+def max_start(available: int, src_fps: float, num_frames: int, target_fps: float = 0.0) -> int:
+    """Largest start frame that still fits the clip; negative when the video is too short."""
+    step = src_fps / target_fps if target_fps > 0 and src_fps > 0 else 1.0
+    last = math.floor((num_frames - 1) * step + 0.5)
+    return available - 1 - last
+
+
+def make_buckets(
+    height: int, width: int, *, multiple: int = 16, aspect: bool = True
+) -> list[tuple[int, int]]:
+    """Resolution buckets ``(h, w)`` of about ``height * width`` pixels; one bucket when not ``aspect``."""
+    if height < 1 or width < 1 or multiple < 1:
+        raise ValueError(f"buckets: height, width, multiple must be >= 1, got {height}, {width}, {multiple}")
+    if not aspect:
+        return [(height, width)]
+    area = height * width
+    buckets = set()
+    for r in BUCKET_RATIOS:
+        h = max(multiple, round(math.sqrt(area / r) / multiple) * multiple)
+        w = max(multiple, round(math.sqrt(area * r) / multiple) * multiple)
+        buckets.add((h, w))
+    return sorted(buckets, key=lambda hw: hw[1] / hw[0])
+
+
+def nearest_bucket(h: int, w: int, buckets: list[tuple[int, int]]) -> tuple[int, int]:
+    """The bucket whose aspect ratio is nearest to ``w / h`` in log space."""
+    target = math.log(w / h)
+    return min(buckets, key=lambda b: abs(math.log(b[1] / b[0]) - target))
+
+
+def cover_scale(h: int, w: int, out_h: int, out_w: int) -> float:
+    """Scale factor that makes an ``h x w`` frame cover ``out_h x out_w`` with aspect preserved."""
+    return max(out_h / h, out_w / w)
+
+
+def resize_crop_normalize(frames: torch.Tensor, out_h: int, out_w: int) -> torch.Tensor:
+    """uint8 ``(T, H, W, 3)`` -> float32 ``(3, T, out_h, out_w)`` in [-1, 1]: cover-resize, centre crop.
+
+    Downscaling uses antialiased bilinear filtering; x_out = x / 127.5 - 1.
+    """
+    if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
+        raise ValueError(f"frames: expected uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
+    t, h, w, _ = frames.shape
+    x = frames.permute(0, 3, 1, 2).float()  # (T, H, W, 3) -> (T, 3, H, W)
+    s = cover_scale(h, w, out_h, out_w)
+    rh, rw = max(out_h, round(h * s)), max(out_w, round(w * s))
+    if (rh, rw) != (h, w):
+        x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=s < 1)
+    top, left = (rh - out_h) // 2, (rw - out_w) // 2
+    x = x[:, :, top : top + out_h, left : left + out_w]
+    x = (x / 127.5 - 1.0).clamp_(-1.0, 1.0)
+    return x.permute(1, 0, 2, 3).contiguous()  # (T, 3, h, w) -> (3, T, h, w)

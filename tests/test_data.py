@@ -1,0 +1,271 @@
+"""Video data pipeline: decoders agree, clips are the right frames, bad inputs are skipped and logged.
+
+Every video is encoded here with PyAV (VP9 in WebM/MKV, H.264 in MP4) from known frames
+(engine.data.synthetic), then broken on purpose where a test needs a bad file.
+"""
+
+import json
+import math
+from pathlib import Path
+
+import av
+import numpy as np
+import pytest
+import torch
+
+from engine.data import VideoDataset, bucket_batches
+from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, probe, yuv420_to_rgb
+from engine.data.synthetic import ident_color, make_frames, write_image, write_video
+from engine.data.transforms import frame_indices, make_buckets, nearest_bucket
+
+
+def psnr(a: torch.Tensor, b: torch.Tensor) -> float:
+    mse = ((a.double() - b.double()) ** 2).mean().item()
+    return math.inf if mse == 0 else 10 * math.log10(255.0**2 / mse)
+
+
+@pytest.fixture(scope="module")
+def media(tmp_path_factory) -> Path:
+    """Good and bad media files, written once for the module."""
+    d = tmp_path_factory.mktemp("media")
+    for i in range(3):
+        write_video(d / f"vp9_{i}.webm", ident=i)
+    write_video(d / "vp9_3.mkv", ident=3)
+    write_video(d / "h264_4.mp4", codec="libx264", ident=4)
+    write_video(d / "fast_5.webm", ident=5, fps=24, num_frames=24)
+    write_image(d / "img_6.png", ident=6)
+    good = (d / "vp9_0.webm").read_bytes()
+    (d / "truncated.webm").write_bytes(good[: len(good) // 3])
+    corrupt = bytearray(good)
+    corrupt[40:] = np.random.default_rng(1).integers(0, 256, len(good) - 40, dtype=np.uint8).tobytes()
+    (d / "corrupt.webm").write_bytes(bytes(corrupt))
+    (d / "empty.mp4").write_bytes(b"")
+    (d / "notes.mp4").write_text("this is not a video\n" * 20)
+    write_video(d / "short.webm", num_frames=2)
+    write_video(d / "tenbit.mp4", codec="libx264", pix_fmt="yuv420p10le")
+    write_video(d / "tiny.webm", height=8, width=8)
+    (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    return d
+
+
+def write_manifest(path: Path, rows: list) -> Path:
+    path.write_text("\n".join(r if isinstance(r, str) else json.dumps(r) for r in rows) + "\n")
+    return path
+
+
+GOOD = [("vp9_0.webm", 0), ("vp9_1.webm", 1), ("vp9_2.webm", 2), ("vp9_3.mkv", 3), ("h264_4.mp4", 4)]
+BAD = {
+    "truncated.webm": "",
+    "corrupt.webm": "",
+    "empty.mp4": "zero-length",
+    "notes.mp4": "",
+    "short.webm": "too few frames",
+    "tenbit.mp4": "pixel format",
+    "tiny.webm": "resolution",
+    "missing.webm": "does not exist",
+    "broken.png": "image",
+}
+
+
+def test_dali_cpu_and_pyav_decode_vp9_to_the_same_frames(media):
+    reason = dali_available()
+    if reason:
+        pytest.skip(f"DALI CPU decoder unavailable: {reason}")
+    dali, pyav = DaliDecoder("cpu"), PyAVDecoder()
+    for name in ("vp9_0.webm", "vp9_3.mkv", "fast_5.webm"):
+        idx = [0, 3, 7, 8, 15]
+        (d,) = dali.decode_batch([(media / name, idx)])
+        assert not isinstance(d, Exception), f"DALI CPU failed on {name}: {d}"
+        p = pyav.decode(media / name, idx)
+        assert d.shape == p.shape == (5, 64, 64, 3) and d.dtype == p.dtype == torch.uint8
+        assert psnr(d, p) >= 40.0, name
+        # Both are the right frames: close to the encoder's input, and further from the wrong frames.
+        src = torch.from_numpy(make_frames(24, 64, 64, int(name.split("_")[1][0])))
+        assert psnr(p, src[idx]) > 28.0
+        assert psnr(p, src[[i + 1 for i in idx]]) < psnr(p, src[idx]) - 3
+
+
+def test_dali_cpu_batch_isolates_a_bad_file(media):
+    if dali_available():
+        pytest.skip(f"DALI CPU decoder unavailable: {dali_available()}")
+    out = DaliDecoder("cpu").decode_batch(
+        [(media / "vp9_1.webm", [0, 1]), (media / "truncated.webm", [0, 15])]
+    )
+    assert isinstance(out[0], torch.Tensor) and out[0].shape == (2, 64, 64, 3)
+    assert isinstance(out[1], Exception) and "truncated.webm" in str(out[1])
+
+
+def test_yuv420_conversion_is_bt601_limited_range():
+    # Reference: the BT.601 coefficients as the standard tables give them (1.402, 0.344136, 0.714136,
+    # 1.772), on flat chroma so that chroma upsampling cannot matter; FFmpeg's swscale within its
+    # fixed-point error.
+    rng = np.random.default_rng(0)
+    y = rng.integers(16, 236, (32, 48), dtype=np.uint8)
+    u = np.full((16, 24), 90, np.uint8)
+    v = np.full((16, 24), 170, np.uint8)
+    ours = yuv420_to_rgb(torch.from_numpy(y), torch.from_numpy(u), torch.from_numpy(v)).int()
+    yy = (y.astype(np.float64) - 16) * 255 / 219
+    cb, cr = (90 - 128) * 255 / 224, (170 - 128) * 255 / 224
+    ref = np.stack([yy + 1.402 * cr, yy - 0.344136 * cb - 0.714136 * cr, yy + 1.772 * cb], -1)
+    ref = torch.from_numpy(np.clip(np.round(ref), 0, 255)).int()
+    assert (ours - ref).abs().max().item() <= 1
+    frame = av.VideoFrame(48, 32, "yuv420p")
+    for plane, arr in zip(frame.planes, (y, u, v)):
+        buf = np.zeros((arr.shape[0], plane.line_size), np.uint8)
+        buf[:, : arr.shape[1]] = arr
+        plane.update(buf.tobytes())
+    assert (ours - torch.from_numpy(frame.to_ndarray(format="rgb24")).int()).abs().max().item() <= 3
+
+
+def test_probe_reads_stream_parameters(media):
+    info = probe(media / "fast_5.webm")
+    assert (info.codec, info.width, info.height, info.num_frames) == ("vp9", 64, 64, 24)
+    assert info.fps == pytest.approx(24.0)
+    assert probe(media / "h264_4.mp4").codec == "h264"
+
+
+def test_frame_indices_at_target_fps():
+    assert frame_indices(24, 24.0, 4, 8.0) == [0, 3, 6, 9]
+    assert frame_indices(24, 24.0, 4, 8.0, start=14) == [14, 17, 20, 23]
+    assert frame_indices(16, 8.0, 5, 0.0) == [0, 1, 2, 3, 4]
+    assert frame_indices(10, 10.0, 4, 15.0) == [0, 1, 1, 2]  # upsampling the frame rate repeats frames
+    with pytest.raises(ValueError, match="only 9 frames"):
+        frame_indices(9, 24.0, 4, 8.0)
+
+
+def test_buckets_keep_area_and_pick_nearest_aspect():
+    buckets = make_buckets(32, 32, multiple=16, aspect=True)
+    assert all(h % 16 == 0 and w % 16 == 0 for h, w in buckets)
+    assert all(0.5 <= h * w / 1024 <= 1.6 for h, w in buckets)
+    assert nearest_bucket(720, 1280, buckets) == max(
+        buckets, key=lambda b: (b[1] / b[0] <= 16 / 9, b[1] / b[0])
+    )
+    assert make_buckets(32, 48, aspect=False) == [(32, 48)]
+
+
+def test_dataset_yields_the_right_frames_and_text(media, tmp_path):
+    m = write_manifest(
+        tmp_path / "m.jsonl",
+        [
+            {"video": str(media / "fast_5.webm"), "task": "t5", "id": 5},
+            {"image": str(media / "img_6.png"), "caption": "c6"},
+        ],
+    )
+    ds = VideoDataset(m, num_frames=4, height=64, width=64, fps=8.0, decoder="pyav")
+    items = list(ds)
+    assert [it["index"] for it in items] == [0, 1] and ds.skipped == []
+    v = items[0]["video"]
+    assert v.shape == (3, 4, 64, 64) and v.dtype == torch.float32 and -1 <= v.min() and v.max() <= 1
+    assert items[0]["task"] == "t5" and items[0]["id"] == 5
+    # 24 fps source sampled at 8 fps = frames 0, 3, 6, 9 of the encoder's input.
+    got = ((v.permute(1, 2, 3, 0) + 1) * 127.5).round()  # (3, T, H, W) -> (T, H, W, 3)
+    src = torch.from_numpy(make_frames(24, 64, 64, 5))
+    assert (
+        psnr(got, src[[0, 3, 6, 9]]) > 28 and psnr(got, src[[0, 1, 2, 3]]) < psnr(got, src[[0, 3, 6, 9]]) - 3
+    )
+    img = items[1]["video"]
+    assert img.shape == (3, 1, 64, 64) and items[1]["caption"] == "c6"
+    assert (
+        psnr(
+            ((img[:, 0].permute(1, 2, 0) + 1) * 127.5).round(), torch.from_numpy(make_frames(1, 64, 64, 6)[0])
+        )
+        > 40
+    )
+
+
+def test_resize_and_buckets_in_the_dataset(media, tmp_path):
+    write_video(tmp_path / "wide.webm", height=32, width=64, ident=7)
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": "wide.webm"}, {"video": str(media / "vp9_0.webm")}])
+    one = VideoDataset(m, num_frames=2, height=32, width=32, decoder="pyav")
+    assert [tuple(it["video"].shape) for it in one] == [(3, 2, 32, 32)] * 2
+    ds = VideoDataset(m, num_frames=2, height=64, width=64, aspect_buckets=True, decoder="pyav")
+    shapes = [tuple(it["video"].shape[2:]) for it in ds]
+    assert shapes == [nearest_bucket(32, 64, ds.buckets), (64, 64)]
+    assert shapes[0][1] / shapes[0][0] == pytest.approx(2.0, rel=0.1)
+    batches = list(bucket_batches(iter(ds), 2))
+    assert sorted(b["video"].shape[0] for b in batches) == [1, 1]
+
+
+def _ident_of(video: torch.Tensor) -> int:
+    """Which synthetic video a clip came from, read from its top-left quarter's colour."""
+    rgb = ((video[:, 0, :4, :4].mean((1, 2)) + 1) * 127.5).numpy()
+    return min(range(27), key=lambda i: np.abs(ident_color(i).astype(float) - rgb).sum())
+
+
+@pytest.mark.parametrize("decoder", ["auto", "pyav"])
+def test_bad_inputs_are_skipped_counted_and_quarantined(media, tmp_path, decoder):
+    rows: list = []
+    for k, (name, ident) in enumerate(GOOD):
+        rows.append({"video": str(media / name), "caption": f"video {ident}"})
+        bad = list(BAD)[k % len(BAD) :: len(GOOD)]
+        rows += [
+            {"video": str(media / b), "caption": "bad"}
+            if not b.endswith(".png")
+            else {"image": str(media / b)}
+            for b in bad
+        ]
+    rows += [
+        "{not json",
+        json.dumps(["a list"]),
+        {"caption": "no media"},
+        {"video": 3},
+        {"video": "x.webm", "task": 7},
+    ]
+    q = tmp_path / "quarantine.jsonl"
+    ds = VideoDataset(
+        write_manifest(tmp_path / "m.jsonl", rows),
+        num_frames=8,
+        height=32,
+        width=32,
+        decoder=decoder,
+        max_upscale=2.0,
+        quarantine=q,
+    )
+    items = list(ds)
+    assert len(items) == len(GOOD)
+    for it in items:  # nothing mislabeled: the caption's number is the colour code in the frames
+        assert it["caption"] == f"video {_ident_of(it['video'])}"
+    skipped = dict(ds.skipped)
+    assert len(ds.skipped) == len(BAD) + 5
+    for name, why in BAD.items():
+        assert why in skipped[str((media / name).resolve())], (name, skipped[str((media / name).resolve())])
+    assert sum(":" in p and p.startswith(str(tmp_path)) for p in skipped) == 5
+    logged = [json.loads(line) for line in q.read_text().splitlines()]
+    assert [(e["path"], e["reason"]) for e in logged] == ds.skipped
+    list(ds)  # a second epoch does not retry or re-log what was quarantined
+    assert len(ds.skipped) == len(BAD) + 5
+
+
+def test_explicit_decoder_that_cannot_take_a_codec_skips_with_the_reason(media, tmp_path):
+    if dali_available():
+        pytest.skip(f"DALI CPU decoder unavailable: {dali_available()}")
+    m = write_manifest(
+        tmp_path / "m.jsonl", [{"video": str(media / "h264_4.mp4")}, {"video": str(media / "vp9_1.webm")}]
+    )
+    ds = VideoDataset(m, num_frames=4, height=32, width=32, decoder="dali_cpu")
+    assert [it["index"] for it in ds] == [1]
+    assert "codec 'h264' not supported by decoder 'dali_cpu'" in ds.skipped[0][1]
+
+
+def test_all_bad_stops_with_a_clear_error(media, tmp_path):
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(media / b)} for b in ("empty.mp4", "notes.mp4")])
+    ds = VideoDataset(m, num_frames=4, height=32, width=32, decoder="pyav")
+    with pytest.raises(RuntimeError, match="all 2 items of this pass were skipped"):
+        list(ds)
+    with pytest.raises(RuntimeError, match="no usable rows"):
+        VideoDataset(write_manifest(tmp_path / "n.jsonl", ["{", "[]"]), num_frames=4, height=32, width=32)
+    with pytest.raises(FileNotFoundError, match="manifest"):
+        VideoDataset(tmp_path / "nope.jsonl", num_frames=4, height=32, width=32)
+    with pytest.raises(ValueError, match="decoder"):
+        VideoDataset(m, num_frames=4, height=32, width=32, decoder="ffmpeg")
+
+
+@pytest.mark.gpu
+def test_dali_gpu_matches_pyav_on_h264(media):
+    if dali_available():
+        pytest.skip(f"DALI unavailable: {dali_available()}")
+    idx = [0, 5, 10, 15]
+    (d,) = DaliDecoder("gpu").decode_batch([(media / "h264_4.mp4", idx)])
+    assert not isinstance(d, Exception), d
+    assert d.is_cuda and d.shape == (4, 64, 64, 3)
+    assert psnr(d.cpu(), PyAVDecoder().decode(media / "h264_4.mp4", idx)) >= 35.0
