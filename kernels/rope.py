@@ -63,10 +63,11 @@ def rope_3d_tables(
 
 
 def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Pure-torch interleaved rotation of x (B, S, H, D) by tables (S, D/2); fp32 math, x's dtype out."""
+    """Pure-torch interleaved rotation of x (B, S, H, D) by tables (S, D/2); x's dtype out."""
     _check(x, cos, sin)
-    x1, x2 = x.float().unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D) -> 2 x (B, S, H, D/2)
-    c, s = cos[None, :, None, :], sin[None, :, None, :]  # (S, D/2) -> (1, S, 1, D/2)
+    ct = torch.promote_types(x.dtype, torch.float32)  # fp32 math, fp64 for fp64 inputs
+    x1, x2 = x.to(ct).unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D) -> 2 x (B, S, H, D/2)
+    c, s = cos.to(ct)[None, :, None, :], sin.to(ct)[None, :, None, :]  # (S, D/2) -> (1, S, 1, D/2)
     out = torch.stack((x1 * c - x2 * s, x1 * s + x2 * c), dim=-1)  # (B, S, H, D/2, 2)
     return out.flatten(-2).to(x.dtype)  # (B, S, H, D)
 

@@ -1,0 +1,197 @@
+"""Fused video attention: the Triton kernel (TRITON_INTERPRET=1 on CPU) against an fp64 torch reference,
+the reference against torch SDPA and gradcheck, RoPE fusion, key lengths, determinism, bad inputs.
+
+Tolerance rule (flash-attention's): the kernel's error vs the fp64 reference is at most 2x the error of
+a plain same-dtype torch implementation, plus a small floor for fp32 round-off."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from kernels.attention import attention, attention_reference
+from kernels.rope import apply_rope_reference, rope_3d_tables
+
+# (B, Sq, Sk, H, D, rope grid or None, k_lengths or None)
+CASES = [
+    (1, 1, 1, 1, 16, None, None),
+    (1, 17, 17, 2, 64, (1, 1, 17), None),
+    (2, 17, 40, 2, 32, None, [40, 3]),
+    (2, 65, 65, 1, 128, (5, 13, 1), [65, 30]),
+    (1, 255, 255, 1, 16, (3, 5, 17), None),
+    (1, 100, 255, 1, 64, None, None),
+]
+
+
+def _make(B, Sq, Sk, H, D, grid, k_lengths, dtype, device):
+    q = torch.randn(B, Sq, H, D, device=device, dtype=dtype, requires_grad=True)
+    k = torch.randn(B, Sk, H, D, device=device, dtype=dtype, requires_grad=True)
+    v = torch.randn(B, Sk, H, D, device=device, dtype=dtype, requires_grad=True)
+    rope = None if grid is None else tuple(t.to(device) for t in rope_3d_tables(grid, D))
+    kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
+    return q, k, v, rope, kl
+
+
+def _same_dtype_attention(q, k, v, *, k_lengths=None, rope=None):
+    """Every op in the input dtype (q k^T, softmax, p v): the error budget a kernel is held to."""
+    if rope is not None:
+        q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
+    qh, kh, vh = (t.transpose(1, 2) for t in (q, k, v))  # (B, S, H, D) -> (B, H, S, D)
+    s = qh @ kh.transpose(-1, -2) * q.shape[-1] ** -0.5
+    if k_lengths is not None:
+        valid = torch.arange(k.shape[1], device=q.device)[None, :] < k_lengths[:, None]
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+    return (s.softmax(-1).nan_to_num(0.0) @ vh).transpose(1, 2)  # (B, H, Sq, D) -> (B, Sq, H, D)
+
+
+def _outputs_and_grads(fn, q, k, v, g, **kw):
+    out = fn(q, k, v, **kw)
+    return (out, *torch.autograd.grad(out, (q, k, v), g))
+
+
+def _assert_within_budget(ours, same_dtype, exact, floor, what):
+    err = (ours.double() - exact).abs().max().item()
+    budget = 2 * (same_dtype.double() - exact).abs().max().item() + floor
+    assert err <= budget, f"{what}: kernel error {err:.3g} > budget {budget:.3g}"
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "x".join(str(x) for x in c[:5]) + ("-rope" if c[5] else "")
+)
+def test_triton_matches_reference(case, dtype, device):
+    q, k, v, rope, kl = _make(*case, dtype, device)
+    g = torch.randn_like(q)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
+    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope)
+    plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
+    floor = 2e-5 if dtype == torch.float32 else 2e-3
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
+        assert a.dtype == dtype and a.shape == c.shape
+        _assert_within_budget(a, b, c, floor * max(1.0, c.abs().max().item()), name)
+
+
+def test_lse_and_empty_rows(device):
+    q, k, v, rope, _ = _make(2, 33, 33, 2, 32, (3, 11, 1), None, torch.float32, device)
+    kl = torch.tensor([0, 20], device=device)
+    out, lse = attention(q, k, v, k_lengths=kl, rope=rope, return_lse=True)
+    ref_out, ref_lse = attention_reference(q, k, v, k_lengths=kl, rope=rope, return_lse=True)
+    assert lse.shape == (2, 2, 33) and lse.dtype == torch.float32
+    torch.testing.assert_close(lse, ref_lse, rtol=1e-5, atol=1e-5)  # -inf where no key is valid
+    assert torch.isneginf(lse[0]).all() and (out[0] == 0).all()
+    torch.testing.assert_close(out, ref_out, rtol=1e-5, atol=1e-5)
+    grads = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(gr).all() for gr in grads)
+    assert (grads[1][1, 20:] == 0).all() and (grads[2][1, 20:] == 0).all()  # masked keys: no gradient
+
+
+@pytest.mark.parametrize("flag", [True, False])
+def test_deterministic_grads_bitwise(flag, device):
+    q, k, v, rope, kl = _make(2, 40, 40, 2, 32, (2, 4, 5), [40, 23], torch.float16, device)
+    g = torch.randn_like(q)
+    runs = [
+        _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=flag)
+        for _ in range(2)
+    ]
+    for a, b in zip(*runs):
+        assert torch.equal(a, b)
+
+
+def test_non_contiguous_inputs(device):
+    qt = torch.randn(1, 2, 24, 32, device=device)  # (B, H, S, D)
+    q = qt.transpose(1, 2)  # a (B, S, H, D) view with non-unit strides
+    torch.testing.assert_close(attention(q, q, q), attention_reference(q, q, q), rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("use_mask,use_rope", [(False, False), (True, True)])
+def test_reference_matches_sdpa(use_mask, use_rope):
+    q, k, v, rope, kl = _make(
+        2, 24, 24, 3, 16, (2, 3, 4) if use_rope else None, [24, 7] if use_mask else None, torch.float64, "cpu"
+    )
+    ref = attention_reference(q, k, v, k_lengths=kl, rope=rope, scale=0.3)
+    if rope is not None:
+        q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
+    mask = None if kl is None else (torch.arange(24)[None, :] < kl[:, None])[:, None, None, :]
+    sdpa = F.scaled_dot_product_attention(
+        q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=0.3
+    ).transpose(1, 2)
+    torch.testing.assert_close(ref, sdpa, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(attention(q, k, v, k_lengths=kl, scale=0.3, backend="sdpa"), sdpa)
+
+
+def test_reference_gradcheck():
+    q, k, v, rope, kl = _make(2, 5, 6, 1, 4, None, [6, 2], torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_reference(a, b, c, k_lengths=kl), (q, k, v))
+    q, k, v, rope, _ = _make(1, 6, 6, 2, 4, (1, 2, 3), None, torch.float64, "cpu")
+    assert torch.autograd.gradcheck(lambda a, b, c: attention_reference(a, b, c, rope=rope), (q, k, v))
+
+
+def test_bad_inputs(device):
+    q = torch.randn(1, 8, 2, 32, device=device)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        attention(q.double(), q.double(), q.double())
+    with pytest.raises(ValueError, match="head dim"):
+        attention(q[..., :24], q[..., :24], q[..., :24])
+    with pytest.raises(ValueError, match="same B, H and D"):
+        attention(q, q[:, :, :1], q[:, :, :1])
+    with pytest.raises(ValueError, match="k, v: expected equal shapes"):
+        attention(q, q, q[:, :4])
+    with pytest.raises(ValueError, match="Sq == Sk"):
+        attention(q, q[:, :4], q[:, :4], rope=rope_3d_tables((1, 1, 8), 32))
+    with pytest.raises(ValueError, match="rope: expected cos/sin"):
+        attention(q, q, q, rope=rope_3d_tables((1, 1, 7), 32))
+    with pytest.raises(ValueError, match="k_lengths"):
+        attention(q, q, q, k_lengths=torch.tensor([3.0]))
+    with pytest.raises(ValueError, match="backend"):
+        attention(q, q, q, backend="xformers")
+    with pytest.raises(ValueError, match="return_lse"):
+        attention(q, q, q, backend="sdpa", return_lse=True)
+    with pytest.raises(ValueError, match="one dtype"):
+        attention(q, q.half(), q.half())
+
+
+def test_flash_attn_missing_is_a_clear_error():
+    try:
+        import flash_attn  # noqa: F401
+    except ImportError:
+        q = torch.randn(1, 8, 2, 32)
+        with pytest.raises(RuntimeError, match="flash_attn"):
+            attention(q, q, q, backend="flash_attn")
+    else:
+        pytest.skip("flash_attn is installed")
+
+
+# ----------------------------------------------------------------------------------------- GPU (bf16)
+GPU_CASES = [
+    (1, 4096, 4096, 2, 128, (16, 16, 16), None),
+    (2, 4100, 4100, 2, 64, None, [4100, 1234]),
+    (1, 32760, 32760, 1, 128, (21, 30, 52), None),
+    (1, 1000, 3000, 2, 128, None, None),
+]
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize(
+    "case", GPU_CASES, ids=lambda c: f"S{c[1]}x{c[2]}-D{c[4]}" + ("-rope" if c[5] else "")
+)
+def test_gpu_bf16_long(case):
+    q, k, v, rope, kl = _make(*case, torch.bfloat16, "cuda")
+    g = torch.randn_like(q)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    exact = _outputs_and_grads(attention_reference, q32, k32, v32, g.float(), k_lengths=kl, rope=rope)
+    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True)
+    plain = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, backend="sdpa")
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
+        _assert_within_budget(a, b, c, 1e-3 * max(1.0, c.abs().max().item()), name)
+
+
+@pytest.mark.gpu
+def test_gpu_autotuned_matches_deterministic():
+    q, k, v, rope, kl = _make(2, 2048, 2048, 4, 128, (8, 16, 16), [2048, 999], torch.bfloat16, "cuda")
+    g = torch.randn_like(q)
+    fixed = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True)
+    tuned = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope)
+    for a, b in zip(fixed, tuned):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    again = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True)
+    assert all(torch.equal(a, b) for a, b in zip(fixed, again))

@@ -1,0 +1,75 @@
+"""3D RoPE: tables against diffusers' Wan and HunyuanVideo-1.5 embeddings, the Triton apply against
+diffusers' apply_rotary_emb and autograd of the torch reference."""
+
+import pytest
+import torch
+from diffusers.models.embeddings import apply_rotary_emb
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15RotaryPosEmbed
+from diffusers.models.transformers.transformer_wan import WanRotaryPosEmbed
+
+from kernels.rope import apply_rope, apply_rope_reference, rope_3d_tables
+
+
+@pytest.mark.parametrize("grid,head_dim", [((3, 4, 5), 128), ((2, 3, 7), 64), ((1, 1, 1), 12)])
+def test_tables_match_diffusers_wan(grid, head_dim):
+    T, H, W = grid
+    wan = WanRotaryPosEmbed(head_dim, patch_size=(1, 2, 2), max_seq_len=64)
+    latents = torch.zeros(1, 4, T, 2 * H, 2 * W)  # patch 2x2 in h, w -> grid (T, H, W)
+    ref_cos, ref_sin = wan(latents)  # (1, S, 1, D), each angle repeated for its channel pair
+    cos, sin = rope_3d_tables(grid, head_dim)
+    assert cos.shape == (T * H * W, head_dim // 2) and cos.dtype == torch.float32
+    torch.testing.assert_close(cos, ref_cos[0, :, 0, 0::2].float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, ref_sin[0, :, 0, 1::2].float(), rtol=0, atol=1e-6)
+
+
+def test_tables_match_diffusers_hunyuan15():
+    grid, axes = (3, 4, 5), (16, 56, 56)
+    hy = HunyuanVideo15RotaryPosEmbed(patch_size=1, patch_size_t=1, rope_dim=list(axes), theta=256.0)
+    ref_cos, ref_sin = hy(torch.zeros(1, 4, *grid))  # (S, D) repeat-interleaved
+    cos, sin = rope_3d_tables(grid, sum(axes), theta=256.0, axes_dims=axes)
+    torch.testing.assert_close(cos, ref_cos[:, 0::2].float(), rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, ref_sin[:, 0::2].float(), rtol=0, atol=1e-6)
+
+
+def test_start_offsets_the_positions():
+    full_cos, full_sin = rope_3d_tables((5, 2, 3), 32)
+    cos, sin = rope_3d_tables((3, 2, 3), 32, start=(2, 0, 0))
+    torch.testing.assert_close(cos, full_cos[2 * 6 :], rtol=0, atol=1e-6)
+    torch.testing.assert_close(sin, full_sin[2 * 6 :], rtol=0, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("shape,grid", [((2, 60, 3, 64), (3, 4, 5)), ((1, 7, 2, 12), (7, 1, 1))])
+def test_apply_matches_diffusers_and_grad(dtype, shape, grid, device):
+    cos, sin = (t.to(device) for t in rope_3d_tables(grid, shape[-1]))
+    x = torch.randn(shape, device=device, dtype=dtype, requires_grad=True)
+    y = apply_rope(x, cos, sin)
+    freqs = (cos.repeat_interleave(2, -1), sin.repeat_interleave(2, -1))  # (S, D/2) -> (S, D)
+    ref = apply_rotary_emb(x.detach(), freqs, use_real=True, use_real_unbind_dim=-1, sequence_dim=1)
+    torch.testing.assert_close(y, ref, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
+    g = torch.randn_like(y)
+    (gx,) = torch.autograd.grad(y, x, g)
+    (gr,) = torch.autograd.grad(apply_rope_reference(x, cos, sin), x, g)
+    torch.testing.assert_close(gx, gr, rtol=0, atol=1e-6 if dtype == torch.float32 else 1e-3)
+
+
+def test_rotation_preserves_norm_and_inverts(device):
+    cos, sin = (t.to(device) for t in rope_3d_tables((2, 3, 4), 32))
+    x = torch.randn(1, 24, 2, 32, device=device)
+    y = apply_rope(x, cos, sin)
+    torch.testing.assert_close(y.norm(dim=-1), x.norm(dim=-1))
+    torch.testing.assert_close(apply_rope(y, cos, -sin), x, rtol=1e-5, atol=1e-5)
+
+
+def test_bad_inputs():
+    cos, sin = rope_3d_tables((2, 2, 2), 16)
+    with pytest.raises(ValueError, match="axes_dims"):
+        rope_3d_tables((2, 2, 2), 16, axes_dims=(4, 4, 4))
+    with pytest.raises(ValueError, match="grid"):
+        rope_3d_tables((2, 0, 2), 16)
+    with pytest.raises(ValueError, match="cos: expected shape"):
+        apply_rope(torch.randn(1, 9, 1, 16), cos, sin)
+    with pytest.raises(ValueError, match="x: expected"):
+        apply_rope(torch.randn(8, 16), cos, sin)
+    with pytest.raises(ValueError, match="float16/bfloat16/float32"):
+        apply_rope(torch.randn(1, 8, 1, 16, dtype=torch.float64), cos, sin)
