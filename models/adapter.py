@@ -1,0 +1,182 @@
+"""State-dict adapters between our module layout and diffusers' (or any other) key layout.
+
+A :class:`KeyMap` is a list of prefix rules ``(ours, (theirs, ...))``. ``{i}`` in a rule stands for a
+block index. A rule with several ``theirs`` prefixes fuses them: the tensors are concatenated along
+dim 0 on load (e.g. diffusers' to_q, to_k, to_v -> our qkv) and split into equal chunks on export.
+A tensor whose shape differs but whose element count matches is reshaped (e.g. a Conv3d patch
+embedding -> our Linear). Keys that no rule matches map to themselves. Both directions are exact:
+``to_theirs(to_ours(sd)) == sd`` bit for bit.
+
+Files: :func:`load_safetensors` reads one ``.safetensors`` file, a folder with one, or a sharded
+folder (``*.safetensors.index.json``). Pickled checkpoints are refused: never unpickle.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+
+class StateDictKeyError(KeyError):
+    """A state dict does not fit the model: the message lists the missing and unexpected keys."""
+
+    def __init__(self, what: str, missing: list[str], unexpected: list[str]):
+        self.missing, self.unexpected = missing, unexpected
+        lines = [f"{what}: state dict does not match the model"]
+        if missing:
+            lines.append(f"  missing keys ({len(missing)}): " + ", ".join(missing))
+        if unexpected:
+            lines.append(f"  unexpected keys ({len(unexpected)}): " + ", ".join(unexpected))
+        super().__init__("\n".join(lines))
+
+    def __str__(self) -> str:  # KeyError would repr() the message
+        return self.args[0]
+
+
+@dataclass(frozen=True)
+class KeyMap:
+    """Prefix rules from our keys to theirs; ``ignore`` = regexes of their keys dropped silently."""
+
+    rules: tuple[tuple[str, tuple[str, ...]], ...]
+    ignore: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        compiled = []
+        for ours, theirs in self.rules:
+            pattern = re.escape(ours).replace(re.escape("{i}"), r"(?P<i>\d+)")
+            compiled.append((re.compile(pattern), theirs))
+        object.__setattr__(self, "_compiled", compiled)
+
+    def theirs(self, key: str) -> tuple[str, ...]:
+        """Their key(s) for our ``key`` (several = fused along dim 0, in this order)."""
+        best = None
+        for pattern, theirs in self._compiled:
+            m = pattern.match(key)
+            if m and (best is None or m.end() > best[0].end()):
+                best = (m, theirs)
+        if best is None:
+            return (key,)
+        m, theirs = best
+        i = m.groupdict().get("i")
+        rest = key[m.end() :]
+        return tuple((t.replace("{i}", i) if i is not None else t) + rest for t in theirs)
+
+    def ignored(self, key: str) -> bool:
+        return any(re.search(p, key) for p in self.ignore)
+
+
+def to_ours(
+    theirs_sd: Mapping[str, torch.Tensor],
+    our_shapes: Mapping[str, torch.Size],
+    keymap: KeyMap,
+    *,
+    strict: bool = True,
+    what: str = "model",
+) -> dict[str, torch.Tensor]:
+    """Convert their state dict to our keys and shapes. strict: any missing or unexpected key raises
+    :class:`StateDictKeyError` listing them all; otherwise missing keys are left out of the result."""
+    out, used, missing = {}, set(), []
+    for key, shape in our_shapes.items():
+        names = keymap.theirs(key)
+        absent = [n for n in names if n not in theirs_sd]
+        if absent:
+            missing.extend(absent)
+            continue
+        used.update(names)
+        parts = [theirs_sd[n] for n in names]
+        value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
+        if tuple(value.shape) != tuple(shape):
+            if value.numel() != math_prod(shape):
+                raise ValueError(
+                    f"{what}: {' + '.join(names)} has shape {tuple(value.shape)}, expected {tuple(shape)} "
+                    f"for {key}"
+                )
+            value = value.reshape(shape)
+        out[key] = value
+    unexpected = [k for k in theirs_sd if k not in used and not keymap.ignored(k)]
+    if strict and (missing or unexpected):
+        raise StateDictKeyError(what, missing, unexpected)
+    return out
+
+
+def to_theirs(
+    our_sd: Mapping[str, torch.Tensor],
+    keymap: KeyMap,
+    their_shapes: Mapping[str, tuple[int, ...]] | None = None,
+) -> dict[str, torch.Tensor]:
+    """Inverse of :func:`to_ours`: split fused tensors into equal chunks along dim 0 and reshape the ones
+    listed in ``their_shapes``."""
+    their_shapes = their_shapes or {}
+    out = {}
+    for key, value in our_sd.items():
+        names = keymap.theirs(key)
+        parts = [value] if len(names) == 1 else value.chunk(len(names), dim=0)
+        for name, part in zip(names, parts):
+            if name in their_shapes:
+                part = part.reshape(their_shapes[name])
+            out[name] = part.contiguous()
+    return out
+
+
+def math_prod(shape: Iterable[int]) -> int:
+    n = 1
+    for s in shape:
+        n *= int(s)
+    return n
+
+
+def read_config(path: str | Path) -> dict:
+    """config.json of a diffusers-format folder (or the file itself)."""
+    path = Path(path)
+    file = path / "config.json" if path.is_dir() else path
+    if not file.is_file():
+        raise FileNotFoundError(f"{path}: no config.json (expected a diffusers-format model folder)")
+    return json.loads(file.read_text())
+
+
+def safetensors_files(path: str | Path) -> list[Path]:
+    """The weight files of a file or folder: one .safetensors, or the shards named by an index.json."""
+    path = Path(path)
+    if path.is_file():
+        if path.suffix != ".safetensors":
+            raise ValueError(f"{path}: expected a .safetensors file (pickled checkpoints are not loaded)")
+        return [path]
+    if not path.is_dir():
+        raise FileNotFoundError(f"{path}: no such file or folder")
+    indexes = sorted(path.glob("*.safetensors.index.json"))
+    if len(indexes) > 1:
+        raise ValueError(f"{path}: several index files {[p.name for p in indexes]}; expected one")
+    if indexes:
+        weight_map = json.loads(indexes[0].read_text()).get("weight_map")
+        if not isinstance(weight_map, dict) or not weight_map:
+            raise ValueError(f"{indexes[0]}: expected a non-empty 'weight_map' object")
+        files = [path / name for name in sorted(set(weight_map.values()))]
+        absent = [f.name for f in files if not f.is_file()]
+        if absent:
+            raise FileNotFoundError(f"{indexes[0]}: shards listed but not present: {absent}")
+        return files
+    files = sorted(path.glob("*.safetensors"))
+    if len(files) != 1:
+        found = [p.name for p in path.iterdir()]
+        raise FileNotFoundError(
+            f"{path}: expected one *.safetensors file or a *.safetensors.index.json, found {found}"
+        )
+    return files
+
+
+def load_safetensors(path: str | Path, *, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
+    """All tensors of a .safetensors file, a folder with one, or a sharded folder (index.json)."""
+    sd: dict[str, torch.Tensor] = {}
+    for file in safetensors_files(path):
+        part = load_file(str(file), device=str(device))
+        dup = sorted(set(part) & set(sd))
+        if dup:
+            raise ValueError(f"{file}: keys also present in another shard: {dup[:5]}")
+        sd.update(part)
+    return sd

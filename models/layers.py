@@ -1,0 +1,260 @@
+"""Building blocks shared by the video DiT families (Wan, HunyuanVideo-1.5, ...).
+
+Plain ``nn.Module``s with no parallelism inside: FSDP, activation checkpointing and compile are
+applied from engine/parallel.py. Attention goes through ``kernels.attention`` (backend chosen per
+module by the ``backend`` attribute), adaLN through ``kernels.adaln``.
+
+Precision. Timestep sinusoids, LayerNorm/RMSNorm statistics, the adaLN modulation and gated residual
+adds are computed in fp32 whatever the parameter dtype (as diffusers does for Wan); matmuls run in
+the input's dtype.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from kernels.adaln import adaln_modulate, gated_residual
+from kernels.attention import attention
+
+__all__ = [
+    "MLP",
+    "CrossAttention",
+    "LayerNormFP32",
+    "SelfAttention",
+    "TimestepEmbedder",
+    "adaln",
+    "gated_add",
+    "patchify",
+    "timestep_embedding",
+    "unpatchify",
+]
+
+ACTIVATIONS = {
+    "gelu": lambda x: F.gelu(x),
+    "gelu_tanh": lambda x: F.gelu(x, approximate="tanh"),
+    "silu": F.silu,
+}
+
+
+def _kernel_backend(backend: str, x: torch.Tensor) -> str:
+    """ "auto" -> "triton" on CUDA tensors, "torch" elsewhere (Triton runs only interpreted on CPU)."""
+    if backend == "auto":
+        return "triton" if x.is_cuda else "torch"
+    return backend
+
+
+def timestep_embedding(
+    t: torch.Tensor,
+    dim: int,
+    *,
+    max_period: float = 10000.0,
+    flip_sin_to_cos: bool = True,
+    shift: float = 0.0,
+) -> torch.Tensor:
+    """Sinusoidal embedding of timesteps t (N,) -> (N, dim) float32.
+
+    f_j = max_period^(-j / (dim/2 - shift)); emb = [cos(t f), sin(t f)] (flip_sin_to_cos) or [sin, cos];
+    an odd ``dim`` gets one zero column at the end.
+    """
+    if t.dim() != 1:
+        raise ValueError(f"t: expected a 1-D tensor of timesteps, got shape {tuple(t.shape)}")
+    half = dim // 2
+    exponent = (
+        -math.log(max_period) * torch.arange(half, dtype=torch.float32, device=t.device) / (half - shift)
+    )
+    angle = t.float()[:, None] * torch.exp(exponent)[None, :]  # (N, half)
+    parts = (angle.cos(), angle.sin()) if flip_sin_to_cos else (angle.sin(), angle.cos())
+    emb = torch.cat(parts, dim=-1)
+    return F.pad(emb, (0, 1)) if dim % 2 else emb
+
+
+class TimestepEmbedder(nn.Module):
+    """MLP on the sinusoid: linear_2(act(linear_1(emb))). Input is cast to the weights' dtype."""
+
+    def __init__(self, freq_dim: int, dim: int, *, act: str = "silu", out_dim: int | None = None):
+        super().__init__()
+        self.linear_1 = nn.Linear(freq_dim, dim)
+        self.linear_2 = nn.Linear(dim, out_dim or dim)
+        self.act = ACTIVATIONS[act]
+
+    def forward(self, emb: torch.Tensor) -> torch.Tensor:
+        emb = emb.to(self.linear_1.weight.dtype)
+        return self.linear_2(self.act(self.linear_1(emb)))
+
+
+class MLP(nn.Module):
+    """fc2(act(fc1(x))): the DiT feed-forward, and the text/image condition projections."""
+
+    def __init__(
+        self, dim: int, hidden: int, out_dim: int | None = None, *, act: str = "gelu_tanh", bias=True
+    ):
+        super().__init__()
+        if act not in ACTIVATIONS:
+            raise ValueError(f"act: expected one of {sorted(ACTIVATIONS)}, got {act!r}")
+        self.fc1 = nn.Linear(dim, hidden, bias=bias)
+        self.fc2 = nn.Linear(hidden, out_dim or dim, bias=bias)
+        self.act_name = act
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.fc2(ACTIVATIONS[self.act_name](self.fc1(x)))
+
+
+class LayerNormFP32(nn.LayerNorm):
+    """LayerNorm computed in fp32 (input, weight and bias upcast), output in the input's dtype."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = None if self.weight is None else self.weight.float()
+        b = None if self.bias is None else self.bias.float()
+        return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
+
+
+def _qk_norm(kind: str | None, dim: int, heads: int, eps: float) -> tuple[nn.Module, nn.Module]:
+    """RMSNorm for q and k: "across_heads" normalises all H*D features of a token (Wan), "per_head" each
+    head's D features (HunyuanVideo), None is the identity."""
+    if kind == "across_heads":
+        return nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+    if kind == "per_head":
+        return nn.RMSNorm(dim // heads, eps=eps), nn.RMSNorm(dim // heads, eps=eps)
+    if kind is None:
+        return nn.Identity(), nn.Identity()
+    raise ValueError(f"qk_norm: expected 'across_heads', 'per_head' or None, got {kind!r}")
+
+
+def _norm_heads(norm: nn.Module, x: torch.Tensor, heads: int, per_head: bool) -> torch.Tensor:
+    """(B, S, H*D) -> normalised (B, S, H, D)."""
+    if per_head:
+        return norm(x.unflatten(-1, (heads, -1)))  # (B, S, H*D) -> (B, S, H, D)
+    return norm(x).unflatten(-1, (heads, -1))
+
+
+class SelfAttention(nn.Module):
+    """Multi-head self-attention with a fused QKV projection, QK RMSNorm and RoPE fused into the kernel.
+
+    q, k, v = split(x W_qkv + b); q, k = rmsnorm(q), rmsnorm(k); o = softmax(rope(q) rope(k)^T / sqrt(D)) v;
+    out = o W_o + b_o. x (B, S, dim), rope = (cos, sin) tables (S, D/2) or None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        qk_norm: str | None = "across_heads",
+        eps: float = 1e-6,
+        bias: bool = True,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        self.heads, self.backend, self.per_head = heads, backend, qk_norm == "per_head"
+        self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
+        self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
+        self.out = nn.Linear(dim, dim, bias=bias)
+
+    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+        q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
+        q = _norm_heads(self.norm_q, q, self.heads, self.per_head)  # (B, S, H, D)
+        k = _norm_heads(self.norm_k, k, self.heads, self.per_head)
+        v = v.unflatten(-1, (self.heads, -1))  # (B, S, dim) -> (B, S, H, D)
+        o = attention(q, k, v, rope=rope, backend=self.backend)
+        return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
+
+
+class CrossAttention(nn.Module):
+    """Cross-attention to a context, plus an optional second (decoupled) context such as image tokens.
+
+    o = attn(q, k_ctx, v_ctx; k_lengths=context_lengths) [+ attn(q, k_add, v_add)]; out = o W_o + b_o.
+    q from x (B, S, dim); context (B, L, context_dim); added_context (B, L2, added_dim) or None.
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        heads: int,
+        *,
+        context_dim: int | None = None,
+        added_dim: int | None = None,
+        qk_norm: str | None = "across_heads",
+        eps: float = 1e-6,
+        bias: bool = True,
+        backend: str = "sdpa",
+    ):
+        super().__init__()
+        if dim % heads:
+            raise ValueError(f"dim={dim} is not divisible by heads={heads}")
+        self.heads, self.backend, self.per_head = heads, backend, qk_norm == "per_head"
+        self.q = nn.Linear(dim, dim, bias=bias)
+        self.kv = nn.Linear(context_dim or dim, 2 * dim, bias=bias)
+        self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
+        self.out = nn.Linear(dim, dim, bias=bias)
+        self.added_kv = None
+        if added_dim is not None:
+            self.added_kv = nn.Linear(added_dim, 2 * dim, bias=bias)
+            self.norm_added_k = _qk_norm(qk_norm, dim, heads, eps)[1]
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        context: torch.Tensor,
+        context_lengths: torch.Tensor | None = None,
+        added_context: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        q = _norm_heads(self.norm_q, self.q(x), self.heads, self.per_head)  # (B, S, H, D)
+        k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, L, dim)
+        k = _norm_heads(self.norm_k, k, self.heads, self.per_head)
+        o = attention(
+            q, k, v.unflatten(-1, (self.heads, -1)), k_lengths=context_lengths, backend=self.backend
+        )
+        if added_context is not None:
+            if self.added_kv is None:
+                raise ValueError("added_context: this attention has no added key/value projection")
+            ka, va = self.added_kv(added_context).chunk(2, dim=-1)  # 2 x (B, L2, dim)
+            ka = _norm_heads(self.norm_added_k, ka, self.heads, self.per_head)
+            o = o + attention(q, ka, va.unflatten(-1, (self.heads, -1)), backend=self.backend)
+        return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
+
+
+def adaln(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    shift: torch.Tensor,
+    *,
+    norm: str = "layer",
+    eps: float = 1e-6,
+    backend: str = "auto",
+) -> torch.Tensor:
+    """norm(x) * (1 + scale) + shift in fp32, output in x's dtype (kernels.adaln; "auto" picks by device)."""
+    return adaln_modulate(x, scale, shift, norm=norm, eps=eps, backend=_kernel_backend(backend, x))
+
+
+def gated_add(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor, *, backend: str = "auto") -> torch.Tensor:
+    """x + gate * y in fp32, output in x's dtype (kernels.adaln; "auto" picks by device)."""
+    return gated_residual(x, y, gate, backend=_kernel_backend(backend, x))
+
+
+def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
+    """(B, C, F, H, W) -> tokens (B, F'*H'*W', C*pt*ph*pw), t-major; features ordered (c, pt, ph, pw)
+    like a Conv3d(kernel=stride=patch) weight, so that the patch embedding is one Linear."""
+    B, C, Fr, H, W = x.shape
+    pt, ph, pw = patch
+    if Fr % pt or H % ph or W % pw:
+        raise ValueError(f"x: (F, H, W) = {(Fr, H, W)} is not divisible by the patch size {tuple(patch)}")
+    x = x.view(B, C, Fr // pt, pt, H // ph, ph, W // pw, pw)
+    x = x.permute(0, 2, 4, 6, 1, 3, 5, 7)  # -> (B, F', H', W', C, pt, ph, pw)
+    return x.reshape(B, (Fr // pt) * (H // ph) * (W // pw), C * pt * ph * pw)
+
+
+def unpatchify(
+    tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int
+) -> torch.Tensor:
+    """tokens (B, F'*H'*W', pt*ph*pw*C) with features ordered (pt, ph, pw, c) -> (B, C, F, H, W)."""
+    B = tokens.shape[0]
+    (f, h, w), (pt, ph, pw) = grid, patch
+    x = tokens.view(B, f, h, w, pt, ph, pw, channels)
+    x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # -> (B, C, F', pt, H', ph, W', pw)
+    return x.reshape(B, channels, f * pt, h * ph, w * pw)

@@ -1,0 +1,256 @@
+"""WanModel against diffusers' WanTransformer3DModel: outputs, gradients, state dicts, loading, sizes."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from diffusers import WanTransformer3DModel
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import FAMILIES, build_model
+from models.adapter import StateDictKeyError, to_theirs
+from models.wan import WanConfig, WanModel, _keymap
+
+BACKENDS = ["sdpa", "torch", "triton"]
+DIFFUSERS_TEXT_LEN = 512  # diffusers' Wan I2V splits image tokens off assuming 512 text tokens
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_pair(**overrides) -> tuple[WanTransformer3DModel, WanModel]:
+    cfg = WanConfig.flavour("debug", **overrides)
+    theirs = WanTransformer3DModel(**cfg.to_diffusers_config()).eval()
+    with torch.no_grad():  # diffusers zero-inits some tensors; randomise all so every weight matters
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    return theirs, WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend)
+
+
+def i2v_overrides() -> dict:
+    return dict(in_channels=12, image_dim=20, added_kv_proj_dim=32)
+
+
+def check_parity(theirs, ours, args: tuple, kwargs: dict) -> None:
+    """Outputs and all gradients (inputs and parameters) agree to 1e-5 relative error."""
+    args_t = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+    args_o = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
+    out_t = theirs(*args_t, **kwargs, return_dict=False)[0]
+    out_o = ours(*args_o, **kwargs)
+    assert out_o.shape == out_t.shape
+    assert rel_err(out_o, out_t) <= 1e-5
+    w = torch.randn_like(out_t)
+    (out_t * w).sum().backward()
+    (out_o * w).sum().backward()
+    for i, (a, b) in enumerate(zip(args_o, args_t)):
+        if a.grad is not None:
+            assert rel_err(a.grad, b.grad) <= 1e-5, f"input {i}"
+    grads = {n: p.grad for n, p in ours.named_parameters()}
+    ours_in_theirs = to_theirs(grads, _keymap(ours.cfg), ours._their_shapes())
+    # Floor for near-cancelling gradients (e.g. k biases under softmax): a 1e-7 share of the total norm.
+    total = torch.cat([p.grad.flatten() for p in theirs.parameters()]).norm()
+    for name, p in theirs.named_parameters():
+        err = (ours_in_theirs[name] - p.grad).norm()
+        assert err <= 1e-5 * p.grad.norm() + 1e-7 * total, (name, err, p.grad.norm())
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_t2v_matches_diffusers(backend):
+    theirs, ours = make_pair(attention_backend=backend)
+    x, t, text = torch.randn(2, 4, 3, 6, 10), torch.tensor([3.0, 870.0]), torch.randn(2, 7, 24)
+    check_parity(theirs, ours, (x, t, text), {})
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_i2v_matches_diffusers(backend):
+    theirs, ours = make_pair(attention_backend=backend, **i2v_overrides())
+    x, t = torch.randn(1, 12, 2, 4, 6), torch.tensor([500.0])
+    text, image = torch.randn(1, DIFFUSERS_TEXT_LEN, 24), torch.randn(1, 5, 20)
+    check_parity(theirs, ours, (x, t, text, image), {})
+
+
+def test_flf2v_image_position_embedding_matches_diffusers():
+    theirs, ours = make_pair(**i2v_overrides(), pos_embed_seq_len=10)
+    x, t = torch.randn(1, 12, 2, 4, 4), torch.tensor([250.0])
+    text, image = torch.randn(1, DIFFUSERS_TEXT_LEN, 24), torch.randn(2, 5, 20)  # first + last frame
+    check_parity(theirs, ours, (x, t, text, image), {})
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "torch"])
+def test_ti2v_per_token_timesteps_match_diffusers(backend):
+    theirs, ours = make_pair(attention_backend=backend, cross_attn_norm=False)
+    x, text = torch.randn(2, 4, 3, 4, 6), torch.randn(2, 9, 24)
+    t = torch.rand(2, 3 * 2 * 3) * 1000  # (B, F'*H'*W')
+    check_parity(theirs, ours, (x, t, text), {})
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    theirs, ours = make_pair(**i2v_overrides(), pos_embed_seq_len=10)
+    sd = theirs.state_dict()
+    back = ours.to_diffusers_state_dict()
+    assert sorted(back) == sorted(sd)
+    for k, v in sd.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
+        assert torch.equal(back[k], v), k
+    fresh = WanModel(ours.cfg)
+    fresh.load_diffusers_state_dict(back)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ours.state_dict().values()))
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    theirs, ours = make_pair()
+    sd = dict(theirs.state_dict())
+    del sd["blocks.1.attn1.to_k.weight"]
+    sd["blocks.0.extra.weight"] = torch.zeros(1)
+    with pytest.raises(StateDictKeyError) as err:
+        ours.load_diffusers_state_dict(sd)
+    msg = str(err.value)
+    assert "blocks.1.attn1.to_k.weight" in msg and "blocks.0.extra.weight" in msg
+    before = ours.blocks[1].self_attn.qkv.weight.clone()
+    ours.load_diffusers_state_dict(sd, strict=False)  # lenient: the fused qkv stays as it was
+    assert torch.equal(ours.blocks[1].self_attn.qkv.weight, before)
+
+
+@pytest.mark.parametrize("shard", [None, "20KB"])
+def test_from_pretrained_reads_diffusers_folders(tmp_path, shard):
+    theirs, _ = make_pair(**i2v_overrides())
+    kw = {} if shard is None else {"max_shard_size": shard}
+    theirs.save_pretrained(tmp_path, safe_serialization=True, **kw)
+    files = sorted(p.name for p in tmp_path.iterdir())
+    if shard:
+        index = json.loads(next(tmp_path.glob("*.index.json")).read_text())
+        assert len(set(index["weight_map"].values())) > 1, files
+    ours = WanModel.from_pretrained(tmp_path)
+    x, t = torch.randn(1, 12, 2, 4, 4), torch.tensor([100.0])
+    text, image = torch.randn(1, DIFFUSERS_TEXT_LEN, 24), torch.randn(1, 3, 20)
+    with torch.no_grad():
+        assert rel_err(ours(x, t, text, image), theirs(x, t, text, image, return_dict=False)[0]) <= 1e-5
+    (tmp_path / "extra.bin").write_bytes(b"")  # a stray pickle file is ignored, never unpickled
+    WanModel.from_pretrained(tmp_path)
+
+
+def test_from_pretrained_errors_name_the_folder(tmp_path):
+    with pytest.raises(FileNotFoundError, match="config.json"):
+        WanModel.from_pretrained(tmp_path)
+    (tmp_path / "config.json").write_text(json.dumps(WanConfig.flavour("debug").to_diffusers_config()))
+    with pytest.raises(FileNotFoundError, match="safetensors"):
+        WanModel.from_pretrained(tmp_path)
+
+
+def test_encoder_lengths_equal_truncated_text():
+    _, ours = make_pair()
+    x, t, text = torch.randn(2, 4, 1, 4, 4), torch.tensor([10.0, 900.0]), torch.randn(2, 8, 24)
+    with torch.no_grad():
+        masked = ours(x, t, text, encoder_lengths=torch.tensor([3, 8]))
+        short = ours(x[:1], t[:1], text[:1, :3])
+        full = ours(x[1:], t[1:], text[1:])
+    assert rel_err(masked[:1], short) <= 1e-5 and rel_err(masked[1:], full) <= 1e-5
+
+
+def _pipeline_i2v_input(x, image):
+    """Wan2.1 I2V input written out independently: [x, mask (4 ch, frame 0), image padded with zeros]."""
+    B, C, Fr, h, w = x.shape
+    mask = torch.zeros(B, 4, Fr, h, w)
+    mask[:, :, 0] = 1
+    padded = torch.zeros(B, C, Fr, h, w)
+    padded[:, :, :1] = image
+    return torch.cat([x, mask, padded], 1)
+
+
+def test_predict_velocity_t2v_and_i2v():
+    theirs, ours = make_pair()
+    x, t, text = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.25, 0.9]), torch.randn(2, 5, 24)
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text})
+        assert rel_err(v, theirs(x, 1000 * t, text, return_dict=False)[0]) <= 1e-5
+    theirs, ours = make_pair(**i2v_overrides())
+    image, tokens = torch.randn(2, 4, 1, 4, 4), torch.randn(2, 5, 20)
+    text = torch.randn(2, DIFFUSERS_TEXT_LEN, 24)
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text, "image_latent": image, "image_tokens": tokens})
+        ref = theirs(_pipeline_i2v_input(x, image), 1000 * t, text, tokens, return_dict=False)[0]
+    assert v.shape == x.shape and rel_err(v, ref) <= 1e-5
+    with pytest.raises(ValueError, match="image_latent"):
+        ours.predict_velocity(x, t, {"text": text})
+
+
+def test_predict_velocity_ti2v_first_frame():
+    theirs, ours = make_pair()
+    x, t, text = torch.randn(2, 4, 3, 4, 6), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 24)
+    image = torch.randn(2, 4, 1, 4, 6)
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text, "image_latent": image})
+        x_in = torch.cat([image, x[:, :, 1:]], 2)
+        ts = (1000 * t)[:, None].repeat(1, 3 * 2 * 3)
+        ts[:, : 2 * 3] = 0  # frame-0 tokens are clean
+        ref = theirs(x_in, ts, text, return_dict=False)[0]
+    assert rel_err(v[:, :, 1:], ref[:, :, 1:]) <= 1e-5
+    # An Euler step along v lands frame 0 on the line from the image to x_t: exactly the image at t = 0.
+    x0 = x[:, :, 0] - t.view(2, 1, 1, 1) * v[:, :, 0]
+    torch.testing.assert_close(x0, image[:, :, 0])
+
+
+def test_flops_per_token_matches_flop_counter():
+    for overrides, tokens in [({}, None), (i2v_overrides(), torch.randn(1, 5, 20))]:
+        _, ours = make_pair(attention_backend="torch", **overrides)
+        cin = ours.cfg.in_channels
+        x, t, text = torch.randn(1, cin, 2, 4, 6), torch.tensor([1.0]), torch.randn(1, 7, 24)
+        with FlopCounterMode(display=False) as counter, torch.no_grad():
+            ours(x, t, text, tokens)
+        S = 2 * 2 * 3
+        ours_count = ours.flops_per_token(S, 7, image_len=5) * S
+        assert abs(ours_count - counter.get_total_flops()) / counter.get_total_flops() < 1e-9
+
+
+@pytest.mark.parametrize("flavour,nominal", [("1.3B", 1.3e9), ("14B", 14e9), ("i2v-14B-480p", 14e9),
+                                             ("ti2v-5B", 5e9)])  # fmt: skip
+def test_real_sizes_on_meta_match_diffusers(flavour, nominal):
+    cfg = WanConfig.flavour(flavour)
+    ours = build_model("wan", flavour, device="meta")
+    with torch.device("meta"):
+        theirs = WanTransformer3DModel(**cfg.to_diffusers_config())
+    n = ours.num_params()
+    assert n == sum(p.numel() for p in theirs.parameters())
+    assert 0.9 * nominal < n < 1.25 * nominal
+
+
+def test_toy_flavour_and_registry():
+    assert "wan" in FAMILIES
+    model = build_model("wan", "toy")
+    x, image = torch.randn(2, 4, 3, 8, 8), torch.randn(2, 4, 1, 8, 8)
+    v = model.predict_velocity(
+        x,
+        torch.rand(2),
+        {"text": torch.randn(2, 6, 64), "image_latent": image, "text_lengths": torch.tensor([6, 2])},
+    )
+    assert v.shape == x.shape and torch.isfinite(v).all()
+    with pytest.raises(ValueError, match="unknown fields"):
+        build_model("wan", "toy", hidden=3)
+    with pytest.raises(ValueError, match="flavour"):
+        build_model("wan", "huge")
+
+
+def test_bad_inputs_are_named():
+    _, ours = make_pair()
+    with pytest.raises(ValueError, match="hidden_states"):
+        ours(torch.randn(1, 5, 1, 4, 4), torch.tensor([1.0]), torch.randn(1, 3, 24))
+    with pytest.raises(ValueError, match="timestep"):
+        ours(torch.randn(1, 4, 1, 4, 4), torch.tensor([1.0, 2.0]), torch.randn(1, 3, 24))
+    with pytest.raises(ValueError, match="patch"):
+        ours(torch.randn(1, 4, 1, 5, 4), torch.tensor([1.0]), torch.randn(1, 3, 24))
+
+
+def test_cast_keeps_fp32_modules_and_bf16_is_close_to_fp32():
+    _, ours = make_pair()
+    x, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([5.0]), torch.randn(1, 3, 24)
+    with torch.no_grad():
+        ref = ours(x, t, text)
+        ours.cast(torch.bfloat16)
+        out = ours(x.bfloat16(), t, text.bfloat16())
+    assert ours.blocks[0].modulation.dtype == torch.float32
+    assert ours.time_embed.linear_1.weight.dtype == torch.float32
+    assert ours.blocks[0].self_attn.qkv.weight.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
