@@ -27,7 +27,9 @@ def model_classes(family: str) -> tuple[type, type]:
     return getattr(mod, model_cls), getattr(mod, config_cls)
 
 
-def build_model(family: str, flavour: str, *, device: str | torch.device | None = None, **overrides) -> nn.Module:
+def build_model(
+    family: str, flavour: str, *, device: str | torch.device | None = None, **overrides
+) -> nn.Module:
     """A randomly initialised model of ``family`` at size preset ``flavour``, config fields overridden.
 
     device="meta" builds without memory (shape and parameter-count checks).
