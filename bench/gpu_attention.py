@@ -1,0 +1,112 @@
+"""Attention TFLOP/s at video DiT shapes: our Triton kernel (RoPE off / fused RoPE) vs SDPA flash, SDPA cuDNN,
+flash_attn. Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that.
+
+    python -m bench.gpu_attention [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from bench.common import bench_fn, record
+
+# name -> (B, S, H, D, rope grid (T, H, W) with T*H*W = S)
+SHAPES = {
+    "ltx2-512p-121f": (1, 6144, 32, 128, (16, 16, 24)),
+    "wan1.3b-480p-81f": (1, 32760, 12, 128, (21, 30, 52)),
+    "hy1.5-480p-121f": (1, 49290, 16, 128, (31, 30, 53)),
+}
+
+
+def _providers(rope):
+    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.attention import attention
+    from kernels.rope import apply_rope
+
+    def sdpa(backend, use_rope):
+        def fn(q, k, v):
+            with sdpa_kernel(backend):
+                return attention(q, k, v, rope=rope if use_rope else None, backend="sdpa")
+
+        return fn
+
+    provs = {
+        "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
+        "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
+        "triton": (lambda q, k, v: attention(q, k, v), "sdpa_flash"),
+        "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
+        "triton+rope": (lambda q, k, v: attention(q, k, v, rope=rope), "sdpa_flash+rope"),
+        "triton+rope_prepass": (
+            lambda q, k, v: attention(apply_rope(q, *rope), apply_rope(k, *rope), v),
+            "sdpa_flash+rope",
+        ),
+    }
+    try:
+        import flash_attn  # noqa: F401
+
+        provs["flash_attn"] = (lambda q, k, v: attention(q, k, v, backend="flash_attn"), "sdpa_flash")
+    except ImportError:
+        pass
+    return provs
+
+
+def _bench_case(case: str, shape, modes) -> list[dict]:
+    from kernels.rope import rope_3d_tables
+
+    B, S, H, D, grid = shape
+    fwd_flops = 4.0 * B * H * S * S * D
+    q, k, v = (
+        torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    g = torch.randn_like(q)
+    rope = rope_3d_tables(grid, D, device="cuda")
+    recs = []
+    for prov, (fn, base) in _providers(rope).items():
+        for mode in modes:
+            name = f"attention.{mode}"
+            try:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        sec = bench_fn(lambda fn=fn: fn(q, k, v))
+                    flops = fwd_flops
+                else:
+                    sec = bench_fn(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
+                    flops = 3.5 * fwd_flops
+                recs.append(
+                    record(name, case, prov, "tflops", flops / sec / 1e12, baseline=base, ms=sec * 1e3)
+                )
+            except Exception as e:  # a failing provider is a record, never a crash
+                recs.append(record(name, case, prov, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800]))
+            torch.cuda.empty_cache()
+    return recs
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Records for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape only."""
+    if not torch.cuda.is_available():
+        return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
+    recs = []
+    cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
+    t0 = time.time()
+    for case in cases:
+        try:
+            recs += _bench_case(case, SHAPES[case], ("fwd", "fwd_bwd"))
+        except Exception as e:
+            recs.append(
+                record("attention.case", case, "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
+            )
+        torch.cuda.empty_cache()
+    recs.append(record("attention.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
+    return recs
+
+
+if __name__ == "__main__":
+    from bench.common import add_ratios
+
+    print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
