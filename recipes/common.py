@@ -1,0 +1,466 @@
+"""What every WMSD recipe shares: the run folder, task files, and the one place that wires models/ into
+engine/ — building the denoiser (Demonstrator / Executor), the text encoder, the latent map, the judge
+and the proposer from a :class:`engine.config.JobConfig`.
+
+A :class:`Kit` holds the model-specific pieces a recipe needs:
+
+    kit = build_kit(cfg)                       # text encoder, latent map, how to load a denoiser
+    table = kit.encode_items(items)            # encode once: image latents, task and solution texts
+    cond = table.cond(idx, "task")             # {"text", "text_lengths", "image_latent"} rows idx
+    model = kit.load_denoiser(path)            # "" = the Demonstrator
+    videos = kit.decode(latents)               # uint8 (B, T, H, W, 3) for the judge and mp4 files
+
+Task files are JSONL rows ``{"id", "image", "task", "solution", "meta"}`` (image relative to the
+file's folder). Recipes that make items (propose, demonstrate, evaluate) append one row per finished
+item and skip ids already present, so an interrupted run resumes where it stopped.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from engine.config import JobConfig
+from engine.log import get_logger
+
+REPO = Path(__file__).resolve().parents[1]
+TOY_CONFIG = REPO / "recipes" / "configs" / "wmsd_toy.toml"
+TOY_ASSETS = REPO / "engine" / "world" / "assets"
+
+log = get_logger("recipes")
+
+
+# ---------------------------------------------------------------------------------------------
+# Run folder, devices, JSONL task files
+# ---------------------------------------------------------------------------------------------
+
+
+def run_dir(cfg: JobConfig) -> Path:
+    """``<run.out_dir>/<run.name>``, created."""
+    path = Path(cfg.run.out_dir) / cfg.run.name
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def dist_info(cfg: JobConfig):
+    """This process's :class:`engine.dist.DistInfo` (process group + mesh under torchrun)."""
+    from engine.dist import init_distributed
+
+    return init_distributed(cfg.parallel, cfg.run.device)
+
+
+def device_of(cfg: JobConfig) -> torch.device:
+    """The configured device; "auto" = this rank's CUDA device when there is one, else CPU."""
+    return dist_info(cfg).device
+
+
+def step_generator(cfg: JobConfig, step: int, salt: int = 0) -> torch.Generator:
+    """A CPU generator seeded by (run.seed, step, rank, salt): a step's draws do not depend on history,
+    so a resumed run draws what the uninterrupted run would have."""
+    from engine.log import rank
+
+    return torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 4099 + rank()) * 31 + salt)
+
+
+def split_micro(batch: dict, n: int) -> list[dict]:
+    """Split a batch dict (tensors and nested cond dicts, batch-first) into ``n`` micro-batches."""
+    size = next(v for v in batch.values() if isinstance(v, torch.Tensor)).shape[0]
+    if n < 1 or size % n:
+        raise ValueError(
+            f"batch of {size} rows cannot be split into train.grad_accum={n} equal micro-batches"
+        )
+
+    def part(v, i):
+        if isinstance(v, dict):
+            return {k: part(x, i) for k, x in v.items()}
+        return v.chunk(n)[i] if isinstance(v, torch.Tensor) else v
+
+    return [{k: part(v, i) for k, v in batch.items()} for i in range(n)]
+
+
+def annotate_flops(model: nn.Module, latent_shape: tuple[int, ...], text_len: int) -> nn.Module:
+    """Fix the model's forward FLOPs per token for this job's sequence length, as the attribute the
+    trainer's MFU reads (engine.metrics.model_flops_per_token wants a number or a zero-arg method)."""
+    f = getattr(model, "flops_per_token", None)
+    if callable(f) and hasattr(model, "cfg"):
+        _, T, h, w = latent_shape
+        pt, ph, pw = model.cfg.patch_size
+        model.flops_per_token = float(f((T // pt) * (h // ph) * (w // pw), text_len))
+    return model
+
+
+def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:
+    """The frozen Demonstrator placed like the trainer places the Executor: same device, FP8 backend,
+    activation checkpointing off (no backward), FSDP2 over the same mesh (its forward all-gathers)."""
+    import dataclasses
+
+    from engine.parallel import parallelize
+    from engine.precision import apply_fp8
+
+    info = dist_info(cfg)
+    frozen(model).to(info.device)
+    apply_fp8(model, cfg.precision)
+    pcfg = dataclasses.replace(cfg.parallel, activation_checkpointing="none")
+    return parallelize(model, pcfg, cfg.precision, info.dp_mesh)
+
+
+def model_autocast(cfg: JobConfig, model: nn.Module):
+    """The trainer's autocast policy for forwards outside its step (rollouts, teacher targets)."""
+    from torch.distributed.fsdp import FSDPModule
+
+    from engine.precision import autocast
+
+    return autocast(device_of(cfg), cfg.precision, isinstance(model, FSDPModule))
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    """Rows of a JSONL file; a missing file is an error that names it. A torn last line (a run killed
+    mid-write) is dropped with a warning."""
+    p = Path(path)
+    if not p.is_file():
+        raise FileNotFoundError(f"task file '{p}' does not exist (run recipes/propose.py first?)")
+    rows = []
+    lines = p.read_text().splitlines()
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            rows.append(json.loads(line))
+        except json.JSONDecodeError:
+            if i == len(lines) - 1:
+                log.warning("%s: dropping a torn last line (interrupted write)", p)
+                continue
+            raise ValueError(f"{p}:{i + 1}: not valid JSON: {line[:80]!r}") from None
+    return rows
+
+
+def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Append rows and flush them to disk (one line each)."""
+    with open(path, "a") as f:
+        for row in rows:
+            f.write(json.dumps(row) + "\n")
+        f.flush()
+
+
+def finished_ids(path: str | Path) -> set[str]:
+    """Ids of the rows already written to ``path`` (empty when it does not exist)."""
+    return {r["id"] for r in read_jsonl(path)} if Path(path).is_file() else set()
+
+
+@dataclass
+class Item:
+    """One (image, task, solution) prompt. ``image`` is an absolute path after :func:`load_items`."""
+
+    id: str
+    image: str
+    task: str
+    solution: str
+    meta: dict = field(default_factory=dict)
+
+
+def load_items(path: str | Path) -> list[Item]:
+    """A task file -> items, with image paths resolved against the file's folder; checks the fields."""
+    p = Path(path)
+    items = []
+    for i, row in enumerate(read_jsonl(p)):
+        missing = [k for k in ("id", "image", "task", "solution") if not row.get(k)]
+        if missing:
+            raise ValueError(f"{p}: row {i + 1} lacks {missing}; expected id, image, task, solution")
+        image = Path(row["image"])
+        items.append(Item(row["id"], str(image if image.is_absolute() else p.parent / image), row["task"],
+                          row["solution"], row.get("meta", {})))  # fmt: skip
+    if not items:
+        raise ValueError(f"task file '{p}' has no rows")
+    return items
+
+
+def load_image(path: str) -> np.ndarray:
+    """An image file -> HxWx3 uint8."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"image '{path}' does not exist")
+    return np.asarray(Image.open(path).convert("RGB"))
+
+
+def save_image(array: np.ndarray, path: str | Path) -> None:
+    from PIL import Image
+
+    Path(path).parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(array).save(path)
+
+
+# ---------------------------------------------------------------------------------------------
+# Encoded prompts
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class PromptTable:
+    """Encoded items, on one device: image latents (N, C, 1, h, w), task and solution texts
+    (N, L, D) + lengths (N,), and the empty text (the unconditional prompt)."""
+
+    items: list[Item]
+    image_latent: torch.Tensor
+    texts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    @property
+    def text_len(self) -> int:
+        return int(self.texts["task"][0].shape[1])
+
+    def cond(self, idx: torch.Tensor | list[int], which: str) -> dict[str, torch.Tensor]:
+        """The cond dict of rows ``idx`` with the ``which`` text ("task" | "solution" | "empty")."""
+        if which not in self.texts:
+            raise ValueError(f"prompt text {which!r}: expected one of {sorted(self.texts)}")
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.image_latent.device)
+        text, lengths = self.texts[which]
+        if which == "empty":
+            text, lengths = text.expand(len(idx), -1, -1), lengths.expand(len(idx))
+        else:
+            text, lengths = text[idx], lengths[idx]
+        return {"text": text, "text_lengths": lengths, "image_latent": self.image_latent[idx]}
+
+
+# ---------------------------------------------------------------------------------------------
+# The kit: model-specific pieces behind one interface
+# ---------------------------------------------------------------------------------------------
+
+
+@dataclass
+class Kit:
+    """Model-specific pieces: see the module docstring."""
+
+    device: torch.device
+    latent_shape: tuple[int, int, int, int]  # (C, T, h, w) of one video latent
+    fps: int
+    encode_text: Callable[[list[str]], dict[str, torch.Tensor]]
+    encode_images: Callable[[np.ndarray], torch.Tensor]  # uint8 (B, H, W, 3) -> (B, C, 1, h, w)
+    decode: Callable[[torch.Tensor], torch.Tensor]  # latent (B, C, T, h, w) -> uint8 (B, T, H, W, 3)
+    load_denoiser: Callable[[str], nn.Module]  # weights path ("" = the Demonstrator) -> frozen-able module
+
+    @torch.no_grad()
+    def encode_items(self, items: list[Item], batch: int = 64) -> PromptTable:
+        """Encode every item's image, task and solution once (the cache the training loops index)."""
+        lat, texts = [], {"task": [], "solution": []}
+        for s in range(0, len(items), batch):
+            chunk = items[s : s + batch]
+            lat.append(self.encode_images(np.stack([load_image(it.image) for it in chunk])))
+            for which in texts:
+                texts[which].append(self.encode_text([getattr(it, which) for it in chunk]))
+        packed = {}
+        for which, parts in texts.items():
+            L = max(p["text"].shape[1] for p in parts)
+            t = torch.cat([nn.functional.pad(p["text"], (0, 0, 0, L - p["text"].shape[1])) for p in parts])
+            packed[which] = (t, torch.cat([p["text_lengths"] for p in parts]))
+        empty = self.encode_text([""])
+        packed["empty"] = (empty["text"], empty["text_lengths"])
+        return PromptTable(items, torch.cat(lat), packed)
+
+    def noise(self, n: int, seed: int) -> torch.Tensor:
+        """(n, C, T, h, w) standard normal noise from ``seed`` (CPU generator: the same on every device)."""
+        g = torch.Generator().manual_seed(seed)
+        return torch.randn((n, *self.latent_shape), generator=g).to(self.device)
+
+
+def build_kit(cfg: JobConfig) -> Kit:
+    """The kit for ``cfg.model`` (the toy world for flavour "toy", else a diffusers-format model)."""
+    if cfg.model.family == "wan" and cfg.model.flavour == "toy":
+        return _toy_kit(cfg)
+    return _pretrained_kit(cfg)
+
+
+def frozen(model: nn.Module) -> nn.Module:
+    """Eval mode, no gradients: the Demonstrator and the text encoder."""
+    model.eval()
+    for p in model.parameters():
+        p.requires_grad_(False)
+    return model
+
+
+def _toy_kit(cfg: JobConfig) -> Kit:
+    import copy
+
+    from engine.world import latent as toy_latent
+    from engine.world.scene import NUM_FRAMES, SIZE
+
+    device = device_of(cfg)
+    demo = load_toy_demonstrator(cfg)
+    text_encoder = frozen(demo.text).to(device)
+    h = SIZE // toy_latent.FACTOR
+
+    def encode_images(images: np.ndarray) -> torch.Tensor:
+        return toy_latent.image_latent(torch.from_numpy(np.ascontiguousarray(images))).to(device)
+
+    def load_denoiser(weights: str) -> nn.Module:
+        model = copy.deepcopy(demo.dit)
+        if weights:
+            model.load_state_dict(read_native_state(weights, model))
+        return model.to(device).train()
+
+    return Kit(
+        device=device,
+        latent_shape=(toy_latent.LATENT_CHANNELS, NUM_FRAMES, h, h),
+        fps=4,
+        encode_text=text_encoder.encode,
+        encode_images=encode_images,
+        decode=lambda z: toy_latent.decode(z.float().cpu()),
+        load_denoiser=load_denoiser,
+    )
+
+
+def _pretrained_kit(cfg: JobConfig) -> Kit:
+    """Real I2V models: the DiT from ``model.pretrained`` plus the family's VAE and text encoder from
+    models/encoders.py."""
+    try:
+        from models import encoders
+    except ImportError as e:
+        raise RuntimeError(
+            f"model {cfg.model.family}/{cfg.model.flavour}: models/encoders.py (VAE and text encoder) is "
+            f"not available ({e}); only the toy world runs end to end here"
+        ) from None
+    return encoders.build_kit(cfg, Kit, load_pretrained_denoiser)  # pragma: no cover - needs weights
+
+
+def build_denoiser(cfg: JobConfig, **overrides) -> nn.Module:
+    """The configured DiT with random weights (on the meta device when ``model.meta_init``: no memory,
+    for checking that a config builds)."""
+    import models
+
+    device = "meta" if cfg.model.meta_init else None
+    return models.build_model(cfg.model.family, cfg.model.flavour, device=device,
+                              attention_backend=cfg.model.attention, **overrides)  # fmt: skip
+
+
+def load_pretrained_denoiser(cfg: JobConfig, weights: str) -> nn.Module:
+    """The DiT from ``model.pretrained`` (a diffusers-format folder); ``weights`` = one of our exports
+    (engine.checkpoint.export_safetensors) loaded on top, e.g. a distilled Executor."""
+    import models
+
+    if not cfg.model.pretrained:
+        raise ValueError(f"model.pretrained: expected a diffusers-format folder for {cfg.model.family}/"
+                         f"{cfg.model.flavour}, got ''")  # fmt: skip
+    model_cls, _ = models.model_classes(cfg.model.family)
+    model = model_cls.from_pretrained(cfg.model.pretrained)
+    if weights:
+        model.load_state_dict(read_native_state(weights, model))
+    return model
+
+
+def read_native_state(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
+    """A safetensors export of ours (engine.checkpoint.export_safetensors) checked against ``model``."""
+    from safetensors.torch import load_file
+
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"weights '{path}' do not exist")
+    sd = load_file(path)
+    want = set(model.state_dict())
+    if set(sd) != want:
+        missing, extra = sorted(want - set(sd))[:5], sorted(set(sd) - want)[:5]
+        raise ValueError(f"weights '{path}' do not fit the model: missing {missing}, unexpected {extra}")
+    return sd
+
+
+# ---------------------------------------------------------------------------------------------
+# Judge and proposer (one VLM backend serves both: cfg.judge)
+# ---------------------------------------------------------------------------------------------
+
+
+def build_judge_backend(cfg: JobConfig):
+    """The :class:`engine.judge.Judge` of ``cfg.judge.backend``: the toy world's oracle, an
+    OpenAI-compatible endpoint (vLLM / SGLang / a hosted API), or a local transformers VLM."""
+    j = cfg.judge
+    if j.backend == "oracle":
+        from engine.world.oracle import OracleJudge
+
+        return OracleJudge()
+    if not j.model:
+        raise ValueError(f"judge.model: the {j.backend} judge needs a model name or path, got ''")
+    if j.backend == "openai":
+        from engine.judge import OpenAIJudge
+
+        if not j.base_url:
+            raise ValueError(
+                "judge.base_url: the openai judge needs an endpoint, e.g. http://127.0.0.1:8000/v1"
+            )
+        return OpenAIJudge(j.base_url, j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
+                           api_key_env=j.api_key_env, num_frames=j.num_frames, layout=j.frame_layout)  # fmt: skip
+    from engine.judge import TransformersJudge
+
+    return TransformersJudge(j.model, max_batch=j.max_batch, num_frames=j.num_frames, layout=j.frame_layout)
+
+
+def build_judge(cfg: JobConfig):
+    """A :class:`engine.judge.JudgeService` (batching, concurrency, cache) over the configured backend."""
+    from engine.judge import JudgeService
+
+    j = cfg.judge
+    return JudgeService(build_judge_backend(cfg), max_batch=j.max_batch, max_wait_ms=j.max_wait_ms,
+                        max_concurrency=j.max_concurrency, batch_timeout_s=j.timeout_s * (j.max_retries + 1))  # fmt: skip
+
+
+def build_proposer(cfg: JobConfig):
+    """The :class:`engine.propose.Proposer` on the judge's VLM backend (the oracle on the toy world)."""
+    j = cfg.judge
+    if j.backend == "oracle":
+        from engine.world.oracle import OracleProposer
+
+        return OracleProposer(seed=cfg.run.seed)
+    from engine.propose import ChatProposer
+
+    if j.backend == "openai":
+        from engine.judge import OpenAIChat
+
+        chat = OpenAIChat(j.base_url, j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
+                          api_key_env=j.api_key_env, temperature=0.7)  # fmt: skip
+    else:
+        from engine.judge import TransformersVLM
+
+        chat = TransformersVLM(j.model, max_batch=j.max_batch)
+    return ChatProposer(chat)
+
+
+def judge_requests(videos: torch.Tensor, items: list[Item], questions: list[str]) -> list:
+    """One :class:`engine.judge.JudgeRequest` per (video, question), video-major: uint8 (B, T, H, W, 3)."""
+    from engine.judge import JudgeRequest
+
+    frames = videos.cpu().numpy()
+    return [JudgeRequest(it.task, q, frames=list(frames[b]), meta=it.meta)
+            for b, it in enumerate(items) for q in questions]  # fmt: skip
+
+
+# ---------------------------------------------------------------------------------------------
+# The toy world's Demonstrator
+# ---------------------------------------------------------------------------------------------
+
+
+def load_toy_demonstrator(cfg: JobConfig) -> nn.Module:
+    """The shipped toy Demonstrator (``.dit`` and ``.text``) from ``world.demonstrator`` ("" = the
+    shipped assets). When none has been shipped yet, a randomly initialised one (seeded by run.seed)
+    is used and a warning says so: every number it produces is then only a plumbing check."""
+    from recipes.pretrain import build_demonstrator, load_demonstrator
+
+    folder = Path(cfg.world.demonstrator) if cfg.world.demonstrator else TOY_ASSETS
+    if (folder / "demonstrator.json").is_file():
+        model, _ = load_demonstrator(folder)
+        return model
+    if cfg.world.demonstrator:
+        raise FileNotFoundError(f"world.demonstrator '{folder}': no demonstrator.json in it")
+    log.warning("no shipped Demonstrator in %s: using a RANDOMLY INITIALISED one (plumbing only)", folder)
+    torch.manual_seed(cfg.run.seed)
+    return build_demonstrator("toy", cfg.world.text_layers)
+
+
+def ensure_repo_on_path() -> None:
+    """Recipes run as ``python recipes/x.py``: make ``recipes.*`` importable."""
+    if str(REPO) not in sys.path:
+        sys.path.insert(0, str(REPO))

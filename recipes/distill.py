@@ -1,0 +1,176 @@
+"""Self-distillation of the Executor from the Demonstrator (WMSD stage 1), and its off-policy ablations.
+
+    python recipes/distill.py --config recipes/configs/wmsd_toy.toml [--distill.mode off_policy]
+    torchrun --nproc_per_node 8 recipes/distill.py --config recipes/configs/wan21_i2v_14b_480p.toml
+
+on_policy (the method). Per optimizer step, for a batch of B prompts (I, task, solution) drawn from the
+task file:
+  1. Roll out the Executor from noise with its own prompt: ``x_1 ~ N(0, I)``, K Euler steps of
+     ``v_θ(x | task, I)`` (flow.num_steps, flow.shift, flow.guidance), no gradient. States x_{t_k}.
+  2. Pick ``distill.steps_per_rollout`` distinct states per rollout (uniformly among the K states
+     before t = 0).
+  3. Target: the frozen Demonstrator's velocity at the same state with the solution,
+     ``v_φ(x_t | solution, I)``.
+  4. Loss ``velocity_distill_loss(v_θ(x_t | task, I), v_φ, w(t))`` with w from distill.t_weighting.
+  Both velocities are conditional (guidance 1): the student learns to act as the teacher does given
+  the solution; CFG at sampling then applies to both alike.
+off_policy (SFT ablation): flow-matching fine-tune of v_θ(· | task, I) on the Demonstrator's videos
+  for (I, solution), sampled once by recipes/demonstrate.py.
+off_policy_filtered: the same on the demonstrations the judge scored as solving the task
+  (Task score >= distill.filter_threshold).
+
+The Executor starts from ``distill.init`` ("" = the Demonstrator). Teacher and student go through the
+same placement, FP8 and FSDP as the trainer applies (engine.parallel). Every step's prompts, noise
+and state choices are drawn from (run.seed, step, rank), so a resumed run continues exactly.
+Output: <run>/model.safetensors (the Executor), metrics.jsonl, checkpoints/.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine import flow  # noqa: E402
+from engine.config import JobConfig, config_main  # noqa: E402
+from engine.log import get_logger  # noqa: E402
+from engine.losses import flow_matching_loss, timestep_weights, velocity_distill_loss  # noqa: E402
+from recipes.common import (  # noqa: E402
+    Kit,
+    PromptTable,
+    annotate_flops,
+    build_kit,
+    load_items,
+    prepare_teacher,
+    run_dir,
+    split_micro,
+    step_generator,
+)
+
+log = get_logger("distill")
+
+
+class OnPolicyBatches:
+    """Executor rollouts + Demonstrator targets: one optimizer step's micro-batches per ``next``."""
+
+    def __init__(self, cfg: JobConfig, kit: Kit, table: PromptTable, teacher: torch.nn.Module):
+        if not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
+            raise ValueError(
+                f"distill.steps_per_rollout={cfg.distill.steps_per_rollout}: expected 1..flow.num_steps "
+                f"({cfg.flow.num_steps})"
+            )
+        self.cfg, self.kit, self.table, self.teacher = cfg, kit, table, teacher
+
+    @torch.no_grad()
+    def next(self, step: int, model: torch.nn.Module) -> list[dict]:
+        cfg, B, K = self.cfg, self.cfg.train.batch_size, self.cfg.distill.steps_per_rollout
+        g = step_generator(cfg, step)
+        idx = torch.randint(len(self.table), (B,), generator=g)
+        cond = self.table.cond(idx, "task")
+        uncond = self.table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
+        noise = torch.randn((B, *self.kit.latent_shape), generator=g).to(self.kit.device)
+        traj = flow.sample(model.predict_velocity, noise, cond, num_steps=cfg.flow.num_steps,
+                           shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond,
+                           return_trajectory=True)  # fmt: skip
+        ks = torch.rand(B, cfg.flow.num_steps, generator=g).argsort(dim=1)[:, :K]  # (B, K) distinct states
+        rows = torch.arange(B).repeat_interleave(K)  # (B*K,) rollout of each picked state
+        ks = ks.flatten().to(traj.states.device)
+        x_t = traj.states[ks, rows.to(ks.device)]  # (K+1, B, ...) -> (B*K, ...)
+        t = traj.timesteps[ks]
+        v_teacher = self.teacher.predict_velocity(x_t, t, self.table.cond(idx[rows], "solution"))
+        batch = {"x_t": x_t, "t": t, "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher,
+                 "weight": timestep_weights(t, cfg.distill.t_weighting).to(x_t.device)}  # fmt: skip
+        return split_micro(batch, cfg.train.grad_accum)
+
+    def state_dict(self) -> dict:
+        return {}  # every draw is a function of (seed, step, rank)
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def distill_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
+    v = model.predict_velocity(mb["x_t"], mb["t"], mb["cond"])
+    loss = velocity_distill_loss(v, mb["v_teacher"], mb["weight"])
+    return loss, {"distill_mse": velocity_distill_loss(v.detach(), mb["v_teacher"])}
+
+
+class DemoBatches:
+    """Flow-matching batches on stored Demonstrator videos, prompted with the task (SFT)."""
+
+    def __init__(self, cfg: JobConfig, table: PromptTable, latents: torch.Tensor, item_idx: torch.Tensor):
+        if len(latents) == 0:
+            raise ValueError("off-policy distillation: no demonstrations to train on (all filtered out?)")
+        self.cfg, self.table, self.latents, self.item_idx = cfg, table, latents, item_idx
+
+    def next(self, step: int, model: torch.nn.Module) -> list[dict]:
+        cfg, B = self.cfg, self.cfg.train.batch_size
+        g = step_generator(cfg, step)
+        j = torch.randint(len(self.latents), (B,), generator=g)
+        x0 = self.latents[j].to(self.table.image_latent.device)
+        t = flow.sample_timesteps(B, cfg.flow.t_sampling, shift=cfg.flow.shift, generator=g).to(x0.device)
+        noise = torch.randn(x0.shape, generator=g).to(x0.device)
+        batch = {"x0": x0, "noise": noise, "t": t, "cond": self.table.cond(self.item_idx[j], "task")}
+        return split_micro(batch, cfg.train.grad_accum)
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def sft_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
+    v = model.predict_velocity(flow.add_noise(mb["x0"], mb["noise"], mb["t"]), mb["t"], mb["cond"])
+    return flow_matching_loss(v, mb["x0"], mb["noise"]), {}
+
+
+def load_demos(cfg: JobConfig, table: PromptTable, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
+    """Demonstrations of ``table``'s items (recipes/demonstrate.py) -> latents (M, ...) and item rows."""
+    from recipes.demonstrate import read_demos
+
+    demos_dir = Path(cfg.distill.demos) if cfg.distill.demos else out / "demos"
+    threshold = cfg.distill.filter_threshold if cfg.distill.mode == "off_policy_filtered" else None
+    latents, item_ids, kept, total = read_demos(demos_dir, threshold)
+    row_of = {it.id: i for i, it in enumerate(table.items)}
+    unknown = [i for i in item_ids if i not in row_of]
+    if unknown:
+        raise ValueError(f"demonstrations in '{demos_dir}' for items not in the task file: {unknown[:3]}")
+    log.info("off-policy: %d of %d demonstrations kept (mode %s)", kept, total, cfg.distill.mode)
+    return latents, torch.tensor([row_of[i] for i in item_ids], dtype=torch.long)
+
+
+def build(cfg: JobConfig) -> tuple:
+    """Kit, Executor, loss and batches for ``cfg.distill.mode``."""
+    out = run_dir(cfg)
+    kit = build_kit(cfg)
+    tasks = Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl"
+    table = kit.encode_items(load_items(tasks))
+    executor = annotate_flops(kit.load_denoiser(cfg.distill.init), kit.latent_shape, table.text_len)
+    if cfg.distill.mode == "on_policy":
+        teacher = prepare_teacher(kit.load_denoiser(""), cfg)
+        return kit, executor, distill_loss, OnPolicyBatches(cfg, kit, table, teacher)
+    latents, item_idx = load_demos(cfg, table, out)
+    return kit, executor, sft_loss, DemoBatches(cfg, table, latents, item_idx)
+
+
+def run(cfg: JobConfig) -> Path:
+    """Train the Executor; returns the path of its exported weights."""
+    from engine.trainer import Trainer
+
+    kit, executor, loss_fn, batches = build(cfg)
+    trainer = Trainer(cfg, executor, loss_fn, batches, run_dir=run_dir(cfg))
+    logs = trainer.fit()
+    log.info("%s distillation done at step %d: %s", cfg.distill.mode, trainer.step, logs)
+    return run_dir(cfg) / "model.safetensors"
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(config_main(JobConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()
