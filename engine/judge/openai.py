@@ -1,0 +1,189 @@
+"""OpenAI-compatible ``/v1/chat/completions`` client (vLLM, SGLang, our engine.judge.serve, hosted APIs).
+
+One HTTP request per item over a pooled ``httpx.AsyncClient``; the server does the batching. Each
+request has a total deadline (``timeout_s``) and is retried ``max_retries`` times on timeouts,
+connection errors, 408/429/5xx and malformed response bodies, with exponential backoff and jitter.
+Other 4xx answers are not retried. Images travel as base64 PNG data URLs.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import base64
+import io
+import os
+import random
+import time
+
+import httpx
+import numpy as np
+
+from engine.judge.chat import ChatItem, ChatResult
+from engine.judge.vlm import VLMJudge
+from engine.log import get_logger
+
+log = get_logger("judge.openai")
+
+_RETRY_HTTP = {408, 429, 500, 502, 503, 504}
+
+
+def png_data_url(image: np.ndarray) -> str:
+    """An HxWx3 uint8 image as a ``data:image/png;base64,...`` URL."""
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(image, mode="RGB").save(buf, format="PNG", compress_level=1)
+    return "data:image/png;base64," + base64.b64encode(buf.getvalue()).decode("ascii")
+
+
+def chat_payload(model: str, item: ChatItem, *, temperature: float = 0.0) -> dict:
+    """The JSON body of one chat completion request: images first, then the prompt."""
+    content = [{"type": "image_url", "image_url": {"url": png_data_url(im)}} for im in item.images]
+    content.append({"type": "text", "text": item.prompt})
+    return {
+        "model": model,
+        "messages": [{"role": "user", "content": content}],
+        "max_tokens": item.max_new_tokens,
+        "temperature": temperature,
+    }
+
+
+def _message_text(body: dict) -> str:
+    """The assistant text of a chat completion body; raises KeyError/TypeError/IndexError if malformed."""
+    content = body["choices"][0]["message"]["content"]
+    if content is None:
+        return ""
+    if isinstance(content, list):  # content parts
+        return "".join(p.get("text", "") for p in content if isinstance(p, dict))
+    if not isinstance(content, str):
+        raise TypeError(f"message content is {type(content).__name__}, expected a string")
+    return content
+
+
+class OpenAIChat:
+    """:class:`engine.judge.chat.ChatBackend` over an OpenAI-compatible endpoint.
+
+    ``base_url`` ends in ``/v1`` (as for the OpenAI SDK), e.g. ``http://127.0.0.1:8000/v1``. The API key
+    is read from the environment variable ``api_key_env`` at construction (none: no auth header).
+    """
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        api_key_env: str = "OPENAI_API_KEY",
+        max_connections: int = 16,
+        backoff_s: float = 0.25,
+        temperature: float = 0.0,
+    ) -> None:
+        if not base_url.startswith(("http://", "https://")):
+            raise ValueError(f"OpenAIChat: base_url {base_url!r} must start with http:// or https://")
+        if timeout_s <= 0 or max_retries < 0:
+            raise ValueError(
+                f"OpenAIChat: need timeout_s > 0 and max_retries >= 0, got {timeout_s}, {max_retries}"
+            )
+        self.url = base_url.rstrip("/") + "/chat/completions"
+        self.model = model
+        self.timeout_s = timeout_s
+        self.max_retries = max_retries
+        self.backoff_s = backoff_s
+        self.temperature = temperature
+        self.max_connections = max_connections
+        key = os.environ.get(api_key_env, "")
+        self._headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self._client: httpx.AsyncClient | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self.retries = 0  # retried attempts, over the client's life
+
+    def _get_client(self) -> httpx.AsyncClient:
+        # A client's connections belong to the loop that opened them.
+        loop = asyncio.get_running_loop()
+        if self._client is None or self._loop is not loop:
+            limits = httpx.Limits(
+                max_connections=self.max_connections, max_keepalive_connections=self.max_connections
+            )
+            self._client = httpx.AsyncClient(headers=self._headers, limits=limits, timeout=self.timeout_s)
+            self._loop = loop
+        return self._client
+
+    async def aclose(self) -> None:
+        """Close the connection pool (of the current loop's client)."""
+        if self._client is not None and self._loop is asyncio.get_running_loop():
+            await self._client.aclose()
+        self._client = None
+
+    async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
+        """Answer all items concurrently (bounded by the pool); same order; never raises per item."""
+        client = self._get_client()
+        payloads = await asyncio.to_thread(
+            lambda: [chat_payload(self.model, it, temperature=self.temperature) for it in items]
+        )
+        return list(await asyncio.gather(*(self._one(client, p) for p in payloads)))
+
+    async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, str, bool]:
+        """(status, text, retryable) of one HTTP attempt."""
+        try:
+            async with asyncio.timeout(self.timeout_s):
+                resp = await client.post(self.url, json=payload)
+        except (TimeoutError, httpx.TimeoutException):
+            return "timeout", f"no answer within {self.timeout_s}s", True
+        except httpx.TransportError as e:
+            return "connection_error", f"{type(e).__name__}: {e}", True
+        if resp.status_code != 200:
+            return (
+                "http_error",
+                f"HTTP {resp.status_code}: {resp.text[:200]}",
+                resp.status_code in _RETRY_HTTP,
+            )
+        try:
+            return "ok", _message_text(resp.json()), False
+        except (ValueError, KeyError, IndexError, TypeError) as e:
+            return "http_error", f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}", True
+
+    async def _one(self, client: httpx.AsyncClient, payload: dict) -> ChatResult:
+        t0 = time.perf_counter()
+        for attempt in range(self.max_retries + 1):
+            status, text, retryable = await self._attempt(client, payload)
+            if status == "ok" or not retryable or attempt == self.max_retries:
+                break
+            self.retries += 1
+            # Exponential backoff with full jitter spreads retries of a failed batch apart.
+            await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
+        if status != "ok":
+            log.debug("chat request failed after %d attempts: %s %s", attempt + 1, status, text[:120])
+        return ChatResult(text, status, time.perf_counter() - t0)
+
+
+class OpenAIJudge(VLMJudge):
+    """A judge served over an OpenAI-compatible endpoint (see :class:`OpenAIChat` for the arguments)."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        timeout_s: float = 60.0,
+        max_retries: int = 2,
+        api_key_env: str = "OPENAI_API_KEY",
+        num_frames: int = 4,
+        layout: str = "separate",
+        max_connections: int = 16,
+        backoff_s: float = 0.25,
+        parse_retries: int = 1,
+    ) -> None:
+        chat = OpenAIChat(
+            base_url,
+            model,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            api_key_env=api_key_env,
+            max_connections=max_connections,
+            backoff_s=backoff_s,
+        )
+        super().__init__(chat, num_frames=num_frames, layout=layout, parse_retries=parse_retries)
+
+    async def aclose(self) -> None:
+        await self.chat.aclose()

@@ -1,0 +1,292 @@
+"""Serve a judge backend as an OpenAI-compatible ``/v1/chat/completions`` endpoint.
+
+    python -m engine.judge.serve --backend transformers --model PATH --host 127.0.0.1 --port 8000
+    python -m engine.judge.serve --backend oracle --host 127.0.0.1 --port 8000
+
+A small HTTP/1.1 server on asyncio streams (keep-alive, Content-Length bodies; no chunked uploads),
+enough for :class:`engine.judge.openai.OpenAIChat`, vLLM-style clients and curl. Concurrent requests
+are batched through one :class:`engine.judge.service.AsyncJudge`:
+
+- ``transformers``: any chat (images + prompt) goes to the local VLM; the reply is its text.
+- ``oracle``: the toy world's oracle (``engine.world.oracle.OracleJudge``) only understands the
+  judge's own prompts (engine.judge.base.PROMPTS of this PROMPT_VERSION); the task and question are
+  read back from the prompt and the reply is ``Score: <x>``. Other prompts get HTTP 400.
+
+Images must be ``data:`` URLs (base64). Routes: POST /v1/chat/completions, GET /v1/models, GET /health.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import io
+import json
+import time
+
+import numpy as np
+
+from engine.judge.base import PROMPTS, Judge, JudgeRequest, Verdict
+from engine.judge.chat import ChatBackend, ChatItem
+from engine.judge.service import AsyncJudge
+from engine.log import get_logger
+
+log = get_logger("judge.serve")
+
+MAX_BODY = 64 << 20
+MAX_TOKENS = 4096
+
+
+class BadRequest(ValueError):
+    """A client error: answered with HTTP 400 and the message."""
+
+
+def decode_image(url: str) -> np.ndarray:
+    """A ``data:image/...;base64,`` URL -> HxWx3 uint8."""
+    from PIL import Image
+
+    if not url.startswith("data:") or ";base64," not in url:
+        raise BadRequest(f"image_url must be a base64 data: URL, got {url[:40]!r}")
+    try:
+        raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
+        return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
+    except (ValueError, OSError) as e:
+        raise BadRequest(f"image_url: undecodable image ({e})") from e
+
+
+def parse_chat_request(body: dict) -> ChatItem:
+    """The last user message of a chat completion request as a :class:`ChatItem`."""
+    msgs = body.get("messages")
+    if not isinstance(msgs, list) or not msgs:
+        raise BadRequest("'messages' must be a non-empty list")
+    user = [m for m in msgs if isinstance(m, dict) and m.get("role") == "user"]
+    if not user:
+        raise BadRequest("no message with role 'user'")
+    content = user[-1].get("content")
+    parts = [{"type": "text", "text": content}] if isinstance(content, str) else content
+    if not isinstance(parts, list):
+        raise BadRequest("message 'content' must be a string or a list of parts")
+    images, texts = [], []
+    for p in parts:
+        kind = p.get("type") if isinstance(p, dict) else None
+        if kind == "text":
+            texts.append(str(p.get("text", "")))
+        elif kind == "image_url":
+            url = p.get("image_url")
+            images.append(decode_image(url.get("url", "") if isinstance(url, dict) else str(url)))
+        else:
+            raise BadRequest(f"unsupported content part type {kind!r} (expected 'text' or 'image_url')")
+    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
+    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:
+        raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {max_tokens!r}")
+    return ChatItem(images, "\n".join(texts), max_tokens)
+
+
+class ChatAsJudge:
+    """Runs raw chat items through AsyncJudge's batching: the item rides in ``request.meta``."""
+
+    def __init__(self, chat: ChatBackend) -> None:
+        self.chat = chat
+
+    async def score(self, requests: list[JudgeRequest]) -> list[Verdict]:
+        results = await self.chat.chat([r.meta["chat"] for r in requests])
+        return [Verdict(None, r.status, r.text, r.latency_s) for r in results]
+
+
+def judge_request_from_prompt(item: ChatItem) -> JudgeRequest:
+    """Invert :data:`engine.judge.base.PROMPTS`: recover (task, question) from a judge prompt."""
+    for question, template in PROMPTS.items():
+        head, tail = template.split("{task}")
+        p = item.prompt
+        if p.startswith(head) and p.endswith(tail) and len(p) > len(head) + len(tail):
+            return JudgeRequest(p[len(head) : len(p) - len(tail)], question, frames=item.images)
+    raise BadRequest("the oracle answers only the judge's own prompts (engine.judge.base.PROMPTS)")
+
+
+class JudgeServer:
+    """The HTTP front end; ``mode`` "chat" (raw VLM text) or "judge" ("Score: x" from a Judge)."""
+
+    def __init__(
+        self,
+        backend,
+        *,
+        mode: str,
+        model_name: str,
+        max_batch: int = 8,
+        max_wait_ms: float = 20.0,
+        max_concurrency: int = 1,
+    ) -> None:
+        if mode not in ("chat", "judge"):
+            raise ValueError(f"JudgeServer: mode {mode!r} is not 'chat' or 'judge'")
+        self.mode, self.model_name = mode, model_name
+        inner: Judge = ChatAsJudge(backend) if mode == "chat" else backend
+        self.judge = AsyncJudge(
+            inner,
+            max_batch=max_batch,
+            max_wait_ms=max_wait_ms,
+            max_concurrency=max_concurrency,
+            cache=mode == "judge",
+        )
+        self._server: asyncio.base_events.Server | None = None
+        self._count = 0
+
+    async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
+        """Listen; returns the bound port (``port=0`` picks a free one)."""
+        self._server = await asyncio.start_server(self._connection, host, port, limit=1 << 16)
+        return self._server.sockets[0].getsockname()[1]
+
+    async def aclose(self) -> None:
+        if self._server is not None:
+            self._server.close()
+            await self._server.wait_closed()
+        await self.judge.aclose(drain=False)
+
+    async def _answer(self, body: dict) -> str:
+        item = parse_chat_request(body)
+        if self.mode == "chat":
+            if not item.images or not item.prompt.strip():
+                raise BadRequest("a chat request needs at least one image and a non-empty text part")
+            req = JudgeRequest(item.prompt, "reward", frames=item.images, meta={"chat": item})
+        else:
+            req = judge_request_from_prompt(item)
+        verdict: Verdict = await (await self.judge.submit(req))
+        if verdict.status != "ok":
+            raise RuntimeError(f"backend answered {verdict.status}: {verdict.raw[:200]}")
+        return verdict.raw if self.mode == "chat" else f"Score: {verdict.score:.4f}"
+
+    def _completion(self, text: str) -> dict:
+        self._count += 1
+        return {
+            "id": f"chatcmpl-{self._count}",
+            "object": "chat.completion",
+            "created": int(time.time()),
+            "model": self.model_name,
+            "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+            ],
+            "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
+        }
+
+    async def _route(self, method: str, path: str, body: bytes) -> tuple[int, dict]:
+        if method == "GET" and path in ("/health", "/v1/health"):
+            return 200, {
+                "status": "ok",
+                **{k: v for k, v in self.judge.metrics().items() if k != "batch_size_hist"},
+            }
+        if method == "GET" and path == "/v1/models":
+            return 200, {"object": "list", "data": [{"id": self.model_name, "object": "model"}]}
+        if method != "POST" or path != "/v1/chat/completions":
+            return 404, {"error": {"message": f"no route {method} {path}"}}
+        try:
+            return 200, self._completion(await self._answer(json.loads(body)))
+        except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as e:
+            return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
+        except RuntimeError as e:
+            return 502, {"error": {"message": str(e), "type": "backend_error"}}
+
+    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str, dict, bytes] | None:
+        try:
+            head = await reader.readuntil(b"\r\n\r\n")
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
+            return None
+        lines = head.decode("latin-1").split("\r\n")
+        method, path, _ = (lines[0].split(" ") + ["", ""])[:3]
+        headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        n = int(headers.get("content-length", "0") or 0)
+        if n > MAX_BODY or n < 0:
+            raise BadRequest(f"body of {n} bytes exceeds {MAX_BODY}")
+        body = await reader.readexactly(n) if n else b""
+        return method, path.split("?")[0], headers, body
+
+    async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            while True:
+                try:
+                    req = await self._read_request(reader)
+                except (BadRequest, ValueError) as e:
+                    await _write(writer, 400, {"error": {"message": str(e)}}, close=True)
+                    return
+                except (asyncio.IncompleteReadError, ConnectionError):
+                    return
+                if req is None:
+                    return
+                method, path, headers, body = req
+                status, payload = await self._route(method, path, body)
+                close = headers.get("connection", "").lower() == "close"
+                await _write(writer, status, payload, close=close)
+                if close:
+                    return
+        except ConnectionError:
+            return
+        finally:
+            writer.close()
+
+
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 502: "Bad Gateway"}
+
+
+async def _write(writer: asyncio.StreamWriter, status: int, payload: dict, *, close: bool) -> None:
+    data = json.dumps(payload).encode()
+    head = (
+        f"HTTP/1.1 {status} {_REASONS.get(status, 'Error')}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(data)}\r\nConnection: {'close' if close else 'keep-alive'}\r\n\r\n"
+    )
+    writer.write(head.encode() + data)
+    await writer.drain()
+
+
+def build_backend(kind: str, model: str, *, device: str | None, max_batch: int):
+    """(backend, mode) for ``--backend``; the oracle is imported lazily from engine.world."""
+    if kind == "transformers":
+        if not model:
+            raise SystemExit("serve: --backend transformers needs --model PATH (a local Qwen2.5-VL folder)")
+        from engine.judge.transformers_vlm import TransformersVLM
+
+        return TransformersVLM(model, device=device, max_batch=max_batch), "chat"
+    if kind == "oracle":
+        try:
+            from engine.world.oracle import OracleJudge
+        except ImportError as e:
+            raise SystemExit(
+                f"serve: --backend oracle needs engine.world.oracle.OracleJudge, not importable: {e}"
+            ) from e
+        return OracleJudge(), "judge"
+    raise SystemExit(f"serve: --backend {kind!r} is not 'transformers' or 'oracle'")
+
+
+async def _serve(args: argparse.Namespace) -> None:
+    backend, mode = build_backend(args.backend, args.model, device=args.device, max_batch=args.max_batch)
+    server = JudgeServer(
+        backend,
+        mode=mode,
+        model_name=args.served_model_name or args.model or args.backend,
+        max_batch=args.max_batch,
+        max_wait_ms=args.max_wait_ms,
+    )
+    port = await server.start(args.host, args.port)
+    print(f"serving {args.backend} on http://{args.host}:{port}/v1", flush=True)
+    try:
+        await asyncio.Event().wait()
+    finally:
+        await server.aclose()
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(prog="python -m engine.judge.serve", description=__doc__.split("\n\n")[0])
+    p.add_argument("--backend", choices=["transformers", "oracle"], required=True)
+    p.add_argument("--model", default="", help="local model folder (transformers)")
+    p.add_argument("--served-model-name", default="", help="the name /v1/models reports")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000, help="0 = any free port (printed)")
+    p.add_argument("--device", default=None)
+    p.add_argument("--max-batch", type=int, default=8)
+    p.add_argument("--max-wait-ms", type=float, default=20.0)
+    args = p.parse_args(argv)
+    try:
+        asyncio.run(_serve(args))
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()
