@@ -1,0 +1,140 @@
+"""Encoders on tiny random diffusers/transformers models built locally (no downloads)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+from diffusers import AutoencoderKLWan
+from tokenizers import Tokenizer, models, pre_tokenizers, processors
+from transformers import (
+    CLIPVisionConfig,
+    CLIPVisionModel,
+    PreTrainedTokenizerFast,
+    UMT5Config,
+    UMT5EncoderModel,
+)
+
+from models.encoders import CLIP_MEAN, CLIP_STD, ImageEncoder, TextEncoder, WanVAE, load_encoders
+
+WORDS = ["put", "the", "red", "block", "left", "of", "blue", "one", "agent", "moves"]
+Z = 4
+
+
+def tiny_vae() -> AutoencoderKLWan:
+    return AutoencoderKLWan(
+        base_dim=8,
+        z_dim=Z,
+        dim_mult=[1, 2],
+        num_res_blocks=1,
+        temperal_downsample=[True],
+        latents_mean=[0.5, -0.2, 0.1, 0.3],
+        latents_std=[2.0, 0.5, 1.5, 1.0],
+    ).eval()
+
+
+def tiny_tokenizer() -> PreTrainedTokenizerFast:
+    vocab = {"<pad>": 0, "</s>": 1, "<unk>": 2, **{w: i + 3 for i, w in enumerate(WORDS)}}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tok.post_processor = processors.TemplateProcessing(single="$A </s>", special_tokens=[("</s>", 1)])
+    return PreTrainedTokenizerFast(
+        tokenizer_object=tok, pad_token="<pad>", eos_token="</s>", unk_token="<unk>"
+    )
+
+
+def tiny_umt5() -> UMT5EncoderModel:
+    cfg = UMT5Config(
+        vocab_size=16,
+        d_model=16,
+        d_kv=4,
+        d_ff=32,
+        num_layers=2,
+        num_heads=4,
+        relative_attention_num_buckets=8,
+    )
+    return UMT5EncoderModel(cfg).eval()
+
+
+def tiny_clip() -> CLIPVisionModel:
+    cfg = CLIPVisionConfig(
+        hidden_size=16,
+        intermediate_size=32,
+        num_hidden_layers=3,
+        num_attention_heads=2,
+        image_size=32,
+        patch_size=8,
+    )
+    return CLIPVisionModel(cfg).eval()
+
+
+def test_vae_latents_are_normalised_and_decode_inverts_it():
+    vae = tiny_vae()
+    enc = WanVAE(vae)
+    video = torch.rand(2, 3, 5, 16, 16) * 2 - 1
+    z = enc.encode(video)
+    assert z.shape == (2, Z, 1 + 4 // enc.temporal_compression, 16 // enc.spatial_compression, 16 // 2)
+    mode = vae.encode(video).latent_dist.mode()
+    mean, std = torch.tensor([0.5, -0.2, 0.1, 0.3]), torch.tensor([2.0, 0.5, 1.5, 1.0])
+    torch.testing.assert_close(z, (mode - mean.view(1, -1, 1, 1, 1)) / std.view(1, -1, 1, 1, 1))
+    assert torch.equal(enc.encode(video), z)  # deterministic
+    out = enc.decode(z)
+    ref = vae.decode(mode).sample.clamp(-1, 1)
+    assert out.shape == video.shape
+    torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
+    g1, g2 = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+    assert torch.equal(
+        enc.encode(video, sample=True, generator=g1), enc.encode(video, sample=True, generator=g2)
+    )
+    with pytest.raises(ValueError, match="1 \\+ 2 k"):
+        enc.encode(torch.zeros(1, 3, 4, 16, 16))
+
+
+def test_text_encoder_pads_to_fixed_length_with_zeros():
+    tok, model = tiny_tokenizer(), tiny_umt5()
+    enc = TextEncoder(tok, model, max_length=12)
+    texts = ["put the red block left of the blue one", "agent   moves"]
+    emb, lengths = enc.encode(texts)
+    assert emb.shape == (2, 12, 16) and lengths.tolist() == [10, 3]  # words + </s>
+    ids = tok(["agent moves"], return_tensors="pt").input_ids  # unpadded: the reference has no padding
+    ref = model(input_ids=ids).last_hidden_state[0]
+    torch.testing.assert_close(emb[1, :3], ref, rtol=1e-5, atol=1e-6)
+    assert emb[1, 3:].abs().max() == 0 and emb[0, 10:].abs().max() == 0
+    long_emb, long_len = enc.encode([" ".join(WORDS * 3)])
+    assert long_emb.shape == (1, 12, 16) and long_len.item() == 12
+    with pytest.raises(ValueError, match="list of strings"):
+        enc.encode("one string")
+
+
+def test_image_encoder_returns_penultimate_hidden_states():
+    model = tiny_clip()
+    enc = ImageEncoder(model)
+    images = torch.rand(2, 3, 40, 48) * 2 - 1
+    tokens = enc.encode(images)
+    assert tokens.shape == (2, 1 + (32 // 8) ** 2, 16)
+    x = F.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False)
+    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
+    hidden = model(pixel_values=x, output_hidden_states=True).hidden_states
+    torch.testing.assert_close(tokens, hidden[-2])
+    assert not torch.allclose(tokens, hidden[-1])
+
+
+def test_load_encoders_from_a_pipeline_folder(tmp_path):
+    vae, tok, umt5, clip = tiny_vae(), tiny_tokenizer(), tiny_umt5(), tiny_clip()
+    vae.save_pretrained(tmp_path / "vae")
+    tok.save_pretrained(tmp_path / "tokenizer")
+    umt5.save_pretrained(tmp_path / "text_encoder")
+    clip.save_pretrained(tmp_path / "image_encoder")
+    enc = load_encoders("wan", tmp_path)
+    video = torch.rand(1, 3, 3, 8, 8) * 2 - 1
+    torch.testing.assert_close(enc.vae.encode(video), WanVAE(vae).encode(video))
+    emb, lengths = enc.text.encode(["the blue block"])
+    ref_emb, ref_len = TextEncoder(tok, umt5).encode(["the blue block"])
+    assert emb.shape == (1, 512, 16) and torch.equal(lengths, ref_len)
+    torch.testing.assert_close(emb, ref_emb)
+    images = torch.rand(1, 3, 32, 32) * 2 - 1
+    torch.testing.assert_close(enc.image.encode(images), ImageEncoder(clip).encode(images))
+    with pytest.raises(FileNotFoundError, match="vae"):
+        load_encoders("wan", tmp_path / "text_encoder")
+    with pytest.raises(ValueError, match="encoder family"):
+        load_encoders("nope", tmp_path)
