@@ -164,6 +164,7 @@ class WorldConfig:
     time_budget_s: float = 0.0  # pretraining: stop after this many wall-clock seconds (0 = no limit)
     demonstrator: str = ""  # folder with demonstrator.safetensors etc.; "" = engine/world/assets
     gap_batch: int = 64  # videos per sampling batch in the gap check / evaluation
+    gap_guidance: list[float] = field(default_factory=lambda: [1.0])  # CFG scales the pretrain gap is measured at
 
 
 @dataclass
