@@ -1,0 +1,171 @@
+"""Evaluate: held-out (image, task) pairs -> videos -> judge -> Task / Agent / Consistency / Avg with CIs.
+
+    python recipes/evaluate.py --config recipes/configs/wmsd_toy.toml --eval.executors '["onpolicy=runs/x/model.safetensors"]'
+
+Conditions: with ``eval.baselines`` the Demonstrator prompted with the task and with the proposer's
+solution (the costly two-model pipeline), then every ``name=weights`` Executor of ``eval.executors``
+prompted with the task. All conditions use the same items and the same initial noise per item and
+seed (engine.evaluation.item_noise), so differences are paired. Items: ``eval.tasks`` (a task file)
+or ``eval.num_items`` held-out toy scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
+
+Writes into <run>/eval/: one ``<condition>.npz`` of per-item scores per finished condition (a rerun
+skips those: resume), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
+``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
+task) and ``results.md`` (the table). Runs on rank 0 only under torchrun.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.evaluation import (  # noqa: E402
+    EvalItem,
+    SamplingConfig,
+    VideoPipeline,
+    evaluate,
+    generate,
+    paired_test,
+    summarize,
+)
+from engine.log import get_logger, progress, rank  # noqa: E402
+from recipes.common import Kit, build_judge_backend, build_kit, load_image, load_items, run_dir  # noqa: E402
+
+log = get_logger("evaluate")
+COLUMNS = ("task", "agent", "consistency", "avg")
+BASELINE = "demonstrator+task"
+
+
+def eval_items(cfg: JobConfig) -> list[EvalItem]:
+    """``eval.tasks`` rows, or held-out toy scenes (disjoint from the training scenes' seed stream)."""
+    if cfg.eval.tasks:
+        return [EvalItem(load_image(it.image), it.task, it.solution, {"id": it.id})
+                for it in load_items(cfg.eval.tasks)[: cfg.eval.num_items]]  # fmt: skip
+    from engine.world.demonstrator import eval_items as toy_items
+
+    return toy_items(cfg.eval.num_items, cfg.world.seed)
+
+
+def conditions(cfg: JobConfig) -> list[tuple[str, str, str]]:
+    """(name, weights, prompt) per condition; weights "" = the Demonstrator."""
+    out = [(BASELINE, "", "task"), ("demonstrator+solution", "", "solution")] if cfg.eval.baselines else []
+    for spec in cfg.eval.executors:
+        name, sep, weights = spec.partition("=")
+        if not sep or not name or not weights:
+            raise ValueError(f"eval.executors entry {spec!r}: expected 'name=path/to/model.safetensors'")
+        out.append((name, weights, "task"))
+    if not out:
+        raise ValueError("nothing to evaluate: eval.baselines is false and eval.executors is empty")
+    return out
+
+
+def pipeline_for(kit: Kit, model: torch.nn.Module) -> VideoPipeline:
+    def encode_image(images) -> torch.Tensor:
+        return kit.encode_images(np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images))
+
+    return VideoPipeline(model.predict_velocity, kit.encode_text, encode_image, kit.decode, kit.latent_shape,
+                         kit.device)  # fmt: skip
+
+
+def sampling_of(cfg: JobConfig) -> SamplingConfig:
+    return SamplingConfig(num_steps=cfg.flow.num_steps, shift=cfg.flow.shift, guidance=cfg.flow.guidance,
+                          batch_size=cfg.eval.batch_size)  # fmt: skip
+
+
+def write_videos(
+    pipe: VideoPipeline, items: list[EvalItem], prompt: str, cfg: JobConfig, folder: Path, fps: int
+):
+    """mp4 (PyAV) + contact sheet (PNG) for the first ``eval.write_videos`` items, first seed."""
+    from recipes.demonstrate import contact_sheet, write_mp4
+
+    first = items[: cfg.eval.write_videos]
+    if not first:
+        return
+    texts = [getattr(it, prompt) for it in first]
+    videos = generate(pipe, np.stack([it.image for it in first]), texts, seed=cfg.eval.seeds[0],
+                      sampling=sampling_of(cfg))  # fmt: skip
+    for i, video in enumerate(videos):
+        write_mp4(video, folder / f"item{i:04d}.mp4", fps)
+        contact_sheet(video, folder / f"item{i:04d}.png")
+
+
+def evaluate_condition(kit: Kit, judge, items, cfg: JobConfig, name: str, weights: str, prompt: str,
+                       out: Path) -> dict[str, np.ndarray]:  # fmt: skip
+    """Scores of one condition (question -> (S, N)), from its .npz when already finished."""
+    path = out / f"{name}.npz"
+    if path.is_file():
+        log.info("%s: already evaluated (%s)", name, path)
+        return dict(np.load(path))
+    model = kit.load_denoiser(weights).eval()
+    pipe = pipeline_for(kit, model)
+    with torch.no_grad():
+        scores = evaluate(
+            pipe, items, judge, prompt=prompt, seeds=tuple(cfg.eval.seeds), sampling=sampling_of(cfg)
+        )
+        write_videos(pipe, items, prompt, cfg, out / "videos" / name, kit.fps)
+    tmp = out / f"{name}.tmp.npz"
+    np.savez(tmp, **scores)
+    tmp.replace(path)
+    return scores
+
+
+def results(all_scores: dict[str, dict[str, np.ndarray]], cfg: JobConfig) -> dict:
+    """Means + CIs per condition, and paired tests of each condition against the baseline."""
+    out = {"n_items": None, "seeds": cfg.eval.seeds, "ci": cfg.eval.ci, "conditions": {}}
+    base = all_scores.get(BASELINE)
+    for name, scores in all_scores.items():
+        entry = {"summary": summarize(scores, cfg.eval.ci)}
+        if base is not None and name != BASELINE:
+            entry["vs_" + BASELINE] = {q: vars(paired_test(scores[q], base[q], cfg.eval.ci)) for q in COLUMNS}
+        out["conditions"][name] = entry
+        out["n_items"] = int(scores["avg"].shape[-1])
+    return out
+
+
+def markdown_table(res: dict) -> str:
+    """Condition rows x Task/Agent/Consistency/Avg, ``mean [lo, hi]``."""
+    head = f"| condition | {' | '.join(c.capitalize() for c in COLUMNS)} |"
+    lines = [head, "|" + "---|" * (len(COLUMNS) + 1)]
+    for name, entry in res["conditions"].items():
+        cells = [
+            f"{s['mean']:.3f} [{s['lo']:.3f}, {s['hi']:.3f}]" for s in (entry["summary"][c] for c in COLUMNS)
+        ]
+        lines.append(f"| {name} | {' | '.join(cells)} |")
+    return (
+        "\n".join(lines)
+        + f"\n\n{res['n_items']} items x {len(res['seeds'])} seed(s), {res['ci']:.0%} bootstrap CIs.\n"
+    )
+
+
+def run(cfg: JobConfig, *, out: Path | None = None) -> dict:
+    """Evaluate every condition; returns the results dict (also written as results.json / results.md)."""
+    out = out or run_dir(cfg) / "eval"
+    if rank() != 0:
+        return {}
+    out.mkdir(parents=True, exist_ok=True)
+    save_config(cfg, out)
+    kit, judge, items = build_kit(cfg), build_judge_backend(cfg), eval_items(cfg)
+    all_scores = {}
+    conds = conditions(cfg)
+    for name, weights, prompt in progress(conds, desc="evaluate", total=len(conds)):
+        all_scores[name] = evaluate_condition(kit, judge, items, cfg, name, weights, prompt, out)
+    res = results(all_scores, cfg)
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.md").write_text(markdown_table(res))
+    log.info("evaluation (%d items):\n%s", len(items), markdown_table(res))
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(config_main(JobConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()

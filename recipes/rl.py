@@ -1,0 +1,196 @@
+"""Judge-rewarded RL of the Executor (WMSD stage 3), Flow-GRPO style, with an anchor to the Demonstrator.
+
+    python recipes/rl.py --config recipes/configs/wmsd_toy.toml --rl.init runs/x/model.safetensors
+
+The algorithm (the paper's is unknown: PAPER.md; this is Flow-GRPO's with WMSD's anchor). Per step:
+  1. Prompts: ``rl.prompts_per_step`` items (I, task, solution) from the task file; each is repeated
+     ``rl.group_size`` = G times. The group of rollouts for the step is drawn from (seed, step, rank).
+  2. Rollouts: the SDE sampler (flow.num_steps steps, noise level flow.sde_sigma) under the current
+     Executor v_θ(· | task, I), no gradient; it records states x_k, timesteps t_k and the per-step
+     Gaussian log-probs log π_old(x_{k+1} | x_k) (kernels.sampler.flow_step). The last step to t = 0
+     is deterministic and never trained on.
+  3. Rewards: the videos are decoded and submitted to the judge service at once (one request per
+     video and question in ``rl.reward_questions``; reward = mean of their scores, a failed verdict
+     counts as ``judge.fallback_score`` and is logged). With ``rl.prefetch`` the next step's group is
+     rolled out and submitted before this step's rewards are collected, so the judge works while the
+     trainer rolls out and updates; the one-step-old policy that sampled it is exactly what
+     log π_old records, so the ratio stays correct. ``judge_wait_frac`` = time blocked on the judge
+     / step time, logged every step.
+  4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps).
+  5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the K-1
+     stochastic ones): recompute v_θ(x_k | task, I) with grad, log π_θ(x_{k+1} | x_k) with the same
+     Gaussian, ratio ρ = exp(log π_θ - log π_old), and the loss
+         L = mean max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))                    (ε = rl.clip_range)
+           + β_d · mean ||v_θ(x_k | task, I) - v_φ(x_k | solution, I)||²   (β_d = rl.beta_d)
+     with v_φ the frozen Demonstrator at the same state (computed in step 3 while the judge works).
+  One optimizer step per group (no inner epochs), so π_old = the sampling policy and ρ = 1 at the
+  first timestep's forward unless the group was prefetched.
+
+Runs ``rl.steps`` steps (0 = train.steps) from ``rl.init`` ("" = the Demonstrator).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import torch  # noqa: E402
+
+from engine import flow  # noqa: E402
+from engine.config import JobConfig, config_main  # noqa: E402
+from engine.log import get_logger  # noqa: E402
+from engine.losses import demonstrator_anchor_loss, group_advantages, grpo_policy_loss  # noqa: E402
+from kernels.sampler import flow_step  # noqa: E402
+from recipes.common import (  # noqa: E402
+    Kit,
+    PromptTable,
+    annotate_flops,
+    build_judge,
+    build_kit,
+    judge_requests,
+    load_items,
+    prepare_teacher,
+    run_dir,
+    split_micro,
+    step_generator,
+)
+
+log = get_logger("rl")
+
+
+class GroupBatches:
+    """Rollout groups, judge rewards, advantages and Demonstrator targets (module docstring)."""
+
+    def __init__(self, cfg: JobConfig, kit: Kit, table: PromptTable, teacher: torch.nn.Module, judge):
+        if cfg.flow.sde_sigma <= 0 or cfg.flow.num_steps < 2:
+            raise ValueError(f"rl needs flow.sde_sigma > 0 and flow.num_steps >= 2, got {cfg.flow.sde_sigma}, "
+                             f"{cfg.flow.num_steps}")  # fmt: skip
+        if not 1 <= cfg.rl.train_timesteps <= cfg.flow.num_steps - 1:
+            raise ValueError(f"rl.train_timesteps={cfg.rl.train_timesteps}: expected 1..flow.num_steps - 1")
+        self.cfg, self.kit, self.table, self.teacher, self.judge = cfg, kit, table, teacher, judge
+        self.pending: dict | None = None
+        self.last_end: float | None = None
+        self.stats = {"judge_wait_s": 0.0, "fallbacks": 0}
+
+    @torch.no_grad()
+    def rollout(self, step: int, model: torch.nn.Module) -> dict:
+        """Sample one step's group with the SDE and submit its videos to the judge."""
+        cfg, G = self.cfg, self.cfg.rl.group_size
+        g = step_generator(cfg, step)
+        prompts = torch.randint(len(self.table), (cfg.rl.prompts_per_step,), generator=g)
+        idx = prompts.repeat_interleave(G)  # (P*G,) each prompt G times
+        noise = torch.randn((len(idx), *self.kit.latent_shape), generator=g).to(self.kit.device)
+        sde_gen = torch.Generator(device=self.kit.device).manual_seed(
+            int(torch.randint(2**62, (1,), generator=g))
+        )
+        traj = flow.sample(model.predict_velocity, noise, self.table.cond(idx, "task"), num_steps=cfg.flow.num_steps,
+                           shift=cfg.flow.shift, sigma=cfg.flow.sde_sigma, generator=sde_gen,
+                           return_trajectory=True)  # fmt: skip
+        items = [self.table.items[i] for i in idx.tolist()]
+        handle = self.judge.submit_many(
+            judge_requests(self.kit.decode(traj.x0), items, cfg.rl.reward_questions)
+        )
+        return {"step": step, "idx": idx, "traj": traj, "handle": handle, "g": g}
+
+    def next(self, step: int, model: torch.nn.Module) -> list[dict]:
+        t_start = time.perf_counter()
+        group = self.pending if self.pending and self.pending["step"] == step else self.rollout(step, model)
+        self.pending = None
+        batch = self.train_rows(group)  # teacher targets while the judge works
+        if self.cfg.rl.prefetch:
+            self.pending = self.rollout(step + 1, model)
+        t_wait = time.perf_counter()
+        verdicts = group["handle"].result(timeout=self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 2))
+        wait = time.perf_counter() - t_wait
+        rewards = self.rewards(verdicts, len(group["idx"]))
+        adv = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.adv_eps)
+        K = self.cfg.rl.train_timesteps
+        batch["adv"] = adv.repeat_interleave(K).to(self.kit.device)
+        step_time = t_start - self.last_end if self.last_end is not None else time.perf_counter() - t_start
+        self.last_end = t_start
+        self.stats["judge_wait_s"] += wait
+        logs = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+                "judge_wait_s": wait, "judge_wait_frac": wait / max(step_time, 1e-9)}  # fmt: skip
+        micro = split_micro(batch, self.cfg.train.grad_accum)
+        for mb in micro:
+            mb["logs"] = logs
+        return micro
+
+    def rewards(self, verdicts: list, n: int) -> torch.Tensor:
+        """Mean score over the reward questions per video; failed verdicts -> judge.fallback_score."""
+        q = len(self.cfg.rl.reward_questions)
+        fb = self.cfg.judge.fallback_score
+        self.stats["fallbacks"] += sum(1 for v in verdicts if v.score is None)
+        scores = torch.tensor([v.reward(fb) for v in verdicts], dtype=torch.float32)
+        return scores.view(n, q).mean(dim=1)  # (n*q,) video-major -> (n,)
+
+    @torch.no_grad()
+    def train_rows(self, group: dict) -> dict:
+        """(x_k, x_{k+1}, t_k, t_{k+1}, log π_old, cond, v_φ) for K SDE steps per rollout."""
+        cfg, traj, idx = self.cfg, group["traj"], group["idx"]
+        N, K = len(idx), cfg.rl.train_timesteps
+        ks = torch.rand(N, cfg.flow.num_steps - 1, generator=group["g"]).argsort(dim=1)[:, :K].flatten()
+        rows = torch.arange(N).repeat_interleave(K)  # (N*K,)
+        ks_d, rows_d = ks.to(traj.states.device), rows.to(traj.states.device)
+        x, x_next = traj.states[ks_d, rows_d], traj.states[ks_d + 1, rows_d]
+        t, t_next = traj.timesteps[ks_d], traj.timesteps[ks_d + 1]
+        v_teacher = self.teacher.predict_velocity(x, t, self.table.cond(idx[rows], "solution"))
+        return {"x": x, "x_next": x_next, "t": t, "t_next": t_next, "logp_old": traj.logprobs[ks_d, rows_d],
+                "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher}  # fmt: skip
+
+    def state_dict(self) -> dict:
+        return {}  # every draw is a function of (seed, step, rank); a prefetched group is redrawn on resume
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        pass
+
+
+def rl_loss_fn(cfg: JobConfig):
+    """The clipped policy loss + Demonstrator anchor (module docstring, step 5)."""
+
+    def loss_fn(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
+        v = model.predict_velocity(mb["x"], mb["t"], mb["cond"])
+        _, logp = flow_step(
+            mb["x"], v, t=mb["t"], t_next=mb["t_next"], sigma=cfg.flow.sde_sigma, x_next=mb["x_next"]
+        )
+        policy, stats = grpo_policy_loss(logp, mb["logp_old"], mb["adv"], cfg.rl.clip_range)
+        anchor = demonstrator_anchor_loss(v, mb["v_teacher"], cfg.rl.beta_d)
+        return policy + anchor, {"policy_loss": policy.detach(), "anchor_loss": anchor.detach(), **stats,
+                                 **mb["logs"]}  # fmt: skip
+
+    return loss_fn
+
+
+def run(cfg: JobConfig) -> Path:
+    """RL from ``rl.init``; returns the exported Executor's path."""
+    from engine.trainer import Trainer
+
+    steps = cfg.rl.steps or cfg.train.steps
+    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
+    out = run_dir(cfg)
+    kit = build_kit(cfg)
+    table = kit.encode_items(
+        load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl")
+    )
+    executor = annotate_flops(kit.load_denoiser(cfg.rl.init), kit.latent_shape, table.text_len)
+    teacher = prepare_teacher(kit.load_denoiser(""), cfg)
+    with build_judge(cfg) as judge:
+        batches = GroupBatches(cfg, kit, table, teacher, judge)
+        trainer = Trainer(cfg, executor, rl_loss_fn(cfg), batches, run_dir=out)
+        logs = trainer.fit()
+        m = judge.metrics()
+    log.info("rl done at step %d: %s; judge fallbacks %d, caller wait %.1fs", trainer.step, logs,
+             batches.stats["fallbacks"], m.get("caller_wait_s", 0.0))  # fmt: skip
+    return out / "model.safetensors"
+
+
+def main(argv: list[str] | None = None) -> None:
+    run(config_main(JobConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()
