@@ -1,0 +1,237 @@
+"""OpenAIJudge and AsyncJudge against real loopback servers: every fault gets a clear, counted outcome;
+a 1,000-request load test; our own serve (tiny random Qwen2.5-VL, and a judge-mode chain)."""
+
+import asyncio
+import os
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+import torch
+
+from engine.judge import AsyncJudge, JudgeRequest, OpenAIJudge, TransformersVLM
+from engine.judge.chat import ChatItem
+from engine.judge.openai import OpenAIChat
+from engine.judge.serve import JudgeServer, build_backend
+from engine.judge.tiny import build_tiny_qwen25vl
+from tests.judge_servers import FaultServer, expected_score, free_port
+
+TIMEOUT = 0.4
+
+
+def _req(fault: str | None, seed: int, question: str = "task") -> JudgeRequest:
+    img = np.random.default_rng(seed).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    task = f"[Agent]: push block {seed}" + (f" fault={fault}" if fault else "")
+    return JudgeRequest(task, question, frames=[img])
+
+
+def _judge(url: str, **kw) -> OpenAIJudge:
+    kw = {"timeout_s": TIMEOUT, "max_retries": 2, "backoff_s": 0.01, "num_frames": 1, **kw}
+    return OpenAIJudge(url, "fault-model", **kw)
+
+
+# fault -> (status, attempts the server sees per request: retries 2, parse retries 1)
+CASES = {
+    None: ("ok", 1),
+    "json": ("ok", 1),
+    "yes": ("ok", 1),
+    "500once": ("ok", 2),
+    "malformed": ("parse_error", 2),
+    "empty": ("parse_error", 2),
+    "outofrange": ("parse_error", 2),
+    "500": ("http_error", 3),
+    "badbody": ("http_error", 3),
+    "drop": ("connection_error", 3),
+}
+
+
+def test_slow_server_times_out_after_retries():
+    with FaultServer(slow_s=2.0) as srv:
+        judge = _judge(srv.url)
+        t0 = time.perf_counter()
+        (v,) = asyncio.run(judge.score([_req("slow", 0)]))
+        elapsed = time.perf_counter() - t0
+    assert v.status == "timeout" and v.score is None and judge.chat.retries == 2
+    assert 3 * TIMEOUT <= elapsed < 3 * TIMEOUT + 1.5  # cut by the client each time, not awaited
+
+
+def test_every_fault_has_a_counted_outcome():
+    with FaultServer() as srv:
+        judge = _judge(srv.url, timeout_s=10.0)  # generous: only the injected faults may fail here
+        reqs = [_req(f, i) for i, f in enumerate(CASES)]
+        verdicts = asyncio.run(judge.score(reqs))
+    for (fault, (status, attempts)), r, v in zip(CASES.items(), reqs, verdicts):
+        assert v.status == status, (fault, v)
+        assert srv.attempts[" ".join([build_text(r)])] == attempts, fault
+        if status == "ok":
+            want = 1.0 if fault == "yes" else expected_score(r.frames[0])
+            assert v.score == pytest.approx(want, abs=1e-4), fault
+            assert v.score != 0 or fault != "none"
+        else:
+            assert v.score is None and (v.raw or fault == "empty")  # the reason is kept
+    assert judge.parse_retried == 3 and judge.chat.retries == 2 * 3 + 1
+
+
+def build_text(r: JudgeRequest) -> str:
+    from engine.judge import build_prompt
+
+    return build_prompt(r)
+
+
+def test_connection_refused_and_server_dying_mid_batch():
+    judge = _judge(f"http://127.0.0.1:{free_port()}/v1")
+    vs = asyncio.run(judge.score([_req(None, i) for i in range(3)]))
+    assert [v.status for v in vs] == ["connection_error"] * 3
+
+    async def run(srv):
+        judge = _judge(srv.url, timeout_s=5.0)
+        task = asyncio.ensure_future(judge.score([_req("slow", i) for i in range(6)]))
+        while srv.in_flight < 6:  # every request reached the server
+            await asyncio.sleep(0.01)
+        srv.kill()
+        return await task
+
+    with FaultServer(slow_s=3.0) as srv:
+        t0 = time.perf_counter()
+        vs = asyncio.run(run(srv))
+    assert [v.status for v in vs] == ["connection_error"] * 6 and time.perf_counter() - t0 < 2.5
+
+
+def test_load_1000_requests_all_answered_explicitly():
+    faults = [None] * 8 + ["malformed", "500once", "500", "json"]
+    reqs = [
+        _req(faults[i % len(faults)], i, question=("task", "agent", "consistency")[i % 3])
+        for i in range(1000)
+    ]
+
+    async def run(srv):
+        judge = AsyncJudge(
+            _judge(srv.url, timeout_s=10.0, max_connections=32),
+            max_batch=32,
+            max_wait_ms=5,
+            max_concurrency=4,
+            max_queue=256,
+        )
+        futs = [await judge.submit(r) for r in reqs]
+        out = await asyncio.gather(*futs)
+        await judge.aclose()
+        return out, judge.metrics()
+
+    with FaultServer() as srv:
+        verdicts, m = asyncio.run(asyncio.wait_for(run(srv), 60))
+    assert len(verdicts) == 1000 and m["answered"] == 1000 and sum(m["statuses"].values()) == 1000
+    for r, v in zip(reqs, verdicts):
+        fault = r.task.split("fault=")[-1] if "fault=" in r.task else None
+        assert v.status == CASES[fault][0], (fault, v)
+        if v.ok:
+            assert v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4)
+    assert max(m["batch_size_hist"]) > 1 and m["mean_batch_size"] > 1.5, m
+    assert m["max_queue_depth"] <= 256 and m["latency_p95_s"] >= m["latency_p50_s"] > 0
+    assert srv.max_in_flight > 1
+
+
+@pytest.fixture(scope="module")
+def tiny_vlm(tmp_path_factory):
+    path = build_tiny_qwen25vl(tmp_path_factory.mktemp("tinyvlm"))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # a 0.2M-parameter model: more threads only contend on a busy box
+    yield str(path), TransformersVLM(str(path), device="cpu", max_batch=4)
+    torch.set_num_threads(threads)
+
+
+def _chat_items(n: int) -> list[ChatItem]:
+    rng = np.random.default_rng(7)
+    return [
+        ChatItem(
+            [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)], f"the agent pushes the red block {i}", 5
+        )
+        for i in range(n)
+    ]
+
+
+def test_serve_transformers_in_process_batches_and_matches_direct_generation(tiny_vlm):
+    _, vlm = tiny_vlm
+    items = _chat_items(6)
+    direct = [vlm.generate([it])[0] for it in items]
+
+    async def run():
+        server = JudgeServer(vlm, mode="chat", model_name="tiny", max_batch=4, max_wait_ms=30)
+        port = await server.start()
+        client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "tiny", timeout_s=30, max_retries=0)
+        out = await client.chat(items)
+        await client.aclose()
+        await server.aclose()
+        return out, server.judge.metrics()
+
+    out, m = asyncio.run(run())
+    assert [r.status for r in out] == ["ok"] * 6
+    assert [r.text for r in out] == direct  # PNG round trip is lossless; greedy decoding is repeatable
+    assert max(m["batch_size_hist"]) > 1
+
+
+def test_serve_judge_mode_chain_and_bad_requests():
+    """client -> our serve (judge mode over OpenAIJudge) -> fault server: scores survive both hops."""
+
+    async def run(srv):
+        server = JudgeServer(_judge(srv.url), mode="judge", model_name="chain", max_batch=8)
+        port = await server.start()
+        client = _judge(f"http://127.0.0.1:{port}/v1", timeout_s=5.0)
+        reqs = [_req(None, i) for i in range(5)] + [_req("500", 9)]
+        out = await client.score(reqs)
+        bad = await client.chat.chat([ChatItem([], "not a judge prompt", 4)])
+        await server.aclose()
+        return reqs, out, bad
+
+    with FaultServer() as srv:
+        reqs, out, bad = asyncio.run(run(srv))
+    for r, v in zip(reqs[:5], out[:5]):
+        assert v.ok and v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4)
+    assert out[5].status == "http_error" and "502" in out[5].raw
+    assert bad[0].status == "http_error" and "400" in bad[0].text
+
+
+def test_serve_cli_subprocess(tiny_vlm):
+    path, _ = tiny_vlm
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "WMSD_LOG_LEVEL": "WARNING"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "engine.judge.serve",
+            "--backend",
+            "transformers",
+            "--model",
+            path,
+            "--port",
+            "0",
+            "--device",
+            "cpu",
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        line = proc.stdout.readline()  # "serving transformers on http://127.0.0.1:PORT/v1"
+        assert "serving" in line, line
+        client = OpenAIChat(line.split()[-1], "tiny", timeout_s=30, max_retries=0)
+        out = asyncio.run(client.chat(_chat_items(2)))
+        assert [r.status for r in out] == ["ok", "ok"]
+    finally:
+        proc.terminate()
+        proc.wait(timeout=10)
+
+
+def test_serve_oracle_backend_is_clear_about_its_dependency():
+    try:
+        import engine.world.oracle  # noqa: F401
+    except ImportError:
+        with pytest.raises(SystemExit, match="engine.world.oracle.OracleJudge"):
+            build_backend("oracle", "", device=None, max_batch=4)
+    else:
+        backend, mode = build_backend("oracle", "", device=None, max_batch=4)
+        assert mode == "judge" and hasattr(backend, "score")
+    with pytest.raises(SystemExit, match="--model"):
+        build_backend("transformers", "", device=None, max_batch=4)
