@@ -1,0 +1,157 @@
+"""AsyncJudge semantics (batching, backpressure, cache, drain/cancel, backend failures) and the
+thread facade JudgeService, with a real HTTP backend (OpenAIJudge -> loopback fault server) where
+timing does not matter and a plain in-test Judge where the test must control when answers arrive."""
+
+import asyncio
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from engine.judge import AsyncJudge, JudgeRequest, JudgeService, OpenAIJudge, Verdict
+from tests.judge_servers import FaultServer, expected_score
+
+
+def _req(i: int, fault: str | None = None) -> JudgeRequest:
+    img = np.random.default_rng(i).integers(0, 256, (8, 8, 3), dtype=np.uint8)
+    return JudgeRequest(
+        f"[Agent]: push block {i}" + (f" fault={fault}" if fault else ""), "task", frames=[img]
+    )
+
+
+class GatedJudge:
+    """Answers score = index / 1000 from the task text, only after ``gate`` is set; records batches."""
+
+    def __init__(self, gate: asyncio.Event | None = None, fail_on: int | None = None) -> None:
+        self.gate, self.fail_on, self.batches = gate, fail_on, []
+
+    async def score(self, requests):
+        self.batches.append(len(requests))
+        if self.gate is not None:
+            await self.gate.wait()
+        ids = [int(r.task.split()[3]) for r in requests]
+        if self.fail_on in ids:
+            raise RuntimeError("backend bug")
+        return [Verdict(i / 1000, "ok", f"Score: {i / 1000}", 0.0) for i in ids]
+
+
+def test_batches_form_under_load_and_cache_hits():
+    async def run():
+        gate = asyncio.Event()
+        backend = GatedJudge(gate)
+        judge = AsyncJudge(backend, max_batch=8, max_wait_ms=1000, max_concurrency=1)
+        futs = [await judge.submit(_req(i)) for i in range(20)]
+        dup = await judge.submit(_req(3))  # in flight: shares the first one's verdict
+        await asyncio.sleep(0.05)
+        gate.set()
+        out = await asyncio.gather(*futs, dup)
+        again = await (await judge.submit(_req(5)))  # finished: served from the cache
+        await judge.aclose()
+        return backend, out, again, judge.metrics()
+
+    backend, out, again, m = asyncio.run(run())
+    assert [v.score for v in out[:20]] == [i / 1000 for i in range(20)] and out[20].score == 0.003
+    assert again.score == 0.005 and m["cache_hits"] == 2
+    assert backend.batches == [8, 8, 4] and m["batch_size_hist"] == {4: 1, 8: 2}
+    assert m["statuses"] == {"ok": 22}
+
+
+def test_backpressure_submit_waits_when_queue_full():
+    async def run():
+        gate = asyncio.Event()
+        judge = AsyncJudge(
+            GatedJudge(gate), max_batch=2, max_wait_ms=0, max_concurrency=1, max_queue=3, cache=False
+        )
+        futs = [await judge.submit(_req(i)) for i in range(5)]  # 2 in the running batch, 3 queued
+        blocked = asyncio.ensure_future(judge.submit(_req(5)))
+        await asyncio.sleep(0.1)
+        assert not blocked.done() and judge.metrics()["queue_depth"] == 3
+        gate.set()
+        futs.append(await asyncio.wait_for(blocked, 5))
+        out = await asyncio.gather(*futs)
+        await judge.aclose()
+        return out
+
+    assert [v.score for v in asyncio.run(run())] == [i / 1000 for i in range(6)]
+
+
+def test_close_without_drain_cancels_explicitly_and_backend_errors_are_contained():
+    async def run():
+        judge = AsyncJudge(GatedJudge(asyncio.Event()), max_batch=4, max_wait_ms=0, max_concurrency=1)
+        futs = [await judge.submit(_req(i)) for i in range(10)]
+        await asyncio.sleep(0.05)
+        await judge.aclose(drain=False)
+        with pytest.raises(RuntimeError, match="closed"):
+            await judge.submit(_req(99))
+        failing = AsyncJudge(GatedJudge(fail_on=2), max_batch=4, max_wait_ms=200)
+        fails = [await failing.submit(_req(i)) for i in range(4)]
+        await failing.aclose()
+        return [f.result() for f in futs], [await f for f in fails], judge.metrics()
+
+    cancelled, failed, m = asyncio.run(run())
+    assert [v.status for v in cancelled] == ["cancelled"] * 10 and m["statuses"] == {"cancelled": 10}
+    assert [v.status for v in failed] == ["error"] * 4 and "backend bug" in failed[0].raw
+
+
+def test_drain_finishes_http_work_and_failures_are_not_cached():
+    async def run(srv):
+        judge = AsyncJudge(
+            OpenAIJudge(srv.url, "m", timeout_s=10, max_retries=0, num_frames=1, parse_retries=0),
+            max_batch=4,
+            max_wait_ms=5,
+        )
+        reqs = [_req(i) for i in range(10)] + [_req(50, "malformed")]
+        await asyncio.gather(*[await judge.submit(r) for r in reqs])
+        seen = srv.requests
+        again = [await judge.submit(_req(0)), await judge.submit(_req(50, "malformed"))]
+        futs = [await judge.submit(r) for r in reqs[1:4]] + again
+        await judge.aclose(drain=True)  # returns only when every request is answered
+        assert all(f.done() for f in futs)
+        return reqs, [f.result() for f in futs], seen
+
+    with FaultServer() as srv:
+        reqs, out, seen = asyncio.run(run(srv))
+    assert seen == 11 and srv.requests == 12  # only the failed request is asked again
+    for r, v in zip(reqs[1:4] + reqs[:1], out[:4]):
+        assert v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4)
+    assert out[4].status == "parse_error"
+
+
+def test_judge_service_from_a_synchronous_loop():
+    with FaultServer() as srv:
+        service = JudgeService(
+            OpenAIJudge(srv.url, "m", timeout_s=10, num_frames=1), max_batch=8, max_wait_ms=5
+        )
+        handles = []
+        t0 = time.perf_counter()
+        for step in range(4):  # the "trainer": submits and moves on
+            handles.append(service.submit_many([_req(100 * step + i) for i in range(8)]))
+        submit_s = time.perf_counter() - t0
+        results = [h.result(timeout=30) for h in handles]
+        assert all(h.done() for h in handles)
+        m = service.metrics()
+        service.close()
+    assert submit_s < 5.0 and threading.active_count() >= 1
+    for step, res in enumerate(results):
+        assert [v.score for v in res] == pytest.approx(
+            [expected_score(_req(100 * step + i).frames[0]) for i in range(8)], abs=1e-4
+        )
+    assert m["answered"] == 32 and m["caller_waits"] == 4 and m["caller_wait_s"] >= 0
+    with pytest.raises(RuntimeError, match="closed"):
+        service.submit_many([_req(0)])
+
+
+def test_judge_service_result_timeout_and_cancel_on_close():
+    service = JudgeService(_SlowJudge(), max_batch=2, max_wait_ms=0)
+    h = service.submit_many([_req(i) for i in range(4)])
+    with pytest.raises(TimeoutError):
+        h.result(timeout=0.05)
+    service.close(drain=False)
+    assert [v.status for v in h.result(timeout=5)] == ["cancelled"] * 4
+
+
+class _SlowJudge:
+    async def score(self, requests):
+        await asyncio.sleep(30)
+        return [Verdict(1.0, "ok", "", 0.0) for _ in requests]
