@@ -19,10 +19,13 @@ to the per-rank file. Works with and without a process group.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import random
 import re
 import shutil
+import warnings
+from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
@@ -99,6 +102,14 @@ def _no_dist() -> bool:
     return not dist.is_initialized()
 
 
+@contextlib.contextmanager
+def _quiet_single_process() -> Iterator[None]:
+    """DCP warns on every single-process save/load; that is a supported mode here."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        yield
+
+
 def complete_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     """(step, path) of every complete checkpoint under ``folder``, oldest first."""
     root = Path(folder)
@@ -141,10 +152,12 @@ class CheckpointManager:
         torch.save({k: s.state_dict() for k, s in self.rank_states.items()}, tmp / f"rank{_rank():05d}.pt")
         state = self._dcp_state()
         if self.cfg.async_save and not force_sync:
-            fut = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+            with _quiet_single_process():
+                fut = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
             self._pending = (fut, tmp, final)
         else:
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+            with _quiet_single_process():
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
             self._commit(tmp, final)
         return final
 
@@ -185,7 +198,8 @@ class CheckpointManager:
         if not (path / MARKER).is_file():
             raise FileNotFoundError(f"checkpoint '{path}' is not complete (no {MARKER} marker)")
         state = self._dcp_state()
-        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+        with _quiet_single_process():
+            dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
         for k, s in self.states.items():
             s.load_state_dict(state[k])
         rank_file = path / f"rank{_rank():05d}.pt"

@@ -141,7 +141,7 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
     return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
 
 
-_TIMEOUT_MARKERS = ("timed out", "timeout", "Timeout", "deadline")
+_TIMEOUT_MARKERS = ("timed out", "timeout", "deadline", "failed to pass monitoredbarrier")
 
 
 @contextlib.contextmanager
@@ -150,7 +150,7 @@ def collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
     try:
         yield
     except (RuntimeError, dist.DistError) as e:
-        if any(m in str(e) for m in _TIMEOUT_MARKERS):
+        if any(m in str(e).lower() for m in _TIMEOUT_MARKERS):
             after = f" after {timeout_s:g} s" if timeout_s else ""
             raise DistTimeoutError(
                 f"collective '{what}' timed out{after} on rank {dist.get_rank() if dist.is_initialized() else 0}"

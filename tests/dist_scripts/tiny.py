@@ -15,7 +15,7 @@ class TinyBlock(nn.Module):
         super().__init__()
         self.heads = heads
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False)
-        self.qkv = nn.Linear(dim, 3 * dim)
+        self.qkv = nn.Linear(dim, 3 * dim, bias=False)  # a k bias has zero gradient: Adam would amplify noise
         self.proj = nn.Linear(dim, dim)
         self.norm2 = nn.LayerNorm(dim, elementwise_affine=False)
         self.mlp = nn.Sequential(
@@ -69,9 +69,13 @@ class SeededBatches:
         base_seed: int = 1000,
         rank: int = 0,
         world: int = 1,
+        all_ranks: bool = False,
+        rng_noise: bool = False,
     ):
         self.batch, self.seq, self.channels, self.grad_accum = batch, seq, channels, grad_accum
         self.base_seed, self.rank, self.world = base_seed, rank, world
+        self.all_ranks = all_ranks  # hand out every rank's samples at once (single-process reference)
+        self.rng_noise = rng_noise  # leave the noise to the loss (drawn from the global torch RNG)
         self.position = 0  # micro-batches handed out so far (per rank)
         g = torch.Generator().manual_seed(7)
         self.basis = torch.randn(4, channels, generator=g)
@@ -80,11 +84,9 @@ class SeededBatches:
         g = torch.Generator().manual_seed(self.base_seed + index)
         coef = torch.randn(self.batch, self.seq, 4, generator=g)
         x0 = coef @ self.basis  # (B, S, 4) @ (4, C) -> (B, S, C)
-        return {
-            "x0": x0,
-            "noise": torch.randn(x0.shape, generator=g),
-            "t": torch.rand(self.batch, generator=g),
-        }
+        noise = torch.randn(x0.shape, generator=g)
+        out = {"x0": x0, "t": torch.rand(self.batch, generator=g)}
+        return out if self.rng_noise else {**out, "noise": noise}
 
     def global_batch(self, index: int) -> dict[str, torch.Tensor]:
         """All ranks' samples of micro-batch ``index`` concatenated (for single-process references)."""
@@ -94,7 +96,8 @@ class SeededBatches:
     def next(self, step: int, model: nn.Module) -> list[dict[str, torch.Tensor]]:
         out = []
         for _ in range(self.grad_accum):
-            out.append(self._make(self.position * self.world + self.rank))
+            i = self.position
+            out.append(self.global_batch(i) if self.all_ranks else self._make(i * self.world + self.rank))
             self.position += 1
         return out
 
@@ -108,7 +111,8 @@ class SeededBatches:
 def flow_loss(model: nn.Module, mb: dict[str, torch.Tensor]):
     """Rectified flow: x_t = (1 - t) x0 + t noise, target v = noise - x0, MSE."""
     dev = next(model.parameters()).device
-    x0, noise, t = (mb[k].to(dev) for k in ("x0", "noise", "t"))
+    x0, t = mb["x0"].to(dev), mb["t"].to(dev)
+    noise = mb["noise"].to(dev) if "noise" in mb else torch.randn_like(x0)
     tt = t.view(-1, 1, 1)
     xt = (1 - tt) * x0 + tt * noise
     v = model(xt, t)

@@ -1,0 +1,96 @@
+"""Train TinyDiT with the engine's Trainer; write per-step losses to JSON. Run by tests.
+
+    python tests/dist_scripts/train_tiny.py --run-dir D --out losses.json [--steps N] [--overrides ...]
+    torchrun --nproc_per_node 2 tests/dist_scripts/train_tiny.py ...   (FSDP2 / HSDP over gloo)
+
+``--kill-at-save N`` SIGKILLs this process in the middle of saving checkpoint N: after the DCP shards
+and per-rank files are written, before the COMPLETE marker and the rename (the worst moment).
+``--timeout-check`` afterwards makes rank 1 skip a barrier so rank 0 must report a DistTimeoutError.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import torch
+
+sys.path.insert(0, str(Path(__file__).parent))
+from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
+
+from engine import checkpoint as ckpt  # noqa: E402
+from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
+from engine.dist import DistTimeoutError, barrier, init_distributed, shutdown  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+
+
+def install_kill(step: int) -> None:
+    commit = ckpt.CheckpointManager._commit
+
+    def killing_commit(self, tmp: Path, final: Path) -> None:
+        if final.name == f"step_{step:08d}":
+            os.kill(os.getpid(), signal.SIGKILL)
+        commit(self, tmp, final)
+
+    ckpt.CheckpointManager._commit = killing_commit
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--run-dir", required=True)
+    ap.add_argument("--out", required=True)
+    ap.add_argument("--kill-at-save", type=int, default=0)
+    ap.add_argument("--timeout-check", action="store_true")
+    ap.add_argument("--rng-noise", action="store_true")
+    args, rest = ap.parse_known_args()
+    torch.set_num_threads(1)
+    cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, rest))
+    if args.kill_at_save:
+        install_kill(args.kill_at_save)
+    info = init_distributed(cfg.parallel, "cpu")
+    torch.manual_seed(0)
+    model = TinyDiT()
+    batches = SeededBatches(
+        batch=cfg.train.batch_size,
+        grad_accum=cfg.train.grad_accum,
+        rank=info.dp_rank,
+        world=info.dp_size,
+        rng_noise=args.rng_noise,
+    )
+    trainer = Trainer(cfg, model, flow_loss, batches, run_dir=args.run_dir, dist_info=info)
+    start, losses = trainer.step, {}
+    while trainer.step < cfg.train.steps:
+        logs = trainer.train_step()
+        loss = logs["loss"].detach().clone()
+        if info.distributed:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        losses[trainer.step] = loss.item()
+    trainer.close()
+    result = {"start": start, "losses": losses, "skipped": trainer.skipped_steps}
+    if args.timeout_check and info.distributed:
+        result["timeout_error"] = timeout_check(info.rank)
+    if info.is_main:
+        Path(args.out).write_text(json.dumps(result))
+    shutdown()
+
+
+def timeout_check(rank: int) -> str:
+    """Rank 1 skips a barrier; rank 0's must fail with a clear DistTimeoutError within 2 s."""
+    if rank == 1:
+        import time
+
+        time.sleep(4)
+        return ""
+    try:
+        barrier("test barrier", timeout_s=2)
+    except DistTimeoutError as e:
+        return str(e)
+    return "no error"
+
+
+if __name__ == "__main__":
+    main()

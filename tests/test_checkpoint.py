@@ -1,0 +1,146 @@
+"""Checkpoints: SIGKILL mid-save then resume reproduces the uninterrupted run exactly; async saves;
+incomplete folders ignored; keep_last; consolidated safetensors export in the model's own layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
+
+from engine.checkpoint import MARKER, complete_checkpoints  # noqa: E402
+from engine.config import JobConfig  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
+ARGS = [
+    "--rng-noise",
+    "--train.steps",
+    "8",
+    "--train.lr",
+    "3e-3",
+    "--train.ema_decay",
+    "0.9",
+    "--train.lr_schedule",
+    "cosine",
+    "--train.warmup_steps",
+    "2",
+    "--train.grad_accum",
+    "2",
+    "--checkpoint.interval",
+    "2",
+    "--checkpoint.keep_last",
+    "2",
+    "--checkpoint.export_safetensors",
+    "false",
+]
+
+
+def _run(run_dir: Path, *extra: str) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        str(SCRIPT),
+        "--run-dir",
+        str(run_dir),
+        "--out",
+        str(run_dir / "out.json"),
+        *ARGS,
+        *extra,
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path):
+    full, killed = tmp_path / "full", tmp_path / "killed"
+    pa, pb = _run(full), _run(killed, "--kill-at-save", "6")
+    out_a, _ = pa.communicate(timeout=120)
+    out_b, _ = pb.communicate(timeout=120)
+    assert pa.returncode == 0, out_a[-3000:]
+    assert pb.returncode == -signal.SIGKILL, out_b[-3000:]
+    ckpts = killed / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [2, 4]
+    half = ckpts / ".tmp_step_00000006"
+    assert any(half.glob("*.distcp")) and not (half / MARKER).exists()  # shards written, never committed
+
+    pc = _run(killed)
+    out_c, _ = pc.communicate(timeout=120)
+    assert pc.returncode == 0, out_c[-3000:]
+    ref = json.loads((full / "out.json").read_text())
+    res = json.loads((killed / "out.json").read_text())
+    assert res["start"] == 4
+    assert {int(k): v for k, v in res["losses"].items()} == {s: ref["losses"][str(s)] for s in range(5, 9)}
+    assert not half.exists()
+    assert [s for s, _ in complete_checkpoints(ckpts)] == [6, 8]
+
+
+def _cfg(steps: int, **ckpt) -> JobConfig:
+    cfg = JobConfig()
+    cfg.run.device = "cpu"
+    cfg.train.steps, cfg.train.lr, cfg.train.ema_decay, cfg.train.log_every = steps, 3e-3, 0.8, 100
+    cfg.checkpoint.interval = 2
+    for k, v in ckpt.items():
+        setattr(cfg.checkpoint, k, v)
+    return cfg
+
+
+def _train(
+    cfg: JobConfig, run_dir: Path, model: torch.nn.Module | None = None
+) -> tuple[Trainer, list[float]]:
+    torch.manual_seed(0)
+    tr = Trainer(cfg, model or TinyDiT(), flow_loss, SeededBatches(rng_noise=True), run_dir=run_dir)
+    losses = []
+    while tr.step < cfg.train.steps:
+        losses.append(tr.train_step()["loss"].item())
+    tr.close()
+    return tr, losses
+
+
+def test_async_save_resume_matches_uninterrupted(tmp_path):
+    _, ref = _train(_cfg(6, export_safetensors=False), tmp_path / "ref")
+    first, head = _train(_cfg(4, async_save=True, export_safetensors=False), tmp_path / "run")
+    assert first.step == 4 and head == ref[:4]
+    second, tail = _train(_cfg(6, async_save=True, export_safetensors=False), tmp_path / "run")
+    assert second.batches.position == 6  # data position resumed (4) and advanced
+    assert tail == ref[4:]
+    with second.ema_weights():
+        ema_after = {k: v.clone() for k, v in second.model.state_dict().items()}
+    full, _ = _train(_cfg(6, export_safetensors=False), tmp_path / "ref2")
+    with full.ema_weights():
+        for k, v in full.model.state_dict().items():
+            assert torch.equal(ema_after[k], v), k
+
+
+def test_incomplete_checkpoints_are_ignored_and_pruned(tmp_path):
+    tr, _ = _train(_cfg(6, keep_last=2, export_safetensors=False), tmp_path)
+    ck = tmp_path / "checkpoints"
+    assert [s for s, _ in complete_checkpoints(ck)] == [4, 6]
+    (ck / "step_00000010").mkdir()  # a folder without the marker (e.g. copied by hand, half-written)
+    assert tr.checkpointer.latest()[0] == 6
+
+
+class DiffusersNamedTiny(TinyDiT):
+    """A model with its own export layout, like models/ exposes (``blocks.`` -> ``transformer_blocks.``)."""
+
+    def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+        return {k.replace("blocks.", "transformer_blocks."): v for k, v in self.state_dict().items()}
+
+
+def test_export_uses_to_diffusers_state_dict(tmp_path):
+    tr, _ = _train(_cfg(2, enabled=False), tmp_path, DiffusersNamedTiny())
+    exported = load_file(tmp_path / "model.safetensors")
+    expected = tr.unwrapped.to_diffusers_state_dict()
+    assert exported.keys() == expected.keys() and any(k.startswith("transformer_blocks.") for k in exported)
+    for k, v in expected.items():
+        assert torch.equal(exported[k], v)
+    ema = load_file(tmp_path / "ema.safetensors")
+    assert not torch.equal(ema["out.weight"], exported["out.weight"])

@@ -1,0 +1,132 @@
+"""Distributed setup and parallelism: FSDP2 / HSDP / plain DP on 2 gloo processes vs one process,
+collective timeouts, mesh shapes, activation checkpointing."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
+from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
+
+from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
+from engine.dist import mesh_shape  # noqa: E402
+from engine.parallel import apply_ac, model_blocks  # noqa: E402
+from engine.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
+COMMON = [
+    "--train.steps",
+    "5",
+    "--train.lr",
+    "3e-3",
+    "--train.grad_accum",
+    "2",
+    "--train.batch_size",
+    "2",
+    "--train.log_every",
+    "5",
+    "--checkpoint.interval",
+    "0",
+]
+
+
+def _torchrun(run_dir: Path, extra: list[str]) -> subprocess.Popen:
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(SCRIPT),
+        "--run-dir",
+        str(run_dir),
+        "--out",
+        str(run_dir / "out.json"),
+        *COMMON,
+        *extra,
+    ]
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+
+
+def _reference(run_dir: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+    """The same training in one process on the global batch (both ranks' samples)."""
+    torch.set_num_threads(1)
+    cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, COMMON))
+    cfg.run.device = "cpu"
+    torch.manual_seed(0)
+    batches = SeededBatches(batch=2, grad_accum=2, world=2, all_ranks=True)
+    tr = Trainer(cfg, TinyDiT(), flow_loss, batches, run_dir=run_dir)
+    losses = [tr.train_step()["loss"].item() for _ in range(cfg.train.steps)]
+    tr.close()
+    return losses, load_file(run_dir / "model.safetensors")
+
+
+@pytest.mark.dist
+def test_two_process_training_matches_single_process(tmp_path):
+    runs = {
+        "fsdp": ["--timeout-check"],
+        "hsdp": ["--parallel.dp_replicate", "2"],
+        "ddp": ["--parallel.fsdp", "false"],
+    }
+    procs = {name: _torchrun(tmp_path / name, extra) for name, extra in runs.items()}
+    ref_losses, ref_weights = _reference(tmp_path / "ref")
+    for name, p in procs.items():
+        out, _ = p.communicate(timeout=150)
+        assert p.returncode == 0, f"{name} run failed:\n{out[-4000:]}"
+        res = json.loads((tmp_path / name / "out.json").read_text())
+        losses = [res["losses"][str(s)] for s in range(1, 6)]
+        assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
+        weights = load_file(tmp_path / name / "model.safetensors")
+        assert weights.keys() == ref_weights.keys()
+        for k, w in ref_weights.items():
+            err = (weights[k] - w).abs().max().item()
+            assert err < 1e-5, f"{name}: {k} differs by {err}"
+    assert ref_losses[-1] < ref_losses[0]
+    err = json.loads((tmp_path / "fsdp" / "out.json").read_text())["timeout_error"]
+    assert "collective 'test barrier' timed out after 2 s" in err and "Rank 1" in err
+
+
+def test_mesh_shape_resolves_and_rejects():
+    assert mesh_shape(8, 2, -1, 1) == (2, 4, 1)
+    assert mesh_shape(4, 1, -1, 2) == (1, 2, 2)
+    with pytest.raises(ValueError, match="dp_replicate \\* dp_shard \\* cp"):
+        mesh_shape(8, 2, 3, 1)
+    with pytest.raises(ValueError, match="not divisible"):
+        mesh_shape(6, 4, -1, 1)
+    with pytest.raises(ValueError, match="parallel.cp"):
+        mesh_shape(2, 1, -1, 0)
+
+
+@pytest.mark.parametrize("mode", ["full", "selective"])
+def test_activation_checkpointing_keeps_gradients(mode):
+    torch.manual_seed(0)
+    ref = TinyDiT()
+    ac = TinyDiT()
+    ac.load_state_dict(ref.state_dict())
+    apply_ac(ac, mode)
+    assert all(type(b).__name__ == "CheckpointWrapper" for b in model_blocks(ac))
+    mb = SeededBatches().next(0, ref)[0]
+    for m in (ref, ac):
+        flow_loss(m, mb)[0].backward()
+    assert ac.state_dict().keys() == ref.state_dict().keys()
+    grads = {n: p.grad for n, p in ref.named_parameters()}
+    for n, p in ac.named_parameters():
+        torch.testing.assert_close(p.grad, grads[n.replace("_checkpoint_wrapped_module.", "")])
+
+
+def test_model_without_blocks_is_rejected():
+    with pytest.raises(TypeError, match="no 'blocks' nn.ModuleList"):
+        apply_ac(torch.nn.Linear(2, 2), "full")
+    with pytest.raises(ValueError, match="activation_checkpointing 'half'"):
+        apply_ac(TinyDiT(), "half")
