@@ -3,7 +3,91 @@
 The CUDA extension ``kernels._C`` (csrc/) is built here when nvcc is found; see csrc/README.md.
 """
 
-from setuptools import find_packages, setup
+import os
+import shutil
+import subprocess
+import sysconfig
+
+from setuptools import Extension, find_packages, setup
+from setuptools.command.build_ext import build_ext
+
+# --- CUDA extension kernels._C (csrc/): plain pybind11 + nvcc, no torch headers -------------------
+# WMSD_BUILD_CUDA=0/1 forces the build off/on (default: on when nvcc is found);
+# WMSD_CUDA_ARCHS="80;90a" picks the SASS targets (a trailing "+ptx" on one also embeds its PTX).
+CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/sampler_step.cu", "csrc/qk_norm_rope.cu"]
+
+
+def _find_nvcc() -> str | None:
+    home = os.environ.get("CUDA_HOME") or os.environ.get("CUDA_PATH")
+    if home and os.path.exists(os.path.join(home, "bin", "nvcc")):
+        return os.path.join(home, "bin", "nvcc")
+    return shutil.which("nvcc")
+
+
+def _cuda_extensions() -> list[Extension]:
+    """[kernels._C] when it should be built, else [] after printing one line saying why."""
+    flag = os.environ.get("WMSD_BUILD_CUDA", "").strip()
+    if flag == "0":
+        print("wmsd-engine: WMSD_BUILD_CUDA=0: installing without the CUDA extension kernels._C")
+        return []
+    if _find_nvcc() is None:
+        if flag == "1":
+            raise RuntimeError("WMSD_BUILD_CUDA=1 but nvcc was not found on PATH or under $CUDA_HOME/bin")
+        print(
+            "wmsd-engine: nvcc not found: installing without the CUDA extension kernels._C (Triton/torch used)"
+        )
+        return []
+    return [Extension("kernels._C", sources=CUDA_SOURCES, depends=["csrc/common.cuh", "csrc/launchers.h"])]
+
+
+def _gencode_flags() -> list[str]:
+    flags = []
+    for arch in os.environ.get("WMSD_CUDA_ARCHS", "80;90a").replace(",", ";").split(";"):
+        arch = arch.strip()
+        if arch.endswith("+ptx"):
+            arch = arch[: -len("+ptx")]
+            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+        if arch:
+            flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
+    return flags
+
+
+class NvccBuildExt(build_ext):
+    """Builds kernels._C with one nvcc call (static cudart: importing needs no driver)."""
+
+    def build_extension(self, ext: Extension) -> None:
+        if ext.name != "kernels._C":
+            return super().build_extension(ext)
+        import pybind11
+
+        out = self.get_ext_fullpath(ext.name)
+        os.makedirs(os.path.dirname(out) or ".", exist_ok=True)
+        cmd = [
+            _find_nvcc(),
+            "-O3",
+            "-std=c++17",
+            "-shared",
+            "-Xcompiler",
+            "-fPIC",
+            "-cudart",
+            "static",
+            "--threads",
+            "2",
+            *_gencode_flags(),
+            f"-I{pybind11.get_include()}",
+            f"-I{sysconfig.get_paths()['include']}",
+            *ext.sources,
+            "-o",
+            out,
+        ]
+        print("wmsd-engine: building kernels._C:", " ".join(cmd))
+        try:
+            subprocess.run(cmd, check=True)
+        except (OSError, subprocess.CalledProcessError) as e:
+            if os.environ.get("WMSD_BUILD_CUDA", "").strip() == "1":
+                raise
+            print(f"wmsd-engine: building kernels._C failed ({e}): installing without it (Triton/torch used)")
+
 
 EXTRAS = {
     "dev": [
@@ -44,4 +128,6 @@ setup(
         "pillow>=10",
     ],
     extras_require=EXTRAS,
+    ext_modules=_cuda_extensions(),
+    cmdclass={"build_ext": NvccBuildExt},
 )

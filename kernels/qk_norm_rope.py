@@ -96,6 +96,13 @@ def qk_norm_rope(
     _check(q, k, wq, wk, cos, sin, norm_over)
     if backend not in ("cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'cuda' or 'torch'")
+    if backend == "cuda" and q.is_cuda and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+        from kernels import cuda as _cuda
+
+        if _cuda.available():
+            if not inplace:
+                q, k = q.clone(), k.clone()
+            return _cuda.qk_norm_rope_(q, k, wq, wk, cos, sin, eps=eps, norm_over=norm_over)
     qo, ko = qk_norm_rope_reference(q, k, wq, wk, cos, sin, eps=eps, norm_over=norm_over)
     if inplace:
         q.copy_(qo)

@@ -234,6 +234,12 @@ def _flow_step_triton(x, v_cond, v_uncond, guidance, t, t_next, sigma, noise, x_
     return out, (part.sum(1) if mode else None)
 
 
+def _cuda_fits(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
+    """The CUDA kernel takes one I/O dtype (fp32/fp16/bf16) and contiguous tensors; else Triton runs."""
+    ok = x.dtype in (torch.float32, torch.float16, torch.bfloat16) and x.is_contiguous()
+    return ok and all(o is None or (o.dtype == x.dtype and o.is_contiguous()) for o in others)
+
+
 def _check_float_times(t, t_next, sigma: float) -> None:
     """Validate python-float times on the host; tensor times are not checked (that would sync the device)."""
     if sigma > 0.0 and not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor):
@@ -258,7 +264,8 @@ def flow_step(
 
     x_next: score a given transition instead of sampling one (RL ratios). When a velocity requires
     grad the differentiable torch path runs whatever the backend.
-    backend: "triton", "cuda" (kernels._C; falls back to triton when not built) or "torch".
+    backend: "triton", "cuda" (kernels._C; Triton runs instead when it is not built, the device is
+    not CUDA, or the tensors mix dtypes / are not contiguous) or "torch".
     """
     if backend not in ("triton", "cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'triton', 'cuda' or 'torch'")
@@ -279,7 +286,7 @@ def flow_step(
         )
     _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)
     _check_float_times(t, t_next, sigma)
-    if backend == "cuda" and x.is_cuda:
+    if backend == "cuda" and x.is_cuda and _cuda_fits(x, v_cond, v_uncond, noise, x_next):
         from kernels import cuda as _cuda
 
         if _cuda.available():

@@ -1,0 +1,232 @@
+"""Python side of the CUDA extension ``kernels._C`` (csrc/): availability and checked wrappers.
+
+kernels._C is a plain pybind11 module built by setup.py with nvcc (static cudart, so importing it
+needs no driver). Its functions take raw device addresses; the wrappers here validate every tensor
+(device, dtype, shape, contiguity, memory overlap) and raise a ValueError naming the input before
+any pointer reaches a kernel. Launches go on torch's current stream of the tensors' device.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import torch
+
+DTYPE_CODES = {torch.float32: 0, torch.float16: 1, torch.bfloat16: 2}
+
+
+@functools.cache
+def _module():
+    """(module, None) or (None, reason)."""
+    try:
+        from kernels import _C
+    except ImportError as e:
+        return None, f"kernels._C is not built ({e}); see csrc/README.md"
+    return _C, None
+
+
+def load_error() -> str | None:
+    """Why the extension cannot be used here (not built, no driver, no device), or None."""
+    mod, err = _module()
+    if mod is None:
+        return err
+    try:
+        n = mod.device_count()
+    except RuntimeError as e:
+        return str(e)
+    return None if n > 0 else "kernels._C: no CUDA device visible"
+
+
+@functools.cache
+def available() -> bool:
+    """True when kernels._C is built and a CUDA device can run it."""
+    return load_error() is None
+
+
+def _require() -> object:
+    mod, err = _module()
+    if mod is None:
+        raise RuntimeError(err)
+    return mod
+
+
+def _check_cuda_tensor(
+    name: str, t: torch.Tensor, device: torch.device, dtype: torch.dtype | None = None
+) -> None:
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
+    if t.device != device or t.device.type != "cuda":
+        raise ValueError(f"{name}: on {t.device}, expected the CUDA device {device}")
+    if dtype is not None and t.dtype != dtype:
+        raise ValueError(f"{name}: dtype {t.dtype}, expected {dtype}")
+
+
+def _span(t: torch.Tensor) -> tuple[int, int]:
+    """[first, last) byte addresses touched by t's elements."""
+    if t.numel() == 0:
+        return t.data_ptr(), t.data_ptr()
+    last = sum((n - 1) * s for n, s in zip(t.shape, t.stride()) if n > 0)
+    return t.data_ptr(), t.data_ptr() + (last + 1) * t.element_size()
+
+
+def _spans_overlap(a: torch.Tensor, b: torch.Tensor) -> bool:
+    (a0, a1), (b0, b1) = _span(a), _span(b)
+    return a0 < b1 and b0 < a1
+
+
+def _self_overlapping(t: torch.Tensor) -> bool:
+    """True when two indices of t address the same memory (e.g. expanded or stride-0 views)."""
+    extent = 1  # elements spanned by the dims of smaller stride
+    for s, n in sorted((s, n) for n, s in zip(t.shape, t.stride()) if n > 1):
+        if s < extent:
+            return True
+        extent = s * (n - 1) + extent
+    return False
+
+
+def _as_times(t: float | torch.Tensor, name: str, B: int, device: torch.device) -> torch.Tensor | None:
+    """None for a python float, else a (B,) float32 contiguous tensor on device."""
+    if not isinstance(t, torch.Tensor):
+        return None
+    if t.dim() == 0:
+        t = t.reshape(1).expand(B)
+    if t.shape != (B,):
+        raise ValueError(f"{name}: expected a float or a ({B},) tensor, got shape {tuple(t.shape)}")
+    return t.to(device=device, dtype=torch.float32).contiguous()
+
+
+def flow_step(
+    x: torch.Tensor,
+    v_cond: torch.Tensor,
+    v_uncond: torch.Tensor | None = None,
+    *,
+    guidance: float = 1.0,
+    t: float | torch.Tensor,
+    t_next: float | torch.Tensor,
+    sigma: float = 0.0,
+    noise: torch.Tensor | None = None,
+    x_next: torch.Tensor | None = None,
+) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """kernels/sampler.py's flow_step on the CUDA kernel (no autograd). All tensors: same CUDA device,
+    same dtype (fp32/fp16/bf16), same shape, contiguous. 128-bit loads when every pointer is 16-byte
+    aligned and the per-sample size allows, scalar loads otherwise."""
+    mod = _require()
+    if x.dtype not in DTYPE_CODES:
+        raise ValueError(f"x: dtype {x.dtype}, expected one of {list(DTYPE_CODES)}")
+    if x.dim() < 1 or x.numel() == 0:
+        raise ValueError(f"x: expected a non-empty (B, ...) tensor, got shape {tuple(x.shape)}")
+    B = x.shape[0]
+    N = x.numel() // B
+    mode = 0 if sigma == 0.0 else (2 if x_next is not None else 1)
+    if mode == 1 and noise is None:
+        noise = torch.randn_like(x)
+    named = [("x", x), ("v_cond", v_cond), ("v_uncond", v_uncond), ("noise", noise), ("x_next", x_next)]
+    for name, a in named:
+        if a is None:
+            continue
+        _check_cuda_tensor(name, a, x.device, x.dtype)
+        if a.shape != x.shape:
+            raise ValueError(f"{name}: shape {tuple(a.shape)}, expected x's {tuple(x.shape)}")
+        if not a.is_contiguous():
+            raise ValueError(f"{name}: expected a contiguous tensor (strides {a.stride()})")
+    tt, tn = _as_times(t, "t", B, x.device), _as_times(t_next, "t_next", B, x.device)
+    if (tt is None) != (tn is None):
+        tt = tt if tt is not None else torch.full((B,), float(t), device=x.device)
+        tn = tn if tn is not None else torch.full((B,), float(t_next), device=x.device)
+    out = x_next if mode == 2 else torch.empty_like(x)
+    ptrs = [a.data_ptr() if a is not None else 0 for _, a in named]
+    aligned = all(p % 16 == 0 for p in ptrs + [out.data_ptr()])
+    n_blocks, _ = mod.flow_step_plan(N, DTYPE_CODES[x.dtype], aligned)
+    part = torch.empty((B, n_blocks), device=x.device, dtype=torch.float32) if mode else None
+    logprob = torch.empty((B,), device=x.device, dtype=torch.float32) if mode else None
+    mod.flow_step(
+        *ptrs,
+        0 if mode == 2 else out.data_ptr(),
+        part.data_ptr() if mode else 0,
+        n_blocks,
+        logprob.data_ptr() if mode else 0,
+        tt.data_ptr() if tt is not None else 0,
+        tn.data_ptr() if tn is not None else 0,
+        0.0 if tt is not None else float(t),
+        0.0 if tn is not None else float(t_next),
+        float(guidance),
+        float(sigma),
+        B,
+        N,
+        DTYPE_CODES[x.dtype],
+        mode,
+        x.device.index,
+        torch.cuda.current_stream(x.device).cuda_stream,
+    )
+    return out, logprob
+
+
+def _check_qk_disjoint(q: torch.Tensor, k: torch.Tensor) -> None:
+    """q and k are written in place: they must not share an element. Views of one fused qkv tensor
+    (same batch/token strides, disjoint per-token blocks) are accepted."""
+    if not _spans_overlap(q, k):
+        return
+    B, S = q.shape[:2]
+    q_ext = (q.shape[2] - 1) * q.stride(2) + q.shape[3]  # elements of one token of q
+    k_ext = (k.shape[2] - 1) * k.stride(2) + k.shape[3]
+    ss = q.stride(1)
+    same_outer = q.stride()[:2] == k.stride()[:2] and (B == 1 or q.stride(0) % ss == 0)
+    delta = (k.data_ptr() - q.data_ptr()) // q.element_size()
+    if same_outer and S > 0 and ss > 0:
+        d = delta % ss
+        if d >= q_ext and d + k_ext <= ss:
+            return
+    raise ValueError("q and k overlap in memory; they are updated in place and must be disjoint")
+
+
+def qk_norm_rope_(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    wq: torch.Tensor,
+    wk: torch.Tensor,
+    cos: torch.Tensor,
+    sin: torch.Tensor,
+    *,
+    eps: float = 1e-6,
+    norm_over: str = "head",
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """In-place fused RMSNorm + interleaved RoPE of q (B, S, Hq, D) and k (B, S, Hk, D), one launch
+    (math in kernels/qk_norm_rope.py). q/k: same CUDA device and dtype, last dim contiguous, strided
+    (b, s, h) allowed; weights and tables are used as float32."""
+    mod = _require()
+    _check_cuda_tensor("q", q, q.device)
+    _check_cuda_tensor("k", k, q.device, q.dtype)
+    if q.dtype not in DTYPE_CODES:
+        raise ValueError(f"q: dtype {q.dtype}, expected one of {list(DTYPE_CODES)}")
+    for name, a in (("q", q), ("k", k)):
+        if a.stride(-1) != 1:
+            raise ValueError(f"{name}: the last (head) dim must be contiguous, strides {a.stride()}")
+        if _self_overlapping(a):
+            raise ValueError(f"{name}: has self-overlapping memory (expanded view?), strides {a.stride()}")
+    _check_qk_disjoint(q, k)
+    tabs = []
+    for name, a in (("wq", wq), ("wk", wk), ("cos", cos), ("sin", sin)):
+        _check_cuda_tensor(name, a, q.device)
+        a = a.to(torch.float32).contiguous()
+        if _spans_overlap(a, q) or _spans_overlap(a, k):
+            raise ValueError(f"{name}: overlaps q or k in memory")
+        tabs.append(a)
+    B, S, Hq, D = q.shape
+    mod.qk_norm_rope(
+        q.data_ptr(),
+        k.data_ptr(),
+        *(a.data_ptr() for a in tabs),
+        B,
+        S,
+        Hq,
+        k.shape[2],
+        D,
+        *q.stride()[:3],
+        *k.stride()[:3],
+        float(eps),
+        norm_over == "all",
+        DTYPE_CODES[q.dtype],
+        q.device.index,
+        torch.cuda.current_stream(q.device).cuda_stream,
+    )
+    return q, k
