@@ -211,3 +211,45 @@ class ChatProposer:
             if len(pairs) < n:
                 seen.add(key)
                 pairs.append(p)
+
+
+class TransformersProposer(ChatProposer):
+    """A proposer on a local transformers VLM: a model folder, or a shared
+    :class:`engine.judge.transformers_vlm.TransformersVLM`. Other keywords as :class:`ChatProposer`."""
+
+    def __init__(self, model_or_path, *, device: str | None = None, max_batch: int = 8, **kwargs) -> None:
+        from engine.judge.transformers_vlm import TransformersVLM
+
+        vlm = (
+            model_or_path
+            if isinstance(model_or_path, TransformersVLM)
+            else TransformersVLM(model_or_path, device=device, max_batch=max_batch)
+        )
+        super().__init__(vlm, **kwargs)
+
+
+class OpenAIProposer(ChatProposer):
+    """A proposer over an OpenAI-compatible endpoint; sampling (``temperature``) makes retries differ."""
+
+    def __init__(
+        self,
+        base_url: str,
+        model: str,
+        *,
+        timeout_s: float = 120.0,
+        max_retries: int = 2,
+        api_key_env: str = "OPENAI_API_KEY",
+        temperature: float = 0.7,
+        **kwargs,
+    ) -> None:
+        from engine.judge.openai import OpenAIChat
+
+        chat = OpenAIChat(
+            base_url,
+            model,
+            timeout_s=timeout_s,
+            max_retries=max_retries,
+            api_key_env=api_key_env,
+            temperature=temperature,
+        )
+        super().__init__(chat, **kwargs)

@@ -10,6 +10,10 @@ It is written independently of engine.judge.serve. The reply for a request is de
     500        HTTP 500 always           500once    HTTP 500 on the first attempt per text, then ok
     slow       sleeps ``slow_s`` then ok drop       closes the connection without an answer
 
+A prompt that asks to "Propose N" tasks gets proposer blocks instead (see ``proposal_text``): on the
+first attempt per prompt one valid pair plus broken and duplicated blocks, on later attempts N valid
+new pairs plus one repeating an earlier task; with ``propose_garbage=True`` only prose without any block.
+
 ``kill()`` stops the server and cuts every open connection (a server dying mid-batch).
 """
 
@@ -28,6 +32,26 @@ import numpy as np
 from PIL import Image
 
 _FAULT = re.compile(r"fault=(\w+)")
+_PROPOSE = re.compile(r"Propose (\d+)")
+SOLUTION_WORDS = 15
+
+
+def proposal_text(n: int, first: bool, m: float) -> str:
+    """Proposer blocks; tasks name the image (its mean, m) so images never share a task."""
+    tag = f"{m:.4f}".replace(".", "")
+    sol = lambda k: (
+        "Description: "
+        + " ".join(["the agent walks to block", tag, str(k), "and slowly pushes it", "left until it stops"])
+    )
+    if first:
+        return (
+            f"1. [Agent]: push block {tag} 0 left\n{sol(0)}\n"
+            f"2. [Agent]: Push block {tag} 0 LEFT.\n{sol(0)}\n"  # a duplicate of 1.
+            f"3. [Agent]: lift block {tag} 9\n"  # no description
+            f"4. [Agent]: jump {tag} 8 high\nDescription: too short\n"
+            f"5. [Agent]: what is block {tag} 7?\n{sol(7)}"
+        )
+    return "\n\n".join(f"**[Agent]:** push block {tag} {k} left\n{sol(k)}" for k in range(n + 1))
 
 
 def mean_score(image_url: str) -> float:
@@ -81,12 +105,22 @@ class _Handler(BaseHTTPRequestHandler):
             owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
             owner.images_seen.append(len(urls))
         try:
-            self._reply(fault, first, mean_score(urls[0]) if urls else 0.0, body.get("model"))
+            self._reply(fault, first, mean_score(urls[0]) if urls else 0.0, body.get("model"), text)
         finally:
             with owner.lock:
                 owner.in_flight -= 1
 
-    def _reply(self, fault: str, first: bool, m: float, model: str) -> None:
+    def _reply(self, fault: str, first: bool, m: float, model: str, text: str = "") -> None:
+        owner = self.server.owner
+        asked = _PROPOSE.search(text)
+        if asked:
+            fault = "proposal"
+            with owner.lock:  # "first" per image: the prompt changes as the proposer asks for fewer
+                first = m not in owner.proposed
+                owner.proposed.add(m)
+            content = (
+                "I see a scene." if owner.propose_garbage else proposal_text(int(asked.group(1)), first, m)
+            )
         if fault == "slow":
             time.sleep(self.server.owner.slow_s)
         if fault == "drop":
@@ -97,13 +131,15 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(500, b'{"error": {"message": "injected"}}')
         if fault == "badbody":
             return self._send(200, b"<html>not json</html>", "text/html")
-        content = {
-            "json": json.dumps({"score": m}),
-            "yes": "Yes.",
-            "malformed": "I cannot tell.",
-            "empty": "",
-            "outofrange": "Score: 1.7",
-        }.get(fault, f"Score: {m:.4f}")
+        if fault != "proposal":
+            replies = {
+                "json": json.dumps({"score": m}),
+                "yes": "Yes.",
+                "malformed": "I cannot tell.",
+                "empty": "",
+                "outofrange": "Score: 1.7",
+            }
+            content = replies.get(fault, f"Score: {m:.4f}")
         msg = {"role": "assistant", "content": content}
         self._send(200, json.dumps({"choices": [{"index": 0, "message": msg}], "model": model}).encode())
 
@@ -118,13 +154,14 @@ class FaultServer:
         def handle_error(self, request, client_address) -> None:  # cut connections are expected
             pass
 
-    def __init__(self, *, slow_s: float = 1.0) -> None:
-        self.slow_s = slow_s
+    def __init__(self, *, slow_s: float = 1.0, propose_garbage: bool = False) -> None:
+        self.slow_s, self.propose_garbage = slow_s, propose_garbage
         self.lock = threading.Lock()
         self.requests = 0
         self.attempts: dict[str, int] = {}
         self.in_flight = self.max_in_flight = 0
         self.images_seen: list[int] = []
+        self.proposed: set[float] = set()
         self._conns: set[socket.socket] = set()
         self._http = self._HTTP(("127.0.0.1", 0), _Handler)
         self._http.owner = self

@@ -1,0 +1,122 @@
+"""engine.propose: parsing/validation of proposer output, retries and counting over a real loopback
+server (OpenAIProposer), and the tiny random Qwen2.5-VL (TransformersProposer): never a half pair."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from engine.propose import OpenAIProposer, TaskPair, TransformersProposer, parse_proposals, task_key
+from tests.judge_servers import SOLUTION_WORDS, FaultServer
+
+WORDS = "red blue green cube block ball left right onto under slowly agent walks pushes lifts".split()
+
+
+def _pairs(n: int, seed: int, lo: int, hi: int) -> list[TaskPair]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        task = "move the " + " ".join(rng.choice(WORDS, rng.integers(1, 5))) + f" {i}"
+        sol = " ".join(rng.choice(WORDS, rng.integers(lo, hi + 1)))
+        out.append(TaskPair(f"[Agent]: {task}", sol))
+    return out
+
+
+@pytest.mark.parametrize("style", ["plain", "numbered", "markdown"])
+def test_parse_roundtrip_of_formatted_pairs(style):
+    pairs = _pairs(6, seed=len(style), lo=40, hi=90)
+    blocks = []
+    for i, p in enumerate(pairs):
+        task = p.task.removeprefix("[Agent]: ")
+        if style == "plain":
+            blocks.append(f"[Agent]: {task}\nDescription: {p.solution}")
+        elif style == "numbered":
+            blocks.append(f"{i + 1}. [Agent]: {task}\n   Description: {p.solution}")
+        else:
+            blocks.append(f"**[Agent]:** {task}\n**Description:** {p.solution}\n")
+    text = "Here are the tasks:\n\n" + "\n\n".join(blocks)
+    got, reasons = parse_proposals(text)
+    assert got == pairs and reasons == {}
+
+
+def test_invalid_blocks_are_rejected_and_counted():
+    good = _pairs(1, 0, 5, 8)[0]
+    text = (
+        f"[Agent]: {good.task[9:]}\nDescription: {good.solution}\n"
+        "[Agent]: is the cube red?\nDescription: " + "word " * 6 + "\n"
+        "[Agent]: push the ball\n"
+        "[Agent]: push the cube\nDescription: two words\n"
+        "[Agent]: \nDescription: " + "word " * 6 + "\n"
+        "[Agent]: a b c d e f g h i j k l m n o p q r s t u v\nDescription: " + "word " * 6
+    )
+    got, reasons = parse_proposals(text, min_words=5, max_words=8)
+    assert got == [good]
+    assert reasons == {
+        "task_is_question": 1,
+        "missing_description": 1,
+        "solution_length": 1,
+        "empty_task": 1,
+        "task_length": 1,
+    }
+    assert parse_proposals("no tags at all")[1] == {"no_agent_tag": 1}
+    assert task_key("[Agent]: Push the CUBE left.") == task_key("[agent]:push the cube   left")
+
+
+def _images(n):
+    return [np.full((16, 16, 3), 10 * (i + 1), dtype=np.uint8) for i in range(n)]
+
+
+def test_openai_proposer_retries_dedupes_and_fills_n():
+    with FaultServer() as srv:
+        prop = OpenAIProposer(
+            srv.url,
+            "m",
+            timeout_s=10,
+            min_words=SOLUTION_WORDS - 2,
+            max_words=SOLUTION_WORDS + 2,
+            max_attempts=3,
+        )
+        out = asyncio.run(prop.propose(_images(3), 4))
+    s = prop.stats
+    assert [len(o) for o in out] == [4, 4, 4] and s.short_images == 0
+    for pairs in out:
+        keys = [task_key(p.task) for p in pairs]
+        assert len(set(keys)) == 4 and all(p.task.startswith("[Agent]: ") for p in pairs)
+        assert all(len(p.solution.split()) == SOLUTION_WORDS for p in pairs)
+    all_keys = [task_key(p.task) for o in out for p in o]
+    assert len(set(all_keys)) == 12  # tasks name their image: nothing leaked across images
+    assert s.requests == 6 and s.failed_calls == 0
+    assert s.reasons == {"missing_description": 3, "solution_length": 3, "task_is_question": 3}
+    assert s.duplicates == 3 + 3  # the first answer's repeat, and the second answer's repeat
+
+
+def test_proposer_gives_up_and_counts_on_garbage_or_dead_server():
+    with FaultServer(propose_garbage=True) as srv:
+        prop = OpenAIProposer(srv.url, "m", timeout_s=10, max_attempts=2)
+        out = asyncio.run(prop.propose(_images(2), 3))
+    assert out == [[], []] and prop.stats.requests == 4 and prop.stats.short_images == 2
+    assert prop.stats.reasons == {"no_agent_tag": 4}
+    srv_url = srv.url  # now closed: connections are refused
+    dead = OpenAIProposer(srv_url, "m", timeout_s=2, max_retries=0, max_attempts=2)
+    assert asyncio.run(dead.propose(_images(1), 2)) == [[]] and dead.stats.failed_calls == 2
+    with pytest.raises(ValueError, match=r"images\[0\]"):
+        asyncio.run(dead.propose([np.zeros((4, 4), np.uint8)], 2))
+
+
+def test_transformers_proposer_on_tiny_random_vlm(tmp_path):
+    from engine.judge.tiny import build_tiny_qwen25vl
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        prop = TransformersProposer(
+            str(build_tiny_qwen25vl(tmp_path)), device="cpu", max_attempts=2, max_new_tokens=12
+        )
+        images = [np.random.default_rng(i).integers(0, 256, (56, 56, 3), dtype=np.uint8) for i in range(2)]
+        out = asyncio.run(prop.propose(images, 2))
+    finally:
+        torch.set_num_threads(threads)
+    # Random words cannot form a 40-word description: every image ends short, and says so.
+    assert out == [[], []] and prop.stats.requests == 4 and prop.stats.short_images == 2
+    assert prop.stats.failed_calls == 0 and sum(prop.stats.reasons.values()) >= 4
