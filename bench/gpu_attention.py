@@ -1,4 +1,5 @@
-"""Attention TFLOP/s at video DiT shapes: our Triton kernel (RoPE off / fused RoPE) vs SDPA flash, SDPA cuDNN,
+"""Attention TFLOP/s at video DiT shapes: our Triton kernel (no RoPE; RoPE as one pass before it; RoPE fused
+into it) vs SDPA flash, SDPA cuDNN,
 flash_attn. Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that.
 
     python -m bench.gpu_attention [--quick]
@@ -27,7 +28,6 @@ def _providers(rope):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     from kernels.attention import attention
-    from kernels.rope import apply_rope
 
     def sdpa(backend, use_rope):
         def fn(q, k, v):
@@ -41,9 +41,9 @@ def _providers(rope):
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (lambda q, k, v: attention(q, k, v), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
-        "triton+rope": (lambda q, k, v: attention(q, k, v, rope=rope), "sdpa_flash+rope"),
-        "triton+rope_prepass": (
-            lambda q, k, v: attention(apply_rope(q, *rope), apply_rope(k, *rope), v),
+        "triton+rope": (lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False), "sdpa_flash+rope"),
+        "triton+rope_fused": (
+            lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True),
             "sdpa_flash+rope",
         ),
     }

@@ -19,9 +19,9 @@ rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue (g
 unrotated inputs).
 
 RoPE pairs are interleaved (kernels/rope.py): out[2i] = x[2i] c_i - x[2i+1] s_i,
-out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel it is x * c[d//2] + x[d^1] * s[d//2] * (-1 if d even else 1),
-the partner x[d^1] read by a second load of the same cache lines; the rotated tile is rounded to the
-input dtype, exactly as rope-then-attention would.
+out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel the tile is split into even/odd channels in registers
+(reshape (BLOCK, D/2, 2) + split), rotated in fp32 with (BLOCK, D/2) rows of the tables, joined back,
+and rounded to the input dtype, exactly as rope-then-attention would.
 """
 
 from __future__ import annotations
@@ -39,6 +39,36 @@ BACKENDS = ("triton", "sdpa", "flash_attn", "te", "torch")
 HEAD_DIMS = (16, 32, 64, 128)
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
+# Default of attention(fuse_rope=): RoPE inside the kernels vs one apply_rope pass before them. On an H200
+# the separate pass cost ~3-7% against no RoPE at all (bench/gpu_attention.py, provider triton+rope_prepass).
+FUSE_ROPE = False
+
+
+@triton.jit
+def _rotate(
+    x,
+    offs_s,
+    row_ok,
+    COS,
+    SIN,
+    BLOCK: tl.constexpr,
+    D: tl.constexpr,
+    SIGN: tl.constexpr,
+    MASKED: tl.constexpr,
+):
+    """R(SIGN * angle) x for a (BLOCK, D) tile, fp32 out: x'[2i] = x[2i] c - x[2i+1] s', x'[2i+1] = x[2i] s' + x[2i+1] c.
+
+    cos/sin are read as (BLOCK, D/2) fp32 rows of the tables; the channel pairs are split in registers.
+    """
+    t_off = offs_s[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
+    if MASKED:
+        c = tl.load(COS + t_off, mask=row_ok[:, None], other=0.0)
+        s = tl.load(SIN + t_off, mask=row_ok[:, None], other=0.0) * SIGN
+    else:
+        c = tl.load(COS + t_off)
+        s = tl.load(SIN + t_off) * SIGN
+    xe, xo = tl.split(tl.reshape(x.to(tl.float32), (BLOCK, D // 2, 2)))  # (BLOCK, D) -> 2 x (BLOCK, D/2)
+    return tl.reshape(tl.join(xe * c - xo * s, xe * s + xo * c), (BLOCK, D))  # -> (BLOCK, D)
 
 
 @triton.jit
@@ -50,6 +80,7 @@ def _load_tile(
     COS,
     SIN,
     stride_s,
+    BLOCK: tl.constexpr,
     D: tl.constexpr,
     ROPE: tl.constexpr,
     MASKED: tl.constexpr,
@@ -61,30 +92,8 @@ def _load_tile(
     else:
         x = tl.load(ptrs)
     if ROPE:
-        t_off = offs_s[:, None] * (D // 2) + (offs_d // 2)[None, :]
-        partner = base + offs_s[:, None] * stride_s + (offs_d ^ 1)[None, :]
-        if MASKED:
-            xp = tl.load(partner, mask=row_ok[:, None], other=0.0)
-            c = tl.load(COS + t_off, mask=row_ok[:, None], other=0.0)
-            s = tl.load(SIN + t_off, mask=row_ok[:, None], other=0.0)
-        else:
-            xp = tl.load(partner)
-            c = tl.load(COS + t_off)
-            s = tl.load(SIN + t_off)
-        sign = tl.where(offs_d % 2 == 0, -1.0, 1.0)
-        x = (x.to(tl.float32) * c + xp.to(tl.float32) * s * sign[None, :]).to(x.dtype)
+        x = _rotate(x, offs_s, row_ok, COS, SIN, BLOCK, D, 1.0, MASKED).to(x.dtype)
     return x
-
-
-@triton.jit
-def _unrotate(g, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr):
-    """R^T g for an fp32 (BLOCK, D) gradient tile: g'[2i] = g[2i] c + g[2i+1] s, g'[2i+1] = g[2i+1] c - g[2i] s."""
-    offs_p = tl.arange(0, D // 2)
-    t_off = offs_s[:, None] * (D // 2) + offs_p[None, :]
-    c = tl.load(COS + t_off, mask=row_ok[:, None], other=0.0)
-    s = tl.load(SIN + t_off, mask=row_ok[:, None], other=0.0)
-    ge, go = tl.split(tl.reshape(g, (BLOCK, D // 2, 2)))  # (BLOCK, D) -> 2 x (BLOCK, D/2)
-    return tl.reshape(tl.join(ge * c + go * s, go * c - ge * s), (BLOCK, D))  # -> (BLOCK, D)
 
 
 @triton.jit
@@ -111,8 +120,8 @@ def _fwd_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
-    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, ROPE, MASKED)
-    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, False, MASKED)
+    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, MASKED)
+    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
     if MASKED:
         s = tl.where(k_ok[None, :], s, float("-inf"))
@@ -157,7 +166,7 @@ def _attn_fwd(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(q_base, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, ROPE, True)
+    q = _load_tile(q_base, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True)
     n_end = Sk
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
@@ -253,8 +262,8 @@ def _dkdv_tile(
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(Q, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, ROPE, MASKED)
-    do = _load_tile(DO, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, False, MASKED)
+    q = _load_tile(Q, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, MASKED)
+    do = _load_tile(DO, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, MASKED)
     if MASKED:
         lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
@@ -311,8 +320,8 @@ def _attn_bwd_dkdv(
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
     k_ok = offs_n < n_end
-    k = _load_tile(K + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, ROPE, True)
-    v = _load_tile(V + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, False, True)
+    k = _load_tile(K + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, True)
+    v = _load_tile(V + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, True)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
@@ -365,7 +374,7 @@ def _attn_bwd_dkdv(
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
-        dk = _unrotate(dk, offs_n, k_ok, COS, SIN, BLOCK_N, D)
+        dk = _rotate(dk, offs_n, k_ok, COS, SIN, BLOCK_N, D, -1.0, True)
     ptrs = k_off + offs_n[:, None] * stride_s + offs_d[None, :]
     st_ok = (offs_n < Sk)[:, None]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=st_ok)
@@ -397,8 +406,8 @@ def _dq_tile(
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
-    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, ROPE, MASKED)
-    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, D, False, MASKED)
+    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, MASKED)
+    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, MASKED)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
@@ -444,8 +453,8 @@ def _attn_bwd_dq(
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(Q + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, ROPE, True)
-    do = _load_tile(DO + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, D, False, True)
+    q = _load_tile(Q + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True)
+    do = _load_tile(DO + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, True)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0)
     n_end = Sk
@@ -497,7 +506,7 @@ def _attn_bwd_dq(
         )
     dq = dq * scale
     if ROPE:
-        dq = _unrotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D)
+        dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
     tl.store(
         DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :],
         dq.to(DQ.dtype.element_ty),
@@ -512,34 +521,31 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> l
     return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
 
 
-# Hopper-sized tiles; the first of each list is the fixed config used with deterministic=True.
-_FWD_CONFIGS = _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)], (64, 32))
-_DKDV_CONFIGS = _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64))
-_DQ_CONFIGS = _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32))
+# Hopper-sized tiles per (kernel, fused RoPE); the first of each list is the fixed config used with
+# deterministic=True. With RoPE the rotated operand passes through registers (plus fp32 cos/sin rows), so
+# fewer pipeline stages fit in shared memory.
+_CONFIGS = {
+    ("fwd", False): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)], (64, 32)),
+    ("fwd", True): _configs([(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)], (64, 32)),
+    ("dkdv", False): _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64)),
+    ("dkdv", True): _configs([(32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)], (32, 64)),
+    ("dq", False): _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32)),
+    ("dq", True): _configs([(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 2)], (64, 32)),
+}
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
-_fwd_tuned = triton.autotune(_FWD_CONFIGS, key=_TUNE_KEY)(_attn_fwd)
-_dkdv_tuned = triton.autotune(_DKDV_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dkdv)
-_dq_tuned = triton.autotune(_DQ_CONFIGS, key=_TUNE_KEY)(_attn_bwd_dq)
+_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNED = {key: triton.autotune(cfgs, key=_TUNE_KEY)(_RAW[key[0]]) for key, cfgs in _CONFIGS.items()}
 
 
-def _launch(
-    tuned,
-    raw,
-    configs: list[triton.Config],
-    tile: str,
-    n: int,
-    bh: int,
-    args: tuple,
-    meta: dict,
-    deterministic: bool,
-) -> None:
+def _launch(kernel: str, tile: str, n: int, bh: int, args: tuple, meta: dict, deterministic: bool) -> None:
     """Grid (ceil(n / tile), B*H); autotuned, or the fixed first config when deterministic."""
+    key = (kernel, meta["ROPE"])
     if deterministic:
-        c = configs[0]
+        c = _CONFIGS[key][0]
         grid = (triton.cdiv(n, c.kwargs[tile]), bh)
-        raw[grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
+        _RAW[kernel][grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
-        tuned[lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
+        _TUNED[key][lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
 
 
 def _check_triton(q: torch.Tensor) -> None:
@@ -592,7 +598,7 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
         triton.next_power_of_2(Sk),
     )
     meta = _meta(q, k, None if cos is q else cos, None if klen is q else klen)
-    _launch(_fwd_tuned, _attn_fwd, _FWD_CONFIGS, "BLOCK_M", Sq, B * H, args, meta, deterministic)
+    _launch("fwd", "BLOCK_M", Sq, B * H, args, meta, deterministic)
     return out, lse
 
 
@@ -609,9 +615,9 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
     klen = q if k_lengths is None else k_lengths
     tail = (Sq, Sk, H, scale, scale * _LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
     args = (q, k, v, do, lse, delta, dk, dv, cos, sin, klen) + tail
-    _launch(_dkdv_tuned, _attn_bwd_dkdv, _DKDV_CONFIGS, "BLOCK_N", Sk, B * H, args, meta, deterministic)
+    _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic)
     args = (q, k, v, do, lse, delta, dq, cos, sin, klen) + tail
-    _launch(_dq_tuned, _attn_bwd_dq, _DQ_CONFIGS, "BLOCK_M", Sq, B * H, args, meta, deterministic)
+    _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic)
     return dq, dk, dv
 
 
@@ -635,12 +641,14 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
-def _triton(q, k, v, scale, k_lengths, rope, deterministic):
+def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
     _check_triton(q)
-    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     cos = sin = None
     if rope is not None:
         cos, sin = (t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope)
+        if not fuse_rope:  # one rotation pass (kernels.rope), then the kernel without RoPE
+            q, k, cos, sin = apply_rope(q, cos, sin), apply_rope(k, cos, sin), None, None
+    q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if k_lengths is not None:
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
     return _TritonAttention.apply(q, k, v, cos, sin, k_lengths, scale, deterministic)
@@ -681,7 +689,16 @@ def _key_mask(k_lengths: torch.Tensor, Sk: int) -> torch.Tensor:
     return (torch.arange(Sk, device=k_lengths.device)[None, :] < k_lengths[:, None])[:, None, None, :]
 
 
-def attention_reference(q, k, v, *, scale=None, k_lengths=None, rope=None, return_lse=False):
+def attention_reference(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    k_lengths: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_lse: bool = False,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """Pure-torch attention, same math and signature; computes in fp32 (fp64 for fp64 inputs).
 
     out_i = sum_j softmax_j(scale * q_i.k_j) v_j over keys j < k_lengths[b]; rows with no valid key
@@ -750,13 +767,26 @@ def _te(q, k, v, scale, k_lengths, rope):
 
 
 def attention(
-    q, k, v, *, scale=None, k_lengths=None, rope=None, deterministic=False, return_lse=False, backend="triton"
-):
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    k_lengths: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    deterministic: bool = False,
+    return_lse: bool = False,
+    backend: str = "triton",
+    fuse_rope: bool = FUSE_ROPE,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(rope(q) rope(k)^T * scale) v over keys j < k_lengths[b]; q (B, Sq, H, D) -> (B, Sq, H, D).
 
     scale defaults to D^-0.5. rope: None or (cos, sin) tables (S, D/2) from kernels.rope, applied to q
     and k (needs Sq == Sk). return_lse adds lse (B, H, Sq) float32 (triton and torch backends only).
-    backend: "triton" (ours, fused RoPE), "sdpa", "flash_attn", "te", or "torch" (the reference).
+    backend: "triton" (ours), "sdpa", "flash_attn", "te", or "torch" (the reference).
+    triton only: fuse_rope rotates q/k inside the attention kernels instead of one apply_rope pass first;
+    deterministic uses one fixed tile config (no autotuning), so results are bitwise reproducible across
+    processes (the kernels never use atomics, so repeated calls in one process always are).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
@@ -767,7 +797,7 @@ def attention(
             q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse
         )
     if backend == "triton":
-        out, lse = _triton(q, k, v, scale, k_lengths, rope, deterministic)
+        out, lse = _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope)
         return (out, lse) if return_lse else out
     if return_lse:
         raise ValueError(f"return_lse: supported by backends 'triton' and 'torch', not {backend!r}")

@@ -63,12 +63,23 @@ def test_triton_matches_reference(case, dtype, device):
     g = torch.randn_like(q)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
-    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope)
+    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=True)
     plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
     floor = 2e-5 if dtype == torch.float32 else 2e-3
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
         assert a.dtype == dtype and a.shape == c.shape
         _assert_within_budget(a, b, c, floor * max(1.0, c.abs().max().item()), name)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_rope_prepass_matches_fused(dtype, device):
+    q, k, v, rope, kl = _make(2, 40, 40, 2, 64, (2, 4, 5), [40, 17], dtype, device)
+    g = torch.randn_like(q)
+    fused = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=True)
+    prepass = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=False)
+    tol = 1e-5 if dtype == torch.float32 else 2e-3
+    for a, b in zip(fused, prepass):
+        torch.testing.assert_close(a, b, rtol=tol, atol=tol)
 
 
 def test_lse_and_empty_rows(device):
@@ -90,7 +101,7 @@ def test_deterministic_grads_bitwise(flag, device):
     q, k, v, rope, kl = _make(2, 40, 40, 2, 32, (2, 4, 5), [40, 23], torch.float16, device)
     g = torch.randn_like(q)
     runs = [
-        _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=flag)
+        _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=flag, fuse_rope=True)
         for _ in range(2)
     ]
     for a, b in zip(*runs):
@@ -174,24 +185,30 @@ GPU_CASES = [
 @pytest.mark.parametrize(
     "case", GPU_CASES, ids=lambda c: f"S{c[1]}x{c[2]}-D{c[4]}" + ("-rope" if c[5] else "")
 )
-def test_gpu_bf16_long(case):
+def test_gpu_bf16_long(case, fuse_rope):
+    if case[5] is None and not fuse_rope:
+        pytest.skip("fuse_rope only matters with rope")
     q, k, v, rope, kl = _make(*case, torch.bfloat16, "cuda")
     g = torch.randn_like(q)
     q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
     exact = _outputs_and_grads(attention_reference, q32, k32, v32, g.float(), k_lengths=kl, rope=rope)
-    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True)
+    ours = _outputs_and_grads(
+        attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True, fuse_rope=fuse_rope
+    )
     plain = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, backend="sdpa")
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
         _assert_within_budget(a, b, c, 1e-3 * max(1.0, c.abs().max().item()), name)
 
 
 @pytest.mark.gpu
-def test_gpu_autotuned_matches_deterministic():
+@pytest.mark.parametrize("fuse_rope", [True, False])
+def test_gpu_autotuned_matches_deterministic(fuse_rope):
     q, k, v, rope, kl = _make(2, 2048, 2048, 4, 128, (8, 16, 16), [2048, 999], torch.bfloat16, "cuda")
     g = torch.randn_like(q)
-    fixed = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True)
-    tuned = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope)
+    kw = dict(k_lengths=kl, rope=rope, fuse_rope=fuse_rope)
+    fixed = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
+    tuned = _outputs_and_grads(attention, q, k, v, g, **kw)
     for a, b in zip(fixed, tuned):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    again = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, deterministic=True)
+    again = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
     assert all(torch.equal(a, b) for a, b in zip(fixed, again))
