@@ -156,9 +156,10 @@ class Trajectory:
 
 
 def _flow_step(**kwargs):
+    """kernels.sampler.flow_step: the Triton kernel on CUDA, the torch reference on CPU."""
     from kernels.sampler import flow_step
 
-    return flow_step(**kwargs)
+    return flow_step(**kwargs, backend="triton" if kwargs["x"].is_cuda else "torch")
 
 
 def sample(

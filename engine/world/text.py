@@ -7,7 +7,8 @@ padded or cut to ``max_len``.
 :class:`ToyTextEncoder`: learned token + position embeddings, ``layers`` pre-norm transformer
 encoder layers (0 = embeddings only), a final LayerNorm; outputs at pad positions are exactly zero,
 so the empty text (all pad) is the unconditional embedding (all zeros), as with Wan's padded UMT5
-states. Output (B, L, dim) plus lengths (B,). It is trained jointly with the Demonstrator: random
+states. Output (B, L, dim) plus lengths (B,) = L for every row: the zero pad embeddings are part of
+the sequence the DiT attends to (as diffusers' Wan does), so an empty text never masks out all keys. It is trained jointly with the Demonstrator: random
 frozen embeddings were measured not to be learnable in minutes (docs/TOYWORLD.md).
 """
 
@@ -76,6 +77,7 @@ class ToyTextEncoder(nn.Module):
 
     def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
         """Texts -> {"text": (B, L, dim), "text_lengths": (B,)} on this module's device."""
-        ids, lengths = tokenize(texts, self.max_len)
+        ids, _ = tokenize(texts, self.max_len)
         dev = self.pos.device
-        return {"text": self(ids.to(dev)), "text_lengths": lengths.to(dev)}
+        full = torch.full((len(texts),), self.max_len, dtype=torch.long, device=dev)
+        return {"text": self(ids.to(dev)), "text_lengths": full}

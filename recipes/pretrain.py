@@ -1,0 +1,257 @@
+"""Pretrain the toy world's Demonstrator: a toy Wan I2V DiT + the toy text encoder, trained jointly by
+rectified flow on solution-captioned toy videos (random moves), with 10% caption dropout (for CFG)
+and an EMA copy for sampling. Runs on engine.trainer (checkpoints, resume, metrics).
+
+    python recipes/pretrain.py --config recipes/configs/toy_pretrain.toml [--section.key value ...]
+    torchrun --nproc-per-node 2 recipes/pretrain.py --config ...          # also fine
+
+``--world.time_budget_s`` stops training after that many wall-clock seconds (the last checkpoint and
+the export are still written). At the end the EMA weights are exported to ``<run>/demonstrator/``:
+
+    demonstrator.safetensors   the DiT in diffusers' WanTransformer3DModel key layout
+    text_encoder.safetensors   the toy text encoder (engine.world.text.ToyTextEncoder)
+    demonstrator.json          configs, command, seed, commit, steps, and the measured gap with CIs
+
+Copy that folder's files into engine/world/assets/ to ship them; :func:`load_demonstrator` loads them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine import flow  # noqa: E402
+from engine.config import JobConfig, config_main  # noqa: E402
+from engine.log import get_logger  # noqa: E402
+from engine.world import latent as toy_latent  # noqa: E402
+from engine.world.demonstrator import ToyDemonstrator, eval_items, toy_pipeline  # noqa: E402
+from engine.world.scene import random_moves, random_scene, render, solution_text  # noqa: E402
+from engine.world.text import ToyTextEncoder, tokenize  # noqa: E402
+
+log = get_logger("pretrain")
+ASSETS = Path(__file__).resolve().parents[1] / "engine" / "world" / "assets"
+
+
+# ---------------------------------------------------------------------------------------------
+# Model: DiT + text encoder in one module (one optimizer, one EMA, one checkpoint).
+# ---------------------------------------------------------------------------------------------
+
+
+def build_dit(flavour: str = "toy") -> nn.Module:
+    """The toy Wan DiT on the toy latent (12 channels): in = 2 * 12 + 4, out = 12, text_dim 64."""
+    from models.wan import WanConfig, WanModel
+
+    C = toy_latent.LATENT_CHANNELS
+    # The reference attention/RoPE/norm paths (plain torch): at the toy's 256 tokens they cost little,
+    # and they run the same on CPU (no Triton driver there) and on any GPU.
+    cfg = WanConfig.flavour(flavour, in_channels=2 * C + 4, out_channels=C, text_dim=64,
+                            attention_backend="torch", norm_backend="torch")  # fmt: skip
+    return WanModel(cfg)
+
+
+def build_demonstrator(flavour: str = "toy", text_layers: int = 1) -> ToyDemonstrator:
+    return ToyDemonstrator(build_dit(flavour), ToyTextEncoder(dim=64, layers=text_layers))
+
+
+# ---------------------------------------------------------------------------------------------
+# Data: random scenes and random moves, rendered on the fly; batch k is a function of (seed, k).
+# ---------------------------------------------------------------------------------------------
+
+
+class ToyVideoBatches:
+    """``next(step)`` -> ``grad_accum`` micro-batches of solution-captioned videos, a pure function of
+    (seed, step, micro index): resuming at a step reproduces the data, the t and the noise exactly."""
+
+    def __init__(self, batch_size: int, grad_accum: int, seed: int, device: torch.device, drop: float = 0.1):
+        self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
+        self.device, self.drop = torch.device(device), drop
+
+    def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        rng = np.random.default_rng([self.seed, step, micro])
+        scenes = [random_scene(rng) for _ in range(self.batch_size)]
+        moves = [random_moves(s, rng) for s in scenes]
+        texts = [solution_text(s, m) if rng.random() >= self.drop else "" for s, m in zip(scenes, moves)]
+        video = render(scenes, moves, device=self.device)  # (B, T, H, W, 3) uint8
+        x0 = toy_latent.encode(video)  # (B, C, T, h, w)
+        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
+        t = flow.sample_timesteps(self.batch_size, "logit_normal", generator=g)
+        noise = torch.randn(x0.shape, generator=g)
+        ids, _ = tokenize(texts)
+        dev = self.device
+        return {
+            "x0": x0,
+            "image_latent": x0[:, :, :1],
+            "ids": ids.to(dev),
+            "t": t.to(dev),
+            "noise": noise.to(dev),
+        }
+
+    def next(self, step: int, model: nn.Module) -> list[dict[str, torch.Tensor]]:
+        return [self.micro_batch(step, i) for i in range(self.grad_accum)]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"seed": self.seed}
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        self.seed = int(state_dict["seed"])
+
+
+def pretrain_loss(model: nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.Tensor, dict]:
+    """Flow matching of v(x_t | solution, first frame) to eps - x0; the text encoder trains with the DiT."""
+    m = model.module if hasattr(model, "module") else model
+    text = m.text(mb["ids"])
+    cond = {"text": text, "text_lengths": torch.full_like(mb["ids"][:, 0], text.shape[1]),
+            "image_latent": mb["image_latent"]}  # fmt: skip
+    loss, logs = flow.flow_matching_loss(m.predict_velocity, mb["x0"], cond, t=mb["t"], noise=mb["noise"])
+    logs["num_tokens"] = mb["x0"].shape[0] * mb["x0"].shape[2] * mb["x0"].shape[3] * mb["x0"].shape[4] // 4
+    return loss, logs
+
+
+# ---------------------------------------------------------------------------------------------
+# Export and load
+# ---------------------------------------------------------------------------------------------
+
+
+def _git_commit() -> str:
+    try:
+        return subprocess.check_output(
+            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+        ).strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+
+
+def dit_state_dict(dit: nn.Module) -> dict[str, torch.Tensor]:
+    """The DiT's weights in diffusers' layout (WanModel's adapter), contiguous fp32 on CPU."""
+    sd = dit.to_diffusers_state_dict() if hasattr(dit, "to_diffusers_state_dict") else dit.state_dict()
+    return {k: v.detach().float().cpu().contiguous() for k, v in sd.items()}
+
+
+def export_demonstrator(model: ToyDemonstrator, out: Path, meta: dict) -> Path:
+    """Write demonstrator.safetensors, text_encoder.safetensors and demonstrator.json into ``out``."""
+    from safetensors.torch import save_file
+
+    out.mkdir(parents=True, exist_ok=True)
+    save_file(dit_state_dict(model.dit), str(out / "demonstrator.safetensors"))
+    text_sd = {k: v.detach().float().cpu().contiguous() for k, v in model.text.state_dict().items()}
+    save_file(text_sd, str(out / "text_encoder.safetensors"))
+    dit_cfg = model.dit.cfg.to_diffusers_config() if hasattr(model.dit, "cfg") else {}
+    meta = {"dit_config": dit_cfg, "text_encoder_config": model.text.config, **meta}
+    (out / "demonstrator.json").write_text(json.dumps(meta, indent=1, default=str))
+    return out
+
+
+def load_demonstrator(
+    folder: str | Path = "", device: str | torch.device = "cpu"
+) -> tuple[ToyDemonstrator, dict]:
+    """Load a shipped Demonstrator (default engine/world/assets) -> (model in eval mode, its metadata)."""
+    from safetensors.torch import load_file
+
+    from models.wan import WanConfig, WanModel
+
+    folder = Path(folder or ASSETS)
+    meta_path = folder / "demonstrator.json"
+    if not meta_path.is_file():
+        raise FileNotFoundError(
+            f"demonstrator folder {str(folder)!r}: no demonstrator.json (run recipes/pretrain.py)"
+        )
+    meta = json.loads(meta_path.read_text())
+    dit = WanModel(WanConfig.from_diffusers_config(meta["dit_config"]))
+    sd = load_file(str(folder / "demonstrator.safetensors"))
+    if hasattr(dit, "load_diffusers_state_dict"):
+        dit.load_diffusers_state_dict(sd)
+    else:
+        dit.load_state_dict(sd)
+    text = ToyTextEncoder(**meta["text_encoder_config"])
+    text.load_state_dict(load_file(str(folder / "text_encoder.safetensors")))
+    return ToyDemonstrator(dit, text).to(device).eval(), meta
+
+
+# ---------------------------------------------------------------------------------------------
+# Main
+# ---------------------------------------------------------------------------------------------
+
+
+def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
+    """Train under the time budget; returns (model with EMA weights swapped in by the caller, trainer, info)."""
+    from engine.trainer import Trainer
+
+    torch.manual_seed(cfg.run.seed)
+    model = build_demonstrator(cfg.model.flavour, cfg.world.text_layers)
+    device = "cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else cfg.run.device
+    device = "cpu" if device == "auto" else device
+    batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device(device),
+                              cfg.world.caption_dropout)  # fmt: skip
+    trainer = Trainer(cfg, model, pretrain_loss, batches, run_dir=run_dir)
+    t0, start = time.perf_counter(), trainer.step
+    budget = cfg.world.time_budget_s
+    while trainer.step < cfg.train.steps and not (budget > 0 and time.perf_counter() - t0 > budget):
+        trainer.train_step()
+    trainer.close()
+    info = {
+        "steps": trainer.step,
+        "steps_this_run": trainer.step - start,
+        "train_s": time.perf_counter() - t0,
+    }
+    log.info(
+        "trained %d steps (%d this run) in %.0f s", trainer.step, info["steps_this_run"], info["train_s"]
+    )
+    return model, trainer, info
+
+
+def main(argv: list[str] | None = None) -> Path:
+    cfg = config_main(JobConfig, argv, description=__doc__)
+    run_dir = Path(cfg.run.out_dir) / cfg.run.name
+    model, trainer, info = train(cfg, run_dir)
+    if int(os.environ.get("RANK", "0")) != 0:
+        return run_dir
+    meta = {
+        "command": " ".join(["python recipes/pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
+        "seed": cfg.run.seed,
+        "git_commit": _git_commit(),
+        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        "torch": torch.__version__,
+        "train": {"batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "ema_decay": cfg.train.ema_decay,
+                  "text_layers": cfg.world.text_layers, "caption_dropout": cfg.world.caption_dropout, **info},
+    }  # fmt: skip
+    out = run_dir / "demonstrator"
+    with trainer.ema_weights() if trainer.ema is not None else contextlib.nullcontext():
+        model.eval()
+        export_demonstrator(model, out, meta)  # weights first: a failing gap check must not lose them
+        meta["gap"] = {str(g): measure_gap(model, cfg, g) for g in cfg.world.gap_guidance}
+        export_demonstrator(model, out, meta)
+    g = meta["gap"][str(cfg.world.gap_guidance[0])]["gap"]["avg"]
+    log.info("exported the Demonstrator to %s; Avg gap %.3f [%.3f, %.3f]", out, g["diff"], g["lo"], g["hi"])
+    return out
+
+
+def measure_gap(model: ToyDemonstrator, cfg: JobConfig, guidance: float) -> dict:
+    """The gap check (engine.evaluation) on world.eval_scenes held-out scenes, with the oracle judge."""
+    from engine.evaluation import SamplingConfig, format_report, gap_check
+    from engine.world.oracle import OracleJudge
+
+    items = eval_items(cfg.world.eval_scenes, cfg.world.seed)
+    sampling = SamplingConfig(cfg.flow.num_steps, cfg.flow.shift, guidance, 0.0, cfg.world.gap_batch)
+    report = gap_check(toy_pipeline(model), items, OracleJudge(), min_gap=cfg.distill.min_gap,
+                       seeds=tuple(cfg.eval.seeds), sampling=sampling, raise_if_small=False)  # fmt: skip
+    report["sampling"] = vars(sampling)
+    log.info(
+        "Demonstrator gap, %d held-out scenes, CFG %.1f:\n%s", len(items), guidance, format_report(report)
+    )
+    return report
+
+
+if __name__ == "__main__":
+    main()
