@@ -1,0 +1,346 @@
+"""Latent + text-embedding cache: encode a dataset once, train from sharded safetensors.
+
+Layout of a cache folder::
+
+    index.json                 {"version", "fingerprint", "num_rows", "shard_size",
+                                "shards": {name: {"sha256", "bytes", "rows": [first, end), "items"}}}
+    shard-00000.safetensors    per item j: "j.latent" (C, T', H', W'), "j.first_frame_latent" (C, 1, H', W'),
+                               "j.<field>" (L_j, D) text embedding cut to its length;
+                               metadata "items": JSON list of {"index", "path", "fields"}
+    quarantine.jsonl           skipped rows/files and corrupt shards, one JSON line each
+    quarantine/                corrupt shards moved aside
+
+Shard k holds the usable items of dataset rows [k * shard_size, (k + 1) * shard_size), so the same
+row always lands in the same shard. The writer is resumable: a shard counts as done only once its
+file was renamed into place *and* the index lists it with a matching sha256; anything else (a crash
+mid-shard, a quarantined shard) is encoded again. The reader verifies each shard's sha256 on first
+use; a mismatch is warned, the shard moved to ``quarantine/`` and its items skipped. Running the
+writer again re-creates it. Training from the cache never loads the VAE or the text encoder.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from collections.abc import Iterable, Iterator, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import torch
+
+from engine.data.dataset import SkipItem
+from engine.data.quarantine import Quarantine
+from engine.log import get_logger, progress
+
+log = get_logger("data")
+
+CACHE_VERSION = 1
+
+
+class VideoEncoder(Protocol):
+    """A VAE: video (B, 3, T, H, W) in [-1, 1] -> latents (B, C, T', H', W')."""
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor: ...
+
+
+class TextEncoder(Protocol):
+    """Texts -> (embeddings (B, L, D), valid lengths (B,))."""
+
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+
+
+class MapDataset(Protocol):
+    """What the writer reads: ``len`` rows, ``ds[i]`` a dict with "video" or raises SkipItem."""
+
+    def __len__(self) -> int: ...
+
+    def __getitem__(self, i: int) -> dict[str, Any]: ...
+
+
+def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+def _atomic_write_text(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with tmp.open("w") as f:
+        f.write(text)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+
+
+def _batched_encode(fn, inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
+    """Encode tensors in batches of equal shape; returns per-input outputs in input order."""
+    out: list[torch.Tensor | None] = [None] * len(inputs)
+    by_shape: dict[tuple, list[int]] = {}
+    for j, x in enumerate(inputs):
+        by_shape.setdefault(tuple(x.shape), []).append(j)
+    for idx in by_shape.values():
+        for s in range(0, len(idx), batch_size):
+            chunk = idx[s : s + batch_size]
+            z = fn(torch.stack([inputs[j] for j in chunk]))  # n x (3, T, H, W) -> (n, 3, T, H, W)
+            for j, zj in zip(chunk, z):
+                out[j] = zj.detach().cpu().contiguous()
+    return out  # type: ignore[return-value]
+
+
+def _encode_texts(enc: TextEncoder, texts: list[str], batch_size: int) -> list[torch.Tensor]:
+    out = []
+    for s in range(0, len(texts), batch_size):
+        emb, lengths = enc.encode(texts[s : s + batch_size])
+        if emb.dim() != 3 or lengths.shape != (emb.shape[0],):
+            raise ValueError(
+                f"text encoder: expected (emb (B, L, D), lengths (B,)), got {tuple(emb.shape)}, {tuple(lengths.shape)}"
+            )
+        out += [e[: int(n)].detach().cpu().contiguous() for e, n in zip(emb, lengths)]
+    return out
+
+
+class LatentCacheWriter:
+    """Encodes a map-style dataset into a sharded cache (see the module docstring)."""
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        *,
+        vae: VideoEncoder,
+        text_encoder: TextEncoder | None = None,
+        text_fields: Sequence[str] = ("task", "solution", "caption"),
+        shard_size: int = 64,
+        batch_size: int = 4,
+        first_frame: bool = True,
+        dtype: torch.dtype | None = None,
+        fingerprint: dict[str, Any] | None = None,
+    ):
+        if shard_size < 1 or batch_size < 1:
+            raise ValueError(f"cache: shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+        self.out = Path(out_dir)
+        self.vae, self.text_encoder, self.text_fields = vae, text_encoder, list(text_fields)
+        self.shard_size, self.batch_size, self.first_frame, self.dtype = (
+            shard_size,
+            batch_size,
+            first_frame,
+            dtype,
+        )
+        self.fingerprint = {
+            "text_fields": self.text_fields,
+            "first_frame": first_frame,
+            **(fingerprint or {}),
+        }
+
+    def _load_index(self, num_rows: int) -> dict[str, Any]:
+        path = self.out / "index.json"
+        fresh = {
+            "version": CACHE_VERSION,
+            "fingerprint": self.fingerprint,
+            "num_rows": num_rows,
+            "shard_size": self.shard_size,
+            "shards": {},
+        }
+        if not path.exists():
+            return fresh
+        index = json.loads(path.read_text())
+        for key in ("version", "fingerprint", "num_rows", "shard_size"):
+            if index.get(key) != fresh[key]:
+                raise ValueError(
+                    f"cache '{self.out}' was written with {key}={index.get(key)!r}, this run has {fresh[key]!r}; "
+                    "use another cache_dir or delete this one"
+                )
+        return index
+
+    def _done(self, index: dict[str, Any], name: str) -> bool:
+        entry = index["shards"].get(name)
+        path = self.out / name
+        return (
+            bool(entry)
+            and path.is_file()
+            and path.stat().st_size == entry["bytes"]
+            and sha256_file(path) == entry["sha256"]
+        )
+
+    def write(self, dataset: MapDataset) -> dict[str, Any]:
+        """Encode every shard not already complete; returns the index."""
+        self.out.mkdir(parents=True, exist_ok=True)
+        n = len(dataset)
+        index = self._load_index(n)
+        num_shards = -(-n // self.shard_size)
+        for k in progress(range(num_shards), desc="cache shards", total=num_shards):
+            name = f"shard-{k:05d}.safetensors"
+            if self._done(index, name):
+                continue
+            rows = (k * self.shard_size, min(n, (k + 1) * self.shard_size))
+            tensors, items = self._encode_rows(dataset, range(*rows))
+            self._save_shard(name, tensors, items)
+            path = self.out / name
+            index["shards"][name] = {
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+                "rows": list(rows),
+                "items": len(items),
+            }
+            _atomic_write_text(self.out / "index.json", json.dumps(index, indent=1))
+        log.info(
+            "cache '%s': %d shards, %d items",
+            self.out,
+            num_shards,
+            sum(s["items"] for s in index["shards"].values()),
+        )
+        return index
+
+    def _save_shard(self, name: str, tensors: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> None:
+        from safetensors.torch import save_file
+
+        tmp = self.out / (name + ".partial")
+        save_file(tensors, str(tmp), metadata={"items": json.dumps(items)})
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, self.out / name)
+
+    def _encode_rows(
+        self, dataset: MapDataset, rows: range
+    ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
+        videos, items = [], []
+        for i in rows:
+            try:
+                item = dataset[i]
+            except SkipItem:
+                continue
+            videos.append(item["video"])
+            meta = {k: v for k, v in item.items() if k not in ("video", "index", "path")}
+            items.append({"index": i, "path": item.get("path", ""), "fields": meta})
+        tensors: dict[str, torch.Tensor] = {}
+        with torch.no_grad():
+            cast = (lambda t: t.to(self.dtype)) if self.dtype is not None else (lambda t: t)
+            for j, z in enumerate(_batched_encode(self.vae.encode, videos, self.batch_size)):
+                tensors[f"{j}.latent"] = cast(z)
+            if self.first_frame:
+                firsts = [v[:, :1] for v in videos]  # (3, T, H, W) -> (3, 1, H, W)
+                for j, z in enumerate(_batched_encode(self.vae.encode, firsts, self.batch_size)):
+                    tensors[f"{j}.first_frame_latent"] = cast(z)
+            if self.text_encoder is not None:
+                for field in self.text_fields:
+                    js = [j for j, it in enumerate(items) if isinstance(it["fields"].get(field), str)]
+                    embs = _encode_texts(
+                        self.text_encoder, [items[j]["fields"][field] for j in js], self.batch_size
+                    )
+                    for j, e in zip(js, embs):
+                        tensors[f"{j}.{field}"] = cast(e)
+        return tensors, items
+
+
+class LatentCacheDataset:
+    """Items of a cache folder: latents, text embeddings and the row's fields, no encoders needed.
+
+    ``ds[i]`` -> {"latent", "first_frame_latent"?, "<field>_emb" (L, D) for each embedded field,
+    "index", "path", <row fields>}; raises SkipItem for items of a corrupt shard.
+    """
+
+    def __init__(self, cache_dir: str | Path, *, verify: bool = True, quarantine: str | Path | None = None):
+        self.dir = Path(cache_dir)
+        path = self.dir / "index.json"
+        if not path.is_file():
+            raise FileNotFoundError(f"cache '{self.dir}': no index.json (run recipes/precompute.py first)")
+        self.index = json.loads(path.read_text())
+        if self.index.get("version") != CACHE_VERSION:
+            raise ValueError(
+                f"cache '{self.dir}': version {self.index.get('version')}, expected {CACHE_VERSION}"
+            )
+        self.verify = verify
+        self.quarantine = Quarantine(quarantine or self.dir / "quarantine.jsonl")
+        self.items: list[tuple[str, int]] = [
+            (name, j) for name, entry in sorted(self.index["shards"].items()) for j in range(entry["items"])
+        ]
+        if not self.items:
+            raise RuntimeError(f"cache '{self.dir}': the index lists no items")
+        self._state: dict[str, bool] = {}  # shard -> usable
+        self._meta: dict[str, list[dict[str, Any]]] = {}
+
+    @property
+    def skipped(self) -> list[tuple[str, str]]:
+        return self.quarantine.entries
+
+    def __len__(self) -> int:
+        return len(self.items)
+
+    def _check(self, name: str) -> bool:
+        if name in self._state:
+            return self._state[name]
+        from safetensors import safe_open
+
+        path, entry = self.dir / name, self.index["shards"][name]
+        reason = None
+        if not path.is_file():
+            reason = "shard file missing"
+        elif self.verify and sha256_file(path) != entry["sha256"]:
+            reason = f"sha256 mismatch (expected {entry['sha256'][:12]}...): corrupt shard"
+        if reason is None:
+            try:
+                with safe_open(str(path), "pt") as f:
+                    self._meta[name] = json.loads(f.metadata()["items"])
+            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+                reason = f"unreadable shard ({type(e).__name__}: {e})"
+        if reason is not None:
+            self.quarantine.add(path, reason)
+            if path.is_file():
+                (self.dir / "quarantine").mkdir(exist_ok=True)
+                shutil.move(str(path), self.dir / "quarantine" / name)
+        self._state[name] = reason is None
+        return self._state[name]
+
+    def __getitem__(self, i: int) -> dict[str, Any]:
+        from safetensors import safe_open
+
+        name, j = self.items[i]
+        if not self._check(name):
+            raise SkipItem(f"shard '{name}' is quarantined")
+        meta = self._meta[name][j]
+        out: dict[str, Any] = {"index": meta["index"], "path": meta["path"], **meta["fields"]}
+        with safe_open(str(self.dir / name), "pt") as f:
+            for key in f.keys():
+                if key.startswith(f"{j}."):
+                    sub = key.split(".", 1)[1]
+                    out[sub if "latent" in sub else f"{sub}_emb"] = f.get_tensor(key)
+        return out
+
+    def iterate(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
+        """Items for ``indices`` (e.g. a ResumableSampler), skipping those of corrupt shards."""
+        tried = yielded = 0
+        for i in indices:
+            tried += 1
+            try:
+                item = self[i]
+            except SkipItem:
+                continue
+            yielded += 1
+            yield item
+        if tried and not yielded:
+            raise RuntimeError(
+                f"cache '{self.dir}': all {tried} items of this pass were skipped: {self.skipped[:3]}"
+            )
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        return self.iterate(range(len(self)))
+
+
+def collate_latents(items: list[dict[str, Any]], text_fields: Sequence[str] = ()) -> dict[str, Any]:
+    """Stack latents (equal shapes) and pad each text embedding field to its longest: (B, L, D) + lengths."""
+    out: dict[str, Any] = {"latent": torch.stack([it["latent"] for it in items])}  # (B, C, T', H', W')
+    if all("first_frame_latent" in it for it in items):
+        out["first_frame_latent"] = torch.stack([it["first_frame_latent"] for it in items])
+    for field in text_fields:
+        embs = [it[f"{field}_emb"] for it in items]
+        lengths = torch.tensor([e.shape[0] for e in embs])
+        padded = embs[0].new_zeros(len(embs), int(lengths.max()), embs[0].shape[1])  # (B, L_max, D)
+        for b, e in enumerate(embs):
+            padded[b, : e.shape[0]] = e
+        out[f"{field}_emb"], out[f"{field}_lengths"] = padded, lengths
+        out[field] = [it[field] for it in items]
+    out["index"] = [it["index"] for it in items]
+    return out
