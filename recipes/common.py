@@ -208,7 +208,7 @@ class PromptTable:
     (N, L, D) + lengths (N,), and the empty text (the unconditional prompt)."""
 
     items: list[Item]
-    image_latent: torch.Tensor
+    image: dict[str, torch.Tensor]  # "image_latent" (N, C, 1, h, w) [+ "image_tokens" (N, 257, D)]
     texts: dict[str, tuple[torch.Tensor, torch.Tensor]]
 
     def __len__(self) -> int:
@@ -222,13 +222,13 @@ class PromptTable:
         """The cond dict of rows ``idx`` with the ``which`` text ("task" | "solution" | "empty")."""
         if which not in self.texts:
             raise ValueError(f"prompt text {which!r}: expected one of {sorted(self.texts)}")
-        idx = torch.as_tensor(idx, dtype=torch.long, device=self.image_latent.device)
+        idx = torch.as_tensor(idx, dtype=torch.long, device=self.image["image_latent"].device)
         text, lengths = self.texts[which]
         if which == "empty":
             text, lengths = text.expand(len(idx), -1, -1), lengths.expand(len(idx))
         else:
             text, lengths = text[idx], lengths[idx]
-        return {"text": text, "text_lengths": lengths, "image_latent": self.image_latent[idx]}
+        return {"text": text, "text_lengths": lengths, **{k: v[idx] for k, v in self.image.items()}}
 
 
 # ---------------------------------------------------------------------------------------------
@@ -245,16 +245,22 @@ class Kit:
     fps: int
     encode_text: Callable[[list[str]], dict[str, torch.Tensor]]
     encode_images: Callable[[np.ndarray], torch.Tensor]  # uint8 (B, H, W, 3) -> (B, C, 1, h, w)
+    encode_image_tokens: Callable[[np.ndarray], torch.Tensor] | None  # uint8 -> (B, N, D) (Wan2.1 I2V CLIP)
     decode: Callable[[torch.Tensor], torch.Tensor]  # latent (B, C, T, h, w) -> uint8 (B, T, H, W, 3)
     load_denoiser: Callable[[str], nn.Module]  # weights path ("" = the Demonstrator) -> frozen-able module
 
     @torch.no_grad()
     def encode_items(self, items: list[Item], batch: int = 64) -> PromptTable:
         """Encode every item's image, task and solution once (the cache the training loops index)."""
-        lat, texts = [], {"task": [], "solution": []}
+        image, texts = {"image_latent": []}, {"task": [], "solution": []}
+        if self.encode_image_tokens is not None:
+            image["image_tokens"] = []
         for s in range(0, len(items), batch):
             chunk = items[s : s + batch]
-            lat.append(self.encode_images(np.stack([load_image(it.image) for it in chunk])))
+            pixels = np.stack([load_image(it.image) for it in chunk])
+            image["image_latent"].append(self.encode_images(pixels))
+            if self.encode_image_tokens is not None:
+                image["image_tokens"].append(self.encode_image_tokens(pixels))
             for which in texts:
                 texts[which].append(self.encode_text([getattr(it, which) for it in chunk]))
         packed = {}
@@ -264,7 +270,7 @@ class Kit:
             packed[which] = (t, torch.cat([p["text_lengths"] for p in parts]))
         empty = self.encode_text([""])
         packed["empty"] = (empty["text"], empty["text_lengths"])
-        return PromptTable(items, torch.cat(lat), packed)
+        return PromptTable(items, {k: torch.cat(v) for k, v in image.items()}, packed)
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
         """(n, C, T, h, w) standard normal noise from ``seed`` (CPU generator: the same on every device)."""
@@ -304,7 +310,7 @@ def _toy_kit(cfg: JobConfig) -> Kit:
     def load_denoiser(weights: str) -> nn.Module:
         model = copy.deepcopy(demo.dit)
         if weights:
-            model.load_state_dict(read_native_state(weights, model))
+            load_weights(model, weights)
         return model.to(device).train()
 
     return Kit(
@@ -313,22 +319,52 @@ def _toy_kit(cfg: JobConfig) -> Kit:
         fps=4,
         encode_text=text_encoder.encode,
         encode_images=encode_images,
+        encode_image_tokens=None,
         decode=lambda z: toy_latent.decode(z.float().cpu()),
         load_denoiser=load_denoiser,
     )
 
 
 def _pretrained_kit(cfg: JobConfig) -> Kit:
-    """Real I2V models: the DiT from ``model.pretrained`` plus the family's VAE and text encoder from
-    models/encoders.py."""
-    try:
-        from models import encoders
-    except ImportError as e:
-        raise RuntimeError(
-            f"model {cfg.model.family}/{cfg.model.flavour}: models/encoders.py (VAE and text encoder) is "
-            f"not available ({e}); only the toy world runs end to end here"
-        ) from None
-    return encoders.build_kit(cfg, Kit, load_pretrained_denoiser)  # pragma: no cover - needs weights
+    """Real models: ``model.pretrained`` is a diffusers pipeline folder (transformer/, vae/,
+    text_encoder/, tokenizer/ [, image_encoder/, image_processor/]); videos are data.num_frames x
+    data.height x data.width; scene images are resized to that size."""
+    from models.encoders import load_encoders
+
+    device = device_of(cfg)
+    dtype = torch.bfloat16 if cfg.precision.param_dtype == "bfloat16" else torch.float32
+    enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=dtype)
+    for m in (enc.vae, enc.text, enc.image):
+        if m is not None:
+            frozen(m).to(device)
+    vae, d = enc.vae, cfg.data
+    shape = (vae.latent_channels, 1 + (d.num_frames - 1) // vae.temporal_compression,
+             d.height // vae.spatial_compression, d.width // vae.spatial_compression)  # fmt: skip
+
+    def pixels(images: np.ndarray) -> torch.Tensor:  # uint8 (B, H, W, 3) -> (B, 3, H, W) in [-1, 1]
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
+        return nn.functional.interpolate(x, size=(d.height, d.width), mode="bilinear", antialias=True)
+
+    def encode_text(texts: list[str]) -> dict[str, torch.Tensor]:
+        emb, lengths = enc.text.encode(texts)
+        return {"text": emb, "text_lengths": lengths}
+
+    def decode(z: torch.Tensor) -> torch.Tensor:
+        video = vae.decode(z.float())  # (B, 3, T, H, W) in about [-1, 1]
+        return ((video.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 4, 1).cpu()
+
+    return Kit(
+        device=device,
+        latent_shape=shape,
+        fps=16,
+        encode_text=encode_text,
+        encode_images=lambda images: vae.encode(pixels(images).unsqueeze(2)),
+        encode_image_tokens=(lambda images: enc.image.encode(pixels(images)))
+        if enc.image is not None
+        else None,
+        decode=decode,
+        load_denoiser=lambda weights: load_pretrained_denoiser(cfg, weights).to(device),
+    )
 
 
 def build_denoiser(cfg: JobConfig, **overrides) -> nn.Module:
@@ -352,22 +388,27 @@ def load_pretrained_denoiser(cfg: JobConfig, weights: str) -> nn.Module:
     model_cls, _ = models.model_classes(cfg.model.family)
     model = model_cls.from_pretrained(cfg.model.pretrained)
     if weights:
-        model.load_state_dict(read_native_state(weights, model))
+        load_weights(model, weights)
     return model
 
 
-def read_native_state(path: str, model: nn.Module) -> dict[str, torch.Tensor]:
-    """A safetensors export of ours (engine.checkpoint.export_safetensors) checked against ``model``."""
+def load_weights(model: nn.Module, path: str) -> nn.Module:
+    """Load a safetensors file written by engine.checkpoint.export_safetensors (our keys, or the
+    family's diffusers layout) into ``model``; a file that does not fit is an error naming the keys."""
     from safetensors.torch import load_file
 
     if not Path(path).is_file():
         raise FileNotFoundError(f"weights '{path}' do not exist")
     sd = load_file(path)
-    want = set(model.state_dict())
-    if set(sd) != want:
-        missing, extra = sorted(want - set(sd))[:5], sorted(set(sd) - want)[:5]
-        raise ValueError(f"weights '{path}' do not fit the model: missing {missing}, unexpected {extra}")
-    return sd
+    ours = set(model.state_dict())
+    if set(sd) == ours:
+        model.load_state_dict(sd)
+        return model
+    if hasattr(model, "to_diffusers_state_dict") and set(sd) == set(model.to_diffusers_state_dict()):
+        model.load_diffusers_state_dict(sd)
+        return model
+    missing, extra = sorted(ours - set(sd))[:3], sorted(set(sd) - ours)[:3]
+    raise ValueError(f"weights '{path}' do not fit the model: missing {missing}, unexpected {extra}")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -110,7 +110,7 @@ class DemoBatches:
         cfg, B = self.cfg, self.cfg.train.batch_size
         g = step_generator(cfg, step)
         j = torch.randint(len(self.latents), (B,), generator=g)
-        x0 = self.latents[j].to(self.table.image_latent.device)
+        x0 = self.latents[j].to(self.table.image["image_latent"].device)
         t = flow.sample_timesteps(B, cfg.flow.t_sampling, shift=cfg.flow.shift, generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
         batch = {"x0": x0, "noise": noise, "t": t, "cond": self.table.cond(self.item_idx[j], "task")}

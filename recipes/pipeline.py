@@ -1,0 +1,158 @@
+"""The README's main job: the whole WMSD pipeline on the embedded toy world, on CPU, in minutes.
+
+    python recipes/pipeline.py                                   # = --config recipes/configs/wmsd_toy.toml
+    python recipes/pipeline.py --distill.min_gap 0               # continue even without a Demonstrator gap
+
+Stages (each one a recipe, each resumable; a rerun skips finished work):
+  1. propose       world.num_scenes toy scenes -> tasks.jsonl (oracle proposer)
+  2. gap check     Demonstrator + task vs Demonstrator + solution on eval.num_items held-out scenes,
+                   same noise; stops with a clear message when the paired Avg gap < distill.min_gap
+  3. distill       on-policy self-distillation (train.steps)                     -> onpolicy/
+  4. ablations     Demonstrator videos (demonstrate) -> off-policy SFT and filtered SFT, same steps
+                                                                                  -> sft/, sft_filtered/
+  5. rl            Flow-GRPO + Demonstrator anchor from the on-policy Executor (rl.steps) -> rl/
+  6. evaluate      every condition on the same held-out items and noise          -> eval/
+Prints and writes (results.json, results.md in the run folder) the table with CIs, and says whether
+on-policy distillation beats off-policy SFT by a paired test, whatever the answer is.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+
+from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.evaluation import paired_test  # noqa: E402
+from engine.log import get_logger  # noqa: E402
+from recipes import demonstrate, distill, evaluate, propose, rl  # noqa: E402
+from recipes.common import TOY_CONFIG, read_jsonl, run_dir  # noqa: E402
+
+log = get_logger("pipeline")
+
+
+def stage(cfg: JobConfig, out: Path, name: str, **sections) -> JobConfig:
+    """A copy of ``cfg`` for one stage: run folder <out>/<name>, shared task and demo files, and the
+    given section overrides (``distill={"mode": "off_policy"}``)."""
+    c = dataclasses.replace(cfg, run=dataclasses.replace(cfg.run, out_dir=str(out), name=name))
+    shared = {"tasks": str(out / "tasks.jsonl"), "demos": str(out / "demos")}
+    c = dataclasses.replace(c, distill=dataclasses.replace(c.distill, **shared))
+    for section, values in sections.items():
+        c = dataclasses.replace(c, **{section: dataclasses.replace(getattr(c, section), **values)})
+    return c
+
+
+def trained(cfg: JobConfig, out: Path, name: str, fn, **sections) -> Path:
+    """Run a training stage unless its export exists; returns the Executor's weights."""
+    weights = out / name / "model.safetensors"
+    if weights.is_file():
+        log.info("%s: already trained (%s)", name, weights)
+        return weights
+    return fn(stage(cfg, out, name, **sections))
+
+
+def gap_check(cfg: JobConfig, out: Path) -> dict:
+    """Evaluate both Demonstrator baselines (kept for the final table) and test their paired gap."""
+    evaluate.run(stage(cfg, out, "eval", eval={"executors": [], "baselines": True}), out=out / "eval")
+    task, sol = (
+        dict(np.load(out / "eval" / f"{n}.npz")) for n in (evaluate.BASELINE, "demonstrator+solution")
+    )
+    gap = paired_test(sol["avg"], task["avg"], cfg.eval.ci)
+    return {"diff": gap.diff, "lo": gap.lo, "hi": gap.hi, "p_sign": gap.p_sign, "min_gap": cfg.distill.min_gap,
+            "passed": gap.diff >= cfg.distill.min_gap}  # fmt: skip
+
+
+def ablations(cfg: JobConfig, out: Path) -> dict[str, Path]:
+    """Off-policy SFT on all Demonstrator videos, and on the judged-successful ones only."""
+    demonstrate.run(stage(cfg, out, "demos"))
+    runs = {"sft": trained(cfg, out, "sft", distill.run, distill={"mode": "off_policy"})}
+    rows = read_jsonl(out / "demos" / "index.jsonl")
+    good = sum(1 for r in rows if (r["scores"].get("task") or 0.0) >= cfg.distill.filter_threshold)
+    if good == 0:
+        log.warning("filtered SFT skipped: none of %d demonstrations solves its task", len(rows))
+    else:
+        runs["sft_filtered"] = trained(
+            cfg, out, "sft_filtered", distill.run, distill={"mode": "off_policy_filtered"}
+        )
+    return runs
+
+
+def verdict(res: dict, cfg: JobConfig) -> str:
+    """The honest sentence on on-policy vs off-policy SFT (paired, Avg)."""
+    cmp = res["conditions"].get("onpolicy", {}).get("vs_sft")
+    if cmp is None:
+        return "on-policy vs off-policy: not compared (a condition is missing)."
+    d = cmp["avg"]
+    sig = d["lo"] > 0 or d["hi"] < 0
+    word = (
+        "beats"
+        if d["diff"] > 0 and sig
+        else ("is worse than" if sig else "does not significantly differ from")
+    )
+    return (f"On-policy distillation {word} off-policy SFT: Avg difference {d['diff']:+.3f} "
+            f"[{d['lo']:+.3f}, {d['hi']:+.3f}] ({cfg.eval.ci:.0%} CI), sign test p = {d['p_sign']:.2g}, "
+            f"{d['n']} paired items.")  # fmt: skip
+
+
+def final_results(cfg: JobConfig, out: Path, executors: dict[str, Path], gap: dict, t0: float) -> dict:
+    specs = [f"{name}={path}" for name, path in executors.items()]
+    res = evaluate.run(
+        stage(cfg, out, "eval", eval={"executors": specs, "baselines": True}), out=out / "eval"
+    )
+    sft = dict(np.load(out / "eval" / "sft.npz")) if "sft" in executors else None
+    onp = dict(np.load(out / "eval" / "onpolicy.npz")) if "onpolicy" in executors else None
+    if sft is not None and onp is not None:
+        res["conditions"]["onpolicy"]["vs_sft"] = {
+            q: vars(paired_test(onp[q], sft[q], cfg.eval.ci)) for q in evaluate.COLUMNS
+        }
+    res.update(gap=gap, wall_s=time.perf_counter() - t0, verdict=verdict(res, cfg))
+    return res
+
+
+def run(cfg: JobConfig) -> dict:
+    t0 = time.perf_counter()
+    out = run_dir(cfg)
+    save_config(cfg, out)
+    propose.run(stage(cfg, out, "."))
+    gap = gap_check(cfg, out)
+    log.info(
+        "Demonstrator gap (solution - task, Avg): %+.3f [%+.3f, %+.3f]", gap["diff"], gap["lo"], gap["hi"]
+    )
+    if not gap["passed"]:
+        table = (out / "eval" / "results.md").read_text()
+        (out / "results.json").write_text(
+            json.dumps({"gap": gap, "stopped": "gap below distill.min_gap"}, indent=1)
+        )
+        print(table)
+        raise SystemExit(
+            f"STOP: the Demonstrator's gap (solution - task, Avg) is {gap['diff']:+.3f} "
+            f"[{gap['lo']:+.3f}, {gap['hi']:+.3f}], below distill.min_gap = {gap['min_gap']}: the solution "
+            "does not carry what the task lacks, so distillation has nothing to teach. Table above; rerun "
+            "with --distill.min_gap 0 to run the rest anyway."
+        )
+    executors = {"onpolicy": trained(cfg, out, "onpolicy", distill.run, distill={"mode": "on_policy"})}
+    executors.update(ablations(cfg, out))
+    executors["rl"] = trained(cfg, out, "rl", rl.run, rl={"init": str(executors["onpolicy"])})
+    res = final_results(cfg, out, executors, gap, t0)
+    table = evaluate.markdown_table(res) + "\n" + res["verdict"] + "\n"
+    (out / "results.json").write_text(json.dumps(res, indent=1))
+    (out / "results.md").write_text(table)
+    print(table)
+    return res
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
+        argv = ["--config", str(TOY_CONFIG), *argv]
+    run(config_main(JobConfig, argv, description=__doc__))
+
+
+if __name__ == "__main__":
+    main()
