@@ -3,11 +3,12 @@
 Scalars stay on the device between logging steps (a ``.item()`` per step would sync the GPU every
 step); at a logging step they are averaged over the interval and moved to the host in one go.
 
-    MFU = achieved FLOP/s / device peak,  achieved = 3 * flops_per_token * tokens/s   (fwd + 2x bwd)
+    MFU = achieved FLOP/s / device peak,  achieved = 3 * forward FLOPs / s   (fwd + 2x bwd)
 
-``flops_per_token`` is the model's forward FLOPs per token (``model.flops_per_token`` attribute or
-method, when the model has one). Peaks are dense bf16 / fp8 tensor-core figures per device; on CPU
-MFU is None.
+Forward FLOPs come from the loss's ``num_flops`` log when it gives one (exact for variable video
+lengths; e.g. ``model.flops_per_token(seq_len, text_len) * tokens``), else from ``flops_per_token``:
+a ``model.flops_per_token`` number or zero-argument method. Peaks are dense bf16 / fp8 tensor-core
+figures per device; on CPU MFU is None.
 """
 
 from __future__ import annotations
@@ -51,7 +52,12 @@ def model_flops_per_token(model: nn.Module) -> float | None:
     f = getattr(model, "flops_per_token", None)
     if f is None:
         return None
-    return float(f() if callable(f) else f)
+    if callable(f):
+        try:
+            return float(f())
+        except TypeError:  # needs the sequence shape: the loss must log num_flops instead
+            return None
+    return float(f)
 
 
 def mfu(tokens_per_s: float, flops_per_token: float | None, peak: float | None) -> float | None:
@@ -59,6 +65,11 @@ def mfu(tokens_per_s: float, flops_per_token: float | None, peak: float | None) 
     if not flops_per_token or not peak:
         return None
     return 3.0 * flops_per_token * tokens_per_s / peak
+
+
+def achieved_tflops(forward_flops: float, seconds: float) -> float:
+    """Training TFLOP/s from forward FLOPs (x3 for forward + backward)."""
+    return 3.0 * forward_flops / seconds / 1e12
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
@@ -85,7 +96,7 @@ class MetricsLogger:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.path = Path(run_dir) / "metrics.jsonl"
         self._sums: dict[str, torch.Tensor | float] = {}
-        self._count, self._tokens = 0, 0
+        self._count, self._tokens, self._flops = 0, 0, 0.0
         self._t0 = time.perf_counter()
         self._tb = self._open_tensorboard(run_dir) if (tensorboard and is_main) else None
         if is_main:
@@ -99,13 +110,14 @@ class MetricsLogger:
             return None
         return SummaryWriter(str(Path(run_dir) / "tb"))
 
-    def update(self, scalars: dict[str, torch.Tensor | float], tokens: int = 0) -> None:
-        """Add one step's scalars (device tensors are summed on the device, no sync)."""
+    def update(self, scalars: dict[str, torch.Tensor | float], tokens: int = 0, flops: float = 0.0) -> None:
+        """Add one step's scalars (device tensors are summed on the device, no sync), tokens, forward FLOPs."""
         for k, v in scalars.items():
             v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
             self._sums[k] = self._sums[k] + v if k in self._sums else v
         self._count += 1
         self._tokens += tokens
+        self._flops += flops if flops else (self.flops_per_token or 0.0) * tokens
 
     def should_log(self, step: int) -> bool:
         return step % self.log_every == 0
@@ -127,15 +139,17 @@ class MetricsLogger:
             row[k] = (next(it) if isinstance(v, torch.Tensor) else v) / self._count
         row["step_time_s"] = dt / self._count
         row["tokens_per_s"] = self._tokens / dt if dt > 0 else 0.0
-        m = mfu(row["tokens_per_s"], self.flops_per_token, self.peak_flops)
-        if m is not None:
-            row["mfu"] = m
+        if self._flops and dt > 0:
+            row["tflops"] = achieved_tflops(self._flops, dt)
+            if self.peak_flops:
+                row["mfu"] = row["tflops"] * 1e12 / self.peak_flops
         mem = peak_memory_gb(self.device)
         if mem is not None:
             row["peak_mem_gb"] = mem
         row.update(counters or {})
         self._write(step, row)
-        self._sums, self._count, self._tokens, self._t0 = {}, 0, 0, time.perf_counter()
+        self._sums, self._count, self._tokens, self._flops = {}, 0, 0, 0.0
+        self._t0 = time.perf_counter()
         return row
 
     def _write(self, step: int, row: dict[str, float]) -> None:

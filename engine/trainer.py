@@ -12,8 +12,9 @@
 Contracts:
 
 - ``loss_fn(model, micro_batch) -> (loss, logs)``: a scalar loss tensor and a dict of scalars (floats
-  or 0-d tensors, averaged over micro-batches and logging steps). A log ``num_tokens`` is popped and
-  used for tokens/s and MFU. The recipe's loss_fn owns any frozen teacher/judge; the model passed in
+  or 0-d tensors, averaged over micro-batches and logging steps). Logs ``num_tokens`` and
+  ``num_flops`` (forward FLOPs of the micro-batch) are popped and used for tokens/s and MFU. The
+  recipe's loss_fn owns any frozen teacher/judge; the model passed in
   is the trainer's wrapped model.
 - ``batches.next(step, model) -> list[micro_batch]`` gives one optimizer step's micro-batches (grad
   accumulation = the list's length). It receives the current model because on-policy distillation
@@ -280,7 +281,7 @@ class Trainer:
             raise ValueError(
                 f"batches.next() must return a non-empty list of micro-batches, got {type(micro)}"
             )
-        loss_sum, logs, tokens = self._forward_backward(list(micro))
+        loss_sum, logs, work = self._forward_backward(list(micro))
         gnorm = self._clip_grad_norm()
         ok = self._finite(loss_sum, gnorm)
         lr = self.current_lr()
@@ -297,7 +298,7 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         self.state.step += 1
         logs.update(loss=loss_sum.detach(), grad_norm=gnorm.detach(), lr=lr)
-        self._after_step(logs if ok else {"lr": lr}, tokens)
+        self._after_step(logs if ok else {"lr": lr}, *work)
         return logs
 
     def fit(self) -> dict[str, float]:
@@ -326,11 +327,11 @@ class Trainer:
                     export_safetensors(self.model, self.run_dir / "ema.safetensors")
 
     # ---- step internals -------------------------------------------------------------------------
-    def _forward_backward(self, micro: list[Any]) -> tuple[torch.Tensor, dict[str, Any], int]:
+    def _forward_backward(self, micro: list[Any]) -> tuple[torch.Tensor, dict[str, Any], tuple[int, float]]:
         n = len(micro)
         loss_sum = torch.zeros((), device=self.dist.device)
         logs: dict[str, Any] = {}
-        tokens = 0
+        tokens, flops = 0, 0.0
         for i, mb in enumerate(micro):
             if self.sharded:  # reduce-scatter gradients only on the last micro-step
                 self.model.set_requires_gradient_sync(i == n - 1)
@@ -347,12 +348,13 @@ class Trainer:
             loss_sum += loss.detach().float() / n
             mlogs = dict(mlogs)
             tokens += int(mlogs.pop("num_tokens", 0))
+            flops += float(mlogs.pop("num_flops", 0.0))
             for k, v in mlogs.items():
                 v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
                 logs[k] = logs.get(k, 0.0) + v / n
         if not self.sharded and self.dist.distributed:
             self._all_reduce_grads()
-        return loss_sum, logs, tokens
+        return loss_sum, logs, (tokens, flops)
 
     def _all_reduce_grads(self) -> None:
         """Data parallel without FSDP (parallel.fsdp = false): average gradients over all ranks."""
@@ -402,8 +404,8 @@ class Trainer:
     def _counters(self) -> dict[str, float]:
         return {"skipped_steps": float(self.state.skipped)}
 
-    def _after_step(self, logs: dict[str, Any], tokens: int) -> None:
-        self.metrics.update(logs, tokens)
+    def _after_step(self, logs: dict[str, Any], tokens: int, flops: float) -> None:
+        self.metrics.update(logs, tokens, flops)
         if self.metrics.should_log(self.state.step):
             self._last_logs = self.metrics.flush(self.state.step, self._counters())
         self.profiler.step()
