@@ -19,6 +19,7 @@ import torch.nn.functional as F
 
 from kernels.adaln import adaln_modulate, gated_residual
 from kernels.attention import attention
+from kernels.rope import apply_rope_reference
 
 __all__ = [
     "MLP",
@@ -45,6 +46,14 @@ def _kernel_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     return backend
+
+
+def _attend(q, k, v, *, backend: str, rope=None, k_lengths=None) -> torch.Tensor:
+    """kernels.attention; for "sdpa" on CPU the RoPE rotation uses the pure-torch reference, since the
+    fused Triton rotation only runs interpreted there (orders of magnitude slower)."""
+    if rope is not None and backend == "sdpa" and not q.is_cuda:
+        q, k, rope = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope), None
+    return attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend)
 
 
 def timestep_embedding(
@@ -161,7 +170,7 @@ class SelfAttention(nn.Module):
         q = _norm_heads(self.norm_q, q, self.heads, self.per_head)  # (B, S, H, D)
         k = _norm_heads(self.norm_k, k, self.heads, self.per_head)
         v = v.unflatten(-1, (self.heads, -1))  # (B, S, dim) -> (B, S, H, D)
-        o = attention(q, k, v, rope=rope, backend=self.backend)
+        o = _attend(q, k, v, rope=rope, backend=self.backend)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 
@@ -207,15 +216,13 @@ class CrossAttention(nn.Module):
         q = _norm_heads(self.norm_q, self.q(x), self.heads, self.per_head)  # (B, S, H, D)
         k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, L, dim)
         k = _norm_heads(self.norm_k, k, self.heads, self.per_head)
-        o = attention(
-            q, k, v.unflatten(-1, (self.heads, -1)), k_lengths=context_lengths, backend=self.backend
-        )
+        o = _attend(q, k, v.unflatten(-1, (self.heads, -1)), k_lengths=context_lengths, backend=self.backend)
         if added_context is not None:
             if self.added_kv is None:
                 raise ValueError("added_context: this attention has no added key/value projection")
             ka, va = self.added_kv(added_context).chunk(2, dim=-1)  # 2 x (B, L2, dim)
             ka = _norm_heads(self.norm_added_k, ka, self.heads, self.per_head)
-            o = o + attention(q, ka, va.unflatten(-1, (self.heads, -1)), backend=self.backend)
+            o = o + _attend(q, ka, va.unflatten(-1, (self.heads, -1)), backend=self.backend)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 

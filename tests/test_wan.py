@@ -254,3 +254,29 @@ def test_cast_keeps_fp32_modules_and_bf16_is_close_to_fp32():
     assert ours.time_embed.linear_1.weight.dtype == torch.float32
     assert ours.blocks[0].self_attn.qkv.weight.dtype == torch.bfloat16
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_gpu_bf16_error_within_twice_diffusers_bf16(backend):
+    """bf16 on CUDA: our error vs an fp32 reference is at most ~2x diffusers' bf16 error (outputs, input grads)."""
+    cfg = dict(num_attention_heads=2, attention_head_dim=64, ffn_dim=256, attention_backend=backend)
+    theirs, ours = make_pair(**cfg)
+    theirs, ours = theirs.cuda(), ours.cuda()
+    x = torch.randn(2, 4, 5, 16, 24, device="cuda")
+    t, text = torch.tensor([30.0, 700.0], device="cuda"), torch.randn(2, 40, 24, device="cuda")
+    w = torch.randn(2, 4, 5, 16, 24, device="cuda")
+
+    def run(model, dtype, diffusers):
+        xi = x.to(dtype).requires_grad_(True)
+        out = (
+            model(xi, t, text.to(dtype), return_dict=False)[0] if diffusers else model(xi, t, text.to(dtype))
+        )
+        (out.float() * w).sum().backward()
+        return out.float(), xi.grad.float()
+
+    ref_out, ref_grad = run(theirs, torch.float32, True)
+    their_out, their_grad = run(theirs.to(torch.bfloat16), torch.bfloat16, True)
+    our_out, our_grad = run(ours.to(torch.bfloat16), torch.bfloat16, False)
+    assert rel_err(our_out, ref_out) <= 2 * rel_err(their_out, ref_out) + 1e-3
+    assert rel_err(our_grad, ref_grad) <= 2 * rel_err(their_grad, ref_grad) + 1e-3

@@ -1,0 +1,213 @@
+"""DiT training-step throughput: forward + backward + fused AdamW, bf16, tokens/s and MFU.
+
+Cases are a list (HunyuanVideo-1.5 and others append theirs): each builds our model with a given
+attention backend and, as the baseline, the diffusers model with the same config and weights, on the
+same input. MFU = 3 x forward matmul FLOPs (the model's ``flops_per_token``) / time / peak, with the
+peak measured as a bf16 8192^3 matmul in the same run.
+
+    python -m bench.gpu_models [--quick]
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from bench.common import record
+
+DTYPE = torch.bfloat16
+
+
+@dataclass
+class Case:
+    """One benchmark case: a shape, our providers, and the diffusers baseline."""
+
+    name: str
+    build_ours: Callable[[str], torch.nn.Module]  # attention backend -> our model (bf16, cuda)
+    build_diffusers: Callable[
+        [torch.nn.Module], torch.nn.Module
+    ]  # our model -> diffusers model, same weights
+    inputs: Callable[[], dict]  # kwargs of forward(), on cuda
+    fwd_flops_per_token: float  # forward matmul FLOPs per video token
+    tokens: int
+    backends: tuple[str, ...] = ("triton", "sdpa")
+    extra: dict = field(default_factory=dict)
+
+
+def _wan_case(flavour: str, num_layers: int, latent: tuple[int, int, int, int], text_len: int) -> Case:
+    from models.wan import WanConfig, WanModel
+
+    C, Fr, H, W = latent
+    cfg = WanConfig.flavour(flavour, num_layers=num_layers)
+    tokens = Fr * (H // 2) * (W // 2)
+    with torch.device("meta"):
+        fwd_flops = WanModel(cfg).flops_per_token(tokens, text_len)
+
+    def build_ours(backend: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        with torch.device("cuda"):
+            return WanModel(WanConfig.flavour(flavour, num_layers=num_layers, attention_backend=backend)).to(
+                DTYPE
+            )
+
+    def build_diffusers(ours: torch.nn.Module) -> torch.nn.Module:
+        from diffusers import WanTransformer3DModel
+
+        with torch.device("cuda"):
+            model = WanTransformer3DModel(**cfg.to_diffusers_config())
+        model.load_state_dict(ours.to_diffusers_state_dict())
+        return model.to(DTYPE)
+
+    def inputs() -> dict:
+        g = torch.Generator("cuda").manual_seed(0)
+        return dict(
+            hidden_states=torch.randn(1, C, Fr, H, W, device="cuda", dtype=DTYPE, generator=g),
+            timestep=torch.tensor([500.0], device="cuda"),
+            encoder_hidden_states=torch.randn(
+                1, text_len, cfg.text_dim, device="cuda", dtype=DTYPE, generator=g
+            ),
+        )
+
+    name = f"wan{flavour}-{num_layers}blk-{Fr}x{H}x{W}"
+    return Case(
+        name,
+        build_ours,
+        build_diffusers,
+        inputs,
+        fwd_flops,
+        tokens,
+        extra=dict(flavour=flavour, num_layers=num_layers, text_len=text_len),
+    )
+
+
+def cases() -> list[Case]:
+    """Wan2.1-1.3B, 4 of 30 blocks, B=1, 480p x 81 frames (latent 21 x 60 x 104 = 32,760 tokens), text 512."""
+    return [_wan_case("1.3B", 4, (16, 21, 60, 104), 512)]
+
+
+def peak_bf16_flops() -> float:
+    """Measured dense bf16 matmul rate (8192^3) in FLOP/s."""
+    a = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    b = torch.randn(8192, 8192, device="cuda", dtype=DTYPE)
+    sec = _time(lambda: a @ b, warmup=3, iters=10)
+    return 2 * 8192**3 / sec
+
+
+def _time(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
+    """Median seconds per call of fn, timed with CUDA events."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(iters):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        fn()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1e3)
+    return sorted(times)[len(times) // 2]
+
+
+def _train_step_fn(model: torch.nn.Module, kwargs: dict, diffusers: bool) -> Callable[[], None]:
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+
+    def step() -> None:
+        out = model(**kwargs, return_dict=False)[0] if diffusers else model(**kwargs)
+        out.float().square().mean().backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    return step
+
+
+def _measure(case: Case, provider: str, model, diffusers: bool, peak: float, quick: bool) -> list[dict]:
+    kwargs = case.inputs()
+    step = _train_step_fn(model, kwargs, diffusers)
+    torch.cuda.reset_peak_memory_stats()
+    sec = _time(step, warmup=1 if quick else 2, iters=2 if quick else 4)
+    flops = 3 * case.fwd_flops_per_token * case.tokens
+    base = None if provider == "diffusers" else "diffusers"
+    mem = torch.cuda.max_memory_allocated() / 2**30
+    extra = dict(ms=sec * 1e3, tflops=flops / sec / 1e12, peak_tflops=peak / 1e12, **case.extra)
+    return [
+        record(
+            "models.train_step",
+            case.name,
+            provider,
+            "tokens_per_s",
+            case.tokens / sec,
+            baseline=base,
+            **extra,
+        ),
+        record("models.train_step", case.name, provider, "mfu", flops / sec / peak, baseline=base, **extra),
+        record(
+            "models.train_step",
+            case.name,
+            provider,
+            "peak_mem_gb",
+            mem,
+            higher_is_better=False,
+            baseline=base,
+        ),
+    ]
+
+
+def _error(case: str, provider: str, e: BaseException) -> dict:
+    return record("models.train_step", case, provider, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
+
+
+def _run_case(case: Case, peak: float, quick: bool) -> list[dict]:
+    recs = []
+    backends = case.backends[:1] if quick else case.backends
+    ours = None
+    for backend in backends:
+        try:
+            ours = case.build_ours(backend)
+            recs += _measure(case, f"ours_{backend}", ours, False, peak, quick)
+        except Exception as e:  # a failing provider is a record, never a crash
+            recs.append(_error(case.name, f"ours_{backend}", e))
+        torch.cuda.empty_cache()
+    try:
+        if ours is None:
+            raise RuntimeError("our model could not be built; no weights for the baseline")
+        theirs = case.build_diffusers(ours)
+        del ours
+        torch.cuda.empty_cache()
+        recs += _measure(case, "diffusers", theirs, True, peak, quick)
+        del theirs
+    except Exception as e:
+        recs.append(_error(case.name, "diffusers", e))
+    torch.cuda.empty_cache()
+    return recs
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Records per (case, provider): tokens/s and MFU (ratios vs diffusers), peak memory; quick: one backend."""
+    if not torch.cuda.is_available():
+        return [record("models.module", "-", "-", "error", 0.0, message="no CUDA device")]
+    t0 = time.time()
+    recs = []
+    try:
+        peak = peak_bf16_flops()
+        recs.append(record("models.peak_matmul", "bf16-8192", "torch", "tflops", peak / 1e12))
+    except Exception as e:
+        peak = 989e12  # H100/H200 dense bf16 spec
+        recs.append(record("models.peak_matmul", "bf16-8192", "torch", "error", 0.0, message=str(e)[:800]))
+    for case in cases():
+        try:
+            recs += _run_case(case, peak, quick)
+        except Exception as e:
+            recs.append(_error(case.name, "-", e))
+    recs.append(record("models.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
+    return recs
+
+
+if __name__ == "__main__":
+    from bench.common import add_ratios
+
+    print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
