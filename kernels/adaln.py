@@ -24,6 +24,7 @@ reproducible).
 from __future__ import annotations
 
 import functools
+import os
 
 import torch
 import triton
@@ -288,14 +289,21 @@ def _gated_bwd_kernel(
         tl.store(dgate_ptr + poffs, tl.sum(acc, axis=0), mask=cols_ok)
 
 
+# Launch tuning (measured on H200, bench/gpu_elementwise.py): elements per row tile, programs per SM
+# for the forward and backward passes, warps per program.
+TUNING = {"tile": 4096, "fwd_progs_per_sm": 16, "bwd_progs_per_sm": 4, "warps": 8}
+
+
 @functools.cache
 def _num_sms(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def _launch_geometry(x: torch.Tensor, tile_elems: int, progs_per_sm: int) -> tuple[int, int, int, int]:
+def _launch_geometry(x: torch.Tensor, backward: bool) -> tuple[int, int, int, int]:
     """-> (BLOCK_R, BLOCK_D, rows_per_prog, n_progs) for the (n_progs, B) grid over x (B, S, D)."""
     B, S, D = x.shape
+    tile_elems = TUNING["tile"]
+    progs_per_sm = TUNING["bwd_progs_per_sm" if backward else "fwd_progs_per_sm"]
     BLOCK_D = triton.next_power_of_2(D)
     BLOCK_R = max(1, min(tile_elems // BLOCK_D, triton.next_power_of_2(S)))
     target = progs_per_sm * (_num_sms(x.device.index or 0) if x.is_cuda else 2)
@@ -306,7 +314,7 @@ def _launch_geometry(x: torch.Tensor, tile_elems: int, progs_per_sm: int) -> tup
 
 
 def _warps(BLOCK_R: int, BLOCK_D: int) -> int:
-    return 8 if BLOCK_R * BLOCK_D >= 4096 else 4
+    return TUNING["warps"] if BLOCK_R * BLOCK_D >= TUNING["tile"] else 4
 
 
 class _AdaLNFn(torch.autograd.Function):
@@ -314,7 +322,7 @@ class _AdaLNFn(torch.autograd.Function):
     def forward(ctx, x, scale, shift, rms: bool, eps: float):
         B, S, D = x.shape
         per_token = scale.shape[1] == S and S > 1
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, 4096, 16)
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, backward=False)
         y = torch.empty_like(x)
         mean = torch.empty((B * S,), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
@@ -344,7 +352,7 @@ class _AdaLNFn(torch.autograd.Function):
         x, scale, mean, rstd = ctx.saved_tensors
         B, S, D = x.shape
         dy = dy.contiguous()
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, 4096, 4)
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, backward=True)
         dx = torch.empty_like(x)
         if ctx.per_token:
             dscale = torch.empty_like(scale)
@@ -383,7 +391,7 @@ class _GatedResidualFn(torch.autograd.Function):
     def forward(ctx, x, y, gate):
         B, S, D = x.shape
         per_token = gate.shape[1] == S and S > 1
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, 4096, 16)
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, backward=False)
         out = torch.empty_like(x)
         _gated_fwd_kernel[(n_progs, B)](
             x,
@@ -407,7 +415,7 @@ class _GatedResidualFn(torch.autograd.Function):
         y, gate = ctx.saved_tensors
         B, S, D = y.shape
         dout = dout.contiguous()
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(y, 4096, 4)
+        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(y, backward=True)
         dy = torch.empty_like(y)
         if ctx.per_token:
             dgate = torch.empty_like(gate)
@@ -434,9 +442,11 @@ class _GatedResidualFn(torch.autograd.Function):
 
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
+    """Triton runs on CUDA tensors (or anywhere under TRITON_INTERPRET=1), never for float64."""
     if backend not in ("triton", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'triton' or 'torch'")
-    return backend == "triton" and all(t.dtype != torch.float64 for t in tensors)
+    where = tensors[0].is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
+    return backend == "triton" and where and all(t.dtype != torch.float64 for t in tensors)
 
 
 def adaln_modulate(
