@@ -10,6 +10,7 @@ peak measured as a bf16 8192^3 matmul in the same run.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import sys
 import time
@@ -28,61 +29,60 @@ class Case:
     """One benchmark case: a shape, our providers, and the diffusers baseline."""
 
     name: str
-    build_ours: Callable[[str], torch.nn.Module]  # attention backend -> our model (bf16, cuda)
+    build_ours: Callable[[str], torch.nn.Module]  # attention backend -> our model (bf16)
     build_diffusers: Callable[
         [torch.nn.Module], torch.nn.Module
     ]  # our model -> diffusers model, same weights
-    inputs: Callable[[], dict]  # kwargs of forward(), on cuda
+    inputs: Callable[[], dict]  # kwargs of forward(), on the case's device
     fwd_flops_per_token: float  # forward matmul FLOPs per video token
     tokens: int
     backends: tuple[str, ...] = ("triton", "sdpa")
     extra: dict = field(default_factory=dict)
 
 
-def _wan_case(flavour: str, num_layers: int, latent: tuple[int, int, int, int], text_len: int) -> Case:
+def _wan_case(
+    flavour: str,
+    num_layers: int,
+    latent: tuple[int, int, int, int],
+    text_len: int,
+    *,
+    device: str = "cuda",
+    **overrides,
+) -> Case:
+    """Wan T2V at a flavour's dims with ``num_layers`` blocks, B=1, latent (C, F, H, W), text_len tokens."""
     from models.wan import WanConfig, WanModel
 
     C, Fr, H, W = latent
-    cfg = WanConfig.flavour(flavour, num_layers=num_layers)
+    cfg = WanConfig.flavour(flavour, num_layers=num_layers, **overrides)
     tokens = Fr * (H // 2) * (W // 2)
     with torch.device("meta"):
         fwd_flops = WanModel(cfg).flops_per_token(tokens, text_len)
 
     def build_ours(backend: str) -> torch.nn.Module:
         torch.manual_seed(0)
-        with torch.device("cuda"):
-            return WanModel(WanConfig.flavour(flavour, num_layers=num_layers, attention_backend=backend)).to(
-                DTYPE
-            )
+        with torch.device(device):
+            return WanModel(dataclasses.replace(cfg, attention_backend=backend)).to(DTYPE)
 
     def build_diffusers(ours: torch.nn.Module) -> torch.nn.Module:
         from diffusers import WanTransformer3DModel
 
-        with torch.device("cuda"):
+        with torch.device(device):
             model = WanTransformer3DModel(**cfg.to_diffusers_config())
         model.load_state_dict(ours.to_diffusers_state_dict())
         return model.to(DTYPE)
 
     def inputs() -> dict:
-        g = torch.Generator("cuda").manual_seed(0)
+        g = torch.Generator(device).manual_seed(0)
+        shape = (1, text_len, cfg.text_dim)
         return dict(
-            hidden_states=torch.randn(1, C, Fr, H, W, device="cuda", dtype=DTYPE, generator=g),
-            timestep=torch.tensor([500.0], device="cuda"),
-            encoder_hidden_states=torch.randn(
-                1, text_len, cfg.text_dim, device="cuda", dtype=DTYPE, generator=g
-            ),
+            hidden_states=torch.randn(1, C, Fr, H, W, device=device, dtype=DTYPE, generator=g),
+            timestep=torch.tensor([500.0], device=device),
+            encoder_hidden_states=torch.randn(shape, device=device, dtype=DTYPE, generator=g),
         )
 
     name = f"wan{flavour}-{num_layers}blk-{Fr}x{H}x{W}"
-    return Case(
-        name,
-        build_ours,
-        build_diffusers,
-        inputs,
-        fwd_flops,
-        tokens,
-        extra=dict(flavour=flavour, num_layers=num_layers, text_len=text_len),
-    )
+    extra = dict(flavour=flavour, num_layers=num_layers, text_len=text_len)
+    return Case(name, build_ours, build_diffusers, inputs, fwd_flops, tokens, extra=extra)
 
 
 def cases() -> list[Case]:
@@ -99,22 +99,31 @@ def peak_bf16_flops() -> float:
 
 
 def _time(fn: Callable[[], object], *, warmup: int, iters: int) -> float:
-    """Median seconds per call of fn, timed with CUDA events."""
+    """Median seconds per call of fn (synchronised on CUDA)."""
     for _ in range(warmup):
         fn()
     times = []
     for _ in range(iters):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
+        _sync()
+        t0 = time.perf_counter()
         fn()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1e3)
+        _sync()
+        times.append(time.perf_counter() - t0)
     return sorted(times)[len(times) // 2]
 
 
+def _sync() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
+
+
+def _empty_cache() -> None:
+    if torch.cuda.is_available():
+        torch.cuda.empty_cache()
+
+
 def _train_step_fn(model: torch.nn.Module, kwargs: dict, diffusers: bool) -> Callable[[], None]:
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=True)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=next(model.parameters()).is_cuda)
 
     def step() -> None:
         out = model(**kwargs, return_dict=False)[0] if diffusers else model(**kwargs)
@@ -128,11 +137,12 @@ def _train_step_fn(model: torch.nn.Module, kwargs: dict, diffusers: bool) -> Cal
 def _measure(case: Case, provider: str, model, diffusers: bool, peak: float, quick: bool) -> list[dict]:
     kwargs = case.inputs()
     step = _train_step_fn(model, kwargs, diffusers)
-    torch.cuda.reset_peak_memory_stats()
+    if torch.cuda.is_available():
+        torch.cuda.reset_peak_memory_stats()
     sec = _time(step, warmup=1 if quick else 2, iters=2 if quick else 4)
     flops = 3 * case.fwd_flops_per_token * case.tokens
     base = None if provider == "diffusers" else "diffusers"
-    mem = torch.cuda.max_memory_allocated() / 2**30
+    mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
     extra = dict(ms=sec * 1e3, tflops=flops / sec / 1e12, peak_tflops=peak / 1e12, **case.extra)
     return [
         record(
@@ -171,18 +181,18 @@ def _run_case(case: Case, peak: float, quick: bool) -> list[dict]:
             recs += _measure(case, f"ours_{backend}", ours, False, peak, quick)
         except Exception as e:  # a failing provider is a record, never a crash
             recs.append(_error(case.name, f"ours_{backend}", e))
-        torch.cuda.empty_cache()
+        _empty_cache()
     try:
         if ours is None:
             raise RuntimeError("our model could not be built; no weights for the baseline")
         theirs = case.build_diffusers(ours)
         del ours
-        torch.cuda.empty_cache()
+        _empty_cache()
         recs += _measure(case, "diffusers", theirs, True, peak, quick)
         del theirs
     except Exception as e:
         recs.append(_error(case.name, "diffusers", e))
-    torch.cuda.empty_cache()
+    _empty_cache()
     return recs
 
 

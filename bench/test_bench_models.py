@@ -52,3 +52,15 @@ def test_bench_wan_toy_diffusers(benchmark):
     model, kwargs = WanTransformer3DModel(**cfg.to_diffusers_config()), _inputs()
     out = benchmark(_step, model, kwargs, True)
     assert out.shape == kwargs["hidden_states"].shape
+
+
+def test_gpu_models_case_machinery_runs_on_cpu():
+    """bench/gpu_models.py's case code on a tiny CPU case: every provider yields records, no errors."""
+    from bench.gpu_models import _run_case, _wan_case
+
+    case = _wan_case("debug", 2, (4, 2, 8, 8), 8, device="cpu")
+    recs = _run_case(case, peak=1e12, quick=False)
+    errors = [r["extra"].get("message") for r in recs if r["metric"] == "error"]
+    assert not errors, errors
+    providers = {r["provider"] for r in recs if r["metric"] == "tokens_per_s"}
+    assert providers == {"ours_triton", "ours_sdpa", "diffusers"}
