@@ -1,0 +1,170 @@
+"""Smoke tests of the WMSD recipes through their CLIs (subprocess), at tiny sizes on the toy world.
+
+Checks are against independent things: the oracle's parse of the proposed tasks, the files the
+recipes must write (read back with PyAV / safetensors), the trainer's step counter after a real
+SIGKILL and resume, and diffusers' own Wan model for the parameter count of the real config.
+"""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+REPO = Path(__file__).resolve().parents[1]
+TINY = ["--world.num_scenes", "3", "--distill.pairs_per_image", "2", "--train.batch_size", "2",
+        "--flow.num_steps", "2", "--train.warmup_steps", "0", "--train.log_every", "1",
+        "--eval.num_items", "3", "--eval.write_videos", "1", "--eval.batch_size", "4"]  # fmt: skip
+
+
+def cli(recipe: str, out: Path, name: str, *args: str, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, str(REPO / "recipes" / f"{recipe}.py"), "--run.out_dir", str(out), "--run.name", name,
+           *TINY, *args]  # fmt: skip
+    env = {**os.environ, "WMSD_PROGRESS": "0"}
+    p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    if check and p.returncode != 0:
+        raise AssertionError(f"{recipe} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p
+
+
+@pytest.fixture(scope="module")
+def proposed(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("runs")
+    cli("propose", out, "base")
+    return out
+
+
+def test_propose_writes_oracle_valid_tasks_and_resumes(proposed):
+    from engine.world.oracle import parse_task
+
+    rows = [json.loads(line) for line in (proposed / "base" / "tasks.jsonl").read_text().splitlines()]
+    assert len(rows) >= 3 and len({r["id"] for r in rows}) == len(rows)
+    for r in rows:
+        parse_task(r["task"])  # raises unless the task is a well-formed toy task
+        assert (proposed / "base" / r["image"]).is_file()
+        assert "slides it" in r["solution"]
+    p = cli("propose", proposed, "base")
+    assert "already proposed" in p.stderr
+    assert len((proposed / "base" / "tasks.jsonl").read_text().splitlines()) == len(rows)
+
+
+def test_distill_on_policy_trains_and_exports(proposed):
+    from safetensors.torch import load_file
+
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    cli("distill", proposed, "onp", "--distill.tasks", tasks, "--train.steps", "2", "--train.lr", "1e-3")
+    run = proposed / "onp"
+    logs = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 2 and logs[-1]["distill_mse"] >= 0
+    assert (run / "config.toml").is_file()
+    trained = load_file(str(run / "model.safetensors"))
+    assert trained and all(torch.isfinite(v).all() for v in trained.values())
+
+
+def test_distill_resumes_after_sigkill(proposed):
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    args = [
+        "--distill.tasks",
+        tasks,
+        "--train.steps",
+        "4",
+        "--checkpoint.interval",
+        "1",
+        "--checkpoint.keep_last",
+        "4",
+    ]
+    cmd = [sys.executable, str(REPO / "recipes" / "distill.py"), "--run.out_dir", str(proposed), "--run.name",
+           "kill", *TINY, *args]  # fmt: skip
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, cwd=REPO)
+    ckpts = proposed / "kill" / "checkpoints"
+    deadline = time.time() + 240
+    while (
+        time.time() < deadline and not (ckpts.is_dir() and any(ckpts.glob("step_*"))) and proc.poll() is None
+    ):
+        time.sleep(0.2)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not (proposed / "kill" / "model.safetensors").is_file(), "killed before the end: no export yet"
+    p = cli("distill", proposed, "kill", *args)
+    assert "resumed at step" in p.stderr
+    logs = [json.loads(line) for line in (proposed / "kill" / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 4
+
+
+def test_rl_logs_rewards_and_judge_wait(proposed):
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    cli("rl", proposed, "rl", "--distill.tasks", tasks, "--rl.steps", "2", "--rl.group_size", "2",
+        "--rl.train_timesteps", "1")  # fmt: skip
+    logs = [json.loads(line) for line in (proposed / "rl" / "metrics.jsonl").read_text().splitlines()]
+    assert logs[-1]["step"] == 2
+    for entry in logs:
+        assert 0.0 <= entry["judge_wait_frac"] <= 1.0
+        assert 0.0 <= entry["reward_mean"] <= 1.0
+        assert entry["clip_frac"] in (0.0, 0.5, 1.0)  # 2 rows per step
+
+
+def test_evaluate_writes_table_videos_and_skips_finished(proposed):
+    import av
+
+    cli("evaluate", proposed, "ev")
+    ev = proposed / "ev" / "eval"
+    res = json.loads((ev / "results.json").read_text())
+    assert set(res["conditions"]) == {"demonstrator+task", "demonstrator+solution"}
+    for entry in res["conditions"].values():
+        s = entry["summary"]["avg"]
+        assert 0.0 <= s["lo"] <= s["mean"] <= s["hi"] <= 1.0
+    with av.open(str(ev / "videos" / "demonstrator+task" / "item0000.mp4")) as f:
+        frames = list(f.decode(video=0))
+    from engine.world.scene import NUM_FRAMES, SIZE
+
+    assert len(frames) == NUM_FRAMES and frames[0].width == SIZE
+    assert (ev / "videos" / "demonstrator+task" / "item0000.png").is_file()
+    assert "| demonstrator+task |" in (ev / "results.md").read_text()
+    p = cli("evaluate", proposed, "ev")
+    assert p.stderr.count("already evaluated") == 2
+
+
+def test_bad_inputs_fail_with_clear_messages(proposed, tmp_path):
+    p = cli("evaluate", proposed, "bad", "--eval.executors", '["no-equals-sign"]', check=False)
+    assert p.returncode != 0 and "expected 'name=path/to/model.safetensors'" in p.stderr
+    p = cli("distill", proposed, "bad", "--distill.tasks", str(tmp_path / "none.jsonl"), check=False)
+    assert p.returncode != 0 and "none.jsonl' does not exist" in p.stderr
+    p = cli("distill", proposed, "bad", "--distill.modes", "x", check=False)
+    assert p.returncode == 2 and "unknown config key 'distill.modes'" in p.stderr
+
+
+@pytest.mark.parametrize("config", ["wan21_i2v_14b_480p.toml", "wmsd_toy.toml"])
+def test_shipped_configs_build_on_meta_and_match_diffusers(config):
+    diffusers = pytest.importorskip("diffusers")
+    from engine.config import load_config
+    from recipes.common import build_denoiser
+
+    cfg = load_config(
+        argv=["--config", str(REPO / "recipes" / "configs" / config), "--model.meta_init", "true"]
+    )
+    overrides = {} if cfg.model.flavour != "toy" else {"in_channels": 28, "out_channels": 12, "text_dim": 64}
+    ours = build_denoiser(cfg, **overrides)
+    assert all(p.is_meta for p in ours.parameters())
+    with torch.device("meta"):
+        theirs = diffusers.WanTransformer3DModel(**ours.cfg.to_diffusers_config())
+    count = lambda m: sum(p.numel() for p in m.parameters())
+    assert count(ours) == count(theirs)
+
+
+@pytest.mark.slow
+def test_pipeline_end_to_end_tiny(tmp_path):
+    """The main job at tiny sizes: every stage runs and the table names every condition."""
+    args = ["--train.steps", "2", "--rl.steps", "2", "--rl.group_size", "2", "--rl.train_timesteps", "1",
+            "--distill.min_gap", "0"]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
+           "p", *TINY, *args]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert {"demonstrator+task", "demonstrator+solution", "onpolicy", "sft", "rl"} <= set(res["conditions"])
+    assert "off-policy SFT" in res["verdict"] and "| onpolicy |" in p.stdout
