@@ -172,6 +172,17 @@ def test_flash_attn_missing_is_a_clear_error():
         pytest.skip("flash_attn is installed")
 
 
+def test_te_unusable_is_a_clear_error():
+    try:
+        import transformer_engine.pytorch  # noqa: F401
+    except (ImportError, RuntimeError, OSError):
+        q = torch.randn(1, 8, 2, 32)
+        with pytest.raises(RuntimeError, match="backend 'te'"):
+            attention(q, q, q, backend="te")
+    else:
+        pytest.skip("transformer_engine is usable here")
+
+
 # ----------------------------------------------------------------------------------------- GPU (bf16)
 GPU_CASES = [
     (1, 4096, 4096, 2, 128, (16, 16, 16), None),
