@@ -248,6 +248,9 @@ class WanModel(nn.Module):
     model-agnostic entry point used by the engine and recipes."""
 
     keep_fp32 = ("time_embed", "modulation", "norm1", "norm2")  # module names that stay fp32 in cast()
+    # Linears an FP8 backend must leave in bf16: fed one row per sample (time) or per-sample context
+    # (text, image), or tiny (patch embedding, head). See MEASURED.md's torchao pitfall.
+    fp8_skip = ("patch_embed", "time_embed", "time_proj", "text_embed", "image_embed", "head")
 
     def __init__(self, cfg: WanConfig):
         super().__init__()
