@@ -138,6 +138,19 @@ def test_bad_inputs_fail_with_clear_messages(proposed, tmp_path):
     assert p.returncode == 2 and "unknown config key 'distill.modes'" in p.stderr
 
 
+def test_pipeline_stops_on_a_small_gap_and_says_why(tmp_path):
+    """An impossible min_gap: the pipeline must stop after the gap check, print the baseline table and
+    name the measured gap, and train nothing."""
+    cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
+           "p", *TINY, "--distill.min_gap", "1.5"]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode != 0
+    assert "STOP: the Demonstrator's gap" in p.stderr and "below distill.min_gap = 1.5" in p.stderr
+    assert "| demonstrator+solution |" in p.stdout
+    assert not (tmp_path / "p" / "onpolicy").exists()
+    assert json.loads((tmp_path / "p" / "results.json").read_text())["gap"]["passed"] is False
+
+
 @pytest.mark.parametrize("config", ["wan21_i2v_14b_480p.toml", "wmsd_toy.toml"])
 def test_shipped_configs_build_on_meta_and_match_diffusers(config):
     diffusers = pytest.importorskip("diffusers")
