@@ -177,6 +177,15 @@ def test_predict_velocity_t2v_and_i2v():
         ours.predict_velocity(x, t, {"text": text})
 
 
+def test_predict_velocity_per_token_t_without_image():
+    theirs, ours = make_pair()
+    x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 5, 24)
+    t = torch.rand(1, 2 * 2 * 2)
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text})
+        assert rel_err(v, theirs(x, 1000 * t, text, return_dict=False)[0]) <= 1e-5
+
+
 def test_predict_velocity_ti2v_first_frame():
     theirs, ours = make_pair()
     x, t, text = torch.randn(2, 4, 3, 4, 6), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 24)
@@ -203,6 +212,15 @@ def test_flops_per_token_matches_flop_counter():
         S = 2 * 2 * 3
         ours_count = ours.flops_per_token(S, 7, image_len=5) * S
         assert abs(ours_count - counter.get_total_flops()) / counter.get_total_flops() < 1e-9
+    with FlopCounterMode(display=False) as counter, torch.no_grad():  # per-token timesteps (TI2V)
+        ours(x, torch.rand(1, S) * 1000, text, tokens)
+    assert (
+        abs(
+            ours.flops_per_token(S, 7, image_len=5, per_token_timestep=True) * S / counter.get_total_flops()
+            - 1
+        )
+        < 1e-9
+    )
 
 
 @pytest.mark.parametrize("flavour,nominal", [("1.3B", 1.3e9), ("14B", 14e9), ("i2v-14B-480p", 14e9),
