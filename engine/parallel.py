@@ -23,7 +23,7 @@ import torch
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
-from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
+from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from engine.config import ParallelConfig, PrecisionConfig
@@ -95,11 +95,14 @@ def apply_fsdp(
     param_dtype: torch.dtype = torch.bfloat16,
     reduce_dtype: torch.dtype = torch.float32,
     reshard_after_forward: bool = True,
+    forward_methods: tuple[str, ...] = ("predict_velocity",),
 ) -> FSDPModule:
     """FSDP2 ``fully_shard`` on each block, then on the root module.
 
     A 2-D mesh (dp_replicate, dp_shard) gives HSDP: shard inside a group, all-reduce across groups.
-    The last block is not resharded after forward: backward needs it first.
+    The last block is not resharded after forward: backward needs it first. ``forward_methods`` are
+    entry points other than ``forward`` (e.g. ``predict_velocity``) that must also run FSDP's root
+    all-gather hooks.
     """
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
     blocks = model_blocks(model)
@@ -107,6 +110,9 @@ def apply_fsdp(
         last = i == len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    for name in forward_methods:
+        if callable(getattr(model, name, None)):
+            register_fsdp_forward_method(model, name)
     log.info(
         "FSDP2 over mesh %s: %d blocks + root, param %s, reduce %s",
         tuple(mesh.shape),

@@ -174,3 +174,36 @@ def test_bad_batches_and_loss_are_reported(tmp_path):
     tr = Trainer(_cfg(1), TinyDiT(), vec_loss, SeededBatches(), run_dir=tmp_path)
     with pytest.raises(ValueError, match="scalar tensor"):
         tr.train_step()
+
+
+def test_bench_profile_writes_trace_and_op_table(tmp_path):
+    """python -m bench.profile on the Wan debug flavour: a Chrome trace, matmuls with FLOP counts."""
+    pytest.importorskip("models.wan")
+    from bench.profile import main
+
+    res = main(
+        [
+            "--steps",
+            "3",
+            "--run-dir",
+            str(tmp_path),
+            "--model.flavour",
+            "debug",
+            "--train.batch_size",
+            "1",
+            "--profile.latent_shape",
+            "[2, 4, 4]",
+            "--profile.text_len",
+            "8",
+            "--run.device",
+            "cpu",
+        ]
+    )
+    (trace,) = res["traces"]
+    events = json.loads(Path(trace).read_text())["traceEvents"]
+    names = {e.get("name") for e in events}
+    assert {"forward", "backward", "optimizer"} <= names
+    ops = {r["op"]: r for r in res["ops"]}
+    assert ops and all(r["ms"] >= 0 for r in ops.values()) and "forward" not in ops
+    assert any("tflops" in r for r in ops.values())  # torch.profiler counted some matmul FLOPs
+    assert res["logs"]["tokens_per_s"] > 0 and res["logs"]["tflops"] > 0
