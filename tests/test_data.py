@@ -269,3 +269,20 @@ def test_dali_gpu_matches_pyav_on_h264(media):
     assert not isinstance(d, Exception), d
     assert d.is_cuda and d.shape == (4, 64, 64, 3)
     assert psnr(d.cpu(), PyAVDecoder().decode(media / "h264_4.mp4", idx)) >= 35.0
+
+
+@pytest.mark.gpu
+def test_dataset_on_dali_gpu_yields_cuda_clips_matching_pyav(media, tmp_path):
+    if dali_available():
+        pytest.skip(f"DALI unavailable: {dali_available()}")
+    rows = [{"video": str(media / n), "caption": f"video {i}"} for n, i in GOOD] + [
+        {"video": str(media / "corrupt.webm")}
+    ]
+    m = write_manifest(tmp_path / "m.jsonl", rows)
+    gpu = list(VideoDataset(m, num_frames=8, height=32, width=32, decoder="dali"))
+    cpu = list(VideoDataset(m, num_frames=8, height=32, width=32, decoder="pyav"))
+    assert [it["caption"] for it in gpu] == [it["caption"] for it in cpu] == [f"video {i}" for _, i in GOOD]
+    for g, c in zip(gpu, cpu):
+        assert g["video"].is_cuda
+        diff = ((g["video"].cpu() - c["video"]) * 127.5) ** 2
+        assert 10 * math.log10(255.0**2 / max(diff.mean().item(), 1e-12)) >= 35.0

@@ -157,6 +157,9 @@ def _frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
 
 def frames_to_rgb(frames: list) -> torch.Tensor:
     """PyAV VideoFrames -> uint8 ``(T, H, W, 3)``: 4:2:0 via :func:`yuv420_to_rgb` in one batch, else swscale."""
+    sizes = {(f.width, f.height) for f in frames}
+    if len(sizes) > 1:
+        raise DecodeError(f"resolution changes within the stream: {sorted(sizes)}")
     fmts = {f.format.name for f in frames}
     if fmts <= {"yuv420p"} or fmts <= {"yuvj420p"}:
         y, u, v = (np.stack(p) for p in zip(*(_frame_planes(f) for f in frames)))
@@ -196,7 +199,10 @@ class PyAVDecoder:
             ) from None
         if n <= last:
             raise DecodeError(f"video '{path}': only {n} decodable frames (expected >= {last + 1})")
-        return frames_to_rgb([frames[i] for i in idx])  # (T, H, W, 3)
+        try:
+            return frames_to_rgb([frames[i] for i in idx])  # (T, H, W, 3)
+        except DecodeError as e:
+            raise DecodeError(f"video '{path}': {e}") from None
 
     def decode_batch(self, items: Sequence[tuple[Path, Sequence[int]]]) -> list[torch.Tensor | DecodeError]:
         out: list[torch.Tensor | DecodeError] = []
@@ -271,8 +277,14 @@ class DaliDecoder:
         return pipe
 
     def _run(self, items: Sequence[tuple[Path, Sequence[int]]]) -> list[torch.Tensor]:
+        encoded = []
+        for p, _ in items:
+            try:
+                encoded.append(np.fromfile(p, dtype=np.uint8))
+            except OSError as e:
+                raise RuntimeError(f"cannot read file ({e})") from None
         pipe = self._pipeline(len(items))
-        pipe.feed_input("encoded", [np.fromfile(p, dtype=np.uint8) for p, _ in items])
+        pipe.feed_input("encoded", encoded)
         pipe.feed_input("frames", [np.asarray(_check_indices(p, i), dtype=np.int32) for p, i in items])
         try:
             (out,) = pipe.run()
@@ -288,9 +300,9 @@ class DaliDecoder:
             return []
         try:
             return list(self._run(items))
-        except RuntimeError:
+        except RuntimeError as e:
             if len(items) == 1:
-                return [DecodeError(_dali_reason(items[0][0], self.name))]
+                return [DecodeError(_dali_reason(items[0][0], self.name, str(e)))]
         return [self.decode_batch([item])[0] for item in items]
 
 
@@ -303,8 +315,11 @@ def _dali_gpu_to_torch(tensor, device: torch.device) -> torch.Tensor:
     return out
 
 
-def _dali_reason(path: Path, name: str) -> str:
-    return f"video '{path}': decoder '{name}' could not decode it (corrupt, truncated or too few frames)"
+def _dali_reason(path: Path, name: str, message: str) -> str:
+    """DALI's errors carry a pipeline traceback; keep the sentence that says what went wrong."""
+    text = message.split("encountered:", 1)[-1].split("C++ context", 1)[0]
+    text = " ".join(text.replace("Current pipeline object is no longer valid.", "").split())
+    return f"video '{path}': decoder '{name}' failed: {text[:300]}"
 
 
 def build_decoders(choice: str = "auto") -> list[Decoder]:
