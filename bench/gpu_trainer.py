@@ -1,0 +1,142 @@
+"""Trainer step throughput on a Wan-1.3B block stack: bf16 vs FP8 (TE, torchao), eager vs compile.
+
+The engine's own training step (Trainer.train_step: autocast/FP8 forward, backward, grad clipping,
+NaN guard, fused AdamW on fp32 master weights) on WanModel "1.3B" with 4 of its 30 blocks, one
+480p x 81f video (latent 16 x 21 x 60 x 104 -> 32,760 tokens, not a multiple of 16) and 512 text
+tokens. Records tokens/s (ratio vs bf16 eager) and MFU = 3 x forward FLOPs / time / 989 TFLOP/s
+(the bf16 dense peak, for every case, so the FP8 rows compare on one scale).
+
+    python -m bench.gpu_trainer [--quick]     # quick: bf16 eager only
+
+Cases run in order until a time budget is spent; a case that fails or does not fit the budget
+becomes an "error" record with the reason.
+"""
+
+from __future__ import annotations
+
+import gc
+import json
+import sys
+import tempfile
+import time
+from typing import Any
+
+import torch
+
+from bench.common import add_ratios, record
+
+NAME, CASE = "trainer.step", "wan1.3b-4blk-480p81f"
+LATENT, TEXT_LEN, LAYERS, FLAVOUR, DEVICE = (16, 21, 60, 104), 512, 4, "1.3B", "cuda"
+PEAK_BF16 = 989e12
+CASES = [("bf16", "none", False), ("bf16+compile", "none", True), ("fp8_torchao", "torchao", False),
+         ("fp8_te", "te", False), ("fp8_torchao+compile", "torchao", True), ("fp8_te+compile", "te", True)]  # fmt: skip
+
+
+def _job(fp8: str, compile_: bool, run_dir: str):
+    from engine.config import JobConfig
+
+    cfg = JobConfig()
+    cfg.run.device = DEVICE
+    cfg.run.out_dir = run_dir
+    cfg.checkpoint.enabled = cfg.checkpoint.export_safetensors = False
+    cfg.train.steps, cfg.train.log_every, cfg.train.lr = 1000, 1000, 1e-5
+    cfg.precision.param_dtype, cfg.precision.fp8 = "bfloat16", fp8
+    cfg.parallel.compile = compile_
+    return cfg
+
+
+class _Batches:
+    """One fixed random latent video + text (the benchmark measures compute, not data)."""
+
+    def __init__(self, text_dim: int):
+        g = torch.Generator(DEVICE).manual_seed(0)
+        self.mb = {"x0": torch.randn(1, *LATENT, device=DEVICE, generator=g),
+                   "text": torch.randn(1, TEXT_LEN, text_dim, device=DEVICE, generator=g)}  # fmt: skip
+
+    def next(self, step: int, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
+        return [self.mb]
+
+    def state_dict(self) -> dict[str, Any]:
+        return {}
+
+    def load_state_dict(self, sd: dict[str, Any]) -> None:
+        pass
+
+
+def _measure(fp8: str, compile_: bool, warmup: int, iters: int) -> dict[str, float]:
+    from engine.flow import flow_matching_loss
+    from engine.trainer import Trainer
+    from models import build_model
+
+    torch.manual_seed(0)
+    model = build_model("wan", FLAVOUR, num_layers=LAYERS, attention_backend="sdpa")
+    F, H, W = LATENT[1:]
+    tokens = F * (H // 2) * (W // 2)
+    fwd_flops = model.flops_per_token(tokens, TEXT_LEN) * tokens
+
+    def loss_fn(m, mb):
+        loss, logs = flow_matching_loss(m.predict_velocity, mb["x0"], {"text": mb["text"]})
+        return loss, {"num_tokens": tokens}
+
+    with tempfile.TemporaryDirectory() as d:
+        tr = Trainer(_job(fp8, compile_, d), model, loss_fn, _Batches(model.cfg.text_dim), run_dir=d)
+        for _ in range(warmup):
+            tr.train_step()
+        _sync()
+        t0 = time.perf_counter()
+        for _ in range(iters):
+            tr.train_step()
+        _sync()
+        dt = (time.perf_counter() - t0) / iters
+        skipped = tr.skipped_steps
+        del tr
+    return {"step_s": dt, "tokens_per_s": tokens / dt, "mfu": 3 * fwd_flops / dt / PEAK_BF16,
+            "tflops": 3 * fwd_flops / dt / 1e12, "skipped": skipped, "tokens": tokens}  # fmt: skip
+
+
+def _sync() -> None:
+    if DEVICE == "cuda":
+        torch.cuda.synchronize()
+
+
+def _cleanup() -> None:
+    gc.collect()
+    torch.cuda.empty_cache()
+    torch._dynamo.reset()
+    torch.cuda.reset_peak_memory_stats()
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Records for each case (tokens/s, mfu, peak memory), or an error record per failed case."""
+    if not torch.cuda.is_available():
+        return [record(NAME, CASE, "-", "error", 0.0, message="needs a CUDA device")]
+    cases = CASES[:1] if quick else CASES
+    budget, t_start = (18.0 if quick else 55.0), time.perf_counter()
+    recs: list[dict] = []
+    for provider, fp8, compile_ in cases:
+        elapsed = time.perf_counter() - t_start
+        if elapsed > budget * (0.55 if compile_ else 0.85):
+            recs.append(
+                record(
+                    NAME, CASE, provider, "error", 0.0, message=f"skipped: time budget ({elapsed:.0f} s used)"
+                )
+            )
+            continue
+        try:
+            m = _measure(fp8, compile_, warmup=3 if compile_ else 2, iters=3)
+        except Exception as e:  # a backend that is missing or fails becomes a record, not a crash
+            recs.append(record(NAME, CASE, provider, "error", 0.0, message=f"{type(e).__name__}: {e}"[:1500]))
+            _cleanup()
+            continue
+        mem = torch.cuda.max_memory_allocated() / 2**30
+        extra = dict(
+            step_s=m["step_s"], tflops=m["tflops"], tokens=m["tokens"], skipped=m["skipped"], peak_mem_gb=mem
+        )
+        recs.append(record(NAME, CASE, provider, "tokens_per_s", m["tokens_per_s"], baseline="bf16", **extra))
+        recs.append(record(NAME, CASE, provider, "mfu", m["mfu"], baseline="bf16"))
+        _cleanup()
+    return add_ratios(recs)
+
+
+if __name__ == "__main__":
+    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
