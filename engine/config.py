@@ -106,6 +106,9 @@ class ProfileConfig:
     warmup: int = 2
     active: int = 3
     trace_dir: str = ""  # "" = <run>/trace
+    latent_shape: list[int] = field(default_factory=lambda: [4, 8, 8])  # bench.profile: latent (F, h, w)
+    text_len: int = 16  # bench.profile: text tokens per sample
+    top_k: int = 15  # bench.profile: ops listed in the summary
 
 
 @dataclass
