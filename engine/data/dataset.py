@@ -261,25 +261,26 @@ class VideoDataset:
         raise SkipItem("; ".join(errors))
 
 
+def collate_videos(group: list[dict[str, Any]]) -> dict[str, Any]:
+    """Items of one shape -> ``video`` stacked (B, 3, T, H, W), every other key as a list."""
+    keys = set().union(*(g.keys() for g in group)) - {"video"}
+    out = {k: [g.get(k) for g in group] for k in sorted(keys)}
+    out["video"] = torch.stack([g["video"] for g in group])  # B x (3, T, H, W) -> (B, 3, T, H, W)
+    return out
+
+
 def bucket_batches(
     items: Iterable[dict[str, Any]], batch_size: int, *, drop_last: bool = False
 ) -> Iterator[dict[str, Any]]:
-    """Group items by video shape into batches: ``video`` stacked (B, 3, T, H, W), other keys as lists."""
+    """Group items by video shape into batches of :func:`collate_videos` (no prefetch, no state)."""
     if batch_size < 1:
         raise ValueError(f"batch_size: expected >= 1, got {batch_size}")
     pending: dict[tuple[int, ...], list[dict[str, Any]]] = {}
-
-    def collate(group: list[dict[str, Any]]) -> dict[str, Any]:
-        keys = set().union(*(g.keys() for g in group)) - {"video"}
-        out = {k: [g.get(k) for g in group] for k in sorted(keys)}
-        out["video"] = torch.stack([g["video"] for g in group])  # B x (3, T, H, W) -> (B, 3, T, H, W)
-        return out
-
     for item in items:
         group = pending.setdefault(tuple(item["video"].shape), [])
         group.append(item)
         if len(group) == batch_size:
-            yield collate(pending.pop(tuple(item["video"].shape)))
+            yield collate_videos(pending.pop(tuple(item["video"].shape)))
     if not drop_last:
         for group in pending.values():
-            yield collate(group)
+            yield collate_videos(group)

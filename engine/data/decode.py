@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import threading
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Protocol
@@ -246,6 +247,7 @@ class DaliDecoder:
         self._num_threads = num_threads
         self._device_id = device_id
         self._pipes: dict[int, object] = {}
+        self._lock = threading.Lock()  # one DALI iteration at a time per decoder (loader threads share it)
 
     def supports(self, codec: str) -> bool:
         return codec in self.codecs
@@ -299,7 +301,8 @@ class DaliDecoder:
         if not items:
             return []
         try:
-            return list(self._run(items))
+            with self._lock:
+                return list(self._run(items))
         except RuntimeError as e:
             if len(items) == 1:
                 return [DecodeError(_dali_reason(items[0][0], self.name, str(e)))]

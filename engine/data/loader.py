@@ -1,0 +1,106 @@
+"""Batches from a dataset and a ResumableSampler, decoded ahead in threads, with an exact resume state.
+
+Decoding runs ``prefetch`` items ahead of the consumer in a thread pool (PyAV and DALI release the
+GIL while decoding). Prefetching moves the sampler past items the trainer has not seen yet, so the
+state is the sampler's state *plus* the indices already drawn but not yet handed out in a batch
+(``pending``: prefetched items and items waiting in a half-full bucket). Resuming decodes the pending
+indices first, then continues the sampler: every index is handed out exactly once per epoch.
+
+    loader = BatchLoader(dataset, sampler, batch_size=8)
+    for batch in loader:                  # one epoch; batch["video"] (B, 3, T, H, W), text as lists
+        ...
+        ckpt["data"] = loader.state_dict()
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Callable, Iterator
+from concurrent.futures import Future, ThreadPoolExecutor
+from itertools import chain
+from typing import Any
+
+from engine.data.dataset import SkipItem, collate_videos
+from engine.data.sampler import ResumableSampler
+
+
+class BatchLoader:
+    """Shape-bucketed batches of ``dataset[i]`` for the sampler's indices; see the module docstring.
+
+    ``dataset[i]`` returns a dict with ``key`` (a tensor whose shape picks the bucket) and "index", or
+    raises SkipItem (VideoDataset and LatentCacheDataset do). For the latent cache use
+    ``key="latent", collate=functools.partial(collate_latents, text_fields=...)``.
+    """
+
+    def __init__(
+        self,
+        dataset: Any,
+        sampler: ResumableSampler,
+        *,
+        batch_size: int,
+        num_threads: int = 2,
+        prefetch: int = 8,
+        drop_last: bool = False,
+        key: str = "video",
+        collate: Callable[[list[dict[str, Any]]], dict[str, Any]] = collate_videos,
+    ):
+        if batch_size < 1 or num_threads < 1 or prefetch < 1:
+            raise ValueError(f"BatchLoader: batch_size, num_threads, prefetch must be >= 1, got "
+                             f"{batch_size}, {num_threads}, {prefetch}")  # fmt: skip
+        self.dataset, self.sampler = dataset, sampler
+        self.batch_size, self.num_threads, self.prefetch = batch_size, num_threads, prefetch
+        self.drop_last = drop_last
+        self.key, self.collate = key, collate
+        self._pending: list[int] = []  # drawn from the sampler, not yet handed out
+
+    def state_dict(self) -> dict[str, Any]:
+        return {"sampler": self.sampler.state_dict(), "pending": list(self._pending)}
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.sampler.load_state_dict(state["sampler"])
+        self._pending = [int(i) for i in state["pending"]]
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        """The rest of the current epoch (the pending indices of a resumed state first)."""
+        source = chain(list(self._pending), self._draw())
+        queue: deque[tuple[int, Future]] = deque()
+        buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        tried = handed = 0
+        with ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode") as pool:
+            while True:
+                while len(queue) < self.prefetch and (i := next(source, None)) is not None:
+                    queue.append((i, pool.submit(self.dataset.__getitem__, i)))
+                if not queue:
+                    break
+                i, fut = queue.popleft()
+                tried += 1
+                try:
+                    item = fut.result()
+                except SkipItem:
+                    self._pending.remove(i)
+                    continue
+                shape = tuple(item[self.key].shape)
+                group = buckets.setdefault(shape, [])
+                group.append(item)
+                if len(group) == self.batch_size:
+                    handed += len(group)
+                    yield self._hand_out(buckets.pop(shape))
+            for group in list(buckets.values()):
+                if not self.drop_last:
+                    handed += len(group)
+                    yield self._hand_out(group)
+                else:
+                    for it in group:
+                        self._pending.remove(it["index"])
+        if tried and not handed:
+            raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped")
+
+    def _draw(self) -> Iterator[int]:
+        for i in self.sampler:
+            self._pending.append(i)
+            yield i
+
+    def _hand_out(self, group: list[dict[str, Any]]) -> dict[str, Any]:
+        for it in group:
+            self._pending.remove(it["index"])
+        return self.collate(group)
