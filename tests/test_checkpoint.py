@@ -17,68 +17,58 @@ sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
 
 from engine.checkpoint import MARKER, complete_checkpoints  # noqa: E402
-from engine.config import JobConfig  # noqa: E402
+from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
-ARGS = [
-    "--rng-noise",
-    "--train.steps",
-    "8",
-    "--train.lr",
-    "3e-3",
-    "--train.ema_decay",
-    "0.9",
-    "--train.lr_schedule",
-    "cosine",
-    "--train.warmup_steps",
-    "2",
-    "--train.grad_accum",
-    "2",
-    "--checkpoint.interval",
-    "2",
-    "--checkpoint.keep_last",
-    "2",
-    "--checkpoint.export_safetensors",
-    "false",
-]
+ARGS = (
+    "--rng-noise --train.steps 8 --train.lr 3e-3 --train.ema_decay 0.9 --train.lr_schedule cosine "
+    "--train.warmup_steps 2 --train.grad_accum 2 --checkpoint.interval 2 --checkpoint.keep_last 2 "
+    "--checkpoint.export_safetensors false"
+).split()
 
 
 def _run(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        str(SCRIPT),
-        "--run-dir",
-        str(run_dir),
-        "--out",
-        str(run_dir / "out.json"),
-        *ARGS,
-        *extra,
-    ]
+    cmd = [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *ARGS, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
+def _uninterrupted(run_dir: Path) -> dict[int, float]:
+    """The same job in this process (one thread, as the script): the reference losses per step."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, ARGS[1:]))
+        cfg.run.device = "cpu"
+        torch.manual_seed(0)
+        batches = SeededBatches(batch=cfg.train.batch_size, grad_accum=2, rng_noise=True)
+        tr = Trainer(cfg, TinyDiT(), flow_loss, batches, run_dir=run_dir)
+        return {s + 1: tr.train_step()["loss"].item() for s in range(cfg.train.steps)}
+    finally:
+        torch.set_num_threads(threads)
+
+
 def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path):
-    full, killed = tmp_path / "full", tmp_path / "killed"
-    pa, pb = _run(full), _run(killed, "--kill-at-save", "6")
-    out_a, _ = pa.communicate(timeout=120)
-    out_b, _ = pb.communicate(timeout=120)
-    assert pa.returncode == 0, out_a[-3000:]
-    assert pb.returncode == -signal.SIGKILL, out_b[-3000:]
+    """Killed after the shards of checkpoint 6 are written but before its commit: the resumed run starts
+    from step 4 and its losses (model, optimizer, EMA, schedule, data position, RNG) match exactly."""
+    killed = tmp_path / "killed"
+    proc = _run(killed, "--kill-at-save", "6")
+    ref = _uninterrupted(tmp_path / "full")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
     ckpts = killed / "checkpoints"
     assert [s for s, _ in complete_checkpoints(ckpts)] == [2, 4]
     half = ckpts / ".tmp_step_00000006"
     assert any(half.glob("*.distcp")) and not (half / MARKER).exists()  # shards written, never committed
 
-    pc = _run(killed)
-    out_c, _ = pc.communicate(timeout=120)
-    assert pc.returncode == 0, out_c[-3000:]
-    ref = json.loads((full / "out.json").read_text())
+    proc = _run(killed)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
     res = json.loads((killed / "out.json").read_text())
     assert res["start"] == 4
-    assert {int(k): v for k, v in res["losses"].items()} == {s: ref["losses"][str(s)] for s in range(5, 9)}
+    assert {int(k): v for k, v in res["losses"].items()} == {s: ref[s] for s in range(5, 9)}
     assert not half.exists()
     assert [s for s, _ in complete_checkpoints(ckpts)] == [6, 8]
 

@@ -1,7 +1,7 @@
 """Train TinyDiT with the engine's Trainer; write per-step losses to JSON. Run by tests.
 
-    python tests/dist_scripts/train_tiny.py --run-dir D --out losses.json [--steps N] [--overrides ...]
-    torchrun --nproc_per_node 2 tests/dist_scripts/train_tiny.py ...   (FSDP2 / HSDP over gloo)
+    python tests/dist_scripts/train_tiny.py --run-dir D [--section.key value ...]   -> D/out.json
+    torchrun --nproc_per_node 2 tests/dist_scripts/train_tiny.py --run-dir D --variants fsdp,hsdp,ddp
 
 ``--kill-at-save N`` SIGKILLs this process in the middle of saving checkpoint N: after the DCP shards
 and per-rank files are written, before the COMPLETE marker and the rename (the worst moment).
@@ -39,42 +39,54 @@ def install_kill(step: int) -> None:
     ckpt.CheckpointManager._commit = killing_commit
 
 
+VARIANTS = {  # name -> overrides; one torchrun trains each in turn (process start-up dominates test time)
+    "fsdp": [],
+    "hsdp": ["--parallel.dp_replicate", "2"],
+    "ddp": ["--parallel.fsdp", "false"],
+}
+
+
+def train(cfg, run_dir: str, rng_noise: bool) -> dict:
+    info = init_distributed(cfg.parallel, "cpu")
+    torch.manual_seed(0)
+    model = TinyDiT()
+    batches = SeededBatches(batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, rank=info.dp_rank,
+                            world=info.dp_size, rng_noise=rng_noise)  # fmt: skip
+    trainer = Trainer(cfg, model, flow_loss, batches, run_dir=run_dir, dist_info=info)
+    start, losses = trainer.step, {}
+    while trainer.step < cfg.train.steps:
+        loss = trainer.train_step()["loss"].detach().clone()
+        if info.distributed:
+            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
+        losses[trainer.step] = loss.item()
+    trainer.close()
+    return {"start": start, "losses": losses, "skipped": trainer.skipped_steps}
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--run-dir", required=True)
-    ap.add_argument("--out", required=True)
+    ap.add_argument(
+        "--variants", default="", help=f"comma list of {sorted(VARIANTS)}: run_dir/<name>/out.json"
+    )
     ap.add_argument("--kill-at-save", type=int, default=0)
     ap.add_argument("--timeout-check", action="store_true")
     ap.add_argument("--rng-noise", action="store_true")
     args, rest = ap.parse_known_args()
     torch.set_num_threads(1)
-    cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, rest))
     if args.kill_at_save:
         install_kill(args.kill_at_save)
-    info = init_distributed(cfg.parallel, "cpu")
-    torch.manual_seed(0)
-    model = TinyDiT()
-    batches = SeededBatches(
-        batch=cfg.train.batch_size,
-        grad_accum=cfg.train.grad_accum,
-        rank=info.dp_rank,
-        world=info.dp_size,
-        rng_noise=args.rng_noise,
-    )
-    trainer = Trainer(cfg, model, flow_loss, batches, run_dir=args.run_dir, dist_info=info)
-    start, losses = trainer.step, {}
-    while trainer.step < cfg.train.steps:
-        logs = trainer.train_step()
-        loss = logs["loss"].detach().clone()
-        if info.distributed:
-            torch.distributed.all_reduce(loss, op=torch.distributed.ReduceOp.AVG)
-        losses[trainer.step] = loss.item()
-    trainer.close()
-    result = {"start": start, "losses": losses, "skipped": trainer.skipped_steps}
-    if args.timeout_check and info.distributed:
-        result["timeout_error"] = timeout_check(info.rank)
-    if info.is_main:
-        Path(args.out).write_text(json.dumps(result))
+    runs = {name: Path(args.run_dir) / name for name in args.variants.split(",")} if args.variants else {
+        "": Path(args.run_dir)}  # fmt: skip
+    for name, run_dir in runs.items():
+        cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, rest + VARIANTS.get(name, [])))
+        result = train(cfg, str(run_dir), args.rng_noise)
+        if int(os.environ.get("RANK", "0")) == 0:
+            (run_dir / "out.json").write_text(json.dumps(result))
+    if args.timeout_check and torch.distributed.is_initialized():
+        err = timeout_check(torch.distributed.get_rank())
+        if err:
+            (Path(args.run_dir) / "timeout.txt").write_text(err)
     shutdown()
 
 
