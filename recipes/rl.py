@@ -101,7 +101,7 @@ class GroupBatches:
         group = self.pending if self.pending and self.pending["step"] == step else self.rollout(step, model)
         self.pending = None
         batch = self.train_rows(group)  # teacher targets while the judge works
-        if self.cfg.rl.prefetch:
+        if self.cfg.rl.prefetch and step + 1 < self.cfg.train.steps:
             self.pending = self.rollout(step + 1, model)
         t_wait = time.perf_counter()
         verdicts = group["handle"].result(timeout=self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 2))
