@@ -23,20 +23,10 @@ from engine.trainer import Trainer  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
-COMMON = [
-    "--train.steps",
-    "5",
-    "--train.lr",
-    "3e-3",
-    "--train.grad_accum",
-    "2",
-    "--train.batch_size",
-    "2",
-    "--train.log_every",
-    "5",
-    "--checkpoint.interval",
-    "0",
-]
+COMMON = (
+    "--train.steps 5 --train.lr 3e-3 --train.grad_accum 2 --train.batch_size 2 --train.log_every 5 "
+    "--train.ema_decay 0.5 --checkpoint.interval 0"
+).split()
 
 
 def _torchrun(run_dir: Path, extra: list[str]) -> subprocess.Popen:
@@ -46,7 +36,7 @@ def _torchrun(run_dir: Path, extra: list[str]) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _reference(run_dir: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
+def _reference(run_dir: Path) -> tuple[list[float], dict[str, dict[str, torch.Tensor]]]:
     """The same training in one process on the global batch (both ranks' samples)."""
     torch.set_num_threads(1)
     cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, COMMON))
@@ -56,28 +46,31 @@ def _reference(run_dir: Path) -> tuple[list[float], dict[str, torch.Tensor]]:
     tr = Trainer(cfg, TinyDiT(), flow_loss, batches, run_dir=run_dir)
     losses = [tr.train_step()["loss"].item() for _ in range(cfg.train.steps)]
     tr.close()
-    return losses, load_file(run_dir / "model.safetensors")
+    return losses, {f: load_file(run_dir / f) for f in ("model.safetensors", "ema.safetensors")}
 
 
 @pytest.mark.dist
 def test_two_process_training_matches_single_process(tmp_path):
-    """FSDP2 (1x2 mesh), HSDP (2x1) and plain DP (gradient all-reduce) on 2 gloo ranks, each with half
-    of every batch, train like one process on the whole batch; then a skipped barrier times out."""
-    names = ["fsdp", "hsdp", "ddp"]
+    """FSDP2 (1x2 mesh), HSDP (2x1), plain DP (gradient all-reduce) and FSDP2 stopped at step 3 then
+    resumed from its sharded (async) DCP checkpoint, on 2 gloo ranks with half of every batch each,
+    train like one process on the whole batch (losses, weights, EMA); then a skipped barrier times out."""
+    names = ["fsdp", "hsdp", "ddp", "fsdp_resume"]
     proc = _torchrun(tmp_path, ["--variants", ",".join(names), "--timeout-check"])
-    ref_losses, ref_weights = _reference(tmp_path / "ref")
+    ref_losses, ref = _reference(tmp_path / "ref")
     out, _ = proc.communicate(timeout=180)
     assert proc.returncode == 0, out[-4000:]
     assert ref_losses[-1] < ref_losses[0]
     for name in names:
         res = json.loads((tmp_path / name / "out.json").read_text())
         losses = [res["losses"][str(s)] for s in range(1, 6)]
+        assert res["start"] == (3 if name == "fsdp_resume" else 0)
         assert losses == pytest.approx(ref_losses, rel=1e-5, abs=1e-6), name
-        weights = load_file(tmp_path / name / "model.safetensors")
-        assert weights.keys() == ref_weights.keys()
-        for k, w in ref_weights.items():
-            err = (weights[k] - w).abs().max().item()
-            assert err < 1e-5, f"{name}: {k} differs by {err}"
+        for file, ref_weights in ref.items():
+            weights = load_file(tmp_path / name / file)
+            assert weights.keys() == ref_weights.keys()
+            for k, w in ref_weights.items():
+                err = (weights[k] - w).abs().max().item()
+                assert err < 1e-5, f"{name} {file}: {k} differs by {err}"
     err = (tmp_path / "timeout.txt").read_text()
     assert "collective 'test barrier' timed out after 2 s" in err and "Rank 1" in err
 

@@ -43,6 +43,7 @@ VARIANTS = {  # name -> overrides; one torchrun trains each in turn (process sta
     "fsdp": [],
     "hsdp": ["--parallel.dp_replicate", "2"],
     "ddp": ["--parallel.fsdp", "false"],
+    "fsdp_resume": ["--checkpoint.async_save", "true"],  # stops at step 3 (DCP save), resumes to the end
 }
 
 
@@ -80,7 +81,14 @@ def main() -> None:
         "": Path(args.run_dir)}  # fmt: skip
     for name, run_dir in runs.items():
         cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, rest + VARIANTS.get(name, [])))
-        result = train(cfg, str(run_dir), args.rng_noise)
+        if name == "fsdp_resume":
+            steps, cfg.train.steps = cfg.train.steps, 3
+            first = train(cfg, str(run_dir), args.rng_noise)
+            cfg.train.steps = steps
+            result = train(cfg, str(run_dir), args.rng_noise)
+            result["losses"] = {**first["losses"], **result["losses"]}
+        else:
+            result = train(cfg, str(run_dir), args.rng_noise)
         if int(os.environ.get("RANK", "0")) == 0:
             (run_dir / "out.json").write_text(json.dumps(result))
     if args.timeout_check and torch.distributed.is_initialized():
