@@ -107,6 +107,15 @@ def bench_sampler(records: list, quick: bool) -> None:
         return
     for provider, fn in sde.items():
         _measure(records, "sampler.cfg_sde_logprob", case, provider, 5 * X, fn)
+    from kernels import sampler
+
+    default = dict(sampler.TUNING)
+    for block, warps in ((2048, 4), (8192, 8)):  # other launch settings, to re-tune sampler.TUNING
+        sampler.TUNING.update(block=block, warps=warps)
+        _measure(
+            records, "sampler.cfg_euler", case, f"triton[block={block},warps={warps}]", 4 * X, ode["triton"]
+        )
+    sampler.TUNING.update(default)
 
 
 def bench_adaln(records: list, quick: bool) -> None:
@@ -143,6 +152,18 @@ def bench_adaln(records: list, quick: bool) -> None:
     for provider, fn in full.items():
         xg.grad = sg.grad = hg.grad = None
         _measure(records, "adaln.fwd_bwd", case, provider, 5 * X, fn)  # fwd: x, y; bwd: x, dy, dx
+    _adaln_tuning_variants(records, case, X, fwd_bwd(lambda *a: adaln_modulate(*a, backend="triton")))
+
+
+def _adaln_tuning_variants(records: list, case: str, X: int, fn: Callable[[], object]) -> None:
+    """Other launch settings of the Triton backward as extra providers, to re-tune kernels/adaln.TUNING."""
+    from kernels import adaln
+
+    default = dict(adaln.TUNING)
+    for bwd_progs in (8, 16):
+        adaln.TUNING.update(bwd_progs_per_sm=bwd_progs)
+        _measure(records, "adaln.fwd_bwd", case, f"triton[bwd_progs_per_sm={bwd_progs}]", 5 * X, fn)
+    adaln.TUNING.update(default)
 
 
 def run(quick: bool = False) -> list[dict]:
