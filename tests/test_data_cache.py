@@ -1,6 +1,7 @@
 """Latent cache: equals direct encoding with a tiny diffusers Wan VAE and transformers UMT5; resumes
 after an interruption; a corrupt shard is detected, skipped, quarantined and repaired by a rerun."""
 
+import functools
 import json
 from pathlib import Path
 
@@ -9,7 +10,7 @@ import torch
 from diffusers import AutoencoderKLWan
 from transformers import UMT5Config, UMT5EncoderModel
 
-from engine.data import VideoDataset
+from engine.data import BatchLoader, ResumableSampler, VideoDataset
 from engine.data.cache import LatentCacheDataset, LatentCacheWriter, collate_latents, sha256_file
 from engine.data.synthetic import write_image, write_video
 
@@ -126,6 +127,12 @@ def test_cache_equals_direct_encoding(dataset_dir, tmp_path):
     assert items[2]["latent"].shape[1] == 1  # the image: one latent frame
     logged = [json.loads(line) for line in (out / "quarantine.jsonl").read_text().splitlines()]
     assert [e["path"].endswith("missing.webm") and "does not exist" in e["reason"] for e in logged] == [True]
+    loader = BatchLoader(cache, ResumableSampler(len(cache), shuffle=False), batch_size=2, key="latent",
+                         collate=functools.partial(collate_latents, text_fields=FIELDS))  # fmt: skip
+    batches = list(loader)
+    assert sorted(i for b in batches for i in b["index"]) == [0, 1, 2, 3, 5, 6]
+    task_of = {it["index"]: it["task"] for it in items}
+    assert all(b["task"] == [task_of[i] for i in b["index"]] for b in batches)
     batch = collate_latents([items[0], items[1]], FIELDS)
     assert batch["latent"].shape[0] == 2 and batch["task_emb"].shape[:2] == (
         2,

@@ -27,7 +27,7 @@ from engine.data.sampler import ResumableSampler
 class BatchLoader:
     """Shape-bucketed batches of ``dataset[i]`` for the sampler's indices; see the module docstring.
 
-    ``dataset[i]`` returns a dict with ``key`` (a tensor whose shape picks the bucket) and "index", or
+    ``dataset[i]`` returns a dict with ``key`` (a tensor whose shape picks the bucket), or
     raises SkipItem (VideoDataset and LatentCacheDataset do). For the latent cache use
     ``key="latent", collate=functools.partial(collate_latents, text_fields=...)``.
     """
@@ -64,7 +64,7 @@ class BatchLoader:
         """The rest of the current epoch (the pending indices of a resumed state first)."""
         source = chain(list(self._pending), self._draw())
         queue: deque[tuple[int, Future]] = deque()
-        buckets: dict[tuple[int, ...], list[dict[str, Any]]] = {}
+        buckets: dict[tuple[int, ...], list[tuple[int, dict[str, Any]]]] = {}  # shape -> (index, item)
         tried = handed = 0
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode") as pool:
             while True:
@@ -81,7 +81,7 @@ class BatchLoader:
                     continue
                 shape = tuple(item[self.key].shape)
                 group = buckets.setdefault(shape, [])
-                group.append(item)
+                group.append((i, item))
                 if len(group) == self.batch_size:
                     handed += len(group)
                     yield self._hand_out(buckets.pop(shape))
@@ -90,8 +90,8 @@ class BatchLoader:
                     handed += len(group)
                     yield self._hand_out(group)
                 else:
-                    for it in group:
-                        self._pending.remove(it["index"])
+                    for i, _ in group:
+                        self._pending.remove(i)
         if tried and not handed:
             raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped")
 
@@ -100,7 +100,7 @@ class BatchLoader:
             self._pending.append(i)
             yield i
 
-    def _hand_out(self, group: list[dict[str, Any]]) -> dict[str, Any]:
-        for it in group:
-            self._pending.remove(it["index"])
-        return self.collate(group)
+    def _hand_out(self, group: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
+        for i, _ in group:
+            self._pending.remove(i)
+        return self.collate([item for _, item in group])
