@@ -21,6 +21,10 @@ Contracts:
   and RL roll out the policy to make the batch. ``batches.state_dict()`` / ``load_state_dict()`` make
   the data position resume exactly (saved per rank).
 - ``extra_state``: more Stateful objects to checkpoint with DCP (e.g. a judge's running stats).
+- Profiling: the step is split into ``forward`` / ``backward`` / ``optimizer`` spans; a recipe marks
+  its own phases with ``engine.profile.span("rollout")`` or ``span("judge_wait")`` (torch.profiler +
+  NVTX). ``profile.enabled`` records a window of steps to ``<run>/trace``.
+- The NaN guard costs one host sync per step (every rank must agree to skip an update).
 
 The trainer owns: placement, FP8 conversion, AC / compile / FSDP2 (engine/parallel.py), AdamW over the
 trainable parameters (fused on CUDA), the LR schedule (linear warmup, then constant or cosine to
@@ -201,6 +205,7 @@ class Trainer:
         self.state = TrainState()
         self._build_components(extra_state or {})
         self._last_logs: dict[str, float] = {}
+        self._closed = False
         self._resume()
 
     # ---- build steps ----------------------------------------------------------------------------
@@ -310,7 +315,14 @@ class Trainer:
         return self._last_logs
 
     def close(self) -> None:
-        """Flush metrics, stop the profiler, write the final checkpoint and the safetensors export."""
+        """Flush metrics, stop the profiler, write the final checkpoint and the safetensors export.
+
+        Called by :meth:`fit`; a recipe that drives :meth:`train_step` itself calls it once at the end
+        (a second call does nothing).
+        """
+        if self._closed:
+            return
+        self._closed = True
         self.profiler.__exit__(None, None, None)
         self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
         self.metrics.close()

@@ -207,3 +207,20 @@ def test_bench_profile_writes_trace_and_op_table(tmp_path):
     assert ops and all(r["ms"] >= 0 for r in ops.values()) and "forward" not in ops
     assert any("tflops" in r for r in ops.values())  # torch.profiler counted some matmul FLOPs
     assert res["logs"]["tokens_per_s"] > 0 and res["logs"]["tflops"] > 0
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("ac", ["none", "selective", "full"])
+def test_cuda_bf16_training_reports_memory_and_mfu(tmp_path, ac):
+    from engine.metrics import device_peak_flops
+
+    cfg = _cfg(8, lr=3e-3)
+    cfg.run.device, cfg.precision.param_dtype, cfg.train.log_every = "cuda", "bfloat16", 4
+    cfg.parallel.activation_checkpointing = ac
+    tr = Trainer(cfg, TinyDiT(dim=256), flow_loss, SeededBatches(), run_dir=tmp_path)
+    assert tr.optimizer.defaults["fused"]
+    tr.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["peak_mem_gb"] > 0
+    if device_peak_flops(torch.device("cuda"), "bf16"):
+        assert 0 < rows[-1]["mfu"] < 1
