@@ -15,6 +15,7 @@ import torch.nn as nn
 # family -> (module, model class, config class); the config class has ``flavour(name, **overrides)``.
 FAMILIES: dict[str, tuple[str, str, str]] = {
     "wan": ("models.wan", "WanModel", "WanConfig"),
+    "hunyuan15": ("models.hunyuan15", "HunyuanVideo15Model", "HunyuanVideo15Config"),
 }
 
 

@@ -12,6 +12,8 @@ the input's dtype.
 from __future__ import annotations
 
 import math
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn as nn
@@ -20,10 +22,13 @@ import torch.nn.functional as F
 from kernels.adaln import adaln_modulate, gated_residual
 from kernels.attention import attention
 from kernels.rope import apply_rope_reference
+from models.adapter import KeyMap, load_safetensors, read_config, to_ours, to_theirs
 
 __all__ = [
     "MLP",
     "CrossAttention",
+    "DiffusersInterop",
+    "JointAttention",
     "LayerNormFP32",
     "SelfAttention",
     "TimestepEmbedder",
@@ -165,12 +170,22 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
         self.out = nn.Linear(dim, dim, bias=bias)
 
-    def forward(self, x: torch.Tensor, rope: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+    def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """x (B, S, dim) -> normalised q, k and v, each (B, S, H, D) (joint attention reuses this)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
         q = _norm_heads(self.norm_q, q, self.heads, self.per_head)  # (B, S, H, D)
         k = _norm_heads(self.norm_k, k, self.heads, self.per_head)
-        v = v.unflatten(-1, (self.heads, -1))  # (B, S, dim) -> (B, S, H, D)
-        o = _attend(q, k, v, rope=rope, backend=self.backend)
+        return q, k, v.unflatten(-1, (self.heads, -1))  # v: (B, S, dim) -> (B, S, H, D)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        k_lengths: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """k_lengths: optional (B,) valid-token counts; keys at or past them are masked out."""
+        q, k, v = self.project(x)
+        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 
@@ -226,6 +241,35 @@ class CrossAttention(nn.Module):
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 
+class JointAttention(nn.Module):
+    """MM-DiT joint attention of two streams (HunyuanVideo): video tokens x and context tokens c get their
+    own q/k/v projections, per-head QK RMSNorm and output projections, and attend over [x, c] together.
+
+    RoPE rotates x's tokens only: the tables cover S video rows followed by identity rows (cos 1, sin 0) for
+    the context, an exact no-op. k_lengths (B,) = S + valid context tokens (context is valid-first).
+    """
+
+    def __init__(self, dim: int, heads: int, *, eps: float = 1e-6, bias: bool = True, backend: str = "sdpa"):
+        super().__init__()
+        kw = dict(qk_norm="per_head", eps=eps, bias=bias, backend=backend)
+        self.x, self.c = SelfAttention(dim, heads, **kw), SelfAttention(dim, heads, **kw)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        c: torch.Tensor,
+        rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+        k_lengths: torch.Tensor | None = None,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x (B, S, dim), c (B, L, dim); rope tables (S + L, D/2) -> (x out (B, S, dim), c out (B, L, dim))."""
+        S = x.shape[1]
+        qx, kx, vx = self.x.project(x)  # 3 x (B, S, H, D)
+        qc, kc, vc = self.c.project(c)  # 3 x (B, L, H, D)
+        q, k, v = (torch.cat(pair, dim=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, S + L, H, D)
+        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend).flatten(2)
+        return self.x.out(o[:, :S]), self.c.out(o[:, S:])  # (B, S + L, dim) split back
+
+
 def adaln(
     x: torch.Tensor,
     scale: torch.Tensor,
@@ -257,11 +301,102 @@ def patchify(x: torch.Tensor, patch: tuple[int, int, int]) -> torch.Tensor:
 
 
 def unpatchify(
-    tokens: torch.Tensor, grid: tuple[int, int, int], patch: tuple[int, int, int], channels: int
+    tokens: torch.Tensor,
+    grid: tuple[int, int, int],
+    patch: tuple[int, int, int],
+    channels: int,
+    *,
+    channels_first: bool = False,
 ) -> torch.Tensor:
-    """tokens (B, F'*H'*W', pt*ph*pw*C) with features ordered (pt, ph, pw, c) -> (B, C, F, H, W)."""
+    """tokens (B, F'*H'*W', pt*ph*pw*C) with features ordered (pt, ph, pw, c) -> (B, C, F, H, W);
+    channels_first: features ordered (c, pt, ph, pw) instead (HunyuanVideo's head)."""
     B = tokens.shape[0]
     (f, h, w), (pt, ph, pw) = grid, patch
+    if channels_first:
+        x = tokens.view(B, f, h, w, channels, pt, ph, pw)
+        x = x.permute(0, 4, 1, 5, 2, 6, 3, 7)  # -> (B, C, F', pt, H', ph, W', pw)
+        return x.reshape(B, channels, f * pt, h * ph, w * pw)
     x = tokens.view(B, f, h, w, pt, ph, pw, channels)
     x = x.permute(0, 7, 1, 4, 2, 5, 3, 6)  # -> (B, C, F', pt, H', ph, W', pw)
     return x.reshape(B, channels, f * pt, h * ph, w * pw)
+
+
+class DiffusersInterop:
+    """Mixin: a model that is weight-compatible with a diffusers transformer.
+
+    Subclasses set ``config_cls`` (with ``from_diffusers_config(dict, **overrides)``), keep their config
+    in ``self.cfg``, and implement ``keymap()`` (our keys -> diffusers', see models/adapter.py) and
+    ``their_shapes()`` (diffusers tensors whose shape differs from ours, e.g. a Conv3d patch embedding).
+    ``keep_fp32`` names modules whose parameters :meth:`cast` leaves in fp32.
+    """
+
+    config_cls: type
+    keep_fp32: tuple[str, ...] = ()
+
+    def keymap(self) -> KeyMap:
+        raise NotImplementedError
+
+    def their_shapes(self) -> dict[str, tuple[int, ...]]:
+        return {}
+
+    def load_diffusers_state_dict(
+        self, sd: dict[str, torch.Tensor], strict: bool = True, *, assign: bool = False
+    ) -> None:
+        """Load a diffusers state dict. strict: missing or unexpected keys raise
+        :class:`models.adapter.StateDictKeyError` listing all of them."""
+        shapes = {k: v.shape for k, v in self.state_dict().items()}
+        ours = to_ours(sd, shapes, self.keymap(), strict=strict, what=type(self).__name__)
+        self.load_state_dict(ours, strict=strict, assign=assign)
+
+    def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:
+        """Our state dict in diffusers' keys and shapes (exact inverse of load_diffusers_state_dict)."""
+        return to_theirs(self.state_dict(), self.keymap(), self.their_shapes())
+
+    @classmethod
+    def from_diffusers(cls, model: nn.Module, **overrides: Any):
+        """Same config and weights as the diffusers module (dtype and device kept)."""
+        cfg = cls.config_cls.from_diffusers_config(dict(model.config), **overrides)
+        p = next(model.parameters())
+        with torch.device("meta"):
+            ours = cls(cfg)
+        ours.load_diffusers_state_dict(
+            {k: v.detach().clone() for k, v in model.state_dict().items()}, assign=True
+        )
+        return ours.to(p.device)
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        path: str | Path,
+        *,
+        dtype: torch.dtype | None = None,
+        device: str | torch.device = "cpu",
+        **overrides: Any,
+    ):
+        """From a local diffusers folder (config.json + safetensors, sharded index supported; a pipeline
+        folder's ``transformer/`` is used). dtype: cast with :meth:`cast` (keep_fp32 modules stay fp32)."""
+        path = Path(path)
+        if (path / "transformer" / "config.json").is_file():
+            path = path / "transformer"
+        cfg = cls.config_cls.from_diffusers_config(read_config(path), **overrides)
+        with torch.device("meta"):
+            model = cls(cfg)
+        model.load_diffusers_state_dict(load_safetensors(path, device=device), assign=True)
+        return model.cast(dtype) if dtype is not None else model
+
+    def cast(self, dtype: torch.dtype):
+        """Cast parameters to ``dtype`` except those under a module named in ``keep_fp32`` (kept fp32)."""
+        for name, p in self.named_parameters():
+            keep = any(part in self.keep_fp32 for part in name.split("."))
+            p.data = p.data.to(torch.float32 if keep else dtype)
+        return self
+
+    def set_attention_backend(self, backend: str) -> None:
+        """Switch every attention module's kernels.attention backend."""
+        self.cfg.attention_backend = backend
+        for m in self.modules():
+            if isinstance(m, SelfAttention | CrossAttention):
+                m.backend = backend
+
+    def num_params(self) -> int:
+        return sum(p.numel() for p in self.parameters())

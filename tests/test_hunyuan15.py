@@ -1,0 +1,281 @@
+"""HunyuanVideo15Model against diffusers' HunyuanVideo15Transformer3DModel: outputs, gradients, RoPE
+layout, state dicts, loading, FLOPs, sizes, the I2V input of the pipeline, the recipe config."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+from diffusers import HunyuanVideo15Transformer3DModel
+from diffusers.models.transformers.transformer_hunyuan_video15 import HunyuanVideo15RotaryPosEmbed
+from torch.utils.flop_counter import FlopCounterMode
+
+from models import FAMILIES, build_model
+from models.adapter import StateDictKeyError, to_theirs
+from models.hunyuan15 import HunyuanVideo15Config, HunyuanVideo15Model, _keymap
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
+
+
+def make_pair(**overrides) -> tuple[HunyuanVideo15Transformer3DModel, HunyuanVideo15Model]:
+    cfg = HunyuanVideo15Config.flavour("debug", **overrides)
+    theirs = HunyuanVideo15Transformer3DModel(**cfg.to_diffusers_config()).eval()
+    with torch.no_grad():  # diffusers zero-inits some tensors; randomise all so every weight matters
+        for p in theirs.parameters():
+            p.normal_(0, 0.2)
+    return theirs, HunyuanVideo15Model.from_diffusers(theirs, attention_backend=cfg.attention_backend)
+
+
+def inputs(B: int = 2, *, latent=(3, 4, 6), image: bool = True, glyph: bool = True) -> tuple[tuple, dict]:
+    """Latents (B, 9, F, H, W), float timesteps, padded Qwen text, ByT5 glyph tokens (one sample with
+    none, as a prompt without quoted text), SigLIP tokens (all zero for T2V). Masks are not prefixes
+    everywhere (left padding in sample 0's glyph) to exercise the valid-first reordering."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(B, 9, *latent, generator=g)
+    t = torch.tensor([3.0, 870.5, 412.25][:B])
+    text = torch.randn(B, 7, 24, generator=g)
+    m1 = torch.tensor([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5][:B])
+    g2 = torch.randn(B, 5, 20, generator=g)
+    m2 = (
+        torch.tensor([[0, 1, 1, 0, 1], [0] * 5, [1] * 5][:B])
+        if glyph
+        else torch.zeros(B, 5, dtype=torch.long)
+    )
+    img = torch.randn(B, 3, 12, generator=g) if image else torch.zeros(B, 3, 12)
+    kw = dict(
+        encoder_attention_mask=m1, encoder_hidden_states_2=g2, encoder_attention_mask_2=m2, image_embeds=img
+    )
+    return (x, t, text), kw
+
+
+def check_parity(theirs, ours, args: tuple, kwargs: dict) -> None:
+    """Outputs and all gradients (float inputs and parameters) agree to 1e-5 relative error."""
+    args_t = [a.clone().requires_grad_(True) for a in args]
+    args_o = [a.clone().requires_grad_(True) for a in args]
+    kw_t = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in kwargs.items()}
+    kw_o = {k: v.clone().requires_grad_(v.is_floating_point()) for k, v in kwargs.items()}
+    out_t = theirs(*args_t, **kw_t, return_dict=False)[0]
+    out_o = ours(*args_o, **kw_o)
+    assert out_o.shape == out_t.shape
+    assert rel_err(out_o, out_t) <= 1e-5
+    w = torch.randn_like(out_t)
+    (out_t * w).sum().backward()
+    (out_o * w).sum().backward()
+    pairs = list(zip(args_o, args_t)) + [(kw_o[k], kw_t[k]) for k in kw_o if kw_o[k].is_floating_point()]
+    for i, (a, b) in enumerate(pairs):
+        if b.grad is None or b.grad.abs().max() == 0:
+            assert a.grad is None or a.grad.abs().max() == 0, f"input {i}"
+        else:
+            assert rel_err(a.grad, b.grad) <= 1e-5, f"input {i}"
+    grads = {n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in ours.named_parameters()}
+    ours_in_theirs = to_theirs(grads, _keymap(ours.cfg), ours.their_shapes())
+    theirs_grads = {
+        n: p.grad if p.grad is not None else torch.zeros_like(p) for n, p in theirs.named_parameters()
+    }
+    total = torch.cat([g.flatten() for g in theirs_grads.values()]).norm()
+    for name, g in theirs_grads.items():  # floor: a 1e-7 share of the total norm (near-cancelling biases)
+        err = (ours_in_theirs[name] - g).norm()
+        assert err <= 1e-5 * g.norm() + 1e-7 * total, (name, err, g.norm())
+
+
+@pytest.mark.parametrize("backend", ["sdpa", "triton"])
+def test_i2v_matches_diffusers_with_padded_masks(backend):
+    theirs, ours = make_pair(attention_backend=backend)
+    args, kw = inputs(latent=(2, 2, 4) if backend == "triton" else (3, 4, 6))
+    check_parity(theirs, ours, args, kw)
+
+
+def test_t2v_zero_image_and_spatial_patch_match_diffusers():
+    theirs, ours = make_pair(patch_size=2, out_channels=3)  # (c, pt, ph, pw) head order matters here
+    args, kw = inputs(3, latent=(2, 4, 6), image=False)
+    check_parity(theirs, ours, args, kw)
+
+
+def test_meanflow_timestep_r_and_all_valid_batch_match_diffusers():
+    theirs, ours = make_pair(use_meanflow=True)
+    (x, t, text), kw = inputs(1)
+    kw["timestep_r"] = torch.tensor([120.0])
+    check_parity(theirs, ours, (x, t, text), kw)  # B = 1: no key mask at all on our side
+
+
+def test_rope_tables_are_diffusers_interleaved_layout():
+    cfg = HunyuanVideo15Config.flavour("debug")
+    ours = HunyuanVideo15Model(cfg)
+    grid = (3, 5, 7)
+    cos, sin = ours.rope_tables(grid, 4, torch.device("cpu"))
+    S = 3 * 5 * 7
+    rope = HunyuanVideo15RotaryPosEmbed(
+        cfg.patch_size, cfg.patch_size_t, list(cfg.rope_axes_dim), cfg.rope_theta
+    )
+    their_cos, their_sin = rope(torch.zeros(1, cfg.in_channels, *grid))  # (S, D), pairs repeated
+    torch.testing.assert_close(cos[:S].repeat_interleave(2, dim=1), their_cos, rtol=0, atol=2e-6)
+    torch.testing.assert_close(sin[:S].repeat_interleave(2, dim=1), their_sin, rtol=0, atol=2e-6)
+    assert torch.equal(cos[S:], torch.ones(4, 8)) and torch.equal(sin[S:], torch.zeros(4, 8))
+
+
+def test_state_dict_round_trip_is_bit_exact():
+    theirs, ours = make_pair(use_meanflow=True, patch_size=2)
+    sd = theirs.state_dict()
+    back = ours.to_diffusers_state_dict()
+    assert sorted(back) == sorted(sd)
+    for k, v in sd.items():
+        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
+        assert torch.equal(back[k], v), k
+    fresh = HunyuanVideo15Model(ours.cfg)
+    fresh.load_diffusers_state_dict(back)
+    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ours.state_dict().values()))
+
+
+def test_missing_and_unexpected_keys_are_listed():
+    theirs, ours = make_pair()
+    sd = dict(theirs.state_dict())
+    del sd["transformer_blocks.1.attn.add_k_proj.weight"]
+    sd["context_embedder.extra.weight"] = torch.zeros(1)
+    with pytest.raises(StateDictKeyError) as err:
+        ours.load_diffusers_state_dict(sd)
+    msg = str(err.value)
+    assert "transformer_blocks.1.attn.add_k_proj.weight" in msg and "context_embedder.extra.weight" in msg
+
+
+@pytest.mark.parametrize("shard", [None, "3MB"])
+def test_from_pretrained_reads_diffusers_folders(tmp_path, shard):
+    theirs, _ = make_pair()
+    kw = {} if shard is None else {"max_shard_size": shard}
+    theirs.save_pretrained(tmp_path / "transformer", safe_serialization=True, **kw)
+    if shard:
+        index = json.loads(next((tmp_path / "transformer").glob("*.index.json")).read_text())
+        assert len(set(index["weight_map"].values())) > 1
+    ours = HunyuanVideo15Model.from_pretrained(tmp_path)  # a pipeline folder: transformer/ is used
+    args, kw = inputs(1, latent=(1, 2, 2))
+    with torch.no_grad():
+        assert rel_err(ours(*args, **kw), theirs(*args, **kw, return_dict=False)[0]) <= 1e-5
+
+
+def test_predict_velocity_builds_the_pipeline_i2v_input():
+    theirs, ours = make_pair()
+    (_, _, text), kw = inputs(2, latent=(3, 4, 4))
+    x, image, t = torch.randn(2, 4, 3, 4, 4), torch.randn(2, 4, 1, 4, 4), torch.tensor([0.25, 0.9])
+    cond_latents = image.repeat(
+        1, 1, 3, 1, 1
+    )  # as HunyuanVideo15ImageToVideoPipeline: repeat, zero frames 1:
+    cond_latents[:, :, 1:] = 0
+    mask = torch.zeros(2, 1, 3, 4, 4)
+    mask[:, :, 0] = 1
+    lengths, lengths_2 = kw["encoder_attention_mask"].sum(1), torch.tensor([0, 0])
+    cond = {"text": text, "text_lengths": lengths, "image_latent": image, "image_tokens": kw["image_embeds"],
+            "text_2": kw["encoder_hidden_states_2"], "text_2_lengths": lengths_2}  # fmt: skip
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, cond)
+        ref = theirs(torch.cat([x, cond_latents, mask], 1), 1000 * t, text, return_dict=False,
+                     **{**kw, "encoder_attention_mask_2": torch.zeros(2, 5)})[0]  # fmt: skip
+        assert v.shape == x.shape and rel_err(v, ref) <= 1e-5
+        no_glyph = ours.predict_velocity(x, t, {k: v for k, v in cond.items() if not k.startswith("text_2")})
+        assert rel_err(no_glyph, ref) <= 1e-5  # zero glyph tokens == absent
+    with pytest.raises(ValueError, match="image_latent"):
+        ours.predict_velocity(x, t, {**cond, "image_latent": image[:, :, :, :2]})
+    with pytest.raises(ValueError, match="t: expected"):
+        ours.predict_velocity(x, torch.rand(2, 48), cond)
+
+
+def test_flops_per_token_matches_flop_counter():
+    _, ours = make_pair(attention_backend="torch", use_meanflow=True)
+    (x, t, text), kw = inputs(1, latent=(2, 4, 6))
+    kw = {**kw, "encoder_attention_mask_2": torch.ones(1, 5), "timestep_r": torch.tensor([1.0])}
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ours(x, t, text, **kw)
+    S = 2 * 4 * 6
+    count = ours.flops_per_token(S, 7, glyph_len=5, image_len=3) * S
+    assert abs(count / counter.get_total_flops() - 1) < 1e-9
+
+
+def test_real_size_on_meta_matches_diffusers_and_paper():
+    ours = build_model("hunyuan15", "i2v-480p", device="meta")
+    cfg = ours.cfg
+    with torch.device("meta"):
+        theirs = HunyuanVideo15Transformer3DModel(**cfg.to_diffusers_config())
+    n = ours.num_params()
+    assert n == sum(p.numel() for p in theirs.parameters())
+    assert 8.2e9 < n < 8.4e9 and len(ours.blocks) == 54 and cfg.dim == 2048  # "8.3B, 54 blocks, dim 2048"
+    S = 31 * 30 * 53  # 848 x 480 x 121 frames -> latent 31 x 30 x 53
+    assert S == 49_290 and ours.flops_per_token(S, 256) > 0
+
+
+def test_registry_and_recipe_config_builds_on_meta():
+    from engine.config import load_config
+    from recipes.common import build_denoiser
+
+    assert "hunyuan15" in FAMILIES
+    cfg = load_config(argv=["--config", str(REPO / "recipes/configs/hunyuan15_i2v_480p.toml"),
+                            "--model.meta_init", "true"])  # fmt: skip
+    model = build_denoiser(cfg)
+    assert isinstance(model, HunyuanVideo15Model) and all(p.is_meta for p in model.parameters())
+    d = cfg.data
+    assert (d.width, d.height, d.num_frames) == (848, 480, 121)
+    with pytest.raises(ValueError, match="unknown fields"):
+        build_model("hunyuan15", "debug", hidden=3)
+
+
+def test_bad_inputs_are_named():
+    _, ours = make_pair()
+    (x, t, text), kw = inputs(1, latent=(1, 2, 2))
+    with pytest.raises(ValueError, match="hidden_states"):
+        ours(x[:, :5], t, text)
+    with pytest.raises(ValueError, match="timestep"):
+        ours(x, torch.tensor([1.0, 2.0]), text)
+    with pytest.raises(ValueError, match="encoder_hidden_states"):
+        ours(x, t, text[..., :5])
+    with pytest.raises(ValueError, match="encoder_attention_mask"):
+        ours(x, t, text, encoder_attention_mask=torch.ones(1, 3))
+    with pytest.raises(ValueError, match="rope_axes_dim"):
+        HunyuanVideo15Config.flavour("debug", rope_axes_dim=(4, 4, 4))
+
+
+def test_cast_keeps_fp32_modules_and_bf16_is_close_to_fp32():
+    _, ours = make_pair()
+    args, kw = inputs(1, latent=(2, 2, 4))
+    with torch.no_grad():
+        ref = ours(*args, **kw)
+        ours.cast(torch.bfloat16)
+        out = ours(*[a.bfloat16() if a.dim() > 1 else a for a in args],
+                   **{k: v.bfloat16() if v.is_floating_point() else v for k, v in kw.items()})  # fmt: skip
+    assert ours.time_embed.linear_1.weight.dtype == torch.float32
+    assert ours.text_refiner.blocks[0].norm1.weight.dtype == torch.float32
+    assert ours.blocks[0].attn.x.qkv.weight.dtype == torch.bfloat16
+    assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref) < 3e-2
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["triton", "sdpa"])
+def test_gpu_bf16_error_within_twice_diffusers_bf16(backend):
+    """bf16 on CUDA: our error vs an fp32 reference is at most ~2x diffusers' bf16 error (outputs, input
+    grads). Padded masks included (B = 2 with different text lengths: our key lengths vs their dense mask)."""
+    theirs, ours = make_pair(num_attention_heads=2, attention_head_dim=64, rope_axes_dim=(16, 24, 24),
+                             attention_backend=backend)  # fmt: skip
+    theirs, ours = theirs.cuda(), ours.cuda()
+    (x, t, text), kw = inputs(2, latent=(5, 16, 24))
+    x, text = x.cuda(), text.cuda()
+    t = torch.tensor([3.0, 868.0], device="cuda")  # exact in bf16, so diffusers' bf16 timestep loses nothing
+    kw = {k: v.cuda() for k, v in kw.items()}
+    w = torch.randn(2, 4, 5, 16, 24, device="cuda")
+
+    def run(model, dtype, diffusers):
+        xi = x.to(dtype).requires_grad_(True)
+        kwd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
+        if diffusers:  # diffusers casts the sinusoid to the timestep's dtype: it must match the weights
+            out = model(xi, t.to(dtype), text.to(dtype), **kwd, return_dict=False)[0]
+        else:
+            out = model(xi, t, text.to(dtype), **kwd)
+        (out.float() * w).sum().backward()
+        return out.float(), xi.grad.float()
+
+    ref_out, ref_grad = run(theirs, torch.float32, True)
+    their_out, their_grad = run(theirs.to(torch.bfloat16), torch.bfloat16, True)
+    our_out, our_grad = run(ours.to(torch.bfloat16), torch.bfloat16, False)
+    assert rel_err(our_out, ref_out) <= 2 * rel_err(their_out, ref_out) + 1e-3
+    assert rel_err(our_grad, ref_grad) <= 2 * rel_err(their_grad, ref_grad) + 1e-3
