@@ -220,7 +220,8 @@ class VideoDataset:
                 arr = np.asarray(im.convert("RGB"))
         except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
             raise SkipItem(f"image cannot be read ({type(e).__name__}: {e})") from None
-        return torch.from_numpy(arr.copy())[None]  # (H, W, 3) -> (1, H, W, 3)
+        frame = torch.from_numpy(arr.copy())[None]  # (H, W, 3) -> (1, H, W, 3)
+        return frame.to(self.decoders[0].device)
 
     def _start(self, i: int, latest: int) -> int:
         if self.clip_start == "first" or latest <= 0:
@@ -257,7 +258,7 @@ class VideoDataset:
                 log.info("decoder '%s' for %s videos (decoder=%s)", dec.name, codec, self.decoder_choice)
             if out.shape[0] != len(idx):
                 raise SkipItem(f"decoder '{dec.name}' returned {out.shape[0]} frames (expected {len(idx)})")
-            return out
+            return out.to(self.decoders[0].device)  # one device for every item, whichever backend decoded it
         raise SkipItem("; ".join(errors))
 
 

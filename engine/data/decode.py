@@ -331,12 +331,15 @@ def build_decoders(choice: str = "auto") -> list[Decoder]:
         raise ValueError(f"decoder: expected one of {', '.join(DECODERS)}, got {choice!r}")
     if choice == "pyav":
         return [PyAVDecoder()]
+    gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else 0  # this rank's device
     if choice == "dali":
-        return [DaliDecoder("gpu")]
+        return [DaliDecoder("gpu", device_id=gpu_id)]
     if choice == "dali_cpu":
         return [DaliDecoder("cpu")]
     chain: list[Decoder] = []
     if dali_available() is None:
-        chain.append(DaliDecoder("gpu" if torch.cuda.is_available() else "cpu"))
+        chain.append(
+            DaliDecoder("gpu", device_id=gpu_id) if torch.cuda.is_available() else DaliDecoder("cpu")
+        )
     chain.append(PyAVDecoder())
     return chain
