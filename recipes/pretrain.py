@@ -189,7 +189,18 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     from engine.trainer import Trainer
 
     torch.manual_seed(cfg.run.seed)
-    model = build_demonstrator(cfg.model.flavour, cfg.world.text_layers)
+    if cfg.model.pretrained:  # warm start from an exported Demonstrator folder (its configs win)
+        model, init_meta = load_demonstrator(cfg.model.pretrained)
+        model.train()
+        init_steps = int(
+            init_meta.get("train", {}).get("total_steps", init_meta.get("train", {}).get("steps", 0))
+        )
+        log.info(
+            "warm start from %s (text encoder layers: %d)", cfg.model.pretrained, model.text.config["layers"]
+        )
+    else:
+        model, init_steps = build_demonstrator(cfg.model.flavour, cfg.world.text_layers), 0
+    torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls on GPU (no effect on CPU)
     device = "cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else cfg.run.device
     device = "cpu" if device == "auto" else device
     batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device(device),
@@ -204,6 +215,7 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
         "steps": trainer.step,
         "steps_this_run": trainer.step - start,
         "train_s": time.perf_counter() - t0,
+        "total_steps": init_steps + trainer.step,  # including the warm start's steps
     }
     log.info(
         "trained %d steps (%d this run) in %.0f s", trainer.step, info["steps_this_run"], info["train_s"]
@@ -224,7 +236,8 @@ def main(argv: list[str] | None = None) -> Path:
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
         "torch": torch.__version__,
         "train": {"batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "ema_decay": cfg.train.ema_decay,
-                  "text_layers": cfg.world.text_layers, "caption_dropout": cfg.world.caption_dropout, **info},
+                  "text_layers": model.text.config["layers"], "init": cfg.model.pretrained,
+                  "caption_dropout": cfg.world.caption_dropout, **info},
     }  # fmt: skip
     out = run_dir / "demonstrator"
     with trainer.ema_weights() if trainer.ema is not None else contextlib.nullcontext():
