@@ -136,6 +136,11 @@ class CheckpointManager:
         self.cfg, self.folder = cfg, Path(folder)
         self.states, self.rank_states = states, rank_states or {}
         self._pending: tuple[Future, Path, Path] | None = None
+        # DCP's own collectives (plan exchange, async finish) run on a gloo group: on CUDA they then
+        # stay off the NCCL stream that training uses, as DCP recommends for async saves.
+        self._pg = None
+        if dist.is_initialized() and dist.get_backend() != "gloo":
+            self._pg = dist.new_group(backend="gloo")
 
     def _dcp_state(self) -> dict[str, Any]:
         return {k: s.state_dict() for k, s in self.states.items()}
@@ -153,11 +158,13 @@ class CheckpointManager:
         state = self._dcp_state()
         if self.cfg.async_save and not force_sync:
             with _quiet_single_process():
-                fut = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+                fut = dcp.async_save(
+                    state, checkpoint_id=str(tmp), no_dist=_no_dist(), process_group=self._pg
+                )
             self._pending = (fut, tmp, final)
         else:
             with _quiet_single_process():
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist())
+                dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist(), process_group=self._pg)
             self._commit(tmp, final)
         return final
 
@@ -199,7 +206,7 @@ class CheckpointManager:
             raise FileNotFoundError(f"checkpoint '{path}' is not complete (no {MARKER} marker)")
         state = self._dcp_state()
         with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist())
+            dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist(), process_group=self._pg)
         for k, s in self.states.items():
             s.load_state_dict(state[k])
         rank_file = path / f"rank{_rank():05d}.pt"
