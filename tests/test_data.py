@@ -8,7 +8,6 @@ import json
 import math
 from pathlib import Path
 
-import av
 import numpy as np
 import pytest
 import torch
@@ -17,6 +16,8 @@ from engine.data import VideoDataset, bucket_batches
 from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, probe, yuv420_to_rgb
 from engine.data.synthetic import ident_color, make_frames, write_image, write_video
 from engine.data.transforms import frame_indices, make_buckets, nearest_bucket
+
+av = pytest.importorskip("av", reason="PyAV writes and reads every test video here")
 
 
 def psnr(a: torch.Tensor, b: torch.Tensor) -> float:

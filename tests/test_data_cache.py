@@ -7,12 +7,15 @@ from pathlib import Path
 
 import pytest
 import torch
-from diffusers import AutoencoderKLWan
-from transformers import UMT5Config, UMT5EncoderModel
 
 from engine.data import BatchLoader, ResumableSampler, VideoDataset
 from engine.data.cache import LatentCacheDataset, LatentCacheWriter, collate_latents, sha256_file
 from engine.data.synthetic import write_image, write_video
+
+pytest.importorskip("av", reason="PyAV writes the test videos")
+AutoencoderKLWan = pytest.importorskip("diffusers").AutoencoderKLWan
+transformers = pytest.importorskip("transformers")
+UMT5Config, UMT5EncoderModel = transformers.UMT5Config, transformers.UMT5EncoderModel
 
 FIELDS = ("task", "solution")
 pytestmark = pytest.mark.filterwarnings("ignore:TF32 acceleration on top of oneDNN:UserWarning")

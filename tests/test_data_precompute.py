@@ -5,6 +5,8 @@ import json
 import pytest
 import torch
 
+pytest.importorskip("av", reason="PyAV writes the test videos")
+
 from engine.config import JobConfig, build_config
 from engine.data import VideoDataset
 from engine.data.cache import LatentCacheDataset
