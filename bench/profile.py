@@ -32,7 +32,11 @@ from engine.trainer import Trainer
 
 
 class RandomLatents:
-    """Batches of random latents and text embeddings, sized by the config (profiling only)."""
+    """Batches of random latents and text embeddings, sized by the config (profiling only).
+
+    Reads the model family's config fields ``in_channels``, ``out_channels``, ``text_dim``,
+    ``patch_size`` and its ``flops_per_token(seq_len, text_len)`` (the models/ API).
+    """
 
     def __init__(self, model: torch.nn.Module, cfg: JobConfig, device: torch.device):
         mc = model.cfg
@@ -64,14 +68,14 @@ class RandomLatents:
 
 
 def build(cfg: JobConfig) -> torch.nn.Module:
-    """The config's model (random init, or ``model.pretrained``) with its attention backend."""
-    from models import build_model
+    """The config's model (``model.pretrained`` weights, else random init) with its attention backend."""
+    from models import build_model, model_classes
 
-    model = build_model(cfg.model.family, cfg.model.flavour, attention_backend=cfg.model.attention)
     if cfg.model.pretrained:
-        model = type(model).from_pretrained(cfg.model.pretrained)
+        model = model_classes(cfg.model.family)[0].from_pretrained(cfg.model.pretrained)
         model.set_attention_backend(cfg.model.attention)
-    return model
+        return model
+    return build_model(cfg.model.family, cfg.model.flavour, attention_backend=cfg.model.attention)
 
 
 def profile_training(cfg: JobConfig, steps: int, run_dir: str | Path) -> dict[str, Any]:
