@@ -162,6 +162,15 @@ def _flow_step(**kwargs):
     return flow_step(**kwargs, backend="triton" if kwargs["x"].is_cuda else "torch")
 
 
+def sde_step(t: float, t_next: float) -> bool:
+    """Whether the SDE sampler injects noise on the step t -> t_next: only strictly inside (0, 1).
+
+    The SDE's noise scale sigma sqrt(t / (1 - t)) diverges at t = 1 (the kernel caps it at t = 0.999,
+    still ~32 sigma), which wrecks the first Euler step; and the step onto t = 0 should land on data.
+    Those two steps are deterministic (ODE) and carry log-prob 0: RL trains on the others."""
+    return 0.0 < t_next and t < 1.0 - 1e-6
+
+
 def sample(
     v_fn: VelocityFn,
     noise: torch.Tensor,
@@ -178,7 +187,8 @@ def sample(
     """Integrate from ``noise`` at t = 1 to t = 0 in ``num_steps`` steps of the shifted schedule.
 
     ``sigma == 0``: Euler ODE. ``sigma > 0``: the SDE of :func:`kernels.sampler.flow_step`, whose step
-    noise is drawn from ``generator`` (same generator state -> same rollout), with per-step log-probs.
+    noise is drawn from ``generator`` (same generator state -> same rollout), with per-step log-probs;
+    the first (t = 1) and last (to t = 0) steps stay deterministic (:func:`sde_step`), log-prob 0.
     ``guidance != 1`` needs ``uncond`` (a cond dict of the same keys, e.g. empty text).
     Runs under ``torch.no_grad``; training code recomputes velocities at the stored states.
     """
@@ -193,9 +203,9 @@ def sample(
             t = ts[k].expand(x.shape[0])
             v_c, v_u = guided_velocity(v_fn, x, t, cond, use_uncond)
             eps = None
-            if sigma > 0 and k < num_steps - 1:
+            if sigma > 0 and sde_step(float(ts[k]), float(ts[k + 1])):
                 eps = torch.randn(x.shape, generator=generator, device=x.device, dtype=x.dtype)
-            step_sigma = sigma if eps is not None else 0.0  # the last step to t = 0 is deterministic
+            step_sigma = sigma if eps is not None else 0.0
             x, logp = _flow_step(
                 x=x,
                 v_cond=v_c,
@@ -231,6 +241,8 @@ def transition_logprob(
     """(B,) log-prob of the stored SDE transition x -> x_next under ``v_fn`` (with gradients)."""
     if sigma <= 0:
         raise ValueError(f"sigma: a transition log-prob needs sigma > 0, got {sigma}")
+    if not sde_step(t, t_next):
+        raise ValueError(f"step {t} -> {t_next}: deterministic in engine.flow.sample (sde_step), no log-prob")
     tt = torch.full((x.shape[0],), float(t), device=x.device)
     v_c, v_u = guided_velocity(v_fn, x, tt, cond, uncond if guidance != 1.0 else None)
     _, logp = _flow_step(
