@@ -1,0 +1,149 @@
+"""The toy world: rendering, the exact latent map, text, and the oracle judge/proposer round trips."""
+
+import asyncio
+
+import numpy as np
+import pytest
+import torch
+
+from engine.judge.base import Judge, JudgeRequest
+from engine.propose import Proposer
+from engine.world import latent
+from engine.world.oracle import OracleJudge, OracleProposer, judge_frames, parse_task, read_scene
+from engine.world.scene import (
+    CELL,
+    COLOURS,
+    Move,
+    Scene,
+    random_scene,
+    render,
+    render_one,
+    task_move,
+    task_pairs,
+)
+from engine.world.text import PAD, UNK, ToyTextEncoder, tokenize
+
+
+def _scenes(n, seed=0):
+    rng = np.random.default_rng(seed)
+    return [random_scene(rng) for _ in range(n)]
+
+
+def _key(s: Scene):
+    return sorted(zip(s.colours, s.rows, s.cols))
+
+
+def test_correct_solution_videos_are_judged_solved():
+    n = 0
+    for s in _scenes(40):
+        for task, solution, move in task_pairs(s):
+            video = render_one(s, move)
+            assert judge_frames(list(video), task) == {"task": 1, "agent": 1, "consistency": 1, "reward": 1}
+            assert solution.startswith("the agent grabs the " + s.colours[move.block])
+            n += 1
+    assert n > 100
+
+
+def test_still_video_and_wrong_block_fail_the_task():
+    s = Scene(("red", "blue", "green"), (0, 2, 3), (0, 3, 1))
+    task = "[Agent]: put the red block above the blue block"
+    assert task_move(s, 0, 1) == Move(0, 3)
+    still = judge_frames(list(render_one(s, None)), task)
+    assert still["task"] == 0 and still["agent"] == 0 and still["consistency"] == 1
+    wrong = judge_frames(list(render_one(s, Move(2, 2))), task)  # green moves under blue instead
+    assert wrong["task"] == 0 and wrong["agent"] == 0
+
+
+def test_teleport_is_caught_by_agent():
+    s = Scene(("red", "blue", "green"), (0, 2, 3), (0, 3, 1))
+    task = "[Agent]: put the red block above the blue block"
+    good = render_one(s, Move(0, 3))
+    teleport = np.stack([good[0], good[1], good[3], good[3]])  # 2 cells in one frame
+    r = judge_frames(list(teleport), task)
+    assert r["task"] == 1 and r["agent"] == 0
+    no_grip = good.copy()
+    no_grip[1:][(no_grip[1:] == 255).all(-1)] = COLOURS["red"]  # the block slides by itself
+    assert judge_frames(list(no_grip), task)["agent"] == 0
+
+
+def test_changed_colour_or_moved_bystander_is_caught_by_consistency():
+    s = Scene(("red", "blue", "green"), (0, 2, 3), (0, 3, 1))
+    task = "[Agent]: put the red block above the blue block"
+    good = render_one(s, Move(0, 3))
+    recoloured = good.copy()
+    recoloured[-1][(recoloured[-1] == COLOURS["green"]).all(-1)] = COLOURS["yellow"]
+    r = judge_frames(list(recoloured), task)
+    assert r["task"] == 1 and r["consistency"] == 0
+    shifted = good.copy()
+    bystander = render_one(Scene(s.colours, s.rows, (0, 3, 2)), None)[0]
+    shifted[-1][24:32] = bystander[24:32]  # green (row 3) jumps one cell in the last frame
+    assert judge_frames(list(shifted), task)["consistency"] == 0
+
+
+def test_latent_map_is_exact_and_normalised():
+    scenes = _scenes(64, 1)
+    moves = [task_pairs(s)[0][2] if task_pairs(s) else None for s in scenes]
+    video = render(scenes, moves)
+    z = latent.encode(video)
+    assert z.shape == (64, 12, 4, 16, 16)
+    assert torch.equal(latent.decode(z), video)
+    assert abs(float(z.mean())) < 0.2 and 0.7 < float(z.std()) < 1.3
+    assert latent.image_latent(video[:, 0]).shape == (64, 12, 1, 16, 16)
+    with pytest.raises(ValueError, match="uint8"):
+        latent.encode(video.float())
+
+
+def test_tokenizer_and_text_encoder():
+    ids, lengths = tokenize(["[Agent]: put the red block under the blue block", "", "zebra red"], max_len=12)
+    assert ids.shape == (3, 12) and lengths.tolist() == [10, 0, 2]
+    assert ids[2, 0] == UNK and (ids[1] == PAD).all()
+    enc = ToyTextEncoder(dim=16, layers=1, max_len=12)
+    out = enc(ids)
+    assert out.shape == (3, 12, 16) and torch.isfinite(out).all()
+    assert (out[1] == 0).all() and (out[0, 10:] == 0).all() and (out[0, :10] != 0).any()
+    cond = enc.encode(["the agent grabs the red block", ""])
+    assert cond["text"].shape == (2, 12, 16) and cond["text_lengths"].tolist() == [12, 12]
+
+
+def test_oracle_judge_protocol_and_bad_task():
+    s = _scenes(1, 3)[0]
+    task, _, move = task_pairs(s)[0]
+    frames = list(render_one(s, move))
+    judge = OracleJudge()
+    assert isinstance(judge, Judge)
+    reqs = [
+        JudgeRequest(task=task, question=q, frames=frames) for q in ("task", "agent", "consistency", "reward")
+    ]
+    reqs.append(JudgeRequest(task="[Agent]: dance", question="task", frames=frames))
+    verdicts = asyncio.run(judge.score(reqs))
+    assert [v.score for v in verdicts[:4]] == [1.0, 1.0, 1.0, 1.0]
+    assert verdicts[4].status == "parse_error" and verdicts[4].score is None
+
+
+def test_proposer_pairs_parse_and_are_solvable():
+    scenes = _scenes(12, 4)
+    images = [render_one(s, None)[0] for s in scenes]
+    proposer = OracleProposer(seed=0)
+    assert isinstance(proposer, Proposer)
+    out = asyncio.run(proposer.propose(images, 4))
+    assert len(out) == len(scenes)
+    for s, image, pairs in zip(scenes, images, out):
+        assert _key(read_scene(image)) == _key(s)
+        assert 1 <= len(pairs) <= 4 or not task_pairs(s)
+        for p in pairs:
+            assert p.task.startswith("[Agent]: ")
+            target, _, ref = parse_task(p.task)
+            a, b = s.index(target), s.index(ref)
+            video = render_one(s, task_move(s, a, b))
+            assert judge_frames(list(video), p.task)["task"] == 1
+            assert f"the {target} block" in p.solution and str(abs(s.cols[b] - s.cols[a])) not in p.solution
+
+
+def test_render_geometry():
+    s = Scene(("yellow",), (1,), (2,))
+    v = render_one(s, Move(0, -1))
+    ys, xs = np.nonzero((v[0] == COLOURS["yellow"]).all(-1))
+    assert (ys.min(), ys.max(), xs.min(), xs.max()) == (CELL + 1, CELL + 6, 2 * CELL + 1, 2 * CELL + 6)
+    assert (v[0] == 255).sum() == 0 and (v[1] == 255).all(-1).sum() == 4
+    ys, xs = np.nonzero((v[-1] != 0).any(-1))
+    assert xs.min() == CELL + 1  # one cell left after the last frame
