@@ -1,7 +1,9 @@
 """Training metrics: step time, tokens/s, MFU, peak memory; JSONL + TensorBoard; progress on rank 0.
 
 Scalars stay on the device between logging steps (a ``.item()`` per step would sync the GPU every
-step); at a logging step they are averaged over the interval and moved to the host in one go.
+step); at a logging step they are averaged over the interval and over ranks (one all-reduce; the loss's
+logs must have the same keys on every rank) and moved to the host in one go. tokens/s, TFLOP/s and
+MFU are per rank (per device).
 
     MFU = achieved FLOP/s / device peak,  achieved = 3 * forward FLOPs / s   (fwd + 2x bwd)
 
@@ -20,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from engine.log import get_logger
@@ -78,6 +81,15 @@ def peak_memory_gb(device: torch.device) -> float | None:
     return torch.cuda.max_memory_allocated(device) / 2**30
 
 
+def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
+    """Average logged scalars over ranks (one collective per logging step; every rank logs the same keys)."""
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        t = t.clone()
+        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        t /= dist.get_world_size()
+    return t
+
+
 class MetricsLogger:
     """Collects per-step scalars; every ``log_every`` steps writes a JSONL row and TensorBoard scalars."""
 
@@ -132,7 +144,7 @@ class MetricsLogger:
         keys = list(self._sums)
         vals = [self._sums[k] for k in keys]
         tens = [v for v in vals if isinstance(v, torch.Tensor)]
-        host = torch.stack([t.reshape(()) for t in tens]).cpu().tolist() if tens else []
+        host = _mean_over_ranks(torch.stack([t.reshape(()) for t in tens])).cpu().tolist() if tens else []
         it = iter(host)
         row: dict[str, float] = {"step": step}
         for k, v in zip(keys, vals):

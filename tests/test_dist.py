@@ -71,6 +71,8 @@ def test_two_process_training_matches_single_process(tmp_path):
             for k, w in ref_weights.items():
                 err = (weights[k] - w).abs().max().item()
                 assert err < 1e-5, f"{name} {file}: {k} differs by {err}"
+    row = json.loads((tmp_path / "fsdp" / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 5 and row["loss"] == pytest.approx(sum(ref_losses) / 5, rel=1e-5)  # rank mean
     err = (tmp_path / "timeout.txt").read_text()
     assert "collective 'test barrier' timed out after 2 s" in err and "Rank 1" in err
 
