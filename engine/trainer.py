@@ -25,6 +25,8 @@ Contracts:
   its own phases with ``engine.profile.span("rollout")`` or ``span("judge_wait")`` (torch.profiler +
   NVTX). ``profile.enabled`` records a window of steps to ``<run>/trace``.
 - The NaN guard costs one host sync per step (every rank must agree to skip an update).
+- Under torchrun the trainer creates the process group (or takes ``dist_info=`` from
+  ``engine.dist.init_distributed``); call ``engine.dist.shutdown()`` when the job ends.
 
 The trainer owns: placement, FP8 conversion, AC / compile / FSDP2 (engine/parallel.py), AdamW over the
 trainable parameters (fused on CUDA), the LR schedule (linear warmup, then constant or cosine to
