@@ -1,0 +1,96 @@
+"""engine.evaluation: statistics against known answers, and the gap check end to end with an exact
+"model" (the point-mass velocity (x_t - x0) / t that the Euler sampler integrates exactly)."""
+
+import numpy as np
+import pytest
+import torch
+
+from engine import evaluation as ev
+from engine.world import latent
+from engine.world.demonstrator import eval_items
+from engine.world.oracle import OracleJudge
+from engine.world.scene import render
+
+
+def test_wilson_interval_known_values():
+    lo, hi = ev.wilson_interval(5, 10)
+    assert lo == pytest.approx(0.2366, abs=1e-4) and hi == pytest.approx(0.7634, abs=1e-4)
+    lo, hi = ev.wilson_interval(0, 10)
+    assert lo == pytest.approx(0, abs=1e-12) and hi == pytest.approx(0.2775, abs=1e-4)
+    with pytest.raises(ValueError, match="k <= n"):
+        ev.wilson_interval(11, 10)
+
+
+def test_bootstrap_ci_covers_the_true_mean():
+    rng = np.random.default_rng(0)
+    hits = 0
+    for rep in range(40):
+        x = (rng.random(200) < 0.3).astype(float)
+        m, lo, hi = ev.mean_ci(x, n_boot=400, seed=rep)
+        assert lo <= m <= hi
+        hits += lo <= 0.3 <= hi
+    assert 34 <= hits <= 40  # nominal 95%: 38 of 40 expected
+
+
+def test_sign_test_exact_values():
+    assert ev.sign_test(np.ones(10))[0] == pytest.approx(2 / 1024)
+    assert ev.sign_test(np.array([1.0, -1.0, 0.0, 2.0, -3.0]))[0] == 1.0
+    p, pos, neg = ev.sign_test(np.array([1.0] * 8 + [-1.0] * 2))
+    assert (pos, neg) == (8, 2) and p == pytest.approx(2 * (1 + 10 + 45) / 1024)
+
+
+def test_paired_test_over_items_and_seeds():
+    rng = np.random.default_rng(1)
+    base = rng.normal(size=(3, 300))  # 3 seeds x 300 items
+    res = ev.paired_test(base + 0.25, base)
+    assert res.diff == pytest.approx(0.25) and res.lo == pytest.approx(0.25) and res.p_sign < 1e-80
+    noisy = ev.paired_test(base + rng.normal(scale=0.1, size=base.shape), base)
+    assert noisy.lo < 0 < noisy.hi and noisy.p_sign > 0.01
+    with pytest.raises(ValueError, match="same items"):
+        ev.paired_test(base, base[:, :10])
+
+
+def _point_mass_pipeline(items):
+    """An exact model: with a solution it goes to the item's correct video, with a task to the still
+    scene. The item is found from the first-frame latent, the condition from the text's form."""
+    scenes = [it.meta["scene"] for it in items]
+    solved = latent.encode(render(scenes, [it.meta["move"] for it in items]))  # (N, C, T, h, w)
+    still = latent.encode(render(scenes, [None] * len(items)))
+    firsts = solved[:, :, :1].flatten(1)  # (N, C*h*w)
+
+    def encode_text(texts):
+        is_task = torch.tensor([t.startswith("[Agent]") for t in texts], dtype=torch.float32)
+        return {"text": is_task.view(-1, 1, 1), "text_lengths": torch.ones(len(texts), dtype=torch.long)}
+
+    def v_fn(x, t, cond):
+        item = torch.cdist(cond["image_latent"].flatten(1), firsts).argmin(dim=1)  # (B,)
+        is_task = cond["text"][:, 0, 0].bool().view(-1, 1, 1, 1, 1)
+        x0 = torch.where(is_task, still[item], solved[item])
+        return (x - x0) / t.view(-1, 1, 1, 1, 1)
+
+    return ev.VideoPipeline(v_fn, encode_text, latent.image_latent, latent.decode, (12, 4, 16, 16))
+
+
+def test_gap_check_with_an_exact_model():
+    items = eval_items(12, seed=5)
+    pipe = _point_mass_pipeline(items)
+    sampling = ev.SamplingConfig(num_steps=4, batch_size=5)
+    report = ev.gap_check(pipe, items, OracleJudge(), min_gap=0.25, seeds=(0, 1), sampling=sampling)
+    assert report["passed"] and report["n_items"] == 12
+    assert report["solution"]["avg"]["mean"] == pytest.approx(1.0)
+    task = report["task"]
+    assert task["task"]["mean"] == 0 and task["agent"]["mean"] == 0 and task["consistency"]["mean"] == 1
+    assert report["gap"]["avg"]["diff"] == pytest.approx(2 / 3)
+    assert "avg" in ev.format_report(report)
+    with pytest.raises(ev.GapTooSmallError, match="min_gap = 0.9"):
+        ev.gap_check(pipe, items, OracleJudge(), min_gap=0.9, sampling=sampling)
+
+
+def test_item_noise_is_paired_and_generate_checks_lengths():
+    a = ev.item_noise((2, 3), seed=4, index=7)
+    assert torch.equal(a, ev.item_noise((2, 3), seed=4, index=7))
+    assert not torch.equal(a, ev.item_noise((2, 3), seed=4, index=8))
+    items = eval_items(2, seed=0)
+    with pytest.raises(ValueError, match="2 images but 1 texts"):
+        ev.generate(_point_mass_pipeline(items), np.stack([it.image for it in items]), ["x"], seed=0,
+                    sampling=ev.SamplingConfig())  # fmt: skip
