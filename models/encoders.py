@@ -16,6 +16,7 @@ length, as Wan's pipeline does), CLIP ViT-H/14 (penultimate hidden states, 257 t
 from __future__ import annotations
 
 import json
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -27,7 +28,10 @@ import torch.nn.functional as F
 __all__ = [
     "ENCODER_FAMILIES",
     "Encoders",
+    "HunyuanVideo15TextEncoder",
+    "HunyuanVideo15VAE",
     "ImageEncoder",
+    "SiglipImageEncoder",
     "TextEncoder",
     "VideoVAE",
     "WanVAE",
@@ -219,7 +223,218 @@ def _load_wan(path: Path, dtype: torch.dtype) -> Encoders:
     )
 
 
-ENCODER_FAMILIES: dict[str, Callable[[Path, torch.dtype], Encoders]] = {"wan": _load_wan}
+# ---- HunyuanVideo-1.5: its VAE, Qwen2.5-VL text (+ ByT5 glyph) encoders, SigLIP image encoder ----
+
+# The pipeline's string, continuation-line spaces included: the tokens (and crop_start) depend on it.
+HY15_SYSTEM_MESSAGE = "You are a helpful assistant. Describe the video by detailing the following aspects: \
+        1. The main content and theme of the video. \
+        2. The color, shape, size, texture, quantity, text, and spatial relationships of the objects. \
+        3. Actions, events, behaviors temporal relationships, physical movement changes of the objects. \
+        4. background environment, light, style and atmosphere. \
+        5. camera angles, movements, and transitions used in the video."
+
+
+class HunyuanVideo15VAE(VideoVAE):
+    """diffusers ``AutoencoderKLHunyuanVideo15``; latents z_norm = z * scaling_factor (the pipeline's)."""
+
+    def __init__(self, vae: nn.Module):
+        super().__init__()
+        self.vae = vae.eval().requires_grad_(False)
+        c = vae.config
+        self.latent_channels = c.latent_channels
+        self.temporal_compression = c.temporal_compression_ratio
+        self.spatial_compression = c.spatial_compression_ratio
+        self.scale = float(c.scaling_factor)
+
+    @classmethod
+    def from_pretrained(cls, path: str | Path, *, dtype: torch.dtype = torch.float32) -> HunyuanVideo15VAE:
+        from diffusers import AutoencoderKLHunyuanVideo15
+
+        return cls(
+            AutoencoderKLHunyuanVideo15.from_pretrained(str(path), torch_dtype=dtype, use_safetensors=True)
+        )
+
+    @torch.no_grad()
+    def encode(
+        self, video: torch.Tensor, *, sample: bool = False, generator: torch.Generator | None = None
+    ) -> torch.Tensor:
+        """video (B, 3, T, H, W) in [-1, 1] -> z * scaling_factor, z the posterior mode (or a sample)."""
+        _check_video(video, self.temporal_compression)
+        dist = self.vae.encode(video.to(self.vae.dtype)).latent_dist
+        return (dist.sample(generator) if sample else dist.mode()).float() * self.scale
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> torch.Tensor:
+        """Normalised latents (B, C, T', H', W') -> video (B, 3, T, H, W), clamped to [-1, 1]."""
+        if latents.dim() != 5 or latents.shape[1] != self.latent_channels:
+            raise ValueError(
+                f"latents: expected (B, {self.latent_channels}, T, H, W), got {tuple(latents.shape)}"
+            )
+        z = (latents.float() / self.scale).to(self.vae.dtype)
+        return self.vae.decode(z).sample.float().clamp(-1, 1)
+
+
+def _valid_first(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Stable reorder so each row's valid tokens come first (any padding side) and zero the rest:
+    HunyuanVideo-1.5 uses no positions on text, so this leaves the model's output unchanged."""
+    mask = mask.bool()
+    order = torch.sort((~mask).to(torch.int32), dim=1, stable=True).indices  # (B, L)
+    emb = emb.gather(1, order.unsqueeze(-1).expand(-1, -1, emb.shape[-1]))
+    lengths = mask.sum(dim=1).long()
+    valid = torch.arange(emb.shape[1], device=emb.device)[None, :] < lengths[:, None]
+    return emb * valid[..., None], lengths
+
+
+class HunyuanVideo15TextEncoder(nn.Module):
+    """Qwen2.5-VL (text model) as HunyuanVideo-1.5 uses it: the chat template with the pipeline's system
+    message, padded to ``max_length + crop_start`` tokens, hidden states of layer -(skip + 1), the first
+    ``crop_start`` (template) tokens dropped. Optional ByT5 glyph encoder for quoted text in prompts
+    (``encode_glyph``). ``encode`` returns (emb (B, max_length, D) valid-first and zero past lengths,
+    lengths (B,)) like every TextEncoder."""
+
+    def __init__(
+        self,
+        tokenizer,
+        model: nn.Module,
+        *,
+        max_length: int = 1000,
+        crop_start: int = 108,
+        skip_layers: int = 2,
+        system_message: str = HY15_SYSTEM_MESSAGE,
+        glyph_tokenizer=None,
+        glyph_model: nn.Module | None = None,
+        glyph_max_length: int = 256,
+    ):
+        super().__init__()
+        self.tokenizer, self.model = tokenizer, model.eval().requires_grad_(False)
+        self.max_length, self.crop_start, self.skip_layers = max_length, crop_start, skip_layers
+        self.system_message = system_message
+        self.dim = model.config.hidden_size
+        self.glyph_tokenizer, self.glyph_max_length = glyph_tokenizer, glyph_max_length
+        self.glyph_model = None if glyph_model is None else glyph_model.eval().requires_grad_(False)
+
+    @classmethod
+    def from_pretrained(
+        cls, path: str | Path, *, dtype: torch.dtype = torch.float32
+    ) -> HunyuanVideo15TextEncoder:
+        """From a pipeline folder: text_encoder/ + tokenizer/ (Qwen2.5-VL), text_encoder_2/ + tokenizer_2/ (ByT5)."""
+        from transformers import AutoTokenizer, Qwen2_5_VLTextModel, T5EncoderModel
+
+        path = Path(path)
+        tok = AutoTokenizer.from_pretrained(str(path / "tokenizer"), trust_remote_code=False)
+        model = Qwen2_5_VLTextModel.from_pretrained(
+            str(path / "text_encoder"), torch_dtype=dtype, use_safetensors=True
+        )
+        kw = {}
+        if (path / "text_encoder_2").is_dir():
+            kw = dict(
+                glyph_tokenizer=AutoTokenizer.from_pretrained(
+                    str(path / "tokenizer_2"), trust_remote_code=False
+                ),
+                glyph_model=T5EncoderModel.from_pretrained(
+                    str(path / "text_encoder_2"), torch_dtype=dtype, use_safetensors=True
+                ),
+            )
+        return cls(tok, model, **kw)
+
+    @torch.no_grad()
+    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """texts -> emb (B, max_length, D) float32, valid tokens first, zero past lengths; lengths (B,)."""
+        if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
+            raise ValueError("texts: expected a list of strings")
+        chats = [
+            [{"role": "system", "content": self.system_message}, {"role": "user", "content": t or " "}]
+            for t in texts
+        ]
+        batch = self.tokenizer.apply_chat_template(
+            chats,
+            add_generation_prompt=True,
+            tokenize=True,
+            return_dict=True,
+            padding="max_length",
+            max_length=self.max_length + self.crop_start,
+            truncation=True,
+            return_tensors="pt",
+        )
+        device = next(self.model.parameters()).device
+        ids, mask = batch["input_ids"].to(device), batch["attention_mask"].to(device)
+        out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
+        emb = out.hidden_states[-(self.skip_layers + 1)][:, self.crop_start :].float()
+        return _valid_first(emb, mask[:, self.crop_start :])
+
+    @torch.no_grad()
+    def encode_glyph(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """ByT5 states of each prompt's quoted text ('Text "a". Text "b". '), (B, glyph_max_length, D)
+        and lengths (B,); zero length for prompts without quotes (as the pipeline does)."""
+        if self.glyph_model is None:
+            raise ValueError("encode_glyph: no ByT5 glyph encoder loaded (text_encoder_2/ missing)")
+        device = next(self.glyph_model.parameters()).device
+        L, D = self.glyph_max_length, self.glyph_model.config.d_model
+        emb, lengths = torch.zeros(len(texts), L, D, device=device), torch.zeros(len(texts), dtype=torch.long)
+        for i, text in enumerate(texts):
+            quoted = list(dict.fromkeys(a or b for a, b in re.findall(r"\"(.*?)\"|“(.*?)”", text)))
+            if not quoted:
+                continue
+            glyph = ". ".join(f'Text "{q}"' for q in quoted) + ". "
+            tok = self.glyph_tokenizer(glyph, padding="max_length", max_length=L, truncation=True,
+                                       add_special_tokens=True, return_tensors="pt").to(device)  # fmt: skip
+            out = self.glyph_model(input_ids=tok.input_ids, attention_mask=tok.attention_mask.float())[0]
+            e, n = _valid_first(out.float(), tok.attention_mask)
+            emb[i], lengths[i] = e[0], n[0]
+        return emb, lengths.to(device)
+
+
+class SiglipImageEncoder(ImageEncoder):
+    """SigLIP vision tower (HunyuanVideo-1.5 I2V): resize + normalise, the last hidden state (post-LN)."""
+
+    @classmethod
+    def from_pretrained(
+        cls,
+        model_path: str | Path,
+        processor_path: str | Path | None = None,
+        *,
+        dtype: torch.dtype = torch.float32,
+    ) -> SiglipImageEncoder:
+        from transformers import SiglipVisionModel
+
+        model = SiglipVisionModel.from_pretrained(str(model_path), torch_dtype=dtype, use_safetensors=True)
+        kw = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
+        cfg_file = Path(processor_path) / "preprocessor_config.json" if processor_path else None
+        if cfg_file is not None and cfg_file.is_file():
+            pc = json.loads(cfg_file.read_text())
+            size = pc.get("size", {})
+            kw = dict(mean=pc.get("image_mean", kw["mean"]), std=pc.get("image_std", kw["std"]),
+                      size=size.get("height") if isinstance(size, dict) else size)  # fmt: skip
+        return cls(model, **kw)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> tokens (B, patches, hidden) float32 (729 for so400m/384)."""
+        if images.dim() != 4 or images.shape[1] != 3:
+            raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
+        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = ((x + 1) / 2 - self.mean) / self.std
+        dtype = next(self.model.parameters()).dtype
+        return self.model(pixel_values=x.to(dtype)).last_hidden_state.float()
+
+
+def _load_hunyuan15(path: Path, dtype: torch.dtype) -> Encoders:
+    image = None
+    if (path / "image_encoder").is_dir():
+        image = SiglipImageEncoder.from_pretrained(
+            path / "image_encoder", path / "feature_extractor", dtype=dtype
+        )
+    return Encoders(
+        vae=HunyuanVideo15VAE.from_pretrained(path / "vae", dtype=torch.float32),
+        text=HunyuanVideo15TextEncoder.from_pretrained(path, dtype=dtype),
+        image=image,
+    )
+
+
+ENCODER_FAMILIES: dict[str, Callable[[Path, torch.dtype], Encoders]] = {
+    "wan": _load_wan,
+    "hunyuan15": _load_hunyuan15,
+}
 
 
 def load_encoders(family: str, path: str | Path, *, dtype: torch.dtype = torch.float32) -> Encoders:

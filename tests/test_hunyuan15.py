@@ -279,3 +279,88 @@ def test_gpu_bf16_error_within_twice_diffusers_bf16(backend):
     our_out, our_grad = run(ours.to(torch.bfloat16), torch.bfloat16, False)
     assert rel_err(our_out, ref_out) <= 2 * rel_err(their_out, ref_out) + 1e-3
     assert rel_err(our_grad, ref_grad) <= 2 * rel_err(their_grad, ref_grad) + 1e-3
+
+
+# ---- encoders (tiny random models built locally), against the diffusers pipeline's own helpers ----
+
+
+def _tiny_qwen():
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast, Qwen2_5_VLTextConfig, Qwen2_5_VLTextModel
+
+    cfg = Qwen2_5_VLTextConfig(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=3,
+                               num_attention_heads=2, num_key_value_heads=1, bos_token_id=None, eos_token_id=None,
+                               rope_scaling={"type": "mrope", "mrope_section": [1, 1, 2]})  # fmt: skip
+    words = "you are a helpful assistant put the red block left of blue".split()
+    special = ["<pad>", "<unk>", "<|im_start|>", "<|im_end|>", "system", "user"]
+    vocab = {w: i for i, w in enumerate(special + words)}
+    tok = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    tok.pre_tokenizer = pre_tokenizers.Whitespace()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, pad_token="<pad>", unk_token="<unk>")
+    tokenizer.chat_template = (
+        "{% for m in messages %}<|im_start|> {{ m['role'] }} {{ m['content'] }} <|im_end|> {% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|> assistant {% endif %}"
+    )
+    return tokenizer, Qwen2_5_VLTextModel(cfg).eval()
+
+
+def test_text_encoders_match_the_pipeline():
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video import (
+        HunyuanVideo15ImageToVideoPipeline as Pipe,
+    )
+    from transformers import ByT5Tokenizer, T5Config, T5EncoderModel
+
+    from models.encoders import HunyuanVideo15TextEncoder
+
+    tokenizer, qwen = _tiny_qwen()
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=384, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ).eval()
+    system = "you are a helpful assistant"
+    enc = HunyuanVideo15TextEncoder(tokenizer, qwen, max_length=40, crop_start=5, system_message=system,
+                                    glyph_tokenizer=ByT5Tokenizer(), glyph_model=t5, glyph_max_length=32)  # fmt: skip
+    prompts = ['put the red block left of "blue"', "red block"]
+    emb, lengths = enc.encode(prompts)
+    ref, mask = Pipe._get_mllm_prompt_embeds(qwen, tokenizer, prompts, "cpu", tokenizer_max_length=40,
+                                             system_message=system, crop_start=5)  # fmt: skip
+    assert torch.equal(lengths, mask.sum(1)) and 0 < lengths.min() < lengths.max() < 40
+    for b, n in enumerate(lengths.tolist()):
+        torch.testing.assert_close(emb[b, :n], ref[b][mask[b].bool()].float())
+        assert not emb[b, n:].any()
+    g, glen = enc.encode_glyph(prompts)
+    gref, gmask = Pipe._get_byt5_prompt_embeds(ByT5Tokenizer(), t5, prompts, "cpu", tokenizer_max_length=32)
+    assert torch.equal(glen, gmask.sum(1)) and glen[1] == 0
+    torch.testing.assert_close(g[0, : glen[0]], gref[0, : glen[0]].float())
+
+
+def test_vae_and_image_encoder_match_the_pipeline():
+    import numpy as np
+    from diffusers import AutoencoderKLHunyuanVideo15
+    from diffusers.pipelines.hunyuan_video1_5.image_processor import HunyuanVideo15ImageProcessor
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video import (
+        HunyuanVideo15ImageToVideoPipeline as Pipe,
+    )
+    from PIL import Image
+    from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
+
+    from models.encoders import HunyuanVideo15VAE, SiglipImageEncoder
+
+    torch.manual_seed(0)
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+                                      spatial_compression_ratio=4, temporal_compression_ratio=2).eval()  # fmt: skip
+    pixels = (torch.rand(1, 16, 16, 3) * 255).to(torch.uint8)
+    image = Image.fromarray(pixels[0].numpy())
+    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # (1, 3, H, W) in [-1, 1]
+    enc = HunyuanVideo15VAE(vae)
+    z = enc.encode(x.unsqueeze(2))
+    processor = HunyuanVideo15ImageProcessor(vae_scale_factor=4, do_resize=False)
+    ref = Pipe._get_image_latents(vae, processor, image, 16, 16, "cpu")
+    torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
+    assert enc.decode(z).shape == (1, 3, 1, 16, 16)
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=16, patch_size=4)).eval()  # fmt: skip
+    tokens = SiglipImageEncoder(siglip, mean=(0.5,) * 3, std=(0.5,) * 3, size=16).encode(x)
+    fe = SiglipImageProcessor(size={"height": 16, "width": 16})
+    ref_tokens = Pipe._get_image_embeds(siglip, fe, np.asarray(image), "cpu")
+    assert tokens.shape == (1, 16, 16)
+    torch.testing.assert_close(tokens, ref_tokens, rtol=1e-4, atol=1e-4)
