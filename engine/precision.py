@@ -29,7 +29,7 @@ from typing import Any
 import torch
 import torch.nn as nn
 
-from engine.config import PrecisionConfig
+from engine.config import ModelConfig, PrecisionConfig
 from engine.log import get_logger
 
 log = get_logger("precision")
@@ -155,3 +155,25 @@ def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> cont
         return contextlib.nullcontext()
     dtype = {"bfloat16": torch.bfloat16, "float16": torch.float16}[prec.param_dtype]
     return torch.autocast(device_type=device.type, dtype=dtype)
+
+
+def apply_attention_precision(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
+    """Set ``attention_precision`` ("bf16" | "fp8", kernels.attention) on the attention modules of each of
+    ``model.blocks``; blocks listed in ``model_cfg.fp8_attention_skip_blocks`` (negative = from the end,
+    e.g. [0, -1] keeps the first and last blocks) stay "bf16". Composable with :func:`apply_fp8`."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, nn.ModuleList):
+        raise ValueError(f"apply_attention_precision: {type(model).__name__} has no ModuleList 'blocks'")
+    n = len(blocks)
+    bad = [i for i in model_cfg.fp8_attention_skip_blocks if not -n <= i < n]
+    if bad:
+        raise ValueError(f"model.fp8_attention_skip_blocks {bad}: out of range for {n} blocks")
+    skip = {i % n for i in model_cfg.fp8_attention_skip_blocks}
+    for i, block in enumerate(blocks):
+        prec = "bf16" if i in skip else model_cfg.attention_precision
+        for m in block.modules():
+            if hasattr(m, "attention_precision"):
+                m.attention_precision = prec
+    if model_cfg.attention_precision == "fp8":
+        log.info("fp8 attention in %d of %d blocks (kept bf16: %s)", n - len(skip), n, sorted(skip))
+    return model

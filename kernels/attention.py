@@ -42,6 +42,9 @@ _LOG2E = 1.4426950408889634
 # Default of attention(fuse_rope=): RoPE inside the kernels vs one apply_rope pass before them. On an H200
 # the separate pass cost ~3-7% against no RoPE at all (bench/gpu_attention.py, provider triton+rope_prepass).
 FUSE_ROPE = False
+# Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
+# per tile config serves every sequence length; the autotuner keys on coarse length buckets.
+_NO_SPECIALIZE = ["Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET"]
 
 
 @triton.jit
@@ -133,7 +136,7 @@ def _fwd_tile(
     return acc, m_new, l_i
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(
     Q,
     K,
@@ -281,7 +284,7 @@ def _dkdv_tile(
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(
     Q,
     K,
@@ -418,7 +421,7 @@ def _dq_tile(
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(
     Q,
     K,
@@ -522,19 +525,25 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> l
 
 
 # Hopper-sized tiles per (kernel, fused RoPE); the first of each list is the fixed config used with
-# deterministic=True. With RoPE the rotated operand passes through registers (plus fp32 cos/sin rows), so
-# fewer pipeline stages fit in shared memory.
+# deterministic=True (and the one measured on an H200). The others were chosen for no or few register
+# spills on sm_90 (ptxas -v): the dK/dV kernel holds k, v, dK and dV tiles for the whole query loop, and
+# with RoPE the rotated operand also passes through registers, so fewer stages fit.
 _CONFIGS = {
-    ("fwd", False): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 4, 4)], (64, 32)),
-    ("fwd", True): _configs([(128, 64, 8, 2), (128, 64, 8, 3), (64, 64, 4, 3)], (64, 32)),
-    ("dkdv", False): _configs([(64, 128, 8, 3), (32, 128, 4, 3), (64, 64, 4, 3)], (32, 64)),
-    ("dkdv", True): _configs([(32, 128, 4, 2), (64, 64, 4, 2), (64, 128, 8, 2)], (32, 64)),
-    ("dq", False): _configs([(128, 64, 8, 3), (128, 32, 4, 3), (64, 64, 4, 3)], (64, 32)),
-    ("dq", True): _configs([(64, 64, 4, 2), (128, 32, 4, 3), (128, 64, 8, 2)], (64, 32)),
+    ("fwd", False): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32)),
+    ("fwd", True): _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)], (64, 32)),
+    ("dkdv", False): _configs([(64, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)], (32, 64)),
+    ("dkdv", True): _configs([(64, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)], (32, 64)),
+    ("dq", False): _configs([(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
+    ("dq", True): _configs([(64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)], (64, 32)),
 }
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
 _RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED = {key: triton.autotune(cfgs, key=_TUNE_KEY)(_RAW[key[0]]) for key, cfgs in _CONFIGS.items()}
+
+
+def _bucket(n: int) -> int:
+    """Autotune key for a sequence length: next power of two, capped (long videos share one tuning)."""
+    return min(triton.next_power_of_2(n), 16384)
 
 
 def _launch(kernel: str, tile: str, n: int, bh: int, args: tuple, meta: dict, deterministic: bool) -> None:
@@ -594,8 +603,8 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
         Sk,
         H,
         scale * _LOG2E,
-        triton.next_power_of_2(Sq),
-        triton.next_power_of_2(Sk),
+        _bucket(Sq),
+        _bucket(Sk),
     )
     meta = _meta(q, k, None if cos is q else cos, None if klen is q else klen)
     _launch("fwd", "BLOCK_M", Sq, B * H, args, meta, deterministic)
@@ -613,7 +622,7 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
     cos = q if cos is None else cos
     sin = q if sin is None else sin
     klen = q if k_lengths is None else k_lengths
-    tail = (Sq, Sk, H, scale, scale * _LOG2E, triton.next_power_of_2(Sq), triton.next_power_of_2(Sk))
+    tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     args = (q, k, v, do, lse, delta, dk, dv, cos, sin, klen) + tail
     _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic)
     args = (q, k, v, do, lse, delta, dq, cos, sin, klen) + tail
@@ -778,6 +787,7 @@ def attention(
     return_lse: bool = False,
     backend: str = "triton",
     fuse_rope: bool = FUSE_ROPE,
+    precision: str = "bf16",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """softmax(rope(q) rope(k)^T * scale) v over keys j < k_lengths[b]; q (B, Sq, H, D) -> (B, Sq, H, D).
 
@@ -787,9 +797,19 @@ def attention(
     triton only: fuse_rope rotates q/k inside the attention kernels instead of one apply_rope pass first;
     deterministic uses one fixed tile config (no autotuning), so results are bitwise reproducible across
     processes (the kernels never use atomics, so repeated calls in one process always are).
+    precision: "bf16" (the input dtype), or "fp8" (kernels.attention_fp8: the FP8 kernel for "triton", its
+    pure-torch emulation for "torch"; other backends and unsupported inputs warn once and run bf16).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
+    if precision not in ("bf16", "fp8"):
+        raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
+    if precision == "fp8":
+        from kernels.attention_fp8 import attention_fp8_dispatch
+
+        return attention_fp8_dispatch(
+            q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse, backend=backend
+        )
     _check_inputs(q, k, v, k_lengths, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     if backend == "torch":

@@ -1,0 +1,244 @@
+"""FP8 attention: speed (GPU) and accuracy (GPU kernel, or the CPU emulation) at video DiT shapes.
+
+Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8)
+vs our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that
+forward+backward. Accuracy: relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
+reference on activations with outliers (:func:`video_activations`), for bf16 and the FP8 variants.
+
+    python -m bench.gpu_attention_fp8 [--quick]        # GPU: records as JSON (bench.gpu_check runs run())
+    python -m bench.gpu_attention_fp8 --accuracy       # CPU: the accuracy table with the emulation
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+
+import torch
+
+from bench.common import bench_fn, record
+
+# name -> (B, S, H, D, rope grid (T, H, W) with T*H*W = S)
+SHAPES = {
+    "ltx2-512p-121f": (1, 6144, 32, 128, (16, 16, 24)),
+    "wan1.3b-480p-81f": (1, 32760, 12, 128, (21, 30, 52)),
+    "hy1.5-480p-121f": (1, 49290, 16, 128, (31, 30, 53)),
+}
+LOGIT_STD = 3.0  # spread of scale * q.k in video_activations (trained DiTs: ~2-5, max ~20-30)
+TIME_BUDGET_S = 50.0  # stop starting new cases past this (bench.gpu_check gives the module ~100 s)
+
+
+def video_activations(
+    grid: tuple[int, int, int], heads: int, head_dim: int, *, device="cpu", seed: int = 0
+) -> tuple[torch.Tensor, ...]:
+    """q, k, v (1, S, H, D) fp32 shaped like a trained video DiT's, plus a (1, S, H, D) output gradient.
+
+    q, k: RMS-normalised tokens that are smooth over the (t, h, w) grid (so RoPE attention is local and
+    peaked, logits std LOGIT_STD) times a learned gain, with 4 outlier channels per head at 10x and a per-channel
+    key offset (the mean that K smoothing removes); v: unit tokens with 1% outlier tokens at 20x.
+    """
+    g = torch.Generator().manual_seed(seed)
+    T, Hh, W = grid
+    S = T * Hh * W
+
+    def smooth_field(scale: float) -> torch.Tensor:
+        base = torch.randn(1, heads * head_dim, T, Hh, W, generator=g)
+        base = torch.nn.functional.avg_pool3d(base, 3, stride=1, padding=1, count_include_pad=False)
+        x = base.flatten(2).transpose(1, 2).reshape(1, S, heads, head_dim)  # (1, C, T, H, W) -> (1, S, H, D)
+        x = x + scale * torch.randn(1, S, heads, head_dim, generator=g)
+        return x / x.pow(2).mean(-1, keepdim=True).sqrt()
+
+    gain = 1.0 + 0.3 * torch.randn(heads, head_dim, generator=g)
+    out_ch = torch.randint(0, head_dim, (heads, 4), generator=g)
+    gain.scatter_(1, out_ch, 10.0)  # outlier channels, shared by q and k (they come from one norm weight)
+    q = smooth_field(0.3) * gain
+    k = smooth_field(0.3) * gain
+    logits = torch.einsum("bshd,bthd->bhst", q[:, :2048], k[:, :2048]) * head_dim**-0.5
+    c = (LOGIT_STD / logits.std()).sqrt()  # calibrate the logit spread
+    q, k = q * c, k * c + 2.0 * torch.randn(heads, head_dim, generator=g)  # + a per-channel key offset
+    v = torch.randn(1, S, heads, head_dim, generator=g)
+    hot = torch.rand(1, S, 1, 1, generator=g) < 0.01
+    v = torch.where(hot, 20.0 * v, v)
+    do = torch.randn(1, S, heads, head_dim, generator=g) * 1e-3
+    return tuple(t.to(device) for t in (q, k, v, do))
+
+
+def _variants(device: str) -> dict:
+    """name -> fn(q, k, v, rope) computing in the way named (inputs in the dtype given to it)."""
+    from kernels.attention import attention, attention_reference
+    from kernels.attention_fp8 import attention_fp8, attention_fp8_emulated
+
+    def emu(**kw):
+        return lambda q, k, v, rope: attention_fp8_emulated(q, k, v, rope=rope, **kw)
+
+    if device == "cuda":
+        return {
+            "bf16 (our kernel)": lambda q, k, v, rope: attention(q, k, v, rope=rope),
+            "fp8 kernel (dV fp8)": lambda q, k, v, rope: attention_fp8(q, k, v, rope=rope),
+            "fp8 kernel (dV, dP fp8)": lambda q, k, v, rope: attention_fp8(
+                q, k, v, rope=rope, bwd_fp8_dp=True
+            ),
+            "fp8 emulation (dV fp8)": emu(),
+        }
+    return {
+        "bf16 (fp32 math)": lambda q, k, v, rope: attention_reference(q, k, v, rope=rope),
+        "fp8, no K smoothing, no Hadamard": emu(smooth_k=False, rotate=False),
+        "fp8, no Hadamard": emu(rotate=False),
+        "fp8 (dV fp8) [kernel default]": emu(),
+        "fp8 (dV, dP fp8) [bwd_fp8_dp]": emu(bwd_fp8=("dv", "dp")),
+        "fp8 (dV, dP, dQ/dK fp8)": emu(bwd_fp8=("dv", "dp", "dqdk")),
+    }
+
+
+def _errors(got, ref) -> dict:
+    out = {}
+    for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
+        a, b = a.double().flatten(), b.double().flatten()
+        out[name] = ((a - b).norm() / b.norm()).item(), torch.nn.functional.cosine_similarity(a, b, 0).item()
+    return out
+
+
+def accuracy(grid=(4, 16, 24), heads: int = 2, head_dim: int = 128, device: str = "cpu") -> dict:
+    """{variant: {tensor: (relative L2 error, cosine)}} vs the fp32 reference (inputs rounded to bf16)."""
+    from kernels.attention import attention_reference
+    from kernels.rope import rope_3d_tables
+
+    q, k, v, do = video_activations(grid, heads, head_dim, device=device)
+    rope = rope_3d_tables(grid, head_dim, device=device)
+    lp = torch.bfloat16 if device == "cuda" else torch.float32
+    q, k, v = (t.to(torch.bfloat16).to(lp) for t in (q, k, v))  # same bf16-representable inputs for all
+
+    def run(fn, dtype):
+        leaves = [t.to(dtype).requires_grad_() for t in (q, k, v)]
+        o = fn(*leaves, rope)
+        return (o, *torch.autograd.grad(o, leaves, do.to(dtype)))
+
+    ref = run(lambda q, k, v, rope: attention_reference(q, k, v, rope=rope), torch.float32)
+    table = {}
+    for name, fn in _variants(device).items():
+        dtype = torch.float32 if name.startswith("bf16 (fp32") else lp
+        got = run(fn, dtype)
+        if name.startswith("bf16 (fp32"):  # bf16 in/out with fp32 math: round outputs like a bf16 kernel
+            got = tuple(t.to(torch.bfloat16) for t in got)
+        table[name] = _errors(got, ref)
+    return table
+
+
+def format_table(table: dict) -> str:
+    lines = ["| variant | out rel.err / cos | dq | dk | dv |", "|---|---|---|---|---|"]
+    for name, errs in table.items():
+        cells = " | ".join(f"{e:.2e} / {c:.5f}" for e, c in errs.values())
+        lines.append(f"| {name} | {cells} |")
+    return "\n".join(lines)
+
+
+def _providers(rope):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    from kernels.attention import attention
+    from kernels.attention_fp8 import attention_fp8
+
+    def cudnn(q, k, v):
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            return attention(q, k, v, backend="sdpa")
+
+    return {
+        "sdpa_cudnn": (cudnn, None),
+        "triton_bf16": (lambda q, k, v: attention(q, k, v), "sdpa_cudnn"),
+        "triton_fp8": (lambda q, k, v: attention_fp8(q, k, v), "triton_bf16"),
+        "triton_fp8_dp": (lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dp=True), "triton_bf16"),
+        "triton_fp8+rope": (lambda q, k, v: attention_fp8(q, k, v, rope=rope), "triton_bf16"),
+    }
+
+
+def _bench_case(case: str, shape) -> list[dict]:
+    from kernels.rope import rope_3d_tables
+
+    B, S, H, D, grid = shape
+    fwd_flops = 4.0 * B * H * S * S * D
+    q, k, v = (
+        torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
+    )
+    g = torch.randn_like(q)
+    rope = rope_3d_tables(grid, D, device="cuda")
+    recs = []
+    for prov, (fn, base) in _providers(rope).items():
+        for mode in ("fwd", "fwd_bwd"):
+            name = f"attention_fp8.{mode}"
+            try:
+                if mode == "fwd":
+                    with torch.no_grad():
+                        sec = bench_fn(lambda fn=fn: fn(q, k, v))
+                    flops = fwd_flops
+                else:
+                    sec = bench_fn(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
+                    flops = 3.5 * fwd_flops
+                recs.append(
+                    record(name, case, prov, "tflops", flops / sec / 1e12, baseline=base, ms=sec * 1e3)
+                )
+            except Exception as e:  # a failing provider is a record, never a crash
+                recs.append(record(name, case, prov, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800]))
+            torch.cuda.empty_cache()
+    return recs
+
+
+def _accuracy_records() -> list[dict]:
+    """The kernel's error vs fp32 (and the emulation's) on the GPU at a CPU-sized video shape."""
+    recs = []
+    try:
+        for name, errs in accuracy(grid=(8, 16, 24), heads=2, device="cuda").items():
+            for tensor, (err, cos) in errs.items():
+                recs.append(
+                    record(
+                        "attention_fp8.accuracy",
+                        tensor,
+                        name,
+                        "rel_err",
+                        err,
+                        higher_is_better=False,
+                        cos=cos,
+                    )
+                )
+    except Exception as e:
+        recs.append(
+            record("attention_fp8.accuracy", "-", "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
+        )
+    return recs
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Accuracy records, then speed for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape only."""
+    if not torch.cuda.is_available():
+        return [record("attention_fp8.module", "-", "-", "error", 0.0, message="no CUDA device")]
+    t0 = time.time()
+    recs = _accuracy_records()
+    for case in ["ltx2-512p-121f"] if quick else list(SHAPES):
+        if time.time() - t0 > TIME_BUDGET_S:
+            recs.append(record("attention_fp8.case", case, "-", "error", 0.0, message="skipped: time budget"))
+            continue
+        try:
+            recs += _bench_case(case, SHAPES[case])
+        except Exception as e:
+            recs.append(
+                record(
+                    "attention_fp8.case", case, "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800]
+                )
+            )
+        torch.cuda.empty_cache()
+    recs.append(record("attention_fp8.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
+    return recs
+
+
+if __name__ == "__main__":
+    if "--accuracy" in sys.argv:
+        torch.manual_seed(0)
+        t0 = time.time()
+        for grid in ((4, 16, 24), (8, 16, 30)):
+            print(f"grid {grid} (S={grid[0] * grid[1] * grid[2]}), H=2, D=128, bf16-rounded inputs")
+            print(format_table(accuracy(grid=grid)))
+        print(f"({time.time() - t0:.0f} s)")
+    else:
+        from bench.common import add_ratios
+
+        print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))

@@ -1,0 +1,875 @@
+"""FP8 video attention with a backward pass: softmax(scale q k^T) v with e4m3 operands, fp32 accumulation.
+
+Same layout and contract as kernels.attention: q (B, Sq, H, D), k and v (B, Sk, H, D) -> out (B, Sq, H, D)
+in the input dtype; lse (B, H, Sq) float32 (natural log), optional k_lengths and 3D RoPE.
+
+Quantisation (the pre-pass, :func:`quantize_blocks`, shared by the kernel path and the emulation).
+E4M3 = float8 e4m3fn, max 448, 3 mantissa bits, round-to-nearest-even, saturating.
+- K is smoothed first: k' = k - mean_j k_j (per batch, head, channel, over the valid keys). Softmax is
+  invariant to the per-query constant q.mean(k) this removes, so the forward is unchanged in exact
+  arithmetic, and the channel offsets of post-RMSNorm keys no longer eat the e4m3 range.
+- q and k' are then rotated by the orthonormal Hadamard matrix H (D x D): q H (k' H)^T = q k'^T, and a
+  channel outlier (post-norm q/k gains of ~10x in a few channels) is spread over all D channels. e4m3's
+  error is relative per element, so the logit error is ~ eps sqrt(sum_c q_c^2 k_c^2): with outliers that
+  sum is dominated by the outlier channels, after H it is ~|q|^2 |k|^2 / D (measured: 2-4x less error).
+- Per block of QUANT_BLOCK = 128 tokens of one (batch, head): s_x = amax|x_blk| / 448 (1 where the block is
+  all zero), x8 = E4M3(clamp(x / s_x, +-448)). Sequences are zero-padded to a multiple of 128.
+- V is also stored transposed, (B, H, D, S), so the PV product reads a K-major operand.
+Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N = QUANT_BLOCK):
+    s = (q8_i k8_j^T) * (s_q,i * s_k,j * scale * log2 e)          # fp32 accumulate
+    m' = max(m, rowmax s); p = 2^(s - m'); l' = l 2^(m - m') + rowsum p  # l from fp32 p
+    acc' = acc 2^(m - m') + (E4M3(448 p) v8_j) * (s_v,j / 448)      # P: fixed scale 448 (p <= 1)
+    out = acc / l; lse = ln2 (m + log2 l)
+  P is quantised relative to the running max m', exactly as in the kernel; the emulation replays the
+  same key tiling so that it is bit-for-bit the same scheme.
+Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), delta = rowsum(dO o).
+    dV = E4M3(448 P)^T dO8 * (s_dO / 448)    FP8: dO quantised per 128-query block (e4m3, dynamic scale)
+    dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True
+    dS = P (dP - delta); dQ = scale dS K;  dK = scale dS^T Q   bf16 in the kernel (dS has a wide range and
+                                              needs an in-tile dynamic scale; the emulation can measure it
+                                              with bwd_fp8=("dv", "dp", "dqdk"): docs/FP8_ATTENTION.md)
+  The gradients treat the quantisation as the identity (straight-through); with K smoothing dK is exact
+  since sum_j dS_ij = 0. dQ, dK use the unquantised q, k (RoPE-rotated, not Hadamard-rotated).
+Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query tiles), one dQ kernel (per
+query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
+travel in float16 (every e4m3 value is exact in fp16) and the in-kernel P rounding uses an exact bit-level
+e4m3 rounding (_round_e4m3), so the CPU tests compare the same kernel against the emulation.
+Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, or a GPU without FP8 (sm < 8.9) run the
+bf16 kernel with a one-time warning.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+
+import torch
+import torch.nn.functional as F
+import triton
+import triton.language as tl
+
+from kernels.rope import apply_rope, apply_rope_reference
+
+E4M3_MAX = 448.0
+QUANT_BLOCK = 128
+FP8_HEAD_DIMS = (64, 128)
+_LOG2E = 1.4426950408889634
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+BWD_MATMULS = ("dv", "dp", "dqdk")  # backward products the emulation can run in FP8 (for measurement)
+
+
+@triton.jit
+def _round_e4m3(x):
+    """Interpreter only: x in [0, 448] fp32 -> nearest e4m3 value (ties to even), as fp32.
+
+    Normals (x >= 2^-6): keep 3 mantissa bits of the fp32 pattern with round-half-even on bit 20.
+    Subnormals (x < 2^-6): multiples of 2^-9, rounded with the 2^23 magic-number trick.
+    """
+    bits = x.to(tl.int32, bitcast=True)
+    lsb = (bits >> 20) & 1
+    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
+    sub = ((x * 512.0 + 8388608.0) - 8388608.0) / 512.0
+    return tl.where(x >= 0.015625, normal, sub)
+
+
+@triton.jit
+def _quant_p(p, P_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """E4M3(448 p) in the operand dtype (float8e4nv on GPU; fp16 carrier in the interpreter)."""
+    if EMULATE:
+        return _round_e4m3(p * 448.0).to(P_DTYPE)
+    return (p * 448.0).to(P_DTYPE)
+
+
+@triton.jit
+def _fwd_step(
+    acc,
+    m_i,
+    l_i,
+    q,
+    sq,
+    k_ptr,
+    v_ptr,
+    SK,
+    SV,
+    start_n,
+    n_end,
+    D: tl.constexpr,
+    EMULATE: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key tile of the online softmax: s = q8 k8^T s_q s_k, p = 2^(s - m'), acc += E4M3(448 p) v8 s_v/448."""
+    t = start_n // BLOCK_N
+    k = tl.load(k_ptr + start_n * D)
+    s = tl.dot(q, tl.trans(k)) * (sq * tl.load(SK + t))  # (BLOCK_M, BLOCK_N) fp32
+    if MASKED:
+        s = tl.where((start_n + tl.arange(0, BLOCK_N) < n_end)[None, :], s, float("-inf"))
+    m_new = tl.maximum(m_i, tl.max(s, 1))
+    p = tl.exp2(s - m_new[:, None])
+    alpha = tl.exp2(m_i - m_new)
+    l_i = l_i * alpha + tl.sum(p, 1)
+    vt = tl.load(v_ptr + start_n)  # (D, BLOCK_N): keys contiguous, a K-major operand for p v
+    pv = tl.dot(_quant_p(p, vt.dtype, EMULATE), tl.trans(vt))
+    acc = acc * alpha[:, None] + pv * (tl.load(SV + t) / 448.0)
+    return acc, m_new, l_i
+
+
+@triton.jit
+def _fp8_fwd(
+    Q8,
+    K8,
+    V8T,
+    SQ,
+    SK,
+    SV,
+    O,
+    LSE,
+    KLEN,
+    Sq,
+    Sk,
+    SQP,
+    SKP,
+    H,
+    qk_scale,
+    D: tl.constexpr,
+    QBLK: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """out = softmax(s) v for BLOCK_M queries of one (b, h); s = q8 k8^T s_q s_k scale log2e (module doc).
+
+    Q8, K8 (B, H, S_pad, D) and V8T (B, H, D, S_pad) are padded: loads need no masks, only the last key
+    tile's scores are masked. BLOCK_N == QUANT_BLOCK, so s_k, s_v are one scalar per key tile.
+    """
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    offs_n = tl.arange(0, BLOCK_N)
+    q = tl.load(Q8 + (bh.to(tl.int64) * SQP + offs_m[:, None]) * D + offs_d[None, :])
+    sq = tl.load(SQ + bh * (SQP // QBLK) + (pid_m * BLOCK_M) // QBLK) * qk_scale
+    k_ptr = K8 + bh.to(tl.int64) * SKP * D + offs_n[:, None] * D + offs_d[None, :]  # (BLOCK_N, D)
+    v_ptr = V8T + bh.to(tl.int64) * D * SKP + offs_d[:, None] * SKP + offs_n[None, :]  # (D, BLOCK_N)
+    s_base = bh * (SKP // BLOCK_N)
+    n_end = Sk
+    if HAS_KLEN:
+        n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
+    m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
+    l_i = tl.zeros([BLOCK_M], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    for start_n in range(0, n_full, BLOCK_N):
+        acc, m_i, l_i = _fwd_step(
+            acc,
+            m_i,
+            l_i,
+            q,
+            sq,
+            k_ptr,
+            v_ptr,
+            SK + s_base,
+            SV + s_base,
+            start_n,
+            n_end,
+            D,
+            EMULATE,
+            False,
+            BLOCK_N,
+        )
+    if n_full < n_end:
+        acc, m_i, l_i = _fwd_step(
+            acc,
+            m_i,
+            l_i,
+            q,
+            sq,
+            k_ptr,
+            v_ptr,
+            SK + s_base,
+            SV + s_base,
+            n_full,
+            n_end,
+            D,
+            EMULATE,
+            True,
+            BLOCK_N,
+        )
+    empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
+    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
+    q_ok = offs_m < Sq
+    o_ptrs = O + (b.to(tl.int64) * Sq * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+    tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None])
+    tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=q_ok)
+
+
+@triton.jit
+def _rows(base, offs, ok, stride, D: tl.constexpr, MASKED: tl.constexpr):
+    """Rows offs of a (S, stride) slab, D channels (unpadded tensors: masked on the tail tile)."""
+    ptrs = base + offs[:, None] * stride + tl.arange(0, D)[None, :]
+    if MASKED:
+        return tl.load(ptrs, mask=ok[:, None], other=0.0)
+    return tl.load(ptrs)
+
+
+@triton.jit
+def _dkdv_step(
+    dk,
+    dv,
+    k8,
+    sk,
+    v,
+    sv,
+    Q,
+    Q8,
+    SQ,
+    DO,
+    DO8,
+    DO8T,
+    SDO,
+    LSE,
+    DELTA,
+    start_m,
+    Sq,
+    SQP,
+    stride_s,
+    qk_scale,
+    D: tl.constexpr,
+    QBLK: tl.constexpr,
+    FP8_DP: tl.constexpr,
+    EMULATE: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+):
+    """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P)^T dO8, dK += dS^T Q."""
+    offs_m = start_m + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_ok = offs_m < Sq
+    blk = start_m // QBLK
+    q8 = tl.load(Q8 + offs_m[:, None] * D + offs_d[None, :])  # padded: no mask
+    s_t = tl.dot(k8, tl.trans(q8)) * (sk * tl.load(SQ + blk) * qk_scale)  # (BLOCK_N, BLOCK_M)
+    if MASKED:
+        lse2 = tl.load(LSE + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
+    else:
+        lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+        delta = tl.load(DELTA + offs_m)
+    p_t = tl.exp2(s_t - lse2[None, :])
+    if MASKED:
+        p_t = tl.where(q_ok[None, :], p_t, 0.0)
+    sdo = tl.load(SDO + blk)
+    do_t = tl.load(DO8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M), queries contiguous
+    dv += tl.dot(_quant_p(p_t, do_t.dtype, EMULATE), tl.trans(do_t)) * (sdo / 448.0)
+    if FP8_DP:
+        do8 = tl.load(DO8 + offs_m[:, None] * D + offs_d[None, :])
+        dp_t = tl.dot(v, tl.trans(do8)) * (sv * sdo)
+    else:
+        do = _rows(DO, offs_m, q_ok, stride_s, D, MASKED)
+        dp_t = tl.dot(v, tl.trans(do))
+    ds_t = p_t * (dp_t - delta[None, :])
+    q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
+    dk += tl.dot(ds_t.to(q.dtype), q)
+    return dk, dv
+
+
+@triton.jit
+def _fp8_bwd_dkdv(
+    Q,
+    K,
+    V,
+    DO,
+    Q8,
+    K8,
+    V8,
+    DO8,
+    DO8T,
+    SQ,
+    SK,
+    SV,
+    SDO,
+    LSE,
+    DELTA,
+    DK,
+    DV,
+    KLEN,
+    Sq,
+    Sk,
+    SQP,
+    SKP,
+    H,
+    scale,
+    qk_scale,
+    D: tl.constexpr,
+    QBLK: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    FP8_DP: tl.constexpr,
+    EMULATE: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK."""
+    pid_n, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    stride_s = H * D
+    q_off = (b.to(tl.int64) * Sq * H + h) * D
+    k_off = (b.to(tl.int64) * Sk * H + h) * D
+    offs_n = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    n_end = Sk
+    if HAS_KLEN:
+        n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
+    k_ok = offs_n < n_end
+    kblk = (pid_n * BLOCK_N) // QBLK
+    nkb = SKP // QBLK
+    k8 = tl.load(K8 + (bh.to(tl.int64) * SKP + offs_n[:, None]) * D + offs_d[None, :])
+    sk = tl.load(SK + bh * nkb + kblk)
+    sv = tl.load(SV + bh * nkb + kblk)
+    if FP8_DP:
+        v = tl.load(V8 + (bh.to(tl.int64) * SKP + offs_n[:, None]) * D + offs_d[None, :])
+    else:
+        v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
+    dk = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
+    m_full = (m_hi // BLOCK_M) * BLOCK_M
+    nqb = SQP // QBLK
+    row = bh.to(tl.int64) * SQP
+    lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
+    for start_m in range(0, m_full, BLOCK_M):
+        dk, dv = _dkdv_step(
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, SQ + bh * nqb, DO + q_off,
+            DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP, stride_s, qk_scale,
+            D, QBLK, FP8_DP, EMULATE, False, BLOCK_M,
+        )  # fmt: skip
+    if m_full < m_hi:
+        dk, dv = _dkdv_step(
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, SQ + bh * nqb, DO + q_off,
+            DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP, stride_s, qk_scale,
+            D, QBLK, FP8_DP, EMULATE, True, BLOCK_M,
+        )  # fmt: skip
+    dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
+    dv = tl.where(k_ok[:, None], dv, 0.0)
+    ptrs = k_off + offs_n[:, None] * stride_s + offs_d[None, :]
+    st_ok = (offs_n < Sk)[:, None]
+    tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=st_ok)
+    tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=st_ok)
+
+
+@triton.jit
+def _dq_step(
+    dq,
+    q8,
+    sq,
+    do,
+    sdo,
+    lse2,
+    delta,
+    K,
+    V,
+    K8,
+    V8,
+    SK,
+    SV,
+    start_n,
+    n_end,
+    stride_s,
+    D: tl.constexpr,
+    QBLK: tl.constexpr,
+    FP8_DP: tl.constexpr,
+    MASKED: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dP - delta), dQ += dS K."""
+    offs_n = start_n + tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, D)
+    k_ok = offs_n < n_end
+    blk = start_n // QBLK
+    k8 = tl.load(K8 + offs_n[:, None] * D + offs_d[None, :])
+    s = tl.dot(q8, tl.trans(k8)) * (sq * tl.load(SK + blk))  # (BLOCK_M, BLOCK_N)
+    p = tl.exp2(s - lse2[:, None])
+    if MASKED:
+        p = tl.where(k_ok[None, :], p, 0.0)
+    if FP8_DP:
+        v8 = tl.load(V8 + offs_n[:, None] * D + offs_d[None, :])
+        dp = tl.dot(do, tl.trans(v8)) * (sdo * tl.load(SV + blk))
+    else:
+        dp = tl.dot(do, tl.trans(_rows(V, offs_n, k_ok, stride_s, D, MASKED)))
+    ds = p * (dp - delta[:, None])
+    k = _rows(K, offs_n, k_ok, stride_s, D, MASKED)
+    dq += tl.dot(ds.to(k.dtype), k)
+    return dq
+
+
+@triton.jit
+def _fp8_bwd_dq(
+    Q,
+    K,
+    V,
+    DO,
+    Q8,
+    K8,
+    V8,
+    DO8,
+    SQ,
+    SK,
+    SV,
+    SDO,
+    LSE,
+    DELTA,
+    DQ,
+    KLEN,
+    Sq,
+    Sk,
+    SQP,
+    SKP,
+    H,
+    scale,
+    qk_scale,
+    D: tl.constexpr,
+    QBLK: tl.constexpr,
+    HAS_KLEN: tl.constexpr,
+    FP8_DP: tl.constexpr,
+    BLOCK_M: tl.constexpr,
+    BLOCK_N: tl.constexpr,
+):
+    """dQ of BLOCK_M queries of one (b, h) over the valid key tiles; BLOCK_M, BLOCK_N divide QUANT_BLOCK."""
+    pid_m, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    stride_s = H * D
+    q_off = (b.to(tl.int64) * Sq * H + h) * D
+    k_off = (b.to(tl.int64) * Sk * H + h) * D
+    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, D)
+    q_ok = offs_m < Sq
+    qblk = (pid_m * BLOCK_M) // QBLK
+    nqb, nkb = SQP // QBLK, SKP // QBLK
+    q8 = tl.load(Q8 + (bh.to(tl.int64) * SQP + offs_m[:, None]) * D + offs_d[None, :])
+    sq = tl.load(SQ + bh * nqb + qblk) * qk_scale
+    sdo = tl.load(SDO + bh * nqb + qblk)
+    if FP8_DP:
+        do = tl.load(DO8 + (bh.to(tl.int64) * SQP + offs_m[:, None]) * D + offs_d[None, :])
+    else:
+        do = _rows(DO + q_off, offs_m, q_ok, stride_s, D, True)
+    lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+    delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0)
+    n_end = Sk
+    if HAS_KLEN:
+        n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
+    n_full = (n_end // BLOCK_N) * BLOCK_N
+    kv8 = bh.to(tl.int64) * SKP * D
+    dq = tl.zeros([BLOCK_M, D], tl.float32)
+    for start_n in range(0, n_full, BLOCK_N):
+        dq = _dq_step(
+            dq,
+            q8,
+            sq,
+            do,
+            sdo,
+            lse2,
+            delta,
+            K + k_off,
+            V + k_off,
+            K8 + kv8,
+            V8 + kv8,
+            SK + bh * nkb,
+            SV + bh * nkb,
+            start_n,
+            n_end,
+            stride_s,
+            D,
+            QBLK,
+            FP8_DP,
+            False,
+            BLOCK_N,
+        )
+    if n_full < n_end:
+        dq = _dq_step(
+            dq,
+            q8,
+            sq,
+            do,
+            sdo,
+            lse2,
+            delta,
+            K + k_off,
+            V + k_off,
+            K8 + kv8,
+            V8 + kv8,
+            SK + bh * nkb,
+            SV + bh * nkb,
+            n_full,
+            n_end,
+            stride_s,
+            D,
+            QBLK,
+            FP8_DP,
+            True,
+            BLOCK_N,
+        )
+    tl.store(
+        DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :],
+        (dq * scale).to(DQ.dtype.element_ty),
+        mask=q_ok[:, None],
+    )
+
+
+# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on the GPU; fixed (no autotuning: one compile each).
+# Tiles must divide QUANT_BLOCK; the forward's BLOCK_N must equal it (one s_k, s_v per key tile).
+GPU_TILES = {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)}
+
+
+def _tiles(kernel: str, block: int) -> dict:
+    if _INTERPRET:
+        m = {"fwd": block, "dkdv": block // 2, "dq": block}[kernel]
+        n = {"fwd": block, "dkdv": block, "dq": block // 2}[kernel]
+        return dict(BLOCK_M=m, BLOCK_N=n)
+    m, n, w, s = GPU_TILES[kernel]
+    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+
+
+def _fp8_dtype(device: torch.device) -> torch.dtype:
+    """Storage of the quantised operands: e4m3 on the GPU, an exact fp16 carrier in the interpreter."""
+    return torch.float16 if device.type == "cpu" else torch.float8_e4m3fn
+
+
+def quantize_blocks(
+    x: torch.Tensor, block: int = QUANT_BLOCK, *, carrier: torch.dtype = torch.float8_e4m3fn
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """x (B, S, H, D) -> (x8 (B, H, S_pad, D) in ``carrier``, scale (B, H, S_pad / block) fp32).
+
+    s = amax|x_blk| / 448 per block of ``block`` tokens of one (b, h) (1 for an all-zero block);
+    x8 = E4M3(clamp(x / s, +-448)) (round to nearest even, saturating); S zero-padded to the block.
+    A carrier other than e4m3 holds the e4m3 values exactly (fp16/fp32) for the CPU interpreter.
+    """
+    B, S, H, D = x.shape
+    n = triton.cdiv(S, block)
+    xf = F.pad(x.float().transpose(1, 2), (0, 0, 0, n * block - S))  # (B, S, H, D) -> (B, H, S_pad, D)
+    xb = xf.view(B, H, n, block, D)
+    amax = xb.abs().amax(dim=(-1, -2))  # (B, H, n)
+    scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    x8 = (xb / scale[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
+    return x8.to(carrier).view(B, H, n * block, D), scale
+
+
+def smooth_keys(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
+    """k - mean over the valid keys (per batch, head, channel), fp32: softmax is invariant to it."""
+    kf = k.float()
+    if k_lengths is None:
+        return kf - kf.mean(dim=1, keepdim=True)
+    valid = (torch.arange(k.shape[1], device=k.device)[None, :] < k_lengths[:, None]).float()  # (B, Sk)
+    n = valid.sum(1).clamp(min=1.0)[:, None, None, None]
+    return kf - (kf * valid[:, :, None, None]).sum(1, keepdim=True) / n
+
+
+def hadamard(d: int, device=None) -> torch.Tensor:
+    """The orthonormal Sylvester-Hadamard matrix H_d / sqrt(d) (d a power of two), fp32."""
+    if d < 1 or d & (d - 1):
+        raise ValueError(f"hadamard: d must be a power of two, got {d}")
+    h = torch.ones(1, 1, device=device)
+    while h.shape[0] < d:
+        h = torch.cat((torch.cat((h, h), 1), torch.cat((h, -h), 1)), 0)
+    return h / d**0.5
+
+
+def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True):
+    """The pre-pass: (q8, s_q, k8, s_k, v8, s_v); K smoothed, then q and k rotated by H (module doc)."""
+    kf = smooth_keys(k, k_lengths) if smooth_k else k.float()
+    qf = q.float()
+    if rotate:
+        h = hadamard(q.shape[-1], q.device)
+        qf, kf = qf @ h, kf @ h  # (B, S, H, D) @ (D, D): q'.k' = q.k, outlier channels spread over all D
+    q8, sq = quantize_blocks(qf, block, carrier=carrier)
+    k8, sk = quantize_blocks(kf, block, carrier=carrier)
+    v8, sv = quantize_blocks(v, block, carrier=carrier)
+    return q8, sq, k8, sk, v8, sv
+
+
+def _e4m3(x: torch.Tensor) -> torch.Tensor:
+    return x.to(torch.float8_e4m3fn).float()
+
+
+def _rep(scale: torch.Tensor, block: int, n: int) -> torch.Tensor:
+    """(B, H, nblk) block scales -> (B, H, n) per-token scales."""
+    return scale.repeat_interleave(block, dim=-1)[..., :n]
+
+
+def _valid_keys(k_lengths, B, Sk, device) -> torch.Tensor:
+    """(B, 1, 1, Sk) boolean, True for valid keys."""
+    if k_lengths is None:
+        return torch.ones(B, 1, 1, Sk, dtype=torch.bool, device=device)
+    return (torch.arange(Sk, device=device)[None, :] < k_lengths[:, None])[:, None, None, :]
+
+
+def _scores2(q8, sq, k8, sk, scale, Sq, Sk, block) -> torch.Tensor:
+    """s = (q8 k8^T) s_q s_k scale log2(e), fp32 (B, H, Sq, Sk)."""
+    raw = q8[:, :, :Sq].float() @ k8[:, :, :Sk].float().transpose(-1, -2)
+    return raw * ((_rep(sq, block, Sq) * (scale * _LOG2E))[..., None] * _rep(sk, block, Sk)[..., None, :])
+
+
+def _fwd_emulated(quant, k_lengths, scale, Sq, Sk, block, dtype):
+    """The kernel's forward in fp32 torch, replaying its key tiling (P is quantised at the running max)."""
+    q8, sq, k8, sk, v8, sv = quant
+    B, H = q8.shape[:2]
+    s2 = _scores2(q8, sq, k8, sk, scale, Sq, Sk, block)
+    s2 = s2.masked_fill(~_valid_keys(k_lengths, B, Sk, s2.device), float("-inf"))
+    m = torch.full((B, H, Sq), float("-inf"), device=s2.device)
+    lsum = torch.zeros(B, H, Sq, device=s2.device)
+    acc = torch.zeros(B, H, Sq, q8.shape[-1], device=s2.device)
+    for t, j in enumerate(range(0, Sk, block)):
+        s = s2[..., j : j + block]
+        m_new = torch.maximum(m, s.amax(-1))
+        m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
+        p = torch.exp2(s - m_safe[..., None])
+        alpha = torch.exp2(m - m_safe)
+        lsum = lsum * alpha + p.sum(-1)
+        pv = _e4m3(p * E4M3_MAX) @ v8[:, :, j : j + s.shape[-1]].float()
+        acc = acc * alpha[..., None] + pv * (sv[..., t] / E4M3_MAX)[..., None, None]
+        m = m_new
+    empty = lsum == 0
+    out = acc / torch.where(empty, torch.ones_like(lsum), lsum)[..., None]
+    lse = torch.where(empty, float("-inf"), (m + torch.log2(lsum.clamp(min=1e-38))) * math.log(2.0))
+    return out.transpose(1, 2).to(dtype), lse  # (B, H, Sq, D) -> (B, Sq, H, D)
+
+
+def _tile_quant(x: torch.Tensor, block: int) -> torch.Tensor:
+    """Dequantised E4M3 of (B, H, M, N) with one dynamic scale per (block x block) tile (measurement only)."""
+    B, H, M, N = x.shape
+    pm, pn = (-M) % block, (-N) % block
+    xt = F.pad(x, (0, pn, 0, pm)).view(B, H, (M + pm) // block, block, (N + pn) // block, block)
+    amax = xt.abs().amax(dim=(3, 5), keepdim=True)
+    s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
+    return (_e4m3((xt / s).clamp(-E4M3_MAX, E4M3_MAX)) * s).view(B, H, M + pm, N + pn)[..., :M, :N]
+
+
+def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8):
+    """The kernels' backward in fp32 torch: dV FP8; dP FP8 if "dp" in fp8; dQ/dK FP8 if "dqdk" in fp8."""
+    q8, sq, k8, sk, v8, sv = quant
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    lo = lambda t: t.transpose(1, 2).float()  # noqa: E731  (B, S, H, D) -> (B, H, S, D) fp32
+    s2 = _scores2(q8, sq, k8, sk, scale, Sq, Sk, block)
+    p = torch.exp2(s2 - (lse * _LOG2E)[..., None])
+    p = torch.where(_valid_keys(k_lengths, B, Sk, p.device), p, torch.zeros_like(p)).nan_to_num(0.0)
+    delta = (lo(do) * lo(out)).sum(-1)  # (B, H, Sq)
+    do8, sdo = quantize_blocks(do, block, carrier=torch.float32)
+    do_deq = do8[:, :, :Sq] * _rep(sdo, block, Sq)[..., None]
+    if "dv" in fp8:
+        dv = _e4m3(p * E4M3_MAX).transpose(-1, -2) @ do_deq / E4M3_MAX
+    else:
+        dv = p.to(q.dtype).float().transpose(-1, -2) @ lo(do)
+    if "dp" in fp8:
+        dp = do_deq @ (v8[:, :, :Sk].float() * _rep(sv, block, Sk)[..., None]).transpose(-1, -2)
+    else:
+        dp = lo(do) @ lo(v).transpose(-1, -2)
+    ds = p * (dp - delta[..., None])
+    ds_lp = _tile_quant(ds, block) if "dqdk" in fp8 else ds.to(q.dtype).float()
+    dq = ds_lp @ lo(k) * scale
+    dk = ds_lp.transpose(-1, -2) @ lo(q) * scale
+    return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv))  # (B, H, S, D) -> (B, S, H, D)
+
+
+class _EmulatedFP8Attention(torch.autograd.Function):
+    """Pure-torch forward and backward of the FP8 scheme (rotated q, k in; module doc)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_lengths, scale, block, bwd_fp8, smooth_k, rotate):
+        quant = _quantize_qkv(q, k, v, k_lengths, block, torch.float32, smooth_k, rotate)
+        out, lse = _fwd_emulated(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
+        ctx.scale, ctx.block, ctx.bwd_fp8 = scale, block, bwd_fp8
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
+        grads = _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.bwd_fp8)
+        return (*grads, None, None, None, None, None, None)
+
+
+def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
+    q8, sq, k8, sk, v8, sv = quant
+    B, H, SQP, D = q8.shape
+    SKP = k8.shape[2]
+    out = torch.empty(B, Sq, H, D, device=q8.device, dtype=dtype)
+    lse = torch.empty(B, H, Sq, device=q8.device, dtype=torch.float32)
+    v8t = v8.transpose(-1, -2).contiguous()  # (B, H, D, S_pad): the K-major operand of p v
+    t = _tiles("fwd", block)
+    klen = q8 if k_lengths is None else k_lengths
+    grid = (triton.cdiv(Sq, t["BLOCK_M"]), B * H)
+    _fp8_fwd[grid](
+        q8, k8, v8t, sq, sk, sv, out, lse, klen, Sq, Sk, SQP, SKP, H, scale * _LOG2E,
+        D=D, QBLK=block, HAS_KLEN=k_lengths is not None, EMULATE=_INTERPRET, **t,
+    )  # fmt: skip
+    return out, lse
+
+
+def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_dp):
+    q8, sq, k8, sk, v8, sv = quant
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    SQP, SKP = q8.shape[2], k8.shape[2]
+    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Sq, H) -> (B, H, Sq)
+    do8, sdo = quantize_blocks(do, block, carrier=q8.dtype)
+    do8t = do8.transpose(-1, -2).contiguous()  # (B, H, D, Sq_pad): K-major operand of P^T dO
+    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    klen = q if k_lengths is None else k_lengths
+    meta = dict(D=D, QBLK=block, HAS_KLEN=k_lengths is not None, FP8_DP=fp8_dp)
+    tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E)
+    t = _tiles("dkdv", block)
+    _fp8_bwd_dkdv[(triton.cdiv(Sk, t["BLOCK_N"]), B * H)](
+        q, k, v, do, q8, k8, v8, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail,
+        EMULATE=_INTERPRET, **meta, **t,
+    )  # fmt: skip
+    t = _tiles("dq", block)
+    _fp8_bwd_dq[(triton.cdiv(Sq, t["BLOCK_M"]), B * H)](
+        q, k, v, do, q8, k8, v8, do8, sq, sk, sv, sdo, lse, delta, dq, *tail, **meta, **t
+    )
+    return dq, dk, dv
+
+
+class _TritonFP8Attention(torch.autograd.Function):
+    """(rotated q, k, v) -> (out, lse): quantisation pre-pass + FP8 kernels; lse has no gradient."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, k_lengths, scale, block, fp8_dp):
+        quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device))
+        out, lse = _fp8_fwd_launch(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
+        ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
+        ctx.scale, ctx.block, ctx.fp8_dp = scale, block, fp8_dp
+        ctx.mark_non_differentiable(lse)
+        return out, lse
+
+    @staticmethod
+    def backward(ctx, do, _dlse):
+        q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
+        grads = _fp8_bwd_launch(
+            do.contiguous(), q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp
+        )
+        return (*grads, None, None, None, None)
+
+
+_WARNED: set[str] = set()
+
+
+def _warn_once(reason: str) -> None:
+    if reason not in _WARNED:
+        _WARNED.add(reason)
+        warnings.warn(f"attention precision 'fp8': {reason}; running the bf16 kernel instead", stacklevel=3)
+
+
+def fp8_unsupported_reason(q: torch.Tensor) -> str | None:
+    """Why the FP8 kernel cannot run on q (then the bf16 path runs), or None."""
+    if q.shape[-1] not in FP8_HEAD_DIMS:
+        return f"head dim {q.shape[-1]} is not one of {FP8_HEAD_DIMS}"
+    if q.device.type == "cuda":
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            return f"dtype {q.dtype} (expected bfloat16 or float16)"
+        if torch.cuda.get_device_capability(q.device) < (8, 9):
+            return "this GPU has no FP8 tensor cores (needs sm_89 or newer)"
+        return None
+    if _INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16):
+        return None
+    return f"device {q.device} / dtype {q.dtype} (the FP8 kernel needs CUDA, or the CPU interpreter)"
+
+
+def _prepare(q, k, v, k_lengths, rope, rotate):
+    from kernels.attention import _check_inputs
+
+    _check_inputs(q, k, v, k_lengths, rope)
+    if rope is not None:
+        cos, sin = (t.to(device=q.device, dtype=torch.float32) for t in rope)
+        q, k = rotate(q, cos, sin), rotate(k, cos, sin)
+    if k_lengths is not None:
+        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    return q.contiguous(), k.contiguous(), v.contiguous(), k_lengths
+
+
+def attention_fp8(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    k_lengths: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_lse: bool = False,
+    bwd_fp8_dp: bool = False,
+    block: int = QUANT_BLOCK,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """FP8 attention (Triton): same contract as kernels.attention.attention, output in q's dtype.
+
+    Unsupported inputs (see :func:`fp8_unsupported_reason`) run the bf16 Triton kernel after a one-time
+    warning. bwd_fp8_dp: also run dP = dO V^T in FP8. block: quantisation block (tests use small ones).
+    """
+    reason = fp8_unsupported_reason(q)
+    if reason is not None:
+        from kernels.attention import attention
+
+        _warn_once(reason)
+        return attention(q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
+    if block not in (32, 64, 128):
+        raise ValueError(f"block: expected 32, 64 or 128, got {block}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope)
+    out, lse = _TritonFP8Attention.apply(q, k, v, k_lengths, scale, block, bwd_fp8_dp)
+    return (out, lse) if return_lse else out
+
+
+def attention_fp8_emulated(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    k_lengths: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_lse: bool = False,
+    bwd_fp8: tuple[str, ...] = ("dv",),
+    block: int = QUANT_BLOCK,
+    smooth_k: bool = True,
+    rotate: bool = True,
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """Pure-torch emulation of exactly the kernel's quantisation (scales, rounding, saturation, tiling).
+
+    Differentiable (custom backward with the kernel's scheme). bwd_fp8: which backward products run in
+    FP8, a subset of BWD_MATMULS ("dv" = P^T dO, "dp" = dO V^T, "dqdk" = dS K and dS^T Q with a dynamic
+    scale per block x block tile); the kernel's default is ("dv",), bwd_fp8_dp=True is ("dv", "dp").
+    Runs on any device and head dim; the reference the kernel is tested against, and the CPU model of
+    its accuracy. smooth_k=False / rotate=False skip the K mean subtraction / the Hadamard rotation (to
+    measure what they buy; rotate needs a power-of-two head dim).
+    """
+    bad = sorted(set(bwd_fp8) - set(BWD_MATMULS))
+    if bad:
+        raise ValueError(f"bwd_fp8: unknown products {bad}; expected a subset of {BWD_MATMULS}")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope_reference)
+    out, lse = _EmulatedFP8Attention.apply(q, k, v, k_lengths, scale, block, tuple(bwd_fp8), smooth_k, rotate)
+    return (out, lse) if return_lse else out
+
+
+def attention_fp8_dispatch(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    *,
+    scale: float | None = None,
+    k_lengths: torch.Tensor | None = None,
+    rope: tuple[torch.Tensor, torch.Tensor] | None = None,
+    return_lse: bool = False,
+    backend: str = "triton",
+) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
+    """kernels.attention.attention(precision="fp8"): "triton" -> :func:`attention_fp8`, "torch" -> the
+    emulation; any other backend has no FP8 mode and runs in its own precision after a one-time warning."""
+    kw = dict(scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
+    if backend == "triton":
+        return attention_fp8(q, k, v, **kw)
+    if backend == "torch":
+        return attention_fp8_emulated(q, k, v, **kw)
+    from kernels.attention import attention
+
+    _warn_once(f"backend {backend!r} has no FP8 mode (use 'triton', or 'torch' for the emulation)")
+    return attention(q, k, v, backend=backend, **kw)

@@ -1,0 +1,180 @@
+"""FP8 attention: the quantisation pre-pass against the e4m3 grid, the scheme's accuracy (the pure-torch
+emulation) against an fp32/fp64 reference on video-like activations with outliers, the Triton kernel
+(interpreted on CPU with exact fp16 carriers of the e4m3 values; real float8 under @gpu) against the
+emulation, the dispatch from kernels.attention, fallbacks, and the per-block opt-out on a model."""
+
+import warnings
+
+import pytest
+import torch
+
+import kernels.attention_fp8 as fp8
+from bench.gpu_attention_fp8 import video_activations
+from kernels.attention import attention, attention_reference
+from kernels.attention_fp8 import attention_fp8, attention_fp8_emulated, hadamard, quantize_blocks
+from kernels.rope import rope_3d_tables
+
+
+def _e4m3_ulp(y: torch.Tensor) -> torch.Tensor:
+    """Spacing of the e4m3 grid at |y| (independent of torch's float8 cast): 2^(e - 3), e >= -6."""
+    e = torch.floor(torch.log2(y.abs().clamp(min=2.0**-6)))
+    return torch.exp2(e - 3)
+
+
+def test_quantize_blocks_rounds_to_the_e4m3_grid():
+    x = torch.randn(2, 200, 3, 16) * torch.logspace(-3, 2, 16)  # channels over 5 decades
+    x[1, 130:] = 0.0  # an all-zero block (and the padding) keeps scale 1 and zeros
+    x8, s = quantize_blocks(x, 64, carrier=torch.float32)
+    assert x8.shape == (2, 3, 256, 16) and s.shape == (2, 3, 4)
+    xb = x.transpose(1, 2)  # (B, S, H, D) -> (B, H, S, D)
+    y = xb / s.repeat_interleave(64, -1)[..., :200, None]  # the scaled values before rounding
+    q = x8[:, :, :200]
+    assert (q.abs() <= 448).all() and (x8[:, :, 200:] == 0).all()
+    assert torch.equal(s[1, :, 3], torch.ones(3))  # block 3 of batch 1 is all zero
+    amax_blocks = torch.nn.functional.pad(xb.abs(), (0, 0, 0, 56)).unflatten(2, (4, 64)).amax((-1, -2))
+    torch.testing.assert_close(s, torch.where(amax_blocks > 0, amax_blocks / 448, 1.0))
+    assert ((q - y).abs() <= _e4m3_ulp(y) / 2 * (1 + 1e-6) + 1e-12).all()  # round to nearest
+    on_grid = q.abs() / _e4m3_ulp(q)  # every stored value is an integer multiple of its grid spacing
+    assert torch.equal(on_grid, on_grid.round())
+
+
+def test_hadamard_is_orthonormal():
+    h = hadamard(128)
+    torch.testing.assert_close(h @ h.T, torch.eye(128), atol=1e-6, rtol=0)
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard(96)
+
+
+def _run(fn, q, k, v, g, **kw):
+    leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
+    out = fn(*leaves, **kw)
+    return (out, *torch.autograd.grad(out, leaves, g))
+
+
+def _rel(a, b) -> float:
+    return ((a.double() - b.double()).norm() / b.double().norm()).item()
+
+
+def test_emulation_accuracy_on_video_activations():
+    """The scheme's error (output and every gradient) on activations with outlier channels, key offsets
+    and outlier tokens: a few % of the fp32 reference; K smoothing and the Hadamard rotation each help."""
+    grid, D = (3, 12, 16), 128
+    q, k, v, g = video_activations(grid, 2, D)
+    rope = rope_3d_tables(grid, D)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope)
+    default = _run(attention_fp8_emulated, q, k, v, g, rope=rope)
+    plain = _run(attention_fp8_emulated, q, k, v, g, rope=rope, smooth_k=False, rotate=False)
+    errs = [_rel(a, b) for a, b in zip(default, ref)]
+    errs_plain = [_rel(a, b) for a, b in zip(plain, ref)]
+    assert max(errs) < 0.12, errs  # e4m3 has 3 mantissa bits: ~3% per element, logits up to ~25
+    assert errs[0] < 0.6 * errs_plain[0] and errs[1] < 0.8 * errs_plain[1], (errs, errs_plain)
+    assert all(torch.isfinite(t).all() for t in default)
+
+
+@pytest.mark.parametrize(
+    "dtype,grid,k_lengths,fp8_dp",
+    [
+        (torch.float32, (1, 5, 14), [70, 33], False),
+        (torch.float16, (2, 3, 9), None, True),
+    ],
+)
+def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, device):
+    """The Triton kernel against the emulation of the same scheme: differences are fp32 summation order
+    (an occasional e4m3 rounding tie of P), far below the scheme's own error vs the exact reference."""
+    B, H, D, block = 2, 1, 64, 32
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
+    k = k + 2.0  # a key offset for the smoothing to remove
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    rope = tuple(t.to(device) for t in rope_3d_tables(grid, D))
+    kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
+    kw = dict(rope=rope, k_lengths=kl, block=block)
+    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, **kw)
+    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=("dv", "dp") if fp8_dp else ("dv",), **kw)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope, k_lengths=kl)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
+        assert a.dtype == dtype and a.shape == c.shape
+        gap, scheme = _rel(a, b), _rel(b, c)
+        assert gap <= 0.05 * scheme + (3e-3 if dtype == torch.float16 else 1e-5), (name, gap, scheme)
+    if kl is not None:
+        assert (ker[2][1, 33:] == 0).all() and (ker[3][1, 33:] == 0).all()  # masked keys: no gradient
+
+
+def test_attention_precision_dispatch_and_errors():
+    q, k, v = (torch.randn(1, 40, 2, 64) for _ in range(3))
+    torch.testing.assert_close(
+        attention(q, k, v, backend="torch", precision="fp8"), attention_fp8_emulated(q, k, v)
+    )
+    with pytest.raises(ValueError, match="precision: expected 'bf16' or 'fp8'"):
+        attention(q, k, v, precision="fp4")
+    with pytest.raises(ValueError, match="bwd_fp8: unknown products"):
+        attention_fp8_emulated(q, k, v, bwd_fp8=("ds",))
+
+
+def test_unsupported_inputs_fall_back_to_bf16_with_one_warning(device):
+    fp8._WARNED.clear()
+    q, k, v = (torch.randn(1, 24, 2, 32, device=device) for _ in range(3))  # head dim 32: no FP8 kernel
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attention_fp8(q, k, v)
+        again = attention(q, k, v, precision="fp8")
+    assert sum("head dim 32" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(out, attention(q, k, v))  # the bf16 kernel's answer, not a wrong one
+    torch.testing.assert_close(again, out)
+
+
+def test_per_block_opt_out_on_a_wan_model():
+    """engine.precision.apply_attention_precision: FP8 self-attention except the skipped blocks (negative
+    indices count from the end); a model with every block skipped is bitwise the bf16 model."""
+    from engine.config import ModelConfig
+    from engine.precision import apply_attention_precision
+    from models.wan import WanConfig, WanModel
+
+    torch.manual_seed(0)
+    model = WanModel(
+        WanConfig.flavour("debug", attention_head_dim=64, num_layers=3, attention_backend="torch")
+    )
+    x = torch.randn(1, 4, 2, 4, 6)
+    t, ctx = torch.tensor([500.0]), torch.randn(1, 5, 24)
+    base = model(x, t, ctx)
+    apply_attention_precision(
+        model, ModelConfig(attention_precision="fp8", fp8_attention_skip_blocks=[0, -1])
+    )
+    got = [b.self_attn.attention_precision for b in model.blocks]
+    assert got == ["bf16", "fp8", "bf16"]
+    fp8_out = model(x, t, ctx)
+    assert not torch.equal(fp8_out, base) and _rel(fp8_out, base) < 0.1
+    apply_attention_precision(
+        model, ModelConfig(attention_precision="fp8", fp8_attention_skip_blocks=[0, 1, 2])
+    )
+    assert torch.equal(model(x, t, ctx), base)
+    with pytest.raises(ValueError, match="fp8_attention_skip_blocks"):
+        apply_attention_precision(
+            model, ModelConfig(attention_precision="fp8", fp8_attention_skip_blocks=[3])
+        )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fp8_dp", [False, True])
+def test_gpu_fp8_kernel_matches_emulation(fp8_dp):
+    grid, D = (4, 16, 24), 128
+    q, k, v, g = (t.cuda() for t in video_activations(grid, 2, D))
+    rope = rope_3d_tables(grid, D, device="cuda")
+    q, k, v, g = (t.to(torch.bfloat16) for t in (q, k, v, g))
+    ker = _run(attention_fp8, q, k, v, g, rope=rope, bwd_fp8_dp=fp8_dp)
+    emu = _run(attention_fp8_emulated, q, k, v, g, rope=rope, bwd_fp8=("dv", "dp") if fp8_dp else ("dv",))
+    ref = _run(attention_reference, q.float(), k.float(), v.float(), g.float(), rope=rope)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
+        assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
+        gap, scheme = _rel(a, b), _rel(b, c)
+        assert gap <= 0.1 * scheme + 8e-3, (name, gap, scheme)  # bf16 output rounding: ~4e-3
+
+
+@pytest.mark.gpu
+def test_gpu_fp8_path_taken_and_lse():
+    q, k, v = (torch.randn(1, 300, 2, 128, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    assert fp8.fp8_unsupported_reason(q) is None or "FP8 tensor cores" in fp8.fp8_unsupported_reason(q)
+    out, lse = attention_fp8(q, k, v, return_lse=True, k_lengths=torch.tensor([200], device="cuda"))
+    ref, ref_lse = attention_reference(q, k, v, return_lse=True, k_lengths=torch.tensor([200], device="cuda"))
+    assert _rel(out, ref) < 0.1
+    torch.testing.assert_close(lse, ref_lse, atol=0.1, rtol=0.02)
