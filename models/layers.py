@@ -53,12 +53,12 @@ def _kernel_backend(backend: str, x: torch.Tensor) -> str:
     return backend
 
 
-def _attend(q, k, v, *, backend: str, rope=None, k_lengths=None) -> torch.Tensor:
+def _attend(q, k, v, *, backend: str, rope=None, k_lengths=None, precision: str = "bf16") -> torch.Tensor:
     """kernels.attention; for "sdpa" on CPU the RoPE rotation uses the pure-torch reference, since the
     fused Triton rotation only runs interpreted there (orders of magnitude slower)."""
     if rope is not None and backend == "sdpa" and not q.is_cuda:
         q, k, rope = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope), None
-    return attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend)
+    return attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend, precision=precision)
 
 
 def timestep_embedding(
@@ -166,6 +166,7 @@ class SelfAttention(nn.Module):
         if dim % heads:
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
         self.heads, self.backend, self.per_head = heads, backend, qk_norm == "per_head"
+        self.attention_precision = "bf16"  # or "fp8" (engine.precision.apply_attention_precision sets it)
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
         self.out = nn.Linear(dim, dim, bias=bias)
@@ -185,7 +186,8 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """k_lengths: optional (B,) valid-token counts; keys at or past them are masked out."""
         q, k, v = self.project(x)
-        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend)
+        prec = self.attention_precision
+        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend, precision=prec)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 
@@ -266,7 +268,9 @@ class JointAttention(nn.Module):
         qx, kx, vx = self.x.project(x)  # 3 x (B, S, H, D)
         qc, kc, vc = self.c.project(c)  # 3 x (B, L, H, D)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, S + L, H, D)
-        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend).flatten(2)
+        prec = self.x.attention_precision
+        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend, precision=prec)
+        o = o.flatten(2)  # (B, S + L, H, D) -> (B, S + L, dim)
         return self.x.out(o[:, :S]), self.c.out(o[:, S:])  # (B, S + L, dim) split back
 
 
