@@ -1,0 +1,69 @@
+"""recipes/pretrain.py: deterministic data, a short run that resumes identically, the shipped weights."""
+
+import json
+import math
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from engine.config import JobConfig, build_config  # noqa: E402
+from engine.world import latent  # noqa: E402
+from engine.world.demonstrator import eval_items  # noqa: E402
+from recipes import pretrain  # noqa: E402
+
+ASSETS = Path(__file__).resolve().parents[1] / "engine" / "world" / "assets"
+
+
+def _cfg(steps: int, out: Path) -> JobConfig:
+    return build_config(
+        JobConfig,
+        {
+            "run": {"out_dir": str(out), "name": "p", "device": "cpu", "seed": 3},
+            "model": {"flavour": "debug"},
+            "train": {"steps": steps, "batch_size": 2, "lr": 1e-3, "ema_decay": 0.9, "log_every": 1},
+            "checkpoint": {"interval": 1, "keep_last": 1, "export_safetensors": False},
+            "world": {"text_layers": 0},
+        },
+    )
+
+
+def test_batches_are_a_function_of_the_step():
+    b = pretrain.ToyVideoBatches(16, 1, seed=1, device=torch.device("cpu"))
+    x, y, z = b.micro_batch(5, 0), b.micro_batch(5, 0), b.micro_batch(6, 0)
+    assert all(torch.equal(x[k], y[k]) for k in x)
+    assert not torch.equal(x["x0"], z["x0"])
+    assert x["x0"].shape == (16, 12, 4, 16, 16) and torch.equal(x["image_latent"], x["x0"][:, :, :1])
+    video = latent.decode(x["x0"])
+    assert video.shape == (16, 4, 32, 32, 3) and not torch.equal(video[:, 0], video[:, -1])  # a block moved
+
+
+def test_resume_continues_identically(tmp_path):
+    torch.manual_seed(0)
+    straight, _, _ = pretrain.train(_cfg(3, tmp_path / "a"), tmp_path / "a" / "p")
+    pretrain.train(_cfg(2, tmp_path / "b"), tmp_path / "b" / "p")  # "interrupted" after step 2
+    resumed, trainer, info = pretrain.train(_cfg(3, tmp_path / "b"), tmp_path / "b" / "p")
+    assert info["steps_this_run"] == 1 and trainer.step == 3
+    for (k, p), (_, q) in zip(straight.state_dict().items(), resumed.state_dict().items()):
+        assert torch.equal(p, q), k
+    metrics = [json.loads(line) for line in (tmp_path / "b" / "p" / "metrics.jsonl").read_text().splitlines()]
+    losses = [m["loss"] for m in metrics if "loss" in m]
+    assert losses and all(math.isfinite(x) for x in losses)
+
+
+@pytest.mark.skipif(not (ASSETS / "demonstrator.json").is_file(), reason="no shipped Demonstrator")
+def test_shipped_demonstrator_loads_and_runs():
+    model, meta = pretrain.load_demonstrator()
+    assert sum(p.numel() for p in model.parameters()) < 3e6
+    gap = next(iter(meta["gap"].values()))  # the report at the first measured CFG scale
+    assert gap["n_items"] >= 256 and "avg" in gap["gap"]
+    items = eval_items(2, seed=0)
+    img = latent.image_latent(torch.as_tensor(items[0].image)[None].expand(2, -1, -1, -1).contiguous())
+    cond = model.cond([items[0].solution, items[0].task], img)
+    with torch.no_grad():
+        v = model.predict_velocity(torch.randn(2, 12, 4, 16, 16), torch.tensor([0.5, 0.5]), cond)
+    assert v.shape == (2, 12, 4, 16, 16) and torch.isfinite(v).all()
+    assert not torch.allclose(v[0], v[1])  # the text matters
