@@ -19,7 +19,7 @@ from pathlib import Path
 
 from bench.common import environment, out_dir, record, write_results
 
-MODULES = ["attention", "attention_fp8", "elementwise", "models", "trainer", "data"]
+MODULES = ["attention", "attention_fp8", "elementwise", "models", "models_hunyuan", "trainer", "data"]
 
 
 def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:

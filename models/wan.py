@@ -97,6 +97,11 @@ class WanConfig:
     def dim(self) -> int:
         return self.num_attention_heads * self.attention_head_dim
 
+    @property
+    def patch(self) -> tuple[int, int, int]:
+        """(t, h, w) patch, the same property every family's config has."""
+        return self.patch_size
+
     @classmethod
     def flavour(cls, name: str, **overrides: Any) -> WanConfig:
         """A named size preset (see ``FLAVOURS``) with field overrides."""

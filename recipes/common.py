@@ -91,7 +91,7 @@ def annotate_flops(model: nn.Module, latent_shape: tuple[int, ...], text_len: in
     f = getattr(model, "flops_per_token", None)
     if callable(f) and hasattr(model, "cfg"):
         _, T, h, w = latent_shape
-        pt, ph, pw = model.cfg.patch_size
+        pt, ph, pw = model.cfg.patch
         model.flops_per_token = float(f((T // pt) * (h // ph) * (w // pw), text_len))
     return model
 
