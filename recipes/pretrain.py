@@ -85,18 +85,14 @@ class ToyVideoBatches:
         texts = [solution_text(s, m) if rng.random() >= self.drop else "" for s, m in zip(scenes, moves)]
         video = render(scenes, moves, device=self.device)  # (B, T, H, W, 3) uint8
         x0 = toy_latent.encode(video)  # (B, C, T, h, w)
-        g = torch.Generator().manual_seed(int(rng.integers(2**62)))
-        t = flow.sample_timesteps(self.batch_size, "logit_normal", generator=g)
-        noise = torch.randn(x0.shape, generator=g)
-        ids, _ = tokenize(texts)
         dev = self.device
-        return {
-            "x0": x0,
-            "image_latent": x0[:, :, :1],
-            "ids": ids.to(dev),
-            "t": t.to(dev),
-            "noise": noise.to(dev),
-        }
+        g = torch.Generator(device=dev).manual_seed(
+            int(rng.integers(2**62))
+        )  # t and noise drawn on the device
+        t = flow.sample_timesteps(self.batch_size, "logit_normal", generator=g, device=dev)
+        noise = torch.randn(x0.shape, generator=g, device=dev)
+        ids, _ = tokenize(texts)
+        return {"x0": x0, "image_latent": x0[:, :, :1], "ids": ids.to(dev), "t": t, "noise": noise}
 
     def next(self, step: int, model: nn.Module) -> list[dict[str, torch.Tensor]]:
         return [self.micro_batch(step, i) for i in range(self.grad_accum)]
