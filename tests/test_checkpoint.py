@@ -10,6 +10,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
 import torch
 from safetensors.torch import load_file
 
@@ -19,6 +20,17 @@ from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
 from engine.checkpoint import MARKER, complete_checkpoints  # noqa: E402
 from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
+
+
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """One intra-op thread: on a shared, oversubscribed CPU box 2 threads make these tiny steps ~40x
+    slower (spinning thread barriers); results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
 
 ROOT = Path(__file__).resolve().parents[1]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
