@@ -138,15 +138,19 @@ def apply_fp8(model: nn.Module, prec: PrecisionConfig) -> nn.Module:
     return model
 
 
-def fp8_context(prec: PrecisionConfig) -> contextlib.AbstractContextManager:
-    """The context the forward runs under: TE's fp8 autocast for "te", else a no-op."""
+def fp8_context(prec: PrecisionConfig, group: Any = None) -> contextlib.AbstractContextManager:
+    """The context the forward runs under: TE's fp8 autocast for "te", else a no-op.
+
+    ``group``: the process group over which TE reduces amax statistics (the data-parallel ranks), so
+    every rank uses the same scales; None in single-process runs.
+    """
     if prec.fp8 != "te":
         return contextlib.nullcontext()
     te = _import_te()
     rec = te_recipe(prec.fp8_recipe)
     if hasattr(te, "autocast"):  # TE >= 2.8 renamed fp8_autocast
-        return te.autocast(enabled=True, recipe=rec)
-    return te.fp8_autocast(enabled=True, fp8_recipe=rec)
+        return te.autocast(enabled=True, recipe=rec, amax_reduction_group=group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=rec, fp8_group=group)
 
 
 def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> contextlib.AbstractContextManager:

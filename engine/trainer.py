@@ -59,7 +59,7 @@ from engine.dist import DistInfo, collective, init_distributed
 from engine.log import get_logger, progress
 from engine.metrics import MetricsLogger, device_peak_flops, model_flops_per_token
 from engine.parallel import parallelize
-from engine.precision import apply_fp8, autocast, fp8_context
+from engine.precision import apply_attention_precision, apply_fp8, autocast, fp8_context
 from engine.profile import Profiler, span
 
 log = get_logger("trainer")
@@ -218,6 +218,8 @@ class Trainer:
                 for t in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(t.data, src=0)
         apply_fp8(model, self.cfg.precision)
+        if self.cfg.model.attention_precision == "fp8":
+            apply_attention_precision(model, self.cfg.model)
         model = parallelize(model, self.cfg.parallel, self.cfg.precision, self.dist.dp_mesh)
         self.sharded = isinstance(model, FSDPModule)
         return model
@@ -351,7 +353,7 @@ class Trainer:
                 self.model.set_requires_gradient_sync(i == n - 1)
             with (
                 span("forward"),
-                fp8_context(self.cfg.precision),
+                fp8_context(self.cfg.precision, dist.group.WORLD if self.dist.distributed else None),
                 autocast(self.dist.device, self.cfg.precision, self.sharded),
             ):
                 loss, mlogs = self.loss_fn(self.model, mb)
