@@ -14,7 +14,8 @@ checkpoint or the new one, never a half one. ``keep_last`` prunes the oldest com
 
 ``states`` is a dict of Stateful objects (``state_dict()`` / ``load_state_dict()``) saved with DCP;
 ``rank_states`` are Stateful objects whose state differs per rank (RNG, data-loader position) and go
-to the per-rank file. Works with and without a process group.
+to the per-rank file. Works with and without a process group. With several nodes the run folder must be
+on a filesystem every rank sees (rank 0 commits the folder the others wrote into).
 """
 
 from __future__ import annotations

@@ -119,16 +119,23 @@ def build_mesh(device: torch.device, world_size: int, pcfg: ParallelConfig) -> D
     return init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
 
 
+_CACHE: dict[tuple, DistInfo] = {}
+
+
 def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
     """Read the torchrun environment, create the process group (gloo/nccl) and the mesh.
 
-    Single-process runs (no WORLD_SIZE, or WORLD_SIZE=1) get a DistInfo without a mesh.
+    Single-process runs (no WORLD_SIZE, or WORLD_SIZE=1) get a DistInfo without a mesh. Calls with the
+    same mesh shape and device return the same DistInfo (a mesh creates process groups: build it once).
     """
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)
     if world_size == 1:
         return DistInfo(device=dev)
+    key = (dev, mesh_shape(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp))
+    if dist.is_initialized() and key in _CACHE:
+        return _CACHE[key]
     if not dist.is_initialized():
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
@@ -138,7 +145,8 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
         )
     mesh = build_mesh(dev, world_size, pcfg)
     log.info("distributed: world %d, mesh %s %s", world_size, mesh.mesh_dim_names, tuple(mesh.shape))
-    return DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+    _CACHE[key] = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+    return _CACHE[key]
 
 
 _TIMEOUT_MARKERS = ("timed out", "timeout", "deadline", "failed to pass monitoredbarrier")
@@ -183,5 +191,6 @@ def all_reduce_mean(t: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
 
 def shutdown() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
+    _CACHE.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
