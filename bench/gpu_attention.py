@@ -23,7 +23,7 @@ SHAPES = {
 }
 
 
-def _providers(rope):
+def _providers(rope, quick: bool):
     """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -47,6 +47,8 @@ def _providers(rope):
             "sdpa_flash+rope",
         ),
     }
+    if quick:  # the opt-in fused-RoPE kernels cost their own compiles
+        del provs["triton+rope_fused"]
     try:
         import flash_attn  # noqa: F401
 
@@ -56,7 +58,7 @@ def _providers(rope):
     return provs
 
 
-def _bench_case(case: str, shape, modes) -> list[dict]:
+def _bench_case(case: str, shape, modes, quick: bool) -> list[dict]:
     from kernels.rope import rope_3d_tables
 
     B, S, H, D, grid = shape
@@ -67,7 +69,7 @@ def _bench_case(case: str, shape, modes) -> list[dict]:
     g = torch.randn_like(q)
     rope = rope_3d_tables(grid, D, device="cuda")
     recs = []
-    for prov, (fn, base) in _providers(rope).items():
+    for prov, (fn, base) in _providers(rope, quick).items():
         for mode in modes:
             name = f"attention.{mode}"
             try:
@@ -88,7 +90,7 @@ def _bench_case(case: str, shape, modes) -> list[dict]:
 
 
 def run(quick: bool = False) -> list[dict]:
-    """Records for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape only."""
+    """Records for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape, no fused-RoPE provider."""
     if not torch.cuda.is_available():
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     recs = []
@@ -96,7 +98,7 @@ def run(quick: bool = False) -> list[dict]:
     t0 = time.time()
     for case in cases:
         try:
-            recs += _bench_case(case, SHAPES[case], ("fwd", "fwd_bwd"))
+            recs += _bench_case(case, SHAPES[case], ("fwd", "fwd_bwd"), quick)
         except Exception as e:
             recs.append(
                 record("attention.case", case, "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])

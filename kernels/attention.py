@@ -525,16 +525,17 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> l
 
 
 # Hopper-sized tiles per (kernel, fused RoPE); the first of each list is the fixed config used with
-# deterministic=True (and the one measured on an H200). The others were chosen for no or few register
-# spills on sm_90 (ptxas -v): the dK/dV kernel holds k, v, dK and dV tiles for the whole query loop, and
-# with RoPE the rotated operand also passes through registers, so fewer stages fit.
+# deterministic=True (and the one measured on an H200). The lists are short because every config is a
+# compile (seconds each) on first use; the others were kept for few register spills on sm_90 (ptxas -v,
+# Triton 3.6 and 3.9): the dK/dV kernel holds k, v, dK and dV tiles for the whole query loop, and with
+# RoPE the rotated operand also passes through registers, so fewer stages fit.
 _CONFIGS = {
-    ("fwd", False): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32)),
-    ("fwd", True): _configs([(128, 64, 8, 2), (128, 64, 8, 3), (128, 128, 8, 2)], (64, 32)),
-    ("dkdv", False): _configs([(64, 128, 8, 3), (64, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)], (32, 64)),
-    ("dkdv", True): _configs([(64, 64, 8, 3), (128, 64, 8, 2), (32, 128, 8, 3)], (32, 64)),
-    ("dq", False): _configs([(128, 64, 8, 3), (64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
-    ("dq", True): _configs([(64, 64, 8, 3), (128, 32, 8, 3), (128, 64, 8, 2)], (64, 32)),
+    ("fwd", False): _configs([(128, 64, 8, 3), (128, 128, 8, 3)], (64, 32)),
+    ("fwd", True): _configs([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
+    ("dkdv", False): _configs([(64, 128, 8, 3), (64, 64, 8, 3)], (32, 64)),
+    ("dkdv", True): _configs([(64, 64, 8, 3)], (32, 64)),
+    ("dq", False): _configs([(128, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
+    ("dq", True): _configs([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
 _RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
