@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import math
 import sys
@@ -170,6 +171,8 @@ def test_fit_lowers_loss_and_writes_metrics(tmp_path):
     assert rows[-1]["loss"] < rows[0]["loss"]
     assert rows[0]["tokens_per_s"] > 0 and "mfu" not in rows[0]  # CPU: no peak, no MFU
     assert (tmp_path / "config.toml").is_file()
+    if importlib.util.find_spec("tensorboard"):
+        assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
 def test_bad_batches_and_loss_are_reported(tmp_path):
