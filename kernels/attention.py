@@ -537,6 +537,10 @@ _CONFIGS = {
     ("dq", False): _configs([(128, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
     ("dq", True): _configs([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
+# fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each.
+for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dq", (64, 32))):
+    for _rope in (False, True):
+        _CONFIGS[(_kernel, _rope, "fp32")] = _configs([(*_tiles, 4, 2)], _tiles)
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
 _RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED = {key: triton.autotune(cfgs, key=_TUNE_KEY)(_RAW[key[0]]) for key, cfgs in _CONFIGS.items()}
@@ -549,7 +553,7 @@ def _bucket(n: int) -> int:
 
 def _launch(kernel: str, tile: str, n: int, bh: int, args: tuple, meta: dict, deterministic: bool) -> None:
     """Grid (ceil(n / tile), B*H); autotuned, or the fixed first config when deterministic."""
-    key = (kernel, meta["ROPE"])
+    key = (kernel, meta["ROPE"]) + (("fp32",) if meta["PRECISION"] == "ieee" else ())
     if deterministic:
         c = _CONFIGS[key][0]
         grid = (triton.cdiv(n, c.kwargs[tile]), bh)

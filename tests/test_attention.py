@@ -223,3 +223,16 @@ def test_gpu_autotuned_matches_deterministic(fuse_rope):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     again = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
     assert all(torch.equal(a, b) for a, b in zip(fixed, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_rope", [True, False])
+def test_gpu_fp32_head_dim_128(fuse_rope):
+    q, k, v, rope, kl = _make(2, 300, 300, 2, 128, (3, 10, 10), [300, 77], torch.float32, "cuda")
+    g = torch.randn_like(q)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
+    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=fuse_rope)
+    plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
+        _assert_within_budget(a, b, c, 2e-5 * max(1.0, c.abs().max().item()), name)
