@@ -47,20 +47,12 @@ FUSE_ROPE = False
 _NO_SPECIALIZE = ["Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET"]
 
 
+# fmt: off
 @triton.jit
-def _rotate(
-    x,
-    offs_s,
-    row_ok,
-    COS,
-    SIN,
-    BLOCK: tl.constexpr,
-    D: tl.constexpr,
-    SIGN: tl.constexpr,
-    MASKED: tl.constexpr,
-):
-    """R(SIGN * angle) x for a (BLOCK, D) tile, fp32 out: x'[2i] = x[2i] c - x[2i+1] s', x'[2i+1] = x[2i] s' + x[2i+1] c.
-
+def _rotate(x, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr, SIGN: tl.constexpr,
+        MASKED: tl.constexpr):
+    """R(SIGN * angle) x for a (BLOCK, D) tile, fp32 out, with s' = SIGN * sin:
+    x'[2i] = x[2i] c - x[2i+1] s', x'[2i+1] = x[2i] s' + x[2i+1] c.
     cos/sin are read as (BLOCK, D/2) fp32 rows of the tables; the channel pairs are split in registers.
     """
     t_off = offs_s[:, None] * (D // 2) + tl.arange(0, D // 2)[None, :]
@@ -75,19 +67,8 @@ def _rotate(
 
 
 @triton.jit
-def _load_tile(
-    base,
-    offs_s,
-    offs_d,
-    row_ok,
-    COS,
-    SIN,
-    stride_s,
-    BLOCK: tl.constexpr,
-    D: tl.constexpr,
-    ROPE: tl.constexpr,
-    MASKED: tl.constexpr,
-):
+def _load_tile(base, offs_s, offs_d, row_ok, COS, SIN, stride_s, BLOCK: tl.constexpr, D: tl.constexpr,
+        ROPE: tl.constexpr, MASKED: tl.constexpr):
     """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out)."""
     ptrs = base + offs_s[:, None] * stride_s + offs_d[None, :]
     if MASKED:
@@ -100,25 +81,8 @@ def _load_tile(
 
 
 @triton.jit
-def _fwd_tile(
-    acc,
-    m_i,
-    l_i,
-    q,
-    K,
-    V,
-    COS,
-    SIN,
-    start_n,
-    n_end,
-    stride_s,
-    qk_scale,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _fwd_tile(acc, m_i, l_i, q, K, V, COS, SIN, start_n, n_end, stride_s, qk_scale, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -137,28 +101,9 @@ def _fwd_tile(
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(
-    Q,
-    K,
-    V,
-    O,
-    LSE,
-    COS,
-    SIN,
-    KLEN,
-    Sq,
-    Sk,
-    H,
-    qk_scale,
-    Q_BUCKET,
-    K_BUCKET,
-    D: tl.constexpr,
-    ROPE: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _attn_fwd(Q, K, V, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_BUCKET, D: tl.constexpr,
+        ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+        BLOCK_N: tl.constexpr):
     """out = softmax(scale q k^T) v for BLOCK_M queries of one (batch, head); lse alongside."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -178,45 +123,11 @@ def _attn_fwd(
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            COS,
-            SIN,
-            start_n,
-            n_end,
-            stride_s,
-            qk_scale,
-            D,
-            BLOCK_N,
-            ROPE,
-            False,
-            PRECISION,
-        )
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, COS, SIN, start_n, n_end, stride_s,
+            qk_scale, D, BLOCK_N, ROPE, False, PRECISION)
     if n_full < n_end:
-        acc, m_i, l_i = _fwd_tile(
-            acc,
-            m_i,
-            l_i,
-            q,
-            k_base,
-            v_base,
-            COS,
-            SIN,
-            n_full,
-            n_end,
-            stride_s,
-            qk_scale,
-            D,
-            BLOCK_N,
-            ROPE,
-            True,
-            PRECISION,
-        )
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, COS, SIN, n_full, n_end, stride_s,
+            qk_scale, D, BLOCK_N, ROPE, True, PRECISION)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -240,27 +151,8 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _dkdv_tile(
-    dk,
-    dv,
-    k,
-    v,
-    Q,
-    DO,
-    LSE,
-    DELTA,
-    COS,
-    SIN,
-    start_m,
-    Sq,
-    stride_s,
-    qk_scale,
-    D: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    ROPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale, D: tl.constexpr,
+        BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
@@ -285,32 +177,9 @@ def _dkdv_tile(
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DK,
-    DV,
-    COS,
-    SIN,
-    KLEN,
-    Sq,
-    Sk,
-    H,
-    scale,
-    qk_scale,
-    Q_BUCKET,
-    K_BUCKET,
-    D: tl.constexpr,
-    ROPE: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET,
+        K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -331,49 +200,11 @@ def _attn_bwd_dkdv(
     m_full = (m_hi // BLOCK_M) * BLOCK_M
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(
-            dk,
-            dv,
-            k,
-            v,
-            Q + q_off,
-            DO + q_off,
-            lse_ptr,
-            delta_ptr,
-            COS,
-            SIN,
-            start_m,
-            Sq,
-            stride_s,
-            qk_scale,
-            D,
-            BLOCK_M,
-            ROPE,
-            False,
-            PRECISION,
-        )
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, lse_ptr, delta_ptr, COS, SIN, start_m, Sq,
+            stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION)
     if m_full < m_hi:
-        dk, dv = _dkdv_tile(
-            dk,
-            dv,
-            k,
-            v,
-            Q + q_off,
-            DO + q_off,
-            lse_ptr,
-            delta_ptr,
-            COS,
-            SIN,
-            m_full,
-            Sq,
-            stride_s,
-            qk_scale,
-            D,
-            BLOCK_M,
-            ROPE,
-            True,
-            PRECISION,
-        )
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, lse_ptr, delta_ptr, COS, SIN, m_full, Sq,
+            stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -385,26 +216,8 @@ def _attn_bwd_dkdv(
 
 
 @triton.jit
-def _dq_tile(
-    dq,
-    q,
-    do,
-    lse2,
-    delta,
-    K,
-    V,
-    COS,
-    SIN,
-    start_n,
-    n_end,
-    stride_s,
-    qk_scale,
-    D: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-    ROPE: tl.constexpr,
-    MASKED: tl.constexpr,
-    PRECISION: tl.constexpr,
-):
+def _dq_tile(dq, q, do, lse2, delta, K, V, COS, SIN, start_n, n_end, stride_s, qk_scale, D: tl.constexpr,
+        BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
     """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -422,31 +235,9 @@ def _dq_tile(
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dq(
-    Q,
-    K,
-    V,
-    DO,
-    LSE,
-    DELTA,
-    DQ,
-    COS,
-    SIN,
-    KLEN,
-    Sq,
-    Sk,
-    H,
-    scale,
-    qk_scale,
-    Q_BUCKET,
-    K_BUCKET,
-    D: tl.constexpr,
-    ROPE: tl.constexpr,
-    HAS_KLEN: tl.constexpr,
-    PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr,
-    BLOCK_N: tl.constexpr,
-):
+def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET, K_BUCKET,
+        D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
     """dQ of BLOCK_M queries of one (batch, head), looping over the valid key tiles."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -466,55 +257,17 @@ def _attn_bwd_dq(
     n_full = (n_end // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, D], tl.float32)
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            K + k_off,
-            V + k_off,
-            COS,
-            SIN,
-            start_n,
-            n_end,
-            stride_s,
-            qk_scale,
-            D,
-            BLOCK_N,
-            ROPE,
-            False,
-            PRECISION,
-        )
+        dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, COS, SIN, start_n, n_end, stride_s,
+            qk_scale, D, BLOCK_N, ROPE, False, PRECISION)
     if n_full < n_end:
-        dq = _dq_tile(
-            dq,
-            q,
-            do,
-            lse2,
-            delta,
-            K + k_off,
-            V + k_off,
-            COS,
-            SIN,
-            n_full,
-            n_end,
-            stride_s,
-            qk_scale,
-            D,
-            BLOCK_N,
-            ROPE,
-            True,
-            PRECISION,
-        )
+        dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, COS, SIN, n_full, n_end, stride_s,
+            qk_scale, D, BLOCK_N, ROPE, True, PRECISION)
     dq = dq * scale
     if ROPE:
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
-    tl.store(
-        DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :],
-        dq.to(DQ.dtype.element_ty),
-        mask=q_ok[:, None],
-    )
+    tl.store(DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+        mask=q_ok[:, None])
+# fmt: on
 
 
 def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
