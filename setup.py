@@ -92,6 +92,7 @@ class NvccBuildExt(build_ext):
 EXTRAS = {
     "dev": [
         "pytest>=8",
+        "pybind11>=2.12",  # tests rebuild kernels._C with `python setup.py build_ext`
         "pytest-benchmark>=4",
         "pytest-timeout>=2",
         "ruff>=0.6",

@@ -24,6 +24,11 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(skip_gpu)
 
 
+# Tests run tiny ops, often beside torchrun/subprocess workers: one intra-op thread avoids
+# oversubscribing a 2-core machine (measured ~40x slower fits with 2 threads under load).
+torch.set_num_threads(1)
+
+
 @pytest.fixture(autouse=True)
 def _seed_everything():
     random.seed(0)
