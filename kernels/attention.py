@@ -414,7 +414,7 @@ def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
     if rope is not None:
         cos, sin = (t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope)
         if not fuse_rope:  # one rotation pass (kernels.rope), then the kernel without RoPE
-            q, k, cos, sin = apply_rope(q, cos, sin), apply_rope(k, cos, sin), None, None
+            (q, k), cos, sin = _rotate_qk(q, k, (cos, sin)), None, None
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if k_lengths is not None:
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
@@ -486,9 +486,15 @@ def attention_reference(
     return (out, lse.float()) if return_lse else out
 
 
+def _rotate_qk(q, k, rope):
+    """RoPE on q and k before a non-fused backend: the Triton kernel on CUDA, the torch reference on CPU."""
+    rot = apply_rope if q.is_cuda else apply_rope_reference
+    return rot(q, *rope), rot(k, *rope)
+
+
 def _sdpa(q, k, v, scale, k_lengths, rope):
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = _rotate_qk(q, k, rope)
     mask = None if k_lengths is None else _key_mask(k_lengths, k.shape[1])
     out = F.scaled_dot_product_attention(
         q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2), attn_mask=mask, scale=scale
@@ -507,7 +513,7 @@ def _flash_attn(q, k, v, scale, k_lengths, rope):
     if k_lengths is not None:
         raise ValueError("attention backend 'flash_attn': k_lengths is not supported; use 'triton' or 'sdpa'")
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = _rotate_qk(q, k, rope)
     return flash_attn_func(q, k, v, softmax_scale=scale)
 
 
@@ -522,7 +528,7 @@ def _te(q, k, v, scale, k_lengths, rope):
     if k_lengths is not None:
         raise ValueError("attention backend 'te': k_lengths is not supported; use 'triton' or 'sdpa'")
     if rope is not None:
-        q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        q, k = _rotate_qk(q, k, rope)
     H, D = q.shape[2], q.shape[3]
     key = (H, D, scale)
     if key not in _TE_MODULES:

@@ -18,6 +18,8 @@ gradient. The Triton kernel does both (one pass over x, fp32 math, output in x's
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -143,9 +145,11 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     """Interleaved RoPE of x (B, S, H, D) with tables cos/sin (S, D/2) (Triton, differentiable in x).
 
     out[2i] = x[2i] cos_i - x[2i+1] sin_i ; out[2i+1] = x[2i] sin_i + x[2i+1] cos_i. The tables are
-    constants (no gradient).
+    constants (no gradient). CPU tensors without TRITON_INTERPRET=1 run apply_rope_reference.
     """
     _check(x, cos, sin)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
+    if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
+        return apply_rope_reference(x, cos, sin)  # no compiled Triton off the GPU: the same math in torch
     return _ApplyRope.apply(x, cos, sin)
