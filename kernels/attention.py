@@ -36,7 +36,7 @@ import triton.language as tl
 from kernels.rope import apply_rope, apply_rope_reference
 
 BACKENDS = ("triton", "sdpa", "flash_attn", "te", "torch")
-HEAD_DIMS = (16, 32, 64, 128)
+HEAD_DIMS = (16, 32, 64, 128)  # the kernels' tile widths; other head dims up to 128 are zero-padded
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 # Default of attention(fuse_rope=): RoPE inside the kernels vs one apply_rope pass before them. On an H200
@@ -321,8 +321,8 @@ def _check_triton(q: torch.Tensor) -> None:
             f"q, k, v: backend 'triton' takes float16/bfloat16/float32, got {q.dtype} "
             "(use backend='torch' for float64)"
         )
-    if q.shape[-1] not in HEAD_DIMS:
-        raise ValueError(f"q: backend 'triton' takes head dim in {HEAD_DIMS}, got {q.shape[-1]}")
+    if q.shape[-1] > HEAD_DIMS[-1]:
+        raise ValueError(f"q: backend 'triton' takes head dim <= {HEAD_DIMS[-1]}, got {q.shape[-1]}")
     if q.device.type != "cuda" and not (_INTERPRET and q.device.type == "cpu"):
         raise ValueError(
             f"q: backend 'triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before "
@@ -408,6 +408,18 @@ class _TritonAttention(torch.autograd.Function):
         return dq, dk, dv, None, None, None, None, None
 
 
+def _pad_head_dim(q, k, v, cos, sin):
+    """Zero-pad D up to the next kernel tile width: zero channels add nothing to q.k or to out, and padded
+    RoPE pairs get cos 1, sin 0 (identity). Returns the padded tensors and tables."""
+    D = q.shape[-1]
+    Dp = next(d for d in HEAD_DIMS if d >= D)
+    pad = (0, Dp - D)
+    q, k, v = (F.pad(t, pad) for t in (q, k, v))  # (B, S, H, D) -> (B, S, H, Dp)
+    if cos is not None:
+        cos, sin = F.pad(cos, (0, pad[1] // 2), value=1.0), F.pad(sin, (0, pad[1] // 2))  # (S, Dp/2)
+    return q, k, v, cos, sin
+
+
 def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
     _check_triton(q)
     cos = sin = None
@@ -415,10 +427,14 @@ def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
         cos, sin = (t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope)
         if not fuse_rope:  # one rotation pass (kernels.rope), then the kernel without RoPE
             (q, k), cos, sin = _rotate_qk(q, k, (cos, sin)), None, None
+    D = q.shape[-1]
+    if D not in HEAD_DIMS:
+        q, k, v, cos, sin = _pad_head_dim(q, k, v, cos, sin)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     if k_lengths is not None:
         k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
-    return _TritonAttention.apply(q, k, v, cos, sin, k_lengths, scale, deterministic)
+    out, lse = _TritonAttention.apply(q, k, v, cos, sin, k_lengths, scale, deterministic)
+    return out[..., :D], lse  # (B, Sq, H, Dp) -> (B, Sq, H, D)
 
 
 def _check_inputs(q, k, v, k_lengths, rope) -> None:
@@ -442,6 +458,8 @@ def _check_inputs(q, k, v, k_lengths, rope) -> None:
     if rope is not None:
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"rope: needs self-attention (Sq == Sk), got Sq={q.shape[1]}, Sk={k.shape[1]}")
+        if q.shape[3] % 2:
+            raise ValueError(f"rope: needs an even head dim, got D={q.shape[3]}")
         cos, sin = rope
         want = (q.shape[1], q.shape[3] // 2)
         if tuple(cos.shape) != want or tuple(sin.shape) != want:

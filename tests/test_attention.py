@@ -108,6 +108,17 @@ def test_deterministic_grads_bitwise(flag, device):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("D,grid", [(24, (1, 3, 7)), (8, None), (7, None), (96, (3, 7, 1))])
+def test_head_dims_padded_to_a_tile(D, grid, device):
+    q, k, v, rope, kl = _make(2, 21, 21, 2, D, grid, [21, 9], torch.float32, device)
+    g = torch.randn_like(q)
+    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=True)
+    ref = _outputs_and_grads(attention_reference, q, k, v, g, k_lengths=kl, rope=rope)
+    for a, b in zip(ours, ref):
+        assert a.shape == b.shape
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-5)
+
+
 def test_non_contiguous_inputs(device):
     qt = torch.randn(1, 2, 24, 32, device=device)  # (B, H, S, D)
     q = qt.transpose(1, 2)  # a (B, S, H, D) view with non-unit strides
@@ -141,8 +152,11 @@ def test_bad_inputs(device):
     q = torch.randn(1, 8, 2, 32, device=device)
     with pytest.raises(ValueError, match="float16/bfloat16/float32"):
         attention(q.double(), q.double(), q.double())
-    with pytest.raises(ValueError, match="head dim"):
-        attention(q[..., :24], q[..., :24], q[..., :24])
+    wide = torch.randn(1, 8, 1, 160, device=device)
+    with pytest.raises(ValueError, match="head dim <= 128"):
+        attention(wide, wide, wide)
+    with pytest.raises(ValueError, match="even head dim"):
+        attention(q[..., :7], q[..., :7], q[..., :7], rope=rope_3d_tables((1, 2, 4), 6))
     with pytest.raises(ValueError, match="same B, H and D"):
         attention(q, q[:, :, :1], q[:, :, :1])
     with pytest.raises(ValueError, match="k, v: expected equal shapes"):
