@@ -1,6 +1,6 @@
 """Attention TFLOP/s at video DiT shapes: our Triton kernel (no RoPE; RoPE as one pass before it; RoPE fused
 into it) vs SDPA flash, SDPA cuDNN,
-flash_attn. Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that.
+flash_attn. Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s.
 
     python -m bench.gpu_attention [--quick]
 """
@@ -89,6 +89,26 @@ def _bench_case(case: str, shape, modes, quick: bool) -> list[dict]:
     return recs
 
 
+def _bench_rope(case: str, shape) -> list[dict]:
+    """apply_rope GB/s (x read + y written) on q of the shape: Triton kernel vs the eager torch reference."""
+    from kernels.rope import apply_rope, apply_rope_reference, rope_3d_tables
+
+    B, S, H, D, grid = shape
+    x = torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16)
+    cos, sin = rope_3d_tables(grid, D, device="cuda")
+    recs = []
+    for prov, fn in (("triton", apply_rope), ("torch_eager", apply_rope_reference)):
+        try:
+            sec = bench_fn(lambda fn=fn: fn(x, cos, sin))
+            gbps = 2 * x.numel() * x.element_size() / sec / 1e9
+            recs.append(record("rope.apply", case, prov, "gbps", gbps, baseline="torch_eager", ms=sec * 1e3))
+        except Exception as e:
+            recs.append(
+                record("rope.apply", case, prov, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
+            )
+    return recs
+
+
 def run(quick: bool = False) -> list[dict]:
     """Records for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape, no fused-RoPE provider."""
     if not torch.cuda.is_available():
@@ -98,6 +118,7 @@ def run(quick: bool = False) -> list[dict]:
     t0 = time.time()
     for case in cases:
         try:
+            recs += _bench_rope(case, SHAPES[case])
             recs += _bench_case(case, SHAPES[case], ("fwd", "fwd_bwd"), quick)
         except Exception as e:
             recs.append(
