@@ -1,6 +1,6 @@
-"""Attention TFLOP/s at video DiT shapes: our Triton kernel (no RoPE; RoPE as one pass before it; RoPE fused
-into it) vs SDPA flash, SDPA cuDNN,
-flash_attn. Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s.
+"""Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
+before it, the default; RoPE fused into it) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s.
 
     python -m bench.gpu_attention [--quick]
 """
