@@ -250,3 +250,12 @@ def test_gpu_fp32_head_dim_128(fuse_rope):
     plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
         _assert_within_budget(a, b, c, 2e-5 * max(1.0, c.abs().max().item()), name)
+
+
+def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_INTERPRET", False)
+    q = torch.randn(1, 8, 2, 32)
+    with pytest.raises(ValueError, match="needs CUDA tensors"):
+        attention(q, q, q)
