@@ -72,14 +72,16 @@ def build_demonstrator(flavour: str = "toy", text_layers: int = 1) -> ToyDemonst
 
 class ToyVideoBatches:
     """``next(step)`` -> ``grad_accum`` micro-batches of solution-captioned videos, a pure function of
-    (seed, step, micro index): resuming at a step reproduces the data, the t and the noise exactly."""
+    (seed, rank, step, micro index): resuming at a step reproduces the data, the t and the noise exactly
+    (on the same device type)."""
 
     def __init__(self, batch_size: int, grad_accum: int, seed: int, device: torch.device, drop: float = 0.1):
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.drop = torch.device(device), drop
+        self.rank = 0  # data differs per rank: the stream is (seed, rank, step, micro)
 
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
-        rng = np.random.default_rng([self.seed, step, micro])
+        rng = np.random.default_rng([self.seed, self.rank, step, micro])
         scenes = [random_scene(rng) for _ in range(self.batch_size)]
         moves = [random_moves(s, rng) for s in scenes]
         texts = [solution_text(s, m) if rng.random() >= self.drop else "" for s, m in zip(scenes, moves)]
@@ -197,11 +199,10 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     else:
         model, init_steps = build_demonstrator(cfg.model.flavour, cfg.world.text_layers), 0
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls on GPU (no effect on CPU)
-    device = "cuda" if cfg.run.device == "auto" and torch.cuda.is_available() else cfg.run.device
-    device = "cpu" if device == "auto" else device
-    batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device(device),
+    batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device("cpu"),
                               cfg.world.caption_dropout)  # fmt: skip
     trainer = Trainer(cfg, model, pretrain_loss, batches, run_dir=run_dir)
+    batches.device, batches.rank = trainer.dist.device, trainer.dist.rank  # this rank's device and data
     t0, start = time.perf_counter(), trainer.step
     budget = cfg.world.time_budget_s
     while trainer.step < cfg.train.steps and not (budget > 0 and time.perf_counter() - t0 > budget):
