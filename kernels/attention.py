@@ -3,13 +3,14 @@
 Layout q (B, Sq, H, D), k and v (B, Sk, H, D) -> out (B, Sq, H, D); lse (B, H, Sq) float32 is
 ``log sum_j exp(scale * q.k_j)`` over the valid keys j < k_lengths[b] (natural log).
 
-Forward (FlashAttention-2). One program per (BLOCK_M queries, batch*head). The q tile is loaded once
-(and rotated by RoPE in registers when ``rope`` is given); the kernel walks BLOCK_N key tiles, each
-rotated as it is loaded, so rotated q/k never touch memory. Online softmax in base 2 with
-log2(e) folded into the scale: s = (q.k) * scale * log2(e), m' = max(m, rowmax s), p = 2^(s - m'),
+Forward (FlashAttention-2). One program per (BLOCK_M queries, batch*head). The q tile is loaded once;
+the kernel walks BLOCK_N key tiles. Online softmax in base 2 with log2(e) folded into the scale
+c = scale * log2(e) > 0: m' = max(m, c rowmax(q.k)), p = 2^(c q.k - m') (one FMA per score),
 l' = l 2^(m - m') + rowsum p, acc' = acc 2^(m - m') + p v; out = acc / l, lse = ln2 (m + log2 l).
 Full key tiles run unmasked; only the ragged last tile (Sk or k_lengths not a multiple of BLOCK_N)
-is masked.
+is masked. With fused RoPE (``fuse_rope=True``) q is rotated in registers in the prologue and each k
+tile as it is loaded, so rotated q/k never touch memory; by default RoPE is one kernels.rope pass
+first (see FUSE_ROPE).
 
 Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
 dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
@@ -40,7 +41,8 @@ HEAD_DIMS = (16, 32, 64, 128)  # the kernels' tile widths; other head dims up to
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 # Default of attention(fuse_rope=): RoPE inside the kernels vs one apply_rope pass before them. On an H200
-# the separate pass cost ~3-7% against no RoPE at all (bench/gpu_attention.py, provider triton+rope_prepass).
+# the separate pass cost 3-7% against no RoPE at all (bench/gpu_attention.py); the fused kernels are not
+# yet measured there (provider triton+rope_fused), so the measured path is the default.
 FUSE_ROPE = False
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
@@ -89,11 +91,12 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, COS, SIN, start_n, n_end, stride_s, qk_sca
     k_ok = offs_n < n_end
     k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, MASKED)
     v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, MASKED)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
+    qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
     if MASKED:
-        s = tl.where(k_ok[None, :], s, float("-inf"))
-    m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+        qk = tl.where(k_ok[None, :], qk, float("-inf"))
+    # scale > 0, so max(qk * scale) = max(qk) * scale, and the exponent is one FMA per element
+    m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
@@ -594,6 +597,8 @@ def attention(
         )
     _check_inputs(q, k, v, k_lengths, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:
+        raise ValueError(f"scale: expected a positive number, got {scale}")
     if backend == "torch":
         return attention_reference(
             q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse

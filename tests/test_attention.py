@@ -169,6 +169,8 @@ def test_bad_inputs(device):
         attention(q, q, q, k_lengths=torch.tensor([3.0]))
     with pytest.raises(ValueError, match="backend"):
         attention(q, q, q, backend="xformers")
+    with pytest.raises(ValueError, match="scale: expected a positive"):
+        attention(q, q, q, scale=0.0)
     with pytest.raises(ValueError, match="return_lse"):
         attention(q, q, q, backend="sdpa", return_lse=True)
     with pytest.raises(ValueError, match="one dtype"):
