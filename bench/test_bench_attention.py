@@ -40,4 +40,5 @@ def test_attention_fwd(benchmark, qkv, backend, use_rope):
     out = benchmark(attention, q, k, v, rope=rope if use_rope else None, backend=backend)
     ref = attention(q, k, v, rope=rope if use_rope else None, backend="torch")
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4)
-    benchmark.extra_info["tokens_per_s"] = B * S / benchmark.stats.stats.median
+    if benchmark.stats:  # None under --benchmark-disable
+        benchmark.extra_info["tokens_per_s"] = B * S / benchmark.stats.stats.median
