@@ -78,6 +78,11 @@ def test_changed_colour_or_moved_bystander_is_caught_by_consistency():
     bystander = render_one(Scene(s.colours, s.rows, (0, 3, 2)), None)[0]
     shifted[-1][24:32] = bystander[24:32]  # green (row 3) jumps one cell in the last frame
     assert judge_frames(list(shifted), task)["consistency"] == 0
+    other = Scene(s.colours, s.rows, (1, 3, 1))  # the video starts from another scene than the image
+    video = render_one(other, Move(0, 2))
+    assert judge_frames(list(video), task)["consistency"] == 1
+    assert judge_frames(list(video), task, image=good[0])["consistency"] == 0
+    assert judge_frames(list(good), task, image=good[0])["consistency"] == 1
 
 
 def test_latent_map_is_exact_and_normalised():

@@ -3,8 +3,8 @@
 Reading (:func:`read_frame`): each pixel is assigned to the nearest palette colour (background,
 the block colours, the agent's white) when within ``MATCH_DIST`` in RGB, else counted as unknown.
 A block colour is present when it covers >= ``MIN_BLOCK_PIXELS`` pixels; its position is the
-centroid of those pixels. Only frames and the task text are used: the judge never sees the scene
-the video was made from.
+centroid of those pixels. Only frames, the task text and (optionally) the conditioning image are used: the judge never sees
+the scene description, the solution or the intended move.
 
 Questions (binary scores; "reward" is their mean):
 - task        the last frame has the target block in the reference block's column (centroids within
@@ -14,7 +14,9 @@ Questions (binary scores; "reward" is their mean):
               and moves at least half a cell overall (the agent does something).
 - consistency every frame shows the same block colours as frame 0 with pixel counts within
               ``COUNT_RATIO`` of frame 0's; blocks other than the target move <= ``STILL_TOL`` px;
-              the target stays on its row (vertical drift <= ``STILL_TOL``); unknown pixels <= 3%.
+              the target stays on its row (vertical drift <= ``STILL_TOL``); unknown pixels <= 3%;
+              and when the request's ``meta["image"]`` holds the conditioning image, frame 0 shows
+              that scene (same colours, every block within ``STILL_TOL`` px).
 The thresholds are fixed from the renderer's geometry (6 px blocks, 8 px cells), never fitted to
 model outputs.
 """
@@ -116,8 +118,21 @@ def judge_agent(readings: list[FrameReading], target: str) -> float:
     return float(max(steps) <= CELL + 2 and moved >= CELL / 2)
 
 
-def judge_consistency(readings: list[FrameReading], target: str) -> float:
+def _same_scene(a: FrameReading, b: FrameReading) -> bool:
+    """The same block colours at the same places (<= STILL_TOL px)."""
+    if set(a.blocks) != set(b.blocks):
+        return False
+    return all(
+        np.hypot(x - b.blocks[c][0], y - b.blocks[c][1]) <= STILL_TOL for c, (x, y, _) in a.blocks.items()
+    )
+
+
+def judge_consistency(
+    readings: list[FrameReading], target: str, reference: FrameReading | None = None
+) -> float:
     first = readings[0].blocks
+    if reference is not None and not _same_scene(reference, readings[0]):
+        return 0.0  # the video does not start from the given scene image
     for r in readings:
         if set(r.blocks) != set(first):
             return 0.0
@@ -134,14 +149,16 @@ def judge_consistency(readings: list[FrameReading], target: str) -> float:
     return 1.0
 
 
-def judge_frames(frames: list[np.ndarray], task: str) -> dict[str, float]:
-    """All three scores and their mean for one video (frames in time order) and its task."""
+def judge_frames(frames: list[np.ndarray], task: str, image: np.ndarray | None = None) -> dict[str, float]:
+    """All three scores and their mean for one video (frames in time order) and its task. With the
+    conditioning ``image``, consistency also requires the video to start from that scene."""
     target, relation, ref = parse_task(task)
     readings = [read_frame(f) for f in frames]
+    reference = read_frame(image) if image is not None else None
     s = {
         "task": judge_task(readings, target, relation, ref),
         "agent": judge_agent(readings, target),
-        "consistency": judge_consistency(readings, target),
+        "consistency": judge_consistency(readings, target, reference),
     }
     s["reward"] = (s["task"] + s["agent"] + s["consistency"]) / 3.0
     return s
@@ -160,7 +177,8 @@ class OracleJudge:
                     from engine.judge.base import sample_frames
 
                     frames = sample_frames(req.video, 64)
-                s = judge_frames(frames, req.task)[req.question]
+                image = (req.meta or {}).get("image")
+                s = judge_frames(frames, req.task, image)[req.question]
                 out.append(Verdict(s, "ok", f"Score: {s}", time.perf_counter() - t0))
             except ValueError as e:  # an unparsable task or unreadable video is a status, not a crash
                 out.append(Verdict(None, "parse_error", str(e), time.perf_counter() - t0))
