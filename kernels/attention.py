@@ -348,26 +348,11 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
     Sk = k.shape[1]
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
+    meta = _meta(q, k, cos, k_lengths)
     cos = q if cos is None else cos  # unused pointers when ROPE / HAS_KLEN are off
     sin = q if sin is None else sin
     klen = q if k_lengths is None else k_lengths
-    args = (
-        q,
-        k,
-        v,
-        out,
-        lse,
-        cos,
-        sin,
-        klen,
-        Sq,
-        Sk,
-        H,
-        scale * _LOG2E,
-        _bucket(Sq),
-        _bucket(Sk),
-    )
-    meta = _meta(q, k, None if cos is q else cos, None if klen is q else klen)
+    args = (q, k, v, out, lse, cos, sin, klen, Sq, Sk, H, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     _launch("fwd", "BLOCK_M", Sq, B * H, args, meta, deterministic)
     return out, lse
 
