@@ -25,7 +25,6 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any
 
 import torch
@@ -33,10 +32,11 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope import rope_3d_tables
-from models.adapter import KeyMap, load_safetensors, read_config, to_ours, to_theirs
+from models.adapter import KeyMap
 from models.layers import (
     MLP,
     CrossAttention,
+    DiffusersInterop,
     LayerNormFP32,
     SelfAttention,
     TimestepEmbedder,
@@ -248,10 +248,11 @@ def _keymap(cfg: WanConfig) -> KeyMap:
     return KeyMap(tuple(rules), ignore=(r"\.norm_added_q\.",))
 
 
-class WanModel(nn.Module):
+class WanModel(DiffusersInterop, nn.Module):
     """The Wan DiT. ``forward`` mirrors diffusers' (same keywords and layout); ``predict_velocity`` is the
     model-agnostic entry point used by the engine and recipes."""
 
+    config_cls = WanConfig
     keep_fp32 = ("time_embed", "modulation", "norm1", "norm2")  # module names that stay fp32 in cast()
     # Linears an FP8 backend must leave in bf16: fed one row per sample (time) or per-sample context
     # (text, image), or tiny (patch embedding, head). See MEASURED.md's torchao pitfall.
@@ -406,75 +407,14 @@ class WanModel(nn.Module):
         t0 = t[:, : (h // ph) * (w // pw)].view(B, 1, h // ph, w // pw).float()
         return t0.repeat_interleave(ph, dim=2).repeat_interleave(pw, dim=3)
 
-    # ---- diffusers interop --------------------------------------------------------------------
+    # ---- diffusers interop (load/export/from_pretrained/cast: DiffusersInterop) ----------------
 
-    def _their_shapes(self) -> dict[str, tuple[int, ...]]:
+    def keymap(self) -> KeyMap:
+        return _keymap(self.cfg)
+
+    def their_shapes(self) -> dict[str, tuple[int, ...]]:
         cfg = self.cfg
         return {"patch_embedding.weight": (cfg.dim, cfg.in_channels, *cfg.patch_size)}
-
-    def load_diffusers_state_dict(
-        self, sd: dict[str, torch.Tensor], strict: bool = True, *, assign: bool = False
-    ) -> None:
-        """Load a diffusers WanTransformer3DModel state dict. strict: missing or unexpected keys raise
-        :class:`models.adapter.StateDictKeyError` listing all of them."""
-        shapes = {k: v.shape for k, v in self.state_dict().items()}
-        ours = to_ours(sd, shapes, _keymap(self.cfg), strict=strict, what="WanModel")
-        self.load_state_dict(ours, strict=strict, assign=assign)
-
-    def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:
-        """Our state dict in diffusers' keys and shapes (exact inverse of load_diffusers_state_dict)."""
-        return to_theirs(self.state_dict(), _keymap(self.cfg), self._their_shapes())
-
-    @classmethod
-    def from_diffusers(cls, model: nn.Module, **overrides: Any) -> WanModel:
-        """Same config and weights as a diffusers ``WanTransformer3DModel`` (dtype and device kept)."""
-        cfg = WanConfig.from_diffusers_config(dict(model.config), **overrides)
-        p = next(model.parameters())
-        with torch.device("meta"):
-            ours = cls(cfg)
-        ours.load_diffusers_state_dict(
-            {k: v.detach().clone() for k, v in model.state_dict().items()}, assign=True
-        )
-        return ours.to(p.device)
-
-    @classmethod
-    def from_pretrained(
-        cls,
-        path: str | Path,
-        *,
-        dtype: torch.dtype | None = None,
-        device: str | torch.device = "cpu",
-        **overrides: Any,
-    ) -> WanModel:
-        """From a local diffusers folder (config.json + safetensors, sharded index supported; a pipeline
-        folder's ``transformer/`` is used). dtype: cast with :meth:`cast` (keep_fp32 modules stay fp32)."""
-        path = Path(path)
-        if (path / "transformer" / "config.json").is_file():
-            path = path / "transformer"
-        cfg = WanConfig.from_diffusers_config(read_config(path), **overrides)
-        with torch.device("meta"):
-            model = cls(cfg)
-        model.load_diffusers_state_dict(load_safetensors(path, device=device), assign=True)
-        return model.cast(dtype) if dtype is not None else model
-
-    # ---- utilities ----------------------------------------------------------------------------
-
-    def cast(self, dtype: torch.dtype) -> WanModel:
-        """Cast parameters to ``dtype`` except those under a module named in ``keep_fp32`` (kept fp32)."""
-        for name, p in self.named_parameters():
-            keep = any(part in self.keep_fp32 for part in name.split("."))
-            p.data = p.data.to(torch.float32 if keep else dtype)
-        return self
-
-    def set_attention_backend(self, backend: str) -> None:
-        """Switch every attention module's kernels.attention backend."""
-        self.cfg.attention_backend = backend
-        for m in self.modules():
-            if isinstance(m, SelfAttention | CrossAttention):
-                m.backend = backend
-
-    def num_params(self) -> int:
-        return sum(p.numel() for p in self.parameters())
 
     def flops_per_token(
         self, seq_len: int, text_len: int, *, image_len: int | None = None, per_token_timestep: bool = False

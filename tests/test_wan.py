@@ -49,7 +49,7 @@ def check_parity(theirs, ours, args: tuple, kwargs: dict) -> None:
         if a.grad is not None:
             assert rel_err(a.grad, b.grad) <= 1e-5, f"input {i}"
     grads = {n: p.grad for n, p in ours.named_parameters()}
-    ours_in_theirs = to_theirs(grads, _keymap(ours.cfg), ours._their_shapes())
+    ours_in_theirs = to_theirs(grads, _keymap(ours.cfg), ours.their_shapes())
     # Floor for near-cancelling gradients (e.g. k biases under softmax): a 1e-7 share of the total norm.
     total = torch.cat([p.grad.flatten() for p in theirs.parameters()]).norm()
     for name, p in theirs.named_parameters():
