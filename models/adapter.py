@@ -13,11 +13,13 @@ folder (``*.safetensors.index.json``). Pickled checkpoints are refused: never un
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import re
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from safetensors.torch import load_file
@@ -129,6 +131,31 @@ def math_prod(shape: Iterable[int]) -> int:
     for s in shape:
         n *= int(s)
     return n
+
+
+def preset_config(cls: type, presets: Mapping[str, dict[str, Any]], name: str, overrides: dict, family: str):
+    """``cls(**presets[name], **overrides)`` for a config dataclass; unknown preset or field names raise
+    a ValueError that lists the valid ones (``family`` names the model in the message)."""
+    if name not in presets:
+        raise ValueError(f"{family} flavour {name!r}: expected one of {sorted(presets)}")
+    names = {f.name for f in dataclasses.fields(cls)}
+    bad = sorted(set(overrides) - names)
+    if bad:
+        raise ValueError(f"{family} config overrides {bad}: unknown fields; valid: {sorted(names)}")
+    return cls(**{**presets[name], **overrides})
+
+
+def config_from_diffusers(cls: type, fields: Iterable[str], config: Mapping[str, Any], overrides: dict):
+    """A config dataclass from a diffusers config.json dict: the keys named in ``fields`` (others, such
+    as ``_``-prefixed ones, are ignored), then ``overrides``."""
+    kwargs = {k: config[k] for k in fields if k in config}
+    return cls(**{**kwargs, **overrides})
+
+
+def config_to_diffusers(cfg: Any, fields: Iterable[str]) -> dict[str, Any]:
+    """The ``fields`` of a config dataclass as a diffusers config.json dict (tuples become lists)."""
+    out = {k: getattr(cfg, k) for k in fields}
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in out.items()}
 
 
 def read_config(path: str | Path) -> dict:

@@ -32,7 +32,6 @@ fp32 (kernels.adaln); ``keep_fp32`` modules stay fp32 under :meth:`HunyuanVideo1
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -42,7 +41,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope import rope_3d_tables
-from models.adapter import KeyMap
+from models.adapter import KeyMap, config_from_diffusers, config_to_diffusers, preset_config
 from models.layers import (
     MLP,
     DiffusersInterop,
@@ -123,26 +122,15 @@ class HunyuanVideo15Config:
     @classmethod
     def flavour(cls, name: str, **overrides: Any) -> HunyuanVideo15Config:
         """A named size preset (see ``FLAVOURS``) with field overrides."""
-        if name not in FLAVOURS:
-            raise ValueError(f"HunyuanVideo-1.5 flavour {name!r}: expected one of {sorted(FLAVOURS)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise ValueError(
-                f"HunyuanVideo-1.5 config overrides {bad}: unknown fields; valid: {sorted(names)}"
-            )
-        return cls(**{**FLAVOURS[name], **overrides})
+        return preset_config(cls, FLAVOURS, name, overrides, family="HunyuanVideo-1.5")
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], **overrides: Any) -> HunyuanVideo15Config:
         """From a diffusers config.json dict (unknown ``_``-prefixed keys are ignored)."""
-        kwargs = {k: config[k] for k in _DIFFUSERS_FIELDS if k in config}
-        return cls(**{**kwargs, **overrides})
+        return config_from_diffusers(cls, _DIFFUSERS_FIELDS, config, overrides)
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        cfg = {k: getattr(self, k) for k in _DIFFUSERS_FIELDS}
-        cfg["rope_axes_dim"] = list(self.rope_axes_dim)
-        return cfg
+        return config_to_diffusers(self, _DIFFUSERS_FIELDS)
 
 
 FLAVOURS: dict[str, dict[str, Any]] = {

@@ -22,7 +22,6 @@ named in ``WanModel.keep_fp32`` (time embedder, modulation tables, affine norms)
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from dataclasses import dataclass, field
 from typing import Any
@@ -32,7 +31,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from kernels.rope import rope_3d_tables
-from models.adapter import KeyMap
+from models.adapter import KeyMap, config_from_diffusers, config_to_diffusers, preset_config
 from models.layers import (
     MLP,
     CrossAttention,
@@ -105,24 +104,15 @@ class WanConfig:
     @classmethod
     def flavour(cls, name: str, **overrides: Any) -> WanConfig:
         """A named size preset (see ``FLAVOURS``) with field overrides."""
-        if name not in FLAVOURS:
-            raise ValueError(f"Wan flavour {name!r}: expected one of {sorted(FLAVOURS)}")
-        names = {f.name for f in dataclasses.fields(cls)}
-        bad = sorted(set(overrides) - names)
-        if bad:
-            raise ValueError(f"Wan config overrides {bad}: unknown fields; valid: {sorted(names)}")
-        return cls(**{**FLAVOURS[name], **overrides})
+        return preset_config(cls, FLAVOURS, name, overrides, family="Wan")
 
     @classmethod
     def from_diffusers_config(cls, config: dict[str, Any], **overrides: Any) -> WanConfig:
         """From a diffusers config.json dict (unknown ``_``-prefixed keys are ignored)."""
-        kwargs = {k: config[k] for k in _DIFFUSERS_FIELDS if k in config}
-        return cls(**{**kwargs, **overrides})
+        return config_from_diffusers(cls, _DIFFUSERS_FIELDS, config, overrides)
 
     def to_diffusers_config(self) -> dict[str, Any]:
-        cfg = {k: getattr(self, k) for k in _DIFFUSERS_FIELDS}
-        cfg["patch_size"] = list(self.patch_size)
-        return cfg
+        return config_to_diffusers(self, _DIFFUSERS_FIELDS)
 
 
 _T2V_1_3B = dict(num_attention_heads=12, ffn_dim=8960, num_layers=30)
