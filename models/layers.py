@@ -21,7 +21,6 @@ import torch.nn.functional as F
 
 from kernels.adaln import adaln_modulate, gated_residual
 from kernels.attention import attention
-from kernels.rope import apply_rope_reference
 from models.adapter import KeyMap, load_safetensors, read_config, to_ours, to_theirs
 
 __all__ = [
@@ -51,14 +50,6 @@ def _kernel_backend(backend: str, x: torch.Tensor) -> str:
     if backend == "auto":
         return "triton" if x.is_cuda else "torch"
     return backend
-
-
-def _attend(q, k, v, *, backend: str, rope=None, k_lengths=None, precision: str = "bf16") -> torch.Tensor:
-    """kernels.attention; for "sdpa" on CPU the RoPE rotation uses the pure-torch reference, since the
-    fused Triton rotation only runs interpreted there (orders of magnitude slower)."""
-    if rope is not None and backend == "sdpa" and not q.is_cuda:
-        q, k, rope = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope), None
-    return attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend, precision=precision)
 
 
 def timestep_embedding(
@@ -187,7 +178,7 @@ class SelfAttention(nn.Module):
         """k_lengths: optional (B,) valid-token counts; keys at or past them are masked out."""
         q, k, v = self.project(x)
         prec = self.attention_precision
-        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend, precision=prec)
+        o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend, precision=prec)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 
@@ -233,13 +224,15 @@ class CrossAttention(nn.Module):
         q = _norm_heads(self.norm_q, self.q(x), self.heads, self.per_head)  # (B, S, H, D)
         k, v = self.kv(context).chunk(2, dim=-1)  # 2 x (B, L, dim)
         k = _norm_heads(self.norm_k, k, self.heads, self.per_head)
-        o = _attend(q, k, v.unflatten(-1, (self.heads, -1)), k_lengths=context_lengths, backend=self.backend)
+        o = attention(
+            q, k, v.unflatten(-1, (self.heads, -1)), k_lengths=context_lengths, backend=self.backend
+        )
         if added_context is not None:
             if self.added_kv is None:
                 raise ValueError("added_context: this attention has no added key/value projection")
             ka, va = self.added_kv(added_context).chunk(2, dim=-1)  # 2 x (B, L2, dim)
             ka = _norm_heads(self.norm_added_k, ka, self.heads, self.per_head)
-            o = o + _attend(q, ka, va.unflatten(-1, (self.heads, -1)), backend=self.backend)
+            o = o + attention(q, ka, va.unflatten(-1, (self.heads, -1)), backend=self.backend)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 
@@ -269,7 +262,7 @@ class JointAttention(nn.Module):
         qc, kc, vc = self.c.project(c)  # 3 x (B, L, H, D)
         q, k, v = (torch.cat(pair, dim=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, S + L, H, D)
         prec = self.x.attention_precision
-        o = _attend(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend, precision=prec)
+        o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend, precision=prec)
         o = o.flatten(2)  # (B, S + L, H, D) -> (B, S + L, dim)
         return self.x.out(o[:, :S]), self.c.out(o[:, S:])  # (B, S + L, dim) split back
 
