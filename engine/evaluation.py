@@ -64,6 +64,8 @@ class EvalItem:
 
 @dataclass
 class SamplingConfig:
+    """Sampler settings for evaluation: Euler steps, timestep shift, CFG scale, SDE sigma, batch."""
+
     num_steps: int = 8
     shift: float = 1.0
     guidance: float = 1.0
@@ -192,6 +194,8 @@ def sign_test(d: np.ndarray) -> tuple[float, int, int]:
 
 @dataclass
 class PairedResult:
+    """A paired comparison of two conditions on the same items (see :func:`paired_test`)."""
+
     diff: float  # mean over items of (a - b)
     lo: float
     hi: float

@@ -62,6 +62,7 @@ def build_dit(flavour: str = "toy") -> nn.Module:
 
 
 def build_demonstrator(flavour: str = "toy", text_layers: int = 1) -> ToyDemonstrator:
+    """A fresh toy Demonstrator: the toy DiT and a text encoder with ``text_layers`` layers."""
     return ToyDemonstrator(build_dit(flavour), ToyTextEncoder(dim=64, layers=text_layers))
 
 
@@ -81,6 +82,7 @@ class ToyVideoBatches:
         self.rank = 0  # data differs per rank: the stream is (seed, rank, step, micro)
 
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
+        """One micro-batch: x0 (B, 12, 4, 16, 16), image_latent, token ids, t (B,), noise."""
         rng = np.random.default_rng([self.seed, self.rank, step, micro])
         scenes = [random_scene(rng) for _ in range(self.batch_size)]
         moves = [random_moves(s, rng) for s in scenes]
@@ -221,6 +223,7 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
 
 
 def main(argv: list[str] | None = None) -> Path:
+    """Train, export the EMA weights, measure the gap at each world.gap_guidance; returns the export folder."""
     cfg = config_main(JobConfig, argv, description=__doc__)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     model, trainer, info = train(cfg, run_dir)

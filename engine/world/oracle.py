@@ -98,6 +98,7 @@ def parse_task(task: str) -> tuple[str, str, str]:
 
 
 def judge_task(readings: list[FrameReading], target: str, relation: str, ref: str) -> float:
+    """1 when the last frame shows the target in the reference's column, on the named side."""
     last = readings[-1].blocks
     if target not in last or ref not in last:
         return 0.0
@@ -107,6 +108,7 @@ def judge_task(readings: list[FrameReading], target: str, relation: str, ref: st
 
 
 def judge_agent(readings: list[FrameReading], target: str) -> float:
+    """1 when the grip holds the target in every later frame and it slides without teleporting."""
     path = [r.blocks.get(target) for r in readings]
     if any(p is None for p in path):
         return 0.0
@@ -130,6 +132,7 @@ def _same_scene(a: FrameReading, b: FrameReading) -> bool:
 def judge_consistency(
     readings: list[FrameReading], target: str, reference: FrameReading | None = None
 ) -> float:
+    """1 when the scene keeps its blocks, colours, bystander positions and (given) starting image."""
     first = readings[0].blocks
     if reference is not None and not _same_scene(reference, readings[0]):
         return 0.0  # the video does not start from the given scene image
@@ -168,6 +171,7 @@ class OracleJudge:
     """The :class:`engine.judge.base.Judge` protocol over :func:`judge_frames` (all frames are read)."""
 
     async def score(self, requests: list[JudgeRequest]) -> list[Verdict]:
+        """One Verdict per request, same order; an unparsable task is a parse_error."""
         out = []
         for req in requests:
             t0 = time.perf_counter()
@@ -205,6 +209,7 @@ class OracleProposer:
         self.seed = seed
 
     async def propose(self, images: list[np.ndarray], n: int) -> list[list[TaskPair]]:
+        """Up to ``n`` (task, solution) pairs per scene image."""
         out = []
         for i, image in enumerate(images):
             pairs = [TaskPair(task, sol) for task, sol, _ in task_pairs(read_scene(image))]

@@ -48,6 +48,7 @@ class Scene:
     cols: tuple[int, ...]
 
     def index(self, colour: str) -> int:
+        """The position of the block of ``colour`` in this scene."""
         if colour not in self.colours:
             raise ValueError(f"scene has no {colour!r} block; it has {self.colours}")
         return self.colours.index(colour)

@@ -64,6 +64,7 @@ class ToyTextEncoder(nn.Module):
         self.norm = nn.LayerNorm(dim)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        """ids (B, L) -> (B, L, dim), exactly zero at pad positions."""
         if ids.dim() != 2 or ids.shape[1] > self.max_len:
             raise ValueError(f"ids: expected (B, L <= {self.max_len}), got {tuple(ids.shape)}")
         keep = (ids != PAD).unsqueeze(-1)  # (B, L, 1)
