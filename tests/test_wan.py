@@ -10,51 +10,21 @@ from diffusers import WanTransformer3DModel
 from torch.utils.flop_counter import FlopCounterMode
 
 from models import FAMILIES, build_model
-from models.adapter import StateDictKeyError, to_theirs
-from models.wan import WanConfig, WanModel, _keymap
+from models.adapter import StateDictKeyError
+from models.wan import WanConfig, WanModel
+from tests import parity
+from tests.parity import check_parity, check_state_dict_round_trip, rel_err
 
 BACKENDS = ["sdpa", "torch", "triton"]
 DIFFUSERS_TEXT_LEN = 512  # diffusers' Wan I2V splits image tokens off assuming 512 text tokens
 
 
-def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
-    return ((a.double() - b.double()).norm() / b.double().norm().clamp_min(1e-30)).item()
-
-
 def make_pair(**overrides) -> tuple[WanTransformer3DModel, WanModel]:
-    cfg = WanConfig.flavour("debug", **overrides)
-    theirs = WanTransformer3DModel(**cfg.to_diffusers_config()).eval()
-    with torch.no_grad():  # diffusers zero-inits some tensors; randomise all so every weight matters
-        for p in theirs.parameters():
-            p.normal_(0, 0.2)
-    return theirs, WanModel.from_diffusers(theirs, attention_backend=cfg.attention_backend)
+    return parity.make_pair(WanTransformer3DModel, WanModel, **overrides)
 
 
 def i2v_overrides() -> dict:
     return dict(in_channels=12, image_dim=20, added_kv_proj_dim=32)
-
-
-def check_parity(theirs, ours, args: tuple, kwargs: dict) -> None:
-    """Outputs and all gradients (inputs and parameters) agree to 1e-5 relative error."""
-    args_t = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
-    args_o = [a.clone().requires_grad_(a.is_floating_point()) for a in args]
-    out_t = theirs(*args_t, **kwargs, return_dict=False)[0]
-    out_o = ours(*args_o, **kwargs)
-    assert out_o.shape == out_t.shape
-    assert rel_err(out_o, out_t) <= 1e-5
-    w = torch.randn_like(out_t)
-    (out_t * w).sum().backward()
-    (out_o * w).sum().backward()
-    for i, (a, b) in enumerate(zip(args_o, args_t)):
-        if a.grad is not None:
-            assert rel_err(a.grad, b.grad) <= 1e-5, f"input {i}"
-    grads = {n: p.grad for n, p in ours.named_parameters()}
-    ours_in_theirs = to_theirs(grads, _keymap(ours.cfg), ours.their_shapes())
-    # Floor for near-cancelling gradients (e.g. k biases under softmax): a 1e-7 share of the total norm.
-    total = torch.cat([p.grad.flatten() for p in theirs.parameters()]).norm()
-    for name, p in theirs.named_parameters():
-        err = (ours_in_theirs[name] - p.grad).norm()
-        assert err <= 1e-5 * p.grad.norm() + 1e-7 * total, (name, err, p.grad.norm())
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -89,15 +59,7 @@ def test_ti2v_per_token_timesteps_match_diffusers(backend):
 
 def test_state_dict_round_trip_is_bit_exact():
     theirs, ours = make_pair(**i2v_overrides(), pos_embed_seq_len=10)
-    sd = theirs.state_dict()
-    back = ours.to_diffusers_state_dict()
-    assert sorted(back) == sorted(sd)
-    for k, v in sd.items():
-        assert back[k].shape == v.shape and back[k].dtype == v.dtype, k
-        assert torch.equal(back[k], v), k
-    fresh = WanModel(ours.cfg)
-    fresh.load_diffusers_state_dict(back)
-    assert all(torch.equal(a, b) for a, b in zip(fresh.state_dict().values(), ours.state_dict().values()))
+    check_state_dict_round_trip(theirs, ours)
 
 
 def test_missing_and_unexpected_keys_are_listed():
