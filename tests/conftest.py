@@ -37,6 +37,17 @@ def _seed_everything():
     yield
 
 
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for a module (``pytestmark = pytest.mark.usefixtures("one_thread")``), restored
+    after it: on a shared, oversubscribed CPU box 2 threads make tiny training steps ~40x slower
+    (spinning thread barriers); results do not depend on it."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 @pytest.fixture
 def device() -> str:
     return "cuda" if _HAS_CUDA else "cpu"

@@ -21,15 +21,7 @@ from engine.checkpoint import MARKER, complete_checkpoints  # noqa: E402
 from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU box 2 threads make these tiny steps ~40x
-    slower (spinning thread barriers); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ROOT = Path(__file__).resolve().parents[1]

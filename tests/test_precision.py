@@ -19,15 +19,7 @@ from engine.parallel import apply_compile  # noqa: E402
 from engine.precision import FP8UnavailableError, apply_fp8, fp8_filter  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU box 2 threads make these tiny steps ~40x
-    slower (spinning thread barriers); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 HAS_TE = importlib.util.find_spec("transformer_engine") is not None

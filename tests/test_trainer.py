@@ -17,15 +17,7 @@ from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
 from engine.config import JobConfig  # noqa: E402
 from engine.trainer import EMA, NonFiniteLossError, Trainer, lr_at  # noqa: E402
 
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """One intra-op thread: on a shared, oversubscribed CPU box 2 threads make these tiny steps ~40x
-    slower (spinning thread barriers); results do not depend on it."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 def _cfg(steps: int = 4, **train) -> JobConfig:
