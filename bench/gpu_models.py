@@ -40,6 +40,26 @@ class Case:
     extra: dict = field(default_factory=dict)
 
 
+def model_builders(model_cls: type, diffusers_cls: str, cfg, device: str) -> tuple[Callable, Callable]:
+    """(build_ours(backend), build_diffusers(ours)) for a Case: our ``model_cls(cfg)`` with that attention
+    backend (seed 0, bf16), and the diffusers class named ``diffusers_cls`` with the same config and weights."""
+
+    def build_ours(backend: str) -> torch.nn.Module:
+        torch.manual_seed(0)
+        with torch.device(device):
+            return model_cls(dataclasses.replace(cfg, attention_backend=backend)).to(DTYPE)
+
+    def build_diffusers(ours: torch.nn.Module) -> torch.nn.Module:
+        import diffusers
+
+        with torch.device(device):
+            model = getattr(diffusers, diffusers_cls)(**cfg.to_diffusers_config())
+        model.load_state_dict(ours.to_diffusers_state_dict())
+        return model.to(DTYPE)
+
+    return build_ours, build_diffusers
+
+
 def _wan_case(
     flavour: str,
     num_layers: int,
@@ -58,18 +78,7 @@ def _wan_case(
     with torch.device("meta"):
         fwd_flops = WanModel(cfg).flops_per_token(tokens, text_len)
 
-    def build_ours(backend: str) -> torch.nn.Module:
-        torch.manual_seed(0)
-        with torch.device(device):
-            return WanModel(dataclasses.replace(cfg, attention_backend=backend)).to(DTYPE)
-
-    def build_diffusers(ours: torch.nn.Module) -> torch.nn.Module:
-        from diffusers import WanTransformer3DModel
-
-        with torch.device(device):
-            model = WanTransformer3DModel(**cfg.to_diffusers_config())
-        model.load_state_dict(ours.to_diffusers_state_dict())
-        return model.to(DTYPE)
+    build_ours, build_diffusers = model_builders(WanModel, "WanTransformer3DModel", cfg, device)
 
     def inputs() -> dict:
         g = torch.Generator(device).manual_seed(0)
@@ -196,25 +205,31 @@ def _run_case(case: Case, peak: float, quick: bool) -> list[dict]:
     return recs
 
 
-def run(quick: bool = False) -> list[dict]:
-    """Records per (case, provider): tokens/s and MFU (ratios vs diffusers), peak memory; quick: one backend."""
+def run_cases(module: str, make_cases: Callable[[], list[Case]], quick: bool) -> list[dict]:
+    """The peak matmul rate, then records per (case, provider) of ``make_cases()``; ``module`` names the
+    module's own records (no device, wall time)."""
     if not torch.cuda.is_available():
-        return [record("models.module", "-", "-", "error", 0.0, message="no CUDA device")]
+        return [record(f"{module}.module", "-", "-", "error", 0.0, message="no CUDA device")]
     t0 = time.time()
     recs = []
     try:
         peak = peak_bf16_flops()
         recs.append(record("models.peak_matmul", "bf16-8192", "torch", "tflops", peak / 1e12))
-    except Exception as e:
+    except Exception as e:  # a failure is a record, never a crash
         peak = 989e12  # H100/H200 dense bf16 spec
         recs.append(record("models.peak_matmul", "bf16-8192", "torch", "error", 0.0, message=str(e)[:800]))
-    for case in cases():
+    for case in make_cases():
         try:
             recs += _run_case(case, peak, quick)
         except Exception as e:
             recs.append(_error(case.name, "-", e))
-    recs.append(record("models.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
+    recs.append(record(f"{module}.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
     return recs
+
+
+def run(quick: bool = False) -> list[dict]:
+    """Records per (case, provider): tokens/s and MFU (ratios vs diffusers), peak memory; quick: one backend."""
+    return run_cases("models", cases, quick)
 
 
 if __name__ == "__main__":

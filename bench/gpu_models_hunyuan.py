@@ -10,15 +10,12 @@ diffusers' HunyuanVideo15Transformer3DModel with the same config and weights, in
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import sys
-import time
 
 import torch
 
-from bench.common import record
-from bench.gpu_models import DTYPE, Case, _error, _run_case, peak_bf16_flops
+from bench.gpu_models import DTYPE, Case, model_builders, run_cases
 
 TEXT_LEN, GLYPH_LEN, IMAGE_LEN = 256, 8, 729
 
@@ -35,18 +32,9 @@ def _hy_case(num_layers: int, latent: tuple[int, int, int], *, device: str = "cu
             tokens, TEXT_LEN, glyph_len=GLYPH_LEN, image_len=IMAGE_LEN
         )
 
-    def build_ours(backend: str) -> torch.nn.Module:
-        torch.manual_seed(0)
-        with torch.device(device):
-            return HunyuanVideo15Model(dataclasses.replace(cfg, attention_backend=backend)).to(DTYPE)
-
-    def build_diffusers(ours: torch.nn.Module) -> torch.nn.Module:
-        from diffusers import HunyuanVideo15Transformer3DModel
-
-        with torch.device(device):
-            model = HunyuanVideo15Transformer3DModel(**cfg.to_diffusers_config())
-        model.load_state_dict(ours.to_diffusers_state_dict())
-        return model.to(DTYPE)
+    build_ours, build_diffusers = model_builders(
+        HunyuanVideo15Model, "HunyuanVideo15Transformer3DModel", cfg, device
+    )
 
     def inputs() -> dict:
         g = torch.Generator(device).manual_seed(0)
@@ -77,23 +65,7 @@ def cases() -> list[Case]:
 
 def run(quick: bool = False) -> list[dict]:
     """Records per (case, provider): tokens/s and MFU (ratios vs diffusers), peak memory; quick: one backend."""
-    if not torch.cuda.is_available():
-        return [record("models_hunyuan.module", "-", "-", "error", 0.0, message="no CUDA device")]
-    t0 = time.time()
-    recs = []
-    try:
-        peak = peak_bf16_flops()
-        recs.append(record("models.peak_matmul", "bf16-8192", "torch", "tflops", peak / 1e12))
-    except Exception as e:  # a failure is a record, never a crash
-        peak = 989e12  # H100/H200 dense bf16 spec
-        recs.append(record("models.peak_matmul", "bf16-8192", "torch", "error", 0.0, message=str(e)[:800]))
-    for case in cases():
-        try:
-            recs += _run_case(case, peak, quick)
-        except Exception as e:
-            recs.append(_error(case.name, "-", e))
-    recs.append(record("models_hunyuan.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
-    return recs
+    return run_cases("models_hunyuan", cases, quick)
 
 
 if __name__ == "__main__":
