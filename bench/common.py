@@ -110,6 +110,11 @@ def record(
     }
 
 
+def error_record(name: str, case: str, provider: str, e: BaseException) -> dict[str, Any]:
+    """The record of a failed measurement: metric "error", the exception's type and message (800 chars)."""
+    return record(name, case, provider, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
+
+
 def add_ratios(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """Fill ``ratio`` = value / baseline's value (same name, case, metric), oriented so >1 is better."""
     index = {(r["name"], r["case"], r["metric"], r["provider"]): r for r in records}

@@ -13,7 +13,7 @@ import time
 
 import torch
 
-from bench.common import bench_fn, record
+from bench.common import bench_fn, error_record, record
 
 # name -> (B, S, H, D, rope grid (T, H, W) with T*H*W = S)
 SHAPES = {
@@ -58,7 +58,9 @@ def _providers(rope, quick: bool):
     return provs
 
 
-def _bench_case(case: str, shape, modes, quick: bool) -> list[dict]:
+def bench_providers(name: str, case: str, shape, providers, modes=("fwd", "fwd_bwd")) -> list[dict]:
+    """TFLOP/s records ``{name}.{mode}`` of every provider of ``providers(rope)`` (name -> (fn(q, k, v),
+    baseline name)) on bf16 q, k, v of ``shape``; a failing provider is an error record."""
     from kernels.rope import rope_3d_tables
 
     B, S, H, D, grid = shape
@@ -69,9 +71,9 @@ def _bench_case(case: str, shape, modes, quick: bool) -> list[dict]:
     g = torch.randn_like(q)
     rope = rope_3d_tables(grid, D, device="cuda")
     recs = []
-    for prov, (fn, base) in _providers(rope, quick).items():
+    for prov, (fn, base) in providers(rope).items():
         for mode in modes:
-            name = f"attention.{mode}"
+            rec_name = f"{name}.{mode}"
             try:
                 if mode == "fwd":
                     with torch.no_grad():
@@ -81,10 +83,10 @@ def _bench_case(case: str, shape, modes, quick: bool) -> list[dict]:
                     sec = bench_fn(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
                     flops = 3.5 * fwd_flops
                 recs.append(
-                    record(name, case, prov, "tflops", flops / sec / 1e12, baseline=base, ms=sec * 1e3)
+                    record(rec_name, case, prov, "tflops", flops / sec / 1e12, baseline=base, ms=sec * 1e3)
                 )
             except Exception as e:  # a failing provider is a record, never a crash
-                recs.append(record(name, case, prov, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800]))
+                recs.append(error_record(rec_name, case, prov, e))
             torch.cuda.empty_cache()
     return recs
 
@@ -103,9 +105,7 @@ def _bench_rope(case: str, shape) -> list[dict]:
             gbps = 2 * x.numel() * x.element_size() / sec / 1e9
             recs.append(record("rope.apply", case, prov, "gbps", gbps, baseline="torch_eager", ms=sec * 1e3))
         except Exception as e:
-            recs.append(
-                record("rope.apply", case, prov, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
-            )
+            recs.append(error_record("rope.apply", case, prov, e))
     return recs
 
 
@@ -119,11 +119,9 @@ def run(quick: bool = False) -> list[dict]:
     for case in cases:
         try:
             recs += _bench_rope(case, SHAPES[case])
-            recs += _bench_case(case, SHAPES[case], ("fwd", "fwd_bwd"), quick)
+            recs += bench_providers("attention", case, SHAPES[case], lambda rope: _providers(rope, quick))
         except Exception as e:
-            recs.append(
-                record("attention.case", case, "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
-            )
+            recs.append(error_record("attention.case", case, "-", e))
         torch.cuda.empty_cache()
     recs.append(record("attention.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
     return recs

@@ -17,14 +17,9 @@ import time
 
 import torch
 
-from bench.common import bench_fn, record
+from bench.common import error_record, record
+from bench.gpu_attention import SHAPES, bench_providers
 
-# name -> (B, S, H, D, rope grid (T, H, W) with T*H*W = S)
-SHAPES = {
-    "ltx2-512p-121f": (1, 6144, 32, 128, (16, 16, 24)),
-    "wan1.3b-480p-81f": (1, 32760, 12, 128, (21, 30, 52)),
-    "hy1.5-480p-121f": (1, 49290, 16, 128, (31, 30, 53)),
-}
 LOGIT_STD = 3.0  # spread of scale * q.k in video_activations (trained DiTs: ~2-5, max ~20-30)
 TIME_BUDGET_S = 50.0  # stop starting new cases past this (bench.gpu_check gives the module ~100 s)
 
@@ -152,37 +147,6 @@ def _providers(rope):
     }
 
 
-def _bench_case(case: str, shape) -> list[dict]:
-    from kernels.rope import rope_3d_tables
-
-    B, S, H, D, grid = shape
-    fwd_flops = 4.0 * B * H * S * S * D
-    q, k, v = (
-        torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3)
-    )
-    g = torch.randn_like(q)
-    rope = rope_3d_tables(grid, D, device="cuda")
-    recs = []
-    for prov, (fn, base) in _providers(rope).items():
-        for mode in ("fwd", "fwd_bwd"):
-            name = f"attention_fp8.{mode}"
-            try:
-                if mode == "fwd":
-                    with torch.no_grad():
-                        sec = bench_fn(lambda fn=fn: fn(q, k, v))
-                    flops = fwd_flops
-                else:
-                    sec = bench_fn(lambda fn=fn: torch.autograd.grad(fn(q, k, v), (q, k, v), g))
-                    flops = 3.5 * fwd_flops
-                recs.append(
-                    record(name, case, prov, "tflops", flops / sec / 1e12, baseline=base, ms=sec * 1e3)
-                )
-            except Exception as e:  # a failing provider is a record, never a crash
-                recs.append(record(name, case, prov, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800]))
-            torch.cuda.empty_cache()
-    return recs
-
-
 def _accuracy_records() -> list[dict]:
     """The kernel's error vs fp32 (and the emulation's) on the GPU at a CPU-sized video shape."""
     recs = []
@@ -201,9 +165,7 @@ def _accuracy_records() -> list[dict]:
                     )
                 )
     except Exception as e:
-        recs.append(
-            record("attention_fp8.accuracy", "-", "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
-        )
+        recs.append(error_record("attention_fp8.accuracy", "-", "-", e))
     return recs
 
 
@@ -218,13 +180,9 @@ def run(quick: bool = False) -> list[dict]:
             recs.append(record("attention_fp8.case", case, "-", "error", 0.0, message="skipped: time budget"))
             continue
         try:
-            recs += _bench_case(case, SHAPES[case])
+            recs += bench_providers("attention_fp8", case, SHAPES[case], _providers)
         except Exception as e:
-            recs.append(
-                record(
-                    "attention_fp8.case", case, "-", "error", 0.0, message=f"{type(e).__name__}: {e}"[:800]
-                )
-            )
+            recs.append(error_record("attention_fp8.case", case, "-", e))
         torch.cuda.empty_cache()
     recs.append(record("attention_fp8.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
     return recs

@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from bench.common import record
+from bench.common import error_record, record
 
 DTYPE = torch.bfloat16
 
@@ -177,7 +177,7 @@ def _measure(case: Case, provider: str, model, diffusers: bool, peak: float, qui
 
 
 def _error(case: str, provider: str, e: BaseException) -> dict:
-    return record("models.train_step", case, provider, "error", 0.0, message=f"{type(e).__name__}: {e}"[:800])
+    return error_record("models.train_step", case, provider, e)
 
 
 def _run_case(case: Case, peak: float, quick: bool) -> list[dict]:
