@@ -30,7 +30,7 @@ from typing import Any, Protocol
 
 import torch
 
-from engine.data.dataset import SkipItem
+from engine.data.dataset import SkipItem, iterate_skipping
 from engine.data.quarantine import Quarantine
 from engine.log import get_logger, progress
 
@@ -311,19 +311,13 @@ class LatentCacheDataset:
 
     def iterate(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
         """Items for ``indices`` (e.g. a ResumableSampler), skipping those of corrupt shards."""
-        tried = yielded = 0
-        for i in indices:
-            tried += 1
-            try:
-                item = self[i]
-            except SkipItem:
-                continue
-            yielded += 1
-            yield item
-        if tried and not yielded:
-            raise RuntimeError(
+        return iterate_skipping(
+            self.__getitem__,
+            indices,
+            lambda tried: (
                 f"cache '{self.dir}': all {tried} items of this pass were skipped: {self.skipped[:3]}"
-            )
+            ),
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iterate(range(len(self)))

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import json
 import random
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -42,6 +42,24 @@ IMAGE_SUFFIXES = frozenset({".png", ".jpg", ".jpeg", ".webp", ".bmp"})
 
 class SkipItem(Exception):
     """An item that cannot be used; the message is the reason recorded in the quarantine."""
+
+
+def iterate_skipping(
+    get: Callable[[int], dict[str, Any]], indices: Iterable[int], all_skipped: Callable[[int], str]
+) -> Iterator[dict[str, Any]]:
+    """``get(i)`` for each index, leaving out items that raise :class:`SkipItem`; a pass that tried
+    items and yielded none raises RuntimeError(all_skipped(number tried))."""
+    tried = yielded = 0
+    for i in indices:
+        tried += 1
+        try:
+            item = get(i)
+        except SkipItem:
+            continue
+        yielded += 1
+        yield item
+    if tried and not yielded:
+        raise RuntimeError(all_skipped(tried))
 
 
 def parse_manifest_line(line: str, root: Path) -> dict[str, Any]:
@@ -181,20 +199,14 @@ class VideoDataset:
 
     def iterate(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
         """Items for ``indices`` (e.g. a ResumableSampler), skipping bad ones."""
-        tried = yielded = 0
-        for i in indices:
-            tried += 1
-            try:
-                item = self[i]
-            except SkipItem:
-                continue
-            yielded += 1
-            yield item
-        if tried and not yielded:
-            raise RuntimeError(
+        return iterate_skipping(
+            self.__getitem__,
+            indices,
+            lambda tried: (
                 f"VideoDataset '{self.manifest}': all {tried} items of this pass were skipped "
                 f"({len(self.skipped)} in the quarantine; first: {self.skipped[:3]})"
-            )
+            ),
+        )
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         return self.iterate(range(len(self)))
