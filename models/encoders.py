@@ -158,6 +158,14 @@ class TextEncoder(nn.Module):
         return emb * valid[..., None], lengths
 
 
+def _preprocessor_config(processor_path: str | Path | None) -> dict | None:
+    """The preprocessor_config.json of a processor folder, or None (no folder given, or no such file)."""
+    cfg_file = Path(processor_path) / "preprocessor_config.json" if processor_path else None
+    if cfg_file is not None and cfg_file.is_file():
+        return json.loads(cfg_file.read_text())
+    return None
+
+
 class ImageEncoder(nn.Module):
     """CLIP vision tower: resize + normalise, then the penultimate layer's hidden states (Wan I2V)."""
 
@@ -183,23 +191,25 @@ class ImageEncoder(nn.Module):
 
         model = CLIPVisionModel.from_pretrained(str(model_path), torch_dtype=dtype, use_safetensors=True)
         kw = {}
-        cfg_file = Path(processor_path) / "preprocessor_config.json" if processor_path else None
-        if cfg_file is not None and cfg_file.is_file():
-            pc = json.loads(cfg_file.read_text())
+        pc = _preprocessor_config(processor_path)
+        if pc is not None:
             crop = pc.get("crop_size", pc.get("size"))
             size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
             kw = dict(mean=pc.get("image_mean", CLIP_MEAN), std=pc.get("image_std", CLIP_STD), size=size)
         return cls(model, **kw)
 
-    @torch.no_grad()
-    def encode(self, images: torch.Tensor) -> torch.Tensor:
-        """images (B, 3, H, W) in [-1, 1] -> tokens (B, 1 + patches, hidden) float32."""
+    def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> (B, 3, size, size) normalised pixels in the tower's dtype."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
-        x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> CLIP's normalised pixels
-        dtype = next(self.model.parameters()).dtype
-        out = self.model(pixel_values=x.to(dtype), output_hidden_states=True)
+        x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> the tower's normalised pixels
+        return x.to(next(self.model.parameters()).dtype)
+
+    @torch.no_grad()
+    def encode(self, images: torch.Tensor) -> torch.Tensor:
+        """images (B, 3, H, W) in [-1, 1] -> tokens (B, 1 + patches, hidden) float32."""
+        out = self.model(pixel_values=self.pixel_values(images), output_hidden_states=True)
         return out.hidden_states[self.layer].float()
 
 
@@ -399,9 +409,8 @@ class SiglipImageEncoder(ImageEncoder):
 
         model = SiglipVisionModel.from_pretrained(str(model_path), torch_dtype=dtype, use_safetensors=True)
         kw = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
-        cfg_file = Path(processor_path) / "preprocessor_config.json" if processor_path else None
-        if cfg_file is not None and cfg_file.is_file():
-            pc = json.loads(cfg_file.read_text())
+        pc = _preprocessor_config(processor_path)
+        if pc is not None:
             size = pc.get("size", {})
             kw = dict(mean=pc.get("image_mean", kw["mean"]), std=pc.get("image_std", kw["std"]),
                       size=size.get("height") if isinstance(size, dict) else size)  # fmt: skip
@@ -410,12 +419,7 @@ class SiglipImageEncoder(ImageEncoder):
     @torch.no_grad()
     def encode(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> tokens (B, patches, hidden) float32 (729 for so400m/384)."""
-        if images.dim() != 4 or images.shape[1] != 3:
-            raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
-        x = ((x + 1) / 2 - self.mean) / self.std
-        dtype = next(self.model.parameters()).dtype
-        return self.model(pixel_values=x.to(dtype)).last_hidden_state.float()
+        return self.model(pixel_values=self.pixel_values(images)).last_hidden_state.float()
 
 
 def _load_hunyuan15(path: Path, dtype: torch.dtype) -> Encoders:
