@@ -342,6 +342,17 @@ def _meta(q, k, rope, k_lengths) -> dict:
     )
 
 
+def _pointers(q, cos, sin, k_lengths) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """cos, sin, k_lengths with q standing in for absent ones: pointers the kernels never read when
+    ROPE / HAS_KLEN are off."""
+    return (q if cos is None else cos), (q if sin is None else sin), (q if k_lengths is None else k_lengths)
+
+
+def _int32_lengths(k_lengths: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
+    """Key lengths as the kernels read them: contiguous int32 on q's device (None stays None)."""
+    return None if k_lengths is None else k_lengths.to(device=device, dtype=torch.int32).contiguous()
+
+
 def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
     """Launch the forward; q, k, v contiguous (B, S, H, D). Returns out (B, Sq, H, D), lse (B, H, Sq)."""
     B, Sq, H, D = q.shape
@@ -349,9 +360,7 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
     out = torch.empty_like(q)
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     meta = _meta(q, k, cos, k_lengths)
-    cos = q if cos is None else cos  # unused pointers when ROPE / HAS_KLEN are off
-    sin = q if sin is None else sin
-    klen = q if k_lengths is None else k_lengths
+    cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     args = (q, k, v, out, lse, cos, sin, klen, Sq, Sk, H, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     _launch("fwd", "BLOCK_M", Sq, B * H, args, meta, deterministic)
     return out, lse
@@ -365,9 +374,7 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     meta = _meta(q, k, cos, k_lengths)
-    cos = q if cos is None else cos
-    sin = q if sin is None else sin
-    klen = q if k_lengths is None else k_lengths
+    cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     args = (q, k, v, do, lse, delta, dk, dv, cos, sin, klen) + tail
     _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic)
@@ -419,8 +426,7 @@ def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
     if D not in HEAD_DIMS:
         q, k, v, cos, sin = _pad_head_dim(q, k, v, cos, sin)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
-    if k_lengths is not None:
-        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
+    k_lengths = _int32_lengths(k_lengths, q.device)
     out, lse = _TritonAttention.apply(q, k, v, cos, sin, k_lengths, scale, deterministic)
     return out[..., :D], lse  # (B, Sq, H, Dp) -> (B, Sq, H, D)
 

@@ -777,15 +777,13 @@ def fp8_unsupported_reason(q: torch.Tensor) -> str | None:
 
 
 def _prepare(q, k, v, k_lengths, rope, rotate):
-    from kernels.attention import _check_inputs
+    from kernels.attention import _check_inputs, _int32_lengths
 
     _check_inputs(q, k, v, k_lengths, rope)
     if rope is not None:
         cos, sin = (t.to(device=q.device, dtype=torch.float32) for t in rope)
         q, k = rotate(q, cos, sin), rotate(k, cos, sin)
-    if k_lengths is not None:
-        k_lengths = k_lengths.to(device=q.device, dtype=torch.int32).contiguous()
-    return q.contiguous(), k.contiguous(), v.contiguous(), k_lengths
+    return q.contiguous(), k.contiguous(), v.contiguous(), _int32_lengths(k_lengths, q.device)
 
 
 def attention_fp8(
