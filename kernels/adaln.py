@@ -317,16 +317,26 @@ def _warps(BLOCK_R: int, BLOCK_D: int) -> int:
     return TUNING["warps"] if BLOCK_R * BLOCK_D >= TUNING["tile"] else 4
 
 
+def _launch(kernel, geom: tuple[int, int, int, int], B: int, *args, **meta) -> None:
+    """kernel on the (n_progs, B) grid of ``geom`` (from :func:`_launch_geometry`) with its tile sizes."""
+    BLOCK_R, BLOCK_D, _, n_progs = geom
+    kernel[(n_progs, B)](*args, **meta, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=_warps(BLOCK_R, BLOCK_D))
+
+
 class _AdaLNFn(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, scale, shift, rms: bool, eps: float):
         B, S, D = x.shape
         per_token = scale.shape[1] == S and S > 1
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, backward=False)
+        geom = _launch_geometry(x, backward=False)
+        rpp, n_progs = geom[2:]
         y = torch.empty_like(x)
         mean = torch.empty((B * S,), device=x.device, dtype=torch.float32)
         rstd = torch.empty_like(mean)
-        _adaln_fwd_kernel[(n_progs, B)](
+        _launch(
+            _adaln_fwd_kernel,
+            geom,
+            B,
             x,
             scale,
             shift,
@@ -339,9 +349,6 @@ class _AdaLNFn(torch.autograd.Function):
             eps,
             RMS=rms,
             PER_TOKEN=per_token,
-            BLOCK_R=BLOCK_R,
-            BLOCK_D=BLOCK_D,
-            num_warps=_warps(BLOCK_R, BLOCK_D),
         )
         ctx.save_for_backward(x, scale, mean, rstd)
         ctx.rms, ctx.per_token, ctx.shift_dtype = rms, per_token, shift.dtype
@@ -352,7 +359,8 @@ class _AdaLNFn(torch.autograd.Function):
         x, scale, mean, rstd = ctx.saved_tensors
         B, S, D = x.shape
         dy = dy.contiguous()
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, backward=True)
+        geom = _launch_geometry(x, backward=True)
+        rpp, n_progs = geom[2:]
         dx = torch.empty_like(x)
         if ctx.per_token:
             dscale = torch.empty_like(scale)
@@ -360,7 +368,10 @@ class _AdaLNFn(torch.autograd.Function):
         else:
             dscale = torch.empty((B, n_progs, D), device=x.device, dtype=torch.float32)
             dshift = torch.empty_like(dscale)
-        _adaln_bwd_kernel[(n_progs, B)](
+        _launch(
+            _adaln_bwd_kernel,
+            geom,
+            B,
             x,
             scale,
             dy,
@@ -375,9 +386,6 @@ class _AdaLNFn(torch.autograd.Function):
             n_progs,
             RMS=ctx.rms,
             PER_TOKEN=ctx.per_token,
-            BLOCK_R=BLOCK_R,
-            BLOCK_D=BLOCK_D,
-            num_warps=_warps(BLOCK_R, BLOCK_D),
         )
         if not ctx.per_token:
             # (B, n_progs, D) -> (B, 1, D): fixed-order sum, deterministic
@@ -391,9 +399,13 @@ class _GatedResidualFn(torch.autograd.Function):
     def forward(ctx, x, y, gate):
         B, S, D = x.shape
         per_token = gate.shape[1] == S and S > 1
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(x, backward=False)
+        geom = _launch_geometry(x, backward=False)
+        rpp, n_progs = geom[2:]
         out = torch.empty_like(x)
-        _gated_fwd_kernel[(n_progs, B)](
+        _launch(
+            _gated_fwd_kernel,
+            geom,
+            B,
             x,
             y,
             gate,
@@ -402,9 +414,6 @@ class _GatedResidualFn(torch.autograd.Function):
             D,
             rpp,
             PER_TOKEN=per_token,
-            BLOCK_R=BLOCK_R,
-            BLOCK_D=BLOCK_D,
-            num_warps=_warps(BLOCK_R, BLOCK_D),
         )
         ctx.save_for_backward(y, gate)
         ctx.per_token, ctx.x_dtype = per_token, x.dtype
@@ -415,13 +424,17 @@ class _GatedResidualFn(torch.autograd.Function):
         y, gate = ctx.saved_tensors
         B, S, D = y.shape
         dout = dout.contiguous()
-        BLOCK_R, BLOCK_D, rpp, n_progs = _launch_geometry(y, backward=True)
+        geom = _launch_geometry(y, backward=True)
+        rpp, n_progs = geom[2:]
         dy = torch.empty_like(y)
         if ctx.per_token:
             dgate = torch.empty_like(gate)
         else:
             dgate = torch.empty((B, n_progs, D), device=y.device, dtype=torch.float32)
-        _gated_bwd_kernel[(n_progs, B)](
+        _launch(
+            _gated_bwd_kernel,
+            geom,
+            B,
             dout,
             y,
             gate,
@@ -432,9 +445,6 @@ class _GatedResidualFn(torch.autograd.Function):
             rpp,
             n_progs,
             PER_TOKEN=ctx.per_token,
-            BLOCK_R=BLOCK_R,
-            BLOCK_D=BLOCK_D,
-            num_warps=_warps(BLOCK_R, BLOCK_D),
         )
         if not ctx.per_token:
             dgate = dgate.sum(1, keepdim=True).to(gate.dtype)  # (B, n_progs, D) -> (B, 1, D)
