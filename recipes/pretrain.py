@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
-from engine.log import get_logger  # noqa: E402
+from engine.log import get_logger, progress  # noqa: E402
 from engine.world import latent as toy_latent  # noqa: E402
 from engine.world.demonstrator import ToyDemonstrator, eval_items, toy_pipeline  # noqa: E402
 from engine.world.scene import random_moves, random_scene, render, solution_text  # noqa: E402
@@ -207,7 +207,10 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     batches.device, batches.rank = trainer.dist.device, trainer.dist.rank  # this rank's device and data
     t0, start = time.perf_counter(), trainer.step
     budget = cfg.world.time_budget_s
-    while trainer.step < cfg.train.steps and not (budget > 0 and time.perf_counter() - t0 > budget):
+    for _ in progress(range(trainer.step, cfg.train.steps), desc="pretrain", total=cfg.train.steps - start):
+        if budget > 0 and time.perf_counter() - t0 > budget:
+            log.info("time budget of %.0f s reached at step %d", budget, trainer.step)
+            break
         trainer.train_step()
     trainer.close()
     info = {
