@@ -262,7 +262,7 @@ def measure_gap(model: ToyDemonstrator, cfg: JobConfig, guidance: float) -> dict
     sampling = SamplingConfig(cfg.flow.num_steps, cfg.flow.shift, guidance, 0.0, cfg.world.gap_batch)
     report = gap_check(toy_pipeline(model), items, OracleJudge(), min_gap=cfg.distill.min_gap,
                        seeds=tuple(cfg.eval.seeds), sampling=sampling, raise_if_small=False)  # fmt: skip
-    report["sampling"] = vars(sampling)
+    report["sampling"], report["items_seed"] = vars(sampling), cfg.world.seed
     log.info(
         "Demonstrator gap, %d held-out scenes, CFG %.1f:\n%s", len(items), guidance, format_report(report)
     )

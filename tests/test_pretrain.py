@@ -67,3 +67,21 @@ def test_shipped_demonstrator_loads_and_runs():
         v = model.predict_velocity(torch.randn(2, 12, 4, 16, 16), torch.tensor([0.5, 0.5]), cond)
     assert v.shape == (2, 12, 4, 16, 16) and torch.isfinite(v).all()
     assert not torch.allclose(v[0], v[1])  # the text matters
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(not (ASSETS / "demonstrator.json").is_file(), reason="no shipped Demonstrator")
+def test_shipped_gap_reproduces_on_cpu():
+    """The gap recorded in demonstrator.json (measured where the weights were trained) reproduces here."""
+    from engine.evaluation import SamplingConfig, gap_check
+    from engine.world.demonstrator import toy_pipeline
+    from engine.world.oracle import OracleJudge
+
+    model, meta = pretrain.load_demonstrator()
+    guidance, recorded = next(iter(meta["gap"].items()))
+    s = recorded["sampling"]
+    items = eval_items(recorded["n_items"], seed=recorded.get("items_seed", 1234))  # 1234: the v0 export
+    sampling = SamplingConfig(s["num_steps"], s["shift"], float(guidance), 0.0, 64)
+    report = gap_check(toy_pipeline(model), items, OracleJudge(), min_gap=0.0, seeds=tuple(recorded["seeds"]),
+                       sampling=sampling)  # fmt: skip
+    assert report["gap"]["avg"]["diff"] == pytest.approx(recorded["gap"]["avg"]["diff"], abs=0.03)
