@@ -167,7 +167,9 @@ class WorldConfig:
     time_budget_s: float = 0.0  # pretraining: stop after this many wall-clock seconds (0 = no limit)
     demonstrator: str = ""  # folder with demonstrator.safetensors etc.; "" = engine/world/assets
     gap_batch: int = 64  # videos per sampling batch in the gap check / evaluation
-    gap_guidance: list[float] = field(default_factory=lambda: [1.0])  # CFG scales the pretrain gap is measured at
+    gap_guidance: list[float] = field(
+        default_factory=lambda: [1.0]
+    )  # CFG scales the pretrain gap is measured at
 
 
 @dataclass
@@ -192,10 +194,14 @@ class RLConfig:
     train_timesteps: int = 2  # rollout steps trained on per group
     adv_eps: float = 1e-4
     steps: int = 0  # RL optimizer steps (0 = train.steps)
-    init: str = ""  # Executor's initial weights ("" = the Demonstrator; the pipeline passes the distilled one)
+    init: str = (
+        ""  # Executor's initial weights ("" = the Demonstrator; the pipeline passes the distilled one)
+    )
     prompts_per_step: int = 1  # (image, task) prompts per step; each gets group_size rollouts
     reward_questions: list[str] = field(default_factory=lambda: ["task", "consistency"])  # reward = mean
-    prefetch: bool = True  # roll out + submit the next step's group before this step's update (judge overlaps)
+    prefetch: bool = (
+        True  # roll out + submit the next step's group before this step's update (judge overlaps)
+    )
 
 
 @dataclass
