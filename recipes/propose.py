@@ -62,20 +62,24 @@ def propose(proposer, images: list[tuple[str, Path]], out: Path, n: int) -> int:
     todo = [(i, p) for i, p in images if i not in done]
     if done:
         log.info("resuming: %d of %d images already proposed", len(images) - len(todo), len(images))
-    written = 0
+    written, empty = 0, []
     chunks = [todo[s : s + CHUNK] for s in range(0, len(todo), CHUNK)]
     for chunk in progress(chunks, desc="propose", total=len(chunks)):
         pairs = asyncio.run(proposer.propose([load_image(str(p)) for _, p in chunk], n))
         rows = []
         for (image_id, path), image_pairs in zip(chunk, pairs):
             if not image_pairs:
-                log.warning("image %s: the proposer gave no valid pair", path)
+                empty.append(str(path))
             rel = path.relative_to(out.parent) if path.is_relative_to(out.parent) else path
             for j, pair in enumerate(image_pairs):
                 rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task,
                              "solution": pair.solution, "meta": {"image_id": image_id}})  # fmt: skip
         append_jsonl(out, rows)
         written += len(rows)
+    if empty:  # one line, not one per image: scenes with nothing to do are normal on the toy world
+        log.warning(
+            "%d of %d images got no valid pair from the proposer (e.g. %s)", len(empty), len(todo), empty[0]
+        )
     return written
 
 
