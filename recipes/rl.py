@@ -7,8 +7,9 @@ The algorithm (the paper's is unknown: PAPER.md; this is Flow-GRPO's with WMSD's
      ``rl.group_size`` = G times. The group of rollouts for the step is drawn from (seed, step, rank).
   2. Rollouts: the SDE sampler (flow.num_steps steps, noise level flow.sde_sigma) under the current
      Executor v_θ(· | task, I), no gradient; it records states x_k, timesteps t_k and the per-step
-     Gaussian log-probs log π_old(x_{k+1} | x_k) (kernels.sampler.flow_step). The last step to t = 0
-     is deterministic and never trained on.
+     Gaussian log-probs log π_old(x_{k+1} | x_k) (kernels.sampler.flow_step). The first step (from
+     t = 1, where the SDE's noise scale diverges) and the last (onto t = 0) are deterministic
+     (engine.flow.sde_step) and never trained on.
   3. Rewards: the videos are decoded and submitted to the judge service at once (one request per
      video and question in ``rl.reward_questions``; reward = mean of their scores, a failed verdict
      counts as ``judge.fallback_score`` and is logged). With ``rl.prefetch`` the next step's group is
@@ -17,8 +18,8 @@ The algorithm (the paper's is unknown: PAPER.md; this is Flow-GRPO's with WMSD's
      log π_old records, so the ratio stays correct. ``judge_wait_frac`` = time blocked on the judge
      / step time, logged every step.
   4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps).
-  5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the K-1
-     stochastic ones): recompute v_θ(x_k | task, I) with grad, log π_θ(x_{k+1} | x_k) with the same
+  5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the
+     flow.num_steps - 2 stochastic ones): recompute v_θ(x_k | task, I) with grad, log π_θ(x_{k+1} | x_k) with the same
      Gaussian, ratio ρ = exp(log π_θ - log π_old), and the loss
          L = mean max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))                    (ε = rl.clip_range)
            + β_d · mean ||v_θ(x_k | task, I) - v_φ(x_k | solution, I)||²   (β_d = rl.beta_d)
@@ -66,11 +67,13 @@ class GroupBatches:
     """Rollout groups, judge rewards, advantages and Demonstrator targets (module docstring)."""
 
     def __init__(self, cfg: JobConfig, kit: Kit, table: PromptTable, teacher: torch.nn.Module, judge):
-        if cfg.flow.sde_sigma <= 0 or cfg.flow.num_steps < 2:
-            raise ValueError(f"rl needs flow.sde_sigma > 0 and flow.num_steps >= 2, got {cfg.flow.sde_sigma}, "
+        if cfg.flow.sde_sigma <= 0 or cfg.flow.num_steps < 3:
+            raise ValueError(f"rl needs flow.sde_sigma > 0 and flow.num_steps >= 3, got {cfg.flow.sde_sigma}, "
                              f"{cfg.flow.num_steps}")  # fmt: skip
-        if not 1 <= cfg.rl.train_timesteps <= cfg.flow.num_steps - 1:
-            raise ValueError(f"rl.train_timesteps={cfg.rl.train_timesteps}: expected 1..flow.num_steps - 1")
+        if not 1 <= cfg.rl.train_timesteps <= cfg.flow.num_steps - 2:
+            raise ValueError(
+                f"rl.train_timesteps={cfg.rl.train_timesteps}: expected 1..flow.num_steps - 2 (the stochastic steps)"
+            )
         self.cfg, self.kit, self.table, self.teacher, self.judge = cfg, kit, table, teacher, judge
         self.pending: dict | None = None
         self.last_end: float | None = None
@@ -133,7 +136,10 @@ class GroupBatches:
         """(x_k, x_{k+1}, t_k, t_{k+1}, log π_old, cond, v_φ) for K SDE steps per rollout."""
         cfg, traj, idx = self.cfg, group["traj"], group["idx"]
         N, K = len(idx), cfg.rl.train_timesteps
-        ks = torch.rand(N, cfg.flow.num_steps - 1, generator=group["g"]).argsort(dim=1)[:, :K].flatten()
+        ts = traj.timesteps.tolist()
+        stochastic = torch.tensor([k for k in range(len(ts) - 1) if flow.sde_step(ts[k], ts[k + 1])])
+        pick = torch.rand(N, len(stochastic), generator=group["g"]).argsort(dim=1)[:, :K]
+        ks = stochastic[pick].flatten()  # (N*K,) distinct stochastic steps per rollout
         rows = torch.arange(N).repeat_interleave(K)  # (N*K,)
         ks_d, rows_d = ks.to(traj.states.device), rows.to(traj.states.device)
         x, x_next = traj.states[ks_d, rows_d], traj.states[ks_d + 1, rows_d]

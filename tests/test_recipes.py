@@ -98,7 +98,7 @@ def test_distill_resumes_after_sigkill(proposed):
 
 def test_rl_logs_rewards_and_judge_wait(proposed):
     tasks = str(proposed / "base" / "tasks.jsonl")
-    cli("rl", proposed, "rl", "--distill.tasks", tasks, "--rl.steps", "2", "--rl.group_size", "2",
+    cli("rl", proposed, "rl", "--distill.tasks", tasks, "--rl.steps", "2", "--rl.group_size", "2", "--flow.num_steps", "3",
         "--rl.train_timesteps", "1")  # fmt: skip
     logs = [json.loads(line) for line in (proposed / "rl" / "metrics.jsonl").read_text().splitlines()]
     assert logs[-1]["step"] == 2
@@ -106,6 +106,10 @@ def test_rl_logs_rewards_and_judge_wait(proposed):
         assert 0.0 <= entry["judge_wait_frac"] <= 1.0
         assert 0.0 <= entry["reward_mean"] <= 1.0
         assert entry["clip_frac"] in (0.0, 0.5, 1.0)  # 2 rows per step
+    # The first group is sampled by the very policy being updated: the recomputed log-probs equal the
+    # rollout's, so the importance ratio is 1 (a deterministic step in the mix would blow it up).
+    first = next(e for e in logs if e["step"] == 1)
+    assert abs(first["approx_kl"]) < 1e-3 and first["clip_frac"] == 0.0
 
 
 def test_evaluate_writes_table_videos_and_skips_finished(proposed):
