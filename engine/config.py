@@ -202,6 +202,9 @@ class RLConfig:
     prefetch: bool = (
         True  # roll out + submit the next step's group before this step's update (judge overlaps)
     )
+    # the policy ratio's log-prob per sample: "mean" over latent elements (Flow-GRPO) or "sum" (the
+    # exact joint density: over ~1e4 elements even a tiny update moves the ratio far outside the clip)
+    logprob_reduction: Literal["mean", "sum"] = "mean"
 
 
 @dataclass

@@ -20,7 +20,8 @@ The algorithm (the paper's is unknown: PAPER.md; this is Flow-GRPO's with WMSD's
   4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps).
   5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the
      flow.num_steps - 2 stochastic ones): recompute v_θ(x_k | task, I) with grad, log π_θ(x_{k+1} | x_k) with the same
-     Gaussian, ratio ρ = exp(log π_θ - log π_old), and the loss
+     Gaussian, ratio ρ = exp(log π_θ - log π_old) (log-probs averaged over the latent's elements with
+     rl.logprob_reduction = "mean", as Flow-GRPO does; "sum" uses the joint density), and the loss
          L = mean max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))                    (ε = rl.clip_range)
            + β_d · mean ||v_θ(x_k | task, I) - v_φ(x_k | solution, I)||²   (β_d = rl.beta_d)
      with v_φ the frozen Demonstrator at the same state (computed in step 3 while the judge works).
@@ -163,7 +164,11 @@ def rl_loss_fn(cfg: JobConfig):
         _, logp = flow_step(
             mb["x"], v, t=mb["t"], t_next=mb["t_next"], sigma=cfg.flow.sde_sigma, x_next=mb["x_next"]
         )
-        policy, stats = grpo_policy_loss(logp, mb["logp_old"], mb["adv"], cfg.rl.clip_range)
+        logp_old = mb["logp_old"]
+        if cfg.rl.logprob_reduction == "mean":  # per-element average log-density (Flow-GRPO)
+            n = mb["x"][0].numel()
+            logp, logp_old = logp / n, logp_old / n
+        policy, stats = grpo_policy_loss(logp, logp_old, mb["adv"], cfg.rl.clip_range)
         anchor = demonstrator_anchor_loss(v, mb["v_teacher"], cfg.rl.beta_d)
         return policy + anchor, {"policy_loss": policy.detach(), "anchor_loss": anchor.detach(), **stats,
                                  **mb["logs"]}  # fmt: skip
