@@ -176,7 +176,7 @@ def test_shipped_configs_build_on_meta_and_match_diffusers(config):
 @pytest.mark.slow
 def test_pipeline_end_to_end_tiny(tmp_path):
     """The main job at tiny sizes: every stage runs and the table names every condition."""
-    args = ["--train.steps", "2", "--rl.steps", "2", "--rl.group_size", "2", "--rl.train_timesteps", "1",
+    args = ["--train.steps", "2", "--rl.steps", "2", "--rl.group_size", "2", "--rl.train_timesteps", "1", "--flow.num_steps", "3",
             "--distill.min_gap", "0"]  # fmt: skip
     cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
            "p", *TINY, *args]  # fmt: skip
