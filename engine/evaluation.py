@@ -219,6 +219,36 @@ def paired_test(
     return PairedResult(mean, lo, hi, p, pos, neg, len(d))
 
 
+def gap_closed(
+    executor: np.ndarray,
+    task: np.ndarray,
+    solution: np.ndarray,
+    conf: float = 0.95,
+    n_boot: int = 2000,
+    seed: int = 0,
+) -> tuple[float, float, float]:
+    """Fraction of the Demonstrator's gap the Executor closes, (E - T) / (S - T) of the means, with a
+    paired percentile bootstrap (the same resampled items for all three) -> (fraction, lo, hi).
+
+    ``executor``, ``task``, ``solution``: per-item scores (N,) or (seeds, N) of the Executor given the
+    task, the Demonstrator given the task, and the Demonstrator given the solution, on the same items.
+    """
+    e, t, s = (np.nanmean(_as_2d(x, name), axis=0) for x, name in
+               ((executor, "executor"), (task, "task"), (solution, "solution")))  # fmt: skip
+    if not e.shape == t.shape == s.shape:
+        raise ValueError(
+            f"gap_closed: executor {e.shape}, task {t.shape}, solution {s.shape}: expected the same items"
+        )
+    gap = s.mean() - t.mean()
+    if gap <= 0:
+        raise ValueError(f"gap_closed: the Demonstrator has no gap (solution - task = {gap:+.3f})")
+    cols = np.random.default_rng(seed).integers(0, len(e), (n_boot, len(e)))
+    num, den = e[cols].mean(1) - t[cols].mean(1), s[cols].mean(1) - t[cols].mean(1)
+    boots = num[den > 0] / den[den > 0]
+    a = (1 - conf) / 2
+    return float((e.mean() - t.mean()) / gap), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
+
+
 def summarize(scores: dict[str, np.ndarray], conf: float = 0.95) -> dict[str, dict[str, float]]:
     """question -> {"mean", "lo", "hi"} (bootstrap) for every question in ``scores``."""
     out = {}

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
-from engine.evaluation import paired_test  # noqa: E402
+from engine.evaluation import gap_closed, paired_test  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from recipes import demonstrate, distill, evaluate, propose, rl  # noqa: E402
 from recipes.common import TOY_CONFIG, read_jsonl, run_dir  # noqa: E402
@@ -111,8 +111,21 @@ def final_results(cfg: JobConfig, out: Path, executors: dict[str, Path], gap: di
         res["conditions"]["onpolicy"]["vs_sft"] = {
             q: vars(paired_test(onp[q], sft[q], cfg.eval.ci)) for q in evaluate.COLUMNS
         }
+    base = {c: dict(np.load(out / "eval" / f"demonstrator+{c}.npz"))["avg"] for c in ("task", "solution")}
+    for name in executors:
+        e = dict(np.load(out / "eval" / f"{name}.npz"))["avg"]
+        f, lo, hi = gap_closed(e, base["task"], base["solution"], cfg.eval.ci)
+        res["conditions"][name]["gap_closed"] = {"mean": f, "lo": lo, "hi": hi}
     res.update(gap=gap, wall_s=time.perf_counter() - t0, verdict=verdict(res, cfg))
     return res
+
+
+def gap_closed_lines(res: dict, cfg: JobConfig) -> str:
+    """One line per Executor: the share of the Demonstrator's Avg gap it closes."""
+    rows = [f"- {name}: {g['mean']:.0%} [{g['lo']:.0%}, {g['hi']:.0%}]" for name, c in res["conditions"].items()
+            if (g := c.get("gap_closed"))]  # fmt: skip
+    head = f"Share of the Demonstrator's gap (solution - task, Avg) closed ({cfg.eval.ci:.0%} CI, paired bootstrap):"
+    return "\n".join([head, *rows]) + "\n"
 
 
 def run(cfg: JobConfig) -> dict:
@@ -140,7 +153,7 @@ def run(cfg: JobConfig) -> dict:
     executors.update(ablations(cfg, out))
     executors["rl"] = trained(cfg, out, "rl", rl.run, rl={"init": str(executors["onpolicy"])})
     res = final_results(cfg, out, executors, gap, t0)
-    table = evaluate.markdown_table(res) + "\n" + res["verdict"] + "\n"
+    table = evaluate.markdown_table(res) + "\n" + gap_closed_lines(res, cfg) + "\n" + res["verdict"] + "\n"
     (out / "results.json").write_text(json.dumps(res, indent=1))
     (out / "results.md").write_text(table)
     print(table)

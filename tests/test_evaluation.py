@@ -94,3 +94,22 @@ def test_item_noise_is_paired_and_generate_checks_lengths():
     with pytest.raises(ValueError, match="2 images but 1 texts"):
         ev.generate(_point_mass_pipeline(items), np.stack([it.image for it in items]), ["x"], seed=0,
                     sampling=ev.SamplingConfig())  # fmt: skip
+
+
+def test_gap_closed_fraction_and_interval():
+    """Known answer: the Executor solves exactly half of the items the Demonstrator solves only with the
+    solution, so it closes 50% of the gap; the interval covers 0.5 and the errors name the input."""
+    rng = np.random.default_rng(0)
+    n = 400
+    solution = (rng.random(n) < 0.8).astype(float)
+    task = np.zeros(n)
+    executor = solution.copy()
+    solved = np.flatnonzero(solution)
+    executor[solved[::2]] = 0.0  # every other solved item lost
+    f, lo, hi = ev.gap_closed(executor, task, solution)
+    assert abs(f - executor.sum() / solution.sum()) < 1e-12
+    assert lo < 0.5 < hi and hi - lo < 0.2
+    with pytest.raises(ValueError, match="no gap"):
+        ev.gap_closed(executor, solution, task)
+    with pytest.raises(ValueError, match="same items"):
+        ev.gap_closed(executor[:10], task, solution)
