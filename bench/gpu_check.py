@@ -68,6 +68,7 @@ def main(argv: list[str] | None = None) -> int:
         "--only", default="", help="comma-separated areas (default: all of " + ",".join(MODULES) + ")"
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per module")
+    ap.add_argument("--work", default="", help="folder for per-module JSON and logs (default OUT/modules)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_json", help=argparse.SUPPRESS)
     args = ap.parse_args(argv)
@@ -75,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         return _child(args._child, args.quick, args._json)
     areas = [a for a in (args.only.split(",") if args.only else MODULES) if a]
     out = Path(args.out) if args.out else out_dir()
-    tmp = out / "modules"
+    tmp = Path(args.work) if args.work else out / "modules"
     tmp.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     for area in areas:

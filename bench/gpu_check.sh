@@ -5,11 +5,14 @@
 # 2. builds the CUDA extension kernels._C (csrc/) in place,
 # 3. runs `pytest -m gpu`,
 # 4. runs every bench/gpu_*.py module (python -m bench.gpu_check) with baselines in the same process,
-# and writes everything under $OUT (default bench/results/gpu_<date>): one results JSON + logs.
+# and writes under $OUT (default bench/results/gpu_<date>) four files: the results JSON (named by date
+# and device), pytest_gpu.log, bench.log and logs.tgz (build, wheels, nvidia-smi, junit XML and each
+# module's own JSON and log) -- few files, since the device tool returns at most eight.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 QUICK=""; [ "${1:-}" = "--quick" ] && QUICK="--quick"
 OUT="${OUT:-bench/results/gpu_$(date -u +%Y%m%dT%H%M%S)}"
+LOGS="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
@@ -19,20 +22,21 @@ step() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   step "installing carried wheels"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$OUT/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    > "$LOGS/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 fi
-nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$OUT/nvidia_smi.csv" 2>&1
+nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$LOGS/nvidia_smi.csv" 2>&1
 
 step "building kernels._C"
-WMSD_BUILD_CUDA=1 timeout 300 $PY setup.py build_ext --inplace > "$OUT/build_ext.log" 2>&1 \
-  && step "build ok" || step "build FAILED (see build_ext.log)"
+WMSD_BUILD_CUDA=1 timeout 300 $PY setup.py build_ext --inplace > "$LOGS/build_ext.log" 2>&1 \
+  && step "build ok" || step "build FAILED (see build_ext.log in logs.tgz)"
 
 step "pytest -m gpu"
-timeout "${GPU_TEST_TIMEOUT:-240}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 120 \
-  --junitxml "$OUT/pytest_gpu.xml" tests > "$OUT/pytest_gpu.log" 2>&1
+timeout "${GPU_TEST_TIMEOUT:-180}" $PY -m pytest -q -m gpu -p no:cacheprovider --timeout 120 \
+  --junitxml "$LOGS/pytest_gpu.xml" tests > "$OUT/pytest_gpu.log" 2>&1
 step "pytest exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
 
 step "benchmarks"
-timeout "${GPU_BENCH_TIMEOUT:-330}" $PY -m bench.gpu_check $QUICK --out "$OUT" --timeout "${GPU_MODULE_TIMEOUT:-100}" \
+timeout "${GPU_BENCH_TIMEOUT:-270}" $PY -m bench.gpu_check $QUICK --out "$OUT" --work "$LOGS/modules" --timeout "${GPU_MODULE_TIMEOUT:-90}" \
   2>&1 | tee "$OUT/bench.log"
+tar czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 step "done"
