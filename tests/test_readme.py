@@ -24,5 +24,5 @@ def test_main_command_runs_an_existing_recipe():
 
 def test_documented_paths_exist():
     text = (ROOT / "README.md").read_text()
-    for rel in re.findall(r"\]\((docs/[\w.]+)\)", text):
+    for rel in re.findall(r"\]\(((?:docs|bench)/[\w.]+)\)", text):
         assert (ROOT / rel).is_file(), rel
