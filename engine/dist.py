@@ -194,3 +194,33 @@ def shutdown() -> None:
     _CACHE.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def shard_of(n: int, rank: int, world_size: int) -> list[int]:
+    """The indices ``rank, rank + world, ...`` of ``range(n)``: a deterministic, disjoint, near-even
+    share of ``n`` work units (round-robin, so every rank gets about the same amount)."""
+    if not 0 <= rank < world_size:
+        raise ValueError(f"shard_of: rank {rank} is outside world size {world_size}")
+    return list(range(rank, n, world_size))
+
+
+def gather_to_main(obj: object, what: str = "gather_object") -> list | None:
+    """Every rank's picklable ``obj`` in rank order on rank 0, None on the others; ``[obj]`` without a
+    process group. For small payloads (per-item scores, rows): it pickles through the backend."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return [obj]
+    rank = dist.get_rank()
+    out = [None] * dist.get_world_size() if rank == 0 else None
+    with collective(what):
+        dist.gather_object(obj, out, dst=0)
+    return out
+
+
+def broadcast_from_main(obj: object, what: str = "broadcast_object") -> object:
+    """Rank 0's picklable ``obj`` on every rank (a decision made once, e.g. what is left to do)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return obj
+    box = [obj]
+    with collective(what):
+        dist.broadcast_object_list(box, src=0)
+    return box[0]

@@ -80,14 +80,18 @@ def item_noise(shape: tuple[int, ...], seed: int, index: int) -> torch.Tensor:
 
 
 def generate(pipe: VideoPipeline, images: np.ndarray, texts: list[str], *, seed: int,
-             sampling: SamplingConfig) -> np.ndarray:  # fmt: skip
-    """Videos uint8 (N, T, H, W, 3) for N images (N, H, W, 3) and N texts, in batches."""
+             sampling: SamplingConfig, start: int = 0) -> np.ndarray:  # fmt: skip
+    """Videos uint8 (N, T, H, W, 3) for N images (N, H, W, 3) and N texts, in batches.
+
+    ``start``: the index of the first item in the whole item list, so that a slice of the items (one
+    rank's share, one resumable chunk) gets the noise the whole list would give it. A slice that starts
+    on a multiple of ``sampling.batch_size`` also gets the same batches, hence identical videos."""
     if len(images) != len(texts):
         raise ValueError(f"generate: {len(images)} images but {len(texts)} texts; expected equal counts")
     out = []
     for s in range(0, len(texts), sampling.batch_size):
         idx = range(s, min(s + sampling.batch_size, len(texts)))
-        noise = torch.stack([item_noise(pipe.latent_shape, seed, i) for i in idx]).to(pipe.device)
+        noise = torch.stack([item_noise(pipe.latent_shape, seed, start + i) for i in idx]).to(pipe.device)
         img = torch.as_tensor(np.asarray(images[idx.start : idx.stop])).to(pipe.device)
         image_latent = pipe.encode_image(img)
         with torch.no_grad():
@@ -95,7 +99,7 @@ def generate(pipe: VideoPipeline, images: np.ndarray, texts: list[str], *, seed:
             uncond = None
             if sampling.guidance != 1.0:
                 uncond = {**pipe.encode_text([""] * len(idx)), "image_latent": image_latent}
-            g = torch.Generator(device=pipe.device).manual_seed(seed * 7919 + s)
+            g = torch.Generator(device=pipe.device).manual_seed(seed * 7919 + start + s)
             traj = flow.sample(pipe.v_fn, noise, cond, num_steps=sampling.num_steps, shift=sampling.shift,
                                guidance=sampling.guidance, uncond=uncond, sigma=sampling.sigma, generator=g)  # fmt: skip
             out.append(pipe.decode(traj.x0).cpu().numpy())
@@ -124,9 +128,11 @@ def with_avg(scores: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
 
 
 def evaluate(pipe: VideoPipeline, items: list[EvalItem], judge, *, prompt: str = "task",
-             seeds: tuple[int, ...] = (0,), sampling: SamplingConfig | None = None) -> dict[str, np.ndarray]:  # fmt: skip
+             seeds: tuple[int, ...] = (0,), sampling: SamplingConfig | None = None,
+             start: int = 0) -> dict[str, np.ndarray]:  # fmt: skip
     """Generate with each item's ``prompt`` text ("task" or "solution"), judge against its task.
 
+    ``items`` may be a slice of a larger list beginning at index ``start`` (see :func:`generate`).
     Returns question -> scores (S, N) for S seeds and N items, plus "avg"."""
     if prompt not in ("task", "solution"):
         raise ValueError(f"prompt: expected 'task' or 'solution', got {prompt!r}")
@@ -136,7 +142,7 @@ def evaluate(pipe: VideoPipeline, items: list[EvalItem], judge, *, prompt: str =
     tasks = [it.task for it in items]
     per_seed = []
     for seed in seeds:
-        videos = generate(pipe, images, texts, seed=seed, sampling=sampling)
+        videos = generate(pipe, images, texts, seed=seed, sampling=sampling, start=start)
         per_seed.append(with_avg(asyncio.run(score_videos(judge, videos, tasks))))
     return {q: np.stack([s[q] for s in per_seed]) for q in per_seed[0]}
 

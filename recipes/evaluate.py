@@ -8,10 +8,18 @@ prompted with the task. All conditions use the same items and the same initial n
 seed (engine.evaluation.item_noise), so differences are paired. Items: ``eval.tasks`` (a task file)
 or ``eval.num_items`` held-out toy scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
 
-Writes into <run>/eval/: one ``<condition>.npz`` of per-item scores per finished condition (a rerun
-skips those: resume), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
+Writes into <run>/eval/: ``partial/<condition>/items<a>-<b>.npz``, the per-item scores of each
+finished chunk of ``eval.batch_size`` items (atomic rename; a rerun skips finished chunks, so an
+interruption costs at most one chunk per rank), one ``<condition>.npz`` of per-item scores per finished
+condition (a rerun skips those), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
 ``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
-task) and ``results.md`` (the table). Runs on rank 0 only under torchrun.
+task) and ``results.md`` (the table).
+
+Under ``torchrun --nproc_per_node N`` every rank loads its own copy of the model and scores the chunks
+k = rank, rank + N, ...; a chunk is one sampler batch with the noise of (seed, item index), so the
+scores do not depend on N. Rank 0 gathers the scores (torch.distributed gather_object) and writes
+every output above except the partial chunk files, which each rank writes for its own chunks (so
+resume across restarts needs <run>/eval on a file system all ranks share, as training checkpoints do).
 """
 
 from __future__ import annotations
@@ -26,6 +34,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.dist import barrier, broadcast_from_main, gather_to_main, shard_of  # noqa: E402
 from engine.evaluation import (  # noqa: E402
     EvalItem,
     SamplingConfig,
@@ -35,8 +44,16 @@ from engine.evaluation import (  # noqa: E402
     paired_test,
     summarize,
 )
-from engine.log import get_logger, progress, rank  # noqa: E402
-from recipes.common import Kit, build_judge_backend, build_kit, load_image, load_items, run_dir  # noqa: E402
+from engine.log import get_logger, progress  # noqa: E402
+from recipes.common import (  # noqa: E402
+    Kit,
+    build_judge_backend,
+    build_kit,
+    dist_info,
+    load_image,
+    load_items,
+    run_dir,
+)
 
 log = get_logger("evaluate")
 COLUMNS = ("task", "agent", "consistency", "avg")
@@ -96,23 +113,53 @@ def write_videos(
         contact_sheet(video, folder / f"item{i:04d}.png")
 
 
+def chunk_ranges(n: int, size: int) -> list[range]:
+    """Items in chunks of ``size`` (= eval.batch_size: a chunk is one sampler batch, so a chunk scored
+    alone, on any rank, gives the scores the whole list would)."""
+    return [range(s, min(s + size, n)) for s in range(0, n, size)]
+
+
+def score_chunks(pipe: VideoPipeline, judge, items: list[EvalItem], cfg: JobConfig, prompt: str,
+                 chunks: list[range], folder: Path) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
+    """Scores of the given chunks (chunk start -> question -> (S, n)); each finished chunk is saved as
+    ``folder/items<start>-<stop>.npz`` (atomic rename) and read back instead of recomputed on a rerun."""
+    folder.mkdir(parents=True, exist_ok=True)
+    out, reused = {}, 0
+    for r in chunks:
+        path = folder / f"items{r.start:06d}-{r.stop:06d}.npz"
+        if path.is_file():
+            out[r.start], reused = dict(np.load(path)), reused + 1
+            continue
+        out[r.start] = evaluate(pipe, items[r.start : r.stop], judge, prompt=prompt, seeds=tuple(cfg.eval.seeds),
+                                sampling=sampling_of(cfg), start=r.start)  # fmt: skip
+        tmp = path.with_suffix(".tmp.npz")
+        np.savez(tmp, **out[r.start])
+        tmp.replace(path)
+    if reused:
+        log.info("%s: %d of %d chunks already scored (resume)", folder.name, reused, len(chunks))
+    return out
+
+
 def evaluate_condition(kit: Kit, judge, items, cfg: JobConfig, name: str, weights: str, prompt: str,
-                       out: Path) -> dict[str, np.ndarray]:  # fmt: skip
-    """Scores of one condition (question -> (S, N)), from its .npz when already finished."""
-    path = out / f"{name}.npz"
-    if path.is_file():
-        log.info("%s: already evaluated (%s)", name, path)
-        return dict(np.load(path))
+                       out: Path) -> dict[str, np.ndarray] | None:  # fmt: skip
+    """Scores of one condition (question -> (S, N)) on rank 0, None on the others. Every rank scores its
+    share of the chunks (round-robin); rank 0 gathers them, writes ``<name>.npz`` and the videos."""
+    info = dist_info(cfg)
+    chunks = chunk_ranges(len(items), cfg.eval.batch_size)
+    mine = [chunks[k] for k in shard_of(len(chunks), info.rank, info.world_size)]
     model = kit.load_denoiser(weights).eval()
     pipe = pipeline_for(kit, model)
     with torch.no_grad():
-        scores = evaluate(
-            pipe, items, judge, prompt=prompt, seeds=tuple(cfg.eval.seeds), sampling=sampling_of(cfg)
-        )
+        scored = score_chunks(pipe, judge, items, cfg, prompt, mine, out / "partial" / name)
+        gathered = gather_to_main(scored, f"evaluate {name}: gather scores")
+        if gathered is None:
+            return None
+        parts = {start: s for rank_scores in gathered for start, s in rank_scores.items()}
+        scores = {q: np.concatenate([parts[r.start][q] for r in chunks], axis=-1) for q in parts[0]}
         write_videos(pipe, items, prompt, cfg, out / "videos" / name, kit.fps)
     tmp = out / f"{name}.tmp.npz"
     np.savez(tmp, **scores)
-    tmp.replace(path)
+    tmp.replace(out / f"{name}.npz")
     return scores
 
 
@@ -145,21 +192,32 @@ def markdown_table(res: dict) -> str:
 
 
 def run(cfg: JobConfig, *, out: Path | None = None) -> dict:
-    """Evaluate every condition; returns the results dict (also written as results.json / results.md)."""
+    """Evaluate every condition; returns the results dict (also written as results.json / results.md) on
+    rank 0, {} on the other ranks (which return once rank 0 has written everything)."""
     out = out or run_dir(cfg) / "eval"
-    if rank() != 0:
-        return {}
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    info = dist_info(cfg)
+    conds = conditions(cfg)
+    finished = None
+    if info.is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
+        finished = [name for name, _, _ in conds if (out / f"{name}.npz").is_file()]
+    finished = broadcast_from_main(finished, "evaluate: finished conditions")
     kit, judge, items = build_kit(cfg), build_judge_backend(cfg), eval_items(cfg)
     all_scores = {}
-    conds = conditions(cfg)
     for name, weights, prompt in progress(conds, desc="evaluate", total=len(conds)):
-        all_scores[name] = evaluate_condition(kit, judge, items, cfg, name, weights, prompt, out)
-    res = results(all_scores, cfg)
-    (out / "results.json").write_text(json.dumps(res, indent=1))
-    (out / "results.md").write_text(markdown_table(res))
-    log.info("evaluation (%d items):\n%s", len(items), markdown_table(res))
+        if name in finished:
+            log.info("%s: already evaluated (%s)", name, out / f"{name}.npz")
+            all_scores[name] = dict(np.load(out / f"{name}.npz")) if info.is_main else None
+        else:
+            all_scores[name] = evaluate_condition(kit, judge, items, cfg, name, weights, prompt, out)
+    res = {}
+    if info.is_main:
+        res = results(all_scores, cfg)
+        (out / "results.json").write_text(json.dumps(res, indent=1))
+        (out / "results.md").write_text(markdown_table(res))
+        log.info("evaluation (%d items):\n%s", len(items), markdown_table(res))
+    barrier("evaluate: results written")
     return res
 
 
