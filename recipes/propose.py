@@ -7,8 +7,10 @@ Images come from ``data.manifest`` (JSONL rows with an ``image`` path, relative 
 the manifest's folder), or, when it is empty, from ``world.num_scenes`` toy scenes drawn from
 ``world.seed`` (rendered into <run>/images/). The proposer is the judge's VLM backend (the oracle on
 the toy world) and writes ``distill.pairs_per_image`` (task, solution) pairs per image. Rows are
-appended per chunk of images; a rerun skips images that already have rows (resume). Runs on rank 0
-only under torchrun.
+appended per chunk of images; a rerun skips images that already have rows (resume). Under
+``torchrun --nproc_per_node N`` the chunks are dealt round-robin to the ranks, and rank 0 gathers each
+round's rows (torch.distributed gather_object) and appends them in chunk order: the same rows as one
+process. The images must be readable by every rank (a shared file system).
 """
 
 from __future__ import annotations
@@ -22,8 +24,17 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
-from engine.log import get_logger, progress, rank  # noqa: E402
-from recipes.common import append_jsonl, build_proposer, load_image, read_jsonl, run_dir, save_image  # noqa: E402
+from engine.dist import barrier, broadcast_from_main, gather_to_main  # noqa: E402
+from engine.log import get_logger, progress  # noqa: E402
+from recipes.common import (  # noqa: E402
+    append_jsonl,
+    build_proposer,
+    dist_info,
+    load_image,
+    read_jsonl,
+    run_dir,
+    save_image,
+)
 
 log = get_logger("propose")
 CHUNK = 16
@@ -56,24 +67,47 @@ def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
     return out
 
 
-def propose(proposer, images: list[tuple[str, Path]], out: Path, n: int) -> int:
-    """Propose ``n`` pairs per image into ``out`` (appending; images with rows are skipped). -> rows written."""
-    done = {r["meta"]["image_id"] for r in read_jsonl(out)} if out.is_file() else set()
-    todo = [(i, p) for i, p in images if i not in done]
+def propose_chunk(
+    proposer, chunk: list[tuple[str, Path]], folder: Path, n: int
+) -> tuple[list[dict], list[str]]:
+    """Rows for one chunk of images (paths relative to ``folder`` when inside it), and the images that
+    got no pair."""
+    if not chunk:  # a rank without a chunk in the last round
+        return [], []
+    pairs = asyncio.run(proposer.propose([load_image(str(p)) for _, p in chunk], n))
+    rows, empty = [], []
+    for (image_id, path), image_pairs in zip(chunk, pairs):
+        if not image_pairs:
+            empty.append(str(path))
+        rel = path.relative_to(folder) if path.is_relative_to(folder) else path
+        for j, pair in enumerate(image_pairs):
+            rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task,
+                         "solution": pair.solution, "meta": {"image_id": image_id}})  # fmt: skip
+    return rows, empty
+
+
+def propose(
+    proposer, images: list[tuple[str, Path]], out: Path, n: int, rank: int = 0, world_size: int = 1
+) -> int:
+    """Propose ``n`` pairs per image into ``out`` (appending; images with rows are skipped). -> rows written.
+
+    With several ranks, round t gives chunk t * world + rank to each rank; rank 0 gathers the round's
+    rows and appends them in chunk order (the file a single process would write, up to resume points).
+    Every rank must pass the same ``images`` and see the same ``out``; rank 0 decides what is left."""
+    done = {r["meta"]["image_id"] for r in read_jsonl(out)} if rank == 0 and out.is_file() else set()
+    todo = broadcast_from_main([(i, p) for i, p in images if i not in done], "propose: images left")
     if done:
         log.info("resuming: %d of %d images already proposed", len(images) - len(todo), len(images))
     written, empty = 0, []
     chunks = [todo[s : s + CHUNK] for s in range(0, len(todo), CHUNK)]
-    for chunk in progress(chunks, desc="propose", total=len(chunks)):
-        pairs = asyncio.run(proposer.propose([load_image(str(p)) for _, p in chunk], n))
-        rows = []
-        for (image_id, path), image_pairs in zip(chunk, pairs):
-            if not image_pairs:
-                empty.append(str(path))
-            rel = path.relative_to(out.parent) if path.is_relative_to(out.parent) else path
-            for j, pair in enumerate(image_pairs):
-                rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task,
-                             "solution": pair.solution, "meta": {"image_id": image_id}})  # fmt: skip
+    rounds = [chunks[t : t + world_size] for t in range(0, len(chunks), world_size)]
+    for chunk_round in progress(rounds, desc="propose", total=len(rounds)):
+        mine = chunk_round[rank] if rank < len(chunk_round) else []
+        gathered = gather_to_main(propose_chunk(proposer, mine, out.parent, n), "propose: gather rows")
+        if gathered is None:
+            continue
+        rows = [row for rank_rows, _ in gathered for row in rank_rows]
+        empty += [path for _, rank_empty in gathered for path in rank_empty]
         append_jsonl(out, rows)
         written += len(rows)
     if empty:  # one line, not one per image: scenes with nothing to do are normal on the toy world
@@ -84,18 +118,22 @@ def propose(proposer, images: list[tuple[str, Path]], out: Path, n: int) -> int:
 
 
 def run(cfg: JobConfig) -> Path:
-    """Write <run>/tasks.jsonl (or ``distill.tasks``); returns its path."""
+    """Write <run>/tasks.jsonl (or ``distill.tasks``); returns its path (once rank 0 has written it)."""
     out_dir = run_dir(cfg)
     out = Path(cfg.distill.tasks) if cfg.distill.tasks else out_dir / "tasks.jsonl"
-    if rank() != 0:
-        return out
-    save_config(cfg, out_dir)
-    if cfg.data.manifest:
-        images = manifest_images(cfg.data.manifest, cfg.data.root)
-    else:
-        images = toy_scene_images(cfg.world.seed, cfg.world.num_scenes, out_dir / "images")
-    n = propose(build_proposer(cfg), images, out, cfg.distill.pairs_per_image)
-    log.info("proposed %d new pairs for %d images -> %s", n, len(images), out)
+    info = dist_info(cfg)
+    images = None
+    if info.is_main:
+        save_config(cfg, out_dir)
+        if cfg.data.manifest:
+            images = manifest_images(cfg.data.manifest, cfg.data.root)
+        else:
+            images = toy_scene_images(cfg.world.seed, cfg.world.num_scenes, out_dir / "images")
+    images = broadcast_from_main(images, "propose: image list")
+    n = propose(build_proposer(cfg), images, out, cfg.distill.pairs_per_image, info.rank, info.world_size)
+    if info.is_main:
+        log.info("proposed %d new pairs for %d images -> %s", n, len(images), out)
+    barrier("propose: tasks written")
     return out
 
 
