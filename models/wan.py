@@ -144,12 +144,23 @@ class WanImageEmbedding(nn.Module):
         if pos_embed_seq_len is not None:
             self.pos_embed = nn.Parameter(torch.zeros(1, pos_embed_seq_len, image_dim))
 
+    def reset_parameters(self) -> None:
+        """This module's own parameter (the submodules reset theirs): the FLF2V position table, zeros."""
+        if self.pos_embed is not None:
+            nn.init.zeros_(self.pos_embed)
+
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         if self.pos_embed is not None:  # FLF2V: first- and last-frame tokens side by side
             B, L, D = tokens.shape
             tokens = tokens.reshape(-1, 2 * L, D) + self.pos_embed  # (2B', L, D) -> (B', 2L, D)
         h = self.norm1(tokens)
         return self.norm2(self.ff(h.to(self.ff.fc1.weight.dtype)))
+
+
+@torch.no_grad()
+def _init_modulation(table: nn.Parameter) -> None:
+    """The adaLN table ~ N(0, 1) / sqrt(dim): the same draws as ``torch.randn(...) / dim**0.5``."""
+    table.normal_().div_(table.shape[-1] ** 0.5)
 
 
 class WanBlock(nn.Module):
@@ -171,7 +182,12 @@ class WanBlock(nn.Module):
             backend=cfg.attention_backend,
         )
         self.ffn = MLP(dim, cfg.ffn_dim, act="gelu_tanh")
-        self.modulation = nn.Parameter(torch.randn(1, 6, dim) / dim**0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 6, dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own parameter (the submodules reset theirs): modulation ~ N(0, 1) / sqrt(dim)."""
+        _init_modulation(self.modulation)
 
     def forward(
         self,
@@ -200,7 +216,12 @@ class WanHead(nn.Module):
         super().__init__()
         self.eps, self.norm_backend = cfg.eps, cfg.norm_backend
         self.proj = nn.Linear(cfg.dim, cfg.out_channels * math.prod(cfg.patch_size))
-        self.modulation = nn.Parameter(torch.randn(1, 2, cfg.dim) / cfg.dim**0.5)
+        self.modulation = nn.Parameter(torch.empty(1, 2, cfg.dim))
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        """This module's own parameter (proj resets its own): modulation ~ N(0, 1) / sqrt(dim)."""
+        _init_modulation(self.modulation)
 
     def forward(self, x: torch.Tensor, temb: torch.Tensor) -> torch.Tensor:
         """x (B, S, dim), temb (B, 1 or S, dim) -> (B, S, out_channels * prod(patch))."""
