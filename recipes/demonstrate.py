@@ -8,7 +8,9 @@ flow.num_steps), the judge scores it against the task (Task / Agent / Consistenc
 is stored. Output in <run>/demos/ (or ``distill.demos``): ``latents/*.safetensors`` (one file per
 chunk), ``index.jsonl`` (one row per demonstration: id, item_id, file, row, scores), and mp4 +
 contact sheet for the first ``eval.write_videos`` demonstrations. A rerun skips demonstrations
-already in the index (resume). Runs on rank 0 only under torchrun.
+already in the index (resume). Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size``
+demonstrations are dealt round-robin to the ranks (noise per (run.seed + j, item), as in one process);
+rank 0 gathers each round (torch.distributed gather_object) and writes the files above in chunk order.
 """
 
 from __future__ import annotations
@@ -24,12 +26,14 @@ import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.dist import barrier, broadcast_from_main, gather_to_main  # noqa: E402
 from engine.evaluation import item_noise, score_videos  # noqa: E402
-from engine.log import get_logger, progress, rank  # noqa: E402
+from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
     append_jsonl,
     build_judge_backend,
     build_kit,
+    dist_info,
     finished_ids,
     load_items,
     read_jsonl,
@@ -90,13 +94,50 @@ def read_demos(folder: Path, threshold: float | None) -> tuple[torch.Tensor, lis
     return stacked, [r["item_id"] for r in kept], len(kept), len(rows)
 
 
-def demonstrate(cfg: JobConfig, out: Path) -> int:
-    """Sample, judge and store the missing demonstrations; returns how many were written."""
+def demonstrate_chunk(kit, model, table, judge, items, cfg: JobConfig, chunk: list[tuple[int, int]],
+                      first: int) -> dict:  # fmt: skip
+    """Sample and judge one chunk of (seed offset j, item index i): its latents, scores and the videos
+    of its demonstrations numbered (``first`` + row) below ``eval.write_videos``."""
+    if not chunk:  # a rank without a chunk in the last round
+        return {"chunk": chunk}
+    idx = [i for _, i in chunk]
+    noise = torch.stack([item_noise(kit.latent_shape, cfg.run.seed + j, i) for j, i in chunk]).to(kit.device)
+    uncond = table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
+    x0 = flow.sample(model.predict_velocity, noise, table.cond(idx, "solution"), num_steps=cfg.flow.num_steps,
+                     shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond).x0  # fmt: skip
+    videos = kit.decode(x0).numpy()
+    scores = asyncio.run(score_videos(judge, videos, [items[i].task for i in idx]))
+    keep = {first + r: v for r, v in enumerate(videos) if first + r < cfg.eval.write_videos}
+    return {"chunk": chunk, "latents": x0.float().cpu().contiguous(), "scores": scores, "videos": keep}
+
+
+def write_chunk(out: Path, items, part: dict, fps: int) -> None:
+    """Rank 0: one chunk's latents file, its index rows and its videos."""
     from safetensors.torch import save_file
 
+    chunk, scores = part["chunk"], part["scores"]
+    name = f"latents/chunk{chunk[0][0]}_{chunk[0][1]:06d}.safetensors"
+    (out / "latents").mkdir(parents=True, exist_ok=True)
+    save_file({"latents": part["latents"]}, str(out / name))
+    rows = [{"id": f"{items[i].id}#{j}", "item_id": items[i].id, "file": name, "row": r,
+             "scores": {q: (None if np.isnan(v[r]) else float(v[r])) for q, v in scores.items()}}
+            for r, (j, i) in enumerate(chunk)]  # fmt: skip
+    append_jsonl(out / "index.jsonl", rows)
+    for k, video in part["videos"].items():
+        write_mp4(video, out / "videos" / f"demo{k:04d}.mp4", fps)
+        contact_sheet(video, out / "videos" / f"demo{k:04d}.png")
+
+
+def demonstrate(cfg: JobConfig, out: Path) -> int:
+    """Sample, judge and store the missing demonstrations; returns how many were written.
+
+    With several ranks, round t gives chunk t * world + rank to each rank; rank 0 gathers the round's
+    latents, scores and videos and writes them in chunk order (the files a single process writes)."""
+    info = dist_info(cfg)
     items = load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else run_dir(cfg) / "tasks.jsonl")
-    index = out / "index.jsonl"
-    done = finished_ids(index)
+    done = broadcast_from_main(
+        finished_ids(out / "index.jsonl") if info.is_main else None, "demonstrate: done"
+    )
     todo = [(j, i) for j in range(cfg.distill.demos_per_task) for i in range(len(items))
             if f"{items[i].id}#{j}" not in done]  # fmt: skip
     if not todo:
@@ -104,45 +145,33 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
     kit, judge = build_kit(cfg), build_judge_backend(cfg)
     table = kit.encode_items(items)
     model = kit.load_denoiser("").eval()
-    B, written = cfg.eval.batch_size, len(done)
+    B, W = cfg.eval.batch_size, info.world_size
     chunks = [todo[s : s + B] for s in range(0, len(todo), B)]
-    for chunk in progress(chunks, desc="demonstrate", total=len(chunks)):
-        idx = [i for _, i in chunk]
-        noise = torch.stack([item_noise(kit.latent_shape, cfg.run.seed + j, i) for j, i in chunk]).to(
-            kit.device
-        )
-        uncond = table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
-        x0 = flow.sample(model.predict_velocity, noise, table.cond(idx, "solution"), num_steps=cfg.flow.num_steps,
-                         shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond).x0  # fmt: skip
-        videos = kit.decode(x0).numpy()
-        scores = asyncio.run(score_videos(judge, videos, [items[i].task for i in idx]))
-        name = f"latents/chunk{chunk[0][0]}_{chunk[0][1]:06d}.safetensors"
-        (out / "latents").mkdir(parents=True, exist_ok=True)
-        save_file({"latents": x0.float().cpu().contiguous()}, str(out / name))
-        rows = [{"id": f"{items[i].id}#{j}", "item_id": items[i].id, "file": name, "row": r,
-                 "scores": {q: (None if np.isnan(v[r]) else float(v[r])) for q, v in scores.items()}}
-                for r, (j, i) in enumerate(chunk)]  # fmt: skip
-        append_jsonl(index, rows)
-        for r, video in enumerate(videos):
-            if written + r < cfg.eval.write_videos:
-                write_mp4(video, out / "videos" / f"demo{written + r:04d}.mp4", kit.fps)
-                contact_sheet(video, out / "videos" / f"demo{written + r:04d}.png")
-        written += len(chunk)
+    for t in progress(range(0, len(chunks), W), desc="demonstrate", total=-(-len(chunks) // W)):
+        k = t + info.rank
+        mine = chunks[k] if k < len(chunks) else []
+        with torch.no_grad():
+            part = demonstrate_chunk(kit, model, table, judge, items, cfg, mine, len(done) + k * B)
+        gathered = gather_to_main(part, "demonstrate: gather chunk")
+        for p in gathered or []:
+            if p["chunk"]:
+                write_chunk(out, items, p, kit.fps)
     return len(todo)
 
 
 def run(cfg: JobConfig) -> Path:
-    """Write the demonstrations folder; returns its path."""
+    """Write the demonstrations folder; returns its path (once rank 0 has written it)."""
     out = Path(cfg.distill.demos) if cfg.distill.demos else run_dir(cfg) / "demos"
-    if rank() != 0:
-        return out
-    out.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out)
+    if dist_info(cfg).is_main:
+        out.mkdir(parents=True, exist_ok=True)
+        save_config(cfg, out)
     n = demonstrate(cfg, out)
-    rows = read_jsonl(out / "index.jsonl")
-    ok = sum(1 for r in rows if (r["scores"].get("task") or 0.0) >= cfg.distill.filter_threshold)
-    log.info("%d new demonstrations; %d of %d solve their task (Task >= %.2f)", n, ok, len(rows),
-             cfg.distill.filter_threshold)  # fmt: skip
+    if dist_info(cfg).is_main:
+        rows = read_jsonl(out / "index.jsonl")
+        ok = sum(1 for r in rows if (r["scores"].get("task") or 0.0) >= cfg.distill.filter_threshold)
+        log.info("%d new demonstrations; %d of %d solve their task (Task >= %.2f)", n, ok, len(rows),
+                 cfg.distill.filter_threshold)  # fmt: skip
+    barrier("demonstrate: demonstrations written")
     return out
 
 
