@@ -127,9 +127,11 @@ def score_chunks(pipe: VideoPipeline, judge, items: list[EvalItem], cfg: JobConf
     out, reused = {}, 0
     for r in chunks:
         path = folder / f"items{r.start:06d}-{r.stop:06d}.npz"
-        if path.is_file():
-            out[r.start], reused = dict(np.load(path)), reused + 1
-            continue
+        if path.is_file():  # a file from another eval.seeds has another shape: recomputed
+            saved = dict(np.load(path))
+            if saved["avg"].shape == (len(cfg.eval.seeds), len(r)):
+                out[r.start], reused = saved, reused + 1
+                continue
         out[r.start] = evaluate(pipe, items[r.start : r.stop], judge, prompt=prompt, seeds=tuple(cfg.eval.seeds),
                                 sampling=sampling_of(cfg), start=r.start)  # fmt: skip
         tmp = path.with_suffix(".tmp.npz")
