@@ -13,13 +13,23 @@ matters and is fixed by :func:`parallelize`:
 
 AC goes inside compile (so the compiled graph contains the recompute), and FSDP outermost so its
 all-gather / reduce-scatter hooks wrap the compiled block.
+
+Meta-device initialisation (``model.meta_init``, torchtitan's way): a model built under
+``torch.device("meta")`` holds no memory; it is parallelised as above, then :func:`materialize`
+allocates only this rank's shards (``to_empty``) and fills them, either from a full state dict that
+only rank 0 reads (:func:`defer_weights` names the reader; the values are broadcast into every
+rank's shards) or by random initialisation (:func:`init_weights`). A 14B model then needs one full
+copy of the weights in host memory (rank 0's), not one per rank.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from functools import partial
+from itertools import chain
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import checkpoint_wrapper
 from torch.distributed.device_mesh import DeviceMesh
@@ -27,6 +37,7 @@ from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
 from engine.config import ParallelConfig, PrecisionConfig
+from engine.dist import collective
 from engine.log import get_logger
 
 log = get_logger("parallel")
@@ -139,3 +150,107 @@ def parallelize(
             reshard_after_forward=pcfg.reshard_after_forward,
         )
     return model
+
+
+# ---- meta-device initialisation ------------------------------------------------------------------
+
+_WEIGHTS_SOURCE = "_engine_full_state_dict_fn"  # the attribute defer_weights sets and materialize reads
+
+
+def is_meta(model: nn.Module) -> bool:
+    """Whether the model was built on the meta device (and still has to be materialised)."""
+    return any(t.is_meta for t in chain(model.parameters(), model.buffers()))
+
+
+def defer_weights(model: nn.Module, read_full_state_dict: Callable[[], dict[str, torch.Tensor]]) -> nn.Module:
+    """Name where a meta-built model's weights come from: a function returning the full state dict (our
+    keys), which :func:`materialize` calls on rank 0 only. Without it the model is randomly initialised."""
+    if not is_meta(model):
+        raise ValueError(f"defer_weights: {type(model).__name__} is not on the meta device")
+    setattr(model, _WEIGHTS_SOURCE, read_full_state_dict)
+    return model
+
+
+@torch.no_grad()
+def init_weights(model: nn.Module) -> None:
+    """Random initialisation of a materialised model: ``model.init_weights()`` when the model defines it
+    (it then owns every parameter and buffer), else ``reset_parameters()`` of every module that has one.
+    A parameter no module resets, or a persistent buffer, would keep ``to_empty``'s garbage: an error
+    names it (non-persistent buffers are :func:`materialize`'s ``init_buffers()``)."""
+    if callable(getattr(model, "init_weights", None)):
+        model.init_weights()
+        return
+    covered: set[int] = set()
+    for module in model.modules():
+        if callable(getattr(module, "reset_parameters", None)):
+            module.reset_parameters()
+            covered |= {id(p) for p in module.parameters(recurse=False)}
+    missing = [n for n, p in model.named_parameters() if id(p) not in covered]
+    transient = {
+        f"{m}.{b}" if m else b for m, mod in model.named_modules() for b in mod._non_persistent_buffers_set
+    }
+    missing += [n for n, _ in model.named_buffers() if n not in transient]  # those: init_buffers()
+    if missing:
+        raise TypeError(
+            f"{type(model).__name__}: no reset_parameters() initialises {missing[:3]} after meta-device "
+            "init; give the owning module a reset_parameters() or the model an init_weights()"
+        )
+
+
+def materialize(
+    model: nn.Module, device: torch.device, *, seed: int = 0, timeout_s: float | None = None
+) -> nn.Module:
+    """Allocate a meta-built (and possibly FSDP-sharded) model on ``device`` and fill it: the state dict
+    of :func:`defer_weights`, read on rank 0 only and broadcast into every rank's shards, or
+    :func:`init_weights` under ``seed`` (the same on every rank; the caller's RNG stream is untouched).
+    Models with non-persistent buffers (not in a state dict) must recompute them in ``init_buffers()``."""
+    model.to_empty(device=device)
+    read = getattr(model, _WEIGHTS_SOURCE, None)
+    if read is not None:
+        _load_from_rank0(model, read, timeout_s)
+    else:
+        with torch.random.fork_rng(devices=[] if device.type == "cpu" else [device]):
+            torch.manual_seed(seed + _shard_seed_offset(model))
+            init_weights(model)
+    transient = [n for m in model.modules() for n in getattr(m, "_non_persistent_buffers_set", ())]
+    if callable(getattr(model, "init_buffers", None)):
+        model.init_buffers()
+    elif transient:
+        raise TypeError(f"{type(model).__name__} has non-persistent buffers {transient[:3]}: after meta-device "
+                        "init they must be recomputed by a model.init_buffers()")  # fmt: skip
+    return model
+
+
+def _shard_seed_offset(model: nn.Module) -> int:
+    """DTensor draws a sharded tensor coherently (one stream, offset per shard) only on GPU-like meshes;
+    elsewhere (CPU / gloo) each rank draws its local shard from its own generator, so ranks holding
+    different shards must be seeded differently (replicas, the HSDP outer dim, alike)."""
+    import warnings
+
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._random import is_rng_supported_mesh
+
+    p = next((p for p in model.parameters() if isinstance(p, DTensor)), None)
+    if p is None:
+        return 0
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if is_rng_supported_mesh(p.device_mesh):
+            return 0
+    return 1_000_003 * (1 + p.device_mesh.get_coordinate()[-1])  # the shard index (last mesh dim)
+
+
+def _load_from_rank0(model: nn.Module, read: Callable[[], dict], timeout_s: float | None) -> None:
+    """Full state dict from ``read()`` on rank 0 -> every rank's parameters (DTensor shards or plain)."""
+    from torch.distributed.checkpoint.state_dict import StateDictOptions, set_model_state_dict
+
+    distributed = dist.is_initialized() and dist.get_world_size() > 1
+    sd: dict[str, torch.Tensor] = {}
+    if not distributed or dist.get_rank() == 0:
+        # cast to the model's dtypes: every rank must receive the dtype its own tensors have
+        ours = {n.replace("_checkpoint_wrapped_module.", ""): t.dtype
+                for n, t in chain(model.named_parameters(), model.named_buffers())}  # fmt: skip
+        sd = {k: v.to(ours[k]) if k in ours else v for k, v in read().items()}
+    options = StateDictOptions(full_state_dict=True, broadcast_from_rank0=distributed, strict=True)
+    with collective("load weights from rank 0", timeout_s):
+        set_model_state_dict(model, sd, options=options)

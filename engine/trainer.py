@@ -35,7 +35,10 @@ the update, is logged and counted; ``max_bad_steps`` in a row raise :class:`NonF
 per-rank seeding (``run.seed + rank``), checkpoints (engine/checkpoint.py), metrics and profiling.
 
 Every rank must build the model with the same weights; with several ranks the trainer also broadcasts
-rank 0's parameters before sharding, so a per-rank seed before building does no harm.
+rank 0's parameters before sharding, so a per-rank seed before building does no harm. A model built on
+the meta device (``model.meta_init``) is parallelised first and then materialised shard by shard
+(``engine.parallel.materialize``): its weights are read by rank 0 only when the recipe named them with
+``engine.parallel.defer_weights``, else randomly initialised (``reset_parameters`` / ``init_weights``).
 """
 
 from __future__ import annotations
@@ -58,7 +61,7 @@ from engine.config import JobConfig, save_config
 from engine.dist import DistInfo, collective, init_distributed
 from engine.log import get_logger, progress
 from engine.metrics import MetricsLogger, device_peak_flops, model_flops_per_token
-from engine.parallel import parallelize
+from engine.parallel import is_meta, materialize, parallelize
 from engine.precision import apply_attention_precision, apply_fp8, autocast, fp8_context
 from engine.profile import Profiler, span
 
@@ -212,8 +215,10 @@ class Trainer:
 
     # ---- build steps ----------------------------------------------------------------------------
     def _build_model(self, model: nn.Module) -> nn.Module:
-        model.to(self.dist.device)
-        if self.dist.distributed:
+        meta = is_meta(model)  # built on the meta device: sharded first, then materialised (engine.parallel)
+        if not meta:
+            model.to(self.dist.device)
+        if self.dist.distributed and not meta:
             with collective("broadcast initial parameters", self.cfg.parallel.timeout_s):
                 for t in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(t.data, src=0)
@@ -221,6 +226,10 @@ class Trainer:
         if self.cfg.model.attention_precision == "fp8":
             apply_attention_precision(model, self.cfg.model)
         model = parallelize(model, self.cfg.parallel, self.cfg.precision, self.dist.dp_mesh)
+        if meta:
+            materialize(
+                model, self.dist.device, seed=self.cfg.run.seed, timeout_s=self.cfg.parallel.timeout_s
+            )
         self.sharded = isinstance(model, FSDPModule)
         return model
 
