@@ -372,14 +372,26 @@ class DiffusersInterop:
     ):
         """From a local diffusers folder (config.json + safetensors, sharded index supported; a pipeline
         folder's ``transformer/`` is used). dtype: cast with :meth:`cast` (keep_fp32 modules stay fp32)."""
-        path = Path(path)
-        if (path / "transformer" / "config.json").is_file():
-            path = path / "transformer"
+        path = cls.pretrained_folder(path)
         cfg = cls.config_cls.from_diffusers_config(read_config(path), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
         model.load_diffusers_state_dict(load_safetensors(path, device=device), assign=True)
         return model.cast(dtype) if dtype is not None else model
+
+    @staticmethod
+    def pretrained_folder(path: str | Path) -> Path:
+        """The folder holding the transformer's config.json: ``path`` or a pipeline folder's ``transformer/``."""
+        path = Path(path)
+        return path / "transformer" if (path / "transformer" / "config.json").is_file() else path
+
+    @classmethod
+    def meta_from_pretrained(cls, path: str | Path, **overrides: Any):
+        """The model of a local diffusers folder built on the meta device from its config.json alone
+        (no weights read): for meta-device initialisation, where the engine loads the weights later."""
+        cfg = cls.config_cls.from_diffusers_config(read_config(cls.pretrained_folder(path)), **overrides)
+        with torch.device("meta"):
+            return cls(cfg)
 
     def cast(self, dtype: torch.dtype):
         """Cast parameters to ``dtype`` except those under a module named in ``keep_fp32`` (kept fp32)."""

@@ -7,7 +7,7 @@ A :class:`Kit` holds the model-specific pieces a recipe needs:
     kit = build_kit(cfg)                       # text encoder, latent map, how to load a denoiser
     table = kit.encode_items(items)            # encode once: image latents, task and solution texts
     cond = table.cond(idx, "task")             # {"text", "text_lengths", "image_latent"} rows idx
-    model = kit.load_denoiser(path)            # "" = the Demonstrator
+    model = kit.load_denoiser(path)            # "" = the Demonstrator; meta=True for the Trainer / teacher
     videos = kit.decode(latents)               # uint8 (B, T, H, W, 3) for the judge and mp4 files
 
 Task files are JSONL rows ``{"id", "image", "task", "solution", "meta"}`` (image relative to the
@@ -98,17 +98,23 @@ def annotate_flops(model: nn.Module, latent_shape: tuple[int, ...], text_len: in
 
 def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:
     """The frozen Demonstrator placed like the trainer places the Executor: same device, FP8 backend,
-    activation checkpointing off (no backward), FSDP2 over the same mesh (its forward all-gathers)."""
+    activation checkpointing off (no backward), FSDP2 over the same mesh (its forward all-gathers); a
+    meta-built one (``kit.load_denoiser("", meta=True)``) is materialised after sharding, as the trainer does."""
     import dataclasses
 
-    from engine.parallel import parallelize
+    from engine.parallel import is_meta, materialize, parallelize
     from engine.precision import apply_fp8
 
     info = dist_info(cfg)
-    frozen(model).to(info.device)
+    meta = is_meta(frozen(model))  # model.meta_init: shard first, then materialise (rank 0 reads)
+    if not meta:
+        model.to(info.device)
     apply_fp8(model, cfg.precision)
     pcfg = dataclasses.replace(cfg.parallel, activation_checkpointing="none")
-    return parallelize(model, pcfg, cfg.precision, info.dp_mesh)
+    model = parallelize(model, pcfg, cfg.precision, info.dp_mesh)
+    if meta:
+        materialize(model, info.device, seed=cfg.run.seed, timeout_s=cfg.parallel.timeout_s)
+    return model
 
 
 def model_autocast(cfg: JobConfig, model: nn.Module):
@@ -247,7 +253,9 @@ class Kit:
     encode_images: Callable[[np.ndarray], torch.Tensor]  # uint8 (B, H, W, 3) -> (B, C, 1, h, w)
     encode_image_tokens: Callable[[np.ndarray], torch.Tensor] | None  # uint8 -> (B, N, D) (Wan2.1 I2V CLIP)
     decode: Callable[[torch.Tensor], torch.Tensor]  # latent (B, C, T, h, w) -> uint8 (B, T, H, W, 3)
-    load_denoiser: Callable[[str], nn.Module]  # weights path ("" = the Demonstrator) -> frozen-able module
+    # (weights path ("" = the Demonstrator), meta=False) -> module; meta=True: on the meta device, weights
+    # deferred to engine.parallel.materialize (rank 0 reads them), for the Trainer or prepare_teacher only
+    load_denoiser: Callable[..., nn.Module]
 
     @torch.no_grad()
     def encode_items(self, items: list[Item], batch: int = 64) -> PromptTable:
@@ -307,7 +315,8 @@ def _toy_kit(cfg: JobConfig) -> Kit:
     def encode_images(images: np.ndarray) -> torch.Tensor:
         return toy_latent.image_latent(torch.from_numpy(np.ascontiguousarray(images))).to(device)
 
-    def load_denoiser(weights: str) -> nn.Module:
+    def load_denoiser(weights: str, meta: bool = False) -> nn.Module:
+        # meta is ignored: the toy Demonstrator is small and already in memory
         model = copy.deepcopy(demo.dit)
         if weights:
             load_weights(model, weights)
@@ -363,7 +372,11 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         if enc.image is not None
         else None,
         decode=decode,
-        load_denoiser=lambda weights: load_pretrained_denoiser(cfg, weights).to(device),
+        load_denoiser=lambda weights, meta=False: (
+            load_pretrained_denoiser(cfg, weights, meta=meta)
+            if meta
+            else load_pretrained_denoiser(cfg, weights).to(device)
+        ),
     )
 
 
@@ -377,15 +390,21 @@ def build_denoiser(cfg: JobConfig, **overrides) -> nn.Module:
                               attention_backend=cfg.model.attention, **overrides)  # fmt: skip
 
 
-def load_pretrained_denoiser(cfg: JobConfig, weights: str) -> nn.Module:
+def load_pretrained_denoiser(cfg: JobConfig, weights: str, *, meta: bool = False) -> nn.Module:
     """The DiT from ``model.pretrained`` (a diffusers-format folder); ``weights`` = one of our exports
-    (engine.checkpoint.export_safetensors) loaded on top, e.g. a distilled Executor."""
+    (engine.checkpoint.export_safetensors) loaded on top, e.g. a distilled Executor. ``meta``: built on
+    the meta device from config.json alone, the reading of both deferred to rank 0 at materialisation
+    (engine.parallel.defer_weights); its parameters stay fp32 whatever dtype the files hold."""
     import models
+    from engine.parallel import defer_weights
 
     if not cfg.model.pretrained:
         raise ValueError(f"model.pretrained: expected a diffusers-format folder for {cfg.model.family}/"
                          f"{cfg.model.flavour}, got ''")  # fmt: skip
     model_cls, _ = models.model_classes(cfg.model.family)
+    if meta:
+        model = model_cls.meta_from_pretrained(cfg.model.pretrained)
+        return defer_weights(model, lambda: load_pretrained_denoiser(cfg, weights).state_dict())
     model = model_cls.from_pretrained(cfg.model.pretrained)
     if weights:
         load_weights(model, weights)

@@ -149,9 +149,11 @@ def build(cfg: JobConfig) -> tuple:
     kit = build_kit(cfg)
     tasks = Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl"
     table = kit.encode_items(load_items(tasks))
-    executor = annotate_flops(kit.load_denoiser(cfg.distill.init), kit.latent_shape, table.text_len)
+    executor = annotate_flops(
+        kit.load_denoiser(cfg.distill.init, meta=cfg.model.meta_init), kit.latent_shape, table.text_len
+    )
     if cfg.distill.mode == "on_policy":
-        teacher = prepare_teacher(kit.load_denoiser(""), cfg)
+        teacher = prepare_teacher(kit.load_denoiser("", meta=cfg.model.meta_init), cfg)
         return kit, executor, distill_loss, OnPolicyBatches(cfg, kit, table, teacher)
     latents, item_idx = load_demos(cfg, table, out)
     return kit, executor, sft_loss, DemoBatches(cfg, table, latents, item_idx)

@@ -187,8 +187,10 @@ def run(cfg: JobConfig) -> Path:
     table = kit.encode_items(
         load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl")
     )
-    executor = annotate_flops(kit.load_denoiser(cfg.rl.init), kit.latent_shape, table.text_len)
-    teacher = prepare_teacher(kit.load_denoiser(""), cfg)
+    executor = annotate_flops(
+        kit.load_denoiser(cfg.rl.init, meta=cfg.model.meta_init), kit.latent_shape, table.text_len
+    )
+    teacher = prepare_teacher(kit.load_denoiser("", meta=cfg.model.meta_init), cfg)
     with build_judge(cfg) as judge:
         batches = GroupBatches(cfg, kit, table, teacher, judge)
         trainer = Trainer(cfg, executor, rl_loss_fn(cfg), batches, run_dir=out)
