@@ -1,0 +1,163 @@
+"""Meta-device initialisation (model.meta_init): build on meta, shard, then rank 0 alone reads the weights
+(or a random init fills the shards). Two gloo processes vs plain single-process loads; single-process
+checks of the engine's hooks."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+import models
+from engine.parallel import defer_weights, is_meta, materialize
+from models.wan import WanModel
+
+pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
+
+ROOT = Path(__file__).resolve().parents[1]
+SCRIPT = ROOT / "tests" / "dist_scripts" / "meta_init.py"
+TRAIN = "--train.steps 3 --train.batch_size 2 --train.grad_accum 1 --train.lr 3e-3 --checkpoint.interval 0".split()
+
+
+def _save_diffusers_folder(folder: Path, seed: int = 3) -> WanModel:
+    """A Wan "debug" transformer in diffusers layout (config.json + safetensors), as a user's folder."""
+    torch.manual_seed(seed)
+    model = models.build_model("wan", "debug")
+    folder.mkdir(parents=True)
+    sd = {k: v.contiguous() for k, v in model.to_diffusers_state_dict().items()}
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    config = {"_class_name": "WanTransformer3DModel", **model.cfg.to_diffusers_config()}
+    (folder / "config.json").write_text(json.dumps(config))
+    return model
+
+
+def _assert_same(got: dict[str, torch.Tensor], want: dict[str, torch.Tensor], what: str) -> None:
+    assert got.keys() == want.keys(), what
+    for k, w in want.items():
+        assert torch.equal(got[k], w), f"{what}: {k} differs"
+
+
+@pytest.mark.dist
+def test_meta_init_rank0_load_matches_plain_load(tmp_path):
+    """On 2 gloo ranks: the Executor (Trainer) and the frozen Demonstrator (prepare_teacher) built on meta
+    and loaded by rank 0 alone hold bit-exactly the plain single-process load's parameters after FSDP;
+    training matches the path without meta_init; a random init fills valid, distinct shards."""
+    folder = tmp_path / "transformer"
+    _save_diffusers_folder(folder)
+    plain = WanModel.from_pretrained(folder).state_dict()
+    out = tmp_path / "out"
+    out.mkdir()
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    cmd = [*launcher, str(SCRIPT), "--folder", str(folder), "--out", str(out), *TRAIN]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=180)
+    assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
+
+    _assert_same(load_file(out / "meta_full.safetensors"), plain, "Executor under meta_init")
+    _assert_same(load_file(out / "teacher_full.safetensors"), plain, "Demonstrator under meta_init")
+    # while meta_init was on, only rank 0 opened the weights (Executor + Demonstrator: twice)
+    assert not (out / "loaded_by_rank1").exists()
+    assert (out / "loaded_by_rank0").read_text().splitlines() == [str(folder)] * 2
+
+    losses = json.loads((out / "losses.json").read_text())
+    assert losses["meta"] == pytest.approx(losses["plain"], rel=1e-5, abs=1e-6)
+    final_meta, final_plain = (
+        load_file(out / "final_meta.safetensors"),
+        load_file(out / "final_plain.safetensors"),
+    )
+    for k, w in final_plain.items():
+        assert (final_meta[k] - w).abs().max().item() < 1e-5, k
+
+    _check_random_init(load_file(out / "random_full.safetensors"), load_file(out / "random_rope.safetensors"))
+
+
+def _check_random_init(got: dict[str, torch.Tensor], rope: dict[str, torch.Tensor]) -> None:
+    """Against a normally built model: constant inits equal, random ones of the same scale, the two ranks'
+    row shards distinct (not one seed drawn twice), RoPE tables equal."""
+    torch.manual_seed(0)
+    ref = models.build_model("wan", "debug")
+    want = ref.state_dict()
+    assert got.keys() == want.keys()
+    for k, w in want.items():
+        g = got[k]
+        assert g.shape == w.shape and torch.isfinite(g).all(), k
+        if w.numel() == 1 or w.std() == 0:  # norms (ones), zero-initialised tables
+            assert torch.equal(g, w), k
+        elif w.numel() >= 512:
+            assert 0.8 < (g.std() / w.std()).item() < 1.25, k
+            half = g.shape[0] // 2
+            assert not torch.equal(g[:half], g[half : 2 * half]), k
+    cos, sin = ref.rope_tables((2, 2, 2), torch.device("cpu"))
+    assert torch.equal(rope["cos"], cos) and torch.equal(rope["sin"], sin)
+
+
+def test_single_process_meta_load_and_random_init(tmp_path):
+    """Without a process group, materialize loads the deferred weights (bit-exact) or random-inits with the
+    valid values (module by module: not the constructor's draw order), leaving the caller's RNG untouched."""
+    from engine.config import JobConfig
+    from recipes.common import load_pretrained_denoiser
+
+    folder = tmp_path / "transformer"
+    _save_diffusers_folder(folder)
+    cfg = JobConfig()
+    cfg.model.family, cfg.model.flavour, cfg.model.pretrained = "wan", "debug", str(folder)
+    model = load_pretrained_denoiser(cfg, "", meta=True)
+    assert is_meta(model)
+    _assert_same(materialize(model, torch.device("cpu")).state_dict(),
+                 WanModel.from_pretrained(folder).state_dict(), "single-process meta load")  # fmt: skip
+
+    torch.manual_seed(5)
+    with torch.device("meta"):
+        meta = models.build_model("wan", "debug")
+    before = torch.get_rng_state()
+    materialize(meta, torch.device("cpu"), seed=0)
+    assert torch.equal(torch.get_rng_state(), before)
+    rope = dict(zip(("cos", "sin"), meta.rope_tables((2, 2, 2), torch.device("cpu")), strict=True))
+    _check_random_init(meta.state_dict(), rope)
+
+
+class _WithTable(nn.Module):
+    """A model with a non-persistent buffer (like a RoPE table) that it recomputes in init_buffers()."""
+
+    def __init__(self):
+        super().__init__()
+        self.proj = nn.Linear(4, 4)
+        self.register_buffer("table", torch.arange(4.0).exp(), persistent=False)
+
+    def init_buffers(self) -> None:
+        self.table = torch.arange(4.0, device=self.proj.weight.device).exp()
+
+
+def test_materialize_recomputes_buffers_and_names_what_it_cannot_init():
+    normal = _WithTable()
+    with torch.device("meta"):
+        model = _WithTable()
+    defer_weights(model, normal.state_dict)
+    materialize(model, torch.device("cpu"))
+    _assert_same(model.state_dict(), normal.state_dict(), "loaded")
+    assert torch.equal(model.table, normal.table)
+
+    with torch.device("meta"):
+        no_hook = nn.Sequential(nn.Linear(2, 2))
+        no_hook.register_buffer("table", torch.ones(2), persistent=False)
+    with pytest.raises(TypeError, match="non-persistent buffers \\['table'\\]"):
+        materialize(no_hook, torch.device("cpu"))
+
+    class Raw(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.scale = nn.Parameter(torch.ones(3))
+
+    with torch.device("meta"):
+        raw = Raw()
+    with pytest.raises(TypeError, match="\\['scale'\\]"):
+        materialize(raw, torch.device("cpu"))
+    with pytest.raises(ValueError, match="not on the meta device"):
+        defer_weights(nn.Linear(2, 2), dict)
