@@ -85,6 +85,14 @@ def split_micro(batch: dict, n: int) -> list[dict]:
     return [{k: part(v, i) for k, v in batch.items()} for i in range(n)]
 
 
+def num_tokens(model: nn.Module, x: torch.Tensor) -> int:
+    """Latent tokens of a batch x (B, C, F, h, w) after the model's patchify: the trainer's tokens/s (and,
+    with :func:`annotate_flops`, its MFU) come from this count logged as ``num_tokens``."""
+    pt, ph, pw = model.cfg.patch
+    B, _, F, h, w = x.shape
+    return B * (F // pt) * (h // ph) * (w // pw)
+
+
 def annotate_flops(model: nn.Module, latent_shape: tuple[int, ...], text_len: int) -> nn.Module:
     """Fix the model's forward FLOPs per token for this job's sequence length, as the attribute the
     trainer's MFU reads (engine.metrics.model_flops_per_token wants a number or a zero-arg method)."""

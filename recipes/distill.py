@@ -44,6 +44,7 @@ from recipes.common import (  # noqa: E402
     annotate_flops,
     build_kit,
     load_items,
+    num_tokens,
     prepare_teacher,
     run_dir,
     split_micro,
@@ -95,7 +96,8 @@ class OnPolicyBatches:
 def distill_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
     v = model.predict_velocity(mb["x_t"], mb["t"], mb["cond"])
     loss = velocity_distill_loss(v, mb["v_teacher"], mb["weight"])
-    return loss, {"distill_mse": velocity_distill_loss(v.detach(), mb["v_teacher"])}
+    return loss, {"distill_mse": velocity_distill_loss(v.detach(), mb["v_teacher"]),
+                  "num_tokens": num_tokens(model, mb["x_t"])}  # fmt: skip
 
 
 class DemoBatches:
@@ -125,7 +127,7 @@ class DemoBatches:
 
 def sft_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
     v = model.predict_velocity(flow.add_noise(mb["x0"], mb["noise"], mb["t"]), mb["t"], mb["cond"])
-    return flow_matching_loss(v, mb["x0"], mb["noise"]), {}
+    return flow_matching_loss(v, mb["x0"], mb["noise"]), {"num_tokens": num_tokens(model, mb["x0"])}
 
 
 def load_demos(cfg: JobConfig, table: PromptTable, out: Path) -> tuple[torch.Tensor, torch.Tensor]:

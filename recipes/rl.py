@@ -55,6 +55,7 @@ from recipes.common import (  # noqa: E402
     build_kit,
     judge_requests,
     load_items,
+    num_tokens,
     prepare_teacher,
     run_dir,
     split_micro,
@@ -171,7 +172,7 @@ def rl_loss_fn(cfg: JobConfig):
         policy, stats = grpo_policy_loss(logp, logp_old, mb["adv"], cfg.rl.clip_range)
         anchor = demonstrator_anchor_loss(v, mb["v_teacher"], cfg.rl.beta_d)
         return policy + anchor, {"policy_loss": policy.detach(), "anchor_loss": anchor.detach(), **stats,
-                                 **mb["logs"]}  # fmt: skip
+                                 **mb["logs"], "num_tokens": num_tokens(model, mb["x"])}  # fmt: skip
 
     return loss_fn
 
