@@ -122,7 +122,8 @@ def final_results(cfg: JobConfig, out: Path, executors: dict[str, Path], gap: di
 
 def gap_closed_lines(res: dict, cfg: JobConfig) -> str:
     """One line per Executor: the share of the Demonstrator's Avg gap it closes."""
-    rows = [f"- {name}: {g['mean']:.0%} [{g['lo']:.0%}, {g['hi']:.0%}]" for name, c in res["conditions"].items()
+    pct = lambda x: f"{round(100 * x)}%"  # noqa: E731  (round, not :.0%, so -0.2% prints as 0%)
+    rows = [f"- {name}: {pct(g['mean'])} [{pct(g['lo'])}, {pct(g['hi'])}]" for name, c in res["conditions"].items()
             if (g := c.get("gap_closed"))]  # fmt: skip
     head = f"Share of the Demonstrator's gap (solution - task, Avg) closed ({cfg.eval.ci:.0%} CI, paired bootstrap):"
     return "\n".join([head, *rows]) + "\n"
