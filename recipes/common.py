@@ -85,23 +85,16 @@ def split_micro(batch: dict, n: int) -> list[dict]:
     return [{k: part(v, i) for k, v in batch.items()} for i in range(n)]
 
 
-def num_tokens(model: nn.Module, x: torch.Tensor) -> int:
-    """Latent tokens of a batch x (B, C, F, h, w) after the model's patchify: the trainer's tokens/s (and,
-    with :func:`annotate_flops`, its MFU) come from this count logged as ``num_tokens``."""
+def work_logs(model: nn.Module, x: torch.Tensor, cond: dict) -> dict[str, float]:
+    """``num_tokens`` and ``num_flops`` (forward) of a batch x (B, C, F, h, w) with text ``cond["text"]``:
+    the trainer pops them for tokens/s and MFU (engine/trainer.py's loss contract)."""
     pt, ph, pw = model.cfg.patch
     B, _, F, h, w = x.shape
-    return B * (F // pt) * (h // ph) * (w // pw)
-
-
-def annotate_flops(model: nn.Module, latent_shape: tuple[int, ...], text_len: int) -> nn.Module:
-    """Fix the model's forward FLOPs per token for this job's sequence length, as the attribute the
-    trainer's MFU reads (engine.metrics.model_flops_per_token wants a number or a zero-arg method)."""
-    f = getattr(model, "flops_per_token", None)
-    if callable(f) and hasattr(model, "cfg"):
-        _, T, h, w = latent_shape
-        pt, ph, pw = model.cfg.patch
-        model.flops_per_token = float(f((T // pt) * (h // ph) * (w // pw), text_len))
-    return model
+    seq = (F // pt) * (h // ph) * (w // pw)
+    return {
+        "num_tokens": B * seq,
+        "num_flops": B * seq * float(model.flops_per_token(seq, cond["text"].shape[1])),
+    }
 
 
 def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:

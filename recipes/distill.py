@@ -41,14 +41,13 @@ from engine.losses import flow_matching_loss, timestep_weights, velocity_distill
 from recipes.common import (  # noqa: E402
     Kit,
     PromptTable,
-    annotate_flops,
     build_kit,
     load_items,
-    num_tokens,
     prepare_teacher,
     run_dir,
     split_micro,
     step_generator,
+    work_logs,
 )
 
 log = get_logger("distill")
@@ -97,7 +96,7 @@ def distill_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
     v = model.predict_velocity(mb["x_t"], mb["t"], mb["cond"])
     loss = velocity_distill_loss(v, mb["v_teacher"], mb["weight"])
     return loss, {"distill_mse": velocity_distill_loss(v.detach(), mb["v_teacher"]),
-                  "num_tokens": num_tokens(model, mb["x_t"])}  # fmt: skip
+                  **work_logs(model, mb["x_t"], mb["cond"])}  # fmt: skip
 
 
 class DemoBatches:
@@ -127,7 +126,7 @@ class DemoBatches:
 
 def sft_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
     v = model.predict_velocity(flow.add_noise(mb["x0"], mb["noise"], mb["t"]), mb["t"], mb["cond"])
-    return flow_matching_loss(v, mb["x0"], mb["noise"]), {"num_tokens": num_tokens(model, mb["x0"])}
+    return flow_matching_loss(v, mb["x0"], mb["noise"]), work_logs(model, mb["x0"], mb["cond"])
 
 
 def load_demos(cfg: JobConfig, table: PromptTable, out: Path) -> tuple[torch.Tensor, torch.Tensor]:
@@ -151,9 +150,7 @@ def build(cfg: JobConfig) -> tuple:
     kit = build_kit(cfg)
     tasks = Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl"
     table = kit.encode_items(load_items(tasks))
-    executor = annotate_flops(
-        kit.load_denoiser(cfg.distill.init, meta=cfg.model.meta_init), kit.latent_shape, table.text_len
-    )
+    executor = kit.load_denoiser(cfg.distill.init, meta=cfg.model.meta_init)
     if cfg.distill.mode == "on_policy":
         teacher = prepare_teacher(kit.load_denoiser("", meta=cfg.model.meta_init), cfg)
         return kit, executor, distill_loss, OnPolicyBatches(cfg, kit, table, teacher)

@@ -39,6 +39,7 @@ from engine.world import latent as toy_latent  # noqa: E402
 from engine.world.demonstrator import ToyDemonstrator, eval_items, toy_pipeline  # noqa: E402
 from engine.world.scene import random_moves, random_scene, render, solution_text  # noqa: E402
 from engine.world.text import ToyTextEncoder, tokenize  # noqa: E402
+from recipes.common import work_logs  # noqa: E402
 
 log = get_logger("pretrain")
 ASSETS = Path(__file__).resolve().parents[1] / "engine" / "world" / "assets"
@@ -115,8 +116,7 @@ def pretrain_loss(model: nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.
     cond = {"text": text, "text_lengths": torch.full_like(mb["ids"][:, 0], text.shape[1]),
             "image_latent": mb["image_latent"]}  # fmt: skip
     loss, logs = flow.flow_matching_loss(m.predict_velocity, mb["x0"], cond, t=mb["t"], noise=mb["noise"])
-    logs["num_tokens"] = mb["x0"].shape[0] * mb["x0"].shape[2] * mb["x0"].shape[3] * mb["x0"].shape[4] // 4
-    return loss, logs
+    return loss, {**logs, **work_logs(m.dit, mb["x0"], cond)}
 
 
 # ---------------------------------------------------------------------------------------------

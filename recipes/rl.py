@@ -50,16 +50,15 @@ from kernels.sampler import flow_step  # noqa: E402
 from recipes.common import (  # noqa: E402
     Kit,
     PromptTable,
-    annotate_flops,
     build_judge,
     build_kit,
     judge_requests,
     load_items,
-    num_tokens,
     prepare_teacher,
     run_dir,
     split_micro,
     step_generator,
+    work_logs,
 )
 
 log = get_logger("rl")
@@ -172,7 +171,7 @@ def rl_loss_fn(cfg: JobConfig):
         policy, stats = grpo_policy_loss(logp, logp_old, mb["adv"], cfg.rl.clip_range)
         anchor = demonstrator_anchor_loss(v, mb["v_teacher"], cfg.rl.beta_d)
         return policy + anchor, {"policy_loss": policy.detach(), "anchor_loss": anchor.detach(), **stats,
-                                 **mb["logs"], "num_tokens": num_tokens(model, mb["x"])}  # fmt: skip
+                                 **mb["logs"], **work_logs(model, mb["x"], mb["cond"])}  # fmt: skip
 
     return loss_fn
 
@@ -188,9 +187,7 @@ def run(cfg: JobConfig) -> Path:
     table = kit.encode_items(
         load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl")
     )
-    executor = annotate_flops(
-        kit.load_denoiser(cfg.rl.init, meta=cfg.model.meta_init), kit.latent_shape, table.text_len
-    )
+    executor = kit.load_denoiser(cfg.rl.init, meta=cfg.model.meta_init)
     teacher = prepare_teacher(kit.load_denoiser("", meta=cfg.model.meta_init), cfg)
     with build_judge(cfg) as judge:
         batches = GroupBatches(cfg, kit, table, teacher, judge)
