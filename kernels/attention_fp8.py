@@ -29,7 +29,9 @@ Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), d
                                               needs an in-tile dynamic scale; the emulation can measure it
                                               with bwd_fp8=("dv", "dp", "dqdk"): docs/FP8_ATTENTION.md)
   The gradients treat the quantisation as the identity (straight-through); with K smoothing dK is exact
-  since sum_j dS_ij = 0. dQ, dK use the unquantised q, k (RoPE-rotated, not Hadamard-rotated).
+  since sum_j dS_ij = 0. dQ, dK use the unquantised q, k (RoPE-rotated, not Hadamard-rotated), and dQ the
+  smoothed keys, dS (K - mean K) = dS K - rowsum(dS) mean K: the true rowsum is 0, the FP8 one is not,
+  and with a large key offset that term was most of dQ's error (measured: 9.7% -> 6.7%).
 Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query tiles), one dQ kernel (per
 query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
 travel in float16 (every e4m3 value is exact in fp16) and the in-kernel P rounding uses an exact bit-level
@@ -56,7 +58,10 @@ QUANT_BLOCK = 128
 FP8_HEAD_DIMS = (64, 128)
 _LOG2E = 1.4426950408889634
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-BWD_MATMULS = ("dv", "dp", "dqdk")  # backward products the emulation can run in FP8 (for measurement)
+BWD_MATMULS = ("dv", "dp", "dqdk")  # backward products that can run in FP8 (kernel and emulation)
+# dS formats (torch dtype, largest finite value): e4m3 (3 mantissa bits) or e5m2 (2 bits, wider range)
+FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, E4M3_MAX), "e5m2": (torch.float8_e5m2, 57344.0)}
+_DS_TINY = 1e-30  # floor of a dS group's amax (an all-zero group: any finite scale gives zeros)
 
 
 @triton.jit
@@ -361,6 +366,7 @@ def _fp8_bwd_dkdv(
 @triton.jit
 def _dq_step(
     dq,
+    rs,
     q8,
     sq,
     do,
@@ -382,7 +388,7 @@ def _dq_step(
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dP - delta), dQ += dS K."""
+    """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dP - delta), dQ += dS K, rs += rowsum dS."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
@@ -399,8 +405,10 @@ def _dq_step(
         dp = tl.dot(do, tl.trans(_rows(V, offs_n, k_ok, stride_s, D, MASKED)))
     ds = p * (dp - delta[:, None])
     k = _rows(K, offs_n, k_ok, stride_s, D, MASKED)
-    dq += tl.dot(ds.to(k.dtype), k)
-    return dq
+    ds_lp = ds.to(k.dtype)
+    dq += tl.dot(ds_lp, k)
+    rs += tl.sum(ds_lp.to(tl.float32), 1)
+    return dq, rs
 
 
 @triton.jit
@@ -420,6 +428,7 @@ def _fp8_bwd_dq(
     LSE,
     DELTA,
     DQ,
+    KMEAN,
     KLEN,
     Sq,
     Sk,
@@ -461,9 +470,11 @@ def _fp8_bwd_dq(
     n_full = (n_end // BLOCK_N) * BLOCK_N
     kv8 = bh.to(tl.int64) * SKP * D
     dq = tl.zeros([BLOCK_M, D], tl.float32)
+    rs = tl.zeros([BLOCK_M], tl.float32)
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_step(
+        dq, rs = _dq_step(
             dq,
+            rs,
             q8,
             sq,
             do,
@@ -486,8 +497,9 @@ def _fp8_bwd_dq(
             BLOCK_N,
         )
     if n_full < n_end:
-        dq = _dq_step(
+        dq, rs = _dq_step(
             dq,
+            rs,
             q8,
             sq,
             do,
@@ -509,6 +521,8 @@ def _fp8_bwd_dq(
             True,
             BLOCK_N,
         )
+    # dS (K - mean K) = dS K - rowsum(dS) mean K: the gradient of the forward, which saw smoothed keys
+    dq -= rs[:, None] * tl.load(KMEAN + bh * D + offs_d)[None, :]
     tl.store(
         DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),
@@ -554,14 +568,19 @@ def quantize_blocks(
     return x8.to(carrier).view(B, H, n * block, D), scale
 
 
-def smooth_keys(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
-    """k - mean over the valid keys (per batch, head, channel), fp32: softmax is invariant to it."""
+def key_mean(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
+    """Mean of k (B, Sk, H, D) over the valid keys, fp32 (B, 1, H, D)."""
     kf = k.float()
     if k_lengths is None:
-        return kf - kf.mean(dim=1, keepdim=True)
+        return kf.mean(dim=1, keepdim=True)
     valid = (torch.arange(k.shape[1], device=k.device)[None, :] < k_lengths[:, None]).float()  # (B, Sk)
     n = valid.sum(1).clamp(min=1.0)[:, None, None, None]
-    return kf - (kf * valid[:, :, None, None]).sum(1, keepdim=True) / n
+    return (kf * valid[:, :, None, None]).sum(1, keepdim=True) / n
+
+
+def smooth_keys(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
+    """k - mean over the valid keys (per batch, head, channel), fp32: softmax is invariant to it."""
+    return k.float() - key_mean(k, k_lengths)
 
 
 def hadamard(d: int, device=None) -> torch.Tensor:
@@ -634,18 +653,22 @@ def _fwd_emulated(quant, k_lengths, scale, Sq, Sk, block, dtype):
     return out.transpose(1, 2).to(dtype), lse  # (B, H, Sq, D) -> (B, Sq, H, D)
 
 
-def _tile_quant(x: torch.Tensor, block: int) -> torch.Tensor:
-    """Dequantised E4M3 of (B, H, M, N) with one dynamic scale per (block x block) tile (measurement only)."""
-    B, H, M, N = x.shape
-    pm, pn = (-M) % block, (-N) % block
-    xt = F.pad(x, (0, pn, 0, pm)).view(B, H, (M + pm) // block, block, (N + pn) // block, block)
-    amax = xt.abs().amax(dim=(3, 5), keepdim=True)
-    s = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
-    return (_e4m3((xt / s).clamp(-E4M3_MAX, E4M3_MAX)) * s).view(B, H, M + pm, N + pn)[..., :M, :N]
+def quantize_groups(x: torch.Tensor, group: int, fmt: str = "e4m3") -> torch.Tensor:
+    """Dequantised FP8 of x (..., N) with one dynamic scale per ``group`` consecutive entries of the last
+    dim (N zero-padded to a multiple of it): a = max(amax, 1e-30), x8 = FP8(clamp(x * (fmax / a), +-fmax))
+    (round to nearest even), returned as x8 * (a / fmax). The dS quantisation of the backward, with the
+    kernels' exact operations (module doc)."""
+    fmax = FP8_FORMATS[fmt][1]
+    n = x.shape[-1]
+    xg = F.pad(x.float(), (0, (-n) % group)).unflatten(-1, (-1, group))
+    a = xg.abs().amax(-1, keepdim=True).clamp(min=_DS_TINY)
+    x8 = (xg * (fmax / a)).clamp(-fmax, fmax).to(FP8_FORMATS[fmt][0]).float()
+    return (x8 * (a / fmax)).flatten(-2)[..., :n]
 
 
-def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8):
-    """The kernels' backward in fp32 torch: dV FP8; dP FP8 if "dp" in fp8; dQ/dK FP8 if "dqdk" in fp8."""
+def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8, ds_format, smooth_k, rotate):
+    """The kernels' backward in fp32 torch: dV FP8 if "dv" in fp8; dP FP8 if "dp" in fp8; dQ = dS K and
+    dK = dS^T Q FP8 if "dqdk" in fp8 (dS in ds_format per block/2 group, the rotated q8, k8, then H^T)."""
     q8, sq, k8, sk, v8, sv = quant
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -665,9 +688,22 @@ def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8):
     else:
         dp = lo(do) @ lo(v).transpose(-1, -2)
     ds = p * (dp - delta[..., None])
-    ds_lp = _tile_quant(ds, block) if "dqdk" in fp8 else ds.to(q.dtype).float()
-    dq = ds_lp @ lo(k) * scale
-    dk = ds_lp.transpose(-1, -2) @ lo(q) * scale
+    if "dqdk" in fp8:  # dS grouped along each product's reduction dim: keys for dQ, queries for dK
+        g = block // 2
+        k_deq = k8[:, :, :Sk].float() * _rep(sk, block, Sk)[..., None]  # smoothed, rotated, quantised
+        q_deq = q8[:, :, :Sq].float() * _rep(sq, block, Sq)[..., None]
+        dq = quantize_groups(ds, g, ds_format) @ k_deq * scale
+        dk = quantize_groups(ds.transpose(-1, -2), g, ds_format) @ q_deq * scale
+        if rotate:  # back from the Hadamard basis: H is symmetric and orthonormal, H^T = H = H^-1
+            h = hadamard(D, q.device)
+            dq, dk = dq @ h, dk @ h
+    else:
+        ds_lp = ds.to(q.dtype).float()
+        dq = ds_lp @ lo(k)
+        if smooth_k:  # dS (k - mean k): the forward saw smoothed keys (rowsum dS is not exactly 0 here)
+            dq = dq - ds_lp.sum(-1, keepdim=True) * lo(key_mean(k, k_lengths))
+        dq = dq * scale
+        dk = ds_lp.transpose(-1, -2) @ lo(q) * scale
     return tuple(t.transpose(1, 2).to(q.dtype) for t in (dq, dk, dv))  # (B, H, S, D) -> (B, S, H, D)
 
 
@@ -675,19 +711,23 @@ class _EmulatedFP8Attention(torch.autograd.Function):
     """Pure-torch forward and backward of the FP8 scheme (rotated q, k in; module doc)."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_lengths, scale, block, bwd_fp8, smooth_k, rotate):
+    def forward(ctx, q, k, v, k_lengths, scale, block, bwd_fp8, ds_format, smooth_k, rotate):
         quant = _quantize_qkv(q, k, v, k_lengths, block, torch.float32, smooth_k, rotate)
         out, lse = _fwd_emulated(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
-        ctx.scale, ctx.block, ctx.bwd_fp8 = scale, block, bwd_fp8
+        ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format = scale, block, bwd_fp8, ds_format
+        ctx.smooth_k, ctx.rotate = smooth_k, rotate
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
-        grads = _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.bwd_fp8)
-        return (*grads, None, None, None, None, None, None)
+        grads = _bwd_emulated(
+            do, q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format,
+            ctx.smooth_k, ctx.rotate,
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None, None, None)
 
 
 def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
@@ -725,8 +765,9 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_d
         EMULATE=_INTERPRET, **meta, **t,
     )  # fmt: skip
     t = _tiles("dq", block)
+    kmean = key_mean(k, k_lengths)[:, 0].contiguous()  # (B, H, D) fp32
     _fp8_bwd_dq[(triton.cdiv(Sq, t["BLOCK_M"]), B * H)](
-        q, k, v, do, q8, k8, v8, do8, sq, sk, sv, sdo, lse, delta, dq, *tail, **meta, **t
+        q, k, v, do, q8, k8, v8, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta, **t
     )
     return dq, dk, dv
 
@@ -774,6 +815,11 @@ def fp8_unsupported_reason(q: torch.Tensor) -> str | None:
     if _INTERPRET and q.device.type == "cpu" and q.dtype in (torch.float32, torch.float16):
         return None
     return f"device {q.device} / dtype {q.dtype} (the FP8 kernel needs CUDA, or the CPU interpreter)"
+
+
+def _check_ds_format(ds_format: str) -> None:
+    if ds_format not in FP8_FORMATS:
+        raise ValueError(f"ds_format: expected one of {tuple(FP8_FORMATS)}, got {ds_format!r}")
 
 
 def _prepare(q, k, v, k_lengths, rope, rotate):
@@ -827,6 +873,7 @@ def attention_fp8_emulated(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_lse: bool = False,
     bwd_fp8: tuple[str, ...] = ("dv",),
+    ds_format: str = "e4m3",
     block: int = QUANT_BLOCK,
     smooth_k: bool = True,
     rotate: bool = True,
@@ -834,18 +881,22 @@ def attention_fp8_emulated(
     """Pure-torch emulation of exactly the kernel's quantisation (scales, rounding, saturation, tiling).
 
     Differentiable (custom backward with the kernel's scheme). bwd_fp8: which backward products run in
-    FP8, a subset of BWD_MATMULS ("dv" = P^T dO, "dp" = dO V^T, "dqdk" = dS K and dS^T Q with a dynamic
-    scale per block x block tile); the kernel's default is ("dv",), bwd_fp8_dp=True is ("dv", "dp").
-    Runs on any device and head dim; the reference the kernel is tested against, and the CPU model of
-    its accuracy. smooth_k=False / rotate=False skip the K mean subtraction / the Hadamard rotation (to
-    measure what they buy; rotate needs a power-of-two head dim).
+    FP8, a subset of BWD_MATMULS ("dv" = P^T dO, "dp" = dO V^T, "dqdk" = dS K and dS^T Q with dS in
+    ``ds_format``, one dynamic scale per block/2 entries along each product's reduction dim); the
+    kernel's bwd_fp8_dp / bwd_fp8_dqdk add "dp" / "dqdk" to its ("dv",). Runs on any device and head
+    dim; the reference the kernel is tested against, and the CPU model of its accuracy. smooth_k=False /
+    rotate=False skip the K mean subtraction / the Hadamard rotation (to measure what they buy; rotate
+    needs a power-of-two head dim).
     """
     bad = sorted(set(bwd_fp8) - set(BWD_MATMULS))
     if bad:
         raise ValueError(f"bwd_fp8: unknown products {bad}; expected a subset of {BWD_MATMULS}")
+    _check_ds_format(ds_format)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope_reference)
-    out, lse = _EmulatedFP8Attention.apply(q, k, v, k_lengths, scale, block, tuple(bwd_fp8), smooth_k, rotate)
+    out, lse = _EmulatedFP8Attention.apply(
+        q, k, v, k_lengths, scale, block, tuple(bwd_fp8), ds_format, smooth_k, rotate
+    )
     return (out, lse) if return_lse else out
 
 
