@@ -245,7 +245,12 @@ HY15_SYSTEM_MESSAGE = "You are a helpful assistant. Describe the video by detail
 
 
 class HunyuanVideo15VAE(VideoVAE):
-    """diffusers ``AutoencoderKLHunyuanVideo15``; latents z_norm = z * scaling_factor (the pipeline's)."""
+    """diffusers ``AutoencoderKLHunyuanVideo15``; latents z_norm = z * scaling_factor (the pipeline's).
+
+    Encodes and decodes one sample at a time: diffusers' (0.42) attention blocks pass a (B, S, S) causal
+    mask to SDPA with (B, 1, S, C) queries, which fails for B > 1 (the original HunyuanVideo-1.5 VAE
+    unsqueezes it to (B, 1, S, S); huggingface/diffusers#13133). Samples do not interact in the VAE, so
+    this is what a working batched call computes."""
 
     def __init__(self, vae: nn.Module):
         super().__init__()
@@ -270,8 +275,11 @@ class HunyuanVideo15VAE(VideoVAE):
     ) -> torch.Tensor:
         """video (B, 3, T, H, W) in [-1, 1] -> z * scaling_factor, z the posterior mode (or a sample)."""
         _check_video(video, self.temporal_compression)
-        dist = self.vae.encode(video.to(self.vae.dtype)).latent_dist
-        return (dist.sample(generator) if sample else dist.mode()).float() * self.scale
+        z = []
+        for v in video.to(self.vae.dtype).split(1):  # one sample at a time (class doc)
+            dist = self.vae.encode(v).latent_dist
+            z.append(dist.sample(generator) if sample else dist.mode())
+        return torch.cat(z).float() * self.scale
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
@@ -281,7 +289,8 @@ class HunyuanVideo15VAE(VideoVAE):
                 f"latents: expected (B, {self.latent_channels}, T, H, W), got {tuple(latents.shape)}"
             )
         z = (latents.float() / self.scale).to(self.vae.dtype)
-        return self.vae.decode(z).sample.float().clamp(-1, 1)
+        video = torch.cat([self.vae.decode(v).sample for v in z.split(1)])  # one sample at a time (class doc)
+        return video.float().clamp(-1, 1)
 
 
 def _valid_first(emb: torch.Tensor, mask: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

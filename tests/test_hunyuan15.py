@@ -303,15 +303,21 @@ def test_vae_and_image_encoder_match_the_pipeline():
     torch.manual_seed(0)
     vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
                                       spatial_compression_ratio=4, temporal_compression_ratio=2).eval()  # fmt: skip
-    pixels = (torch.rand(1, 16, 16, 3) * 255).to(torch.uint8)
-    image = Image.fromarray(pixels[0].numpy())
-    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # (1, 3, H, W) in [-1, 1]
+    pixels = (torch.rand(2, 16, 16, 3) * 255).to(torch.uint8)
+    images = [Image.fromarray(p.numpy()) for p in pixels]
+    x = pixels.permute(0, 3, 1, 2).float() / 127.5 - 1  # (2, 3, H, W) in [-1, 1]
     enc = HunyuanVideo15VAE(vae)
-    z = enc.encode(x.unsqueeze(2))
+    z = enc.encode(x.unsqueeze(2))  # a batch of 2 (diffusers' VAE itself takes one sample at a time)
     processor = HunyuanVideo15ImageProcessor(vae_scale_factor=4, do_resize=False)
-    ref = Pipe._get_image_latents(vae, processor, image, 16, 16, "cpu")
+    ref = torch.cat([Pipe._get_image_latents(vae, processor, im, 16, 16, "cpu") for im in images])
     torch.testing.assert_close(z, ref, rtol=1e-5, atol=1e-5)
-    assert enc.decode(z).shape == (1, 3, 1, 16, 16)
+    latents = torch.randn(2, 4, 3, 4, 4)
+    video = enc.decode(latents)
+    with torch.no_grad():
+        ref_video = torch.cat([vae.decode(v / vae.config.scaling_factor).sample for v in latents.split(1)])
+    assert video.shape == (2, 3, 5, 16, 16)
+    torch.testing.assert_close(video, ref_video.clamp(-1, 1), rtol=1e-5, atol=1e-5)
+    x, image = x[:1], images[0]
     siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                   num_attention_heads=2, image_size=16, patch_size=4)).eval()  # fmt: skip
     tokens = SiglipImageEncoder(siglip, mean=(0.5,) * 3, std=(0.5,) * 3, size=16).encode(x)
