@@ -6,7 +6,7 @@ A :class:`Kit` holds the model-specific pieces a recipe needs:
 
     kit = build_kit(cfg)                       # text encoder, latent map, how to load a denoiser
     table = kit.encode_items(items)            # encode once: image latents, task and solution texts
-    cond = table.cond(idx, "task")             # {"text", "text_lengths", "image_latent"} rows idx
+    cond = table.cond(idx, "task")             # {"text", "text_lengths", "image_latent", ...} rows idx
     model = kit.load_denoiser(path)            # "" = the Demonstrator; meta=True for the Trainer / teacher
     videos = kit.decode(latents)               # uint8 (B, T, H, W, 3) for the judge and mp4 files
 
@@ -211,31 +211,40 @@ def save_image(array: np.ndarray, path: str | Path) -> None:
 
 @dataclass
 class PromptTable:
-    """Encoded items, on one device: image latents (N, C, 1, h, w), task and solution texts
-    (N, L, D) + lengths (N,), and the empty text (the unconditional prompt)."""
+    """Encoded items, on one device: image latents (N, C, 1, h, w), and per prompt text ("task",
+    "solution", and "empty", the unconditional prompt, one row) the kit's ``encode_text`` dict: "text"
+    (N, L, D) + "text_lengths" (N,), plus any family-specific entries (HunyuanVideo-1.5: "text_2"
+    (N, L2, D2) ByT5 glyph states + "text_2_lengths")."""
 
     items: list[Item]
     image: dict[str, torch.Tensor]  # "image_latent" (N, C, 1, h, w) [+ "image_tokens" (N, 257, D)]
-    texts: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    texts: dict[str, dict[str, torch.Tensor]]
 
     def __len__(self) -> int:
         return len(self.items)
 
     @property
     def text_len(self) -> int:
-        return int(self.texts["task"][0].shape[1])
+        return int(self.texts["task"]["text"].shape[1])
 
     def cond(self, idx: torch.Tensor | list[int], which: str) -> dict[str, torch.Tensor]:
         """The cond dict of rows ``idx`` with the ``which`` text ("task" | "solution" | "empty")."""
         if which not in self.texts:
             raise ValueError(f"prompt text {which!r}: expected one of {sorted(self.texts)}")
         idx = torch.as_tensor(idx, dtype=torch.long, device=self.image["image_latent"].device)
-        text, lengths = self.texts[which]
         if which == "empty":
-            text, lengths = text.expand(len(idx), -1, -1), lengths.expand(len(idx))
+            text = {k: v.expand(len(idx), *v.shape[1:]) for k, v in self.texts[which].items()}
         else:
-            text, lengths = text[idx], lengths[idx]
-        return {"text": text, "text_lengths": lengths, **{k: v[idx] for k, v in self.image.items()}}
+            text = {k: v[idx] for k, v in self.texts[which].items()}
+        return {**text, **{k: v[idx] for k, v in self.image.items()}}
+
+
+def _cat_rows(parts: list[torch.Tensor]) -> torch.Tensor:
+    """Concatenate batch-first tensors; sequences (B, L, D) are zero-padded to the longest L first."""
+    if parts[0].dim() < 3:
+        return torch.cat(parts)
+    L = max(p.shape[1] for p in parts)
+    return torch.cat([nn.functional.pad(p, (0, 0, 0, L - p.shape[1])) for p in parts])
 
 
 # ---------------------------------------------------------------------------------------------
@@ -272,13 +281,10 @@ class Kit:
                 image["image_tokens"].append(self.encode_image_tokens(pixels))
             for which in texts:
                 texts[which].append(self.encode_text([getattr(it, which) for it in chunk]))
-        packed = {}
-        for which, parts in texts.items():
-            L = max(p["text"].shape[1] for p in parts)
-            t = torch.cat([nn.functional.pad(p["text"], (0, 0, 0, L - p["text"].shape[1])) for p in parts])
-            packed[which] = (t, torch.cat([p["text_lengths"] for p in parts]))
-        empty = self.encode_text([""])
-        packed["empty"] = (empty["text"], empty["text_lengths"])
+        packed = {
+            which: {k: _cat_rows([p[k] for p in parts]) for k in parts[0]} for which, parts in texts.items()
+        }
+        packed["empty"] = self.encode_text([""])
         return PromptTable(items, {k: torch.cat(v) for k, v in image.items()}, packed)
 
     def noise(self, n: int, seed: int) -> torch.Tensor:
