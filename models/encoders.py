@@ -381,6 +381,11 @@ class HunyuanVideo15TextEncoder(nn.Module):
         emb = out.hidden_states[-(self.skip_layers + 1)][:, self.crop_start :].float()
         return _valid_first(emb, mask[:, self.crop_start :])
 
+    @property
+    def has_glyph(self) -> bool:
+        """Whether the ByT5 glyph encoder is loaded (``encode_glyph`` works)."""
+        return self.glyph_model is not None
+
     @torch.no_grad()
     def encode_glyph(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         """ByT5 states of each prompt's quoted text ('Text "a". Text "b". '), (B, glyph_max_length, D)

@@ -361,9 +361,18 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         return nn.functional.interpolate(x, size=(d.height, d.width), mode="bilinear", antialias=True)
 
+    glyph = getattr(enc.text, "has_glyph", False)  # HunyuanVideo-1.5 with its ByT5 glyph encoder
+    if cfg.model.family == "hunyuan15" and not glyph:
+        log.warning("%s: no text_encoder_2/ (ByT5): quoted text in prompts gets no glyph tokens, unlike "
+                    "the diffusers pipeline", cfg.model.pretrained)  # fmt: skip
+
     def encode_text(texts: list[str]) -> dict[str, torch.Tensor]:
         emb, lengths = enc.text.encode(texts)
-        return {"text": emb, "text_lengths": lengths}
+        out = {"text": emb, "text_lengths": lengths}
+        if glyph:  # as HunyuanVideo15(ImageToVideo)Pipeline.encode_prompt: every prompt gets glyph states,
+            # zero length (all masked) for one without quoted text, so cond and uncond keep the same keys
+            out["text_2"], out["text_2_lengths"] = enc.text.encode_glyph(texts)
+        return out
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         video = vae.decode(z.float())  # (B, 3, T, H, W) in about [-1, 1]

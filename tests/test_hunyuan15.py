@@ -325,3 +325,121 @@ def test_vae_and_image_encoder_match_the_pipeline():
     ref_tokens = Pipe._get_image_embeds(siglip, fe, np.asarray(image), "cpu")
     assert tokens.shape == (1, 16, 16)
     torch.testing.assert_close(tokens, ref_tokens, rtol=1e-4, atol=1e-4)
+
+
+# ---- the recipes' kit on a tiny pipeline folder, against HunyuanVideo15ImageToVideoPipeline ----
+
+
+def _tiny_pipeline(path: Path):
+    """Every component of a HunyuanVideo-1.5 I2V pipeline folder, tiny and random, written as diffusers and
+    transformers write them; -> (diffusers' pipeline built from the same in-memory components, our kit)."""
+    from diffusers import AutoencoderKLHunyuanVideo15, FlowMatchEulerDiscreteScheduler
+    from diffusers.guiders import ClassifierFreeGuidance
+    from diffusers.pipelines.hunyuan_video1_5.pipeline_hunyuan_video1_5_image2video import (
+        HunyuanVideo15ImageToVideoPipeline as Pipe,
+    )
+    from transformers import (
+        ByT5Tokenizer,
+        SiglipImageProcessor,
+        SiglipVisionConfig,
+        SiglipVisionModel,
+        T5Config,
+        T5EncoderModel,
+    )
+
+    from engine.config import load_config
+    from recipes.common import build_kit
+
+    torch.manual_seed(0)
+    tokenizer, qwen = _tiny_qwen()
+    t5 = T5EncoderModel(
+        T5Config(vocab_size=384, d_model=8, d_kv=4, d_ff=16, num_layers=1, num_heads=2)
+    ).eval()
+    vae = AutoencoderKLHunyuanVideo15(latent_channels=4, block_out_channels=(8, 16, 16), layers_per_block=1,
+                                      spatial_compression_ratio=4, temporal_compression_ratio=2).eval()  # fmt: skip
+    siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                                                  num_attention_heads=2, image_size=16, patch_size=4)).eval()  # fmt: skip
+    fe = SiglipImageProcessor(size={"height": 16, "width": 16})
+    transformer, _ = make_pair(text_embed_dim=16, text_embed_2_dim=8, image_embed_dim=16)
+    parts = dict(text_encoder=qwen, tokenizer=tokenizer, transformer=transformer, vae=vae, text_encoder_2=t5,
+                 tokenizer_2=ByT5Tokenizer(), image_encoder=siglip, feature_extractor=fe)  # fmt: skip
+    for name, part in parts.items():
+        part.save_pretrained(path / name)
+    pipe = Pipe(**parts, scheduler=FlowMatchEulerDiscreteScheduler(), guider=ClassifierFreeGuidance())
+    cfg = load_config(argv=["--config", str(REPO / "recipes/configs/hunyuan15_i2v_480p.toml"),
+                            "--model.pretrained", str(path), "--model.meta_init", "false",
+                            "--model.attention", "sdpa", "--run.device", "cpu", "--precision.param_dtype",
+                            "float32", "--data.num_frames", "5", "--data.height", "16", "--data.width", "16"])  # fmt: skip
+    return pipe, build_kit(cfg)
+
+
+def test_kit_cond_matches_the_pipeline_with_and_without_quoted_text(tmp_path):
+    """End to end on a tiny pipeline folder: the kit's PromptTable cond (Qwen text, ByT5 glyph states of
+    quoted text, image latent and SigLIP tokens) + our transformer == diffusers' encode_prompt, image
+    helpers and transformer; for the task, solution and empty (CFG negative) prompts."""
+    import numpy as np
+    from PIL import Image
+
+    from engine import flow
+    from recipes.common import Item
+
+    pipe, kit = _tiny_pipeline(tmp_path / "pipe")
+    tasks = ['[Agent]: write "OPEN" on the sign', "put the red block left of blue",
+             'put the red block left of “blue” and the "red" block left of "blue"']  # fmt: skip
+    solutions = ["the red block", 'write "a" then “b” then "a"', ""]
+    rng = np.random.default_rng(0)
+    images, items = [], []
+    for i, (task, solution) in enumerate(zip(tasks, solutions, strict=True)):
+        images.append(Image.fromarray(rng.integers(0, 256, (16, 16, 3), dtype=np.uint8)))
+        images[-1].save(tmp_path / f"{i}.png")
+        items.append(Item(str(i), str(tmp_path / f"{i}.png"), task, solution))
+    table = kit.encode_items(items)
+    model = kit.load_denoiser("")
+    B, idx = len(items), torch.arange(len(items))
+
+    # Their side: the pipeline's own helpers on the same images and prompts.
+    image_latents = torch.cat([pipe._get_image_latents(pipe.vae, pipe.video_processor, im, 16, 16, "cpu")
+                               for im in images])  # fmt: skip
+    image_embeds = torch.cat([pipe.encode_image(im, 1, "cpu", torch.float32) for im in images])
+    g = torch.Generator().manual_seed(3)
+    x, t = torch.randn(B, *kit.latent_shape, generator=g), torch.tensor([0.25, 0.9, 0.6])
+    cond_latents = torch.cat([image_latents, torch.zeros_like(x[:, :, 1:])], dim=2)
+    mask = torch.zeros_like(x[:, :1])
+    mask[:, :, 0] = 1
+    x_in = torch.cat([x, cond_latents, mask], dim=1)
+
+    def theirs(prompt):  # prompt None: the pipeline's default negative prompt ([""] * batch)
+        e, m, e2, m2 = pipe.encode_prompt(prompt, device="cpu", dtype=torch.float32, batch_size=B)
+        v = pipe.transformer(x_in, 1000 * t, e, m, encoder_hidden_states_2=e2, encoder_attention_mask_2=m2,
+                             image_embeds=image_embeds, return_dict=False)[0]  # fmt: skip
+        return v, e2, m2
+
+    with torch.no_grad():
+        ref_u, ref_e2_u, ref_m2_u = theirs(None)
+        for which, prompts in (("task", tasks), ("solution", solutions)):
+            cond, uncond = table.cond(idx, which), table.cond(idx, "empty")
+            assert (
+                sorted(cond)
+                == sorted(uncond)
+                == ["image_latent", "image_tokens", "text", "text_2", "text_2_lengths", "text_lengths"]
+            )
+            ref_c, ref_e2, ref_m2 = theirs(prompts)
+            # the glyph states themselves: same valid tokens and counts (zero for prompts without quotes)
+            assert torch.equal(cond["text_2_lengths"], ref_m2.sum(1).long())
+            for b, n in enumerate(cond["text_2_lengths"].tolist()):
+                torch.testing.assert_close(cond["text_2"][b, :n], ref_e2[b][ref_m2[b].bool()], rtol=0, atol=0)
+                assert not cond["text_2"][b, n:].any()
+            v_c, v_u = flow.guided_velocity(
+                model.predict_velocity, x, t, cond, uncond
+            )  # CFG: one batch of 2B
+            assert rel_err(v_c, ref_c) <= 1e-5 and rel_err(v_u, ref_u) <= 1e-5
+            assert rel_err(model.predict_velocity(x, t, cond), ref_c) <= 1e-5
+        assert table.cond(idx, "task")["text_2_lengths"].tolist()[1] == 0 and ref_m2_u.sum() == 0
+        assert not ref_e2_u.any() and torch.equal(uncond["text_2_lengths"], torch.zeros(B, dtype=torch.long))
+        # the glyph tokens matter: without them the prompts with quoted text would get another velocity
+        no_glyph = {k: v for k, v in table.cond(idx, "task").items() if not k.startswith("text_2")}
+        v = model.predict_velocity(x, t, no_glyph)
+        ref_c, _, ref_m2 = theirs(tasks)
+        quoted = ref_m2.sum(1) > 0
+        assert quoted.tolist() == [True, False, True]
+        assert rel_err(v[~quoted], ref_c[~quoted]) <= 1e-5 and rel_err(v[quoted], ref_c[quoted]) > 1e-2
