@@ -65,25 +65,49 @@ _DS_TINY = 1e-30  # floor of a dS group's amax (an all-zero group: any finite sc
 
 
 @triton.jit
-def _round_e4m3(x):
-    """Interpreter only: x in [0, 448] fp32 -> nearest e4m3 value (ties to even), as fp32.
+def _round_fp8(x, E5M2: tl.constexpr):
+    """Interpreter only: fp32 x with |x| <= the format's max -> nearest e4m3 (or e5m2) value, ties to even.
 
-    Normals (x >= 2^-6): keep 3 mantissa bits of the fp32 pattern with round-half-even on bit 20.
-    Subnormals (x < 2^-6): multiples of 2^-9, rounded with the 2^23 magic-number trick.
+    Normals (|x| >= 2^-6, e5m2 2^-14): keep 3 (2) mantissa bits of the fp32 pattern, round-half-even.
+    Subnormals: multiples of 2^-9 (2^-16), rounded with the 2^23 magic-number trick.
     """
-    bits = x.to(tl.int32, bitcast=True)
-    lsb = (bits >> 20) & 1
-    normal = ((bits + 0x7FFFF + lsb) & -1048576).to(tl.float32, bitcast=True)
-    sub = ((x * 512.0 + 8388608.0) - 8388608.0) / 512.0
-    return tl.where(x >= 0.015625, normal, sub)
+    ax = tl.abs(x)
+    bits = ax.to(tl.int32, bitcast=True)
+    if E5M2:
+        normal = ((bits + 0xFFFFF + ((bits >> 21) & 1)) & -2097152).to(tl.float32, bitcast=True)
+        r = tl.where(ax >= 6.103515625e-05, normal, ((ax * 65536.0 + 8388608.0) - 8388608.0) / 65536.0)
+    else:
+        normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
+        r = tl.where(ax >= 0.015625, normal, ((ax * 512.0 + 8388608.0) - 8388608.0) / 512.0)
+    return tl.where(x < 0, -r, r)
 
 
 @triton.jit
 def _quant_p(p, P_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
     """E4M3(448 p) in the operand dtype (float8e4nv on GPU; fp16 carrier in the interpreter)."""
     if EMULATE:
-        return _round_e4m3(p * 448.0).to(P_DTYPE)
+        return _round_fp8(p * 448.0, False).to(P_DTYPE)
     return (p * 448.0).to(P_DTYPE)
+
+
+@triton.jit
+def _quant_ds(ds, E5M2: tl.constexpr, EMULATE: tl.constexpr):
+    """dS (R, G) -> (FP8(clamp(ds * fmax / a, +-fmax)), a / fmax) with a = max(rowmax |ds|, 1e-30): one
+    scale per row of G entries, G the product's reduction dim (quantize_groups does the same in torch)."""
+    if E5M2:
+        fmax = 57344.0
+    else:
+        fmax = 448.0
+    a = tl.maximum(tl.max(tl.abs(ds), 1), 1e-30)
+    y = ds * tl.div_rn(tl.full(a.shape, fmax, tl.float32), a)[:, None]
+    y = tl.minimum(tl.maximum(y, -fmax), fmax)
+    if EMULATE:
+        y8 = _round_fp8(y, E5M2).to(tl.float16)
+    elif E5M2:
+        y8 = y.to(tl.float8e5)
+    else:
+        y8 = y.to(tl.float8e4nv)
+    return y8, a / fmax
 
 
 @triton.jit
@@ -230,6 +254,7 @@ def _dkdv_step(
     sv,
     Q,
     Q8,
+    Q8T,
     SQ,
     DO,
     DO8,
@@ -245,17 +270,21 @@ def _dkdv_step(
     D: tl.constexpr,
     QBLK: tl.constexpr,
     FP8_DP: tl.constexpr,
+    FP8_DS: tl.constexpr,
+    DS_E5M2: tl.constexpr,
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P)^T dO8, dK += dS^T Q."""
+    """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P)^T dO8, dK += dS^T Q
+    (FP8_DS: dS8^T q8, q8 Hadamard-rotated: the launcher rotates dK back)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
     blk = start_m // QBLK
+    sq = tl.load(SQ + blk)
     q8 = tl.load(Q8 + offs_m[:, None] * D + offs_d[None, :])  # padded: no mask
-    s_t = tl.dot(k8, tl.trans(q8)) * (sk * tl.load(SQ + blk) * qk_scale)  # (BLOCK_N, BLOCK_M)
+    s_t = tl.dot(k8, tl.trans(q8)) * (sk * sq * qk_scale)  # (BLOCK_N, BLOCK_M)
     if MASKED:
         lse2 = tl.load(LSE + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
@@ -275,8 +304,13 @@ def _dkdv_step(
         do = _rows(DO, offs_m, q_ok, stride_s, D, MASKED)
         dp_t = tl.dot(v, tl.trans(do))
     ds_t = p_t * (dp_t - delta[None, :])
-    q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
-    dk += tl.dot(ds_t.to(q.dtype), q)
+    if FP8_DS:  # one scale per key row and BLOCK_M queries (the reduction dim of dS^T Q)
+        ds8, ds_scale = _quant_ds(ds_t, DS_E5M2, EMULATE)
+        q8t = tl.load(Q8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M): K-major operand
+        dk += tl.dot(ds8, tl.trans(q8t)) * (ds_scale * sq)[:, None]
+    else:
+        q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
+        dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
@@ -289,6 +323,7 @@ def _fp8_bwd_dkdv(
     Q8,
     K8,
     V8,
+    Q8T,
     DO8,
     DO8T,
     SQ,
@@ -311,6 +346,8 @@ def _fp8_bwd_dkdv(
     QBLK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
     FP8_DP: tl.constexpr,
+    FP8_DS: tl.constexpr,
+    DS_E5M2: tl.constexpr,
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
@@ -345,15 +382,15 @@ def _fp8_bwd_dkdv(
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, SQ + bh * nqb, DO + q_off,
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
             DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP, stride_s, qk_scale,
-            D, QBLK, FP8_DP, EMULATE, False, BLOCK_M,
+            D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
         )  # fmt: skip
     if m_full < m_hi:
         dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, SQ + bh * nqb, DO + q_off,
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
             DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP, stride_s, qk_scale,
-            D, QBLK, FP8_DP, EMULATE, True, BLOCK_M,
+            D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
         )  # fmt: skip
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
@@ -377,24 +414,31 @@ def _dq_step(
     V,
     K8,
     V8,
+    K8T,
     SK,
     SV,
     start_n,
     n_end,
     stride_s,
+    SKP,
     D: tl.constexpr,
     QBLK: tl.constexpr,
     FP8_DP: tl.constexpr,
+    FP8_DS: tl.constexpr,
+    DS_E5M2: tl.constexpr,
+    EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
-    """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dP - delta), dQ += dS K, rs += rowsum dS."""
+    """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dP - delta), dQ += dS K, rs += rowsum dS
+    (FP8_DS: dQ += dS8 k8, k8 smoothed and Hadamard-rotated: the launcher rotates dQ back; rs unused)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
     blk = start_n // QBLK
+    sk = tl.load(SK + blk)
     k8 = tl.load(K8 + offs_n[:, None] * D + offs_d[None, :])
-    s = tl.dot(q8, tl.trans(k8)) * (sq * tl.load(SK + blk))  # (BLOCK_M, BLOCK_N)
+    s = tl.dot(q8, tl.trans(k8)) * (sq * sk)  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(k_ok[None, :], p, 0.0)
@@ -404,10 +448,15 @@ def _dq_step(
     else:
         dp = tl.dot(do, tl.trans(_rows(V, offs_n, k_ok, stride_s, D, MASKED)))
     ds = p * (dp - delta[:, None])
-    k = _rows(K, offs_n, k_ok, stride_s, D, MASKED)
-    ds_lp = ds.to(k.dtype)
-    dq += tl.dot(ds_lp, k)
-    rs += tl.sum(ds_lp.to(tl.float32), 1)
+    if FP8_DS:  # one scale per query row and BLOCK_N keys (the reduction dim of dS K)
+        ds8, ds_scale = _quant_ds(ds, DS_E5M2, EMULATE)
+        k8t = tl.load(K8T + offs_d[:, None] * SKP + offs_n[None, :])  # (D, BLOCK_N): K-major operand
+        dq += tl.dot(ds8, tl.trans(k8t)) * (ds_scale * sk)[:, None]
+    else:
+        k = _rows(K, offs_n, k_ok, stride_s, D, MASKED)
+        ds_lp = ds.to(k.dtype)
+        dq += tl.dot(ds_lp, k)
+        rs += tl.sum(ds_lp.to(tl.float32), 1)
     return dq, rs
 
 
@@ -420,6 +469,7 @@ def _fp8_bwd_dq(
     Q8,
     K8,
     V8,
+    K8T,
     DO8,
     SQ,
     SK,
@@ -441,6 +491,9 @@ def _fp8_bwd_dq(
     QBLK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
     FP8_DP: tl.constexpr,
+    FP8_DS: tl.constexpr,
+    DS_E5M2: tl.constexpr,
+    EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
 ):
@@ -485,14 +538,19 @@ def _fp8_bwd_dq(
             V + k_off,
             K8 + kv8,
             V8 + kv8,
+            K8T + kv8,
             SK + bh * nkb,
             SV + bh * nkb,
             start_n,
             n_end,
             stride_s,
+            SKP,
             D,
             QBLK,
             FP8_DP,
+            FP8_DS,
+            DS_E5M2,
+            EMULATE,
             False,
             BLOCK_N,
         )
@@ -510,19 +568,24 @@ def _fp8_bwd_dq(
             V + k_off,
             K8 + kv8,
             V8 + kv8,
+            K8T + kv8,
             SK + bh * nkb,
             SV + bh * nkb,
             n_full,
             n_end,
             stride_s,
+            SKP,
             D,
             QBLK,
             FP8_DP,
+            FP8_DS,
+            DS_E5M2,
+            EMULATE,
             True,
             BLOCK_N,
         )
-    # dS (K - mean K) = dS K - rowsum(dS) mean K: the gradient of the forward, which saw smoothed keys
-    dq -= rs[:, None] * tl.load(KMEAN + bh * D + offs_d)[None, :]
+    if not FP8_DS:  # dS (K - mean K) = dS K - rowsum(dS) mean K: the forward saw smoothed keys
+        dq -= rs[:, None] * tl.load(KMEAN + bh * D + offs_d)[None, :]
     tl.store(
         DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :],
         (dq * scale).to(DQ.dtype.element_ty),
@@ -530,18 +593,21 @@ def _fp8_bwd_dq(
     )
 
 
-# (BLOCK_M, BLOCK_N, num_warps, num_stages) per kernel on the GPU; fixed (no autotuning: one compile each).
-# Tiles must divide QUANT_BLOCK; the forward's BLOCK_N must equal it (one s_k, s_v per key tile).
-GPU_TILES = {"fwd": (128, 128, 8, 3), "dkdv": (64, 128, 8, 2), "dq": (128, 64, 8, 2)}
+# Tiles follow the quantisation block: the forward's BLOCK_N equals it (one s_k, s_v per key tile); dK/dV
+# tiles are (block / 2 queries) x (block keys), dQ tiles (block queries) x (block / 2 keys), so that the
+# FP8 dS groups (block / 2 entries along each product's reduction dim, as in quantize_groups) are whole
+# tiles. TILE_DIVISORS: (block // BLOCK_M, block // BLOCK_N); GPU_LAUNCH: (num_warps, num_stages), fixed
+# (no autotuning: one compile each). At block 128: fwd 128 x 128, dkdv 64 x 128, dq 128 x 64.
+TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2)}
+GPU_LAUNCH = {"fwd": (8, 3), "dkdv": (8, 2), "dq": (8, 2)}
 
 
 def _tiles(kernel: str, block: int) -> dict:
-    if _INTERPRET:
-        m = {"fwd": block, "dkdv": block // 2, "dq": block}[kernel]
-        n = {"fwd": block, "dkdv": block, "dq": block // 2}[kernel]
-        return dict(BLOCK_M=m, BLOCK_N=n)
-    m, n, w, s = GPU_TILES[kernel]
-    return dict(BLOCK_M=m, BLOCK_N=n, num_warps=w, num_stages=s)
+    dm, dn = TILE_DIVISORS[kernel]
+    t = dict(BLOCK_M=block // dm, BLOCK_N=block // dn)
+    if not _INTERPRET:
+        t["num_warps"], t["num_stages"] = GPU_LAUNCH[kernel]
+    return t
 
 
 def _fp8_dtype(device: torch.device) -> torch.dtype:
@@ -747,28 +813,42 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     return out, lse
 
 
-def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_dp):
+def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_dp, ds_format):
+    """dq, dk, dv; ds_format None: dQ, dK from bf16 dS, else FP8 dS in that format times the rotated q8,
+    k8 (written in fp32, then rotated back by H^T = H here)."""
     q8, sq, k8, sk, v8, sv = quant
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     SQP, SKP = q8.shape[2], k8.shape[2]
+    fp8_ds = ds_format is not None
     delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Sq, H) -> (B, H, Sq)
     do8, sdo = quantize_blocks(do, block, carrier=q8.dtype)
     do8t = do8.transpose(-1, -2).contiguous()  # (B, H, D, Sq_pad): K-major operand of P^T dO
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    if fp8_ds:  # (B, H, D, S_pad): K-major operands of dS^T q8 and dS k8; rotated grads in fp32
+        q8t, k8t = q8.transpose(-1, -2).contiguous(), k8.transpose(-1, -2).contiguous()
+        dq, dk = torch.empty(q.shape, device=q.device), torch.empty(k.shape, device=k.device)
+    else:
+        q8t, k8t = q8, k8  # unused stand-ins
+        dq, dk = torch.empty_like(q), torch.empty_like(k)
+    dv = torch.empty_like(v)
     klen = q if k_lengths is None else k_lengths
-    meta = dict(D=D, QBLK=block, HAS_KLEN=k_lengths is not None, FP8_DP=fp8_dp)
+    meta = dict(
+        D=D, QBLK=block, HAS_KLEN=k_lengths is not None, FP8_DP=fp8_dp, FP8_DS=fp8_ds,
+        DS_E5M2=ds_format == "e5m2", EMULATE=_INTERPRET,
+    )  # fmt: skip
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E)
     t = _tiles("dkdv", block)
     _fp8_bwd_dkdv[(triton.cdiv(Sk, t["BLOCK_N"]), B * H)](
-        q, k, v, do, q8, k8, v8, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail,
-        EMULATE=_INTERPRET, **meta, **t,
+        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail, **meta, **t,
     )  # fmt: skip
     t = _tiles("dq", block)
     kmean = key_mean(k, k_lengths)[:, 0].contiguous()  # (B, H, D) fp32
     _fp8_bwd_dq[(triton.cdiv(Sq, t["BLOCK_M"]), B * H)](
-        q, k, v, do, q8, k8, v8, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta, **t
+        q, k, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta, **t
     )
+    if fp8_ds:  # back from the Hadamard basis: H is symmetric and orthonormal
+        h = hadamard(D, q.device)
+        dq, dk = (dq @ h).to(q.dtype), (dk @ h).to(k.dtype)
     return dq, dk, dv
 
 
@@ -776,11 +856,11 @@ class _TritonFP8Attention(torch.autograd.Function):
     """(rotated q, k, v) -> (out, lse): quantisation pre-pass + FP8 kernels; lse has no gradient."""
 
     @staticmethod
-    def forward(ctx, q, k, v, k_lengths, scale, block, fp8_dp):
+    def forward(ctx, q, k, v, k_lengths, scale, block, fp8_dp, ds_format):
         quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device))
         out, lse = _fp8_fwd_launch(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
-        ctx.scale, ctx.block, ctx.fp8_dp = scale, block, fp8_dp
+        ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format
         ctx.mark_non_differentiable(lse)
         return out, lse
 
@@ -788,9 +868,10 @@ class _TritonFP8Attention(torch.autograd.Function):
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
         grads = _fp8_bwd_launch(
-            do.contiguous(), q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp
-        )
-        return (*grads, None, None, None, None)
+            do.contiguous(), q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp,
+            ctx.ds_format,
+        )  # fmt: skip
+        return (*grads, None, None, None, None, None)
 
 
 _WARNED: set[str] = set()
@@ -842,13 +923,18 @@ def attention_fp8(
     rope: tuple[torch.Tensor, torch.Tensor] | None = None,
     return_lse: bool = False,
     bwd_fp8_dp: bool = False,
+    bwd_fp8_dqdk: bool = False,
+    ds_format: str = "e4m3",
     block: int = QUANT_BLOCK,
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """FP8 attention (Triton): same contract as kernels.attention.attention, output in q's dtype.
 
     Unsupported inputs (see :func:`fp8_unsupported_reason`) run the bf16 Triton kernel after a one-time
-    warning. bwd_fp8_dp: also run dP = dO V^T in FP8. block: quantisation block (tests use small ones).
+    warning. bwd_fp8_dp: also run dP = dO V^T in FP8; bwd_fp8_dqdk: also dQ = dS K and dK = dS^T Q, with
+    dS in ds_format ("e4m3" or "e5m2"; emulation: bwd_fp8 "dqdk"). block: quantisation block (tests use
+    small ones).
     """
+    _check_ds_format(ds_format)
     reason = fp8_unsupported_reason(q)
     if reason is not None:
         from kernels.attention import attention
@@ -859,7 +945,8 @@ def attention_fp8(
         raise ValueError(f"block: expected 32, 64 or 128, got {block}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope)
-    out, lse = _TritonFP8Attention.apply(q, k, v, k_lengths, scale, block, bwd_fp8_dp)
+    ds = ds_format if bwd_fp8_dqdk else None
+    out, lse = _TritonFP8Attention.apply(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)
     return (out, lse) if return_lse else out
 
 

@@ -7,11 +7,19 @@ import warnings
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 import kernels.attention_fp8 as fp8
 from bench.gpu_attention_fp8 import video_activations
 from kernels.attention import attention, attention_reference
-from kernels.attention_fp8 import attention_fp8, attention_fp8_emulated, hadamard, quantize_blocks
+from kernels.attention_fp8 import (
+    attention_fp8,
+    attention_fp8_emulated,
+    hadamard,
+    quantize_blocks,
+    quantize_groups,
+)
 from kernels.rope import rope_3d_tables
 
 
@@ -38,6 +46,49 @@ def test_quantize_blocks_rounds_to_the_e4m3_grid():
     assert torch.equal(on_grid, on_grid.round())
 
 
+@triton.jit
+def _round_kernel(X, Y, n, E5M2: tl.constexpr, BLOCK: tl.constexpr):
+    offs = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    x = tl.load(X + offs, mask=offs < n, other=0.0)
+    tl.store(Y + offs, fp8._round_fp8(x, E5M2), mask=offs < n)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_in_kernel_fp8_rounding_matches_torch_casts(fmt, device):
+    """The kernels' bit-level rounding (the interpreter has no float8) against torch's float8 casts, on
+    every finite value of the format, the midpoints between neighbours (ties to even), +-0, subnormals
+    and random values over the whole range."""
+    dtype, fmax = fp8.FP8_FORMATS[fmt]
+    grid = torch.arange(256, dtype=torch.uint8).view(dtype).float()
+    grid = grid[torch.isfinite(grid)].unique()  # sorted, negative to positive
+    mids = (grid[1:] + grid[:-1]) / 2  # exact in fp32: ties
+    rand = (torch.rand(4096) * 2 - 1) * torch.exp2(torch.empty(4096).uniform_(-20, 0)) * fmax
+    x = torch.cat([grid, mids, rand, mids + mids.abs() * 1e-6]).clamp(-fmax, fmax).to(device)
+    y = torch.empty_like(x)
+    _round_kernel[(triton.cdiv(x.numel(), 1024),)](x, y, x.numel(), E5M2=fmt == "e5m2", BLOCK=1024)
+    torch.testing.assert_close(y, x.to(dtype).float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("fmt", ["e4m3", "e5m2"])
+def test_quantize_groups_scales_each_group(fmt):
+    """quantize_groups (the dS quantisation): one scale per group of the last dim, the group's amax maps
+    to the format's max, every value within half a grid step (3 or 2 mantissa bits), zero groups stay 0."""
+    mant = {"e4m3": 3, "e5m2": 2}[fmt]
+    x = torch.randn(2, 3, 5, 50) * torch.logspace(-4, 1, 50)  # values over 5 decades along the groups
+    x[0, 0, 0, 16:32] = 0.0  # one all-zero group
+    y = quantize_groups(x, 16, fmt)
+    assert y.shape == x.shape and (y[0, 0, 0, 16:32] == 0).all()
+    xg = torch.nn.functional.pad(x, (0, 14)).unflatten(-1, (4, 16))
+    yg = torch.nn.functional.pad(y, (0, 14)).unflatten(-1, (4, 16))
+    amax = xg.abs().amax(-1, keepdim=True)
+    torch.testing.assert_close(yg.abs().amax(-1, keepdim=True), amax, rtol=1e-6, atol=0)
+    # the grid of the scaled values x * fmax / amax: spacing 2^(e - mantissa bits), e >= the smallest normal's
+    fmax, emin = fp8.FP8_FORMATS[fmt][1], {"e4m3": -6, "e5m2": -14}[fmt]
+    unit = amax.clamp(min=1e-30) / fmax
+    e = torch.floor(torch.log2((xg / unit).abs().clamp(min=2.0**emin)))
+    assert ((yg - xg).abs() <= torch.exp2(e - mant) * unit / 2 * (1 + 1e-5)).all()
+
+
 def test_hadamard_is_orthonormal():
     h = hadamard(128)
     torch.testing.assert_close(h @ h.T, torch.eye(128), atol=1e-6, rtol=0)
@@ -57,7 +108,9 @@ def _rel(a, b) -> float:
 
 def test_emulation_accuracy_on_video_activations():
     """The scheme's error (output and every gradient) on activations with outlier channels, key offsets
-    and outlier tokens: a few % of the fp32 reference; K smoothing and the Hadamard rotation each help."""
+    and outlier tokens: a few % of the fp32 reference; K smoothing and the Hadamard rotation each help;
+    dQ/dK from FP8 dS and the quantised q8, k8 cost ~25% more gradient error, all five products in FP8
+    stay within the same bound."""
     grid, D = (3, 12, 16), 128
     q, k, v, g = video_activations(grid, 2, D)
     rope = rope_3d_tables(grid, D)
@@ -69,18 +122,28 @@ def test_emulation_accuracy_on_video_activations():
     assert max(errs) < 0.12, errs  # e4m3 has 3 mantissa bits: ~3% per element, logits up to ~25
     assert errs[0] < 0.6 * errs_plain[0] and errs[1] < 0.8 * errs_plain[1], (errs, errs_plain)
     assert all(torch.isfinite(t).all() for t in default)
+    dqdk = _run(attention_fp8_emulated, q, k, v, g, rope=rope, bwd_fp8=("dv", "dqdk"))
+    every = _run(attention_fp8_emulated, q, k, v, g, rope=rope, bwd_fp8=("dv", "dp", "dqdk"))
+    errs_dqdk, errs_every = ([_rel(a, b) for a, b in zip(r, ref)] for r in (dqdk, every))
+    assert errs_every[0] == errs[0] and errs_every[3] == errs[3]  # the forward and dV are unchanged
+    assert errs_dqdk[1] < 1.35 * errs[1] and errs_dqdk[2] < 1.35 * errs[2], (errs_dqdk, errs)  # measured 1.26
+    assert max(errs_every) < 0.12, errs_every
 
 
 @pytest.mark.parametrize(
-    "dtype,grid,k_lengths,fp8_dp",
+    "dtype,grid,k_lengths,fp8_dp,ds_format",
     [
-        (torch.float32, (1, 5, 14), [70, 33], False),
-        (torch.float16, (2, 3, 9), None, True),
+        (torch.float32, (1, 5, 14), [70, 33], False, None),
+        (torch.float16, (2, 3, 9), None, True, None),
+        (torch.float32, (1, 5, 14), [70, 33], False, "e4m3"),
+        (torch.float32, (2, 3, 9), None, True, "e5m2"),
+        (torch.float16, (1, 5, 14), [70, 33], True, "e4m3"),
     ],
 )
-def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, device):
+def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, device):
     """The Triton kernel against the emulation of the same scheme: differences are fp32 summation order
-    (an occasional e4m3 rounding tie of P), far below the scheme's own error vs the exact reference."""
+    (an occasional e4m3 rounding tie of P or dS), far below the scheme's own error vs the exact reference.
+    ds_format: dQ, dK from FP8 dS (bwd_fp8_dqdk) in that format."""
     B, H, D, block = 2, 1, 64, 32
     S = grid[0] * grid[1] * grid[2]
     q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
@@ -89,8 +152,11 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, device):
     rope = tuple(t.to(device) for t in rope_3d_tables(grid, D))
     kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
     kw = dict(rope=rope, k_lengths=kl, block=block)
-    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, **kw)
-    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=("dv", "dp") if fp8_dp else ("dv",), **kw)
+    if ds_format is not None:
+        kw["ds_format"] = ds_format
+    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, bwd_fp8_dqdk=ds_format is not None, **kw)
+    products = ("dv",) + (("dp",) if fp8_dp else ()) + (("dqdk",) if ds_format else ())
+    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=products, **kw)
     ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope, k_lengths=kl)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
         assert a.dtype == dtype and a.shape == c.shape
@@ -109,6 +175,10 @@ def test_attention_precision_dispatch_and_errors():
         attention(q, k, v, precision="fp4")
     with pytest.raises(ValueError, match="bwd_fp8: unknown products"):
         attention_fp8_emulated(q, k, v, bwd_fp8=("ds",))
+    with pytest.raises(ValueError, match="ds_format"):
+        attention_fp8_emulated(q, k, v, bwd_fp8=("dv", "dqdk"), ds_format="e3m4")
+    with pytest.raises(ValueError, match="ds_format"):
+        attention_fp8(q, k, v, bwd_fp8_dqdk=True, ds_format="fp8")
 
 
 def test_unsupported_inputs_fall_back_to_bf16_with_one_warning(device):
@@ -121,6 +191,27 @@ def test_unsupported_inputs_fall_back_to_bf16_with_one_warning(device):
     assert sum("head dim 32" in str(w.message) for w in caught) == 1
     torch.testing.assert_close(out, attention(q, k, v))  # the bf16 kernel's answer, not a wrong one
     torch.testing.assert_close(again, out)
+
+
+def test_unsupported_dtype_runs_what_bf16_runs_after_one_warning(device):
+    """A dtype the FP8 kernel does not take runs exactly the bf16 path after one warning: on CUDA fp32 gets
+    the bf16 kernel's answer; on the CPU interpreter fp64 gets the bf16 kernel's clear error, as
+    precision="bf16" does (never a wrong answer)."""
+    fp8._WARNED.clear()
+    dtype = torch.float32 if device == "cuda" else torch.float64
+    q, k, v = (torch.randn(1, 40, 2, 64, device=device, dtype=dtype) for _ in range(3))
+    assert "dtype" in fp8.fp8_unsupported_reason(q)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        if device == "cuda":
+            out, again = attention_fp8(q, k, v), attention(q, k, v, precision="fp8")
+            torch.testing.assert_close(out, attention(q, k, v))
+            torch.testing.assert_close(again, out)
+        else:
+            for precision in ("fp8", "fp8", "bf16"):
+                with pytest.raises(ValueError, match="float64"):
+                    attention(q, k, v, precision=precision)
+    assert sum(f"dtype {dtype}" in str(w.message) for w in caught) == 1
 
 
 def test_per_block_opt_out_on_a_wan_model():
@@ -155,14 +246,17 @@ def test_per_block_opt_out_on_a_wan_model():
 
 
 @pytest.mark.gpu
-@pytest.mark.parametrize("fp8_dp", [False, True])
-def test_gpu_fp8_kernel_matches_emulation(fp8_dp):
+@pytest.mark.parametrize("fp8_dp,ds_format", [(False, None), (True, None), (True, "e4m3"), (False, "e5m2")])
+def test_gpu_fp8_kernel_matches_emulation(fp8_dp, ds_format):
     grid, D = (4, 16, 24), 128
     q, k, v, g = (t.cuda() for t in video_activations(grid, 2, D))
     rope = rope_3d_tables(grid, D, device="cuda")
     q, k, v, g = (t.to(torch.bfloat16) for t in (q, k, v, g))
-    ker = _run(attention_fp8, q, k, v, g, rope=rope, bwd_fp8_dp=fp8_dp)
-    emu = _run(attention_fp8_emulated, q, k, v, g, rope=rope, bwd_fp8=("dv", "dp") if fp8_dp else ("dv",))
+    dqdk = ds_format is not None
+    kw = dict(rope=rope, ds_format=ds_format or "e4m3")
+    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, bwd_fp8_dqdk=dqdk, **kw)
+    products = ("dv",) + (("dp",) if fp8_dp else ()) + (("dqdk",) if dqdk else ())
+    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=products, **kw)
     ref = _run(attention_reference, q.float(), k.float(), v.float(), g.float(), rope=rope)
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
         assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
