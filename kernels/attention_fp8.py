@@ -25,26 +25,35 @@ Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N =
 Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), delta = rowsum(dO o).
     dV = E4M3(448 P)^T dO8 * (s_dO / 448)    FP8: dO quantised per 128-query block (e4m3, dynamic scale)
     dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True
-    dS = P (dP - delta); dQ = scale dS K;  dK = scale dS^T Q   bf16 in the kernel (dS has a wide range and
-                                              needs an in-tile dynamic scale; the emulation can measure it
-                                              with bwd_fp8=("dv", "dp", "dqdk"): docs/FP8_ATTENTION.md)
+    dS = P (dP - delta)
+    dQ = scale dS (K - mean K), dK = scale dS^T Q      bf16 by default; with bwd_fp8_dqdk=True FP8:
+    dQ = scale (FP8(dS) k8) H^T, dK = scale (FP8(dS)^T q8) H^T
+  FP8(dS) (ds_format e4m3 or e5m2, :func:`quantize_groups`): one dynamic scale per row of G = block/2
+  entries along the product's reduction dim (keys for dQ, queries for dK; the dQ kernel's BLOCK_N and the
+  dK/dV kernel's BLOCK_M are G, so a group is one tile row): a = max(amax, 1e-30), FP8(clamp(dS fmax / a))
+  times a / fmax. The other operands are the forward's q8, k8 (smoothed, Hadamard-rotated, e4m3 per 128
+  tokens), read through transposed copies (B, H, D, S) so that both FP8 operands are K-major; the kernels
+  write the rotated dQ, dK in fp32 and the launcher multiplies by H^T = H (symmetric, orthonormal).
+  Measured: the error this adds comes from the e4m3 q8/k8 operands, not from dS (docs/FP8_ATTENTION.md).
   The gradients treat the quantisation as the identity (straight-through); with K smoothing dK is exact
-  since sum_j dS_ij = 0. dQ, dK use the unquantised q, k (RoPE-rotated, not Hadamard-rotated), and dQ the
-  smoothed keys, dS (K - mean K) = dS K - rowsum(dS) mean K: the true rowsum is 0, the FP8 one is not,
-  and with a large key offset that term was most of dQ's error (measured: 9.7% -> 6.7%).
+  since sum_j dS_ij = 0. The bf16 dQ, dK use the unquantised q, k (RoPE-rotated, not Hadamard-rotated),
+  and dQ the smoothed keys, dS (K - mean K) = dS K - rowsum(dS) mean K: the true rowsum is 0, the FP8
+  one is not, and with a large key offset that term was most of dQ's error (measured: 9.7% -> 6.7%).
 Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query tiles), one dQ kernel (per
 query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
-travel in float16 (every e4m3 value is exact in fp16) and the in-kernel P rounding uses an exact bit-level
-e4m3 rounding (_round_e4m3), so the CPU tests compare the same kernel against the emulation.
+travel in float16 (every e4m3 and e5m2 value is exact in fp16) and the in-kernel P and dS rounding is an
+exact bit-level rounding (_round_fp8), so the CPU tests compare the same kernel against the emulation.
 Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, or a GPU without FP8 (sm < 8.9) run the
 bf16 kernel with a one-time warning.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 import warnings
+from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -987,6 +996,24 @@ def attention_fp8_emulated(
     return (out, lse) if return_lse else out
 
 
+_DISPATCH_BWD = {"dp": False, "dqdk": False, "ds_format": "e4m3"}
+
+
+@contextlib.contextmanager
+def fp8_backward_products(*, dp: bool = False, dqdk: bool = False, ds_format: str = "e4m3") -> Iterator[None]:
+    """Within it, attention(precision="fp8") (the models' FP8 self-attention) also runs dP = dO V^T (dp)
+    and dQ, dK (dqdk, dS in ds_format) in FP8 in the backward, on both backends ("triton": bwd_fp8_dp /
+    bwd_fp8_dqdk, "torch": the emulation's bwd_fp8). The choice is taken when the forward runs; outside,
+    the default is dV only. Not thread-safe (one module-level setting)."""
+    _check_ds_format(ds_format)
+    old = dict(_DISPATCH_BWD)
+    _DISPATCH_BWD.update(dp=bool(dp), dqdk=bool(dqdk), ds_format=ds_format)
+    try:
+        yield
+    finally:
+        _DISPATCH_BWD.update(old)
+
+
 def attention_fp8_dispatch(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -999,12 +1026,17 @@ def attention_fp8_dispatch(
     backend: str = "triton",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """kernels.attention.attention(precision="fp8"): "triton" -> :func:`attention_fp8`, "torch" -> the
-    emulation; any other backend has no FP8 mode and runs in its own precision after a one-time warning."""
+    emulation, with the backward products of :func:`fp8_backward_products`; any other backend has no FP8
+    mode and runs in its own precision after a one-time warning."""
     kw = dict(scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
+    opts = _DISPATCH_BWD
     if backend == "triton":
-        return attention_fp8(q, k, v, **kw)
+        return attention_fp8(
+            q, k, v, bwd_fp8_dp=opts["dp"], bwd_fp8_dqdk=opts["dqdk"], ds_format=opts["ds_format"], **kw
+        )
     if backend == "torch":
-        return attention_fp8_emulated(q, k, v, **kw)
+        products = ("dv",) + (("dp",) if opts["dp"] else ()) + (("dqdk",) if opts["dqdk"] else ())
+        return attention_fp8_emulated(q, k, v, bwd_fp8=products, ds_format=opts["ds_format"], **kw)
     from kernels.attention import attention
 
     _warn_once(f"backend {backend!r} has no FP8 mode (use 'triton', or 'torch' for the emulation)")

@@ -193,6 +193,30 @@ def test_unsupported_inputs_fall_back_to_bf16_with_one_warning(device):
     torch.testing.assert_close(again, out)
 
 
+@pytest.mark.parametrize("backend", ["torch", "triton"])
+def test_fp8_backward_products_context_reaches_the_dispatch(backend, device):
+    """attention(precision="fp8") inside fp8_backward_products runs the chosen backward products (the
+    models' path); outside, the default (dV only)."""
+    q, k, v, g = (torch.randn(1, 40, 2, 64, device=device) for _ in range(4))
+    fn = attention_fp8_emulated if backend == "torch" else attention_fp8
+    every = (
+        dict(bwd_fp8=("dv", "dp", "dqdk")) if backend == "torch" else dict(bwd_fp8_dp=True, bwd_fp8_dqdk=True)
+    )
+    want_every, want_default = _run(fn, q, k, v, g, **every), _run(fn, q, k, v, g)
+
+    def via_attention(q, k, v):
+        return attention(q, k, v, backend=backend, precision="fp8")
+
+    with fp8.fp8_backward_products(dp=True, dqdk=True):
+        got_every = _run(via_attention, q, k, v, g)
+    got_default = _run(via_attention, q, k, v, g)
+    for a, b in zip(got_every + got_default, want_every + want_default):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert not torch.equal(got_every[1], got_default[1])  # dq differs: the context was applied
+    with pytest.raises(ValueError, match="ds_format"), fp8.fp8_backward_products(dqdk=True, ds_format="e4"):
+        pass
+
+
 def test_unsupported_dtype_runs_what_bf16_runs_after_one_warning(device):
     """A dtype the FP8 kernel does not take runs exactly the bf16 path after one warning: on CUDA fp32 gets
     the bf16 kernel's answer; on the CPU interpreter fp64 gets the bf16 kernel's clear error, as
