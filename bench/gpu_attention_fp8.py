@@ -1,8 +1,8 @@
 """FP8 attention: speed (GPU) and accuracy (GPU kernel, or the CPU emulation) at video DiT shapes.
 
-Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8)
-vs our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that
-forward+backward. Accuracy: relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
+Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8;
+forward+backward only: dQ/dK in FP8, and all five backward products in FP8) vs our bf16 Triton kernel and
+torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that forward+backward. Accuracy: relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
 reference on activations with outliers (:func:`video_activations`), for bf16 and the FP8 variants.
 
     python -m bench.gpu_attention_fp8 [--quick]        # GPU: records as JSON (bench.gpu_check runs run())
@@ -74,7 +74,14 @@ def _variants(device: str) -> dict:
             "fp8 kernel (dV, dP fp8)": lambda q, k, v, rope: attention_fp8(
                 q, k, v, rope=rope, bwd_fp8_dp=True
             ),
+            "fp8 kernel (dV, dQ/dK fp8, dS e4m3)": lambda q, k, v, rope: attention_fp8(
+                q, k, v, rope=rope, bwd_fp8_dqdk=True
+            ),
+            "fp8 kernel (dV, dP, dQ/dK fp8, dS e4m3)": lambda q, k, v, rope: attention_fp8(
+                q, k, v, rope=rope, bwd_fp8_dp=True, bwd_fp8_dqdk=True
+            ),
             "fp8 emulation (dV fp8)": emu(),
+            "fp8 emulation (dV, dP, dQ/dK fp8, dS e4m3)": emu(bwd_fp8=("dv", "dp", "dqdk")),
         }
     return {
         "bf16 (fp32 math)": lambda q, k, v, rope: attention_reference(q, k, v, rope=rope),
@@ -82,7 +89,10 @@ def _variants(device: str) -> dict:
         "fp8, no Hadamard": emu(rotate=False),
         "fp8 (dV fp8) [kernel default]": emu(),
         "fp8 (dV, dP fp8) [bwd_fp8_dp]": emu(bwd_fp8=("dv", "dp")),
-        "fp8 (dV, dP, dQ/dK fp8)": emu(bwd_fp8=("dv", "dp", "dqdk")),
+        "fp8 (dV, dQ/dK fp8, dS e4m3) [bwd_fp8_dqdk]": emu(bwd_fp8=("dv", "dqdk")),
+        "fp8 (dV, dQ/dK fp8, dS e5m2)": emu(bwd_fp8=("dv", "dqdk"), ds_format="e5m2"),
+        "fp8 (dV, dP, dQ/dK fp8, dS e4m3) [both]": emu(bwd_fp8=("dv", "dp", "dqdk")),
+        "fp8 (dV, dP, dQ/dK fp8, dS e5m2)": emu(bwd_fp8=("dv", "dp", "dqdk"), ds_format="e5m2"),
     }
 
 
@@ -147,6 +157,19 @@ def _providers(rope):
     }
 
 
+def _bwd_providers(rope):
+    """Variants whose forward is triton_fp8's: measured forward+backward only."""
+    from kernels.attention_fp8 import attention_fp8
+
+    return {
+        "triton_fp8_dqdk": (lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dqdk=True), "triton_bf16"),
+        "triton_fp8_all": (
+            lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dp=True, bwd_fp8_dqdk=True),
+            "triton_bf16",
+        ),
+    }
+
+
 def _accuracy_records() -> list[dict]:
     """The kernel's error vs fp32 (and the emulation's) on the GPU at a CPU-sized video shape."""
     recs = []
@@ -181,6 +204,7 @@ def run(quick: bool = False) -> list[dict]:
             continue
         try:
             recs += bench_providers("attention_fp8", case, SHAPES[case], _providers)
+            recs += bench_providers("attention_fp8", case, SHAPES[case], _bwd_providers, modes=("fwd_bwd",))
         except Exception as e:
             recs.append(error_record("attention_fp8.case", case, "-", e))
         torch.cuda.empty_cache()
