@@ -14,6 +14,11 @@ FP8 backends (``precision.fp8``):
   TE is imported only when asked for; a missing TE, or one that fails to load its CUDA library
   (RuntimeError / OSError on import), becomes a clear error then.
 
+Meta-device init (``model.meta_init``): the torchao conversion runs on the meta-built model, before
+FSDP, and the weights read by rank 0 then load into the Float8Linear modules (same keys as nn.Linear);
+tested bit-exact against a plain load on 2 gloo ranks, with AC, compile and HSDP. "te" with meta_init is
+refused with an error naming both keys (TE's ``_extra_state`` is not in the weights rank 0 reads).
+
 Which linears convert (:func:`fp8_filter`): only those inside ``model.blocks`` (the token-wise layers
 where the FLOPs are; time/condition embedders fed one row per sample and the output head stay in high
 precision), with in and out features multiples of 16 and >= ``fp8_min_features``, and whose name
@@ -120,6 +125,14 @@ def apply_fp8(model: nn.Module, prec: PrecisionConfig) -> nn.Module:
     """Convert the model's eligible linears to the FP8 backend in ``prec.fp8`` (before FSDP/compile)."""
     if prec.fp8 == "none":
         return model
+    if prec.fp8 == "te" and any(p.is_meta for p in model.parameters()):
+        raise ValueError(
+            "precision.fp8 = 'te' with model.meta_init = true is not supported: a TE Linear keeps its FP8 "
+            "scaling state as an '_extra_state' entry of the state dict, which the weights that rank 0 "
+            "reads do not hold, so engine.parallel.materialize cannot fill it (and TE on the meta device "
+            "is untested here); set model.meta_init = false, or precision.fp8 = 'torchao' (works with "
+            "meta_init)"
+        )
     keep = fp8_filter(model, prec)
     if prec.fp8 == "te":
         n = _swap_te_linears(model, keep)

@@ -1,6 +1,7 @@
 """Meta-device initialisation on the Wan "debug" flavour. Run by tests/test_meta_init.py:
 
     torchrun --nproc_per_node 2 tests/dist_scripts/meta_init.py --folder F --out D [--section.key value ...]
+    torchrun --nproc_per_node 2 tests/dist_scripts/meta_init.py --folder F --out D --variants fp8_ac,hsdp,...
 
 Writes to D (rank 0 only, except the loader marks):
   meta_full.safetensors     the Executor's full parameters right after Trainer() under model.meta_init
@@ -9,6 +10,11 @@ Writes to D (rank 0 only, except the loader marks):
   losses.json               {"meta": [...], "plain": [...]} per-step losses (rank mean) of both paths
   final_meta.safetensors / final_plain.safetensors   the trained weights of both paths
   loaded_by_rank<r>         one line per weights-file read made by rank r while meta_init was on
+
+With ``--variants`` (names of VARIANTS: FP8, activation checkpointing, compile, HSDP) it writes instead,
+per variant V, into D/V/: {meta,plain}_init.safetensors (the Executor's full parameters right after
+Trainer() with and without meta_init), {meta,plain}_teacher.safetensors (after prepare_teacher),
+{meta,plain}_final.safetensors (after training), losses.json and structure.json (what was applied).
 """
 
 from __future__ import annotations
@@ -102,14 +108,75 @@ def train(cfg: JobConfig, model, info, out: Path, name: str) -> list[float]:
     return losses
 
 
+FP8 = ["--precision.fp8", "torchao", "--precision.fp8_min_features", "16"]  # every block linear of "debug"
+VARIANTS = {  # name -> overrides; each trains with and without model.meta_init
+    "fp8_ac": [*FP8, "--parallel.activation_checkpointing", "selective"],  # FSDP over the 2 ranks
+    "hsdp": [*FP8, "--parallel.activation_checkpointing", "full", "--parallel.dp_replicate", "2"],  # 2 x 1
+    "compile": [*FP8, "--parallel.activation_checkpointing", "selective", "--parallel.compile", "true"],
+}
+
+
+def structure(model, info) -> dict:
+    """What the trainer applied: FP8 linears, AC wrappers, compiled blocks, the FSDP mesh."""
+    from torch._dynamo.utils import counters
+    from torch.distributed.tensor import DTensor
+    from torchao.float8.float8_linear import Float8Linear
+
+    p = next(p for p in model.parameters() if isinstance(p, DTensor))
+    return {
+        "float8": sum(isinstance(m, Float8Linear) for m in model.modules()),
+        "ac": sum(type(m).__name__.endswith("CheckpointWrapper") for m in model.modules()),
+        "compiled": sum(getattr(b, "_compiled_call_impl", None) is not None for b in model.blocks),
+        "dynamo_graphs": int(counters["stats"]["unique_graphs"]),
+        "mesh": list(p.device_mesh.shape),
+    }
+
+
+def run_variant(name: str, cfg: JobConfig, out: Path) -> None:
+    """Executor (Trainer) and Demonstrator (prepare_teacher) with and without meta_init under cfg."""
+    info = init_distributed(cfg.parallel, "cpu")
+    out.mkdir(exist_ok=True)
+    losses, shape = {}, {}
+    for path in ("meta", "plain"):
+        cfg.model.meta_init = path == "meta"
+        model = load_pretrained_denoiser(cfg, "", meta=cfg.model.meta_init)
+        batches = WanBatches(cfg.train.batch_size, cfg.train.grad_accum, info.dp_rank, info.dp_size)
+        trainer = Trainer(cfg, model, wan_flow_loss, batches, run_dir=out / path, dist_info=info)
+        states = {"init": full_state(trainer.model)}
+        losses[path] = []
+        while trainer.step < cfg.train.steps:
+            loss = trainer.train_step()["loss"].detach().clone()
+            dist.all_reduce(loss, op=dist.ReduceOp.AVG)
+            losses[path].append(loss.item())
+        states["final"] = full_state(trainer.model)
+        shape[path] = structure(trainer.model, info)
+        trainer.close()
+        states["teacher"] = full_state(
+            prepare_teacher(load_pretrained_denoiser(cfg, "", meta=cfg.model.meta_init), cfg)
+        )
+        if info.is_main:
+            for k, sd in states.items():
+                save_file(sd, out / f"{path}_{k}.safetensors")
+    if info.is_main:
+        (out / "losses.json").write_text(json.dumps(losses))
+        (out / "structure.json").write_text(json.dumps(shape))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--folder", required=True)
     ap.add_argument("--out", required=True)
+    ap.add_argument("--variants", default="")
     args, rest = ap.parse_known_args()
     torch.set_num_threads(1)
     out = Path(args.out)
     base = ["--model.family", "wan", "--model.flavour", "debug", "--model.pretrained", args.folder]
+    if args.variants:
+        for name in args.variants.split(","):
+            run_variant(name, build_config(JobConfig, None, overrides_to_dict(JobConfig, base + rest + VARIANTS[name])),
+                        out / name)  # fmt: skip
+        shutdown()
+        return
     cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, base + rest))
     info = init_distributed(cfg.parallel, "cpu")
     rank = dist.get_rank()
