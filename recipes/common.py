@@ -8,6 +8,7 @@ A :class:`Kit` holds the model-specific pieces a recipe needs:
     table = kit.encode_items(items)            # encode once: image latents, task and solution texts
     cond = table.cond(idx, "task")             # {"text", "text_lengths", "image_latent", ...} rows idx
     model = kit.load_denoiser(path)            # "" = the Demonstrator; meta=True for the Trainer / teacher
+    model = load_for_sampling(kit, cfg, path)  # evaluate / demonstrate: frozen, meta_init honoured
     videos = kit.decode(latents)               # uint8 (B, T, H, W, 3) for the judge and mp4 files
 
 Task files are JSONL rows ``{"id", "image", "task", "solution", "meta"}`` (image relative to the
@@ -116,6 +117,22 @@ def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:
     if meta:
         materialize(model, info.device, seed=cfg.run.seed, timeout_s=cfg.parallel.timeout_s)
     return model
+
+
+def load_for_sampling(kit: Kit, cfg: JobConfig, weights: str) -> nn.Module:
+    """The frozen denoiser of the sampling-only recipes (evaluate, demonstrate): ``weights`` ("" = the
+    Demonstrator) as a full copy on every rank. Those recipes deal chunks to ranks that sample them
+    independently, so the model is not sharded (an FSDP forward is a collective every rank would have to
+    join in lockstep). With ``model.meta_init`` it takes the trainer's path, ``kit.load_denoiser(weights,
+    meta=True)`` then ``engine.parallel.materialize``: built on the meta device, the files read by rank 0
+    alone and the values broadcast: the plain load's values, in the fp32 the meta build keeps (the same
+    tensors as the plain load for fp32 files; tested on 2 gloo ranks in tests/test_meta_init.py)."""
+    from engine.parallel import is_meta, materialize
+
+    model = kit.load_denoiser(weights, meta=cfg.model.meta_init)
+    if is_meta(model):
+        materialize(model, kit.device, seed=cfg.run.seed, timeout_s=cfg.parallel.timeout_s)
+    return frozen(model)
 
 
 def model_autocast(cfg: JobConfig, model: nn.Module):

@@ -11,6 +11,8 @@ contact sheet for the first ``eval.write_videos`` demonstrations. A rerun skips 
 already in the index (resume). Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size``
 demonstrations are dealt round-robin to the ranks (noise per (run.seed + j, item), as in one process);
 rank 0 gathers each round (torch.distributed gather_object) and writes the files above in chunk order.
+Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampling; with
+``model.meta_init`` rank 0 alone reads its weights, which are broadcast).
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from recipes.common import (  # noqa: E402
     build_kit,
     dist_info,
     finished_ids,
+    load_for_sampling,
     load_items,
     read_jsonl,
     run_dir,
@@ -144,7 +147,7 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
         return 0
     kit, judge = build_kit(cfg), build_judge_backend(cfg)
     table = kit.encode_items(items)
-    model = kit.load_denoiser("").eval()
+    model = load_for_sampling(kit, cfg, "")
     B, W = cfg.eval.batch_size, info.world_size
     chunks = [todo[s : s + B] for s in range(0, len(todo), B)]
     for t in progress(range(0, len(chunks), W), desc="demonstrate", total=-(-len(chunks) // W)):

@@ -15,11 +15,13 @@ condition (a rerun skips those), ``videos/<condition>/<item>.mp4`` + a contact-s
 ``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
 task) and ``results.md`` (the table).
 
-Under ``torchrun --nproc_per_node N`` every rank loads its own copy of the model and scores the chunks
-k = rank, rank + N, ...; a chunk is one sampler batch with the noise of (seed, item index), so the
-scores do not depend on N. Rank 0 gathers the scores (torch.distributed gather_object) and writes
-every output above except the partial chunk files, which each rank writes for its own chunks (so
-resume across restarts needs <run>/eval on a file system all ranks share, as training checkpoints do).
+Under ``torchrun --nproc_per_node N`` every rank holds its own copy of the model (with
+``model.meta_init`` only rank 0 reads the weights, which are broadcast: recipes.common.load_for_sampling)
+and scores the chunks k = rank, rank + N, ...; a chunk is one sampler batch with the noise of (seed,
+item index), so the scores do not depend on N. Rank 0 gathers the scores (torch.distributed
+gather_object) and writes every output above except the partial chunk files, which each rank writes for
+its own chunks (so resume across restarts needs <run>/eval on a file system all ranks share, as training
+checkpoints do).
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ from recipes.common import (  # noqa: E402
     build_judge_backend,
     build_kit,
     dist_info,
+    load_for_sampling,
     load_image,
     load_items,
     run_dir,
@@ -149,7 +152,7 @@ def evaluate_condition(kit: Kit, judge, items, cfg: JobConfig, name: str, weight
     info = dist_info(cfg)
     chunks = chunk_ranges(len(items), cfg.eval.batch_size)
     mine = [chunks[k] for k in shard_of(len(chunks), info.rank, info.world_size)]
-    model = kit.load_denoiser(weights).eval()
+    model = load_for_sampling(kit, cfg, weights)
     pipe = pipeline_for(kit, model)
     with torch.no_grad():
         scored = score_chunks(pipe, judge, items, cfg, prompt, mine, out / "partial" / name)
