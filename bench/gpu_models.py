@@ -5,11 +5,21 @@ attention backend and, as the baseline, the diffusers model with the same config
 same input. MFU = 3 x forward matmul FLOPs (the model's ``flops_per_token``) / time / peak, with the
 peak measured as a bf16 8192^3 matmul in the same run.
 
+FP8 providers (a case's ``fp8_providers``, the Wan-1.3B case: issue 13's goal, FP8 linears + FP8
+attention >= 1.3x the bf16 step): the same model and step with FP8 linears (engine.precision.apply_fp8,
+torchao or Transformer Engine) and/or FP8 self-attention in every block
+(engine.precision.apply_attention_precision, kernels.attention_fp8; "_all": dP and dQ/dK in FP8 too),
+ratio vs ``ours_triton``, the bf16 step. MFU stays on the bf16 peak, so the rows compare on one scale.
+A missing backend (torchao, TE, an FP8 attention kernel for this device/dtype) or a spent time budget
+is an "error" record whose message starts with "skipped:" (extra skipped=True); other failures are
+plain error records.
+
     python -m bench.gpu_models [--quick]
 """
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import sys
@@ -22,6 +32,17 @@ import torch
 from bench.common import error_record, record
 
 DTYPE = torch.bfloat16
+# (provider, FP8 linear backend "none" | "torchao" | "te", FP8 self-attention: None (bf16), "default"
+# (dV in FP8) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most wanted first)
+FP8_PROVIDERS = (
+    ("ours_fp8_torchao+fp8attn", "torchao", "default"),
+    ("ours_fp8_torchao+fp8attn_all", "torchao", "all"),
+    ("ours_fp8attn", "none", "default"),
+    ("ours_fp8_torchao", "torchao", None),
+    ("ours_fp8_te+fp8attn", "te", "default"),
+)
+FP8_QUICK = ("ours_fp8_torchao+fp8attn",)
+FP8_BUDGET_S = 50.0  # no FP8 provider starts after this many seconds of the module (gpu_check: 90 s each)
 
 
 @dataclass
@@ -38,6 +59,9 @@ class Case:
     tokens: int
     backends: tuple[str, ...] = ("triton", "sdpa")
     extra: dict = field(default_factory=dict)
+    # FP8 variants of build_ours("triton"), see FP8_PROVIDERS; fp8_min_features: PrecisionConfig's (default)
+    fp8_providers: tuple[tuple[str, str, str | None], ...] = ()
+    fp8_min_features: int = 256
 
 
 def model_builders(model_cls: type, diffusers_cls: str, cfg, device: str) -> tuple[Callable, Callable]:
@@ -67,6 +91,8 @@ def _wan_case(
     text_len: int,
     *,
     device: str = "cuda",
+    fp8_providers: tuple = (),
+    fp8_min_features: int = 256,
     **overrides,
 ) -> Case:
     """Wan T2V at a flavour's dims with ``num_layers`` blocks, B=1, latent (C, F, H, W), text_len tokens."""
@@ -91,12 +117,16 @@ def _wan_case(
 
     name = f"wan{flavour}-{num_layers}blk-{Fr}x{H}x{W}"
     extra = dict(flavour=flavour, num_layers=num_layers, text_len=text_len)
-    return Case(name, build_ours, build_diffusers, inputs, fwd_flops, tokens, extra=extra)
+    return Case(
+        name, build_ours, build_diffusers, inputs, fwd_flops, tokens, extra=extra,
+        fp8_providers=fp8_providers, fp8_min_features=fp8_min_features,
+    )  # fmt: skip
 
 
 def cases() -> list[Case]:
-    """Wan2.1-1.3B, 4 of 30 blocks, B=1, 480p x 81 frames (latent 21 x 60 x 104 = 32,760 tokens), text 512."""
-    return [_wan_case("1.3B", 4, (16, 21, 60, 104), 512)]
+    """Wan2.1-1.3B, 4 of 30 blocks, B=1, 480p x 81 frames (latent 21 x 60 x 104 = 32,760 tokens), text 512;
+    with the FP8 providers."""
+    return [_wan_case("1.3B", 4, (16, 21, 60, 104), 512, fp8_providers=FP8_PROVIDERS)]
 
 
 def peak_bf16_flops() -> float:
@@ -131,11 +161,19 @@ def _empty_cache() -> None:
         torch.cuda.empty_cache()
 
 
-def _train_step_fn(model: torch.nn.Module, kwargs: dict, diffusers: bool) -> Callable[[], None]:
+def _train_step_fn(
+    model: torch.nn.Module,
+    kwargs: dict,
+    diffusers: bool,
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+) -> Callable[[], None]:
+    """One training step; the forward runs under ``forward_context()`` (TE's FP8 autocast, FP8 attention
+    backward options)."""
     opt = torch.optim.AdamW(model.parameters(), lr=1e-5, fused=next(model.parameters()).is_cuda)
 
     def step() -> None:
-        out = model(**kwargs, return_dict=False)[0] if diffusers else model(**kwargs)
+        with forward_context():
+            out = model(**kwargs, return_dict=False)[0] if diffusers else model(**kwargs)
         out.float().square().mean().backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
@@ -143,16 +181,27 @@ def _train_step_fn(model: torch.nn.Module, kwargs: dict, diffusers: bool) -> Cal
     return step
 
 
-def _measure(case: Case, provider: str, model, diffusers: bool, peak: float, quick: bool) -> list[dict]:
+def _measure(
+    case: Case,
+    provider: str,
+    model,
+    diffusers: bool,
+    peak: float,
+    quick: bool,
+    *,
+    baseline: str | None = "diffusers",
+    forward_context: Callable[[], contextlib.AbstractContextManager] = contextlib.nullcontext,
+    **more_extra,
+) -> list[dict]:
     kwargs = case.inputs()
-    step = _train_step_fn(model, kwargs, diffusers)
+    step = _train_step_fn(model, kwargs, diffusers, forward_context)
     if torch.cuda.is_available():
         torch.cuda.reset_peak_memory_stats()
     sec = _time(step, warmup=1 if quick else 2, iters=2 if quick else 4)
     flops = 3 * case.fwd_flops_per_token * case.tokens
-    base = None if provider == "diffusers" else "diffusers"
+    base = None if provider == "diffusers" else baseline
     mem = torch.cuda.max_memory_allocated() / 2**30 if torch.cuda.is_available() else 0.0
-    extra = dict(ms=sec * 1e3, tflops=flops / sec / 1e12, peak_tflops=peak / 1e12, **case.extra)
+    extra = dict(ms=sec * 1e3, tflops=flops / sec / 1e12, peak_tflops=peak / 1e12, **case.extra, **more_extra)
     return [
         record(
             "models.train_step",
@@ -180,7 +229,87 @@ def _error(case: str, provider: str, e: BaseException) -> dict:
     return error_record("models.train_step", case, provider, e)
 
 
-def _run_case(case: Case, peak: float, quick: bool) -> list[dict]:
+def _skipped(case: str, provider: str, reason: str) -> dict:
+    """A provider that could not run here (missing backend, time budget): the reason, never a crash."""
+    return record(
+        "models.train_step", case, provider, "error", 0.0, message=f"skipped: {reason}"[:800], skipped=True
+    )
+
+
+class _Skip(Exception):
+    """Raised by _fp8_model when a backend is missing; becomes a skipped record."""
+
+
+def _fp8_model(case: Case, linears: str, attn: str | None):
+    """(our bf16 model with FP8 linears / FP8 self-attention applied, forward context factory)."""
+    from engine.config import ModelConfig, PrecisionConfig
+    from engine.precision import FP8UnavailableError, apply_attention_precision, apply_fp8, fp8_context
+    from kernels.attention_fp8 import fp8_backward_products, fp8_unsupported_reason
+
+    model = case.build_ours("triton")
+    contexts = []
+    if attn is not None:
+        attn_mod = next(m for m in model.blocks.modules() if hasattr(m, "attention_precision"))
+        head_dim = attn_mod.out.in_features // attn_mod.heads
+        probe = torch.empty(1, 1, 1, head_dim, device=next(model.parameters()).device, dtype=DTYPE)
+        reason = fp8_unsupported_reason(probe)
+        if reason is not None:
+            raise _Skip(f"FP8 attention would fall back to bf16: {reason}")
+        apply_attention_precision(model, ModelConfig(attention_precision="fp8", fp8_attention_skip_blocks=[]))
+        if attn == "all":
+            contexts.append(lambda: fp8_backward_products(dp=True, dqdk=True))
+    if linears != "none":
+        prec = PrecisionConfig(fp8=linears, fp8_min_features=case.fp8_min_features)
+        try:
+            apply_fp8(model, prec)
+            if linears == "te":
+                contexts.append(lambda: fp8_context(prec))
+        except FP8UnavailableError as e:
+            raise _Skip(str(e)) from e
+
+    def forward_context() -> contextlib.AbstractContextManager:
+        stack = contextlib.ExitStack()
+        for c in contexts:
+            stack.enter_context(c())
+        return stack
+
+    return model, forward_context
+
+
+def _run_fp8_providers(case: Case, peak: float, quick: bool, deadline: float) -> list[dict]:
+    """The case's FP8 providers, ratios vs ours_triton (the bf16 step); each may be skipped with a reason."""
+    recs = []
+    for provider, linears, attn in case.fp8_providers:
+        if quick and provider not in FP8_QUICK:
+            continue
+        if time.time() > deadline:
+            recs.append(_skipped(case.name, provider, "time budget"))
+            continue
+        model = None
+        try:
+            model, ctx = _fp8_model(case, linears, attn)
+            extra = dict(fp8_linears=linears, fp8_attention=attn or "none")
+            recs += _measure(
+                case,
+                provider,
+                model,
+                False,
+                peak,
+                quick,
+                baseline="ours_triton",
+                forward_context=ctx,
+                **extra,
+            )
+        except _Skip as e:
+            recs.append(_skipped(case.name, provider, str(e)))
+        except Exception as e:  # a failing provider is a record, never a crash
+            recs.append(_error(case.name, provider, e))
+        del model
+        _empty_cache()
+    return recs
+
+
+def _run_case(case: Case, peak: float, quick: bool, deadline: float = float("inf")) -> list[dict]:
     recs = []
     backends = case.backends[:1] if quick else case.backends
     ours = None
@@ -202,7 +331,7 @@ def _run_case(case: Case, peak: float, quick: bool) -> list[dict]:
     except Exception as e:
         recs.append(_error(case.name, "diffusers", e))
     _empty_cache()
-    return recs
+    return recs + _run_fp8_providers(case, peak, quick, deadline)
 
 
 def run_cases(module: str, make_cases: Callable[[], list[Case]], quick: bool) -> list[dict]:
@@ -220,7 +349,7 @@ def run_cases(module: str, make_cases: Callable[[], list[Case]], quick: bool) ->
         recs.append(record("models.peak_matmul", "bf16-8192", "torch", "error", 0.0, message=str(e)[:800]))
     for case in make_cases():
         try:
-            recs += _run_case(case, peak, quick)
+            recs += _run_case(case, peak, quick, deadline=t0 + FP8_BUDGET_S)
         except Exception as e:
             recs.append(_error(case.name, "-", e))
     recs.append(record(f"{module}.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))

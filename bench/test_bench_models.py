@@ -64,3 +64,42 @@ def test_gpu_models_case_machinery_runs_on_cpu():
     assert not errors, errors
     providers = {r["provider"] for r in recs if r["metric"] == "tokens_per_s"}
     assert providers == {"ours_triton", "ours_sdpa", "diffusers"}
+
+
+def test_gpu_models_fp8_providers_run_or_skip_on_cpu(monkeypatch):
+    """bench/gpu_models.py's FP8 providers on a tiny fp32 CPU case (FP8 attention in the Triton
+    interpreter): each yields records or a "skipped:" record naming the missing backend (TE here), none
+    fails; FP8 attention is set on every block's self-attention."""
+    import bench.gpu_models as gm
+
+    monkeypatch.setattr(gm, "DTYPE", torch.float32)  # the interpreter's FP8 path takes fp32 (not bf16)
+    monkeypatch.setattr(
+        gm, "FP8_QUICK", tuple(p for p, _, _ in gm.FP8_PROVIDERS)
+    )  # all, with quick's 3 steps
+    case = gm._wan_case(
+        "debug", 2, (4, 2, 8, 8), 8, device="cpu", fp8_providers=gm.FP8_PROVIDERS, fp8_min_features=16,
+        attention_head_dim=64,
+    )  # fmt: skip
+    recs = gm._run_fp8_providers(case, 1e12, quick=True, deadline=float("inf"))
+    by_provider = {}
+    for r in recs:
+        by_provider.setdefault(r["provider"], []).append(r)
+    assert set(by_provider) == {p for p, _, _ in gm.FP8_PROVIDERS}
+    for provider, linears, attn in gm.FP8_PROVIDERS:
+        rs = by_provider[provider]
+        errors = [r for r in rs if r["metric"] == "error"]
+        if not errors:
+            assert {r["metric"] for r in rs} == {"tokens_per_s", "mfu", "peak_mem_gb"}
+            assert all(r["baseline"] == "ours_triton" for r in rs)
+            assert rs[0]["extra"]["fp8_attention"] == (attn or "none")
+            continue
+        (err,) = errors
+        assert err["extra"].get("skipped"), err  # a skip with its reason, never a failure
+        assert linears != "none", err  # FP8 attention alone has no missing backend here
+        name = {"te": "Transformer Engine", "torchao": "torchao"}[linears]
+        assert name in err["extra"]["message"], err
+    assert by_provider["ours_fp8attn"][0]["metric"] == "tokens_per_s"
+    late = gm._run_fp8_providers(case, 1e12, quick=False, deadline=0.0)  # past the module's time budget
+    assert [r["extra"]["message"] for r in late] == ["skipped: time budget"] * len(gm.FP8_PROVIDERS)
+    model, _ = gm._fp8_model(case, "none", "all")
+    assert {m.attention_precision for m in model.modules() if hasattr(m, "attention_precision")} == {"fp8"}
