@@ -331,6 +331,11 @@ def _check_triton(q: torch.Tensor) -> None:
             f"q: backend 'triton' needs CUDA tensors (or CPU with TRITON_INTERPRET=1 set before "
             f"import), got device {q.device}"
         )
+    if q.device.type == "cpu" and q.dtype == torch.bfloat16:  # the interpreter computes bf16 wrongly
+        raise ValueError(
+            "q: backend 'triton' on CPU (TRITON_INTERPRET=1) takes float16/float32: Triton's interpreter "
+            "gives wrong results in bfloat16; use backend='torch' or 'sdpa' for bf16 on the CPU"
+        )
 
 
 def _meta(q, k, rope, k_lengths) -> dict:
