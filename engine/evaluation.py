@@ -40,13 +40,15 @@ class GapTooSmallError(RuntimeError):
 class VideoPipeline:
     """How to turn (first-frame images, texts) into videos for one model.
 
-    encode_text(texts) -> {"text", "text_lengths"}; encode_image(uint8 (B, H, W, 3)) -> (B, C, 1, h, w);
+    encode_text(texts) -> {"text", "text_lengths", ...}; encode_image(uint8 (B, H, W, 3)) -> the image
+    entries of the cond dict: {"image_latent": (B, C, 1, h, w)} plus, for models that also attend to image
+    tokens (Wan2.1 I2V's CLIP, HunyuanVideo-1.5's SigLIP), {"image_tokens": (B, N, D)};
     decode(latent (B, C, T, h, w)) -> uint8 (B, T, H, W, 3); latent_shape = (C, T, h, w).
     """
 
     v_fn: flow.VelocityFn
     encode_text: Callable[[list[str]], dict]
-    encode_image: Callable[[torch.Tensor], torch.Tensor]
+    encode_image: Callable[[torch.Tensor], dict[str, torch.Tensor]]
     decode: Callable[[torch.Tensor], torch.Tensor]
     latent_shape: tuple[int, int, int, int]
     device: torch.device = field(default_factory=lambda: torch.device("cpu"))
@@ -93,12 +95,15 @@ def generate(pipe: VideoPipeline, images: np.ndarray, texts: list[str], *, seed:
         idx = range(s, min(s + sampling.batch_size, len(texts)))
         noise = torch.stack([item_noise(pipe.latent_shape, seed, start + i) for i in idx]).to(pipe.device)
         img = torch.as_tensor(np.asarray(images[idx.start : idx.stop])).to(pipe.device)
-        image_latent = pipe.encode_image(img)
         with torch.no_grad():
-            cond = {**pipe.encode_text([texts[i] for i in idx]), "image_latent": image_latent}
+            image = pipe.encode_image(img)
+            if not isinstance(image, dict) or "image_latent" not in image:
+                raise TypeError(f"VideoPipeline.encode_image: expected a dict with 'image_latent' (and optional "
+                                f"'image_tokens'), got {type(image).__name__}")  # fmt: skip
+            cond = {**pipe.encode_text([texts[i] for i in idx]), **image}
             uncond = None
             if sampling.guidance != 1.0:
-                uncond = {**pipe.encode_text([""] * len(idx)), "image_latent": image_latent}
+                uncond = {**pipe.encode_text([""] * len(idx)), **image}
             g = torch.Generator(device=pipe.device).manual_seed(seed * 7919 + start + s)
             traj = flow.sample(pipe.v_fn, noise, cond, num_steps=sampling.num_steps, shift=sampling.shift,
                                guidance=sampling.guidance, uncond=uncond, sigma=sampling.sigma, generator=g)  # fmt: skip

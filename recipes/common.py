@@ -126,13 +126,29 @@ def load_for_sampling(kit: Kit, cfg: JobConfig, weights: str) -> nn.Module:
     join in lockstep). With ``model.meta_init`` it takes the trainer's path, ``kit.load_denoiser(weights,
     meta=True)`` then ``engine.parallel.materialize``: built on the meta device, the files read by rank 0
     alone and the values broadcast: the plain load's values, in the fp32 the meta build keeps (the same
-    tensors as the plain load for fp32 files; tested on 2 gloo ranks in tests/test_meta_init.py)."""
+    tensors as the plain load for fp32 files; tested on 2 gloo ranks in tests/test_meta_init.py).
+    Either way the parameters are then held in ``precision.param_dtype`` (bf16 halves a 14B model's copy
+    to 28 GB; the files' own dtype does not matter), and :func:`sampling_velocity` runs the forwards under
+    the matching autocast."""
     from engine.parallel import is_meta, materialize
 
     model = kit.load_denoiser(weights, meta=cfg.model.meta_init)
     if is_meta(model):
         materialize(model, kit.device, seed=cfg.run.seed, timeout_s=cfg.parallel.timeout_s)
-    return frozen(model)
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.precision.param_dtype]
+    return frozen(model.to(dtype))
+
+
+def sampling_velocity(cfg: JobConfig, model: nn.Module) -> Callable:
+    """``model.predict_velocity`` run under the trainer's autocast policy (:func:`model_autocast`), fp32
+    out: what the sampling-only recipes call, so a model held in bf16 (``precision.param_dtype``) takes
+    the fp32 latents the sampler keeps."""
+
+    def v_fn(x_t: torch.Tensor, t: torch.Tensor, cond: dict) -> torch.Tensor:
+        with model_autocast(cfg, model):
+            return model.predict_velocity(x_t, t, cond).float()
+
+    return v_fn
 
 
 def model_autocast(cfg: JobConfig, model: nn.Module):
@@ -285,17 +301,22 @@ class Kit:
     load_denoiser: Callable[..., nn.Module]
 
     @torch.no_grad()
+    def encode_image_cond(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
+        """The image entries of the cond dict for uint8 (B, H, W, 3) scene images: "image_latent"
+        (B, C, 1, h, w), plus "image_tokens" (B, N, D) for families with an image encoder."""
+        out = {"image_latent": self.encode_images(pixels)}
+        if self.encode_image_tokens is not None:
+            out["image_tokens"] = self.encode_image_tokens(pixels)
+        return out
+
+    @torch.no_grad()
     def encode_items(self, items: list[Item], batch: int = 64) -> PromptTable:
         """Encode every item's image, task and solution once (the cache the training loops index)."""
-        image, texts = {"image_latent": []}, {"task": [], "solution": []}
-        if self.encode_image_tokens is not None:
-            image["image_tokens"] = []
+        image, texts = {}, {"task": [], "solution": []}
         for s in range(0, len(items), batch):
             chunk = items[s : s + batch]
-            pixels = np.stack([load_image(it.image) for it in chunk])
-            image["image_latent"].append(self.encode_images(pixels))
-            if self.encode_image_tokens is not None:
-                image["image_tokens"].append(self.encode_image_tokens(pixels))
+            for k, v in self.encode_image_cond(np.stack([load_image(it.image) for it in chunk])).items():
+                image.setdefault(k, []).append(v)
             for which in texts:
                 texts[which].append(self.encode_text([getattr(it, which) for it in chunk]))
         packed = {
@@ -358,6 +379,11 @@ def _toy_kit(cfg: JobConfig) -> Kit:
     )
 
 
+# Frame rate of written videos when data.fps is 0 ("native"): Wan2.1 generates 16 fps, HunyuanVideo-1.5
+# 24 fps (Wan2.2 TI2V-5B is also 24: set data.fps = 24 for it).
+NATIVE_FPS = {"wan": 16, "hunyuan15": 24}
+
+
 def _pretrained_kit(cfg: JobConfig) -> Kit:
     """Real models: ``model.pretrained`` is a diffusers pipeline folder (transformer/, vae/,
     text_encoder/, tokenizer/ [, image_encoder/, image_processor/]); videos are data.num_frames x
@@ -398,7 +424,7 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
     return Kit(
         device=device,
         latent_shape=shape,
-        fps=16,
+        fps=int(cfg.data.fps) or NATIVE_FPS.get(cfg.model.family, 16),
         encode_text=encode_text,
         encode_images=lambda images: vae.encode(pixels(images).unsqueeze(2)),
         encode_image_tokens=(lambda images: enc.image.encode(pixels(images)))

@@ -41,6 +41,7 @@ from recipes.common import (  # noqa: E402
     load_items,
     read_jsonl,
     run_dir,
+    sampling_velocity,
     save_image,
 )
 
@@ -106,7 +107,7 @@ def demonstrate_chunk(kit, model, table, judge, items, cfg: JobConfig, chunk: li
     idx = [i for _, i in chunk]
     noise = torch.stack([item_noise(kit.latent_shape, cfg.run.seed + j, i) for j, i in chunk]).to(kit.device)
     uncond = table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
-    x0 = flow.sample(model.predict_velocity, noise, table.cond(idx, "solution"), num_steps=cfg.flow.num_steps,
+    x0 = flow.sample(sampling_velocity(cfg, model), noise, table.cond(idx, "solution"), num_steps=cfg.flow.num_steps,
                      shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond).x0  # fmt: skip
     videos = kit.decode(x0).numpy()
     scores = asyncio.run(score_videos(judge, videos, [items[i].task for i in idx]))

@@ -56,6 +56,7 @@ from recipes.common import (  # noqa: E402
     load_image,
     load_items,
     run_dir,
+    sampling_velocity,
 )
 
 log = get_logger("evaluate")
@@ -86,12 +87,15 @@ def conditions(cfg: JobConfig) -> list[tuple[str, str, str]]:
     return out
 
 
-def pipeline_for(kit: Kit, model: torch.nn.Module) -> VideoPipeline:
-    def encode_image(images) -> torch.Tensor:
-        return kit.encode_images(np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images))
+def pipeline_for(kit: Kit, model: torch.nn.Module, cfg: JobConfig) -> VideoPipeline:
+    """The evaluation pipeline of a kit's model: the same cond entries as training (image latent, image
+    tokens where the family has them, every text entry), forwards in the trainer's precision."""
 
-    return VideoPipeline(model.predict_velocity, kit.encode_text, encode_image, kit.decode, kit.latent_shape,
-                         kit.device)  # fmt: skip
+    def encode_image(images) -> dict[str, torch.Tensor]:
+        return kit.encode_image_cond(np.asarray(images.cpu() if isinstance(images, torch.Tensor) else images))
+
+    return VideoPipeline(sampling_velocity(cfg, model), kit.encode_text, encode_image, kit.decode,
+                         kit.latent_shape, kit.device)  # fmt: skip
 
 
 def sampling_of(cfg: JobConfig) -> SamplingConfig:
@@ -153,7 +157,7 @@ def evaluate_condition(kit: Kit, judge, items, cfg: JobConfig, name: str, weight
     chunks = chunk_ranges(len(items), cfg.eval.batch_size)
     mine = [chunks[k] for k in shard_of(len(chunks), info.rank, info.world_size)]
     model = load_for_sampling(kit, cfg, weights)
-    pipe = pipeline_for(kit, model)
+    pipe = pipeline_for(kit, model, cfg)
     with torch.no_grad():
         scored = score_chunks(pipe, judge, items, cfg, prompt, mine, out / "partial" / name)
         gathered = gather_to_main(scored, f"evaluate {name}: gather scores")

@@ -68,7 +68,8 @@ def _point_mass_pipeline(items):
         x0 = torch.where(is_task, still[item], solved[item])
         return (x - x0) / t.view(-1, 1, 1, 1, 1)
 
-    return ev.VideoPipeline(v_fn, encode_text, latent.image_latent, latent.decode, (12, 4, 16, 16))
+    return ev.VideoPipeline(v_fn, encode_text, lambda im: {"image_latent": latent.image_latent(im)}, latent.decode,
+                            (12, 4, 16, 16))  # fmt: skip
 
 
 def test_gap_check_with_an_exact_model():

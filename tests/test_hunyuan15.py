@@ -347,7 +347,6 @@ def _tiny_pipeline(path: Path):
         T5EncoderModel,
     )
 
-    from engine.config import load_config
     from recipes.common import build_kit
 
     torch.manual_seed(0)
@@ -366,11 +365,17 @@ def _tiny_pipeline(path: Path):
     for name, part in parts.items():
         part.save_pretrained(path / name)
     pipe = Pipe(**parts, scheduler=FlowMatchEulerDiscreteScheduler(), guider=ClassifierFreeGuidance())
-    cfg = load_config(argv=["--config", str(REPO / "recipes/configs/hunyuan15_i2v_480p.toml"),
-                            "--model.pretrained", str(path), "--model.meta_init", "false",
-                            "--model.attention", "sdpa", "--run.device", "cpu", "--precision.param_dtype",
-                            "float32", "--data.num_frames", "5", "--data.height", "16", "--data.width", "16"])  # fmt: skip
-    return pipe, build_kit(cfg)
+    return pipe, build_kit(_tiny_cfg(path))
+
+
+def _tiny_cfg(path: Path):
+    """The real HunyuanVideo-1.5 recipe config pointed at a tiny pipeline folder, fp32 on the CPU."""
+    from engine.config import load_config
+
+    return load_config(argv=["--config", str(REPO / "recipes/configs/hunyuan15_i2v_480p.toml"),
+                             "--model.pretrained", str(path), "--model.meta_init", "false",
+                             "--model.attention", "sdpa", "--run.device", "cpu", "--precision.param_dtype",
+                             "float32", "--data.num_frames", "5", "--data.height", "16", "--data.width", "16"])  # fmt: skip
 
 
 def test_kit_cond_matches_the_pipeline_with_and_without_quoted_text(tmp_path):
@@ -443,3 +448,56 @@ def test_kit_cond_matches_the_pipeline_with_and_without_quoted_text(tmp_path):
         quoted = ref_m2.sum(1) > 0
         assert quoted.tolist() == [True, False, True]
         assert rel_err(v[~quoted], ref_c[~quoted]) <= 1e-5 and rel_err(v[quoted], ref_c[quoted]) > 1e-2
+
+
+def test_evaluation_pipeline_conditions_like_training_and_samples_bf16_weights(tmp_path):
+    """recipes.evaluate's pipeline (engine.evaluation.generate) gives the videos that sampling with the
+    training cond (the kit's PromptTable: image latent + SigLIP image tokens + Qwen and glyph text, checked
+    against diffusers above) gives; with precision.param_dtype = bfloat16 the model is held in bf16 and
+    sampled under autocast, close to fp32."""
+    import dataclasses
+
+    import numpy as np
+    from PIL import Image
+
+    from engine import flow
+    from engine.evaluation import SamplingConfig, generate, item_noise
+    from recipes.common import Item, load_for_sampling
+    from recipes.evaluate import pipeline_for
+
+    _, kit = _tiny_pipeline(tmp_path / "pipe")
+    cfg = _tiny_cfg(tmp_path / "pipe")
+    rng = np.random.default_rng(1)
+    images = rng.integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    items = []
+    for i, im in enumerate(images):
+        Image.fromarray(im).save(tmp_path / f"{i}.png")
+        items.append(Item(str(i), str(tmp_path / f"{i}.png"), f'[Agent]: write "HI{i}" on the wall', ""))
+    texts = [it.task for it in items]
+    sampling = SamplingConfig(num_steps=2, shift=5.0, guidance=3.0, batch_size=2)
+    model = load_for_sampling(kit, cfg, "")
+    videos = generate(pipeline_for(kit, model, cfg), images, texts, seed=0, sampling=sampling)
+
+    table = kit.encode_items(items)
+    idx = torch.arange(2)
+    noise = torch.stack([item_noise(kit.latent_shape, 0, i) for i in range(2)])
+    with torch.no_grad():
+        x0 = flow.sample(model.predict_velocity, noise, table.cond(idx, "task"), num_steps=2, shift=5.0,
+                         guidance=3.0, uncond=table.cond(idx, "empty")).x0  # fmt: skip
+    assert np.array_equal(videos, kit.decode(x0).numpy())
+    # without the SigLIP tokens the videos differ: the check above would catch them being dropped
+    no_tokens = {k: v for k, v in table.cond(idx, "task").items() if k != "image_tokens"}
+    with torch.no_grad():
+        v_all = model.predict_velocity(noise, torch.ones(2), table.cond(idx, "task"))
+        v_none = model.predict_velocity(noise, torch.ones(2), no_tokens)
+    assert rel_err(v_none, v_all) > 1e-3
+
+    bf16 = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, param_dtype="bfloat16"))
+    model16 = load_for_sampling(kit, bf16, "")
+    assert {p.dtype for p in model16.parameters()} == {torch.bfloat16}
+    pipe16 = pipeline_for(kit, model16, bf16)
+    cond = {**kit.encode_text(texts), **kit.encode_image_cond(images)}
+    v16 = pipe16.v_fn(noise, torch.full((2,), 0.5), cond)
+    assert v16.dtype == torch.float32
+    assert rel_err(v16, model.predict_velocity(noise, torch.full((2,), 0.5), cond)) <= 3e-2
+    assert generate(pipe16, images, texts, seed=0, sampling=sampling).shape == videos.shape

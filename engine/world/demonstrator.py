@@ -41,7 +41,7 @@ def toy_pipeline(model: ToyDemonstrator, device: torch.device | str | None = Non
     return VideoPipeline(
         v_fn=model.predict_velocity,
         encode_text=model.text.encode,
-        encode_image=toy_latent.image_latent,
+        encode_image=lambda images: {"image_latent": toy_latent.image_latent(images)},
         decode=toy_latent.decode,
         latent_shape=(toy_latent.LATENT_CHANNELS, NUM_FRAMES, h, h),
         device=device,
