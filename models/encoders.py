@@ -3,6 +3,7 @@
     vae.encode(video (B, 3, T, H, W) in [-1, 1]) -> latents (B, C, T', H', W'), normalised
     vae.decode(latents) -> video (B, 3, T, H, W) in about [-1, 1]
     text.encode(list[str]) -> (emb (B, L, D), lengths (B,)), zero past each length, L fixed
+    text.cond(list[str]) -> the DiT's text cond entries {"text", "text_lengths"[, "text_2", "text_2_lengths"]}
     image.encode(images (B, 3, H, W) in [-1, 1]) -> tokens (B, N, D)
 
 Implemented with diffusers / transformers modules (never trust_remote_code, local folders only).
@@ -156,6 +157,11 @@ class TextEncoder(nn.Module):
         emb = self.model(input_ids=ids, attention_mask=mask).last_hidden_state.float()  # (B, L, D)
         valid = torch.arange(emb.shape[1], device=device)[None, :] < lengths[:, None]  # (B, L)
         return emb * valid[..., None], lengths
+
+    def cond(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The text entries of the DiT's cond dict: {"text": emb, "text_lengths": lengths}."""
+        emb, lengths = self.encode(texts)
+        return {"text": emb, "text_lengths": lengths}
 
 
 def _preprocessor_config(processor_path: str | Path | None) -> dict | None:
@@ -380,6 +386,17 @@ class HunyuanVideo15TextEncoder(nn.Module):
         out = self.model(input_ids=ids, attention_mask=mask, output_hidden_states=True)
         emb = out.hidden_states[-(self.skip_layers + 1)][:, self.crop_start :].float()
         return _valid_first(emb, mask[:, self.crop_start :])
+
+    def cond(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """The text entries of the DiT's cond dict: "text" / "text_lengths" (Qwen2.5-VL), and with the glyph
+        encoder loaded "text_2" / "text_2_lengths" for every prompt, as HunyuanVideo15(ImageToVideo)
+        Pipeline.encode_prompt feeds encoder_hidden_states_2: zero length (all masked) for a prompt without
+        quoted text, so cond and uncond keep the same keys."""
+        emb, lengths = self.encode(texts)
+        out = {"text": emb, "text_lengths": lengths}
+        if self.has_glyph:
+            out["text_2"], out["text_2_lengths"] = self.encode_glyph(texts)
+        return out
 
     @property
     def has_glyph(self) -> bool:

@@ -371,7 +371,7 @@ def _toy_kit(cfg: JobConfig) -> Kit:
         device=device,
         latent_shape=(toy_latent.LATENT_CHANNELS, NUM_FRAMES, h, h),
         fps=4,
-        encode_text=text_encoder.encode,
+        encode_text=text_encoder.cond,
         encode_images=encode_images,
         encode_image_tokens=None,
         decode=lambda z: toy_latent.decode(z.float().cpu()),
@@ -404,18 +404,9 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
         return nn.functional.interpolate(x, size=(d.height, d.width), mode="bilinear", antialias=True)
 
-    glyph = getattr(enc.text, "has_glyph", False)  # HunyuanVideo-1.5 with its ByT5 glyph encoder
-    if cfg.model.family == "hunyuan15" and not glyph:
+    if cfg.model.family == "hunyuan15" and not enc.text.has_glyph:  # its ByT5 glyph encoder
         log.warning("%s: no text_encoder_2/ (ByT5): quoted text in prompts gets no glyph tokens, unlike "
                     "the diffusers pipeline", cfg.model.pretrained)  # fmt: skip
-
-    def encode_text(texts: list[str]) -> dict[str, torch.Tensor]:
-        emb, lengths = enc.text.encode(texts)
-        out = {"text": emb, "text_lengths": lengths}
-        if glyph:  # as HunyuanVideo15(ImageToVideo)Pipeline.encode_prompt: every prompt gets glyph states,
-            # zero length (all masked) for one without quoted text, so cond and uncond keep the same keys
-            out["text_2"], out["text_2_lengths"] = enc.text.encode_glyph(texts)
-        return out
 
     def decode(z: torch.Tensor) -> torch.Tensor:
         video = vae.decode(z.float())  # (B, 3, T, H, W) in about [-1, 1]
@@ -425,7 +416,7 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         device=device,
         latent_shape=shape,
         fps=int(cfg.data.fps) or NATIVE_FPS.get(cfg.model.family, 16),
-        encode_text=encode_text,
+        encode_text=enc.text.cond,
         encode_images=lambda images: vae.encode(pixels(images).unsqueeze(2)),
         encode_image_tokens=(lambda images: enc.image.encode(pixels(images)))
         if enc.image is not None
@@ -570,7 +561,11 @@ def load_toy_demonstrator(cfg: JobConfig) -> nn.Module:
 
     folder = Path(cfg.world.demonstrator) if cfg.world.demonstrator else TOY_ASSETS
     if (folder / "demonstrator.json").is_file():
-        model, _ = load_demonstrator(folder)
+        model, meta = load_demonstrator(folder)
+        trained = meta.get("train", {}).get("shift", 1.0)  # exports before the key existed trained at 1.0
+        if cfg.flow.shift != trained:
+            log.warning("flow.shift = %g but the Demonstrator in %s was trained with timestep shift %g: "
+                        "its samples are best at that shift", cfg.flow.shift, folder, trained)  # fmt: skip
         return model
     if cfg.world.demonstrator:
         raise FileNotFoundError(f"world.demonstrator '{folder}': no demonstrator.json in it")

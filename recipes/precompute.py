@@ -42,20 +42,8 @@ class _ToyVAE:
         return latent.encode(pixels.permute(0, 2, 3, 4, 1))  # (B, 3, T, H, W) -> (B, T, H, W, 3)
 
 
-class _DictText:
-    """A text encoder returning {"text", "text_lengths"} as a (emb, lengths) TextEncoder."""
-
-    def __init__(self, encode):
-        self._encode = encode
-
-    @torch.no_grad()
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        out = self._encode(texts)
-        return out["text"], out["text_lengths"]
-
-
 class _OnDevice:
-    """Runs a models.encoders module on ``device``; inputs come from the CPU data pipeline."""
+    """Runs a models.encoders VAE on ``device``; videos come from the CPU data pipeline."""
 
     def __init__(self, module, device: torch.device):
         self.module, self.device = module, device
@@ -72,7 +60,7 @@ def build_encoders(cfg: JobConfig, device: torch.device):
         from recipes.common import frozen, load_toy_demonstrator
 
         text = frozen(load_toy_demonstrator(cfg).text).to(device)
-        return _ToyVAE(), _DictText(text.encode)
+        return _ToyVAE(), text
     if not cfg.model.pretrained:
         raise SystemExit(
             "error: model.pretrained must name a diffusers pipeline folder (or use model.flavour toy)"
@@ -83,7 +71,7 @@ def build_encoders(cfg: JobConfig, device: torch.device):
     enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=dtype)
     for m in (enc.vae, enc.text):
         m.eval().requires_grad_(False).to(device)
-    return _OnDevice(enc.vae, device), _OnDevice(enc.text, device)
+    return _OnDevice(enc.vae, device), enc.text  # the text encoder takes strings and runs on its own device
 
 
 def main(argv: list[str] | None = None) -> dict:

@@ -47,6 +47,10 @@ class UMT5Text:
         cfg = UMT5Config(vocab_size=260, d_model=16, d_kv=8, d_ff=32, num_layers=1, num_heads=2)
         self.model = UMT5EncoderModel(cfg).eval()
 
+    def cond(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        emb, lengths = self.encode(texts)
+        return {"text": emb, "text_lengths": lengths}
+
     def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         ids = [list(t.encode())[:24] + [1] for t in texts]
         lengths = torch.tensor([len(i) for i in ids])

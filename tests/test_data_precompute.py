@@ -47,7 +47,7 @@ def test_precompute_toy_cache_matches_direct_encoding(manifest, tmp_path):
         torch.testing.assert_close(it["latent"], toy_latent.encode(pixels)[0])
         torch.testing.assert_close(it["first_frame_latent"], toy_latent.encode(pixels[:, :1])[0])
         with torch.no_grad():
-            ref = text.encode([it["task"]])
+            ref = text.cond([it["task"]])
         torch.testing.assert_close(it["task_emb"], ref["text"][0, : int(ref["text_lengths"][0])])
         assert it["task"] == f"[Agent]: push block {it['index']}"
     before = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}

@@ -501,3 +501,43 @@ def test_evaluation_pipeline_conditions_like_training_and_samples_bf16_weights(t
     assert v16.dtype == torch.float32
     assert rel_err(v16, model.predict_velocity(noise, torch.full((2,), 0.5), cond)) <= 3e-2
     assert generate(pipe16, images, texts, seed=0, sampling=sampling).shape == videos.shape
+
+
+def test_latent_cache_keeps_the_glyph_states(tmp_path):
+    """The latent/text cache (engine.data.cache, recipes/precompute.py's writer) stores every sequence the
+    HunyuanVideo-1.5 text encoder's cond gives, the ByT5 glyph states included; read back and collated they
+    equal diffusers' encode_prompt (prompt_embeds_2 at its mask), zero-length for prompts without quotes."""
+    from engine.data.cache import LatentCacheDataset, LatentCacheWriter, collate_latents
+    from models.encoders import load_encoders
+
+    pipe, _ = _tiny_pipeline(tmp_path / "pipe")
+    enc = load_encoders("hunyuan15", tmp_path / "pipe")
+    tasks = ['[Agent]: write "OPEN" on the sign', "put the red block left of blue", 'say “hi” and "bye"']
+    g = torch.Generator().manual_seed(0)
+    rows = [{"video": torch.rand(3, 5, 16, 16, generator=g) * 2 - 1, "task": t, "index": i, "path": f"v{i}"}
+            for i, t in enumerate(tasks)]  # fmt: skip
+
+    class Rows:
+        def __len__(self):
+            return len(rows)
+
+        def __getitem__(self, i):
+            return rows[i]
+
+    LatentCacheWriter(tmp_path / "cache", vae=enc.vae, text_encoder=enc.text, text_fields=["task"],
+                      shard_size=2, batch_size=2).write(Rows())  # fmt: skip
+    items = list(LatentCacheDataset(tmp_path / "cache"))
+    with torch.no_grad():
+        e, m, e2, m2 = pipe.encode_prompt(tasks, device="cpu", dtype=torch.float32, batch_size=len(tasks))
+    for b, it in enumerate(items):
+        torch.testing.assert_close(it["task_emb"], e[b][m[b].bool()], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(it["task_text_2_emb"], e2[b][m2[b].bool()], rtol=0, atol=0)
+    assert [it["task_text_2_emb"].shape[0] for it in items] == m2.sum(1).tolist()
+    assert items[1]["task_text_2_emb"].shape[0] == 0  # no quoted text
+    batch = collate_latents(items[1:2], ["task"])  # a batch without any quoted text keeps one padded row
+    assert batch["task_text_2_emb"].shape == (1, 1, e2.shape[-1]) and batch[
+        "task_text_2_lengths"
+    ].tolist() == [0]
+    batch = collate_latents(items, ["task"])
+    assert batch["task_text_2_lengths"].tolist() == m2.sum(1).tolist()
+    assert batch["task_text_2_emb"].shape == (3, int(m2.sum(1).max()), e2.shape[-1])

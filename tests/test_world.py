@@ -106,7 +106,7 @@ def test_tokenizer_and_text_encoder():
     out = enc(ids)
     assert out.shape == (3, 12, 16) and torch.isfinite(out).all()
     assert (out[1] == 0).all() and (out[0, 10:] == 0).all() and (out[0, :10] != 0).any()
-    cond = enc.encode(["the agent grabs the red block", ""])
+    cond = enc.cond(["the agent grabs the red block", ""])
     assert cond["text"].shape == (2, 12, 16) and cond["text_lengths"].tolist() == [12, 12]
 
 

@@ -5,7 +5,9 @@ Layout of a cache folder::
     index.json                 {"version", "fingerprint", "num_rows", "shard_size",
                                 "shards": {name: {"sha256", "bytes", "rows": [first, end), "items"}}}
     shard-00000.safetensors    per item j: "j.latent" (C, T', H', W'), "j.first_frame_latent" (C, 1, H', W'),
-                               "j.<field>" (L_j, D) text embedding cut to its length;
+                               "j.<field>" (L_j, D) text embedding cut to its length, and
+                               "j.<field>.<name>" (L, D') for each further sequence the text encoder's
+                               ``cond`` returns (HunyuanVideo-1.5: "text_2", the ByT5 glyph states);
                                metadata "items": JSON list of {"index", "path", "fields"}
     quarantine.jsonl           skipped rows/files and corrupt shards, one JSON line each
     quarantine/                corrupt shards moved aside
@@ -46,9 +48,10 @@ class VideoEncoder(Protocol):
 
 
 class TextEncoder(Protocol):
-    """Texts -> (embeddings (B, L, D), valid lengths (B,))."""
+    """Texts -> the text entries of a model's cond dict: "text" (B, L, D) + "text_lengths" (B,), and any
+    further sequence "<name>" (B, L', D') with its "<name>_lengths" (B,) (models.encoders: ``cond``)."""
 
-    def encode(self, texts: list[str]) -> tuple[torch.Tensor, torch.Tensor]: ...
+    def cond(self, texts: list[str]) -> dict[str, torch.Tensor]: ...
 
 
 class MapDataset(Protocol):
@@ -91,15 +94,27 @@ def _batched_encode(fn, inputs: list[torch.Tensor], batch_size: int) -> list[tor
     return out  # type: ignore[return-value]
 
 
-def _encode_texts(enc: TextEncoder, texts: list[str], batch_size: int) -> list[torch.Tensor]:
-    out = []
+def _encode_texts(enc: TextEncoder, texts: list[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
+    """Per text: sequence name ("text", "text_2", ...) -> (L_j, D) cut to its length, on the CPU."""
+    out: list[dict[str, torch.Tensor]] = []
     for s in range(0, len(texts), batch_size):
-        emb, lengths = enc.encode(texts[s : s + batch_size])
-        if emb.dim() != 3 or lengths.shape != (emb.shape[0],):
+        cond = enc.cond(texts[s : s + batch_size])
+        names = [k for k in cond if not k.endswith("_lengths")]
+        if "text" not in names:
             raise ValueError(
-                f"text encoder: expected (emb (B, L, D), lengths (B,)), got {tuple(emb.shape)}, {tuple(lengths.shape)}"
+                f"text encoder: cond() must return 'text' and 'text_lengths', got {sorted(cond)}"
             )
-        out += [e[: int(n)].detach().cpu().contiguous() for e, n in zip(emb, lengths)]
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in range(len(texts[s : s + batch_size]))]
+        for name in names:
+            emb, lengths = cond[name], cond.get(f"{name}_lengths")
+            if emb.dim() != 3 or lengths is None or lengths.shape != (emb.shape[0],):
+                raise ValueError(
+                    f"text encoder: expected {name!r} (B, L, D) with {name + '_lengths'!r} (B,), got "
+                    f"{tuple(emb.shape)}, {None if lengths is None else tuple(lengths.shape)}"
+                )
+            for row, e, n in zip(rows, emb, lengths):
+                row[name] = e[: int(n)].detach().cpu().contiguous()
+        out += rows
     return out
 
 
@@ -230,8 +245,10 @@ class LatentCacheWriter:
                     embs = _encode_texts(
                         self.text_encoder, [items[j]["fields"][field] for j in js], self.batch_size
                     )
-                    for j, e in zip(js, embs):
-                        tensors[f"{j}.{field}"] = cast(e)
+                    for j, seqs in zip(js, embs):
+                        for name, e in seqs.items():
+                            key = f"{j}.{field}" if name == "text" else f"{j}.{field}.{name}"
+                            tensors[key] = cast(e)
         return tensors, items
 
 
@@ -305,8 +322,8 @@ class LatentCacheDataset:
         with safe_open(str(self.dir / name), "pt") as f:
             for key in f.keys():
                 if key.startswith(f"{j}."):
-                    sub = key.split(".", 1)[1]
-                    out[sub if "latent" in sub else f"{sub}_emb"] = f.get_tensor(key)
+                    sub = key.split(".", 1)[1]  # latent | first_frame_latent | <field> | <field>.<name>
+                    out[sub if "latent" in sub else f"{sub.replace('.', '_')}_emb"] = f.get_tensor(key)
         return out
 
     def iterate(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
@@ -324,17 +341,25 @@ class LatentCacheDataset:
 
 
 def collate_latents(items: list[dict[str, Any]], text_fields: Sequence[str] = ()) -> dict[str, Any]:
-    """Stack latents (equal shapes) and pad each text embedding field to its longest: (B, L, D) + lengths."""
+    """Stack latents (equal shapes) and pad each text embedding to its longest: "<field>_emb" (B, L, D) +
+    "<field>_lengths" (B,), and likewise "<field>_<name>_emb" / "<field>_<name>_lengths" for further
+    sequences (e.g. task_text_2_*: glyph states; at least one row of padding, so a batch without any
+    quoted text still has the (B, 1, D) shape a model takes, with zero lengths)."""
     out: dict[str, Any] = {"latent": torch.stack([it["latent"] for it in items])}  # (B, C, T', H', W')
     if all("first_frame_latent" in it for it in items):
         out["first_frame_latent"] = torch.stack([it["first_frame_latent"] for it in items])
     for field in text_fields:
-        embs = [it[f"{field}_emb"] for it in items]
-        lengths = torch.tensor([e.shape[0] for e in embs])
-        padded = embs[0].new_zeros(len(embs), int(lengths.max()), embs[0].shape[1])  # (B, L_max, D)
-        for b, e in enumerate(embs):
-            padded[b, : e.shape[0]] = e
-        out[f"{field}_emb"], out[f"{field}_lengths"] = padded, lengths
+        extra = sorted(
+            k[: -len("_emb")] for k in items[0] if k.startswith(f"{field}_") and k.endswith("_emb")
+        )
+        for prefix in [field, *(e for e in extra if e not in text_fields)]:
+            embs = [it[f"{prefix}_emb"] for it in items]
+            lengths = torch.tensor([e.shape[0] for e in embs])
+            width = max(int(lengths.max()), 1 if prefix != field else 0)
+            padded = embs[0].new_zeros(len(embs), width, embs[0].shape[1])  # (B, L_max, D)
+            for b, e in enumerate(embs):
+                padded[b, : e.shape[0]] = e
+            out[f"{prefix}_emb"], out[f"{prefix}_lengths"] = padded, lengths
         out[field] = [it[field] for it in items]
     out["index"] = [it["index"] for it in items]
     return out

@@ -31,7 +31,7 @@ class ToyDemonstrator(nn.Module):
 
     def cond(self, texts: list[str], image_latent: torch.Tensor) -> dict:
         """Texts + first-frame latents (B, 12, 1, 16, 16) -> the cond dict of :func:`engine.flow.sample`."""
-        return {**self.text.encode(texts), "image_latent": image_latent}
+        return {**self.text.cond(texts), "image_latent": image_latent}
 
 
 def toy_pipeline(model: ToyDemonstrator, device: torch.device | str | None = None) -> VideoPipeline:
@@ -40,7 +40,7 @@ def toy_pipeline(model: ToyDemonstrator, device: torch.device | str | None = Non
     h = SIZE // toy_latent.FACTOR
     return VideoPipeline(
         v_fn=model.predict_velocity,
-        encode_text=model.text.encode,
+        encode_text=model.text.cond,
         encode_image=lambda images: {"image_latent": toy_latent.image_latent(images)},
         decode=toy_latent.decode,
         latent_shape=(toy_latent.LATENT_CHANNELS, NUM_FRAMES, h, h),

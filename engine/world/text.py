@@ -76,8 +76,8 @@ class ToyTextEncoder(nn.Module):
             h = layer(h, src_key_padding_mask=mask)
         return self.norm(h) * keep
 
-    def encode(self, texts: list[str]) -> dict[str, torch.Tensor]:
-        """Texts -> {"text": (B, L, dim), "text_lengths": (B,)} on this module's device."""
+    def cond(self, texts: list[str]) -> dict[str, torch.Tensor]:
+        """Texts -> the cond entries {"text": (B, L, dim), "text_lengths": (B,)} on this module's device."""
         ids, _ = tokenize(texts, self.max_len)
         dev = self.pos.device
         full = torch.full((len(texts),), self.max_len, dtype=torch.long, device=dev)
