@@ -77,9 +77,11 @@ class ToyVideoBatches:
     (seed, rank, step, micro index): resuming at a step reproduces the data, the t and the noise exactly
     (on the same device type)."""
 
-    def __init__(self, batch_size: int, grad_accum: int, seed: int, device: torch.device, drop: float = 0.1):
+    def __init__(self, batch_size: int, grad_accum: int, seed: int, device: torch.device, drop: float = 0.1,
+                 t_sampling: str = "logit_normal", shift: float = 1.0):  # fmt: skip
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.drop = torch.device(device), drop
+        self.t_sampling, self.shift = t_sampling, shift
         self.rank = 0  # data differs per rank: the stream is (seed, rank, step, micro)
 
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
@@ -94,7 +96,7 @@ class ToyVideoBatches:
         g = torch.Generator(device=dev).manual_seed(
             int(rng.integers(2**62))
         )  # t and noise drawn on the device
-        t = flow.sample_timesteps(self.batch_size, "logit_normal", generator=g, device=dev)
+        t = flow.sample_timesteps(self.batch_size, self.t_sampling, shift=self.shift, generator=g, device=dev)
         noise = torch.randn(x0.shape, generator=g, device=dev)
         ids, _ = tokenize(texts)
         return {"x0": x0, "image_latent": x0[:, :, :1], "ids": ids.to(dev), "t": t, "noise": noise}
@@ -184,14 +186,23 @@ def load_demonstrator(
 # ---------------------------------------------------------------------------------------------
 
 
+def warm_start_record(init_meta: dict) -> dict:
+    """What a warm start continued from: the exported folder's command, commit, device, training and (for
+    a chain of warm starts) its own warm start, so the shipped json holds every run that made the weights."""
+    keep = ("command", "seed", "git_commit", "device", "torch", "train")
+    return {k: init_meta[k] for k in keep if k in init_meta}
+
+
 def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     """Train under the time budget; returns (model with EMA weights swapped in by the caller, trainer, info)."""
     from engine.trainer import Trainer
 
     torch.manual_seed(cfg.run.seed)
+    warm: dict = {}
     if cfg.model.pretrained:  # warm start from an exported Demonstrator folder (its configs win)
         model, init_meta = load_demonstrator(cfg.model.pretrained)
         model.train()
+        warm = {"warm_start": warm_start_record(init_meta)}
         init_steps = int(
             init_meta.get("train", {}).get("total_steps", init_meta.get("train", {}).get("steps", 0))
         )
@@ -202,7 +213,7 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
         model, init_steps = build_demonstrator(cfg.model.flavour, cfg.world.text_layers), 0
     torch.backends.cuda.matmul.allow_tf32 = True  # fp32 weights, TF32 matmuls on GPU (no effect on CPU)
     batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device("cpu"),
-                              cfg.world.caption_dropout)  # fmt: skip
+                              cfg.world.caption_dropout, cfg.flow.t_sampling, cfg.flow.shift)  # fmt: skip
     trainer = Trainer(cfg, model, pretrain_loss, batches, run_dir=run_dir)
     batches.device, batches.rank = trainer.dist.device, trainer.dist.rank  # this rank's device and data
     t0, start = time.perf_counter(), trainer.step
@@ -218,6 +229,7 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
         "steps_this_run": trainer.step - start,
         "train_s": time.perf_counter() - t0,
         "total_steps": init_steps + trainer.step,  # including the warm start's steps
+        **warm,
     }
     log.info(
         "trained %d steps (%d this run) in %.0f s", trainer.step, info["steps_this_run"], info["train_s"]
@@ -240,7 +252,8 @@ def main(argv: list[str] | None = None) -> Path:
         "torch": torch.__version__,
         "train": {"batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "ema_decay": cfg.train.ema_decay,
                   "text_layers": model.text.config["layers"], "init": cfg.model.pretrained,
-                  "caption_dropout": cfg.world.caption_dropout, **info},
+                  "caption_dropout": cfg.world.caption_dropout, "t_sampling": cfg.flow.t_sampling,
+                  "shift": cfg.flow.shift, **info},
     }  # fmt: skip
     out = run_dir / "demonstrator"
     with trainer.ema_weights() if trainer.ema is not None else contextlib.nullcontext():
