@@ -87,14 +87,18 @@ def split_micro(batch: dict, n: int) -> list[dict]:
 
 
 def work_logs(model: nn.Module, x: torch.Tensor, cond: dict) -> dict[str, float]:
-    """``num_tokens`` and ``num_flops`` (forward) of a batch x (B, C, F, h, w) with text ``cond["text"]``:
-    the trainer pops them for tokens/s and MFU (engine/trainer.py's loss contract)."""
+    """``num_tokens`` and ``num_flops`` (forward) of a batch x (B, C, F, h, w) with the context in ``cond``
+    (text, image tokens when present, HunyuanVideo-1.5's glyph tokens): the trainer pops them for tokens/s
+    and MFU (engine/trainer.py's loss contract)."""
     pt, ph, pw = model.cfg.patch
     B, _, F, h, w = x.shape
     seq = (F // pt) * (h // ph) * (w // pw)
+    ctx = {"image_len": cond["image_tokens"].shape[1] if "image_tokens" in cond else 0}
+    if "text_2" in cond:
+        ctx["glyph_len"] = cond["text_2"].shape[1]
     return {
         "num_tokens": B * seq,
-        "num_flops": B * seq * float(model.flops_per_token(seq, cond["text"].shape[1])),
+        "num_flops": B * seq * float(model.flops_per_token(seq, cond["text"].shape[1], **ctx)),
     }
 
 

@@ -149,6 +149,24 @@ def test_flops_per_token_matches_flop_counter():
     assert abs(count / counter.get_total_flops() - 1) < 1e-9
 
 
+def test_recipes_work_logs_count_the_whole_context():
+    """recipes.common.work_logs (the trainer's tokens/s and MFU input) on a full I2V cond -- text, SigLIP
+    image tokens, glyph tokens -- equals torch's FLOP counter on that predict_velocity."""
+    from recipes.common import work_logs
+
+    _, ours = make_pair(attention_backend="torch")
+    (_, _, text), kw = inputs(2, latent=(2, 4, 6))
+    x = torch.randn(2, 4, 2, 4, 6)
+    cond = {"text": text, "text_lengths": torch.full((2,), text.shape[1]), "image_latent": x[:, :, :1],
+            "image_tokens": kw["image_embeds"], "text_2": kw["encoder_hidden_states_2"],
+            "text_2_lengths": torch.full((2,), kw["encoder_hidden_states_2"].shape[1])}  # fmt: skip
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ours.predict_velocity(x, torch.tensor([0.3, 0.7]), cond)
+    logs = work_logs(ours, x, cond)
+    assert logs["num_tokens"] == 2 * 2 * 4 * 6
+    assert abs(logs["num_flops"] / counter.get_total_flops() - 1) < 1e-6
+
+
 def test_real_size_on_meta_matches_diffusers_and_paper():
     ours = build_model("hunyuan15", "i2v-480p", device="meta")
     cfg = ours.cfg
