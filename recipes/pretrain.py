@@ -259,11 +259,27 @@ def main(argv: list[str] | None = None) -> Path:
     with trainer.ema_weights() if trainer.ema is not None else contextlib.nullcontext():
         model.eval()
         export_demonstrator(model, out, meta)  # weights first: a failing gap check must not lose them
+        meta["probe"] = probe_demonstrator(model, cfg)
         meta["gap"] = {str(g): measure_gap(model, cfg, g) for g in cfg.world.gap_guidance}
         export_demonstrator(model, out, meta)
     g = meta["gap"][str(cfg.world.gap_guidance[0])]["gap"]["avg"]
     log.info("exported the Demonstrator to %s; Avg gap %.3f [%.3f, %.3f]", out, g["diff"], g["lo"], g["hi"])
     return out
+
+
+def probe_demonstrator(model: ToyDemonstrator, cfg: JobConfig) -> dict:
+    """engine.world.probe on the gap check's held-out items: per prompt and noise level, how often the
+    one-step prediction puts the moved block in the right final column / direction."""
+    from engine.world.probe import probe
+
+    items = eval_items(cfg.world.eval_scenes, cfg.world.seed)
+    report = {
+        p: probe(model.predict_velocity, model.text.cond, items, prompt=p) for p in ("solution", "task")
+    }
+    lines = [f"{p:8s} t={t:.2f}: column {r['column']:.2f}, direction {r['direction']:.2f}"
+             for p, rows in report.items() for t, r in rows.items()]  # fmt: skip
+    log.info("what the Demonstrator's one-step prediction knows (engine.world.probe):\n%s", "\n".join(lines))
+    return {p: {str(t): r for t, r in rows.items()} for p, rows in report.items()}
 
 
 def measure_gap(model: ToyDemonstrator, cfg: JobConfig, guidance: float) -> dict:

@@ -152,3 +152,45 @@ def test_render_geometry():
     assert (v[0] == 255).sum() == 0 and (v[1] == 255).all(-1).sum() == 4
     ys, xs = np.nonzero((v[-1] != 0).any(-1))
     assert xs.min() == CELL + 1  # one cell left after the last frame
+
+
+def _perfect_velocity(items):
+    """An analytic Demonstrator: reads the scene from the first-frame latent and the move from the solution
+    text, renders that video x0 and returns the exact velocity (x_t - x0) / t. Task prompts name no move:
+    it then predicts the still scene."""
+    import re
+
+    from engine.world.scene import WORD_NUMBERS, Move
+
+    def encode_text(texts):
+        return {"texts": texts}
+
+    def v_fn(x_t, t, cond):
+        images = latent.decode(cond["image_latent"])[:, 0].numpy()
+        scenes, moves = [], []
+        for image, text in zip(images, cond["texts"]):
+            scene = read_scene(image)
+            m = re.search(r"the (\w+) block and slides it (\w+) cells? to the (left|right)", text)
+            n = WORD_NUMBERS[m.group(2)] if m else 0
+            scenes.append(scene)
+            moves.append(Move(scene.index(m.group(1)), n if m.group(3) == "right" else -n) if m else None)
+        x0 = latent.encode(render(scenes, moves))
+        return (x_t - x0) / t.view(-1, 1, 1, 1, 1)
+
+    return v_fn, encode_text
+
+
+def test_probe_reads_the_final_column_of_a_perfect_and_of_a_blind_model():
+    """engine.world.probe: the exact solution-following velocity puts every block in its final column at
+    every noise level; a model that predicts nothing (v = 0: x0_hat = x_t) is right at low noise only."""
+    from engine.world.demonstrator import eval_items
+    from engine.world.probe import probe
+
+    items = eval_items(48, seed=5)
+    v_fn, encode_text = _perfect_velocity(items)
+    exact = probe(v_fn, encode_text, items, prompt="solution", t_levels=(1.0, 0.5), batch_size=16)
+    assert all(r == {"column": 1.0, "direction": 1.0} for r in exact.values())
+    still = probe(v_fn, encode_text, items, prompt="task", t_levels=(1.0,))  # no move named: block stays put
+    assert still[1.0]["column"] == 0.0 and still[1.0]["direction"] == 0.0
+    blind = probe(lambda x, t, c: torch.zeros_like(x), encode_text, items, t_levels=(1.0, 0.05))
+    assert blind[1.0]["column"] < 0.6 and blind[0.05]["column"] == 1.0
