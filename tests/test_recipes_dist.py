@@ -105,11 +105,15 @@ def test_evaluate_resumes_mid_condition_after_sigkill(reference, tmp_path):
     proc = subprocess.Popen(command("evaluate", tmp_path, "k", EVAL), env=env(), cwd=REPO,
                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
     deadline = time.time() + 120
-    while time.time() < deadline and proc.poll() is None and not list(partial.glob("items*.npz")):
+
+    def done_chunks():  # finished chunk files only: a chunk is written as items*.tmp.npz, then renamed
+        return [p for p in partial.glob("items*.npz") if not p.name.endswith(".tmp.npz")]
+
+    while time.time() < deadline and proc.poll() is None and not done_chunks():
         time.sleep(0.01)
     proc.send_signal(signal.SIGKILL)
     proc.wait()
-    finished = {p.name: p.stat().st_mtime_ns for p in partial.glob("items*.npz")}
+    finished = {p.name: p.stat().st_mtime_ns for p in done_chunks()}
     assert 1 <= len(finished) < 4, (
         f"expected a kill inside the first condition, found chunks {sorted(finished)}"
     )
