@@ -113,7 +113,7 @@ class ProfileConfig:
 
 @dataclass
 class FlowConfig:
-    shift: float = 1.0  # timestep shift (Wan uses 3-5 at 480p/720p)
+    shift: float = 1.0  # timestep shift: sampling, and training t in pretrain / SFT (Wan 3-5, HY1.5 5)
     num_steps: int = 8  # sampling steps
     guidance: float = 1.0  # classifier-free guidance scale (1 = off)
     sde_sigma: float = 0.7  # SDE noise level for RL rollouts (Flow-GRPO style eta)
