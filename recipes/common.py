@@ -134,13 +134,12 @@ def load_for_sampling(kit: Kit, cfg: JobConfig, weights: str) -> nn.Module:
     Either way the parameters are then held in ``precision.param_dtype`` (bf16 halves a 14B model's copy
     to 28 GB; the files' own dtype does not matter), and :func:`sampling_velocity` runs the forwards under
     the matching autocast."""
-    from engine.parallel import is_meta, materialize
+    from engine.parallel import DTYPES, is_meta, materialize
 
     model = kit.load_denoiser(weights, meta=cfg.model.meta_init)
     if is_meta(model):
         materialize(model, kit.device, seed=cfg.run.seed, timeout_s=cfg.parallel.timeout_s)
-    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}[cfg.precision.param_dtype]
-    return frozen(model.to(dtype))
+    return frozen(model.to(DTYPES[cfg.precision.param_dtype]))
 
 
 def sampling_velocity(cfg: JobConfig, model: nn.Module) -> Callable:
@@ -392,11 +391,11 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
     """Real models: ``model.pretrained`` is a diffusers pipeline folder (transformer/, vae/,
     text_encoder/, tokenizer/ [, image_encoder/, image_processor/]); videos are data.num_frames x
     data.height x data.width; scene images are resized to that size."""
+    from engine.parallel import DTYPES
     from models.encoders import load_encoders
 
     device = device_of(cfg)
-    dtype = torch.bfloat16 if cfg.precision.param_dtype == "bfloat16" else torch.float32
-    enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=dtype)
+    enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=DTYPES[cfg.precision.param_dtype])
     for m in (enc.vae, enc.text, enc.image):
         if m is not None:
             frozen(m).to(device)

@@ -65,10 +65,10 @@ def build_encoders(cfg: JobConfig, device: torch.device):
         raise SystemExit(
             "error: model.pretrained must name a diffusers pipeline folder (or use model.flavour toy)"
         )
+    from engine.parallel import DTYPES
     from models.encoders import load_encoders
 
-    dtype = torch.bfloat16 if cfg.precision.param_dtype == "bfloat16" else torch.float32
-    enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=dtype)
+    enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=DTYPES[cfg.precision.param_dtype])
     for m in (enc.vae, enc.text):
         m.eval().requires_grad_(False).to(device)
     return _OnDevice(enc.vae, device), enc.text  # the text encoder takes strings and runs on its own device

@@ -154,7 +154,7 @@ def test_render_geometry():
     assert xs.min() == CELL + 1  # one cell left after the last frame
 
 
-def _perfect_velocity(items):
+def _perfect_velocity():
     """An analytic Demonstrator: reads the scene from the first-frame latent and the move from the solution
     text, renders that video x0 and returns the exact velocity (x_t - x0) / t. Task prompts name no move:
     it then predicts the still scene."""
@@ -187,7 +187,7 @@ def test_probe_reads_the_final_column_of_a_perfect_and_of_a_blind_model():
     from engine.world.probe import probe
 
     items = eval_items(48, seed=5)
-    v_fn, encode_text = _perfect_velocity(items)
+    v_fn, encode_text = _perfect_velocity()
     exact = probe(v_fn, encode_text, items, prompt="solution", t_levels=(1.0, 0.5), batch_size=16)
     assert all(r == {"column": 1.0, "direction": 1.0} for r in exact.values())
     still = probe(v_fn, encode_text, items, prompt="task", t_levels=(1.0,))  # no move named: block stays put

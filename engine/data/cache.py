@@ -98,13 +98,14 @@ def _encode_texts(enc: TextEncoder, texts: list[str], batch_size: int) -> list[d
     """Per text: sequence name ("text", "text_2", ...) -> (L_j, D) cut to its length, on the CPU."""
     out: list[dict[str, torch.Tensor]] = []
     for s in range(0, len(texts), batch_size):
-        cond = enc.cond(texts[s : s + batch_size])
+        batch = texts[s : s + batch_size]
+        cond = enc.cond(batch)
         names = [k for k in cond if not k.endswith("_lengths")]
         if "text" not in names:
             raise ValueError(
                 f"text encoder: cond() must return 'text' and 'text_lengths', got {sorted(cond)}"
             )
-        rows: list[dict[str, torch.Tensor]] = [{} for _ in range(len(texts[s : s + batch_size]))]
+        rows: list[dict[str, torch.Tensor]] = [{} for _ in batch]
         for name in names:
             emb, lengths = cond[name], cond.get(f"{name}_lengths")
             if emb.dim() != 3 or lengths is None or lengths.shape != (emb.shape[0],):

@@ -24,6 +24,7 @@ import numpy as np
 import torch
 
 from engine.world import latent as toy_latent
+from engine.world.oracle import MATCH_DIST
 from engine.world.scene import CELL, COLOURS, GRID, render
 
 T_LEVELS = (1.0, 0.95, 0.9, 0.75, 0.5)
@@ -31,10 +32,10 @@ T_LEVELS = (1.0, 0.95, 0.9, 0.75, 0.5)
 
 def final_columns(frames: torch.Tensor, colours: list[str], rows: list[int]) -> np.ndarray:
     """Last frames uint8 (B, H, W, 3) -> the column (0..GRID-1) with most pixels near each item's colour
-    (RGB distance < 90, the oracle's matching radius) in its row band."""
+    (RGB distance below the oracle's matching radius MATCH_DIST) in its row band."""
     out = []
     for frame, colour, row in zip(frames, colours, rows):
-        near = (frame.float() - torch.tensor(COLOURS[colour]).float()).norm(dim=-1) < 90  # (H, W)
+        near = (frame.float() - torch.tensor(COLOURS[colour]).float()).norm(dim=-1) < MATCH_DIST  # (H, W)
         band = near[row * CELL : (row + 1) * CELL]  # (CELL, W)
         out.append(int(band.reshape(CELL, GRID, CELL).sum((0, 2)).argmax()))
     return np.asarray(out)
