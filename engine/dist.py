@@ -12,14 +12,17 @@ Mesh layout (torchtitan's HSDP naming), outermost first::
     cp:           context/sequence parallel (reserved; ranks in one cp group see the same batch)
 
 The backend is gloo on CPU and nccl on CUDA. Every collective has ``timeout_s``; a hang turns into a
-:class:`DistTimeoutError` that names the collective and the timeout instead of a silent stall.
+:class:`DistTimeoutError` that names the collective and the timeout instead of a silent stall. A torchrun
+worker ends with :func:`end_process` (the recipes' ``__main__`` does).
 """
 
 from __future__ import annotations
 
 import contextlib
 import datetime
+import logging
 import os
+import sys
 from collections.abc import Iterator
 from dataclasses import dataclass
 
@@ -120,6 +123,7 @@ def build_mesh(device: torch.device, world_size: int, pcfg: ParallelConfig) -> D
 
 
 _CACHE: dict[tuple, DistInfo] = {}
+_STARTED = False  # this process created a process group (end_process then skips finalisation)
 
 
 def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
@@ -137,6 +141,8 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
     if dist.is_initialized() and key in _CACHE:
         return _CACHE[key]
     if not dist.is_initialized():
+        global _STARTED
+        _STARTED = True
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,
@@ -194,6 +200,29 @@ def shutdown() -> None:
     _CACHE.clear()
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
+
+
+def end_process(code: int = 0) -> None:
+    """End a torchrun worker after its work: destroy the process group, flush the logs and the standard
+    streams, then leave with ``os._exit(code)``, skipping the interpreter's finalisation. A plain
+    (single-process) run returns instead and exits as usual.
+
+    Why: gloo runs collectives on its own worker threads, and FSDP2 / DTensor keep their process groups
+    (and so those threads) alive after ``destroy_process_group``. A worker that drops the last reference to
+    a collective's output tensor needs the GIL; if the main thread has begun finalising the interpreter by
+    then, CPython ends the worker thread mid-destructor and the process aborts (``terminate called without
+    an active exception``, SIGABRT, a failed torchrun job) although every result was written. Seen on 2 CPU
+    ranks under load, with a core dump showing ``ProcessGroupGloo::runLoop`` -> ``~AsyncWork`` ->
+    ``take_gil`` -> ``pthread_exit``. Call it last, from ``if __name__ == "__main__":`` only.
+    """
+    if not _STARTED:
+        return
+    shutdown()
+    logging.shutdown()
+    for stream in (sys.stdout, sys.stderr):
+        with contextlib.suppress(Exception):
+            stream.flush()
+    os._exit(code)
 
 
 def shard_of(n: int, rank: int, world_size: int) -> list[int]:

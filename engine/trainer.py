@@ -26,7 +26,8 @@ Contracts:
   NVTX). ``profile.enabled`` records a window of steps to ``<run>/trace``.
 - The NaN guard costs one host sync per step (every rank must agree to skip an update).
 - Under torchrun the trainer creates the process group (or takes ``dist_info=`` from
-  ``engine.dist.init_distributed``); call ``engine.dist.shutdown()`` when the job ends.
+  ``engine.dist.init_distributed``); a script's ``__main__`` ends with ``engine.dist.end_process()`` (as the
+  recipes do), or calls ``engine.dist.shutdown()`` if it goes on without a process group.
 
 The trainer owns: placement, FP8 conversion, AC / compile / FSDP2 (engine/parallel.py), AdamW over the
 trainable parameters (fused on CUDA), the LR schedule (linear warmup, then constant or cosine to

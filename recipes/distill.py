@@ -36,6 +36,7 @@ import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
+from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from engine.losses import flow_matching_loss, timestep_weights, velocity_distill_loss  # noqa: E402
 from recipes.common import (  # noqa: E402
@@ -175,3 +176,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

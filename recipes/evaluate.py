@@ -36,7 +36,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
-from engine.dist import barrier, broadcast_from_main, gather_to_main, shard_of  # noqa: E402
+from engine.dist import barrier, broadcast_from_main, end_process, gather_to_main, shard_of  # noqa: E402
 from engine.evaluation import (  # noqa: E402
     EvalItem,
     SamplingConfig,
@@ -236,3 +236,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

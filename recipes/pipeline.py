@@ -29,6 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.dist import end_process  # noqa: E402
 from engine.evaluation import gap_closed, paired_test  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from recipes import demonstrate, distill, evaluate, propose, rl  # noqa: E402
@@ -170,3 +171,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

@@ -25,6 +25,7 @@ if str(REPO) not in sys.path:  # `python recipes/precompute.py` from anywhere
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
 from engine.data import VideoDataset  # noqa: E402
 from engine.data.cache import LatentCacheWriter  # noqa: E402
+from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 
 log = get_logger("precompute")
@@ -110,3 +111,4 @@ def main(argv: list[str] | None = None) -> dict:
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

@@ -34,6 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
+from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from engine.world import latent as toy_latent  # noqa: E402
 from engine.world.demonstrator import ToyDemonstrator, eval_items, toy_pipeline  # noqa: E402
@@ -300,3 +301,4 @@ def measure_gap(model: ToyDemonstrator, cfg: JobConfig, guidance: float) -> dict
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

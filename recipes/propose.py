@@ -24,7 +24,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
-from engine.dist import barrier, broadcast_from_main, gather_to_main  # noqa: E402
+from engine.dist import barrier, broadcast_from_main, end_process, gather_to_main  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
     append_jsonl,
@@ -143,3 +143,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

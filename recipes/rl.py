@@ -44,6 +44,7 @@ import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
+from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from engine.losses import demonstrator_anchor_loss, group_advantages, grpo_policy_loss  # noqa: E402
 from kernels.sampler import flow_step  # noqa: E402
@@ -205,3 +206,4 @@ def main(argv: list[str] | None = None) -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

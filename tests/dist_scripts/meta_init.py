@@ -30,7 +30,7 @@ from torch.distributed.checkpoint.state_dict import StateDictOptions, get_model_
 
 import models.layers
 from engine.config import JobConfig, build_config, overrides_to_dict
-from engine.dist import init_distributed, shutdown
+from engine.dist import end_process, init_distributed, shutdown
 from engine.parallel import is_meta
 from engine.trainer import Trainer
 from recipes.common import build_denoiser, load_pretrained_denoiser, prepare_teacher
@@ -216,3 +216,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 from meta_init import record_loader_calls  # noqa: E402
 
 from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
-from engine.dist import init_distributed, shutdown  # noqa: E402
+from engine.dist import end_process, init_distributed, shutdown  # noqa: E402
 from recipes import demonstrate, evaluate  # noqa: E402
 
 
@@ -38,3 +38,4 @@ def main() -> None:
 
 if __name__ == "__main__":
     main()
+    end_process()

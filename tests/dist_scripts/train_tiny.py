@@ -24,7 +24,7 @@ from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
 
 from engine import checkpoint as ckpt  # noqa: E402
 from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
-from engine.dist import DistTimeoutError, barrier, init_distributed, shutdown  # noqa: E402
+from engine.dist import DistTimeoutError, barrier, end_process, init_distributed, shutdown  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
 
@@ -114,3 +114,4 @@ def timeout_check(rank: int) -> str:
 
 if __name__ == "__main__":
     main()
+    end_process()
