@@ -22,6 +22,7 @@ import torch.nn.functional as F
 from kernels.adaln import adaln_modulate, gated_residual
 from kernels.attention import attention
 from models.adapter import KeyMap, load_safetensors, read_config, to_ours, to_theirs
+from models.sp import SequenceParallel
 
 __all__ = [
     "MLP",
@@ -158,6 +159,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
         self.heads, self.backend, self.per_head = heads, backend, qk_norm == "per_head"
         self.attention_precision = "bf16"  # or "fp8" (engine.precision.apply_attention_precision sets it)
+        self.sequence_parallel: SequenceParallel | None = None  # Ulysses (models/sp.py), set by the model
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
         self.out = nn.Linear(dim, dim, bias=bias)
@@ -177,8 +179,13 @@ class SelfAttention(nn.Module):
     ) -> torch.Tensor:
         """k_lengths: optional (B,) valid-token counts; keys at or past them are masked out."""
         q, k, v = self.project(x)
+        sp = self.sequence_parallel
+        if sp is not None:  # x holds this rank's tokens: attend over all of them with this rank's heads
+            q, k, v = sp.seq_to_heads(q), sp.seq_to_heads(k), sp.seq_to_heads(v)
         prec = self.attention_precision
         o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend, precision=prec)
+        if sp is not None:
+            o = sp.heads_to_seq(o)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
 
 

@@ -27,6 +27,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -45,6 +46,7 @@ from models.layers import (
     timestep_embedding,
     unpatchify,
 )
+from models.sp import SequenceParallel
 
 # Fields of diffusers' WanTransformer3DModel config (same names and defaults).
 _DIFFUSERS_FIELDS = (
@@ -283,6 +285,14 @@ class WanModel(DiffusersInterop, nn.Module):
         self.blocks = nn.ModuleList(WanBlock(cfg) for _ in range(cfg.num_layers))
         self.head = WanHead(cfg)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sequence_parallel: SequenceParallel | None = None
+
+    def set_sequence_parallel(self, group: dist.ProcessGroup | None) -> None:
+        """Ulysses sequence parallelism over ``group`` (models/sp.py; engine.parallel.apply_sp calls it):
+        each rank of the group runs its chunk of the video tokens and returns the whole velocity."""
+        self.sequence_parallel = None if group is None else SequenceParallel(group)
+        for block in self.blocks:
+            block.self_attn.sequence_parallel = self.sequence_parallel
 
     # ---- forward ------------------------------------------------------------------------------
 
@@ -335,10 +345,18 @@ class WanModel(DiffusersInterop, nn.Module):
         temb, mod = self.embed_time(timestep, B, x.shape[1], encoder_hidden_states.dtype)
         context = self.text_embed(encoder_hidden_states)  # (B, L, dim)
         image_context = self._embed_image(encoder_hidden_states_image)
-        rope = self.rope_tables(grid, hidden_states.device)
+        rope = self.rope_tables(grid, hidden_states.device)  # the whole sequence's: attention sees all tokens
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's chunk of the tokens (and of per-token timesteps)
+            sp.check(x.shape[1], cfg.num_attention_heads, f"WanModel, token grid {grid}")
+            x = sp.local(x)
+            if temb.shape[1] > 1:
+                temb, mod = sp.local(temb), sp.local(mod)
         for block in self.blocks:
             x = block(x, context, mod, rope, encoder_lengths, image_context)
         out = self.head(x, temb)  # (B, S, pt*ph*pw*C_out)
+        if sp is not None:
+            out = sp.gather(out)
         return unpatchify(out, grid, cfg.patch_size, cfg.out_channels)
 
     def _embed_image(self, image_tokens: torch.Tensor | None) -> torch.Tensor | None:
