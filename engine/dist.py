@@ -9,7 +9,8 @@ Mesh layout (torchtitan's HSDP naming), outermost first::
     world = dp_replicate x dp_shard x cp
     dp_replicate: parameters replicated, gradients all-reduced across these groups (HSDP outer dim)
     dp_shard:     parameters sharded (FSDP2) inside a group
-    cp:           context/sequence parallel (reserved; ranks in one cp group see the same batch)
+    cp:           sequence parallel (Ulysses, models/sp.py): ranks in one cp group see the same batch
+                  and each runs a chunk of every sample's tokens
 
 The backend is gloo on CPU and nccl on CUDA. Every collective has ``timeout_s``; a hang turns into a
 :class:`DistTimeoutError` that names the collective and the timeout instead of a silent stall. A torchrun
@@ -24,7 +25,7 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
@@ -49,6 +50,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: DeviceMesh | None = None
+    _flat: dict = field(default_factory=dict, repr=False)  # flattened sub-meshes, built once
 
     @property
     def is_main(self) -> bool:
@@ -67,6 +69,27 @@ class DistInfo:
         if "dp_replicate" in names and self.mesh["dp_replicate"].size() > 1:
             return self.mesh["dp_replicate", "dp_shard"]
         return self.mesh["dp_shard"]
+
+    @property
+    def cp_mesh(self) -> DeviceMesh | None:
+        """The sequence-parallel ("cp") sub-mesh when ``parallel.cp`` > 1: its ranks share a batch and each
+        runs a chunk of every sample's tokens (Ulysses, models/sp.py); None otherwise."""
+        if self.mesh is None or self.mesh["cp"].size() == 1:
+            return None
+        return self.mesh["cp"]
+
+    @property
+    def fsdp_mesh(self) -> DeviceMesh | None:
+        """The mesh FSDP2 shards parameters over and reduces gradients across: :attr:`dp_mesh`, with the cp
+        ranks folded into the shard dimension when ``parallel.cp`` > 1 (their gradients are partial sums
+        over tokens, which the reduction must add up; torchtitan's dp_shard_cp)."""
+        if self.cp_mesh is None:
+            return self.dp_mesh
+        if "dp_shard_cp" not in self._flat:
+            self._flat["dp_shard_cp"] = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        if self.mesh["dp_replicate"].size() > 1:
+            return self.mesh["dp_replicate", "dp_shard_cp"]
+        return self._flat["dp_shard_cp"]
 
     @property
     def dp_rank(self) -> int:

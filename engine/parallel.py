@@ -3,6 +3,9 @@
 The model only has to expose its repeated blocks as ``model.blocks`` (an ``nn.ModuleList``). Order
 matters and is fixed by :func:`parallelize`:
 
+0. :func:`apply_sp`      Ulysses sequence parallelism when ``parallel.cp`` > 1 (the model splits each
+                         sample's tokens over the cp ranks: models/sp.py); FSDP then shards over
+                         ``DistInfo.fsdp_mesh``, which folds the cp ranks into the shard dimension,
 1. :func:`apply_ac`      activation checkpointing per block ("full": recompute the whole block;
                          "selective": keep matmul / attention outputs, recompute the cheap
                          element-wise and norm ops),
@@ -137,17 +140,38 @@ def apply_fsdp(
     return model
 
 
+def apply_sp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
+    """Ulysses sequence parallelism over ``cp_mesh`` (``parallel.cp`` ranks): the model splits every
+    sample's tokens over them and all-to-alls around self-attention (models/sp.py). The model must offer
+    ``set_sequence_parallel(group)`` (WanModel does)."""
+    if not callable(getattr(model, "set_sequence_parallel", None)):
+        raise TypeError(
+            f"parallel.cp = {cp_mesh.size()}: {type(model).__name__} does not support sequence parallelism "
+            "(no set_sequence_parallel); use parallel.cp = 1 or a model family that has it (wan)"
+        )
+    model.set_sequence_parallel(cp_mesh.get_group())
+    log.info("sequence parallel (Ulysses) over %d ranks", cp_mesh.size())
+    return model
+
+
 def parallelize(
-    model: nn.Module, pcfg: ParallelConfig, prec: PrecisionConfig, dp_mesh: DeviceMesh | None
+    model: nn.Module,
+    pcfg: ParallelConfig,
+    prec: PrecisionConfig,
+    fsdp_mesh: DeviceMesh | None,
+    cp_mesh: DeviceMesh | None = None,
 ) -> nn.Module:
-    """AC, then per-block compile, then FSDP (when a data-parallel mesh of size > 1 is given)."""
+    """Sequence parallelism (when a cp mesh is given), AC, then per-block compile, then FSDP (when a mesh
+    of size > 1 is given: ``DistInfo.fsdp_mesh``, which folds the cp ranks in)."""
+    if cp_mesh is not None and cp_mesh.size() > 1:
+        apply_sp(model, cp_mesh)
     apply_ac(model, pcfg.activation_checkpointing)
     if pcfg.compile:
         apply_compile(model)
-    if pcfg.fsdp and dp_mesh is not None and dp_mesh.size() > 1:
+    if pcfg.fsdp and fsdp_mesh is not None and fsdp_mesh.size() > 1:
         apply_fsdp(
             model,
-            dp_mesh,
+            fsdp_mesh,
             param_dtype=DTYPES[prec.param_dtype],
             reduce_dtype=DTYPES[prec.reduce_dtype],
             reshard_after_forward=pcfg.reshard_after_forward,

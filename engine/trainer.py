@@ -33,7 +33,7 @@ The trainer owns: placement, FP8 conversion, AC / compile / FSDP2 (engine/parall
 trainable parameters (fused on CUDA), the LR schedule (linear warmup, then constant or cosine to
 ``min_lr_ratio``), gradient clipping, EMA, the NaN/inf guard (a non-finite loss or gradient norm skips
 the update, is logged and counted; ``max_bad_steps`` in a row raise :class:`NonFiniteLossError`),
-per-rank seeding (``run.seed + rank``), checkpoints (engine/checkpoint.py), metrics and profiling.
+per-rank seeding (``run.seed + data-parallel rank``: the ranks of a sequence-parallel group draw alike), checkpoints (engine/checkpoint.py), metrics and profiling.
 
 Every rank must build the model with the same weights; with several ranks the trainer also broadcasts
 rank 0's parameters before sharding, so a per-rank seed before building does no harm. A model built on
@@ -203,7 +203,7 @@ class Trainer:
         self.cfg, self.loss_fn, self.batches = cfg, loss_fn, batches
         self.run_dir = Path(run_dir)
         self.dist = dist_info or init_distributed(cfg.parallel, cfg.run.device)
-        seed_everything(cfg.run.seed + self.dist.rank)
+        seed_everything(cfg.run.seed + self.dist.dp_rank)  # the ranks of a cp group draw alike
         self.unwrapped = model
         self.model = self._build_model(model)
         self.optimizer = build_optimizer(self.model, cfg, self.dist.device)
@@ -226,7 +226,8 @@ class Trainer:
         apply_fp8(model, self.cfg.precision)
         if self.cfg.model.attention_precision == "fp8":
             apply_attention_precision(model, self.cfg.model)
-        model = parallelize(model, self.cfg.parallel, self.cfg.precision, self.dist.dp_mesh)
+        d = self.dist
+        model = parallelize(model, self.cfg.parallel, self.cfg.precision, d.fsdp_mesh, d.cp_mesh)
         if meta:
             materialize(
                 model, self.dist.device, seed=self.cfg.run.seed, timeout_s=self.cfg.parallel.timeout_s
@@ -431,7 +432,10 @@ class Trainer:
         return {"skipped_steps": float(self.state.skipped)}
 
     def _after_step(self, logs: dict[str, Any], tokens: int, flops: float) -> None:
-        self.metrics.update(logs, tokens, flops)
+        cp = (
+            self.dist.cp_mesh.size() if self.dist.cp_mesh is not None else 1
+        )  # per device: its share of the tokens
+        self.metrics.update(logs, tokens // cp, flops / cp)
         if self.metrics.should_log(self.state.step):
             self._last_logs = self.metrics.flush(self.state.step, self._counters())
         self.profiler.step()

@@ -63,11 +63,11 @@ def device_of(cfg: JobConfig) -> torch.device:
 
 
 def step_generator(cfg: JobConfig, step: int, salt: int = 0) -> torch.Generator:
-    """A CPU generator seeded by (run.seed, step, rank, salt): a step's draws do not depend on history,
-    so a resumed run draws what the uninterrupted run would have."""
-    from engine.log import rank
-
-    return torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 4099 + rank()) * 31 + salt)
+    """A CPU generator seeded by (run.seed, step, data-parallel rank, salt): a step's draws do not depend on
+    history, so a resumed run draws what the uninterrupted run would have; the ranks of a sequence-parallel
+    group (``parallel.cp``) draw the same batch."""
+    rank = dist_info(cfg).dp_rank
+    return torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 4099 + rank) * 31 + salt)
 
 
 def split_micro(batch: dict, n: int) -> list[dict]:
@@ -117,7 +117,7 @@ def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:
         model.to(info.device)
     apply_fp8(model, cfg.precision)
     pcfg = dataclasses.replace(cfg.parallel, activation_checkpointing="none")
-    model = parallelize(model, pcfg, cfg.precision, info.dp_mesh)
+    model = parallelize(model, pcfg, cfg.precision, info.fsdp_mesh, info.cp_mesh)
     if meta:
         materialize(model, info.device, seed=cfg.run.seed, timeout_s=cfg.parallel.timeout_s)
     return model

@@ -83,7 +83,7 @@ class ToyVideoBatches:
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.drop = torch.device(device), drop
         self.t_sampling, self.shift = t_sampling, shift
-        self.rank = 0  # data differs per rank: the stream is (seed, rank, step, micro)
+        self.rank = 0  # data differs per data-parallel rank: the stream is (seed, dp rank, step, micro)
 
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """One micro-batch: x0 (B, 12, 4, 16, 16), image_latent, token ids, t (B,), noise."""
@@ -216,7 +216,10 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device("cpu"),
                               cfg.world.caption_dropout, cfg.flow.t_sampling, cfg.flow.shift)  # fmt: skip
     trainer = Trainer(cfg, model, pretrain_loss, batches, run_dir=run_dir)
-    batches.device, batches.rank = trainer.dist.device, trainer.dist.rank  # this rank's device and data
+    batches.device, batches.rank = (
+        trainer.dist.device,
+        trainer.dist.dp_rank,
+    )  # device; data shard (cp ranks share it)
     t0, start = time.perf_counter(), trainer.step
     budget = cfg.world.time_budget_s
     for _ in progress(range(trainer.step, cfg.train.steps), desc="pretrain", total=cfg.train.steps - start):
