@@ -123,3 +123,42 @@ def test_evaluate_resumes_mid_condition_after_sigkill(reference, tmp_path):
     assert f"{CONDITIONS[0]}: {len(finished)} of 4 chunks already scored (resume)" in p.stderr
     assert {n: (partial / n).stat().st_mtime_ns for n in finished} == finished
     assert_same_scores(reference, tmp_path / "k" / "eval")
+
+
+@pytest.mark.dist
+def test_distill_with_sequence_parallel_matches_one_process(tmp_path):
+    """On-policy distillation with parallel.cp = 2 on 2 ranks (Ulysses: the Executor's rollouts, its training
+    forwards and the Demonstrator's targets each split every sample's tokens over the two ranks, which draw
+    the same batch) logs one plain process's losses and exports its weights."""
+    import torch
+    from safetensors.torch import load_file
+
+    tiny = ["--world.num_scenes", "3", "--distill.pairs_per_image", "2", "--train.batch_size", "2",
+            "--flow.num_steps", "2", "--train.warmup_steps", "0", "--train.log_every", "1", "--run.device", "cpu"]  # fmt: skip
+    cli("propose", tmp_path, "base", tiny)
+    train = [
+        *tiny,
+        "--distill.tasks",
+        str(tmp_path / "base" / "tasks.jsonl"),
+        "--train.steps",
+        "2",
+        "--train.lr",
+        "1e-3",
+    ]
+    p = cli("distill", tmp_path, "cp2", [*train, "--parallel.cp", "2"], nproc=2)
+    assert "sequence parallel (Ulysses) over 2 ranks" in p.stderr
+    cli("distill", tmp_path, "one", train)
+    logs = {
+        n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("cp2", "one")
+    }
+    assert [r["step"] for r in logs["cp2"]] == [1, 2]
+    for a, b in zip(logs["cp2"], logs["one"]):
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5) and a["grad_norm"] == pytest.approx(
+            b["grad_norm"], rel=1e-4
+        )
+    got, want = (load_file(tmp_path / n / "model.safetensors") for n in ("cp2", "one"))
+    assert got.keys() == want.keys()
+    for k in want:
+        # Adam moves every weight by up to lr = 1e-3 a step: summation order alone leaves ~1.5e-5
+        torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
