@@ -71,7 +71,7 @@ class TrainConfig:
 class ParallelConfig:
     dp_replicate: int = 1  # HSDP replicate degree (1 = plain FSDP)
     dp_shard: int = -1  # FSDP shard degree; -1 = world_size / (dp_replicate * cp)
-    cp: int = 1  # sequence-parallel degree (Ulysses: tokens and heads split over cp ranks; family wan)
+    cp: int = 1  # sequence-parallel degree (Ulysses: tokens and heads split over cp ranks; wan, hunyuan15)
     fsdp: bool = True  # wrap blocks with FSDP2 when world_size > 1
     reshard_after_forward: bool = True
     activation_checkpointing: Literal["none", "full", "selective"] = "none"

@@ -143,11 +143,11 @@ def apply_fsdp(
 def apply_sp(model: nn.Module, cp_mesh: DeviceMesh) -> nn.Module:
     """Ulysses sequence parallelism over ``cp_mesh`` (``parallel.cp`` ranks): the model splits every
     sample's tokens over them and all-to-alls around self-attention (models/sp.py). The model must offer
-    ``set_sequence_parallel(group)`` (WanModel does)."""
+    ``set_sequence_parallel(group)`` (WanModel and HunyuanVideo15Model do)."""
     if not callable(getattr(model, "set_sequence_parallel", None)):
         raise TypeError(
             f"parallel.cp = {cp_mesh.size()}: {type(model).__name__} does not support sequence parallelism "
-            "(no set_sequence_parallel); use parallel.cp = 1 or a model family that has it (wan)"
+            "(no set_sequence_parallel); use parallel.cp = 1 or a model family that has it (wan, hunyuan15)"
         )
     model.set_sequence_parallel(cp_mesh.get_group())
     log.info("sequence parallel (Ulysses) over %d ranks", cp_mesh.size())

@@ -37,6 +37,7 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 
@@ -55,6 +56,7 @@ from models.layers import (
     timestep_embedding,
     unpatchify,
 )
+from models.sp import SequenceParallel
 from models.wan import WanImageEmbedding
 
 FREQ_DIM = 256  # timestep sinusoid size (diffusers' Timesteps(256))
@@ -338,6 +340,15 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
         self.blocks = nn.ModuleList(HunyuanVideo15Block(cfg) for _ in range(cfg.num_layers))
         self.head = HunyuanVideo15Head(cfg)
         self._rope_cache: dict[tuple, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.sequence_parallel: SequenceParallel | None = None
+
+    def set_sequence_parallel(self, group: dist.ProcessGroup | None) -> None:
+        """Ulysses sequence parallelism over ``group`` (models/sp.py; engine.parallel.apply_sp calls it): each
+        rank runs its chunk of the video tokens through the dual-stream blocks (the context stream, short,
+        is computed whole on every rank) and returns the whole velocity. The text refiner is not split."""
+        self.sequence_parallel = None if group is None else SequenceParallel(group)
+        for block in self.blocks:
+            block.attn.x.sequence_parallel = self.sequence_parallel
 
     def keymap(self) -> KeyMap:
         return _keymap(self.cfg)
@@ -453,10 +464,16 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
             image_embeds,
         )
         rope = self.rope_tables(grid, c.shape[1], hidden_states.device)
-        k_lengths = None if lengths is None else x.shape[1] + lengths
+        k_lengths = None if lengths is None else x.shape[1] + lengths  # the whole video's S
+        sp = self.sequence_parallel
+        if sp is not None:  # this rank's chunk of the video tokens
+            sp.check(x.shape[1], cfg.num_attention_heads, f"HunyuanVideo15Model, token grid {grid}")
+            x = sp.local(x)
         for block in self.blocks:
             x, c = block(x, c, temb_act, rope, k_lengths)
         out = self.head(x, temb_act)  # (B, S, C_out * pt * ph * pw)
+        if sp is not None:
+            out = sp.gather(out)
         return unpatchify(out, grid, cfg.patch, cfg.out_channels, channels_first=True)
 
     def _check_context(self, text, glyph, image, batch: int) -> None:

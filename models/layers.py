@@ -264,14 +264,20 @@ class JointAttention(nn.Module):
         k_lengths: torch.Tensor | None = None,
     ) -> tuple[torch.Tensor, torch.Tensor]:
         """x (B, S, dim), c (B, L, dim); rope tables (S + L, D/2) -> (x out (B, S, dim), c out (B, L, dim))."""
-        S = x.shape[1]
         qx, kx, vx = self.x.project(x)  # 3 x (B, S, H, D)
         qc, kc, vc = self.c.project(c)  # 3 x (B, L, H, D)
+        sp = self.x.sequence_parallel  # Ulysses: x holds this rank's video tokens, c all context tokens
+        if sp is not None:  # all video tokens x this rank's heads; the context's same heads
+            qx, kx, vx = sp.seq_to_heads(qx), sp.seq_to_heads(kx), sp.seq_to_heads(vx)
+            qc, kc, vc = sp.local(qc, dim=2), sp.local(kc, dim=2), sp.local(vc, dim=2)
+        S = qx.shape[1]
         q, k, v = (torch.cat(pair, dim=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, S + L, H, D)
         prec = self.x.attention_precision
         o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend, precision=prec)
-        o = o.flatten(2)  # (B, S + L, H, D) -> (B, S + L, dim)
-        return self.x.out(o[:, :S]), self.c.out(o[:, S:])  # (B, S + L, dim) split back
+        ox, oc = o[:, :S], o[:, S:]  # (B, S + L, H, D) split back
+        if sp is not None:  # video: back to this rank's tokens; context: every rank's heads
+            ox, oc = sp.heads_to_seq(ox), sp.gather(oc, dim=2)
+        return self.x.out(ox.flatten(2)), self.c.out(oc.flatten(2))
 
 
 def adaln(

@@ -20,7 +20,7 @@ from models.sp import SequenceParallel
 
 sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from meta_init import WanBatches, wan_flow_loss  # noqa: E402
-from sequence_parallel import inputs  # noqa: E402
+from sequence_parallel import forward_and_grads  # noqa: E402
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -29,38 +29,24 @@ SCRIPT = ROOT / "tests" / "dist_scripts" / "sequence_parallel.py"
 TRAIN = "--train.steps 4 --train.batch_size 2 --train.grad_accum 2 --train.lr 3e-3 --checkpoint.interval 0".split()
 
 
-def _reference_forward() -> dict[str, torch.Tensor]:
-    """The same seeded model and inputs in one process, no sequence parallelism."""
-    torch.manual_seed(3)
-    model = models.build_model("wan", "debug")
-    res = {}
-    for name in ("t", "t_tok"):
-        x = inputs()
-        xin = x["x"].clone().requires_grad_()
-        y = model(xin, x[name], x["text"])
-        (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        res[f"{name}.out"], res[f"{name}.dx"] = y.detach(), xin.grad
-        for n, p in model.named_parameters():
-            res[f"{name}.grad.{n}"] = p.grad.clone()
-        model.zero_grad()
-    return res
-
-
 @pytest.mark.dist
 def test_sequence_parallel_matches_one_process(tmp_path):
-    """parallel.cp = 2 on 2 gloo ranks (each runs 4 of a sample's 8 tokens; all-to-all around self-attention,
-    all-gather of the output): both ranks return the whole-sequence forward of one process, for per-sample
-    and per-token timesteps; the ranks' input and parameter gradients add up to twice the one-process
-    gradients (every rank backpropagates the same loss); and Trainer training with cp = 2 (FSDP2 over the
-    folded dp_shard x cp mesh) gives one process's losses and weights on the same batches."""
+    """parallel.cp = 2 on 2 gloo ranks (each runs half of a sample's video tokens; all-to-all around
+    self-attention, all-gather of the output): both ranks return the whole-sequence forward of one process,
+    for Wan with per-sample and per-token timesteps and HunyuanVideo-1.5's joint attention with padded
+    context (its context stream whole on every rank, attending with the rank's heads); the ranks' input and
+    parameter gradients add up to twice the one-process gradients (every rank backpropagates the same
+    loss); and Trainer training with cp = 2 (FSDP2 over the folded dp_shard x cp mesh) gives one process's
+    losses and weights on the same batches."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
     cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path), "--parallel.cp", "2", *TRAIN]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
 
-    want = _reference_forward()
+    want = forward_and_grads()  # one process, the whole sequence
     ranks = [load_file(tmp_path / f"forward_rank{r}.safetensors") for r in range(2)]
+    assert ranks[0].keys() == want.keys()
     for k, w in want.items():
         if k.endswith(".out"):
             for got in ranks:
@@ -71,8 +57,8 @@ def test_sequence_parallel_matches_one_process(tmp_path):
             )
     for r, got in enumerate(
         ranks
-    ):  # rank r ran latent frame r's tokens (4 of 8) only: its dx is zero elsewhere
-        dx = got["t.dx"]
+    ):  # Wan: rank r ran latent frame r's 4 of 8 tokens only: dx is zero elsewhere
+        dx = got["wan.t.dx"]
         assert dx[:, :, r].abs().sum() > 0 and dx[:, :, 1 - r].abs().sum() == 0, r
 
     info = json.loads((tmp_path / "losses.json").read_text())

@@ -3,8 +3,9 @@
     torchrun --nproc_per_node 2 tests/dist_scripts/sequence_parallel.py --out D [--section.key value ...]
 
 Writes to D (rank 0, except forward_rank<r>):
-  forward_rank<r>.safetensors  rank r's sequence-parallel forward of the seeded model and inputs (per-sample
-                               and per-token timesteps), its input gradient and its parameter gradients
+  forward_rank<r>.safetensors  rank r's sequence-parallel forward of the seeded models and inputs (Wan with
+                               per-sample and per-token timesteps, HunyuanVideo-1.5 I2V), its input gradient
+                               and its parameter gradients
   losses.json                  per-step losses of the Trainer run with parallel.cp = 2
   final.safetensors            that run's trained weights (full state dict)
 """
@@ -30,7 +31,7 @@ from engine.dist import end_process, init_distributed  # noqa: E402
 from engine.parallel import apply_sp  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
-SHAPE = (2, 4, 2, 4, 4)  # (B, C, F, h, w): 8 tokens per sample at patch (1, 2, 2)
+SHAPE = (2, 4, 2, 4, 4)  # (B, C, F, h, w): 8 Wan tokens per sample at patch (1, 2, 2)
 
 
 def inputs(seed: int = 7) -> dict[str, torch.Tensor]:
@@ -39,22 +40,36 @@ def inputs(seed: int = 7) -> dict[str, torch.Tensor]:
             "t_tok": torch.rand(SHAPE[0], 8, generator=g) * 1000, "text": torch.randn(SHAPE[0], 3, 24, generator=g)}  # fmt: skip
 
 
-def sp_forward(out: Path, info) -> None:
-    """The seeded model under apply_sp: outputs, input and parameter gradients of both timestep layouts."""
-    torch.manual_seed(3)
-    model = models.build_model("wan", "debug")
-    apply_sp(model, info.cp_mesh)
+def cases():
+    """(name, family, call(model, x) -> output, x): Wan with per-sample and per-token timesteps;
+    HunyuanVideo-1.5 I2V (72 video tokens, padded text, glyph and image context: tests/test_hunyuan15.py)."""
+    from tests.test_hunyuan15 import inputs as hy_inputs
+
+    w = inputs()
+    (hx, ht, htext), hkw = hy_inputs(2)
+    return [
+        ("wan.t", "wan", lambda m, x: m(x, w["t"], w["text"]), w["x"]),
+        ("wan.t_tok", "wan", lambda m, x: m(x, w["t_tok"], w["text"]), w["x"]),
+        ("hy.i2v", "hunyuan15", lambda m, x: m(x, ht, htext, **hkw), hx),
+    ]
+
+
+def forward_and_grads(sp_mesh=None) -> dict[str, torch.Tensor]:
+    """Each case's seeded "debug" model (under apply_sp when a mesh is given): output, input gradient and
+    parameter gradients of a fixed linear functional of the output."""
     res = {}
-    for name in ("t", "t_tok"):
-        x = inputs()
-        xin = x["x"].clone().requires_grad_()
-        y = model(xin, x[name], x["text"])
+    for name, family, call, x in cases():
+        torch.manual_seed(3)
+        model = models.build_model(family, "debug")
+        if sp_mesh is not None:
+            apply_sp(model, sp_mesh)
+        xin = x.clone().requires_grad_()
+        y = call(model, xin)
         (y * torch.linspace(-1, 1, y.numel()).view_as(y)).sum().backward()
-        res[f"{name}.out"], res[f"{name}.dx"] = y.detach(), xin.grad
+        res[f"{name}.out"], res[f"{name}.dx"] = y.detach().contiguous(), xin.grad
         for n, p in model.named_parameters():
-            res[f"{name}.grad.{n}"] = p.grad.clone()
-        model.zero_grad()
-    save_file(res, out / f"forward_rank{info.rank}.safetensors")
+            res[f"{name}.grad.{n}"] = p.grad.clone() if p.grad is not None else torch.zeros_like(p)
+    return res
 
 
 def main() -> None:
@@ -65,7 +80,7 @@ def main() -> None:
     out = Path(args.out)
     cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, rest))
     info = init_distributed(cfg.parallel, "cpu")
-    sp_forward(out, info)
+    save_file(forward_and_grads(info.cp_mesh), out / f"forward_rank{info.rank}.safetensors")
 
     torch.manual_seed(3)
     model = models.build_model("wan", "debug")
