@@ -29,18 +29,29 @@ SCRIPT = ROOT / "tests" / "dist_scripts" / "sequence_parallel.py"
 TRAIN = "--train.steps 4 --train.batch_size 2 --train.grad_accum 2 --train.lr 3e-3 --checkpoint.interval 0".split()
 
 
+# per-block compile with selective AC: AOTAutograd graphs without Inductor's codegen (as tests/test_meta_init.py)
+COMPILE_AC = ["--parallel.compile", "true", "--parallel.activation_checkpointing", "selective"]
+
+
 @pytest.mark.dist
-def test_sequence_parallel_matches_one_process(tmp_path):
+@pytest.mark.parametrize("variant", [[], COMPILE_AC], ids=["eager", "compile_ac"])
+def test_sequence_parallel_matches_one_process(tmp_path, variant):
     """parallel.cp = 2 on 2 gloo ranks (each runs half of a sample's video tokens; all-to-all around
     self-attention, all-gather of the output): both ranks return the whole-sequence forward of one process,
     for Wan with per-sample and per-token timesteps and HunyuanVideo-1.5's joint attention with padded
     context (its context stream whole on every rank, attending with the rank's heads); the ranks' input and
     parameter gradients add up to twice the one-process gradients (every rank backpropagates the same
     loss); and Trainer training with cp = 2 (FSDP2 over the folded dp_shard x cp mesh) gives one process's
-    losses and weights on the same batches."""
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    losses and weights on the same batches, also with per-block compile and selective AC around the
+    collectives."""
+    env = {
+        **os.environ,
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": str(ROOT),
+        "TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager",
+    }
     launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path), "--parallel.cp", "2", *TRAIN]
+    cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path), "--parallel.cp", "2", *TRAIN, *variant]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
 
@@ -63,6 +74,7 @@ def test_sequence_parallel_matches_one_process(tmp_path):
 
     info = json.loads((tmp_path / "losses.json").read_text())
     assert info["cp"] == 2 and info["sp"] == 2 and info["dp_size"] == 1 and info["fsdp_mesh"] == [2], info
+    assert info["compiled"] == (2 if variant else 0), info
     cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, TRAIN))
     cfg.run.device = "cpu"
     torch.manual_seed(3)

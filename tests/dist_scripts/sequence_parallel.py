@@ -96,7 +96,8 @@ def main() -> None:
         save_file(full, out / "final.safetensors")
         (out / "losses.json").write_text(json.dumps({"losses": losses, "fsdp_mesh": list(info.fsdp_mesh.shape),
                                                      "dp_size": info.dp_size, "cp": info.cp_mesh.size(),
-                                                     "sp": trainer.unwrapped.sequence_parallel.size}))  # fmt: skip
+                                                     "sp": trainer.unwrapped.sequence_parallel.size,
+                                                     "compiled": sum(getattr(b, "_compiled_call_impl", None) is not None for b in trainer.unwrapped.blocks)}))  # fmt: skip
     dist.barrier()
 
 
