@@ -29,12 +29,17 @@ SCRIPT = ROOT / "tests" / "dist_scripts" / "sequence_parallel.py"
 TRAIN = "--train.steps 4 --train.batch_size 2 --train.grad_accum 2 --train.lr 3e-3 --checkpoint.interval 0".split()
 
 
-# per-block compile with selective AC: AOTAutograd graphs without Inductor's codegen (as tests/test_meta_init.py)
-COMPILE_AC = ["--parallel.compile", "true", "--parallel.activation_checkpointing", "selective"]
+VARIANTS = {  # name -> (ranks, overrides); the one-process reference always runs TRAIN
+    "eager": (2, []),
+    # per-block compile with selective AC: AOTAutograd graphs without Inductor's codegen (as test_meta_init.py)
+    "compile_ac": (2, ["--parallel.compile", "true", "--parallel.activation_checkpointing", "selective"]),
+    # HSDP 2 x cp 2: each replica group draws one of the reference's two micro-batches per step
+    "hsdp": (4, ["--parallel.dp_replicate", "2", "--train.grad_accum", "1"]),
+}
 
 
 @pytest.mark.dist
-@pytest.mark.parametrize("variant", [[], COMPILE_AC], ids=["eager", "compile_ac"])
+@pytest.mark.parametrize("variant", sorted(VARIANTS))
 def test_sequence_parallel_matches_one_process(tmp_path, variant):
     """parallel.cp = 2 on 2 gloo ranks (each runs half of a sample's video tokens; all-to-all around
     self-attention, all-gather of the output): both ranks return the whole-sequence forward of one process,
@@ -43,20 +48,23 @@ def test_sequence_parallel_matches_one_process(tmp_path, variant):
     parameter gradients add up to twice the one-process gradients (every rank backpropagates the same
     loss); and Trainer training with cp = 2 (FSDP2 over the folded dp_shard x cp mesh) gives one process's
     losses and weights on the same batches, also with per-block compile and selective AC around the
-    collectives."""
+    collectives, and on 4 ranks as HSDP 2 x cp 2 (FSDP over (dp_replicate, dp_shard x cp))."""
+    nproc, overrides = VARIANTS[variant]
     env = {
         **os.environ,
         "OMP_NUM_THREADS": "1",
         "PYTHONPATH": str(ROOT),
         "TORCH_COMPILE_OVERRIDE_BACKENDS": ">=0:aot_eager",
     }
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-    cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path), "--parallel.cp", "2", *TRAIN, *variant]
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
+    cmd = [*launcher, str(SCRIPT), "--out", str(tmp_path), "--parallel.cp", "2", *TRAIN, *overrides]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, (p.stdout + p.stderr)[-4000:]
 
     want = forward_and_grads()  # one process, the whole sequence
-    ranks = [load_file(tmp_path / f"forward_rank{r}.safetensors") for r in range(2)]
+    ranks = [
+        load_file(tmp_path / f"forward_rank{r}.safetensors") for r in range(2)
+    ]  # ranks 0, 1: one cp group
     assert ranks[0].keys() == want.keys()
     for k, w in want.items():
         if k.endswith(".out"):
@@ -73,8 +81,10 @@ def test_sequence_parallel_matches_one_process(tmp_path, variant):
         assert dx[:, :, r].abs().sum() > 0 and dx[:, :, 1 - r].abs().sum() == 0, r
 
     info = json.loads((tmp_path / "losses.json").read_text())
-    assert info["cp"] == 2 and info["sp"] == 2 and info["dp_size"] == 1 and info["fsdp_mesh"] == [2], info
-    assert info["compiled"] == (2 if variant else 0), info
+    dp = nproc // 2
+    assert info["cp"] == 2 and info["sp"] == 2 and info["dp_size"] == dp, info
+    assert info["fsdp_mesh"] == ([2] if dp == 1 else [2, 2]), info
+    assert info["compiled"] == (2 if variant == "compile_ac" else 0), info
     cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, TRAIN))
     cfg.run.device = "cpu"
     torch.manual_seed(3)

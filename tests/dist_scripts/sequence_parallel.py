@@ -88,7 +88,9 @@ def main() -> None:
     trainer = Trainer(cfg, model, wan_flow_loss, batches, run_dir=out / "run", dist_info=info)
     losses = []
     while trainer.step < cfg.train.steps:
-        losses.append(trainer.train_step()["loss"].item())
+        loss = trainer.train_step()["loss"].detach().clone()
+        dist.all_reduce(loss, op=dist.ReduceOp.AVG)  # the data-parallel mean (a cp group's ranks agree)
+        losses.append(loss.item())
     opts = StateDictOptions(full_state_dict=True, cpu_offload=True)
     full = {k: v.clone().contiguous() for k, v in get_model_state_dict(trainer.model, options=opts).items()}
     trainer.close()
