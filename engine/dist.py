@@ -85,11 +85,16 @@ class DistInfo:
         over tokens, which the reduction must add up; torchtitan's dp_shard_cp)."""
         if self.cp_mesh is None:
             return self.dp_mesh
-        if "dp_shard_cp" not in self._flat:
-            self._flat["dp_shard_cp"] = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-        if self.mesh["dp_replicate"].size() > 1:
-            return self.mesh["dp_replicate", "dp_shard_cp"]
-        return self._flat["dp_shard_cp"]
+        if "fsdp" not in self._flat:  # built once, by every rank (it creates process groups)
+            rep, shard, cp = self.mesh.shape
+            if rep == 1:
+                self._flat["fsdp"] = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            else:  # a 2-D mesh of its own (slicing a flattened dim from the root mesh is deprecated)
+                ranks = self.mesh.mesh.reshape(rep, shard * cp)
+                self._flat["fsdp"] = DeviceMesh(
+                    self.device.type, ranks, mesh_dim_names=("dp_replicate", "dp_shard_cp")
+                )
+        return self._flat["fsdp"]
 
     @property
     def dp_rank(self) -> int:
