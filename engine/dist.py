@@ -50,7 +50,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: DeviceMesh | None = None
-    _flat: dict = field(default_factory=dict, repr=False)  # flattened sub-meshes, built once
+    _derived: dict = field(default_factory=dict, repr=False)  # meshes built from ``mesh``, once
 
     @property
     def is_main(self) -> bool:
@@ -85,16 +85,16 @@ class DistInfo:
         over tokens, which the reduction must add up; torchtitan's dp_shard_cp)."""
         if self.cp_mesh is None:
             return self.dp_mesh
-        if "fsdp" not in self._flat:  # built once, by every rank (it creates process groups)
+        if "fsdp" not in self._derived:  # built once, by every rank (it creates process groups)
             rep, shard, cp = self.mesh.shape
             if rep == 1:
-                self._flat["fsdp"] = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+                self._derived["fsdp"] = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
             else:  # a 2-D mesh of its own (slicing a flattened dim from the root mesh is deprecated)
                 ranks = self.mesh.mesh.reshape(rep, shard * cp)
-                self._flat["fsdp"] = DeviceMesh(
+                self._derived["fsdp"] = DeviceMesh(
                     self.device.type, ranks, mesh_dim_names=("dp_replicate", "dp_shard_cp")
                 )
-        return self._flat["fsdp"]
+        return self._derived["fsdp"]
 
     @property
     def dp_rank(self) -> int:

@@ -33,7 +33,8 @@ The trainer owns: placement, FP8 conversion, AC / compile / FSDP2 (engine/parall
 trainable parameters (fused on CUDA), the LR schedule (linear warmup, then constant or cosine to
 ``min_lr_ratio``), gradient clipping, EMA, the NaN/inf guard (a non-finite loss or gradient norm skips
 the update, is logged and counted; ``max_bad_steps`` in a row raise :class:`NonFiniteLossError`),
-per-rank seeding (``run.seed + data-parallel rank``: the ranks of a sequence-parallel group draw alike), checkpoints (engine/checkpoint.py), metrics and profiling.
+per-rank seeding (``run.seed + data-parallel rank``: the ranks of a sequence-parallel group draw alike),
+checkpoints (engine/checkpoint.py), metrics and profiling.
 
 Every rank must build the model with the same weights; with several ranks the trainer also broadcasts
 rank 0's parameters before sharding, so a per-rank seed before building does no harm. A model built on
@@ -432,10 +433,8 @@ class Trainer:
         return {"skipped_steps": float(self.state.skipped)}
 
     def _after_step(self, logs: dict[str, Any], tokens: int, flops: float) -> None:
-        cp = (
-            self.dist.cp_mesh.size() if self.dist.cp_mesh is not None else 1
-        )  # per device: its share of the tokens
-        self.metrics.update(logs, tokens // cp, flops / cp)
+        cp = self.dist.cp_mesh.size() if self.dist.cp_mesh is not None else 1
+        self.metrics.update(logs, tokens // cp, flops / cp)  # per device: its share of the tokens
         if self.metrics.should_log(self.state.step):
             self._last_logs = self.metrics.flush(self.state.step, self._counters())
         self.profiler.step()

@@ -13,8 +13,8 @@ the same loss from the gathered output, so each rank's parameter gradient holds 
 FSDP's reduce over the (data parallel x cp) mesh divides by dp * P, which leaves the data-parallel mean
 of the full-sequence gradient (engine/parallel.py shards over that flattened mesh).
 
-Communication per self-attention: 4 all-to-alls of B S dim / P elements each (q, k, v, out) per rank,
-independent of P's effect on the attention FLOPs, which split P ways.
+Communication per self-attention layer and rank: four all-to-alls (q, k, v, output) of B S dim / P
+elements each; the attention FLOPs split P ways.
 """
 
 from __future__ import annotations
@@ -49,7 +49,7 @@ class SequenceParallel:
             )
 
     def local(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
-        """This rank's contiguous chunk of ``t`` along ``dim`` (the sequence)."""
+        """This rank's contiguous chunk of ``t`` along ``dim`` (tokens; heads with ``dim=2``)."""
         n = t.shape[dim] // self.size
         return t.narrow(dim, self.rank * n, n)
 
