@@ -25,7 +25,8 @@ import logging
 import os
 import sys
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.distributed as dist
@@ -50,7 +51,6 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: DeviceMesh | None = None
-    _derived: dict = field(default_factory=dict, repr=False)  # meshes built from ``mesh``, once
 
     @property
     def is_main(self) -> bool:
@@ -60,7 +60,10 @@ class DistInfo:
     def distributed(self) -> bool:
         return self.world_size > 1 and dist.is_initialized()
 
-    @property
+    # The sub-meshes below are derived from ``mesh`` once (cached): a mesh never changes, and slicing one
+    # builds a new DeviceMesh, which the trainer and the recipes' per-step draws would otherwise repeat.
+
+    @cached_property
     def dp_mesh(self) -> DeviceMesh | None:
         """The (dp_replicate, dp_shard) sub-mesh FSDP2 shards over (1-D when dp_replicate == 1)."""
         if self.mesh is None:
@@ -70,7 +73,7 @@ class DistInfo:
             return self.mesh["dp_replicate", "dp_shard"]
         return self.mesh["dp_shard"]
 
-    @property
+    @cached_property
     def cp_mesh(self) -> DeviceMesh | None:
         """The sequence-parallel ("cp") sub-mesh when ``parallel.cp`` > 1: its ranks share a batch and each
         runs a chunk of every sample's tokens (Ulysses, models/sp.py); None otherwise."""
@@ -79,22 +82,24 @@ class DistInfo:
         return self.mesh["cp"]
 
     @property
+    def cp_size(self) -> int:
+        """``parallel.cp``: how many ranks share each sample's tokens (1 without sequence parallelism)."""
+        return 1 if self.cp_mesh is None else self.cp_mesh.size()
+
+    @cached_property
     def fsdp_mesh(self) -> DeviceMesh | None:
         """The mesh FSDP2 shards parameters over and reduces gradients across: :attr:`dp_mesh`, with the cp
         ranks folded into the shard dimension when ``parallel.cp`` > 1 (their gradients are partial sums
-        over tokens, which the reduction must add up; torchtitan's dp_shard_cp)."""
+        over tokens, which the reduction must add up; torchtitan's dp_shard_cp). Every rank must ask for it
+        at the same point the first time: building it creates process groups."""
         if self.cp_mesh is None:
             return self.dp_mesh
-        if "fsdp" not in self._derived:  # built once, by every rank (it creates process groups)
-            rep, shard, cp = self.mesh.shape
-            if rep == 1:
-                self._derived["fsdp"] = self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
-            else:  # a 2-D mesh of its own (slicing a flattened dim from the root mesh is deprecated)
-                ranks = self.mesh.mesh.reshape(rep, shard * cp)
-                self._derived["fsdp"] = DeviceMesh(
-                    self.device.type, ranks, mesh_dim_names=("dp_replicate", "dp_shard_cp")
-                )
-        return self._derived["fsdp"]
+        rep, shard, cp = self.mesh.shape
+        if rep == 1:
+            return self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+        # a 2-D mesh of its own (slicing a flattened dim from the root mesh is deprecated)
+        ranks = self.mesh.mesh.reshape(rep, shard * cp)
+        return DeviceMesh(self.device.type, ranks, mesh_dim_names=("dp_replicate", "dp_shard_cp"))
 
     @property
     def dp_rank(self) -> int:

@@ -433,8 +433,8 @@ class Trainer:
         return {"skipped_steps": float(self.state.skipped)}
 
     def _after_step(self, logs: dict[str, Any], tokens: int, flops: float) -> None:
-        cp = self.dist.cp_mesh.size() if self.dist.cp_mesh is not None else 1
-        self.metrics.update(logs, tokens // cp, flops / cp)  # per device: its share of the tokens
+        cp = self.dist.cp_size  # per device: its share of the tokens
+        self.metrics.update(logs, tokens // cp, flops / cp)
         if self.metrics.should_log(self.state.step):
             self._last_logs = self.metrics.flush(self.state.step, self._counters())
         self.profiler.step()

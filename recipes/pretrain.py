@@ -75,8 +75,8 @@ def build_demonstrator(flavour: str = "toy", text_layers: int = 1) -> ToyDemonst
 
 class ToyVideoBatches:
     """``next(step)`` -> ``grad_accum`` micro-batches of solution-captioned videos, a pure function of
-    (seed, rank, step, micro index): resuming at a step reproduces the data, the t and the noise exactly
-    (on the same device type)."""
+    (seed, data-parallel rank, step, micro index): resuming at a step reproduces the data, the t and the
+    noise exactly (on the same device type)."""
 
     def __init__(self, batch_size: int, grad_accum: int, seed: int, device: torch.device, drop: float = 0.1,
                  t_sampling: str = "logit_normal", shift: float = 1.0):  # fmt: skip
@@ -216,10 +216,8 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     batches = ToyVideoBatches(cfg.train.batch_size, cfg.train.grad_accum, cfg.run.seed, torch.device("cpu"),
                               cfg.world.caption_dropout, cfg.flow.t_sampling, cfg.flow.shift)  # fmt: skip
     trainer = Trainer(cfg, model, pretrain_loss, batches, run_dir=run_dir)
-    batches.device, batches.rank = (
-        trainer.dist.device,
-        trainer.dist.dp_rank,
-    )  # device; data shard (cp ranks share it)
+    batches.device = trainer.dist.device
+    batches.rank = trainer.dist.dp_rank  # this rank's data shard (the ranks of a cp group share it)
     t0, start = time.perf_counter(), trainer.step
     budget = cfg.world.time_budget_s
     for _ in progress(range(trainer.step, cfg.train.steps), desc="pretrain", total=cfg.train.steps - start):
