@@ -27,6 +27,9 @@ import torch
 
 
 def git_commit() -> str:
+    """The checkout's short commit; $WMSD_COMMIT where the tree has no .git (a copy sent to a GPU machine)."""
+    if os.environ.get("WMSD_COMMIT"):
+        return os.environ["WMSD_COMMIT"]
     try:
         return subprocess.check_output(
             ["git", "rev-parse", "--short", "HEAD"], text=True, stderr=subprocess.DEVNULL

@@ -1,10 +1,13 @@
 """Run every GPU benchmark module, each in its own subprocess with a time limit, into one JSON.
 
-    python -m bench.gpu_check [--quick] [--out DIR] [--only attention,models] [--timeout 90]
+    python -m bench.gpu_check [--quick] [--out DIR] [--only attention,models] [--timeout 90] [--budget 360]
 
 A module is ``bench/gpu_<area>.py`` with ``run(quick: bool) -> list[record]`` (bench.common.record).
-A module that crashes or runs past its limit becomes an "error" record; the others still run. The
-result file is named by date and device (bench.common.write_results) and also printed as a table.
+A module that crashes or runs past its limit becomes an "error" record; the others still run. Each
+module gets ``--timeout`` seconds, or less when the whole run's ``--budget`` has less left; a module
+that cannot start in the budget is an "error" record ("skipped: budget spent"). The result file is
+named by date and device (bench.common.write_results), rewritten after every module (so a run killed
+from outside keeps what it measured), and printed as a table at the end.
 """
 
 from __future__ import annotations
@@ -19,7 +22,9 @@ from pathlib import Path
 
 from bench.common import environment, out_dir, record, write_results
 
-MODULES = ["attention", "attention_fp8", "elementwise", "models", "models_hunyuan", "trainer", "data"]
+# the order they run in: the kernels first, the data module (slow to prepare, DALI-bound) last
+MODULES = ["attention", "elementwise", "attention_fp8", "models", "models_hunyuan", "trainer", "data"]
+MIN_MODULE_S = 15.0  # a module is not started with less than this left of the budget
 
 
 def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
@@ -30,7 +35,9 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
     t0 = time.time()
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired:
+    except subprocess.TimeoutExpired as e:
+        text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        (tmp / f"{area}.log").write_text(text[0] + "\n--- stderr (timed out) ---\n" + text[1])
         return [
             record(f"{area}.module", "-", "-", "error", 0.0, message=f"timed out after {timeout_s:.0f} s")
         ]
@@ -67,7 +74,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--only", default="", help="comma-separated areas (default: all of " + ",".join(MODULES) + ")"
     )
-    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per module")
+    ap.add_argument("--timeout", type=float, default=120.0, help="seconds per module at most")
+    ap.add_argument(
+        "--budget", type=float, default=float("inf"), help="seconds for all modules together (default: no limit)"
+    )
     ap.add_argument("--work", default="", help="folder for per-module JSON and logs (default OUT/modules)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)
     ap.add_argument("--_json", help=argparse.SUPPRESS)
@@ -79,13 +89,19 @@ def main(argv: list[str] | None = None) -> int:
     tmp = Path(args.work) if args.work else out / "modules"
     tmp.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
+    env, t0 = environment(), time.time()
+    path = None
     for area in areas:
+        left = args.budget - (time.time() - t0)
         if not (Path(__file__).parent / f"gpu_{area}.py").exists():
             records.append(record(f"{area}.module", "-", "-", "error", 0.0, message="module not present"))
-            continue
-        print(f"== bench.gpu_{area}", flush=True)
-        records.extend(_run_one(area, args.quick, args.timeout, tmp))
-    path = write_results(records, out, tag="gpu_check", env=environment())
+        elif left < MIN_MODULE_S:
+            msg = f"skipped: budget spent ({args.budget:.0f} s)"
+            records.append(record(f"{area}.module", "-", "-", "error", 0.0, message=msg))
+        else:
+            print(f"== bench.gpu_{area} (limit {min(args.timeout, left):.0f} s)", flush=True)
+            records.extend(_run_one(area, args.quick, min(args.timeout, left), tmp))
+        path = write_results(records, out, tag="gpu_check", env=env)
     print_table(json.loads(path.read_text())["records"])
     print(f"wrote {path}")
     return 0

@@ -1,0 +1,44 @@
+"""bench.gpu_check's driver on a machine without a GPU: the time budget and the results file.
+
+Each module runs in a real subprocess; without CUDA a module returns its "no CUDA device" record.
+"""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def _gpu_check(tmp_path: Path, *args: str) -> dict:
+    out = tmp_path / "out"
+    subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(out), *args],
+        cwd=ROOT,
+        check=True,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env={"PATH": "/usr/bin:/bin", "WMSD_COMMIT": "abc1234", "PYTHONPATH": str(ROOT)},
+    )
+    (path,) = out.glob("*_gpu_check.json")
+    return json.loads(path.read_text())
+
+
+def test_modules_run_in_subprocesses_and_the_file_names_the_commit(tmp_path):
+    res = _gpu_check(tmp_path, "--only", "data,elementwise", "--budget", "200")
+    assert res["env"]["commit"] == "abc1234"
+    by_name = {(r["name"], r["metric"]): r for r in res["records"]}
+    assert "no CUDA device" in by_name[("data.decode", "error")]["extra"]["message"]
+    assert by_name[("data.module", "wall_s")]["value"] > 0
+    assert by_name[("elementwise.module", "wall_s")]["value"] > 0
+    assert all("skipped" not in r["extra"].get("message", "") for r in res["records"])
+
+
+def test_spent_budget_skips_modules_but_still_writes_the_file(tmp_path):
+    res = _gpu_check(tmp_path, "--only", "data,trainer", "--budget", "0")
+    assert [(r["name"], r["extra"]["message"]) for r in res["records"]] == [
+        ("data.module", "skipped: budget spent (0 s)"),
+        ("trainer.module", "skipped: budget spent (0 s)"),
+    ]
