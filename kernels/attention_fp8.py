@@ -136,6 +136,7 @@ def _fwd_step(
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    V_T: tl.constexpr,
 ):
     """One key tile of the online softmax: s = q8 k8^T s_q s_k, p = 2^(s - m'), acc += E4M3(448 p) v8 s_v/448."""
     t = start_n // BLOCK_N
@@ -147,8 +148,12 @@ def _fwd_step(
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    vt = tl.load(v_ptr + start_n)  # (D, BLOCK_N): keys contiguous, a K-major operand for p v
-    pv = tl.dot(_quant_p(p, vt.dtype, EMULATE), tl.trans(vt))
+    if V_T:
+        vt = tl.load(v_ptr + start_n)  # (D, BLOCK_N): keys contiguous, a K-major operand for p v
+        pv = tl.dot(_quant_p(p, vt.dtype, EMULATE), tl.trans(vt))
+    else:
+        v = tl.load(v_ptr + start_n * D)  # (BLOCK_N, D): channels contiguous
+        pv = tl.dot(_quant_p(p, v.dtype, EMULATE), v)
     acc = acc * alpha[:, None] + pv * (tl.load(SV + t) / 448.0)
     return acc, m_new, l_i
 
@@ -176,11 +181,13 @@ def _fp8_fwd(
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    V_T: tl.constexpr = True,
 ):
     """out = softmax(s) v for BLOCK_M queries of one (b, h); s = q8 k8^T s_q s_k scale log2e (module doc).
 
-    Q8, K8 (B, H, S_pad, D) and V8T (B, H, D, S_pad) are padded: loads need no masks, only the last key
-    tile's scores are masked. BLOCK_N == QUANT_BLOCK, so s_k, s_v are one scalar per key tile.
+    Q8, K8 (B, H, S_pad, D) and V8T (B, H, D, S_pad; with V_T=False: V8 (B, H, S_pad, D)) are padded:
+    loads need no masks, only the last key tile's scores are masked. BLOCK_N == QUANT_BLOCK, so s_k, s_v
+    are one scalar per key tile.
     """
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -190,7 +197,10 @@ def _fp8_fwd(
     q = tl.load(Q8 + (bh.to(tl.int64) * SQP + offs_m[:, None]) * D + offs_d[None, :])
     sq = tl.load(SQ + bh * (SQP // QBLK) + (pid_m * BLOCK_M) // QBLK) * qk_scale
     k_ptr = K8 + bh.to(tl.int64) * SKP * D + offs_n[:, None] * D + offs_d[None, :]  # (BLOCK_N, D)
-    v_ptr = V8T + bh.to(tl.int64) * D * SKP + offs_d[:, None] * SKP + offs_n[None, :]  # (D, BLOCK_N)
+    if V_T:
+        v_ptr = V8T + bh.to(tl.int64) * D * SKP + offs_d[:, None] * SKP + offs_n[None, :]  # (D, BLOCK_N)
+    else:
+        v_ptr = V8T + bh.to(tl.int64) * SKP * D + offs_n[:, None] * D + offs_d[None, :]  # (BLOCK_N, D)
     s_base = bh * (SKP // BLOCK_N)
     n_end = Sk
     if HAS_KLEN:
@@ -216,6 +226,7 @@ def _fp8_fwd(
             EMULATE,
             False,
             BLOCK_N,
+            V_T,
         )
     if n_full < n_end:
         acc, m_i, l_i = _fwd_step(
@@ -234,6 +245,7 @@ def _fp8_fwd(
             EMULATE,
             True,
             BLOCK_N,
+            V_T,
         )
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]

@@ -212,6 +212,7 @@ GPU_CASES = [
 
 
 @pytest.mark.gpu
+@pytest.mark.parametrize("fuse_rope", [False, True], ids=["rope_apart", "rope_fused"])
 @pytest.mark.parametrize(
     "case", GPU_CASES, ids=lambda c: f"S{c[1]}x{c[2]}-D{c[4]}" + ("-rope" if c[5] else "")
 )

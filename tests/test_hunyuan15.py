@@ -238,7 +238,7 @@ def test_gpu_bf16_error_within_twice_diffusers_bf16(backend):
     w = torch.randn(2, 4, 5, 16, 24, device="cuda")
 
     def run(model, dtype, diffusers):
-        xi = x.to(dtype).requires_grad_(True)
+        xi = x.detach().to(dtype).clone().requires_grad_(True)  # a fresh leaf per run
         kwd = {k: v.to(dtype) if v.is_floating_point() else v for k, v in kw.items()}
         if diffusers:  # diffusers casts the sinusoid to the timestep's dtype: it must match the weights
             out = model(xi, t.to(dtype), text.to(dtype), **kwd, return_dict=False)[0]

@@ -248,7 +248,7 @@ def test_gpu_bf16_error_within_twice_diffusers_bf16(backend):
     w = torch.randn(2, 4, 5, 16, 24, device="cuda")
 
     def run(model, dtype, diffusers):
-        xi = x.to(dtype).requires_grad_(True)
+        xi = x.detach().to(dtype).clone().requires_grad_(True)  # a fresh leaf per run
         out = (
             model(xi, t, text.to(dtype), return_dict=False)[0] if diffusers else model(xi, t, text.to(dtype))
         )
