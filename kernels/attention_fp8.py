@@ -652,7 +652,9 @@ def quantize_blocks(
     amax = xb.abs().amax(dim=(-1, -2))  # (B, H, n)
     scale = torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax))
     x8 = (xb / scale[..., None, None]).clamp(-E4M3_MAX, E4M3_MAX).to(torch.float8_e4m3fn)
-    return x8.to(carrier).view(B, H, n * block, D), scale
+    # contiguous: with S a multiple of the block, F.pad pads nothing and keeps the (B, S, H, D) strides of
+    # the transposed input, which the elementwise ops above preserve; the kernels read (B, H, S_pad, D) rows
+    return x8.to(carrier).reshape(B, H, n * block, D).contiguous(), scale.contiguous()
 
 
 def key_mean(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:

@@ -44,6 +44,12 @@ def test_quantize_blocks_rounds_to_the_e4m3_grid():
     assert ((q - y).abs() <= _e4m3_ulp(y) / 2 * (1 + 1e-6) + 1e-12).all()  # round to nearest
     on_grid = q.abs() / _e4m3_ulp(q)  # every stored value is an integer multiple of its grid spacing
     assert torch.equal(on_grid, on_grid.round())
+    # the kernels read rows of a contiguous (B, H, S_pad, D): also when S needs no padding
+    x = torch.randn(2, 128, 3, 16)
+    x8, s = quantize_blocks(x, 64, carrier=torch.float32)
+    assert x8.is_contiguous() and s.is_contiguous()
+    back = x8 * s.repeat_interleave(64, -1)[..., None]  # e4m3: 1/16 relative, subnormals 2^-9 s absolute
+    torch.testing.assert_close(back, x.transpose(1, 2), rtol=1 / 16, atol=s.max().item() * 2**-9)
 
 
 @triton.jit
@@ -138,6 +144,8 @@ def test_emulation_accuracy_on_video_activations():
         (torch.float32, (1, 5, 14), [70, 33], False, "e4m3"),
         (torch.float32, (2, 3, 9), None, True, "e5m2"),
         (torch.float16, (1, 5, 14), [70, 33], True, "e4m3"),
+        (torch.float32, (2, 4, 8), None, False, None),  # S = 2 blocks: no padding
+        (torch.float16, (2, 4, 8), [64, 40], True, "e4m3"),
     ],
 )
 def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, device):
@@ -146,7 +154,7 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
     ds_format: dQ, dK from FP8 dS (bwd_fp8_dqdk) in that format."""
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("fp32 inputs run the bf16 kernel on CUDA (the fallback); the GPU test uses bf16")
-    B, H, D, block = 2, 1, 64, 32
+    B, H, D, block = 2, 2, 64, 32  # H > 1 and (grid (2, 4, 8)) S a multiple of the block: no padding
     S = grid[0] * grid[1] * grid[2]
     q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
     k = k + 2.0  # a key offset for the smoothing to remove
@@ -165,7 +173,8 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
         gap, scheme = _rel(a, b), _rel(b, c)
         assert gap <= 0.05 * scheme + (3e-3 if dtype == torch.float16 else 1e-5), (name, gap, scheme)
     if kl is not None:
-        assert (ker[2][1, 33:] == 0).all() and (ker[3][1, 33:] == 0).all()  # masked keys: no gradient
+        n = k_lengths[1]
+        assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
 
 
 def test_attention_precision_dispatch_and_errors():
