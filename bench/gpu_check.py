@@ -36,7 +36,9 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
     try:
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
     except subprocess.TimeoutExpired as e:
-        text = [x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)]
+        text = [
+            x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)
+        ]
         (tmp / f"{area}.log").write_text(text[0] + "\n--- stderr (timed out) ---\n" + text[1])
         return [
             record(f"{area}.module", "-", "-", "error", 0.0, message=f"timed out after {timeout_s:.0f} s")
@@ -76,7 +78,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--timeout", type=float, default=120.0, help="seconds per module at most")
     ap.add_argument(
-        "--budget", type=float, default=float("inf"), help="seconds for all modules together (default: no limit)"
+        "--budget",
+        type=float,
+        default=float("inf"),
+        help="seconds for all modules together (default: no limit)",
     )
     ap.add_argument("--work", default="", help="folder for per-module JSON and logs (default OUT/modules)")
     ap.add_argument("--_child", help=argparse.SUPPRESS)

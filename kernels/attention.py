@@ -41,8 +41,10 @@ HEAD_DIMS = (16, 32, 64, 128)  # the kernels' tile widths; other head dims up to
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 _LOG2E = 1.4426950408889634
 # Default of attention(fuse_rope=): RoPE inside the kernels vs one apply_rope pass before them. On an H200
-# the separate pass cost 3-7% against no RoPE at all (bench/gpu_attention.py); the fused kernels are not
-# yet measured there (provider triton+rope_fused), so the measured path is the default.
+# (bench/results/20261126T123749_*) the separate pass stays within 5% of no RoPE at all, while the fused
+# kernels (correct: tests/test_attention.py GPU cases) run at 0.61-0.66x of the plain kernel fwd and
+# 0.48-0.50x fwd+bwd (rotating every k tile in every query tile's loop, and again in both backward
+# kernels, costs more than the one pass it saves), so the separate pass is the default.
 FUSE_ROPE = False
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
