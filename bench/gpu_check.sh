@@ -10,7 +10,8 @@
 # module's own JSON and log) -- few files, since the device tool returns at most eight.
 # Time: build <= 45 s, tests <= GPU_TEST_TIMEOUT (150), benchmarks <= GPU_BENCH_TIMEOUT (285, the
 # modules share it, each at most GPU_MODULE_TIMEOUT = 90): at most 8 minutes in all. The first H200 run
-# took build 15 s, tests 120 s (4 xdist workers), modules 278 s (bench/results/20261126_nvidia-h200.md).
+# took: wheels + build under 15 s, tests 120 s (4 xdist workers), modules 378 s, of which 100 s the data
+# module timing out (it now skips at once without DALI; bench/results/20261126_nvidia-h200.md).
 # Where the tree has no .git, set WMSD_COMMIT to the commit it is (recorded in the JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
