@@ -28,8 +28,10 @@ from bench.common import add_ratios, record
 NAME, CASE = "trainer.step", "wan1.3b-4blk-480p81f"
 LATENT, TEXT_LEN, LAYERS, FLAVOUR, DEVICE = (16, 21, 60, 104), 512, 4, "1.3B", "cuda"
 PEAK_BF16 = 989e12
-CASES = [("bf16", "none", False), ("bf16+compile", "none", True), ("fp8_torchao", "torchao", False),
-         ("fp8_te", "te", False), ("fp8_torchao+compile", "torchao", True), ("fp8_te+compile", "te", True)]  # fmt: skip
+# most wanted first: torchao's Float8Linear is slow without compile (0.70x bf16 eager on an H200), so its
+# compiled case comes before its eager one; with 70 s the first H200 run's cases would all have fit
+CASES = [("bf16", "none", False), ("bf16+compile", "none", True), ("fp8_torchao+compile", "torchao", True),
+         ("fp8_torchao", "torchao", False), ("fp8_te", "te", False), ("fp8_te+compile", "te", True)]  # fmt: skip
 
 
 def _job(fp8: str, compile_: bool, run_dir: str):
@@ -111,11 +113,11 @@ def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return [record(NAME, CASE, "-", "error", 0.0, message="needs a CUDA device")]
     cases = CASES[:1] if quick else CASES
-    budget, t_start = (18.0 if quick else 55.0), time.perf_counter()
+    budget, t_start = (18.0 if quick else 70.0), time.perf_counter()  # gpu_check gives a module 90 s
     recs: list[dict] = []
     for provider, fp8, compile_ in cases:
         elapsed = time.perf_counter() - t_start
-        if elapsed > budget * (0.55 if compile_ else 0.85):
+        if elapsed > budget * (0.65 if compile_ else 0.85):
             recs.append(
                 record(
                     NAME, CASE, provider, "error", 0.0, message=f"skipped: time budget ({elapsed:.0f} s used)"
