@@ -29,7 +29,7 @@ NAME, CASE = "trainer.step", "wan1.3b-4blk-480p81f"
 LATENT, TEXT_LEN, LAYERS, FLAVOUR, DEVICE = (16, 21, 60, 104), 512, 4, "1.3B", "cuda"
 PEAK_BF16 = 989e12
 # most wanted first: torchao's Float8Linear is slow without compile (0.70x bf16 eager on an H200), so its
-# compiled case comes before its eager one; with 70 s the first H200 run's cases would all have fit
+# compiled case comes before its eager one (the first H200 run skipped it for time)
 CASES = [("bf16", "none", False), ("bf16+compile", "none", True), ("fp8_torchao+compile", "torchao", True),
          ("fp8_torchao", "torchao", False), ("fp8_te", "te", False), ("fp8_te+compile", "te", True)]  # fmt: skip
 
