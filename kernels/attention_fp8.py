@@ -3,7 +3,7 @@
 Same layout and contract as kernels.attention: q (B, Sq, H, D), k and v (B, Sk, H, D) -> out (B, Sq, H, D)
 in the input dtype; lse (B, H, Sq) float32 (natural log), optional k_lengths and 3D RoPE.
 
-Quantisation (the pre-pass, :func:`quantize_blocks`, shared by the kernel path and the emulation).
+Quantisation (the pre-pass; the same scheme in the kernel path and the emulation).
 E4M3 = float8 e4m3fn, max 448, 3 mantissa bits, round-to-nearest-even, saturating.
 - K is smoothed first: k' = k - mean_j k_j (per batch, head, channel, over the valid keys). Softmax is
   invariant to the per-query constant q.mean(k) this removes, so the forward is unchanged in exact
@@ -15,6 +15,13 @@ E4M3 = float8 e4m3fn, max 448, 3 mantissa bits, round-to-nearest-even, saturatin
 - Per block of QUANT_BLOCK = 128 tokens of one (batch, head): s_x = amax|x_blk| / 448 (1 where the block is
   all zero), x8 = E4M3(clamp(x / s_x, +-448)). Sequences are zero-padded to a multiple of 128.
 - V is also stored transposed, (B, H, D, S), so the PV product reads a K-major operand.
+- Kernel path: one fused Triton kernel per tensor (:func:`quantize_blocks_fused`; q, k, v and the
+  backward's dO), one program per (block, b h): one read of x in its dtype, minus the K mean (computed by
+  :func:`key_mean` in torch), times H (an fp32 tl.dot, input_precision "ieee"), block amax, scale, the e4m3
+  cast, one write of x8 and the scale. The emulation keeps the pure-torch :func:`quantize_blocks` (after
+  :func:`smooth_keys` and an fp32 matmul by H). The two differ only in the rotation's fp32 summation
+  order: scales to ~1 ulp, and an occasional e4m3 rounding tie one step apart (without the rotation they
+  are bit-identical).
 Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N = QUANT_BLOCK):
     s = (q8_i k8_j^T) * (s_q,i * s_k,j * scale * log2 e)          # fp32 accumulate
     m' = max(m, rowmax s); p = 2^(s - m'); l' = l 2^(m - m') + rowsum p  # l from fp32 p
@@ -23,7 +30,7 @@ Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N =
   P is quantised relative to the running max m', exactly as in the kernel; the emulation replays the
   same key tiling so that it is bit-for-bit the same scheme.
 Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), delta = rowsum(dO o).
-    dV = E4M3(448 P)^T dO8 * (s_dO / 448)    FP8: dO quantised per 128-query block (e4m3, dynamic scale)
+    dV = E4M3(448 P)^T dO8 * (s_dO / 448)    FP8: dO quantised per 128-query block (as V, fused kernel)
     dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True
     dS = P (dP - delta)
     dQ = scale dS (K - mean K), dK = scale dS^T Q      bf16 by default; with bwd_fp8_dqdk=True FP8:
@@ -50,6 +57,7 @@ bf16 kernel with a one-time warning.
 from __future__ import annotations
 
 import contextlib
+import functools
 import math
 import os
 import warnings
@@ -636,6 +644,127 @@ def _fp8_dtype(device: torch.device) -> torch.dtype:
     return torch.float16 if device.type == "cpu" else torch.float8_e4m3fn
 
 
+@triton.jit
+def _e4m3_of(y, scale, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
+    """E4M3(clamp(y / scale, +-448)) (an IEEE division, as torch's) in DTYPE: float8e4nv, or with
+    EMULATE an fp16/fp32 carrier of the exactly rounded value."""
+    y = tl.minimum(tl.maximum(tl.div_rn(y, scale), -448.0), 448.0)
+    if EMULATE:
+        y8 = _round_fp8(y, False).to(DTYPE)
+    else:
+        y8 = y.to(tl.float8e4nv)
+    return y8
+
+
+@triton.jit
+def _quant_blocks_kernel(
+    X,
+    MEAN,
+    HAD,
+    X8,
+    SCALE,
+    S,
+    H,
+    stride_b,
+    stride_s,
+    stride_h,
+    stride_d,
+    SP,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    HAS_MEAN: tl.constexpr,
+    ROTATE: tl.constexpr,
+    EMULATE: tl.constexpr,
+):
+    """The fused pre-pass of BLOCK tokens of one (b, h): x (B, S, H, D) in its dtype -> fp32, minus MEAN
+    (B, H, D) (HAS_MEAN), times HAD (D, D) (ROTATE), s = amax / 448 (1 if all zero), x8 = E4M3(clamp(x / s,
+    +-448)) into X8 (B, H, SP, D), s into SCALE (B, H, SP / BLOCK); rows past S are zeros.
+
+    The rotation is two dots with the column halves of HAD: x and half of HAD in shared memory (96 KB at
+    D = BLOCK = 128 with fp32 FMA dots, under the 99 KB per block of sm_89; with the whole HAD: 128 KB).
+    """
+    HALF: tl.constexpr = D // 2
+    pid, bh = tl.program_id(0), tl.program_id(1)
+    b, h = bh // H, bh % H
+    offs_s = pid * BLOCK + tl.arange(0, BLOCK)
+    offs_d = tl.arange(0, D)
+    ok = (offs_s < S)[:, None]
+    src = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
+    x = tl.load(
+        src + offs_s.to(tl.int64)[:, None] * stride_s + offs_d[None, :] * stride_d, mask=ok, other=0.0
+    )
+    x = x.to(tl.float32)
+    if HAS_MEAN:  # the padding rows stay zero
+        x = tl.where(ok, x - tl.load(MEAN + bh * D + offs_d)[None, :], 0.0)
+    dst = X8 + (bh.to(tl.int64) * SP + offs_s[:, None]) * D
+    if ROTATE:
+        offs_h = tl.arange(0, HALF)
+        h_ptrs = HAD + offs_d[:, None] * D + offs_h[None, :]
+        y0 = tl.dot(x, tl.load(h_ptrs), input_precision="ieee")  # (BLOCK, HALF): columns [0, HALF)
+        y1 = tl.dot(x, tl.load(h_ptrs + HALF), input_precision="ieee")  # columns [HALF, D)
+        amax = tl.maximum(tl.max(tl.max(tl.abs(y0), 1), 0), tl.max(tl.max(tl.abs(y1), 1), 0))
+        scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+        tl.store(dst + offs_h[None, :], _e4m3_of(y0, scale, X8.dtype.element_ty, EMULATE))
+        tl.store(dst + HALF + offs_h[None, :], _e4m3_of(y1, scale, X8.dtype.element_ty, EMULATE))
+    else:
+        amax = tl.max(tl.max(tl.abs(x), 1), 0)
+        scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
+        tl.store(dst + offs_d[None, :], _e4m3_of(x, scale, X8.dtype.element_ty, EMULATE))
+    tl.store(SCALE + bh * (SP // BLOCK) + pid, scale)
+
+
+# GPU num_warps of the fused pre-pass without / with the rotation (not tuned: no GPU measurement yet)
+PREPASS_WARPS = {False: 4, True: 8}
+_CARRIERS = (torch.float8_e4m3fn, torch.float16, torch.float32)
+
+
+def quantize_blocks_fused(
+    x: torch.Tensor,
+    block: int = QUANT_BLOCK,
+    *,
+    carrier: torch.dtype = torch.float8_e4m3fn,
+    mean: torch.Tensor | None = None,
+    rotate: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The Triton pre-pass: :func:`quantize_blocks` of (x - mean) H in one read of x.
+
+    x (B, S, H, D) bfloat16/float16/float32, any strides; mean None or (B, H, D) (per batch, head,
+    channel; :func:`key_mean` gives it); rotate: times hadamard(D) (fp32). Returns (x8 (B, H, S_pad, D) in
+    ``carrier``, scale (B, H, S_pad / block) fp32), as quantize_blocks. carrier float8_e4m3fn needs CUDA;
+    float16/float32 hold the e4m3 values exactly (the interpreter; on CUDA, the emulation's operands).
+    """
+    if x.dim() != 4:
+        raise ValueError(f"quantize_blocks_fused: x must be (B, S, H, D), got shape {tuple(x.shape)}")
+    B, S, H, D = x.shape
+    if x.dtype not in (torch.bfloat16, torch.float16, torch.float32):
+        raise ValueError(f"quantize_blocks_fused: dtype {x.dtype} (expected bfloat16, float16 or float32)")
+    if D < 16 or D & (D - 1):
+        raise ValueError(f"quantize_blocks_fused: head dim must be a power of two >= 16, got {D}")
+    if block < 16 or block & (block - 1):
+        raise ValueError(f"quantize_blocks_fused: block must be a power of two >= 16, got {block}")
+    if carrier not in _CARRIERS:
+        raise ValueError(f"quantize_blocks_fused: carrier must be one of {_CARRIERS}, got {carrier}")
+    if carrier == torch.float8_e4m3fn and x.device.type != "cuda":
+        raise ValueError("quantize_blocks_fused: a float8 carrier needs CUDA (the interpreter: float16)")
+    if mean is not None:
+        if tuple(mean.shape) != (B, H, D):
+            raise ValueError(f"quantize_blocks_fused: mean must be {(B, H, D)}, got {tuple(mean.shape)}")
+        mean = mean.to(device=x.device, dtype=torch.float32).contiguous()
+    n = triton.cdiv(S, block)
+    x8 = torch.empty(B, H, n * block, D, device=x.device, dtype=carrier)
+    scale = torch.empty(B, H, n, device=x.device, dtype=torch.float32)
+    if x8.numel() == 0:
+        return x8, scale
+    had = _hadamard_cached(D, x.device) if rotate else scale  # unused stand-in when not rotating
+    launch = {} if _INTERPRET else dict(num_warps=PREPASS_WARPS[bool(rotate)], num_stages=1)
+    _quant_blocks_kernel[(n, B * H)](
+        x, scale if mean is None else mean, had, x8, scale, S, H, *x.stride(), n * block,
+        D=D, BLOCK=block, HAS_MEAN=mean is not None, ROTATE=bool(rotate),
+        EMULATE=carrier != torch.float8_e4m3fn, **launch,
+    )  # fmt: skip
+    return x8, scale
+
+
 def quantize_blocks(
     x: torch.Tensor, block: int = QUANT_BLOCK, *, carrier: torch.dtype = torch.float8_e4m3fn
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -682,8 +811,23 @@ def hadamard(d: int, device=None) -> torch.Tensor:
     return h / d**0.5
 
 
-def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True):
-    """The pre-pass: (q8, s_q, k8, s_k, v8, s_v); K smoothed, then q and k rotated by H (module doc)."""
+@functools.lru_cache(maxsize=8)
+def _hadamard_cached(d: int, device: torch.device) -> torch.Tensor:
+    """hadamard(d) for the fused pre-pass, built once per (d, device) (read only)."""
+    return hadamard(d, device)
+
+
+def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True, fused=False):
+    """The pre-pass: (q8, s_q, k8, s_k, v8, s_v); K smoothed, then q and k rotated by H (module doc).
+
+    fused: the Triton kernel (:func:`quantize_blocks_fused`, the kernel path), else pure torch (the
+    emulation's reference)."""
+    if fused:
+        mean = key_mean(k, k_lengths)[:, 0] if smooth_k else None  # (B, 1, H, D) -> (B, H, D)
+        q8, sq = quantize_blocks_fused(q, block, carrier=carrier, rotate=rotate)
+        k8, sk = quantize_blocks_fused(k, block, carrier=carrier, mean=mean, rotate=rotate)
+        v8, sv = quantize_blocks_fused(v, block, carrier=carrier)
+        return q8, sq, k8, sk, v8, sv
     kf = smooth_keys(k, k_lengths) if smooth_k else k.float()
     qf = q.float()
     if rotate:
@@ -845,7 +989,7 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_d
     SQP, SKP = q8.shape[2], k8.shape[2]
     fp8_ds = ds_format is not None
     delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Sq, H) -> (B, H, Sq)
-    do8, sdo = quantize_blocks(do, block, carrier=q8.dtype)
+    do8, sdo = quantize_blocks_fused(do, block, carrier=q8.dtype)
     do8t = do8.transpose(-1, -2).contiguous()  # (B, H, D, Sq_pad): K-major operand of P^T dO
     if fp8_ds:  # (B, H, D, S_pad): K-major operands of dS^T q8 and dS k8; rotated grads in fp32
         q8t, k8t = q8.transpose(-1, -2).contiguous(), k8.transpose(-1, -2).contiguous()
@@ -880,7 +1024,7 @@ class _TritonFP8Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_lengths, scale, block, fp8_dp, ds_format):
-        quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device))
+        quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device), fused=True)
         out, lse = _fp8_fwd_launch(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
         ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format

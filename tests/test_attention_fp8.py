@@ -102,6 +102,144 @@ def test_hadamard_is_orthonormal():
         hadamard(96)
 
 
+def _assert_same_quantisation(got, want, exact: bool):
+    """(x8, scale) of the fused pre-pass against the torch one: scales to ~1 ulp and the e4m3 codes equal
+    except rare rounding ties one grid step apart (the rotation's fp32 summation order); exact: bitwise."""
+    (a8, sa), (b8, sb) = got, want
+    assert a8.shape == b8.shape and a8.dtype == b8.dtype and a8.is_contiguous() and sa.is_contiguous()
+    assert sa.shape == sb.shape and sa.dtype == torch.float32
+    a, b = a8.float(), b8.float()
+    if exact:
+        assert torch.equal(sa, sb) and torch.equal(a, b)
+        return
+    torch.testing.assert_close(sa, sb, rtol=1e-6, atol=0)
+    diff = a != b
+    assert diff.float().mean().item() <= 1e-3, diff.sum().item()  # measured: 0 or 1 of ~1e5
+    step = _e4m3_ulp(torch.minimum(a.abs(), b.abs()))
+    assert ((a - b).abs()[diff] <= step[diff]).all()  # one e4m3 step at most
+    block = a8.shape[2] // sa.shape[-1]
+    da, db = a * sa.repeat_interleave(block, -1)[..., None], b * sb.repeat_interleave(block, -1)[..., None]
+    tol = step * sb.repeat_interleave(block, -1)[..., None] * diff + 1e-6 * db.abs()
+    assert ((da - db).abs() <= tol).all()  # the dequantised values
+
+
+@pytest.mark.parametrize(
+    "D,S,dtype,smooth_k,rotate",
+    [
+        (128, 256, torch.float32, True, True),  # S a multiple of the block
+        (128, 200, torch.float16, True, True),  # padded
+        (64, 200, torch.float32, True, False),
+        (64, 256, torch.float16, False, True),
+        (128, 200, torch.float32, False, False),
+    ],
+)
+def test_fused_prepass_matches_torch(D, S, dtype, smooth_k, rotate, device):
+    """The kernel path's fused Triton pre-pass (quantize_blocks_fused: K mean, Hadamard, amax, e4m3 in one
+    read) against the emulation's torch one (smooth_keys, fp32 matmul, quantize_blocks), on channels over
+    3 decades, a key offset, k_lengths, an all-zero block (scale 1) and padding rows (zeros)."""
+    B, H, block = 2, 2, fp8.QUANT_BLOCK
+    q, k, v = (
+        torch.randn(B, S, H, D, device=device) * torch.logspace(-2, 1, D, device=device) for _ in range(3)
+    )
+    k = k + 3.0
+    q[0, :block, 1] = 0.0  # an all-zero block of (b 0, h 1); rotated it stays zero
+    q, k, v = (t.to(dtype) for t in (q, k, v))
+    kl = torch.tensor([S, S // 2 + 3], device=device)
+    carrier = fp8._fp8_dtype(torch.device(device))
+    got = fp8._quantize_qkv(q, k, v, kl, block, carrier, smooth_k, rotate, fused=True)
+    want = fp8._quantize_qkv(q, k, v, kl, block, carrier, smooth_k, rotate)
+    for i, name in enumerate(("q", "k", "v")):
+        exact = name == "v" or not rotate  # no rotation: the same elementwise ops and IEEE divisions
+        _assert_same_quantisation(got[2 * i : 2 * i + 2], want[2 * i : 2 * i + 2], exact)
+        assert (got[2 * i][:, :, S:].float() == 0).all()  # the padding rows
+    q8, sq = got[:2]
+    assert sq[0, 1, 0].item() == 1.0 and (q8[0, 1, :block].float() == 0).all()
+
+
+def test_fused_prepass_strides_blocks_and_errors(device):
+    """quantize_blocks_fused reads any (B, S, H, D) strides (dO, a transposed view) and block sizes
+    exactly as quantize_blocks; bad inputs raise clear errors."""
+    carrier = fp8._fp8_dtype(torch.device(device))
+    x = torch.randn(2, 2, 100, 64, device=device).transpose(1, 2)  # (B, S, H, D), not contiguous
+    for block in (32, 128):
+        got = fp8.quantize_blocks_fused(x, block, carrier=carrier)
+        _assert_same_quantisation(got, quantize_blocks(x, block, carrier=carrier), exact=True)
+    with pytest.raises(ValueError, match=r"\(B, S, H, D\)"):
+        fp8.quantize_blocks_fused(x[0], carrier=carrier)
+    with pytest.raises(ValueError, match="power of two"):
+        fp8.quantize_blocks_fused(x[..., :48], carrier=carrier)
+    with pytest.raises(ValueError, match="block"):
+        fp8.quantize_blocks_fused(x, 48, carrier=carrier)
+    with pytest.raises(ValueError, match="dtype"):
+        fp8.quantize_blocks_fused(x.double(), carrier=carrier)
+    with pytest.raises(ValueError, match="mean must be"):
+        fp8.quantize_blocks_fused(x, carrier=carrier, mean=torch.zeros(2, 2, 32, device=device))
+    with pytest.raises(ValueError, match="carrier"):
+        fp8.quantize_blocks_fused(x, carrier=torch.bfloat16)
+    with pytest.raises(ValueError, match="needs CUDA"):
+        fp8.quantize_blocks_fused(x.cpu(), carrier=torch.float8_e4m3fn)
+
+
+_COMPILE_PREPASS = """
+import sys
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("no ahead-of-time compile API:", e)
+    sys.exit(3)
+import kernels.attention_fp8 as fp8
+
+fn = fp8._quant_blocks_kernel
+ptrs = dict(MEAN="*fp32", HAD="*fp32", SCALE="*fp32")
+ints = dict(S="i32", H="i32", stride_b="i32", stride_s="i32", stride_h="i32", stride_d="i32", SP="i32")
+for cap, x, x8, D, block, mean, rot, emu in (
+    (89, "*bf16", "*fp8e4nv", 128, 128, True, True, False),  # the largest shared memory
+    (90, "*bf16", "*fp8e4nv", 128, 128, True, True, False),
+    (90, "*fp16", "*fp8e4nv", 64, 32, False, True, False),
+    (90, "*bf16", "*fp8e4nv", 128, 128, False, False, False),  # V, dO
+    (90, "*bf16", "*fp16", 128, 128, True, True, True),  # an fp16 carrier on the GPU (bench/fp8_probe.py)
+):
+    consts = dict(D=D, BLOCK=block, HAS_MEAN=mean, ROTATE=rot, EMULATE=emu)
+    types = dict(X=x, X8=x8, **ptrs, **ints, **{c: "constexpr" for c in consts})
+    sig = {a: types[a] for a in fn.arg_names}  # in argument order
+    try:
+        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+    except TypeError as e:
+        print("ASTSource API differs:", e)
+        sys.exit(3)
+    warps = fp8.PREPASS_WARPS[rot]
+    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=1))
+    assert k.metadata.shared <= 99 * 1024, (cap, D, block, k.metadata.shared)  # sm_89: 99 KB per block
+print("ok")
+"""
+
+
+def test_fused_prepass_compiles_for_the_gpu():
+    """The pre-pass kernel compiled (not run) for sm_89 and sm_90 in a process without the interpreter: the
+    interpreter accepts code the GPU compiler rejects (it caught a return-type mismatch of the e4m3 cast), and
+    the rotation's shared memory must fit sm_89's 99 KB per block."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_PREPASS],
+        cwd=root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
 def _run(fn, q, k, v, g, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = fn(*leaves, **kw)
