@@ -5,7 +5,8 @@
 Providers: eager torch (the pure-torch reference), torch.compile of the same math (the baseline of
 every ratio), our Triton kernel, and our CUDA kernel (kernels._C) where it exists. Bytes counted are
 the unavoidable ones: every input read once and every output written once. The device's copy
-bandwidth (1 GiB copy, read + write) is its own record, the ceiling to compare against.
+bandwidth is its own record ("copy"): a 1 GiB copy (read + write), the ceiling, and a copy moving the same
+bytes as a case (case name shared), the ceiling at that size.
 
 Cases (bf16): sampler step on Wan 480p latents of a batch of 8, (8, 16, 21, 60, 104): CFG + Euler
 (x, v_c, v_u read, x_next written) and CFG + SDE + log-prob (noise read too); adaLN LayerNorm +
@@ -47,10 +48,12 @@ def _measure(
         )
 
 
-def copy_bandwidth(records: list) -> float:
-    src = torch.empty(2**29, device="cuda", dtype=torch.bfloat16)  # 1 GiB
+def copy_bandwidth(records: list, case: str = "1GiB", nbytes: int = 2**31) -> float:
+    """GB/s of a device copy moving ``nbytes`` in all (half read, half written): 1 GiB copied, the
+    ceiling; or the same traffic as a kernel's case, its ceiling at that size (launch and tail included)."""
+    src = torch.empty(nbytes // 4, device="cuda", dtype=torch.bfloat16)
     dst = torch.empty_like(src)
-    _measure(records, "copy", "1GiB", "torch", 2 * src.numel() * src.element_size(), lambda: dst.copy_(src))
+    _measure(records, "copy", case, "torch", 2 * src.numel() * src.element_size(), lambda: dst.copy_(src))
     return records[-1]["value"]
 
 
@@ -101,6 +104,7 @@ def bench_sampler(records: list, quick: bool) -> None:
         records.append(
             record("sampler.cfg_euler", case, "cuda", "error", 0.0, message=str(cuda.load_error()))
         )
+    copy_bandwidth(records, case, 4 * X)  # the Euler step's traffic: 3 reads + 1 write of X
     for provider, fn in ode.items():
         _measure(records, "sampler.cfg_euler", case, provider, 4 * X, fn)
     if quick:
@@ -126,6 +130,7 @@ def bench_adaln(records: list, quick: bool) -> None:
     dy = torch.randn_like(x)
     X = x.numel() * x.element_size()
     case = "wan1.3b-480p-layer-bf16"
+    copy_bandwidth(records, case, 2 * X)  # the forward's traffic: read x, write y
     ref_c = torch.compile(adaln_modulate_reference)
     fwd = {
         "eager": lambda: adaln_modulate_reference(x, scale, shift),
