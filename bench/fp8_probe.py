@@ -71,15 +71,22 @@ def dot_patterns() -> list[dict]:
     return rows
 
 
-def forward_launches() -> list[dict]:
+def forward_launches(
+    device: str = "cuda", shape: tuple[int, int, int, int] = (1, 1536, 2, 128)
+) -> list[dict]:
+    """Rows of the forward kernel vs the emulation. device "cpu" (the Triton interpreter): fp32 inputs and
+    the fp16 carrier only (no float8 there), launch settings ignored."""
     from kernels import attention_fp8 as af
 
     torch.manual_seed(0)
-    B, S, H, D, block = 1, 1536, 2, 128, af.QUANT_BLOCK
-    q, k, v = (torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16) for _ in range(3))
+    (B, S, H, D), block = shape, af.QUANT_BLOCK
+    cuda = device == "cuda"
+    dtype = torch.bfloat16 if cuda else torch.float32
+    q, k, v = (torch.randn(B, S, H, D, device=device, dtype=dtype) for _ in range(3))
     scale = D**-0.5
     rows = []
-    for carrier, emulate in ((torch.float8_e4m3fn, False), (torch.float16, True)):
+    carriers = ((torch.float8_e4m3fn, False), (torch.float16, True)) if cuda else ((torch.float16, True),)
+    for carrier, emulate in carriers:
         quant = af._quantize_qkv(q, k, v, None, block, carrier)
         emu, emu_lse = af._fwd_emulated(quant, None, scale, S, S, block, torch.float32)
         q8, sq, k8, sk, v8, sv = quant
@@ -91,15 +98,16 @@ def forward_launches() -> list[dict]:
             else ((8, 3, True), (8, 3, False))
         )
         for w, st, v_t in launches:
-            out = torch.empty(B, S, H, D, device="cuda", dtype=torch.bfloat16)
-            lse = torch.empty(B, H, S, device="cuda")
+            out = torch.empty(B, S, H, D, device=device, dtype=dtype)
+            lse = torch.empty(B, H, S, device=device)
             try:
                 af._fp8_fwd[(triton.cdiv(S, block), B * H)](
                     q8, k8, v8t if v_t else v8, sq, sk, sv, out, lse, q8, S, S, SQP, SKP, H, scale * af._LOG2E,
                     D=D, QBLK=block, HAS_KLEN=False, EMULATE=emulate, BLOCK_M=block, BLOCK_N=block,
                     V_T=v_t, num_warps=w, num_stages=st,
                 )  # fmt: skip
-                torch.cuda.synchronize()
+                if cuda:
+                    torch.cuda.synchronize()
             except Exception as e:  # a launch that does not compile is a row too
                 rows.append(
                     dict(
