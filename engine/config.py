@@ -83,7 +83,7 @@ class ParallelConfig:
 class PrecisionConfig:
     param_dtype: Literal["float32", "bfloat16"] = "float32"  # compute dtype under FSDP / autocast
     reduce_dtype: Literal["float32", "bfloat16"] = "float32"
-    fp8: Literal["none", "te", "torchao"] = "none"  # FP8 linear backend
+    fp8: Literal["none", "te", "torchao"] = "none"  # FP8 linear backend (torchao: with parallel.compile)
     fp8_recipe: Literal["delayed", "current", "mxfp8"] = "current"  # TE scaling recipe
     fp8_min_features: int = 256  # linears smaller than this (in or out) stay in high precision
     fp8_skip: list[str] = field(default_factory=list)  # linears whose name contains one of these stay bf16

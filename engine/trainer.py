@@ -225,6 +225,12 @@ class Trainer:
                 for t in list(model.parameters()) + list(model.buffers()):
                     dist.broadcast(t.data, src=0)
         apply_fp8(model, self.cfg.precision)
+        if self.cfg.precision.fp8 == "torchao" and not self.cfg.parallel.compile:
+            log.warning(
+                "precision.fp8 = 'torchao' without parallel.compile: torchao's Float8Linear is slow in eager "
+                "mode (measured 0.70x of the bf16 step on an H200, bench/results/20261126_nvidia-h200.md); "
+                "set --parallel.compile true"
+            )
         if self.cfg.model.attention_precision == "fp8":
             apply_attention_precision(model, self.cfg.model)
         d = self.dist
