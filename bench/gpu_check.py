@@ -95,7 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     tmp.mkdir(parents=True, exist_ok=True)
     records: list[dict] = []
     env, t0 = environment(), time.time()
-    path = None
+    path = write_results(records, out, tag="gpu_check", env=env)  # rewritten after every module
     for area in areas:
         left = args.budget - (time.time() - t0)
         if not (Path(__file__).parent / f"gpu_{area}.py").exists():
