@@ -6,7 +6,7 @@
 #   bash bench/carry_pieces.sh join DEST            # there, after the last call: reassemble into DEST,
 #                                                   # checked against the sha256 sums written by split
 #
-# Made for the DALI wheel (about 200 MB with its dependencies), e.g.
+# Made for the DALI wheel (247 MB with its dependencies; bench/README.md has the full recipe), e.g.
 #   echo /.pieces/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d /tmp/dali nvidia-dali-cuda130==2.4.0 ...
