@@ -811,13 +811,12 @@ def quantize_blocks(
 
 
 def key_mean(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
-    """Mean of k (B, Sk, H, D) over the valid keys, fp32 (B, 1, H, D)."""
-    kf = k.float()
+    """Mean of k (B, Sk, H, D) over the valid keys, fp32 (B, 1, H, D) (fp32 sums, no fp32 copy of k)."""
     if k_lengths is None:
-        return kf.mean(dim=1, keepdim=True)
-    valid = (torch.arange(k.shape[1], device=k.device)[None, :] < k_lengths[:, None]).float()  # (B, Sk)
-    n = valid.sum(1).clamp(min=1.0)[:, None, None, None]
-    return (kf * valid[:, :, None, None]).sum(1, keepdim=True) / n
+        return k.mean(dim=1, keepdim=True, dtype=torch.float32)
+    valid = torch.arange(k.shape[1], device=k.device)[None, :] < k_lengths[:, None]  # (B, Sk)
+    n = valid.sum(1).clamp(min=1).float()[:, None, None, None]
+    return k.masked_fill(~valid[:, :, None, None], 0).sum(1, keepdim=True, dtype=torch.float32) / n
 
 
 def smooth_keys(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
