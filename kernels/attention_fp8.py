@@ -647,20 +647,19 @@ def _tiles(kernel: str, block: int) -> dict:
     return dict(BLOCK_M=block // dm, BLOCK_N=block // dn)
 
 
+_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}
+
+
 @functools.cache
 def _autotuned(kernel: str):
     """The kernel autotuned over GPU_LAUNCH (its kernels only write their outputs, so re-runs are safe)."""
-    raw = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}[kernel]
     configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in GPU_LAUNCH[kernel]]
-    return triton.autotune(configs, key=_TUNE_KEYS[kernel])(raw)
+    return triton.autotune(configs, key=_TUNE_KEYS[kernel])(_KERNELS[kernel])
 
 
 def _run(kernel: str, grid: tuple[int, int], *args, **meta) -> None:
     """Launch an FP8 kernel: autotuned on a GPU; as is under the interpreter (one config, no tuning)."""
-    if _INTERPRET:
-        {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}[kernel][grid](*args, **meta)
-    else:
-        _autotuned(kernel)[grid](*args, **meta)
+    (_KERNELS[kernel] if _INTERPRET else _autotuned(kernel))[grid](*args, **meta)
 
 
 def _fp8_dtype(device: torch.device) -> torch.dtype:
@@ -1039,7 +1038,7 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_d
         q, k, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta, **t,
     )  # fmt: skip
     if fp8_ds:  # back from the Hadamard basis: H is symmetric and orthonormal
-        h = hadamard(D, q.device)
+        h = _hadamard_cached(D, q.device)
         dq, dk = (dq @ h).to(q.dtype), (dk @ h).to(k.dtype)
     return dq, dk, dv
 
