@@ -62,12 +62,16 @@ def _write_videos(folder: Path, codec: str, n: int, frames: int, h: int, w: int)
     ]
 
 
+def _dali_installed() -> bool:
+    return importlib.util.find_spec("nvidia.dali") is not None
+
+
 def _providers(codec: str) -> dict[str, Callable[[], object]]:
     """Provider name -> a factory of a decoder whose outputs end up on the GPU."""
     from engine.data.decode import DaliDecoder, PyAVDecoder
 
     out = {"pyav": PyAVDecoder}
-    if importlib.util.find_spec("nvidia.dali") is None:
+    if not _dali_installed():
         return out
     out["dali_gpu"] = lambda: DaliDecoder("gpu", num_threads=4)
     if codec == "libvpx-vp9":
@@ -122,7 +126,7 @@ def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return [record(NAME, "-", "-", "error", 0.0, message="no CUDA device")]
     records: list[dict] = []
-    if importlib.util.find_spec("nvidia.dali") is None:  # nothing to compare: the PyAV baseline, once
+    if not _dali_installed():  # nothing to compare: the PyAV baseline, once
         msg = "skipped: nvidia.dali is not installed (pip install nvidia-dali-cuda130)"
         records.append(record(NAME, "-", "dali_gpu", "error", 0.0, message=msg))
         quick = True
