@@ -839,13 +839,16 @@ def _hadamard_cached(d: int, device: torch.device) -> torch.Tensor:
     return hadamard(d, device)
 
 
-def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True, fused=False):
+def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True, fused=False, kmean=None):
     """The pre-pass: (q8, s_q, k8, s_k, v8, s_v); K smoothed, then q and k rotated by H (module doc).
 
     fused: the Triton kernel (:func:`quantize_blocks_fused`, the kernel path), else pure torch (the
-    emulation's reference)."""
+    emulation's reference). kmean: the K mean (B, H, D) when the caller has it already (the kernel path
+    computes it once and keeps it for the backward)."""
     if fused:
-        mean = key_mean(k, k_lengths)[:, 0] if smooth_k else None  # (B, 1, H, D) -> (B, H, D)
+        mean = None
+        if smooth_k:
+            mean = key_mean(k, k_lengths)[:, 0] if kmean is None else kmean  # (B, 1, H, D) -> (B, H, D)
         q8, sq = quantize_blocks_fused(q, block, carrier=carrier, rotate=rotate)
         k8, sk = quantize_blocks_fused(k, block, carrier=carrier, mean=mean, rotate=rotate)
         v8, sv = quantize_blocks_fused(v, block, carrier=carrier)
@@ -1002,9 +1005,9 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     return out, lse
 
 
-def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_dp, ds_format):
+def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format):
     """dq, dk, dv; ds_format None: dQ, dK from bf16 dS, else FP8 dS in that format times the rotated q8,
-    k8 (written in fp32, then rotated back by H^T = H here)."""
+    k8 (written in fp32, then rotated back by H^T = H here). kmean: the forward's K mean (B, H, D) fp32."""
     q8, sq, k8, sk, v8, sv = quant
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
@@ -1032,7 +1035,6 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8_d
         q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail, **meta, **t,
     )  # fmt: skip
     t = _tiles("dq", block)
-    kmean = key_mean(k, k_lengths)[:, 0].contiguous()  # (B, H, D) fp32
     _run(
         "dq", (triton.cdiv(Sq, t["BLOCK_M"]), B * H),
         q, k, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta, **t,
@@ -1048,18 +1050,19 @@ class _TritonFP8Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_lengths, scale, block, fp8_dp, ds_format):
-        quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device), fused=True)
+        kmean = key_mean(k, k_lengths)[:, 0].contiguous()  # (B, H, D) fp32, one reduction for fwd and bwd
+        quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device), fused=True, kmean=kmean)
         out, lse = _fp8_fwd_launch(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
+        ctx.save_for_backward(q, k, v, out, lse, k_lengths, kmean, *quant)
         ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format
         ctx.mark_non_differentiable(lse)
         return out, lse
 
     @staticmethod
     def backward(ctx, do, _dlse):
-        q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
+        q, k, v, out, lse, k_lengths, kmean, *quant = ctx.saved_tensors
         grads = _fp8_bwd_launch(
-            do.contiguous(), q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp,
+            do.contiguous(), q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp,
             ctx.ds_format,
         )  # fmt: skip
         return (*grads, None, None, None, None, None)
