@@ -1,6 +1,8 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
-before it, the default; RoPE fused into it) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
-Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s.
+before it, the default; RoPE fused into it; with kernels.attention.TMA = "auto", the default, and "off"
+for the pointer-load kernels alone) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
+tile configs the autotuner chose (record "attention.configs").
 
     python -m bench.gpu_attention [--quick]
 """
@@ -27,7 +29,15 @@ def _providers(rope, quick: bool):
     """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
+    import kernels.attention as attention_module
     from kernels.attention import attention
+
+    def tma(mode, fn):  # sets the mode for the call and for the backward that follows it
+        def run(q, k, v):
+            attention_module.TMA = mode
+            return fn(q, k, v)
+
+        return run
 
     def sdpa(backend, use_rope):
         def fn(q, k, v):
@@ -39,16 +49,20 @@ def _providers(rope, quick: bool):
     provs = {
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
-        "triton": (lambda q, k, v: attention(q, k, v), "sdpa_flash"),
+        "triton": (tma("auto", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
+        "triton[tma=off]": (tma("off", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
-        "triton+rope": (lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False), "sdpa_flash+rope"),
+        "triton+rope": (
+            tma("auto", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
+            "sdpa_flash+rope",
+        ),
         "triton+rope_fused": (
-            lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True),
+            tma("auto", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True)),
             "sdpa_flash+rope",
         ),
     }
-    if quick:  # the opt-in fused-RoPE kernels cost their own compiles
-        del provs["triton+rope_fused"]
+    if quick:  # the opt-in fused-RoPE kernels and the pointer-only configs cost their own compiles
+        del provs["triton+rope_fused"], provs["triton[tma=off]"]
     try:
         import flash_attn  # noqa: F401
 
@@ -113,6 +127,8 @@ def run(quick: bool = False) -> list[dict]:
     """Records for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape, no fused-RoPE provider."""
     if not torch.cuda.is_available():
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
+    import kernels.attention as attention_module
+
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
@@ -122,7 +138,11 @@ def run(quick: bool = False) -> list[dict]:
             recs += bench_providers("attention", case, SHAPES[case], lambda rope: _providers(rope, quick))
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
+        finally:
+            attention_module.TMA = "auto"
         torch.cuda.empty_cache()
+    configs = attention_module.tuned_configs()
+    recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))
     recs.append(record("attention.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
     return recs
 

@@ -10,7 +10,8 @@ l' = l 2^(m - m') + rowsum p, acc' = acc 2^(m - m') + p v; out = acc / l, lse = 
 Full key tiles run unmasked; only the ragged last tile (Sk or k_lengths not a multiple of BLOCK_N)
 is masked. With fused RoPE (``fuse_rope=True``) q is rotated in registers in the prologue and each k
 tile as it is loaded, so rotated q/k never touch memory; by default RoPE is one kernels.rope pass
-first (see FUSE_ROPE).
+first (see FUSE_ROPE). On Hopper the full tiles of the inner loops can come through TMA tensor descriptors
+of the (B*S, H*D) matrix instead of pointer loads (see TMA; the autotuner picks per shape by default).
 
 Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
 dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
@@ -28,6 +29,7 @@ and rounded to the input dtype, exactly as rope-then-attention would.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -35,6 +37,11 @@ import triton
 import triton.language as tl
 
 from kernels.rope import apply_rope, apply_rope_reference
+
+try:  # host-side TMA descriptors (Triton >= 3.4)
+    from triton.tools.tensor_descriptor import TensorDescriptor
+except ImportError:  # pragma: no cover - older Triton: pointer loads only
+    TensorDescriptor = None
 
 BACKENDS = ("triton", "sdpa", "flash_attn", "te", "torch")
 HEAD_DIMS = (16, 32, 64, 128)  # the kernels' tile widths; other head dims up to 128 are zero-padded
@@ -46,6 +53,13 @@ _LOG2E = 1.4426950408889634
 # 0.48-0.50x fwd+bwd (rotating every k tile in every query tile's loop, and again in both backward
 # kernels, costs more than the one pass it saves), so the separate pass is the default.
 FUSE_ROPE = False
+# Tile loads of the kernels' inner loops (k/v tiles in the forward and dQ kernels, q/dO tiles in the dK/dV
+# kernel): "off" pointer loads; "on" tensor descriptors (TMA, the Hopper bulk copy engine: no per-element
+# address math or predicates, loads issued asynchronously into shared memory; sm_90+); "auto" (default)
+# autotunes over both on sm_90+ and uses pointer loads elsewhere. Ragged last tiles always use masked
+# pointer loads. Under TRITON_INTERPRET=1 "auto" means "off" (one config) and "on" runs the TMA path.
+TMA = "auto"
+_TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
 _NO_SPECIALIZE = ["Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET"]
@@ -71,28 +85,36 @@ def _rotate(x, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr, S
 
 
 @triton.jit
-def _load_tile(base, offs_s, offs_d, row_ok, COS, SIN, stride_s, BLOCK: tl.constexpr, D: tl.constexpr,
-        ROPE: tl.constexpr, MASKED: tl.constexpr):
-    """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out)."""
+def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN, stride_s, BLOCK: tl.constexpr,
+        D: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
+    """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out).
+    A full tile (MASKED off) with TMA on comes through the tensor descriptor ``desc`` of the (B*S, H*D)
+    matrix instead, as the block at (desc_row, desc_col) (the Hopper bulk copy engine, no address math)."""
     ptrs = base + offs_s[:, None] * stride_s + offs_d[None, :]
     if MASKED:
         x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
-        x = tl.load(ptrs)
+        if TMA:
+            x = desc.load([desc_row, desc_col])
+        else:
+            x = tl.load(ptrs)
     if ROPE:
         x = _rotate(x, offs_s, row_ok, COS, SIN, BLOCK, D, 1.0, MASKED).to(x.dtype)
     return x
 
 
 @triton.jit
-def _fwd_tile(acc, m_i, l_i, q, K, V, COS, SIN, start_n, n_end, stride_s, qk_scale, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
-    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, MASKED)
-    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, MASKED)
+    k = _load_tile(K, KD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE,
+        MASKED, TMA)
+    v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
+        MASKED, TMA)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
     if MASKED:
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
@@ -101,14 +123,14 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, COS, SIN, start_n, n_end, stride_s, qk_sca
     p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
-    acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
+    acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
     return acc, m_new, l_i
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_fwd(Q, K, V, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_BUCKET, D: tl.constexpr,
-        ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
-        BLOCK_N: tl.constexpr):
+def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_BUCKET,
+        D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """out = softmax(scale q k^T) v for BLOCK_M queries of one (batch, head); lse alongside."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -119,7 +141,7 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(q_base, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True)
+    q = _load_tile(q_base, Q, 0, 0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True, False)
     n_end = Sk
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
@@ -127,12 +149,13 @@ def _attn_fwd(Q, K, V, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
     acc = tl.zeros([BLOCK_M, D], tl.float32)
+    row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, COS, SIN, start_n, n_end, stride_s,
-            qk_scale, D, BLOCK_N, ROPE, False, PRECISION)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, start_n, n_end,
+            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
     if n_full < n_end:
-        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, COS, SIN, n_full, n_end, stride_s,
-            qk_scale, D, BLOCK_N, ROPE, True, PRECISION)
+        acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, n_full, n_end,
+            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -156,14 +179,17 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale, D: tl.constexpr,
-        BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(Q, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, MASKED)
-    do = _load_tile(DO, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, MASKED)
+    q = _load_tile(Q, QD, row0 + start_m, col, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE,
+        MASKED, TMA)
+    do = _load_tile(DO, DOD, row0 + start_m, col, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D,
+        False, MASKED, TMA)
     if MASKED:
         lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
@@ -174,17 +200,17 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, LSE, DELTA, COS, SIN, start_m, Sq, stride_s,
     p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
-    dv += tl.dot(p_t.to(do.dtype), do, input_precision=PRECISION)
+    dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
-    dk += tl.dot(ds_t.to(q.dtype), q, input_precision=PRECISION)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET,
-        K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
+        Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -197,19 +223,20 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, s
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
     k_ok = offs_n < n_end
-    k = _load_tile(K + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, True)
-    v = _load_tile(V + k_off, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, True)
+    k = _load_tile(K + k_off, K, 0, 0, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, True, False)
+    v = _load_tile(V + k_off, V, 0, 0, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, True, False)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
     m_full = (m_hi // BLOCK_M) * BLOCK_M
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
+    row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, lse_ptr, delta_ptr, COS, SIN, start_m, Sq,
-            stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA)
     if m_full < m_hi:
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, lse_ptr, delta_ptr, COS, SIN, m_full, Sq,
-            stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, TMA)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -221,28 +248,31 @@ def _attn_bwd_dkdv(Q, K, V, DO, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, s
 
 
 @triton.jit
-def _dq_tile(dq, q, do, lse2, delta, K, V, COS, SIN, start_n, n_end, stride_s, qk_scale, D: tl.constexpr,
-        BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, PRECISION: tl.constexpr):
+def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
-    k = _load_tile(K, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, MASKED)
-    v = _load_tile(V, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, MASKED)
+    k = _load_tile(K, KD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE,
+        MASKED, TMA)
+    v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
+        MASKED, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
     p = tl.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(k_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
     ds = p * (dp - delta[:, None])
-    dq += tl.dot(ds.to(k.dtype), k, input_precision=PRECISION)
+    dq = tl.dot(ds.to(k.dtype), k, dq, input_precision=PRECISION)
     return dq
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET, K_BUCKET,
-        D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET,
+        K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """dQ of BLOCK_M queries of one (batch, head), looping over the valid key tiles."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -252,8 +282,9 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, 
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(Q + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True)
-    do = _load_tile(DO + q_off, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, True)
+    q = _load_tile(Q + q_off, Q, 0, 0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True, False)
+    do = _load_tile(DO + q_off, DO, 0, 0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, True,
+        False)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0)
     n_end = Sk
@@ -261,12 +292,13 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, 
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
     n_full = (n_end // BLOCK_N) * BLOCK_N
     dq = tl.zeros([BLOCK_M, D], tl.float32)
+    row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
-        dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, COS, SIN, start_n, n_end, stride_s,
-            qk_scale, D, BLOCK_N, ROPE, False, PRECISION)
+        dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, start_n, n_end,
+            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
     if n_full < n_end:
-        dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, COS, SIN, n_full, n_end, stride_s,
-            qk_scale, D, BLOCK_N, ROPE, True, PRECISION)
+        dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, n_full, n_end,
+            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
     dq = dq * scale
     if ROPE:
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
@@ -275,35 +307,79 @@ def _attn_bwd_dq(Q, K, V, DO, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, 
 # fmt: on
 
 
-def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int]) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> Configs; one config under the interpreter."""
+def _set_blocks(nargs: dict) -> None:
+    """Autotune pre-hook: each tensor descriptor's block is the config's tile (rows) x D."""
+    for name, tile in (("KD", "BLOCK_N"), ("VD", "BLOCK_N"), ("QD", "BLOCK_M"), ("DOD", "BLOCK_M")):
+        if TensorDescriptor is not None and isinstance(nargs.get(name), TensorDescriptor):
+            nargs[name].block_shape = [nargs[tile], nargs["D"]]
+
+
+def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int], tma: bool) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> Configs with TMA loads on or off; one config
+    under the interpreter."""
+    hook = _set_blocks if tma else None
     if _INTERPRET:
-        return [triton.Config({"BLOCK_M": interp[0], "BLOCK_N": interp[1]})]
-    return [triton.Config({"BLOCK_M": m, "BLOCK_N": n}, num_warps=w, num_stages=s) for m, n, w, s in gpu]
+        return [triton.Config({"BLOCK_M": interp[0], "BLOCK_N": interp[1], "TMA": tma}, pre_hook=hook)]
+    return [
+        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma}, num_warps=w, num_stages=s, pre_hook=hook)
+        for m, n, w, s in gpu
+    ]
 
 
 # Hopper-sized tiles per (kernel, fused RoPE); the first of each list is the fixed config used with
 # deterministic=True (and the one measured on an H200). The lists are short because every config is a
 # compile (seconds each) on first use; the others were kept for few register spills on sm_90 (ptxas -v,
 # Triton 3.6 and 3.9): the dK/dV kernel holds k, v, dK and dV tiles for the whole query loop, and with
-# RoPE the rotated operand also passes through registers, so fewer stages fit.
-_CONFIGS = {
+# RoPE the rotated operand also passes through registers, so fewer stages fit. Each tile is tried with
+# plain pointer loads and with TMA loads (see TMA).
+_TILES = {
     # (128, 64, 8, 4) is back: without it the Wan-1.3B forward fell from 499 to 464 TFLOP/s on an H200
     # (the other shapes moved < 3%), so the autotuner had likely picked it there (to confirm on a GPU)
-    ("fwd", False): _configs([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32)),
-    ("fwd", True): _configs([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
-    ("dkdv", False): _configs([(64, 128, 8, 3), (64, 64, 8, 3)], (32, 64)),
-    ("dkdv", True): _configs([(64, 64, 8, 3)], (32, 64)),
-    ("dq", False): _configs([(128, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
-    ("dq", True): _configs([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
+    ("fwd", False): ([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32)),
+    ("fwd", True): ([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
+    ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3)], (32, 64)),
+    ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
+    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
+    ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
-# fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each.
+# fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
+# pointer loads only.
 for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dq", (64, 32))):
     for _rope in (False, True):
-        _CONFIGS[(_kernel, _rope, "fp32")] = _configs([(*_tiles, 4, 2)], _tiles)
+        _TILES[(_kernel, _rope, "fp32")] = ([(*_tiles, 4, 2)], _tiles)
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
 _RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
-_TUNED = {key: triton.autotune(cfgs, key=_TUNE_KEY)(_RAW[key[0]]) for key, cfgs in _CONFIGS.items()}
+_TUNED: dict = {}  # (kernel, rope[, "fp32"], mode) -> autotuner, built on first use
+
+
+def _config_list(key: tuple, mode: str) -> list[triton.Config]:
+    """The configs of a (kernel, rope[, fp32]) key for a TMA mode: "off" pointer loads, "on" TMA loads,
+    "auto" both (pointer configs first, so the deterministic config is the pointer one)."""
+    gpu, interp = _TILES[key]
+    configs = []
+    if mode in ("off", "auto"):
+        configs += _configs(gpu, interp, False)
+    if mode in ("on", "auto") and not (_INTERPRET and configs):
+        configs += _configs(gpu, interp, True)
+    return configs
+
+
+def _tuned(key: tuple, mode: str):
+    if (key, mode) not in _TUNED:
+        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY)(_RAW[key[0]])
+    return _TUNED[(key, mode)]
+
+
+def tuned_configs() -> dict[str, str]:
+    """The config each autotuned attention kernel chose, per tuning key (for benchmark records)."""
+    out = {}
+    for (key, mode), tuner in _TUNED.items():
+        name = "/".join(map(str, key)) + f"/{mode}"
+        if len(tuner.configs) == 1:  # nothing to tune: the autotuner keeps no cache
+            out[name] = str(tuner.configs[0])
+        for tkey, cfg in tuner.cache.items():
+            out[f"{name} {tkey}"] = str(cfg)
+    return out
 
 
 def _bucket(n: int) -> int:
@@ -311,15 +387,64 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(n), 16384)
 
 
-def _launch(kernel: str, tile: str, n: int, bh: int, args: tuple, meta: dict, deterministic: bool) -> None:
+def _tma_mode(q: torch.Tensor) -> str:
+    """Resolve TMA for these inputs: "off", "on" or "auto" (see TMA)."""
+    if TMA not in ("auto", "on", "off"):
+        raise ValueError(f"kernels.attention.TMA: expected 'auto', 'on' or 'off', got {TMA!r}")
+    if TMA == "off" or q.dtype == torch.float32:
+        return "off"
+    if _INTERPRET:
+        return "on" if (TMA == "on" and TensorDescriptor is not None) else "off"
+    supported = TensorDescriptor is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
+    if TMA == "on" and not supported:
+        raise ValueError(
+            "kernels.attention.TMA = 'on' needs a Hopper-or-newer GPU (sm_90+) and a Triton with "
+            f"triton.tools.tensor_descriptor; this device is sm_{''.join(map(str, torch.cuda.get_device_capability(q.device)))}"
+        )
+    if TMA == "auto" and (not supported or _TMA_FAILED):
+        return "off"
+    return TMA
+
+
+def _desc(t: torch.Tensor):
+    """Tensor descriptor of a contiguous (B, S, H, D) tensor as the (B*S, H*D) matrix; the block shape is set
+    per launch (_set_blocks). Rows of one (batch, head) are at (b*S + s, h*D)."""
+    B, S, H, D = t.shape
+    return TensorDescriptor(t, [B * S, H * D], [H * D, 1], [16, D])
+
+
+def _launch(
+    kernel: str, tile: str, n: int, bh: int, args: tuple, meta: dict, deterministic: bool, mode: str
+) -> None:
     """Grid (ceil(n / tile), B*H); autotuned, or the fixed first config when deterministic."""
     key = (kernel, meta["ROPE"]) + (("fp32",) if meta["PRECISION"] == "ieee" else ())
     if deterministic:
-        c = _CONFIGS[key][0]
+        c = _config_list(key, mode)[0]
+        nargs = dict(zip(_RAW[kernel].arg_names, args), **meta, **c.kwargs)
+        if c.pre_hook is not None:
+            c.pre_hook(nargs)
         grid = (triton.cdiv(n, c.kwargs[tile]), bh)
         _RAW[kernel][grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
-        _TUNED[key][lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
+        _tuned(key, mode)[lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
+
+
+def _run_modes(launch, q: torch.Tensor) -> None:
+    """launch(mode) with the resolved TMA mode; if "auto" fails (a Triton that cannot build the TMA
+    configs), warn once and go on with pointer loads for the rest of the process."""
+    global _TMA_FAILED
+    mode = _tma_mode(q)
+    if mode != "auto":
+        return launch(mode)
+    try:
+        return launch(mode)
+    except Exception as e:  # compile-time failure of a TMA config
+        _TMA_FAILED = True
+        warnings.warn(
+            f"kernels.attention: the TMA configs failed ({type(e).__name__}: {e}); using pointer loads",
+            stacklevel=3,
+        )
+        return launch("off")
 
 
 def _check_triton(q: torch.Tensor) -> None:
@@ -370,8 +495,13 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
     lse = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)
     meta = _meta(q, k, cos, k_lengths)
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
-    args = (q, k, v, out, lse, cos, sin, klen, Sq, Sk, H, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
-    _launch("fwd", "BLOCK_M", Sq, B * H, args, meta, deterministic)
+    tail = (out, lse, cos, sin, klen, Sq, Sk, H, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
+
+    def launch(mode):
+        kd, vd = (k, v) if mode == "off" else (_desc(k), _desc(v))
+        _launch("fwd", "BLOCK_M", Sq, B * H, (q, k, v, kd, vd) + tail, meta, deterministic, mode)
+
+    _run_modes(launch, q)
     return out, lse
 
 
@@ -385,10 +515,15 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
     meta = _meta(q, k, cos, k_lengths)
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
-    args = (q, k, v, do, lse, delta, dk, dv, cos, sin, klen) + tail
-    _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic)
-    args = (q, k, v, do, lse, delta, dq, cos, sin, klen) + tail
-    _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic)
+
+    def launch(mode):
+        qd, dod, kd, vd = (q, do, k, v) if mode == "off" else tuple(map(_desc, (q, do, k, v)))
+        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, cos, sin, klen) + tail
+        _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic, mode)
+        args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
+        _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
+
+    _run_modes(launch, q)
     return dq, dk, dv
 
 

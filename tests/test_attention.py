@@ -180,6 +180,111 @@ def test_bad_inputs(device):
             attention(q.bfloat16(), q.bfloat16(), q.bfloat16())
 
 
+@pytest.mark.parametrize(
+    "case",
+    [CASES[2], CASES[3], CASES[5]],
+    ids=lambda c: "x".join(str(x) for x in c[:5]) + ("-rope" if c[5] else ""),
+)
+def test_tma_loads_match_pointer_loads(case, device, monkeypatch):
+    """TMA = "on" (tensor-descriptor loads of the full tiles; batch > 1, ragged tiles, key lengths, fused
+    RoPE) gives the pointer-load kernels' results. Under the interpreter the two paths compute the same
+    arithmetic, so they agree bitwise; on a GPU the instruction order may differ (gpu test below)."""
+    import kernels.attention as attention_module
+
+    if device != "cpu":
+        pytest.skip("bitwise agreement holds under the interpreter; see test_gpu_tma_matches_pointer_loads")
+    q, k, v, rope, kl = _make(*case, torch.float16, device)
+    g = torch.randn_like(q)
+    kw = dict(k_lengths=kl, rope=rope, fuse_rope=True)
+    monkeypatch.setattr(attention_module, "TMA", "off")
+    pointer = _outputs_and_grads(attention, q, k, v, g, **kw)
+    monkeypatch.setattr(attention_module, "TMA", "on")
+    tma = _outputs_and_grads(attention, q, k, v, g, **kw)
+    used = [
+        cfg for (key, mode), tuner in attention_module._TUNED.items() if mode == "on" for cfg in tuner.configs
+    ]
+    assert used and all(c.kwargs["TMA"] for c in used)  # the descriptor path really ran
+    assert any(
+        name.endswith("/on") and "TMA: True" in cfg for name, cfg in attention_module.tuned_configs().items()
+    )
+    for a, b in zip(tma, pointer):
+        assert torch.equal(a, b)
+
+
+def test_bad_tma_setting(monkeypatch):
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "TMA", "yes")
+    q = torch.randn(1, 8, 2, 32, dtype=torch.float16)
+    with pytest.raises(ValueError, match="kernels.attention.TMA: expected 'auto', 'on' or 'off'"):
+        attention(q, q, q)
+
+
+_COMPILE_TMA = """
+import sys
+import triton
+try:
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+except ImportError as e:
+    print("no ahead-of-time compile API:", e)
+    sys.exit(3)
+import kernels.attention as A
+
+def signature(fn, bm, bn, tma):
+    types = {}
+    for a in fn.arg_names:
+        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            types[a] = "*bf16"
+        elif a in ("KD", "VD", "QD", "DOD"):
+            rows = bn if a in ("KD", "VD") else bm
+            types[a] = f"tensordesc<bf16[{rows},128]>" if tma else "*bf16"
+        elif a in ("LSE", "DELTA", "COS", "SIN"):
+            types[a] = "*fp32"
+        elif a == "KLEN":
+            types[a] = "*i32"
+        elif a in ("scale", "qk_scale"):
+            types[a] = "fp32"
+        elif a in ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET"):
+            types[a] = "i32"
+        else:
+            types[a] = "constexpr"
+    return types
+
+for kernel, fn in A._RAW.items():
+    for rope in (False, True):
+        bm, bn, warps, stages = A._TILES[(kernel, rope)][0][0]
+        consts = dict(D=128, ROPE=rope, HAS_KLEN=True, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, TMA=True)
+        try:
+            src = ASTSource(fn=fn, signature=signature(fn, bm, bn, True),
+                            constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+        except TypeError as e:
+            print("ASTSource API differs:", e)
+            sys.exit(3)
+        k = triton.compile(src, target=GPUTarget("cuda", 90, 32), options=dict(num_warps=warps, num_stages=stages))
+        assert k.metadata.shared <= 227 * 1024, (kernel, rope, k.metadata.shared)  # sm_90: 227 KB per block
+print("ok")
+"""
+
+
+def test_tma_kernels_compile_for_hopper():
+    """The TMA variants of the three kernels compiled (not run) for sm_90 in a process without the
+    interpreter: the interpreter accepts descriptor code that the GPU compiler may reject."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(
+        [sys.executable, "-c", _COMPILE_TMA], cwd=root, env=env, capture_output=True, text=True, timeout=300
+    )
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
 def test_flash_attn_missing_is_a_clear_error():
     try:
         import flash_attn  # noqa: F401
@@ -247,6 +352,25 @@ def test_gpu_autotuned_matches_deterministic(fuse_rope):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     again = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
     assert all(torch.equal(a, b) for a, b in zip(fixed, again))
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("fuse_rope", [False, True])
+def test_gpu_tma_matches_pointer_loads(fuse_rope, monkeypatch):
+    """TMA = "on" vs "off" in bf16 at a long ragged shape with key lengths (deterministic tiles)."""
+    import kernels.attention as attention_module
+
+    if torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA loads need sm_90+")
+    q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, (41, 10, 10), [4100, 1234], torch.bfloat16, "cuda")
+    g = torch.randn_like(q)
+    kw = dict(k_lengths=kl, rope=rope, fuse_rope=fuse_rope, deterministic=True)
+    monkeypatch.setattr(attention_module, "TMA", "off")
+    pointer = _outputs_and_grads(attention, q, k, v, g, **kw)
+    monkeypatch.setattr(attention_module, "TMA", "on")
+    tma = _outputs_and_grads(attention, q, k, v, g, **kw)
+    for a, b in zip(tma, pointer):
+        torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
 
 
 @pytest.mark.gpu
