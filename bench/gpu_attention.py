@@ -1,6 +1,6 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
 before it, the default; RoPE fused into it; with kernels.attention.TMA = "auto", the default, and "off"
-for the pointer-load kernels alone) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+for the pointer-load kernels alone; with BACKWARD = "atomic", dQ by atomic adds in the dK/dV kernel) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -32,9 +32,9 @@ def _providers(rope, quick: bool):
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def tma(mode, fn):  # sets the mode for the call and for the backward that follows it
+    def tma(mode, fn, backward="split"):  # sets the modes for the call and for the backward that follows it
         def run(q, k, v):
-            attention_module.TMA = mode
+            attention_module.TMA, attention_module.BACKWARD = mode, backward
             return fn(q, k, v)
 
         return run
@@ -51,6 +51,7 @@ def _providers(rope, quick: bool):
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (tma("auto", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
         "triton[tma=off]": (tma("off", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
+        "triton[bwd=atomic]": (tma("auto", lambda q, k, v: attention(q, k, v), "atomic"), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
             tma("auto", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
@@ -139,7 +140,7 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA = "auto"
+            attention_module.TMA, attention_module.BACKWARD = "auto", "split"
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

@@ -16,9 +16,10 @@ of the (B*S, H*D) matrix instead of pointer loads (see TMA; the autotuner picks 
 Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
 dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
 tile accumulates dK, dV over all query tiles; a separate kernel per query tile accumulates dQ over key
-tiles, so there are no atomics and gradients are bitwise reproducible. With RoPE the products use the
-rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue (gradients w.r.t. the
-unrotated inputs).
+tiles, so there are no atomics and gradients are bitwise reproducible (BACKWARD = "atomic" instead adds
+dS K into an fp32 dQ from the dK/dV kernel: 5 matmuls instead of 7, summation order not fixed). With RoPE
+the products use the rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue
+(gradients w.r.t. the unrotated inputs).
 
 RoPE pairs are interleaved (kernels/rope.py): out[2i] = x[2i] c_i - x[2i+1] s_i,
 out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel the tile is split into even/odd channels in registers
@@ -59,6 +60,11 @@ FUSE_ROPE = False
 # autotunes over both on sm_90+ and uses pointer loads elsewhere. Ragged last tiles always use masked
 # pointer loads. Under TRITON_INTERPRET=1 "auto" means "off" (one config) and "on" runs the TMA path.
 TMA = "auto"
+# The backward's dQ: "split" (default) a second kernel per query tile recomputes q k^T and dO v^T and sums
+# dS K over key tiles (7 matmuls in all, no atomics, bitwise reproducible); "atomic" the dK/dV kernel adds
+# its dS K into an fp32 dQ buffer with atomic adds (5 matmuls, as FlashAttention-2/3 do; the summation
+# order varies from run to run). deterministic=True and fused RoPE always use "split".
+BACKWARD = "split"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
@@ -179,10 +185,11 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr):
-    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
+def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, DQA, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s,
+        scale, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q;
+    with ATOMIC_DQ also dQ += scale dS K, added into the fp32 buffer DQA with atomics."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -203,15 +210,25 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, st
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
+    if ATOMIC_DQ:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
+        ds_t = tl.where(k_ok[:, None], ds_t, 0.0)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
+    if ATOMIC_DQ:
+        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale  # (BLOCK_M, D)
+        dq_ptrs = DQA + offs_m[:, None] * stride_s + offs_d[None, :]
+        if MASKED:
+            tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+        else:
+            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
         Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
-    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
+        ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles (and with ATOMIC_DQ this
+    key tile's share of dQ, added into DQA)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -232,11 +249,13 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq,
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
-            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA)
+        dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, DQA + q_off, QD, DOD, row0, col, lse_ptr,
+            delta_ptr, COS, SIN, start_m, Sq, stride_s, scale, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA,
+            ATOMIC_DQ)
     if m_full < m_hi:
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
-            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, TMA)
+        dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, DQA + q_off, QD, DOD, row0, col, lse_ptr,
+            delta_ptr, COS, SIN, m_full, Sq, stride_s, scale, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False,
+            ATOMIC_DQ)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -339,16 +358,19 @@ _TILES = {
     ("fwd", True): ([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
     ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
+    # BACKWARD = "atomic": the dK/dV kernel also forms dS K (one more (BLOCK_M, D) fp32 tile in registers)
+    # (all at 255 registers on sm_90, Triton 3.9: these three spill least, 80-720 bytes)
+    ("dkdv_dq", False): ([(64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)], (32, 64)),
     ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
 # pointer loads only.
-for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dq", (64, 32))):
+for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dkdv_dq", (32, 64)), ("dq", (64, 32))):
     for _rope in (False, True):
         _TILES[(_kernel, _rope, "fp32")] = ([(*_tiles, 4, 2)], _tiles)
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
-_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED: dict = {}  # (kernel, rope[, "fp32"], mode) -> autotuner, built on first use
 
 
@@ -366,7 +388,11 @@ def _config_list(key: tuple, mode: str) -> list[triton.Config]:
 
 def _tuned(key: tuple, mode: str):
     if (key, mode) not in _TUNED:
-        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY)(_RAW[key[0]])
+        # the atomic dQ buffer is zeroed before every timing run of the autotuner and after it
+        reset = ["DQA"] if key[0] == "dkdv_dq" else None
+        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY, reset_to_zero=reset)(
+            _RAW[key[0]]
+        )
     return _TUNED[(key, mode)]
 
 
@@ -404,6 +430,12 @@ def _tma_mode(q: torch.Tensor) -> str:
     if TMA == "auto" and (not supported or _TMA_FAILED):
         return "off"
     return TMA
+
+
+def _backward_mode() -> str:
+    if BACKWARD not in ("split", "atomic"):
+        raise ValueError(f"kernels.attention.BACKWARD: expected 'split' or 'atomic', got {BACKWARD!r}")
+    return BACKWARD
 
 
 def _desc(t: torch.Tensor):
@@ -506,24 +538,34 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
 
 
 def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
-    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics)."""
+    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics), or with BACKWARD =
+    "atomic" the dK/dV kernel adding dQ into an fp32 buffer."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
     dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
     meta = _meta(q, k, cos, k_lengths)
+    atomic = _backward_mode() == "atomic" and not deterministic and cos is None
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
+    # BACKWARD = "atomic": dQ accumulates in fp32 across the key-tile programs, then one cast
+    dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
 
     def launch(mode):
+        if atomic:
+            dqa.zero_()  # also before a retry after a failed TMA build (no partial sums kept)
         qd, dod, kd, vd = (q, do, k, v) if mode == "off" else tuple(map(_desc, (q, do, k, v)))
-        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, cos, sin, klen) + tail
-        _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic, mode)
-        args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
-        _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
+        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, dqa, cos, sin, klen) + tail
+        kernel = "dkdv_dq" if atomic else "dkdv"
+        _launch(kernel, "BLOCK_N", Sk, B * H, args, dict(meta, ATOMIC_DQ=atomic), deterministic, mode)
+        if not atomic:
+            args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
+            _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
 
     _run_modes(launch, q)
+    if atomic:
+        dq = dqa.to(q.dtype)
     return dq, dk, dv
 
 

@@ -211,6 +211,51 @@ def test_tma_loads_match_pointer_loads(case, device, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize(
+    "case", CASES, ids=lambda c: "x".join(str(x) for x in c[:5]) + ("-rope" if c[5] else "")
+)
+def test_atomic_backward_matches_reference(case, dtype, device, monkeypatch):
+    """BACKWARD = "atomic" (dQ added into an fp32 buffer by the dK/dV kernel) within the same error budget
+    as the split backward, batch > 1, key lengths, ragged tiles, RoPE as a pre-pass."""
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
+    q, k, v, rope, kl = _make(*case, dtype, device)
+    g = torch.randn_like(q)
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
+    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=False)
+    plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
+    floor = 2e-5 if dtype == torch.float32 else 2e-3
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
+        assert a.dtype == dtype and a.shape == c.shape
+        _assert_within_budget(a, b, c, floor * max(1.0, c.abs().max().item()), name)
+    assert any(key[0] == "dkdv_dq" for key, _ in attention_module._TUNED)  # the atomic kernel ran
+
+
+def test_atomic_backward_empty_rows_and_masked_keys(device, monkeypatch):
+    """A sample with no valid key, and keys past k_lengths: zero gradients, nothing non-finite."""
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
+    q, k, v, _, _ = _make(2, 33, 70, 2, 32, None, None, torch.float32, device)
+    kl = torch.tensor([0, 20], device=device)
+    out = attention(q, k, v, k_lengths=kl)
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
+    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
+    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dk[1, 20:] == 0).all() and (dv[1, 20:] == 0).all()
+
+
+def test_bad_backward_setting(monkeypatch):
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BACKWARD", "fused")
+    q = torch.randn(1, 8, 2, 32, dtype=torch.float16, requires_grad=True)
+    with pytest.raises(ValueError, match="kernels.attention.BACKWARD: expected 'split' or 'atomic'"):
+        attention(q, q, q).sum().backward()
+
+
 def test_bad_tma_setting(monkeypatch):
     import kernels.attention as attention_module
 
@@ -239,7 +284,7 @@ def signature(fn, bm, bn, tma):
         elif a in ("KD", "VD", "QD", "DOD"):
             rows = bn if a in ("KD", "VD") else bm
             types[a] = f"tensordesc<bf16[{rows},128]>" if tma else "*bf16"
-        elif a in ("LSE", "DELTA", "COS", "SIN"):
+        elif a in ("LSE", "DELTA", "COS", "SIN", "DQA"):
             types[a] = "*fp32"
         elif a == "KLEN":
             types[a] = "*i32"
@@ -251,10 +296,12 @@ def signature(fn, bm, bn, tma):
             types[a] = "constexpr"
     return types
 
-for kernel, fn in A._RAW.items():
-    for rope in (False, True):
+for kernel, rope in [key for key in A._TILES if len(key) == 2]:
+        fn = A._RAW[kernel]
         bm, bn, warps, stages = A._TILES[(kernel, rope)][0][0]
         consts = dict(D=128, ROPE=rope, HAS_KLEN=True, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, TMA=True)
+        if "ATOMIC_DQ" in fn.arg_names:
+            consts["ATOMIC_DQ"] = kernel == "dkdv_dq"
         try:
             src = ASTSource(fn=fn, signature=signature(fn, bm, bn, True),
                             constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
@@ -268,7 +315,7 @@ print("ok")
 
 
 def test_tma_kernels_compile_for_hopper():
-    """The TMA variants of the three kernels compiled (not run) for sm_90 in a process without the
+    """The TMA variants of the kernels (split and atomic backward) compiled (not run) for sm_90 in a process without the
     interpreter: the interpreter accepts descriptor code that the GPU compiler may reject."""
     import os
     import subprocess
@@ -371,6 +418,20 @@ def test_gpu_tma_matches_pointer_loads(fuse_rope, monkeypatch):
     tma = _outputs_and_grads(attention, q, k, v, g, **kw)
     for a, b in zip(tma, pointer):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+
+
+@pytest.mark.gpu
+def test_gpu_atomic_backward_matches_split(monkeypatch):
+    """BACKWARD = "atomic" vs "split" in bf16 at a long ragged shape with key lengths (autotuned)."""
+    import kernels.attention as attention_module
+
+    q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, None, [4100, 1234], torch.bfloat16, "cuda")
+    g = torch.randn_like(q)
+    split = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
+    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
+    atomic = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
+    for a, b in zip(atomic, split):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu
