@@ -89,6 +89,11 @@ def bench_fn(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10) -> float:
     return times[len(times) // 2]
 
 
+# Set by bench.gpu_check in a module's process: every record is also appended there as a JSON line, so the
+# records of a module killed at its time limit are kept.
+JOURNAL: Path | None = None
+
+
 def record(
     name: str,
     case: str,
@@ -100,7 +105,7 @@ def record(
     baseline: str | None = None,
     **extra: Any,
 ) -> dict[str, Any]:
-    return {
+    rec = {
         "name": name,
         "case": case,
         "provider": provider,
@@ -111,6 +116,10 @@ def record(
         "ratio": None,
         "extra": extra,
     }
+    if JOURNAL is not None:
+        with open(JOURNAL, "a") as f:
+            f.write(json.dumps(rec, default=str) + "\n")
+    return rec
 
 
 def error_record(name: str, case: str, provider: str, e: BaseException) -> dict[str, Any]:

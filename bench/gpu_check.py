@@ -3,7 +3,8 @@
     python -m bench.gpu_check [--quick] [--out DIR] [--only attention,models] [--timeout 90] [--budget 360]
 
 A module is ``bench/gpu_<area>.py`` with ``run(quick: bool) -> list[record]`` (bench.common.record).
-A module that crashes or runs past its limit becomes an "error" record; the others still run. Each
+A module that crashes or runs past its limit becomes an "error" record (one past its limit keeps the
+records it made before: each record is journaled as it is made); the others still run. Each
 module gets ``--timeout`` seconds, or less when the whole run's ``--budget`` has less left; a module
 that cannot start in the budget is an "error" record ("skipped: budget spent"). The result file is
 named by date and device (bench.common.write_results), rewritten after every module (so a run killed
@@ -14,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import importlib.util
 import json
 import subprocess
 import sys
@@ -40,9 +42,13 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
             x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)
         ]
         (tmp / f"{area}.log").write_text(text[0] + "\n--- stderr (timed out) ---\n" + text[1])
-        return [
-            record(f"{area}.module", "-", "-", "error", 0.0, message=f"timed out after {timeout_s:.0f} s")
-        ]
+        kept = _journal(out)  # what the module measured before its limit
+        return kept + [
+            record(
+                f"{area}.module", "-", "-", "error", 0.0,
+                message=f"timed out after {timeout_s:.0f} s ({len(kept)} records kept)",
+            )
+        ]  # fmt: skip
     took = time.time() - t0
     (tmp / f"{area}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
     if proc.returncode != 0 or not out.exists():
@@ -53,8 +59,37 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
     return recs
 
 
+def _module_name(area: str) -> str:
+    """An area is bench/gpu_<area>.py, or a dotted module path (a module outside bench/, e.g. in a test)."""
+    return area if "." in area else f"bench.gpu_{area}"
+
+
+def _present(area: str) -> bool:
+    if "." in area:
+        return importlib.util.find_spec(area.rsplit(".", 1)[0]) is not None
+    return (Path(__file__).parent / f"gpu_{area}.py").exists()
+
+
+def _journal(json_path: Path) -> list[dict]:
+    """The records a module process appended to its journal (bench.common.JOURNAL) before it ended."""
+    path = Path(f"{json_path}.journal")
+    if not path.exists():
+        return []
+    recs = []
+    for line in path.read_text().splitlines():
+        try:
+            recs.append(json.loads(line))
+        except json.JSONDecodeError:  # the line being written when the process was killed
+            pass
+    return recs
+
+
 def _child(area: str, quick: bool, json_path: str) -> int:
-    mod = importlib.import_module(f"bench.gpu_{area}")
+    import bench.common
+
+    bench.common.JOURNAL = Path(f"{json_path}.journal")
+    bench.common.JOURNAL.unlink(missing_ok=True)
+    mod = importlib.import_module(_module_name(area))
     recs = mod.run(quick=quick)
     Path(json_path).write_text(json.dumps(recs))
     return 0
@@ -98,7 +133,7 @@ def main(argv: list[str] | None = None) -> int:
     path = write_results(records, out, tag="gpu_check", env=env)  # rewritten after every module
     for area in areas:
         left = args.budget - (time.time() - t0)
-        if not (Path(__file__).parent / f"gpu_{area}.py").exists():
+        if not _present(area):
             records.append(record(f"{area}.module", "-", "-", "error", 0.0, message="module not present"))
         elif left < MIN_MODULE_S:
             msg = f"skipped: budget spent ({args.budget:.0f} s)"

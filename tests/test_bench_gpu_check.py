@@ -20,7 +20,7 @@ def _gpu_check(tmp_path: Path, *args: str) -> dict:
         capture_output=True,
         text=True,
         timeout=120,
-        env={"PATH": "/usr/bin:/bin", "WMSD_COMMIT": "abc1234", "PYTHONPATH": str(ROOT)},
+        env={"PATH": "/usr/bin:/bin", "WMSD_COMMIT": "abc1234", "PYTHONPATH": f"{ROOT}:{tmp_path}"},
     )
     (path,) = out.glob("*_gpu_check.json")
     return json.loads(path.read_text())
@@ -42,3 +42,27 @@ def test_spent_budget_skips_modules_but_still_writes_the_file(tmp_path):
         ("data.module", "skipped: budget spent (0 s)"),
         ("trainer.module", "skipped: budget spent (0 s)"),
     ]
+
+
+SLOW_MODULE = """
+import time
+from bench.common import record
+
+def run(quick=False):
+    record("slow.first", "a", "p", "ms", 1.0)
+    record("slow.second", "a", "p", "ms", 2.0)
+    time.sleep(60)  # past the module's limit: killed here
+    return []
+"""
+
+
+def test_a_module_past_its_limit_keeps_the_records_it_made(tmp_path):
+    pkg = tmp_path / "slowpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "slow.py").write_text(SLOW_MODULE)
+    res = _gpu_check(tmp_path, "--only", "slowpkg.slow", "--timeout", "8")
+    got = [(r["name"], r["metric"], r["value"]) for r in res["records"]]
+    assert got[:2] == [("slow.first", "ms", 1.0), ("slow.second", "ms", 2.0)]
+    assert got[2][:2] == ("slowpkg.slow.module", "error")
+    assert "timed out after 8 s (2 records kept)" in res["records"][2]["extra"]["message"]
