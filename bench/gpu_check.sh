@@ -5,11 +5,14 @@
 # 2. builds the CUDA extension kernels._C (csrc/) in place,
 # 3. runs `pytest -m gpu`,
 # 4. runs every bench/gpu_*.py module (python -m bench.gpu_check) with baselines in the same process,
-# and writes under $OUT (default bench/results/gpu_<date>) four files: the results JSON (named by date
-# and device), pytest_gpu.log, bench.log and logs.tgz (build, wheels, nvidia-smi, junit XML and each
-# module's own JSON and log) -- few files, since the device tool returns at most eight.
+# 5. where ncu is on the PATH (GPU_NCU=0 skips it), profiles one launch of each kernel whose goal is
+#    missed (bench/ncu_kernels.py: attention pointer/TMA/atomic at the Wan shape, Euler step, a copy),
+# and writes under $OUT (default bench/results/gpu_<date>) five files: the results JSON (named by date
+# and device), pytest_gpu.log, bench.log, ncu.txt and logs.tgz (build, wheels, nvidia-smi, junit XML and
+# each module's own JSON and log) -- few files, since the device tool returns at most eight.
 # Time: build <= 45 s, tests <= GPU_TEST_TIMEOUT (150), benchmarks <= GPU_BENCH_TIMEOUT (285, the
-# modules share it, each at most GPU_MODULE_TIMEOUT = 90): at most 8 minutes in all. The first H200 run
+# modules share it, each at most GPU_MODULE_TIMEOUT = 90), ncu <= GPU_NCU_TIMEOUT (90): at most 9.5
+# minutes in all; GPU_ONLY=attention,elementwise limits the benchmark modules. The first H200 run
 # took: wheels + build under 15 s, tests 120 s (4 xdist workers), modules 378 s, of which 100 s the data
 # module timing out (it now skips at once without DALI; bench/results/20261126_nvidia-h200.md).
 # Where the tree has no .git, set WMSD_COMMIT to the commit it is (recorded in the JSON).
@@ -43,7 +46,15 @@ step "pytest exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
 
 step "benchmarks"
 BENCH_S=${GPU_BENCH_TIMEOUT:-285}
-timeout "$BENCH_S" $PY -m bench.gpu_check $QUICK --out "$OUT" --work "$LOGS/modules" \
+ONLY=""; [ -n "${GPU_ONLY:-}" ] && ONLY="--only $GPU_ONLY"
+timeout "$BENCH_S" $PY -m bench.gpu_check $QUICK $ONLY --out "$OUT" --work "$LOGS/modules" \
   --timeout "${GPU_MODULE_TIMEOUT:-90}" --budget $((BENCH_S - 10)) 2>&1 | tee "$OUT/bench.log"
+if command -v ncu > /dev/null && [ "${GPU_NCU:-1}" = "1" ]; then
+  step "ncu (bench.ncu_kernels)"
+  timeout "${GPU_NCU_TIMEOUT:-90}" ncu --profile-from-start off --nvtx \
+    --section SpeedOfLight --section Occupancy --section LaunchStats --section MemoryWorkloadAnalysis \
+    --section WarpStateStats $PY -m bench.ncu_kernels > "$OUT/ncu.txt" 2>&1
+  step "ncu exit $? : $(grep -c 'Section: GPU Speed Of Light' "$OUT/ncu.txt") kernel reports"
+fi
 tar czf "$OUT/logs.tgz" -C "$LOGS" . && rm -rf "$LOGS"
 step "done"
