@@ -1,6 +1,6 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
-before it, the default; RoPE fused into it; with kernels.attention.TMA = "auto", the default, and "off"
-for the pointer-load kernels alone; with BACKWARD = "atomic", dQ by atomic adds in the dK/dV kernel) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+before it, the default; RoPE fused into it; with kernels.attention.TMA = "off", the default, and "auto",
+TMA loads autotuned beside pointer loads; with BACKWARD = "atomic", dQ by atomic adds in the dK/dV kernel) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -49,21 +49,21 @@ def _providers(rope, quick: bool):
     provs = {
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
-        "triton": (tma("auto", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[tma=off]": (tma("off", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[bwd=atomic]": (tma("auto", lambda q, k, v: attention(q, k, v), "atomic"), "sdpa_flash"),
+        "triton": (tma("off", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
+        "triton[tma=auto]": (tma("auto", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
+        "triton[bwd=atomic]": (tma("off", lambda q, k, v: attention(q, k, v), "atomic"), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
-            tma("auto", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
+            tma("off", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
             "sdpa_flash+rope",
         ),
         "triton+rope_fused": (
-            tma("auto", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True)),
+            tma("off", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True)),
             "sdpa_flash+rope",
         ),
     }
     if quick:  # the opt-in fused-RoPE kernels and the pointer-only configs cost their own compiles
-        del provs["triton+rope_fused"], provs["triton[tma=off]"]
+        del provs["triton+rope_fused"], provs["triton[tma=auto]"]
     try:
         import flash_attn  # noqa: F401
 
@@ -140,7 +140,7 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA, attention_module.BACKWARD = "auto", "split"
+            attention_module.TMA, attention_module.BACKWARD = "off", "split"
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

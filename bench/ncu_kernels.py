@@ -44,7 +44,7 @@ def _cases():
     cases = {
         "attention[tma=off]": attn("off", "split"),
         "attention[tma=on]": attn("on", "split"),
-        "attention[bwd=atomic]": attn("auto", "atomic"),
+        "attention[bwd=atomic]": attn("off", "atomic"),
         "euler[triton]": lambda: flow_step(x, vc, vu, guidance=5.0, t=0.8, t_next=0.75, backend="triton"),
         "copy": lambda: x.clone(),
     }

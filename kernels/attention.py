@@ -11,7 +11,7 @@ Full key tiles run unmasked; only the ragged last tile (Sk or k_lengths not a mu
 is masked. With fused RoPE (``fuse_rope=True``) q is rotated in registers in the prologue and each k
 tile as it is loaded, so rotated q/k never touch memory; by default RoPE is one kernels.rope pass
 first (see FUSE_ROPE). On Hopper the full tiles of the inner loops can come through TMA tensor descriptors
-of the (B*S, H*D) matrix instead of pointer loads (see TMA; the autotuner picks per shape by default).
+of the (B*S, H*D) matrix instead of pointer loads (see TMA; with "auto" the autotuner picks per shape).
 
 Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
 dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
@@ -56,10 +56,13 @@ _LOG2E = 1.4426950408889634
 FUSE_ROPE = False
 # Tile loads of the kernels' inner loops (k/v tiles in the forward and dQ kernels, q/dO tiles in the dK/dV
 # kernel): "off" pointer loads; "on" tensor descriptors (TMA, the Hopper bulk copy engine: no per-element
-# address math or predicates, loads issued asynchronously into shared memory; sm_90+); "auto" (default)
-# autotunes over both on sm_90+ and uses pointer loads elsewhere. Ragged last tiles always use masked
-# pointer loads. Under TRITON_INTERPRET=1 "auto" means "off" (one config) and "on" runs the TMA path.
-TMA = "auto"
+# address math or predicates, loads issued asynchronously into shared memory; sm_90+); "auto" autotunes
+# over both on sm_90+ and uses pointer loads elsewhere. Ragged last tiles always use masked pointer
+# loads. Under TRITON_INTERPRET=1 "auto" means "off" (one config) and "on" runs the TMA path. "off" is the
+# default until the TMA kernels have run on a GPU (written after the last GPU session: compiled for sm_90
+# and checked bitwise against the pointer loads in the interpreter only); bench/gpu_attention.py times
+# "auto" beside it.
+TMA = "off"
 # The backward's dQ: "split" (default) a second kernel per query tile recomputes q k^T and dO v^T and sums
 # dS K over key tiles (7 matmuls in all, no atomics, bitwise reproducible); "atomic" the dK/dV kernel adds
 # its dS K into an fp32 dQ buffer with atomic adds (5 matmuls, as FlashAttention-2/3 do; the summation

@@ -418,6 +418,11 @@ def test_gpu_tma_matches_pointer_loads(fuse_rope, monkeypatch):
     tma = _outputs_and_grads(attention, q, k, v, g, **kw)
     for a, b in zip(tma, pointer):
         torch.testing.assert_close(a, b, rtol=1e-2, atol=1e-2)
+    monkeypatch.setattr(attention_module, "TMA", "auto")  # autotuned over pointer and TMA configs
+    auto = _outputs_and_grads(attention, q, k, v, g, **dict(kw, deterministic=False))
+    for a, b in zip(auto, pointer):
+        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
+    assert not attention_module._TMA_FAILED, "the TMA configs failed to build"
 
 
 @pytest.mark.gpu
