@@ -54,21 +54,31 @@ def _assert_within_budget(ours, same_dtype, exact, floor, what):
     assert err <= budget, f"{what}: kernel error {err:.3g} > budget {budget:.3g}"
 
 
+@pytest.mark.parametrize("backward", ["split", "atomic"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: "x".join(str(x) for x in c[:5]) + ("-rope" if c[5] else "")
 )
-def test_triton_matches_reference(case, dtype, device):
+def test_triton_matches_reference(case, dtype, backward, device, monkeypatch):
+    """Output and gradients within the error budget; RoPE fused in the kernels with the split backward,
+    as a pre-pass with BACKWARD = "atomic" (dQ added into an fp32 buffer by the dK/dV kernel; fused RoPE
+    always takes the split backward)."""
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "BACKWARD", backward)
     q, k, v, rope, kl = _make(*case, dtype, device)
     g = torch.randn_like(q)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
-    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=True)
+    kw = dict(k_lengths=kl, rope=rope, fuse_rope=backward == "split")
+    ours = _outputs_and_grads(attention, q, k, v, g, **kw)
     plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
     floor = 2e-5 if dtype == torch.float32 else 2e-3
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
         assert a.dtype == dtype and a.shape == c.shape
         _assert_within_budget(a, b, c, floor * max(1.0, c.abs().max().item()), name)
+    if backward == "atomic":
+        assert any(key[0] == "dkdv_dq" for key, _ in attention_module._TUNED)  # the atomic kernel ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -209,29 +219,6 @@ def test_tma_loads_match_pointer_loads(case, device, monkeypatch):
     )
     for a, b in zip(tma, pointer):
         assert torch.equal(a, b)
-
-
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "case", CASES, ids=lambda c: "x".join(str(x) for x in c[:5]) + ("-rope" if c[5] else "")
-)
-def test_atomic_backward_matches_reference(case, dtype, device, monkeypatch):
-    """BACKWARD = "atomic" (dQ added into an fp32 buffer by the dK/dV kernel) within the same error budget
-    as the split backward, batch > 1, key lengths, ragged tiles, RoPE as a pre-pass."""
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
-    q, k, v, rope, kl = _make(*case, dtype, device)
-    g = torch.randn_like(q)
-    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
-    exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
-    ours = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl, rope=rope, fuse_rope=False)
-    plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
-    floor = 2e-5 if dtype == torch.float32 else 2e-3
-    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
-        assert a.dtype == dtype and a.shape == c.shape
-        _assert_within_budget(a, b, c, floor * max(1.0, c.abs().max().item()), name)
-    assert any(key[0] == "dkdv_dq" for key, _ in attention_module._TUNED)  # the atomic kernel ran
 
 
 def test_atomic_backward_empty_rows_and_masked_keys(device, monkeypatch):
