@@ -464,11 +464,14 @@ def _launch(
         _tuned(key, mode)[lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
 
 
-def _run_modes(launch, q: torch.Tensor) -> None:
-    """launch(mode) with the resolved TMA mode; if "auto" fails (a Triton that cannot build the TMA
-    configs), warn once and go on with pointer loads for the rest of the process."""
+def _run_modes(launch, q: torch.Tensor, *tensors: torch.Tensor) -> None:
+    """launch(mode) with the resolved TMA mode (pointer loads for this call where a tensor's address is not
+    16-byte aligned, as TMA needs: a view into a larger buffer); if "auto" fails (a Triton that cannot
+    build the TMA configs), warn once and go on with pointer loads for the rest of the process."""
     global _TMA_FAILED
     mode = _tma_mode(q)
+    if mode != "off" and any(t.data_ptr() % 16 for t in (q, *tensors)):
+        mode = "off"
     if mode != "auto":
         return launch(mode)
     try:
@@ -536,7 +539,7 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
         kd, vd = (k, v) if mode == "off" else (_desc(k), _desc(v))
         _launch("fwd", "BLOCK_M", Sq, B * H, (q, k, v, kd, vd) + tail, meta, deterministic, mode)
 
-    _run_modes(launch, q)
+    _run_modes(launch, q, k, v)
     return out, lse
 
 
@@ -566,7 +569,7 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
             args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
             _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
 
-    _run_modes(launch, q)
+    _run_modes(launch, q, k, v, do)
     if atomic:
         dq = dqa.to(q.dtype)
     return dq, dk, dv

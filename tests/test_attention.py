@@ -243,6 +243,26 @@ def test_bad_backward_setting(monkeypatch):
         attention(q, q, q).sum().backward()
 
 
+def test_tma_on_misaligned_views_takes_pointer_loads(device, monkeypatch):
+    """TMA needs 16-byte aligned addresses: with contiguous views that start 2 bytes into a buffer the call
+    runs with pointer loads (same results), not a descriptor error; aligned tensors get the TMA mode."""
+    import kernels.attention as attention_module
+
+    if device != "cpu":
+        pytest.skip("checked under the interpreter")
+    monkeypatch.setattr(attention_module, "TMA", "on")
+    B, S, H, D = 1, 64, 2, 32
+    n = B * S * H * D
+    buf = torch.randn(3 * n + 1, dtype=torch.float16)
+    q, k, v = (buf[1 + i * n :][:n].view(B, S, H, D) for i in range(3))
+    assert q.is_contiguous() and q.data_ptr() % 16 == 2
+    modes: list[str] = []
+    attention_module._run_modes(modes.append, q, k, v)
+    attention_module._run_modes(modes.append, q.clone(), k.clone(), v.clone())
+    assert modes == ["off", "on"]
+    torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), rtol=2e-3, atol=2e-3)
+
+
 def test_bad_tma_setting(monkeypatch):
     import kernels.attention as attention_module
 
