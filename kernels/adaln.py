@@ -323,132 +323,144 @@ def _launch(kernel, geom: tuple[int, int, int, int], B: int, *args, **meta) -> N
     kernel[(n_progs, B)](*args, **meta, BLOCK_R=BLOCK_R, BLOCK_D=BLOCK_D, num_warps=_warps(BLOCK_R, BLOCK_D))
 
 
-class _AdaLNFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, scale, shift, rms: bool, eps: float):
-        B, S, D = x.shape
-        per_token = scale.shape[1] == S and S > 1
-        geom = _launch_geometry(x, backward=False)
-        rpp, n_progs = geom[2:]
-        y = torch.empty_like(x)
-        mean = torch.empty((B * S,), device=x.device, dtype=torch.float32)
-        rstd = torch.empty_like(mean)
-        _launch(
-            _adaln_fwd_kernel,
-            geom,
-            B,
-            x,
-            scale,
-            shift,
-            y,
-            mean,
-            rstd,
-            S,
-            D,
-            rpp,
-            eps,
-            RMS=rms,
-            PER_TOKEN=per_token,
-        )
-        ctx.save_for_backward(x, scale, mean, rstd)
-        ctx.rms, ctx.per_token, ctx.shift_dtype = rms, per_token, shift.dtype
-        return y
-
-    @staticmethod
-    def backward(ctx, dy):
-        x, scale, mean, rstd = ctx.saved_tensors
-        B, S, D = x.shape
-        dy = dy.contiguous()
-        geom = _launch_geometry(x, backward=True)
-        rpp, n_progs = geom[2:]
-        dx = torch.empty_like(x)
-        if ctx.per_token:
-            dscale = torch.empty_like(scale)
-            dshift = torch.empty(scale.shape, device=x.device, dtype=ctx.shift_dtype)
-        else:
-            dscale = torch.empty((B, n_progs, D), device=x.device, dtype=torch.float32)
-            dshift = torch.empty_like(dscale)
-        _launch(
-            _adaln_bwd_kernel,
-            geom,
-            B,
-            x,
-            scale,
-            dy,
-            mean,
-            rstd,
-            dx,
-            dscale,
-            dshift,
-            S,
-            D,
-            rpp,
-            n_progs,
-            RMS=ctx.rms,
-            PER_TOKEN=ctx.per_token,
-        )
-        if not ctx.per_token:
-            # (B, n_progs, D) -> (B, 1, D): fixed-order sum, deterministic
-            dscale = dscale.sum(1, keepdim=True).to(scale.dtype)
-            dshift = dshift.sum(1, keepdim=True).to(ctx.shift_dtype)
-        return dx, dscale, dshift, None, None
+# The launches as torch custom ops (opaque to torch.compile: no graph break; inductor fuses around them);
+# register_autograd pairs each forward op with its backward op (unlike a torch.autograd.Function, this
+# traces with one tensor passed as several inputs, e.g. scale and shift).
+@torch.library.custom_op("wmsd::adaln_fwd", mutates_args=())
+def _adaln_fwd_op(
+    x: torch.Tensor, scale: torch.Tensor, shift: torch.Tensor, rms: bool, eps: float
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """x, scale, shift contiguous -> (y, mean, rstd); mean/rstd (B*S,) fp32 for the backward."""
+    B, S, D = x.shape
+    per_token = scale.shape[1] == S and S > 1
+    geom = _launch_geometry(x, backward=False)
+    rpp = geom[2]
+    y = torch.empty_like(x)
+    mean = torch.empty((B * S,), device=x.device, dtype=torch.float32)
+    rstd = torch.empty_like(mean)
+    _launch(
+        _adaln_fwd_kernel, geom, B, x, scale, shift, y, mean, rstd, S, D, rpp, eps, RMS=rms, PER_TOKEN=per_token
+    )  # fmt: skip
+    return y, mean, rstd
 
 
-class _GatedResidualFn(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, y, gate):
-        B, S, D = x.shape
-        per_token = gate.shape[1] == S and S > 1
-        geom = _launch_geometry(x, backward=False)
-        rpp, n_progs = geom[2:]
-        out = torch.empty_like(x)
-        _launch(
-            _gated_fwd_kernel,
-            geom,
-            B,
-            x,
-            y,
-            gate,
-            out,
-            S,
-            D,
-            rpp,
-            PER_TOKEN=per_token,
-        )
-        ctx.save_for_backward(y, gate)
-        ctx.per_token, ctx.x_dtype = per_token, x.dtype
-        return out
+@_adaln_fwd_op.register_fake
+def _(x, scale, shift, rms, eps):
+    B, S, _ = x.shape
+    stats = x.new_empty((B * S,), dtype=torch.float32)
+    return torch.empty_like(x), stats, torch.empty_like(stats)
 
-    @staticmethod
-    def backward(ctx, dout):
-        y, gate = ctx.saved_tensors
-        B, S, D = y.shape
-        dout = dout.contiguous()
-        geom = _launch_geometry(y, backward=True)
-        rpp, n_progs = geom[2:]
-        dy = torch.empty_like(y)
-        if ctx.per_token:
-            dgate = torch.empty_like(gate)
-        else:
-            dgate = torch.empty((B, n_progs, D), device=y.device, dtype=torch.float32)
-        _launch(
-            _gated_bwd_kernel,
-            geom,
-            B,
-            dout,
-            y,
-            gate,
-            dy,
-            dgate,
-            S,
-            D,
-            rpp,
-            n_progs,
-            PER_TOKEN=ctx.per_token,
-        )
-        if not ctx.per_token:
-            dgate = dgate.sum(1, keepdim=True).to(gate.dtype)  # (B, n_progs, D) -> (B, 1, D)
-        return dout.to(ctx.x_dtype), dy, dgate
+
+@torch.library.custom_op("wmsd::adaln_bwd", mutates_args=())
+def _adaln_bwd_op(
+    x: torch.Tensor,
+    scale: torch.Tensor,
+    dy: torch.Tensor,
+    mean: torch.Tensor,
+    rstd: torch.Tensor,
+    rms: bool,
+    shift_dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """-> (dx, dscale, dshift) with dscale/dshift shaped like scale (dshift in shift's dtype)."""
+    B, S, D = x.shape
+    per_token = scale.shape[1] == S and S > 1
+    geom = _launch_geometry(x, backward=True)
+    rpp, n_progs = geom[2:]
+    dx = torch.empty_like(x)
+    if per_token:
+        dscale = torch.empty_like(scale)
+        dshift = torch.empty(scale.shape, device=x.device, dtype=shift_dtype)
+    else:
+        dscale = torch.empty((B, n_progs, D), device=x.device, dtype=torch.float32)
+        dshift = torch.empty_like(dscale)
+    _launch(
+        _adaln_bwd_kernel, geom, B, x, scale, dy, mean, rstd, dx, dscale, dshift, S, D, rpp, n_progs,
+        RMS=rms, PER_TOKEN=per_token,
+    )  # fmt: skip
+    if not per_token:
+        # (B, n_progs, D) -> (B, 1, D): fixed-order sum, deterministic
+        dscale = dscale.sum(1, keepdim=True).to(scale.dtype)
+        dshift = dshift.sum(1, keepdim=True).to(shift_dtype)
+    return dx, dscale, dshift
+
+
+@_adaln_bwd_op.register_fake
+def _(x, scale, dy, mean, rstd, rms, shift_dtype):
+    return torch.empty_like(x), torch.empty_like(scale), torch.empty_like(scale, dtype=shift_dtype)
+
+
+def _adaln_setup(ctx, inputs, output) -> None:
+    x, scale, shift, rms, _ = inputs
+    _, mean, rstd = output
+    ctx.save_for_backward(x, scale, mean, rstd)
+    ctx.rms, ctx.shift_dtype = rms, shift.dtype
+    ctx.mark_non_differentiable(mean, rstd)
+
+
+def _adaln_backward(ctx, dy, _dmean, _drstd):
+    x, scale, mean, rstd = ctx.saved_tensors
+    dx, dscale, dshift = _adaln_bwd_op(x, scale, dy.contiguous(), mean, rstd, ctx.rms, ctx.shift_dtype)
+    return dx, dscale, dshift, None, None
+
+
+_adaln_fwd_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
+
+
+@torch.library.custom_op("wmsd::gated_fwd", mutates_args=())
+def _gated_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
+    """x + gate * y; x, y, gate contiguous."""
+    B, S, D = x.shape
+    per_token = gate.shape[1] == S and S > 1
+    geom = _launch_geometry(x, backward=False)
+    out = torch.empty_like(x)
+    _launch(_gated_fwd_kernel, geom, B, x, y, gate, out, S, D, geom[2], PER_TOKEN=per_token)
+    return out
+
+
+@_gated_fwd_op.register_fake
+def _(x, y, gate):
+    return torch.empty_like(x)
+
+
+@torch.library.custom_op("wmsd::gated_bwd", mutates_args=())
+def _gated_bwd_op(
+    dout: torch.Tensor, y: torch.Tensor, gate: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (dy, dgate); dx is dout itself."""
+    B, S, D = y.shape
+    per_token = gate.shape[1] == S and S > 1
+    geom = _launch_geometry(y, backward=True)
+    rpp, n_progs = geom[2:]
+    dy = torch.empty_like(y)
+    if per_token:
+        dgate = torch.empty_like(gate)
+    else:
+        dgate = torch.empty((B, n_progs, D), device=y.device, dtype=torch.float32)
+    _launch(_gated_bwd_kernel, geom, B, dout, y, gate, dy, dgate, S, D, rpp, n_progs, PER_TOKEN=per_token)
+    if not per_token:
+        dgate = dgate.sum(1, keepdim=True).to(gate.dtype)  # (B, n_progs, D) -> (B, 1, D)
+    return dy, dgate
+
+
+@_gated_bwd_op.register_fake
+def _(dout, y, gate):
+    return torch.empty_like(y), torch.empty_like(gate)
+
+
+def _gated_setup(ctx, inputs, output) -> None:
+    x, y, gate = inputs
+    ctx.save_for_backward(y, gate)
+    ctx.x_dtype = x.dtype
+
+
+def _gated_backward(ctx, dout):
+    y, gate = ctx.saved_tensors
+    dout = dout.contiguous()
+    dy, dgate = _gated_bwd_op(dout, y, gate)
+    return dout.to(ctx.x_dtype), dy, dgate
+
+
+_gated_fwd_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:
@@ -475,7 +487,8 @@ def adaln_modulate(
     _check_adaln(x, scale, shift, norm)
     if not _use_triton(backend, x, scale, shift):
         return adaln_modulate_reference(x, scale, shift, norm=norm, eps=eps)
-    return _AdaLNFn.apply(x.contiguous(), scale.contiguous(), shift.contiguous(), norm == "rms", float(eps))
+    y, _, _ = _adaln_fwd_op(x.contiguous(), scale.contiguous(), shift.contiguous(), norm == "rms", float(eps))
+    return y
 
 
 def gated_residual(
@@ -485,4 +498,4 @@ def gated_residual(
     _check_gated(x, y, gate)
     if not _use_triton(backend, x, y, gate):
         return gated_residual_reference(x, y, gate)
-    return _GatedResidualFn.apply(x.contiguous(), y.contiguous(), gate.contiguous())
+    return _gated_fwd_op(x.contiguous(), y.contiguous(), gate.contiguous())

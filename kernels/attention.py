@@ -575,24 +575,71 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
     return dq, dk, dv
 
 
-class _TritonAttention(torch.autograd.Function):
-    """(q, k, v) -> (out, lse); lse is an output without gradient."""
+# The launches as torch custom ops (opaque to torch.compile: a compiled model keeps them whole, with no graph
+# break, and inductor fuses the code around them). register_autograd pairs them for autograd (it, unlike a
+# torch.autograd.Function, traces with one tensor passed as several inputs, e.g. attention(x, x, x)).
+@torch.library.custom_op("wmsd::attention_fwd", mutates_args=())
+def _attention_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_lengths: torch.Tensor | None,
+    scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(q, k, v) contiguous (B, S, H, D) -> (out, lse); lse has no gradient."""
+    return _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic)
 
-    @staticmethod
-    def forward(ctx, q, k, v, cos, sin, k_lengths, scale, deterministic):
-        out, lse = _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic)
-        ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_lengths)
-        ctx.scale, ctx.deterministic = scale, deterministic
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, out, lse, cos, sin, k_lengths = ctx.saved_tensors
-        dq, dk, dv = _attention_bwd(
-            do.contiguous(), q, k, v, out, lse, cos, sin, k_lengths, ctx.scale, ctx.deterministic
-        )
-        return dq, dk, dv, None, None, None, None, None
+@_attention_fwd_op.register_fake
+def _(q, k, v, cos, sin, k_lengths, scale, deterministic):
+    B, Sq, H, _ = q.shape
+    return torch.empty_like(q), q.new_empty((B, H, Sq), dtype=torch.float32)
+
+
+@torch.library.custom_op("wmsd::attention_bwd", mutates_args=())
+def _attention_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    cos: torch.Tensor | None,
+    sin: torch.Tensor | None,
+    k_lengths: torch.Tensor | None,
+    scale: float,
+    deterministic: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """dO contiguous -> (dq, dk, dv)."""
+    return _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic)
+
+
+@_attention_bwd_op.register_fake
+def _(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _attention_setup(ctx, inputs, output) -> None:
+    q, k, v, cos, sin, k_lengths, scale, deterministic = inputs
+    out, lse = output
+    ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_lengths)
+    ctx.scale, ctx.deterministic = scale, deterministic
+    ctx.mark_non_differentiable(lse)
+
+
+def _attention_backward(ctx, do, _dlse):
+    q, k, v, out, lse, cos, sin, k_lengths = ctx.saved_tensors
+    dq, dk, dv = _attention_bwd_op(
+        do.contiguous(), q, k, v, out, lse, cos, sin, k_lengths, ctx.scale, ctx.deterministic
+    )
+    return dq, dk, dv, None, None, None, None, None
+
+
+# autograd of the forward op (lse is an output without gradient): the backward op
+_attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
 def _pad_head_dim(q, k, v, cos, sin):
@@ -619,7 +666,7 @@ def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
         q, k, v, cos, sin = _pad_head_dim(q, k, v, cos, sin)
     q, k, v = q.contiguous(), k.contiguous(), v.contiguous()
     k_lengths = _int32_lengths(k_lengths, q.device)
-    out, lse = _TritonAttention.apply(q, k, v, cos, sin, k_lengths, scale, deterministic)
+    out, lse = _attention_fwd_op(q, k, v, cos, sin, k_lengths, scale, deterministic)
     return out[..., :D], lse  # (B, Sq, H, Dp) -> (B, Sq, H, D)
 
 

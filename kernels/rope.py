@@ -128,16 +128,30 @@ def _rope_launch(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: fl
     return y
 
 
-class _ApplyRope(torch.autograd.Function):
-    @staticmethod
-    def forward(ctx, x, cos, sin):
-        ctx.save_for_backward(cos, sin)
-        return _rope_launch(x, cos, sin, 1.0)
+# The launch as a torch custom op (opaque to torch.compile: no graph break); its backward (register_autograd)
+# is the same op at -angle.
+@torch.library.custom_op("wmsd::rope", mutates_args=())
+def _rope_op(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, sign: float) -> torch.Tensor:
+    return _rope_launch(x, cos, sin, sign)
 
-    @staticmethod
-    def backward(ctx, dy):
-        cos, sin = ctx.saved_tensors
-        return _rope_launch(dy, cos, sin, -1.0), None, None
+
+@_rope_op.register_fake
+def _(x, cos, sin, sign):
+    return torch.empty_like(x, memory_format=torch.contiguous_format)
+
+
+def _rope_setup(ctx, inputs, output) -> None:
+    _, cos, sin, sign = inputs
+    ctx.save_for_backward(cos, sin)
+    ctx.sign = sign
+
+
+def _rope_backward(ctx, dy):
+    cos, sin = ctx.saved_tensors
+    return _rope_op(dy, cos, sin, -ctx.sign), None, None, None
+
+
+_rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -151,4 +165,4 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
         raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return apply_rope_reference(x, cos, sin)  # no compiled Triton off the GPU: the same math in torch
-    return _ApplyRope.apply(x, cos, sin)
+    return _rope_op(x, cos, sin, 1.0)
