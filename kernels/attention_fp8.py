@@ -1045,27 +1045,87 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     return dq, dk, dv
 
 
-class _TritonFP8Attention(torch.autograd.Function):
-    """(rotated q, k, v) -> (out, lse): quantisation pre-pass + FP8 kernels; lse has no gradient."""
+# The pre-pass + kernels as torch custom ops (opaque to torch.compile: no graph break), as in
+# kernels.attention; the forward op also returns what the backward op reads (K mean and quantised operands).
+@torch.library.custom_op("wmsd::attention_fp8_fwd", mutates_args=())
+def _fp8_fwd_op(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    k_lengths: torch.Tensor | None,
+    scale: float,
+    block: int,
+    fp8_dp: bool,
+    ds_format: str | None,
+) -> tuple[
+    torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor,
+    torch.Tensor,
+]:  # fmt: skip
+    """(rotated q, k, v) -> (out, lse, kmean, q8, s_q, k8, s_k, v8, s_v); fp8_dp and ds_format are the
+    backward's settings (read by the autograd setup)."""
+    kmean = key_mean(k, k_lengths)[:, 0].contiguous()  # (B, H, D) fp32, one reduction for fwd and bwd
+    quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device), fused=True, kmean=kmean)
+    out, lse = _fp8_fwd_launch(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
+    return (out, lse, kmean, *quant)
 
-    @staticmethod
-    def forward(ctx, q, k, v, k_lengths, scale, block, fp8_dp, ds_format):
-        kmean = key_mean(k, k_lengths)[:, 0].contiguous()  # (B, H, D) fp32, one reduction for fwd and bwd
-        quant = _quantize_qkv(q, k, v, k_lengths, block, _fp8_dtype(q.device), fused=True, kmean=kmean)
-        out, lse = _fp8_fwd_launch(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
-        ctx.save_for_backward(q, k, v, out, lse, k_lengths, kmean, *quant)
-        ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format
-        ctx.mark_non_differentiable(lse)
-        return out, lse
 
-    @staticmethod
-    def backward(ctx, do, _dlse):
-        q, k, v, out, lse, k_lengths, kmean, *quant = ctx.saved_tensors
-        grads = _fp8_bwd_launch(
-            do.contiguous(), q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp,
-            ctx.ds_format,
-        )  # fmt: skip
-        return (*grads, None, None, None, None, None)
+@_fp8_fwd_op.register_fake
+def _(q, k, v, k_lengths, scale, block, fp8_dp, ds_format):
+    B, Sq, H, D = q.shape
+    Sk = k.shape[1]
+    carrier = _fp8_dtype(q.device)
+
+    def quantised(S):  # (x8 (B, H, S_pad, D), scale (B, H, S_pad / block))
+        n = -(-S // block)
+        return q.new_empty((B, H, n * block, D), dtype=carrier), q.new_empty((B, H, n), dtype=torch.float32)
+
+    lse = q.new_empty((B, H, Sq), dtype=torch.float32)
+    kmean = q.new_empty((B, H, D), dtype=torch.float32)
+    return (torch.empty_like(q), lse, kmean, *quantised(Sq), *quantised(Sk), *quantised(Sk))
+
+
+@torch.library.custom_op("wmsd::attention_fp8_bwd", mutates_args=())
+def _fp8_bwd_op(
+    do: torch.Tensor,
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    out: torch.Tensor,
+    lse: torch.Tensor,
+    quant: list[torch.Tensor],
+    kmean: torch.Tensor,
+    k_lengths: torch.Tensor | None,
+    scale: float,
+    block: int,
+    fp8_dp: bool,
+    ds_format: str | None,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    return _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format)
+
+
+@_fp8_bwd_op.register_fake
+def _(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format):
+    return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+
+
+def _fp8_setup(ctx, inputs, output) -> None:
+    q, k, v, k_lengths, scale, block, fp8_dp, ds_format = inputs
+    out, lse, kmean, *quant = output
+    ctx.save_for_backward(q, k, v, out, lse, k_lengths, kmean, *quant)
+    ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format
+    ctx.mark_non_differentiable(lse, kmean, *quant)
+
+
+def _fp8_backward(ctx, do, *_):
+    q, k, v, out, lse, k_lengths, kmean, *quant = ctx.saved_tensors
+    grads = _fp8_bwd_op(
+        do.contiguous(), q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp,
+        ctx.ds_format,
+    )  # fmt: skip
+    return (*grads, None, None, None, None, None)
+
+
+_fp8_fwd_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
 
 
 _WARNED: set[str] = set()
@@ -1140,7 +1200,7 @@ def attention_fp8(
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope)
     ds = ds_format if bwd_fp8_dqdk else None
-    out, lse = _TritonFP8Attention.apply(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)
+    out, lse, *_ = _fp8_fwd_op(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)
     return (out, lse) if return_lse else out
 
 
