@@ -42,6 +42,8 @@ from torch.distributed.device_mesh import DeviceMesh
 from torch.distributed.fsdp import FSDPModule, MixedPrecisionPolicy, fully_shard, register_fsdp_forward_method
 from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
 
+import kernels.attention  # noqa: F401  (registers the wmsd:: attention ops named in _SAVE_OPS)
+import kernels.attention_fp8  # noqa: F401
 from engine.config import ParallelConfig, PrecisionConfig
 from engine.dist import collective
 from engine.log import get_logger
@@ -50,7 +52,8 @@ log = get_logger("parallel")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
-# Ops whose outputs selective AC keeps (expensive to recompute); everything else is recomputed.
+# Ops whose outputs selective AC keeps (expensive to recompute); everything else is recomputed. Our
+# attention kernels are custom ops (kernels.attention, kernels.attention_fp8) and count as attention.
 _SAVE_OPS = {
     torch.ops.aten.mm.default,
     torch.ops.aten.addmm.default,
@@ -58,6 +61,8 @@ _SAVE_OPS = {
     torch.ops.aten._scaled_dot_product_flash_attention.default,
     torch.ops.aten._scaled_dot_product_efficient_attention.default,
     torch.ops.aten._scaled_dot_product_cudnn_attention.default,
+    torch.ops.wmsd.attention_fwd.default,
+    torch.ops.wmsd.attention_fp8_fwd.default,
 }
 
 

@@ -120,3 +120,30 @@ def test_fp8_attention_compiles_as_one_graph():
     want = (fn(q, k, v), *torch.autograd.grad(fn(q, k, v), (q, k, v), g))
     for a, b in zip(got, want):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+@pytest.mark.parametrize("mode,recomputed", [("selective", False), ("full", True)])
+def test_selective_ac_keeps_our_attention(mode, recomputed):
+    """Selective activation checkpointing saves the output of our attention op (as it does SDPA's): the
+    backward of a checkpointed Wan block runs wmsd.attention_fwd again only under full AC."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from engine.parallel import apply_ac
+
+    class Ops(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.names: list[str] = []
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.names.append(str(func))
+            return func(*args, **(kwargs or {}))
+
+    torch.manual_seed(0)
+    model = WanModel(WanConfig.flavour("debug", attention_backend="triton", norm_backend="triton"))
+    apply_ac(model, mode)
+    out = model(torch.randn(1, 4, 2, 4, 6), torch.tensor([500.0]), torch.randn(1, 7, 24))
+    with Ops() as ops:
+        out.float().pow(2).mean().backward()
+    assert ("wmsd.attention_fwd.default" in ops.names) == recomputed
+    assert "wmsd.attention_bwd.default" in ops.names
