@@ -14,6 +14,12 @@ A missing backend (torchao, TE, an FP8 attention kernel for this device/dtype) o
 is an "error" record whose message starts with "skipped:" (extra skipped=True); other failures are
 plain error records.
 
+Compiled providers (opt-in: ``GPU_MODELS_COMPILE=1``, each compile costs tens of seconds, more than the
+module's 90 s in bench.gpu_check allows with everything else): ``ours_<backend>+compile`` and
+``diffusers+compile``, every block ``torch.compile``d as engine.parallel.apply_compile does (our kernels are
+custom ops, so a block stays one graph); ratios vs the eager diffusers step, and ``diffusers+compile`` is
+the baseline a compiled comparison should use.
+
     python -m bench.gpu_models [--quick]
 """
 
@@ -22,6 +28,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -309,6 +316,37 @@ def _run_fp8_providers(case: Case, peak: float, quick: bool, deadline: float) ->
     return recs
 
 
+def _compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
+    """torch.compile each block in place (ours: ``blocks``; diffusers: ``blocks`` or ``transformer_blocks``)."""
+    blocks = getattr(model, "blocks", None) or model.transformer_blocks
+    for block in blocks:
+        block.compile()
+    return model
+
+
+def _run_compiled(case: Case, peak: float) -> list[dict]:
+    """``ours_<last backend, sdpa>+compile`` and ``diffusers+compile`` (GPU_MODELS_COMPILE=1)."""
+    recs, ours = [], None
+    provider = f"ours_{case.backends[-1]}+compile"
+    try:
+        ours = case.build_ours(case.backends[-1])
+        recs += _measure(case, provider, _compile_blocks(ours), False, peak, False)
+    except Exception as e:  # a failing provider is a record, never a crash
+        recs.append(_error(case.name, provider, e))
+    try:
+        if ours is None:
+            raise RuntimeError("our model could not be built; no weights for the baseline")
+        theirs = _compile_blocks(case.build_diffusers(ours))
+        del ours
+        _empty_cache()
+        recs += _measure(case, "diffusers+compile", theirs, True, peak, False)
+        del theirs
+    except Exception as e:
+        recs.append(_error(case.name, "diffusers+compile", e))
+    _empty_cache()
+    return recs
+
+
 def _run_case(case: Case, peak: float, quick: bool, deadline: float = float("inf")) -> list[dict]:
     recs = []
     backends = case.backends[:1] if quick else case.backends
@@ -331,6 +369,8 @@ def _run_case(case: Case, peak: float, quick: bool, deadline: float = float("inf
     except Exception as e:
         recs.append(_error(case.name, "diffusers", e))
     _empty_cache()
+    if os.environ.get("GPU_MODELS_COMPILE") == "1" and not quick:
+        recs += _run_compiled(case, peak)
     return recs + _run_fp8_providers(case, peak, quick, deadline)
 
 
