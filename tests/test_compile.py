@@ -147,3 +147,35 @@ def test_selective_ac_keeps_our_attention(mode, recomputed):
         out.float().pow(2).mean().backward()
     assert ("wmsd.attention_fwd.default" in ops.names) == recomputed
     assert "wmsd.attention_bwd.default" in ops.names
+
+
+def _opcheck_cases():
+    """(op, args) pairs covering each custom op's input kinds (None tables/lengths, per-token modulation)."""
+    import kernels.adaln  # noqa: F401  (registers the ops)
+    import kernels.attention_fp8  # noqa: F401
+
+    ops = torch.ops.wmsd
+    q, k, v = (torch.randn(2, 40, 2, 32, requires_grad=True) for _ in range(3))
+    cos, sin = rope_3d_tables((2, 4, 5), 32)
+    kl = torch.tensor([40, 17], dtype=torch.int32)
+    x = torch.randn(2, 16, 32, requires_grad=True)
+    per_sample = torch.randn(2, 1, 32, requires_grad=True)
+    per_token = torch.randn(2, 16, 32, requires_grad=True)
+    h = torch.randn(1, 128, 2, 64, dtype=torch.float16, requires_grad=True)
+    return [
+        (ops.attention_fwd, (q, k, v, None, None, None, 0.2, False)),
+        (ops.attention_fwd, (q, k, v, cos, sin, kl, 0.2, True)),
+        (ops.rope, (q, cos, sin, 1.0)),
+        (ops.adaln_fwd, (x, per_sample, per_sample.detach().clone().requires_grad_(), False, 1e-6)),
+        (ops.adaln_fwd, (x, per_token, per_token.detach().clone().requires_grad_(), True, 1e-6)),
+        (ops.gated_fwd, (x, x.detach().clone().requires_grad_(), per_sample)),
+        (ops.attention_fp8_fwd, (h, h.detach().clone(), h.detach().clone(), None, 0.125, 64, False, None)),
+    ]
+
+
+@pytest.mark.parametrize("case", range(7))
+def test_custom_ops_pass_opcheck(case):
+    """torch.library.opcheck: schema, fake implementation (shapes, dtypes, strides) and registered autograd
+    agree with the real kernels (run under the interpreter)."""
+    op, args = _opcheck_cases()[case]
+    torch.library.opcheck(op, args)
