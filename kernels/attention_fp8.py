@@ -68,6 +68,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels.attention import _attn_bwd_delta
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -1013,7 +1014,8 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     Sk = k.shape[1]
     SQP, SKP = q8.shape[2], k8.shape[2]
     fp8_ds = ds_format is not None
-    delta = (do.float() * out.float()).sum(-1).transpose(1, 2).contiguous()  # (B, Sq, H) -> (B, H, Sq)
+    delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)  # rowsum(dO * O), one read of each
+    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
     do8, sdo = quantize_blocks_fused(do, block, carrier=q8.dtype)
     do8t = do8.transpose(-1, -2).contiguous()  # (B, H, D, Sq_pad): K-major operand of P^T dO
     if fp8_ds:  # (B, H, D, S_pad): K-major operands of dS^T q8 and dS k8; rotated grads in fp32
