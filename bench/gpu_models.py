@@ -316,12 +316,32 @@ def _run_fp8_providers(case: Case, peak: float, quick: bool, deadline: float) ->
     return recs
 
 
+COMPILE_KWARGS: dict = {}  # torch.compile options of the compiled providers (Inductor by default)
+
+
 def _compile_blocks(model: torch.nn.Module) -> torch.nn.Module:
     """torch.compile each block in place (ours: ``blocks``; diffusers: ``blocks`` or ``transformer_blocks``)."""
     blocks = getattr(model, "blocks", None) or model.transformer_blocks
     for block in blocks:
-        block.compile()
+        block.compile(**COMPILE_KWARGS)
     return model
+
+
+def _run_diffusers(
+    case: Case, provider: str, ours, peak: float, quick: bool, compile_blocks: bool
+) -> list[dict]:
+    """The diffusers model with our model's weights (built from ``ours``, which the caller then drops)."""
+    try:
+        if ours is None:
+            raise RuntimeError("our model could not be built; no weights for the baseline")
+        theirs = case.build_diffusers(ours)
+        return _measure(
+            case, provider, _compile_blocks(theirs) if compile_blocks else theirs, True, peak, quick
+        )
+    except Exception as e:  # a failing provider is a record, never a crash
+        return [_error(case.name, provider, e)]
+    finally:
+        _empty_cache()
 
 
 def _run_compiled(case: Case, peak: float) -> list[dict]:
@@ -333,18 +353,7 @@ def _run_compiled(case: Case, peak: float) -> list[dict]:
         recs += _measure(case, provider, _compile_blocks(ours), False, peak, False)
     except Exception as e:  # a failing provider is a record, never a crash
         recs.append(_error(case.name, provider, e))
-    try:
-        if ours is None:
-            raise RuntimeError("our model could not be built; no weights for the baseline")
-        theirs = _compile_blocks(case.build_diffusers(ours))
-        del ours
-        _empty_cache()
-        recs += _measure(case, "diffusers+compile", theirs, True, peak, False)
-        del theirs
-    except Exception as e:
-        recs.append(_error(case.name, "diffusers+compile", e))
-    _empty_cache()
-    return recs
+    return recs + _run_diffusers(case, "diffusers+compile", ours, peak, False, compile_blocks=True)
 
 
 def _run_case(case: Case, peak: float, quick: bool, deadline: float = float("inf")) -> list[dict]:
@@ -358,17 +367,8 @@ def _run_case(case: Case, peak: float, quick: bool, deadline: float = float("inf
         except Exception as e:  # a failing provider is a record, never a crash
             recs.append(_error(case.name, f"ours_{backend}", e))
         _empty_cache()
-    try:
-        if ours is None:
-            raise RuntimeError("our model could not be built; no weights for the baseline")
-        theirs = case.build_diffusers(ours)
-        del ours
-        _empty_cache()
-        recs += _measure(case, "diffusers", theirs, True, peak, quick)
-        del theirs
-    except Exception as e:
-        recs.append(_error(case.name, "diffusers", e))
-    _empty_cache()
+    recs += _run_diffusers(case, "diffusers", ours, peak, quick, compile_blocks=False)
+    del ours
     if os.environ.get("GPU_MODELS_COMPILE") == "1" and not quick:
         recs += _run_compiled(case, peak)
     return recs + _run_fp8_providers(case, peak, quick, deadline)

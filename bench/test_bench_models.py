@@ -54,16 +54,24 @@ def test_bench_wan_toy_diffusers(benchmark):
     assert out.shape == kwargs["hidden_states"].shape
 
 
-def test_gpu_models_case_machinery_runs_on_cpu():
-    """bench/gpu_models.py's case code on a tiny CPU case: every provider yields records, no errors."""
-    from bench.gpu_models import _run_case, _wan_case
+@pytest.mark.parametrize("compiled", [False, True])
+def test_gpu_models_case_machinery_runs_on_cpu(compiled, monkeypatch):
+    """bench/gpu_models.py's case code on a tiny fp32 CPU case (our Triton attention in the interpreter,
+    which takes no bf16): every provider yields records, no errors; with GPU_MODELS_COMPILE=1 also the
+    compiled steps (AOTAutograd graphs without Inductor's codegen here)."""
+    import bench.gpu_models as gm
 
-    case = _wan_case("debug", 2, (4, 2, 8, 8), 8, device="cpu")
-    recs = _run_case(case, peak=1e12, quick=False)
+    monkeypatch.setattr(gm, "DTYPE", torch.float32)
+    if compiled:
+        monkeypatch.setenv("GPU_MODELS_COMPILE", "1")
+        monkeypatch.setattr(gm, "COMPILE_KWARGS", {"backend": "aot_eager", "fullgraph": True})
+    case = gm._wan_case("debug", 2, (4, 2, 8, 8), 8, device="cpu")
+    recs = gm._run_case(case, peak=1e12, quick=False)
     errors = [r["extra"].get("message") for r in recs if r["metric"] == "error"]
     assert not errors, errors
     providers = {r["provider"] for r in recs if r["metric"] == "tokens_per_s"}
-    assert providers == {"ours_triton", "ours_sdpa", "diffusers"}
+    want = {"ours_triton", "ours_sdpa", "diffusers"}
+    assert providers == (want | {"ours_sdpa+compile", "diffusers+compile"} if compiled else want)
 
 
 def test_gpu_models_fp8_providers_run_or_skip_on_cpu(monkeypatch):
