@@ -8,7 +8,8 @@ matters and is fixed by :func:`parallelize`:
                          ``DistInfo.fsdp_mesh``, which folds the cp ranks into the shard dimension,
 1. :func:`apply_ac`      activation checkpointing per block ("full": recompute the whole block;
                          "selective": keep matmul / attention outputs, recompute the cheap
-                         element-wise and norm ops),
+                         element-wise and norm ops; blocks with Transformer Engine linears use TE's
+                         checkpoint, whose recompute runs under the forward's FP8 recipe),
 2. :func:`apply_compile` ``torch.compile`` per block (one graph per block; reused across blocks with the
                          same code, so compile time does not grow with depth),
 3. :func:`apply_fsdp`    FSDP2 ``fully_shard`` per block, then on the root; parameters all-gathered in
@@ -81,6 +82,19 @@ def _selective_policy(ctx, op, *args, **kwargs) -> CheckpointPolicy:
     return CheckpointPolicy.MUST_SAVE if op in _SAVE_OPS else CheckpointPolicy.PREFER_RECOMPUTE
 
 
+def _te_checkpoint(block: nn.Module) -> Callable | None:
+    """Transformer Engine's checkpoint for a block holding TE modules (precision.fp8 = "te"), else None.
+
+    The backward recomputes a checkpointed block outside the forward's ``te.autocast``: torch's checkpoint
+    would rerun TE's linears without FP8, save tensors unlike the forward's and fail its metadata check;
+    TE's non-reentrant checkpoint re-enters the autocast with the forward's recipe for the recompute."""
+    if not any(type(m).__module__.startswith("transformer_engine") for m in block.modules()):
+        return None
+    from transformer_engine.pytorch.distributed import checkpoint
+
+    return checkpoint
+
+
 def apply_ac(model: nn.Module, mode: str) -> nn.Module:
     """Wrap each block in activation checkpointing. ``mode``: "none" | "full" | "selective"."""
     if mode not in ("none", "full", "selective"):
@@ -91,12 +105,16 @@ def apply_ac(model: nn.Module, mode: str) -> nn.Module:
         return model
     blocks = model_blocks(model)
     for i, block in enumerate(blocks):
-        if mode == "full":
-            wrapped = checkpoint_wrapper(block, preserve_rng_state=False)
+        kw = (
+            {}
+            if mode == "full"
+            else {"context_fn": partial(create_selective_checkpoint_contexts, _selective_policy)}
+        )
+        te_checkpoint = _te_checkpoint(block)
+        if te_checkpoint is None:
+            blocks[i] = checkpoint_wrapper(block, preserve_rng_state=False, **kw)
         else:
-            ctx = partial(create_selective_checkpoint_contexts, _selective_policy)
-            wrapped = checkpoint_wrapper(block, context_fn=ctx, preserve_rng_state=False)
-        blocks[i] = wrapped
+            blocks[i] = checkpoint_wrapper(block, checkpoint_fn=te_checkpoint, use_reentrant=False, **kw)
     log.info("activation checkpointing (%s) on %d blocks", mode, len(blocks))
     return model
 

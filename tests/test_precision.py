@@ -113,9 +113,13 @@ def test_torchao_fp8_cuda_odd_token_count(tmp_path):
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TE, reason="needs Transformer Engine")
+@pytest.mark.parametrize("ac", ["none", "full", "selective"])
 @pytest.mark.parametrize("recipe", ["delayed", "current"])
-def test_te_fp8_cuda_trains(tmp_path, recipe):
+def test_te_fp8_cuda_trains(tmp_path, recipe, ac):
+    """TE linears train, also with activation checkpointing (TE's checkpoint: its recompute re-enters
+    te.autocast; torch's would recompute without FP8)."""
     cfg = _cfg(20, "cuda", fp8="te", fp8_recipe=recipe, fp8_min_features=256, param_dtype="bfloat16")
+    cfg.parallel.activation_checkpointing = ac
     tr, losses = _train(cfg, tmp_path, _wide(), seq=64)
     assert any("transformer_engine" in type(m).__module__ for m in tr.model.modules())
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])
