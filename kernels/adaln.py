@@ -317,6 +317,24 @@ def _warps(BLOCK_R: int, BLOCK_D: int) -> int:
     return TUNING["warps"] if BLOCK_R * BLOCK_D >= TUNING["tile"] else 4
 
 
+def _per_token(x: torch.Tensor, mod: torch.Tensor) -> bool:
+    """Modulation (scale, shift, gate) per token (B, S, D) rather than per sample (B, 1, D)."""
+    return mod.shape[1] == x.shape[1] and x.shape[1] > 1
+
+
+def _mod_grad(mod: torch.Tensor, dtype: torch.dtype, per_token: bool, n_progs: int) -> torch.Tensor:
+    """The backward kernels' output for a modulation's gradient: the gradient itself (per token), or fp32
+    partial sums (B, n_progs, D), one per program, that :func:`_sum_partials` reduces."""
+    if per_token:
+        return torch.empty(mod.shape, device=mod.device, dtype=dtype)
+    return torch.empty((mod.shape[0], n_progs, mod.shape[2]), device=mod.device, dtype=torch.float32)
+
+
+def _sum_partials(grad: torch.Tensor, dtype: torch.dtype, per_token: bool) -> torch.Tensor:
+    """(B, n_progs, D) partial sums -> (B, 1, D) in ``dtype``: a fixed-order sum, deterministic."""
+    return grad if per_token else grad.sum(1, keepdim=True).to(dtype)
+
+
 def _launch(kernel, geom: tuple[int, int, int, int], B: int, *args, **meta) -> None:
     """kernel on the (n_progs, B) grid of ``geom`` (from :func:`_launch_geometry`) with its tile sizes."""
     BLOCK_R, BLOCK_D, _, n_progs = geom
@@ -332,7 +350,7 @@ def _adaln_fwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """x, scale, shift contiguous -> (y, mean, rstd); mean/rstd (B*S,) fp32 for the backward."""
     B, S, D = x.shape
-    per_token = scale.shape[1] == S and S > 1
+    per_token = _per_token(x, scale)
     geom = _launch_geometry(x, backward=False)
     rpp = geom[2]
     y = torch.empty_like(x)
@@ -363,25 +381,17 @@ def _adaln_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """-> (dx, dscale, dshift) with dscale/dshift shaped like scale (dshift in shift's dtype)."""
     B, S, D = x.shape
-    per_token = scale.shape[1] == S and S > 1
+    per_token = _per_token(x, scale)
     geom = _launch_geometry(x, backward=True)
     rpp, n_progs = geom[2:]
     dx = torch.empty_like(x)
-    if per_token:
-        dscale = torch.empty_like(scale)
-        dshift = torch.empty(scale.shape, device=x.device, dtype=shift_dtype)
-    else:
-        dscale = torch.empty((B, n_progs, D), device=x.device, dtype=torch.float32)
-        dshift = torch.empty_like(dscale)
+    dscale = _mod_grad(scale, scale.dtype, per_token, n_progs)
+    dshift = _mod_grad(scale, shift_dtype, per_token, n_progs)
     _launch(
         _adaln_bwd_kernel, geom, B, x, scale, dy, mean, rstd, dx, dscale, dshift, S, D, rpp, n_progs,
         RMS=rms, PER_TOKEN=per_token,
     )  # fmt: skip
-    if not per_token:
-        # (B, n_progs, D) -> (B, 1, D): fixed-order sum, deterministic
-        dscale = dscale.sum(1, keepdim=True).to(scale.dtype)
-        dshift = dshift.sum(1, keepdim=True).to(shift_dtype)
-    return dx, dscale, dshift
+    return dx, _sum_partials(dscale, scale.dtype, per_token), _sum_partials(dshift, shift_dtype, per_token)
 
 
 @_adaln_bwd_op.register_fake
@@ -410,7 +420,7 @@ _adaln_fwd_op.register_autograd(_adaln_backward, setup_context=_adaln_setup)
 def _gated_fwd_op(x: torch.Tensor, y: torch.Tensor, gate: torch.Tensor) -> torch.Tensor:
     """x + gate * y; x, y, gate contiguous."""
     B, S, D = x.shape
-    per_token = gate.shape[1] == S and S > 1
+    per_token = _per_token(x, gate)
     geom = _launch_geometry(x, backward=False)
     out = torch.empty_like(x)
     _launch(_gated_fwd_kernel, geom, B, x, y, gate, out, S, D, geom[2], PER_TOKEN=per_token)
@@ -428,18 +438,13 @@ def _gated_bwd_op(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """-> (dy, dgate); dx is dout itself."""
     B, S, D = y.shape
-    per_token = gate.shape[1] == S and S > 1
+    per_token = _per_token(y, gate)
     geom = _launch_geometry(y, backward=True)
     rpp, n_progs = geom[2:]
     dy = torch.empty_like(y)
-    if per_token:
-        dgate = torch.empty_like(gate)
-    else:
-        dgate = torch.empty((B, n_progs, D), device=y.device, dtype=torch.float32)
+    dgate = _mod_grad(gate, gate.dtype, per_token, n_progs)
     _launch(_gated_bwd_kernel, geom, B, dout, y, gate, dy, dgate, S, D, rpp, n_progs, PER_TOKEN=per_token)
-    if not per_token:
-        dgate = dgate.sum(1, keepdim=True).to(gate.dtype)  # (B, n_progs, D) -> (B, 1, D)
-    return dy, dgate
+    return dy, _sum_partials(dgate, gate.dtype, per_token)
 
 
 @_gated_bwd_op.register_fake

@@ -424,11 +424,12 @@ def _tma_mode(q: torch.Tensor) -> str:
         return "off"
     if _INTERPRET:
         return "on" if (TMA == "on" and TensorDescriptor is not None) else "off"
-    supported = TensorDescriptor is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
+    major, minor = torch.cuda.get_device_capability(q.device)
+    supported = TensorDescriptor is not None and major >= 9
     if TMA == "on" and not supported:
         raise ValueError(
             "kernels.attention.TMA = 'on' needs a Hopper-or-newer GPU (sm_90+) and a Triton with "
-            f"triton.tools.tensor_descriptor; this device is sm_{''.join(map(str, torch.cuda.get_device_capability(q.device)))}"
+            f"triton.tools.tensor_descriptor; this device is sm_{major}{minor}"
         )
     if TMA == "auto" and (not supported or _TMA_FAILED):
         return "off"
@@ -455,9 +456,8 @@ def _launch(
     key = (kernel, meta["ROPE"]) + (("fp32",) if meta["PRECISION"] == "ieee" else ())
     if deterministic:
         c = _config_list(key, mode)[0]
-        nargs = dict(zip(_RAW[kernel].arg_names, args), **meta, **c.kwargs)
-        if c.pre_hook is not None:
-            c.pre_hook(nargs)
+        if c.pre_hook is not None:  # the TMA configs' descriptor block shapes
+            c.pre_hook(dict(zip(_RAW[kernel].arg_names, args), **meta, **c.kwargs))
         grid = (triton.cdiv(n, c.kwargs[tile]), bh)
         _RAW[kernel][grid](*args, **meta, **c.kwargs, num_warps=c.num_warps, num_stages=c.num_stages)
     else:
@@ -550,13 +550,15 @@ def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, determinis
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
-    dq, dk, dv = torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
+    dk, dv = torch.empty_like(k), torch.empty_like(v)
     meta = _meta(q, k, cos, k_lengths)
     atomic = _backward_mode() == "atomic" and not deterministic and cos is None
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
-    # BACKWARD = "atomic": dQ accumulates in fp32 across the key-tile programs, then one cast
+    # BACKWARD = "atomic": dQ accumulates in fp32 across the key-tile programs, then one cast; "split": the
+    # dQ kernel writes dq (dk stands in for the unused fp32 buffer)
     dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
+    dq = None if atomic else torch.empty_like(q)
 
     def launch(mode):
         if atomic:
