@@ -1,6 +1,8 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
-before it, the default; RoPE fused into it; with kernels.attention.TMA = "off", the default, and "auto",
-TMA loads autotuned beside pointer loads; with BACKWARD = "atomic", dQ by atomic adds in the dK/dV kernel) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+before it, the default; RoPE fused into it; with the module settings kernels.attention.TMA and BACKWARD
+at their defaults, and as "triton[tma=auto]" (TMA loads autotuned beside pointer loads) and
+"triton[bwd=atomic]" (dQ by atomic adds in the dK/dV kernel)) vs SDPA flash, SDPA cuDNN and flash_attn
+(when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -25,16 +27,17 @@ SHAPES = {
 }
 
 
-def _providers(rope, quick: bool):
-    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable."""
+def _providers(rope, quick: bool, defaults: tuple[str, str]):
+    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable. defaults: the module's
+    (TMA, BACKWARD) settings, which every Triton provider but the two variants runs with."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def tma(mode, fn, backward="split"):  # sets the modes for the call and for the backward that follows it
+    def modes(fn, tma=defaults[0], backward=defaults[1]):  # for the call and the backward that follows it
         def run(q, k, v):
-            attention_module.TMA, attention_module.BACKWARD = mode, backward
+            attention_module.TMA, attention_module.BACKWARD = tma, backward
             return fn(q, k, v)
 
         return run
@@ -49,20 +52,20 @@ def _providers(rope, quick: bool):
     provs = {
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
-        "triton": (tma("off", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[tma=auto]": (tma("auto", lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[bwd=atomic]": (tma("off", lambda q, k, v: attention(q, k, v), "atomic"), "sdpa_flash"),
+        "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
+        "triton[tma=auto]": (modes(lambda q, k, v: attention(q, k, v), tma="auto"), "sdpa_flash"),
+        "triton[bwd=atomic]": (modes(lambda q, k, v: attention(q, k, v), backward="atomic"), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
-            tma("off", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
+            modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
             "sdpa_flash+rope",
         ),
         "triton+rope_fused": (
-            tma("off", lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True)),
+            modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=True)),
             "sdpa_flash+rope",
         ),
     }
-    if quick:  # the opt-in fused-RoPE kernels and the pointer-only configs cost their own compiles
+    if quick:  # the opt-in fused-RoPE kernels and the TMA configs cost their own compiles
         del provs["triton+rope_fused"], provs["triton[tma=auto]"]
     try:
         import flash_attn  # noqa: F401
@@ -130,17 +133,20 @@ def run(quick: bool = False) -> list[dict]:
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     import kernels.attention as attention_module
 
+    defaults = (attention_module.TMA, attention_module.BACKWARD)
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
     for case in cases:
         try:
             recs += _bench_rope(case, SHAPES[case])
-            recs += bench_providers("attention", case, SHAPES[case], lambda rope: _providers(rope, quick))
+            recs += bench_providers(
+                "attention", case, SHAPES[case], lambda rope: _providers(rope, quick, defaults)
+            )
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA, attention_module.BACKWARD = "off", "split"
+            attention_module.TMA, attention_module.BACKWARD = defaults
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))
