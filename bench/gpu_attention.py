@@ -1,8 +1,8 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
-before it, the default; RoPE fused into it; with the module settings kernels.attention.TMA and BACKWARD
-at their defaults, and as "triton[tma=auto]" (TMA loads autotuned beside pointer loads) and
-"triton[bwd=atomic]" (dQ by atomic adds in the dK/dV kernel)) vs SDPA flash, SDPA cuDNN and flash_attn
-(when importable).
+before it, the default; RoPE fused into it; with the module settings kernels.attention.TMA, BACKWARD and
+EXP2 at their defaults, and as "triton[tma=auto]" (TMA loads autotuned beside pointer loads),
+"triton[bwd=atomic]" (dQ by atomic adds in the dK/dV kernel) and "triton[exp2=split]" (half the softmax
+exponentials on the FMA pipes)) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -27,17 +27,21 @@ SHAPES = {
 }
 
 
-def _providers(rope, quick: bool, defaults: tuple[str, str]):
+_SETTINGS = ("TMA", "BACKWARD", "EXP2")  # kernels.attention's module settings the variants change
+
+
+def _providers(rope, quick: bool, defaults: dict[str, str]):
     """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable. defaults: the module's
-    (TMA, BACKWARD) settings, which every Triton provider but the two variants runs with."""
+    settings (_SETTINGS), which every Triton provider runs with but for the one a variant changes."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def modes(fn, tma=defaults[0], backward=defaults[1]):  # for the call and the backward that follows it
+    def modes(fn, **change):  # for the call and the backward that follows it
         def run(q, k, v):
-            attention_module.TMA, attention_module.BACKWARD = tma, backward
+            for name, value in dict(defaults, **change).items():
+                setattr(attention_module, name, value)
             return fn(q, k, v)
 
         return run
@@ -53,8 +57,9 @@ def _providers(rope, quick: bool, defaults: tuple[str, str]):
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[tma=auto]": (modes(lambda q, k, v: attention(q, k, v), tma="auto"), "sdpa_flash"),
-        "triton[bwd=atomic]": (modes(lambda q, k, v: attention(q, k, v), backward="atomic"), "sdpa_flash"),
+        "triton[tma=auto]": (modes(lambda q, k, v: attention(q, k, v), TMA="auto"), "sdpa_flash"),
+        "triton[bwd=atomic]": (modes(lambda q, k, v: attention(q, k, v), BACKWARD="atomic"), "sdpa_flash"),
+        "triton[exp2=split]": (modes(lambda q, k, v: attention(q, k, v), EXP2="split"), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
             modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
@@ -133,7 +138,7 @@ def run(quick: bool = False) -> list[dict]:
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     import kernels.attention as attention_module
 
-    defaults = (attention_module.TMA, attention_module.BACKWARD)
+    defaults = {name: getattr(attention_module, name) for name in _SETTINGS}
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
@@ -146,7 +151,8 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA, attention_module.BACKWARD = defaults
+            for name, value in defaults.items():
+                setattr(attention_module, name, value)
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

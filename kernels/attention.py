@@ -68,6 +68,15 @@ TMA = "off"
 # its dS K into an fp32 dQ buffer with atomic adds (5 matmuls, as FlashAttention-2/3 do; the summation
 # order varies from run to run). deterministic=True and fused RoPE always use "split".
 BACKWARD = "split"
+# The softmax exponentials of the full key tiles: "mufu" every 2^x on the special-function unit (ex2.approx,
+# 16 per clock per SM on sm_90, a quarter of the tensor-core time of a bf16 tile and as much as an FP8
+# tile's); "split" half of each tile's on the FMA pipes instead, as a degree-3 polynomial with the exponent
+# set by integer adds (_exp2_poly, relative error < 8e-5, far below a bf16/fp16 P's rounding), so that both
+# units work at once (the split FlashAttention-4 uses on Blackwell). Triton cannot overlap the softmax with
+# a warpgroup's own wgmma on Hopper (its pipeliner waits on the q k^T product before the softmax: see
+# bench/codegen.py), so the softmax's length adds to each tile's time. fp32 inputs always use "mufu"; ragged
+# tiles too (exact zeros for masked keys). "mufu" is the default until "split" has been timed on a GPU.
+EXP2 = "mufu"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
@@ -94,6 +103,30 @@ def _rotate(x, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr, S
 
 
 @triton.jit
+def _exp2_poly(x):
+    """2^x for x <= 0 on the FMA and integer pipes: x = n + f with n = round(x) (adding 1.5 * 2^23 leaves n
+    in the low mantissa bits), 2^f on [-1/2, 1/2] by a degree-3 minimax polynomial (relative error 7.5e-5),
+    then n added to the exponent field. x is clamped at -125 (2^-125 ~ 2e-38 stands for anything smaller),
+    so the exponent stays normal."""
+    x = tl.maximum(x, -125.0)
+    t = x + 12582912.0
+    f = x - (t - 12582912.0)
+    p = 0.9999281167984009 + f * (0.6932609677314758 + f * (0.24261054396629333 + f * 0.05517132207751274))
+    n = t.to(tl.int32, bitcast=True) - 0x4B400000
+    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def _exp2(x, ROWS: tl.constexpr, COLS: tl.constexpr, SPLIT: tl.constexpr):
+    """2^x of a (ROWS, COLS) tile: all on the special-function unit, or with SPLIT the odd columns by
+    _exp2_poly (a thread holds column pairs in the MMA layouts, so the split and join move no data)."""
+    if SPLIT:
+        xe, xo = tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
+        return tl.reshape(tl.join(tl.exp2(xe), _exp2_poly(xo)), (ROWS, COLS))
+    return tl.exp2(x)
+
+
+@triton.jit
 def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN, stride_s, BLOCK: tl.constexpr,
         D: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
     """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out).
@@ -114,8 +147,8 @@ def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN,
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr):
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr, SPLIT_EXP: tl.constexpr):
     """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -129,7 +162,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_en
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
     # scale > 0, so max(qk * scale) = max(qk) * scale, and the exponent is one FMA per element
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    p = _exp2(qk * qk_scale - m_new[:, None], BLOCK_M, BLOCK_N, SPLIT_EXP and not MASKED)
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
@@ -139,7 +172,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_en
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_BUCKET,
         D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        SPLIT_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """out = softmax(scale q k^T) v for BLOCK_M queries of one (batch, head); lse alongside."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -161,10 +194,10 @@ def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BU
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA, SPLIT_EXP)
     if n_full < n_end:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA, SPLIT_EXP)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -189,8 +222,9 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, DQA, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s,
-        scale, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr):
+        scale, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
+        MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
+        SPLIT_EXP: tl.constexpr):
     """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q;
     with ATOMIC_DQ also dQ += scale dS K, added into the fp32 buffer DQA with atomics."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -207,7 +241,7 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, DQA, QD, DOD, row0, col, LSE, DELTA, C
         lse = tl.load(LSE + offs_m)
         delta = tl.load(DELTA + offs_m)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    p_t = _exp2(s_t - lse[None, :] * 1.4426950408889634, BLOCK_N, BLOCK_M, SPLIT_EXP and not MASKED)
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
@@ -229,7 +263,8 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, DQA, QD, DOD, row0, col, LSE, DELTA, C
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
         Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        ATOMIC_DQ: tl.constexpr, SPLIT_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+        TMA: tl.constexpr):
     """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles (and with ATOMIC_DQ this
     key tile's share of dQ, added into DQA)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
@@ -253,12 +288,12 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, DQA + q_off, QD, DOD, row0, col, lse_ptr,
-            delta_ptr, COS, SIN, start_m, Sq, stride_s, scale, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA,
-            ATOMIC_DQ)
+            delta_ptr, COS, SIN, start_m, Sq, stride_s, scale, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION,
+            TMA, ATOMIC_DQ, SPLIT_EXP)
     if m_full < m_hi:
         dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, DQA + q_off, QD, DOD, row0, col, lse_ptr,
-            delta_ptr, COS, SIN, m_full, Sq, stride_s, scale, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False,
-            ATOMIC_DQ)
+            delta_ptr, COS, SIN, m_full, Sq, stride_s, scale, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION,
+            False, ATOMIC_DQ, SPLIT_EXP)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -271,8 +306,8 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
-        D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr):
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr, SPLIT_EXP: tl.constexpr):
     """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -282,7 +317,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n,
     v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
         MASKED, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-    p = tl.exp2(s - lse2[:, None])
+    p = _exp2(s - lse2[:, None], BLOCK_M, BLOCK_N, SPLIT_EXP and not MASKED)
     if MASKED:
         p = tl.where(k_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -294,7 +329,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n,
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET,
         K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        SPLIT_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """dQ of BLOCK_M queries of one (batch, head), looping over the valid key tiles."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -317,10 +352,10 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA, SPLIT_EXP)
     if n_full < n_end:
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA, SPLIT_EXP)
     dq = dq * scale
     if ROPE:
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
@@ -357,7 +392,13 @@ def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int], tma:
 _TILES = {
     # (128, 64, 8, 4) is back: without it the Wan-1.3B forward fell from 499 to 464 TFLOP/s on an H200
     # (the other shapes moved < 3%), so the autotuner had likely picked it there (to confirm on a GPU)
-    ("fwd", False): ([(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4)], (64, 32)),
+    # (128, 32, 4, 3) and (64, 64, 4, 2): one warpgroup per program at <= 255 registers and <= 80 KB shared
+    # memory (ptxas, sm_90, no spills), so two programs share an SM and one's softmax can run under the other's
+    # wgmma, which the two warpgroups of an 8-warp program, in step at every tile's barrier, rarely do
+    ("fwd", False): (
+        [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (64, 64, 4, 2)],
+        (64, 32),
+    ),
     ("fwd", True): ([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
     ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
@@ -372,7 +413,7 @@ _TILES = {
 for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dkdv_dq", (32, 64)), ("dq", (64, 32))):
     for _rope in (False, True):
         _TILES[(_kernel, _rope, "fp32")] = ([(*_tiles, 4, 2)], _tiles)
-_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN", "SPLIT_EXP"]
 _RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED: dict = {}  # (kernel, rope[, "fp32"], mode) -> autotuner, built on first use
 
@@ -505,12 +546,19 @@ def _check_triton(q: torch.Tensor) -> None:
         )
 
 
+def _exp2_mode() -> str:
+    if EXP2 not in ("mufu", "split"):
+        raise ValueError(f"kernels.attention.EXP2: expected 'mufu' or 'split', got {EXP2!r}")
+    return EXP2
+
+
 def _meta(q, k, rope, k_lengths) -> dict:
     return dict(
         D=q.shape[-1],
         ROPE=rope is not None,
         HAS_KLEN=k_lengths is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        SPLIT_EXP=_exp2_mode() == "split" and q.dtype != torch.float32,
     )
 
 

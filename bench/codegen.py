@@ -1,0 +1,203 @@
+"""What the attention kernels compile to on Hopper, without a GPU: registers, spills, shared memory, programs
+per SM, whether the tile loads are software-pipelined, which tensor-core products run asynchronously, and how
+many special-function exponentials a program issues.
+
+    python -m bench.codegen                      # every autotune config of the bf16 kernels, sm_90
+    python -m bench.codegen --kernel fwd --split-exp --tma
+    python -m bench.codegen --json out.json
+
+Triton compiles for a target it is told (``GPUTarget("cuda", 90, 32)``) with its own ptxas, so this runs on
+the CPU-only machines; pointers are specialised as 16-byte aligned as at run time (without that hint Triton
+does not pipeline the pointer loads). Columns:
+
+- ``regs`` / ``spill``: registers per thread and local-memory bytes (cuobjdump -res-usage of the cubin).
+- ``smem``: shared memory per program (KB); ``per_sm``: programs that fit one SM by registers (64K) and
+  shared memory (227 KB usable, 1 KB reserved per program).
+- ``pipelined``: asynchronous global-to-shared copies (cp.async or TMA) in the TTGIR: 0 means each tile is
+  loaded and waited for in its own iteration.
+- ``dots`` / ``sync``: wgmma products in the main loop, and how many of them are followed at once by a
+  ``warp_group_dot_wait {pendings = 0}`` (the warpgroup stalls until the product is done). Triton lets a
+  product run on only if its result is used solely as the next product's accumulator, so the q k^T product,
+  whose scores the softmax reads, is always synchronous: within a warpgroup the softmax never overlaps a
+  wgmma (FlashAttention-3's in-warpgroup pipelining cannot be written in Triton); only other warpgroups or
+  programs on the SM can fill the tensor cores meanwhile.
+- ``ex2``: MUFU.EX2 instructions in the SASS (per thread, whole kernel: loop body plus the masked tail).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import subprocess
+import sys
+import tempfile
+
+SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
+
+
+def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, str]:
+    """Triton types of the bf16/fp16 attention kernels' arguments (kernels.attention naming)."""
+    sig = {}
+    for a in fn.arg_names:
+        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+            sig[a] = f"*{dtype}"
+        elif a in ("KD", "VD", "QD", "DOD"):
+            rows = tiles["BLOCK_N"] if a in ("KD", "VD") else tiles["BLOCK_M"]
+            sig[a] = f"tensordesc<{dtype}[{rows},{tiles['D']}]>" if tma else f"*{dtype}"
+        elif a in ("LSE", "DELTA", "COS", "SIN", "DQA"):
+            sig[a] = "*fp32"
+        elif a == "KLEN":
+            sig[a] = "*i32"
+        elif a in ("scale", "qk_scale"):
+            sig[a] = "fp32"
+        elif a in ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET"):
+            sig[a] = "i32"
+        else:
+            sig[a] = "constexpr"
+    return sig
+
+
+def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bool = False,
+                      split_exp: bool = False, rope: bool = False, has_klen: bool = False, d: int = 128,
+                      dtype: str = "bf16", capability: int = 90):  # fmt: skip
+    """Compile one kernels.attention kernel ("fwd", "dkdv", "dkdv_dq", "dq") at a (BLOCK_M, BLOCK_N,
+    num_warps, num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    import kernels.attention as A
+
+    fn = A._RAW[kernel]
+    bm, bn, warps, stages = config
+    consts = dict(D=d, ROPE=rope, HAS_KLEN=has_klen, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, TMA=tma,
+                  ATOMIC_DQ=kernel == "dkdv_dq", SPLIT_EXP=split_exp)  # fmt: skip
+    consts = {c: v for c, v in consts.items() if c in fn.arg_names}
+    sig = _signature(fn, dict(BLOCK_M=bm, BLOCK_N=bn, D=d), tma, dtype)
+    aligned = [["tt.divisibility", 16]]
+    attrs = {(i,): aligned for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
+                    constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})  # fmt: skip
+    target = GPUTarget("cuda", capability, 32)
+    return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+
+
+def _main_loop(ttgir: str) -> list[str]:
+    """The lines of the kernel's first scf.for body (the full-tile loop)."""
+    lines = ttgir.splitlines()
+    for i, line in enumerate(lines):
+        if " scf.for " in line:
+            indent = len(line) - len(line.lstrip())
+            body = []
+            for inner in lines[i + 1 :]:
+                if inner.strip().startswith("scf.yield") and len(inner) - len(inner.lstrip()) == indent + 2:
+                    return body
+                body.append(inner)
+            return body
+    return []
+
+
+def _tool(name: str) -> str | None:
+    from triton import knobs
+
+    try:
+        return getattr(knobs.nvidia, name).path
+    except Exception:  # noqa: BLE001 - a Triton without the bundled binary
+        return None
+
+
+def analyze(compiled, num_warps: int) -> dict:
+    """The columns of the module docstring for one CompiledKernel."""
+    ttgir = compiled.asm["ttgir"]
+    loop = _main_loop(ttgir)
+    dots = [i for i, line in enumerate(loop) if "ttng.warp_group_dot " in line]
+    sync = sum(
+        1
+        for i in dots
+        if i + 1 < len(loop) and "warp_group_dot_wait" in loop[i + 1] and "pendings = 0" in loop[i + 1]
+    )
+    out = dict(
+        smem_kb=compiled.metadata.shared / 1024,
+        pipelined=len(re.findall(r"async_copy_global_to_local|async_tma_copy_global_to_local", ttgir)),
+        dots=len(dots),
+        sync=sync,
+        regs=None,
+        spill=None,
+        ex2=None,
+        per_sm=None,
+    )
+    cuobjdump = _tool("cuobjdump")
+    if cuobjdump and "cubin" in compiled.asm:
+        with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
+            f.write(compiled.asm["cubin"])
+            f.flush()
+            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
+            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+        if m:
+            out["regs"], out["spill"] = int(m.group(1)), int(m.group(2)) + int(m.group(3))
+            by_regs = SM_REGS // (out["regs"] * 32 * num_warps)
+            by_smem = SM_SMEM // (compiled.metadata.shared + SMEM_RESERVED)
+            out["per_sm"] = min(by_regs, by_smem)
+        out["ex2"] = sass.count("MUFU.EX2")
+    return out
+
+
+def report(kernels: list[str], *, tma: bool, split_exp: bool, rope: bool) -> list[dict]:
+    import kernels.attention as A
+
+    rows = []
+    for kernel in kernels:
+        for config in A._TILES[(kernel, rope)][0]:
+            row = dict(kernel=kernel, config=list(config), tma=tma, split_exp=split_exp, rope=rope)
+            try:
+                row.update(analyze(compile_attention(kernel, config, tma=tma, split_exp=split_exp, rope=rope),
+                                   config[2]))  # fmt: skip
+            except Exception as e:  # noqa: BLE001 - one config that does not build is a row, not the end
+                row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+    return rows
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
+    )
+    ap.add_argument("--kernel", default="fwd,dkdv,dkdv_dq,dq", help="comma list of fwd, dkdv, dkdv_dq, dq")
+    ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
+    ap.add_argument("--split-exp", action="store_true", help="half the exponentials on the FMA pipes (EXP2)")
+    ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")
+    ap.add_argument("--json", help="also write the rows to this file")
+    args = ap.parse_args(argv)
+    if os.environ.get("TRITON_INTERPRET") == "1":
+        ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    kernels = [k for k in args.kernel.split(",") if k]
+    if args.rope:
+        kernels = [k for k in kernels if k != "dkdv_dq"]  # the atomic backward has no fused-RoPE variant
+    rows = report(kernels, tma=args.tma, split_exp=args.split_exp, rope=args.rope)
+    cols = ["kernel", "config", "regs", "spill", "smem_kb", "per_sm", "pipelined", "dots", "sync", "ex2"]
+    print(" ".join(f"{c:>14}" if c == "config" else f"{c:>9}" for c in cols))
+    for r in rows:
+        if "error" in r:
+            print(f"{r['kernel']:>9} {str(tuple(r['config'])):>14} error: {r['error']}")
+            continue
+        cells = []
+        for c in cols:
+            v = r.get(c)
+            v = (
+                str(tuple(v))
+                if c == "config"
+                else ("-" if v is None else f"{v:.0f}" if isinstance(v, float) else v)
+            )
+            cells.append(f"{v:>14}" if c == "config" else f"{v:>9}")
+        print(" ".join(cells))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,95 @@
+"""What the attention kernels compile to for Hopper (sm_90), checked without a GPU (bench/codegen.py): the
+Triton compiler runs in a subprocess without the interpreter. These pin properties the GPU numbers depend on
+and that a harmless-looking edit can lose: software-pipelined tile loads, the forward's p v product running
+asynchronously (in-place accumulation), shared memory within the SM, no register spills in the forward."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[1]
+
+_PROBE = """
+import json, sys
+try:
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401
+except ImportError as e:
+    print("no ahead-of-time compile API:", e)
+    sys.exit(3)
+import kernels.attention as A
+from bench.codegen import analyze, compile_attention
+rows = []
+for kernel, rope, tma, split in json.loads(sys.argv[1]):
+    config = A._TILES[(kernel, rope)][0][0]
+    try:
+        k = compile_attention(kernel, config, tma=tma, rope=rope, split_exp=split, has_klen=True)
+    except TypeError as e:
+        print("ASTSource API differs:", e)
+        sys.exit(3)
+    rows.append(dict(kernel=kernel, rope=rope, tma=tma, split=split, **analyze(k, config[2])))
+print(json.dumps(rows))
+"""
+
+
+def _compile(cases) -> list[dict]:
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+    r = subprocess.run(
+        [sys.executable, "-c", _PROBE, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True, text=True,
+        timeout=600,
+    )  # fmt: skip
+    if r.returncode == 3:
+        pytest.skip(r.stdout.strip())
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def plain():
+    """The first (deterministic) config of each kernel, pointer loads, and the forward with split exp2."""
+    return _compile(
+        [[k, False, False, False] for k in ("fwd", "dkdv", "dkdv_dq", "dq")] + [["fwd", False, False, True]]
+    )
+
+
+def test_tile_loads_are_pipelined_and_fit_the_sm(plain):
+    for row in plain:
+        assert row["pipelined"] > 0, row  # async global->shared copies: loads overlap the previous tile
+        assert row["smem_kb"] <= 227, row
+
+
+def test_only_the_products_the_softmax_reads_wait(plain):
+    """Per kernel, (wgmma products in the loop, those waited for at once): the forward's q k^T waits (the
+    softmax reads it), its p v accumulates in place and runs on; the split backward's dK/dV kernel waits for
+    q k^T and dO v^T, not dV / dK; the dQ kernel for its two score products, not dQ."""
+    got = {r["kernel"]: (r["dots"], r["sync"]) for r in plain if not r["split"]}
+    assert got["fwd"] == (2, 1) and got["dkdv"] == (4, 2) and got["dq"] == (3, 2), got
+    # the atomic backward's dQ product is waited for before its atomic adds: only dV and dK run on
+    assert got["dkdv_dq"][1] == got["dkdv_dq"][0] - 2, got
+
+
+def test_forward_has_no_spills_and_split_exp_halves_the_loop_exponentials(plain):
+    fwd, split = (next(r for r in plain if r["kernel"] == "fwd" and r["split"] is s) for s in (False, True))
+    if fwd["regs"] is None:
+        pytest.skip("no cuobjdump bundled with this Triton")
+    assert fwd["spill"] == 0 and split["spill"] == 0, (fwd, split)
+    # per thread: the full-tile loop's BLOCK_M * BLOCK_N / threads exponentials, half of them with split
+    import kernels.attention as A
+
+    bm, bn, warps, _ = A._TILES[("fwd", False)][0][0]
+    assert fwd["ex2"] - split["ex2"] == bm * bn // (32 * warps) // 2, (fwd, split)
+
+
+def test_tma_and_rope_variants_compile_for_hopper():
+    """The TMA variants of every kernel (split and atomic backward), with and without fused RoPE, compiled
+    (not run) for sm_90: the interpreter accepts descriptor code that the GPU compiler may reject."""
+    import kernels.attention as A
+
+    cases = [[k, rope, True, False] for k, rope in [key for key in A._TILES if len(key) == 2]]
+    for row in _compile(cases):
+        assert row["smem_kb"] <= 227 and row["pipelined"] > 0, row
