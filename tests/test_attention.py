@@ -409,31 +409,18 @@ def test_gpu_tma_matches_pointer_loads(fuse_rope, monkeypatch):
 
 
 @pytest.mark.gpu
-def test_gpu_atomic_backward_matches_split(monkeypatch):
-    """BACKWARD = "atomic" vs "split" in bf16 at a long ragged shape with key lengths (autotuned)."""
+@pytest.mark.parametrize("setting,value", [("BACKWARD", "atomic"), ("EXP2", "split")])
+def test_gpu_variant_matches_default(setting, value, monkeypatch):
+    """BACKWARD = "atomic" (dQ by atomic adds) or EXP2 = "split" (half the exponentials by the polynomial)
+    vs the defaults, bf16, a long ragged shape with key lengths, forward and gradients (autotuned)."""
     import kernels.attention as attention_module
 
     q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, None, [4100, 1234], torch.bfloat16, "cuda")
     g = torch.randn_like(q)
-    split = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
-    atomic = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    for a, b in zip(atomic, split):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-
-
-@pytest.mark.gpu
-def test_gpu_split_exp2_matches_mufu(monkeypatch):
-    """EXP2 = "split" vs the special-function exp2, bf16, a long ragged shape with key lengths, forward and
-    gradients (autotuned, both backward kernels)."""
-    import kernels.attention as attention_module
-
-    q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, None, [4100, 1234], torch.bfloat16, "cuda")
-    g = torch.randn_like(q)
-    mufu = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    monkeypatch.setattr(attention_module, "EXP2", "split")
-    split = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    for a, b in zip(split, mufu):
+    default = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
+    monkeypatch.setattr(attention_module, setting, value)
+    variant = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
+    for a, b in zip(variant, default):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
