@@ -25,12 +25,20 @@ E4M3 = float8 e4m3fn, max 448, 3 mantissa bits, round-to-nearest-even, saturatin
 Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N = QUANT_BLOCK):
     s = (q8_i k8_j^T) * (s_q,i * s_k,j * scale * log2 e)          # fp32 accumulate
     m' = max(m, rowmax s); p = 2^(s - m'); l' = l 2^(m - m') + rowsum p  # l from fp32 p
-    acc' = acc 2^(m - m') + (E4M3(448 p) v8_j) * (s_v,j / 448)      # P: fixed scale 448 (p <= 1)
+    w_j = max(s_v,j, 2^-80 max_{t <= j} s_v,t)                      # V unit of tile j (clamped)
+    acc' = acc 2^(m - m') + (E4M3(448 p) v8_j) * (w_j / 448)        # P: fixed scale 448 (p <= 1)
     out = acc / l; lse = ln2 (m + log2 l)
   P is quantised relative to the running max m', exactly as in the kernel; the emulation replays the
-  same key tiling so that it is bit-for-bit the same scheme.
+  same key tiling so that it is bit-for-bit the same scheme. The kernel keeps acc in units of w_j / 448,
+  so that the product accumulates in place (one wgmma onto the rescaled accumulator, async on Hopper):
+  a' = E4M3(448 p) v8_j + a 2^(m - m') (w_{j-1} / w_j), out = a w_last / (448 l). The clamp bounds
+  w_{j-1} / w_j by 2^80, so |a| <= 448^2 Sk 2^80 stays finite in fp32; w_j != s_v,j only for a V block
+  whose amax is below 2^-80 of an earlier block's (its contribution is then overstated, negligibly).
 Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), delta = rowsum(dO o).
-    dV = E4M3(448 P)^T dO8 * (s_dO / 448)    FP8: dO quantised per 128-query block (as V, fused kernel)
+    dV = E4M3(448 P)^T dO8 * (w_dO / 448)    FP8: dO quantised per 128-query block (as V, fused kernel)
+      w_dO = max(s_dO, 2^-80 max of s_dO up to this block): the dK/dV kernel runs over the query
+      tiles in order and accumulates dV in place in units of w_dO / 448 as the forward's acc; the
+      emulation does one product with dO8 w_dO (the same math, not the same fp32 summation order)
     dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True
     dS = P (dP - delta)
     dQ = scale dS (K - mean K), dK = scale dS^T Q      bf16 by default; with bwd_fp8_dqdk=True FP8:
@@ -80,6 +88,7 @@ BWD_MATMULS = ("dv", "dp", "dqdk")  # backward products that can run in FP8 (ker
 # dS formats (torch dtype, largest finite value): e4m3 (3 mantissa bits) or e5m2 (2 bits, wider range)
 FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, E4M3_MAX), "e5m2": (torch.float8_e5m2, 57344.0)}
 _DS_TINY = 1e-30  # floor of a dS group's amax (an all-zero group: any finite scale gives zeros)
+_UNIT_CLAMP = 2.0**-80  # the P V / P^T dO accumulators' unit >= this times the largest scale so far
 
 
 @triton.jit
@@ -133,6 +142,8 @@ def _fwd_step(
     acc,
     m_i,
     l_i,
+    w,
+    w_max,
     q,
     sq,
     k_ptr,
@@ -147,7 +158,8 @@ def _fwd_step(
     BLOCK_N: tl.constexpr,
     V_T: tl.constexpr,
 ):
-    """One key tile of the online softmax: s = q8 k8^T s_q s_k, p = 2^(s - m'), acc += E4M3(448 p) v8 s_v/448."""
+    """One key tile of the online softmax: s = q8 k8^T s_q s_k, p = 2^(s - m'), w' = max(s_v, max s_v 2^-80),
+    acc' = E4M3(448 p) v8 + acc 2^(m - m') w / w' (in place: acc is in units of w / 448, module doc)."""
     t = start_n // BLOCK_N
     k = tl.load(k_ptr + start_n * D)
     s = tl.dot(q, tl.trans(k)) * (sq * tl.load(SK + t))  # (BLOCK_M, BLOCK_N) fp32
@@ -157,14 +169,17 @@ def _fwd_step(
     p = tl.exp2(s - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
+    sv = tl.load(SV + t)
+    w_max = tl.maximum(w_max, sv)
+    w_new = tl.maximum(sv, w_max * 8.271806125530277e-25)  # _UNIT_CLAMP = 2^-80: w / w_new <= 2^80
+    fac = alpha * (w / w_new)
     if V_T:
         vt = tl.load(v_ptr + start_n)  # (D, BLOCK_N): keys contiguous, a K-major operand for p v
-        pv = tl.dot(_quant_p(p, vt.dtype, EMULATE), tl.trans(vt))
+        acc = tl.dot(_quant_p(p, vt.dtype, EMULATE), tl.trans(vt), acc * fac[:, None])
     else:
         v = tl.load(v_ptr + start_n * D)  # (BLOCK_N, D): channels contiguous
-        pv = tl.dot(_quant_p(p, v.dtype, EMULATE), v)
-    acc = acc * alpha[:, None] + pv * (tl.load(SV + t) / 448.0)
-    return acc, m_new, l_i
+        acc = tl.dot(_quant_p(p, v.dtype, EMULATE), v, acc * fac[:, None])
+    return acc, m_new, l_i, w_new, w_max
 
 
 @triton.jit
@@ -216,13 +231,17 @@ def _fp8_fwd(
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
     l_i = tl.zeros([BLOCK_M], tl.float32)
-    acc = tl.zeros([BLOCK_M, D], tl.float32)
+    acc = tl.zeros([BLOCK_M, D], tl.float32)  # in units of w / 448 (module doc)
+    w = tl.full([], 0.0, tl.float32)  # the current tile's V unit (first tile: acc 0 rescaled by 0 / w)
+    w_max = tl.full([], 0.0, tl.float32)  # running max of s_v
     n_full = (n_end // BLOCK_N) * BLOCK_N
     for start_n in range(0, n_full, BLOCK_N):
-        acc, m_i, l_i = _fwd_step(
+        acc, m_i, l_i, w, w_max = _fwd_step(
             acc,
             m_i,
             l_i,
+            w,
+            w_max,
             q,
             sq,
             k_ptr,
@@ -238,10 +257,12 @@ def _fp8_fwd(
             V_T,
         )
     if n_full < n_end:
-        acc, m_i, l_i = _fwd_step(
+        acc, m_i, l_i, w, w_max = _fwd_step(
             acc,
             m_i,
             l_i,
+            w,
+            w_max,
             q,
             sq,
             k_ptr,
@@ -257,7 +278,7 @@ def _fp8_fwd(
             V_T,
         )
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
-    out = acc / tl.where(empty, 1.0, l_i)[:, None]
+    out = acc * (w / (448.0 * tl.where(empty, 1.0, l_i)))[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
     q_ok = offs_m < Sq
     o_ptrs = O + (b.to(tl.int64) * Sq * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
@@ -278,6 +299,8 @@ def _rows(base, offs, ok, stride, D: tl.constexpr, MASKED: tl.constexpr):
 def _dkdv_step(
     dk,
     dv,
+    w,
+    w_max,
     k8,
     sk,
     v,
@@ -306,8 +329,9 @@ def _dkdv_step(
     MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P)^T dO8, dK += dS^T Q
-    (FP8_DS: dS8^T q8, q8 Hadamard-rotated: the launcher rotates dK back)."""
+    """One query tile into a key tile's dK, dV (rows are keys): dV' = E4M3(448 P)^T dO8 + dV' w / w' in place
+    with w' = max(s_dO, max s_dO 2^-80) (dV' in units of w / 448, module doc), dK += dS^T Q (FP8_DS: dS8^T
+    q8, q8 Hadamard-rotated: the launcher rotates dK back)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -325,8 +349,10 @@ def _dkdv_step(
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
     sdo = tl.load(SDO + blk)
+    w_max = tl.maximum(w_max, sdo)
+    w_new = tl.maximum(sdo, w_max * 8.271806125530277e-25)  # _UNIT_CLAMP = 2^-80: w / w_new <= 2^80
     do_t = tl.load(DO8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M), queries contiguous
-    dv += tl.dot(_quant_p(p_t, do_t.dtype, EMULATE), tl.trans(do_t)) * (sdo / 448.0)
+    dv = tl.dot(_quant_p(p_t, do_t.dtype, EMULATE), tl.trans(do_t), dv * (w / w_new))
     if FP8_DP:
         do8 = tl.load(DO8 + offs_m[:, None] * D + offs_d[None, :])
         dp_t = tl.dot(v, tl.trans(do8)) * (sv * sdo)
@@ -341,7 +367,7 @@ def _dkdv_step(
     else:
         q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
         dk += tl.dot(ds_t.to(q.dtype), q)
-    return dk, dv
+    return dk, dv, w_new, w_max
 
 
 @triton.jit
@@ -404,26 +430,28 @@ def _fp8_bwd_dkdv(
     else:
         v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)
+    dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of w / 448 (module doc)
+    w = tl.full([], 0.0, tl.float32)  # the current query tile's dO unit (first tile: dv 0 rescaled by 0 / w)
+    w_max = tl.full([], 0.0, tl.float32)  # running max of s_dO
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
     m_full = (m_hi // BLOCK_M) * BLOCK_M
     nqb = SQP // QBLK
     row = bh.to(tl.int64) * SQP
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
-            DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP, stride_s, qk_scale,
-            D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
+        dk, dv, w, w_max = _dkdv_step(
+            dk, dv, w, w_max, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
+            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP,
+            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
         )  # fmt: skip
     if m_full < m_hi:
-        dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
-            DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP, stride_s, qk_scale,
-            D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
+        dk, dv, w, w_max = _dkdv_step(
+            dk, dv, w, w_max, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
+            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP,
+            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
         )  # fmt: skip
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
-    dv = tl.where(k_ok[:, None], dv, 0.0)
+    dv = tl.where(k_ok[:, None], dv * (w / 448.0), 0.0)
     ptrs = k_off + offs_n[:, None] * stride_s + offs_d[None, :]
     st_ok = (offs_n < Sk)[:, None]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=st_ok)
@@ -887,10 +915,17 @@ def _scores2(q8, sq, k8, sk, scale, Sq, Sk, block) -> torch.Tensor:
     return raw * ((_rep(sq, block, Sq) * (scale * _LOG2E))[..., None] * _rep(sk, block, Sk)[..., None, :])
 
 
+def _clamped_units(scale: torch.Tensor) -> torch.Tensor:
+    """(B, H, nblk) block scales -> w = max(s, (running max of s) 2^-80), the kernels' accumulator units
+    for the P V and P^T dO products (module doc)."""
+    return torch.maximum(scale, torch.cummax(scale, -1).values * _UNIT_CLAMP)
+
+
 def _fwd_emulated(quant, k_lengths, scale, Sq, Sk, block, dtype):
     """The kernel's forward in fp32 torch, replaying its key tiling (P is quantised at the running max)."""
     q8, sq, k8, sk, v8, sv = quant
     B, H = q8.shape[:2]
+    wv = _clamped_units(sv)
     s2 = _scores2(q8, sq, k8, sk, scale, Sq, Sk, block)
     s2 = s2.masked_fill(~_valid_keys(k_lengths, B, Sk, s2.device), float("-inf"))
     m = torch.full((B, H, Sq), float("-inf"), device=s2.device)
@@ -904,7 +939,7 @@ def _fwd_emulated(quant, k_lengths, scale, Sq, Sk, block, dtype):
         alpha = torch.exp2(m - m_safe)
         lsum = lsum * alpha + p.sum(-1)
         pv = _e4m3(p * E4M3_MAX) @ v8[:, :, j : j + s.shape[-1]].float()
-        acc = acc * alpha[..., None] + pv * (sv[..., t] / E4M3_MAX)[..., None, None]
+        acc = acc * alpha[..., None] + pv * (wv[..., t] / E4M3_MAX)[..., None, None]
         m = m_new
     empty = lsum == 0
     out = acc / torch.where(empty, torch.ones_like(lsum), lsum)[..., None]
@@ -938,8 +973,9 @@ def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8, ds
     delta = (lo(do) * lo(out)).sum(-1)  # (B, H, Sq)
     do8, sdo = quantize_blocks(do, block, carrier=torch.float32)
     do_deq = do8[:, :, :Sq] * _rep(sdo, block, Sq)[..., None]
-    if "dv" in fp8:
-        dv = _e4m3(p * E4M3_MAX).transpose(-1, -2) @ do_deq / E4M3_MAX
+    if "dv" in fp8:  # dO8 in the dK/dV kernel's clamped units (it runs over the query tiles in order)
+        do_w = do8[:, :, :Sq] * _rep(_clamped_units(sdo), block, Sq)[..., None]
+        dv = _e4m3(p * E4M3_MAX).transpose(-1, -2) @ do_w / E4M3_MAX
     else:
         dv = p.to(q.dtype).float().transpose(-1, -2) @ lo(do)
     if "dp" in fp8:

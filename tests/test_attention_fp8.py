@@ -315,6 +315,32 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
         assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
 
 
+@pytest.mark.parametrize("tiny", [1.0, 1e-30, 1e-34])
+def test_kernel_matches_emulation_across_block_magnitudes(tiny, device):
+    """V and dO blocks whose magnitudes differ by up to 1e34: the kernels accumulate P V and P^T dO in place
+    in the current block's units, rescaled by the previous / current unit at each block; the 2^-80 clamp of
+    that ratio keeps them finite (unclamped, 1e34 overflows both the forward's and dV's accumulator), and
+    the emulation applies the same clamped units. tiny = 1: an ordinary input."""
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32  # fp16 cannot hold 1e-34
+    B, S, H, D, block = 2, 120, 2, 64, 32  # 4 blocks, the last one padded; ragged k_lengths
+    q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
+    k = k + 2.0
+    pattern = torch.tensor([[1.0, tiny, 1.0, tiny], [tiny, 1.0, tiny, 1.0]], device=device)  # per block
+    mag = pattern.repeat_interleave(block, 1)[:, :S, None, None]
+    v, g = v * mag, g * mag  # dO blocks (queries) and V blocks (keys) alike
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    kl = torch.tensor([S, 75], device=device)
+    kw = dict(k_lengths=kl, block=block)
+    ker = _run(attention_fp8, q, k, v, g, **kw)
+    emu = _run(attention_fp8_emulated, q, k, v, g, **kw)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), k_lengths=kl)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
+        assert torch.isfinite(a).all() and torch.isfinite(b).all(), name
+        gap, scheme = _rel(a, b), _rel(b, c)
+        assert gap <= 0.05 * scheme + (8e-3 if dtype == torch.bfloat16 else 1e-5), (name, gap, scheme)
+    assert (ker[3][1, 75:] == 0).all()  # masked keys: no gradient
+
+
 def test_attention_precision_dispatch_and_errors():
     q, k, v = (torch.randn(1, 40, 2, 64) for _ in range(3))
     torch.testing.assert_close(
