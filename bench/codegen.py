@@ -4,6 +4,7 @@ many special-function exponentials a program issues.
 
     python -m bench.codegen                      # every autotune config of the bf16 kernels, sm_90
     python -m bench.codegen --kernel fwd --split-exp --tma
+    python -m bench.codegen --kernel fp8_fwd,fp8_dkdv,fp8_dq
     python -m bench.codegen --json out.json
 
 Triton compiles for a target it is told (``GPUTarget("cuda", 90, 32)``) with its own ptxas, so this runs on
@@ -27,6 +28,7 @@ does not pipeline the pointer loads). Columns:
 from __future__ import annotations
 
 import argparse
+import inspect
 import json
 import os
 import re
@@ -37,47 +39,82 @@ import tempfile
 SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
+_FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "DQA", "SQ", "SK", "SV", "SDO", "KMEAN")
+_SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
+
+
 def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, str]:
-    """Triton types of the bf16/fp16 attention kernels' arguments (kernels.attention naming)."""
+    """Triton types of the attention kernels' arguments (kernels.attention / attention_fp8 naming)."""
     sig = {}
     for a in fn.arg_names:
         if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             sig[a] = f"*{dtype}"
+        elif a in _FP8_OPERANDS:
+            sig[a] = "*fp8e4nv"
         elif a in ("KD", "VD", "QD", "DOD"):
             rows = tiles["BLOCK_N"] if a in ("KD", "VD") else tiles["BLOCK_M"]
             sig[a] = f"tensordesc<{dtype}[{rows},{tiles['D']}]>" if tma else f"*{dtype}"
-        elif a in ("LSE", "DELTA", "COS", "SIN", "DQA"):
+        elif a in _FP32_POINTERS:
             sig[a] = "*fp32"
         elif a == "KLEN":
             sig[a] = "*i32"
         elif a in ("scale", "qk_scale"):
             sig[a] = "fp32"
-        elif a in ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET"):
+        elif a in _SIZES:
             sig[a] = "i32"
         else:
             sig[a] = "constexpr"
     return sig
 
 
+def configs(kernel: str, rope: bool = False) -> list[tuple[int, int, int, int]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs the autotuner tries for a kernel: kernels.attention's
+    "fwd", "dkdv", "dkdv_dq", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
+    quantisation blocks)."""
+    if kernel.startswith("fp8_"):
+        import kernels.attention_fp8 as F8
+
+        t = F8._tiles(kernel[4:], F8.QUANT_BLOCK)
+        return [(t["BLOCK_M"], t["BLOCK_N"], w, s) for w, s in F8.GPU_LAUNCH[kernel[4:]]]
+    import kernels.attention as A
+
+    return list(A._TILES[(kernel, rope)][0])
+
+
 def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bool = False,
                       split_exp: bool = False, rope: bool = False, has_klen: bool = False, d: int = 128,
                       dtype: str = "bf16", capability: int = 90):  # fmt: skip
-    """Compile one kernels.attention kernel ("fwd", "dkdv", "dkdv_dq", "dq") at a (BLOCK_M, BLOCK_N,
-    num_warps, num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel."""
+    """Compile one attention kernel (a name of :func:`configs`) at a (BLOCK_M, BLOCK_N, num_warps,
+    num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel. The FP8 kernels
+    take their default products (bf16 dP, dQ, dK) and no TMA or RoPE (RoPE runs before their pre-pass)."""
     import triton
     from triton.backends.compiler import GPUTarget
     from triton.compiler import ASTSource
 
-    import kernels.attention as A
-
-    fn = A._RAW[kernel]
     bm, bn, warps, stages = config
-    consts = dict(D=d, ROPE=rope, HAS_KLEN=has_klen, PRECISION="tf32", BLOCK_M=bm, BLOCK_N=bn, TMA=tma,
-                  ATOMIC_DQ=kernel == "dkdv_dq", SPLIT_EXP=split_exp)  # fmt: skip
+    consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn, SPLIT_EXP=split_exp)
+    if kernel.startswith("fp8_"):
+        import kernels.attention_fp8 as F8
+
+        fn = F8._KERNELS[kernel[4:]]
+        consts.update(QBLK=F8.QUANT_BLOCK, EMULATE=False, FP8_DP=False, FP8_DS=False, DS_E5M2=False)
+    else:
+        import kernels.attention as A
+
+        fn = A._RAW[kernel]
+        consts.update(ROPE=rope, PRECISION="tf32", TMA=tma, ATOMIC_DQ=kernel == "dkdv_dq")
     consts = {c: v for c, v in consts.items() if c in fn.arg_names}
     sig = _signature(fn, dict(BLOCK_M=bm, BLOCK_N=bn, D=d), tma, dtype)
-    aligned = [["tt.divisibility", 16]]
-    attrs = {(i,): aligned for i, a in enumerate(fn.arg_names) if sig[a].startswith("*")}
+    for name, param in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
+        if sig[name] == "constexpr" and name not in consts and param.default is not inspect.Parameter.empty:
+            consts[name] = param.default
+    if missing := [a for a in fn.arg_names if sig[a] == "constexpr" and a not in consts]:
+        raise ValueError(f"bench.codegen: no value for the constexpr arguments {missing} of {kernel}")
+    aligned = [["tt.divisibility", 16]]  # as the launcher specialises 16-byte aligned pointers (and SQP, SKP)
+    attrs = {
+        (i,): aligned for i, a in enumerate(fn.arg_names) if sig[a].startswith("*") or a in ("SQP", "SKP")
+    }
     src = ASTSource(fn=fn, signature=sig, attrs=attrs,
                     constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})  # fmt: skip
     target = GPUTarget("cuda", capability, 32)
@@ -146,11 +183,9 @@ def analyze(compiled, num_warps: int) -> dict:
 
 
 def report(kernels: list[str], *, tma: bool, split_exp: bool, rope: bool) -> list[dict]:
-    import kernels.attention as A
-
     rows = []
     for kernel in kernels:
-        for config in A._TILES[(kernel, rope)][0]:
+        for config in configs(kernel, rope):
             row = dict(kernel=kernel, config=list(config), tma=tma, split_exp=split_exp, rope=rope)
             try:
                 row.update(analyze(compile_attention(kernel, config, tma=tma, split_exp=split_exp, rope=rope),
@@ -165,7 +200,11 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
     )
-    ap.add_argument("--kernel", default="fwd,dkdv,dkdv_dq,dq", help="comma list of fwd, dkdv, dkdv_dq, dq")
+    ap.add_argument(
+        "--kernel",
+        default="fwd,dkdv,dkdv_dq,dq",
+        help="comma list of fwd, dkdv, dkdv_dq, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
+    )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
     ap.add_argument("--split-exp", action="store_true", help="half the exponentials on the FMA pipes (EXP2)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")
@@ -174,8 +213,8 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     kernels = [k for k in args.kernel.split(",") if k]
-    if args.rope:
-        kernels = [k for k in kernels if k != "dkdv_dq"]  # the atomic backward has no fused-RoPE variant
+    if args.rope:  # the atomic backward and the FP8 kernels have no fused-RoPE variant
+        kernels = [k for k in kernels if k != "dkdv_dq" and not k.startswith("fp8_")]
     rows = report(kernels, tma=args.tma, split_exp=args.split_exp, rope=args.rope)
     cols = ["kernel", "config", "regs", "spill", "smem_kb", "per_sm", "pipelined", "dots", "sync", "ex2"]
     print(" ".join(f"{c:>14}" if c == "config" else f"{c:>9}" for c in cols))

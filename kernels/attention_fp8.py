@@ -28,6 +28,9 @@ Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N =
     w_j = max(s_v,j, 2^-80 max_{t <= j} s_v,t)                      # V unit of tile j (clamped)
     acc' = acc 2^(m - m') + (E4M3(448 p) v8_j) * (w_j / 448)        # P: fixed scale 448 (p <= 1)
     out = acc / l; lse = ln2 (m + log2 l)
+  With kernels.attention.EXP2 = "split" the kernel forms half of each full tile's 2^(s - m') on the FMA
+  pipes (a polynomial, relative error < 8e-5, far inside E4M3(448 p)'s 3-bit rounding; l too); the
+  emulation keeps torch.exp2 (the tests' tolerance covers the difference).
   P is quantised relative to the running max m', exactly as in the kernel; the emulation replays the
   same key tiling so that it is bit-for-bit the same scheme. The kernel keeps acc in units of w_j / 448,
   so that the product accumulates in place (one wgmma onto the rescaled accumulator, async on Hopper):
@@ -76,7 +79,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import _attn_bwd_delta
+from kernels import attention as _attention
+from kernels.attention import _attn_bwd_delta, _exp2
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -155,8 +159,10 @@ def _fwd_step(
     D: tl.constexpr,
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
+    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     V_T: tl.constexpr,
+    SPLIT_EXP: tl.constexpr,
 ):
     """One key tile of the online softmax: s = q8 k8^T s_q s_k, p = 2^(s - m'), w' = max(s_v, max s_v 2^-80),
     acc' = E4M3(448 p) v8 + acc 2^(m - m') w / w' (in place: acc is in units of w / 448, module doc)."""
@@ -166,7 +172,7 @@ def _fwd_step(
     if MASKED:
         s = tl.where((start_n + tl.arange(0, BLOCK_N) < n_end)[None, :], s, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(s, 1))
-    p = tl.exp2(s - m_new[:, None])
+    p = _exp2(s - m_new[:, None], BLOCK_M, BLOCK_N, SPLIT_EXP and not MASKED)  # kernels.attention.EXP2
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     sv = tl.load(SV + t)
@@ -206,6 +212,7 @@ def _fp8_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     V_T: tl.constexpr = True,
+    SPLIT_EXP: tl.constexpr = False,
 ):
     """out = softmax(s) v for BLOCK_M queries of one (b, h); s = q8 k8^T s_q s_k scale log2e (module doc).
 
@@ -253,8 +260,10 @@ def _fp8_fwd(
             D,
             EMULATE,
             False,
+            BLOCK_M,
             BLOCK_N,
             V_T,
+            SPLIT_EXP,
         )
     if n_full < n_end:
         acc, m_i, l_i, w, w_max = _fwd_step(
@@ -274,8 +283,10 @@ def _fp8_fwd(
             D,
             EMULATE,
             True,
+            BLOCK_M,
             BLOCK_N,
             V_T,
+            SPLIT_EXP,
         )
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc * (w / (448.0 * tl.where(empty, 1.0, l_i)))[:, None]
@@ -665,7 +676,7 @@ GPU_LAUNCH = {
     "dq": ((8, 2), (8, 3), (4, 2)),
 }
 _TUNE_KEYS = {
-    "fwd": ["SQP", "SKP", "D", "HAS_KLEN"],
+    "fwd": ["SQP", "SKP", "D", "HAS_KLEN", "SPLIT_EXP"],
     "dkdv": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
     "dq": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
 }
@@ -1037,7 +1048,8 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     grid = (triton.cdiv(Sq, t["BLOCK_M"]), B * H)
     _run(
         "fwd", grid, q8, k8, v8t, sq, sk, sv, out, lse, klen, Sq, Sk, SQP, SKP, H, scale * _LOG2E,
-        D=D, QBLK=block, HAS_KLEN=k_lengths is not None, EMULATE=_INTERPRET, **t,
+        D=D, QBLK=block, HAS_KLEN=k_lengths is not None, EMULATE=_INTERPRET,
+        SPLIT_EXP=_attention._exp2_mode() == "split", **t,
     )  # fmt: skip
     return out, lse
 

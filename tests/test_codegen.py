@@ -21,11 +21,10 @@ try:
 except ImportError as e:
     print("no ahead-of-time compile API:", e)
     sys.exit(3)
-import kernels.attention as A
-from bench.codegen import analyze, compile_attention
+from bench.codegen import analyze, compile_attention, configs
 rows = []
 for kernel, rope, tma, split in json.loads(sys.argv[1]):
-    config = A._TILES[(kernel, rope)][0][0]
+    config = configs(kernel, rope)[0]
     try:
         k = compile_attention(kernel, config, tma=tma, rope=rope, split_exp=split, has_klen=True)
     except TypeError as e:
@@ -51,9 +50,10 @@ def _compile(cases) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def plain():
-    """The first (deterministic) config of each kernel, pointer loads, and the forward with split exp2."""
+    """The first (deterministic) config of each kernel, pointer loads, and the forwards with split exp2."""
+    kernels = ("fwd", "dkdv", "dkdv_dq", "dq", "fp8_fwd", "fp8_dkdv", "fp8_dq")
     return _compile(
-        [[k, False, False, False] for k in ("fwd", "dkdv", "dkdv_dq", "dq")] + [["fwd", False, False, True]]
+        [[k, False, False, False] for k in kernels] + [[k, False, False, True] for k in ("fwd", "fp8_fwd")]
     )
 
 
@@ -66,22 +66,25 @@ def test_tile_loads_are_pipelined_and_fit_the_sm(plain):
 def test_only_the_products_the_softmax_reads_wait(plain):
     """Per kernel, (wgmma products in the loop, those waited for at once): the forward's q k^T waits (the
     softmax reads it), its p v accumulates in place and runs on; the split backward's dK/dV kernel waits for
-    q k^T and dO v^T, not dV / dK; the dQ kernel for its two score products, not dQ."""
+    q k^T and dO v^T, not dV / dK; the dQ kernel for its two score products, not dQ. The FP8 kernels alike
+    (their P V and dV accumulate in place in the current block's scale units)."""
     got = {r["kernel"]: (r["dots"], r["sync"]) for r in plain if not r["split"]}
     assert got["fwd"] == (2, 1) and got["dkdv"] == (4, 2) and got["dq"] == (3, 2), got
+    assert got["fp8_fwd"] == (2, 1) and got["fp8_dkdv"] == (4, 2) and got["fp8_dq"] == (3, 2), got
     # the atomic backward's dQ product is waited for before its atomic adds: only dV and dK run on
     assert got["dkdv_dq"][1] == got["dkdv_dq"][0] - 2, got
 
 
-def test_forward_has_no_spills_and_split_exp_halves_the_loop_exponentials(plain):
-    fwd, split = (next(r for r in plain if r["kernel"] == "fwd" and r["split"] is s) for s in (False, True))
+@pytest.mark.parametrize("kernel", ["fwd", "fp8_fwd"])
+def test_forward_has_no_spills_and_split_exp_halves_the_loop_exponentials(plain, kernel):
+    from bench.codegen import configs
+
+    fwd, split = (next(r for r in plain if r["kernel"] == kernel and r["split"] is s) for s in (False, True))
     if fwd["regs"] is None:
         pytest.skip("no cuobjdump bundled with this Triton")
     assert fwd["spill"] == 0 and split["spill"] == 0, (fwd, split)
     # per thread: the full-tile loop's BLOCK_M * BLOCK_N / threads exponentials, half of them with split
-    import kernels.attention as A
-
-    bm, bn, warps, _ = A._TILES[("fwd", False)][0][0]
+    bm, bn, warps, _ = configs(kernel)[0]
     assert fwd["ex2"] - split["ex2"] == bm * bn // (32 * warps) // 2, (fwd, split)
 
 
