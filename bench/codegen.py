@@ -23,6 +23,16 @@ does not pipeline the pointer loads). Columns:
   wgmma (FlashAttention-3's in-warpgroup pipelining cannot be written in Triton); only other warpgroups or
   programs on the SM can fill the tensor cores meanwhile.
 - ``ex2``: MUFU.EX2 instructions in the SASS (per thread, whole kernel: loop body plus the masked tail).
+- A static cost model of one iteration of the main loop (the shortest SASS span from a backward branch
+  to its target that holds wgmma instructions, HGMMA / QGMMA), per program, in cycles of one SM sub-partition
+  (a scheduler issues one warp instruction per cycle; a warpgroup's wgmma uses the tensor cores of all
+  four): ``ins`` SASS instructions per warp; ``mma`` tensor-core cycles (M*N*K*2 per warpgroup and wgmma,
+  all warpgroups, at 4,096 dense bf16/fp16 (HGMMA) or 8,192 FP8 (QGMMA) FLOP per cycle per SM); ``issue`` = ins * warps / 4;
+  ``mufu`` = MUFU instructions * 8 * warps / 4 (16 results per cycle per SM); ``tc`` = mma / (mma +
+  max(issue, mufu)): the tensor cores' share of a tile when the scalar work does not overlap the
+  program's own products (as above); a second program on the SM (``per_sm`` >= 2) can fill the gap.
+  Which of issue and mufu is larger says what bounds the softmax: the issue slots (fewer instructions
+  help) or the special-function unit (moving exponentials to the FMA pipes helps, kernels.attention.EXP2).
 """
 
 from __future__ import annotations
@@ -179,7 +189,41 @@ def analyze(compiled, num_warps: int) -> dict:
             by_smem = SM_SMEM // (compiled.metadata.shared + SMEM_RESERVED)
             out["per_sm"] = min(by_regs, by_smem)
         out["ex2"] = sass.count("MUFU.EX2")
+        out.update(_loop_model(sass, num_warps))
     return out
+
+
+_SASS_LINE = re.compile(r"\s+/\*([0-9a-f]{4,6})\*/\s+(.*?)\s*;")
+_GMMA = re.compile(r"([HQ])GMMA\.(\d+)x(\d+)x(\d+)")  # HGMMA: bf16/fp16 operands, QGMMA: FP8
+
+
+def _loop_model(sass: str, num_warps: int) -> dict:
+    """The static per-iteration model of the module docstring from the main loop of the SASS."""
+    ins = [(int(m.group(1), 16), m.group(2)) for m in map(_SASS_LINE.match, sass.splitlines()) if m]
+    index = {addr: i for i, (addr, _) in enumerate(ins)}
+    best = None
+    for i, (addr, text) in enumerate(ins):
+        target = re.search(r"\bBRA\b.*?0x([0-9a-f]+)", text)
+        if target and int(target.group(1), 16) < addr and int(target.group(1), 16) in index:
+            body = [t for _, t in ins[index[int(target.group(1), 16)] : i + 1]]
+            # the innermost loop with tensor-core work (a TMA kernel's mbarrier retry branch also jumps back
+            # over the whole kernel)
+            if any("GMMA" in t for t in body) and (best is None or len(body) < len(best)):
+                best = body
+    if not best:
+        return {}
+    flops = 0
+    for text in best:
+        m = _GMMA.search(text)
+        if m:
+            rate = 8192 if m.group(1) == "Q" else 4096
+            flops += int(m.group(2)) * int(m.group(3)) * int(m.group(4)) * 2 / rate
+    mma = flops * num_warps / 4
+    issue = len(best) * num_warps / 4
+    mufu = sum(bool(re.match(r"(@!?U?P\w+\s+)?MUFU", t)) for t in best) * 8 * num_warps / 4
+    return dict(
+        ins=len(best), mma=mma, issue=issue, mufu=mufu, tc=mma / (mma + max(issue, mufu)) if mma else None
+    )
 
 
 def report(kernels: list[str], *, tma: bool, split_exp: bool, rope: bool) -> list[dict]:
@@ -216,7 +260,8 @@ def main(argv: list[str] | None = None) -> int:
     if args.rope:  # the atomic backward and the FP8 kernels have no fused-RoPE variant
         kernels = [k for k in kernels if k != "dkdv_dq" and not k.startswith("fp8_")]
     rows = report(kernels, tma=args.tma, split_exp=args.split_exp, rope=args.rope)
-    cols = ["kernel", "config", "regs", "spill", "smem_kb", "per_sm", "pipelined", "dots", "sync", "ex2"]
+    cols = ["kernel", "config", "regs", "spill", "smem_kb", "per_sm", "pipelined", "dots", "sync", "ex2", "ins", "mma",
+            "issue", "mufu", "tc"]  # fmt: skip
     print(" ".join(f"{c:>14}" if c == "config" else f"{c:>9}" for c in cols))
     for r in rows:
         if "error" in r:
@@ -228,7 +273,15 @@ def main(argv: list[str] | None = None) -> int:
             v = (
                 str(tuple(v))
                 if c == "config"
-                else ("-" if v is None else f"{v:.0f}" if isinstance(v, float) else v)
+                else (
+                    "-"
+                    if v is None
+                    else f"{v:.2f}"
+                    if c == "tc"
+                    else f"{v:.0f}"
+                    if isinstance(v, float)
+                    else v
+                )
             )
             cells.append(f"{v:>14}" if c == "config" else f"{v:>9}")
         print(" ".join(cells))

@@ -69,13 +69,15 @@ TMA = "off"
 # order varies from run to run). deterministic=True and fused RoPE always use "split".
 BACKWARD = "split"
 # The softmax exponentials of the full key tiles: "mufu" every 2^x on the special-function unit (ex2.approx,
-# 16 per clock per SM on sm_90, a quarter of the tensor-core time of a bf16 tile and as much as an FP8
-# tile's); "split" half of each tile's on the FMA pipes instead, as a degree-3 polynomial with the exponent
-# set by integer adds (_exp2_poly, relative error < 8e-5, far below a bf16/fp16 P's rounding), so that both
-# units work at once (the split FlashAttention-4 uses on Blackwell). Triton cannot overlap the softmax with
-# a warpgroup's own wgmma on Hopper (its pipeliner waits on the q k^T product before the softmax: see
-# bench/codegen.py), so the softmax's length adds to each tile's time. fp32 inputs always use "mufu"; ragged
-# tiles too (exact zeros for masked keys). "mufu" is the default until "split" has been timed on a GPU.
+# 16 per clock per SM on sm_90); "split" half of each tile's on the FMA pipes instead, as a degree-3
+# polynomial with the exponent set by integer adds (_exp2_poly, relative error < 8e-5, far below a bf16/fp16
+# P's rounding), as FlashAttention-4 does on Blackwell. Each moved exponential trades 8 cycles of the
+# special-function unit for ~7 issue slots, which pays only where the softmax is bound by that unit. Triton
+# does not overlap the softmax with a warpgroup's own wgmma on Hopper, so the softmax's length adds to every
+# tile; bench/codegen.py's static model of the sm_90 code puts the bf16 forward's softmax (128 x 64 tiles)
+# at 720 issue cycles per tile against 544 on the special-function unit: issue-bound, so "split" is
+# expected to lose there (948 issue cycles). It stays an opt-in for the GPU to settle. fp32 inputs always
+# use "mufu"; ragged tiles too (exact zeros for masked keys).
 EXP2 = "mufu"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
