@@ -85,8 +85,10 @@ def configs(kernel: str, rope: bool = False) -> list[tuple[int, int, int, int]]:
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
-        t = F8._tiles(kernel[4:], F8.QUANT_BLOCK)
-        return [(t["BLOCK_M"], t["BLOCK_N"], w, s) for w, s in F8.GPU_LAUNCH[kernel[4:]]]
+        return [
+            (c.kwargs["BLOCK_M"], c.kwargs["BLOCK_N"], c.num_warps, c.num_stages)
+            for c in F8.tile_configs(kernel[4:], F8.QUANT_BLOCK)
+        ]
     import kernels.attention as A
 
     return list(A._TILES[(kernel, rope)][0])

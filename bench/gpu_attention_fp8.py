@@ -219,6 +219,12 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:
             recs.append(error_record("attention_fp8.case", case, "-", e))
         torch.cuda.empty_cache()
+    from kernels.attention_fp8 import tuned_configs
+
+    configs = tuned_configs()
+    recs.append(
+        record("attention_fp8.configs", "-", "triton_fp8", "count", float(len(configs)), configs=configs)
+    )
     recs.append(record("attention_fp8.module", "-", "-", "wall_s", time.time() - t0, higher_is_better=False))
     return recs
 

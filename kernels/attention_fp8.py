@@ -694,6 +694,11 @@ GPU_LAUNCH = {
     "dkdv": ((8, 2), (8, 3), (4, 2)),
     "dq": ((8, 2), (8, 3), (4, 2)),
 }
+# The forward also tries half-height query tiles (BLOCK_M = block / 2, one warpgroup per program; blocks of
+# 128+): 213-241 registers and <= 104 KB of shared memory on sm_90 (python -m bench.codegen --kernel
+# fp8_fwd), so two programs share an SM and one's softmax can run under the other's FP8 wgmma, which a
+# program's own softmax cannot (Triton waits for q k^T before it)
+FWD_HALF_TILES = ((4, 3), (4, 2))
 _TUNE_KEYS = {
     "fwd": ["SQP", "SKP", "D", "HAS_KLEN", "SPLIT_EXP"],
     "dkdv": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
@@ -709,16 +714,50 @@ def _tiles(kernel: str, block: int) -> dict:
 _KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}
 
 
-@functools.cache
-def _autotuned(kernel: str):
-    """The kernel autotuned over GPU_LAUNCH (its kernels only write their outputs, so re-runs are safe)."""
-    configs = [triton.Config({}, num_warps=w, num_stages=s) for w, s in GPU_LAUNCH[kernel]]
-    return triton.autotune(configs, key=_TUNE_KEYS[kernel])(_KERNELS[kernel])
+def tile_configs(kernel: str, block: int) -> list[triton.Config]:
+    """The configs a kernel is autotuned over for a quantisation block: its tiles with each GPU_LAUNCH
+    setting, and for the forward the half-height tiles (FWD_HALF_TILES); the first is the fixed one."""
+    t = _tiles(kernel, block)
+    configs = [triton.Config(t, num_warps=w, num_stages=s) for w, s in GPU_LAUNCH[kernel]]
+    if kernel == "fwd" and block >= 128:
+        half = dict(t, BLOCK_M=block // 2)
+        configs += [triton.Config(half, num_warps=w, num_stages=s) for w, s in FWD_HALF_TILES]
+    return configs
 
 
-def _run(kernel: str, grid: tuple[int, int], *args, **meta) -> None:
-    """Launch an FP8 kernel: autotuned on a GPU; as is under the interpreter (one config, no tuning)."""
-    (_KERNELS[kernel] if _INTERPRET else _autotuned(kernel))[grid](*args, **meta)
+_TUNED: dict = {}  # (kernel, block) -> autotuner, built on first use
+
+
+def _autotuned(kernel: str, block: int):
+    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe)."""
+    if (kernel, block) not in _TUNED:
+        _TUNED[(kernel, block)] = triton.autotune(tile_configs(kernel, block), key=_TUNE_KEYS[kernel])(
+            _KERNELS[kernel]
+        )
+    return _TUNED[(kernel, block)]
+
+
+def tuned_configs() -> dict[str, str]:
+    """The config each autotuned FP8 kernel chose, per tuning key (for benchmark records)."""
+    return {
+        f"{kernel}/{block} {key}": str(cfg)
+        for (kernel, block), t in _TUNED.items()
+        for key, cfg in t.cache.items()
+    }
+
+
+_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the tile that splits n over programs
+
+
+def _run(kernel: str, n: int, bh: int, block: int, *args, **meta) -> None:
+    """Launch an FP8 kernel on ceil(n / tile) x bh programs: autotuned on a GPU (tiles and launch settings);
+    under the interpreter with the first config's tiles, no tuning."""
+    tile = _GRID_TILE[kernel]
+    if _INTERPRET:
+        t = tile_configs(kernel, block)[0].kwargs
+        _KERNELS[kernel][(triton.cdiv(n, t[tile]), bh)](*args, **meta, **t)
+    else:
+        _autotuned(kernel, block)[lambda m: (triton.cdiv(n, m[tile]), bh)](*args, **meta)
 
 
 def _fp8_dtype(device: torch.device) -> torch.dtype:
@@ -1062,13 +1101,11 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     out = torch.empty(B, Sq, H, D, device=q8.device, dtype=dtype)
     lse = torch.empty(B, H, Sq, device=q8.device, dtype=torch.float32)
     v8t = v8.transpose(-1, -2).contiguous()  # (B, H, D, S_pad): the K-major operand of p v
-    t = _tiles("fwd", block)
     klen = q8 if k_lengths is None else k_lengths
-    grid = (triton.cdiv(Sq, t["BLOCK_M"]), B * H)
     _run(
-        "fwd", grid, q8, k8, v8t, sq, sk, sv, out, lse, klen, Sq, Sk, SQP, SKP, H, scale * _LOG2E,
+        "fwd", Sq, B * H, block, q8, k8, v8t, sq, sk, sv, out, lse, klen, Sq, Sk, SQP, SKP, H, scale * _LOG2E,
         D=D, QBLK=block, HAS_KLEN=k_lengths is not None, EMULATE=_INTERPRET,
-        SPLIT_EXP=_attention._exp2_mode() == "split", **t,
+        SPLIT_EXP=_attention._exp2_mode() == "split",
     )  # fmt: skip
     return out, lse
 
@@ -1098,15 +1135,13 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
         DS_E5M2=ds_format == "e5m2", EMULATE=_INTERPRET,
     )  # fmt: skip
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E)
-    t = _tiles("dkdv", block)
     _run(
-        "dkdv", (triton.cdiv(Sk, t["BLOCK_N"]), B * H),
-        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail, **meta, **t,
+        "dkdv", Sk, B * H, block,
+        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail, **meta,
     )  # fmt: skip
-    t = _tiles("dq", block)
     _run(
-        "dq", (triton.cdiv(Sq, t["BLOCK_M"]), B * H),
-        q, k, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta, **t,
+        "dq", Sq, B * H, block,
+        q, k, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse, delta, dq, kmean, *tail, **meta,
     )  # fmt: skip
     if fp8_ds:  # back from the Hadamard basis: H is symmetric and orthonormal
         h = _hadamard_cached(D, q.device)

@@ -321,6 +321,30 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, exp
         assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
 
 
+def test_forward_half_height_tiles_match_emulation(monkeypatch):
+    """The forward's half-height query tiles (BLOCK_M = block / 2, which the GPU autotuner tries beside the
+    full ones: two programs per SM) against the emulation: both halves of a 128-query block read its q
+    scale; a ragged query count and key lengths. Interpreter only (it runs the first config)."""
+    if not fp8._INTERPRET:
+        pytest.skip("the interpreter runs the first config; on a GPU the autotuner picks among them")
+    full = fp8.tile_configs("fwd", 128)
+    assert any(c.kwargs["BLOCK_M"] == 64 for c in full)
+    monkeypatch.setattr(
+        fp8, "tile_configs", lambda kernel, block, _orig=fp8.tile_configs: sorted(
+            _orig(kernel, block), key=lambda c: c.kwargs["BLOCK_M"] == block
+        ),
+    )  # fmt: skip
+    B, S, H, D = 2, 300, 2, 64
+    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    kl = torch.tensor([300, 170])
+    with torch.no_grad():
+        out = attention_fp8(q, k + 2.0, v, k_lengths=kl)
+        emu = attention_fp8_emulated(q, k + 2.0, v, k_lengths=kl)
+        ref = attention_reference(q.double(), k.double() + 2.0, v.double(), k_lengths=kl)
+    gap, scheme = _rel(out, emu), _rel(emu, ref)
+    assert gap <= 0.05 * scheme + 1e-5, (gap, scheme)
+
+
 @pytest.mark.parametrize("tiny", [1.0, 1e-30, 1e-34])
 def test_kernel_matches_emulation_across_block_magnitudes(tiny, device):
     """V and dO blocks whose magnitudes differ by up to 1e34: the kernels accumulate P V and P^T dO in place
