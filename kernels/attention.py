@@ -395,19 +395,21 @@ _TILES = {
     # (128, 64, 8, 4) is back: without it the Wan-1.3B forward fell from 499 to 464 TFLOP/s on an H200
     # (the other shapes moved < 3%), so the autotuner had likely picked it there (to confirm on a GPU)
     # (128, 32, 4, 3) and (64, 64, 4, 2): one warpgroup per program at <= 255 registers and <= 80 KB shared
-    # memory (ptxas, sm_90, no spills), so two programs share an SM and one's softmax can run under the other's
-    # wgmma, which the two warpgroups of an 8-warp program, in step at every tile's barrier, rarely do
+    # memory (python -m bench.codegen: sm_90, no spills), so two programs share an SM and one's softmax can
+    # run under the other's wgmma, which the two warpgroups of an 8-warp program, in step at every tile's
+    # barrier, rarely do (the model gives a lone program 0.53-0.66 of the tensor cores per tile)
     ("fwd", False): (
         [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (64, 64, 4, 2)],
         (64, 32),
     ),
     ("fwd", True): ([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
-    ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3)], (32, 64)),
+    # (32, 64, 4, 3) dK/dV and (64, 64, 4, 2) dQ: two programs per SM without spills, as the forward's
+    ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
     # BACKWARD = "atomic": the dK/dV kernel also forms dS K (one more (BLOCK_M, D) fp32 tile in registers)
-    # (all at 255 registers on sm_90, Triton 3.9: these three spill least, 80-720 bytes)
+    # (at 230-255 registers on sm_90, Triton 3.9: these three spill least, 0-184 bytes)
     ("dkdv_dq", False): ([(64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)], (32, 64)),
-    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
+    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2)], (64, 32)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
