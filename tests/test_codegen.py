@@ -107,3 +107,27 @@ def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
         pytest.skip("no cuobjdump bundled with this Triton")
     assert 0 < row["tc"] < 1 and row["mma"] > 0, row
     assert row["issue"] <= 1.15 * row["mufu"], row
+
+
+def test_cli_prints_and_writes_every_config(tmp_path):
+    """python -m bench.codegen --kernel dq --json F: one table row and one JSON row per autotune config."""
+    pytest.importorskip("triton.backends.compiler", reason="no ahead-of-time compile API in this Triton")
+    from bench.codegen import configs
+
+    out = tmp_path / "dq.json"
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    r = subprocess.run(
+        [sys.executable, "-m", "bench.codegen", "--kernel", "dq", "--json", str(out)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [tuple(row["config"]) for row in rows] == configs("dq")
+    assert all("error" not in row and row["pipelined"] > 0 for row in rows), rows
+    table = [line for line in r.stdout.splitlines() if line.split()[:1] == ["dq"]]
+    assert len(table) == len(rows), r.stdout
+    bad = subprocess.run(
+        [sys.executable, "-m", "bench.codegen"], cwd=ROOT, env=dict(env, TRITON_INTERPRET="1"), capture_output=True,
+        text=True, timeout=120,
+    )  # fmt: skip
+    assert bad.returncode == 2 and "unset TRITON_INTERPRET" in bad.stderr
