@@ -6,6 +6,7 @@ many special-function exponentials a program issues.
     python -m bench.codegen --kernel fwd --split-exp --tma
     python -m bench.codegen --kernel fp8_fwd,fp8_dkdv,fp8_dq
     python -m bench.codegen --json out.json
+    python -m bench.codegen --compare out.json     # after an edit: what got worse (exit 1 if anything)
 
 Triton compiles for a target it is told (``GPUTarget("cuda", 90, 32)``) with its own ptxas, so this runs on
 the CPU-only machines; pointers are specialised as 16-byte aligned as at run time (without that hint Triton
@@ -242,6 +243,44 @@ def report(kernels: list[str], *, tma: bool, split_exp: bool, rope: bool) -> lis
     return rows
 
 
+def _cell(c: str, v) -> str:
+    if c == "config":
+        return f"{str(tuple(v)):>14}"
+    if v is None:
+        v = "-"
+    elif c == "tc":
+        v = f"{v:.2f}"
+    elif isinstance(v, float):
+        v = f"{v:.0f}"
+    return f"{v:>9}"
+
+
+def _row_key(r: dict) -> tuple:
+    return (r["kernel"], tuple(r["config"]), r["tma"], r["split_exp"], r["rope"])
+
+
+def compare(old: list[dict], new: list[dict], tolerance: float = 0.02) -> list[str]:
+    """Regressions of the rows of ``new`` against the same (kernel, config, variant) rows of ``old``: a build
+    that failed, more spill bytes, fewer programs per SM, unpipelined loads, more synchronous products, or
+    the model's tensor-core share ``tc`` down by more than ``tolerance`` (relative). One line each."""
+    before = {_row_key(r): r for r in old}
+    out = []
+    for r in new:
+        o = before.get(_row_key(r))
+        if o is None or "error" in o:
+            continue
+        name = f"{r['kernel']} {tuple(r['config'])}"
+        if "error" in r:
+            out.append(f"{name}: no longer builds ({r['error']})")
+            continue
+        for col, worse in (("spill", 1), ("per_sm", -1), ("sync", 1), ("pipelined", -1)):
+            if r.get(col) is not None and o.get(col) is not None and (r[col] - o[col]) * worse > 0:
+                out.append(f"{name}: {col} {o[col]} -> {r[col]}")
+        if r.get("tc") and o.get("tc") and r["tc"] < o["tc"] * (1 - tolerance):
+            out.append(f"{name}: tc {o['tc']:.3f} -> {r['tc']:.3f} (ins {o.get('ins')} -> {r.get('ins')})")
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawTextHelpFormatter
@@ -255,6 +294,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--split-exp", action="store_true", help="half the exponentials on the FMA pipes (EXP2)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")
     ap.add_argument("--json", help="also write the rows to this file")
+    ap.add_argument(
+        "--compare",
+        metavar="OLD_JSON",
+        help="rows written by an earlier --json: list regressions (spills, programs per SM, pipelining,\n"
+        "synchronous products, the model's tensor-core share down > 2%%) and exit 1 if there are any",
+    )
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
@@ -269,27 +314,19 @@ def main(argv: list[str] | None = None) -> int:
         if "error" in r:
             print(f"{r['kernel']:>9} {str(tuple(r['config'])):>14} error: {r['error']}")
             continue
-        cells = []
-        for c in cols:
-            v = r.get(c)
-            v = (
-                str(tuple(v))
-                if c == "config"
-                else (
-                    "-"
-                    if v is None
-                    else f"{v:.2f}"
-                    if c == "tc"
-                    else f"{v:.0f}"
-                    if isinstance(v, float)
-                    else v
-                )
-            )
-            cells.append(f"{v:>14}" if c == "config" else f"{v:>9}")
-        print(" ".join(cells))
+        print(" ".join(_cell(c, r["kernel"] if c == "kernel" else r.get(c)) for c in cols))
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=1)
+    if args.compare:
+        with open(args.compare) as f:
+            regressions = compare(json.load(f), rows)
+        print(
+            "\n".join(["regressions:", *regressions])
+            if regressions
+            else "no regressions against " + args.compare
+        )
+        return 1 if regressions else 0
     return 0
 
 

@@ -131,3 +131,35 @@ def test_cli_prints_and_writes_every_config(tmp_path):
         text=True, timeout=120,
     )  # fmt: skip
     assert bad.returncode == 2 and "unset TRITON_INTERPRET" in bad.stderr
+
+
+def test_compare_flags_what_got_worse():
+    """bench.codegen --compare: a row of the same kernel, config and variant that spills more, fits fewer
+    programs per SM, loses its pipelining, waits for more products, loses > 2% of the model's tensor-core
+    share, or no longer builds is a regression; better or unmatched rows are not."""
+    from bench.codegen import compare
+
+    def row(config=(128, 64, 8, 3), **kw):
+        base = dict(kernel="fwd", config=list(config), tma=False, split_exp=False, rope=False, spill=0, per_sm=1,
+                    sync=1, pipelined=6, tc=0.60, ins=360)  # fmt: skip
+        return dict(base, **kw)
+
+    old = [row(), row((128, 32, 4, 3), per_sm=2), row((64, 64, 4, 2))]
+    assert (
+        compare(old, [row(tc=0.595, ins=362), row((128, 32, 4, 3), per_sm=2), row((1, 1, 1, 1), spill=9)])
+        == []
+    )
+    got = compare(
+        old,
+        [row(spill=24, tc=0.55, ins=400), row((128, 32, 4, 3), per_sm=1, sync=2, pipelined=0),
+         row((64, 64, 4, 2), error="CompilationError: ...")],
+    )  # fmt: skip
+    assert got == [
+        "fwd (128, 64, 8, 3): spill 0 -> 24",
+        "fwd (128, 64, 8, 3): tc 0.600 -> 0.550 (ins 360 -> 400)",
+        "fwd (128, 32, 4, 3): per_sm 2 -> 1",
+        "fwd (128, 32, 4, 3): sync 1 -> 2",
+        "fwd (128, 32, 4, 3): pipelined 6 -> 0",
+        "fwd (64, 64, 4, 2): no longer builds (CompilationError: ...)",
+    ], got
+    assert compare(old, [row(tma=True, spill=99)]) == []  # another variant: not the same row
