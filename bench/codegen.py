@@ -101,10 +101,6 @@ def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bo
     """Compile one attention kernel (a name of :func:`configs`) at a (BLOCK_M, BLOCK_N, num_warps,
     num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel. The FP8 kernels
     take their default products (bf16 dP, dQ, dK) and no TMA or RoPE (RoPE runs before their pre-pass)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
-
     bm, bn, warps, stages = config
     consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn, SPLIT_EXP=split_exp)
     if kernel.startswith("fp8_"):
@@ -124,14 +120,32 @@ def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bo
             consts[name] = param.default
     if missing := [a for a in fn.arg_names if sig[a] == "constexpr" and a not in consts]:
         raise ValueError(f"bench.codegen: no value for the constexpr arguments {missing} of {kernel}")
-    aligned = [["tt.divisibility", 16]]  # as the launcher specialises 16-byte aligned pointers (and SQP, SKP)
-    attrs = {
-        (i,): aligned for i, a in enumerate(fn.arg_names) if sig[a].startswith("*") or a in ("SQP", "SKP")
-    }
-    src = ASTSource(fn=fn, signature=sig, attrs=attrs,
-                    constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})  # fmt: skip
+    # as the launcher specialises 16-byte aligned pointers (and the padded lengths SQP, SKP)
+    aligned = [a for a in fn.arg_names if sig[a].startswith("*") or a in ("SQP", "SKP")]
+    return compile_kernel(
+        fn, sig, consts, num_warps=warps, num_stages=stages, capability=capability, aligned=aligned
+    )
+
+
+def compile_kernel(fn, signature: dict[str, str], constexprs: dict, *, num_warps: int, num_stages: int,
+                   capability: int = 90, aligned=()):  # fmt: skip
+    """Compile a @triton.jit function for an sm_<capability> target without a GPU: ``signature`` maps every
+    argument to a Triton type ("*bf16", "i32", "constexpr", ...), ``constexprs`` gives the constexpr values,
+    ``aligned`` names the arguments specialised as multiples of 16 (pointers 16-byte aligned), as at run time.
+    Raises ImportError where this Triton has no ahead-of-time compile API."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = fn.arg_names
+    src = ASTSource(
+        fn=fn,
+        signature={a: signature[a] for a in names},  # in argument order
+        constexprs={(names.index(c),): v for c, v in constexprs.items()},
+        attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned},
+    )
     target = GPUTarget("cuda", capability, 32)
-    return triton.compile(src, target=target, options=dict(num_warps=warps, num_stages=stages))
+    return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
 
 
 def _main_loop(ttgir: str) -> list[str]:

@@ -2,6 +2,9 @@
 
 import os
 import random
+import subprocess
+import sys
+from pathlib import Path
 
 # Must happen before anything imports triton: without a CUDA device Triton runs only interpreted.
 try:
@@ -51,3 +54,26 @@ def one_thread():
 @pytest.fixture
 def device() -> str:
     return "cuda" if _HAS_CUDA else "cpu"
+
+
+@pytest.fixture(scope="session")
+def without_interpreter():
+    """Run ``python <args>`` from the repo root in a process without TRITON_INTERPRET (Triton's GPU compiler,
+    which the interpreter replaces, compiles there for a GPU target without a GPU): returns
+    run(*args, timeout=600, interpret=False) -> CompletedProcess. A child exiting with 3 (no
+    ahead-of-time compile API in this Triton) skips the test."""
+
+    def run(*args: str, timeout: float = 600, interpret: bool = False) -> subprocess.CompletedProcess:
+        env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+        env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
+        if interpret:
+            env["TRITON_INTERPRET"] = "1"
+        root = Path(__file__).resolve().parents[1]
+        r = subprocess.run(
+            [sys.executable, *args], cwd=root, env=env, capture_output=True, text=True, timeout=timeout
+        )
+        if r.returncode == 3:
+            pytest.skip(r.stdout.strip())
+        return r
+
+    return run

@@ -182,10 +182,10 @@ def test_fused_prepass_strides_blocks_and_errors(device):
 
 _COMPILE_PREPASS = """
 import sys
-import triton
 try:
-    from triton.backends.compiler import GPUTarget
-    from triton.compiler import ASTSource
+    from triton.backends.compiler import GPUTarget  # noqa: F401
+    from triton.compiler import ASTSource  # noqa: F401
+    from bench.codegen import compile_kernel
 except ImportError as e:
     print("no ahead-of-time compile API:", e)
     sys.exit(3)
@@ -203,40 +203,21 @@ for cap, x, x8, D, block, mean, rot, emu in (
 ):
     consts = dict(D=D, BLOCK=block, HAS_MEAN=mean, ROTATE=rot, EMULATE=emu)
     types = dict(X=x, X8=x8, **ptrs, **ints, **{c: "constexpr" for c in consts})
-    sig = {a: types[a] for a in fn.arg_names}  # in argument order
     try:
-        src = ASTSource(fn=fn, signature=sig, constexprs={(fn.arg_names.index(c),): v for c, v in consts.items()})
+        k = compile_kernel(fn, types, consts, num_warps=fp8.PREPASS_WARPS[rot], num_stages=1, capability=cap)
     except TypeError as e:
         print("ASTSource API differs:", e)
         sys.exit(3)
-    warps = fp8.PREPASS_WARPS[rot]
-    k = triton.compile(src, target=GPUTarget("cuda", cap, 32), options=dict(num_warps=warps, num_stages=1))
     assert k.metadata.shared <= 99 * 1024, (cap, D, block, k.metadata.shared)  # sm_89: 99 KB per block
 print("ok")
 """
 
 
-def test_fused_prepass_compiles_for_the_gpu():
+def test_fused_prepass_compiles_for_the_gpu(without_interpreter):
     """The pre-pass kernel compiled (not run) for sm_89 and sm_90 in a process without the interpreter: the
     interpreter accepts code the GPU compiler rejects (it caught a return-type mismatch of the e4m3 cast), and
     the rotation's shared memory must fit sm_89's 99 KB per block."""
-    import os
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    root = Path(__file__).resolve().parents[1]
-    r = subprocess.run(
-        [sys.executable, "-c", _COMPILE_PREPASS],
-        cwd=root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    if r.returncode == 3:
-        pytest.skip(r.stdout.strip())
+    r = without_interpreter("-c", _COMPILE_PREPASS, timeout=300)
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
 
 

@@ -4,14 +4,8 @@ and that a harmless-looking edit can lose: software-pipelined tile loads, the fo
 asynchronously (in-place accumulation), shared memory within the SM, no register spills in the forward."""
 
 import json
-import os
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
-
-ROOT = Path(__file__).resolve().parents[1]
 
 _PROBE = """
 import json, sys
@@ -35,25 +29,19 @@ print(json.dumps(rows))
 """
 
 
-def _compile(cases) -> list[dict]:
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env.setdefault("TRITON_DEFAULT_FP_FUSION", "1")
-    r = subprocess.run(
-        [sys.executable, "-c", _PROBE, json.dumps(cases)], cwd=ROOT, env=env, capture_output=True, text=True,
-        timeout=600,
-    )  # fmt: skip
-    if r.returncode == 3:
-        pytest.skip(r.stdout.strip())
+def _compile(run, cases) -> list[dict]:
+    r = run("-c", _PROBE, json.dumps(cases))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     return json.loads(r.stdout.strip().splitlines()[-1])
 
 
 @pytest.fixture(scope="module")
-def plain():
+def plain(without_interpreter):
     """The first (deterministic) config of each kernel, pointer loads, and the forwards with split exp2."""
     kernels = ("fwd", "dkdv", "dkdv_dq", "dq", "fp8_fwd", "fp8_dkdv", "fp8_dq")
     return _compile(
-        [[k, False, False, False] for k in kernels] + [[k, False, False, True] for k in ("fwd", "fp8_fwd")]
+        without_interpreter,
+        [[k, False, False, False] for k in kernels] + [[k, False, False, True] for k in ("fwd", "fp8_fwd")],
     )
 
 
@@ -88,13 +76,13 @@ def test_forward_has_no_spills_and_split_exp_halves_the_loop_exponentials(plain,
     assert fwd["ex2"] - split["ex2"] == bm * bn // (32 * warps) // 2, (fwd, split)
 
 
-def test_tma_and_rope_variants_compile_for_hopper():
+def test_tma_and_rope_variants_compile_for_hopper(without_interpreter):
     """The TMA variants of every kernel (split and atomic backward), with and without fused RoPE, compiled
     (not run) for sm_90: the interpreter accepts descriptor code that the GPU compiler may reject."""
     import kernels.attention as A
 
     cases = [[k, rope, True, False] for k, rope in [key for key in A._TILES if len(key) == 2]]
-    for row in _compile(cases):
+    for row in _compile(without_interpreter, cases):
         assert row["smem_kb"] <= 227 and row["pipelined"] > 0, row
 
 
@@ -109,27 +97,20 @@ def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
     assert row["issue"] <= 1.15 * row["mufu"], row
 
 
-def test_cli_prints_and_writes_every_config(tmp_path):
+def test_cli_prints_and_writes_every_config(tmp_path, without_interpreter):
     """python -m bench.codegen --kernel dq --json F: one table row and one JSON row per autotune config."""
     pytest.importorskip("triton.backends.compiler", reason="no ahead-of-time compile API in this Triton")
     from bench.codegen import configs
 
     out = tmp_path / "dq.json"
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    r = subprocess.run(
-        [sys.executable, "-m", "bench.codegen", "--kernel", "dq", "--json", str(out)],
-        cwd=ROOT, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
+    r = without_interpreter("-m", "bench.codegen", "--kernel", "dq", "--json", str(out))
     assert r.returncode == 0, r.stdout + r.stderr[-3000:]
     rows = json.loads(out.read_text())
     assert [tuple(row["config"]) for row in rows] == configs("dq")
     assert all("error" not in row and row["pipelined"] > 0 for row in rows), rows
     table = [line for line in r.stdout.splitlines() if line.split()[:1] == ["dq"]]
     assert len(table) == len(rows), r.stdout
-    bad = subprocess.run(
-        [sys.executable, "-m", "bench.codegen"], cwd=ROOT, env=dict(env, TRITON_INTERPRET="1"), capture_output=True,
-        text=True, timeout=120,
-    )  # fmt: skip
+    bad = without_interpreter("-m", "bench.codegen", timeout=120, interpret=True)
     assert bad.returncode == 2 and "unset TRITON_INTERPRET" in bad.stderr
 
 
