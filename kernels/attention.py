@@ -461,10 +461,19 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(n), 16384)
 
 
+def _setting(name: str, allowed: tuple[str, ...]) -> str:
+    """The module setting ``name`` (TMA, BACKWARD, EXP2), checked against its allowed values."""
+    value = globals()[name]
+    if value not in allowed:
+        quoted = [repr(a) for a in allowed]
+        expected = ", ".join(quoted[:-1]) + " or " + quoted[-1]
+        raise ValueError(f"kernels.attention.{name}: expected {expected}, got {value!r}")
+    return value
+
+
 def _tma_mode(q: torch.Tensor) -> str:
     """Resolve TMA for these inputs: "off", "on" or "auto" (see TMA)."""
-    if TMA not in ("auto", "on", "off"):
-        raise ValueError(f"kernels.attention.TMA: expected 'auto', 'on' or 'off', got {TMA!r}")
+    _setting("TMA", ("auto", "on", "off"))
     if TMA == "off" or q.dtype == torch.float32:
         return "off"
     if _INTERPRET:
@@ -482,9 +491,7 @@ def _tma_mode(q: torch.Tensor) -> str:
 
 
 def _backward_mode() -> str:
-    if BACKWARD not in ("split", "atomic"):
-        raise ValueError(f"kernels.attention.BACKWARD: expected 'split' or 'atomic', got {BACKWARD!r}")
-    return BACKWARD
+    return _setting("BACKWARD", ("split", "atomic"))
 
 
 def _desc(t: torch.Tensor):
@@ -551,9 +558,7 @@ def _check_triton(q: torch.Tensor) -> None:
 
 
 def _exp2_mode() -> str:
-    if EXP2 not in ("mufu", "split"):
-        raise ValueError(f"kernels.attention.EXP2: expected 'mufu' or 'split', got {EXP2!r}")
-    return EXP2
+    return _setting("EXP2", ("mufu", "split"))
 
 
 def _meta(q, k, rope, k_lengths) -> dict:

@@ -98,7 +98,8 @@ BWD_MATMULS = ("dv", "dp", "dqdk")  # backward products that can run in FP8 (ker
 # dS formats (torch dtype, largest finite value): e4m3 (3 mantissa bits) or e5m2 (2 bits, wider range)
 FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, E4M3_MAX), "e5m2": (torch.float8_e5m2, 57344.0)}
 _DS_TINY = 1e-30  # floor of a dS group's amax (an all-zero group: any finite scale gives zeros)
-_UNIT_CLAMP = 2.0**-80  # the P V / P^T dO accumulators' unit >= this times the largest scale so far
+# the P V / P^T dO accumulators' unit >= this times the largest scale so far (kernels and emulation)
+_UNIT_CLAMP = tl.constexpr(2.0**-80)
 
 
 @triton.jit
@@ -117,12 +118,6 @@ def _round_fp8(x, E5M2: tl.constexpr):
         normal = ((bits + 0x7FFFF + ((bits >> 20) & 1)) & -1048576).to(tl.float32, bitcast=True)
         r = tl.where(ax >= 0.015625, normal, ((ax * 512.0 + 8388608.0) - 8388608.0) / 512.0)
     return tl.where(x < 0, -r, r)
-
-
-@triton.jit
-def _quant_p(p, P_DTYPE: tl.constexpr, EMULATE: tl.constexpr):
-    """E4M3(448 p) in the operand dtype (float8e4nv on GPU; fp16 carrier in the interpreter)."""
-    return _e4m3_p448(p * 448.0, P_DTYPE, EMULATE)
 
 
 @triton.jit
@@ -193,7 +188,7 @@ def _fwd_step(
     l_i = l_i * alpha + tl.sum(p448, 1)
     sv = tl.load(SV + t)
     w_max = tl.maximum(w_max, sv)
-    w_new = tl.maximum(sv, w_max * 8.271806125530277e-25)  # _UNIT_CLAMP = 2^-80: w / w_new <= 2^80
+    w_new = tl.maximum(sv, w_max * _UNIT_CLAMP)  # w / w_new <= 2^80
     fac = alpha * (w / w_new)
     if V_T:
         vt = tl.load(v_ptr + start_n)  # (D, BLOCK_N): keys contiguous, a K-major operand for p v
@@ -380,7 +375,7 @@ def _dkdv_step(
         p448 = tl.where(q_ok[None, :], p448, 0.0)
     sdo = tl.load(SDO + blk)
     w_max = tl.maximum(w_max, sdo)
-    w_new = tl.maximum(sdo, w_max * 8.271806125530277e-25)  # _UNIT_CLAMP = 2^-80: w / w_new <= 2^80
+    w_new = tl.maximum(sdo, w_max * _UNIT_CLAMP)  # w / w_new <= 2^80
     do_t = tl.load(DO8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M), queries contiguous
     dv = tl.dot(_e4m3_p448(p448, do_t.dtype, EMULATE), tl.trans(do_t), dv * (w / w_new))
     if FP8_DP:
@@ -987,7 +982,7 @@ def _scores2(q8, sq, k8, sk, scale, Sq, Sk, block) -> torch.Tensor:
 def _clamped_units(scale: torch.Tensor) -> torch.Tensor:
     """(B, H, nblk) block scales -> w = max(s, (running max of s) 2^-80), the kernels' accumulator units
     for the P V and P^T dO products (module doc)."""
-    return torch.maximum(scale, torch.cummax(scale, -1).values * _UNIT_CLAMP)
+    return torch.maximum(scale, torch.cummax(scale, -1).values * _UNIT_CLAMP.value)
 
 
 def _fwd_emulated(quant, k_lengths, scale, Sq, Sk, block, dtype):
