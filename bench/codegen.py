@@ -197,9 +197,11 @@ def analyze(compiled, num_warps: int) -> dict:
         with tempfile.NamedTemporaryFile(suffix=".cubin") as f:
             f.write(compiled.asm["cubin"])
             f.flush()
-            usage = subprocess.run([cuobjdump, "-res-usage", f.name], capture_output=True, text=True).stdout
-            sass = subprocess.run([cuobjdump, "-sass", f.name], capture_output=True, text=True).stdout
-        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", usage)
+            # resource usage (REG: ... LOCAL: ...) and the SASS, in one dump
+            sass = subprocess.run(
+                [cuobjdump, "-res-usage", "-sass", f.name], capture_output=True, text=True
+            ).stdout
+        m = re.search(r"REG:(\d+) STACK:(\d+) SHARED:\d+ LOCAL:(\d+)", sass)
         if m:
             out["regs"], out["spill"] = int(m.group(1)), int(m.group(2)) + int(m.group(3))
             by_regs = SM_REGS // (out["regs"] * 32 * num_warps)
