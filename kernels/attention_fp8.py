@@ -17,8 +17,9 @@ E4M3 = float8 e4m3fn, max 448, 3 mantissa bits, round-to-nearest-even, saturatin
 - V is also stored transposed, (B, H, D, S), so the PV product reads a K-major operand.
 - Kernel path: one fused Triton kernel per tensor (:func:`quantize_blocks_fused`; q, k, v and the
   backward's dO), one program per (block, b h): one read of x in its dtype, minus the K mean (computed by
-  :func:`key_mean` in torch), times H (an fp32 tl.dot, input_precision "ieee"), block amax, scale, the e4m3
-  cast, one write of x8 and the scale. The emulation keeps the pure-torch :func:`quantize_blocks` (after
+  :func:`key_mean` in torch), times H (one tensor-core dot of x by the +-1 matrix, exact products and fp32
+  sums, the mean subtracted after it in the rotated basis), block amax, scale, the e4m3 cast, one write of
+  x8 and the scale. The emulation keeps the pure-torch :func:`quantize_blocks` (after
   :func:`smooth_keys` and an fp32 matmul by H). The two differ only in the rotation's fp32 summation
   order: scales to ~1 ulp, and an occasional e4m3 rounding tie one step apart (without the rotation they
   are bit-identical).
@@ -776,7 +777,7 @@ def _e4m3_of(y, scale, DTYPE: tl.constexpr, EMULATE: tl.constexpr):
 def _quant_blocks_kernel(
     X,
     MEAN,
-    HAD,
+    SIGNS,
     X8,
     SCALE,
     S,
@@ -790,14 +791,21 @@ def _quant_blocks_kernel(
     BLOCK: tl.constexpr,
     HAS_MEAN: tl.constexpr,
     ROTATE: tl.constexpr,
+    INV_SQRT_D: tl.constexpr,
     EMULATE: tl.constexpr,
 ):
-    """The fused pre-pass of BLOCK tokens of one (b, h): x (B, S, H, D) in its dtype -> fp32, minus MEAN
-    (B, H, D) (HAS_MEAN), times HAD (D, D) (ROTATE), s = amax / 448 (1 if all zero), x8 = E4M3(clamp(x / s,
-    +-448)) into X8 (B, H, SP, D), s into SCALE (B, H, SP / BLOCK); rows past S are zeros.
+    """The fused pre-pass of BLOCK tokens of one (b, h): x (B, S, H, D) in its dtype, times H (ROTATE), minus
+    MEAN (B, H, D) fp32 (HAS_MEAN), s = amax / 448 (1 if all zero), x8 = E4M3(clamp(x / s, +-448)) into X8
+    (B, H, SP, D), s into SCALE (B, H, SP / BLOCK); rows past S are zeros.
 
-    The rotation is two dots with the column halves of HAD: x and half of HAD in shared memory (96 KB at
-    D = BLOCK = 128 with fp32 FMA dots, under the 99 KB per block of sm_89; with the whole HAD: 128 KB).
+    The rotation: SIGNS is the +-1 Sylvester matrix (D, D) in x's dtype and H = SIGNS / sqrt(D). A bf16 or
+    fp16 x times +-1 is an exact product, so a tensor-core dot with fp32 accumulation gives x H to fp32
+    rounding; an fp32 x takes an IEEE FMA dot (correct, not fast: the attention path never has one). The
+    K mean is subtracted after the rotation, so the caller passes the rotated mean m H ((x - m) H = x H -
+    m H). Two dots with the column halves of SIGNS keep shared memory under sm_89's 99 KB per block.
+    (The first version rotated fp32 x - m with FMA dots: 14 KB of register spills per thread on sm_90 and
+    ~11 ms of pre-pass at the LTX-2 shape on an H100; tests/test_attention_fp8.py's compile test now checks
+    for spills.)
     """
     HALF: tl.constexpr = D // 2
     pid, bh = tl.program_id(0), tl.program_id(1)
@@ -809,20 +817,28 @@ def _quant_blocks_kernel(
     x = tl.load(
         src + offs_s.to(tl.int64)[:, None] * stride_s + offs_d[None, :] * stride_d, mask=ok, other=0.0
     )
-    x = x.to(tl.float32)
-    if HAS_MEAN:  # the padding rows stay zero
-        x = tl.where(ok, x - tl.load(MEAN + bh * D + offs_d)[None, :], 0.0)
     dst = X8 + (bh.to(tl.int64) * SP + offs_s[:, None]) * D
     if ROTATE:
         offs_h = tl.arange(0, HALF)
-        h_ptrs = HAD + offs_d[:, None] * D + offs_h[None, :]
-        y0 = tl.dot(x, tl.load(h_ptrs), input_precision="ieee")  # (BLOCK, HALF): columns [0, HALF)
-        y1 = tl.dot(x, tl.load(h_ptrs + HALF), input_precision="ieee")  # columns [HALF, D)
+        h_ptrs = SIGNS + offs_d[:, None] * D + offs_h[None, :]
+        if X.dtype.element_ty == tl.float32:
+            y0 = tl.dot(x, tl.load(h_ptrs), input_precision="ieee")  # (BLOCK, HALF): columns [0, HALF)
+            y1 = tl.dot(x, tl.load(h_ptrs + HALF), input_precision="ieee")  # columns [HALF, D)
+        else:
+            y0 = tl.dot(x, tl.load(h_ptrs), out_dtype=tl.float32)
+            y1 = tl.dot(x, tl.load(h_ptrs + HALF), out_dtype=tl.float32)
+        y0, y1 = y0 * INV_SQRT_D, y1 * INV_SQRT_D
+        if HAS_MEAN:  # the padding rows stay zero
+            y0 = tl.where(ok, y0 - tl.load(MEAN + bh * D + offs_h)[None, :], 0.0)
+            y1 = tl.where(ok, y1 - tl.load(MEAN + bh * D + HALF + offs_h)[None, :], 0.0)
         amax = tl.maximum(tl.max(tl.max(tl.abs(y0), 1), 0), tl.max(tl.max(tl.abs(y1), 1), 0))
         scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
         tl.store(dst + offs_h[None, :], _e4m3_of(y0, scale, X8.dtype.element_ty, EMULATE))
         tl.store(dst + HALF + offs_h[None, :], _e4m3_of(y1, scale, X8.dtype.element_ty, EMULATE))
     else:
+        x = x.to(tl.float32)
+        if HAS_MEAN:
+            x = tl.where(ok, x - tl.load(MEAN + bh * D + offs_d)[None, :], 0.0)
         amax = tl.max(tl.max(tl.abs(x), 1), 0)
         scale = tl.where(amax > 0, tl.div_rn(amax, 448.0), 1.0)
         tl.store(dst + offs_d[None, :], _e4m3_of(x, scale, X8.dtype.element_ty, EMULATE))
@@ -871,11 +887,15 @@ def quantize_blocks_fused(
     scale = torch.empty(B, H, n, device=x.device, dtype=torch.float32)
     if x8.numel() == 0:
         return x8, scale
-    had = _hadamard_cached(D, x.device) if rotate else scale  # unused stand-in when not rotating
+    signs = scale  # unused stand-in when not rotating
+    if rotate:
+        signs = _hadamard_signs(D, x.dtype, x.device)
+        if mean is not None:  # (x - m) H = x H - m H: the kernel subtracts the rotated mean
+            mean = (mean @ _hadamard_cached(D, x.device)).contiguous()
     launch = {} if _INTERPRET else dict(num_warps=PREPASS_WARPS[bool(rotate)], num_stages=1)
     _quant_blocks_kernel[(n, B * H)](
-        x, scale if mean is None else mean, had, x8, scale, S, H, *x.stride(), n * block,
-        D=D, BLOCK=block, HAS_MEAN=mean is not None, ROTATE=bool(rotate),
+        x, scale if mean is None else mean, signs, x8, scale, S, H, *x.stride(), n * block,
+        D=D, BLOCK=block, HAS_MEAN=mean is not None, ROTATE=bool(rotate), INV_SQRT_D=D**-0.5,
         EMULATE=carrier != torch.float8_e4m3fn, **launch,
     )  # fmt: skip
     return x8, scale
@@ -928,8 +948,14 @@ def hadamard(d: int, device=None) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _hadamard_cached(d: int, device: torch.device) -> torch.Tensor:
-    """hadamard(d) for the fused pre-pass, built once per (d, device) (read only)."""
+    """hadamard(d), built once per (d, device) (read only)."""
     return hadamard(d, device)
+
+
+@functools.lru_cache(maxsize=8)
+def _hadamard_signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """hadamard(d) * sqrt(d): the +-1 matrix in ``dtype`` (exact in any float format), for the pre-pass."""
+    return torch.sign(hadamard(d, device)).to(dtype).contiguous()
 
 
 def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True, fused=False, kmean=None):
