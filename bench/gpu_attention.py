@@ -57,7 +57,7 @@ def _providers(rope, quick: bool, defaults: dict[str, str]):
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[tma=auto]": (modes(lambda q, k, v: attention(q, k, v), TMA="auto"), "sdpa_flash"),
+        "triton[tma=off]": (modes(lambda q, k, v: attention(q, k, v), TMA="off"), "sdpa_flash"),
         "triton[bwd=atomic]": (modes(lambda q, k, v: attention(q, k, v), BACKWARD="atomic"), "sdpa_flash"),
         "triton[exp2=split]": (modes(lambda q, k, v: attention(q, k, v), EXP2="split"), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
@@ -70,8 +70,8 @@ def _providers(rope, quick: bool, defaults: dict[str, str]):
             "sdpa_flash+rope",
         ),
     }
-    if quick:  # the opt-in fused-RoPE kernels and the TMA configs cost their own compiles
-        del provs["triton+rope_fused"], provs["triton[tma=auto]"]
+    if quick:  # the opt-in fused-RoPE kernels cost their own compiles
+        del provs["triton+rope_fused"]
     try:
         import flash_attn  # noqa: F401
 

@@ -58,11 +58,10 @@ FUSE_ROPE = False
 # kernel): "off" pointer loads; "on" tensor descriptors (TMA, the Hopper bulk copy engine: no per-element
 # address math or predicates, loads issued asynchronously into shared memory; sm_90+); "auto" autotunes
 # over both on sm_90+ and uses pointer loads elsewhere. Ragged last tiles always use masked pointer
-# loads. Under TRITON_INTERPRET=1 "auto" means "off" (one config) and "on" runs the TMA path. "off" is the
-# default until the TMA kernels have run on a GPU (written after the last GPU session: compiled for sm_90
-# and checked bitwise against the pointer loads in the interpreter only); bench/gpu_attention.py times
-# "auto" beside it.
-TMA = "off"
+# loads. Under TRITON_INTERPRET=1 "auto" means "off" (one config) and "on" runs the TMA path. "auto" is the
+# default since the H100 run at 23ee8ee (bench/results/20261126_nvidia-h100.md): forward 1.05-1.11x the
+# pointer loads at the LTX-2 / Wan / HY shapes (540 / 550 / 572 TFLOP/s), forward+backward within -3%..+2%.
+TMA = "auto"
 # The backward's dQ: "split" (default) a second kernel per query tile recomputes q k^T and dO v^T and sums
 # dS K over key tiles (7 matmuls in all, no atomics, bitwise reproducible); "atomic" the dK/dV kernel adds
 # its dS K into an fp32 dQ buffer with atomic adds (5 matmuls, as FlashAttention-2/3 do; the summation
