@@ -3,7 +3,7 @@ per SM, whether the tile loads are software-pipelined, which tensor-core product
 many special-function exponentials a program issues.
 
     python -m bench.codegen                      # every autotune config of the bf16 kernels, sm_90
-    python -m bench.codegen --kernel fwd --split-exp --tma
+    python -m bench.codegen --kernel fwd --tma
     python -m bench.codegen --kernel fp8_fwd,fp8_dkdv,fp8_dq
     python -m bench.codegen --json out.json
     python -m bench.codegen --compare out.json     # after an edit: what got worse (exit 1 if anything)
@@ -33,7 +33,7 @@ does not pipeline the pointer loads). Columns:
   max(issue, mufu)): the tensor cores' share of a tile when the scalar work does not overlap the
   program's own products (as above); a second program on the SM (``per_sm`` >= 2) can fill the gap.
   Which of issue and mufu is larger says what bounds the softmax: the issue slots (fewer instructions
-  help) or the special-function unit (moving exponentials to the FMA pipes helps, kernels.attention.EXP2).
+  help) or the special-function unit.
 """
 
 from __future__ import annotations
@@ -51,7 +51,7 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
-_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "DQA", "SQ", "SK", "SV", "SDO", "KMEAN")
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "KMEAN")
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 
@@ -81,7 +81,7 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
 
 def configs(kernel: str, rope: bool = False) -> list[tuple[int, int, int, int]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs the autotuner tries for a kernel: kernels.attention's
-    "fwd", "dkdv", "dkdv_dq", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
+    "fwd", "dkdv", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
     quantisation blocks)."""
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
@@ -96,13 +96,13 @@ def configs(kernel: str, rope: bool = False) -> list[tuple[int, int, int, int]]:
 
 
 def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bool = False,
-                      split_exp: bool = False, rope: bool = False, has_klen: bool = False, d: int = 128,
-                      dtype: str = "bf16", capability: int = 90):  # fmt: skip
+                      rope: bool = False, has_klen: bool = False, d: int = 128, dtype: str = "bf16",
+                      capability: int = 90):  # fmt: skip
     """Compile one attention kernel (a name of :func:`configs`) at a (BLOCK_M, BLOCK_N, num_warps,
     num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel. The FP8 kernels
     take their default products (bf16 dP, dQ, dK) and no TMA or RoPE (RoPE runs before their pre-pass)."""
     bm, bn, warps, stages = config
-    consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn, SPLIT_EXP=split_exp)
+    consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn)
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
@@ -112,7 +112,7 @@ def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bo
         import kernels.attention as A
 
         fn = A._RAW[kernel]
-        consts.update(ROPE=rope, PRECISION="tf32", TMA=tma, ATOMIC_DQ=kernel == "dkdv_dq")
+        consts.update(ROPE=rope, PRECISION="tf32", TMA=tma)
     consts = {c: v for c, v in consts.items() if c in fn.arg_names}
     sig = _signature(fn, dict(BLOCK_M=bm, BLOCK_N=bn, D=d), tma, dtype)
     for name, param in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
@@ -245,14 +245,13 @@ def _loop_model(sass: str, num_warps: int) -> dict:
     )
 
 
-def report(kernels: list[str], *, tma: bool, split_exp: bool, rope: bool) -> list[dict]:
+def report(kernels: list[str], *, tma: bool, rope: bool) -> list[dict]:
     rows = []
     for kernel in kernels:
         for config in configs(kernel, rope):
-            row = dict(kernel=kernel, config=list(config), tma=tma, split_exp=split_exp, rope=rope)
+            row = dict(kernel=kernel, config=list(config), tma=tma, rope=rope)
             try:
-                row.update(analyze(compile_attention(kernel, config, tma=tma, split_exp=split_exp, rope=rope),
-                                   config[2]))  # fmt: skip
+                row.update(analyze(compile_attention(kernel, config, tma=tma, rope=rope), config[2]))
             except Exception as e:  # noqa: BLE001 - one config that does not build is a row, not the end
                 row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
             rows.append(row)
@@ -272,14 +271,15 @@ def _cell(c: str, v) -> str:
 
 
 def _row_key(r: dict) -> tuple:
-    return (r["kernel"], tuple(r["config"]), r["tma"], r["split_exp"], r["rope"])
+    return (r["kernel"], tuple(r["config"]), r["tma"], r["rope"])
 
 
 def compare(old: list[dict], new: list[dict], tolerance: float = 0.02) -> list[str]:
     """Regressions of the rows of ``new`` against the same (kernel, config, variant) rows of ``old``: a build
     that failed, more spill bytes, fewer programs per SM, unpipelined loads, more synchronous products, or
     the model's tensor-core share ``tc`` down by more than ``tolerance`` (relative). One line each."""
-    before = {_row_key(r): r for r in old}
+    # rows an older bench.codegen wrote with --split-exp (a variant since removed) match nothing
+    before = {_row_key(r): r for r in old if not r.get("split_exp")}
     out = []
     for r in new:
         o = before.get(_row_key(r))
@@ -303,11 +303,10 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument(
         "--kernel",
-        default="fwd,dkdv,dkdv_dq,dq",
-        help="comma list of fwd, dkdv, dkdv_dq, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
+        default="fwd,dkdv,dq",
+        help="comma list of fwd, dkdv, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
     )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
-    ap.add_argument("--split-exp", action="store_true", help="half the exponentials on the FMA pipes (EXP2)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument(
@@ -320,9 +319,9 @@ def main(argv: list[str] | None = None) -> int:
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
     kernels = [k for k in args.kernel.split(",") if k]
-    if args.rope:  # the atomic backward and the FP8 kernels have no fused-RoPE variant
-        kernels = [k for k in kernels if k != "dkdv_dq" and not k.startswith("fp8_")]
-    rows = report(kernels, tma=args.tma, split_exp=args.split_exp, rope=args.rope)
+    if args.rope:  # the FP8 kernels have no fused-RoPE variant
+        kernels = [k for k in kernels if not k.startswith("fp8_")]
+    rows = report(kernels, tma=args.tma, rope=args.rope)
     cols = ["kernel", "config", "regs", "spill", "smem_kb", "per_sm", "pipelined", "dots", "sync", "ex2", "ins", "mma",
             "issue", "mufu", "tc"]  # fmt: skip
     print(" ".join(f"{c:>14}" if c == "config" else f"{c:>9}" for c in cols))

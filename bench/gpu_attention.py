@@ -1,8 +1,6 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
-before it, the default; RoPE fused into it; with the module settings kernels.attention.TMA, BACKWARD and
-EXP2 at their defaults, and as "triton[tma=auto]" (TMA loads autotuned beside pointer loads),
-"triton[bwd=atomic]" (dQ by atomic adds in the dK/dV kernel) and "triton[exp2=split]" (half the softmax
-exponentials on the FMA pipes)) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+before it, the default; RoPE fused into it; with the module setting kernels.attention.TMA at its default,
+and as "triton[tma=off]" (pointer loads only)) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -27,21 +25,17 @@ SHAPES = {
 }
 
 
-_SETTINGS = ("TMA", "BACKWARD", "EXP2")  # kernels.attention's module settings the variants change
-
-
-def _providers(rope, quick: bool, defaults: dict[str, str]):
-    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable. defaults: the module's
-    settings (_SETTINGS), which every Triton provider runs with but for the one a variant changes."""
+def _providers(rope, quick: bool, tma: str):
+    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable. tma: the module's TMA
+    setting, which every Triton provider runs with but triton[tma=off]."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def modes(fn, **change):  # for the call and the backward that follows it
+    def modes(fn, tma_mode=tma):  # for the call and the backward that follows it
         def run(q, k, v):
-            for name, value in dict(defaults, **change).items():
-                setattr(attention_module, name, value)
+            attention_module.TMA = tma_mode
             return fn(q, k, v)
 
         return run
@@ -57,9 +51,7 @@ def _providers(rope, quick: bool, defaults: dict[str, str]):
         "sdpa_flash": (sdpa(SDPBackend.FLASH_ATTENTION, False), None),
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
-        "triton[tma=off]": (modes(lambda q, k, v: attention(q, k, v), TMA="off"), "sdpa_flash"),
-        "triton[bwd=atomic]": (modes(lambda q, k, v: attention(q, k, v), BACKWARD="atomic"), "sdpa_flash"),
-        "triton[exp2=split]": (modes(lambda q, k, v: attention(q, k, v), EXP2="split"), "sdpa_flash"),
+        "triton[tma=off]": (modes(lambda q, k, v: attention(q, k, v), tma_mode="off"), "sdpa_flash"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
             modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
@@ -138,7 +130,7 @@ def run(quick: bool = False) -> list[dict]:
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     import kernels.attention as attention_module
 
-    defaults = {name: getattr(attention_module, name) for name in _SETTINGS}
+    tma = attention_module.TMA
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
@@ -146,13 +138,12 @@ def run(quick: bool = False) -> list[dict]:
         try:
             recs += _bench_rope(case, SHAPES[case])
             recs += bench_providers(
-                "attention", case, SHAPES[case], lambda rope: _providers(rope, quick, defaults)
+                "attention", case, SHAPES[case], lambda rope: _providers(rope, quick, tma)
             )
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            for name, value in defaults.items():
-                setattr(attention_module, name, value)
+            attention_module.TMA = tma
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

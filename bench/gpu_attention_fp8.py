@@ -1,7 +1,6 @@
 """FP8 attention: speed (GPU) and accuracy (GPU kernel, or the CPU emulation) at video DiT shapes.
 
 Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8;
-with half the forward's softmax exponentials on the FMA pipes, kernels.attention.EXP2 = "split";
 forward+backward only: dQ/dK in FP8, and all five backward products in FP8) vs our bf16 Triton kernel and
 torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that forward+backward. Accuracy:
 relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
@@ -143,7 +142,6 @@ def format_table(table: dict) -> str:
 def _providers(rope):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
-    import kernels.attention as attention_module
     from kernels.attention import attention
     from kernels.attention_fp8 import attention_fp8
 
@@ -151,18 +149,10 @@ def _providers(rope):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return attention(q, k, v, backend="sdpa")
 
-    def split_exp2(q, k, v):  # half the forward's softmax exponentials on the FMA pipes (opt-in)
-        default, attention_module.EXP2 = attention_module.EXP2, "split"
-        try:
-            return attention_fp8(q, k, v)
-        finally:
-            attention_module.EXP2 = default
-
     return {
         "sdpa_cudnn": (cudnn, None),
         "triton_bf16": (lambda q, k, v: attention(q, k, v), "sdpa_cudnn"),
         "triton_fp8": (lambda q, k, v: attention_fp8(q, k, v), "triton_bf16"),
-        "triton_fp8[exp2=split]": (split_exp2, "triton_bf16"),
         "triton_fp8_dp": (lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dp=True), "triton_bf16"),
         "triton_fp8+rope": (lambda q, k, v: attention_fp8(q, k, v, rope=rope), "triton_bf16"),
     }

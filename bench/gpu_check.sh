@@ -6,7 +6,7 @@
 # 3. runs `pytest -m gpu`,
 # 4. runs every bench/gpu_*.py module (python -m bench.gpu_check) with baselines in the same process,
 # 5. where ncu is on the PATH (GPU_NCU=0 skips it), profiles one launch of each kernel whose goal is
-#    missed (bench/ncu_kernels.py: attention pointer/TMA/atomic/split-exp2 at the Wan shape, Euler step, a copy),
+#    missed (bench/ncu_kernels.py: attention pointer/TMA loads at the Wan shape, Euler step, a copy),
 # and writes under $OUT (default bench/results/gpu_<date>) five files: the results JSON (named by date
 # and device), pytest_gpu.log, bench.log, ncu.txt and logs.tgz (build, wheels, nvidia-smi, junit XML and
 # each module's own JSON and log) -- few files, since the device tool returns at most eight.

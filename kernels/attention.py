@@ -16,10 +16,9 @@ of the (B*S, H*D) matrix instead of pointer loads (see TMA; with "auto" the auto
 Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
 dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
 tile accumulates dK, dV over all query tiles; a separate kernel per query tile accumulates dQ over key
-tiles, so there are no atomics and gradients are bitwise reproducible (BACKWARD = "atomic" instead adds
-dS K into an fp32 dQ from the dK/dV kernel: 5 matmuls instead of 7, summation order not fixed). With RoPE
-the products use the rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue
-(gradients w.r.t. the unrotated inputs).
+tiles, so there are no atomics and gradients are bitwise reproducible. With RoPE the products use the
+rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue (gradients w.r.t. the
+unrotated inputs).
 
 RoPE pairs are interleaved (kernels/rope.py): out[2i] = x[2i] c_i - x[2i+1] s_i,
 out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel the tile is split into even/odd channels in registers
@@ -62,22 +61,6 @@ FUSE_ROPE = False
 # default since the H100 run at 23ee8ee (bench/results/20261126_nvidia-h100.md): forward 1.05-1.11x the
 # pointer loads at the LTX-2 / Wan / HY shapes (540 / 550 / 572 TFLOP/s), forward+backward within -3%..+2%.
 TMA = "auto"
-# The backward's dQ: "split" (default) a second kernel per query tile recomputes q k^T and dO v^T and sums
-# dS K over key tiles (7 matmuls in all, no atomics, bitwise reproducible); "atomic" the dK/dV kernel adds
-# its dS K into an fp32 dQ buffer with atomic adds (5 matmuls, as FlashAttention-2/3 do; the summation
-# order varies from run to run). deterministic=True and fused RoPE always use "split".
-BACKWARD = "split"
-# The softmax exponentials of the full key tiles: "mufu" every 2^x on the special-function unit (ex2.approx,
-# 16 per clock per SM on sm_90); "split" half of each tile's on the FMA pipes instead, as a degree-3
-# polynomial with the exponent set by integer adds (_exp2_poly, relative error < 8e-5, far below a bf16/fp16
-# P's rounding), as FlashAttention-4 does on Blackwell. Each moved exponential trades 8 cycles of the
-# special-function unit for ~7 issue slots, which pays only where the softmax is bound by that unit. Triton
-# does not overlap the softmax with a warpgroup's own wgmma on Hopper, so the softmax's length adds to every
-# tile; bench/codegen.py's static model of the sm_90 code puts the bf16 forward's softmax (128 x 64 tiles)
-# at 720 issue cycles per tile against 544 on the special-function unit: issue-bound, so "split" is
-# expected to lose there (948 issue cycles). It stays an opt-in for the GPU to settle. fp32 inputs always
-# use "mufu"; ragged tiles too (exact zeros for masked keys).
-EXP2 = "mufu"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
@@ -104,30 +87,6 @@ def _rotate(x, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr, S
 
 
 @triton.jit
-def _exp2_poly(x):
-    """2^x for x <= 0 on the FMA and integer pipes: x = n + f with n = round(x) (adding 1.5 * 2^23 leaves n
-    in the low mantissa bits), 2^f on [-1/2, 1/2] by a degree-3 minimax polynomial (relative error 7.5e-5),
-    then n added to the exponent field. x is clamped at -125 (2^-125 ~ 2e-38 stands for anything smaller),
-    so the exponent stays normal."""
-    x = tl.maximum(x, -125.0)
-    t = x + 12582912.0
-    f = x - (t - 12582912.0)
-    p = 0.9999281167984009 + f * (0.6932609677314758 + f * (0.24261054396629333 + f * 0.05517132207751274))
-    n = t.to(tl.int32, bitcast=True) - 0x4B400000
-    return (p.to(tl.int32, bitcast=True) + (n << 23)).to(tl.float32, bitcast=True)
-
-
-@triton.jit
-def _exp2(x, ROWS: tl.constexpr, COLS: tl.constexpr, SPLIT: tl.constexpr):
-    """2^x of a (ROWS, COLS) tile: all on the special-function unit, or with SPLIT the odd columns by
-    _exp2_poly (a thread holds column pairs in the MMA layouts, so the split and join move no data)."""
-    if SPLIT:
-        xe, xo = tl.split(tl.reshape(x, (ROWS, COLS // 2, 2)))
-        return tl.reshape(tl.join(tl.exp2(xe), _exp2_poly(xo)), (ROWS, COLS))
-    return tl.exp2(x)
-
-
-@triton.jit
 def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN, stride_s, BLOCK: tl.constexpr,
         D: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
     """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out).
@@ -149,7 +108,7 @@ def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN,
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr, SPLIT_EXP: tl.constexpr):
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -163,7 +122,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_en
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
     # scale > 0, so max(qk * scale) = max(qk) * scale, and the exponent is one FMA per element
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = _exp2(qk * qk_scale - m_new[:, None], BLOCK_M, BLOCK_N, SPLIT_EXP and not MASKED)
+    p = tl.exp2(qk * qk_scale - m_new[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
@@ -173,7 +132,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_en
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_BUCKET,
         D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        SPLIT_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """out = softmax(scale q k^T) v for BLOCK_M queries of one (batch, head); lse alongside."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -195,10 +154,10 @@ def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BU
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA, SPLIT_EXP)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA)
     if n_full < n_end:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA, SPLIT_EXP)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -222,12 +181,10 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, DQA, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s,
-        scale, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr,
-        MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, ATOMIC_DQ: tl.constexpr,
-        SPLIT_EXP: tl.constexpr):
-    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q;
-    with ATOMIC_DQ also dQ += scale dS K, added into the fp32 buffer DQA with atomics."""
+def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -242,32 +199,21 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, DQA, QD, DOD, row0, col, LSE, DELTA, C
         lse = tl.load(LSE + offs_m)
         delta = tl.load(DELTA + offs_m)
     s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    p_t = _exp2(s_t - lse[None, :] * 1.4426950408889634, BLOCK_N, BLOCK_M, SPLIT_EXP and not MASKED)
+    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
-    if ATOMIC_DQ:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
-        ds_t = tl.where(k_ok[:, None], ds_t, 0.0)
     dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
-    if ATOMIC_DQ:
-        dq = tl.dot(tl.trans(ds_t.to(k.dtype)), k, input_precision=PRECISION) * scale  # (BLOCK_M, D)
-        dq_ptrs = DQA + offs_m[:, None] * stride_s + offs_d[None, :]
-        if MASKED:
-            tl.atomic_add(dq_ptrs, dq, mask=q_ok[:, None], sem="relaxed")
-        else:
-            tl.atomic_add(dq_ptrs, dq, sem="relaxed")
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
         Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        ATOMIC_DQ: tl.constexpr, SPLIT_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-        TMA: tl.constexpr):
-    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles (and with ATOMIC_DQ this
-    key tile's share of dQ, added into DQA)."""
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -288,13 +234,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, DQA + q_off, QD, DOD, row0, col, lse_ptr,
-            delta_ptr, COS, SIN, start_m, Sq, stride_s, scale, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION,
-            TMA, ATOMIC_DQ, SPLIT_EXP)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA)
     if m_full < m_hi:
-        dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, DQA + q_off, QD, DOD, row0, col, lse_ptr,
-            delta_ptr, COS, SIN, m_full, Sq, stride_s, scale, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION,
-            False, ATOMIC_DQ, SPLIT_EXP)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, False)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -308,7 +252,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr, SPLIT_EXP: tl.constexpr):
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
@@ -318,7 +262,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n,
     v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
         MASKED, TMA)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-    p = _exp2(s - lse2[:, None], BLOCK_M, BLOCK_N, SPLIT_EXP and not MASKED)
+    p = tl.exp2(s - lse2[:, None])
     if MASKED:
         p = tl.where(k_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)
@@ -330,7 +274,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n,
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET,
         K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        SPLIT_EXP: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
     """dQ of BLOCK_M queries of one (batch, head), looping over the valid key tiles."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -353,10 +297,10 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA, SPLIT_EXP)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA)
     if n_full < n_end:
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA, SPLIT_EXP)
+            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA)
     dq = dq * scale
     if ROPE:
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
@@ -405,19 +349,16 @@ _TILES = {
     # (32, 64, 4, 3) dK/dV and (64, 64, 4, 2) dQ: two programs per SM without spills, as the forward's
     ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
-    # BACKWARD = "atomic": the dK/dV kernel also forms dS K (one more (BLOCK_M, D) fp32 tile in registers)
-    # (at 230-255 registers on sm_90, Triton 3.9: these three spill least, 0-184 bytes)
-    ("dkdv_dq", False): ([(64, 64, 8, 2), (32, 64, 8, 3), (64, 128, 8, 2)], (32, 64)),
     ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2)], (64, 32)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
 # pointer loads only.
-for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dkdv_dq", (32, 64)), ("dq", (64, 32))):
+for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dq", (64, 32))):
     for _rope in (False, True):
         _TILES[(_kernel, _rope, "fp32")] = ([(*_tiles, 4, 2)], _tiles)
-_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN", "SPLIT_EXP"]
-_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_dq": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
+_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED: dict = {}  # (kernel, rope[, "fp32"], mode) -> autotuner, built on first use
 
 
@@ -435,11 +376,7 @@ def _config_list(key: tuple, mode: str) -> list[triton.Config]:
 
 def _tuned(key: tuple, mode: str):
     if (key, mode) not in _TUNED:
-        # the atomic dQ buffer is zeroed before every timing run of the autotuner and after it
-        reset = ["DQA"] if key[0] == "dkdv_dq" else None
-        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY, reset_to_zero=reset)(
-            _RAW[key[0]]
-        )
+        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY)(_RAW[key[0]])
     return _TUNED[(key, mode)]
 
 
@@ -461,7 +398,7 @@ def _bucket(n: int) -> int:
 
 
 def _setting(name: str, allowed: tuple[str, ...]) -> str:
-    """The module setting ``name`` (TMA, BACKWARD, EXP2), checked against its allowed values."""
+    """The module setting ``name`` (TMA), checked against its allowed values."""
     value = globals()[name]
     if value not in allowed:
         quoted = [repr(a) for a in allowed]
@@ -487,10 +424,6 @@ def _tma_mode(q: torch.Tensor) -> str:
     if TMA == "auto" and (not supported or _TMA_FAILED):
         return "off"
     return TMA
-
-
-def _backward_mode() -> str:
-    return _setting("BACKWARD", ("split", "atomic"))
 
 
 def _desc(t: torch.Tensor):
@@ -556,17 +489,12 @@ def _check_triton(q: torch.Tensor) -> None:
         )
 
 
-def _exp2_mode() -> str:
-    return _setting("EXP2", ("mufu", "split"))
-
-
 def _meta(q, k, rope, k_lengths) -> dict:
     return dict(
         D=q.shape[-1],
         ROPE=rope is not None,
         HAS_KLEN=k_lengths is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
-        SPLIT_EXP=_exp2_mode() == "split" and q.dtype != torch.float32,
     )
 
 
@@ -600,36 +528,25 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
 
 
 def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
-    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics), or with BACKWARD =
-    "atomic" the dK/dV kernel adding dQ into an fp32 buffer."""
+    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     meta = _meta(q, k, cos, k_lengths)
-    atomic = _backward_mode() == "atomic" and not deterministic and cos is None
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
-    # BACKWARD = "atomic": dQ accumulates in fp32 across the key-tile programs, then one cast; "split": the
-    # dQ kernel writes dq (dk stands in for the unused fp32 buffer)
-    dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
-    dq = None if atomic else torch.empty_like(q)
+    dq = torch.empty_like(q)
 
     def launch(mode):
-        if atomic:
-            dqa.zero_()  # also before a retry after a failed TMA build (no partial sums kept)
         qd, dod, kd, vd = (q, do, k, v) if mode == "off" else tuple(map(_desc, (q, do, k, v)))
-        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, dqa, cos, sin, klen) + tail
-        kernel = "dkdv_dq" if atomic else "dkdv"
-        _launch(kernel, "BLOCK_N", Sk, B * H, args, dict(meta, ATOMIC_DQ=atomic), deterministic, mode)
-        if not atomic:
-            args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
-            _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
+        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, cos, sin, klen) + tail
+        _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic, mode)
+        args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
+        _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
 
     _run_modes(launch, q, k, v, do)
-    if atomic:
-        dq = dqa.to(q.dtype)
     return dq, dk, dv
 
 

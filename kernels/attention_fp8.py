@@ -29,9 +29,6 @@ Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N =
     w_j = max(s_v,j, 2^-80 max_{t <= j} s_v,t)                      # V unit of tile j (clamped)
     acc' = acc 2^(m - m') + (E4M3(448 p) v8_j) * (w_j / 448)        # P: fixed scale 448 (p <= 1)
     out = acc / l; lse = ln2 (m + log2 l)
-  With kernels.attention.EXP2 = "split" the kernel forms half of each full tile's 2^(s - m') on the FMA
-  pipes (a polynomial, relative error < 8e-5, far inside E4M3(448 p)'s 3-bit rounding; l too); the
-  emulation keeps torch.exp2 (the tests' tolerance covers the difference).
   P is quantised relative to the running max m', exactly as in the kernel; the emulation replays the
   same key tiling so that it is bit-for-bit the same scheme. The kernel keeps acc in units of w_j / 448,
   so that the product accumulates in place (one wgmma onto the rescaled accumulator, async on Hopper):
@@ -84,8 +81,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels import attention as _attention
-from kernels.attention import _attn_bwd_delta, _exp2
+from kernels.attention import _attn_bwd_delta
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -170,7 +166,6 @@ def _fwd_step(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     V_T: tl.constexpr,
-    SPLIT_EXP: tl.constexpr,
 ):
     """One key tile of the online softmax: s = q8 k8^T s_q s_k, P448 = 448 2^(s - m'), l' = l 2^(m - m') +
     rowsum P448 (l in units of 1/448), w' = max(s_v, max s_v 2^-80), acc' = E4M3(P448) v8 + acc 2^(m - m') w / w'
@@ -183,8 +178,7 @@ def _fwd_step(
     if MASKED:
         raw = tl.where((start_n + tl.arange(0, BLOCK_N) < n_end)[None, :], raw, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(raw, 1) * c)
-    # kernels.attention.EXP2 = "split": half of a full tile's exponentials on the FMA pipes
-    p448 = _exp2(raw * c - (m_new - LOG2_448)[:, None], BLOCK_M, BLOCK_N, SPLIT_EXP and not MASKED)
+    p448 = tl.exp2(raw * c - (m_new - LOG2_448)[:, None])
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p448, 1)
     sv = tl.load(SV + t)
@@ -224,7 +218,6 @@ def _fp8_fwd(
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     V_T: tl.constexpr = True,
-    SPLIT_EXP: tl.constexpr = False,
 ):
     """out = softmax(s) v for BLOCK_M queries of one (b, h); s = q8 k8^T s_q s_k scale log2e (module doc).
 
@@ -275,7 +268,6 @@ def _fp8_fwd(
             BLOCK_M,
             BLOCK_N,
             V_T,
-            SPLIT_EXP,
         )
     if n_full < n_end:
         acc, m_i, l_i, w, w_max = _fwd_step(
@@ -298,7 +290,6 @@ def _fp8_fwd(
             BLOCK_M,
             BLOCK_N,
             V_T,
-            SPLIT_EXP,
         )
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf (l_i is 448 l)
     out = acc * (w / tl.where(empty, 1.0, l_i))[:, None]
@@ -696,7 +687,7 @@ GPU_LAUNCH = {
 # program's own softmax cannot (Triton waits for q k^T before it)
 FWD_HALF_TILES = ((4, 3), (4, 2))
 _TUNE_KEYS = {
-    "fwd": ["SQP", "SKP", "D", "HAS_KLEN", "SPLIT_EXP"],
+    "fwd": ["SQP", "SKP", "D", "HAS_KLEN"],
     "dkdv": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
     "dq": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
 }
@@ -1126,7 +1117,6 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     _run(
         "fwd", Sq, B * H, block, q8, k8, v8t, sq, sk, sv, out, lse, klen, Sq, Sk, SQP, SKP, H, scale * _LOG2E,
         D=D, QBLK=block, HAS_KLEN=k_lengths is not None, EMULATE=_INTERPRET,
-        SPLIT_EXP=_attention._exp2_mode() == "split",
     )  # fmt: skip
     return out, lse
 

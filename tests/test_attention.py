@@ -7,8 +7,6 @@ a plain same-dtype torch implementation, plus a small floor for fp32 round-off."
 import pytest
 import torch
 import torch.nn.functional as F
-import triton
-import triton.language as tl
 
 from kernels.attention import attention, attention_reference
 from kernels.rope import apply_rope_reference, rope_3d_tables
@@ -56,35 +54,24 @@ def _assert_within_budget(ours, same_dtype, exact, floor, what):
     assert err <= budget, f"{what}: kernel error {err:.3g} > budget {budget:.3g}"
 
 
-@pytest.mark.parametrize("backward,exp2", [("split", "mufu"), ("atomic", "mufu"), ("split", "split")])
+@pytest.mark.parametrize("fuse_rope", [True, False])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize(
     "case", CASES, ids=lambda c: "x".join(str(x) for x in c[:5]) + ("-rope" if c[5] else "")
 )
-def test_triton_matches_reference(case, dtype, backward, exp2, device, monkeypatch):
-    """Output and gradients within the error budget; RoPE fused in the kernels with the split backward,
-    as a pre-pass with BACKWARD = "atomic" (dQ added into an fp32 buffer by the dK/dV kernel; fused RoPE
-    always takes the split backward); EXP2 = "split": half of each full tile's exponentials by the
-    polynomial (fp16; fp32 inputs ignore it: test_split_exp2_leaves_fp32_alone)."""
-    import kernels.attention as attention_module
-
-    if exp2 == "split" and dtype == torch.float32:
-        pytest.skip("fp32 inputs always use the special-function exp2")
-    monkeypatch.setattr(attention_module, "BACKWARD", backward)
-    monkeypatch.setattr(attention_module, "EXP2", exp2)
+def test_triton_matches_reference(case, dtype, fuse_rope, device):
+    """Output and gradients within the error budget; RoPE fused in the kernels or as a pre-pass."""
     q, k, v, rope, kl = _make(*case, dtype, device)
     g = torch.randn_like(q)
     q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
     exact = _outputs_and_grads(attention_reference, q64, k64, v64, g.double(), k_lengths=kl, rope=rope)
-    kw = dict(k_lengths=kl, rope=rope, fuse_rope=backward == "split")
+    kw = dict(k_lengths=kl, rope=rope, fuse_rope=fuse_rope)
     ours = _outputs_and_grads(attention, q, k, v, g, **kw)
     plain = _outputs_and_grads(_same_dtype_attention, q, k, v, g, k_lengths=kl, rope=rope)
     floor = 2e-5 if dtype == torch.float32 else 2e-3
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), ours, plain, exact):
         assert a.dtype == dtype and a.shape == c.shape
         _assert_within_budget(a, b, c, floor * max(1.0, c.abs().max().item()), name)
-    if backward == "atomic":
-        assert any(key[0] == "dkdv_dq" for key, _ in attention_module._TUNED)  # the atomic kernel ran
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
@@ -227,28 +214,6 @@ def test_tma_loads_match_pointer_loads(case, device, monkeypatch):
         assert torch.equal(a, b)
 
 
-def test_atomic_backward_empty_rows_and_masked_keys(device, monkeypatch):
-    """A sample with no valid key, and keys past k_lengths: zero gradients, nothing non-finite."""
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
-    q, k, v, _, _ = _make(2, 33, 70, 2, 32, None, None, torch.float32, device)
-    kl = torch.tensor([0, 20], device=device)
-    out = attention(q, k, v, k_lengths=kl)
-    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.randn_like(out))
-    assert all(torch.isfinite(t).all() for t in (dq, dk, dv))
-    assert (dq[0] == 0).all() and (dk[0] == 0).all() and (dk[1, 20:] == 0).all() and (dv[1, 20:] == 0).all()
-
-
-def test_bad_backward_setting(monkeypatch):
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "BACKWARD", "fused")
-    q = torch.randn(1, 8, 2, 32, dtype=torch.float16, requires_grad=True)
-    with pytest.raises(ValueError, match="kernels.attention.BACKWARD: expected 'split' or 'atomic'"):
-        attention(q, q, q).sum().backward()
-
-
 def test_tma_on_misaligned_views_takes_pointer_loads(device, monkeypatch):
     """TMA needs 16-byte aligned addresses: with contiguous views that start 2 bytes into a buffer the call
     runs with pointer loads (same results), not a descriptor error; aligned tensors get the TMA mode."""
@@ -267,43 +232,6 @@ def test_tma_on_misaligned_views_takes_pointer_loads(device, monkeypatch):
     attention_module._run_modes(modes.append, q.clone(), k.clone(), v.clone())
     assert modes == ["off", "on"]
     torch.testing.assert_close(attention(q, k, v), attention_reference(q, k, v), rtol=2e-3, atol=2e-3)
-
-
-@triton.jit
-def _exp2_poly_kernel(X, Y, N: tl.constexpr):
-    from kernels.attention import _exp2_poly
-
-    offs = tl.arange(0, N)
-    tl.store(Y + offs, _exp2_poly(tl.load(X + offs)))
-
-
-def test_exp2_poly_accuracy(device):
-    """2^x by the FMA-pipe polynomial: relative error < 8e-5 on [-125, 0] (and a little above 0, where
-    rounding can put s - lse), ~2^-125 below -125 (negligible beside a row whose max term is 1)."""
-    n = 1 << 14
-    x = torch.cat([torch.linspace(-125.0, 0.5, n - 64), torch.linspace(-400.0, -125.0, 64)]).to(device)
-    y = torch.empty_like(x)
-    _exp2_poly_kernel[(1,)](x, y, N=n)
-    exact = torch.exp2(x.double())
-    inside = x >= -125
-    rel = ((y.double() - exact) / exact)[inside].abs().max().item()
-    assert rel < 8e-5, rel
-    assert ((y[~inside].double() / 2.0**-125 - 1).abs() < 8e-5).all()
-
-
-def test_split_exp2_leaves_fp32_alone(device, monkeypatch):
-    import kernels.attention as attention_module
-
-    q, k, v, rope, kl = _make(2, 70, 70, 2, 32, None, [70, 33], torch.float32, device)
-    g = torch.randn_like(q)
-    mufu = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    monkeypatch.setattr(attention_module, "EXP2", "split")
-    split = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    for a, b in zip(mufu, split):
-        assert torch.equal(a, b)
-    monkeypatch.setattr(attention_module, "EXP2", "fast")
-    with pytest.raises(ValueError, match="kernels.attention.EXP2: expected 'mufu' or 'split'"):
-        attention(q, k, v)
 
 
 def test_bad_tma_setting(monkeypatch):
@@ -406,22 +334,6 @@ def test_gpu_tma_matches_pointer_loads(fuse_rope, monkeypatch):
     for a, b in zip(auto, pointer):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     assert not attention_module._TMA_FAILED, "the TMA configs failed to build"
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("setting,value", [("BACKWARD", "atomic"), ("EXP2", "split")])
-def test_gpu_variant_matches_default(setting, value, monkeypatch):
-    """BACKWARD = "atomic" (dQ by atomic adds) or EXP2 = "split" (half the exponentials by the polynomial)
-    vs the defaults, bf16, a long ragged shape with key lengths, forward and gradients (autotuned)."""
-    import kernels.attention as attention_module
-
-    q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, None, [4100, 1234], torch.bfloat16, "cuda")
-    g = torch.randn_like(q)
-    default = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    monkeypatch.setattr(attention_module, setting, value)
-    variant = _outputs_and_grads(attention, q, k, v, g, k_lengths=kl)
-    for a, b in zip(variant, default):
-        torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
 
 
 @pytest.mark.gpu

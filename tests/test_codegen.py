@@ -17,14 +17,14 @@ except ImportError as e:
     sys.exit(3)
 from bench.codegen import analyze, compile_attention, configs
 rows = []
-for kernel, rope, tma, split in json.loads(sys.argv[1]):
+for kernel, rope, tma in json.loads(sys.argv[1]):
     config = configs(kernel, rope)[0]
     try:
-        k = compile_attention(kernel, config, tma=tma, rope=rope, split_exp=split, has_klen=True)
+        k = compile_attention(kernel, config, tma=tma, rope=rope, has_klen=True)
     except TypeError as e:
         print("ASTSource API differs:", e)
         sys.exit(3)
-    rows.append(dict(kernel=kernel, rope=rope, tma=tma, split=split, **analyze(k, config[2])))
+    rows.append(dict(kernel=kernel, rope=rope, tma=tma, **analyze(k, config[2])))
 print(json.dumps(rows))
 """
 
@@ -37,12 +37,9 @@ def _compile(run, cases) -> list[dict]:
 
 @pytest.fixture(scope="module")
 def plain(without_interpreter):
-    """The first (deterministic) config of each kernel, pointer loads, and the forwards with split exp2."""
-    kernels = ("fwd", "dkdv", "dkdv_dq", "dq", "fp8_fwd", "fp8_dkdv", "fp8_dq")
-    return _compile(
-        without_interpreter,
-        [[k, False, False, False] for k in kernels] + [[k, False, False, True] for k in ("fwd", "fp8_fwd")],
-    )
+    """The first (deterministic) config of each kernel, pointer loads."""
+    kernels = ("fwd", "dkdv", "dq", "fp8_fwd", "fp8_dkdv", "fp8_dq")
+    return _compile(without_interpreter, [[k, False, False] for k in kernels])
 
 
 def test_tile_loads_are_pipelined_and_fit_the_sm(plain):
@@ -53,35 +50,28 @@ def test_tile_loads_are_pipelined_and_fit_the_sm(plain):
 
 def test_only_the_products_the_softmax_reads_wait(plain):
     """Per kernel, (wgmma products in the loop, those waited for at once): the forward's q k^T waits (the
-    softmax reads it), its p v accumulates in place and runs on; the split backward's dK/dV kernel waits for
+    softmax reads it), its p v accumulates in place and runs on; the backward's dK/dV kernel waits for
     q k^T and dO v^T, not dV / dK; the dQ kernel for its two score products, not dQ. The FP8 kernels alike
     (their P V and dV accumulate in place in the current block's scale units)."""
-    got = {r["kernel"]: (r["dots"], r["sync"]) for r in plain if not r["split"]}
+    got = {r["kernel"]: (r["dots"], r["sync"]) for r in plain}
     assert got["fwd"] == (2, 1) and got["dkdv"] == (4, 2) and got["dq"] == (3, 2), got
     assert got["fp8_fwd"] == (2, 1) and got["fp8_dkdv"] == (4, 2) and got["fp8_dq"] == (3, 2), got
-    # the atomic backward's dQ product is waited for before its atomic adds: only dV and dK run on
-    assert got["dkdv_dq"][1] == got["dkdv_dq"][0] - 2, got
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "fp8_fwd"])
-def test_forward_has_no_spills_and_split_exp_halves_the_loop_exponentials(plain, kernel):
-    from bench.codegen import configs
-
-    fwd, split = (next(r for r in plain if r["kernel"] == kernel and r["split"] is s) for s in (False, True))
+def test_forward_has_no_spills(plain, kernel):
+    fwd = next(r for r in plain if r["kernel"] == kernel)
     if fwd["regs"] is None:
         pytest.skip("no cuobjdump bundled with this Triton")
-    assert fwd["spill"] == 0 and split["spill"] == 0, (fwd, split)
-    # per thread: the full-tile loop's BLOCK_M * BLOCK_N / threads exponentials, half of them with split
-    bm, bn, warps, _ = configs(kernel)[0]
-    assert fwd["ex2"] - split["ex2"] == bm * bn // (32 * warps) // 2, (fwd, split)
+    assert fwd["spill"] == 0, fwd
 
 
 def test_tma_and_rope_variants_compile_for_hopper(without_interpreter):
-    """The TMA variants of every kernel (split and atomic backward), with and without fused RoPE, compiled
+    """The TMA variants of every kernel, with and without fused RoPE, compiled
     (not run) for sm_90: the interpreter accepts descriptor code that the GPU compiler may reject."""
     import kernels.attention as A
 
-    cases = [[k, rope, True, False] for k, rope in [key for key in A._TILES if len(key) == 2]]
+    cases = [[k, rope, True] for k, rope in [key for key in A._TILES if len(key) == 2]]
     for row in _compile(without_interpreter, cases):
         assert row["smem_kb"] <= 227 and row["pipelined"] > 0, row
 
@@ -90,7 +80,7 @@ def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
     """bench/codegen's static model of the FP8 forward's loop: the score scale and the 448 of E4M3(448 P) ride
     in the exponent's FMA, so issuing the softmax's instructions takes about as long as its exponentials on
     the special-function unit (scaling s and P by separate multiplies made it 1.3x as long)."""
-    row = next(r for r in plain if r["kernel"] == "fp8_fwd" and not r["split"])
+    row = next(r for r in plain if r["kernel"] == "fp8_fwd")
     if row.get("issue") is None:
         pytest.skip("no cuobjdump bundled with this Triton")
     assert 0 < row["tc"] < 1 and row["mma"] > 0, row
@@ -121,8 +111,8 @@ def test_compare_flags_what_got_worse():
     from bench.codegen import compare
 
     def row(config=(128, 64, 8, 3), **kw):
-        base = dict(kernel="fwd", config=list(config), tma=False, split_exp=False, rope=False, spill=0, per_sm=1,
-                    sync=1, pipelined=6, tc=0.60, ins=360)  # fmt: skip
+        base = dict(kernel="fwd", config=list(config), tma=False, rope=False, spill=0, per_sm=1, sync=1,
+                    pipelined=6, tc=0.60, ins=360)  # fmt: skip
         return dict(base, **kw)
 
     old = [row(), row((128, 32, 4, 3), per_sm=2), row((64, 64, 4, 2))]
@@ -144,3 +134,4 @@ def test_compare_flags_what_got_worse():
         "fwd (64, 64, 4, 2): no longer builds (CompilationError: ...)",
     ], got
     assert compare(old, [row(tma=True, spill=99)]) == []  # another variant: not the same row
+    assert compare([row(split_exp=True)], [row(spill=99)]) == []  # an older JSON's removed --split-exp rows
