@@ -228,7 +228,7 @@ class Trainer:
         if self.cfg.precision.fp8 == "torchao" and not self.cfg.parallel.compile:
             log.warning(
                 "precision.fp8 = 'torchao' without parallel.compile: torchao's Float8Linear is slow in eager "
-                "mode (measured 0.70x of the bf16 step on an H200, bench/results/20261126_nvidia-h200.md); "
+                "mode (measured 0.70x of the bf16 step on an H200 and 0.66x on an H100, bench/results/); "
                 "set --parallel.compile true"
             )
         if self.cfg.model.attention_precision == "fp8":
