@@ -79,8 +79,8 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
     return sig
 
 
-def configs(kernel: str, rope: bool = False) -> list[tuple[int, int, int, int]]:
-    """The (BLOCK_M, BLOCK_N, num_warps, num_stages) configs the autotuner tries for a kernel: kernels.attention's
+def configs(kernel: str, rope: bool = False) -> list[tuple[int, ...]]:
+    """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) configs the autotuner tries for a kernel: kernels.attention's
     "fwd", "dkdv", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
     quantisation blocks)."""
     if kernel.startswith("fp8_"):
@@ -95,13 +95,13 @@ def configs(kernel: str, rope: bool = False) -> list[tuple[int, int, int, int]]:
     return list(A._TILES[(kernel, rope)][0])
 
 
-def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bool = False,
+def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False,
                       rope: bool = False, has_klen: bool = False, d: int = 128, dtype: str = "bf16",
                       capability: int = 90):  # fmt: skip
     """Compile one attention kernel (a name of :func:`configs`) at a (BLOCK_M, BLOCK_N, num_warps,
     num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel. The FP8 kernels
     take their default products (bf16 dP, dQ, dK) and no TMA or RoPE (RoPE runs before their pre-pass)."""
-    bm, bn, warps, stages = config
+    bm, bn, warps, stages, *reg = config
     consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn)
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
@@ -123,15 +123,17 @@ def compile_attention(kernel: str, config: tuple[int, int, int, int], *, tma: bo
     # as the launcher specialises 16-byte aligned pointers (and the padded lengths SQP, SKP)
     aligned = [a for a in fn.arg_names if sig[a].startswith("*") or a in ("SQP", "SKP")]
     return compile_kernel(
-        fn, sig, consts, num_warps=warps, num_stages=stages, capability=capability, aligned=aligned
-    )
+        fn, sig, consts, num_warps=warps, num_stages=stages, capability=capability, aligned=aligned,
+        maxnreg=reg[0] if reg else None,
+    )  # fmt: skip
 
 
 def compile_kernel(fn, signature: dict[str, str], constexprs: dict, *, num_warps: int, num_stages: int,
-                   capability: int = 90, aligned=()):  # fmt: skip
+                   capability: int = 90, aligned=(), maxnreg: int | None = None):  # fmt: skip
     """Compile a @triton.jit function for an sm_<capability> target without a GPU: ``signature`` maps every
     argument to a Triton type ("*bf16", "i32", "constexpr", ...), ``constexprs`` gives the constexpr values,
-    ``aligned`` names the arguments specialised as multiples of 16 (pointers 16-byte aligned), as at run time.
+    ``aligned`` names the arguments specialised as multiples of 16 (pointers 16-byte aligned), as at run time;
+    ``maxnreg`` caps the registers per thread (a Config's maxnreg).
     Raises ImportError where this Triton has no ahead-of-time compile API."""
     import triton
     from triton.backends.compiler import GPUTarget
@@ -145,7 +147,10 @@ def compile_kernel(fn, signature: dict[str, str], constexprs: dict, *, num_warps
         attrs={(names.index(a),): [["tt.divisibility", 16]] for a in aligned},
     )
     target = GPUTarget("cuda", capability, 32)
-    return triton.compile(src, target=target, options=dict(num_warps=num_warps, num_stages=num_stages))
+    options = dict(num_warps=num_warps, num_stages=num_stages)
+    if maxnreg is not None:
+        options["maxnreg"] = maxnreg
+    return triton.compile(src, target=target, options=options)
 
 
 def _main_loop(ttgir: str) -> list[str]:

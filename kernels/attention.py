@@ -316,15 +316,21 @@ def _set_blocks(nargs: dict) -> None:
             nargs[name].block_shape = [nargs[tile], nargs["D"]]
 
 
-def _configs(gpu: list[tuple[int, int, int, int]], interp: tuple[int, int], tma: bool) -> list[triton.Config]:
-    """(BLOCK_M, BLOCK_N, num_warps, num_stages) tuples -> Configs with TMA loads on or off; one config
-    under the interpreter."""
+def _configs(gpu: list[tuple[int, ...]], interp: tuple[int, int], tma: bool) -> list[triton.Config]:
+    """(BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) tuples -> Configs with TMA loads on or off; one
+    config under the interpreter."""
     hook = _set_blocks if tma else None
     if _INTERPRET:
         return [triton.Config({"BLOCK_M": interp[0], "BLOCK_N": interp[1], "TMA": tma}, pre_hook=hook)]
     return [
-        triton.Config({"BLOCK_M": m, "BLOCK_N": n, "TMA": tma}, num_warps=w, num_stages=s, pre_hook=hook)
-        for m, n, w, s in gpu
+        triton.Config(
+            {"BLOCK_M": m, "BLOCK_N": n, "TMA": tma},
+            num_warps=w,
+            num_stages=s,
+            maxnreg=reg[0] if reg else None,
+            pre_hook=hook,
+        )
+        for m, n, w, s, *reg in gpu
     ]
 
 
@@ -341,15 +347,27 @@ _TILES = {
     # memory (python -m bench.codegen: sm_90, no spills), so two programs share an SM and one's softmax can
     # run under the other's wgmma, which the two warpgroups of an 8-warp program, in step at every tile's
     # barrier, rarely do (the model gives a lone program 0.53-0.66 of the tensor cores per tile)
+    # (128, 64, 8, 2, 128): two 8-warp programs per SM, capped at 128 registers (a 5th element is maxnreg),
+    # 96 KB of shared memory each, so one program's softmax can run under the other's wgmma (within one
+    # program Triton waits for q k^T before the softmax); the price is a few spilled registers (8-56 bytes
+    # in Triton 3.6, up to 88 in 3.9; tests/test_codegen.py). The same for dQ's (64, 64, 8, 2, 128). Not
+    # measured on a GPU yet: the autotuner takes them only where they are faster.
     ("fwd", False): (
-        [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (128, 32, 4, 3), (64, 64, 4, 2)],
+        [
+            (128, 64, 8, 3),
+            (128, 128, 8, 3),
+            (128, 64, 8, 4),
+            (128, 32, 4, 3),
+            (64, 64, 4, 2),
+            (128, 64, 8, 2, 128),
+        ],
         (64, 32),
     ),
     ("fwd", True): ([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
     # (32, 64, 4, 3) dK/dV and (64, 64, 4, 2) dQ: two programs per SM without spills, as the forward's
     ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
-    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2)], (64, 32)),
+    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2, 128)], (64, 32)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,

@@ -17,8 +17,8 @@ except ImportError as e:
     sys.exit(3)
 from bench.codegen import analyze, compile_attention, configs
 rows = []
-for kernel, rope, tma in json.loads(sys.argv[1]):
-    config = configs(kernel, rope)[0]
+for kernel, rope, tma, *cfg in json.loads(sys.argv[1]):
+    config = tuple(cfg[0]) if cfg else configs(kernel, rope)[0]
     try:
         k = compile_attention(kernel, config, tma=tma, rope=rope, has_klen=True)
     except TypeError as e:
@@ -74,6 +74,29 @@ def test_tma_and_rope_variants_compile_for_hopper(without_interpreter):
     cases = [[k, rope, True] for k, rope in [key for key in A._TILES if len(key) == 2]]
     for row in _compile(without_interpreter, cases):
         assert row["smem_kb"] <= 227 and row["pipelined"] > 0, row
+
+
+def test_register_capped_configs_fit_two_programs_per_sm(without_interpreter):
+    """The autotune configs with a maxnreg (a 5th element) exist to put two 8-warp programs on an SM, so one's
+    softmax runs under the other's wgmma: at 128 registers per thread and <= 113 KB of shared memory each,
+    with TMA loads and with pointer loads, and only a few spilled registers (not the kilobytes an uncapped
+    config's spills would mean)."""
+    import kernels.attention as A
+
+    capped = [
+        [k, False, tma, c]
+        for k in ("fwd", "dq")
+        for c in A._TILES[(k, False)][0]
+        if len(c) == 5
+        for tma in (True, False)
+    ]
+    assert capped, "no register-capped config"
+    rows = _compile(without_interpreter, capped)
+    if rows[0]["regs"] is None:
+        pytest.skip("no cuobjdump bundled with this Triton")
+    for case, row in zip(capped, rows):
+        assert row["regs"] <= case[3][4] and row["per_sm"] == 2, (case, row)
+        assert row["spill"] <= 128, (case, row)  # measured 8-88 bytes (Triton 3.6 / 3.9)
 
 
 def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
