@@ -686,6 +686,11 @@ GPU_LAUNCH = {
 # fp8_fwd), so two programs share an SM and one's softmax can run under the other's FP8 wgmma, which a
 # program's own softmax cannot (Triton waits for q k^T before it)
 FWD_HALF_TILES = ((4, 3), (4, 2))
+# The dQ kernel alike: half-height query tiles (block / 2 x block / 2, 4 warps, 2 stages: 182 registers, 104 KB
+# of shared memory, no spills on sm_90 in Triton 3.6, two programs per SM). dS's FP8 groups run along the
+# keys, so they do not change; each half of a 128-query block reads that block's q and dO scales.
+DQ_HALF_TILES = ((4, 2),)
+_HALF_TILES = {"fwd": FWD_HALF_TILES, "dq": DQ_HALF_TILES}
 _TUNE_KEYS = {
     "fwd": ["SQP", "SKP", "D", "HAS_KLEN"],
     "dkdv": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
@@ -703,12 +708,13 @@ _KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}
 
 def tile_configs(kernel: str, block: int) -> list[triton.Config]:
     """The configs a kernel is autotuned over for a quantisation block: its tiles with each GPU_LAUNCH
-    setting, and for the forward the half-height tiles (FWD_HALF_TILES); the first is the fixed one."""
+    setting, and for the forward and dQ kernels the half-height tiles (FWD_HALF_TILES, DQ_HALF_TILES); the
+    first is the fixed one."""
     t = _tiles(kernel, block)
     configs = [triton.Config(t, num_warps=w, num_stages=s) for w, s in GPU_LAUNCH[kernel]]
-    if kernel == "fwd" and block >= 128:
+    if kernel in _HALF_TILES and block >= 128:
         half = dict(t, BLOCK_M=block // 2)
-        configs += [triton.Config(half, num_warps=w, num_stages=s) for w, s in FWD_HALF_TILES]
+        configs += [triton.Config(half, num_warps=w, num_stages=s) for w, s in _HALF_TILES[kernel]]
     return configs
 
 

@@ -305,28 +305,31 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
         assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
 
 
-def test_forward_half_height_tiles_match_emulation(monkeypatch):
-    """The forward's half-height query tiles (BLOCK_M = block / 2, which the GPU autotuner tries beside the
-    full ones: two programs per SM) against the emulation: both halves of a 128-query block read its q
-    scale; a ragged query count and key lengths. Interpreter only (it runs the first config)."""
+def test_half_height_tiles_match_emulation(monkeypatch):
+    """The forward's and the dQ kernel's half-height query tiles (BLOCK_M = block / 2, which the GPU
+    autotuner tries beside the full ones: two programs per SM) against the emulation, output and gradients:
+    both halves of a 128-query block read its q (and dO) scale; a ragged query count and key lengths.
+    Interpreter only (it runs the first config, here the half-height one)."""
     if not fp8._INTERPRET:
         pytest.skip("the interpreter runs the first config; on a GPU the autotuner picks among them")
-    full = fp8.tile_configs("fwd", 128)
-    assert any(c.kwargs["BLOCK_M"] == 64 for c in full)
+    for kernel in ("fwd", "dq"):
+        assert any(c.kwargs["BLOCK_M"] == 64 for c in fp8.tile_configs(kernel, 128)), kernel
     monkeypatch.setattr(
         fp8, "tile_configs", lambda kernel, block, _orig=fp8.tile_configs: sorted(
-            _orig(kernel, block), key=lambda c: c.kwargs["BLOCK_M"] == block
+            _orig(kernel, block), key=lambda c: c.kwargs["BLOCK_M"] == _orig(kernel, block)[0].kwargs["BLOCK_M"]
         ),
     )  # fmt: skip
+    assert fp8.tile_configs("dq", 128)[0].kwargs["BLOCK_M"] == 64
     B, S, H, D = 2, 300, 2, 64
-    q, k, v = (torch.randn(B, S, H, D) for _ in range(3))
+    q, k, v, g = (torch.randn(B, S, H, D) for _ in range(4))
+    k = k + 2.0
     kl = torch.tensor([300, 170])
-    with torch.no_grad():
-        out = attention_fp8(q, k + 2.0, v, k_lengths=kl)
-        emu = attention_fp8_emulated(q, k + 2.0, v, k_lengths=kl)
-        ref = attention_reference(q.double(), k.double() + 2.0, v.double(), k_lengths=kl)
-    gap, scheme = _rel(out, emu), _rel(emu, ref)
-    assert gap <= 0.05 * scheme + 1e-5, (gap, scheme)
+    ker = _run(attention_fp8, q, k, v, g, k_lengths=kl)
+    emu = _run(attention_fp8_emulated, q, k, v, g, k_lengths=kl)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), k_lengths=kl)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
+        gap, scheme = _rel(a, b), _rel(b, c)
+        assert gap <= 0.05 * scheme + 1e-5, (name, gap, scheme)
 
 
 @pytest.mark.parametrize("tiny", [1.0, 1e-30, 1e-34])
