@@ -342,32 +342,24 @@ def _configs(gpu: list[tuple[int, ...]], interp: tuple[int, int], tma: bool) -> 
 # plain pointer loads and with TMA loads (see TMA).
 _TILES = {
     # (128, 64, 8, 4) is back: without it the Wan-1.3B forward fell from 499 to 464 TFLOP/s on an H200
-    # (the other shapes moved < 3%), so the autotuner had likely picked it there (to confirm on a GPU)
-    # (128, 32, 4, 3) and (64, 64, 4, 2): one warpgroup per program at <= 255 registers and <= 80 KB shared
-    # memory (python -m bench.codegen: sm_90, no spills), so two programs share an SM and one's softmax can
-    # run under the other's wgmma, which the two warpgroups of an 8-warp program, in step at every tile's
-    # barrier, rarely do (the model gives a lone program 0.53-0.66 of the tensor cores per tile)
-    # (128, 64, 8, 2, 128): two 8-warp programs per SM, capped at 128 registers (a 5th element is maxnreg),
-    # 96 KB of shared memory each, so one program's softmax can run under the other's wgmma (within one
-    # program Triton waits for q k^T before the softmax); the price is a few spilled registers (8-56 bytes
-    # in Triton 3.6, up to 88 in 3.9; tests/test_codegen.py). The same for dQ's (64, 64, 8, 2, 128). Not
-    # measured on a GPU yet: the autotuner takes them only where they are faster.
+    # (the other shapes moved < 3%), so the autotuner had likely picked it there (to confirm on a GPU).
+    # Two programs per SM, so that one's softmax can run under the other's wgmma (within one program Triton
+    # waits for q k^T before the softmax): (64, 64, 8, 2) uncapped (118-128 registers, 80 KB, no spills), and
+    # (128, 64, 8, 2, 128) capped at 128 registers (a 5th element is maxnreg; 96 KB, a few spilled registers:
+    # 8-56 bytes in Triton 3.6, up to 88 in 3.9; tests/test_codegen.py); the same for dQ's
+    # (64, 64, 8, 2, 128). Not measured on a GPU yet: the autotuner takes them only where faster. They
+    # replace the 4-warp configs (128, 32, 4, 3), (64, 64, 4, 2) and dQ's (64, 64, 4, 2), also two per SM,
+    # which the H100 run at 23ee8ee never chose at the LTX-2, Wan or HY shapes (attention.configs).
     ("fwd", False): (
-        [
-            (128, 64, 8, 3),
-            (128, 128, 8, 3),
-            (128, 64, 8, 4),
-            (128, 32, 4, 3),
-            (64, 64, 4, 2),
-            (128, 64, 8, 2, 128),
-        ],
+        [(128, 64, 8, 3), (128, 128, 8, 3), (128, 64, 8, 4), (64, 64, 8, 2), (128, 64, 8, 2, 128)],
         (64, 32),
     ),
     ("fwd", True): ([(128, 64, 8, 2), (128, 64, 8, 3)], (64, 32)),
-    # (32, 64, 4, 3) dK/dV and (64, 64, 4, 2) dQ: two programs per SM without spills, as the forward's
+    # (32, 64, 4, 3) dK/dV: two programs per SM without spills (not chosen on the H100 either; 8-warp dK/dV
+    # configs capped at 128 registers to fit two per SM spill 240-840 bytes)
     ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
-    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 4, 2), (64, 64, 8, 2, 128)], (64, 32)),
+    ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2, 128)], (64, 32)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
