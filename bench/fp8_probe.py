@@ -103,7 +103,7 @@ def forward_launches(
             try:
                 af._fp8_fwd[(triton.cdiv(S, block), B * H)](
                     q8, k8, v8t if v_t else v8, sq, sk, sv, out, lse, q8, S, S, SQP, SKP, H, scale * af._LOG2E,
-                    D=D, QBLK=block, HAS_KLEN=False, EMULATE=emulate, BLOCK_M=block, BLOCK_N=block,
+                    af._bucket(SQP), af._bucket(SKP), D=D, QBLK=block, HAS_KLEN=False, EMULATE=emulate, BLOCK_M=block, BLOCK_N=block,
                     V_T=v_t, num_warps=w, num_stages=st,
                 )  # fmt: skip
                 if cuda:

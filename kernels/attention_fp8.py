@@ -81,7 +81,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import _attn_bwd_delta
+from kernels.attention import _attn_bwd_delta, _bucket
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -211,6 +211,8 @@ def _fp8_fwd(
     SKP,
     H,
     qk_scale,
+    Q_BUCKET,
+    K_BUCKET,
     D: tl.constexpr,
     QBLK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
@@ -415,6 +417,8 @@ def _fp8_bwd_dkdv(
     H,
     scale,
     qk_scale,
+    Q_BUCKET,
+    K_BUCKET,
     D: tl.constexpr,
     QBLK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
@@ -562,6 +566,8 @@ def _fp8_bwd_dq(
     H,
     scale,
     qk_scale,
+    Q_BUCKET,
+    K_BUCKET,
     D: tl.constexpr,
     QBLK: tl.constexpr,
     HAS_KLEN: tl.constexpr,
@@ -691,10 +697,12 @@ FWD_HALF_TILES = ((4, 3), (4, 2))
 # keys, so they do not change; each half of a 128-query block reads that block's q and dO scales.
 DQ_HALF_TILES = ((4, 2),)
 _HALF_TILES = {"fwd": FWD_HALF_TILES, "dq": DQ_HALF_TILES}
+# Autotune keys: the padded lengths in coarse buckets (kernels.attention._bucket: next power of two, capped),
+# as the bf16 kernels do, so a new video length reuses a tuning instead of timing every config again
 _TUNE_KEYS = {
-    "fwd": ["SQP", "SKP", "D", "HAS_KLEN"],
-    "dkdv": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
-    "dq": ["SQP", "SKP", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
+    "fwd": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN"],
+    "dkdv": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
+    "dq": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
 }
 
 
@@ -1122,6 +1130,7 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     klen = q8 if k_lengths is None else k_lengths
     _run(
         "fwd", Sq, B * H, block, q8, k8, v8t, sq, sk, sv, out, lse, klen, Sq, Sk, SQP, SKP, H, scale * _LOG2E,
+        _bucket(SQP), _bucket(SKP),
         D=D, QBLK=block, HAS_KLEN=k_lengths is not None, EMULATE=_INTERPRET,
     )  # fmt: skip
     return out, lse
@@ -1151,7 +1160,7 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
         D=D, QBLK=block, HAS_KLEN=k_lengths is not None, FP8_DP=fp8_dp, FP8_DS=fp8_ds,
         DS_E5M2=ds_format == "e5m2", EMULATE=_INTERPRET,
     )  # fmt: skip
-    tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E)
+    tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
     _run(
         "dkdv", Sk, B * H, block,
         q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail, **meta,
