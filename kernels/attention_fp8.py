@@ -679,7 +679,7 @@ def _fp8_bwd_dq(
 # FP8 dS groups (block / 2 entries along each product's reduction dim, as in quantize_groups) are whole
 # tiles. TILE_DIVISORS: (block // BLOCK_M, block // BLOCK_N). At block 128: fwd 128 x 128, dkdv 64 x 128,
 # dq 128 x 64. GPU_LAUNCH: the (num_warps, num_stages) candidates each kernel is autotuned over on first
-# use per key (padded lengths, head dim, flags: one compile per candidate); the first of each is the
+# use per key (length buckets, head dim, flags: one compile per candidate); the first of each is the
 # fixed setting the first H200 measurement ran (docs/FP8_ATTENTION.md), the others are not measured yet.
 TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2)}
 GPU_LAUNCH = {
