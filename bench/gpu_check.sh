@@ -15,7 +15,9 @@
 # minutes in all; GPU_ONLY=attention,elementwise limits the benchmark modules, GPU_TEST_K=attention the
 # tests (pytest -k), GPU_TESTS=0 skips them. The first H200 run
 # took: wheels + build under 15 s, tests 120 s (4 xdist workers), modules 378 s, of which 100 s the data
-# module timing out (it now skips at once without DALI; bench/results/20261126_nvidia-h200.md).
+# module timing out (it now skips at once without DALI; bench/results/20261126_nvidia-h200.md). The H100
+# run at 23ee8ee: tests 150 s, attention + elementwise + attention_fp8 modules 260 s, ncu 31 s (457 s in
+# all); models + trainer + models_hunyuan + data 185 s in a second call (bench/results/20261126_nvidia-h100.md).
 # Where the tree has no .git, set WMSD_COMMIT to the commit it is (recorded in the JSON).
 set -uo pipefail
 cd "$(dirname "$0")/.."
