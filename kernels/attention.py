@@ -107,7 +107,7 @@ def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN,
 
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
         PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -154,10 +154,10 @@ def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BU
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
     if n_full < n_end:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
@@ -182,7 +182,7 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
         PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
@@ -235,10 +235,10 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq,
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
-            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA)
+            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA)
     if m_full < m_hi:
         dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
-            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, False)
+            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -251,7 +251,7 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq,
 
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
-        D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
         PRECISION: tl.constexpr, TMA: tl.constexpr):
     """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
@@ -297,10 +297,10 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, False, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
     if n_full < n_end:
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_M, BLOCK_N, ROPE, True, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
     dq = dq * scale
     if ROPE:
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
@@ -407,19 +407,10 @@ def _bucket(n: int) -> int:
     return min(triton.next_power_of_2(n), 16384)
 
 
-def _setting(name: str, allowed: tuple[str, ...]) -> str:
-    """The module setting ``name`` (TMA), checked against its allowed values."""
-    value = globals()[name]
-    if value not in allowed:
-        quoted = [repr(a) for a in allowed]
-        expected = ", ".join(quoted[:-1]) + " or " + quoted[-1]
-        raise ValueError(f"kernels.attention.{name}: expected {expected}, got {value!r}")
-    return value
-
-
 def _tma_mode(q: torch.Tensor) -> str:
     """Resolve TMA for these inputs: "off", "on" or "auto" (see TMA)."""
-    _setting("TMA", ("auto", "on", "off"))
+    if TMA not in ("auto", "on", "off"):
+        raise ValueError(f"kernels.attention.TMA: expected 'auto', 'on' or 'off', got {TMA!r}")
     if TMA == "off" or q.dtype == torch.float32:
         return "off"
     if _INTERPRET:

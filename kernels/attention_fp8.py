@@ -163,7 +163,6 @@ def _fwd_step(
     D: tl.constexpr,
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
-    BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
     V_T: tl.constexpr,
 ):
@@ -267,7 +266,6 @@ def _fp8_fwd(
             D,
             EMULATE,
             False,
-            BLOCK_M,
             BLOCK_N,
             V_T,
         )
@@ -289,7 +287,6 @@ def _fp8_fwd(
             D,
             EMULATE,
             True,
-            BLOCK_M,
             BLOCK_N,
             V_T,
         )
