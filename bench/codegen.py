@@ -51,7 +51,7 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
-_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "KMEAN")
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU")
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 

@@ -40,10 +40,12 @@ Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N =
   ~20% fewer instructions per tile in the forward than scaling s and p by separate multiplies (the
   forward's softmax is bound by instruction issue on Hopper, not by the tensor cores: bench/codegen.py).
 Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), delta = rowsum(dO o).
-    dV = E4M3(448 P)^T dO8 * (w_dO / 448)    FP8: dO quantised per 128-query block (as V, fused kernel)
-      w_dO = max(s_dO, 2^-80 max of s_dO up to this block): the dK/dV kernel runs over the query
-      tiles in order and accumulates dV in place in units of w_dO / 448 as the forward's acc; the
-      emulation does one product with dO8 w_dO (the same math, not the same fp32 summation order)
+    dV = E4M3(448 P r)^T dO8 * (s_ref / 448)   FP8: dO quantised per 128-query block (as V, fused kernel)
+      r = clamp(s_dO / s_ref, 2^-80, 1) per query block, s_ref = amax |dO| / 448 per (b, h) (the largest
+      nonzero block's scale): the dO block scale rides in P's exponent (P r <= 1, so 448 P r fits e4m3),
+      and dV accumulates in place in one unit without the per-tile rescale the forward's acc needs (64
+      multiplies per thread and tile fewer); the cost is that P r's e4m3 subnormal range starts 1 / r
+      higher in a block with r < 1, an absolute error floor the same for every block (the largest block's)
     dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True
     dS = P (dP - delta)
     dQ = scale dS (K - mean K), dK = scale dS^T Q      bf16 by default; with bwd_fp8_dqdk=True FP8:
@@ -316,8 +318,6 @@ def _rows(base, offs, ok, stride, D: tl.constexpr, MASKED: tl.constexpr):
 def _dkdv_step(
     dk,
     dv,
-    w,
-    w_max,
     k8,
     sk,
     v,
@@ -330,6 +330,8 @@ def _dkdv_step(
     DO8,
     DO8T,
     SDO,
+    DVEXP,
+    DVU,
     LSE,
     DELTA,
     start_m,
@@ -346,9 +348,9 @@ def _dkdv_step(
     MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
 ):
-    """One query tile into a key tile's dK, dV (rows are keys): dV' = E4M3(448 P)^T dO8 + dV' w / w' in place
-    with w' = max(s_dO, max s_dO 2^-80) (dV' in units of w / 448, module doc), dK += dS^T Q (FP8_DS: dS8^T
-    q8, q8 Hadamard-rotated: the launcher rotates dK back)."""
+    """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P r)^T dO8 with r = clamp(s_dO /
+    s_ref, 2^-80, 1) carried in the exponent (dV in units of s_ref / 448, no rescale: module doc), dK += dS^T Q
+    (FP8_DS: dS8^T q8, q8 Hadamard-rotated: the launcher rotates dK back)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -362,22 +364,23 @@ def _dkdv_step(
     else:
         lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
         delta = tl.load(DELTA + offs_m)
-    # P448 = 448 P: the score scale and the 448 of E4M3(448 P) in the exponent's one FMA per element
-    p448 = tl.exp2(raw * (sk * sq * qk_scale) - (lse2 - LOG2_448)[None, :])
+    # P448 = 448 P r: the score scale, the 448 of E4M3(448 P r) and the dO block's r in the exponent's one FMA
+    # per element (r folded into P, not into dV: dV accumulates in place without a rescale per tile);
+    # DVEXP = log2(448 r), DVU = 1 / (448 r) per dO block (dv_units)
+    p448 = tl.exp2(tl.fma(raw, sk * sq * qk_scale, (tl.load(DVEXP + blk) - lse2)[None, :]))
     if MASKED:
         p448 = tl.where(q_ok[None, :], p448, 0.0)
-    sdo = tl.load(SDO + blk)
-    w_max = tl.maximum(w_max, sdo)
-    w_new = tl.maximum(sdo, w_max * _UNIT_CLAMP)  # w / w_new <= 2^80
     do_t = tl.load(DO8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M), queries contiguous
-    dv = tl.dot(_e4m3_p448(p448, do_t.dtype, EMULATE), tl.trans(do_t), dv * (w / w_new))
+    dv = tl.dot(_e4m3_p448(p448, do_t.dtype, EMULATE), tl.trans(do_t), dv)
+    u = tl.load(DVU + blk)  # p448 u = P
     if FP8_DP:
         do8 = tl.load(DO8 + offs_m[:, None] * D + offs_d[None, :])
-        dp_t = tl.dot(v, tl.trans(do8)) * (sv * sdo)
+        dp_t = tl.dot(v, tl.trans(do8))  # dP = dp_t s_v s_dO: the scales ride in the FMA below
+        ds_t = p448 * tl.fma(dp_t, sv * tl.load(SDO + blk) * u, -(delta * u)[None, :])  # P (dP - delta)
     else:
         do = _rows(DO, offs_m, q_ok, stride_s, D, MASKED)
         dp_t = tl.dot(v, tl.trans(do))
-    ds_t = p448 * (dp_t * (1.0 / 448.0) - (delta * (1.0 / 448.0))[None, :])  # P (dP - delta), one FMA
+        ds_t = p448 * tl.fma(dp_t, u, -(delta * u)[None, :])  # P (dP - delta)
     if FP8_DS:  # one scale per key row and BLOCK_M queries (the reduction dim of dS^T Q)
         ds8, ds_scale = _quant_ds(ds_t, DS_E5M2, EMULATE)
         q8t = tl.load(Q8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M): K-major operand
@@ -385,7 +388,7 @@ def _dkdv_step(
     else:
         q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
         dk += tl.dot(ds_t.to(q.dtype), q)
-    return dk, dv, w_new, w_max
+    return dk, dv
 
 
 @triton.jit
@@ -404,6 +407,9 @@ def _fp8_bwd_dkdv(
     SK,
     SV,
     SDO,
+    DVEXP,
+    DVU,
+    SDOREF,
     LSE,
     DELTA,
     DK,
@@ -450,28 +456,26 @@ def _fp8_bwd_dkdv(
     else:
         v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
-    dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of w / 448 (module doc)
-    w = tl.full([], 0.0, tl.float32)  # the current query tile's dO unit (first tile: dv 0 rescaled by 0 / w)
-    w_max = tl.full([], 0.0, tl.float32)  # running max of s_dO
+    dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of s_ref / 448 (module doc)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
     m_full = (m_hi // BLOCK_M) * BLOCK_M
     nqb = SQP // QBLK
     row = bh.to(tl.int64) * SQP
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv, w, w_max = _dkdv_step(
-            dk, dv, w, w_max, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
-            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP,
+        dk, dv = _dkdv_step(
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
+            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP,
             stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
         )  # fmt: skip
     if m_full < m_hi:
-        dk, dv, w, w_max = _dkdv_step(
-            dk, dv, w, w_max, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
-            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP,
+        dk, dv = _dkdv_step(
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
+            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP,
             stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
         )  # fmt: skip
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
-    dv = tl.where(k_ok[:, None], dv * (w / 448.0), 0.0)
+    dv = tl.where(k_ok[:, None], dv * (tl.load(SDOREF + bh) / 448.0), 0.0)
     ptrs = k_off + offs_n[:, None] * stride_s + offs_d[None, :]
     st_ok = (offs_n < Sk)[:, None]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=st_ok)
@@ -1006,9 +1010,23 @@ def _scores2(q8, sq, k8, sk, scale, Sq, Sk, block) -> torch.Tensor:
     return raw * ((_rep(sq, block, Sq) * (scale * _LOG2E))[..., None] * _rep(sk, block, Sk)[..., None, :])
 
 
+def dout_reference_scale(do: torch.Tensor) -> torch.Tensor:
+    """The dV product's unit s_ref per (batch, head): amax |dO| / 448 over the sequence and channels, the
+    largest of the dO block scales not counting all-zero blocks (1 where dO is all zero), (B, H) fp32."""
+    amax = torch.linalg.vector_norm(do, ord=float("inf"), dim=(1, 3)).float()
+    return torch.where(amax > 0, amax / E4M3_MAX, torch.ones_like(amax)).contiguous()
+
+
+def dv_units(sdo: torch.Tensor, sdo_ref: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per dO block (B, H, nblk): r = clamp(s_dO / s_ref, 2^-80, 1) -> (log2(448 r), 1 / (448 r)), the dK/dV
+    kernel's exponent offset and dS factor (module doc); sdo_ref (B, H) from :func:`dout_reference_scale`."""
+    r448 = (sdo / sdo_ref[..., None]).clamp(_UNIT_CLAMP.value, 1.0) * E4M3_MAX
+    return torch.log2(r448).contiguous(), (1.0 / r448).contiguous()
+
+
 def _clamped_units(scale: torch.Tensor) -> torch.Tensor:
-    """(B, H, nblk) block scales -> w = max(s, (running max of s) 2^-80), the kernels' accumulator units
-    for the P V and P^T dO products (module doc)."""
+    """(B, H, nblk) block scales -> w = max(s, (running max of s) 2^-80), the forward kernel's accumulator
+    units for the P V product (module doc)."""
     return torch.maximum(scale, torch.cummax(scale, -1).values * _UNIT_CLAMP.value)
 
 
@@ -1064,9 +1082,10 @@ def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8, ds
     delta = (lo(do) * lo(out)).sum(-1)  # (B, H, Sq)
     do8, sdo = quantize_blocks(do, block, carrier=torch.float32)
     do_deq = do8[:, :, :Sq] * _rep(sdo, block, Sq)[..., None]
-    if "dv" in fp8:  # dO8 in the dK/dV kernel's clamped units (it runs over the query tiles in order)
-        do_w = do8[:, :, :Sq] * _rep(_clamped_units(sdo), block, Sq)[..., None]
-        dv = _e4m3(p * E4M3_MAX).transpose(-1, -2) @ do_w / E4M3_MAX
+    if "dv" in fp8:  # P quantised times r = s_dO / s_ref per query block, as the dK/dV kernel does
+        ref = dout_reference_scale(do)
+        p8 = _e4m3(p * torch.exp2(_rep(dv_units(sdo, ref)[0], block, Sq))[..., None])  # 448 P r
+        dv = p8.transpose(-1, -2) @ do8[:, :, :Sq] * (ref[..., None, None] / E4M3_MAX)
     else:
         dv = p.to(q.dtype).float().transpose(-1, -2) @ lo(do)
     if "dp" in fp8:
@@ -1141,6 +1160,8 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)  # rowsum(dO * O), one read of each
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
     do8, sdo = quantize_blocks_fused(do, block, carrier=q8.dtype)
+    sdo_ref = dout_reference_scale(do)
+    dv_exp, dv_u = dv_units(sdo, sdo_ref)
     do8t = do8.transpose(-1, -2).contiguous()  # (B, H, D, Sq_pad): K-major operand of P^T dO
     if fp8_ds:  # (B, H, D, S_pad): K-major operands of dS^T q8 and dS k8; rotated grads in fp32
         q8t, k8t = q8.transpose(-1, -2).contiguous(), k8.transpose(-1, -2).contiguous()
@@ -1157,7 +1178,7 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
     _run(
         "dkdv", Sk, B * H, block,
-        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, lse, delta, dk, dv, *tail, **meta,
+        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse, delta, dk, dv, *tail, **meta,
     )  # fmt: skip
     # bf16 dQ = dS (K - mean K): the forward saw smoothed keys, and the FP8 dS's rows do not sum to 0 as the
     # true ones do, so dS K would carry rowsum(dS) mean K (measured: 9.7% -> 6.7% dq error without it). The
