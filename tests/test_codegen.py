@@ -52,10 +52,10 @@ def test_only_the_products_the_softmax_reads_wait(plain):
     """Per kernel, (wgmma products in the loop, those waited for at once): the forward's q k^T waits (the
     softmax reads it), its p v accumulates in place and runs on; the backward's dK/dV kernel waits for
     q k^T and dO v^T, not dV / dK; the dQ kernel for its two score products, not dQ. The FP8 kernels alike
-    (their P V and dV accumulate in place in the current block's scale units)."""
+    (their P V and dV accumulate in place; the FP8 forward's third product, the row sums of P8, too)."""
     got = {r["kernel"]: (r["dots"], r["sync"]) for r in plain}
     assert got["fwd"] == (2, 1) and got["dkdv"] == (4, 2) and got["dq"] == (3, 2), got
-    assert got["fp8_fwd"] == (2, 1) and got["fp8_dkdv"] == (4, 2) and got["fp8_dq"] == (3, 2), got
+    assert got["fp8_fwd"] == (3, 1) and got["fp8_dkdv"] == (4, 2) and got["fp8_dq"] == (3, 2), got
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "fp8_fwd"])
@@ -101,13 +101,14 @@ def test_register_capped_configs_fit_two_programs_per_sm(without_interpreter):
 
 def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
     """bench/codegen's static model of the FP8 forward's loop: the score scale and the 448 of E4M3(448 P) ride
-    in the exponent's FMA, so issuing the softmax's instructions takes about as long as its exponentials on
-    the special-function unit (scaling s and P by separate multiplies made it 1.3x as long)."""
+    in the exponent's FMA and the row sums are a tensor-core product, so issuing the softmax's instructions
+    takes no longer than its exponentials on the special-function unit (scaling s and P by separate
+    multiplies made it 1.3x as long, and the row sums as adds 1.06x)."""
     row = next(r for r in plain if r["kernel"] == "fp8_fwd")
     if row.get("issue") is None:
         pytest.skip("no cuobjdump bundled with this Triton")
     assert 0 < row["tc"] < 1 and row["mma"] > 0, row
-    assert row["issue"] <= 1.15 * row["mufu"], row
+    assert row["issue"] <= row["mufu"], row
 
 
 def test_cli_prints_and_writes_every_config(tmp_path, without_interpreter):
