@@ -535,10 +535,11 @@ def _dq_step(
         p = tl.where(k_ok[None, :], p, 0.0)
     if FP8_DP:
         v8 = tl.load(V8 + offs_n[:, None] * D + offs_d[None, :])
-        dp = tl.dot(do, tl.trans(v8)) * (sdo * tl.load(SV + blk))
+        dp = tl.dot(do, tl.trans(v8))  # dP = dp s_dO s_v: the scales ride in the FMA below
+        ds = p * tl.fma(dp, sdo * tl.load(SV + blk), -delta[:, None])
     else:
         dp = tl.dot(do, tl.trans(_rows(V, offs_n, k_ok, stride_s, D, MASKED)))
-    ds = p * (dp - delta[:, None])
+        ds = p * (dp - delta[:, None])
     if FP8_DS:  # one scale per query row and BLOCK_N keys (the reduction dim of dS K)
         ds8, ds_scale = _quant_ds(ds, DS_E5M2, EMULATE)
         k8t = tl.load(K8T + offs_d[:, None] * SKP + offs_n[None, :])  # (D, BLOCK_N): K-major operand
