@@ -334,10 +334,11 @@ def test_half_height_tiles_match_emulation(monkeypatch):
 
 @pytest.mark.parametrize("tiny", [1.0, 1e-30, 1e-34])
 def test_kernel_matches_emulation_across_block_magnitudes(tiny, device):
-    """V and dO blocks whose magnitudes differ by up to 1e34: the kernels accumulate P V and P^T dO in place
-    in the current block's units, rescaled by the previous / current unit at each block; the 2^-80 clamp of
-    that ratio keeps them finite (unclamped, 1e34 overflows both the forward's and dV's accumulator), and
-    the emulation applies the same clamped units. tiny = 1: an ordinary input."""
+    """V and dO blocks whose magnitudes differ by up to 1e34: the forward accumulates P V in place in the
+    current V block's units, rescaled by the previous / current unit at each block, and the 2^-80 clamp of
+    that ratio keeps it finite (unclamped, 1e34 overflows the accumulator); the dK/dV kernel carries each dO
+    block's scale over the head's largest, clamped to [2^-80, 1], in P's exponent. The emulation applies
+    the same clamps. tiny = 1: an ordinary input."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # fp16 cannot hold 1e-34
     B, S, H, D, block = 2, 120, 2, 64, 32  # 4 blocks, the last one padded; ragged k_lengths
     q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
