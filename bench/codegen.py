@@ -51,7 +51,7 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
-_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU")
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU", "DQA")
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 
@@ -66,6 +66,8 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
         elif a in ("KD", "VD", "QD", "DOD"):
             rows = tiles["BLOCK_N"] if a in ("KD", "VD") else tiles["BLOCK_M"]
             sig[a] = f"tensordesc<{dtype}[{rows},{tiles['D']}]>" if tma else f"*{dtype}"
+        elif a == "DQAD":  # the reduce backward's fp32 dQ buffer (unused by the split dK/dV kernel)
+            sig[a] = f"tensordesc<fp32[{tiles['BLOCK_M']},{tiles['D']}]>" if tma else "*fp32"
         elif a in _FP32_POINTERS:
             sig[a] = "*fp32"
         elif a == "KLEN":
@@ -81,8 +83,8 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
 
 def configs(kernel: str, rope: bool = False) -> list[tuple[int, ...]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) configs the autotuner tries for a kernel: kernels.attention's
-    "fwd", "dkdv", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
-    quantisation blocks)."""
+    "fwd", "dkdv", "dq", "dkdv_reduce" (BACKWARD = "reduce"), or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv",
+    "fp8_dq" (128-token quantisation blocks)."""
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
@@ -113,6 +115,9 @@ def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False
 
         fn = A._RAW[kernel]
         consts.update(ROPE=rope, PRECISION="tf32", TMA=tma)
+        if kernel == "dkdv_reduce":  # TMA configs only, the dQ tiles added by TMA reduce-adds
+            tma = True
+            consts.update(TMA=True, DQ_REDUCE=2)
     consts = {c: v for c, v in consts.items() if c in fn.arg_names}
     sig = _signature(fn, dict(BLOCK_M=bm, BLOCK_N=bn, D=d), tma, dtype)
     for name, param in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
@@ -213,6 +218,7 @@ def analyze(compiled, num_warps: int) -> dict:
             by_smem = SM_SMEM // (compiled.metadata.shared + SMEM_RESERVED)
             out["per_sm"] = min(by_regs, by_smem)
         out["ex2"] = sass.count("MUFU.EX2")
+        out["tma_reduce"] = sass.count("UTMAREDG")  # TMA reduce-adds (the reduce backward's dQ tiles)
         out.update(_loop_model(sass, num_warps))
     return out
 
@@ -309,7 +315,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--kernel",
         default="fwd,dkdv,dq",
-        help="comma list of fwd, dkdv, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
+        help="comma list of fwd, dkdv, dq, dkdv_reduce (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
     )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")

@@ -1,6 +1,7 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
 before it, the default; RoPE fused into it; with the module setting kernels.attention.TMA at its default,
-and as "triton[tma=off]" (pointer loads only)) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+and as "triton[tma=off]" (pointer loads only); "triton[bwd=reduce]" with kernels.attention.BACKWARD =
+"reduce", fwd+bwd only, ratio vs triton) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -33,9 +34,10 @@ def _providers(rope, quick: bool, tma: str):
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def modes(fn, tma_mode=tma):  # for the call and the backward that follows it
+    def modes(fn, tma_mode=tma, backward="split"):  # for the call and the backward that follows it
         def run(q, k, v):
             attention_module.TMA = tma_mode
+            attention_module.BACKWARD = backward
             return fn(q, k, v)
 
         return run
@@ -52,6 +54,11 @@ def _providers(rope, quick: bool, tma: str):
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
         "triton[tma=off]": (modes(lambda q, k, v: attention(q, k, v), tma_mode="off"), "sdpa_flash"),
+        # the dK/dV kernel adding dQ by TMA reduce-adds (5 matmuls): needs TMA configs, so TMA "on"
+        "triton[bwd=reduce]": (
+            modes(lambda q, k, v: attention(q, k, v), tma_mode="on", backward="reduce"),
+            "triton",
+        ),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
             modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
@@ -130,7 +137,7 @@ def run(quick: bool = False) -> list[dict]:
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     import kernels.attention as attention_module
 
-    tma = attention_module.TMA
+    tma, backward = attention_module.TMA, attention_module.BACKWARD
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
@@ -143,7 +150,7 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA = tma
+            attention_module.TMA, attention_module.BACKWARD = tma, backward
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

@@ -111,6 +111,20 @@ def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
     assert row["issue"] <= row["mufu"], row
 
 
+def test_reduce_backward_adds_dq_by_tma_reduce(without_interpreter):
+    """BACKWARD = "reduce": the dK/dV kernel's loop has the five products (dQ's among them, run before its
+    tile is reduced) and adds dQ with TMA reduce-adds (UTMAREDG), within the SM's shared memory, with few
+    spilled registers, for every autotune config."""
+    from bench.codegen import configs
+
+    cases = [["dkdv_reduce", False, True, list(c)] for c in configs("dkdv_reduce")]
+    for case, row in zip(cases, _compile(without_interpreter, cases)):
+        assert row["dots"] == 5 and row["pipelined"] > 0 and row["smem_kb"] <= 227, (case, row)
+        if row["regs"] is not None:
+            # (64, 128, 8, 2) spills 48 bytes in Triton 3.9 and 176 in 3.6; an unfit config spills kilobytes
+            assert row["tma_reduce"] >= 1 and row["spill"] <= 256, (case, row)
+
+
 def test_cli_prints_and_writes_every_config(tmp_path, without_interpreter):
     """python -m bench.codegen --kernel dq --json F: one table row and one JSON row per autotune config."""
     pytest.importorskip("triton.backends.compiler", reason="no ahead-of-time compile API in this Triton")
