@@ -59,7 +59,7 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
     """Triton types of the attention kernels' arguments (kernels.attention / attention_fp8 naming)."""
     sig = {}
     for a in fn.arg_names:
-        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
+        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KS"):
             sig[a] = f"*{dtype}"
         elif a in _FP8_OPERANDS:
             sig[a] = "*fp8e4nv"
@@ -84,7 +84,7 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
 def configs(kernel: str, rope: bool = False) -> list[tuple[int, ...]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) configs the autotuner tries for a kernel: kernels.attention's
     "fwd", "dkdv", "dq", "dkdv_reduce" (BACKWARD = "reduce"), or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv",
-    "fp8_dq" (128-token quantisation blocks)."""
+    "fp8_dq", "fp8_dkdv_reduce" (128-token quantisation blocks)."""
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
@@ -110,6 +110,9 @@ def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False
 
         fn = F8._KERNELS[kernel[4:]]
         consts.update(QBLK=F8.QUANT_BLOCK, EMULATE=False, FP8_DP=False, FP8_DS=False, DS_E5M2=False)
+        if kernel == "fp8_dkdv_reduce":  # dQ tiles added by TMA reduce-adds (kernels.attention.BACKWARD)
+            tma = True
+            consts.update(DQ_REDUCE=2)
     else:
         import kernels.attention as A
 
@@ -315,7 +318,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--kernel",
         default="fwd,dkdv,dq",
-        help="comma list of fwd, dkdv, dq, dkdv_reduce (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
+        help="comma list of fwd, dkdv, dq, dkdv_reduce (bf16) and fp8_fwd, fp8_dkdv, fp8_dq, fp8_dkdv_reduce (FP8)",
     )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")

@@ -85,7 +85,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import _attn_bwd_delta, _bucket
+import kernels.attention as _attention_module
+from kernels.attention import TensorDescriptor, _attn_bwd_delta, _bucket
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -332,6 +333,12 @@ def _dkdv_step(
     sk,
     v,
     sv,
+    ks,
+    k_ok,
+    DQA,
+    DQAD,
+    dq_row,
+    scale,
     Q,
     Q8,
     Q8T,
@@ -357,6 +364,7 @@ def _dkdv_step(
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
+    DQ_REDUCE: tl.constexpr,
 ):
     """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P r)^T dO8 with r = clamp(s_dO /
     s_ref, 2^-80, 1) carried in the exponent (dV in units of s_ref / 448, no rescale: module doc), dK += dS^T Q
@@ -397,7 +405,17 @@ def _dkdv_step(
         dk += tl.dot(ds8, tl.trans(q8t)) * (ds_scale * sq)[:, None]
     else:
         q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
-        dk += tl.dot(ds_t.to(q.dtype), q)
+        if DQ_REDUCE:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
+            ds_t = tl.where(k_ok[:, None], ds_t, 0.0)
+        ds_lp = ds_t.to(q.dtype)
+        dk += tl.dot(ds_lp, q)
+        if DQ_REDUCE:  # dQ += scale dS (K - mean K) for this key tile, into the fp32 (B H SQP, D) buffer
+            dq = tl.dot(tl.trans(ds_lp), ks) * scale  # (BLOCK_M, D)
+            if DQ_REDUCE == 2:  # TMA reduce-add (rows past Sq are the padding: dS is 0 there)
+                DQAD.atomic_add([dq_row + start_m, 0], dq)
+            else:  # the interpreter (no descriptor reduce)
+                rows = dq_row.to(tl.int64) + offs_m[:, None]
+                tl.atomic_add(DQA + rows * D + offs_d[None, :], dq, sem="relaxed")
     return dk, dv
 
 
@@ -424,6 +442,9 @@ def _fp8_bwd_dkdv(
     DELTA,
     DK,
     DV,
+    KS,
+    DQA,
+    DQAD,
     KLEN,
     Sq,
     Sk,
@@ -443,8 +464,12 @@ def _fp8_bwd_dkdv(
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
+    DQ_REDUCE: tl.constexpr = 0,
 ):
-    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK."""
+    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK. DQ_REDUCE (the
+    reduce backward, bf16 dQ only): also this key tile's share of dQ, scale dS (K - mean K) with KS the
+    smoothed keys in the input dtype, added into the fp32 (B H SQP, D) buffer DQA by TMA reduce-adds through
+    its descriptor DQAD (2), or by atomic adds (1, the interpreter)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -465,6 +490,9 @@ def _fp8_bwd_dkdv(
         v = tl.load(V8 + (bh.to(tl.int64) * SKP + offs_n[:, None]) * D + offs_d[None, :])
     else:
         v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
+    ks = v  # unused stand-in without DQ_REDUCE
+    if DQ_REDUCE:
+        ks = _rows(KS + k_off, offs_n, k_ok, stride_s, D, True)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of s_ref / 448 (module doc)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
@@ -476,15 +504,17 @@ def _fp8_bwd_dkdv(
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * SQP, DELTA + bh.to(tl.int64) * SQP
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
-            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP,
-            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
+            dk, dv, k8, sk, v, sv, ks, k_ok, DQA, DQAD, bh * SQP, scale, Q + q_off, Q8 + row * D, Q8T + row * D,
+            SQ + bh * nqb, DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb,
+            DVU + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP,
+            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M, DQ_REDUCE,
         )  # fmt: skip
     if m_full < m_hi:
         dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb,
-            DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP,
-            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
+            dk, dv, k8, sk, v, sv, ks, k_ok, DQA, DQAD, bh * SQP, scale, Q + q_off, Q8 + row * D, Q8T + row * D,
+            SQ + bh * nqb, DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb,
+            DVU + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP,
+            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M, DQ_REDUCE,
         )  # fmt: skip
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv * (tl.load(SDOREF + bh) / 448.0), 0.0)
@@ -688,11 +718,14 @@ def _fp8_bwd_dq(
 # dq 128 x 64. GPU_LAUNCH: the (num_warps, num_stages) candidates each kernel is autotuned over on first
 # use per key (length buckets, head dim, flags: one compile per candidate); the first of each is the
 # fixed setting the first H200 measurement ran (docs/FP8_ATTENTION.md), the others are not measured yet.
-TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2)}
+TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2), "dkdv_reduce": (2, 1)}
 GPU_LAUNCH = {
     "fwd": ((8, 3), (8, 2), (4, 3), (8, 4)),
     "dkdv": ((8, 2), (8, 3), (4, 2)),
     "dq": ((8, 2), (8, 3), (4, 2)),
+    # the dK/dV kernel with the dQ product (kernels.attention.BACKWARD = "reduce"): 225 KB of shared memory
+    # at 2 stages on sm_90 (255 registers, 96 bytes of spills), 3 stages do not fit
+    "dkdv_reduce": ((8, 2),),
 }
 # The forward also tries half-height query tiles (BLOCK_M = block / 2, one warpgroup per program; blocks of
 # 128+): 213-241 registers and <= 104 KB of shared memory on sm_90 (python -m bench.codegen --kernel
@@ -710,6 +743,7 @@ _TUNE_KEYS = {
     "fwd": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN"],
     "dkdv": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
     "dq": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
+    "dkdv_reduce": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP"],
 }
 
 
@@ -718,7 +752,7 @@ def _tiles(kernel: str, block: int) -> dict:
     return dict(BLOCK_M=block // dm, BLOCK_N=block // dn)
 
 
-_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}
+_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq, "dkdv_reduce": _fp8_bwd_dkdv}
 
 
 def tile_configs(kernel: str, block: int) -> list[triton.Config]:
@@ -737,11 +771,13 @@ _TUNED: dict = {}  # (kernel, block) -> autotuner, built on first use
 
 
 def _autotuned(kernel: str, block: int):
-    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe)."""
+    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe; the
+    reduce backward's dQ buffer is zeroed before every timing run and after them)."""
     if (kernel, block) not in _TUNED:
-        _TUNED[(kernel, block)] = triton.autotune(tile_configs(kernel, block), key=_TUNE_KEYS[kernel])(
-            _KERNELS[kernel]
-        )
+        reset = ["DQA"] if kernel == "dkdv_reduce" else None
+        _TUNED[(kernel, block)] = triton.autotune(
+            tile_configs(kernel, block), key=_TUNE_KEYS[kernel], reset_to_zero=reset
+        )(_KERNELS[kernel])
     return _TUNED[(kernel, block)]
 
 
@@ -754,7 +790,8 @@ def tuned_configs() -> dict[str, str]:
     }
 
 
-_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the tile that splits n over programs
+# the tile that splits n over programs
+_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M", "dkdv_reduce": "BLOCK_N"}
 
 
 def _run(kernel: str, n: int, bh: int, block: int, *args, **meta) -> None:
@@ -1163,6 +1200,16 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     return out, lse
 
 
+def _reduce_backward(q: torch.Tensor, fp8_ds: bool) -> bool:
+    """kernels.attention.BACKWARD = "reduce" applies to the FP8 backward too, with bf16 dQ (not with FP8 dQ/dK)
+    where TMA is (sm_90+ and Triton's tensor descriptors; under the interpreter, atomic adds)."""
+    if _attention_module._backward_mode() != "reduce" or fp8_ds:
+        return False
+    if _INTERPRET:
+        return True
+    return TensorDescriptor is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
+
+
 def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format):
     """dq, dk, dv; ds_format None: dQ, dK from bf16 dS, else FP8 dS in that format times the rotated q8,
     k8 (written in fp32, then rotated back by H^T = H here). kmean: the forward's K mean (B, H, D) fp32."""
@@ -1192,15 +1239,20 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
         DS_E5M2=ds_format == "e5m2", EMULATE=_INTERPRET,
     )  # fmt: skip
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
-    _run(
-        "dkdv", Sk, B * H, block,
-        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta, dk, dv, *tail,
-        **meta,
-    )  # fmt: skip
     # bf16 dQ = dS (K - mean K): the forward saw smoothed keys, and the FP8 dS's rows do not sum to 0 as the
     # true ones do, so dS K would carry rowsum(dS) mean K (measured: 9.7% -> 6.7% dq error without it). The
     # smoothed keys are rounded to the input dtype once here (one read and write of K), not per tile
     ks = k if fp8_ds else smoothed_keys_lp(k, kmean)  # FP8_DS reads k8t instead
+    head = (q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta)
+    head += (dk, dv)
+    # with kernels.attention.BACKWARD = "reduce": dQ from the dK/dV kernel by TMA reduce-adds
+    if _reduce_backward(q, fp8_ds):
+        dqa = torch.zeros(B, H, SQP, D, device=q.device, dtype=torch.float32)
+        dqad = dqa if _INTERPRET else TensorDescriptor(dqa, [B * H * SQP, D], [D, 1], [block // 2, D])
+        red = dict(meta, DQ_REDUCE=1 if _INTERPRET else 2)
+        _run("dkdv_reduce", Sk, B * H, block, *head, ks, dqa, dqad, *tail, **red)
+        return dq.copy_(dqa[:, :, :Sq].transpose(1, 2)), dk, dv  # (B, H, S, D) fp32 -> (B, S, H, D)
+    _run("dkdv", Sk, B * H, block, *head, ks, dq, dq, *tail, **meta)
     _run(
         "dq", Sq, B * H, block,
         q, ks, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse_p, delta, dq, *tail, **meta,

@@ -305,6 +305,44 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
         assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
 
 
+@pytest.mark.parametrize(
+    "dtype,grid,k_lengths,fp8_dp",
+    [
+        (torch.float32, (1, 5, 14), [70, 33], False),
+        (torch.float16, (2, 3, 9), None, True),
+        (torch.float16, (2, 4, 8), [64, 40], False),  # S = 2 blocks: no padding
+    ],
+)
+def test_reduce_backward_matches_emulation(dtype, grid, k_lengths, fp8_dp, device, monkeypatch):
+    """kernels.attention.BACKWARD = "reduce" in the FP8 backward: the dK/dV kernel adds each tile's dS (K -
+    mean K) into an fp32 dQ (TMA reduce-adds on sm_90+, atomic adds under the interpreter) instead of the dQ
+    kernel; the same scheme as the emulation. With FP8 dQ/dK the split backward runs (checked too)."""
+    import kernels.attention as attention_module
+
+    if device == "cuda" and dtype == torch.float32:
+        pytest.skip("fp32 inputs run the bf16 kernel on CUDA (the fallback)")
+    B, H, D, block = 2, 2, 64, 32
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
+    k = k + 2.0
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    rope = tuple(t.to(device) for t in rope_3d_tables(grid, D))
+    kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
+    kw = dict(rope=rope, k_lengths=kl, block=block)
+    monkeypatch.setattr(attention_module, "BACKWARD", "reduce")
+    assert fp8._reduce_backward(q, True) is False  # FP8 dQ/dK keeps the split backward
+    if not fp8._reduce_backward(q, False):
+        pytest.skip("the reduce backward needs TMA (sm_90+)")
+    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, **kw)
+    products = ("dv",) + (("dp",) if fp8_dp else ())
+    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=products, **kw)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope, k_lengths=kl)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
+        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous()
+        gap, scheme = _rel(a, b), _rel(b, c)
+        assert gap <= 0.05 * scheme + (3e-3 if dtype == torch.float16 else 1e-5), (name, gap, scheme)
+
+
 def test_half_height_tiles_match_emulation(monkeypatch):
     """The forward's and the dQ kernel's half-height query tiles (BLOCK_M = block / 2, which the GPU
     autotuner tries beside the full ones: two programs per SM) against the emulation, output and gradients:
