@@ -70,7 +70,7 @@ TMA = "auto"
 # them, with deterministic=True or with fused RoPE, "split" runs. (Per-element atomic adds from registers
 # instead of TMA lost 13-18% fwd+bwd on an H100 at 23ee8ee and were removed.) bench/codegen.py's static model
 # of the sm_90 loop (Triton 3.9; 3.6 alike): a (64 x 128) tile with the dQ product costs 2,560 tensor-core +
-# 1,212 issue cycles, the split kernels 2,866 + 2,180 for the same work (about 1.34x); the model leaves out
+# 1,138 issue cycles, the split kernels 2,866 + 2,180 for the same work (about 1.36x); the model leaves out
 # the reduce-adds' L2 traffic (Sk / BLOCK_N times dQ's fp32 size). Not measured on a GPU yet.
 BACKWARD = "split"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
@@ -218,11 +218,11 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DE
     p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
+    if DQ_REDUCE:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
+        p_t = tl.where(k_ok[:, None], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
-    if DQ_REDUCE:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
-        ds_t = tl.where(k_ok[:, None], ds_t, 0.0)
     ds_lp = ds_t.to(q.dtype)
     dk = tl.dot(ds_lp, q, dk, input_precision=PRECISION)
     if DQ_REDUCE:
@@ -393,7 +393,7 @@ _TILES = {
     ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2, 128)], (64, 32)),
     # BACKWARD = "reduce": the dK/dV kernel with the dQ product (one more (BLOCK_M, D) fp32 tile and a shared
     # memory tile for the reduce-add). sm_90: (64, 128, 8, 2) 255 registers, 48 bytes of spills (Triton 3.9;
-    # 176 in 3.6), 177 KB; (64, 64, 8, 3) 251-255 registers, no spills, 169 KB. TMA configs only (below).
+    # 184 in 3.6), 177 KB; (64, 64, 8, 3) 251-255 registers, no spills, 169 KB. TMA configs only (below).
     ("dkdv_reduce", False): ([(64, 128, 8, 2), (64, 64, 8, 3)], (32, 64)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
 }

@@ -388,6 +388,8 @@ def _dkdv_step(
     p448 = tl.exp2(tl.fma(raw, sk * sq * qk_scale, (tl.load(DVEXP + blk) - lse2)[None, :]))
     if MASKED:
         p448 = tl.where(q_ok[None, :], p448, 0.0)
+    if DQ_REDUCE:  # rows of masked keys (p may overflow there: lse leaves them out) must add nothing to dQ
+        p448 = tl.where(k_ok[:, None], p448, 0.0)
     do_t = tl.load(DO8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M), queries contiguous
     dv = tl.dot(_e4m3_p448(p448, do_t.dtype, EMULATE), tl.trans(do_t), dv)
     u = tl.load(DVU + blk)  # p448 u = P
@@ -405,8 +407,6 @@ def _dkdv_step(
         dk += tl.dot(ds8, tl.trans(q8t)) * (ds_scale * sq)[:, None]
     else:
         q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
-        if DQ_REDUCE:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
-            ds_t = tl.where(k_ok[:, None], ds_t, 0.0)
         ds_lp = ds_t.to(q.dtype)
         dk += tl.dot(ds_lp, q)
         if DQ_REDUCE:  # dQ += scale dS (K - mean K) for this key tile, into the fp32 (B H SQP, D) buffer
@@ -724,7 +724,7 @@ GPU_LAUNCH = {
     "dkdv": ((8, 2), (8, 3), (4, 2)),
     "dq": ((8, 2), (8, 3), (4, 2)),
     # the dK/dV kernel with the dQ product (kernels.attention.BACKWARD = "reduce"): 225 KB of shared memory
-    # at 2 stages on sm_90 (255 registers, 96 bytes of spills), 3 stages do not fit
+    # at 2 stages on sm_90 (255 registers, 32-96 bytes of spills in Triton 3.6-3.9), 3 stages do not fit
     "dkdv_reduce": ((8, 2),),
 }
 # The forward also tries half-height query tiles (BLOCK_M = block / 2, one warpgroup per program; blocks of
