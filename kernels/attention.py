@@ -843,7 +843,8 @@ def attention(
     backend: "triton" (ours), "sdpa", "flash_attn", "te", or "torch" (the reference).
     triton only: fuse_rope rotates q/k inside the attention kernels instead of one apply_rope pass first;
     deterministic uses one fixed tile config (no autotuning), so results are bitwise reproducible across
-    processes (the kernels never use atomics, so repeated calls in one process always are).
+    processes (the default kernels never use atomics, so repeated calls in one process always are; the opt-in
+    BACKWARD = "reduce" adds dQ in a varying order, and deterministic=True runs the split backward instead).
     precision: "bf16" (the input dtype), or "fp8" (kernels.attention_fp8: the FP8 kernel for "triton", its
     pure-torch emulation for "torch"; other backends and unsupported inputs warn once and run bf16).
     """
