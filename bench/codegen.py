@@ -52,6 +52,7 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
 _FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU", "DQA")
+_FP32_POINTERS += ("KMEAN",)
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 
@@ -59,7 +60,7 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
     """Triton types of the attention kernels' arguments (kernels.attention / attention_fp8 naming)."""
     sig = {}
     for a in fn.arg_names:
-        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KS"):
+        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             sig[a] = f"*{dtype}"
         elif a in _FP8_OPERANDS:
             sig[a] = "*fp8e4nv"

@@ -442,7 +442,7 @@ def _fp8_bwd_dkdv(
     DELTA,
     DK,
     DV,
-    KS,
+    KMEAN,
     DQA,
     DQAD,
     KLEN,
@@ -467,9 +467,10 @@ def _fp8_bwd_dkdv(
     DQ_REDUCE: tl.constexpr = 0,
 ):
     """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK. DQ_REDUCE (the
-    reduce backward, bf16 dQ only): also this key tile's share of dQ, scale dS (K - mean K) with KS the
-    smoothed keys in the input dtype, added into the fp32 (B H SQP, D) buffer DQA by TMA reduce-adds through
-    its descriptor DQAD (2), or by atomic adds (1, the interpreter)."""
+    reduce backward, bf16 dQ only): also this key tile's share of dQ, scale dS (K - mean K) with K - mean K
+    formed once in the prologue (KMEAN (B, H, D) fp32; in fp32, rounded to K's dtype, as smoothed_keys_lp),
+    added into the fp32 (B H SQP, D) buffer DQA by TMA reduce-adds through its descriptor DQAD (2), or by
+    atomic adds (1, the interpreter)."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -491,8 +492,9 @@ def _fp8_bwd_dkdv(
     else:
         v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
     ks = v  # unused stand-in without DQ_REDUCE
-    if DQ_REDUCE:
-        ks = _rows(KS + k_off, offs_n, k_ok, stride_s, D, True)
+    if DQ_REDUCE:  # the smoothed keys of this tile (masked rows: -mean, but their P is 0)
+        kr = _rows(K + k_off, offs_n, k_ok, stride_s, D, True)
+        ks = (kr.to(tl.float32) - tl.load(KMEAN + bh * D + offs_d)[None, :]).to(kr.dtype)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of s_ref / 448 (module doc)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
@@ -1241,18 +1243,19 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
     # bf16 dQ = dS (K - mean K): the forward saw smoothed keys, and the FP8 dS's rows do not sum to 0 as the
     # true ones do, so dS K would carry rowsum(dS) mean K (measured: 9.7% -> 6.7% dq error without it). The
-    # smoothed keys are rounded to the input dtype once here (one read and write of K), not per tile
-    ks = k if fp8_ds else smoothed_keys_lp(k, kmean)  # FP8_DS reads k8t instead
+    # reduce backward's dK/dV kernel forms K - mean K for its key tile once (KMEAN); for the dQ kernel, which
+    # reads every key tile, the smoothed keys are rounded to the input dtype once below (smoothed_keys_lp)
     head = (q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta)
-    head += (dk, dv)
+    head += (dk, dv, kmean)
     # with kernels.attention.BACKWARD = "reduce": dQ from the dK/dV kernel by TMA reduce-adds
     if _reduce_backward(q, fp8_ds):
         dqa = torch.zeros(B, H, SQP, D, device=q.device, dtype=torch.float32)
         dqad = dqa if _INTERPRET else TensorDescriptor(dqa, [B * H * SQP, D], [D, 1], [block // 2, D])
         red = dict(meta, DQ_REDUCE=1 if _INTERPRET else 2)
-        _run("dkdv_reduce", Sk, B * H, block, *head, ks, dqa, dqad, *tail, **red)
+        _run("dkdv_reduce", Sk, B * H, block, *head, dqa, dqad, *tail, **red)
         return dq.copy_(dqa[:, :, :Sq].transpose(1, 2)), dk, dv  # (B, H, S, D) fp32 -> (B, S, H, D)
-    _run("dkdv", Sk, B * H, block, *head, ks, dq, dq, *tail, **meta)
+    _run("dkdv", Sk, B * H, block, *head, dq, dq, *tail, **meta)
+    ks = k if fp8_ds else smoothed_keys_lp(k, kmean)  # FP8_DS reads k8t instead
     _run(
         "dq", Sq, B * H, block,
         q, ks, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse_p, delta, dq, *tail, **meta,
