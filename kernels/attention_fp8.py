@@ -985,7 +985,7 @@ def key_mean(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
 def smoothed_keys_lp(k: torch.Tensor, kmean: torch.Tensor) -> torch.Tensor:
     """k (B, Sk, H, D) minus kmean (B, H, D) fp32, subtracted in fp32 and rounded to k's dtype, contiguous: the
     keys of the bf16 dQ product (kernel and emulation)."""
-    return (k.float() - kmean[:, None]).to(k.dtype).contiguous()
+    return (k - kmean[:, None]).to(k.dtype).contiguous()  # bf16 - fp32 promotes: one fp32 pass, no k.float()
 
 
 def smooth_keys(k: torch.Tensor, k_lengths: torch.Tensor | None) -> torch.Tensor:
