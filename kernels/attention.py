@@ -198,9 +198,9 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DE
         MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, DQ_REDUCE: tl.constexpr):
     """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q.
     DQ_REDUCE (BACKWARD = "reduce"): also dQ += scale dS K into the fp32 buffer DQA, by a TMA reduce-add of
-    the tile through its descriptor DQAD (2; full tiles loaded by TMA) or by atomic adds (1: the interpreter,
-    which has no descriptor reduce, pointer-load configs and the ragged last tile, whose rows past Sq
-    belong to the next batch in the descriptor's (B*Sq, H*D) view)."""
+    the tile through its descriptor DQAD (2, full tiles) or by atomic adds (1: the interpreter, which has no
+    descriptor reduce; and the ragged last tile, whose rows past Sq belong to the next batch in the
+    descriptor's (B*Sq, H*D) view)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -391,11 +391,11 @@ _TILES = {
     ("dkdv", False): ([(64, 128, 8, 3), (64, 64, 8, 3), (32, 64, 4, 3)], (32, 64)),
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
     ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2, 128)], (64, 32)),
-    # BACKWARD = "reduce": the dK/dV kernel with the dQ product (one more (BLOCK_M, D) fp32 tile and a shared
-    # memory tile for the reduce-add). sm_90: (64, 128, 8, 2) 255 registers, 48 bytes of spills (Triton 3.9;
-    # 184 in 3.6), 177 KB; (64, 64, 8, 3) 251-255 registers, no spills, 169 KB. TMA configs only (below).
-    ("dkdv_reduce", False): ([(64, 128, 8, 2), (64, 64, 8, 3)], (32, 64)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
+    # BACKWARD = "reduce": the dK/dV kernel with the dQ product (one more (BLOCK_M, D) fp32 tile and a shared
+    # memory tile for the reduce-add), launched with TMA configs only. sm_90: (64, 128, 8, 2) 255 registers,
+    # 48 bytes of spills (Triton 3.9; 184 in 3.6), 177 KB; (64, 64, 8, 3) 251-255 registers, no spills, 169 KB.
+    ("dkdv_reduce", False): ([(64, 128, 8, 2), (64, 64, 8, 3)], (32, 64)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
 # pointer loads only.
