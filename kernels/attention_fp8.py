@@ -100,7 +100,8 @@ BWD_MATMULS = ("dv", "dp", "dqdk")  # backward products that can run in FP8 (ker
 # dS formats (torch dtype, largest finite value): e4m3 (3 mantissa bits) or e5m2 (2 bits, wider range)
 FP8_FORMATS = {"e4m3": (torch.float8_e4m3fn, E4M3_MAX), "e5m2": (torch.float8_e5m2, 57344.0)}
 _DS_TINY = 1e-30  # floor of a dS group's amax (an all-zero group: any finite scale gives zeros)
-# the P V / P^T dO accumulators' unit >= this times the largest scale so far (kernels and emulation)
+# the forward's P V accumulator unit >= this times the largest V scale so far, and the dK/dV kernel's dO block
+# ratio r >= this (kernels and emulation)
 _UNIT_CLAMP = tl.constexpr(2.0**-80)
 
 
