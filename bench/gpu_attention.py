@@ -54,11 +54,6 @@ def _providers(rope, quick: bool, tma: str):
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
         "triton[tma=off]": (modes(lambda q, k, v: attention(q, k, v), tma_mode="off"), "sdpa_flash"),
-        # the dK/dV kernel adding dQ by TMA reduce-adds (5 matmuls): needs TMA configs, so TMA "on"
-        "triton[bwd=reduce]": (
-            modes(lambda q, k, v: attention(q, k, v), tma_mode="on", backward="reduce"),
-            "triton",
-        ),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
             modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
@@ -71,6 +66,12 @@ def _providers(rope, quick: bool, tma: str):
     }
     if quick:  # the opt-in fused-RoPE kernels cost their own compiles
         del provs["triton+rope_fused"]
+    # the dK/dV kernel adding dQ by TMA reduce-adds (5 matmuls): needs TMA configs, so TMA "on". Last, so that a
+    # failure of this untimed kernel (a CUDA error poisons the process) costs no other provider of the shape
+    provs["triton[bwd=reduce]"] = (
+        modes(lambda q, k, v: attention(q, k, v), tma_mode="on", backward="reduce"),
+        "triton",
+    )
     try:
         import flash_attn  # noqa: F401
 
