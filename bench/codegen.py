@@ -31,7 +31,9 @@ does not pipeline the pointer loads). Columns:
   all warpgroups, at 4,096 dense bf16/fp16 (HGMMA) or 8,192 FP8 (QGMMA) FLOP per cycle per SM); ``issue`` = ins * warps / 4;
   ``mufu`` = MUFU instructions * 8 * warps / 4 (16 results per cycle per SM); ``tc`` = mma / (mma +
   max(issue, mufu)): the tensor cores' share of a tile when the scalar work does not overlap the
-  program's own products (as above); a second program on the SM (``per_sm`` >= 2) can fill the gap.
+  program's own products (as above); a second program on the SM (``per_sm`` >= 2) can fill the gap:
+  ``tc2`` = mma / max(mma, issue, mufu), the share if the programs on an SM overlapped perfectly (one's
+  softmax under the other's products; an upper bound, only for configs with ``per_sm`` >= 2).
   Which of issue and mufu is larger says what bounds the softmax: the issue slots (fewer instructions
   help) or the special-function unit.
 """
@@ -224,6 +226,8 @@ def analyze(compiled, num_warps: int) -> dict:
         out["ex2"] = sass.count("MUFU.EX2")
         out["tma_reduce"] = sass.count("UTMAREDG")  # TMA reduce-adds (the reduce backward's dQ tiles)
         out.update(_loop_model(sass, num_warps))
+        if out.get("mma") and out["per_sm"] and out["per_sm"] >= 2:
+            out["tc2"] = out["mma"] / max(out["mma"], out["issue"], out["mufu"])
     return out
 
 
@@ -278,7 +282,7 @@ def _cell(c: str, v) -> str:
         return f"{str(tuple(v)):>14}"
     if v is None:
         v = "-"
-    elif c == "tc":
+    elif c in ("tc", "tc2"):
         v = f"{v:.2f}"
     elif isinstance(v, float):
         v = f"{v:.0f}"
@@ -338,7 +342,7 @@ def main(argv: list[str] | None = None) -> int:
         kernels = [k for k in kernels if not k.startswith("fp8_")]
     rows = report(kernels, tma=args.tma, rope=args.rope)
     cols = ["kernel", "config", "regs", "spill", "smem_kb", "per_sm", "pipelined", "dots", "sync", "ex2", "ins", "mma",
-            "issue", "mufu", "tc"]  # fmt: skip
+            "issue", "mufu", "tc", "tc2"]  # fmt: skip
     print(" ".join(f"{c:>14}" if c == "config" else f"{c:>9}" for c in cols))
     for r in rows:
         if "error" in r:
