@@ -7,6 +7,7 @@ and catches gross slow-downs of the host code.
 
 from __future__ import annotations
 
+import math
 import os
 
 os.environ.setdefault("TRITON_INTERPRET", "1")  # before kernels import triton (no CUDA here)
@@ -68,3 +69,23 @@ def test_gpu_attention_fp8_providers_run_on_cpu(monkeypatch):
         grads = torch.autograd.grad(out, leaves, g)
         for a, b in zip((out, *grads), (ref, *ref_grads)):
             assert torch.isfinite(a).all() and ((a - b).norm() / b.norm()).item() < 0.15, name
+
+
+def test_fp8_training_comparison_runs_on_cpu():
+    """bench/fp8_attention_training.py's train() with the Triton kernels (interpreted, fp32, one block): the
+    bf16-precision and FP8 runs start from the same weights and data, so their first losses differ only by
+    the FP8 scheme's error; both train (finite losses). run() without CUDA is one error record."""
+    from bench.fp8_attention_training import run, train
+
+    setup = (
+        dict(attention_head_dim=64, num_layers=1, attention_backend="triton"),
+        (4, 2, 8, 8),
+        torch.float32,
+    )
+    ref = train("bf16", 3, setup=setup)
+    fp8 = train("fp8", 3, setup=setup)
+    assert all(map(math.isfinite, ref + fp8)), (ref, fp8)
+    assert abs(fp8[0] - ref[0]) < 0.05 * ref[0], (fp8[0], ref[0])
+    if not torch.cuda.is_available():
+        (rec,) = run(quick=True)
+        assert rec["metric"] == "error" and "no CUDA" in rec["extra"]["message"]
