@@ -52,9 +52,8 @@ FP8_PROVIDERS = (
     ("ours_fp8_te+fp8attn", "te", "default"),
 )
 FP8_QUICK = ("ours_fp8_torchao+fp8attn",)
-FP8_BUDGET_S = (
-    90.0  # no FP8 provider starts after this many seconds of the module (GPU_MODULE_TIMEOUT: 150 s)
-)
+# no FP8 provider starts after this many seconds of the module (GPU_MODULE_TIMEOUT: 150 s)
+FP8_BUDGET_S = 90.0
 
 
 @dataclass
