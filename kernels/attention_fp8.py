@@ -64,7 +64,8 @@ Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), d
   K - mean K is formed in fp32 and rounded to the input dtype once per backward (:func:`smoothed_keys_lp`),
   and the dQ kernel multiplies dS by it (no per-tile row sum of dS: ~100 fewer instructions per tile).
 Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query tiles), one dQ kernel (per
-query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
+query tile), no atomics; with kernels.attention.BACKWARD = "reduce" (bf16 dQ) the dK/dV kernel adds dQ by
+TMA reduce-adds instead and there is no dQ kernel. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
 travel in float16 (every e4m3 and e5m2 value is exact in fp16) and the in-kernel P and dS rounding is an
 exact bit-level rounding (_round_fp8), so the CPU tests compare the same kernel against the emulation.
 Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, or a GPU without FP8 (sm < 8.9) run the
