@@ -134,7 +134,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_en
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
     # scale > 0, so max(qk * scale) = max(qk) * scale, and the exponent is one FMA per element
     m_new = tl.maximum(m_i, tl.max(qk, 1) * qk_scale)
-    p = tl.exp2(qk * qk_scale - m_new[:, None])
+    p = tl.exp2(tl.fma(qk, qk_scale, -m_new[:, None]))
     alpha = tl.exp2(m_i - m_new)
     l_i = l_i * alpha + tl.sum(p, 1)
     acc = tl.dot(p.to(v.dtype), v, acc * alpha[:, None], input_precision=PRECISION)  # accumulates in place
@@ -214,8 +214,8 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DE
     else:
         lse = tl.load(LSE + offs_m)
         delta = tl.load(DELTA + offs_m)
-    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION) * qk_scale  # (BLOCK_N, BLOCK_M)
-    p_t = tl.exp2(s_t - lse[None, :] * 1.4426950408889634)
+    s_t = tl.dot(k, tl.trans(q), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M), unscaled
+    p_t = tl.exp2(tl.fma(s_t, qk_scale, -(lse * 1.4426950408889634)[None, :]))
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
     if DQ_REDUCE:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
@@ -291,8 +291,8 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n,
         MASKED, TMA)
     v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
         MASKED, TMA)
-    s = tl.dot(q, tl.trans(k), input_precision=PRECISION) * qk_scale  # (BLOCK_M, BLOCK_N)
-    p = tl.exp2(s - lse2[:, None])
+    s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
+    p = tl.exp2(tl.fma(s, qk_scale, -lse2[:, None]))
     if MASKED:
         p = tl.where(k_ok[None, :], p, 0.0)
     dp = tl.dot(do, tl.trans(v), input_precision=PRECISION)

@@ -188,7 +188,7 @@ def _fwd_step(
     if MASKED:
         raw = tl.where((start_n + tl.arange(0, BLOCK_N) < n_end)[None, :], raw, float("-inf"))
     m_new = tl.maximum(m_i, tl.max(raw, 1) * c)
-    p448 = tl.exp2(raw * c - (m_new - LOG2_448)[:, None])
+    p448 = tl.exp2(tl.fma(raw, c, -(m_new - LOG2_448)[:, None]))
     alpha = tl.exp2(m_i - m_new)
     sv = tl.load(SV + t)
     w_max = tl.maximum(w_max, sv)
@@ -379,15 +379,16 @@ def _dkdv_step(
     q8 = tl.load(Q8 + offs_m[:, None] * D + offs_d[None, :])  # padded: no mask
     raw = tl.dot(k8, tl.trans(q8))  # (BLOCK_N, BLOCK_M): s^T = raw * (s_k s_q scale log2 e)
     if MASKED:
-        lse2 = tl.load(LSE + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
+        lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
     else:
-        lse2 = tl.load(LSE + offs_m) * 1.4426950408889634
+        lse = tl.load(LSE + offs_m)
         delta = tl.load(DELTA + offs_m)
     # P448 = 448 P r: the score scale, the 448 of E4M3(448 P r) and the dO block's r in the exponent's one FMA
     # per element (r folded into P, not into dV: dV accumulates in place without a rescale per tile);
-    # DVEXP = log2(448 r), DVU = 1 / (448 r) per dO block (dv_units)
-    p448 = tl.exp2(tl.fma(raw, sk * sq * qk_scale, (tl.load(DVEXP + blk) - lse2)[None, :]))
+    # DVEXP = log2(448 r), DVU = 1 / (448 r) per dO block (dv_units); the column term log2(448 r) - lse log2 e
+    col = tl.fma(lse, -1.4426950408889634, tl.load(DVEXP + blk))
+    p448 = tl.exp2(tl.fma(raw, sk * sq * qk_scale, col[None, :]))
     if MASKED:
         p448 = tl.where(q_ok[None, :], p448, 0.0)
     if DQ_REDUCE:  # rows of masked keys (p may overflow there: lse leaves them out) must add nothing to dQ
@@ -566,7 +567,7 @@ def _dq_step(
     sk = tl.load(SK + blk)
     k8 = tl.load(K8 + offs_n[:, None] * D + offs_d[None, :])
     raw = tl.dot(q8, tl.trans(k8))  # (BLOCK_M, BLOCK_N): s = raw * s_q s_k (scale log2 e in s_q)
-    p = tl.exp2(raw * (sq * sk) - lse2[:, None])  # the scale in the exponent's one FMA per element
+    p = tl.exp2(tl.fma(raw, sq * sk, -lse2[:, None]))  # the scale in the exponent's one FMA per element
     if MASKED:
         p = tl.where(k_ok[None, :], p, 0.0)
     if FP8_DP:
