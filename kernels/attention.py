@@ -193,6 +193,17 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
+def _add_dq(dq, DQAD, desc_row, desc_col, ptrs, ok, USE_TMA: tl.constexpr):
+    """The reduce backward's dQ tile (BLOCK_M, D) fp32 added into its buffer: one TMA reduce-add through the
+    descriptor DQAD at (desc_row, desc_col), or atomic adds at ``ptrs`` for the rows ``ok`` (the interpreter,
+    which has no descriptor reduce; a ragged tile). The bf16 and FP8 dK/dV kernels both add dQ this way."""
+    if USE_TMA:
+        DQAD.atomic_add([desc_row, desc_col], dq)
+    else:
+        tl.atomic_add(ptrs, dq, mask=ok[:, None], sem="relaxed")
+
+
+@triton.jit
 def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq,
         stride_s, scale, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
         MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, DQ_REDUCE: tl.constexpr):
@@ -227,11 +238,8 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DE
     dk = tl.dot(ds_lp, q, dk, input_precision=PRECISION)
     if DQ_REDUCE:
         dq = tl.dot(tl.trans(ds_lp), k, input_precision=PRECISION) * scale  # (BLOCK_M, D) fp32
-        if DQ_REDUCE == 2 and TMA and not MASKED:
-            DQAD.atomic_add([row0 + start_m, col], dq)
-        else:
-            ptrs = DQA + offs_m[:, None] * stride_s + offs_d[None, :]
-            tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
+        ptrs = DQA + offs_m[:, None] * stride_s + offs_d[None, :]
+        _add_dq(dq, DQAD, row0 + start_m, col, ptrs, q_ok, DQ_REDUCE == 2 and TMA and not MASKED)
     return dk, dv
 
 

@@ -87,7 +87,7 @@ import triton
 import triton.language as tl
 
 import kernels.attention as _attention_module
-from kernels.attention import TensorDescriptor, _attn_bwd_delta, _bucket
+from kernels.attention import TensorDescriptor, _add_dq, _attn_bwd_delta, _bucket
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -414,11 +414,9 @@ def _dkdv_step(
         dk += tl.dot(ds_lp, q)
         if DQ_REDUCE:  # dQ += scale dS (K - mean K) for this key tile, into the fp32 (B H SQP, D) buffer
             dq = tl.dot(tl.trans(ds_lp), ks) * scale  # (BLOCK_M, D)
-            if DQ_REDUCE == 2:  # TMA reduce-add (rows past Sq are the padding: dS is 0 there)
-                DQAD.atomic_add([dq_row + start_m, 0], dq)
-            else:  # the interpreter (no descriptor reduce)
-                rows = dq_row.to(tl.int64) + offs_m[:, None]
-                tl.atomic_add(DQA + rows * D + offs_d[None, :], dq, sem="relaxed")
+            ptrs = DQA + (dq_row.to(tl.int64) + offs_m[:, None]) * D + offs_d[None, :]
+            # TMA on the GPU, ragged tiles included: rows past Sq are this head's padding (dS is 0 there)
+            _add_dq(dq, DQAD, dq_row + start_m, 0, ptrs, q_ok, DQ_REDUCE == 2)
     return dk, dv
 
 
