@@ -264,6 +264,33 @@ def test_emulation_accuracy_on_video_activations():
     assert max(errs_every) < 0.12, errs_every
 
 
+def _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, device):
+    """The Triton kernel against the emulation of the same scheme on a small video-shaped input (H > 1, a
+    key offset for the smoothing to remove, 3D RoPE): outputs and gradients of the input dtype, contiguous,
+    within 5% of the scheme's own error vs the exact reference; masked keys get no gradient."""
+    B, H, D, block = 2, 2, 64, 32  # H > 1 and (grid (2, 4, 8)) S a multiple of the block: no padding
+    S = grid[0] * grid[1] * grid[2]
+    q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
+    k = k + 2.0  # a key offset for the smoothing to remove
+    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
+    rope = tuple(t.to(device) for t in rope_3d_tables(grid, D))
+    kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
+    kw = dict(rope=rope, k_lengths=kl, block=block)
+    if ds_format is not None:
+        kw["ds_format"] = ds_format
+    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, bwd_fp8_dqdk=ds_format is not None, **kw)
+    products = ("dv",) + (("dp",) if fp8_dp else ()) + (("dqdk",) if ds_format else ())
+    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=products, **kw)
+    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope, k_lengths=kl)
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
+        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous()
+        gap, scheme = _rel(a, b), _rel(b, c)
+        assert gap <= 0.05 * scheme + (3e-3 if dtype == torch.float16 else 1e-5), (name, gap, scheme)
+    if kl is not None:
+        n = k_lengths[1]
+        assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
+
+
 @pytest.mark.parametrize(
     "dtype,grid,k_lengths,fp8_dp,ds_format",
     [
@@ -282,27 +309,7 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
     ds_format: dQ, dK from FP8 dS (bwd_fp8_dqdk) in that format."""
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("fp32 inputs run the bf16 kernel on CUDA (the fallback); the GPU test uses bf16")
-    B, H, D, block = 2, 2, 64, 32  # H > 1 and (grid (2, 4, 8)) S a multiple of the block: no padding
-    S = grid[0] * grid[1] * grid[2]
-    q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
-    k = k + 2.0  # a key offset for the smoothing to remove
-    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
-    rope = tuple(t.to(device) for t in rope_3d_tables(grid, D))
-    kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
-    kw = dict(rope=rope, k_lengths=kl, block=block)
-    if ds_format is not None:
-        kw["ds_format"] = ds_format
-    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, bwd_fp8_dqdk=ds_format is not None, **kw)
-    products = ("dv",) + (("dp",) if fp8_dp else ()) + (("dqdk",) if ds_format else ())
-    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=products, **kw)
-    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope, k_lengths=kl)
-    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
-        assert a.dtype == dtype and a.shape == c.shape
-        gap, scheme = _rel(a, b), _rel(b, c)
-        assert gap <= 0.05 * scheme + (3e-3 if dtype == torch.float16 else 1e-5), (name, gap, scheme)
-    if kl is not None:
-        n = k_lengths[1]
-        assert (ker[2][1, n:] == 0).all() and (ker[3][1, n:] == 0).all()  # masked keys: no gradient
+    _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, device)
 
 
 @pytest.mark.parametrize(
@@ -321,26 +328,12 @@ def test_reduce_backward_matches_emulation(dtype, grid, k_lengths, fp8_dp, devic
 
     if device == "cuda" and dtype == torch.float32:
         pytest.skip("fp32 inputs run the bf16 kernel on CUDA (the fallback)")
-    B, H, D, block = 2, 2, 64, 32
-    S = grid[0] * grid[1] * grid[2]
-    q, k, v, g = (torch.randn(B, S, H, D, device=device) for _ in range(4))
-    k = k + 2.0
-    q, k, v, g = (t.to(dtype) for t in (q, k, v, g))
-    rope = tuple(t.to(device) for t in rope_3d_tables(grid, D))
-    kl = None if k_lengths is None else torch.tensor(k_lengths, device=device)
-    kw = dict(rope=rope, k_lengths=kl, block=block)
     monkeypatch.setattr(attention_module, "BACKWARD", "reduce")
-    assert fp8._reduce_backward(q, True) is False  # FP8 dQ/dK keeps the split backward
-    if not fp8._reduce_backward(q, False):
+    probe = torch.empty(1, device=device, dtype=dtype)
+    assert fp8._reduce_backward(probe, True) is False  # FP8 dQ/dK keeps the split backward
+    if not fp8._reduce_backward(probe, False):
         pytest.skip("the reduce backward needs TMA (sm_90+)")
-    ker = _run(attention_fp8, q, k, v, g, bwd_fp8_dp=fp8_dp, **kw)
-    products = ("dv",) + (("dp",) if fp8_dp else ())
-    emu = _run(attention_fp8_emulated, q, k, v, g, bwd_fp8=products, **kw)
-    ref = _run(attention_reference, q.double(), k.double(), v.double(), g.double(), rope=rope, k_lengths=kl)
-    for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
-        assert a.dtype == dtype and a.shape == c.shape and a.is_contiguous()
-        gap, scheme = _rel(a, b), _rel(b, c)
-        assert gap <= 0.05 * scheme + (3e-3 if dtype == torch.float16 else 1e-5), (name, gap, scheme)
+    _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, None, device)
 
 
 def test_half_height_tiles_match_emulation(monkeypatch):
