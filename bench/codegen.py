@@ -53,8 +53,8 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
-_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU", "DQA")
-_FP32_POINTERS += ("KMEAN",)
+_FP8_SCALES = ("SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU")  # the FP8 kernels' per-block scale vectors
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "KMEAN", "DQA") + _FP8_SCALES
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 
