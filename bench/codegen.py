@@ -108,22 +108,19 @@ def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False
     take their default products (bf16 dP, dQ, dK) and no TMA or RoPE (RoPE runs before their pre-pass)."""
     bm, bn, warps, stages, *reg = config
     consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn)
+    if kernel.endswith("dkdv_reduce"):  # the reduce backward: dQ tiles added by TMA reduce-adds, TMA only
+        tma = True
+        consts.update(DQ_REDUCE=2)
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
         fn = F8._KERNELS[kernel[4:]]
         consts.update(QBLK=F8.QUANT_BLOCK, EMULATE=False, FP8_DP=False, FP8_DS=False, DS_E5M2=False)
-        if kernel == "fp8_dkdv_reduce":  # dQ tiles added by TMA reduce-adds (kernels.attention.BACKWARD)
-            tma = True
-            consts.update(DQ_REDUCE=2)
     else:
         import kernels.attention as A
 
         fn = A._RAW[kernel]
         consts.update(ROPE=rope, PRECISION="tf32", TMA=tma)
-        if kernel == "dkdv_reduce":  # TMA configs only, the dQ tiles added by TMA reduce-adds
-            tma = True
-            consts.update(TMA=True, DQ_REDUCE=2)
     consts = {c: v for c, v in consts.items() if c in fn.arg_names}
     sig = _signature(fn, dict(BLOCK_M=bm, BLOCK_N=bn, D=d), tma, dtype)
     for name, param in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
