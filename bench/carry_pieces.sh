@@ -6,7 +6,8 @@
 #   bash bench/carry_pieces.sh join DEST            # there, after the last call: reassemble into DEST,
 #                                                   # checked against the sha256 sums written by split
 #
-# Made for the DALI wheel (247 MB with its dependencies; bench/README.md has the full recipe), e.g.
+# Made for the DALI wheels (247 MB with their dependencies; bench/slim_wheels.py now shrinks them to one
+# call, bench/README.md), e.g.
 #   echo /.pieces/ >> .git/info/exclude
 #   python3 -m pip download --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
 #     --platform manylinux_2_28_x86_64 -d /tmp/dali nvidia-dali-cuda130==2.4.0 ...
@@ -55,6 +56,6 @@ case "${1:-}" in
     echo "carry_pieces: joined $(wc -l < "$STORE/SHA256SUMS") file(s) into $dest"
     ;;
   *)
-    sed -n '2,19p' "$0"; exit 2
+    awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0"; exit 2  # the comment block above
     ;;
 esac

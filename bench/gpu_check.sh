@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # The one script a GPU session runs, from the repo root, on a machine with a CUDA GPU:
 #   bash bench/gpu_check.sh [--quick]
-# 1. installs carried wheels from .whl/ (if any) into /tmp/site (no network needed),
+# 1. installs carried wheels from .whl/ and slimmed ones from .carry/*.tar.xz (bench/slim_wheels.py), if any,
+#    into /tmp/site (no network needed),
 # 2. builds the CUDA extension kernels._C (csrc/) in place,
 # 3. runs `pytest -m gpu`,
 # 4. runs every bench/gpu_*.py module (python -m bench.gpu_check) with baselines in the same process,
@@ -33,8 +34,15 @@ step() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 if compgen -G ".whl/*.whl" > /dev/null; then
   step "installing carried wheels"
   $PY -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    > "$LOGS/wheels.log" 2>&1 && export PYTHONPATH="$PYTHONPATH:/tmp/site"
+    > "$LOGS/wheels.log" 2>&1
 fi
+for slim in .carry/*.tar.xz; do  # wheels slimmed to one GPU architecture (bench/slim_wheels.py), e.g. DALI
+  [ -f "$slim" ] || continue
+  step "installing $slim"
+  $PY -m bench.slim_wheels install "$slim" --target /tmp/site >> "$LOGS/wheels.log" 2>&1 || step "  FAILED (wheels.log)"
+done
+# what an earlier call on this warm machine installed stays there
+[ -d /tmp/site ] && export PYTHONPATH="$PYTHONPATH:/tmp/site"
 nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.max.sm --format=csv > "$LOGS/nvidia_smi.csv" 2>&1
 
 step "building kernels._C"
