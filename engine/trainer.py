@@ -232,6 +232,11 @@ class Trainer:
                 "set --parallel.compile true"
             )
         if self.cfg.model.attention_precision == "fp8":
+            if self.cfg.model.attention != "triton":  # other backends would warn and run bf16
+                raise ValueError(
+                    "model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "
+                    f"got {self.cfg.model.attention!r} (set --model.attention triton)"
+                )
             apply_attention_precision(model, self.cfg.model)
         d = self.dist
         model = parallelize(model, self.cfg.parallel, self.cfg.precision, d.fsdp_mesh, d.cp_mesh)

@@ -57,6 +57,13 @@ def test_trainer_applies_the_schedule_to_the_optimizer(tmp_path):
         )
 
 
+def test_fp8_attention_needs_the_triton_backend(tmp_path):
+    cfg = _cfg()
+    cfg.model.attention_precision = "fp8"  # with the default backend, sdpa, it would silently run bf16
+    with pytest.raises(ValueError, match="needs model.attention 'triton', got 'sdpa'"):
+        Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+
+
 def test_ema_analytic():
     p = torch.nn.Parameter(torch.zeros(3))
     m = torch.nn.Module()
