@@ -65,6 +65,9 @@ def environment() -> dict[str, Any]:
             gpu_mem_gb=round(p.total_memory / 2**30, 1),
             cuda=torch.version.cuda,
         )
+        from engine.data.decode import nvdec_available  # DALI's GPU video decoder needs it
+
+        env["nvdec"] = nvdec_available() or "ok"
     return env
 
 

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from engine.data import VideoDataset, bucket_batches
-from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, probe, yuv420_to_rgb
+from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, nvdec_available, probe, yuv420_to_rgb
 from engine.data.synthetic import ident_color, make_frames, write_image, write_video
 from engine.data.transforms import frame_indices, make_buckets, nearest_bucket
 
@@ -84,6 +84,12 @@ def test_dali_cpu_and_pyav_decode_vp9_to_the_same_frames(media):
         src = torch.from_numpy(make_frames(24, 64, 64, int(name.split("_")[1][0])))
         assert psnr(p, src[idx]) > 28.0
         assert psnr(p, src[[i + 1 for i in idx]]) < psnr(p, src[idx]) - 3
+
+
+def test_nvdec_check_loads_the_library_or_says_how_to_get_it():
+    assert nvdec_available("libc.so.6") is None  # a library that loads
+    reason = nvdec_available("libnvcuvid_not_here.so.1")
+    assert "libnvcuvid_not_here.so.1 does not load" in reason and "NVIDIA_DRIVER_CAPABILITIES" in reason
 
 
 def test_dali_cpu_batch_isolates_a_bad_file(media):
@@ -263,8 +269,8 @@ def test_all_bad_stops_with_a_clear_error(media, tmp_path):
 
 @pytest.mark.gpu
 def test_dali_gpu_matches_pyav_on_h264(media):
-    if dali_available():
-        pytest.skip(f"DALI unavailable: {dali_available()}")
+    if dali_available() or nvdec_available():
+        pytest.skip(f"DALI's GPU decoder unavailable: {dali_available() or nvdec_available()}")
     idx = [0, 5, 10, 15]
     (d,) = DaliDecoder("gpu").decode_batch([(media / "h264_4.mp4", idx)])
     assert not isinstance(d, Exception), d
@@ -274,8 +280,8 @@ def test_dali_gpu_matches_pyav_on_h264(media):
 
 @pytest.mark.gpu
 def test_dataset_on_dali_gpu_yields_cuda_clips_matching_pyav(media, tmp_path):
-    if dali_available():
-        pytest.skip(f"DALI unavailable: {dali_available()}")
+    if dali_available() or nvdec_available():
+        pytest.skip(f"DALI's GPU decoder unavailable: {dali_available() or nvdec_available()}")
     rows = [{"video": str(media / n), "caption": f"video {i}"} for n, i in GOOD] + [
         {"video": str(media / "corrupt.webm")}
     ]

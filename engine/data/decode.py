@@ -16,12 +16,15 @@ backend               codecs                                 where
 ====================  =====================================  ===================================
 
 ``auto`` takes the first backend in that table that is available and supports the codec, and falls
-back to PyAV when DALI rejects a file. DALI errors leave its pipeline unusable, so a failed pipeline
+back to PyAV when DALI rejects a file. ``dali`` needs the driver's NVDEC library (``libnvcuvid.so.1``;
+a container has it only with ``NVIDIA_DRIVER_CAPABILITIES`` including ``video``): without it ``auto``
+uses ``dali_cpu`` with a warning, and ``dali`` is an error that says so. DALI errors leave its pipeline unusable, so a failed pipeline
 is rebuilt (building one costs ~5 ms).
 """
 
 from __future__ import annotations
 
+import ctypes
 import dataclasses
 import functools
 import threading
@@ -225,6 +228,24 @@ def dali_available() -> str | None:
     return None
 
 
+NVDEC_LIBRARY = "libnvcuvid.so.1"
+
+
+@functools.cache
+def nvdec_available(library: str = NVDEC_LIBRARY) -> str | None:
+    """None when the driver's NVDEC library (which DALI's GPU video decoder loads) loads, else the reason.
+
+    Containers get it only when ``NVIDIA_DRIVER_CAPABILITIES`` includes ``video`` (or ``all``)."""
+    try:
+        ctypes.CDLL(library)
+    except OSError as e:
+        return (
+            f"the NVDEC library {library} does not load ({e}); in a container, set "
+            "NVIDIA_DRIVER_CAPABILITIES to include 'video'"
+        )
+    return None
+
+
 class DaliDecoder:
     """DALI ``fn.decoders.video`` on in-memory files; ``device="gpu"`` uses the mixed (NVDEC) backend.
 
@@ -240,6 +261,8 @@ class DaliDecoder:
             raise RuntimeError(f"decoder 'dali{'' if device == 'gpu' else '_cpu'}': {reason}")
         if device == "gpu" and not torch.cuda.is_available():
             raise RuntimeError("decoder 'dali': needs a CUDA device (use 'dali_cpu' or 'pyav')")
+        if device == "gpu" and (reason := nvdec_available()):
+            raise RuntimeError(f"decoder 'dali': {reason} (or use 'dali_cpu' or 'pyav')")
         self.name = "dali" if device == "gpu" else "dali_cpu"
         self.codecs = DALI_GPU_CODECS if device == "gpu" else DALI_CPU_CODECS
         self.device = torch.device(f"cuda:{device_id}") if device == "gpu" else torch.device("cpu")
@@ -338,8 +361,10 @@ def build_decoders(choice: str = "auto") -> list[Decoder]:
         return [DaliDecoder("cpu")]
     chain: list[Decoder] = []
     if dali_available() is None:
-        chain.append(
-            DaliDecoder("gpu", device_id=gpu_id) if torch.cuda.is_available() else DaliDecoder("cpu")
-        )
+        gpu = torch.cuda.is_available()
+        if gpu and (reason := nvdec_available()):
+            log.warning("decoder 'auto': DALI on the CPU, not the GPU: %s", reason)
+            gpu = False
+        chain.append(DaliDecoder("gpu", device_id=gpu_id) if gpu else DaliDecoder("cpu"))
     chain.append(PyAVDecoder())
     return chain
