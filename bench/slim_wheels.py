@@ -3,6 +3,7 @@
     python -m bench.slim_wheels pack OUT.tar.xz WHEEL... [--python 312] [--sm 90] [--drop GLOB ...]
     python -m bench.slim_wheels install OUT.tar.xz --target /tmp/site      # there: no network needed
     python -m bench.slim_wheels list LIB.so...                             # the GPU images in a library
+    python -m bench.slim_wheels wheel OUT_DIR NAME VERSION TAG ARCNAME=PATH...   # a wheel of prebuilt files
 
 A device call carries at most 64 MiB, and the wheels the GPU image lacks are larger: DALI with its
 dependencies is 247 MB, Transformer Engine's core library 276 MB. Most of that is what the machine never
@@ -192,6 +193,32 @@ def slim_wheel(
     return stats
 
 
+def make_wheel(out_dir: Path, name: str, version: str, tag: str, files: dict[str, Path]) -> Path:
+    """Write ``{name}-{version}-{tag}.whl`` holding ``files`` (path in the wheel -> file here), with its
+    dist-info (METADATA, WHEEL, RECORD): how a prebuilt extension module becomes installable by pip."""
+    if not re.fullmatch(r"[A-Za-z0-9_.]+", name) or not re.fullmatch(r"[^-]+-[^-]+-[^-]+", tag):
+        raise ValueError(
+            f"make_wheel: name {name!r} or tag {tag!r} is not a wheel's (tag: python-abi-platform)"
+        )
+    dist = f"{name}-{version}.dist-info"
+    purelib = "true" if tag.endswith("-none-any") else "false"
+    contents = {arc: Path(src).read_bytes() for arc, src in files.items()}
+    contents[f"{dist}/METADATA"] = f"Metadata-Version: 2.1\nName: {name}\nVersion: {version}\n".encode()
+    contents[f"{dist}/WHEEL"] = (
+        f"Wheel-Version: 1.0\nGenerator: bench.slim_wheels\nRoot-Is-Purelib: {purelib}\nTag: {tag}\n"
+    ).encode()
+    out = Path(out_dir) / f"{name}-{version}-{tag}.whl"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with zipfile.ZipFile(out, "w", zipfile.ZIP_DEFLATED) as z:
+        for arc, content in contents.items():
+            info = zipfile.ZipInfo(arc, date_time=(2026, 1, 1, 0, 0, 0))
+            info.external_attr = 0o755 << 16 if arc.endswith(".so") else 0o644 << 16
+            z.writestr(info, content, compress_type=zipfile.ZIP_DEFLATED)
+        records = [_record_line(arc, content) for arc, content in contents.items()]
+        z.writestr(f"{dist}/RECORD", "\n".join([*records, f"{dist}/RECORD,,"]) + "\n")
+    return out
+
+
 def pack(
     out: Path, wheels: list[Path], *, python: str, sm: int, drop: list[str], keep_symbols: bool = False
 ) -> list[dict]:
@@ -278,6 +305,14 @@ def main(argv: list[str] | None = None) -> int:
     i = sub.add_parser("install", help="check and pip-install a tarball written by pack")
     i.add_argument("archive", type=Path)
     i.add_argument("--target", type=Path, required=True, help="folder to install into (pip --target)")
+    w = sub.add_parser("wheel", help="make a wheel of prebuilt files (e.g. a cross-built extension module)")
+    w.add_argument("out_dir", type=Path)
+    w.add_argument("name")
+    w.add_argument("version")
+    w.add_argument("tag", help="python-abi-platform, e.g. cp312-cp312-linux_x86_64")
+    w.add_argument(
+        "files", nargs="+", help="ARCNAME=PATH: where the file goes in the wheel, and where it is here"
+    )
     ls = sub.add_parser("list", help="the GPU images (cubins, PTX) in ELF libraries")
     ls.add_argument("libs", type=Path, nargs="+")
     args = parser.parse_args(argv)
@@ -294,6 +329,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     elif args.command == "install":
         install(args.archive, args.target)
+    elif args.command == "wheel":
+        pairs = [f.split("=", 1) for f in args.files]
+        if any(len(p) != 2 for p in pairs):
+            parser.error("wheel: files are given as ARCNAME=PATH")
+        print(make_wheel(args.out_dir, args.name, args.version, args.tag, dict(pairs)))
     else:
         for lib in args.libs:
             print(describe(lib))

@@ -4,6 +4,8 @@ the reference against torch SDPA and gradcheck, RoPE fusion, key lengths, determ
 Tolerance rule (flash-attention's): the kernel's error vs the fp64 reference is at most 2x the error of
 a plain same-dtype torch implementation, plus a small floor for fp32 round-off."""
 
+import importlib
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -369,6 +371,27 @@ def test_gpu_tma_matches_pointer_loads(fuse_rope, monkeypatch):
     for a, b in zip(auto, pointer):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     assert not attention_module._TMA_FAILED, "the TMA configs failed to build"
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("backend", ["flash_attn", "te"])
+def test_gpu_optional_backends_match_reference(backend):
+    """flash_attn and Transformer Engine (DotProductAttention), where installed: bf16 output and gradients,
+    RoPE applied first, within twice SDPA's error against the fp32 reference."""
+    module = {"flash_attn": "flash_attn", "te": "transformer_engine.pytorch"}[backend]
+    try:
+        importlib.import_module(module)
+    except (ImportError, RuntimeError, OSError) as e:
+        pytest.skip(f"{module} is not usable here: {e}")
+    q, k, v, rope, _ = _make(2, 1200, 1200, 4, 128, (12, 10, 10), None, torch.bfloat16, "cuda")
+    g = torch.randn_like(q)
+    q32, k32, v32 = (t.detach().float().requires_grad_() for t in (q, k, v))
+    exact = _outputs_and_grads(attention_reference, q32, k32, v32, g.float(), rope=rope)
+    got = _outputs_and_grads(attention, q, k, v, g, rope=rope, backend=backend)
+    plain = _outputs_and_grads(attention, q, k, v, g, rope=rope, backend="sdpa")
+    for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, plain, exact):
+        assert a.dtype == torch.bfloat16 and a.shape == c.shape
+        _assert_within_budget(a, b, c, 1e-3 * max(1.0, c.abs().max().item()), f"{backend} {name}")
 
 
 @pytest.mark.gpu

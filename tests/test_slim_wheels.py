@@ -13,7 +13,6 @@ import pytest
 
 from bench import slim_wheels
 
-pytestmark = pytest.mark.skipif(shutil.which("nvcc") is None, reason="nvcc not found")
 
 SOURCE = r"""
 __global__ void scale(float *x, float a, int n) { int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) x[i] *= a; }
@@ -26,6 +25,8 @@ ARCHS = {"cubin": [80, 90], "ptx": [90]}  # what the nvcc command below asks for
 
 @pytest.fixture(scope="module")
 def cuda_lib(tmp_path_factory) -> Path:
+    if shutil.which("nvcc") is None:
+        pytest.skip("nvcc not found")
     folder = tmp_path_factory.mktemp("fatbin")
     (folder / "k.cu").write_text(SOURCE)
     gencode = [
@@ -162,3 +163,45 @@ def test_install_refuses_a_corrupted_archive(cuda_lib, tmp_path):
         slim_wheels.install(bad, tmp_path / "site")
     with pytest.raises(FileNotFoundError, match="is not a .whl file"):
         slim_wheels.pack(tmp_path / "x.tar.xz", [tmp_path / "missing.whl"], python="312", sm=90, drop=[])
+
+
+def test_make_wheel_installs_with_pip_and_imports(tmp_path):
+    (tmp_path / "mod.py").write_text("VALUE = 7\n")
+    wheel = slim_wheels.make_wheel(
+        tmp_path / "dist", "prebuilt_mod", "1.2.3", "py3-none-any", {"prebuilt_mod.py": tmp_path / "mod.py"}
+    )
+    assert wheel.name == "prebuilt_mod-1.2.3-py3-none-any.whl"
+    target = tmp_path / "site"
+    cmd = [
+        sys.executable,
+        "-m",
+        "pip",
+        "install",
+        "-q",
+        "--no-index",
+        "--no-deps",
+        "--target",
+        str(target),
+        str(wheel),
+    ]
+    subprocess.run(cmd, check=True, capture_output=True, timeout=120)
+    code = (
+        "import importlib.metadata as m, prebuilt_mod; print(prebuilt_mod.VALUE, m.version('prebuilt_mod'))"
+    )
+    res = subprocess.run(
+        [sys.executable, "-c", code],
+        capture_output=True,
+        text=True,
+        env={"PYTHONPATH": str(target)},
+        timeout=60,
+    )
+    assert res.returncode == 0 and res.stdout.split() == ["7", "1.2.3"], res.stderr
+    with zipfile.ZipFile(wheel) as z:
+        record = z.read("prebuilt_mod-1.2.3.dist-info/RECORD").decode().splitlines()
+        for line in record[:-1]:
+            name, digest, size = line.rsplit(",", 2)
+            content = z.read(name)
+            want = base64.urlsafe_b64encode(hashlib.sha256(content).digest()).rstrip(b"=").decode()
+            assert digest == f"sha256={want}" and int(size) == len(content)
+    with pytest.raises(ValueError, match="not a wheel's"):
+        slim_wheels.make_wheel(tmp_path, "bad-name", "1", "py3-none-any", {})
