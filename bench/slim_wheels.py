@@ -253,7 +253,14 @@ def pack(
 
 
 def install(archive: Path, target: Path) -> list[str]:
-    """Unpack ``archive``, check the sums, and pip-install its wheels into ``target`` (no network)."""
+    """Unpack ``archive``, check the sums, and pip-install its wheels into ``target`` (no network).
+
+    A marker in ``target`` named by the archive's hash makes a second install of the same archive (a later
+    call on the same warm machine) a no-op."""
+    marker = Path(target) / f".slim_wheels-{hashlib.sha256(Path(archive).read_bytes()).hexdigest()[:16]}"
+    if marker.is_file():
+        print(f"slim_wheels: {archive} is already installed in {target}")
+        return marker.read_text().split()
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(archive, "r:xz") as tar:
             tar.extractall(tmp, filter="data")
@@ -267,6 +274,7 @@ def install(archive: Path, target: Path) -> list[str]:
         cmd = [sys.executable, "-m", "pip", "install", "-q", "--no-index", "--no-deps", "--no-compile"]
         subprocess.run([*cmd, "--no-cache-dir", "--upgrade", "--target", str(target), *wheels], check=True)
     names = [Path(w).name for w in wheels]
+    marker.write_text("\n".join(names) + "\n")
     print(f"slim_wheels: installed {len(names)} wheel(s) into {target}: {' '.join(names)}")
     return names
 

@@ -13,7 +13,6 @@ import pytest
 
 from bench import slim_wheels
 
-
 SOURCE = r"""
 __global__ void scale(float *x, float a, int n) { int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) x[i] *= a; }
 __global__ void shift(float *x, float b, int n) { int i = blockIdx.x * blockDim.x + threadIdx.x; if (i < n) x[i] += b; }
@@ -124,7 +123,12 @@ def test_pack_install_round_trip(cuda_lib, tmp_path):
     )
     assert archive.stat().st_size < len(lib)
     target = tmp_path / "site"
-    slim_wheels.main(["install", str(archive), "--target", str(target)])
+    names = slim_wheels.install(archive, target)
+    (target / "pkg/__init__.py").write_text("changed")  # a second install of the same archive is a no-op
+    assert slim_wheels.install(archive, target) == names == [wheel.name]
+    assert (target / "pkg/__init__.py").read_text() == "changed"
+    slim_wheels.main(["install", str(archive), "--target", str(target / "fresh")])  # the CLI, elsewhere
+    target = target / "fresh"
     installed = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     assert "pkg/_ext.cpython-312-x86_64-linux-gnu.so" in installed and "pkg/libk.so" in installed
     assert (
