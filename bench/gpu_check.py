@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> int:
     records: list[dict] = []
     env, t0 = environment(), time.time()
     path = write_results(records, out, tag="gpu_check", env=env)  # rewritten after every module
+    print(f"== {env['device']}, torch {env['torch']}, triton {env['triton']}, nvdec: {env.get('nvdec', '-')}")
     for area in areas:
         left = args.budget - (time.time() - t0)
         if not _present(area):
