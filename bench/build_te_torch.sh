@@ -79,6 +79,7 @@ SO="$WORK/dist/transformer_engine_torch.cpython-312-x86_64-linux-gnu.so"
 g++ -shared -o "$SO" "$OBJ"/*.o -L"$T/lib" -lc10 -ltorch -ltorch_cpu -ltorch_python -Wl,--allow-shlib-undefined
 step "linked $(du -h "$SO" | cut -f1) $(basename "$SO")"
 
+# (ml-dtypes 0.5.4, not 0.6: it accepts numpy 1.26 as well as 2.x, whichever the image has)
 step "downloading TE $TE (core, Python) and its import-time dependencies"
 download -d "$WORK/te" "transformer-engine==$TE" "transformer-engine-cu13==$TE"
 
@@ -117,7 +118,7 @@ PYEOF
 TE_TORCH_WHL=$($PY -m bench.slim_wheels wheel "$WORK/dist" transformer_engine_torch "$TE" cp312-cp312-linux_x86_64 \
   "$(basename "$SO")=$SO")
 download -d "$WORK/deps" pydantic==2.14.4 pydantic-core==2.50.5 annotated-types==0.8.0 typing-inspection==0.4.5 \
-  typing-extensions==4.16.0 einops==0.8.2 onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 ml-dtypes==0.6.0 \
+  typing-extensions==4.16.0 einops==0.8.2 onnx==1.23.2 onnxscript==0.7.2 onnx-ir==1.1.0 ml-dtypes==0.5.4 \
   protobuf==7.36.2 nvdlfw-inspect==0.2.2 packaging==25.0 pyyaml==6.0.3
 step "packing"
 $PY -m bench.slim_wheels pack "$OUT" "$TE_TORCH_WHL" "$WORK"/te/*.whl "$WORK"/deps/*.whl
