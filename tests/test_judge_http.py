@@ -192,6 +192,31 @@ def test_serve_judge_mode_chain_and_bad_requests():
     assert bad[0].status == "http_error" and "400" in bad[0].text
 
 
+def test_serve_aclose_closes_idle_keep_alive_connections():
+    """A client's idle keep-alive connection is closed by aclose, which returns promptly (from Python 3.12
+    on, asyncio's wait_closed waits for open connections: a client pool kept open hung the shutdown)."""
+
+    async def run(srv):
+        server = JudgeServer(_judge(srv.url), mode="judge", model_name="idle")
+        port = await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"GET /health HTTP/1.1\r\nHost: x\r\n\r\n")  # a request, then the connection idles
+        await writer.drain()
+        head = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        length = int(
+            next(ln.split(b":")[1] for ln in head.split(b"\r\n") if ln.lower().startswith(b"content-length"))
+        )
+        await reader.readexactly(length)
+        await asyncio.wait_for(server.aclose(), 10)
+        eof = await asyncio.wait_for(reader.read(1), 10)  # the server closed its side
+        writer.close()
+        return head, eof
+
+    with FaultServer() as srv:
+        head, eof = asyncio.run(run(srv))
+    assert head.startswith(b"HTTP/1.1 200") and eof == b""
+
+
 def test_serve_cli_subprocess(tiny_vlm):
     path, _ = tiny_vlm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WMSD_LOG_LEVEL": "WARNING"}

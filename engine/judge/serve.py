@@ -128,6 +128,9 @@ class JudgeServer:
             cache=mode == "judge",
         )
         self._server: asyncio.base_events.Server | None = None
+        self._writers: set[asyncio.StreamWriter] = (
+            set()
+        )  # open connections (keep-alive ones idle between requests)
         self._count = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -136,8 +139,12 @@ class JudgeServer:
         return self._server.sockets[0].getsockname()[1]
 
     async def aclose(self) -> None:
+        """Stop listening and close every open connection (idle keep-alive ones too: from Python 3.12 on,
+        ``wait_closed`` waits for them, and a client that keeps its pool open would hang the shutdown)."""
         if self._server is not None:
             self._server.close()
+            for writer in list(self._writers):
+                writer.close()
             await self._server.wait_closed()
         await self.judge.aclose(drain=False)
 
@@ -199,6 +206,7 @@ class JudgeServer:
         return method, path.split("?")[0], headers, body
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self._writers.add(writer)
         try:
             while True:
                 try:
@@ -219,6 +227,7 @@ class JudgeServer:
         except ConnectionError:
             return
         finally:
+            self._writers.discard(writer)
             writer.close()
 
 
