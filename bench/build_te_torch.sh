@@ -20,8 +20,8 @@
 # Two checks here: every undefined symbol is exported by a library it will load with, and TE imports under
 # CPython 3.12.3 with torch 2.11 (IMPORT_CHECK=0 skips it). Its kernels first run on a GPU call.
 #
-# WORK (default /tmp/te_xbuild) holds ~7 GB of downloads, objects and the import check's Python; JOBS
-# (default nproc) compiles.
+# WORK (default /tmp/te_xbuild) holds ~3 GB of downloads and objects (the import check's Python stack, ~6 GB,
+# is bench/image_twin.sh's); JOBS (default nproc) compiles.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 OUT=${1:-.carry/te_sm90.tar.xz}
@@ -128,43 +128,15 @@ step "packing"
 $PY -m bench.slim_wheels pack "$OUT" "$TE_TORCH_WHL" "$WORK"/te/*.whl "$WORK"/deps/*.whl
 
 [ "${IMPORT_CHECK:-1}" = "1" ] || exit 0
-# The import itself, here: Ubuntu noble's CPython 3.12.3 run through Ubuntu's own glibc 2.39 loader (this
-# machine's glibc is older), with torch 2.11.0+cu130, Triton 3.6 and the packed wheels installed beside it
-# (~4.5 GB). TE imports without a GPU driver, and loading the extension runs its pybind11 module init
-# against torch's types: what breaks first if the ABI is wrong. Kernels need a GPU and are not run.
-step "import check under CPython 3.12.3"
-U=http://archive.ubuntu.com/ubuntu/pool/main
-while read -r path sha; do
-  fetch "$U/$path" "$sha" "$WORK/dl/$(basename "$path")"
-  [ -f "$WORK/py312run/.$(basename "$path")" ] || { dpkg-deb -x "$WORK/dl/$(basename "$path")" "$WORK/py312run"
-    touch "$WORK/py312run/.$(basename "$path")"; }
-done <<'DEBS'
-p/python3.12/python3.12-minimal_3.12.3-1_amd64.deb af9ce0b1da62af10ae8984d27638a7f6901cb20a2893fbedb72dc52fa53c87bc
-p/python3.12/libpython3.12-minimal_3.12.3-1_amd64.deb 28ddd9458eee6592895865de205ee8bd173fc4107e3efd9be214ecb4dbb2b151
-p/python3.12/libpython3.12-stdlib_3.12.3-1_amd64.deb d5428fb7fc16f2b930d6df489bdb69a94f72adb7ed21541c9e76f2d5c2a444e1
-g/glibc/libc6_2.39-0ubuntu8_amd64.deb af36c7ac770770fe3d3c10e85d6bc538e76e57570ba7db7d397fb9f654783ef3
-e/expat/libexpat1_2.6.1-2build1_amd64.deb 730b29497212289cda8a3139e693a3538af0cb57846c24f807d1bb293a591c5e
-z/zlib/zlib1g_1.3.dfsg-3.1ubuntu2_amd64.deb 0b93d16d7498f092fa3070fbbad28cdbc6b3d640f1a7681b96fc37f20d1219f1
-libf/libffi/libffi8_3.4.6-1build1_amd64.deb 637e6a7744de08cd331a41f4efd0d24e6ea9064843dea9d1c6ca87bdb5f038a2
-DEBS
-R="$WORK/py312run"
-SITE="$R/usr/local/lib/python3.12/dist-packages"
-INSTALL=($PY -m pip install -q --no-deps --no-compile --upgrade --target "$SITE" --python-version 3.12
-  --only-binary=:all: --implementation cp --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64
-  --platform manylinux_2_24_x86_64 --platform manylinux_2_17_x86_64 --platform manylinux2014_x86_64
-  --platform manylinux_2_12_x86_64 --platform manylinux2010_x86_64 --platform manylinux_2_5_x86_64
-  --platform manylinux1_x86_64 --platform linux_x86_64)
-if [ ! -d "$SITE/torch" ]; then  # torch's CUDA libraries as its wheel asks (cupti is not on the index; NCCL 2.32)
-  "${INSTALL[@]}" torch==2.11.0 triton==3.6.0 filelock sympy mpmath networkx jinja2 markupsafe fsspec numpy \
-    nvidia-cublas==13.1.0.3 nvidia-cusparse==12.6.3.3 nvidia-cusolver==12.0.4.66 nvidia-curand==10.4.0.35 \
-    nvidia-cufft==12.0.0.61 nvidia-cuda-runtime==13.0.96 nvidia-cuda-nvrtc==13.0.88 nvidia-nvtx==13.0.85 \
-    nvidia-nvjitlink==13.0.88 nvidia-cufile==1.15.1.6 nvidia-cudnn-cu13==9.19.0.56 nvidia-cusparselt-cu13==0.8.0 \
-    nvidia-nccl-cu13==2.32.3 nvidia-nvshmem-cu13==3.4.5 2>&1 | grep -v "^WARNING" || true
-fi
-rm -rf "$WORK/unpacked" && mkdir -p "$WORK/unpacked" && tar -xJf "$OUT" -C "$WORK/unpacked"
-"${INSTALL[@]}" "$WORK"/unpacked/wheels/*.whl 2>&1 | grep -v "^WARNING" || true
-PYTHONHOME="$R/usr" "$R/usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2" \
-  --library-path "$R/usr/lib/x86_64-linux-gnu:$R/lib/x86_64-linux-gnu" "$R/usr/bin/python3.12" -c '
+# The import itself, here, under the GPU image's Python stack (bench/image_twin.sh: Ubuntu's CPython 3.12.3,
+# torch 2.11.0+cu130, Triton 3.6), with the packed wheels installed beside it. TE imports without a GPU
+# driver, and loading the extension runs its pybind11 module init against torch's types: what breaks first
+# if the ABI is wrong. Kernels need a GPU and are not run.
+step "import check under CPython 3.12.3 and torch 2.11 (bench/image_twin.sh)"
+bash bench/image_twin.sh setup > /dev/null
+rm -rf "$WORK/unpacked" "$WORK/te_site" && mkdir -p "$WORK/unpacked" && tar -xJf "$OUT" -C "$WORK/unpacked"
+bash bench/image_twin.sh install "$WORK/te_site" --no-deps "$WORK"/unpacked/wheels/*.whl
+TWIN_PYTHONPATH="$WORK/te_site" bash bench/image_twin.sh python -c '
 import sys, torch
 import transformer_engine.pytorch as te
 import transformer_engine_torch as tex
