@@ -36,10 +36,15 @@ PYDEV_SHA=f5924a06298ae0689128498276d3a555e02615a4ecfa8f4417d679a097586f35
 PYLIB_URL=http://archive.ubuntu.com/ubuntu/pool/main/p/python3.12/libpython3.12t64_3.12.3-1_amd64.deb
 PYLIB_SHA=31df8af8521fb3fdf198d7507765d4ebf435c7165a50013b39d2761fd6c0d98c
 download() {  # wheels for the image: CPython 3.12, manylinux x86_64
+  local log rc=0
+  log=$(mktemp)
   $PY -m pip download -q --no-deps --only-binary=:all: --python-version 3.12 --implementation cp \
     --platform manylinux_2_28_x86_64 --platform manylinux_2_27_x86_64 --platform manylinux_2_17_x86_64 \
-    --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 "$@" 2>&1 \
-    | grep -v "^WARNING: Location" || true
+    --platform manylinux2014_x86_64 --platform manylinux_2_5_x86_64 --platform manylinux1_x86_64 "$@" \
+    > "$log" 2>&1 || rc=$?
+  grep -v "^WARNING: Location" "$log" || true
+  rm -f "$log"
+  [ $rc -eq 0 ] || { echo "build_te_torch: pip download failed ($rc): ${*: -1} ..." >&2; exit 1; }
 }
 fetch() {  # URL SHA256 DEST
   [ -f "$3" ] || curl -fsSL -m 300 -o "$3" "$1"
