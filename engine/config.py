@@ -45,9 +45,7 @@ class ModelConfig:
     flavour: str = "toy"  # a named size preset of the family (e.g. "toy", "1.3B", "14B", "i2v-480p")
     pretrained: str = ""  # local diffusers-format folder or .safetensors file; "" = random init
     attention: Literal["triton", "sdpa", "flash_attn", "te"] = "sdpa"  # attention backend
-    attention_precision: Literal["bf16", "fp8"] = (
-        "bf16"  # fp8 = our FP8 attention kernel (needs attention = "triton")
-    )
+    attention_precision: Literal["bf16", "fp8"] = "bf16"  # fp8: our FP8 kernel (needs attention "triton")
     fp8_attention_skip_blocks: list[int] = field(default_factory=list)  # blocks kept in bf16
     meta_init: bool = False  # build on the meta device (shape/param-count checks, no memory)
 

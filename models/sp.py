@@ -55,7 +55,7 @@ class SequenceParallel:
 
     def gather(self, t: torch.Tensor, dim: int = 1) -> torch.Tensor:
         """Every rank's chunk along ``dim``, concatenated in rank order (autograd: reduce-scatter back)."""
-        # all_gather_tensor_autograd, not all_gather_single_autograd: torch 2.11 (the GPU image's) lacks the latter
+        # all_gather_tensor_autograd: torch 2.11 (the GPU image's) has no all_gather_single_autograd
         out = funcol.all_gather_tensor_autograd(t.contiguous(), dim, self.group)
         return funcol.wait_tensor(out) if isinstance(out, funcol.AsyncCollectiveTensor) else out
 

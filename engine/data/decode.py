@@ -18,8 +18,8 @@ backend               codecs                                 where
 ``auto`` takes the first backend in that table that is available and supports the codec, and falls
 back to PyAV when DALI rejects a file. ``dali`` needs the driver's NVDEC library (``libnvcuvid.so.1``;
 a container has it only with ``NVIDIA_DRIVER_CAPABILITIES`` including ``video``): without it ``auto``
-uses ``dali_cpu`` with a warning, and ``dali`` is an error that says so. DALI errors leave its pipeline unusable, so a failed pipeline
-is rebuilt (building one costs ~5 ms).
+uses ``dali_cpu`` with a warning, and ``dali`` is an error that says so. DALI errors leave its pipeline
+unusable, so a failed pipeline is rebuilt (building one costs ~5 ms).
 """
 
 from __future__ import annotations

@@ -128,9 +128,8 @@ class JudgeServer:
             cache=mode == "judge",
         )
         self._server: asyncio.base_events.Server | None = None
-        self._writers: set[asyncio.StreamWriter] = (
-            set()
-        )  # open connections (keep-alive ones idle between requests)
+        # open connections, keep-alive ones idle between requests included (aclose closes them)
+        self._writers: set[asyncio.StreamWriter] = set()
         self._count = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
