@@ -159,12 +159,17 @@ def _record_line(name: str, content: bytes) -> str:
     return f"{name},sha256={digest},{len(content)}"
 
 
+def _record(lines: list[str], record_name: str) -> str:
+    """A wheel's RECORD: the files' lines (:func:`_record_line`), then the RECORD itself, unhashed."""
+    return "\n".join([*lines, f"{record_name},,"]) + "\n"
+
+
 def slim_wheel(
     src: Path, dest: Path, *, python: str, sm: int, drop: list[str], keep_symbols: bool = False
 ) -> dict:
     """Write ``dest``: ``src`` without other Pythons' extension modules, other GPUs' code and ``drop``."""
-    stats = {"wheel": src.name, "files_dropped": 0, "fatbin_bytes_freed": 0, "containers_kept_whole": 0}
-    stats["symbol_bytes_zeroed"] = 0
+    stats = {"wheel": src.name, "files_dropped": 0, "fatbin_bytes_freed": 0, "containers_kept_whole": 0,
+             "symbol_bytes_zeroed": 0}  # fmt: skip
     with zipfile.ZipFile(src) as zin, zipfile.ZipFile(dest, "w", zipfile.ZIP_STORED) as zout:
         records, record_name = [], None
         for info in zin.infolist():
@@ -192,7 +197,7 @@ def slim_wheel(
                 records.append(_record_line(name, content))
         if record_name is None:
             raise ValueError(f"{src}: not a wheel (no .dist-info/RECORD)")
-        zout.writestr(record_name, "\n".join([*records, f"{record_name},,"]) + "\n")
+        zout.writestr(record_name, _record(records, record_name))
     return stats
 
 
@@ -218,7 +223,7 @@ def make_wheel(out_dir: Path, name: str, version: str, tag: str, files: dict[str
             info.external_attr = 0o755 << 16 if arc.endswith(".so") else 0o644 << 16
             z.writestr(info, content, compress_type=zipfile.ZIP_DEFLATED)
         records = [_record_line(arc, content) for arc, content in contents.items()]
-        z.writestr(f"{dist}/RECORD", "\n".join([*records, f"{dist}/RECORD,,"]) + "\n")
+        z.writestr(f"{dist}/RECORD", _record(records, f"{dist}/RECORD"))
     return out
 
 
