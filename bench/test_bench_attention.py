@@ -61,7 +61,12 @@ def test_gpu_attention_fp8_providers_run_on_cpu(monkeypatch):
     ref = attention(*leaves, backend="torch")
     ref_grads = torch.autograd.grad(ref, leaves, g)
     provs = {**_providers(rope), **_bwd_providers(rope)}
-    assert {"triton_fp8_dqdk", "triton_fp8_all", "triton_fp8[bwd=reduce]"} <= set(provs)
+    assert {
+        "triton_fp8_dqdk",
+        "triton_fp8_all",
+        "triton_fp8[bwd=reduce]",
+        "triton_fp8_dp[bwd=reduce]",
+    } <= set(provs)
     for name, (fn, _) in provs.items():
         if name == "sdpa_cudnn" or name.endswith("+rope"):
             continue
