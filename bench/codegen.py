@@ -7,6 +7,7 @@ many special-function exponentials a program issues.
     python -m bench.codegen --kernel fp8_fwd,fp8_dkdv,fp8_dq
     python -m bench.codegen --json out.json
     python -m bench.codegen --compare out.json     # after an edit: what got worse (exit 1 if anything)
+    python -m bench.codegen --predict              # the model's fwd+bwd cycles per bf16 / FP8 variant
 
 Triton compiles for a target it is told (``GPUTarget("cuda", 90, 32)``) with its own ptxas, so this runs on
 the CPU-only machines; pointers are specialised as 16-byte aligned as at run time (without that hint Triton
@@ -102,10 +103,11 @@ def configs(kernel: str, rope: bool = False) -> list[tuple[int, ...]]:
 
 def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False,
                       rope: bool = False, has_klen: bool = False, d: int = 128, dtype: str = "bf16",
-                      capability: int = 90):  # fmt: skip
+                      capability: int = 90, fp8_dp: bool = False, fp8_ds: bool = False):  # fmt: skip
     """Compile one attention kernel (a name of :func:`configs`) at a (BLOCK_M, BLOCK_N, num_warps,
     num_stages) config for an sm_<capability> target; returns Triton's CompiledKernel. The FP8 kernels
-    take their default products (bf16 dP, dQ, dK) and no TMA or RoPE (RoPE runs before their pre-pass)."""
+    take no TMA or RoPE (RoPE runs before their pre-pass) and their default products (bf16 dP, dQ, dK)
+    unless ``fp8_dp`` (dP in FP8, bwd_fp8_dp) or ``fp8_ds`` (dQ, dK with an e4m3 dS, bwd_fp8_dqdk)."""
     bm, bn, warps, stages, *reg = config
     consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn)
     if kernel.endswith("dkdv_reduce"):  # the reduce backward: dQ tiles added by TMA reduce-adds, TMA only
@@ -115,7 +117,7 @@ def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False
         import kernels.attention_fp8 as F8
 
         fn = F8._KERNELS[kernel[4:]]
-        consts.update(QBLK=F8.QUANT_BLOCK, EMULATE=False, FP8_DP=False, FP8_DS=False, DS_E5M2=False)
+        consts.update(QBLK=F8.QUANT_BLOCK, EMULATE=False, FP8_DP=fp8_dp, FP8_DS=fp8_ds, DS_E5M2=False)
     else:
         import kernels.attention as A
 
@@ -274,6 +276,49 @@ def report(kernels: list[str], *, tma: bool, rope: bool) -> list[dict]:
     return rows
 
 
+# The kernels one forward + backward runs, per variant: (kernel, dP in FP8, dQ/dK in FP8). The FP8 variants
+# share the forward; dQ/dK in FP8 keeps the split backward (kernels.attention_fp8._reduce_backward).
+VARIANTS = {
+    "bf16, split backward (default)": (("fwd", False, False), ("dkdv", False, False), ("dq", False, False)),
+    "bf16, BACKWARD = reduce": (("fwd", False, False), ("dkdv_reduce", False, False)),
+    "fp8, split backward (default: dV fp8)": (
+        ("fp8_fwd", False, False), ("fp8_dkdv", False, False), ("fp8_dq", False, False)),
+    "fp8 + bwd_fp8_dp, split": (("fp8_fwd", False, False), ("fp8_dkdv", True, False), ("fp8_dq", True, False)),
+    "fp8 + bwd_fp8_dqdk (e4m3 dS), split": (
+        ("fp8_fwd", False, False), ("fp8_dkdv", False, True), ("fp8_dq", False, True)),
+    "fp8, both options, split": (("fp8_fwd", False, False), ("fp8_dkdv", True, True), ("fp8_dq", True, True)),
+    "fp8, BACKWARD = reduce": (("fp8_fwd", False, False), ("fp8_dkdv_reduce", False, False)),
+    "fp8 + bwd_fp8_dp, BACKWARD = reduce": (("fp8_fwd", False, False), ("fp8_dkdv_reduce", True, False)),
+}  # fmt: skip
+PREDICT_BLOCK = 128  # the (query, key) block of work the prediction counts cycles for
+
+
+def predict(variants: dict = VARIANTS) -> list[dict]:
+    """bench.codegen's static model per variant: cycles per SM for one PREDICT_BLOCK x PREDICT_BLOCK block of
+    (query, key) work at head dim 128, each kernel at its first config (pointer loads; the reduce kernels TMA):
+    per tile, tensor-core cycles plus the larger of issue and special-function cycles (no overlap between
+    programs), times the tiles that cover the block. Rows: variant, forward, backward, fwd_bwd and mma (the
+    tensor-core cycles alone), ratio = the first variant's fwd_bwd / this one's."""
+    cache, rows = {}, []
+    for name, kernels in variants.items():
+        row = dict(variant=name, forward=0.0, backward=0.0, mma=0.0)
+        for kernel, dp, ds in kernels:
+            key = (kernel, dp, ds)
+            if key not in cache:
+                config = configs(kernel)[0]
+                r = analyze(compile_attention(kernel, config, fp8_dp=dp, fp8_ds=ds), config[2])
+                tiles = PREDICT_BLOCK * PREDICT_BLOCK / (config[0] * config[1])
+                cache[key] = (tiles * (r["mma"] + max(r["issue"], r["mufu"])), tiles * r["mma"])
+            cycles, mma = cache[key]
+            row["forward" if kernel.endswith("fwd") else "backward"] += cycles
+            row["mma"] += mma
+        row["fwd_bwd"] = row["forward"] + row["backward"]
+        rows.append(row)
+    for row in rows:
+        row["ratio"] = rows[0]["fwd_bwd"] / row["fwd_bwd"]
+    return rows
+
+
 def _cell(c: str, v) -> str:
     if c == "config":
         return f"{str(tuple(v)):>14}"
@@ -324,6 +369,12 @@ def main(argv: list[str] | None = None) -> int:
     )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")
+    ap.add_argument(
+        "--predict",
+        action="store_true",
+        help="the static model's cycles per 128 x 128 block of work for each bf16 / FP8 backward variant\n"
+        "(forward, backward, fwd+bwd, ratio vs the bf16 split backward; ignores --kernel)",
+    )
     ap.add_argument("--json", help="also write the rows to this file")
     ap.add_argument(
         "--compare",
@@ -334,6 +385,16 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    if args.predict:
+        rows = predict()
+        print(f"{'variant':<40} {'forward':>8} {'backward':>9} {'fwd_bwd':>8} {'mma':>7} {'ratio':>6}")
+        for r in rows:
+            print(f"{r['variant']:<40} {r['forward']:>8.0f} {r['backward']:>9.0f} {r['fwd_bwd']:>8.0f} "
+                  f"{r['mma']:>7.0f} {r['ratio']:>5.2f}x")  # fmt: skip
+        if args.json:
+            with open(args.json, "w") as f:
+                json.dump(rows, f, indent=1)
+        return 0
     kernels = [k for k in args.kernel.split(",") if k]
     if args.rope:  # the FP8 kernels have no fused-RoPE variant
         kernels = [k for k in kernels if not k.startswith("fp8_")]

@@ -173,3 +173,42 @@ def test_compare_flags_what_got_worse():
     ], got
     assert compare(old, [row(tma=True, spill=99)]) == []  # another variant: not the same row
     assert compare([row(split_exp=True)], [row(spill=99)]) == []  # an older JSON's removed --split-exp rows
+
+
+# Per variant of bench.codegen.VARIANTS, the S^2 D products one (query, key) block runs in (bf16, FP8), from
+# the algorithm (kernels/attention_fp8.py's module doc), not from the SASS: forward q k^T and p v; the split
+# backward's dK/dV kernel recomputes q k^T and forms dV, dP, dK, its dQ kernel recomputes q k^T and dP and
+# forms dQ; the reduce backward's dK/dV kernel forms all five. FP8: the scores and dV always, dP with
+# bwd_fp8_dp, dQ and dK with bwd_fp8_dqdk.
+_PRODUCTS = {
+    "bf16, split backward (default)": (9, 0),
+    "bf16, BACKWARD = reduce": (7, 0),
+    "fp8, split backward (default: dV fp8)": (4, 5),
+    "fp8 + bwd_fp8_dp, split": (2, 7),
+    "fp8 + bwd_fp8_dqdk (e4m3 dS), split": (2, 7),
+    "fp8, both options, split": (0, 9),
+    "fp8, BACKWARD = reduce": (3, 4),
+    "fp8 + bwd_fp8_dp, BACKWARD = reduce": (2, 5),
+}
+
+
+def test_predicted_tensor_core_work_matches_the_algorithm(tmp_path, without_interpreter):
+    """bench.codegen --predict: the tensor-core cycles it reads off the SASS of each variant's kernels equal
+    the product count of the algorithm, at 4,096 (bf16) and 8,192 (FP8) FLOP per cycle and SM, plus the FP8
+    forward's row sums of P8 (a 128 x 16 x 128 FP8 product per block), so every option puts exactly its
+    products on the FP8 tensor cores; and the ratios are against the first (bf16 split) row."""
+    pytest.importorskip("triton.backends.compiler", reason="no ahead-of-time compile API in this Triton")
+    out = tmp_path / "predict.json"
+    r = without_interpreter("-m", "bench.codegen", "--predict", "--json", str(out))
+    assert r.returncode == 0, r.stdout + r.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [row["variant"] for row in rows] == list(_PRODUCTS)
+    assert len([line for line in r.stdout.splitlines() if line.endswith("x")]) == len(rows), r.stdout
+    b = 128
+    product = 2 * b * b * 128  # one S^2 D product of a b x b block at head dim 128, FLOP
+    for row in rows:
+        n_bf16, n_fp8 = _PRODUCTS[row["variant"]]
+        row_sums = 2 * b * 16 * b / 8192 if row["variant"].startswith("fp8") else 0
+        assert row["mma"] == n_bf16 * product / 4096 + n_fp8 * product / 8192 + row_sums, row
+        assert row["fwd_bwd"] == row["forward"] + row["backward"] > row["mma"], row
+        assert row["ratio"] == pytest.approx(rows[0]["fwd_bwd"] / row["fwd_bwd"]), row
