@@ -35,6 +35,8 @@ def test_parse_numeric_forms_roundtrip(x):
         f"{x}",
         f"{x * 100:.1f}%",
         f"Score: {x * 5}/5",
+        f"Score: {x * 4} out of 4",
+        f"Score: {x} (the agent reached step 2)",
     ]
     for text in forms:
         score, status = parse_answer(text)
@@ -65,6 +67,11 @@ def test_parse_yes_no_and_last_score_line():
         "nothing 0.5 here",
         "Score: 2/0",
         "Yesterday it moved",
+        "Score: 0,8",  # a decimal comma: reading "0" would make a reward up
+        "Score: 1e-2",
+        "Score: 1 (on a scale of 5)",
+        "Score: 4 on a scale from 1 to 5",
+        "Score: 1 out of 0",
     ],
 )
 def test_parse_rejects_off_format(text):

@@ -115,14 +115,19 @@ def build_prompt(request: JudgeRequest) -> str:
 # ---------------------------------------------------------------------------------------------
 # Answer parsing. Accepted forms, tried in order (the first match decides):
 #   JSON object with "score" (number) or "answer" ("yes"/"no"), possibly inside a ```json fence
-#   "Score: 0.8" / "score = 80%" / "Score: 4/5"   (the last such line wins)
+#   "Score: 0.8" / "score = 80%" / "Score: 4/5" / "Score: 3 out of 4"   (the last such line wins)
 #   the whole answer is a number ("0.75", "75%", "3/4") or starts with yes/no ("Yes.", "No, the ...")
-# Anything else is a parse_error; so is a number outside [0, 1] (a percentage outside [0, 100]).
+# Anything else is a parse_error; so is a number outside [0, 1] (a percentage outside [0, 100]), and so is
+# a score line whose number goes on in a form not read here ("0,8", "1e-2") or names another scale ("Score:
+# 1 (on a scale of 5)"): a misread score would be a made-up reward.
 # ---------------------------------------------------------------------------------------------
 
-_NUM = r"([-+]?\d+(?:\.\d+)?)\s*(%|/\s*\d+(?:\.\d+)?)?"
-_SCORE_LINE = re.compile(r"\bscore\s*[:=]\s*\**\s*" + _NUM, re.IGNORECASE)
-_BARE_NUM = re.compile(r"^\s*" + _NUM + r"\s*\.?\s*$")
+_NUM = r"([-+]?\d+(?:\.\d+)?)\s*(%|/\s*\d+(?:\.\d+)?|out\s+of\s+\d+(?:\.\d+)?)?"
+_NUM_END = r"(?![.,]?\d|[eE][-+]?\d)"  # the number does not go on (decimal comma, exponent)
+_SCORE_LINE = re.compile(
+    r"\bscore\s*[:=]\s*\**\s*" + _NUM + _NUM_END + r"(?![^\n]*\b(?:out\s+of|scale)\b)", re.IGNORECASE
+)
+_BARE_NUM = re.compile(r"^\s*" + _NUM + r"\s*\.?\s*$", re.IGNORECASE)
 _YES_NO = re.compile(r"^\W*(?:answer\s*[:=]\s*)?\**\s*(yes|no)\b", re.IGNORECASE)
 _JSON = re.compile(r"\{[^{}]*\}", re.DOTALL)
 
@@ -132,7 +137,7 @@ def _to_unit(value: str, suffix: str | None) -> float | None:
     if suffix and suffix.startswith("%"):
         x /= 100.0
     elif suffix:
-        denom = float(suffix.lstrip("/").strip())
+        denom = float(suffix.lstrip("/").split()[-1])  # "/ 5" or "out of 5"
         if denom <= 0:
             return None
         x /= denom
