@@ -155,3 +155,82 @@ class _SlowJudge:
     async def score(self, requests):
         await asyncio.sleep(30)
         return [Verdict(1.0, "ok", "", 0.0) for _ in requests]
+
+
+def test_drain_answers_submitters_that_were_waiting_for_queue_space():
+    """aclose() (drain) while 19 submitters wait on a full one-slot queue: every one of them is queued,
+    judged and answered (the queue emptying once did not end the drain while they still held requests)."""
+
+    async def run():
+        judge = AsyncJudge(
+            GatedJudge(), max_batch=1, max_wait_ms=0, max_concurrency=8, max_queue=1, cache=False
+        )
+        subs = [asyncio.create_task(judge.submit(_req(i))) for i in range(20)]
+        await asyncio.sleep(0)
+        await judge.aclose()
+        verdicts = await asyncio.wait_for(asyncio.gather(*[await s for s in subs]), 5)
+        return verdicts, judge.metrics()
+
+    verdicts, m = asyncio.run(run())
+    assert [v.score for v in verdicts] == [i / 1000 for i in range(20)] and m["statuses"] == {"ok": 20}
+
+
+def test_close_without_drain_answers_a_batch_that_had_not_started():
+    """aclose(drain=False) right after the dispatcher made a batch task that has not run yet: its request
+    is answered "cancelled" (the task's own handling never ran)."""
+
+    async def run():
+        judge = AsyncJudge(GatedJudge(), max_batch=1, max_wait_ms=0)
+        fut = await judge.submit(_req(1))
+        await asyncio.sleep(0)  # the dispatcher forms the batch and creates its task
+        await judge.aclose(drain=False)
+        return await asyncio.wait_for(fut, 5)
+
+    assert asyncio.run(run()).status == "cancelled"
+
+
+def test_a_caller_that_gives_up_leaves_the_request_to_the_others():
+    """Two callers of one request; the first stops waiting (wait_for cancels its future): the second still
+    gets the judge's answer. A submit abandoned while waiting for queue space leaves nothing behind: the same
+    request submitted later is judged."""
+
+    async def run():
+        gate = asyncio.Event()
+        judge = AsyncJudge(GatedJudge(gate), max_batch=4, max_wait_ms=0, max_concurrency=1, max_queue=1)
+        f1 = await judge.submit(_req(7))
+        f2 = await judge.submit(_req(7))  # follows the first
+        with pytest.raises(TimeoutError):
+            await asyncio.wait_for(f1, 0.05)
+        await asyncio.sleep(0.01)
+        f3 = await judge.submit(_req(8))  # fills the queue (the batch of 7 holds the one slot)
+        with pytest.raises(TimeoutError):  # gives up waiting for queue space
+            await asyncio.wait_for(judge.submit(_req(9)), 0.05)
+        gate.set()
+        second, third = await asyncio.wait_for(asyncio.gather(f2, f3), 5)
+        again = await asyncio.wait_for(await judge.submit(_req(9)), 5)
+        await judge.aclose()
+        return second, third, again
+
+    second, third, again = asyncio.run(run())
+    assert (second.status, second.score) == ("ok", 0.007) and third.score == 0.008
+    assert (again.status, again.score) == ("ok", 0.009)
+
+
+def test_an_unreadable_video_is_an_error_verdict_not_an_exception(tmp_path):
+    """With the cache on, a request whose video is missing cannot be keyed; it is judged uncached and the
+    backend's "error" verdict comes back in its place, the other requests of the call unharmed."""
+    from engine.judge.chat import ChatResult
+    from engine.judge.vlm import VLMJudge
+
+    class Chat:
+        async def chat(self, items):
+            return [ChatResult("Score: 0.7", "ok", 0.0) for _ in items]
+
+    missing = JudgeRequest("[Agent]: push", "task", video=str(tmp_path / "missing.mp4"))
+    service = JudgeService(VLMJudge(Chat()))
+    try:
+        good, bad = service.submit_many([_req(1), missing]).result(10)
+    finally:
+        service.close()
+    assert (good.status, good.score) == ("ok", 0.7)
+    assert bad.status == "error" and "missing.mp4" in bad.raw

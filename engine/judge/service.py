@@ -9,8 +9,12 @@ Batching: a dispatcher takes a concurrency slot, waits for the first queued requ
 more until ``max_batch`` requests or ``max_wait_ms`` have passed, and runs the batch as its own
 task. With every slot busy the queue grows, so batches grow with load. Requests with equal
 :func:`engine.judge.base.cache_key` share one verdict: finished "ok" verdicts are cached, and a
-duplicate of a request still in flight waits on the first one. Backend exceptions and per-batch
-timeouts become "error"/"timeout" verdicts for that batch; nothing is dropped silently.
+duplicate of a request still in flight waits on the first one (on the request's own future, so a caller
+that cancels its future, e.g. by ``asyncio.wait_for``, cancels only its own wait). A request whose key
+cannot be made (an unreadable video) is judged uncached: its backend answers "error". Backend exceptions
+and per-batch timeouts become "error"/"timeout" verdicts for that batch; nothing is dropped silently:
+``aclose()`` also drains requests whose submitters were still waiting for queue space, and
+``aclose(drain=False)`` answers "cancelled" to everything queued, batched or running.
 
 The trainer is synchronous: :class:`JudgeService` runs an AsyncJudge on an event loop in a background
 thread, ``submit_many`` returns a handle at once, and the trainer collects ``handle.result()`` steps
@@ -37,9 +41,13 @@ log = get_logger("judge.service")
 @dataclass
 class _Entry:
     request: JudgeRequest
-    future: asyncio.Future
+    future: asyncio.Future  # the request's own verdict (never handed out); callers' futures follow it
     key: tuple | None
     t_submit: float
+
+
+def _cancelled(why: str = "judge closed without draining") -> Verdict:
+    return Verdict(None, "cancelled", why, 0.0)
 
 
 def _percentile(xs, q: float) -> float | None:
@@ -76,7 +84,8 @@ class AsyncJudge:
         self._inflight: dict[tuple, asyncio.Future] = {}
         self._queue: asyncio.Queue | None = None
         self._dispatcher: asyncio.Task | None = None
-        self._batches: set[asyncio.Task] = set()
+        self._batches: dict[asyncio.Task, list[_Entry]] = {}  # running batch tasks and their entries
+        self._putting = 0  # submitters waiting for queue space
         self._closed = False
         self._cancelling = False
         self._statuses: Counter = Counter()
@@ -104,11 +113,29 @@ class AsyncJudge:
         fut, t0 = loop.create_future(), time.perf_counter()
         key = None
         if self.use_cache:
-            key = cache_key(request) if request.video is None else await asyncio.to_thread(cache_key, request)
-            if self._serve_from_cache(key, fut, t0):
+            try:
+                key = (
+                    cache_key(request)
+                    if request.video is None
+                    else await asyncio.to_thread(cache_key, request)
+                )
+            except Exception as e:  # noqa: BLE001 - an unreadable video: judged uncached, the backend says why
+                log.debug(
+                    "judge request not cacheable (%s: %s); judged without the cache", type(e).__name__, e
+                )
+            if key is not None and self._serve_from_cache(key, fut, t0):
                 return fut
-            self._inflight[key] = fut
-        await self._queue.put(_Entry(request, fut, key, t0))
+        inner = loop.create_future()
+        self._follow(inner, fut, t0)
+        self._putting += 1
+        try:
+            await self._queue.put(_Entry(request, inner, key, t0))
+        finally:
+            self._putting -= 1
+        if (
+            key is not None and key not in self._inflight
+        ):  # registered once queued: a cancelled wait leaves none
+            self._inflight[key] = inner
         self._max_depth = max(self._max_depth, self._queue.qsize())
         if self._cancelling:
             self._cancel_queued()
@@ -124,13 +151,14 @@ class AsyncJudge:
         if primary is None:
             return False
         self._cache_hits += 1
-
-        def follow(p: asyncio.Future) -> None:
-            v = p.result() if not p.cancelled() else Verdict(None, "cancelled", "", 0.0)
-            self._finish(fut, v, t0)
-
-        primary.add_done_callback(follow)
+        self._follow(primary, fut, t0)
         return True
+
+    def _follow(self, inner: asyncio.Future, fut: asyncio.Future, t0: float) -> None:
+        """Answer the caller's ``fut`` with the request's verdict when ``inner`` has it."""
+        inner.add_done_callback(
+            lambda p: self._finish(fut, p.result() if not p.cancelled() else _cancelled(), t0)
+        )
 
     def _finish(self, fut: asyncio.Future, verdict: Verdict, t0: float) -> None:
         if fut.done():
@@ -169,12 +197,12 @@ class AsyncJudge:
                 self._sem.release()
                 for e in batch:
                     self._queue.task_done()
-                    self._resolve(e, Verdict(None, "cancelled", "judge closed without draining", 0.0))
+                    self._resolve(e, _cancelled())
                 raise
             self._batch_sizes[len(batch)] += 1
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
-            self._batches.add(task)
-            task.add_done_callback(self._batches.discard)
+            self._batches[task] = batch
+            task.add_done_callback(lambda t: self._batches.pop(t, None))
             for _ in batch:
                 self._queue.task_done()
 
@@ -192,7 +220,7 @@ class AsyncJudge:
                 verdicts = [Verdict(None, "timeout", msg, time.perf_counter() - t0)] * len(batch)
             except asyncio.CancelledError:
                 for e in batch:
-                    self._resolve(e, Verdict(None, "cancelled", "judge closed without draining", 0.0))
+                    self._resolve(e, _cancelled())
                 raise
             except Exception as e:  # a backend bug must fail its batch, not the service
                 log.warning(
@@ -207,12 +235,14 @@ class AsyncJudge:
             self._sem.release()
 
     def _resolve(self, entry: _Entry, verdict: Verdict) -> None:
+        if entry.future.done():  # answered already (aclose answers what a cancelled batch left)
+            return
         if entry.key is not None:
             if verdict.status == "ok":
                 self._cache[entry.key] = verdict
             if self._inflight.get(entry.key) is entry.future:
                 del self._inflight[entry.key]
-        self._finish(entry.future, verdict, entry.t_submit)
+        entry.future.set_result(verdict)
 
     # -- shutdown and metrics -----------------------------------------------------------------
 
@@ -220,23 +250,31 @@ class AsyncJudge:
         while self._queue is not None and not self._queue.empty():
             e = self._queue.get_nowait()
             self._queue.task_done()
-            self._resolve(e, Verdict(None, "cancelled", "judge closed without draining", 0.0))
+            self._resolve(e, _cancelled())
 
     async def aclose(self, drain: bool = True) -> None:
         """Stop accepting requests; finish queued and running work (drain) or cancel it ("cancelled")."""
         self._closed = True
         if self._queue is None:
             return
-        if drain:
-            await self._queue.join()  # every queued entry handed to a batch
+        if drain:  # every queued entry handed to a batch, those of submitters still waiting for space too
+            while True:
+                await self._queue.join()
+                if self._putting == 0 and self._queue.empty():
+                    break
+                await asyncio.sleep(0)
         else:
             self._cancelling = True
             self._cancel_queued()
         self._dispatcher.cancel()
+        batches = dict(self._batches)
         if not drain:
-            for t in list(self._batches):
+            for t in batches:
                 t.cancel()
-        await asyncio.gather(self._dispatcher, *self._batches, return_exceptions=True)
+        await asyncio.gather(self._dispatcher, *batches, return_exceptions=True)
+        for entries in batches.values():  # a batch cancelled before it started ran none of its own handling
+            for e in entries:
+                self._resolve(e, _cancelled())
         if hasattr(self.backend, "aclose"):
             await self.backend.aclose()
 
