@@ -131,6 +131,13 @@ class _Handler(BaseHTTPRequestHandler):
             return self._send(500, b'{"error": {"message": "injected"}}')
         if fault == "badbody":
             return self._send(200, b"<html>not json</html>", "text/html")
+        if fault == "badgzip":  # says gzip, is not: the client cannot decode the body
+            self.send_response(200)
+            self.send_header("Content-Encoding", "gzip")
+            self.send_header("Content-Length", "8")
+            self.end_headers()
+            self.wfile.write(b"not gzip")
+            return None
         if fault != "proposal":
             replies = {
                 "json": json.dumps({"score": m}),

@@ -43,6 +43,7 @@ CASES = {
     "outofrange": ("parse_error", 2),
     "500": ("http_error", 3),
     "badbody": ("http_error", 3),
+    "badgzip": ("http_error", 3),  # an undecodable body fails its item, not the batch
     "drop": ("connection_error", 3),
 }
 
@@ -71,7 +72,7 @@ def test_every_fault_has_a_counted_outcome():
             assert v.score != 0 or fault != "none"
         else:
             assert v.score is None and (v.raw or fault == "empty")  # the reason is kept
-    assert judge.parse_retried == 3 and judge.chat.retries == 2 * 3 + 1
+    assert judge.parse_retried == 3 and judge.chat.retries == 2 * 4 + 1
 
 
 def build_text(r: JudgeRequest) -> str:
@@ -190,6 +191,30 @@ def test_serve_judge_mode_chain_and_bad_requests():
         assert v.ok and v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4)
     assert out[5].status == "http_error" and "502" in out[5].raw
     assert bad[0].status == "http_error" and "400" in bad[0].text
+
+
+def test_serve_answers_400_to_invalid_bodies():
+    """Bodies that are not a chat request the server can judge get HTTP 400 with the reason (not a dropped
+    connection, which a client would retry): a JSON list, a judge prompt without an image."""
+    import httpx
+
+    from engine.judge import build_prompt
+
+    async def run(srv):
+        server = JudgeServer(_judge(srv.url), mode="judge", model_name="m")
+        port = await server.start()
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        prompt = build_prompt(JudgeRequest("[Agent]: push", "task", frames=[np.zeros((4, 4, 3), np.uint8)]))
+        no_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
+        async with httpx.AsyncClient() as c:
+            got = [await c.post(url, json=b) for b in ([1, 2], no_image)]
+        await server.aclose()
+        return got
+
+    with FaultServer() as srv:
+        as_list, no_image = asyncio.run(run(srv))
+    assert as_list.status_code == 400 and "JSON object" in as_list.json()["error"]["message"]
+    assert no_image.status_code == 400 and "frame" in no_image.json()["error"]["message"]
 
 
 def test_serve_aclose_closes_idle_keep_alive_connections():

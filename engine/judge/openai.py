@@ -132,6 +132,8 @@ class OpenAIChat:
             return "timeout", f"no answer within {self.timeout_s}s", True
         except httpx.TransportError as e:
             return "connection_error", f"{type(e).__name__}: {e}", True
+        except httpx.HTTPError as e:  # e.g. a body that does not decode (DecodingError): this item fails
+            return "http_error", f"{type(e).__name__}: {e}", True
         if resp.status_code != 200:
             return (
                 "http_error",

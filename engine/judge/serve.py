@@ -56,6 +56,8 @@ def decode_image(url: str) -> np.ndarray:
 
 def parse_chat_request(body: dict) -> ChatItem:
     """The last user message of a chat completion request as a :class:`ChatItem`."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise BadRequest("'messages' must be a non-empty list")
@@ -128,8 +130,10 @@ class JudgeServer:
             cache=mode == "judge",
         )
         self._server: asyncio.base_events.Server | None = None
-        # open connections, keep-alive ones idle between requests included (aclose closes them)
+        # open connections, keep-alive ones idle between requests included (aclose closes them), and
+        # their handler tasks (aclose waits for them)
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task] = set()
         self._count = 0
 
     async def start(self, host: str = "127.0.0.1", port: int = 0) -> int:
@@ -145,17 +149,26 @@ class JudgeServer:
             for writer in list(self._writers):
                 writer.close()
             await self._server.wait_closed()
+            # the handlers see their connection closed and return; waiting for them leaves no task for the
+            # event loop's shutdown to cancel (Python 3.11 logs such a cancelled stream handler as an error)
+            if self._handlers:
+                await asyncio.wait(list(self._handlers), timeout=5.0)
         await self.judge.aclose(drain=False)
 
-    async def _answer(self, body: dict) -> str:
+    def _request(self, body: dict) -> JudgeRequest:
+        """The JudgeRequest a chat completion body asks for; BadRequest (HTTP 400) for any invalid one."""
         item = parse_chat_request(body)
         if self.mode == "chat":
             if not item.images or not item.prompt.strip():
                 raise BadRequest("a chat request needs at least one image and a non-empty text part")
-            req = JudgeRequest(item.prompt, "reward", frames=item.images, meta={"chat": item})
-        else:
-            req = judge_request_from_prompt(item)
-        verdict: Verdict = await (await self.judge.submit(req))
+            return JudgeRequest(item.prompt, "reward", frames=item.images, meta={"chat": item})
+        try:
+            return judge_request_from_prompt(item)
+        except ValueError as e:  # JudgeRequest's own validation (e.g. a judge prompt without an image)
+            raise BadRequest(str(e)) from e
+
+    async def _answer(self, body: dict) -> str:
+        verdict: Verdict = await (await self.judge.submit(self._request(body)))
         if verdict.status != "ok":
             raise RuntimeError(f"backend answered {verdict.status}: {verdict.raw[:200]}")
         return verdict.raw if self.mode == "chat" else f"Score: {verdict.score:.4f}"
@@ -206,6 +219,8 @@ class JudgeServer:
 
     async def _connection(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self._writers.add(writer)
+        task = asyncio.current_task()
+        self._handlers.add(task)
         try:
             while True:
                 try:
@@ -227,6 +242,7 @@ class JudgeServer:
             return
         finally:
             self._writers.discard(writer)
+            self._handlers.discard(task)
             writer.close()
 
 
