@@ -68,6 +68,11 @@ class Proposer(Protocol):
 _AGENT = re.compile(r"\[\s*agent\s*\]\s*:", re.IGNORECASE)
 _DESC = re.compile(r"\bdescription\s*:", re.IGNORECASE)
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
+# a line that is only a list marker or an item heading ("2.", "-", "Task 2:", "**Proposal 3**", "### Task 4")
+_HEADING = re.compile(
+    r"^\s*[-*\u2022#]*\s*(?:\d+[.)]|(?:task|item|proposal|example|pair)\s*#?\s*\d*\s*[:.)]?)?\s*\**\s*$",
+    re.IGNORECASE,
+)
 
 
 def _words(s: str) -> int:
@@ -97,6 +102,16 @@ def _validate(task: str, solution: str, bounds: tuple[int, int, int, int]) -> st
     return None
 
 
+def _description(text: str) -> str:
+    """The description paragraph of one block: up to its first blank line (what follows is the next item's
+    heading or the VLM's closing chatter), without trailing lines that are only the next item's list marker or
+    heading ("2.", "Task 2:"), which end up in this block because it runs to the next [Agent] tag."""
+    lines = re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].splitlines()
+    while len(lines) > 1 and _HEADING.match(lines[-1]):
+        lines.pop()
+    return "\n".join(lines)
+
+
 def parse_proposals(
     text: str, *, min_words: int = 40, max_words: int = 90, task_min_words: int = 2, task_max_words: int = 20
 ) -> tuple[list[TaskPair], dict[str, int]]:
@@ -112,9 +127,7 @@ def parse_proposals(
         d = _DESC.search(block)
         task_text = block[: d.start()] if d else block
         task = _clean(_LIST_MARK.sub("", task_text.strip().splitlines()[0] if task_text.strip() else ""))
-        solution = _clean(_LIST_MARK.sub("", block[d.end() :])) if d else ""
-        # A trailing list marker of the next item ("2.") ends up at the end of this block.
-        solution = re.sub(r"\s+\d+[.)]$", "", solution)
+        solution = _clean(_LIST_MARK.sub("", _description(block[d.end() :]))) if d else ""
         reason = _validate(task, solution, (task_min_words, task_max_words, min_words, max_words))
         if reason:
             reasons[reason] = reasons.get(reason, 0) + 1

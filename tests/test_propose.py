@@ -23,9 +23,12 @@ def _pairs(n: int, seed: int, lo: int, hi: int) -> list[TaskPair]:
     return out
 
 
-@pytest.mark.parametrize("style", ["plain", "numbered", "markdown"])
+@pytest.mark.parametrize("style", ["plain", "numbered", "markdown", "headed", "tight"])
 def test_parse_roundtrip_of_formatted_pairs(style):
-    pairs = _pairs(6, seed=len(style), lo=40, hi=90)
+    """Each layout parses back to exactly the pairs written: headings, list markers and closing chatter
+    around the blocks stay out of the solutions (a solution that ends in a number keeps it)."""
+    pairs = _pairs(6, seed=len(style), lo=40, hi=85)
+    pairs = [TaskPair(p.task, f"{p.solution} in slot {i + 2}.") for i, p in enumerate(pairs)]
     blocks = []
     for i, p in enumerate(pairs):
         task = p.task.removeprefix("[Agent]: ")
@@ -33,9 +36,15 @@ def test_parse_roundtrip_of_formatted_pairs(style):
             blocks.append(f"[Agent]: {task}\nDescription: {p.solution}")
         elif style == "numbered":
             blocks.append(f"{i + 1}. [Agent]: {task}\n   Description: {p.solution}")
-        else:
+        elif style == "markdown":
             blocks.append(f"**[Agent]:** {task}\n**Description:** {p.solution}\n")
-    text = "Here are the tasks:\n\n" + "\n\n".join(blocks)
+        elif style == "headed":
+            blocks.append(f"### Task {i + 1}:\n[Agent]: {task}\nDescription: {p.solution}")
+        else:  # no blank lines: the next item's marker ("2.") follows a description ending in a number
+            blocks.append(f"{i + 1}. [Agent]: {task}\nDescription: {p.solution}")
+    text = "Here are the tasks:\n\n" + ("\n" if style == "tight" else "\n\n").join(blocks)
+    if style != "tight":
+        text += "\n\nI hope these tasks are helpful!"
     got, reasons = parse_proposals(text)
     assert got == pairs and reasons == {}
 
