@@ -10,7 +10,11 @@ Layout of ``<run>/checkpoints``::
 
 A save writes everything into ``.tmp_step_N``, then rank 0 writes ``COMPLETE`` and renames the folder
 to ``step_N`` (rename is atomic on POSIX). A crash at any point leaves either the previous complete
-checkpoint or the new one, never a half one. ``keep_last`` prunes the oldest complete checkpoints.
+checkpoint or the new one, never a half one (a step that already has a complete checkpoint keeps it).
+``keep_last`` prunes the oldest complete checkpoints. A run that does not resume (``resume = false``)
+first moves the folder's complete checkpoints of an earlier run aside, to ``checkpoints.before-<time>``:
+pruning by step number would otherwise delete the new run's own checkpoints in favour of the old run's
+later steps, and a later resume would load the old run.
 
 ``states`` is a dict of Stateful objects (``state_dict()`` / ``load_state_dict()``) saved with DCP;
 ``rank_states`` are Stateful objects whose state differs per rank (RNG, data-loader position) and go
@@ -25,6 +29,7 @@ import os
 import random
 import re
 import shutil
+import time
 import warnings
 from collections.abc import Iterator
 from concurrent.futures import Future
@@ -137,11 +142,11 @@ class CheckpointManager:
         self.cfg, self.folder = cfg, Path(folder)
         self.states, self.rank_states = states, rank_states or {}
         self._pending: tuple[Future, Path, Path] | None = None
-        # DCP's own collectives (plan exchange, async finish) run on a gloo group: on CUDA they then
-        # stay off the NCCL stream that training uses, as DCP recommends for async saves.
-        self._pg = None
-        if dist.is_initialized() and dist.get_backend() != "gloo":
-            self._pg = dist.new_group(backend="gloo")
+        # DCP's own collectives (plan exchange, async finish) run on a group of their own: an async save
+        # runs them on a background thread, and sharing training's group (gloo on CPU) would interleave them
+        # with training's collectives in a different order per rank; on CUDA they also stay off the NCCL
+        # stream, as DCP recommends for async saves.
+        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
 
     def _dcp_state(self) -> dict[str, Any]:
         return {k: s.state_dict() for k, s in self.states.items()}
@@ -180,15 +185,21 @@ class CheckpointManager:
     def _commit(self, tmp: Path, final: Path) -> None:
         barrier("checkpoint write")
         if _rank() == 0:
-            with open(tmp / MARKER, "w") as f:
-                f.write("ok\n")
-                f.flush()
-                os.fsync(f.fileno())
-            if final.exists():
-                shutil.rmtree(final)
-            os.rename(tmp, final)
+            if (
+                final / MARKER
+            ).is_file():  # this step is saved already: keep that (replacing it is not atomic)
+                shutil.rmtree(tmp, ignore_errors=True)
+                log.info("checkpoint %s already complete; kept", final)
+            else:
+                with open(tmp / MARKER, "w") as f:
+                    f.write("ok\n")
+                    f.flush()
+                    os.fsync(f.fileno())
+                if final.exists():  # an incomplete leftover (not a checkpoint: no marker)
+                    shutil.rmtree(final)
+                os.rename(tmp, final)
+                log.info("checkpoint saved: %s", final)
             self._prune()
-            log.info("checkpoint saved: %s", final)
         barrier("checkpoint commit")
 
     def _prune(self) -> None:
@@ -223,12 +234,30 @@ class CheckpointManager:
         log.info("resumed from %s", path)
 
     def maybe_resume(self) -> int:
-        """Load the newest complete checkpoint when ``cfg.resume``; returns its step (0 if none)."""
+        """Load the newest complete checkpoint when ``cfg.resume``; returns its step (0 if none). A run that
+        does not resume moves an earlier run's complete checkpoints aside first (module doc)."""
+        if self.cfg.enabled and not self.cfg.resume:
+            self._set_aside()
         found = self.latest() if self.cfg.resume and self.cfg.enabled else None
         if found is None:
             return 0
         self.load(found[1])
         return found[0]
+
+    def _set_aside(self) -> None:
+        if _rank() == 0 and complete_checkpoints(self.folder):
+            aside = self.folder.with_name(f"{self.folder.name}.before-{time.strftime('%Y%m%dT%H%M%S')}")
+            n = 0
+            while aside.exists():
+                n += 1
+                aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
+            os.rename(self.folder, aside)
+            log.warning(
+                "checkpoint.resume = false: the checkpoints of an earlier run in %s were moved to %s",
+                self.folder,
+                aside,
+            )
+        barrier("checkpoint set aside")
 
     def maybe_save(self, step: int, *, last: bool = False) -> None:
         if self.cfg.enabled and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0)):

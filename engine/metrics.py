@@ -108,6 +108,7 @@ class MetricsLogger:
         self.flops_per_token, self.peak_flops = flops_per_token, peak_flops
         self.path = Path(run_dir) / "metrics.jsonl"
         self._sums: dict[str, torch.Tensor | float] = {}
+        self._counts: dict[str, int] = {}  # steps that logged each scalar (a skipped step logs only lr)
         self._count, self._tokens, self._flops = 0, 0, 0.0
         self._t0 = time.perf_counter()
         self._tb = self._open_tensorboard(run_dir) if (tensorboard and is_main) else None
@@ -125,8 +126,16 @@ class MetricsLogger:
     def update(self, scalars: dict[str, torch.Tensor | float], tokens: int = 0, flops: float = 0.0) -> None:
         """Add one step's scalars (device tensors are summed on the device, no sync), tokens, forward FLOPs."""
         for k, v in scalars.items():
-            v = v.detach().float() if isinstance(v, torch.Tensor) else float(v)
+            if isinstance(v, torch.Tensor):
+                if v.numel() != 1:
+                    raise ValueError(
+                        f"metrics: the log '{k}' must be a scalar, got a tensor of shape {tuple(v.shape)}"
+                    )
+                v = v.detach().float().reshape(())
+            else:
+                v = float(v)
             self._sums[k] = self._sums[k] + v if k in self._sums else v
+            self._counts[k] = self._counts.get(k, 0) + 1
         self._count += 1
         self._tokens += tokens
         self._flops += flops if flops else (self.flops_per_token or 0.0) * tokens
@@ -148,7 +157,7 @@ class MetricsLogger:
         it = iter(host)
         row: dict[str, float] = {"step": step}
         for k, v in zip(keys, vals):
-            row[k] = (next(it) if isinstance(v, torch.Tensor) else v) / self._count
+            row[k] = (next(it) if isinstance(v, torch.Tensor) else v) / self._counts[k]
         row["step_time_s"] = dt / self._count
         row["tokens_per_s"] = self._tokens / dt if dt > 0 else 0.0
         if self._flops and dt > 0:
@@ -160,7 +169,7 @@ class MetricsLogger:
             row["peak_mem_gb"] = mem
         row.update(counters or {})
         self._write(step, row)
-        self._sums, self._count, self._tokens, self._flops = {}, 0, 0, 0.0
+        self._sums, self._counts, self._count, self._tokens, self._flops = {}, {}, 0, 0, 0.0
         self._t0 = time.perf_counter()
         return row
 

@@ -355,6 +355,7 @@ class Trainer:
         self.metrics.close()
         ck = self.cfg.checkpoint
         if ck.enabled and self.state.step > 0:
+            self.checkpointer.wait()  # a pending async save of this very step counts (no second save of it)
             done = self.checkpointer.latest()
             if done is None or done[0] != self.state.step:
                 self.checkpointer.maybe_save(self.state.step, last=True)

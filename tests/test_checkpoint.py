@@ -114,6 +114,32 @@ def test_async_save_resume_matches_uninterrupted(tmp_path):
             assert torch.equal(ema_after[k], v), k
 
 
+def test_close_commits_a_pending_async_save_once(tmp_path, caplog):
+    """An async save of the last step still pending at close() is committed, not written a second time (the
+    second write replaced a complete checkpoint, which is not atomic)."""
+    import logging
+
+    with caplog.at_level(logging.INFO, logger="wmsd.checkpoint"):
+        tr, _ = _train(_cfg(4, async_save=True, export_safetensors=False), tmp_path)
+    saved = [r.getMessage() for r in caplog.records if r.getMessage().startswith("checkpoint saved")]
+    assert len(saved) == 2 and saved[-1].endswith("step_00000004"), saved  # steps 2 and 4, once each
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+
+
+def test_a_fresh_run_sets_an_earlier_runs_checkpoints_aside(tmp_path):
+    """checkpoint.resume = false in a folder holding a longer earlier run: its checkpoints are moved aside
+    (not pruned in favour of the old run's later steps), so the new run keeps its own and resumes from them."""
+    _train(_cfg(8, export_safetensors=False), tmp_path)
+    fresh = _cfg(4, export_safetensors=False)
+    fresh.checkpoint.resume = False
+    _train(fresh, tmp_path)
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2, 4]
+    (aside,) = tmp_path.glob("checkpoints.before-*")
+    assert [s for s, _ in complete_checkpoints(aside)] == [6, 8]
+    again, _ = _train(_cfg(4, export_safetensors=False), tmp_path)
+    assert again.step == 4  # resumed from the new run's step 4, not the old run's 8
+
+
 def test_incomplete_checkpoints_are_ignored_and_pruned(tmp_path):
     tr, _ = _train(_cfg(6, keep_last=2, export_safetensors=False), tmp_path)
     ck = tmp_path / "checkpoints"

@@ -54,8 +54,8 @@ def _reference(run_dir: Path) -> tuple[list[float], dict[str, dict[str, torch.Te
 
 @pytest.mark.dist
 def test_two_process_training_matches_single_process(tmp_path):
-    """FSDP2 (1x2 mesh), HSDP (2x1), plain DP (gradient all-reduce) and FSDP2 stopped at step 3 then
-    resumed from its sharded (async) DCP checkpoint, on 2 gloo ranks with half of every batch each,
+    """FSDP2 (1x2 mesh), HSDP (2x1), plain DP (gradient all-reduce) and FSDP2 with an async DCP save every
+    step, stopped at step 3 then resumed from its sharded checkpoint, on 2 gloo ranks with half of every batch each,
     train like one process on the whole batch (losses, weights, EMA); then a skipped barrier times out."""
     names = ["fsdp", "hsdp", "ddp", "fsdp_resume"]
     proc = _torchrun(tmp_path, ["--variants", ",".join(names), "--timeout-check"])

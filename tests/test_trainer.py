@@ -120,6 +120,32 @@ def test_non_finite_steps_are_skipped_and_counted(tmp_path):
     assert all(math.isfinite(r["loss"]) for r in rows)
 
 
+def test_logged_means_leave_skipped_steps_out(tmp_path):
+    """A skipped step logs no loss: the logged loss of an interval is the mean over its good steps only (it
+    was divided by every step of the interval); a loss_fn log that is not a scalar is an error naming it."""
+    cfg = _cfg(2, max_bad_steps=2, log_every=2)
+    good = []
+
+    def loss_fn(model, mb):
+        loss, logs = Poisoned(nan_loss={0})(model, mb) if not good else flow_loss(model, mb)
+        good.append(loss.item())
+        return loss, logs
+
+    tr = Trainer(cfg, TinyDiT(), loss_fn, SeededBatches(), run_dir=tmp_path)
+    tr.fit()
+    (row,) = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert row["skipped_steps"] == 1 and math.isnan(good[0])
+    assert row["loss"] == pytest.approx(good[1], rel=1e-6)
+
+    def vector_log(model, mb):
+        loss, logs = flow_loss(model, mb)
+        return loss, {**logs, "t_per_sample": torch.rand(3)}
+
+    tr = Trainer(_cfg(1), TinyDiT(), vector_log, SeededBatches(), run_dir=tmp_path / "v")
+    with pytest.raises(ValueError, match="'t_per_sample' must be a scalar"):
+        tr.train_step()
+
+
 def test_consecutive_non_finite_steps_stop_with_clear_error(tmp_path):
     tr = Trainer(
         _cfg(10, max_bad_steps=3), TinyDiT(), Poisoned(nan_loss={2, 3, 4}), SeededBatches(), run_dir=tmp_path

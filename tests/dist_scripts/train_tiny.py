@@ -43,7 +43,9 @@ VARIANTS = {  # name -> overrides; one torchrun trains each in turn (process sta
     "fsdp": [],
     "hsdp": ["--parallel.dp_replicate", "2"],
     "ddp": ["--parallel.fsdp", "false"],
-    "fsdp_resume": ["--checkpoint.async_save", "true"],  # stops at step 3 (DCP save), resumes to the end
+    # async saves every step while training runs (DCP's collectives on a background thread beside training's);
+    # stops at step 3, resumes from its last complete checkpoint to the end
+    "fsdp_resume": ["--checkpoint.async_save", "true", "--checkpoint.interval", "1"],
 }
 
 
