@@ -4,7 +4,11 @@ Decoding runs ``prefetch`` items ahead of the consumer in a thread pool (PyAV an
 GIL while decoding). Prefetching moves the sampler past items the trainer has not seen yet, so the
 state is the sampler's state *plus* the indices already drawn but not yet handed out in a batch
 (``pending``: prefetched items and items waiting in a half-full bucket). Resuming decodes the pending
-indices first, then continues the sampler: every index is handed out exactly once per epoch.
+indices first, then continues the sampler: every index is handed out exactly once per epoch. Prefetching
+can also run the sampler to the end of its epoch (it then moves itself to the next) while items of the old
+epoch are still pending: the state records that (``epoch_drawn``), and a resumed pass ends after those items,
+as the uninterrupted one did, instead of bucketing them with the next epoch's. Each pass tells the dataset
+its epoch (``dataset.set_epoch``, where it has one: VideoDataset's random clip starts are seeded by it).
 
     loader = BatchLoader(dataset, sampler, batch_size=8)
     for batch in loader:                  # one epoch; batch["video"] (B, 3, T, H, W), text as lists
@@ -52,17 +56,25 @@ class BatchLoader:
         self.drop_last = drop_last
         self.key, self.collate = key, collate
         self._pending: list[int] = []  # drawn from the sampler, not yet handed out
+        self._epoch_drawn = False  # this pass drew its epoch to the end: the sampler is on the next one
 
     def state_dict(self) -> dict[str, Any]:
-        return {"sampler": self.sampler.state_dict(), "pending": list(self._pending)}
+        return {
+            "sampler": self.sampler.state_dict(),
+            "pending": list(self._pending),
+            "epoch_drawn": self._epoch_drawn,
+        }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.sampler.load_state_dict(state["sampler"])
         self._pending = [int(i) for i in state["pending"]]
+        self._epoch_drawn = bool(state.get("epoch_drawn", False))
 
     def __iter__(self) -> Iterator[dict[str, Any]]:
         """The rest of the current epoch (the pending indices of a resumed state first)."""
-        source = chain(list(self._pending), self._draw())
+        if hasattr(self.dataset, "set_epoch"):
+            self.dataset.set_epoch(self.sampler.epoch - 1 if self._epoch_drawn else self.sampler.epoch)
+        source = chain(list(self._pending), () if self._epoch_drawn else self._draw())
         queue: deque[tuple[int, Future]] = deque()
         buckets: dict[tuple[int, ...], list[tuple[int, dict[str, Any]]]] = {}  # shape -> (index, item)
         tried = handed = 0
@@ -92,6 +104,7 @@ class BatchLoader:
                 else:
                     for i, _ in group:
                         self._pending.remove(i)
+        self._epoch_drawn = False  # the pass is over: the next one starts the sampler's (next) epoch
         if tried and not handed:
             raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped")
 
@@ -99,6 +112,7 @@ class BatchLoader:
         for i in self.sampler:
             self._pending.append(i)
             yield i
+        self._epoch_drawn = True
 
     def _hand_out(self, group: list[tuple[int, dict[str, Any]]]) -> dict[str, Any]:
         for i, _ in group:
