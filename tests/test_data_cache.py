@@ -194,6 +194,27 @@ def test_corrupt_shard_is_skipped_quarantined_and_repaired(dataset_dir, tmp_path
     assert sha256_file(shard) == json.loads((out / "index.json").read_text())["shards"][shard.name]["sha256"]
 
 
+def test_truncated_shard_without_verify_and_concurrent_readers(dataset_dir, tmp_path):
+    """verify=False: a truncated shard (an interrupted copy) is still skipped and quarantined, from its
+    unreadable header (safetensors' own error type, not an OSError), not raised into the loader; with verify, a
+    corrupt shard that BatchLoader's threads reach at once is quarantined once."""
+    out = tmp_path / "cache"
+    write(out, dataset_dir)
+    shard = out / "shard-00001.safetensors"
+    data = shard.read_bytes()
+    shard.write_bytes(data[: len(data) // 2])
+    cache = LatentCacheDataset(out, verify=False)
+    assert [it["index"] for it in cache] == [0, 1, 5, 6]
+    assert len(cache.skipped) == 1 and "unreadable shard" in cache.skipped[0][1]
+    shard.write_bytes(data[:-20] + bytes(20))  # back in place, corrupt: only the checksum can tell
+    (out / "quarantine.jsonl").unlink()
+    cache = LatentCacheDataset(out)
+    loader = BatchLoader(cache, ResumableSampler(len(cache), shuffle=False), batch_size=1, key="latent",
+                         num_threads=4, prefetch=6, collate=functools.partial(collate_latents, text_fields=FIELDS))  # fmt: skip
+    assert sorted(i for b in loader for i in b["index"]) == [0, 1, 5, 6]
+    assert len(cache.skipped) == 1 and len((out / "quarantine.jsonl").read_text().splitlines()) == 1
+
+
 def test_all_corrupt_and_mismatched_settings_fail_clearly(dataset_dir, tmp_path):
     out = tmp_path / "cache"
     write(out, dataset_dir)

@@ -26,6 +26,7 @@ import hashlib
 import json
 import os
 import shutil
+import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -279,6 +280,7 @@ class LatentCacheDataset:
             raise RuntimeError(f"cache '{self.dir}': the index lists no items")
         self._state: dict[str, bool] = {}  # shard -> usable
         self._meta: dict[str, list[dict[str, Any]]] = {}
+        self._lock = threading.Lock()  # BatchLoader's decode threads check a shard once between them
 
     @property
     def skipped(self) -> list[tuple[str, str]]:
@@ -290,7 +292,14 @@ class LatentCacheDataset:
     def _check(self, name: str) -> bool:
         if name in self._state:
             return self._state[name]
-        from safetensors import safe_open
+        with self._lock:
+            if name not in self._state:
+                self._state[name] = self._check_shard(name)
+        return self._state[name]
+
+    def _check_shard(self, name: str) -> bool:
+        """Is shard ``name`` usable (checksum with ``verify``, readable header)? Quarantines it if not."""
+        from safetensors import SafetensorError, safe_open
 
         path, entry = self.dir / name, self.index["shards"][name]
         reason = None
@@ -302,15 +311,14 @@ class LatentCacheDataset:
             try:
                 with safe_open(str(path), "pt") as f:
                     self._meta[name] = json.loads(f.metadata()["items"])
-            except (OSError, ValueError, KeyError, json.JSONDecodeError) as e:
+            except (OSError, ValueError, KeyError, json.JSONDecodeError, SafetensorError) as e:
                 reason = f"unreadable shard ({type(e).__name__}: {e})"
         if reason is not None:
             self.quarantine.add(path, reason)
             if path.is_file():
                 (self.dir / "quarantine").mkdir(exist_ok=True)
                 shutil.move(str(path), self.dir / "quarantine" / name)
-        self._state[name] = reason is None
-        return self._state[name]
+        return reason is None
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         from safetensors import safe_open
