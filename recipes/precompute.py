@@ -87,9 +87,12 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: data.num_frames {d.num_frames}: this VAE needs 1 + k * {tc} frames")
     cache = Path(d.cache_dir)
     ds = VideoDataset.from_config(d, quarantine=cache / "quarantine.jsonl", seed=cfg.run.seed)
+    # every setting that changes what a shard holds: resuming with another value must not mix two caches
     fingerprint = {
-        "manifest": str(Path(d.manifest).resolve()), "num_frames": d.num_frames, "height": d.height,
-        "width": d.width, "fps": d.fps, "aspect_buckets": d.aspect_buckets, "clip_start": d.clip_start,
+        "manifest": str(Path(d.manifest).resolve()), "root": str(Path(d.root).resolve()) if d.root else "",
+        "num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
+        "aspect_buckets": d.aspect_buckets, "bucket_multiple": d.bucket_multiple, "max_upscale": d.max_upscale,
+        "clip_start": d.clip_start, "seed": cfg.run.seed if d.clip_start == "random" else None,
         "model": f"{cfg.model.family}/{cfg.model.flavour}/{cfg.model.pretrained}",
     }  # fmt: skip
     writer = LatentCacheWriter(

@@ -53,6 +53,13 @@ def test_precompute_toy_cache_matches_direct_encoding(manifest, tmp_path):
     before = {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")}
     main(args)  # a rerun finds every shard complete and rewrites none
     assert {p.name: p.stat().st_mtime_ns for p in cache.glob("shard-*")} == before
+    for changed in (
+        ["--data.bucket_multiple", "8"],
+        ["--data.max_upscale", "2"],
+        ["--data.clip_start", "random"],
+    ):
+        with pytest.raises(ValueError, match="fingerprint"):  # would mix clips made two ways in one cache
+            main(args + changed)
 
 
 def test_precompute_rejects_missing_settings(manifest, tmp_path):
