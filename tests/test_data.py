@@ -6,6 +6,8 @@ Every video is encoded here with PyAV (VP9 in WebM/MKV, H.264 in MP4) from known
 
 import json
 import math
+import struct
+import zlib
 from pathlib import Path
 
 import numpy as np
@@ -46,6 +48,20 @@ def media(tmp_path_factory) -> Path:
     write_video(d / "tenbit.mp4", codec="libx264", pix_fmt="yuv420p10le")
     write_video(d / "tiny.webm", height=8, width=8)
     (d / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\n garbage")
+    # H.264 with garbage inside one frame's packet: FFmpeg conceals it and flags the frame corrupt
+    h264 = write_video(d / "h264_ok.mkv", codec="libx264", num_frames=12, height=32, width=32)
+    with av.open(str(h264)) as c:
+        pos, size = [(p.pos, p.size) for p in c.demux(c.streams.video[0]) if p.size > 0][2]
+    damaged = bytearray(h264.read_bytes())
+    damaged[pos + size // 4 : pos + 3 * size // 4] = (
+        np.random.default_rng(2).integers(0, 256, size // 2, dtype=np.uint8).tobytes()
+    )
+    (d / "damaged_h264.mkv").write_bytes(bytes(damaged))
+    # a PNG whose header claims 40000 x 40000 pixels (PIL refuses it as a decompression bomb)
+    png = bytearray(write_image(d / "small.png", height=32, width=32).read_bytes())
+    png[16:24] = struct.pack(">II", 40000, 40000)
+    png[29:33] = struct.pack(">I", zlib.crc32(bytes(png[12:29])))
+    (d / "bomb.png").write_bytes(bytes(png))
     return d
 
 
@@ -65,6 +81,8 @@ BAD = {
     "tiny.webm": "resolution",
     "missing.webm": "does not exist",
     "broken.png": "image",
+    "damaged_h264.mkv": "frame 2 is corrupt",
+    "bomb.png": "DecompressionBombError",
 }
 
 
@@ -100,6 +118,34 @@ def test_dali_cpu_batch_isolates_a_bad_file(media):
     )
     assert isinstance(out[0], torch.Tensor) and out[0].shape == (2, 64, 64, 3)
     assert isinstance(out[1], Exception) and "truncated.webm" in str(out[1])
+
+
+@pytest.mark.parametrize("decoder", ["pyav", "dali_cpu"])
+def test_full_range_marked_yuv420p_is_read_as_full_range(tmp_path, decoder):
+    """A yuv420p stream marked full range (color_range JPEG, as phones and current encoders write it; the
+    yuvj formats are deprecated) decodes to its source greys on every backend (PyAV read it as limited range,
+    stretching 30 / 128 / 225 to 15 / 129 / 242)."""
+    if decoder == "dali_cpu" and dali_available():
+        pytest.skip(f"DALI CPU decoder unavailable: {dali_available()}")
+    rgb = np.zeros((32, 48, 3), np.uint8)
+    rgb[:, :16], rgb[:, 16:32], rgb[:, 32:] = 30, 128, 225
+    path = tmp_path / "full.webm"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libvpx-vp9", rate=8)
+        s.width, s.height, s.pix_fmt = 48, 32, "yuv420p"
+        s.codec_context.color_range = 2
+        s.options = {"crf": "4", "b": "0", "cpu-used": "8"}
+        for _ in range(4):
+            f = av.VideoFrame.from_ndarray(rgb, format="rgb24")
+            f.color_range = 2
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    v = VideoDataset(write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}]), num_frames=2, height=32,
+                     width=48, decoder=decoder)[0]["video"]  # fmt: skip
+    got = [round((v[0, 0, 16, x].item() + 1) * 127.5) for x in (8, 24, 40)]
+    assert all(abs(a - b) <= 3 for a, b in zip(got, [30, 128, 225])), got
 
 
 def test_yuv420_conversion_is_bt601_limited_range():

@@ -230,7 +230,7 @@ class VideoDataset:
         try:
             with Image.open(path) as im:
                 arr = np.asarray(im.convert("RGB"))
-        except (FileNotFoundError, UnidentifiedImageError, OSError) as e:
+        except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise SkipItem(f"image cannot be read ({type(e).__name__}: {e})") from None
         frame = torch.from_numpy(arr.copy())[None]  # (H, W, 3) -> (1, H, W, 3)
         return frame.to(self.decoders[0].device)

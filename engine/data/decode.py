@@ -159,6 +159,12 @@ def _frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     return planes[0][:h, :w].copy(), planes[1][:ch, :cw].copy(), planes[2][:ch, :cw].copy()
 
 
+def _full_range(frame) -> bool:
+    """The frame says its samples span 0..255 (``color_range`` JPEG, as phones and current encoders mark a
+    ``yuv420p`` stream), as the ``yuvj`` pixel formats always do; DALI reads the same flag."""
+    return int(getattr(frame, "color_range", 0) or 0) == 2  # AVCOL_RANGE_JPEG
+
+
 def frames_to_rgb(frames: list) -> torch.Tensor:
     """PyAV VideoFrames -> uint8 ``(T, H, W, 3)``: 4:2:0 via :func:`yuv420_to_rgb` in one batch, else swscale."""
     sizes = {(f.width, f.height) for f in frames}
@@ -167,7 +173,7 @@ def frames_to_rgb(frames: list) -> torch.Tensor:
     fmts = {f.format.name for f in frames}
     if fmts <= {"yuv420p"} or fmts <= {"yuvj420p"}:
         y, u, v = (np.stack(p) for p in zip(*(_frame_planes(f) for f in frames)))
-        return yuv420_to_rgb(y, u, v, full_range=fmts == {"yuvj420p"})
+        return yuv420_to_rgb(y, u, v, full_range=fmts == {"yuvj420p"} or all(_full_range(f) for f in frames))
     return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in frames]))
 
 
@@ -192,6 +198,8 @@ class PyAVDecoder:
                 stream = container.streams.video[0]
                 stream.thread_type = "AUTO"
                 for frame in container.decode(stream):
+                    if getattr(frame, "is_corrupt", False):  # FFmpeg concealed damage in it (or a reference)
+                        raise DecodeError(f"video '{path}': frame {n} is corrupt (damaged stream)")
                     if n in wanted:
                         frames[n] = frame
                     n += 1
