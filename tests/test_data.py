@@ -15,7 +15,7 @@ import pytest
 import torch
 
 from engine.data import VideoDataset, bucket_batches
-from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, nvdec_available, probe, yuv420_to_rgb
+from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, nvdec_available, probe, yuv_to_rgb
 from engine.data.synthetic import ident_color, make_frames, write_image, write_video
 from engine.data.transforms import frame_indices, make_buckets, nearest_bucket
 
@@ -104,6 +104,41 @@ def test_dali_cpu_and_pyav_decode_vp9_to_the_same_frames(media):
         assert psnr(p, src[[i + 1 for i in idx]]) < psnr(p, src[idx]) - 3
 
 
+@pytest.mark.parametrize(
+    "codec,pix_fmt,height,width",
+    [("libvpx-vp9", "yuv420p", 33, 49), ("mjpeg", "yuvj420p", 33, 49), ("libvpx-vp9", "yuv422p", 32, 48),
+     ("mjpeg", "yuvj422p", 32, 48), ("libvpx-vp9", "yuv444p", 32, 48)],
+)  # fmt: skip
+def test_dali_cpu_and_pyav_agree_on_odd_sizes_and_other_subsamplings(tmp_path, codec, pix_fmt, height, width):
+    """Odd-sized 4:2:0, 4:2:2 and 4:4:4 decode to the same RGB on both CPU backends (to 1/255): PyAV's
+    frames go through DALI's conversion, chroma resized to the frame size (before, 37-42 dB apart, up to
+    20/255, so a file's frames depended on which backend took it)."""
+    if dali_available():
+        pytest.skip(f"DALI CPU decoder unavailable: {dali_available()}")
+    path = write_video(tmp_path / f"v.{'webm' if codec.startswith('libvpx') else 'mkv'}", codec=codec,
+                       pix_fmt=pix_fmt, height=height, width=width, num_frames=4)  # fmt: skip
+    assert probe(path).pix_fmt == pix_fmt
+    (d,) = DaliDecoder("cpu").decode_batch([(path, [0, 3])])
+    assert not isinstance(d, Exception), d
+    p = PyAVDecoder().decode(path, [0, 3])
+    assert d.shape == p.shape == (2, height, width, 3)
+    assert (d.int() - p.int()).abs().max().item() <= 1
+
+
+def test_chroma_resize_is_bilinear_with_centred_siting():
+    """The chroma resampling against torch's bilinear interpolation (align_corners=False) for 2x, odd and
+    1x sizes along either axis."""
+    import torch.nn.functional as F
+
+    from engine.data.decode import _resize_linear
+
+    c = np.random.default_rng(0).uniform(0, 255, (3, 7, 5)).astype(np.float32)
+    for h, w in ((14, 10), (13, 9), (7, 5), (7, 9)):
+        ours = _resize_linear(_resize_linear(c, 1, h), 2, w)
+        ref = F.interpolate(torch.from_numpy(c)[None], size=(h, w), mode="bilinear", align_corners=False)[0]
+        np.testing.assert_allclose(ours, ref.numpy(), rtol=0, atol=1e-3)
+
+
 def test_nvdec_check_loads_the_library_or_says_how_to_get_it():
     assert nvdec_available("libc.so.6") is None  # a library that loads
     reason = nvdec_available("libnvcuvid_not_here.so.1")
@@ -156,7 +191,7 @@ def test_yuv420_conversion_is_bt601_limited_range():
     y = rng.integers(16, 236, (32, 48), dtype=np.uint8)
     u = np.full((16, 24), 90, np.uint8)
     v = np.full((16, 24), 170, np.uint8)
-    ours = yuv420_to_rgb(torch.from_numpy(y), torch.from_numpy(u), torch.from_numpy(v)).int()
+    ours = yuv_to_rgb(torch.from_numpy(y), torch.from_numpy(u), torch.from_numpy(v)).int()
     yy = (y.astype(np.float64) - 16) * 255 / 219
     cb, cr = (90 - 128) * 255 / 224, (170 - 128) * 255 / 224
     ref = np.stack([yy + 1.402 * cr, yy - 0.344136 * cb - 0.714136 * cr, yy + 1.772 * cb], -1)

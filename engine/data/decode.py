@@ -41,8 +41,9 @@ log = get_logger("data")
 
 DALI_GPU_CODECS = frozenset({"h264", "hevc", "av1", "mpeg4", "vp8", "vp9", "mjpeg"})
 DALI_CPU_CODECS = frozenset({"vp8", "vp9", "mjpeg"})
-# 8-bit pixel formats every backend turns into RGB24 the same way; others (10-bit, alpha, palette)
-# are rejected by the dataset as an unexpected pixel format rather than silently converted.
+# 8-bit pixel formats every backend turns into RGB24 the same way (yuv_to_rgb: DALI's conversion; nv12, which
+# software decoders do not output, via swscale); others (10-bit, alpha, palette) are rejected by the dataset
+# as an unexpected pixel format rather than silently converted.
 SUPPORTED_PIX_FMTS = frozenset({"yuv420p", "yuvj420p", "yuv422p", "yuvj422p", "yuv444p", "yuvj444p", "nv12"})
 DECODERS = ("auto", "dali", "dali_cpu", "pyav")
 
@@ -114,33 +115,39 @@ def _check_indices(path: Path, indices: Sequence[int]) -> list[int]:
     return idx
 
 
-def _upsample2(c: np.ndarray, axis: int, size: int) -> np.ndarray:
-    """2x linear upsampling along ``axis`` with centred siting (= bilinear, align_corners=False):
-    out[2i] = 3/4 c[i] + 1/4 c[i-1], out[2i+1] = 3/4 c[i] + 1/4 c[i+1], edges clamped; cut to ``size``."""
+def _resize_linear(c: np.ndarray, axis: int, size: int) -> np.ndarray:
+    """Linear resampling of ``c`` along ``axis`` to ``size`` samples with centred siting (bilinear,
+    align_corners=False, edges clamped): out[i] reads c at (i + 0.5) * n / size - 0.5. At exactly 2x, out[2i] =
+    3/4 c[i] + 1/4 c[i-1] and out[2i+1] = 3/4 c[i] + 1/4 c[i+1]."""
     n = c.shape[axis]
-    prev = np.take(c, np.r_[0, np.arange(n - 1)], axis=axis)
-    nxt = np.take(c, np.r_[np.arange(1, n), n - 1], axis=axis)
-    out = np.stack([0.75 * c + 0.25 * prev, 0.75 * c + 0.25 * nxt], axis=axis + 1)  # (.., n, 2, ..)
-    shape = list(c.shape)
-    shape[axis] = 2 * n
-    return np.take(out.reshape(shape), np.arange(size), axis=axis)
+    if n == size:
+        return c
+    src = np.maximum((np.arange(size) + 0.5) * (n / size) - 0.5, 0.0)
+    i0 = np.minimum(np.floor(src).astype(np.int64), n - 1)
+    i1 = np.minimum(i0 + 1, n - 1)
+    shape = [1] * c.ndim
+    shape[axis] = size
+    frac = (src - i0).astype(np.float32).reshape(shape)
+    return np.take(c, i0, axis=axis) * (1 - frac) + np.take(c, i1, axis=axis) * frac
 
 
-def yuv420_to_rgb(y, u, v, *, full_range: bool = False) -> torch.Tensor:
-    """8-bit planar 4:2:0 ``y (..., H, W)``, ``u, v (..., H/2, W/2)`` -> uint8 RGB ``(..., H, W, 3)``.
+def yuv_to_rgb(y, u, v, *, full_range: bool = False) -> torch.Tensor:
+    """8-bit planar ``y (..., H, W)`` and chroma ``u, v (..., Hc, Wc)`` (4:2:0, 4:2:2 or 4:4:4, odd sizes
+    included) -> uint8 RGB ``(..., H, W, 3)``.
 
-    The conversion DALI's decoder applies: chroma upsampled bilinearly with centred siting, then
-    BT.601 (Kr = 0.299, Kb = 0.114): Y' = (Y - 16) * 255/219, U' = (U - 128) * 255/224 (limited
-    range; full range uses Y and U - 128); R = Y' + 2(1 - Kr) V', B = Y' + 2(1 - Kb) U',
-    G = (Y' - Kr R - Kb B) / (1 - Kr - Kb). PyAV's own rgb24 path (swscale, nearest chroma) differs
-    from DALI by ~36 dB PSNR at colour edges; this one matches it, so both backends give the same
-    frames. NumPy, single-threaded: predictable inside data-loader workers.
+    The conversion DALI's decoder applies: chroma resized bilinearly to (H, W) with centred siting (for an
+    odd width the 2x-subsampled plane is stretched by W / Wc, not cut from a 2x upsampling), then BT.601
+    (Kr = 0.299, Kb = 0.114): Y' = (Y - 16) * 255/219, U' = (U - 128) * 255/224 (limited range; full range
+    uses Y and U - 128); R = Y' + 2(1 - Kr) V', B = Y' + 2(1 - Kb) U', G = (Y' - Kr R - Kb B) / (1 - Kr - Kb).
+    PyAV's own rgb24 path (swscale) differs from DALI by ~36-42 dB PSNR at colour edges; this one matches it
+    to 1/255, so both backends give the same frames. NumPy, single-threaded: predictable inside data-loader
+    workers.
     """
     y, u, v = (np.asarray(p, dtype=np.float32) for p in (y, u, v))
     h, w = y.shape[-2:]
-    u, v = (_upsample2(_upsample2(c, c.ndim - 2, h), c.ndim - 1, w) for c in (u, v))
-    u -= 128.0
-    v -= 128.0
+    u, v = (_resize_linear(_resize_linear(c, c.ndim - 2, h), c.ndim - 1, w) for c in (u, v))
+    u = u - 128.0
+    v = v - 128.0
     if not full_range:
         y, u, v = (y - 16.0) * (255 / 219), u * (255 / 224), v * (255 / 224)
     kr, kb = 0.299, 0.114
@@ -151,29 +158,35 @@ def yuv420_to_rgb(y, u, v, *, full_range: bool = False) -> torch.Tensor:
     return torch.from_numpy(np.clip(np.rint(rgb), 0, 255).astype(np.uint8))
 
 
+# planar 8-bit formats converted by yuv_to_rgb: name -> (vertical, horizontal) chroma subsampling
+_PLANAR = {"yuv420p": (2, 2), "yuvj420p": (2, 2), "yuv422p": (1, 2), "yuvj422p": (1, 2), "yuv444p": (1, 1),
+           "yuvj444p": (1, 1)}  # fmt: skip
+
+
 def _frame_planes(frame) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Y, U, V of a 4:2:0 PyAV frame, without the line padding."""
+    """Y, U, V of a planar PyAV frame (a format of _PLANAR), without the line padding."""
     h, w = frame.height, frame.width
+    sy, sx = _PLANAR[frame.format.name]
     planes = [np.frombuffer(p, np.uint8).reshape(-1, p.line_size) for p in frame.planes]
-    ch, cw = (h + 1) // 2, (w + 1) // 2
+    ch, cw = -(-h // sy), -(-w // sx)
     return planes[0][:h, :w].copy(), planes[1][:ch, :cw].copy(), planes[2][:ch, :cw].copy()
 
 
 def _full_range(frame) -> bool:
-    """The frame says its samples span 0..255 (``color_range`` JPEG, as phones and current encoders mark a
-    ``yuv420p`` stream), as the ``yuvj`` pixel formats always do; DALI reads the same flag."""
-    return int(getattr(frame, "color_range", 0) or 0) == 2  # AVCOL_RANGE_JPEG
+    """The frame's samples span 0..255: a ``yuvj`` format, or ``color_range`` JPEG (as phones and current
+    encoders mark a ``yuv420p`` stream); DALI reads the same flag."""
+    return frame.format.name.startswith("yuvj") or int(getattr(frame, "color_range", 0) or 0) == 2
 
 
 def frames_to_rgb(frames: list) -> torch.Tensor:
-    """PyAV VideoFrames -> uint8 ``(T, H, W, 3)``: 4:2:0 via :func:`yuv420_to_rgb` in one batch, else swscale."""
+    """PyAV VideoFrames -> uint8 ``(T, H, W, 3)``: planar YUV via :func:`yuv_to_rgb` in one batch, else swscale."""
     sizes = {(f.width, f.height) for f in frames}
     if len(sizes) > 1:
         raise DecodeError(f"resolution changes within the stream: {sorted(sizes)}")
     fmts = {f.format.name for f in frames}
-    if fmts <= {"yuv420p"} or fmts <= {"yuvj420p"}:
+    if len(fmts) == 1 and fmts <= _PLANAR.keys():
         y, u, v = (np.stack(p) for p in zip(*(_frame_planes(f) for f in frames)))
-        return yuv420_to_rgb(y, u, v, full_range=fmts == {"yuvj420p"} or all(_full_range(f) for f in frames))
+        return yuv_to_rgb(y, u, v, full_range=all(_full_range(f) for f in frames))
     return torch.from_numpy(np.stack([f.to_ndarray(format="rgb24") for f in frames]))
 
 
