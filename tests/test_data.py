@@ -17,7 +17,7 @@ import torch
 from engine.data import VideoDataset, bucket_batches
 from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, nvdec_available, probe, yuv_to_rgb
 from engine.data.synthetic import ident_color, make_frames, write_image, write_video
-from engine.data.transforms import frame_indices, make_buckets, nearest_bucket
+from engine.data.transforms import frame_indices, make_buckets, max_start, nearest_bucket
 
 av = pytest.importorskip("av", reason="PyAV writes and reads every test video here")
 
@@ -219,6 +219,47 @@ def test_frame_indices_at_target_fps():
     assert frame_indices(10, 10.0, 4, 15.0) == [0, 1, 1, 2]  # upsampling the frame rate repeats frames
     with pytest.raises(ValueError, match="only 9 frames"):
         frame_indices(9, 24.0, 4, 8.0)
+    # timestamps: a constant rate keeps the frame-count rule; a variable one samples by time
+    cfr = [k / 24 for k in range(24)]
+    assert frame_indices(24, 24.0, 4, 8.0, start=2, timestamps=cfr) == [2, 5, 8, 11]
+    vfr = [k / 5 for k in range(10)] + [2 + k / 30 for k in range(30)]  # 5 fps for 2 s, then 30 fps for 1 s
+    assert frame_indices(40, 13.3, 4, 5.0, timestamps=vfr) == [0, 1, 2, 3]
+    assert frame_indices(40, 13.3, 4, 5.0, start=9, timestamps=vfr) == [9, 10, 16, 22]  # t = 1.8 + 0.2 k
+    assert max_start(40, 13.3, 4, 5.0, timestamps=vfr) == 21  # t = 2 + 11 / 30, + 0.6 <= 2.967 + half a frame
+    with pytest.raises(ValueError, match="s of video"):
+        frame_indices(40, 13.3, 20, 5.0, timestamps=vfr)
+
+
+def test_variable_frame_rate_video_plays_at_the_target_fps(tmp_path):
+    """A clip asked for at 5 fps from a file at 5 fps then 30 fps (one stream, frame k's grey encodes k):
+    its frames are 0.2 s apart in the file's own time (sampling by the average rate picked frames 1.2 s
+    apart), and a constant-rate file is sampled as before."""
+    import fractions
+
+    times = [k / 5 for k in range(20)] + [4 + k / 30 for k in range(20)]
+    path = tmp_path / "vfr.mkv"
+    with av.open(str(path), "w") as c:
+        s = c.add_stream("libx264", rate=30)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        s.codec_context.time_base = fractions.Fraction(1, 1000)
+        s.options = {"crf": "0", "preset": "ultrafast", "bf": "0"}
+        for k, t in enumerate(times):
+            f = av.VideoFrame.from_ndarray(np.full((32, 32, 3), 4 * k, np.uint8), format="rgb24")
+            f.pts, f.time_base = round(t * 1000), fractions.Fraction(1, 1000)
+            for pk in s.encode(f):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    info = probe(path)
+    assert info.num_frames == 40 and np.allclose(info.timestamps, times, atol=1e-3)
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}])
+    v = VideoDataset(m, num_frames=6, height=32, width=32, fps=5, decoder="pyav")[0]["video"]
+    picked = ((v[0, :, 16, 16] + 1) * 127.5 / 4).round().int().tolist()
+    assert [times[k] for k in picked] == pytest.approx([j / 5 for j in range(6)], abs=1e-6)
+    assert probe(path_cfr := write_video(tmp_path / "cfr.webm", num_frames=24, fps=24)).timestamps
+    assert VideoDataset(write_manifest(tmp_path / "c.jsonl", [{"video": str(path_cfr)}]), num_frames=4, height=64,
+                        width=64, fps=8, decoder="pyav")[0]["video"].shape[1] == 4  # fmt: skip
 
 
 def test_buckets_keep_area_and_pick_nearest_aspect():

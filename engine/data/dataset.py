@@ -248,9 +248,12 @@ class VideoDataset:
             )
         if info.width < 2 or info.height < 2:
             raise SkipItem(f"unexpected resolution {info.width}x{info.height}")
-        latest = max_start(info.num_frames, info.fps, self.num_frames, self.fps)
+        ts = info.timestamps or None  # sampled by time when the frame rate varies
+        latest = max_start(info.num_frames, info.fps, self.num_frames, self.fps, ts)
         try:
-            idx = frame_indices(info.num_frames, info.fps, self.num_frames, self.fps, self._start(i, latest))
+            idx = frame_indices(
+                info.num_frames, info.fps, self.num_frames, self.fps, self._start(i, latest), ts
+            )
         except ValueError as e:
             raise SkipItem(f"too few frames: {e}") from None
         return self._decode(path, info.codec, idx)

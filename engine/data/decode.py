@@ -62,6 +62,9 @@ class VideoInfo:
     pix_fmt: str
     fps: float
     num_frames: int  # counted from the demuxed video packets (container counts are often missing)
+    # presentation times (s, from the first frame, sorted) of the frames, or () where packets lack them:
+    # frame sampling goes by time for a variable-frame-rate file (engine.data.transforms.frame_indices)
+    timestamps: tuple[float, ...] = ()
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -80,7 +83,13 @@ def probe(path: str | Path) -> VideoInfo:
             s = container.streams.video[0]
             ctx = s.codec_context
             rate = s.average_rate or s.guessed_rate or s.base_rate
-            n = sum(1 for pkt in container.demux(s) if pkt.size > 0)
+            n, pts = 0, []
+            for pkt in container.demux(s):
+                if pkt.size > 0:
+                    n += 1
+                    if pkt.pts is not None and pkt.time_base is not None:
+                        pts.append(float(pkt.pts * pkt.time_base))
+            pts.sort()
             return VideoInfo(
                 codec=ctx.name,
                 width=int(ctx.width),
@@ -88,6 +97,7 @@ def probe(path: str | Path) -> VideoInfo:
                 pix_fmt=str(ctx.pix_fmt or ""),
                 fps=float(rate) if rate else 0.0,
                 num_frames=n,
+                timestamps=tuple(t - pts[0] for t in pts) if len(pts) == n and n else (),
             )
     except DecodeError:
         raise

@@ -11,7 +11,9 @@ at most a thin border is lost and nothing is stretched. With bucketing off there
 
 from __future__ import annotations
 
+import bisect
 import math
+from collections.abc import Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,18 +21,44 @@ import torch.nn.functional as F
 BUCKET_RATIOS = (1 / 2, 9 / 16, 2 / 3, 3 / 4, 1.0, 4 / 3, 3 / 2, 16 / 9, 2.0)  # width / height
 
 
+def variable_rate(timestamps: Sequence[float] | None) -> bool:
+    """Whether frame presentation times (seconds, sorted) are unevenly spaced: a frame interval more than 25%
+    off the median one (a variable-frame-rate file: phones, screen recordings, concatenated clips)."""
+    if not timestamps or len(timestamps) < 3:
+        return False
+    d = sorted(b - a for a, b in zip(timestamps, timestamps[1:]))
+    med = d[len(d) // 2]
+    return med > 0 and max(abs(d[0] - med), abs(d[-1] - med)) > 0.25 * med
+
+
 def frame_indices(
-    available: int, src_fps: float, num_frames: int, target_fps: float = 0.0, start: int = 0
+    available: int,
+    src_fps: float,
+    num_frames: int,
+    target_fps: float = 0.0,
+    start: int = 0,
+    timestamps: Sequence[float] | None = None,
 ) -> list[int]:
     """Indices of ``num_frames`` frames starting at ``start``, spaced to play at ``target_fps``.
 
     step = src_fps / target_fps source frames per output frame (1 when either fps is 0, i.e.
-    native rate); index_k = round(start + k * step). Raises ValueError when the clip is too short.
+    native rate); index_k = round(start + k * step). A variable-frame-rate video (``timestamps``, the
+    frames' presentation times, with :func:`variable_rate`) is sampled by time instead: index_k is the frame
+    whose time is nearest to t_start + k / target_fps. Raises ValueError when the clip is too short.
     """
     if num_frames < 1:
         raise ValueError(f"num_frames: expected >= 1, got {num_frames}")
+    need = max_start(available, src_fps, num_frames, target_fps, timestamps)
+    if _by_time(available, target_fps, timestamps):
+        if need < 0:
+            raise ValueError(
+                f"only {timestamps[-1] - timestamps[0]:.3g} s of video (expected >= {(num_frames - 1) / target_fps:.3g} "
+                f"s for {num_frames} frames at {target_fps:g} fps)"
+            )
+        if not 0 <= start <= need:
+            raise ValueError(f"start frame {start}: expected 0..{need}")
+        return [_nearest(timestamps, timestamps[start] + k / target_fps) for k in range(num_frames)]
     step = src_fps / target_fps if target_fps > 0 and src_fps > 0 else 1.0
-    need = max_start(available, src_fps, num_frames, target_fps)
     if need < 0:
         span = math.floor((num_frames - 1) * step + 0.5) + 1
         raise ValueError(
@@ -41,11 +69,40 @@ def frame_indices(
     return [int(math.floor(start + k * step + 0.5)) for k in range(num_frames)]
 
 
-def max_start(available: int, src_fps: float, num_frames: int, target_fps: float = 0.0) -> int:
+def max_start(
+    available: int,
+    src_fps: float,
+    num_frames: int,
+    target_fps: float = 0.0,
+    timestamps: Sequence[float] | None = None,
+) -> int:
     """Largest start frame that still fits the clip; negative when the video is too short."""
+    if _by_time(available, target_fps, timestamps):
+        d = sorted(b - a for a, b in zip(timestamps, timestamps[1:]))
+        tol = d[len(d) // 2] / 2  # the last sample may land up to half a frame past the last frame's time
+        latest = timestamps[-1] + tol - (num_frames - 1) / target_fps
+        return bisect.bisect_right(timestamps, latest) - 1
     step = src_fps / target_fps if target_fps > 0 and src_fps > 0 else 1.0
     last = math.floor((num_frames - 1) * step + 0.5)
     return available - 1 - last
+
+
+def _by_time(available: int, target_fps: float, timestamps: Sequence[float] | None) -> bool:
+    return (
+        target_fps > 0
+        and timestamps is not None
+        and len(timestamps) == available
+        and variable_rate(timestamps)
+    )
+
+
+def _nearest(timestamps: Sequence[float], t: float) -> int:
+    j = bisect.bisect_left(timestamps, t)
+    if j == 0:
+        return 0
+    if j == len(timestamps):
+        return len(timestamps) - 1
+    return j if timestamps[j] - t < t - timestamps[j - 1] else j - 1
 
 
 def make_buckets(
