@@ -860,6 +860,8 @@ def attention(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if precision not in ("bf16", "fp8"):
         raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
+    if scale is not None and not float(scale) > 0:  # the FP8 kernel's running max assumes it too
+        raise ValueError(f"scale: expected a positive number, got {scale}")
     if precision == "fp8":
         from kernels.attention_fp8 import attention_fp8_dispatch
 

@@ -1420,6 +1420,8 @@ def attention_fp8(
     if block not in (32, 64, 128):
         raise ValueError(f"block: expected 32, 64 or 128, got {block}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    if not scale > 0:  # the kernels take max(raw * c) = max(raw) * c, true for c > 0 only
+        raise ValueError(f"scale: expected a positive number, got {scale}")
     q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope)
     ds = ds_format if bwd_fp8_dqdk else None
     out, lse, *_ = _fp8_fwd_op(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)
@@ -1501,10 +1503,15 @@ def attention_fp8_dispatch(
         return attention_fp8(
             q, k, v, bwd_fp8_dp=opts["dp"], bwd_fp8_dqdk=opts["dqdk"], ds_format=opts["ds_format"], **kw
         )
+    from kernels.attention import attention
+
     if backend == "torch":
+        d = q.shape[-1]
+        if d < 1 or d & (d - 1):  # the emulation's Hadamard rotation needs a power of two
+            _warn_once(f"head dim {d} is not a power of two (the FP8 scheme's Hadamard rotation needs one)")
+            return attention(q, k, v, backend="torch", **kw)
         products = ("dv",) + (("dp",) if opts["dp"] else ()) + (("dqdk",) if opts["dqdk"] else ())
         return attention_fp8_emulated(q, k, v, bwd_fp8=products, ds_format=opts["ds_format"], **kw)
-    from kernels.attention import attention
 
     _warn_once(f"backend {backend!r} has no FP8 mode (use 'triton', or 'torch' for the emulation)")
     return attention(q, k, v, backend=backend, **kw)

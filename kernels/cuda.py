@@ -193,6 +193,9 @@ def qk_norm_rope_(
     """In-place fused RMSNorm + interleaved RoPE of q (B, S, Hq, D) and k (B, S, Hk, D), one launch
     (math in kernels/qk_norm_rope.py). q/k: same CUDA device and dtype, last dim contiguous, strided
     (b, s, h) allowed; weights and tables are used as float32."""
+    from kernels.qk_norm_rope import _check as _check_shapes
+
+    _check_shapes(q, k, wq, wk, cos, sin, norm_over)  # the kernel indexes k, weights, tables with q's sizes
     mod = _require()
     _check_cuda_tensor("q", q, q.device)
     _check_cuda_tensor("k", k, q.device, q.dtype)

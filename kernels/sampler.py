@@ -116,7 +116,7 @@ def flow_step_reference(
     bshape = (B,) + (1,) * (x.dim() - 1)
     a, b, s = (c.to(ct).view(bshape) for c in sde_coefficients(tt, tn, sigma))
     v = v_cond.to(ct)
-    if v_uncond is not None:
+    if v_uncond is not None and guidance != 1.0:  # guidance 1: v_cond alone (v_uncond plays no part)
         vu = v_uncond.to(ct)
         v = vu + guidance * (v - vu)
     mean = a * x.to(ct) + b * v
@@ -274,6 +274,10 @@ def flow_step(
     """
     if backend not in ("triton", "cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'triton', 'cuda' or 'torch'")
+    if (
+        guidance == 1.0
+    ):  # v_uncond + 1 (v_cond - v_uncond) is v_cond: the unconditional velocity plays no part
+        v_uncond = None
     needs_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, v_cond, v_uncond, x_next, noise)
     )

@@ -403,6 +403,23 @@ def test_attention_precision_dispatch_and_errors():
         attention_fp8_emulated(q, k, v, bwd_fp8=("dv", "dqdk"), ds_format="e3m4")
     with pytest.raises(ValueError, match="ds_format"):
         attention_fp8(q, k, v, bwd_fp8_dqdk=True, ds_format="fp8")
+    # the FP8 kernels' running max assumes a positive scale: a negative one is an error, never a wrong answer
+    for call in (lambda: attention(q, k, v, scale=-0.125, precision="fp8"),
+                 lambda: attention(q, k, v, scale=-0.125, precision="fp8", backend="torch")):  # fmt: skip
+        with pytest.raises(ValueError, match="scale: expected a positive number"):
+            call()
+
+
+def test_emulation_falls_back_on_head_dims_its_rotation_cannot_take():
+    """precision="fp8" on the torch backend with a head dim that is not a power of two (the Hadamard
+    rotation needs one) runs the bf16 reference after one warning, as the triton backend does."""
+    fp8._WARNED.clear()
+    q, k, v = (torch.randn(1, 24, 2, 48) for _ in range(3))
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        out = attention(q, k, v, backend="torch", precision="fp8")
+    assert sum("head dim 48" in str(w.message) for w in caught) == 1
+    torch.testing.assert_close(out, attention(q, k, v, backend="torch"))
 
 
 def test_unsupported_inputs_fall_back_to_bf16_with_one_warning(device):

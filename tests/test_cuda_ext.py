@@ -59,6 +59,12 @@ def test_wrappers_reject_bad_tensors_before_any_pointer():
         cuda.qk_norm_rope_(
             torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), *[torch.ones(4)] * 2, *[torch.ones(2, 2)] * 2
         )
+    # shapes first: the kernel indexes k, the weights and the tables with q's sizes
+    q = torch.randn(2, 8, 2, 4)
+    with pytest.raises(ValueError, match=r"k: expected shape \(2, 8, H_k, 4\)"):
+        cuda.qk_norm_rope_(q, torch.randn(1, 1, 1, 4), *[torch.ones(4)] * 2, *[torch.ones(8, 2)] * 2)
+    with pytest.raises(ValueError, match=r"cos: expected shape \(8, 2\)"):
+        cuda.qk_norm_rope_(q, torch.randn(2, 8, 1, 4), *[torch.ones(4)] * 2, *[torch.ones(4, 2)] * 2)
 
 
 def test_overlap_checks_on_views():

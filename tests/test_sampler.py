@@ -40,6 +40,19 @@ def test_ode_is_euler_with_cfg(backend, dtype, shape, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
+def test_guidance_one_ignores_the_unconditional_velocity(backend, device):
+    """guidance 1 is the conditional velocity alone: the step equals the one without v_uncond, bit for bit,
+    even when v_uncond holds NaN (vu + 1 * (vc - vu) rounds differently, and carries a NaN)."""
+    x, vc, vu, _ = _tensors(SHAPES[0], torch.float32, device)
+    noise = torch.randn_like(x)
+    for sigma in (0.0, 0.7):
+        alone, lp = flow_step(x, vc, t=0.8, t_next=0.65, sigma=sigma, noise=noise, backend=backend)
+        with_nan, lp2 = flow_step(x, vc, torch.full_like(vu, float("nan")), guidance=1.0, t=0.8, t_next=0.65,
+                                  sigma=sigma, noise=noise, backend=backend)  # fmt: skip
+        assert torch.equal(alone, with_nan) and (lp is None or torch.equal(lp, lp2))
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
 @pytest.mark.parametrize("shape", SHAPES)
 def test_sde_sample_and_logprob_match_normal(backend, dtype, shape, device):
