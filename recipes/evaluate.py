@@ -26,6 +26,8 @@ checkpoints do).
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import json
 import sys
 from pathlib import Path
@@ -120,6 +122,39 @@ def write_videos(
         contact_sheet(video, folder / f"item{i:04d}.png")
 
 
+def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str) -> str:
+    """What a condition's scores depend on (items, seeds, sampling, judge, prompt, the weights file as written):
+    saved scores with another fingerprint are stale and scored again."""
+    w = Path(weights) if weights else None
+    ident = [str(it.meta.get("id", "")) + "|" + it.task for it in items]
+    return json.dumps({
+        "items": hashlib.sha256("\n".join(ident).encode()).hexdigest(), "n": len(items), "seeds": list(cfg.eval.seeds),
+        "sampling": dataclasses.asdict(sampling_of(cfg)), "prompt": prompt, "world_seed": cfg.world.seed,
+        "judge": [cfg.judge.backend, cfg.judge.model, cfg.judge.base_url, cfg.judge.num_frames, cfg.judge.frame_layout],
+        "weights": [str(w), w.stat().st_size, w.stat().st_mtime_ns] if w is not None and w.is_file() else weights,
+    }, sort_keys=True)  # fmt: skip
+
+
+def _load_scores(path: Path, expected: str) -> dict[str, np.ndarray] | None:
+    """The scores saved at ``path`` if they were made with fingerprint ``expected``, else None."""
+    if not path.is_file():
+        return None
+    saved = dict(np.load(path))
+    if str(saved.pop("fingerprint", "")) != expected:
+        log.info(
+            "%s: made with other settings (items, seeds, sampling, judge or weights); scoring again",
+            path.name,
+        )
+        return None
+    return saved
+
+
+def _save_scores(path: Path, scores: dict[str, np.ndarray], fp: str) -> None:
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **scores, fingerprint=np.array(fp))
+    tmp.replace(path)
+
+
 def chunk_ranges(n: int, size: int) -> list[range]:
     """Items in chunks of ``size`` (= eval.batch_size: a chunk is one sampler batch, so a chunk scored
     alone, on any rank, gives the scores the whole list would)."""
@@ -127,23 +162,21 @@ def chunk_ranges(n: int, size: int) -> list[range]:
 
 
 def score_chunks(pipe: VideoPipeline, judge, items: list[EvalItem], cfg: JobConfig, prompt: str,
-                 chunks: list[range], folder: Path) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
+                 chunks: list[range], folder: Path, fp: str) -> dict[int, dict[str, np.ndarray]]:  # fmt: skip
     """Scores of the given chunks (chunk start -> question -> (S, n)); each finished chunk is saved as
-    ``folder/items<start>-<stop>.npz`` (atomic rename) and read back instead of recomputed on a rerun."""
+    ``folder/items<start>-<stop>.npz`` (atomic rename) and read back instead of recomputed on a rerun made
+    with the same settings (fingerprint ``fp``)."""
     folder.mkdir(parents=True, exist_ok=True)
     out, reused = {}, 0
     for r in chunks:
         path = folder / f"items{r.start:06d}-{r.stop:06d}.npz"
-        if path.is_file():  # a file from another eval.seeds has another shape: recomputed
-            saved = dict(np.load(path))
-            if saved["avg"].shape == (len(cfg.eval.seeds), len(r)):
-                out[r.start], reused = saved, reused + 1
-                continue
+        saved = _load_scores(path, fp)
+        if saved is not None:
+            out[r.start], reused = saved, reused + 1
+            continue
         out[r.start] = evaluate(pipe, items[r.start : r.stop], judge, prompt=prompt, seeds=tuple(cfg.eval.seeds),
                                 sampling=sampling_of(cfg), start=r.start)  # fmt: skip
-        tmp = path.with_suffix(".tmp.npz")
-        np.savez(tmp, **out[r.start])
-        tmp.replace(path)
+        _save_scores(path, out[r.start], fp)
     if reused:
         log.info("%s: %d of %d chunks already scored (resume)", folder.name, reused, len(chunks))
     return out
@@ -158,17 +191,16 @@ def evaluate_condition(kit: Kit, judge, items, cfg: JobConfig, name: str, weight
     mine = [chunks[k] for k in shard_of(len(chunks), info.rank, info.world_size)]
     model = load_for_sampling(kit, cfg, weights)
     pipe = pipeline_for(kit, model, cfg)
+    fp = fingerprint(cfg, items, weights, prompt)
     with torch.no_grad():
-        scored = score_chunks(pipe, judge, items, cfg, prompt, mine, out / "partial" / name)
+        scored = score_chunks(pipe, judge, items, cfg, prompt, mine, out / "partial" / name, fp)
         gathered = gather_to_main(scored, f"evaluate {name}: gather scores")
         if gathered is None:
             return None
         parts = {start: s for rank_scores in gathered for start, s in rank_scores.items()}
         scores = {q: np.concatenate([parts[r.start][q] for r in chunks], axis=-1) for q in parts[0]}
         write_videos(pipe, items, prompt, cfg, out / "videos" / name, kit.fps)
-    tmp = out / f"{name}.tmp.npz"
-    np.savez(tmp, **scores)
-    tmp.replace(out / f"{name}.npz")
+    _save_scores(out / f"{name}.npz", scores, fp)
     return scores
 
 
@@ -206,18 +238,23 @@ def run(cfg: JobConfig, *, out: Path | None = None) -> dict:
     out = out or run_dir(cfg) / "eval"
     info = dist_info(cfg)
     conds = conditions(cfg)
-    finished = None
+    items = eval_items(cfg)
+    finished, saved = None, {}
     if info.is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)
-        finished = [name for name, _, _ in conds if (out / f"{name}.npz").is_file()]
+        for name, weights, prompt in conds:  # scores saved by an earlier run with the same settings
+            scores = _load_scores(out / f"{name}.npz", fingerprint(cfg, items, weights, prompt))
+            if scores is not None:
+                saved[name] = scores
+        finished = list(saved)
     finished = broadcast_from_main(finished, "evaluate: finished conditions")
-    kit, judge, items = build_kit(cfg), build_judge_backend(cfg), eval_items(cfg)
+    kit, judge = build_kit(cfg), build_judge_backend(cfg)
     all_scores = {}
     for name, weights, prompt in progress(conds, desc="evaluate", total=len(conds)):
         if name in finished:
             log.info("%s: already evaluated (%s)", name, out / f"{name}.npz")
-            all_scores[name] = dict(np.load(out / f"{name}.npz")) if info.is_main else None
+            all_scores[name] = saved.get(name)
         else:
             all_scores[name] = evaluate_condition(kit, judge, items, cfg, name, weights, prompt, out)
     res = {}

@@ -131,6 +131,16 @@ def test_evaluate_writes_table_videos_and_skips_finished(proposed):
     assert "| demonstrator+task |" in (ev / "results.md").read_text()
     p = cli("evaluate", proposed, "ev")
     assert p.stderr.count("already evaluated") == 2
+    # other items: the saved scores are stale, scored again (they were reused, and an Executor then failed)
+    p = cli("evaluate", proposed, "ev", "--eval.num_items", "5",
+            "--eval.executors", '["copy=engine/world/assets/demonstrator.safetensors"]')  # fmt: skip
+    assert "already evaluated" not in p.stderr and p.stderr.count("made with other settings") >= 2
+    res = json.loads((ev / "results.json").read_text())
+    assert res["n_items"] == 5 and set(res["conditions"]) == {
+        "demonstrator+task",
+        "demonstrator+solution",
+        "copy",
+    }
 
 
 def test_bad_inputs_fail_with_clear_messages(proposed, tmp_path):
