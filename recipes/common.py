@@ -19,6 +19,7 @@ item and skip ids already present, so an interrupted run resumes where it stoppe
 from __future__ import annotations
 
 import json
+import os
 import sys
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -185,11 +186,22 @@ def read_jsonl(path: str | Path) -> list[dict]:
 
 
 def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
-    """Append rows and flush them to disk (one line each)."""
-    with open(path, "a") as f:
-        for row in rows:
-            f.write(json.dumps(row) + "\n")
+    """Append rows (one line each) in one write, flushed and synced to disk. A torn last line that a killed
+    run left (no newline at its end; :func:`read_jsonl` drops it) is cut off first: the new rows would be
+    glued onto it, and that line, no longer the last, would make the file unreadable."""
+    p = Path(path)
+    if p.is_file() and p.stat().st_size:
+        with open(p, "rb+") as f:
+            f.seek(-1, os.SEEK_END)
+            if f.read(1) != b"\n":
+                f.seek(0)
+                data = f.read()
+                f.truncate(data.rfind(b"\n") + 1)
+                log.warning("%s: cut a torn last line (interrupted write) before appending", p)
+    with open(p, "a") as f:
+        f.write("".join(json.dumps(row) + "\n" for row in rows))
         f.flush()
+        os.fsync(f.fileno())
 
 
 def finished_ids(path: str | Path) -> set[str]:

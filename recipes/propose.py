@@ -16,7 +16,9 @@ process. The images must be readable by every rank (a shared file system).
 from __future__ import annotations
 
 import asyncio
+import json
 import sys
+from collections import Counter
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -58,12 +60,22 @@ def toy_scene_images(seed: int, n: int, folder: Path) -> list[tuple[str, Path]]:
 def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
     """Image rows of a JSONL manifest -> (image id, absolute path)."""
     base = Path(root) if root else Path(manifest).parent
-    out = []
+    out, first_row = [], {}
     for i, row in enumerate(read_jsonl(manifest)):
         if "image" not in row:
             raise ValueError(f"{manifest}: row {i + 1} has no 'image' field; expected {{\"image\": path}}")
         path = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
-        out.append((str(row.get("id", path.stem)), path))
+        image_id = str(row.get("id", path.stem))
+        if (
+            image_id in first_row
+        ):  # rows and resume are keyed by it: one image's rows would pass for another's
+            j = first_row[image_id]
+            raise ValueError(
+                f"{manifest}: rows {j + 1} and {i + 1} have the same image id {image_id!r} ({out[j][1]}, {path}); "
+                "give each row a unique 'id' field (without one, the id is the file name without its extension)"
+            )
+        first_row[image_id] = i
+        out.append((image_id, path))
     return out
 
 
@@ -80,10 +92,31 @@ def propose_chunk(
         if not image_pairs:
             empty.append(str(path))
         rel = path.relative_to(folder) if path.is_relative_to(folder) else path
-        for j, pair in enumerate(image_pairs):
-            rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task,
-                         "solution": pair.solution, "meta": {"image_id": image_id}})  # fmt: skip
+        for j, pair in enumerate(image_pairs):  # "pairs": how many rows make this image complete (resume)
+            rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task, "solution": pair.solution,
+                         "meta": {"image_id": image_id, "pairs": len(image_pairs)}})  # fmt: skip
     return rows, empty
+
+
+def complete_images(out: Path) -> set[str]:
+    """Ids of the images whose rows are all in ``out``. Rows of an image cut short by a crash mid-write are
+    removed (the file is rewritten without them, atomically), so that the image is proposed again whole."""
+    if not out.is_file():
+        return set()
+    rows = read_jsonl(out)
+    count = Counter(r["meta"]["image_id"] for r in rows)
+    short = {
+        r["meta"]["image_id"]
+        for r in rows
+        if r["meta"].get("pairs", count[r["meta"]["image_id"]]) != count[r["meta"]["image_id"]]
+    }
+    if short:
+        log.warning("%s: %d image(s) with only part of their rows (interrupted write); proposing them again",
+                    out, len(short))  # fmt: skip
+        tmp = out.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["meta"]["image_id"] not in short))
+        tmp.replace(out)
+    return set(count) - short
 
 
 def propose(
@@ -94,7 +127,7 @@ def propose(
     With several ranks, round t gives chunk t * world + rank to each rank; rank 0 gathers the round's
     rows and appends them in chunk order (the file a single process would write, up to resume points).
     Every rank must pass the same ``images`` and see the same ``out``; rank 0 decides what is left."""
-    done = {r["meta"]["image_id"] for r in read_jsonl(out)} if rank == 0 and out.is_file() else set()
+    done = complete_images(out) if rank == 0 else set()
     todo = broadcast_from_main([(i, p) for i, p in images if i not in done], "propose: images left")
     if done:
         log.info("resuming: %d of %d images already proposed", len(images) - len(todo), len(images))

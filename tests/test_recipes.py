@@ -53,6 +53,35 @@ def test_propose_writes_oracle_valid_tasks_and_resumes(proposed):
     assert len((proposed / "base" / "tasks.jsonl").read_text().splitlines()) == len(rows)
 
 
+def test_propose_resume_after_a_torn_write_equals_the_full_run(proposed, tmp_path):
+    """A crash mid-write leaves the first image's first row and half of its second: the resumed file holds
+    exactly the uninterrupted run's rows (the torn line is cut, not glued to the next row; the image cut
+    short is proposed again whole), and every line parses."""
+    full = (proposed / "base" / "tasks.jsonl").read_text()
+    lines = full.splitlines(keepends=True)
+    (tmp_path / "r").mkdir()
+    (tmp_path / "r" / "tasks.jsonl").write_text(lines[0] + lines[1][: len(lines[1]) // 2])
+    p = cli("propose", tmp_path, "r")
+    assert "torn last line" in p.stderr and "only part of their rows" in p.stderr
+    got = [json.loads(line) for line in (tmp_path / "r" / "tasks.jsonl").read_text().splitlines()]
+    assert sorted(got, key=lambda r: r["id"]) == sorted(map(json.loads, lines), key=lambda r: r["id"])
+
+
+def test_propose_refuses_two_images_with_one_id(tmp_path):
+    """Manifest images without an 'id' are keyed by file name: two folders holding 0001.png would share
+    rows and resume state, so that is an error naming both files."""
+    import numpy as np
+
+    from recipes.common import save_image
+
+    for cam in ("cam1", "cam2"):
+        (tmp_path / cam).mkdir()
+        save_image(np.zeros((8, 8, 3), np.uint8), tmp_path / cam / "0001.png")
+    (tmp_path / "m.jsonl").write_text('{"image": "cam1/0001.png"}\n{"image": "cam2/0001.png"}\n')
+    p = cli("propose", tmp_path, "dup", "--data.manifest", str(tmp_path / "m.jsonl"), check=False)
+    assert p.returncode != 0 and "rows 1 and 2 have the same image id '0001'" in p.stderr
+
+
 def test_distill_on_policy_trains_and_exports(proposed):
     from safetensors.torch import load_file
 
