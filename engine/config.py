@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import sys
 import tomllib
 import types
@@ -252,6 +253,9 @@ def _type_name(tp: Any) -> str:
     origin = typing.get_origin(tp)
     if origin is Literal:
         return " | ".join(repr(a) for a in typing.get_args(tp))
+    if origin is list:  # written in TOML syntax on the command line: --eval.seeds '[0, 1]'
+        (item,) = typing.get_args(tp) or (Any,)
+        return f"list[{_type_name(item)}], TOML syntax"
     return getattr(tp, "__name__", str(tp))
 
 
@@ -324,7 +328,11 @@ def _parse_cli_value(text: str, tp: Any) -> Any:
         return text
     try:
         return tomllib.loads(f"v = {text}")["v"]
-    except tomllib.TOMLDecodeError:
+    except tomllib.TOMLDecodeError as e:
+        if typing.get_origin(tp) is list and text.lstrip().startswith("["):  # meant as a list: say why not
+            raise ConfigError(
+                f"{text!r} is not a valid TOML list ({e}); e.g. '[1, 2]' or '[\"a\", \"b\"]'"
+            ) from None
         return text  # let _coerce report the type mismatch
 
 
@@ -367,7 +375,10 @@ def overrides_to_dict(cls: type, overrides: list[str]) -> dict:
         *parents, leaf = key.split(".")
         for p in parents:
             node = node.setdefault(p, {})
-        node[leaf] = _parse_cli_value(text, tp)
+        try:
+            node[leaf] = _parse_cli_value(text, tp)
+        except ConfigError as e:
+            raise ConfigError(f"config key '{key}': {e}") from None
     return out
 
 
@@ -395,26 +406,32 @@ def load_config(cls: type = JobConfig, argv: list[str] | None = None, descriptio
     ``--help`` lists every key with its default. Errors exit with a one-line message naming the key.
     """
     argv = list(sys.argv[1:] if argv is None else argv)
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--config", default="")
+    known, _ = pre.parse_known_args(argv)
+    file_data = load_toml(known.config) if known.config else {}
+    in_effect = "after " + known.config if known.config else "built in"
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="overrides (--section.key value):\n" + describe(cls),
+        epilog=f"overrides (--section.key value; defaults {in_effect}):\n"
+        + describe(cls, inst=build_config(cls, file_data)),
     )
     parser.add_argument("--config", default="", help="TOML config file (keys as in the list below)")
     args, rest = parser.parse_known_args(argv)
-    file_data = load_toml(args.config) if args.config else {}
     return build_config(cls, file_data, overrides_to_dict(cls, rest))
 
 
-def describe(cls: type, prefix: str = "") -> str:
-    """One line per key: ``--train.lr (float, default 0.0001)``."""
+def describe(cls: type, prefix: str = "", inst: Any = None) -> str:
+    """One line per key: ``--train.lr (float, default 0.0001)``, the defaults read from ``inst`` (a config
+    with a file's values applied; the built-in defaults without one)."""
     lines = []
-    inst = cls()
+    inst = cls() if inst is None else inst
     hints = typing.get_type_hints(cls)
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
         if dataclasses.is_dataclass(tp):
-            lines.append(describe(tp, f"{prefix}{f.name}."))
+            lines.append(describe(tp, f"{prefix}{f.name}.", getattr(inst, f.name)))
         else:
             lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {getattr(inst, f.name)!r})")
     return "\n".join(lines)
@@ -425,8 +442,8 @@ def _toml_value(v: Any) -> str:
         return "true" if v else "false"
     if isinstance(v, int | float):
         return repr(v)
-    if isinstance(v, str):
-        return '"' + v.replace("\\", "\\\\").replace('"', '\\"') + '"'
+    if isinstance(v, str):  # a TOML basic string: backslash, quote and control characters escaped
+        return json.dumps(v, ensure_ascii=False).replace("\x7f", "\\u007f")
     if isinstance(v, list):
         return "[" + ", ".join(_toml_value(x) for x in v) + "]"
     raise TypeError(f"cannot write {type(v).__name__} to TOML")

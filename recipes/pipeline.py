@@ -134,7 +134,7 @@ def run(cfg: JobConfig) -> dict:
     t0 = time.perf_counter()
     out = run_dir(cfg)
     save_config(cfg, out)
-    propose.run(stage(cfg, out, "."))
+    propose.run(stage(cfg, out, "propose"))  # its own config.toml and images; tasks.jsonl shared in <out>
     gap = gap_check(cfg, out)
     log.info(
         "Demonstrator gap (solution - task, Avg): %+.3f [%+.3f, %+.3f]", gap["diff"], gap["lo"], gap["hi"]

@@ -59,6 +59,10 @@ def toy_scene_images(seed: int, n: int, folder: Path) -> list[tuple[str, Path]]:
 
 def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
     """Image rows of a JSONL manifest -> (image id, absolute path)."""
+    if not Path(manifest).is_file():
+        raise FileNotFoundError(
+            f"data.manifest '{manifest}' does not exist (expected a JSONL file of {{\"image\": path}} rows)"
+        )
     base = Path(root) if root else Path(manifest).parent
     out, first_row = [], {}
     for i, row in enumerate(read_jsonl(manifest)):

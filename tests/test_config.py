@@ -2,6 +2,7 @@
 
 import subprocess
 import sys
+from pathlib import Path
 
 import pytest
 
@@ -37,6 +38,10 @@ def test_int_accepted_for_float_and_lists_parse():
         (["--model.attention", "cudnn"], "config key 'model.attention': 'cudnn' is not one of"),
         (["--train", "1"], "is a section"),
         (["--train.lr"], "has no value"),
+        (
+            ["--eval.seeds", "[0, 1"],
+            "config key 'eval.seeds': '[0, 1' is not a valid TOML list (Unclosed array",
+        ),
     ],
 )
 def test_bad_cli_names_the_key(argv, needle):
@@ -68,12 +73,26 @@ def test_wrong_type_in_file_and_missing_file(tmp_path):
 
 
 def test_saved_config_round_trips(tmp_path):
-    cfg = load_config(JobConfig, ["--train.lr", "3e-5", "--eval.seeds", "[4, 5]", "--run.name", 'a "q" b'])
+    # quotes, backslashes, control characters (a \r from a script with Windows line ends), non-ASCII
+    name = 'a "q" \\ b\r\x1b\x7f é 😀'
+    cfg = load_config(JobConfig, ["--train.lr", "3e-5", "--eval.seeds", "[4, 5]", "--run.name", name])
     path = save_config(cfg, tmp_path)
     again = load_config(JobConfig, ["--config", str(path)])
     assert again == cfg
     assert load_toml(path)["train"]["lr"] == 3e-5
     assert to_toml(again) == to_toml(cfg)
+
+
+def test_help_shows_the_defaults_in_effect(capsys):
+    """--help with --config lists the values the file sets as the defaults (the pipeline always loads its
+    toy config), and list keys say how to write them."""
+    toy = Path(__file__).resolve().parents[1] / "recipes" / "configs" / "wmsd_toy.toml"
+    with pytest.raises(SystemExit):
+        load_config(JobConfig, ["--config", str(toy), "--help"])
+    text = capsys.readouterr().out
+    steps = load_toml(toy)["train"]["steps"]
+    assert f"--train.steps (int, default {steps})" in text and f"defaults after {toy}" in text
+    assert "--eval.seeds (list[int], TOML syntax, default [0])" in text
 
 
 def test_cli_error_is_one_line_exit_2(tmp_path):

@@ -224,3 +224,7 @@ def test_pipeline_end_to_end_tiny(tmp_path):
     res = json.loads((tmp_path / "p" / "results.json").read_text())
     assert {"demonstrator+task", "demonstrator+solution", "onpolicy", "sft", "rl"} <= set(res["conditions"])
     assert "off-policy SFT" in res["verdict"] and "| onpolicy |" in p.stdout
+    from engine.config import load_toml
+
+    saved = load_toml(tmp_path / "p" / "config.toml")  # the pipeline's own config, not a stage's
+    assert saved["run"]["name"] == "p" and saved["train"]["steps"] == 2 and saved["distill"]["tasks"] == ""
