@@ -20,6 +20,7 @@ from __future__ import annotations
 import asyncio
 import math
 import statistics
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -169,15 +170,18 @@ def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
 def mean_ci(
     scores: np.ndarray, conf: float = 0.95, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
-    """(mean, lo, hi): percentile bootstrap over items, and over seeds when scores is (S, N), S > 1."""
+    """(mean, lo, hi): percentile bootstrap over items, and over seeds when scores is (S, N), S > 1. NaN
+    scores (failed judge calls) are left out of every mean, and so is a resample that drew only NaN."""
     x = _as_2d(scores, "scores")
     S, N = x.shape
     rng = np.random.default_rng(seed)
     rows = rng.integers(0, S, (n_boot, S)) if S > 1 else np.zeros((n_boot, 1), dtype=int)
     cols = rng.integers(0, N, (n_boot, N))
-    boots = np.array([np.nanmean(x[r][:, c]) for r, c in zip(rows, cols)])
-    a = (1 - conf) / 2
-    return float(np.nanmean(x)), float(np.quantile(boots, a)), float(np.quantile(boots, 1 - a))
+    with warnings.catch_warnings():  # an all-NaN resample is a NaN mean, left out below
+        warnings.simplefilter("ignore", RuntimeWarning)
+        boots = np.array([np.nanmean(x[r][:, c]) for r, c in zip(rows, cols)])
+        a = (1 - conf) / 2
+        return float(np.nanmean(x)), float(np.nanquantile(boots, a)), float(np.nanquantile(boots, 1 - a))
 
 
 def wilson_interval(k: int, n: int, conf: float = 0.95) -> tuple[float, float]:
@@ -224,7 +228,12 @@ def paired_test(
     a, b = _as_2d(a, "a"), _as_2d(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired_test: a {a.shape} and b {b.shape}: expected the same items and seeds")
-    d = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)  # (N,)
+    with warnings.catch_warnings():  # an item every seed of which failed is NaN: left out
+        warnings.simplefilter("ignore", RuntimeWarning)
+        d = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)  # (N,)
+    d = d[np.isfinite(d)]
+    if not len(d):
+        raise ValueError("paired_test: no item has a score under both conditions")
     mean, lo, hi = mean_ci(d, conf, n_boot, seed)
     p, pos, neg = sign_test(d)
     return PairedResult(mean, lo, hi, p, pos, neg, len(d))
@@ -242,14 +251,21 @@ def gap_closed(
     paired percentile bootstrap (the same resampled items for all three) -> (fraction, lo, hi).
 
     ``executor``, ``task``, ``solution``: per-item scores (N,) or (seeds, N) of the Executor given the
-    task, the Demonstrator given the task, and the Demonstrator given the solution, on the same items.
+    task, the Demonstrator given the task, and the Demonstrator given the solution, on the same items. An
+    item without a score in one of them (every seed's judge call failed: NaN) is left out of all three.
     """
-    e, t, s = (np.nanmean(_as_2d(x, name), axis=0) for x, name in
-               ((executor, "executor"), (task, "task"), (solution, "solution")))  # fmt: skip
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        e, t, s = (np.nanmean(_as_2d(x, name), axis=0) for x, name in
+                   ((executor, "executor"), (task, "task"), (solution, "solution")))  # fmt: skip
     if not e.shape == t.shape == s.shape:
         raise ValueError(
             f"gap_closed: executor {e.shape}, task {t.shape}, solution {s.shape}: expected the same items"
         )
+    ok = np.isfinite(e) & np.isfinite(t) & np.isfinite(s)
+    if not ok.any():
+        raise ValueError("gap_closed: no item has a score under all three conditions")
+    e, t, s = e[ok], t[ok], s[ok]
     gap = s.mean() - t.mean()
     if gap <= 0:
         raise ValueError(f"gap_closed: the Demonstrator has no gap (solution - task = {gap:+.3f})")

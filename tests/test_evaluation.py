@@ -114,3 +114,31 @@ def test_gap_closed_fraction_and_interval():
         ev.gap_closed(executor, solution, task)
     with pytest.raises(ValueError, match="same items"):
         ev.gap_closed(executor[:10], task, solution)
+
+
+def test_failed_judge_calls_are_left_out_not_nan():
+    """A NaN score (an item whose judge calls all failed) is left out: gap_closed and the paired test equal
+    those on the remaining items (they were NaN), and mean_ci's interval stays finite when some resamples draw
+    only NaN items (few items)."""
+    rng = np.random.default_rng(1)
+    n = 256
+    solution = (rng.random(n) < 0.9).astype(float)
+    task = (rng.random(n) < 0.2).astype(float)
+    executor = np.where(rng.random(n) < 0.6, solution, task)
+    holed = executor.copy()
+    holed[7] = np.nan
+    keep = np.arange(n) != 7
+    assert ev.gap_closed(holed, task, solution) == pytest.approx(
+        ev.gap_closed(executor[keep], task[keep], solution[keep]), rel=0.05
+    )
+    assert (
+        ev.gap_closed(holed, task, solution)[0]
+        == ev.gap_closed(executor[keep], task[keep], solution[keep])[0]
+    )
+    r = ev.paired_test(holed, task)
+    assert r.n == n - 1 and r.diff == pytest.approx(float(np.mean(executor[keep] - task[keep])))
+    few = np.array([1.0, np.nan, 1.0, 0.0, 1.0])
+    m, lo, hi = ev.mean_ci(few)
+    assert m == 0.75 and 0.0 <= lo <= m <= hi <= 1.0
+    with pytest.raises(ValueError, match="no item has a score"):
+        ev.paired_test(np.full(3, np.nan), np.zeros(3))
