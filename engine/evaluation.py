@@ -232,8 +232,8 @@ def paired_test(
         warnings.simplefilter("ignore", RuntimeWarning)
         d = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)  # (N,)
     d = d[np.isfinite(d)]
-    if not len(d):
-        raise ValueError("paired_test: no item has a score under both conditions")
+    if not len(d):  # no item has a score under both conditions: nothing to compare (reported as NaN)
+        return PairedResult(math.nan, math.nan, math.nan, 1.0, 0, 0, 0)
     mean, lo, hi = mean_ci(d, conf, n_boot, seed)
     p, pos, neg = sign_test(d)
     return PairedResult(mean, lo, hi, p, pos, neg, len(d))
@@ -263,8 +263,8 @@ def gap_closed(
             f"gap_closed: executor {e.shape}, task {t.shape}, solution {s.shape}: expected the same items"
         )
     ok = np.isfinite(e) & np.isfinite(t) & np.isfinite(s)
-    if not ok.any():
-        raise ValueError("gap_closed: no item has a score under all three conditions")
+    if not ok.any():  # no item has a score under all three conditions (reported as NaN)
+        return math.nan, math.nan, math.nan
     e, t, s = e[ok], t[ok], s[ok]
     gap = s.mean() - t.mean()
     if gap <= 0:

@@ -149,6 +149,10 @@ def config_from_diffusers(cls: type, fields: Iterable[str], config: Mapping[str,
     """A config dataclass from a diffusers config.json dict: the keys named in ``fields`` (others, such
     as ``_``-prefixed ones, are ignored), then ``overrides``."""
     kwargs = {k: config[k] for k in fields if k in config}
+    if "out_channels" in kwargs and kwargs["out_channels"] is None:  # diffusers: None means in_channels
+        kwargs["out_channels"] = kwargs.get("in_channels")
+        if kwargs["out_channels"] is None:
+            del kwargs["out_channels"]
     return cls(**{**kwargs, **overrides})
 
 

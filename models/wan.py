@@ -302,10 +302,34 @@ class WanModel(DiffusersInterop, nn.Module):
         """cos, sin (F'*H'*W', head_dim/2) fp32 for a token grid; cached per (grid, device)."""
         key = (tuple(grid), str(device))
         if key not in self._rope_cache:
-            self._rope_cache[key] = rope_3d_tables(
-                grid, self.cfg.attention_head_dim, theta=self.cfg.theta, device=device
-            )
+            # never inference tensors, even when the first forward on this grid runs under inference_mode: a
+            # later training forward saves them for backward
+            with torch.inference_mode(False):
+                self._rope_cache[key] = rope_3d_tables(
+                    grid, self.cfg.attention_head_dim, theta=self.cfg.theta, device=device
+                )
         return self._rope_cache[key]
+
+    def _check_context(self, text, image, lengths, batch: int) -> None:
+        """The conditioning inputs' shapes, each error naming the input (forward's keyword names)."""
+        cfg = self.cfg
+        if text.dim() != 3 or text.shape[0] != batch or text.shape[2] != cfg.text_dim:
+            raise ValueError(
+                f"encoder_hidden_states: expected ({batch}, L, {cfg.text_dim}), got {tuple(text.shape)}"
+            )
+        if image is not None:
+            if cfg.image_dim is None:
+                raise ValueError(
+                    "encoder_hidden_states_image: this model has no image projection (image_dim is None)"
+                )
+            if image.dim() != 3 or image.shape[0] != batch or image.shape[2] != cfg.image_dim:
+                raise ValueError(
+                    f"encoder_hidden_states_image: expected ({batch}, N, {cfg.image_dim}), got {tuple(image.shape)}"
+                )
+        if lengths is not None and (lengths.shape != (batch,) or lengths.dtype.is_floating_point):
+            raise ValueError(
+                f"encoder_lengths: expected an int tensor of shape ({batch},), got {lengths.dtype} {tuple(lengths.shape)}"
+            )
 
     def embed_time(self, timestep: torch.Tensor, batch: int, seq_len: int, dtype: torch.dtype):
         """timestep (B,) or (B, S) in [0, 1000] -> temb (B, St, dim) and mod (B, St, 6, dim), St = 1 or S."""
@@ -340,6 +364,7 @@ class WanModel(DiffusersInterop, nn.Module):
                 f"hidden_states: expected (B, {cfg.in_channels}, F, H, W), got {tuple(hidden_states.shape)}"
             )
         B, _, Fr, H, W = hidden_states.shape
+        self._check_context(encoder_hidden_states, encoder_hidden_states_image, encoder_lengths, B)
         grid = (Fr // cfg.patch_size[0], H // cfg.patch_size[1], W // cfg.patch_size[2])
         x = self.patch_embed(patchify(hidden_states, cfg.patch_size))  # (B, S, dim)
         temb, mod = self.embed_time(timestep, B, x.shape[1], encoder_hidden_states.dtype)

@@ -221,6 +221,38 @@ def test_bad_inputs_are_named():
         ours(torch.randn(1, 4, 1, 4, 4), torch.tensor([1.0, 2.0]), torch.randn(1, 3, 24))
     with pytest.raises(ValueError, match="patch"):
         ours(torch.randn(1, 4, 1, 5, 4), torch.tensor([1.0]), torch.randn(1, 3, 24))
+    x, t = torch.randn(2, 4, 1, 4, 4), torch.tensor([1.0, 2.0])
+    with pytest.raises(ValueError, match=r"encoder_hidden_states: expected \(2, L, 24\), got \(2, 3, 25\)"):
+        ours(x, t, torch.randn(2, 3, 25))
+    with pytest.raises(ValueError, match=r"encoder_hidden_states: expected \(2, L, 24\), got \(1, 3, 24\)"):
+        ours(x, t, torch.randn(1, 3, 24))
+    with pytest.raises(ValueError, match="encoder_hidden_states_image: this model has no image projection"):
+        ours(x, t, torch.randn(2, 3, 24), torch.randn(2, 5, 8))
+    with pytest.raises(ValueError, match=r"encoder_lengths: expected an int tensor of shape \(2,\)"):
+        ours(x, t, torch.randn(2, 3, 24), encoder_lengths=torch.tensor([3, 3, 3]))
+
+
+def test_training_after_an_inference_mode_forward():
+    """The RoPE tables cached by a first forward under torch.inference_mode are ordinary tensors: a later
+    training forward on the same grid can save them for backward (it raised)."""
+    _, ours = make_pair()
+    x, t, text = torch.randn(1, 4, 2, 4, 4), torch.tensor([500.0]), torch.randn(1, 3, 24)
+    with torch.inference_mode():
+        ours(x, t, text)
+    ours(x, t, text).square().mean().backward()
+    assert all(p.grad is not None for p in ours.parameters() if p.requires_grad)
+
+
+def test_from_pretrained_reads_out_channels_null(tmp_path):
+    """diffusers writes "out_channels": null for out = in; the loader reads it as in_channels."""
+    theirs, _ = make_pair()
+    config = {**theirs.config, "out_channels": None}
+    folder = tmp_path / "m"
+    WanTransformer3DModel(**{k: v for k, v in config.items() if not k.startswith("_")}).save_pretrained(
+        folder
+    )
+    assert json.loads((folder / "config.json").read_text())["out_channels"] is None
+    assert WanModel.from_pretrained(folder).cfg.out_channels == config["in_channels"]
 
 
 def test_cast_keeps_fp32_modules_and_bf16_is_close_to_fp32():
