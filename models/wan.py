@@ -79,6 +79,10 @@ class WanConfig:
     attention_backend: str = "sdpa"  # kernels.attention backend: triton | sdpa | flash_attn | te | torch
     norm_backend: str = "auto"  # kernels.adaln backend: auto (triton on CUDA) | triton | torch
     theta: float = field(default=10000.0)  # RoPE base
+    # predict_velocity's text: zero-padded to this many tokens, all attended to, as WanPipeline (and the original
+    # Wan, which was trained so) feeds it; None: only each prompt's valid tokens (cond["text_lengths"]), as the
+    # toy world's models were trained. Not a diffusers config field.
+    text_len: int | None = 512
 
     def __post_init__(self):
         self.patch_size = tuple(int(p) for p in self.patch_size)
@@ -126,7 +130,7 @@ FLAVOURS: dict[str, dict[str, Any]] = {
     # The toy world's Demonstrator/Executor: Wan2.1-I2V layout on 4 latent channels (in = 2*4 + 4).
     # Override in_channels/out_channels for other latents (T2V/TI2V: in == out).
     "toy": dict(num_attention_heads=4, attention_head_dim=32, ffn_dim=512, num_layers=4, text_dim=64,
-                freq_dim=64, in_channels=12, out_channels=4),
+                freq_dim=64, in_channels=12, out_channels=4, text_len=None),
     "1.3B": dict(**_T2V_1_3B),  # Wan2.1-T2V-1.3B
     "14B": dict(**_T2V_14B),  # Wan2.1-T2V-14B
     "i2v-14B-480p": dict(**_T2V_14B, in_channels=36, image_dim=1280, added_kv_proj_dim=5120),
@@ -232,6 +236,16 @@ class WanHead(nn.Module):
         return self.proj(adaln(x, scale, shift, eps=self.eps, backend=self.norm_backend))
 
 
+def pipeline_text(text: torch.Tensor, lengths: torch.Tensor | None, text_len: int) -> torch.Tensor:
+    """Text states (B, L, D) as WanPipeline passes them: rows past ``lengths`` zero, zero-padded (or cut) to
+    ``text_len`` rows."""
+    B, L, _ = text.shape
+    if lengths is not None:
+        valid = torch.arange(L, device=text.device)[None, :] < lengths.to(text.device)[:, None]  # (B, L)
+        text = text * valid[..., None].to(text.dtype)
+    return F.pad(text, (0, 0, 0, text_len - L)) if L < text_len else text[:, :text_len]
+
+
 def _keymap(cfg: WanConfig) -> KeyMap:
     """Our keys -> diffusers' keys (module doc: fused projections, Linear patch embedding)."""
     ce, b = "condition_embedder.", "blocks.{i}."
@@ -322,9 +336,13 @@ class WanModel(DiffusersInterop, nn.Module):
                 raise ValueError(
                     "encoder_hidden_states_image: this model has no image projection (image_dim is None)"
                 )
-            if image.dim() != 3 or image.shape[0] != batch or image.shape[2] != cfg.image_dim:
+            n = (
+                (batch, 2 * batch) if cfg.pos_embed_seq_len else (batch,)
+            )  # FLF2V: first and last frames' tokens
+            if image.dim() != 3 or image.shape[0] not in n or image.shape[2] != cfg.image_dim:
                 raise ValueError(
-                    f"encoder_hidden_states_image: expected ({batch}, N, {cfg.image_dim}), got {tuple(image.shape)}"
+                    f"encoder_hidden_states_image: expected ({' or '.join(map(str, n))}, N, {cfg.image_dim}), "
+                    f"got {tuple(image.shape)}"
                 )
         if lengths is not None and (lengths.shape != (batch,) or lengths.dtype.is_floating_point):
             raise ValueError(
@@ -400,7 +418,9 @@ class WanModel(DiffusersInterop, nn.Module):
     ) -> torch.Tensor:
         """Velocity v(x_t, t | cond) for x_t (B, C, F, h, w), t (B,) in [0, 1] or (B, F*h*w/prod(patch)).
 
-        cond: "text" (B, L, text_dim); optional "text_lengths" (B,); "image_latent" (B, C, 1, h, w) the
+        cond: "text" (B, L, text_dim); optional "text_lengths" (B,) (with ``cfg.text_len`` the text is zero-padded
+        to that length past them and attended to whole, as WanPipeline does; without, keys past them are masked
+        out); "image_latent" (B, C, 1, h, w) the
         first frame's latent (I2V); "image_tokens" (B, 257, image_dim). The image mode follows the config:
         in_channels == 2C + 4 is Wan2.1 I2V (input = [x_t, 4-channel frame-0 mask, first-frame latent
         zero-padded over time]); in_channels == C with an image latent is Wan2.2 TI2V (frame 0 of x_t is
@@ -430,9 +450,10 @@ class WanModel(DiffusersInterop, nn.Module):
             raise ValueError(
                 f"x_t: {C} channels fit neither T2V/TI2V (in_channels={cfg.in_channels}) nor I2V (2C + 4)"
             )
-        v = self(
-            x_in, timestep, cond["text"], cond.get("image_tokens"), encoder_lengths=cond.get("text_lengths")
-        )
+        text, lengths = cond["text"], cond.get("text_lengths")
+        if cfg.text_len is not None:
+            text, lengths = pipeline_text(text, lengths, cfg.text_len), None
+        v = self(x_in, timestep, text, cond.get("image_tokens"), encoder_lengths=lengths)
         if ti2v:
             t0 = self._frame0_t(t, B, h, w)  # (B, 1, h, w)
             v0 = torch.where(t0 > 0, (x_t[:, :, 0] - image[:, :, 0]) / t0.clamp_min(1e-12), 0.0)

@@ -58,7 +58,7 @@ def build_dit(flavour: str = "toy") -> nn.Module:
     C = toy_latent.LATENT_CHANNELS
     # The reference attention/RoPE/norm paths (plain torch): at the toy's 256 tokens they cost little,
     # and they run the same on CPU (no Triton driver there) and on any GPU.
-    cfg = WanConfig.flavour(flavour, in_channels=2 * C + 4, out_channels=C, text_dim=64,
+    cfg = WanConfig.flavour(flavour, in_channels=2 * C + 4, out_channels=C, text_dim=64, text_len=None,
                             attention_backend="torch", norm_backend="torch")  # fmt: skip
     return WanModel(cfg)
 
@@ -171,7 +171,9 @@ def load_demonstrator(
             f"demonstrator folder {str(folder)!r}: no demonstrator.json (run recipes/pretrain.py)"
         )
     meta = json.loads(meta_path.read_text())
-    dit = WanModel(WanConfig.from_diffusers_config(meta["dit_config"]))
+    dit = WanModel(
+        WanConfig.from_diffusers_config(meta["dit_config"], text_len=None)
+    )  # trained on valid tokens
     sd = load_file(str(folder / "demonstrator.safetensors"))
     if hasattr(dit, "load_diffusers_state_dict"):
         dit.load_diffusers_state_dict(sd)

@@ -102,6 +102,23 @@ def test_from_pretrained_errors_name_the_folder(tmp_path):
         WanModel.from_pretrained(tmp_path)
 
 
+def test_without_text_len_predict_velocity_attends_to_valid_tokens_only():
+    """text_len None (the toy world's models): the text past each prompt's length is masked out, not
+    padded and attended to."""
+    _, ours = make_pair()
+    ours.cfg.text_len = None
+    x, t, text, lengths = (
+        torch.randn(2, 4, 1, 4, 4),
+        torch.tensor([0.3, 0.7]),
+        torch.randn(2, 6, 24),
+        torch.tensor([2, 6]),
+    )
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text, "text_lengths": lengths})
+        ref = ours(x, 1000 * t, text, encoder_lengths=lengths)
+    assert torch.equal(v, ref)
+
+
 def test_encoder_lengths_equal_truncated_text():
     _, ours = make_pair()
     x, t, text = torch.randn(2, 4, 1, 4, 4), torch.tensor([10.0, 900.0]), torch.randn(2, 8, 24)
@@ -122,12 +139,23 @@ def _pipeline_i2v_input(x, image):
     return torch.cat([x, mask, padded], 1)
 
 
+def _pipeline_text(text, lengths=None):
+    """WanPipeline's prompt states, written out independently: rows past each length zero, then zero rows up
+    to max_sequence_length = 512, no attention mask."""
+    out = torch.zeros(text.shape[0], DIFFUSERS_TEXT_LEN, text.shape[2])
+    for b in range(text.shape[0]):
+        n = text.shape[1] if lengths is None else int(lengths[b])
+        out[b, :n] = text[b, :n]
+    return out
+
+
 def test_predict_velocity_t2v_and_i2v():
     theirs, ours = make_pair()
     x, t, text = torch.randn(2, 4, 2, 4, 4), torch.tensor([0.25, 0.9]), torch.randn(2, 5, 24)
+    lengths = torch.tensor([3, 5])
     with torch.no_grad():
-        v = ours.predict_velocity(x, t, {"text": text})
-        assert rel_err(v, theirs(x, 1000 * t, text, return_dict=False)[0]) <= 1e-5
+        v = ours.predict_velocity(x, t, {"text": text, "text_lengths": lengths})
+        assert rel_err(v, theirs(x, 1000 * t, _pipeline_text(text, lengths), return_dict=False)[0]) <= 1e-5
     theirs, ours = make_pair(**i2v_overrides())
     image, tokens = torch.randn(2, 4, 1, 4, 4), torch.randn(2, 5, 20)
     text = torch.randn(2, DIFFUSERS_TEXT_LEN, 24)
@@ -145,7 +173,7 @@ def test_predict_velocity_per_token_t_without_image():
     t = torch.rand(1, 2 * 2 * 2)
     with torch.no_grad():
         v = ours.predict_velocity(x, t, {"text": text})
-        assert rel_err(v, theirs(x, 1000 * t, text, return_dict=False)[0]) <= 1e-5
+        assert rel_err(v, theirs(x, 1000 * t, _pipeline_text(text), return_dict=False)[0]) <= 1e-5
 
 
 def test_predict_velocity_ti2v_first_frame():
@@ -157,7 +185,7 @@ def test_predict_velocity_ti2v_first_frame():
         x_in = torch.cat([image, x[:, :, 1:]], 2)
         ts = (1000 * t)[:, None].repeat(1, 3 * 2 * 3)
         ts[:, : 2 * 3] = 0  # frame-0 tokens are clean
-        ref = theirs(x_in, ts, text, return_dict=False)[0]
+        ref = theirs(x_in, ts, _pipeline_text(text), return_dict=False)[0]
     assert rel_err(v[:, :, 1:], ref[:, :, 1:]) <= 1e-5
     # An Euler step along v lands frame 0 on the line from the image to x_t: exactly the image at t = 0.
     x0 = x[:, :, 0] - t.view(2, 1, 1, 1) * v[:, :, 0]
