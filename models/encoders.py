@@ -173,14 +173,27 @@ def _preprocessor_config(processor_path: str | Path | None) -> dict | None:
 
 
 class ImageEncoder(nn.Module):
-    """CLIP vision tower: resize + normalise, then the penultimate layer's hidden states (Wan I2V)."""
+    """CLIP vision tower: resize + normalise, then the penultimate layer's hidden states (Wan I2V).
+
+    Preprocessing as the pipeline's image processor: with ``shortest_edge`` (CLIPImageProcessor's
+    ``size.shortest_edge`` and ``do_center_crop``) the short side is resized to it and the centre
+    ``size`` x ``size`` is cropped; without, the frame is resized to ``size`` x ``size``. Bicubic with
+    antialiasing (PIL's resampling, which the processors use)."""
 
     def __init__(
-        self, model: nn.Module, *, mean=CLIP_MEAN, std=CLIP_STD, size: int | None = None, layer: int = -2
+        self,
+        model: nn.Module,
+        *,
+        mean=CLIP_MEAN,
+        std=CLIP_STD,
+        size: int | None = None,
+        layer: int = -2,
+        shortest_edge: int | None = None,
     ):
         super().__init__()
         self.model, self.layer = model.eval().requires_grad_(False), layer
         self.size = size or model.config.image_size
+        self.shortest_edge = shortest_edge
         self.register_buffer("mean", torch.tensor(mean).view(1, 3, 1, 1), persistent=False)
         self.register_buffer("std", torch.tensor(std).view(1, 3, 1, 1), persistent=False)
         self.dim = model.config.hidden_size
@@ -202,13 +215,30 @@ class ImageEncoder(nn.Module):
             crop = pc.get("crop_size", pc.get("size"))
             size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
             kw = dict(mean=pc.get("image_mean", CLIP_MEAN), std=pc.get("image_std", CLIP_STD), size=size)
+            resize = pc.get("size")
+            if pc.get("do_center_crop", False) and isinstance(resize, dict) and "shortest_edge" in resize:
+                kw["shortest_edge"] = resize["shortest_edge"]
         return cls(model, **kw)
 
     def pixel_values(self, images: torch.Tensor) -> torch.Tensor:
         """images (B, 3, H, W) in [-1, 1] -> (B, 3, size, size) normalised pixels in the tower's dtype."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-        x = F.interpolate(images.float(), size=(self.size, self.size), mode="bicubic", align_corners=False)
+        x = images.float()
+        if (
+            self.shortest_edge
+        ):  # short side to shortest_edge (the long one rounded down, as the processor), crop
+            H, W = x.shape[-2:]
+            s = self.shortest_edge / min(H, W)
+            h, w = (self.shortest_edge, int(W * s)) if H <= W else (int(H * s), self.shortest_edge)
+            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+            top, left = (h - self.size) // 2, (w - self.size) // 2
+            x = x[:, :, top : top + self.size, left : left + self.size]
+        else:
+            x = F.interpolate(
+                x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
+            )
+        x = x.clamp(-1.0, 1.0)  # bicubic overshoot, which the processors' uint8 images cannot hold
         x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> the tower's normalised pixels
         return x.to(next(self.model.parameters()).dtype)
 

@@ -106,17 +106,34 @@ def test_text_encoder_pads_to_fixed_length_with_zeros():
         enc.encode("one string")
 
 
-def test_image_encoder_returns_penultimate_hidden_states():
+def test_image_encoder_matches_the_pipelines_image_processor(tmp_path):
+    """Tokens = the penultimate hidden states of the pipeline's own preprocessing (WanImageToVideoPipeline:
+    CLIPImageProcessor, shortest edge then centre crop, PIL bicubic) on a non-square uint8 frame: within
+    the processor's uint8 rounding (squashing the whole frame instead was 99% off)."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
     model = tiny_clip()
-    enc = ImageEncoder(model)
-    images = torch.rand(2, 3, 40, 48) * 2 - 1
-    tokens = enc.encode(images)
+    model.save_pretrained(tmp_path / "image_encoder")
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                              do_center_crop=True, resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)  # fmt: skip
+    proc.save_pretrained(tmp_path / "image_processor")
+    enc = ImageEncoder.from_pretrained(tmp_path / "image_encoder", tmp_path / "image_processor")
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(
+        torch.rand(2, 3, 5, 9, generator=g), size=(48, 84), mode="bilinear", align_corners=False
+    )
+    px = (smooth * 255).round().to(torch.uint8)  # (2, 3, 48, 84)
+    tokens = enc.encode(px.float() / 127.5 - 1)
     assert tokens.shape == (2, 1 + (32 // 8) ** 2, 16)
-    x = F.interpolate((images + 1) / 2, size=(32, 32), mode="bicubic", align_corners=False)
-    x = (x - torch.tensor(CLIP_MEAN).view(1, 3, 1, 1)) / torch.tensor(CLIP_STD).view(1, 3, 1, 1)
-    hidden = model(pixel_values=x, output_hidden_states=True).hidden_states
-    torch.testing.assert_close(tokens, hidden[-2])
-    assert not torch.allclose(tokens, hidden[-1])
+    frames = [Image.fromarray(np.ascontiguousarray(p.permute(1, 2, 0).numpy())) for p in px]
+    with torch.no_grad():
+        hidden = model(**proc(images=frames, return_tensors="pt"), output_hidden_states=True).hidden_states
+    assert ((tokens - hidden[-2]).norm() / hidden[-2].norm()).item() < 0.03
+    assert (
+        (tokens - hidden[-1]).norm() / hidden[-1].norm()
+    ).item() > 0.1  # the penultimate layer, not the last
 
 
 def test_load_encoders_from_a_pipeline_folder(tmp_path):
