@@ -99,6 +99,16 @@ class WanVAE(VideoVAE):
         return (z.float() - self.mean) / self.std
 
     @torch.no_grad()
+    def encode_i2v_condition(self, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+        """Wan2.1 I2V's condition latent, as WanImageToVideoPipeline builds it: the video [image, then
+        ``num_frames - 1`` zero (grey) frames] through the VAE, normalised -> (B, C, T', H', W'). Its frames
+        after the first are not zero: the causal VAE carries the image into them."""
+        if image.dim() != 4 or image.shape[1] != 3:
+            raise ValueError(f"image: expected (B, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
+        zeros = image.new_zeros(image.shape[0], 3, num_frames - 1, *image.shape[2:])
+        return self.encode(torch.cat([image.unsqueeze(2), zeros], dim=2))
+
+    @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:
         """Normalised latents (B, C, T', H', W') -> video (B, 3, T, H, W), clamped to [-1, 1]."""
         if latents.dim() != 5 or latents.shape[1] != self.latent_channels:

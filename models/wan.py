@@ -422,8 +422,10 @@ class WanModel(DiffusersInterop, nn.Module):
         to that length past them and attended to whole, as WanPipeline does; without, keys past them are masked
         out); "image_latent" (B, C, 1, h, w) the
         first frame's latent (I2V); "image_tokens" (B, 257, image_dim). The image mode follows the config:
-        in_channels == 2C + 4 is Wan2.1 I2V (input = [x_t, 4-channel frame-0 mask, first-frame latent
-        zero-padded over time]); in_channels == C with an image latent is Wan2.2 TI2V (frame 0 of x_t is
+        in_channels == 2C + 4 is Wan2.1 I2V (input = [x_t, 4-channel frame-0 mask, condition]; the condition
+        is cond["image_condition"] (B, C, F, h, w), the pipeline's VAE encoding of the image followed by zero
+        frames (WanVAE.encode_i2v_condition), or without it the first-frame latent zero-padded over time, the
+        toy world's convention); in_channels == C with an image latent is Wan2.2 TI2V (frame 0 of x_t is
         replaced by the latent and its tokens get timestep 0). In TI2V the returned frame-0 velocity is
         the exact one given the known clean frame, (x_t[:, :, 0] - latent) / t, so samplers keep frame 0.
         """
@@ -441,7 +443,14 @@ class WanModel(DiffusersInterop, nn.Module):
                 raise ValueError("cond['image_latent']: required by this I2V model (in_channels = 2C + 4)")
             mask = torch.zeros_like(x_t[:, :4])
             mask[:, :, 0] = 1.0  # (B, 4, F, h, w): 1 on the conditioning frame
-            x_in = torch.cat([x_t, mask, F.pad(image, (0, 0, 0, 0, 0, Fr - 1))], dim=1)
+            condition = cond.get("image_condition")  # the pipeline's VAE([image, zero frames]) (encoders.py)
+            if condition is None:  # the toy world's convention: the image latent, zero latents after it
+                condition = F.pad(image, (0, 0, 0, 0, 0, Fr - 1))
+            elif tuple(condition.shape) != (B, C, Fr, h, w):
+                raise ValueError(
+                    f"cond['image_condition']: expected {(B, C, Fr, h, w)}, got {tuple(condition.shape)}"
+                )
+            x_in = torch.cat([x_t, mask, condition.to(x_t.dtype)], dim=1)
         elif cfg.in_channels == C:
             x_in = x_t
             if ti2v:

@@ -265,7 +265,8 @@ class PromptTable:
     (N, L2, D2) ByT5 glyph states + "text_2_lengths")."""
 
     items: list[Item]
-    image: dict[str, torch.Tensor]  # "image_latent" (N, C, 1, h, w) [+ "image_tokens" (N, 257, D)]
+    # "image_latent" (N, C, 1, h, w) [+ "image_tokens" (N, 257, D)] [+ "image_condition" (N, C, T, h, w)]
+    image: dict[str, torch.Tensor]
     texts: dict[str, dict[str, torch.Tensor]]
 
     def __len__(self) -> int:
@@ -314,6 +315,9 @@ class Kit:
     # (weights path ("" = the Demonstrator), meta=False) -> module; meta=True: on the meta device, weights
     # deferred to engine.parallel.materialize (rank 0 reads them), for the Trainer or prepare_teacher only
     load_denoiser: Callable[..., nn.Module]
+    # uint8 (B, H, W, 3) -> the whole video's condition latent (B, C, T, h, w) (Wan2.1 I2V: the image and
+    # zero frames through the VAE, as its pipeline builds it), or None where the family has none
+    encode_image_condition: Callable[[np.ndarray], torch.Tensor] | None = None
 
     @torch.no_grad()
     def encode_image_cond(self, pixels: np.ndarray) -> dict[str, torch.Tensor]:
@@ -322,6 +326,8 @@ class Kit:
         out = {"image_latent": self.encode_images(pixels)}
         if self.encode_image_tokens is not None:
             out["image_tokens"] = self.encode_image_tokens(pixels)
+        if self.encode_image_condition is not None:
+            out["image_condition"] = self.encode_image_condition(pixels)
         return out
 
     @torch.no_grad()
@@ -442,7 +448,21 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
             if meta
             else load_pretrained_denoiser(cfg, weights).to(device)
         ),
+        encode_image_condition=(lambda images: vae.encode_i2v_condition(pixels(images), d.num_frames))
+        if _is_wan21_i2v(cfg, vae.latent_channels)
+        else None,
     )
+
+
+def _is_wan21_i2v(cfg: JobConfig, latent_channels: int) -> bool:
+    """A Wan2.1 I2V transformer (in_channels = 2C + 4) in ``model.pretrained``: its pipeline conditions on the
+    VAE encoding of the whole [image, zero frames] video."""
+    from models.adapter import read_config
+
+    folder = Path(cfg.model.pretrained) / "transformer"
+    if cfg.model.family != "wan" or not folder.is_dir():
+        return False
+    return read_config(folder).get("in_channels") == 2 * latent_channels + 4
 
 
 def build_denoiser(cfg: JobConfig, **overrides) -> nn.Module:

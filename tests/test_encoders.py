@@ -136,6 +136,26 @@ def test_image_encoder_matches_the_pipelines_image_processor(tmp_path):
     ).item() > 0.1  # the penultimate layer, not the last
 
 
+def test_wan_i2v_condition_matches_the_pipeline():
+    """WanVAE.encode_i2v_condition = the condition WanImageToVideoPipeline.prepare_latents builds (its last C
+    channels: VAE([image, zero frames]), normalised); its frames after the first are not zero latents (zero
+    latents, what the model got before, differ by as much as the latents themselves)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    vae = tiny_vae()
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    pipe.vae_scale_factor_temporal = pipe.vae_scale_factor_spatial = (
+        2  # the tiny VAE's (its config says 4, 8)
+    )
+    image = torch.rand(1, 3, 16, 16, generator=torch.Generator().manual_seed(0)) * 2 - 1
+    _, condition = pipe.prepare_latents(image, 1, Z, 16, 16, 5, torch.float32, "cpu", generator=None)
+    ours = WanVAE(vae).encode_i2v_condition(image, 5)
+    torch.testing.assert_close(ours, condition[:, -Z:])
+    assert ours[:, :, 1:].abs().max() > 0.1
+
+
 def test_load_encoders_from_a_pipeline_folder(tmp_path):
     vae, tok, umt5, clip = tiny_vae(), tiny_tokenizer(), tiny_umt5(), tiny_clip()
     vae.save_pretrained(tmp_path / "vae")

@@ -126,13 +126,13 @@ def test_meta_init_with_fp8_ac_compile_hsdp_matches_plain_load(tmp_path):
     assert compiled["compiled"] == 2 and compiled["dynamo_graphs"] > 0
 
 
-def _wan_pipeline_folder(path: Path) -> None:
+def _wan_pipeline_folder(path: Path, **overrides) -> None:
     """A tiny Wan pipeline folder (transformer/, vae/, tokenizer/, text_encoder/) as the sampling recipes
     read one; the debug DiT with the tiny UMT5's 16-d text states."""
     from tests.test_encoders import tiny_tokenizer, tiny_umt5, tiny_vae
 
     torch.manual_seed(4)
-    model = models.build_model("wan", "debug", text_dim=16)
+    model = models.build_model("wan", "debug", text_dim=16, **overrides)
     (path / "transformer").mkdir(parents=True)
     save_file({k: v.contiguous() for k, v in model.to_diffusers_state_dict().items()},
               path / "transformer" / "diffusion_pytorch_model.safetensors")  # fmt: skip
@@ -319,3 +319,27 @@ def test_te_fp8_with_meta_init_is_refused_naming_the_keys(tmp_path):
         ValueError, match=r"precision.fp8 = 'te' with model.meta_init = true is not supported"
     ):
         Trainer(cfg, model, lambda m, b: (m, {}), None, run_dir=tmp_path)
+
+
+def test_wan21_i2v_kit_conditions_on_the_pipelines_video_latent(tmp_path):
+    """A Wan2.1 I2V folder (transformer in_channels = 2C + 4): the kit's image cond carries the pipeline's
+    condition latent, the VAE encoding of [image, zero frames] over the whole clip; a T2V folder's has none."""
+    from models.encoders import WanVAE
+    from recipes.common import build_kit
+    from tests.test_encoders import Z
+
+    images = np.random.default_rng(0).integers(0, 256, (2, 16, 16, 3), dtype=np.uint8)
+    for name, in_channels in (("i2v", 2 * Z + 4), ("t2v", Z)):
+        _wan_pipeline_folder(tmp_path / name, in_channels=in_channels)
+        cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, [
+            "--model.family", "wan", "--model.flavour", "debug", "--model.pretrained", str(tmp_path / name),
+            "--run.device", "cpu", "--data.num_frames", "5", "--data.height", "16", "--data.width", "16"]))  # fmt: skip
+        cond = build_kit(cfg).encode_image_cond(images)
+        if name == "t2v":
+            assert "image_condition" not in cond
+            continue
+        pixels = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+        want = WanVAE.from_pretrained(tmp_path / name / "vae").encode_i2v_condition(pixels, 5)
+        assert cond["image_condition"].shape == (2, Z, 3, 8, 8)
+        torch.testing.assert_close(cond["image_condition"], want)
+        torch.testing.assert_close(cond["image_latent"], want[:, :, :1])  # the causal VAE's frame 0 alone

@@ -163,6 +163,14 @@ def test_predict_velocity_t2v_and_i2v():
         v = ours.predict_velocity(x, t, {"text": text, "image_latent": image, "image_tokens": tokens})
         ref = theirs(_pipeline_i2v_input(x, image), 1000 * t, text, tokens, return_dict=False)[0]
     assert v.shape == x.shape and rel_err(v, ref) <= 1e-5
+    # with the pipeline's condition (VAE of [image, zero frames]: not zero latents after frame 0)
+    condition = torch.randn(2, 4, 2, 4, 4)
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text, "image_latent": condition[:, :, :1],
+                                         "image_tokens": tokens, "image_condition": condition})  # fmt: skip
+        x_in = torch.cat([x, _pipeline_i2v_input(x, image)[:, 4:8], condition], 1)
+        ref = theirs(x_in, 1000 * t, text, tokens, return_dict=False)[0]
+    assert rel_err(v, ref) <= 1e-5
     with pytest.raises(ValueError, match="image_latent"):
         ours.predict_velocity(x, t, {"text": text})
 
