@@ -5,14 +5,17 @@
 
 For every (name, case, provider, metric) present in both files it prints OLD, NEW and NEW/OLD oriented
 so that > 1 is better (throughput up or time down). A benchmark that got worse by more than the
-threshold is flagged REGRESSION and the exit code is 1; records only in one file are listed. Results
-from different devices are compared only with --allow-device-mismatch (their ratios mean little).
+threshold is flagged REGRESSION and the exit code is 1; so is one whose new value is 0 or not a number,
+and one measured in OLD that fails in NEW (an error record for its case and provider, with its message;
+a "skipped: ..." record is not a failure). Other records only in one file are listed. Results from
+different devices are compared only with --allow-device-mismatch (their ratios mean little).
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import math
 import sys
 from pathlib import Path
 from typing import Any
@@ -37,27 +40,50 @@ def _index(records: list[dict]) -> dict[Key, dict]:
     return {(r["name"], r["case"], r["provider"], r["metric"]): r for r in records if r["metric"] != "error"}
 
 
+def _failures(records: list[dict]) -> dict[tuple[str, str, str], str]:
+    """(name, case, provider) -> message of the error records that are failures (not "skipped: ...")."""
+    out = {}
+    for r in records:
+        message = str((r.get("extra") or {}).get("message", ""))
+        if (
+            r["metric"] == "error"
+            and not message.startswith("skipped:")
+            and not (r.get("extra") or {}).get("skipped")
+        ):
+            out[(r["name"], r["case"], r["provider"])] = message or "error"
+    return out
+
+
 def compare(old: dict, new: dict, threshold: float) -> tuple[list[dict], list[Key], list[Key]]:
-    """Rows of (key, old, new, change) where change > 1 means better; plus keys only in old / new."""
+    """Rows of (key, old, new, change) where change > 1 means better; plus keys only in old / new. A new
+    value of 0 or NaN (where the old one was a positive number) and a benchmark that fails in ``new`` are
+    regressions (change 0; ``new`` None and ``error`` its message for a failure)."""
     a, b = _index(old["records"]), _index(new["records"])
+    failed = _failures(new["records"])
     rows = []
     for key in sorted(a.keys() & b.keys()):
         ra, rb = a[key], b[key]
-        if ra["value"] <= 0 or rb["value"] <= 0:
-            continue
-        change = rb["value"] / ra["value"]
-        if not rb.get("higher_is_better", True):
-            change = 1.0 / change
+        if not (ra["value"] > 0 and math.isfinite(ra["value"])):
+            continue  # no baseline to compare with
+        if not (rb["value"] > 0 and math.isfinite(rb["value"])):
+            change = 0.0  # collapsed to 0 or not a number
+        else:
+            change = rb["value"] / ra["value"]
+            if not rb.get("higher_is_better", True):
+                change = 1.0 / change
         rows.append(
-            {
-                "key": key,
-                "old": ra["value"],
-                "new": rb["value"],
-                "change": change,
-                "regression": change < 1.0 - threshold,
-            }
-        )
-    return rows, sorted(a.keys() - b.keys()), sorted(b.keys() - a.keys())
+            {"key": key, "old": ra["value"], "new": rb["value"], "change": change,
+             "regression": change < 1.0 - threshold}
+        )  # fmt: skip
+    only_old = []
+    for key in sorted(a.keys() - b.keys()):
+        message = failed.get(key[:3])
+        if message is None:
+            only_old.append(key)
+        else:  # measured before, fails now
+            rows.append({"key": key, "old": a[key]["value"], "new": None, "change": 0.0, "regression": True,
+                         "error": message})  # fmt: skip
+    return rows, only_old, sorted(b.keys() - a.keys())
 
 
 def format_table(rows: list[dict]) -> str:
@@ -66,10 +92,9 @@ def format_table(rows: list[dict]) -> str:
     for r in rows:
         name, case, provider, metric = r["key"]
         flag = "  REGRESSION" if r["regression"] else ""
-        lines.append(
-            f"{name:<34} {case:<22} {provider:<14} {metric:<10} {r['old']:>11.4g} {r['new']:>11.4g} "
-            f"{r['change']:>7.3f}x{flag}"
-        )
+        new = f"{r['new']:>11.4g}" if r["new"] is not None else f"{'failed':>11}"
+        line = f"{name:<34} {case:<22} {provider:<14} {metric:<10} {r['old']:>11.4g} {new} {r['change']:>7.3f}x{flag}"
+        lines.append(line + (f": {r['error'][:200]}" if r.get("error") else ""))
     return "\n".join(lines)
 
 

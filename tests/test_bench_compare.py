@@ -47,6 +47,24 @@ def test_planted_regression_flagged(tmp_path):
     assert "2 regression(s)" in r.stdout
 
 
+def test_a_benchmark_that_fails_or_collapses_is_a_regression(tmp_path):
+    """Measured before, an error record now (not a skip): flagged with its message; a throughput of 0 or NaN
+    is flagged too. A "skipped: ..." record is not a failure."""
+    from bench.common import error_record
+
+    old = _write(tmp_path, "a", 450.0, 10.0)
+    recs = [
+        error_record("attention.fwd", "wan", "triton", RuntimeError("CUDA error: an illegal memory access")),
+        record("attention.fwd", "wan", "sdpa_flash", "tflops", float("nan")),
+        record("trainer.step", "toy", "bf16", "error", 0.0, message="skipped: time budget"),
+    ]
+    new = write_results(recs, tmp_path / "b", env=environment())
+    r = _run(old, new)
+    assert r.returncode == 1, r.stdout
+    assert "2 regression(s)" in r.stdout and "illegal memory access" in r.stdout
+    assert "only in old: trainer.step / toy / bf16 / ms" in r.stdout  # the skip is listed, not flagged
+
+
 def test_time_metric_orientation(tmp_path):
     # step time DOWN is an improvement even though the value decreased
     old, new = _write(tmp_path, "a", 450.0, 10.0), _write(tmp_path, "b", 450.0, 5.0)
