@@ -3,8 +3,10 @@
     python -m bench.gpu_check [--quick] [--out DIR] [--only attention,models] [--timeout 90] [--budget 360]
 
 A module is ``bench/gpu_<area>.py`` with ``run(quick: bool) -> list[record]`` (bench.common.record).
-A module that crashes or runs past its limit becomes an "error" record (one past its limit keeps the
-records it made before: each record is journaled as it is made); the others still run. Each
+A module that crashes or runs past its limit becomes an "error" record and keeps the records it made
+before (each record is journaled as it is made; a module that crashed after writing its results, e.g. in a
+CUDA or DALI teardown, keeps all of them); the others still run. A module runs in its own process group,
+killed whole at its end, so that workers it started (torch.compile's) do not outlive it. Each
 module gets ``--timeout`` seconds, or less when the whole run's ``--budget`` has less left; a module
 that cannot start in the budget is an "error" record ("skipped: budget spent"). The result file is
 named by date and device (bench.common.write_results), rewritten after every module (so a run killed
@@ -17,6 +19,8 @@ import argparse
 import importlib
 import importlib.util
 import json
+import os
+import signal
 import subprocess
 import sys
 import time
@@ -44,13 +48,15 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
         ["--quick"] if quick else []
     )
     t0 = time.time()
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+    )
     try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout_s)
-    except subprocess.TimeoutExpired as e:
-        text = [
-            x.decode(errors="replace") if isinstance(x, bytes) else (x or "") for x in (e.stdout, e.stderr)
-        ]
-        (tmp / f"{area}.log").write_text(text[0] + "\n--- stderr (timed out) ---\n" + text[1])
+        stdout, stderr = proc.communicate(timeout=timeout_s)
+    except subprocess.TimeoutExpired:
+        _kill_group(proc.pid)
+        stdout, stderr = proc.communicate()
+        (tmp / f"{area}.log").write_text(stdout + "\n--- stderr (timed out) ---\n" + stderr)
         kept = _journal(out)  # what the module measured before its limit
         return kept + [
             record(
@@ -58,14 +64,26 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
                 message=f"timed out after {timeout_s:.0f} s ({len(kept)} records kept)",
             )
         ]  # fmt: skip
+    _kill_group(proc.pid)  # anything the module left running
     took = time.time() - t0
-    (tmp / f"{area}.log").write_text(proc.stdout + "\n--- stderr ---\n" + proc.stderr)
-    if proc.returncode != 0 or not out.exists():
-        tail = (proc.stderr or proc.stdout)[-1500:]
-        return [record(f"{area}.module", "-", "-", "error", 0.0, message=f"exit {proc.returncode}: {tail}")]
+    (tmp / f"{area}.log").write_text(stdout + "\n--- stderr ---\n" + stderr)
+    if proc.returncode != 0:
+        kept = json.loads(out.read_text()) if out.exists() else _journal(out)
+        tail = (stderr or stdout)[-1500:]
+        message = f"exit {proc.returncode} ({len(kept)} records kept): {tail}"
+        return kept + [record(f"{area}.module", "-", "-", "error", 0.0, message=message)]
+    if not out.exists():
+        return [record(f"{area}.module", "-", "-", "error", 0.0, message="exit 0 without its results file")]
     recs = json.loads(out.read_text())
     recs.append(record(f"{area}.module", "-", "-", "wall_s", took, higher_is_better=False))
     return recs
+
+
+def _kill_group(pid: int) -> None:
+    try:
+        os.killpg(pid, signal.SIGKILL)
+    except (ProcessLookupError, PermissionError):
+        pass
 
 
 def _module_name(area: str) -> str:

@@ -66,3 +66,63 @@ def test_a_module_past_its_limit_keeps_the_records_it_made(tmp_path):
     assert got[:2] == [("slow.first", "ms", 1.0), ("slow.second", "ms", 2.0)]
     assert got[2][:2] == ("slowpkg.slow.module", "error")
     assert "timed out after 8 s (2 records kept)" in res["records"][2]["extra"]["message"]
+
+
+CRASHING_MODULES = {
+    # raises after two records (journaled)
+    "raises": """
+from bench.common import record
+
+def run(quick=False):
+    record("raises.first", "a", "p", "ms", 1.0)
+    record("raises.second", "a", "p", "ms", 2.0)
+    raise RuntimeError("CUDA error: an illegal memory access")
+""",
+    # returns its records, then the process aborts at exit (as a CUDA or DALI teardown can)
+    "teardown": """
+import atexit, os
+from bench.common import record
+
+def run(quick=False):
+    atexit.register(os.abort)
+    return [record("teardown.first", "a", "p", "ms", 3.0)]
+""",
+    # starts a helper process (as torch.compile's workers) and runs past its limit
+    "spawns": """
+import subprocess, sys, time
+from pathlib import Path
+from bench.common import record
+
+def run(quick=False):
+    p = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(300)"])
+    Path(__file__).with_name("helper.pid").write_text(str(p.pid))
+    record("spawns.first", "a", "p", "ms", 4.0)
+    time.sleep(60)
+    return []
+""",
+}
+
+
+def test_a_crashed_module_keeps_its_records_and_a_killed_one_its_children_do_not_outlive_it(tmp_path):
+    pkg = tmp_path / "crashpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    for name, code in CRASHING_MODULES.items():
+        (pkg / f"{name}.py").write_text(code)
+    res = _gpu_check(
+        tmp_path, "--only", "crashpkg.raises,crashpkg.teardown,crashpkg.spawns", "--timeout", "10"
+    )
+    got = [(r["name"], r["metric"]) for r in res["records"]]
+    for name in ("raises.first", "raises.second", "teardown.first", "spawns.first"):
+        assert (name, "ms") in got, got
+    messages = {r["name"]: r["extra"].get("message", "") for r in res["records"] if r["metric"] == "error"}
+    assert (
+        "(2 records kept)" in messages["crashpkg.raises.module"]
+        and "illegal memory" in messages["crashpkg.raises.module"]
+    )
+    assert messages["crashpkg.teardown.module"].startswith("exit -6 (1 records kept)")
+    pid = int((pkg / "helper.pid").read_text())
+    status = Path(f"/proc/{pid}/status")
+    assert (
+        not status.exists() or "State:\tZ" in status.read_text()
+    )  # killed with the module (a zombie at most)
