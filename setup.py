@@ -87,6 +87,8 @@ class NvccBuildExt(build_ext):
             if os.environ.get("WMSD_BUILD_CUDA", "").strip() == "1":
                 raise
             print(f"wmsd-engine: building kernels._C failed ({e}): installing without it (Triton/torch used)")
+            # out of the list that editable installs and --inplace copy from (the loop calling us keeps its own)
+            self.extensions = [e for e in self.extensions if e is not ext]
 
 
 EXTRAS = {
