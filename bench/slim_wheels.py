@@ -174,7 +174,9 @@ def slim_wheel(
         records, record_name = [], None
         for info in zin.infolist():
             name = info.filename
-            if name.endswith(".dist-info/RECORD"):
+            if (
+                name.endswith(".dist-info/RECORD") and name.count("/") == 1
+            ):  # the wheel's own, not a vendored one
                 record_name = name
                 continue
             ext = EXT_MODULE.search(name)

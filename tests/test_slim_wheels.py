@@ -126,6 +126,7 @@ def test_pack_install_round_trip(cuda_lib, tmp_path):
             "pkg/_ext.cpython-311-x86_64-linux-gnu.so": lib,
             "pkg/include/pkg.h": b"int x;\n",
             "pkg/libk.so": lib,
+            "pkg/_vendor/v-2.0.dist-info/RECORD": b"v/__init__.py,,\n",  # a vendored package's: a plain file
         },
     )
     archive = tmp_path / "out" / "slim.tar.xz"
@@ -142,6 +143,7 @@ def test_pack_install_round_trip(cuda_lib, tmp_path):
     target = target / "fresh"
     installed = {p.relative_to(target).as_posix() for p in target.rglob("*") if p.is_file()}
     assert "pkg/_ext.cpython-312-x86_64-linux-gnu.so" in installed and "pkg/libk.so" in installed
+    assert (target / "pkg/_vendor/v-2.0.dist-info/RECORD").read_bytes() == b"v/__init__.py,,\n"
     assert (
         "pkg/_ext.cpython-311-x86_64-linux-gnu.so" not in installed and "pkg/include/pkg.h" not in installed
     )
@@ -154,6 +156,17 @@ def test_pack_install_round_trip(cuda_lib, tmp_path):
     shutil.unpack_archive(archive, unpacked)
     with zipfile.ZipFile(unpacked / "wheels" / wheel.name) as z:  # the slimmed wheel's own RECORD
         _assert_record_matches(z, "pkg-1.0.dist-info/RECORD")
+
+
+def test_a_wheel_without_its_own_record_is_refused(tmp_path):
+    """Only the top-level .dist-info/RECORD is the wheel's: a vendored one does not make a wheel of a zip
+    without it (pip would refuse the slimmed wheel on the GPU machine)."""
+    bad = tmp_path / "b-1.0-py3-none-any.whl"
+    with zipfile.ZipFile(bad, "w") as z:
+        z.writestr("b/__init__.py", "")
+        z.writestr("b/_vendor/v-2.0.dist-info/RECORD", "v/__init__.py,,\n")
+    with pytest.raises(ValueError, match="not a wheel"):
+        slim_wheels.slim_wheel(bad, tmp_path / "out.whl", python="312", sm=90, drop=[])
 
 
 def test_install_refuses_a_corrupted_archive(cuda_lib, tmp_path):
