@@ -337,8 +337,9 @@ def _row_key(r: dict) -> tuple:
 
 def compare(old: list[dict], new: list[dict], tolerance: float = 0.02) -> list[str]:
     """Regressions of the rows of ``new`` against the same (kernel, config, variant) rows of ``old``: a build
-    that failed, more spill bytes, fewer programs per SM, unpipelined loads, more synchronous products, or
-    the model's tensor-core share ``tc`` down by more than ``tolerance`` (relative). One line each."""
+    that failed, more spill bytes, fewer programs per SM, unpipelined loads, more synchronous products, fewer
+    tensor-core products in the main loop, or the model's tensor-core share ``tc`` down by more than
+    ``tolerance`` (relative). One line each."""
     # rows an older bench.codegen wrote with --split-exp (a variant since removed) match nothing
     before = {_row_key(r): r for r in old if not r.get("split_exp")}
     out = []
@@ -350,7 +351,7 @@ def compare(old: list[dict], new: list[dict], tolerance: float = 0.02) -> list[s
         if "error" in r:
             out.append(f"{name}: no longer builds ({r['error']})")
             continue
-        for col, worse in (("spill", 1), ("per_sm", -1), ("sync", 1), ("pipelined", -1)):
+        for col, worse in (("spill", 1), ("per_sm", -1), ("sync", 1), ("pipelined", -1), ("dots", -1)):
             if r.get(col) is not None and o.get(col) is not None and (r[col] - o[col]) * worse > 0:
                 out.append(f"{name}: {col} {o[col]} -> {r[col]}")
         if r.get("tc") and o.get("tc") and r["tc"] < o["tc"] * (1 - tolerance):
@@ -385,6 +386,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if os.environ.get("TRITON_INTERPRET") == "1":
         ap.error("unset TRITON_INTERPRET: the interpreter replaces the compiler")
+    if args.predict and args.compare:
+        ap.error("--compare reads the per-config rows of --json, not --predict's")
     if args.predict:
         rows = predict()
         print(f"{'variant':<40} {'forward':>8} {'backward':>9} {'fwd_bwd':>8} {'mma':>7} {'ratio':>6}")

@@ -150,7 +150,7 @@ def test_compare_flags_what_got_worse():
 
     def row(config=(128, 64, 8, 3), **kw):
         base = dict(kernel="fwd", config=list(config), tma=False, rope=False, spill=0, per_sm=1, sync=1,
-                    pipelined=6, tc=0.60, ins=360)  # fmt: skip
+                    pipelined=6, tc=0.60, ins=360, dots=2)  # fmt: skip
         return dict(base, **kw)
 
     old = [row(), row((128, 32, 4, 3), per_sm=2), row((64, 64, 4, 2))]
@@ -171,6 +171,8 @@ def test_compare_flags_what_got_worse():
         "fwd (128, 32, 4, 3): pipelined 6 -> 0",
         "fwd (64, 64, 4, 2): no longer builds (CompilationError: ...)",
     ], got
+    # a main loop that lost its tensor-core products (no wgmma, so no model share to compare) is a regression
+    assert compare(old, [row(dots=0, tc=None, sync=0)]) == ["fwd (128, 64, 8, 3): dots 2 -> 0"]
     assert compare(old, [row(tma=True, spill=99)]) == []  # another variant: not the same row
     assert compare([row(split_exp=True)], [row(spill=99)]) == []  # an older JSON's removed --split-exp rows
 
