@@ -34,6 +34,7 @@ Runs ``rl.steps`` steps (0 = train.steps) from ``rl.init`` ("" = the Demonstrato
 from __future__ import annotations
 
 import dataclasses
+import math
 import sys
 import time
 from pathlib import Path
@@ -45,6 +46,7 @@ import torch  # noqa: E402
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
 from engine.dist import end_process  # noqa: E402
+from engine.judge import Verdict  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from engine.losses import demonstrator_anchor_loss, group_advantages, grpo_policy_loss  # noqa: E402
 from kernels.sampler import flow_step  # noqa: E402
@@ -78,7 +80,6 @@ class GroupBatches:
             )
         self.cfg, self.kit, self.table, self.teacher, self.judge = cfg, kit, table, teacher, judge
         self.pending: dict | None = None
-        self.last_end: float | None = None
         self.stats = {"judge_wait_s": 0.0, "fallbacks": 0}
 
     @torch.no_grad()
@@ -101,6 +102,17 @@ class GroupBatches:
         )
         return {"step": step, "idx": idx, "traj": traj, "handle": handle, "g": g}
 
+    def wait_limit_s(self) -> float:
+        """How long a group's verdicts may take without anything failing: the service runs its batches
+        ``judge.max_concurrency`` at a time, each within its own timeout (the service's batch timeout,
+        judge.timeout_s * (max_retries + 1)), and a prefetched group's batches may be queued ahead."""
+        j, n = (
+            self.cfg.judge,
+            self.cfg.rl.prompts_per_step * self.cfg.rl.group_size * len(self.cfg.rl.reward_questions),
+        )
+        waves = math.ceil(math.ceil(n / j.max_batch) / j.max_concurrency)
+        return 2 * waves * j.timeout_s * (j.max_retries + 1) + j.timeout_s
+
     def next(self, step: int, model: torch.nn.Module) -> list[dict]:
         t_start = time.perf_counter()
         group = self.pending if self.pending and self.pending["step"] == step else self.rollout(step, model)
@@ -109,14 +121,22 @@ class GroupBatches:
         if self.cfg.rl.prefetch and step + 1 < self.cfg.train.steps:
             self.pending = self.rollout(step + 1, model)
         t_wait = time.perf_counter()
-        verdicts = group["handle"].result(timeout=self.cfg.judge.timeout_s * (self.cfg.judge.max_retries + 2))
+        n = len(group["idx"]) * len(self.cfg.rl.reward_questions)
+        try:
+            verdicts = group["handle"].result(timeout=self.wait_limit_s())
+        except TimeoutError:  # the service's own timeouts should end every batch before this: never a crash
+            log.warning(
+                "step %d: no verdicts within %.0f s; the group gets judge.fallback_score",
+                step,
+                self.wait_limit_s(),
+            )
+            verdicts = [Verdict(None, "timeout", "group wait limit", 0.0)] * n
         wait = time.perf_counter() - t_wait
         rewards = self.rewards(verdicts, len(group["idx"]))
         adv = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.adv_eps)
         K = self.cfg.rl.train_timesteps
         batch["adv"] = adv.repeat_interleave(K).to(self.kit.device)
-        step_time = t_start - self.last_end if self.last_end is not None else time.perf_counter() - t_start
-        self.last_end = t_start
+        step_time = time.perf_counter() - t_start  # this step's batch so far: rollout, targets, judge wait
         self.stats["judge_wait_s"] += wait
         logs = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
                 "judge_wait_s": wait, "judge_wait_frac": wait / max(step_time, 1e-9)}  # fmt: skip
@@ -151,10 +171,12 @@ class GroupBatches:
                 "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher}  # fmt: skip
 
     def state_dict(self) -> dict:
-        return {}  # every draw is a function of (seed, step, rank); a prefetched group is redrawn on resume
+        # every draw is a function of (seed, step, rank); a prefetched group is redrawn on resume. The judge
+        # counters go on, so that a resumed run reports the whole run's fallbacks and wait.
+        return {"stats": dict(self.stats)}
 
     def load_state_dict(self, state_dict: dict) -> None:
-        pass
+        self.stats.update(state_dict.get("stats", {}))
 
 
 def rl_loss_fn(cfg: JobConfig):

@@ -141,6 +141,20 @@ def test_rl_logs_rewards_and_judge_wait(proposed):
     assert abs(first["approx_kl"]) < 1e-3 and first["clip_frac"] == 0.0
 
 
+def test_rl_counts_judge_fallbacks_across_a_resume(proposed):
+    """A judge that never answers (connection refused): every verdict falls back, the run finishes, and a
+    resumed run reports the whole run's fallbacks (the count restarted at 0)."""
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    args = ["--distill.tasks", tasks, "--rl.group_size", "2", "--flow.num_steps", "3", "--rl.train_timesteps", "1",
+            "--judge.backend", "openai", "--judge.base_url", "http://127.0.0.1:9/v1", "--judge.model", "none",
+            "--judge.max_retries", "0", "--judge.timeout_s", "2", "--checkpoint.interval", "1"]  # fmt: skip
+    first = cli("rl", proposed, "rlfb", *args, "--rl.steps", "1")
+    again = cli("rl", proposed, "rlfb", *args, "--rl.steps", "2")
+    per_step = 2 * 2  # prompts_per_step 1 x group 2 x questions 2
+    assert f"judge fallbacks {per_step}," in first.stderr
+    assert "resumed at step 1" in again.stderr and f"judge fallbacks {2 * per_step}," in again.stderr
+
+
 def test_evaluate_writes_table_videos_and_skips_finished(proposed):
     import av
 
