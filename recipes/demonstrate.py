@@ -18,6 +18,8 @@ Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampli
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import sys
 from pathlib import Path
 
@@ -36,7 +38,6 @@ from recipes.common import (  # noqa: E402
     build_judge_backend,
     build_kit,
     dist_info,
-    finished_ids,
     load_for_sampling,
     load_items,
     read_jsonl,
@@ -120,7 +121,12 @@ def write_chunk(out: Path, items, part: dict, fps: int) -> None:
     from safetensors.torch import save_file
 
     chunk, scores = part["chunk"], part["scores"]
-    name = f"latents/chunk{chunk[0][0]}_{chunk[0][1]:06d}.safetensors"
+    # named by the first demonstration's id (not its position: a task file that gained rows shifts those), and
+    # never over an existing file, whose rows the index may still reference
+    stem = re.sub(r"[^\w.-]", "_", f"chunk{chunk[0][0]}_{items[chunk[0][1]].id}")
+    name, n = f"latents/{stem}.safetensors", 1
+    while (out / name).exists():
+        name, n = f"latents/{stem}~{n}.safetensors", n + 1
     (out / "latents").mkdir(parents=True, exist_ok=True)
     save_file({"latents": part["latents"]}, str(out / name))
     rows = [{"id": f"{items[i].id}#{j}", "item_id": items[i].id, "file": name, "row": r,
@@ -132,6 +138,26 @@ def write_chunk(out: Path, items, part: dict, fps: int) -> None:
         contact_sheet(video, out / "videos" / f"demo{k:04d}.png")
 
 
+def finished_demos(out: Path) -> set[str]:
+    """Ids of the demonstrations in ``out/index.jsonl`` whose latents file is there. Rows whose file is
+    missing (lost, or never synced before a crash) are removed from the index (rewritten atomically), so that
+    those demonstrations are made again and the index never points at nothing."""
+    index = out / "index.jsonl"
+    if not index.is_file():
+        return set()
+    rows = read_jsonl(index)
+    missing = {r["file"] for r in rows if not (out / r["file"]).is_file()}
+    if missing:
+        kept = [r for r in rows if r["file"] not in missing]
+        log.warning("%s: %d row(s) point at missing latents files (%s); making them again", index,
+                    len(rows) - len(kept), sorted(missing)[0])  # fmt: skip
+        tmp = index.with_suffix(".tmp")
+        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
+        tmp.replace(index)
+        rows = kept
+    return {r["id"] for r in rows}
+
+
 def demonstrate(cfg: JobConfig, out: Path) -> int:
     """Sample, judge and store the missing demonstrations; returns how many were written.
 
@@ -139,9 +165,7 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
     latents, scores and videos and writes them in chunk order (the files a single process writes)."""
     info = dist_info(cfg)
     items = load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else run_dir(cfg) / "tasks.jsonl")
-    done = broadcast_from_main(
-        finished_ids(out / "index.jsonl") if info.is_main else None, "demonstrate: done"
-    )
+    done = broadcast_from_main(finished_demos(out) if info.is_main else None, "demonstrate: done")
     todo = [(j, i) for j in range(cfg.distill.demos_per_task) for i in range(len(items))
             if f"{items[i].id}#{j}" not in done]  # fmt: skip
     if not todo:

@@ -155,6 +155,33 @@ def test_rl_counts_judge_fallbacks_across_a_resume(proposed):
     assert "resumed at step 1" in again.stderr and f"judge fallbacks {2 * per_step}," in again.stderr
 
 
+def test_demonstrate_resumes_after_the_task_file_grows_or_a_file_is_lost(proposed, tmp_path):
+    """A task file that gained a row in front, rerun into the same folder: the earlier demonstrations keep
+    their latents (a new chunk file overwrote one the index still pointed into). A latents file lost after a
+    crash: its rows are made again instead of the index pointing at nothing."""
+    from recipes.demonstrate import read_demos
+
+    lines = (proposed / "base" / "tasks.jsonl").read_text().splitlines(keepends=True)
+    (tmp_path / "v1.jsonl").write_text("".join(lines[1:]))
+    (tmp_path / "v2.jsonl").write_text("".join(lines))
+    (tmp_path / "images").symlink_to(proposed / "base" / "images")
+    demos = tmp_path / "demos"
+    args = ["--distill.demos", str(demos), "--eval.batch_size", "4", "--eval.write_videos", "0"]
+    cli("demonstrate", tmp_path, "d", *args, "--distill.tasks", str(tmp_path / "v1.jsonl"))
+    before_lat, before_ids, _, _ = read_demos(demos, None)
+    cli("demonstrate", tmp_path, "d", *args, "--distill.tasks", str(tmp_path / "v2.jsonl"))
+    lat, ids, _, _ = read_demos(demos, None)
+    assert len(ids) == len(lines) and set(before_ids) < set(ids)
+    for i, item in enumerate(before_ids):
+        assert torch.equal(lat[ids.index(item)], before_lat[i]), item
+    first_file = json.loads((demos / "index.jsonl").read_text().splitlines()[0])["file"]
+    (demos / first_file).unlink()
+    p = cli("demonstrate", tmp_path, "d", *args, "--distill.tasks", str(tmp_path / "v2.jsonl"))
+    assert "missing latents files" in p.stderr
+    lat2, ids2, _, _ = read_demos(demos, None)
+    assert sorted(ids2) == sorted(ids)
+
+
 def test_evaluate_writes_table_videos_and_skips_finished(proposed):
     import av
 
