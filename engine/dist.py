@@ -51,6 +51,7 @@ class DistInfo:
     local_rank: int = 0
     device: torch.device = torch.device("cpu")
     mesh: DeviceMesh | None = None
+    timeout_s: float | None = None  # parallel.timeout_s, given to every group the mesh builds
 
     @property
     def is_main(self) -> bool:
@@ -96,10 +97,11 @@ class DistInfo:
             return self.dp_mesh
         rep, shard, cp = self.mesh.shape
         if rep == 1:
-            return self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp")
+            return set_group_timeouts(self.mesh["dp_shard", "cp"]._flatten("dp_shard_cp"), self.timeout_s)
         # a 2-D mesh of its own (slicing a flattened dim from the root mesh is deprecated)
         ranks = self.mesh.mesh.reshape(rep, shard * cp)
-        return DeviceMesh(self.device.type, ranks, mesh_dim_names=("dp_replicate", "dp_shard_cp"))
+        mesh = DeviceMesh(self.device.type, ranks, mesh_dim_names=("dp_replicate", "dp_shard_cp"))
+        return set_group_timeouts(mesh, self.timeout_s)
 
     @property
     def dp_rank(self) -> int:
@@ -150,9 +152,22 @@ def mesh_shape(world_size: int, dp_replicate: int, dp_shard: int, cp: int) -> tu
 
 
 def build_mesh(device: torch.device, world_size: int, pcfg: ParallelConfig) -> DeviceMesh:
-    """A 3-D DeviceMesh ("dp_replicate", "dp_shard", "cp") over all ranks."""
+    """A 3-D DeviceMesh ("dp_replicate", "dp_shard", "cp") over all ranks, every group with parallel.timeout_s."""
     shape = mesh_shape(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp)
-    return init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
+    mesh = init_device_mesh(device.type, shape, mesh_dim_names=("dp_replicate", "dp_shard", "cp"))
+    return set_group_timeouts(mesh, pcfg.timeout_s)
+
+
+def set_group_timeouts(mesh: DeviceMesh, timeout_s: float | None) -> DeviceMesh:
+    """Give every process group of ``mesh`` the timeout ``timeout_s``: a mesh dimension that does not span
+    all ranks gets a group of its own, which torch creates with the backend's default timeout (30 min for
+    gloo, 10 for nccl), not the world group's."""
+    if timeout_s is not None:
+        from torch.distributed.distributed_c10d import _set_pg_timeout
+
+        for name in mesh.mesh_dim_names or range(mesh.ndim):
+            _set_pg_timeout(datetime.timedelta(seconds=timeout_s), mesh.get_group(name))
+    return mesh
 
 
 _CACHE: dict[tuple, DistInfo] = {}
@@ -184,7 +199,8 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
         )
     mesh = build_mesh(dev, world_size, pcfg)
     log.info("distributed: world %d, mesh %s %s", world_size, mesh.mesh_dim_names, tuple(mesh.shape))
-    _CACHE[key] = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh)
+    _CACHE[key] = DistInfo(rank=rank, world_size=world_size, local_rank=local_rank, device=dev, mesh=mesh,
+                           timeout_s=pcfg.timeout_s)  # fmt: skip
     return _CACHE[key]
 
 

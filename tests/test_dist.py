@@ -165,3 +165,58 @@ def test_end_process_flushes_and_exits(tmp_path, nproc):
         assert f"rank {rank} printed 72" in p.stdout, out[-3000:]
     assert "rank 0 logged" in out, out[-3000:]  # engine.log writes INFO on rank 0 only
     assert ("end_process returned" in p.stdout) == (nproc == 1), out[-3000:]
+
+
+TIMEOUT_SCRIPT = """
+import sys, time
+import torch, torch.distributed as dist
+from engine.config import ParallelConfig
+from engine.dist import DistTimeoutError, collective, end_process, init_distributed
+
+pc = ParallelConfig(dp_shard=1, cp=2, timeout_s=3)  # dp_replicate and dp_shard: groups of one rank each
+info = init_distributed(pc, "cpu")
+timeouts = {name: info.mesh.get_group(name)._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+            for name in info.mesh.mesh_dim_names}
+fsdp = info.fsdp_mesh.get_group()._get_backend(torch.device("cpu")).options._timeout.total_seconds()
+if info.rank == 0:
+    print("timeouts", timeouts, "fsdp", fsdp, flush=True)
+    t0 = time.time()
+    try:  # rank 1 joins 12 s late: parallel.timeout_s (3 s) must end the wait, not the backend's 30 min
+        with collective("cp all_reduce", pc.timeout_s):
+            dist.all_reduce(torch.ones(1), group=info.cp_mesh.get_group())
+        print("returned after", round(time.time() - t0), "s", flush=True)
+    except DistTimeoutError:
+        print("timed out after", round(time.time() - t0), "s", flush=True)
+else:
+    time.sleep(12)
+    try:
+        dist.all_reduce(torch.ones(1), group=info.cp_mesh.get_group())
+    except Exception:
+        pass
+end_process()
+"""
+
+
+@pytest.mark.dist
+def test_every_mesh_group_gets_the_configured_timeout(tmp_path):
+    """Mesh dimensions that do not span all ranks get process groups of their own, which torch creates with
+    the backend's default timeout (30 min on gloo): each gets parallel.timeout_s, so a stuck peer in one of
+    them is a clear timeout after it (2 gloo ranks, cp = 2)."""
+    script = tmp_path / "timeouts.py"
+    script.write_text(TIMEOUT_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc_per_node",
+        "2",
+        str(script),
+    ]
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    out = p.stdout
+    assert "timeouts {'dp_replicate': 3.0, 'dp_shard': 3.0, 'cp': 3.0} fsdp 3.0" in out, (
+        out + p.stderr[-2000:]
+    )
+    assert "timed out after 3 s" in out or "timed out after 4 s" in out, out
