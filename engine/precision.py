@@ -45,16 +45,19 @@ class FP8UnavailableError(RuntimeError):
 
 
 def fp8_filter(model: nn.Module, prec: PrecisionConfig) -> Callable[[nn.Module, str], bool]:
-    """``filter(module, fqn) -> bool``: True for the linears that should run in FP8."""
+    """``filter(module, fqn) -> bool``: True for the linears that should run in FP8: in a block, named by
+    neither ``precision.fp8_skip`` nor the model's own ``fp8_skip`` (linears fed one row per sample), with
+    sizes that are multiples of 16 and at least ``precision.fp8_min_features``."""
     blocks = getattr(model, "blocks", None)
     in_blocks = {id(m) for m in blocks.modules()} if isinstance(blocks, nn.Module) else None
+    skip = (*prec.fp8_skip, *getattr(model, "fp8_skip", ()))
 
     def keep(module: nn.Module, fqn: str) -> bool:
         if not isinstance(module, nn.Linear):
             return False
         if in_blocks is not None and id(module) not in in_blocks:
             return False
-        if any(s in fqn for s in prec.fp8_skip):
+        if any(s in fqn for s in skip):
             return False
         i, o = module.in_features, module.out_features
         return i % 16 == 0 and o % 16 == 0 and min(i, o) >= prec.fp8_min_features

@@ -325,6 +325,9 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
 
     config_cls = HunyuanVideo15Config
     keep_fp32 = ("time_embed", "time_embed_r", "norm", "norm1", "norm2")
+    # Linears an FP8 backend must leave in bf16: the blocks' modulation, fed one row per sample (its FP8
+    # casts would cost more than its matmul saves; MEASURED.md's torchao pitfall)
+    fp8_skip = ("x_mod", "c_mod")
 
     def __init__(self, cfg: HunyuanVideo15Config):
         super().__init__()

@@ -51,6 +51,19 @@ def test_fp8_filter_selects_block_linears_by_size_and_name():
     odd = nn.Module()
     odd.blocks = nn.ModuleList([nn.Linear(40, 24)])  # 24 and 40 are not multiples of 16
     assert not fp8_filter(odd, PrecisionConfig(fp8_min_features=1))(odd.blocks[0], "blocks.0")
+    model.fp8_skip = ("mod",)  # the model's own list, as HunyuanVideo-1.5's per-sample modulation
+    keep = fp8_filter(model, PrecisionConfig(fp8="torchao", fp8_min_features=32))
+    assert {n for n, m in model.named_modules() if keep(m, n)} == chosen
+
+
+def test_hunyuan_modulation_linears_stay_out_of_fp8():
+    """HunyuanVideo-1.5's blocks hold their modulation linears (one row per sample): they stay bf16."""
+    from models import build_model
+
+    model = build_model("hunyuan15", "debug")
+    keep = fp8_filter(model, PrecisionConfig(fp8="torchao", fp8_min_features=1))
+    chosen = {n for n, m in model.named_modules() if keep(m, n)}
+    assert chosen and not any(n.endswith(("x_mod", "c_mod")) for n in chosen)
 
 
 def test_torchao_fp8_trains_on_cpu(tmp_path, caplog):
