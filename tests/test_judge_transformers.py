@@ -6,6 +6,7 @@ load of the same folder answers identically, video files and grids reach the mod
 """
 
 import asyncio
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -52,7 +53,10 @@ def test_batched_equals_single_and_statuses_follow_parse(tiny_path):
 def test_fresh_load_is_deterministic_and_grid_layout(tiny_path):
     reqs = _reqs(3, frames=4)
     a = asyncio.run(TransformersJudge(tiny_path, device="cpu", num_frames=4, max_new_tokens=4).score(reqs))
-    b = asyncio.run(TransformersJudge(tiny_path, device="cpu", num_frames=4, max_new_tokens=4).score(reqs))
+    # a pathlib.Path is a folder as a str is (it was taken for a loaded model)
+    b = asyncio.run(
+        TransformersJudge(Path(tiny_path), device="cpu", num_frames=4, max_new_tokens=4).score(reqs)
+    )
     assert [v.raw for v in a] == [v.raw for v in b]
     g = asyncio.run(
         TransformersJudge(tiny_path, device="cpu", num_frames=4, layout="grid", max_new_tokens=4).score(reqs)

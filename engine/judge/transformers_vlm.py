@@ -12,6 +12,7 @@ Generation runs in a worker thread, one batch at a time per model, so the event 
 from __future__ import annotations
 
 import asyncio
+import os
 import threading
 import time
 
@@ -52,8 +53,8 @@ class TransformersVLM:
             raise ValueError(f"TransformersVLM: max_batch must be >= 1, got {max_batch}")
         self.device = device or ("cuda" if torch.cuda.is_available() else "cpu")
         dtype = dtype or (torch.bfloat16 if self.device.startswith("cuda") else torch.float32)
-        if isinstance(model_or_path, str):
-            self.model, self.tokenizer, self.image_processor = _load(model_or_path, self.device, dtype)
+        if isinstance(model_or_path, str | os.PathLike):  # a local folder
+            self.model, self.tokenizer, self.image_processor = _load(str(model_or_path), self.device, dtype)
         else:
             if tokenizer is None or image_processor is None:
                 raise ValueError("TransformersVLM: a loaded model needs tokenizer= and image_processor=")
