@@ -29,9 +29,12 @@ from engine.log import get_logger
 
 log = get_logger("metrics")
 
-# Dense peak FLOP/s per device (no sparsity), by a substring of torch.cuda.get_device_name().
+# Dense peak FLOP/s per device (no sparsity), by a substring of torch.cuda.get_device_name(), the first
+# that matches (so the PCIe and NVL parts come before the SXM one they share a name with).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
     "H200": {"bf16": 989e12, "fp8": 1979e12},
+    "H100 PCIe": {"bf16": 756e12, "fp8": 1513e12},
+    "H100 NVL": {"bf16": 835e12, "fp8": 1671e12},
     "H100": {"bf16": 989e12, "fp8": 1979e12},
     "B200": {"bf16": 2250e12, "fp8": 4500e12},
     "A100": {"bf16": 312e12, "fp8": 312e12},
@@ -76,6 +79,7 @@ def achieved_tflops(forward_flops: float, seconds: float) -> float:
 
 
 def peak_memory_gb(device: torch.device) -> float | None:
+    """Peak allocated memory (GiB) since the last reset (MetricsLogger resets it at every logged row)."""
     if device.type != "cuda":
         return None
     return torch.cuda.max_memory_allocated(device) / 2**30
@@ -151,13 +155,15 @@ class MetricsLogger:
             torch.cuda.synchronize(self.device)
         dt = time.perf_counter() - self._t0
         keys = list(self._sums)
-        vals = [self._sums[k] for k in keys]
-        tens = [v for v in vals if isinstance(v, torch.Tensor)]
-        host = _mean_over_ranks(torch.stack([t.reshape(()) for t in tens])).cpu().tolist() if tens else []
-        it = iter(host)
+        # every scalar, a device tensor or a Python float (the RL recipe's rewards, clip_frac), is averaged
+        # over ranks in one collective
+        vals = [
+            torch.as_tensor(self._sums[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys
+        ]
+        host = _mean_over_ranks(torch.stack(vals)).cpu().tolist() if vals else []
         row: dict[str, float] = {"step": step}
-        for k, v in zip(keys, vals):
-            row[k] = (next(it) if isinstance(v, torch.Tensor) else v) / self._counts[k]
+        for k, v in zip(keys, host):
+            row[k] = v / self._counts[k]
         row["step_time_s"] = dt / self._count
         row["tokens_per_s"] = self._tokens / dt if dt > 0 else 0.0
         if self._flops and dt > 0:
@@ -165,8 +171,9 @@ class MetricsLogger:
             if self.peak_flops:
                 row["mfu"] = row["tflops"] * 1e12 / self.peak_flops
         mem = peak_memory_gb(self.device)
-        if mem is not None:
+        if mem is not None:  # the interval's own peak: a one-off spike (evaluation, rollouts) shows once
             row["peak_mem_gb"] = mem
+            torch.cuda.reset_peak_memory_stats(self.device)
         row.update(counters or {})
         self._write(step, row)
         self._sums, self._counts, self._count, self._tokens, self._flops = {}, {}, 0, 0, 0.0

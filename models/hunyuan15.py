@@ -539,6 +539,20 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
 
     # ---- utilities ----------------------------------------------------------------------------
 
+    def flops_context(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+        """:meth:`flops_per_token`'s context arguments for what :meth:`predict_velocity` runs on ``cond``: the
+        text and glyph tokens trimmed to the longest valid length in the batch (as the model trims them)."""
+
+        def valid(x, n) -> int:
+            return 0 if x is None else (int(n.max()) if n is not None else x.shape[1])
+
+        image = cond.get("image_tokens")
+        return {
+            "text_len": valid(cond["text"], cond.get("text_lengths")),
+            "glyph_len": valid(cond.get("text_2"), cond.get("text_2_lengths")),
+            "image_len": 0 if image is None else image.shape[1],
+        }
+
     def flops_per_token(
         self, seq_len: int, text_len: int, *, glyph_len: int = 0, image_len: int = IMAGE_TOKENS
     ) -> float:

@@ -94,13 +94,8 @@ def work_logs(model: nn.Module, x: torch.Tensor, cond: dict) -> dict[str, float]
     pt, ph, pw = model.cfg.patch
     B, _, F, h, w = x.shape
     seq = (F // pt) * (h // ph) * (w // pw)
-    ctx = {"image_len": cond["image_tokens"].shape[1] if "image_tokens" in cond else 0}
-    if "text_2" in cond:
-        ctx["glyph_len"] = cond["text_2"].shape[1]
-    return {
-        "num_tokens": B * seq,
-        "num_flops": B * seq * float(model.flops_per_token(seq, cond["text"].shape[1], **ctx)),
-    }
+    ctx = model.flops_context(cond)  # the context predict_velocity runs (padded, trimmed, per-token times)
+    return {"num_tokens": B * seq, "num_flops": B * seq * float(model.flops_per_token(seq, **ctx))}
 
 
 def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:

@@ -220,3 +220,34 @@ def test_every_mesh_group_gets_the_configured_timeout(tmp_path):
         out + p.stderr[-2000:]
     )
     assert "timed out after 3 s" in out or "timed out after 4 s" in out, out
+
+
+FLOAT_LOGS_SCRIPT = """
+import json, sys
+import torch
+from engine.config import ParallelConfig
+from engine.dist import end_process, init_distributed
+from engine.metrics import MetricsLogger
+
+info = init_distributed(ParallelConfig(), "cpu")
+m = MetricsLogger(sys.argv[1], device=torch.device("cpu"), is_main=info.is_main, tensorboard=False)
+for step in range(2):  # a Python float (the RL recipe's rewards) and a tensor, different per rank
+    m.update({"reward": float(info.rank + step), "loss": torch.tensor(10.0 * info.rank)})
+row = m.flush(2)
+if info.is_main:
+    print(json.dumps(row), flush=True)
+end_process()
+"""
+
+
+@pytest.mark.dist
+def test_float_logs_are_averaged_over_ranks_like_tensor_logs(tmp_path):
+    """MetricsLogger averages every scalar over ranks: Python floats too (they were rank 0's alone)."""
+    script = tmp_path / "floats.py"
+    script.write_text(FLOAT_LOGS_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path / "run")]  # fmt: skip
+    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    row = json.loads(p.stdout.strip().splitlines()[-1])
+    assert row["reward"] == pytest.approx(1.0) and row["loss"] == pytest.approx(5.0)  # (0+1+1+2)/4, (0+10)/2

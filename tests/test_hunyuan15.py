@@ -157,7 +157,8 @@ def test_recipes_work_logs_count_the_whole_context():
     _, ours = make_pair(attention_backend="torch")
     (_, _, text), kw = inputs(2, latent=(2, 4, 6))
     x = torch.randn(2, 4, 2, 4, 6)
-    cond = {"text": text, "text_lengths": torch.full((2,), text.shape[1]), "image_latent": x[:, :, :1],
+    # valid text shorter than its padding: the model trims the context, and the count must too
+    cond = {"text": text, "text_lengths": torch.tensor([2, text.shape[1] - 1]), "image_latent": x[:, :, :1],
             "image_tokens": kw["image_embeds"], "text_2": kw["encoder_hidden_states_2"],
             "text_2_lengths": torch.full((2,), kw["encoder_hidden_states_2"].shape[1])}  # fmt: skip
     with FlopCounterMode(display=False) as counter, torch.no_grad():

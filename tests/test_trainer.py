@@ -262,3 +262,17 @@ def test_cuda_bf16_training_reports_memory_and_mfu(tmp_path, ac):
     assert rows[-1]["loss"] < rows[0]["loss"] and rows[0]["peak_mem_gb"] > 0
     if device_peak_flops(torch.device("cuda"), "bf16"):
         assert 0 < rows[-1]["mfu"] < 1
+
+
+def test_peak_table_tells_the_h100_variants_apart(monkeypatch):
+    """The PCIe and NVL H100s have lower peaks than the SXM part whose name they contain (MFU on a PCIe card
+    was about 24% too low)."""
+    from engine.metrics import device_peak_flops
+
+    for name, bf16 in (
+        ("NVIDIA H100 PCIe", 756e12),
+        ("NVIDIA H100 NVL", 835e12),
+        ("NVIDIA H100 80GB HBM3", 989e12),
+    ):
+        monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
+        assert device_peak_flops(torch.device("cuda"), "bf16") == bf16, name

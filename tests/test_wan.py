@@ -200,6 +200,33 @@ def test_predict_velocity_ti2v_first_frame():
     torch.testing.assert_close(x0, image[:, :, 0])
 
 
+@pytest.mark.parametrize("mode", ["t2v", "ti2v", "flf2v"])
+def test_recipes_work_logs_count_what_predict_velocity_runs(mode):
+    """recipes.common.work_logs (the trainer's MFU input) equals torch's FLOP counter on predict_velocity: the
+    text padded to text_len, TI2V's per-token timesteps, FLF2V's two frames of image tokens per sample."""
+    from recipes.common import work_logs
+
+    if mode == "flf2v":
+        _, ours = make_pair(**i2v_overrides(), pos_embed_seq_len=10, attention_backend="torch")
+        x = torch.randn(2, 4, 2, 4, 4)
+        cond = {
+            "text": torch.randn(2, 5, 24),
+            "image_latent": x[:, :, :1],
+            "image_tokens": torch.randn(4, 5, 20),
+        }
+    else:
+        _, ours = make_pair(attention_backend="torch")
+        x = torch.randn(2, 4, 3, 4, 4)
+        cond = {"text": torch.randn(2, 5, 24), "text_lengths": torch.tensor([3, 5])}
+        if mode == "ti2v":
+            cond["image_latent"] = x[:, :, :1]
+    ours.cfg.text_len = 16
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ours.predict_velocity(x, torch.tensor([0.3, 0.7]), cond)
+    logs = work_logs(ours, x, cond)
+    assert abs(logs["num_flops"] / counter.get_total_flops() - 1) < 1e-6, (logs, counter.get_total_flops())
+
+
 def test_flops_per_token_matches_flop_counter():
     for overrides, tokens in [({}, None), (i2v_overrides(), torch.randn(1, 5, 20))]:
         _, ours = make_pair(attention_backend="torch", **overrides)
