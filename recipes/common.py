@@ -416,9 +416,20 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
     shape = (vae.latent_channels, 1 + (d.num_frames - 1) // vae.temporal_compression,
              d.height // vae.spatial_compression, d.width // vae.spatial_compression)  # fmt: skip
 
-    def pixels(images: np.ndarray) -> torch.Tensor:  # uint8 (B, H, W, 3) -> (B, 3, H, W) in [-1, 1]
-        x = torch.from_numpy(np.ascontiguousarray(images)).to(device).permute(0, 3, 1, 2).float() / 127.5 - 1
-        return nn.functional.interpolate(x, size=(d.height, d.width), mode="bilinear", antialias=True)
+    crop = cfg.model.family == "hunyuan15"  # its pipeline keeps the aspect ratio and crops; Wan's stretches
+
+    def as_unit(images: np.ndarray) -> torch.Tensor:  # uint8 (B, H, W, 3) -> (B, 3, H, W) in [-1, 1]
+        x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
+        return x.permute(0, 3, 1, 2).float() / 127.5 - 1
+
+    def pixels(
+        images: np.ndarray,
+    ) -> torch.Tensor:  # the first frame as the pipeline makes it, at data's size
+        return as_unit(fit_images(images, d.height, d.width, crop=crop))
+
+    # the image tower's input: Wan's pipeline gives CLIP the image as it came (its processor resizes and crops);
+    # HunyuanVideo's gives SigLIP the first frame it made
+    tower_input = pixels if crop else as_unit
 
     if cfg.model.family == "hunyuan15" and not enc.text.has_glyph:  # its ByT5 glyph encoder
         log.warning("%s: no text_encoder_2/ (ByT5): quoted text in prompts gets no glyph tokens, unlike "
@@ -434,7 +445,7 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         fps=int(cfg.data.fps) or NATIVE_FPS.get(cfg.model.family, 16),
         encode_text=enc.text.cond,
         encode_images=lambda images: vae.encode(pixels(images).unsqueeze(2)),
-        encode_image_tokens=(lambda images: enc.image.encode(pixels(images)))
+        encode_image_tokens=(lambda images: enc.image.encode(tower_input(images)))
         if enc.image is not None
         else None,
         decode=decode,
@@ -458,6 +469,30 @@ def _is_wan21_i2v(cfg: JobConfig, latent_channels: int) -> bool:
     if cfg.model.family != "wan" or not folder.is_dir():
         return False
     return read_config(folder).get("in_channels") == 2 * latent_channels + 4
+
+
+def fit_images(images: np.ndarray, height: int, width: int, *, crop: bool) -> np.ndarray:
+    """uint8 (B, H, W, 3) -> (B, height, width, 3) as the pipelines' image processors resize a first frame
+    (PIL Lanczos on uint8): stretched to the size (Wan), or, with ``crop`` (HunyuanVideo-1.5), scaled with its
+    aspect ratio kept until it covers the size (sides rounded down) and the centre cut out."""
+    from PIL import Image
+
+    out = []
+    for img in np.asarray(images):
+        H, W = img.shape[:2]
+        if (H, W) == (height, width):
+            out.append(img)
+            continue
+        pil = Image.fromarray(np.ascontiguousarray(img))
+        if not crop:
+            out.append(np.asarray(pil.resize((width, height), Image.LANCZOS)))
+            continue
+        wider = width / height > W / H  # the target is wider than the image: width decides the scale
+        sw, sh = (width, H * width // W) if wider else (W * height // H, height)
+        scaled = np.asarray(pil.resize((sw, sh), Image.LANCZOS))
+        top, left = sh // 2 - height // 2, sw // 2 - width // 2
+        out.append(scaled[top : top + height, left : left + width])
+    return np.stack(out)
 
 
 def build_denoiser(cfg: JobConfig, **overrides) -> nn.Module:

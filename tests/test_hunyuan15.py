@@ -136,6 +136,9 @@ def test_predict_velocity_builds_the_pipeline_i2v_input():
         ours.predict_velocity(x, t, {**cond, "image_latent": image[:, :, :, :2]})
     with pytest.raises(ValueError, match="t: expected"):
         ours.predict_velocity(x, torch.rand(2, 48), cond)
+    _, meanflow = make_pair(use_meanflow=True)  # its pipeline passes timestep_r, which the samplers cannot
+    with pytest.raises(ValueError, match="use_meanflow = true needs timestep_r"):
+        meanflow.predict_velocity(x, t, cond)
 
 
 def test_flops_per_token_matches_flop_counter():
