@@ -4,7 +4,8 @@
 
 Builds ``models.build_model(model.family, model.flavour)``, trains it with the engine's Trainer on
 random latents of ``profile.latent_shape`` (frames, height, width) and random text embeddings of
-``profile.text_len`` tokens (``predict_velocity(x_t, t, {"text": (B, L, D)})``), profiles the steps
+``profile.text_len`` tokens (``predict_velocity(x_t, t, {"text": (B, L, D)})``; Wan pads them to its
+``text_len``, 512 for the real sizes, as its pipeline does, and the FLOPs count what runs), profiles the steps
 after the first (warm-up/compile) one, and prints:
 
 - the step: tokens/s, achieved TFLOP/s (3 x the model's forward FLOPs) and MFU vs the device peak;
@@ -35,7 +36,7 @@ class RandomLatents:
     """Batches of random latents and text embeddings, sized by the config (profiling only).
 
     Reads the model family's config fields ``in_channels``, ``out_channels``, ``text_dim``,
-    ``patch_size`` and its ``flops_per_token(seq_len, text_len)`` (the models/ API).
+    ``patch_size`` and its ``flops_context(cond)`` / ``flops_per_token`` (the models/ API).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: JobConfig, device: torch.device):
@@ -48,7 +49,11 @@ class RandomLatents:
         patch = math.prod(mc.patch_size)
         self.tokens = cfg.train.batch_size * F * h * w // patch
         seq = F * h * w // patch
-        self.fwd_flops = model.flops_per_token(seq, cfg.profile.text_len) * self.tokens
+        cond = {"text": torch.empty(self.text_shape, device="meta")}
+        if self.i2v:
+            cond["image_latent"] = torch.empty(1, device="meta")
+        # what predict_velocity runs on this cond (Wan pads the text to its text_len): the models/ API
+        self.fwd_flops = model.flops_per_token(seq, **model.flops_context(cond)) * self.tokens
 
     def next(self, step: int, model: torch.nn.Module) -> list[dict[str, torch.Tensor]]:
         out = []

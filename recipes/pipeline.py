@@ -123,7 +123,7 @@ def final_results(cfg: JobConfig, out: Path, executors: dict[str, Path], gap: di
 
 def gap_closed_lines(res: dict, cfg: JobConfig) -> str:
     """One line per Executor: the share of the Demonstrator's Avg gap it closes."""
-    pct = lambda x: f"{round(100 * x)}%"  # noqa: E731  (round, not :.0%, so -0.2% prints as 0%)
+    pct = lambda x: f"{round(100 * x)}%" if x == x else "n/a"  # noqa: E731  (round, not :.0%: -0.2% prints 0%; NaN: no item scored)
     rows = [f"- {name}: {pct(g['mean'])} [{pct(g['lo'])}, {pct(g['hi'])}]" for name, c in res["conditions"].items()
             if (g := c.get("gap_closed"))]  # fmt: skip
     head = f"Share of the Demonstrator's gap (solution - task, Avg) closed ({cfg.eval.ci:.0%} CI, paired bootstrap):"

@@ -37,6 +37,8 @@ def test_parse_numeric_forms_roundtrip(x):
         f"Score: {x * 5}/5",
         f"Score: {x * 4} out of 4",
         f"Score: {x} (the agent reached step 2)",
+        f"Score: {x} - the agent pushes the red block out of the tray.",  # "out of" without a number
+        f"Score: {x}. The scale of the scene is preserved.",
     ]
     for text in forms:
         score, status = parse_answer(text)

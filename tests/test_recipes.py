@@ -269,3 +269,16 @@ def test_pipeline_end_to_end_tiny(tmp_path):
 
     saved = load_toml(tmp_path / "p" / "config.toml")  # the pipeline's own config, not a stage's
     assert saved["run"]["name"] == "p" and saved["train"]["steps"] == 2 and saved["distill"]["tasks"] == ""
+
+
+def test_gap_closed_lines_say_na_for_an_executor_without_scores():
+    """An Executor with no item scored under all three conditions has a NaN gap share: the table says n/a
+    (formatting it crashed the pipeline after every stage had finished)."""
+    from engine.config import JobConfig
+    from recipes.pipeline import gap_closed_lines
+
+    nan = float("nan")
+    res = {"conditions": {"rl": {"gap_closed": {"mean": nan, "lo": nan, "hi": nan}},
+                          "onpolicy": {"gap_closed": {"mean": 0.47, "lo": 0.42, "hi": 0.51}}}}  # fmt: skip
+    text = gap_closed_lines(res, JobConfig())
+    assert "- rl: n/a [n/a, n/a]" in text and "- onpolicy: 47% [42%, 51%]" in text

@@ -276,3 +276,23 @@ def test_peak_table_tells_the_h100_variants_apart(monkeypatch):
     ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert device_peak_flops(torch.device("cuda"), "bf16") == bf16, name
+
+
+def test_bench_profile_counts_the_flops_predict_velocity_runs():
+    """bench.profile's FLOPs per batch = torch's FLOP counter on the model's predict_velocity for that batch
+    (Wan pads the profile's text to its text_len: the count used the unpadded length, 4x low)."""
+    from torch.utils.flop_counter import FlopCounterMode
+
+    from bench.profile import RandomLatents
+    from engine.config import JobConfig, build_config, overrides_to_dict
+    from models import build_model
+
+    cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, [
+        "--model.flavour", "debug", "--train.batch_size", "1", "--profile.latent_shape", "[2, 4, 4]",
+        "--profile.text_len", "8"]))  # fmt: skip
+    model = build_model("wan", "debug", attention_backend="torch")
+    batches = RandomLatents(model, cfg, torch.device("cpu"))
+    (mb,) = batches.next(0, model)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        model.predict_velocity(mb["x0"], torch.tensor([0.5]), {"text": mb["text"]})
+    assert abs(batches.fwd_flops / counter.get_total_flops() - 1) < 1e-6

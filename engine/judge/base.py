@@ -125,7 +125,8 @@ def build_prompt(request: JudgeRequest) -> str:
 _NUM = r"([-+]?\d+(?:\.\d+)?)\s*(%|/\s*\d+(?:\.\d+)?|out\s+of\s+\d+(?:\.\d+)?)?"
 _NUM_END = r"(?![.,]?\d|[eE][-+]?\d)"  # the number does not go on (decimal comma, exponent)
 _SCORE_LINE = re.compile(
-    r"\bscore\s*[:=]\s*\**\s*" + _NUM + _NUM_END + r"(?![^\n]*\b(?:out\s+of|scale)\b)", re.IGNORECASE
+    r"\bscore\s*[:=]\s*\**\s*" + _NUM + _NUM_END + r"(?![^\n]*\b(?:out\s+of|scale\s+(?:of|from))\s+\d)",
+    re.IGNORECASE,
 )
 _BARE_NUM = re.compile(r"^\s*" + _NUM + r"\s*\.?\s*$", re.IGNORECASE)
 _YES_NO = re.compile(r"^\W*(?:answer\s*[:=]\s*)?\**\s*(yes|no)\b", re.IGNORECASE)
