@@ -5,7 +5,7 @@ whose fields are section dataclasses; every section field has a default and a do
 comment. Unknown keys and wrong types fail with a one-line :class:`ConfigError` that names the key
 and lists the valid ones. The resolved config is written as ``config.toml`` into every run folder.
 
-    cfg = load_config(JobConfig, ["--config", "recipes/configs/toy.toml", "--train.lr", "1e-4"])
+    cfg = load_config(JobConfig, ["--config", "recipes/configs/wmsd_toy.toml", "--train.lr", "1e-4"])
 """
 
 from __future__ import annotations

@@ -6,9 +6,7 @@ noise; sampling steps from t to t_next < t, dt = t_next - t < 0.
     v      = v_u + g (v_c - v_u)                      (CFG, when v_uncond is given; else v = v_c)
     ODE (sigma == 0):  x_next = x + dt v,  logprob None
     SDE (sigma > 0, Flow-GRPO's discretisation of the reverse SDE with the same marginals):
-        std_t  = sigma * sqrt(t / (1 - min(t, T_MAX)))        T_MAX = 0.999
-# Launch tuning of the Triton kernel (measured on H200, bench/gpu_elementwise.py).
-TUNING = {"block": 4096, "warps": 8} keeps t = 1 finite
+        std_t  = sigma * sqrt(t / (1 - min(t, T_MAX)))        T_MAX = 0.999 keeps t = 1 finite
         mean   = x (1 + std_t^2 / (2 t) dt) + v (1 + std_t^2 (1 - t) / (2 t)) dt
         s      = std_t sqrt(-dt)
         x_next = mean + s * noise                              (noise ~ N(0, I), or x_next given)

@@ -12,8 +12,9 @@ A :class:`Kit` holds the model-specific pieces a recipe needs:
     videos = kit.decode(latents)               # uint8 (B, T, H, W, 3) for the judge and mp4 files
 
 Task files are JSONL rows ``{"id", "image", "task", "solution", "meta"}`` (image relative to the
-file's folder). Recipes that make items (propose, demonstrate, evaluate) append one row per finished
-item and skip ids already present, so an interrupted run resumes where it stopped.
+file's folder). Recipes resume where an interrupted run stopped: propose and demonstrate append rows and
+skip what is complete (propose an image with all its rows, demonstrate a demonstration whose latents file
+is there), evaluate reuses chunk scores saved with the same settings (a fingerprint).
 """
 
 from __future__ import annotations

@@ -9,9 +9,10 @@ seed (engine.evaluation.item_noise), so differences are paired. Items: ``eval.ta
 or ``eval.num_items`` held-out toy scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
 
 Writes into <run>/eval/: ``partial/<condition>/items<a>-<b>.npz``, the per-item scores of each
-finished chunk of ``eval.batch_size`` items (atomic rename; a rerun skips finished chunks, so an
-interruption costs at most one chunk per rank), one ``<condition>.npz`` of per-item scores per finished
-condition (a rerun skips those), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
+finished chunk of ``eval.batch_size`` items (atomic rename; a rerun reuses finished chunks made with the
+same items, seeds, sampling, judge, prompt and weights file -- a fingerprint saved with them -- and scores
+the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
+per-item scores per finished condition (reused on the same terms), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
 ``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
 task) and ``results.md`` (the table).
 

@@ -2,7 +2,7 @@
 
     python recipes/rl.py --config recipes/configs/wmsd_toy.toml --rl.init runs/x/model.safetensors
 
-The algorithm (the paper's is unknown: PAPER.md; this is Flow-GRPO's with WMSD's anchor). Per step:
+The algorithm (the paper does not spell out its RL algorithm; this is Flow-GRPO's with WMSD's anchor). Per step:
   1. Prompts: ``rl.prompts_per_step`` items (I, task, solution) from the task file; each is repeated
      ``rl.group_size`` = G times. The group of rollouts for the step is drawn from (seed, step, rank).
   2. Rollouts: the SDE sampler (flow.num_steps steps, noise level flow.sde_sigma) under the current
