@@ -25,6 +25,7 @@ pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
 
 ROOT = Path(__file__).resolve().parents[1]
+TORCHRUN_2 = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
 SCRIPT = ROOT / "tests" / "dist_scripts" / "train_tiny.py"
 COMMON = (
     "--train.steps 5 --train.lr 3e-3 --train.grad_accum 2 --train.batch_size 2 --train.log_every 5 "
@@ -34,7 +35,7 @@ COMMON = (
 
 def _torchrun(run_dir: Path, extra: list[str]) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    launcher = TORCHRUN_2
     cmd = [*launcher, str(SCRIPT), "--run-dir", str(run_dir), *COMMON, *extra]
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
@@ -148,15 +149,7 @@ def test_end_process_flushes_and_exits(tmp_path, nproc):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONUNBUFFERED"}  # stdout to a pipe: block-buffered
     env.update(OMP_NUM_THREADS="1", PYTHONPATH=str(ROOT))
     # --no-python: the workers run `python end.py` (torchrun's default adds -u, which would hide a missing flush)
-    launcher = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        "--no-python",
-    ]
+    launcher = [*TORCHRUN_2, "--no-python"]
     cmd = [*launcher, sys.executable, str(script)] if nproc == 2 else [sys.executable, str(script)]
     p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
     out = p.stdout + p.stderr
@@ -165,6 +158,16 @@ def test_end_process_flushes_and_exits(tmp_path, nproc):
         assert f"rank {rank} printed 72" in p.stdout, out[-3000:]
     assert "rank 0 logged" in out, out[-3000:]  # engine.log writes INFO on rank 0 only
     assert ("end_process returned" in p.stdout) == (nproc == 1), out[-3000:]
+
+
+def _two_ranks(tmp_path: Path, code: str, *args: str) -> subprocess.CompletedProcess:
+    """``code`` as a script under torchrun on 2 gloo ranks (the repo importable), with ``args``."""
+    script = tmp_path / "script.py"
+    script.write_text(code)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    return subprocess.run(
+        [*TORCHRUN_2, str(script), *args], env=env, capture_output=True, text=True, timeout=120
+    )
 
 
 TIMEOUT_SCRIPT = """
@@ -202,19 +205,7 @@ def test_every_mesh_group_gets_the_configured_timeout(tmp_path):
     """Mesh dimensions that do not span all ranks get process groups of their own, which torch creates with
     the backend's default timeout (30 min on gloo): each gets parallel.timeout_s, so a stuck peer in one of
     them is a clear timeout after it (2 gloo ranks, cp = 2)."""
-    script = tmp_path / "timeouts.py"
-    script.write_text(TIMEOUT_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [
-        sys.executable,
-        "-m",
-        "torch.distributed.run",
-        "--standalone",
-        "--nproc_per_node",
-        "2",
-        str(script),
-    ]
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    p = _two_ranks(tmp_path, TIMEOUT_SCRIPT)
     out = p.stdout
     assert "timeouts {'dp_replicate': 3.0, 'dp_shard': 3.0, 'cp': 3.0} fsdp 3.0" in out, (
         out + p.stderr[-2000:]
@@ -243,11 +234,6 @@ end_process()
 @pytest.mark.dist
 def test_float_logs_are_averaged_over_ranks_like_tensor_logs(tmp_path):
     """MetricsLogger averages every scalar over ranks: Python floats too (they were rank 0's alone)."""
-    script = tmp_path / "floats.py"
-    script.write_text(FLOAT_LOGS_SCRIPT)
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
-           str(tmp_path / "run")]  # fmt: skip
-    p = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=120)
+    p = _two_ranks(tmp_path, FLOAT_LOGS_SCRIPT, str(tmp_path / "run"))
     row = json.loads(p.stdout.strip().splitlines()[-1])
     assert row["reward"] == pytest.approx(1.0) and row["loss"] == pytest.approx(5.0)  # (0+1+1+2)/4, (0+10)/2
