@@ -200,6 +200,15 @@ def append_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
         os.fsync(f.fileno())
 
 
+def rewrite_jsonl(path: str | Path, rows: Iterable[dict]) -> None:
+    """Replace ``path`` by exactly ``rows`` (one line each), atomically: a crash leaves the old file or the
+    new one (resume drops rows this way: an image cut short, a demonstration whose latents are lost)."""
+    p = Path(path)
+    tmp = p.with_suffix(".tmp")
+    tmp.write_text("".join(json.dumps(row) + "\n" for row in rows))
+    tmp.replace(p)
+
+
 def finished_ids(path: str | Path) -> set[str]:
     """Ids of the rows already written to ``path`` (empty when it does not exist)."""
     return {r["id"] for r in read_jsonl(path)} if Path(path).is_file() else set()

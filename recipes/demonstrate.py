@@ -18,7 +18,6 @@ Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampli
 from __future__ import annotations
 
 import asyncio
-import json
 import re
 import sys
 from pathlib import Path
@@ -41,6 +40,7 @@ from recipes.common import (  # noqa: E402
     load_for_sampling,
     load_items,
     read_jsonl,
+    rewrite_jsonl,
     run_dir,
     sampling_velocity,
     save_image,
@@ -151,9 +151,7 @@ def finished_demos(out: Path) -> set[str]:
         kept = [r for r in rows if r["file"] not in missing]
         log.warning("%s: %d row(s) point at missing latents files (%s); making them again", index,
                     len(rows) - len(kept), sorted(missing)[0])  # fmt: skip
-        tmp = index.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in kept))
-        tmp.replace(index)
+        rewrite_jsonl(index, kept)
         rows = kept
     return {r["id"] for r in rows}
 

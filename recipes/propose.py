@@ -16,7 +16,6 @@ process. The images must be readable by every rank (a shared file system).
 from __future__ import annotations
 
 import asyncio
-import json
 import sys
 from collections import Counter
 from pathlib import Path
@@ -34,6 +33,7 @@ from recipes.common import (  # noqa: E402
     dist_info,
     load_image,
     read_jsonl,
+    rewrite_jsonl,
     run_dir,
     save_image,
 )
@@ -117,9 +117,7 @@ def complete_images(out: Path) -> set[str]:
     if short:
         log.warning("%s: %d image(s) with only part of their rows (interrupted write); proposing them again",
                     out, len(short))  # fmt: skip
-        tmp = out.with_suffix(".tmp")
-        tmp.write_text("".join(json.dumps(r) + "\n" for r in rows if r["meta"]["image_id"] not in short))
-        tmp.replace(out)
+        rewrite_jsonl(out, (r for r in rows if r["meta"]["image_id"] not in short))
     return set(count) - short
 
 
