@@ -102,14 +102,11 @@ class GroupBatches:
         )
         return {"step": step, "idx": idx, "traj": traj, "handle": handle, "g": g}
 
-    def wait_limit_s(self) -> float:
-        """How long a group's verdicts may take without anything failing: the service runs its batches
+    def wait_limit_s(self, n: int) -> float:
+        """How long ``n`` verdicts may take without anything failing: the service runs its batches
         ``judge.max_concurrency`` at a time, each within its own timeout (the service's batch timeout,
         judge.timeout_s * (max_retries + 1)), and a prefetched group's batches may be queued ahead."""
-        j, n = (
-            self.cfg.judge,
-            self.cfg.rl.prompts_per_step * self.cfg.rl.group_size * len(self.cfg.rl.reward_questions),
-        )
+        j = self.cfg.judge
         waves = math.ceil(math.ceil(n / j.max_batch) / j.max_concurrency)
         return 2 * waves * j.timeout_s * (j.max_retries + 1) + j.timeout_s
 
@@ -122,13 +119,12 @@ class GroupBatches:
             self.pending = self.rollout(step + 1, model)
         t_wait = time.perf_counter()
         n = len(group["idx"]) * len(self.cfg.rl.reward_questions)
+        limit = self.wait_limit_s(n)
         try:
-            verdicts = group["handle"].result(timeout=self.wait_limit_s())
+            verdicts = group["handle"].result(timeout=limit)
         except TimeoutError:  # the service's own timeouts should end every batch before this: never a crash
             log.warning(
-                "step %d: no verdicts within %.0f s; the group gets judge.fallback_score",
-                step,
-                self.wait_limit_s(),
+                "step %d: no verdicts within %.0f s; the group gets judge.fallback_score", step, limit
             )
             verdicts = [Verdict(None, "timeout", "group wait limit", 0.0)] * n
         wait = time.perf_counter() - t_wait
