@@ -44,12 +44,9 @@ def _failures(records: list[dict]) -> dict[tuple[str, str, str], str]:
     """(name, case, provider) -> message of the error records that are failures (not "skipped: ...")."""
     out = {}
     for r in records:
-        message = str((r.get("extra") or {}).get("message", ""))
-        if (
-            r["metric"] == "error"
-            and not message.startswith("skipped:")
-            and not (r.get("extra") or {}).get("skipped")
-        ):
+        extra = r.get("extra") or {}
+        message = str(extra.get("message", ""))
+        if r["metric"] == "error" and not message.startswith("skipped:") and not extra.get("skipped"):
             out[(r["name"], r["case"], r["provider"])] = message or "error"
     return out
 

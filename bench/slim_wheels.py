@@ -174,9 +174,8 @@ def slim_wheel(
         records, record_name = [], None
         for info in zin.infolist():
             name = info.filename
-            if (
-                name.endswith(".dist-info/RECORD") and name.count("/") == 1
-            ):  # the wheel's own, not a vendored one
+            # the wheel's own RECORD, not a vendored package's
+            if name.endswith(".dist-info/RECORD") and name.count("/") == 1:
                 record_name = name
                 continue
             ext = EXT_MODULE.search(name)

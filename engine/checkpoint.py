@@ -185,9 +185,8 @@ class CheckpointManager:
     def _commit(self, tmp: Path, final: Path) -> None:
         barrier("checkpoint write")
         if _rank() == 0:
-            if (
-                final / MARKER
-            ).is_file():  # this step is saved already: keep that (replacing it is not atomic)
+            # this step is saved already: keep that (replacing it is not atomic)
+            if (final / MARKER).is_file():
                 shutil.rmtree(tmp, ignore_errors=True)
                 log.info("checkpoint %s already complete; kept", final)
             else:

@@ -96,9 +96,8 @@ class CheckpointConfig:
     interval: int = 50  # save every N steps (and at the end)
     keep_last: int = 2
     async_save: bool = False
-    resume: bool = (
-        True  # resume from the newest complete checkpoint in the run folder (false: move them aside)
-    )
+    # resume from the newest complete checkpoint in the run folder (false: move them aside)
+    resume: bool = True
     export_safetensors: bool = True  # write a consolidated diffusers-layout file at the end
 
 

@@ -272,9 +272,8 @@ def flow_step(
     """
     if backend not in ("triton", "cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'triton', 'cuda' or 'torch'")
-    if (
-        guidance == 1.0
-    ):  # v_uncond + 1 (v_cond - v_uncond) is v_cond: the unconditional velocity plays no part
+    # v_uncond + 1 (v_cond - v_uncond) is v_cond: the unconditional velocity plays no part
+    if guidance == 1.0:
         v_uncond = None
     needs_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, v_cond, v_uncond, x_next, noise)

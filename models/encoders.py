@@ -235,9 +235,8 @@ class ImageEncoder(nn.Module):
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
         x = images.float()
-        if (
-            self.shortest_edge
-        ):  # short side to shortest_edge (the long one rounded down, as the processor), crop
+        # short side to shortest_edge (the long one rounded down, as the processor), then the centre crop
+        if self.shortest_edge:
             H, W = x.shape[-2:]
             s = self.shortest_edge / min(H, W)
             h, w = (self.shortest_edge, int(W * s)) if H <= W else (int(H * s), self.shortest_edge)

@@ -509,9 +509,8 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
             raise ValueError(
                 f"cond: expected a 'text' entry (B, L, {cfg.text_embed_dim}), got keys {sorted(cond)}"
             )
-        if (
-            cfg.use_meanflow
-        ):  # the pipeline passes timestep_r (the next step's time) to these; our samplers do not
+        # the pipeline passes timestep_r (the next step's time) to these; our samplers do not
+        if cfg.use_meanflow:
             raise ValueError(
                 "HunyuanVideo-1.5 with use_meanflow = true needs timestep_r (the next sampling time) in every call, "
                 "which predict_velocity does not take; use a checkpoint with use_meanflow = false"

@@ -336,9 +336,8 @@ class WanModel(DiffusersInterop, nn.Module):
                 raise ValueError(
                     "encoder_hidden_states_image: this model has no image projection (image_dim is None)"
                 )
-            n = (
-                (batch, 2 * batch) if cfg.pos_embed_seq_len else (batch,)
-            )  # FLF2V: first and last frames' tokens
+            # FLF2V: the first and last frames' tokens
+            n = (batch, 2 * batch) if cfg.pos_embed_seq_len else (batch,)
             if image.dim() != 3 or image.shape[0] not in n or image.shape[2] != cfg.image_dim:
                 raise ValueError(
                     f"encoder_hidden_states_image: expected ({' or '.join(map(str, n))}, N, {cfg.image_dim}), "

@@ -432,9 +432,8 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         x = torch.from_numpy(np.ascontiguousarray(images)).to(device)
         return x.permute(0, 3, 1, 2).float() / 127.5 - 1
 
-    def pixels(
-        images: np.ndarray,
-    ) -> torch.Tensor:  # the first frame as the pipeline makes it, at data's size
+    def pixels(images: np.ndarray) -> torch.Tensor:
+        """The first frame as the pipeline makes it, at data's size, in [-1, 1]."""
         return as_unit(fit_images(images, d.height, d.width, crop=crop))
 
     # the image tower's input: Wan's pipeline gives CLIP the image as it came (its processor resizes and crops);

@@ -171,9 +171,8 @@ def load_demonstrator(
             f"demonstrator folder {str(folder)!r}: no demonstrator.json (run recipes/pretrain.py)"
         )
     meta = json.loads(meta_path.read_text())
-    dit = WanModel(
-        WanConfig.from_diffusers_config(meta["dit_config"], text_len=None)
-    )  # trained on valid tokens
+    # trained on each prompt's valid tokens (text_len None)
+    dit = WanModel(WanConfig.from_diffusers_config(meta["dit_config"], text_len=None))
     sd = load_file(str(folder / "demonstrator.safetensors"))
     if hasattr(dit, "load_diffusers_state_dict"):
         dit.load_diffusers_state_dict(sd)

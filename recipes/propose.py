@@ -70,9 +70,8 @@ def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
             raise ValueError(f"{manifest}: row {i + 1} has no 'image' field; expected {{\"image\": path}}")
         path = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
         image_id = str(row.get("id", path.stem))
-        if (
-            image_id in first_row
-        ):  # rows and resume are keyed by it: one image's rows would pass for another's
+        # rows and resume are keyed by it: one image's rows would pass for another's
+        if image_id in first_row:
             j = first_row[image_id]
             raise ValueError(
                 f"{manifest}: rows {j + 1} and {i + 1} have the same image id {image_id!r} ({out[j][1]}, {path}); "

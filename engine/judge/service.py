@@ -132,9 +132,8 @@ class AsyncJudge:
             await self._queue.put(_Entry(request, inner, key, t0))
         finally:
             self._putting -= 1
-        if (
-            key is not None and key not in self._inflight
-        ):  # registered once queued: a cancelled wait leaves none
+        # registered once queued: a cancelled wait leaves none
+        if key is not None and key not in self._inflight:
             self._inflight[key] = inner
         self._max_depth = max(self._max_depth, self._queue.qsize())
         if self._cancelling:
