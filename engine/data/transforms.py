@@ -26,9 +26,14 @@ def variable_rate(timestamps: Sequence[float] | None) -> bool:
     off the median one (a variable-frame-rate file: phones, screen recordings, concatenated clips)."""
     if not timestamps or len(timestamps) < 3:
         return False
-    d = sorted(b - a for a, b in zip(timestamps, timestamps[1:]))
+    d = _intervals(timestamps)
     med = d[len(d) // 2]
     return med > 0 and max(abs(d[0] - med), abs(d[-1] - med)) > 0.25 * med
+
+
+def _intervals(timestamps: Sequence[float]) -> list[float]:
+    """The frame intervals of sorted presentation times, sorted (their median: ``d[len(d) // 2]``)."""
+    return sorted(b - a for a, b in zip(timestamps, timestamps[1:]))
 
 
 def frame_indices(
@@ -78,7 +83,7 @@ def max_start(
 ) -> int:
     """Largest start frame that still fits the clip; negative when the video is too short."""
     if _by_time(available, target_fps, timestamps):
-        d = sorted(b - a for a, b in zip(timestamps, timestamps[1:]))
+        d = _intervals(timestamps)
         tol = d[len(d) // 2] / 2  # the last sample may land up to half a frame past the last frame's time
         latest = timestamps[-1] + tol - (num_frames - 1) / target_fps
         return bisect.bisect_right(timestamps, latest) - 1
