@@ -25,7 +25,7 @@ E4M3 = float8 e4m3fn, max 448, 3 mantissa bits, round-to-nearest-even, saturatin
   are bit-identical).
 Forward (FA2 online softmax, base 2), per query tile i and key tile j (BLOCK_N = QUANT_BLOCK):
     s = (q8_i k8_j^T) * (s_q,i * s_k,j * scale * log2 e)          # fp32 accumulate
-    m' = max(m, rowmax s); p = 2^(s - m'); l' = l 2^(m - m') + rowsum E4M3(448 p) / 448  # quantised p
+    m' = max(m, rowmax s); p = 2^(s - m'); l' = l 2^(m - m') + rowsum p  # l from fp32 p, fp32 adds
     w_j = max(s_v,j, 2^-80 max_{t <= j} s_v,t)                      # V unit of tile j (clamped)
     acc' = acc 2^(m - m') + (E4M3(448 p) v8_j) * (w_j / 448)        # P: fixed scale 448 (p <= 1)
     out = acc / l; lse = ln2 (m + log2 l)
@@ -163,7 +163,6 @@ def _fwd_step(
     sq,
     k_ptr,
     v_ptr,
-    ones,
     SK,
     SV,
     start_n,
@@ -175,12 +174,12 @@ def _fwd_step(
     V_T: tl.constexpr,
 ):
     """One key tile of the online softmax: s = q8 k8^T s_q s_k, P448 = 448 2^(s - m'), l' = l 2^(m - m') +
-    rowsum E4M3(P448) (l in units of 1/448; l (BLOCK_M, 16), its column 0 the sums: ``ones`` is the one-hot
-    (BLOCK_N, 16) column), w' = max(s_v, max s_v 2^-80), acc' = E4M3(P448) v8 + acc 2^(m - m') w / w' (in
-    place: acc in units of w / 448, module doc). The score scale s_q s_k and the 448 ride in the exponent's
-    one FMA per element (raw * c - (m' - log2 448)) instead of two multiplies per element; the row sums are
-    a small tensor-core product (E4M3(P448) ones) instead of 64 adds per thread and tile (sm_90: 568 -> 518
-    instructions per warp and 128 x 128 tile, bench.codegen)."""
+    rowsum P448 (l in units of 1/448, fp32 adds), w' = max(s_v, max s_v 2^-80), acc' = E4M3(P448) v8 + acc
+    2^(m - m') w / w' (in place: acc in units of w / 448, module doc). The score scale s_q s_k and the 448 ride
+    in the exponent's one FMA per element (raw * c - (m' - log2 448)) instead of two multiplies per element.
+    The row sums stay off the tensor cores: Hopper's FP8 wgmma accumulates in ~22 bits (13 mantissa bits,
+    SageAttention2), and a row sum carried across key tiles in it drops the small P's (an H100 at 3f3fc34:
+    out error 5.4% -> 5.6%, every gradient worse; docs/FP8_ATTENTION.md)."""
     t = start_n // BLOCK_N
     k = tl.load(k_ptr + start_n * D)
     c = sq * tl.load(SK + t)  # > 0: max(raw * c) = max(raw) * c
@@ -196,13 +195,11 @@ def _fwd_step(
     fac = alpha * (w / w_new)
     if V_T:
         vt = tl.load(v_ptr + start_n)  # (D, BLOCK_N): keys contiguous, a K-major operand for p v
-        p8 = _e4m3_p448(p448, vt.dtype, EMULATE)
-        acc = tl.dot(p8, tl.trans(vt), acc * fac[:, None])
+        acc = tl.dot(_e4m3_p448(p448, vt.dtype, EMULATE), tl.trans(vt), acc * fac[:, None])
     else:
         v = tl.load(v_ptr + start_n * D)  # (BLOCK_N, D): channels contiguous
-        p8 = _e4m3_p448(p448, v.dtype, EMULATE)
-        acc = tl.dot(p8, v, acc * fac[:, None])
-    l_i = tl.dot(p8, ones, l_i * alpha[:, None])
+        acc = tl.dot(_e4m3_p448(p448, v.dtype, EMULATE), v, acc * fac[:, None])
+    l_i = l_i * alpha + tl.sum(p448, 1)
     return acc, m_new, l_i, w_new, w_max
 
 
@@ -256,8 +253,7 @@ def _fp8_fwd(
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
     m_i = tl.full([BLOCK_M], float("-inf"), tl.float32)
-    l_i = tl.zeros([BLOCK_M, 16], tl.float32)  # column 0: the row sums (448 l), the others 0
-    ones = tl.where((tl.arange(0, 16) == 0)[None, :] & (offs_n >= 0)[:, None], 1.0, 0.0).to(q.dtype)
+    l_i = tl.zeros([BLOCK_M], tl.float32)  # 448 l
     acc = tl.zeros([BLOCK_M, D], tl.float32)  # in units of w / 448 (module doc)
     w = tl.full([], 0.0, tl.float32)  # the current tile's V unit (first tile: acc 0 rescaled by 0 / w)
     w_max = tl.full([], 0.0, tl.float32)  # running max of s_v
@@ -273,7 +269,6 @@ def _fp8_fwd(
             sq,
             k_ptr,
             v_ptr,
-            ones,
             SK + s_base,
             SV + s_base,
             start_n,
@@ -295,7 +290,6 @@ def _fp8_fwd(
             sq,
             k_ptr,
             v_ptr,
-            ones,
             SK + s_base,
             SV + s_base,
             n_full,
@@ -306,7 +300,6 @@ def _fp8_fwd(
             BLOCK_N,
             V_T,
         )
-    l_i = tl.sum(l_i, 1)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf (l_i is 448 l)
     out = acc * (w / tl.where(empty, 1.0, l_i))[:, None]
     lse = tl.where(
@@ -1099,9 +1092,8 @@ def _fwd_emulated(quant, k_lengths, scale, Sq, Sk, block, dtype):
         m_safe = torch.where(torch.isinf(m_new), torch.zeros_like(m_new), m_new)  # rows with no key yet
         p = torch.exp2(s - m_safe[..., None])
         alpha = torch.exp2(m - m_safe)
-        p8 = _e4m3(p * E4M3_MAX)
-        lsum = lsum * alpha + p8.sum(-1) / E4M3_MAX  # l from the quantised P, as the kernel
-        pv = p8 @ v8[:, :, j : j + s.shape[-1]].float()
+        lsum = lsum * alpha + p.sum(-1)  # l from the fp32 P, as the kernel
+        pv = _e4m3(p * E4M3_MAX) @ v8[:, :, j : j + s.shape[-1]].float()
         acc = acc * alpha[..., None] + pv * (wv[..., t] / E4M3_MAX)[..., None, None]
         m = m_new
     empty = lsum == 0

@@ -52,10 +52,10 @@ def test_only_the_products_the_softmax_reads_wait(plain):
     """Per kernel, (wgmma products in the loop, those waited for at once): the forward's q k^T waits (the
     softmax reads it), its p v accumulates in place and runs on; the backward's dK/dV kernel waits for
     q k^T and dO v^T, not dV / dK; the dQ kernel for its two score products, not dQ. The FP8 kernels alike
-    (their P V and dV accumulate in place; the FP8 forward's third product, the row sums of P8, too)."""
+    (their P V and dV accumulate in place)."""
     got = {r["kernel"]: (r["dots"], r["sync"]) for r in plain}
     assert got["fwd"] == (2, 1) and got["dkdv"] == (4, 2) and got["dq"] == (3, 2), got
-    assert got["fp8_fwd"] == (3, 1) and got["fp8_dkdv"] == (4, 2) and got["fp8_dq"] == (3, 2), got
+    assert got["fp8_fwd"] == (2, 1) and got["fp8_dkdv"] == (4, 2) and got["fp8_dq"] == (3, 2), got
 
 
 @pytest.mark.parametrize("kernel", ["fwd", "fp8_fwd"])
@@ -101,14 +101,16 @@ def test_register_capped_configs_fit_two_programs_per_sm(without_interpreter):
 
 def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
     """bench/codegen's static model of the FP8 forward's loop: the score scale and the 448 of E4M3(448 P) ride
-    in the exponent's FMA and the row sums are a tensor-core product, so issuing the softmax's instructions
-    takes no longer than its exponentials on the special-function unit (scaling s and P by separate
-    multiplies made it 1.3x as long, and the row sums as adds 1.06x)."""
+    in the exponent's FMA, so issuing the softmax's instructions takes about as long as its exponentials on
+    the special-function unit (1.06x: the row sums' fp32 adds; scaling s and P by separate multiplies made it
+    1.3x). The row sums stay fp32 adds: in Hopper's FP8 wgmma, which accumulates in ~22 bits, a row sum
+    carried across key tiles lost 1.6% of accuracy on an H100 (test_only_the_products_the_softmax_reads_wait
+    counts the loop's two products)."""
     row = next(r for r in plain if r["kernel"] == "fp8_fwd")
     if row.get("issue") is None:
         pytest.skip("no cuobjdump bundled with this Triton")
     assert 0 < row["tc"] < 1 and row["mma"] > 0, row
-    assert row["issue"] <= row["mufu"], row
+    assert row["issue"] <= 1.1 * row["mufu"], row
 
 
 def test_reduce_backward_adds_dq_by_tma_reduce(without_interpreter):
@@ -196,9 +198,8 @@ _PRODUCTS = {
 
 def test_predicted_tensor_core_work_matches_the_algorithm(tmp_path, without_interpreter):
     """bench.codegen --predict: the tensor-core cycles it reads off the SASS of each variant's kernels equal
-    the product count of the algorithm, at 4,096 (bf16) and 8,192 (FP8) FLOP per cycle and SM, plus the FP8
-    forward's row sums of P8 (a 128 x 16 x 128 FP8 product per block), so every option puts exactly its
-    products on the FP8 tensor cores; and the ratios are against the first (bf16 split) row."""
+    the product count of the algorithm, at 4,096 (bf16) and 8,192 (FP8) FLOP per cycle and SM, so every option
+    puts exactly its products on the FP8 tensor cores; and the ratios are against the first (bf16 split) row."""
     pytest.importorskip("triton.backends.compiler", reason="no ahead-of-time compile API in this Triton")
     out = tmp_path / "predict.json"
     r = without_interpreter("-m", "bench.codegen", "--predict", "--json", str(out))
@@ -210,7 +211,6 @@ def test_predicted_tensor_core_work_matches_the_algorithm(tmp_path, without_inte
     product = 2 * b * b * 128  # one S^2 D product of a b x b block at head dim 128, FLOP
     for row in rows:
         n_bf16, n_fp8 = _PRODUCTS[row["variant"]]
-        row_sums = 2 * b * 16 * b / 8192 if row["variant"].startswith("fp8") else 0
-        assert row["mma"] == n_bf16 * product / 4096 + n_fp8 * product / 8192 + row_sums, row
+        assert row["mma"] == n_bf16 * product / 4096 + n_fp8 * product / 8192, row
         assert row["fwd_bwd"] == row["forward"] + row["backward"] > row["mma"], row
         assert row["ratio"] == pytest.approx(rows[0]["fwd_bwd"] / row["fwd_bwd"]), row
