@@ -111,4 +111,5 @@ def test_cuda_gqa_and_overlap_errors():
     with pytest.raises(ValueError, match="overlap"):
         cuda.qk_norm_rope_(q, q[:, :, :2], w, w, cos, sin)
     with pytest.raises(ValueError, match="last .* dim must be contiguous"):
-        cuda.qk_norm_rope_(q.transpose(2, 3), k, w, w, cos, sin)
+        # the same shape, channels strided (a transposed view would fail the shape check first)
+        cuda.qk_norm_rope_(q.transpose(2, 3).contiguous().transpose(2, 3), k, w, w, cos, sin)
