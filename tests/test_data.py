@@ -15,7 +15,15 @@ import pytest
 import torch
 
 from engine.data import VideoDataset, bucket_batches
-from engine.data.decode import DaliDecoder, PyAVDecoder, dali_available, nvdec_available, probe, yuv_to_rgb
+from engine.data.decode import (
+    DaliDecoder,
+    PyAVDecoder,
+    build_decoders,
+    dali_available,
+    nvdec_available,
+    probe,
+    yuv_to_rgb,
+)
 from engine.data.synthetic import ident_color, make_frames, write_image, write_video
 from engine.data.transforms import frame_indices, make_buckets, max_start, nearest_bucket
 
@@ -398,6 +406,22 @@ def test_dali_gpu_matches_pyav_on_h264(media):
     assert not isinstance(d, Exception), d
     assert d.is_cuda and d.shape == (4, 64, 64, 3)
     assert psnr(d.cpu(), PyAVDecoder().decode(media / "h264_4.mp4", idx)) >= 35.0
+
+
+def test_decoder_chains():
+    """What each decoder choice tries, in order: NVDEC first where there is one, then DALI's CPU path (VP9
+    files NVDEC refuses: an H100's takes VP9 from 128 x 128 only), then PyAV under "auto"."""
+    if dali_available():
+        pytest.skip(dali_available())
+    gpu = torch.cuda.is_available() and nvdec_available() is None
+    assert [d.name for d in build_decoders("auto")] == ["dali"] * gpu + ["dali_cpu", "pyav"]
+    assert [d.name for d in build_decoders("dali_cpu")] == ["dali_cpu"]
+    assert [d.name for d in build_decoders("pyav")] == ["pyav"]
+    if gpu:
+        assert [d.name for d in build_decoders("dali")] == ["dali", "dali_cpu"]
+    else:
+        with pytest.raises(RuntimeError, match="decoder 'dali'"):
+            build_decoders("dali")
 
 
 @pytest.mark.gpu
