@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -126,3 +128,13 @@ def test_a_crashed_module_keeps_its_records_and_a_killed_one_its_children_do_not
     assert (
         not status.exists() or "State:\tZ" in status.read_text()
     )  # killed with the module (a zombie at most)
+
+
+def test_trainer_cases_are_selected_by_name_after_the_baseline():
+    from bench.gpu_trainer import CASES, selected_cases
+
+    assert selected_cases(True) == CASES[:1] and selected_cases(False) == CASES
+    picked = selected_cases(False, "fp8_te+compile, bf16+compile")
+    assert [c[0] for c in picked] == ["bf16", "bf16+compile", "fp8_te+compile"]  # CASES order, baseline first
+    with pytest.raises(ValueError, match="GPU_TRAINER_CASES: unknown \\['fp8_tee'\\]"):
+        selected_cases(False, "fp8_tee")
