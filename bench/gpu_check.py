@@ -33,6 +33,7 @@ MODULES = [
     "attention",
     "elementwise",
     "attention_fp8",
+    "attention_profile",
     "fp8_training",
     "models",
     "models_hunyuan",

@@ -138,3 +138,33 @@ def test_trainer_cases_are_selected_by_name_after_the_baseline():
     assert [c[0] for c in picked] == ["bf16", "bf16+compile", "fp8_te+compile"]  # CASES order, baseline first
     with pytest.raises(ValueError, match="GPU_TRAINER_CASES: unknown \\['fp8_tee'\\]"):
         selected_cases(False, "fp8_tee")
+
+
+def test_attention_profile_groups_every_attention_kernel():
+    """bench.gpu_attention_profile sums GPU time by kernel name: each kernel the attention paths launch has
+    its group (a renamed kernel would silently count as "torch")."""
+    import triton
+
+    import kernels.attention as A
+    import kernels.attention_fp8 as F
+    import kernels.rope as R
+    from bench.gpu_attention_profile import kernel_group
+
+    launched = {
+        (A, "_attn_fwd"): "forward",
+        (A, "_attn_bwd_dkdv"): "dkdv",
+        (A, "_attn_bwd_dq"): "dq",
+        (A, "_attn_bwd_delta"): "delta",
+        (F, "_fp8_fwd"): "forward",
+        (F, "_fp8_bwd_dkdv"): "dkdv",
+        (F, "_fp8_bwd_dq"): "dq",
+        (F, "_quant_blocks_kernel"): "prepass",
+        (R, "_rope_kernel"): "rope",
+    }
+    for (module, name), group in launched.items():
+        assert isinstance(getattr(module, name), triton.runtime.KernelInterface), name
+        assert kernel_group(name) == group, name
+    assert (
+        kernel_group("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>")
+        == "torch"
+    )
