@@ -14,7 +14,7 @@
 # Time: build <= 45 s, tests <= GPU_TEST_TIMEOUT (150), benchmarks <= GPU_BENCH_TIMEOUT (285, the
 # modules share it, each at most GPU_MODULE_TIMEOUT = 90), ncu <= GPU_NCU_TIMEOUT (90): at most 9.5
 # minutes in all; GPU_ONLY=attention,elementwise limits the benchmark modules, GPU_TEST_K=attention the
-# tests (pytest -k), GPU_TESTS=0 skips them. The first H200 run
+# tests (pytest -k), GPU_TESTS=0 skips them, GPU_BENCH=0 the benchmarks. The first H200 run
 # took: wheels + build under 15 s, tests 120 s (4 xdist workers), modules 378 s, of which 100 s the data
 # module timing out (it now skips at once without DALI; bench/results/20261126_nvidia-h200.md). The H100
 # run at 23ee8ee: tests 150 s, attention + elementwise + attention_fp8 modules 260 s, ncu 31 s (457 s in
@@ -58,11 +58,13 @@ timeout "${GPU_TEST_TIMEOUT:-150}" $PY -m pytest -v $XDIST -m gpu "${SELECT[@]}"
 step "pytest exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
 fi
 
+if [ "${GPU_BENCH:-1}" = "1" ]; then
 step "benchmarks"
 BENCH_S=${GPU_BENCH_TIMEOUT:-285}
 ONLY=""; [ -n "${GPU_ONLY:-}" ] && ONLY="--only $GPU_ONLY"
 timeout "$BENCH_S" $PY -m bench.gpu_check $QUICK $ONLY --out "$OUT" --work "$LOGS/modules" \
   --timeout "${GPU_MODULE_TIMEOUT:-90}" --budget $((BENCH_S - 10)) 2>&1 | tee "$OUT/bench.log"
+fi
 if command -v ncu > /dev/null && [ "${GPU_NCU:-1}" = "1" ]; then
   step "ncu (bench.ncu_kernels)"
   timeout "${GPU_NCU_TIMEOUT:-90}" ncu --profile-from-start off --nvtx \
