@@ -55,7 +55,7 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
 _FP8_SCALES = ("SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU")  # the FP8 kernels' per-block scale vectors
-_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "KMEAN", "DQA") + _FP8_SCALES
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN") + _FP8_SCALES
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 
@@ -70,8 +70,6 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
         elif a in ("KD", "VD", "QD", "DOD"):
             rows = tiles["BLOCK_N"] if a in ("KD", "VD") else tiles["BLOCK_M"]
             sig[a] = f"tensordesc<{dtype}[{rows},{tiles['D']}]>" if tma else f"*{dtype}"
-        elif a == "DQAD":  # the reduce backward's fp32 dQ buffer (unused by the split dK/dV kernel)
-            sig[a] = f"tensordesc<fp32[{tiles['BLOCK_M']},{tiles['D']}]>" if tma else "*fp32"
         elif a in _FP32_POINTERS:
             sig[a] = "*fp32"
         elif a == "KLEN":
@@ -87,8 +85,8 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
 
 def configs(kernel: str, rope: bool = False) -> list[tuple[int, ...]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) configs the autotuner tries for a kernel: kernels.attention's
-    "fwd", "dkdv", "dq", "dkdv_reduce" (BACKWARD = "reduce"), or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv",
-    "fp8_dq", "fp8_dkdv_reduce" (128-token quantisation blocks)."""
+    "fwd", "dkdv", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
+    quantisation blocks)."""
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
@@ -110,9 +108,6 @@ def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False
     unless ``fp8_dp`` (dP in FP8, bwd_fp8_dp) or ``fp8_ds`` (dQ, dK with an e4m3 dS, bwd_fp8_dqdk)."""
     bm, bn, warps, stages, *reg = config
     consts = dict(D=d, HAS_KLEN=has_klen, BLOCK_M=bm, BLOCK_N=bn)
-    if kernel.endswith("dkdv_reduce"):  # the reduce backward: dQ tiles added by TMA reduce-adds, TMA only
-        tma = True
-        consts.update(DQ_REDUCE=2)
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
 
@@ -223,7 +218,6 @@ def analyze(compiled, num_warps: int) -> dict:
             by_smem = SM_SMEM // (compiled.metadata.shared + SMEM_RESERVED)
             out["per_sm"] = min(by_regs, by_smem)
         out["ex2"] = sass.count("MUFU.EX2")
-        out["tma_reduce"] = sass.count("UTMAREDG")  # TMA reduce-adds (the reduce backward's dQ tiles)
         out.update(_loop_model(sass, num_warps))
         if out.get("mma") and out["per_sm"] and out["per_sm"] >= 2:
             out["tc2"] = out["mma"] / max(out["mma"], out["issue"], out["mufu"])
@@ -277,25 +271,22 @@ def report(kernels: list[str], *, tma: bool, rope: bool) -> list[dict]:
 
 
 # The kernels one forward + backward runs, per variant: (kernel, dP in FP8, dQ/dK in FP8). The FP8 variants
-# share the forward; dQ/dK in FP8 keeps the split backward (kernels.attention_fp8._reduce_backward).
+# share the forward.
 VARIANTS = {
     "bf16, split backward (default)": (("fwd", False, False), ("dkdv", False, False), ("dq", False, False)),
-    "bf16, BACKWARD = reduce": (("fwd", False, False), ("dkdv_reduce", False, False)),
     "fp8, split backward (default: dV fp8)": (
         ("fp8_fwd", False, False), ("fp8_dkdv", False, False), ("fp8_dq", False, False)),
     "fp8 + bwd_fp8_dp, split": (("fp8_fwd", False, False), ("fp8_dkdv", True, False), ("fp8_dq", True, False)),
     "fp8 + bwd_fp8_dqdk (e4m3 dS), split": (
         ("fp8_fwd", False, False), ("fp8_dkdv", False, True), ("fp8_dq", False, True)),
     "fp8, both options, split": (("fp8_fwd", False, False), ("fp8_dkdv", True, True), ("fp8_dq", True, True)),
-    "fp8, BACKWARD = reduce": (("fp8_fwd", False, False), ("fp8_dkdv_reduce", False, False)),
-    "fp8 + bwd_fp8_dp, BACKWARD = reduce": (("fp8_fwd", False, False), ("fp8_dkdv_reduce", True, False)),
 }  # fmt: skip
 PREDICT_BLOCK = 128  # the (query, key) block of work the prediction counts cycles for
 
 
 def predict(variants: dict = VARIANTS) -> list[dict]:
     """bench.codegen's static model per variant: cycles per SM for one PREDICT_BLOCK x PREDICT_BLOCK block of
-    (query, key) work at head dim 128, each kernel at its first config (pointer loads; the reduce kernels TMA):
+    (query, key) work at head dim 128, each kernel at its first config (pointer loads):
     per tile, tensor-core cycles plus the larger of issue and special-function cycles (no overlap between
     programs), times the tiles that cover the block. Rows: variant, forward, backward, fwd_bwd and mma (the
     tensor-core cycles alone), ratio = the first variant's fwd_bwd / this one's."""
@@ -366,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--kernel",
         default="fwd,dkdv,dq",
-        help="comma list of fwd, dkdv, dq, dkdv_reduce (bf16) and fp8_fwd, fp8_dkdv, fp8_dq, fp8_dkdv_reduce (FP8)",
+        help="comma list of fwd, dkdv, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
     )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")

@@ -1,7 +1,6 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
 before it, the default; RoPE fused into it; with the module setting kernels.attention.TMA at its default,
-and as "triton[tma=off]" (pointer loads only); "triton[bwd=reduce]" with kernels.attention.BACKWARD =
-"reduce", fwd+bwd only, ratio vs triton) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
+and as "triton[tma=off]" (pointer loads only)) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -34,10 +33,9 @@ def _providers(rope, quick: bool, tma: str):
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def modes(fn, tma_mode=tma, backward="split"):  # for the call and the backward that follows it
+    def modes(fn, tma_mode=tma):  # for the call and the backward that follows it
         def run(q, k, v):
             attention_module.TMA = tma_mode
-            attention_module.BACKWARD = backward
             return fn(q, k, v)
 
         return run
@@ -66,12 +64,6 @@ def _providers(rope, quick: bool, tma: str):
     }
     if quick:  # the opt-in fused-RoPE kernels cost their own compiles
         del provs["triton+rope_fused"]
-    # the dK/dV kernel adding dQ by TMA reduce-adds (5 matmuls): needs TMA configs, so TMA "on". Last, so that a
-    # failure of this untimed kernel (a CUDA error poisons the process) costs no other provider of the shape
-    provs["triton[bwd=reduce]"] = (
-        modes(lambda q, k, v: attention(q, k, v), tma_mode="on", backward="reduce"),
-        "triton",
-    )
     try:
         import flash_attn  # noqa: F401
 
@@ -138,7 +130,7 @@ def run(quick: bool = False) -> list[dict]:
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     import kernels.attention as attention_module
 
-    tma, backward = attention_module.TMA, attention_module.BACKWARD
+    tma = attention_module.TMA
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
@@ -151,7 +143,7 @@ def run(quick: bool = False) -> list[dict]:
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA, attention_module.BACKWARD = tma, backward
+            attention_module.TMA = tma
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

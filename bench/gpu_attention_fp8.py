@@ -1,8 +1,7 @@
 """FP8 attention: speed (GPU) and accuracy (GPU kernel, or the CPU emulation) at video DiT shapes.
 
 Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8;
-forward+backward only: dQ by TMA reduce-adds (kernels.attention.BACKWARD = "reduce"), dQ/dK in FP8, and all
-five backward products in FP8) vs our bf16 Triton kernel and
+forward+backward only: dQ/dK in FP8, and all five backward products in FP8) vs our bf16 Triton kernel and
 torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that forward+backward. Accuracy:
 relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
 reference on activations with outliers (:func:`video_activations`), for bf16 and the FP8 variants.
@@ -160,18 +159,8 @@ def _providers(rope):
 
 
 def _bwd_providers(rope):
-    """Variants whose forward is triton_fp8's: measured forward+backward only. The [bwd=reduce] ones set
-    kernels.attention.BACKWARD = "reduce" (dQ by TMA reduce-adds from the dK/dV kernel), which stays set until
-    run() restores it after the case."""
-    import kernels.attention as attention_module
+    """Variants whose forward is triton_fp8's: measured forward+backward only."""
     from kernels.attention_fp8 import attention_fp8
-
-    def reduce(**kw):
-        def fn(q, k, v):
-            attention_module.BACKWARD = "reduce"
-            return attention_fp8(q, k, v, **kw)
-
-        return fn
 
     return {
         "triton_fp8_dqdk": (lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dqdk=True), "triton_bf16"),
@@ -179,9 +168,6 @@ def _bwd_providers(rope):
             lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dp=True, bwd_fp8_dqdk=True),
             "triton_bf16",
         ),
-        # last: an untimed kernel's failure costs no other
-        "triton_fp8[bwd=reduce]": (reduce(), "triton_fp8"),
-        "triton_fp8_dp[bwd=reduce]": (reduce(bwd_fp8_dp=True), "triton_fp8"),  # bench.codegen's fastest
     }
 
 
@@ -211,11 +197,8 @@ def run(quick: bool = False) -> list[dict]:
     """Accuracy records, then speed for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape only."""
     if not torch.cuda.is_available():
         return [record("attention_fp8.module", "-", "-", "error", 0.0, message="no CUDA device")]
-    import kernels.attention as attention_module
-
     t0 = time.time()
     recs = _accuracy_records()
-    backward = attention_module.BACKWARD
     for case in ["ltx2-512p-121f"] if quick else list(SHAPES):
         if time.time() - t0 > TIME_BUDGET_S:
             recs.append(record("attention_fp8.case", case, "-", "error", 0.0, message="skipped: time budget"))
@@ -225,8 +208,6 @@ def run(quick: bool = False) -> list[dict]:
             recs += bench_providers("attention_fp8", case, SHAPES[case], _bwd_providers, modes=("fwd_bwd",))
         except Exception as e:
             recs.append(error_record("attention_fp8.case", case, "-", e))
-        finally:
-            attention_module.BACKWARD = backward
         torch.cuda.empty_cache()
     from kernels.attention_fp8 import tuned_configs
 

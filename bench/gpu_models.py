@@ -8,9 +8,7 @@ peak measured as a bf16 8192^3 matmul in the same run.
 FP8 providers (a case's ``fp8_providers``, the Wan-1.3B case: issue 13's goal, FP8 linears + FP8
 attention >= 1.3x the bf16 step): the same model and step with FP8 linears (engine.precision.apply_fp8,
 torchao or Transformer Engine) and/or FP8 self-attention in every block
-(engine.precision.apply_attention_precision, kernels.attention_fp8; "_all": dP and dQ/dK in FP8 too;
-"_dp": dP in FP8 too; "[bwd=reduce]": kernels.attention.BACKWARD = "reduce" for that provider, dQ by TMA
-reduce-adds),
+(engine.precision.apply_attention_precision, kernels.attention_fp8; "_all": dP and dQ/dK in FP8 too),
 ratio vs ``ours_triton``, the bf16 step. MFU stays on the bf16 peak, so the rows compare on one scale.
 A missing backend (torchao, TE, an FP8 attention kernel for this device/dtype) or a spent time budget
 is an "error" record whose message starts with "skipped:" (extra skipped=True); other failures are
@@ -43,12 +41,9 @@ from bench.common import error_record, record
 
 DTYPE = torch.bfloat16
 # (provider, FP8 linear backend "none" | "torchao" | "te", FP8 self-attention: None (bf16), "default"
-# (dV in FP8), "all" (dV, dP, dQ/dK in FP8), "reduce" (default, BACKWARD = "reduce") or "reduce_dp" (dV, dP
-# in FP8, BACKWARD = "reduce": bench.codegen's fastest)), in the order they run (most wanted first)
+# (dV in FP8) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most wanted first)
 FP8_PROVIDERS = (
     ("ours_fp8_torchao+fp8attn", "torchao", "default"),
-    ("ours_fp8_torchao+fp8attn_dp[bwd=reduce]", "torchao", "reduce_dp"),
-    ("ours_fp8_torchao+fp8attn[bwd=reduce]", "torchao", "reduce"),
     ("ours_fp8_torchao+fp8attn_all", "torchao", "all"),
     ("ours_fp8attn", "none", "default"),
     ("ours_fp8_torchao", "torchao", None),
@@ -272,8 +267,6 @@ def _fp8_model(case: Case, linears: str, attn: str | None):
         apply_attention_precision(model, ModelConfig(attention_precision="fp8", fp8_attention_skip_blocks=[]))
         if attn == "all":
             contexts.append(lambda: fp8_backward_products(dp=True, dqdk=True))
-        elif attn == "reduce_dp":
-            contexts.append(lambda: fp8_backward_products(dp=True))
     if linears != "none":
         prec = PrecisionConfig(fp8=linears, fp8_min_features=case.fp8_min_features)
         try:
@@ -293,12 +286,8 @@ def _fp8_model(case: Case, linears: str, attn: str | None):
 
 
 def _run_fp8_providers(case: Case, peak: float, quick: bool, deadline: float) -> list[dict]:
-    """The case's FP8 providers, ratios vs ours_triton (the bf16 step); each may be skipped with a reason.
-    attn "reduce" / "reduce_dp" set kernels.attention.BACKWARD = "reduce" (read when the backward runs) for
-    their provider."""
-    import kernels.attention as attention_module
-
-    recs, backward = [], attention_module.BACKWARD
+    """The case's FP8 providers, ratios vs ours_triton (the bf16 step); each may be skipped with a reason."""
+    recs = []
     for provider, linears, attn in case.fp8_providers:
         if quick and provider not in FP8_QUICK:
             continue
@@ -307,7 +296,6 @@ def _run_fp8_providers(case: Case, peak: float, quick: bool, deadline: float) ->
             continue
         model = None
         try:
-            attention_module.BACKWARD = "reduce" if attn in ("reduce", "reduce_dp") else backward
             model, ctx = _fp8_model(case, linears, attn)
             extra = dict(fp8_linears=linears, fp8_attention=attn or "none")
             recs += _measure(
@@ -325,8 +313,6 @@ def _run_fp8_providers(case: Case, peak: float, quick: bool, deadline: float) ->
             recs.append(_skipped(case.name, provider, str(e)))
         except Exception as e:  # a failing provider is a record, never a crash
             recs.append(_error(case.name, provider, e))
-        finally:
-            attention_module.BACKWARD = backward
         del model
         _empty_cache()
     return recs

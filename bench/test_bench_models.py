@@ -107,9 +107,6 @@ def test_gpu_models_fp8_providers_run_or_skip_on_cpu(monkeypatch):
         name = {"te": "Transformer Engine", "torchao": "torchao"}[linears]
         assert name in err["extra"]["message"], err
     assert by_provider["ours_fp8attn"][0]["metric"] == "tokens_per_s"
-    import kernels.attention as attention_module
-
-    assert attention_module.BACKWARD == "split"  # the [bwd=reduce] provider's setting does not leak
     late = gm._run_fp8_providers(case, 1e12, quick=False, deadline=0.0)  # past the module's time budget
     assert [r["extra"]["message"] for r in late] == ["skipped: time budget"] * len(gm.FP8_PROVIDERS)
     model, _ = gm._fp8_model(case, "none", "all")

@@ -18,8 +18,7 @@ dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T 
 tile accumulates dK, dV over all query tiles; a separate kernel per query tile accumulates dQ over key
 tiles, so there are no atomics and gradients are bitwise reproducible. With RoPE the products use the
 rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue (gradients w.r.t. the
-unrotated inputs). BACKWARD = "reduce" (opt-in, see there) instead adds each tile's dS K into an fp32 dQ
-from the dK/dV kernel with TMA reduce-adds: 5 matmuls instead of 7.
+unrotated inputs).
 
 RoPE pairs are interleaved (kernels/rope.py): out[2i] = x[2i] c_i - x[2i+1] s_i,
 out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel the tile is split into even/odd channels in registers
@@ -62,17 +61,6 @@ FUSE_ROPE = False
 # default since the H100 run at 23ee8ee (bench/results/20261126_nvidia-h100.md): forward 1.05-1.11x the
 # pointer loads at the LTX-2 / Wan / HY shapes (540 / 550 / 572 TFLOP/s), forward+backward within -3%..+2%.
 TMA = "auto"
-# The backward: "split" (default) the dK/dV kernel, then a dQ kernel per query tile that recomputes q k^T and
-# dO v^T (7 matmuls in all, no atomics, bitwise reproducible); "reduce" the dK/dV kernel also forms dS K for
-# its key tile and adds it into an fp32 dQ buffer with TMA reduce-adds (cp.reduce.async.bulk: the L2 does the
-# adds; the copy engine reads the tile from shared memory while the next tile computes), as
-# FlashAttention-3 does: 5 matmuls, summation order not fixed. It needs TMA loads (sm_90+, see TMA); without
-# them, with deterministic=True or with fused RoPE, "split" runs. (Per-element atomic adds from registers
-# instead of TMA lost 13-18% fwd+bwd on an H100 at 23ee8ee and were removed.) bench/codegen.py's static model
-# of the sm_90 loop (Triton 3.9; 3.6 alike): a (64 x 128) tile with the dQ product costs 2,560 tensor-core +
-# 1,138 issue cycles, the split kernels 2,866 + 2,180 for the same work (about 1.36x); the model leaves out
-# the reduce-adds' L2 traffic (Sk / BLOCK_N times dQ's fp32 size). Not measured on a GPU yet.
-BACKWARD = "split"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
@@ -193,25 +181,10 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 
 
 @triton.jit
-def _add_dq(dq, DQAD, desc_row, desc_col, ptrs, ok, USE_TMA: tl.constexpr):
-    """The reduce backward's dQ tile (BLOCK_M, D) fp32 added into its buffer: one TMA reduce-add through the
-    descriptor DQAD at (desc_row, desc_col), or atomic adds at ``ptrs`` for the rows ``ok`` (the interpreter,
-    which has no descriptor reduce; a ragged tile). The bf16 and FP8 dK/dV kernels both add dQ this way."""
-    if USE_TMA:
-        DQAD.atomic_add([desc_row, desc_col], dq)
-    else:
-        tl.atomic_add(ptrs, dq, mask=ok[:, None], sem="relaxed")
-
-
-@triton.jit
-def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq,
-        stride_s, scale, qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr,
-        MASKED: tl.constexpr, PRECISION: tl.constexpr, TMA: tl.constexpr, DQ_REDUCE: tl.constexpr):
-    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q.
-    DQ_REDUCE (BACKWARD = "reduce"): also dQ += scale dS K into the fp32 buffer DQA, by a TMA reduce-add of
-    the tile through its descriptor DQAD (2, full tiles) or by atomic adds (1: the interpreter, which has no
-    descriptor reduce; and the ragged last tile, whose rows past Sq belong to the next batch in the
-    descriptor's (B*Sq, H*D) view)."""
+def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr):
+    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -229,27 +202,18 @@ def _dkdv_tile(dk, dv, k, v, k_ok, Q, DO, QD, DOD, DQA, DQAD, row0, col, LSE, DE
     p_t = tl.exp2(tl.fma(s_t, qk_scale, -(lse * 1.4426950408889634)[None, :]))
     if MASKED:
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
-    if DQ_REDUCE:  # rows of masked keys (zero k, but p may overflow there) must add nothing to dQ
-        p_t = tl.where(k_ok[:, None], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
     ds_t = p_t * (dp_t - delta[None, :])
-    ds_lp = ds_t.to(q.dtype)
-    dk = tl.dot(ds_lp, q, dk, input_precision=PRECISION)
-    if DQ_REDUCE:
-        dq = tl.dot(tl.trans(ds_lp), k, input_precision=PRECISION) * scale  # (BLOCK_M, D) fp32
-        ptrs = DQA + offs_m[:, None] * stride_s + offs_d[None, :]
-        _add_dq(dq, DQAD, row0 + start_m, col, ptrs, q_ok, DQ_REDUCE == 2 and TMA and not MASKED)
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, DQA, DQAD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale,
-        qk_scale, Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr,
-        PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr,
-        DQ_REDUCE: tl.constexpr = 0):
-    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles (with DQ_REDUCE also this key
-    tile's share of dQ, added into DQA)."""
+def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
+        Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -270,13 +234,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, DQA, DQAD, LSE, DELTA, DK, DV, COS, SIN
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, QD, DOD, DQA + q_off, DQAD, row0, col,
-            lse_ptr, delta_ptr, COS, SIN, start_m, Sq, stride_s, scale, qk_scale, D, BLOCK_M, ROPE, False,
-            PRECISION, TMA, DQ_REDUCE)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA)
     if m_full < m_hi:
-        dk, dv = _dkdv_tile(dk, dv, k, v, k_ok, Q + q_off, DO + q_off, QD, DOD, DQA + q_off, DQAD, row0, col,
-            lse_ptr, delta_ptr, COS, SIN, m_full, Sq, stride_s, scale, qk_scale, D, BLOCK_M, ROPE, True,
-            PRECISION, False, DQ_REDUCE)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -349,7 +311,7 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
 
 def _set_blocks(nargs: dict) -> None:
     """Autotune pre-hook: each tensor descriptor's block is the config's tile (rows) x D."""
-    tiles = {"KD": "BLOCK_N", "VD": "BLOCK_N", "QD": "BLOCK_M", "DOD": "BLOCK_M", "DQAD": "BLOCK_M"}
+    tiles = {"KD": "BLOCK_N", "VD": "BLOCK_N", "QD": "BLOCK_M", "DOD": "BLOCK_M"}
     for name, tile in tiles.items():
         if TensorDescriptor is not None and isinstance(nargs.get(name), TensorDescriptor):
             nargs[name].block_shape = [nargs[tile], nargs["D"]]
@@ -400,10 +362,6 @@ _TILES = {
     ("dkdv", True): ([(64, 64, 8, 3)], (32, 64)),
     ("dq", False): ([(128, 64, 8, 3), (128, 32, 8, 3), (64, 64, 8, 2, 128)], (64, 32)),
     ("dq", True): ([(64, 64, 8, 3), (128, 32, 8, 3)], (64, 32)),
-    # BACKWARD = "reduce": the dK/dV kernel with the dQ product (one more (BLOCK_M, D) fp32 tile and a shared
-    # memory tile for the reduce-add), launched with TMA configs only. sm_90: (64, 128, 8, 2) 255 registers,
-    # 48 bytes of spills (Triton 3.9; 184 in 3.6), 177 KB; (64, 64, 8, 3) 251-255 registers, no spills, 169 KB.
-    ("dkdv_reduce", False): ([(64, 128, 8, 2), (64, 64, 8, 3)], (32, 64)),
 }
 # fp32 inputs on a GPU (debugging, tests) take twice the shared memory per tile: one small config each,
 # pointer loads only.
@@ -411,7 +369,7 @@ for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dq", (64, 32)))
     for _rope in (False, True):
         _TILES[(_kernel, _rope, "fp32")] = ([(*_tiles, 4, 2)], _tiles)
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
-_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq, "dkdv_reduce": _attn_bwd_dkdv}
+_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED: dict = {}  # (kernel, rope[, "fp32"], mode) -> autotuner, built on first use
 
 
@@ -429,11 +387,7 @@ def _config_list(key: tuple, mode: str) -> list[triton.Config]:
 
 def _tuned(key: tuple, mode: str):
     if (key, mode) not in _TUNED:
-        # the reduce backward's dQ buffer is zeroed before every timing run of the autotuner and after it
-        reset = ["DQA"] if key[0] == "dkdv_reduce" else None
-        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY, reset_to_zero=reset)(
-            _RAW[key[0]]
-        )
+        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY)(_RAW[key[0]])
     return _TUNED[(key, mode)]
 
 
@@ -452,12 +406,6 @@ def tuned_configs() -> dict[str, str]:
 def _bucket(n: int) -> int:
     """Autotune key for a sequence length: next power of two, capped (long videos share one tuning)."""
     return min(triton.next_power_of_2(n), 16384)
-
-
-def _backward_mode() -> str:
-    if BACKWARD not in ("split", "reduce"):
-        raise ValueError(f"kernels.attention.BACKWARD: expected 'split' or 'reduce', got {BACKWARD!r}")
-    return BACKWARD
 
 
 def _tma_mode(q: torch.Tensor) -> str:
@@ -582,31 +530,20 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
 
 
 def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
-    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics); with BACKWARD = "reduce"
-    (and TMA loads, no fused RoPE, not deterministic) the dK/dV kernel adding dQ into an fp32 buffer."""
+    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     meta = _meta(q, k, cos, k_lengths)
-    reduce = _backward_mode() == "reduce" and not deterministic and cos is None and q.dtype != torch.float32
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     dq = torch.empty_like(q)
-    dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32) if reduce else dq
 
     def launch(mode):
         qd, dod, kd, vd = (q, do, k, v) if mode == "off" else tuple(map(_desc, (q, do, k, v)))
-        if reduce and mode != "off":  # TMA configs only: pointer-load configs would add dQ element by element
-            dqa.zero_()  # also before a retry after a failed TMA build (no partial sums kept)
-            descs = (_desc(q), _desc(do), dqa, _desc(dqa))
-            args = (q, k, v, do, *descs, lse, delta, dk, dv, cos, sin, klen) + tail
-            red = dict(meta, DQ_REDUCE=1 if _INTERPRET else 2)
-            _launch("dkdv_reduce", "BLOCK_N", Sk, B * H, args, red, deterministic, "on")
-            dq.copy_(dqa)  # fp32 -> the input dtype (the kernel applied the scale)
-            return
-        args = (q, k, v, do, qd, dod, dq, dq, lse, delta, dk, dv, cos, sin, klen) + tail
+        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, cos, sin, klen) + tail
         _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic, mode)
         args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
         _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
@@ -851,8 +788,7 @@ def attention(
     backend: "triton" (ours), "sdpa", "flash_attn", "te", or "torch" (the reference).
     triton only: fuse_rope rotates q/k inside the attention kernels instead of one apply_rope pass first;
     deterministic uses one fixed tile config (no autotuning), so results are bitwise reproducible across
-    processes (the default kernels never use atomics, so repeated calls in one process always are; the opt-in
-    BACKWARD = "reduce" adds dQ in a varying order, and deterministic=True runs the split backward instead).
+    processes (the kernels never use atomics, so repeated calls in one process always are).
     precision: "bf16" (the input dtype), or "fp8" (kernels.attention_fp8: the FP8 kernel for "triton", its
     pure-torch emulation for "torch"; other backends and unsupported inputs warn once and run bf16).
     """

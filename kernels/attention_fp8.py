@@ -64,8 +64,7 @@ Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), d
   K - mean K is formed in fp32 and rounded to the input dtype once per backward (:func:`smoothed_keys_lp`),
   and the dQ kernel multiplies dS by it (no per-tile row sum of dS: ~100 fewer instructions per tile).
 Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query tiles), one dQ kernel (per
-query tile), no atomics; with kernels.attention.BACKWARD = "reduce" (bf16 dQ) the dK/dV kernel adds dQ by
-TMA reduce-adds instead and there is no dQ kernel. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
+query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
 travel in float16 (every e4m3 and e5m2 value is exact in fp16) and the in-kernel P and dS rounding is an
 exact bit-level rounding (_round_fp8), so the CPU tests compare the same kernel against the emulation.
 Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, or a GPU without FP8 (sm < 8.9) run the
@@ -86,8 +85,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-import kernels.attention as _attention_module
-from kernels.attention import TensorDescriptor, _add_dq, _attn_bwd_delta, _bucket
+from kernels.attention import _attn_bwd_delta, _bucket
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -328,12 +326,6 @@ def _dkdv_step(
     sk,
     v,
     sv,
-    ks,
-    k_ok,
-    DQA,
-    DQAD,
-    dq_row,
-    scale,
     Q,
     Q8,
     Q8T,
@@ -359,7 +351,6 @@ def _dkdv_step(
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    DQ_REDUCE: tl.constexpr,
 ):
     """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P r)^T dO8 with r = clamp(s_dO /
     s_ref, 2^-80, 1) carried in the exponent (dV in units of s_ref / 448, no rescale: module doc), dK += dS^T Q
@@ -384,8 +375,6 @@ def _dkdv_step(
     p448 = tl.exp2(tl.fma(raw, sk * sq * qk_scale, col[None, :]))
     if MASKED:
         p448 = tl.where(q_ok[None, :], p448, 0.0)
-    if DQ_REDUCE:  # rows of masked keys (p may overflow there: lse leaves them out) must add nothing to dQ
-        p448 = tl.where(k_ok[:, None], p448, 0.0)
     do_t = tl.load(DO8T + offs_d[:, None] * SQP + offs_m[None, :])  # (D, BLOCK_M), queries contiguous
     dv = tl.dot(_e4m3_p448(p448, do_t.dtype, EMULATE), tl.trans(do_t), dv)
     u = tl.load(DVU + blk)  # p448 u = P
@@ -403,13 +392,7 @@ def _dkdv_step(
         dk += tl.dot(ds8, tl.trans(q8t)) * (ds_scale * sq)[:, None]
     else:
         q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
-        ds_lp = ds_t.to(q.dtype)
-        dk += tl.dot(ds_lp, q)
-        if DQ_REDUCE:  # dQ += scale dS (K - mean K) for this key tile, into the fp32 (B H SQP, D) buffer
-            dq = tl.dot(tl.trans(ds_lp), ks) * scale  # (BLOCK_M, D)
-            ptrs = DQA + (dq_row.to(tl.int64) + offs_m[:, None]) * D + offs_d[None, :]
-            # TMA on the GPU, ragged tiles included: rows past Sq are this head's padding (dS is 0 there)
-            _add_dq(dq, DQAD, dq_row + start_m, 0, ptrs, q_ok, DQ_REDUCE == 2)
+        dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
@@ -436,9 +419,6 @@ def _fp8_bwd_dkdv(
     DELTA,
     DK,
     DV,
-    KMEAN,
-    DQA,
-    DQAD,
     KLEN,
     Sq,
     Sk,
@@ -458,13 +438,8 @@ def _fp8_bwd_dkdv(
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    DQ_REDUCE: tl.constexpr = 0,
 ):
-    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK. DQ_REDUCE (the
-    reduce backward, bf16 dQ only): also this key tile's share of dQ, scale dS (K - mean K) with K - mean K
-    formed once in the prologue (KMEAN (B, H, D) fp32; in fp32, rounded to K's dtype, as smoothed_keys_lp),
-    added into the fp32 (B H SQP, D) buffer DQA by TMA reduce-adds through its descriptor DQAD (2), or by
-    atomic adds (1, the interpreter)."""
+    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -485,10 +460,6 @@ def _fp8_bwd_dkdv(
         v = tl.load(V8 + (bh.to(tl.int64) * SKP + offs_n[:, None]) * D + offs_d[None, :])
     else:
         v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
-    ks = v  # unused stand-in without DQ_REDUCE
-    if DQ_REDUCE:  # the smoothed keys of this tile (masked rows: -mean, but their P is 0)
-        kr = _rows(K + k_off, offs_n, k_ok, stride_s, D, True)
-        ks = (kr.to(tl.float32) - tl.load(KMEAN + bh * D + offs_d)[None, :]).to(kr.dtype)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of s_ref / 448 (module doc)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
@@ -500,17 +471,15 @@ def _fp8_bwd_dkdv(
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * SQP, DELTA + bh.to(tl.int64) * SQP
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, ks, k_ok, DQA, DQAD, bh * SQP, scale, Q + q_off, Q8 + row * D, Q8T + row * D,
-            SQ + bh * nqb, DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb,
-            DVU + bh * nqb, lse_ptr, delta_ptr, start_m, Sq, SQP,
-            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M, DQ_REDUCE,
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
+            DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr,
+            start_m, Sq, SQP, stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
         )  # fmt: skip
     if m_full < m_hi:
         dk, dv = _dkdv_step(
-            dk, dv, k8, sk, v, sv, ks, k_ok, DQA, DQAD, bh * SQP, scale, Q + q_off, Q8 + row * D, Q8T + row * D,
-            SQ + bh * nqb, DO + q_off, DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb,
-            DVU + bh * nqb, lse_ptr, delta_ptr, m_full, Sq, SQP,
-            stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M, DQ_REDUCE,
+            dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
+            DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr,
+            m_full, Sq, SQP, stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
         )  # fmt: skip
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv * (tl.load(SDOREF + bh) / 448.0), 0.0)
@@ -714,14 +683,11 @@ def _fp8_bwd_dq(
 # dq 128 x 64. GPU_LAUNCH: the (num_warps, num_stages) candidates each kernel is autotuned over on first
 # use per key (length buckets, head dim, flags: one compile per candidate); the first of each is the
 # fixed setting the first H200 measurement ran (docs/FP8_ATTENTION.md), the others are not measured yet.
-TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2), "dkdv_reduce": (2, 1)}
+TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2)}
 GPU_LAUNCH = {
     "fwd": ((8, 3), (8, 2), (4, 3), (8, 4)),
     "dkdv": ((8, 2), (8, 3), (4, 2)),
     "dq": ((8, 2), (8, 3), (4, 2)),
-    # the dK/dV kernel with the dQ product (kernels.attention.BACKWARD = "reduce"): 225 KB of shared memory
-    # at 2 stages on sm_90 (255 registers, 32-96 bytes of spills in Triton 3.6-3.9), 3 stages do not fit
-    "dkdv_reduce": ((8, 2),),
 }
 # The forward also tries half-height query tiles (BLOCK_M = block / 2, one warpgroup per program; blocks of
 # 128+): 213-241 registers and <= 104 KB of shared memory on sm_90 (python -m bench.codegen --kernel
@@ -739,7 +705,6 @@ _TUNE_KEYS = {
     "fwd": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN"],
     "dkdv": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
     "dq": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
-    "dkdv_reduce": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP"],
 }
 
 
@@ -748,7 +713,7 @@ def _tiles(kernel: str, block: int) -> dict:
     return dict(BLOCK_M=block // dm, BLOCK_N=block // dn)
 
 
-_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq, "dkdv_reduce": _fp8_bwd_dkdv}
+_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}
 
 
 def tile_configs(kernel: str, block: int) -> list[triton.Config]:
@@ -767,13 +732,11 @@ _TUNED: dict = {}  # (kernel, block) -> autotuner, built on first use
 
 
 def _autotuned(kernel: str, block: int):
-    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe; the
-    reduce backward's dQ buffer is zeroed before every timing run and after them)."""
+    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe)."""
     if (kernel, block) not in _TUNED:
-        reset = ["DQA"] if kernel == "dkdv_reduce" else None
-        _TUNED[(kernel, block)] = triton.autotune(
-            tile_configs(kernel, block), key=_TUNE_KEYS[kernel], reset_to_zero=reset
-        )(_KERNELS[kernel])
+        _TUNED[(kernel, block)] = triton.autotune(tile_configs(kernel, block), key=_TUNE_KEYS[kernel])(
+            _KERNELS[kernel]
+        )
     return _TUNED[(kernel, block)]
 
 
@@ -786,8 +749,7 @@ def tuned_configs() -> dict[str, str]:
     }
 
 
-# the tile that splits n over programs
-_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M", "dkdv_reduce": "BLOCK_N"}
+_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the tile that splits n over programs
 
 
 def _run(kernel: str, n: int, bh: int, block: int, *args, **meta) -> None:
@@ -1195,16 +1157,6 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     return out, lse
 
 
-def _reduce_backward(q: torch.Tensor, fp8_ds: bool) -> bool:
-    """kernels.attention.BACKWARD = "reduce" applies to the FP8 backward too, with bf16 dQ (not with FP8 dQ/dK)
-    where TMA is (sm_90+ and Triton's tensor descriptors; under the interpreter, atomic adds)."""
-    if _attention_module._backward_mode() != "reduce" or fp8_ds:
-        return False
-    if _INTERPRET:
-        return True
-    return TensorDescriptor is not None and torch.cuda.get_device_capability(q.device)[0] >= 9
-
-
 def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format):
     """dq, dk, dv; ds_format None: dQ, dK from bf16 dS, else FP8 dS in that format times the rotated q8,
     k8 (written in fp32, then rotated back by H^T = H here). kmean: the forward's K mean (B, H, D) fp32."""
@@ -1234,20 +1186,14 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
         DS_E5M2=ds_format == "e5m2", EMULATE=_INTERPRET,
     )  # fmt: skip
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
+    _run(
+        "dkdv", Sk, B * H, block,
+        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta, dk, dv, *tail,
+        **meta,
+    )  # fmt: skip
     # bf16 dQ = dS (K - mean K): the forward saw smoothed keys, and the FP8 dS's rows do not sum to 0 as the
     # true ones do, so dS K would carry rowsum(dS) mean K (measured: 9.7% -> 6.7% dq error without it). The
-    # reduce backward's dK/dV kernel forms K - mean K for its key tile once (KMEAN); for the dQ kernel, which
-    # reads every key tile, the smoothed keys are rounded to the input dtype once below (smoothed_keys_lp)
-    head = (q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta)
-    head += (dk, dv, kmean)
-    # with kernels.attention.BACKWARD = "reduce": dQ from the dK/dV kernel by TMA reduce-adds
-    if _reduce_backward(q, fp8_ds):
-        dqa = torch.zeros(B, H, SQP, D, device=q.device, dtype=torch.float32)
-        dqad = dqa if _INTERPRET else TensorDescriptor(dqa, [B * H * SQP, D], [D, 1], [block // 2, D])
-        red = dict(meta, DQ_REDUCE=1 if _INTERPRET else 2)
-        _run("dkdv_reduce", Sk, B * H, block, *head, dqa, dqad, *tail, **red)
-        return dq.copy_(dqa[:, :, :Sq].transpose(1, 2)), dk, dv  # (B, H, S, D) fp32 -> (B, S, H, D)
-    _run("dkdv", Sk, B * H, block, *head, dq, dq, *tail, **meta)
+    # smoothed keys are rounded to the input dtype once here (one read and write of K), not per tile
     ks = k if fp8_ds else smoothed_keys_lp(k, kmean)  # FP8_DS reads k8t instead
     _run(
         "dq", Sq, B * H, block,

@@ -222,32 +222,6 @@ def test_tma_loads_match_pointer_loads(case, device, monkeypatch):
         assert torch.equal(a, b)
 
 
-@pytest.mark.parametrize(
-    "case", [CASES[2], CASES[3], CASES[5]], ids=lambda c: "x".join(str(x) for x in c[:5])
-)
-def test_reduce_backward_matches_reference(case, device, monkeypatch):
-    """BACKWARD = "reduce": the dK/dV kernel adds each tile's dS K into an fp32 dQ (batch > 1, ragged tiles,
-    key lengths; RoPE as a pre-pass, since fused RoPE keeps the split backward). Under the interpreter the
-    adds are atomic adds (it has no descriptor reduce); the kernel's arithmetic is the GPU path's."""
-    import kernels.attention as attention_module
-
-    if device != "cpu":
-        pytest.skip("see test_gpu_reduce_backward_matches_split")
-    monkeypatch.setattr(attention_module, "TMA", "on")
-    monkeypatch.setattr(attention_module, "BACKWARD", "reduce")
-    _assert_triton_matches_reference(case, torch.float16, device, fuse_rope=False)
-    assert any(key[0] == "dkdv_reduce" for key, _ in attention_module._TUNED)  # the reduce kernel ran
-
-
-def test_bad_backward_setting(monkeypatch):
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "BACKWARD", "atomic")
-    q = torch.randn(1, 8, 2, 32, dtype=torch.float16, requires_grad=True)
-    with pytest.raises(ValueError, match="kernels.attention.BACKWARD: expected 'split' or 'reduce'"):
-        attention(q, q, q).sum().backward()
-
-
 def test_tma_on_misaligned_views_takes_pointer_loads(device, monkeypatch):
     """TMA needs 16-byte aligned addresses: with contiguous views that start 2 bytes into a buffer the call
     runs with pointer loads (same results), not a descriptor error; aligned tensors get the TMA mode."""
@@ -392,27 +366,6 @@ def test_gpu_optional_backends_match_reference(backend):
     for name, a, b, c in zip(("out", "dq", "dk", "dv"), got, plain, exact):
         assert a.dtype == torch.bfloat16 and a.shape == c.shape
         _assert_within_budget(a, b, c, 1e-3 * max(1.0, c.abs().max().item()), f"{backend} {name}")
-
-
-@pytest.mark.gpu
-def test_gpu_reduce_backward_matches_split(monkeypatch):
-    """BACKWARD = "reduce" (TMA reduce-adds of dQ from the dK/dV kernel) vs the split backward in bf16 at a
-    long ragged shape with key lengths, autotuned (the dQ buffer is zeroed around the timing runs)."""
-    import kernels.attention as attention_module
-
-    if torch.cuda.get_device_capability()[0] < 9:
-        pytest.skip("the reduce backward needs TMA (sm_90+)")
-    q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, (41, 10, 10), [4100, 1234], torch.bfloat16, "cuda")
-    g = torch.randn_like(q)
-    kw = dict(k_lengths=kl, rope=rope, fuse_rope=False)
-    split = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
-    monkeypatch.setattr(attention_module, "TMA", "on")
-    monkeypatch.setattr(attention_module, "BACKWARD", "reduce")
-    for _ in range(2):  # the first call autotunes, the second takes the cached config
-        reduce = _outputs_and_grads(attention, q, k, v, g, **kw)
-        for a, b in zip(reduce, split):
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    assert any(key[0] == "dkdv_reduce" for key, _ in attention_module._TUNED)
 
 
 @pytest.mark.gpu

@@ -312,30 +312,6 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
     _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, device)
 
 
-@pytest.mark.parametrize(
-    "dtype,grid,k_lengths,fp8_dp",
-    [
-        (torch.float32, (1, 5, 14), [70, 33], False),
-        (torch.float16, (2, 3, 9), None, True),
-        (torch.float16, (2, 4, 8), [64, 40], False),  # S = 2 blocks: no padding
-    ],
-)
-def test_reduce_backward_matches_emulation(dtype, grid, k_lengths, fp8_dp, device, monkeypatch):
-    """kernels.attention.BACKWARD = "reduce" in the FP8 backward: the dK/dV kernel adds each tile's dS (K -
-    mean K) into an fp32 dQ (TMA reduce-adds on sm_90+, atomic adds under the interpreter) instead of the dQ
-    kernel; the same scheme as the emulation. With FP8 dQ/dK the split backward runs (checked too)."""
-    import kernels.attention as attention_module
-
-    if device == "cuda" and dtype == torch.float32:
-        pytest.skip("fp32 inputs run the bf16 kernel on CUDA (the fallback)")
-    monkeypatch.setattr(attention_module, "BACKWARD", "reduce")
-    probe = torch.empty(1, device=device, dtype=dtype)
-    assert fp8._reduce_backward(probe, True) is False  # FP8 dQ/dK keeps the split backward
-    if not fp8._reduce_backward(probe, False):
-        pytest.skip("the reduce backward needs TMA (sm_90+)")
-    _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, None, device)
-
-
 def test_half_height_tiles_match_emulation(monkeypatch):
     """The forward's and the dQ kernel's half-height query tiles (BLOCK_M = block / 2, which the GPU
     autotuner tries beside the full ones: two programs per SM) against the emulation, output and gradients:

@@ -113,20 +113,6 @@ def test_fp8_forward_is_not_issue_bound_by_multiplies(plain):
     assert row["issue"] <= 1.1 * row["mufu"], row
 
 
-def test_reduce_backward_adds_dq_by_tma_reduce(without_interpreter):
-    """BACKWARD = "reduce": the dK/dV kernel's loop has the five products (dQ's among them, run before its
-    tile is reduced) and adds dQ with TMA reduce-adds (UTMAREDG), within the SM's shared memory, with few
-    spilled registers, for every autotune config."""
-    from bench.codegen import configs
-
-    cases = [["dkdv_reduce", False, True, list(c)] for c in configs("dkdv_reduce")]
-    for case, row in zip(cases, _compile(without_interpreter, cases)):
-        assert row["dots"] == 5 and row["pipelined"] > 0 and row["smem_kb"] <= 227, (case, row)
-        if row["regs"] is not None:
-            # (64, 128, 8, 2) spills 48 bytes in Triton 3.9 and 176 in 3.6; an unfit config spills kilobytes
-            assert row["tma_reduce"] >= 1 and row["spill"] <= 256, (case, row)
-
-
 def test_cli_prints_and_writes_every_config(tmp_path, without_interpreter):
     """python -m bench.codegen --kernel dq --json F: one table row and one JSON row per autotune config."""
     pytest.importorskip("triton.backends.compiler", reason="no ahead-of-time compile API in this Triton")
@@ -182,17 +168,13 @@ def test_compare_flags_what_got_worse():
 # Per variant of bench.codegen.VARIANTS, the S^2 D products one (query, key) block runs in (bf16, FP8), from
 # the algorithm (kernels/attention_fp8.py's module doc), not from the SASS: forward q k^T and p v; the split
 # backward's dK/dV kernel recomputes q k^T and forms dV, dP, dK, its dQ kernel recomputes q k^T and dP and
-# forms dQ; the reduce backward's dK/dV kernel forms all five. FP8: the scores and dV always, dP with
-# bwd_fp8_dp, dQ and dK with bwd_fp8_dqdk.
+# forms dQ. FP8: the scores and dV always, dP with bwd_fp8_dp, dQ and dK with bwd_fp8_dqdk.
 _PRODUCTS = {
     "bf16, split backward (default)": (9, 0),
-    "bf16, BACKWARD = reduce": (7, 0),
     "fp8, split backward (default: dV fp8)": (4, 5),
     "fp8 + bwd_fp8_dp, split": (2, 7),
     "fp8 + bwd_fp8_dqdk (e4m3 dS), split": (2, 7),
     "fp8, both options, split": (0, 9),
-    "fp8, BACKWARD = reduce": (3, 4),
-    "fp8 + bwd_fp8_dp, BACKWARD = reduce": (2, 5),
 }
 
 
