@@ -194,3 +194,23 @@ def test_probe_reads_the_final_column_of_a_perfect_and_of_a_blind_model():
     assert still[1.0]["column"] == 0.0 and still[1.0]["direction"] == 0.0
     blind = probe(lambda x, t, c: torch.zeros_like(x), encode_text, items, t_levels=(1.0, 0.05))
     assert blind[1.0]["column"] < 0.6 and blind[0.05]["column"] == 1.0
+
+
+def test_probe_gives_no_credit_when_the_block_is_gone():
+    """A model whose one-step prediction is an empty (all background) video puts the block in no column and
+    moves it in no direction: 0 for both, not the share of items ending in column 0 / moving left."""
+    from engine.world.demonstrator import eval_items
+    from engine.world.probe import final_columns, probe
+
+    items = eval_items(48, seed=5)
+    black = latent.encode(torch.zeros(1, 4, 32, 32, 3, dtype=torch.uint8))
+
+    def v_fn(x_t, t, cond):
+        return (x_t - black) / t.view(-1, 1, 1, 1, 1)  # x0_hat = x_t - t v = the black video
+
+    assert any(it.meta["move"].dx < 0 for it in items)
+    empty = probe(v_fn, lambda texts: {}, items, t_levels=(1.0, 0.5))
+    assert all(r == {"column": 0.0, "direction": 0.0} for r in empty.values())
+    frames = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
+    frames[1, 9:15, 1:7] = torch.tensor(COLOURS["red"], dtype=torch.uint8)  # red in row 1, column 0
+    assert final_columns(frames, ["red", "red"], [1, 1]).tolist() == [-1, 0]

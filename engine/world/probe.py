@@ -32,12 +32,14 @@ T_LEVELS = (1.0, 0.95, 0.9, 0.75, 0.5)
 
 def final_columns(frames: torch.Tensor, colours: list[str], rows: list[int]) -> np.ndarray:
     """Last frames uint8 (B, H, W, 3) -> the column (0..GRID-1) with most pixels near each item's colour
-    (RGB distance below the oracle's matching radius MATCH_DIST) in its row band."""
+    (RGB distance below the oracle's matching radius MATCH_DIST) in its row band; -1 where the band has
+    no such pixel (the block is gone: no column predicted)."""
     out = []
     for frame, colour, row in zip(frames, colours, rows):
         near = (frame.float() - torch.tensor(COLOURS[colour]).float()).norm(dim=-1) < MATCH_DIST  # (H, W)
         band = near[row * CELL : (row + 1) * CELL]  # (CELL, W)
-        out.append(int(band.reshape(CELL, GRID, CELL).sum((0, 2)).argmax()))
+        counts = band.reshape(CELL, GRID, CELL).sum((0, 2))  # (GRID,) pixels per column
+        out.append(int(counts.argmax()) if int(counts.max()) > 0 else -1)
     return np.asarray(out)
 
 
@@ -67,8 +69,10 @@ def probe(v_fn, encode_text, items, *, prompt: str = "solution", t_levels=T_LEVE
             x0_hat = x_t - t * v_fn(x_t, torch.full((x_t.shape[0],), float(t)), cond).float()
             cols.append(final_columns(toy_latent.decode(x0_hat)[:, -1], colours[sl], rows[sl]))
         col = np.concatenate(cols)
+        # a missing block (-1) predicts neither a column nor a direction
+        found = col >= 0
         out[float(t)] = {
-            "column": float(np.mean(col == start + dx)),
-            "direction": float(np.mean(np.sign(col - start) == np.sign(dx))),
+            "column": float(np.mean(found & (col == start + dx))),
+            "direction": float(np.mean(found & (np.sign(col - start) == np.sign(dx)))),
         }
     return out
