@@ -243,6 +243,8 @@ def transition_logprob(
         raise ValueError(f"sigma: a transition log-prob needs sigma > 0, got {sigma}")
     if not sde_step(t, t_next):
         raise ValueError(f"step {t} -> {t_next}: deterministic in engine.flow.sample (sde_step), no log-prob")
+    if guidance != 1.0 and uncond is None:
+        raise ValueError(f"guidance={guidance}: classifier-free guidance needs an uncond dict")
     tt = torch.full((x.shape[0],), float(t), device=x.device)
     v_c, v_u = guided_velocity(v_fn, x, tt, cond, uncond if guidance != 1.0 else None)
     _, logp = _flow_step(

@@ -99,6 +99,18 @@ def test_transition_logprob_matches_the_rollout():
         assert torch.allclose(lp, traj.logprobs[k], rtol=1e-5, atol=1e-3)
     with pytest.raises(ValueError, match="deterministic"):
         flow.transition_logprob(gaussian_velocity, noise, noise, 1.0, float(ts[1]), {}, sigma=0.7)
+    # guidance without an uncond dict: an error, as in flow.sample (not silently the unguided log-prob)
+    with pytest.raises(ValueError, match="uncond"):
+        flow.transition_logprob(
+            gaussian_velocity,
+            traj.states[1],
+            traj.states[2],
+            float(ts[1]),
+            float(ts[2]),
+            {},
+            sigma=0.7,
+            guidance=3.0,
+        )
 
 
 def test_cfg_combines_cond_and_uncond_in_one_batched_forward():
