@@ -56,6 +56,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+from torch.distributed.algorithms._checkpoint.checkpoint_wrapper import _CHECKPOINT_PREFIX
 from torch.distributed.fsdp import FSDPModule
 
 from engine.checkpoint import CheckpointManager, ModelState, RNGState, export_safetensors
@@ -101,14 +102,18 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_r
 class EMA:
     """Exponential moving average of the trainable parameters: ema <- decay * ema + (1 - decay) * p.
 
-    Kept in fp32, sharded like the parameters under FSDP2 (DTensor copies). Stateful for DCP.
+    Kept in fp32, sharded like the parameters under FSDP2 (DTensor copies). Stateful for DCP, keyed by
+    the parameters' names without activation checkpointing's wrapper prefix (as the model's own state
+    dict), so a run resumes with another ``parallel.activation_checkpointing``.
     """
 
     def __init__(self, model: nn.Module, decay: float):
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay {decay}: expected 0 < decay < 1 (0 disables EMA)")
         self.decay = decay
-        self.params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        self.params = {
+            n.replace(_CHECKPOINT_PREFIX, ""): p for n, p in model.named_parameters() if p.requires_grad
+        }
         self.shadow = {n: p.detach().float().clone() for n, p in self.params.items()}
 
     @torch.no_grad()

@@ -84,6 +84,21 @@ def test_ema_analytic():
         EMA(m, decay=1.5)
 
 
+def test_ema_resumes_under_another_activation_checkpointing(tmp_path):
+    """AC wraps each block (a '_checkpoint_wrapped_module.' in parameter names): the EMA is keyed as the
+    model's state dict, so a run resumes with AC switched on (it failed: missing key 'ema.blocks.0._checkpoint...')."""
+    cfg = _cfg(2, ema_decay=0.5)
+    cfg.checkpoint.enabled, cfg.checkpoint.interval = True, 1
+    first = Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+    first.fit()
+    for mode in ("full", "selective"):
+        cfg.parallel.activation_checkpointing = mode
+        resumed = Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+        assert resumed.step == 2 and resumed.ema.shadow.keys() == first.ema.shadow.keys()
+        for k, v in first.ema.shadow.items():
+            assert torch.equal(resumed.ema.shadow[k], v), (mode, k)
+
+
 class Poisoned:
     """Wraps the flow loss; a NaN loss, or a finite loss with NaN gradients, on chosen steps."""
 
