@@ -102,6 +102,9 @@ def test_tokenizer_and_text_encoder():
     ids, lengths = tokenize(["[Agent]: put the red block under the blue block", "", "zebra red"], max_len=12)
     assert ids.shape == (3, 12) and lengths.tolist() == [10, 0, 2]
     assert ids[2, 0] == UNK and (ids[1] == PAD).all()
+    # characters outside the grammar are unknown words, not dropped: "2" is not "" (the docstring's contract)
+    odd, odd_lengths = tokenize(["slides it 2 cells!", "slides it cells"], max_len=12)
+    assert odd_lengths.tolist() == [5, 3] and odd[0, 2] == UNK and odd[0, 4] == UNK
     enc = ToyTextEncoder(dim=16, layers=1, max_len=12)
     out = enc(ids)
     assert out.shape == (3, 12, 16) and torch.isfinite(out).all()

@@ -29,7 +29,8 @@ VOCAB: tuple[str, ...] = (
     ("<pad>", "<unk>", "[agent]", ":", ",", ".") + COLOUR_NAMES + tuple(NUMBER_WORDS.values()) + tuple(_WORDS)
 )
 _IDS = {w: i for i, w in enumerate(VOCAB)}
-_TOKEN = re.compile(r"\[agent\]|[a-z]+|[:,.]")
+# a run of any other non-space characters (digits, "!", "-") is one unknown word, never dropped
+_TOKEN = re.compile(r"\[agent\]|[a-z]+|[:,.]|[^\sa-z:,.]+")
 PAD, UNK = 0, 1
 
 
