@@ -10,8 +10,8 @@ or ``eval.num_items`` held-out toy scenes. Sampling: flow.num_steps, flow.shift,
 
 Writes into <run>/eval/: ``partial/<condition>/items<a>-<b>.npz``, the per-item scores of each
 finished chunk of ``eval.batch_size`` items (atomic rename; a rerun reuses finished chunks made with the
-same items, seeds, sampling, judge, prompt and weights file -- a fingerprint saved with them -- and scores
-the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
+same items, seeds, sampling, judge, prompt, weights file and Demonstrator -- a fingerprint saved
+with them -- and scores the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
 per-item scores per finished condition (reused on the same terms), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
 ``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
 task) and ``results.md`` (the table).
@@ -51,6 +51,7 @@ from engine.evaluation import (  # noqa: E402
 )
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
+    TOY_ASSETS,
     Kit,
     build_judge_backend,
     build_kit,
@@ -123,16 +124,29 @@ def write_videos(
         contact_sheet(video, folder / f"item{i:04d}.png")
 
 
+def _files_id(path: str | Path) -> list | str:
+    """A file as (path, size, mtime); a folder as that of every .safetensors file under it; else the text."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p), p.stat().st_size, p.stat().st_mtime_ns]
+    if p.is_dir():
+        return [_files_id(f) for f in sorted(p.rglob("*.safetensors"))]
+    return str(path)
+
+
 def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str) -> str:
-    """What a condition's scores depend on (items, seeds, sampling, judge, prompt, the weights file as written):
+    """What a condition's scores depend on (items, seeds, sampling, judge, prompt, the weights file as written,
+    and the Demonstrator and encoders the kit loads: model.family / flavour / pretrained, world.demonstrator):
     saved scores with another fingerprint are stale and scored again."""
-    w = Path(weights) if weights else None
+    toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
+    base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
     ident = [str(it.meta.get("id", "")) + "|" + it.task for it in items]
     return json.dumps({
         "items": hashlib.sha256("\n".join(ident).encode()).hexdigest(), "n": len(items), "seeds": list(cfg.eval.seeds),
         "sampling": dataclasses.asdict(sampling_of(cfg)), "prompt": prompt, "world_seed": cfg.world.seed,
         "judge": [cfg.judge.backend, cfg.judge.model, cfg.judge.base_url, cfg.judge.num_frames, cfg.judge.frame_layout],
-        "weights": [str(w), w.stat().st_size, w.stat().st_mtime_ns] if w is not None and w.is_file() else weights,
+        "weights": _files_id(weights) if weights else "",
+        "model": [cfg.model.family, cfg.model.flavour, _files_id(base) if base else ""],
     }, sort_keys=True)  # fmt: skip
 
 

@@ -282,3 +282,24 @@ def test_gap_closed_lines_say_na_for_an_executor_without_scores():
                           "onpolicy": {"gap_closed": {"mean": 0.47, "lo": 0.42, "hi": 0.51}}}}  # fmt: skip
     text = gap_closed_lines(res, JobConfig())
     assert "- rl: n/a [n/a, n/a]" in text and "- onpolicy: 47% [42%, 51%]" in text
+
+
+def test_evaluate_scores_again_when_the_demonstrator_changes(proposed, tmp_path):
+    """Scores saved with one Demonstrator are not reused for another (the fingerprint named only the
+    Executor's weights file, so a run folder kept the first Demonstrator's baseline table)."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "demonstrator"
+    other.mkdir()
+    for f in (REPO / "engine" / "world" / "assets").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    sd = load_file(other / "demonstrator.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in sd.items()}, other / "demonstrator.safetensors")
+    cli("evaluate", proposed, "swap")
+    p = cli("evaluate", proposed, "swap", "--world.demonstrator", str(other))
+    assert "already evaluated" not in p.stderr and "made with other settings" in p.stderr
+    cli("evaluate", proposed, "fresh", "--world.demonstrator", str(other))
+    swapped, fresh = (
+        json.loads((proposed / n / "eval" / "results.json").read_text()) for n in ("swap", "fresh")
+    )
+    assert swapped["conditions"] == fresh["conditions"]
