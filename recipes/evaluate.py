@@ -135,14 +135,18 @@ def _files_id(path: str | Path) -> list | str:
 
 
 def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str) -> str:
-    """What a condition's scores depend on (items, seeds, sampling, judge, prompt, the weights file as written,
-    and the Demonstrator and encoders the kit loads: model.family / flavour / pretrained, world.demonstrator):
-    saved scores with another fingerprint are stale and scored again."""
+    """What a condition's scores depend on (items with their prompt text and image, seeds, sampling, judge,
+    prompt, the weights file as written, and the Demonstrator and encoders the kit loads: model.family /
+    flavour / pretrained, world.demonstrator): saved scores with another fingerprint are scored again."""
     toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
     base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
-    ident = [str(it.meta.get("id", "")) + "|" + it.task for it in items]
+    # each item's id, task, the text the model is prompted with, and its image
+    h = hashlib.sha256()
+    for it in items:
+        h.update(f"{it.meta.get('id', '')}|{it.task}|{getattr(it, prompt)}\n".encode())
+        h.update(np.ascontiguousarray(it.image).tobytes())
     return json.dumps({
-        "items": hashlib.sha256("\n".join(ident).encode()).hexdigest(), "n": len(items), "seeds": list(cfg.eval.seeds),
+        "items": h.hexdigest(), "n": len(items), "seeds": list(cfg.eval.seeds),
         "sampling": dataclasses.asdict(sampling_of(cfg)), "prompt": prompt, "world_seed": cfg.world.seed,
         "judge": [cfg.judge.backend, cfg.judge.model, cfg.judge.base_url, cfg.judge.num_frames, cfg.judge.frame_layout],
         "weights": _files_id(weights) if weights else "",

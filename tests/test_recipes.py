@@ -303,3 +303,26 @@ def test_evaluate_scores_again_when_the_demonstrator_changes(proposed, tmp_path)
         json.loads((proposed / n / "eval" / "results.json").read_text()) for n in ("swap", "fresh")
     )
     assert swapped["conditions"] == fresh["conditions"]
+
+
+def test_evaluate_fingerprint_covers_the_prompt_text_and_image():
+    """A task file whose solutions (or images) changed under the same ids and tasks gives the solution
+    condition a new fingerprint (only id and task were hashed: the old solution's scores were reused)."""
+    import dataclasses
+
+    import numpy as np
+
+    from engine.config import JobConfig
+    from engine.evaluation import EvalItem
+    from recipes.evaluate import fingerprint
+
+    cfg = JobConfig()
+    image = np.zeros((8, 8, 3), np.uint8)
+    items = [EvalItem(image, "put red left", "slide red one cell left", {"id": "a"})]
+    other_solution = [dataclasses.replace(items[0], solution="put red left")]
+    other_image = [dataclasses.replace(items[0], image=image + 1)]
+    fp = fingerprint(cfg, items, "", "solution")
+    assert fingerprint(cfg, other_solution, "", "solution") != fp
+    assert fingerprint(cfg, other_image, "", "solution") != fp
+    # the task prompt does not read the solution
+    assert fingerprint(cfg, other_solution, "", "task") == fingerprint(cfg, items, "", "task")
