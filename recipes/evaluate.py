@@ -85,6 +85,14 @@ def conditions(cfg: JobConfig) -> list[tuple[str, str, str]]:
         name, sep, weights = spec.partition("=")
         if not sep or not name or not weights:
             raise ValueError(f"eval.executors entry {spec!r}: expected 'name=path/to/model.safetensors'")
+        # the name is a file name in <run>/eval (<name>.npz, partial/<name>/) and a row of the table
+        if "/" in name or "\\" in name or name in (".", ".."):
+            raise ValueError(
+                f"eval.executors entry {spec!r}: the name {name!r} must be a plain file name (no '/', '\\', '.', '..')"
+            )
+        if name in [c[0] for c in out]:
+            raise ValueError(f"eval.executors entry {spec!r}: the name {name!r} is already taken; expected "
+                             f"distinct names (taken: {', '.join(c[0] for c in out)})")  # fmt: skip
         out.append((name, weights, "task"))
     if not out:
         raise ValueError("nothing to evaluate: eval.baselines is false and eval.executors is empty")

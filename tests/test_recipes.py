@@ -326,3 +326,20 @@ def test_evaluate_fingerprint_covers_the_prompt_text_and_image():
     assert fingerprint(cfg, other_image, "", "solution") != fp
     # the task prompt does not read the solution
     assert fingerprint(cfg, other_solution, "", "task") == fingerprint(cfg, items, "", "task")
+
+
+def test_evaluate_executor_names_are_distinct_file_names():
+    """Two Executors with one name wrote the same <name>.npz: the table kept one row and the other's scores
+    were lost; a name with '/' crashed at the final write, after every condition had been scored."""
+    from engine.config import JobConfig
+    from recipes.evaluate import conditions
+
+    cfg = JobConfig()
+    cfg.eval.executors = ["a=x.safetensors", "b=y.safetensors"]
+    assert [c[0] for c in conditions(cfg)] == ["demonstrator+task", "demonstrator+solution", "a", "b"]
+    for specs, needle in ((["a=x.safetensors", "a=y.safetensors"], "'a' is already taken"),
+                          (["demonstrator+task=x.safetensors"], "'demonstrator\\+task' is already taken"),
+                          (["x/y=x.safetensors"], "plain file name"), ([".=x.safetensors"], "plain file name")):  # fmt: skip
+        cfg.eval.executors = specs
+        with pytest.raises(ValueError, match=needle):
+            conditions(cfg)
