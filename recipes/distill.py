@@ -46,6 +46,7 @@ from recipes.common import (  # noqa: E402
     load_items,
     prepare_teacher,
     run_dir,
+    sampling_velocity,
     split_micro,
     step_generator,
     work_logs,
@@ -73,7 +74,7 @@ class OnPolicyBatches:
         cond = self.table.cond(idx, "task")
         uncond = self.table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
         noise = torch.randn((B, *self.kit.latent_shape), generator=g).to(self.kit.device)
-        traj = flow.sample(model.predict_velocity, noise, cond, num_steps=cfg.flow.num_steps,
+        traj = flow.sample(sampling_velocity(cfg, model), noise, cond, num_steps=cfg.flow.num_steps,
                            shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond,
                            return_trajectory=True)  # fmt: skip
         ks = torch.rand(B, cfg.flow.num_steps, generator=g).argsort(dim=1)[:, :K]  # (B, K) distinct states
@@ -81,7 +82,7 @@ class OnPolicyBatches:
         ks = ks.flatten().to(traj.states.device)
         x_t = traj.states[ks, rows.to(ks.device)]  # (K+1, B, ...) -> (B*K, ...)
         t = traj.timesteps[ks]
-        v_teacher = self.teacher.predict_velocity(x_t, t, self.table.cond(idx[rows], "solution"))
+        v_teacher = sampling_velocity(cfg, self.teacher)(x_t, t, self.table.cond(idx[rows], "solution"))
         batch = {"x_t": x_t, "t": t, "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher,
                  "weight": timestep_weights(t, cfg.distill.t_weighting).to(x_t.device)}  # fmt: skip
         return split_micro(batch, cfg.train.grad_accum)

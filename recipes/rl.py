@@ -59,6 +59,7 @@ from recipes.common import (  # noqa: E402
     load_items,
     prepare_teacher,
     run_dir,
+    sampling_velocity,
     split_micro,
     step_generator,
     work_logs,
@@ -93,7 +94,7 @@ class GroupBatches:
         sde_gen = torch.Generator(device=self.kit.device).manual_seed(
             int(torch.randint(2**62, (1,), generator=g))
         )
-        traj = flow.sample(model.predict_velocity, noise, self.table.cond(idx, "task"), num_steps=cfg.flow.num_steps,
+        traj = flow.sample(sampling_velocity(cfg, model), noise, self.table.cond(idx, "task"), num_steps=cfg.flow.num_steps,
                            shift=cfg.flow.shift, sigma=cfg.flow.sde_sigma, generator=sde_gen,
                            return_trajectory=True)  # fmt: skip
         items = [self.table.items[i] for i in idx.tolist()]
@@ -162,7 +163,7 @@ class GroupBatches:
         ks_d, rows_d = ks.to(traj.states.device), rows.to(traj.states.device)
         x, x_next = traj.states[ks_d, rows_d], traj.states[ks_d + 1, rows_d]
         t, t_next = traj.timesteps[ks_d], traj.timesteps[ks_d + 1]
-        v_teacher = self.teacher.predict_velocity(x, t, self.table.cond(idx[rows], "solution"))
+        v_teacher = sampling_velocity(cfg, self.teacher)(x, t, self.table.cond(idx[rows], "solution"))
         return {"x": x, "x_next": x_next, "t": t, "t_next": t_next, "logp_old": traj.logprobs[ks_d, rows_d],
                 "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher}  # fmt: skip
 

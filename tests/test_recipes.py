@@ -141,6 +141,19 @@ def test_rl_logs_rewards_and_judge_wait(proposed):
     assert abs(first["approx_kl"]) < 1e-3 and first["clip_frac"] == 0.0
 
 
+def test_rl_rollouts_run_at_the_training_precision(proposed):
+    """A bf16 run on one process (autocast, no FSDP): the rollouts and the Demonstrator's targets run under
+    the trainer's autocast too, so the first step's recomputed log-probs equal the rollout's even summed
+    over a video (logprob_reduction "sum": an fp32 rollout put the log-ratio outside the 1e-3 clip)."""
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    cli("rl", proposed, "rl_bf16", "--distill.tasks", tasks, "--rl.steps", "1", "--rl.group_size", "2",
+        "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--precision.param_dtype", "bfloat16",
+        "--rl.logprob_reduction", "sum")  # fmt: skip
+    logs = [json.loads(line) for line in (proposed / "rl_bf16" / "metrics.jsonl").read_text().splitlines()]
+    first = next(e for e in logs if e["step"] == 1)
+    assert first["clip_frac"] == 0.0 and abs(first["approx_kl"]) < 1e-7, first
+
+
 def test_rl_counts_judge_fallbacks_across_a_resume(proposed):
     """A judge that never answers (connection refused): every verdict falls back, the run finishes, and a
     resumed run reports the whole run's fallbacks (the count restarted at 0)."""
@@ -343,3 +356,16 @@ def test_evaluate_executor_names_are_distinct_file_names():
         cfg.eval.executors = specs
         with pytest.raises(ValueError, match=needle):
             conditions(cfg)
+
+
+@pytest.mark.parametrize("key", ["num_items", "batch_size"])
+@pytest.mark.parametrize("value", [0, -1])
+def test_evaluate_refuses_a_non_positive_item_count(key, value):
+    """eval.num_items -1 silently dropped the task file's last item (a slice [:-1]), 0 crashed with
+    KeyError: 0 after loading the model; eval.batch_size 0 crashed in range()."""
+    from engine.config import load_config
+    from recipes.evaluate import eval_items
+
+    cfg = load_config(argv=[f"--eval.{key}", str(value)])
+    with pytest.raises(ValueError, match=f"eval.{key} = {value}: expected a positive"):
+        eval_items(cfg)
