@@ -70,6 +70,9 @@ BASELINE = "demonstrator+task"
 
 def eval_items(cfg: JobConfig) -> list[EvalItem]:
     """``eval.tasks`` rows, or held-out toy scenes (disjoint from the training scenes' seed stream)."""
+    for key, value in (("num_items", cfg.eval.num_items), ("batch_size", cfg.eval.batch_size)):
+        if value < 1:
+            raise ValueError(f"eval.{key} = {value}: expected a positive number of items")
     if cfg.eval.tasks:
         return [EvalItem(load_image(it.image), it.task, it.solution, {"id": it.id})
                 for it in load_items(cfg.eval.tasks)[: cfg.eval.num_items]]  # fmt: skip
