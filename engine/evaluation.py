@@ -142,6 +142,8 @@ def evaluate(pipe: VideoPipeline, items: list[EvalItem], judge, *, prompt: str =
     Returns question -> scores (S, N) for S seeds and N items, plus "avg"."""
     if prompt not in ("task", "solution"):
         raise ValueError(f"prompt: expected 'task' or 'solution', got {prompt!r}")
+    if not seeds:
+        raise ValueError("evaluate: seeds (eval.seeds) is empty; expected at least one seed, e.g. [0]")
     sampling = sampling or SamplingConfig()
     images = np.stack([it.image for it in items])
     texts = [getattr(it, prompt) for it in items]

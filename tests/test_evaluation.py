@@ -85,6 +85,9 @@ def test_gap_check_with_an_exact_model():
     assert "avg" in ev.format_report(report)
     with pytest.raises(ev.GapTooSmallError, match="min_gap = 0.9"):
         ev.gap_check(pipe, items, OracleJudge(), min_gap=0.9, sampling=sampling)
+    # no seed: a clear error naming the key (it was an IndexError)
+    with pytest.raises(ValueError, match=r"seeds \(eval.seeds\) is empty"):
+        ev.gap_check(pipe, items, OracleJudge(), seeds=(), sampling=sampling)
 
 
 def test_item_noise_is_paired_and_generate_checks_lengths():
