@@ -243,6 +243,9 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
 def main(argv: list[str] | None = None) -> Path:
     """Train, export the EMA weights, measure the gap at each world.gap_guidance; returns the export folder."""
     cfg = config_main(JobConfig, argv, description=__doc__)
+    # checked before training: the gap is measured and logged at these scales once training is done
+    if not cfg.world.gap_guidance:
+        raise ValueError("world.gap_guidance is empty; expected at least one CFG scale, e.g. [1.0]")
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     model, trainer, info = train(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) != 0:

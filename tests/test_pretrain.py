@@ -104,3 +104,12 @@ def test_pretrain_runs_under_torchrun_as_documented(tmp_path):
     p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
     assert p.returncode == 0, p.stderr[-3000:]
     assert (tmp_path / "two" / "demonstrator" / "demonstrator.safetensors").is_file()
+
+
+def test_empty_gap_guidance_fails_before_training(tmp_path):
+    """world.gap_guidance = [] raised an IndexError at the very end, after the whole training run."""
+    argv = ["--run.out_dir", str(tmp_path), "--train.steps", "1", "--train.batch_size", "2",
+            "--world.eval_scenes", "2", "--flow.num_steps", "2", "--world.gap_guidance", "[]"]  # fmt: skip
+    with pytest.raises(ValueError, match="world.gap_guidance is empty"):
+        pretrain.main(argv)
+    assert not (tmp_path / "wmsd").exists()
