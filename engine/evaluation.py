@@ -37,6 +37,10 @@ class GapTooSmallError(RuntimeError):
     """The Demonstrator's solution-vs-task gap is below ``distill.min_gap``: distillation has nothing to teach."""
 
 
+class NoGapError(ValueError):
+    """:func:`gap_closed` of a Demonstrator whose solution does not beat its task (no gap to close)."""
+
+
 @dataclass
 class VideoPipeline:
     """How to turn (first-frame images, texts) into videos for one model.
@@ -270,7 +274,7 @@ def gap_closed(
     e, t, s = e[ok], t[ok], s[ok]
     gap = s.mean() - t.mean()
     if gap <= 0:
-        raise ValueError(f"gap_closed: the Demonstrator has no gap (solution - task = {gap:+.3f})")
+        raise NoGapError(f"gap_closed: the Demonstrator has no gap (solution - task = {gap:+.3f})")
     cols = np.random.default_rng(seed).integers(0, len(e), (n_boot, len(e)))
     num, den = e[cols].mean(1) - t[cols].mean(1), s[cols].mean(1) - t[cols].mean(1)
     boots = num[den > 0] / den[den > 0]

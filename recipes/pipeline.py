@@ -30,7 +30,7 @@ import numpy as np  # noqa: E402
 
 from engine.config import JobConfig, config_main, save_config  # noqa: E402
 from engine.dist import end_process  # noqa: E402
-from engine.evaluation import gap_closed, paired_test  # noqa: E402
+from engine.evaluation import NoGapError, gap_closed, paired_test  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from recipes import demonstrate, distill, evaluate, propose, rl  # noqa: E402
 from recipes.common import TOY_CONFIG, read_jsonl, run_dir  # noqa: E402
@@ -115,7 +115,12 @@ def final_results(cfg: JobConfig, out: Path, executors: dict[str, Path], gap: di
     base = {c: dict(np.load(out / "eval" / f"demonstrator+{c}.npz"))["avg"] for c in ("task", "solution")}
     for name in executors:
         e = dict(np.load(out / "eval" / f"{name}.npz"))["avg"]
-        f, lo, hi = gap_closed(e, base["task"], base["solution"], cfg.eval.ci)
+        # a run let past the gap check (distill.min_gap <= 0) without a gap: no share to report (n/a)
+        try:
+            f, lo, hi = gap_closed(e, base["task"], base["solution"], cfg.eval.ci)
+        except NoGapError as err:
+            log.warning("%s: no share of the gap closed to report: %s", name, err)
+            f = lo = hi = float("nan")
         res["conditions"][name]["gap_closed"] = {"mean": f, "lo": lo, "hi": hi}
     res.update(gap=gap, wall_s=time.perf_counter() - t0, verdict=verdict(res, cfg))
     return res

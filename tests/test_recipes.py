@@ -369,3 +369,27 @@ def test_evaluate_refuses_a_non_positive_item_count(key, value):
     cfg = load_config(argv=[f"--eval.{key}", str(value)])
     with pytest.raises(ValueError, match=f"eval.{key} = {value}: expected a positive"):
         eval_items(cfg)
+
+
+@pytest.mark.slow
+def test_pipeline_without_a_gap_reports_na_when_let_through(tmp_path):
+    """A Demonstrator without a gap (zero weights: the same video for task and solution) let through by
+    --distill.min_gap 0, as --help offers: every stage runs and the table says n/a for the share of the gap
+    closed (gap_closed raised at the very end and no results were written)."""
+    from safetensors.torch import load_file, save_file
+
+    other = tmp_path / "demonstrator"
+    other.mkdir()
+    for f in (REPO / "engine" / "world" / "assets").iterdir():
+        (other / f.name).write_bytes(f.read_bytes())
+    sd = load_file(other / "demonstrator.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in sd.items()}, other / "demonstrator.safetensors")
+    args = ["--train.steps", "2", "--rl.steps", "2", "--rl.group_size", "2", "--rl.train_timesteps", "1",
+            "--flow.num_steps", "3", "--distill.min_gap", "0", "--world.demonstrator", str(other)]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
+           "p", *TINY, *args]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    res = json.loads((tmp_path / "p" / "results.json").read_text())
+    assert res["gap"]["diff"] == 0.0 and res["gap"]["passed"] is True
+    assert "- onpolicy: n/a [n/a, n/a]" in (tmp_path / "p" / "results.md").read_text()
