@@ -417,6 +417,11 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
     from engine.parallel import DTYPES
     from models.encoders import load_encoders
 
+    if not cfg.model.pretrained:
+        raise ValueError(
+            f"model.pretrained is empty: model {cfg.model.family!r} / {cfg.model.flavour!r} (not the toy world's "
+            "'wan' / 'toy') needs its diffusers pipeline folder, e.g. --model.pretrained /data/<model>-Diffusers"
+        )
     device = device_of(cfg)
     enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=DTYPES[cfg.precision.param_dtype])
     for m in (enc.vae, enc.text, enc.image):

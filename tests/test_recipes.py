@@ -393,3 +393,15 @@ def test_pipeline_without_a_gap_reports_na_when_let_through(tmp_path):
     res = json.loads((tmp_path / "p" / "results.json").read_text())
     assert res["gap"]["diff"] == 0.0 and res["gap"]["passed"] is True
     assert "- onpolicy: n/a [n/a, n/a]" in (tmp_path / "p" / "results.md").read_text()
+
+
+@pytest.mark.parametrize("config", ["wan21_i2v_14b_480p.toml", "hunyuan15_i2v_480p.toml"])
+def test_real_config_without_pretrained_names_the_key(config):
+    """The shipped real-model configs leave model.pretrained empty (set it on the command line); a run that
+    forgets it failed with "FileNotFoundError: .: missing sub-folders" (the current folder)."""
+    from engine.config import load_config
+    from recipes.common import build_kit
+
+    cfg = load_config(argv=["--config", str(REPO / "recipes" / "configs" / config), "--run.device", "cpu"])
+    with pytest.raises(ValueError, match="model.pretrained is empty"):
+        build_kit(cfg)
