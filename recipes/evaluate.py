@@ -73,6 +73,8 @@ def eval_items(cfg: JobConfig) -> list[EvalItem]:
     for key, value in (("num_items", cfg.eval.num_items), ("batch_size", cfg.eval.batch_size)):
         if value < 1:
             raise ValueError(f"eval.{key} = {value}: expected a positive number of items")
+    if not 0 < cfg.eval.ci < 1:
+        raise ValueError(f"eval.ci = {cfg.eval.ci}: expected a confidence level between 0 and 1, e.g. 0.95")
     if cfg.eval.tasks:
         return [EvalItem(load_image(it.image), it.task, it.solution, {"id": it.id})
                 for it in load_items(cfg.eval.tasks)[: cfg.eval.num_items]]  # fmt: skip

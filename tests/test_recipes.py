@@ -405,3 +405,14 @@ def test_real_config_without_pretrained_names_the_key(config):
     cfg = load_config(argv=["--config", str(REPO / "recipes" / "configs" / config), "--run.device", "cpu"])
     with pytest.raises(ValueError, match="model.pretrained is empty"):
         build_kit(cfg)
+
+
+@pytest.mark.parametrize("ci", ["95", "0", "1.0"])
+def test_evaluate_refuses_a_confidence_level_outside_0_1(ci):
+    """eval.ci 95 (a percentage) crashed with numpy's "Quantiles must be in the range [0, 1]" once every
+    condition had been scored."""
+    from engine.config import load_config
+    from recipes.evaluate import eval_items
+
+    with pytest.raises(ValueError, match="eval.ci = .*: expected a confidence level between 0 and 1"):
+        eval_items(load_config(argv=["--eval.ci", ci]))
