@@ -5,8 +5,9 @@
 Conditions: with ``eval.baselines`` the Demonstrator prompted with the task and with the proposer's
 solution (the costly two-model pipeline), then every ``name=weights`` Executor of ``eval.executors``
 prompted with the task. All conditions use the same items and the same initial noise per item and
-seed (engine.evaluation.item_noise), so differences are paired. Items: ``eval.tasks`` (a task file)
-or ``eval.num_items`` held-out toy scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
+seed (engine.evaluation.item_noise), so differences are paired. Items: the first ``eval.num_items`` rows
+of ``eval.tasks`` (a task file; a warning says when rows are left out), or ``eval.num_items`` held-out toy
+scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
 
 Writes into <run>/eval/: ``partial/<condition>/items<a>-<b>.npz``, the per-item scores of each
 finished chunk of ``eval.batch_size`` items (atomic rename; a rerun reuses finished chunks made with the
@@ -69,15 +70,20 @@ BASELINE = "demonstrator+task"
 
 
 def eval_items(cfg: JobConfig) -> list[EvalItem]:
-    """``eval.tasks`` rows, or held-out toy scenes (disjoint from the training scenes' seed stream)."""
+    """The first ``eval.num_items`` rows of ``eval.tasks``, or as many held-out toy scenes (disjoint from the
+    training scenes' seed stream)."""
     for key, value in (("num_items", cfg.eval.num_items), ("batch_size", cfg.eval.batch_size)):
         if value < 1:
             raise ValueError(f"eval.{key} = {value}: expected a positive number of items")
     if not 0 < cfg.eval.ci < 1:
         raise ValueError(f"eval.ci = {cfg.eval.ci}: expected a confidence level between 0 and 1, e.g. 0.95")
     if cfg.eval.tasks:
+        rows = load_items(cfg.eval.tasks)
+        if len(rows) > cfg.eval.num_items:
+            log.warning("eval.tasks '%s' has %d rows; evaluating the first eval.num_items = %d",
+                        cfg.eval.tasks, len(rows), cfg.eval.num_items)  # fmt: skip
         return [EvalItem(load_image(it.image), it.task, it.solution, {"id": it.id})
-                for it in load_items(cfg.eval.tasks)[: cfg.eval.num_items]]  # fmt: skip
+                for it in rows[: cfg.eval.num_items]]  # fmt: skip
     from engine.world.demonstrator import eval_items as toy_items
 
     return toy_items(cfg.eval.num_items, cfg.world.seed)

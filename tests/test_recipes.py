@@ -416,3 +416,33 @@ def test_evaluate_refuses_a_confidence_level_outside_0_1(ci):
 
     with pytest.raises(ValueError, match="eval.ci = .*: expected a confidence level between 0 and 1"):
         eval_items(load_config(argv=["--eval.ci", ci]))
+
+
+def test_evaluate_says_when_it_leaves_task_rows_out(proposed):
+    """--help said the items are eval.tasks' rows, but only the first eval.num_items are evaluated: a
+    benchmark longer than 256 rows was cut without a word. Now a warning names both numbers."""
+    import logging
+
+    from engine.config import load_config
+    from recipes.evaluate import eval_items
+
+    class Keep(logging.Handler):
+        def __init__(self):
+            super().__init__()
+            self.lines: list[str] = []
+
+        def emit(self, record):
+            self.lines.append(record.getMessage())
+
+    tasks = proposed / "base" / "tasks.jsonl"
+    n = len(tasks.read_text().splitlines())
+    keep, logger = Keep(), logging.getLogger("wmsd.evaluate")
+    logger.addHandler(keep)
+    try:
+        items = eval_items(load_config(argv=["--eval.tasks", str(tasks), "--eval.num_items", "2"]))
+        assert len(items) == 2
+        assert any(f"has {n} rows; evaluating the first eval.num_items = 2" in line for line in keep.lines)
+        keep.lines.clear()
+        assert len(eval_items(load_config(argv=["--eval.tasks", str(tasks)]))) == n and not keep.lines
+    finally:
+        logger.removeHandler(keep)
