@@ -142,9 +142,12 @@ def apply_fsdp(
     A 2-D mesh (dp_replicate, dp_shard) gives HSDP: shard inside a group, all-reduce across groups.
     The last block is not resharded after forward: backward needs it first. ``forward_methods`` are
     entry points other than ``forward`` (e.g. ``predict_velocity``) that must also run FSDP's root
-    all-gather hooks.
+    all-gather hooks. A model with ``casts_own_inputs`` (models/layers.py DiffusersInterop) gets its forward
+    inputs as given: FSDP2 would cast every floating input to ``param_dtype``, the timestep (t = 0.99 to steps
+    of 2^-8 in bf16) and the RoPE tables included.
     """
-    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype)
+    cast = not getattr(model, "casts_own_inputs", False)
+    mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=cast)
     blocks = model_blocks(model)
     for i, block in enumerate(blocks):
         last = i == len(blocks) - 1

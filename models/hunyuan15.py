@@ -51,6 +51,7 @@ from models.layers import (
     SelfAttention,
     TimestepEmbedder,
     adaln,
+    floating_to,
     gated_add,
     patchify,
     timestep_embedding,
@@ -454,6 +455,15 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
             encoder_hidden_states, encoder_hidden_states_2, image_embeds, hidden_states.shape[0]
         )
         B, _, Fr, H, W = hidden_states.shape
+        # latents and context in the weights' dtype (bf16 under FSDP2, which leaves the inputs as given): the
+        # timesteps reach their sinusoids in fp32, as in diffusers
+        hidden_states, encoder_hidden_states, encoder_hidden_states_2, image_embeds = floating_to(
+            self.patch_embed.weight.dtype,
+            hidden_states,
+            encoder_hidden_states,
+            encoder_hidden_states_2,
+            image_embeds,
+        )
         pt, ph, pw = cfg.patch
         grid = (Fr // pt, H // ph, W // pw)
         x = self.patch_embed(patchify(hidden_states, cfg.patch))  # (B, S, dim)

@@ -331,17 +331,25 @@ def unpatchify(
     return x.reshape(B, channels, f * pt, h * ph, w * pw)
 
 
+def floating_to(dtype: torch.dtype, *tensors: torch.Tensor | None) -> tuple[torch.Tensor | None, ...]:
+    """Each floating-point tensor in ``dtype``; None and integer tensors as given."""
+    return tuple(t.to(dtype) if t is not None and t.is_floating_point() else t for t in tensors)
+
+
 class DiffusersInterop:
     """Mixin: a model that is weight-compatible with a diffusers transformer.
 
     Subclasses set ``config_cls`` (with ``from_diffusers_config(dict, **overrides)``), keep their config
     in ``self.cfg``, and implement ``keymap()`` (our keys -> diffusers', see models/adapter.py) and
     ``their_shapes()`` (diffusers tensors whose shape differs from ours, e.g. a Conv3d patch embedding).
-    ``keep_fp32`` names modules whose parameters :meth:`cast` leaves in fp32.
+    ``keep_fp32`` names modules whose parameters :meth:`cast` leaves in fp32. ``forward`` casts the latents
+    and context to its weights' dtype itself (:func:`floating_to`) and keeps the timestep and the RoPE tables
+    in fp32, so engine.parallel.apply_fsdp turns FSDP2's cast of forward inputs off (``casts_own_inputs``).
     """
 
     config_cls: type
     keep_fp32: tuple[str, ...] = ()
+    casts_own_inputs: bool = True
 
     def keymap(self) -> KeyMap:
         raise NotImplementedError

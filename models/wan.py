@@ -41,6 +41,7 @@ from models.layers import (
     SelfAttention,
     TimestepEmbedder,
     adaln,
+    floating_to,
     gated_add,
     patchify,
     timestep_embedding,
@@ -382,6 +383,11 @@ class WanModel(DiffusersInterop, nn.Module):
             )
         B, _, Fr, H, W = hidden_states.shape
         self._check_context(encoder_hidden_states, encoder_hidden_states_image, encoder_lengths, B)
+        # latents and context in the weights' dtype (bf16 under FSDP2, which leaves the inputs as given): the
+        # timestep reaches the sinusoid in fp32, as in diffusers
+        hidden_states, encoder_hidden_states, encoder_hidden_states_image = floating_to(
+            self.patch_embed.weight.dtype, hidden_states, encoder_hidden_states, encoder_hidden_states_image
+        )
         grid = (Fr // cfg.patch_size[0], H // cfg.patch_size[1], W // cfg.patch_size[2])
         x = self.patch_embed(patchify(hidden_states, cfg.patch_size))  # (B, S, dim)
         temb, mod = self.embed_time(timestep, B, x.shape[1], encoder_hidden_states.dtype)

@@ -237,3 +237,45 @@ def test_float_logs_are_averaged_over_ranks_like_tensor_logs(tmp_path):
     p = _two_ranks(tmp_path, FLOAT_LOGS_SCRIPT, str(tmp_path / "run"))
     row = json.loads(p.stdout.strip().splitlines()[-1])
     assert row["reward"] == pytest.approx(1.0) and row["loss"] == pytest.approx(5.0)  # (0+1+1+2)/4, (0+10)/2
+
+
+FSDP_TIMESTEP_SCRIPT = """
+import copy, sys
+import torch
+sys.path.insert(0, "tests/dist_scripts")
+import models
+from engine.config import ParallelConfig
+from engine.dist import end_process, init_distributed
+from engine.parallel import apply_fsdp
+from sequence_parallel import cases, inputs
+
+torch.set_num_threads(1)
+info = init_distributed(ParallelConfig(dp_shard=2), "cpu")
+for name, family, call, x in cases():
+    torch.manual_seed(3)
+    model = models.build_model(family, "debug")
+    ref = copy.deepcopy(model).to(torch.bfloat16)  # the unsharded model held in bf16
+    apply_fsdp(model, info.fsdp_mesh, param_dtype=torch.bfloat16)
+    with torch.no_grad():
+        diff = (call(model, x).float() - call(ref, x).float()).abs().max()
+        if info.rank == 0:  # one writer: two ranks' lines can interleave
+            print(name, "max_abs_diff", float(diff), flush=True)
+        if name == "wan.t" and info.rank == 0:  # what the test can see: the same model at t rounded to bf16 differs
+            w = inputs()
+            rounded = ref(x, w["t"].bfloat16().float(), w["text"]).float() - ref(x, w["t"], w["text"]).float()
+            print(name, "rounded_t_diff", float(rounded.abs().max()), flush=True)
+end_process()
+"""
+
+
+def test_fsdp_bf16_keeps_the_timestep_in_fp32(tmp_path):
+    """Under FSDP2 with bf16 parameters, the root module's forward inputs are not cast to bf16 (the models cast
+    latents and context themselves, models/layers.py): the timestep reaches the sinusoidal embedding in fp32,
+    as in one process and in diffusers' pipelines. Casting it rounded t = 0.99 to steps of 2^-8 (t * 1000 to
+    steps of 4), a coarser grid than a shifted sampler's last steps."""
+    p = _two_ranks(tmp_path, FSDP_TIMESTEP_SCRIPT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    rows = [line.split() for line in p.stdout.splitlines() if "_diff" in line]
+    assert len(rows) == 4, p.stdout  # three cases + the rounded-t check
+    for name, what, diff in rows:
+        assert (float(diff) > 0) if what == "rounded_t_diff" else (float(diff) == 0.0), (name, what, diff)
