@@ -180,7 +180,7 @@ def _load_scores(path: Path, expected: str) -> dict[str, np.ndarray] | None:
     saved = dict(np.load(path))
     if str(saved.pop("fingerprint", "")) != expected:
         log.info(
-            "%s: made with other settings (items, seeds, sampling, judge or weights); scoring again",
+            "%s: made with other settings (items, seeds, sampling, judge, weights or Demonstrator); scoring again",
             path.name,
         )
         return None
