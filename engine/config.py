@@ -332,6 +332,12 @@ def _parse_cli_value(text: str, tp: Any) -> Any:
             raise ConfigError(
                 f"{text!r} is not a valid TOML list ({e}); e.g. '[1, 2]' or '[\"a\", \"b\"]'"
             ) from None
+        # a float TOML does not spell but Python does ('.5', '5.', '1.e-4')
+        if tp is float:
+            try:
+                return float(text)
+            except ValueError:
+                pass
         return text  # let _coerce report the type mismatch
 
 

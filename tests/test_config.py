@@ -28,6 +28,12 @@ def test_int_accepted_for_float_and_lists_parse():
     assert cfg.checkpoint.enabled is False
 
 
+@pytest.mark.parametrize("text, value", [(".5", 0.5), ("5.", 5.0), ("1.e-4", 1e-4), ("-.25", -0.25)])
+def test_python_spelt_floats_parse(text, value):
+    """Floats TOML does not spell ('.5') were refused with "expected float, got str '.5'"."""
+    assert load_config(JobConfig, ["--train.lr", text]).train.lr == value
+
+
 @pytest.mark.parametrize(
     "argv, needle",
     [
