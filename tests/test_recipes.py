@@ -297,17 +297,22 @@ def test_gap_closed_lines_say_na_for_an_executor_without_scores():
     assert "- rl: n/a [n/a, n/a]" in text and "- onpolicy: 47% [42%, 51%]" in text
 
 
+def zero_demonstrator(folder: Path) -> Path:
+    """A copy of the shipped toy Demonstrator with zero weights (the same video for any prompt: no gap)."""
+    from safetensors.torch import load_file, save_file
+
+    folder.mkdir()
+    for f in (REPO / "engine" / "world" / "assets").iterdir():
+        (folder / f.name).write_bytes(f.read_bytes())
+    sd = load_file(folder / "demonstrator.safetensors")
+    save_file({k: torch.zeros_like(v) for k, v in sd.items()}, folder / "demonstrator.safetensors")
+    return folder
+
+
 def test_evaluate_scores_again_when_the_demonstrator_changes(proposed, tmp_path):
     """Scores saved with one Demonstrator are not reused for another (the fingerprint named only the
     Executor's weights file, so a run folder kept the first Demonstrator's baseline table)."""
-    from safetensors.torch import load_file, save_file
-
-    other = tmp_path / "demonstrator"
-    other.mkdir()
-    for f in (REPO / "engine" / "world" / "assets").iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    sd = load_file(other / "demonstrator.safetensors")
-    save_file({k: torch.zeros_like(v) for k, v in sd.items()}, other / "demonstrator.safetensors")
+    other = zero_demonstrator(tmp_path / "demonstrator")
     cli("evaluate", proposed, "swap")
     p = cli("evaluate", proposed, "swap", "--world.demonstrator", str(other))
     assert "already evaluated" not in p.stderr and "made with other settings" in p.stderr
@@ -376,14 +381,7 @@ def test_pipeline_without_a_gap_reports_na_when_let_through(tmp_path):
     """A Demonstrator without a gap (zero weights: the same video for task and solution) let through by
     --distill.min_gap 0, as --help offers: every stage runs and the table says n/a for the share of the gap
     closed (gap_closed raised at the very end and no results were written)."""
-    from safetensors.torch import load_file, save_file
-
-    other = tmp_path / "demonstrator"
-    other.mkdir()
-    for f in (REPO / "engine" / "world" / "assets").iterdir():
-        (other / f.name).write_bytes(f.read_bytes())
-    sd = load_file(other / "demonstrator.safetensors")
-    save_file({k: torch.zeros_like(v) for k, v in sd.items()}, other / "demonstrator.safetensors")
+    other = zero_demonstrator(tmp_path / "demonstrator")
     args = ["--train.steps", "2", "--rl.steps", "2", "--rl.group_size", "2", "--rl.train_timesteps", "1",
             "--flow.num_steps", "3", "--distill.min_gap", "0", "--world.demonstrator", str(other)]  # fmt: skip
     cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
