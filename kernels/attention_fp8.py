@@ -399,7 +399,6 @@ def _dkdv_step(
 @triton.jit
 def _fp8_bwd_dkdv(
     Q,
-    K,
     V,
     DO,
     Q8,
@@ -1188,7 +1187,7 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
     _run(
         "dkdv", Sk, B * H, block,
-        q, k, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta, dk, dv, *tail,
+        q, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta, dk, dv, *tail,
         **meta,
     )  # fmt: skip
     # bf16 dQ = dS (K - mean K): the forward saw smoothed keys, and the FP8 dS's rows do not sum to 0 as the
