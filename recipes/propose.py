@@ -16,6 +16,7 @@ process. The images must be readable by every rank (a shared file system).
 from __future__ import annotations
 
 import asyncio
+import os
 import sys
 from collections import Counter
 from pathlib import Path
@@ -91,9 +92,12 @@ def propose_chunk(
         return [], []
     pairs = asyncio.run(proposer.propose([load_image(str(p)) for _, p in chunk], n))
     rows, empty = [], []
+    # absolute first: a path relative to the working directory would be read against the task file's folder
+    folder = Path(os.path.abspath(folder))
     for (image_id, path), image_pairs in zip(chunk, pairs):
         if not image_pairs:
             empty.append(str(path))
+        path = Path(os.path.abspath(path))
         rel = path.relative_to(folder) if path.is_relative_to(folder) else path
         for j, pair in enumerate(image_pairs):  # "pairs": how many rows make this image complete (resume)
             rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task, "solution": pair.solution,

@@ -444,3 +444,26 @@ def test_evaluate_says_when_it_leaves_task_rows_out(proposed):
         assert len(eval_items(load_config(argv=["--eval.tasks", str(tasks)]))) == n and not keep.lines
     finally:
         logger.removeHandler(keep)
+
+
+def test_propose_image_paths_resolve_from_the_task_file(tmp_path, monkeypatch):
+    """A manifest and run folder given relative to the working directory: the task file's image paths are
+    read against the task file's folder (load_items), so they must point at the images from there (they
+    were stored relative to the working directory: runs/r/imgs/s0.png, which does not exist)."""
+    import numpy as np
+
+    from engine.world.oracle import OracleProposer
+    from engine.world.scene import random_scene, render_one
+    from recipes.common import load_items, save_image
+    from recipes.propose import manifest_images, propose
+
+    monkeypatch.chdir(tmp_path)
+    rng = np.random.default_rng(0)
+    for i in range(3):
+        save_image(render_one(random_scene(rng), None)[0], Path("imgs") / f"s{i}.png")
+    Path("imgs/m.jsonl").write_text("".join(f'{{"image": "s{i}.png"}}\n' for i in range(3)))
+    out = Path("runs/r/tasks.jsonl")
+    out.parent.mkdir(parents=True)
+    assert propose(OracleProposer(seed=0), manifest_images("imgs/m.jsonl", ""), out, 2) > 0
+    for it in load_items(out):
+        assert Path(it.image).is_file(), it.image
