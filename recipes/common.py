@@ -523,7 +523,8 @@ def load_pretrained_denoiser(cfg: JobConfig, weights: str, *, meta: bool = False
     """The DiT from ``model.pretrained`` (a diffusers-format folder); ``weights`` = one of our exports
     (engine.checkpoint.export_safetensors) loaded on top, e.g. a distilled Executor. ``meta``: built on
     the meta device from config.json alone, the reading of both deferred to rank 0 at materialisation
-    (engine.parallel.defer_weights); its parameters stay fp32 whatever dtype the files hold."""
+    (engine.parallel.defer_weights). Either way its parameters are fp32 whatever dtype the files hold (the
+    trainer's master weights; the sampling recipes cast to ``precision.param_dtype`` themselves)."""
     import models
     from engine.parallel import defer_weights
 
@@ -534,7 +535,8 @@ def load_pretrained_denoiser(cfg: JobConfig, weights: str, *, meta: bool = False
     if meta:
         model = model_cls.meta_from_pretrained(cfg.model.pretrained)
         return defer_weights(model, lambda: load_pretrained_denoiser(cfg, weights).state_dict())
-    model = model_cls.from_pretrained(cfg.model.pretrained)
+    # fp32 as the meta build: a bf16 folder gave bf16 master weights (AdamW's updates rounded away)
+    model = model_cls.from_pretrained(cfg.model.pretrained, dtype=torch.float32)
     if weights:
         load_weights(model, weights)
     return model

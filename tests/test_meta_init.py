@@ -364,3 +364,24 @@ def test_first_frames_are_resized_as_the_pipelines_image_processors_do(crop):
             proc.resize(Image.fromarray(img[0]), 48, 84, resize_mode="crop" if crop else "default")
         )
         assert ours.shape == ref.shape == (48, 84, 3) and np.array_equal(ours, ref), (H, W)
+
+
+def test_plain_load_of_a_bf16_folder_is_fp32_like_the_meta_load(tmp_path):
+    """A bf16 diffusers folder (as released checkpoints are) loads into fp32 parameters with and without
+    model.meta_init, the same values: the trainer's master weights (the plain load kept bf16 ones)."""
+    from recipes.common import load_pretrained_denoiser
+
+    folder = tmp_path / "transformer"
+    model = _save_diffusers_folder(folder)
+    sd = {
+        k: v.to(torch.bfloat16) for k, v in load_file(folder / "diffusion_pytorch_model.safetensors").items()
+    }
+    save_file(sd, folder / "diffusion_pytorch_model.safetensors")
+    cfg = JobConfig()
+    cfg.model.family, cfg.model.flavour, cfg.model.pretrained = "wan", "debug", str(folder)
+    plain = load_pretrained_denoiser(cfg, "")
+    meta = materialize(load_pretrained_denoiser(cfg, "", meta=True), torch.device("cpu"))
+    assert {p.dtype for p in plain.parameters()} == {torch.float32}
+    _assert_same(plain.state_dict(), meta.state_dict(), "bf16 folder, plain vs meta load")
+    want = {k: v.to(torch.bfloat16).float() for k, v in model.state_dict().items()}
+    _assert_same(plain.state_dict(), want, "bf16 folder, plain load")
