@@ -94,6 +94,8 @@ def main(argv: list[str] | None = None) -> dict:
         "aspect_buckets": d.aspect_buckets, "bucket_multiple": d.bucket_multiple, "max_upscale": d.max_upscale,
         "clip_start": d.clip_start, "seed": cfg.run.seed if d.clip_start == "random" else None,
         "model": f"{cfg.model.family}/{cfg.model.flavour}/{cfg.model.pretrained}",
+        # the encoders run in it (the toy world's exact maps do not)
+        "param_dtype": None if isinstance(vae, _ToyVAE) else cfg.precision.param_dtype,
     }  # fmt: skip
     writer = LatentCacheWriter(
         cache, vae=vae, text_encoder=text, text_fields=d.text_fields, shard_size=d.shard_size,

@@ -67,3 +67,25 @@ def test_precompute_rejects_missing_settings(manifest, tmp_path):
 
     with pytest.raises(SystemExit, match="data.cache_dir"):
         main(["--data.manifest", str(manifest)])
+
+
+def test_precompute_refuses_to_resume_with_another_encoder_dtype(tmp_path):
+    """The real encoders run in precision.param_dtype: a cache resumed in bf16 after an fp32 start mixed text
+    embeddings 2e-2 apart (tiny UMT5) in one cache; that is now a fingerprint mismatch."""
+    from recipes.precompute import main
+    from tests.test_encoders import tiny_clip, tiny_tokenizer, tiny_umt5, tiny_vae
+
+    model = tmp_path / "model"
+    tiny_vae().save_pretrained(model / "vae")
+    tiny_tokenizer().save_pretrained(model / "tokenizer")
+    tiny_umt5().save_pretrained(model / "text_encoder")
+    tiny_clip().save_pretrained(model / "image_encoder")
+    write_video(tmp_path / "v0.webm", ident=0, num_frames=6, height=16, width=16)
+    (tmp_path / "m.jsonl").write_text(json.dumps({"video": "v0.webm", "task": "the blue block"}) + "\n")
+    args = ["--model.family", "wan", "--model.flavour", "t2v_1.3b", "--model.pretrained", str(model),
+            "--data.manifest", str(tmp_path / "m.jsonl"), "--data.cache_dir", str(tmp_path / "cache"),
+            "--data.num_frames", "5", "--data.height", "16", "--data.width", "16", "--data.decoder", "pyav",
+            "--run.device", "cpu", "--data.text_fields", '["task"]']  # fmt: skip
+    main(args)
+    with pytest.raises(ValueError, match="param_dtype"):
+        main(args + ["--precision.param_dtype", "bfloat16"])
