@@ -237,9 +237,10 @@ class ImageEncoder(nn.Module):
         x = images.float()
         # short side to shortest_edge (the long one rounded down, as the processor), then the centre crop
         if self.shortest_edge:
-            H, W = x.shape[-2:]
-            s = self.shortest_edge / min(H, W)
-            h, w = (self.shortest_edge, int(W * s)) if H <= W else (int(H * s), self.shortest_edge)
+            H, W, e = *x.shape[-2:], self.shortest_edge
+            # e * long / short as the processor rounds it (long * (e / short) fell a pixel short: a square
+            # 49 x 49 frame gave 32 x 31 and a 32 x 1 crop)
+            h, w = (e, int(e * W / H)) if H <= W else (int(e * H / W), e)
             x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
             top, left = (h - self.size) // 2, (w - self.size) // 2
             x = x[:, :, top : top + self.size, left : left + self.size]

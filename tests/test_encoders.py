@@ -175,3 +175,24 @@ def test_load_encoders_from_a_pipeline_folder(tmp_path):
         load_encoders("wan", tmp_path / "text_encoder")
     with pytest.raises(ValueError, match="encoder family"):
         load_encoders("nope", tmp_path)
+
+
+@pytest.mark.parametrize("hw", [(49, 49), (49, 98), (48, 84)])
+def test_image_encoder_resizes_the_short_side_as_the_processor_rounds_it(hw):
+    """The long side is int(shortest_edge * long / short), as CLIPImageProcessor computes it: a square 49 x 49
+    frame (722 x 722 at 224) gave a one-pixel-short resize and a 32 x 1 crop. Pixels within uint8 rounding."""
+    import numpy as np
+    from PIL import Image
+    from transformers import CLIPImageProcessor
+
+    proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
+                              do_center_crop=True, resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)  # fmt: skip
+    enc = ImageEncoder(tiny_clip(), size=32, shortest_edge=32)
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 3, 5, 9, generator=g), size=hw, mode="bilinear", align_corners=False)
+    px = (smooth * 255).round().to(torch.uint8)
+    ours = enc.pixel_values(px.float() / 127.5 - 1)
+    frame = Image.fromarray(np.ascontiguousarray(px[0].permute(1, 2, 0).numpy()))
+    theirs = proc(images=[frame], return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (1, 3, 32, 32)
+    assert (ours - theirs).abs().mean().item() < 0.02
