@@ -217,6 +217,36 @@ def test_serve_answers_400_to_invalid_bodies():
     assert no_image.status_code == 400 and "frame" in no_image.json()["error"]["message"]
 
 
+def test_serve_refuses_a_chunked_body_and_answers_the_next_request():
+    """A chunked upload (httpx streaming a body) gets 400 saying so; it read as an empty body ('Expecting
+    value') and its chunks stayed in the keep-alive stream: the next, valid request got 404 'no route 64'."""
+    import httpx
+
+    from engine.judge.openai import chat_payload
+
+    body = chat_payload("m", ChatItem([np.zeros((8, 8, 3), np.uint8)], "not a judge prompt"))
+
+    async def run(srv):
+        server = JudgeServer(_judge(srv.url), mode="judge", model_name="m")
+        port = await server.start()
+        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+        data = httpx.Request("POST", url, json=body).read()
+
+        async def chunks():
+            yield data[:100]
+            yield data[100:]
+
+        async with httpx.AsyncClient() as c:
+            got = [await c.post(url, content=chunks()), await c.post(url, content=data)]
+        await server.aclose()
+        return got
+
+    with FaultServer() as srv:
+        chunked, plain = asyncio.run(run(srv))
+    assert chunked.status_code == 400 and "chunked" in chunked.json()["error"]["message"]
+    assert plain.status_code == 400 and "judge's own prompts" in plain.json()["error"]["message"]
+
+
 def test_serve_aclose_closes_idle_keep_alive_connections():
     """A client's idle keep-alive connection is closed by aclose, which returns promptly (from Python 3.12
     on, asyncio's wait_closed waits for open connections: a client pool kept open hung the shutdown)."""

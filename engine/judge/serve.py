@@ -211,6 +211,9 @@ class JudgeServer:
         lines = head.decode("latin-1").split("\r\n")
         method, path, _ = (lines[0].split(" ") + ["", ""])[:3]
         headers = {k.strip().lower(): v.strip() for k, _, v in (ln.partition(":") for ln in lines[1:] if ln)}
+        if headers.get("transfer-encoding", "identity").lower() != "identity":
+            # its body would stay in the stream and be read as the next request
+            raise BadRequest("chunked request bodies are not supported: send the body with a Content-Length")
         n = int(headers.get("content-length", "0") or 0)
         if n > MAX_BODY or n < 0:
             raise BadRequest(f"body of {n} bytes exceeds {MAX_BODY}")
