@@ -606,6 +606,8 @@ def build_proposer(cfg: JobConfig):
         from engine.world.oracle import OracleProposer
 
         return OracleProposer(seed=cfg.run.seed)
+    if not j.model:
+        raise ValueError(f"judge.model: the {j.backend} proposer needs a model name or path, got ''")
     from engine.propose import ChatProposer
 
     if j.backend == "openai":

@@ -467,3 +467,15 @@ def test_propose_image_paths_resolve_from_the_task_file(tmp_path, monkeypatch):
     assert propose(OracleProposer(seed=0), manifest_images("imgs/m.jsonl", ""), out, 2) > 0
     for it in load_items(out):
         assert Path(it.image).is_file(), it.image
+
+
+def test_proposer_without_a_model_names_the_key():
+    """judge.backend transformers with judge.model empty: the proposer says so (it raised transformers'
+    'OSError: Repo id must use alphanumeric chars ...: ''' from the empty path), as the judge does."""
+    from engine.config import JobConfig, build_config
+    from recipes.common import build_proposer
+
+    cfg = build_config(JobConfig)
+    cfg.judge.backend = "transformers"
+    with pytest.raises(ValueError, match="judge.model"):
+        build_proposer(cfg)
