@@ -193,6 +193,19 @@ def test_serve_judge_mode_chain_and_bad_requests():
     assert bad[0].status == "http_error" and "400" in bad[0].text
 
 
+async def _post_to_judge_server(srv: FaultServer, send):
+    """A judge-mode JudgeServer over ``srv`` on a free port: ``send(client, chat URL)``'s result, then close."""
+    import httpx
+
+    server = JudgeServer(_judge(srv.url), mode="judge", model_name="m")
+    port = await server.start()
+    try:
+        async with httpx.AsyncClient() as c:
+            return await send(c, f"http://127.0.0.1:{port}/v1/chat/completions")
+    finally:
+        await server.aclose()
+
+
 def test_serve_answers_400_to_invalid_bodies():
     """Bodies that are not a chat request the server can judge get HTTP 400 with the reason (not a dropped
     connection, which a client would retry): a JSON list, a judge prompt without an image."""
@@ -200,19 +213,14 @@ def test_serve_answers_400_to_invalid_bodies():
 
     from engine.judge import build_prompt
 
-    async def run(srv):
-        server = JudgeServer(_judge(srv.url), mode="judge", model_name="m")
-        port = await server.start()
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
-        prompt = build_prompt(JudgeRequest("[Agent]: push", "task", frames=[np.zeros((4, 4, 3), np.uint8)]))
-        no_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
-        async with httpx.AsyncClient() as c:
-            got = [await c.post(url, json=b) for b in ([1, 2], no_image)]
-        await server.aclose()
-        return got
+    prompt = build_prompt(JudgeRequest("[Agent]: push", "task", frames=[np.zeros((4, 4, 3), np.uint8)]))
+    no_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
+
+    async def send(c: httpx.AsyncClient, url: str) -> list:
+        return [await c.post(url, json=b) for b in ([1, 2], no_image)]
 
     with FaultServer() as srv:
-        as_list, no_image = asyncio.run(run(srv))
+        as_list, no_image = asyncio.run(_post_to_judge_server(srv, send))
     assert as_list.status_code == 400 and "JSON object" in as_list.json()["error"]["message"]
     assert no_image.status_code == 400 and "frame" in no_image.json()["error"]["message"]
 
@@ -226,23 +234,17 @@ def test_serve_refuses_a_chunked_body_and_answers_the_next_request():
 
     body = chat_payload("m", ChatItem([np.zeros((8, 8, 3), np.uint8)], "not a judge prompt"))
 
-    async def run(srv):
-        server = JudgeServer(_judge(srv.url), mode="judge", model_name="m")
-        port = await server.start()
-        url = f"http://127.0.0.1:{port}/v1/chat/completions"
+    async def send(c: httpx.AsyncClient, url: str) -> list:
         data = httpx.Request("POST", url, json=body).read()
 
         async def chunks():
             yield data[:100]
             yield data[100:]
 
-        async with httpx.AsyncClient() as c:
-            got = [await c.post(url, content=chunks()), await c.post(url, content=data)]
-        await server.aclose()
-        return got
+        return [await c.post(url, content=chunks()), await c.post(url, content=data)]
 
     with FaultServer() as srv:
-        chunked, plain = asyncio.run(run(srv))
+        chunked, plain = asyncio.run(_post_to_judge_server(srv, send))
     assert chunked.status_code == 400 and "chunked" in chunked.json()["error"]["message"]
     assert plain.status_code == 400 and "judge's own prompts" in plain.json()["error"]["message"]
 
