@@ -193,6 +193,11 @@ def safetensors_files(path: str | Path) -> list[Path]:
             raise FileNotFoundError(f"{indexes[0]}: shards listed but not present: {absent}")
         return files
     files = sorted(path.glob("*.safetensors"))
+    # beside variants that save_pretrained(variant=...) writes (diffusion_pytorch_model.fp16.safetensors), the
+    # default file, as diffusers and transformers load it
+    default = [f for f in files if f.name in ("diffusion_pytorch_model.safetensors", "model.safetensors")]
+    if len(files) > 1 and len(default) == 1:
+        return default
     if len(files) != 1:
         found = [p.name for p in path.iterdir()]
         raise FileNotFoundError(

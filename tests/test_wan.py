@@ -94,6 +94,24 @@ def test_from_pretrained_reads_diffusers_folders(tmp_path, shard):
     WanModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_takes_the_default_weights_beside_a_variant(tmp_path):
+    """A folder with diffusion_pytorch_model.safetensors and a variant file beside it (save_pretrained with
+    variant="fp16" writes diffusion_pytorch_model.fp16.safetensors) loads the default one, as diffusers does
+    (it was refused: 'expected one *.safetensors file')."""
+    theirs, _ = make_pair()
+    other, _ = make_pair()
+    with torch.no_grad():
+        for p in other.parameters():
+            p.zero_()
+    other.save_pretrained(tmp_path, safe_serialization=True, variant="fp16")
+    theirs.save_pretrained(tmp_path, safe_serialization=True)
+    assert (tmp_path / "diffusion_pytorch_model.fp16.safetensors").is_file()
+    ours = WanModel.from_pretrained(tmp_path)
+    x, t, text = torch.randn(1, 4, 3, 6, 10), torch.tensor([300.0]), torch.randn(1, 7, 24)
+    with torch.no_grad():
+        assert rel_err(ours(x, t, text), theirs(x, t, text, return_dict=False)[0]) <= 1e-5
+
+
 def test_from_pretrained_errors_name_the_folder(tmp_path):
     with pytest.raises(FileNotFoundError, match="config.json"):
         WanModel.from_pretrained(tmp_path)
