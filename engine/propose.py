@@ -80,7 +80,11 @@ def _words(s: str) -> int:
 
 
 def _clean(s: str) -> str:
-    s = re.sub(r"[*_`#]+", "", s)  # markdown emphasis / headings some VLMs add
+    """Without the markdown some VLMs add: emphasis (*, `, and _ that is not inside a word: red_block stays)
+    and heading marks (a leading #)."""
+    s = re.sub(r"[*`]+", "", s)
+    s = re.sub(r"(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])", "", s)
+    s = re.sub(r"^\s*#+", "", s)
     return " ".join(s.split()).strip().strip('"').strip()
 
 

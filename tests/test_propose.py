@@ -72,6 +72,18 @@ def test_invalid_blocks_are_rejected_and_counted():
     assert task_key("[Agent]: Push the CUBE left.") == task_key("[agent]:push the cube   left")
 
 
+def test_markdown_is_removed_but_underscores_inside_words_stay():
+    """Emphasis and heading marks a VLM adds are dropped; an underscore inside a word (an object's name) and a
+    '#' inside the text are not markdown (every '_' and '#' was stripped: 'red_block' became 'redblock')."""
+    text = (
+        "### **[Agent]:** Push the red_block to cup #2\n"
+        "**Description:** Grip the _red_block_ with __both__ fingers, slide it left, stop at `cup #2`.\n"
+    )
+    (pair,), _ = parse_proposals(text, min_words=5, max_words=30)
+    assert pair.task == "[Agent]: Push the red_block to cup #2"
+    assert pair.solution == "Grip the red_block with both fingers, slide it left, stop at cup #2."
+
+
 def _images(n):
     return [np.full((16, 16, 3), 10 * (i + 1), dtype=np.uint8) for i in range(n)]
 
