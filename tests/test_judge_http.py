@@ -317,3 +317,16 @@ def test_serve_oracle_backend_is_clear_about_its_dependency():
         assert mode == "judge" and hasattr(backend, "score")
     with pytest.raises(SystemExit, match="--model"):
         build_backend("transformers", "", device=None, max_batch=4)
+
+
+def test_serve_reads_a_null_max_tokens_as_unset():
+    """An explicit "max_tokens": null (some clients send every field) is unset, as in the OpenAI API: the
+    other key or the default applies (it was a 400)."""
+    from engine.judge.openai import chat_payload
+    from engine.judge.serve import parse_chat_request
+
+    body = chat_payload("m", ChatItem([np.zeros((8, 8, 3), np.uint8)], "hi"))
+    body.pop("max_tokens", None)
+    assert parse_chat_request({**body, "max_tokens": None, "max_completion_tokens": 20}).max_new_tokens == 20
+    assert parse_chat_request({**body, "max_tokens": None}).max_new_tokens == 64
+    assert parse_chat_request({**body, "max_tokens": 7, "max_completion_tokens": 20}).max_new_tokens == 7

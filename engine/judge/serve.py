@@ -78,7 +78,10 @@ def parse_chat_request(body: dict) -> ChatItem:
             images.append(decode_image(url.get("url", "") if isinstance(url, dict) else str(url)))
         else:
             raise BadRequest(f"unsupported content part type {kind!r} (expected 'text' or 'image_url')")
-    max_tokens = body.get("max_tokens", body.get("max_completion_tokens", 64))
+    # the first of the two keys that is set (an explicit null means unset, as in the OpenAI API)
+    max_tokens = next(
+        (body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None), 64
+    )
     if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:
         raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {max_tokens!r}")
     return ChatItem(images, "\n".join(texts), max_tokens)
