@@ -417,11 +417,7 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
     from engine.parallel import DTYPES
     from models.encoders import load_encoders
 
-    if not cfg.model.pretrained:
-        raise ValueError(
-            f"model.pretrained is empty: model {cfg.model.family!r} / {cfg.model.flavour!r} (not the toy world's "
-            "'wan' / 'toy') needs its diffusers pipeline folder, e.g. --model.pretrained /data/<model>-Diffusers"
-        )
+    _require_pretrained(cfg)
     device = device_of(cfg)
     enc = load_encoders(cfg.model.family, cfg.model.pretrained, dtype=DTYPES[cfg.precision.param_dtype])
     for m in (enc.vae, enc.text, enc.image):
@@ -472,6 +468,15 @@ def _pretrained_kit(cfg: JobConfig) -> Kit:
         if _is_wan21_i2v(cfg, vae.latent_channels)
         else None,
     )
+
+
+def _require_pretrained(cfg: JobConfig) -> None:
+    """A real model needs ``model.pretrained``: an error naming the key when it is empty."""
+    if not cfg.model.pretrained:
+        raise ValueError(
+            f"model.pretrained is empty: model {cfg.model.family!r} / {cfg.model.flavour!r} (not the toy world's "
+            "'wan' / 'toy') needs its diffusers pipeline folder, e.g. --model.pretrained /data/<model>-Diffusers"
+        )
 
 
 def _is_wan21_i2v(cfg: JobConfig, latent_channels: int) -> bool:
@@ -528,9 +533,7 @@ def load_pretrained_denoiser(cfg: JobConfig, weights: str, *, meta: bool = False
     import models
     from engine.parallel import defer_weights
 
-    if not cfg.model.pretrained:
-        raise ValueError(f"model.pretrained: expected a diffusers-format folder for {cfg.model.family}/"
-                         f"{cfg.model.flavour}, got ''")  # fmt: skip
+    _require_pretrained(cfg)
     model_cls, _ = models.model_classes(cfg.model.family)
     if meta:
         model = model_cls.meta_from_pretrained(cfg.model.pretrained)
