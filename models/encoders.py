@@ -234,20 +234,16 @@ class ImageEncoder(nn.Module):
         """images (B, 3, H, W) in [-1, 1] -> (B, 3, size, size) normalised pixels in the tower's dtype."""
         if images.dim() != 4 or images.shape[1] != 3:
             raise ValueError(f"images: expected (B, 3, H, W) in [-1, 1], got shape {tuple(images.shape)}")
-        x = images.float()
+        h = w = self.size
         # short side to shortest_edge (the long one rounded down, as the processor), then the centre crop
         if self.shortest_edge:
-            H, W, e = *x.shape[-2:], self.shortest_edge
+            H, W, e = *images.shape[-2:], self.shortest_edge
             # e * long / short as the processor rounds it (long * (e / short) fell a pixel short: a square
             # 49 x 49 frame gave 32 x 31 and a 32 x 1 crop)
             h, w = (e, int(e * W / H)) if H <= W else (int(e * H / W), e)
-            x = F.interpolate(x, size=(h, w), mode="bicubic", align_corners=False, antialias=True)
-            top, left = (h - self.size) // 2, (w - self.size) // 2
-            x = x[:, :, top : top + self.size, left : left + self.size]
-        else:
-            x = F.interpolate(
-                x, size=(self.size, self.size), mode="bicubic", align_corners=False, antialias=True
-            )
+        x = F.interpolate(images.float(), size=(h, w), mode="bicubic", align_corners=False, antialias=True)
+        top, left = (h - self.size) // 2, (w - self.size) // 2  # 0, 0 without shortest_edge: no crop
+        x = x[:, :, top : top + self.size, left : left + self.size]
         x = x.clamp(-1.0, 1.0)  # bicubic overshoot, which the processors' uint8 images cannot hold
         x = ((x + 1) / 2 - self.mean) / self.std  # [-1, 1] -> the tower's normalised pixels
         return x.to(next(self.model.parameters()).dtype)
