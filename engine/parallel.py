@@ -48,6 +48,7 @@ import kernels.attention_fp8  # noqa: F401
 from engine.config import ParallelConfig, PrecisionConfig
 from engine.dist import collective
 from engine.log import get_logger
+from engine.precision import is_te_module
 
 log = get_logger("parallel")
 
@@ -88,7 +89,7 @@ def _te_checkpoint(block: nn.Module) -> Callable | None:
     The backward recomputes a checkpointed block outside the forward's ``te.autocast``: torch's checkpoint
     would rerun TE's linears without FP8, save tensors unlike the forward's and fail its metadata check;
     TE's non-reentrant checkpoint re-enters the autocast with the forward's recipe for the recompute."""
-    if not any(type(m).__module__.startswith("transformer_engine") for m in block.modules()):
+    if not any(is_te_module(m) for m in block.modules()):
         return None
     from transformer_engine.pytorch.distributed import checkpoint
 

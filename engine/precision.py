@@ -28,6 +28,8 @@ contains none of ``fp8_skip``.
 from __future__ import annotations
 
 import contextlib
+import functools
+import os
 from collections.abc import Callable
 from typing import Any
 
@@ -65,8 +67,38 @@ def fp8_filter(model: nn.Module, prec: PrecisionConfig) -> Callable[[nn.Module, 
     return keep
 
 
+def loaded_library_dir(stem: str) -> str | None:
+    """The folder of the shared library ``<stem>.so*`` this process has mapped (Linux), else None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = [line.split(None, 5)[-1].strip() for line in f if ".so" in line]
+    except OSError:
+        return None
+    for path in paths:
+        name = os.path.basename(path)
+        if name == f"{stem}.so" or name.startswith(f"{stem}.so."):
+            return os.path.dirname(path)
+    return None
+
+
+def _point_te_at_torch_cudnn() -> None:
+    """Make TE load the cuDNN torch already loaded. TE looks in $CUDNN_PATH, CUDA_HOME and the loader's
+    path before pip's, so on a machine with a system cuDNN older than torch's (the GPU image: 9.14 in
+    /usr/lib, torch's wheel 9.19), TE's system libcudnn pulls in its own libcudnn_cnn, which then
+    needs symbols from the libcudnn_graph torch had loaded, and the import fails (undefined symbol)."""
+    if os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH") or not torch.cuda.is_available():
+        return
+    with contextlib.suppress(Exception):
+        torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
+    folder = loaded_library_dir("libcudnn")
+    if folder:
+        os.environ["CUDNN_PATH"] = folder
+        log.info("Transformer Engine: CUDNN_PATH=%s (the cuDNN torch loaded)", folder)
+
+
 def _import_te() -> Any:
     try:
+        _point_te_at_torch_cudnn()
         import transformer_engine.pytorch as te
     except ImportError as e:
         raise FP8UnavailableError(
@@ -91,12 +123,40 @@ def te_recipe(name: str) -> Any:
     raise ValueError(f"precision.fp8_recipe {name!r}: expected 'delayed', 'current' or 'mxfp8'")
 
 
-def _swap_te_linears(model: nn.Module, keep: Callable[[nn.Module, str], bool]) -> int:
+def _te_off(te: Any) -> contextlib.AbstractContextManager:
+    return te.autocast(enabled=False) if hasattr(te, "autocast") else te.fp8_autocast(enabled=False)
+
+
+@functools.cache
+def _te_linear_class(te: Any) -> type:
+    class TELinear(te.Linear):
+        """``te.Linear`` that runs a call whose row count (the product of the input's leading dims) FP8
+        GEMMs cannot take in high precision instead of failing: TE needs a multiple of 8 (32 for
+        MXFP8), and a linear fed one row per sample gets the batch size."""
+
+        fp8_rows = 8
+
+        def forward(self, inp: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
+            if (inp.numel() // max(inp.shape[-1], 1)) % self.fp8_rows:
+                with _te_off(te):
+                    return super().forward(inp, *args, **kwargs)
+            return super().forward(inp, *args, **kwargs)
+
+    return TELinear
+
+
+def is_te_module(module: nn.Module) -> bool:
+    """A Transformer Engine module (or a subclass of one, as our TELinear)."""
+    return any(c.__module__.startswith("transformer_engine") for c in type(module).__mro__)
+
+
+def _swap_te_linears(model: nn.Module, keep: Callable[[nn.Module, str], bool], recipe: str) -> int:
     te = _import_te()
+    cls = _te_linear_class(te)
     swaps = [(n, m) for n, m in model.named_modules() if keep(m, n)]
     for name, lin in swaps:
         parent = model.get_submodule(name.rsplit(".", 1)[0]) if "." in name else model
-        new = te.Linear(
+        new = cls(
             lin.in_features,
             lin.out_features,
             bias=lin.bias is not None,
@@ -108,6 +168,7 @@ def _swap_te_linears(model: nn.Module, keep: Callable[[nn.Module, str], bool]) -
             if lin.bias is not None:
                 new.bias.copy_(lin.bias)
         new.weight.requires_grad_(lin.weight.requires_grad)
+        new.fp8_rows = 32 if recipe == "mxfp8" else 8
         setattr(parent, name.rsplit(".", 1)[-1], new)
     return len(swaps)
 
@@ -138,7 +199,7 @@ def apply_fp8(model: nn.Module, prec: PrecisionConfig) -> nn.Module:
         )
     keep = fp8_filter(model, prec)
     if prec.fp8 == "te":
-        n = _swap_te_linears(model, keep)
+        n = _swap_te_linears(model, keep, prec.fp8_recipe)
     elif prec.fp8 == "torchao":
         n = _convert_torchao(model, keep)
     else:

@@ -4,6 +4,8 @@ clear errors for a missing backend, bf16 autocast, per-block compile."""
 from __future__ import annotations
 
 import importlib.util
+import os
+import subprocess
 import sys
 from pathlib import Path
 
@@ -16,8 +18,17 @@ from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
 
 from engine.config import JobConfig, PrecisionConfig  # noqa: E402
 from engine.parallel import apply_compile  # noqa: E402
-from engine.precision import FP8UnavailableError, apply_fp8, fp8_filter  # noqa: E402
+from engine.precision import (  # noqa: E402
+    FP8UnavailableError,
+    apply_fp8,
+    fp8_context,
+    fp8_filter,
+    is_te_module,
+    loaded_library_dir,
+)
 from engine.trainer import Trainer  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
 
 pytestmark = pytest.mark.usefixtures("one_thread")  # tests/conftest.py
 
@@ -134,8 +145,63 @@ def test_te_fp8_cuda_trains(tmp_path, recipe, ac):
     cfg = _cfg(20, "cuda", fp8="te", fp8_recipe=recipe, fp8_min_features=256, param_dtype="bfloat16")
     cfg.parallel.activation_checkpointing = ac
     tr, losses = _train(cfg, tmp_path, _wide(), seq=64)
-    assert any("transformer_engine" in type(m).__module__ for m in tr.model.modules())
+    assert any(is_te_module(m) for m in tr.model.modules())
     assert all(torch.isfinite(torch.tensor(losses))) and sum(losses[-5:]) < sum(losses[:5])
+
+
+def test_loaded_library_dir_finds_torchs_own_library():
+    """The folder TE is pointed at for cuDNN comes from the process's mapped libraries: checked here on a
+    library every torch build maps."""
+    lib = Path(torch.__file__).parent / "lib"
+    assert Path(loaded_library_dir("libtorch_cpu")).resolve() == lib.resolve()
+    assert loaded_library_dir("libno_such_library_here") is None
+    assert not is_te_module(nn.Linear(4, 4))
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TE, reason="needs Transformer Engine")
+def test_te_loads_after_torch_ran_cudnn():
+    """The GPU image has a system cuDNN (9.14) older than torch's (9.19): TE loaded the system one after
+    torch's cuDNN attention had run, and failed with an undefined symbol. A fresh process, as the trainer
+    benchmark: cuDNN attention first, then TE."""
+    code = (
+        "import torch, torch.nn.functional as F\n"
+        "from torch.nn.attention import SDPBackend, sdpa_kernel\n"
+        "q = torch.randn(1, 2, 256, 64, device='cuda', dtype=torch.bfloat16)\n"
+        "with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):\n"
+        "    F.scaled_dot_product_attention(q, q, q)\n"
+        "from engine.precision import _import_te\n"
+        "te = _import_te()\n"
+        "print('te ok', te.Linear)\n"
+    )
+    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}
+    env.pop("CUDNN_PATH", None), env.pop("CUDNN_HOME", None)
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 0 and "te ok" in r.stdout, r.stderr[-3000:]
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not HAS_TE, reason="needs Transformer Engine")
+def test_te_linear_runs_per_sample_rows_in_high_precision():
+    """FP8 GEMMs need a row count that is a multiple of 8; a linear fed one row per sample (4 rows) runs in
+    bf16 instead of failing, and equals torch's bf16 linear; 64 rows run in FP8 (differ from it)."""
+    model = nn.Module()
+    model.blocks = nn.ModuleList([nn.Linear(256, 512)]).cuda().to(torch.bfloat16)
+    ref = nn.Linear(256, 512).cuda().to(torch.bfloat16)
+    ref.load_state_dict(model.blocks[0].state_dict())
+    prec = PrecisionConfig(fp8="te", fp8_recipe="current", fp8_min_features=256)
+    apply_fp8(model, prec)
+    lin = model.blocks[0]
+    assert is_te_module(lin)
+    for rows, fp8 in ((4, False), (64, True)):
+        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+        with fp8_context(prec):
+            y = lin(x)
+        y.float().square().sum().backward()
+        want = ref(x.detach())
+        err = ((y - want).float().norm() / want.float().norm()).item()
+        assert (err > 1e-3) if fp8 else (err < 1e-2), (rows, err)
+        assert torch.isfinite(x.grad).all()
 
 
 @pytest.mark.gpu
