@@ -28,6 +28,7 @@ contains none of ``fp8_skip``.
 from __future__ import annotations
 
 import contextlib
+import ctypes
 import functools
 import os
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from typing import Any
 
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 
 from engine.config import ModelConfig, PrecisionConfig
 from engine.log import get_logger
@@ -82,18 +84,26 @@ def loaded_library_dir(stem: str) -> str | None:
 
 
 def _point_te_at_torch_cudnn() -> None:
-    """Make TE load the cuDNN torch already loaded. TE looks in $CUDNN_PATH, CUDA_HOME and the loader's
-    path before pip's, so on a machine with a system cuDNN older than torch's (the GPU image: 9.14 in
-    /usr/lib, torch's wheel 9.19), TE's system libcudnn pulls in its own libcudnn_cnn, which then
-    needs symbols from the libcudnn_graph torch had loaded, and the import fails (undefined symbol)."""
+    """Make TE use the cuDNN torch loaded. TE looks for cuDNN in $CUDNN_PATH, CUDA_HOME and the loader's
+    path before pip's, and its core library names libcudnn_cnn etc. as dependencies. On a machine with a
+    system cuDNN older than torch's (the GPU image: 9.14 in /usr/lib, torch's wheel 9.19), the loader
+    took the system's libcudnn_cnn, which needs symbols of its own libcudnn_graph, not of the one torch
+    had loaded: "undefined symbol ... version libcudnn_graph.so.9" on import (H200, 2026-11-27; with
+    torch's folder first on LD_LIBRARY_PATH it loaded). So every library in torch's cuDNN folder is
+    loaded globally first (a dependency by soname then resolves to it), and $CUDNN_PATH points there."""
     if os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH") or not torch.cuda.is_available():
         return
     with contextlib.suppress(Exception):
         torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
     folder = loaded_library_dir("libcudnn")
-    if folder:
-        os.environ["CUDNN_PATH"] = folder
-        log.info("Transformer Engine: CUDNN_PATH=%s (the cuDNN torch loaded)", folder)
+    if not folder:
+        return
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("libcudnn") and ".so" in name:
+            with contextlib.suppress(OSError):
+                ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
+    os.environ["CUDNN_PATH"] = folder
+    log.info("Transformer Engine: CUDNN_PATH=%s (the cuDNN torch loaded)", folder)
 
 
 def _import_te() -> Any:
@@ -123,24 +133,25 @@ def te_recipe(name: str) -> Any:
     raise ValueError(f"precision.fp8_recipe {name!r}: expected 'delayed', 'current' or 'mxfp8'")
 
 
-def _te_off(te: Any) -> contextlib.AbstractContextManager:
-    return te.autocast(enabled=False) if hasattr(te, "autocast") else te.fp8_autocast(enabled=False)
-
-
 @functools.cache
 def _te_linear_class(te: Any) -> type:
     class TELinear(te.Linear):
-        """``te.Linear`` that runs a call whose row count (the product of the input's leading dims) FP8
-        GEMMs cannot take in high precision instead of failing: TE needs a multiple of 8 (32 for
-        MXFP8), and a linear fed one row per sample gets the batch size."""
+        """``te.Linear`` that pads the rows of its input (the product of the leading dims) with zeros to a
+        multiple of ``fp8_rows``: TE's FP8 GEMMs need a multiple of 8 rows in the forward and of 16 in
+        the weight-gradient GEMM, where the rows are the inner dim (Wan 480p x 81f has 32,760 tokens:
+        "lda % 16 == 0" failed in backward on an H200). Zero rows add nothing to the weight gradient and
+        their outputs are dropped; the per-tensor amax is unchanged."""
 
-        fp8_rows = 8
+        fp8_rows = 16
 
         def forward(self, inp: torch.Tensor, *args: Any, **kwargs: Any) -> Any:
-            if (inp.numel() // max(inp.shape[-1], 1)) % self.fp8_rows:
-                with _te_off(te):
-                    return super().forward(inp, *args, **kwargs)
-            return super().forward(inp, *args, **kwargs)
+            d = inp.shape[-1]
+            rows = inp.numel() // max(d, 1)
+            pad = -rows % self.fp8_rows
+            if not pad:
+                return super().forward(inp, *args, **kwargs)
+            out = super().forward(F.pad(inp.reshape(rows, d), (0, 0, 0, pad)), *args, **kwargs)
+            return out[:rows].reshape(*inp.shape[:-1], out.shape[-1])
 
     return TELinear
 
@@ -168,7 +179,7 @@ def _swap_te_linears(model: nn.Module, keep: Callable[[nn.Module, str], bool], r
             if lin.bias is not None:
                 new.bias.copy_(lin.bias)
         new.weight.requires_grad_(lin.weight.requires_grad)
-        new.fp8_rows = 32 if recipe == "mxfp8" else 8
+        new.fp8_rows = 32 if recipe == "mxfp8" else 16
         setattr(parent, name.rsplit(".", 1)[-1], new)
     return len(swaps)
 

@@ -182,9 +182,11 @@ def test_te_loads_after_torch_ran_cudnn():
 
 @pytest.mark.gpu
 @pytest.mark.skipif(not HAS_TE, reason="needs Transformer Engine")
-def test_te_linear_runs_per_sample_rows_in_high_precision():
-    """FP8 GEMMs need a row count that is a multiple of 8; a linear fed one row per sample (4 rows) runs in
-    bf16 instead of failing, and equals torch's bf16 linear; 64 rows run in FP8 (differ from it)."""
+@pytest.mark.parametrize("shape", [(4, 256), (64, 256), (3, 25, 256)])
+def test_te_linear_pads_rows_fp8_gemms_cannot_take(shape):
+    """TE's FP8 GEMMs need rows (the product of the leading dims) in multiples of 8 forward and 16 in the
+    weight gradient (32,760 Wan tokens failed there): our TE linear pads them. Output and gradients match
+    torch's bf16 linear within FP8's error, and are not bit-equal to it (FP8 ran)."""
     model = nn.Module()
     model.blocks = nn.ModuleList([nn.Linear(256, 512)]).cuda().to(torch.bfloat16)
     ref = nn.Linear(256, 512).cuda().to(torch.bfloat16)
@@ -193,15 +195,17 @@ def test_te_linear_runs_per_sample_rows_in_high_precision():
     apply_fp8(model, prec)
     lin = model.blocks[0]
     assert is_te_module(lin)
-    for rows, fp8 in ((4, False), (64, True)):
-        x = torch.randn(rows, 256, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-        with fp8_context(prec):
-            y = lin(x)
-        y.float().square().sum().backward()
-        want = ref(x.detach())
-        err = ((y - want).float().norm() / want.float().norm()).item()
-        assert (err > 1e-3) if fp8 else (err < 1e-2), (rows, err)
-        assert torch.isfinite(x.grad).all()
+    x = torch.randn(shape, device="cuda", dtype=torch.bfloat16, requires_grad=True)
+    xr = x.detach().clone().requires_grad_(True)
+    with fp8_context(prec):
+        y = lin(x)
+    want = ref(xr)
+    assert y.shape == want.shape
+    y.float().square().sum().backward()
+    want.float().square().sum().backward()
+    for got, exp in ((y, want), (x.grad, xr.grad), (lin.weight.grad, ref.weight.grad)):
+        err = ((got - exp).float().norm() / exp.float().norm()).item()
+        assert 1e-4 < err < 0.15, (shape, err)
 
 
 @pytest.mark.gpu
