@@ -392,13 +392,15 @@ class DiffusersInterop:
         **overrides: Any,
     ):
         """From a local diffusers folder (config.json + safetensors, sharded index supported; a pipeline
-        folder's ``transformer/`` is used). dtype: cast with :meth:`cast` (keep_fp32 modules stay fp32)."""
+        folder's ``transformer/`` is used). dtype: cast with :meth:`cast` (keep_fp32 modules stay fp32);
+        None is torch's default dtype whatever the folder's dtype, as diffusers' ``torch_dtype=None``."""
         path = cls.pretrained_folder(path)
         cfg = cls.config_cls.from_diffusers_config(read_config(path), **overrides)
         with torch.device("meta"):
             model = cls(cfg)
         model.load_diffusers_state_dict(load_safetensors(path, device=device), assign=True)
-        return model.cast(dtype) if dtype is not None else model
+        # assign=True keeps the file's dtype: a bf16 folder left keep_fp32 modules in bf16
+        return model.cast(dtype if dtype is not None else torch.get_default_dtype())
 
     @staticmethod
     def pretrained_folder(path: str | Path) -> Path:

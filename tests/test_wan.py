@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import json
 
 import pytest
@@ -334,6 +335,24 @@ def test_from_pretrained_reads_out_channels_null(tmp_path):
     )
     assert json.loads((folder / "config.json").read_text())["out_channels"] is None
     assert WanModel.from_pretrained(folder).cfg.out_channels == config["in_channels"]
+
+
+@pytest.mark.parametrize("dtype", [None, torch.bfloat16])
+def test_from_pretrained_of_a_bf16_folder_gives_diffusers_dtypes(tmp_path, dtype):
+    """A folder saved in bf16 loads with diffusers' dtypes: dtype=None gives fp32 throughout (diffusers'
+    torch_dtype=None; it kept the folder's bf16, keep_fp32 modules included), bf16 keeps diffusers'
+    _keep_in_fp32_modules in fp32."""
+    theirs, _ = make_pair()
+    theirs.to(torch.bfloat16).save_pretrained(tmp_path, safe_serialization=True)
+    got = WanModel.from_pretrained(tmp_path, dtype=dtype).to_diffusers_state_dict()
+    keep = WanTransformer3DModel._keep_in_fp32_modules
+    for name, value in theirs.state_dict().items():
+        fp32 = dtype is None or any(m in name.split(".") for m in keep)
+        assert got[name].dtype == (torch.float32 if fp32 else dtype), name
+        assert torch.equal(got[name].float(), value.float()), name
+    if importlib.util.find_spec("accelerate"):  # diffusers' own loader (it needs accelerate for keep_fp32)
+        ref = WanTransformer3DModel.from_pretrained(tmp_path, torch_dtype=dtype).state_dict()
+        assert {k: v.dtype for k, v in got.items()} == {k: ref[k].dtype for k in got}
 
 
 def test_cast_keeps_fp32_modules_and_bf16_is_close_to_fp32():
