@@ -41,7 +41,8 @@ from bench.common import error_record, record
 
 DTYPE = torch.bfloat16
 # (provider, FP8 linear backend "none" | "torchao" | "te", FP8 self-attention: None (bf16), "default"
-# (dV in FP8) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most wanted first)
+# (the models' default: dV and dP in FP8) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most
+# wanted first)
 FP8_PROVIDERS = (
     ("ours_fp8_torchao+fp8attn", "torchao", "default"),
     ("ours_fp8_torchao+fp8attn_all", "torchao", "all"),

@@ -1402,15 +1402,19 @@ def attention_fp8_emulated(
     return (out, lse) if return_lse else out
 
 
-_DISPATCH_BWD = {"dp": False, "dqdk": False, "ds_format": "e4m3"}
+# The models' default (attention(precision="fp8")): dV and dP in FP8. Measured: fwd+bwd 1.12x the dV-only
+# kernel at the LTX-2, Wan and HY1.5 shapes on an H200 (1.09x on an H100), dq error 6.0% -> 7.4%, and a
+# 200-step GPU training run with all five products in FP8 within noise of bf16 (bench/results/20261127_*).
+_DISPATCH_BWD = {"dp": True, "dqdk": False, "ds_format": "e4m3"}
 
 
 @contextlib.contextmanager
-def fp8_backward_products(*, dp: bool = False, dqdk: bool = False, ds_format: str = "e4m3") -> Iterator[None]:
-    """Within it, attention(precision="fp8") (the models' FP8 self-attention) also runs dP = dO V^T (dp)
-    and dQ, dK (dqdk, dS in ds_format) in FP8 in the backward, on both backends ("triton": bwd_fp8_dp /
+def fp8_backward_products(*, dp: bool = True, dqdk: bool = False, ds_format: str = "e4m3") -> Iterator[None]:
+    """Within it, attention(precision="fp8") (the models' FP8 self-attention) runs dP = dO V^T (dp) and
+    dQ, dK (dqdk, dS in ds_format) in FP8 or bf16 in the backward, on both backends ("triton": bwd_fp8_dp /
     bwd_fp8_dqdk, "torch": the emulation's bwd_fp8). The choice is taken when the forward runs; outside,
-    the default is dV only. Not thread-safe (one module-level setting)."""
+    the default is dV and dP in FP8 (dp=False: dV only, the most accurate). Not thread-safe (one
+    module-level setting)."""
     _check_ds_format(ds_format)
     old = dict(_DISPATCH_BWD)
     _DISPATCH_BWD.update(dp=bool(dp), dqdk=bool(dqdk), ds_format=ds_format)

@@ -413,14 +413,17 @@ def test_unsupported_inputs_fall_back_to_bf16_with_one_warning(device):
 @pytest.mark.parametrize("backend", ["torch", "triton"])
 def test_fp8_backward_products_context_reaches_the_dispatch(backend, device):
     """attention(precision="fp8") inside fp8_backward_products runs the chosen backward products (the
-    models' path); outside, the default (dV only)."""
+    models' path); outside, the default (dV and dP in FP8)."""
     dtype = torch.bfloat16 if device == "cuda" else torch.float32  # what the FP8 kernel takes there
     q, k, v, g = (torch.randn(1, 40, 2, 64, device=device, dtype=dtype) for _ in range(4))
     fn = attention_fp8_emulated if backend == "torch" else attention_fp8
     every = (
         dict(bwd_fp8=("dv", "dp", "dqdk")) if backend == "torch" else dict(bwd_fp8_dp=True, bwd_fp8_dqdk=True)
     )
-    want_every, want_default = _run(fn, q, k, v, g, **every), _run(fn, q, k, v, g)
+    default = dict(bwd_fp8=("dv", "dp")) if backend == "torch" else dict(bwd_fp8_dp=True)
+    only_dv = dict(bwd_fp8=("dv",)) if backend == "torch" else dict(bwd_fp8_dp=False)
+    want_every, want_default = _run(fn, q, k, v, g, **every), _run(fn, q, k, v, g, **default)
+    want_dv = _run(fn, q, k, v, g, **only_dv)
 
     def via_attention(q, k, v):
         return attention(q, k, v, backend=backend, precision="fp8")
@@ -428,9 +431,12 @@ def test_fp8_backward_products_context_reaches_the_dispatch(backend, device):
     with fp8.fp8_backward_products(dp=True, dqdk=True):
         got_every = _run(via_attention, q, k, v, g)
     got_default = _run(via_attention, q, k, v, g)
-    for a, b in zip(got_every + got_default, want_every + want_default):
+    with fp8.fp8_backward_products(dp=False):
+        got_dv = _run(via_attention, q, k, v, g)
+    for a, b in zip(got_every + got_default + got_dv, want_every + want_default + want_dv):
         torch.testing.assert_close(a, b, rtol=0, atol=0)
-    assert not torch.equal(got_every[1], got_default[1])  # dq differs: the context was applied
+    # dq differs: each context was applied
+    assert not torch.equal(got_every[1], got_default[1]) and not torch.equal(got_dv[1], got_default[1])
     with pytest.raises(ValueError, match="ds_format"), fp8.fp8_backward_products(dqdk=True, ds_format="e4"):
         pass
 
