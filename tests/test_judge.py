@@ -1,6 +1,7 @@
 """engine.judge.base: request validation, answer parsing, frame sampling from real video files, cache keys."""
 
 import json
+from fractions import Fraction
 
 import numpy as np
 import pytest
@@ -156,6 +157,55 @@ def test_sample_frames_from_real_video(tmp_path, codec):
     req = JudgeRequest("[Agent]: wave", "task", video=str(path))
     assert len(request_frames(req, 2)) == 2
     assert cache_key(req)[0] == cache_key(JudgeRequest("x", "task", video=str(path)))[0]
+
+
+def _write_cut_video(path, n, cut, h=32, w=48):
+    """An mpeg4 video of n frames (frame i a flat grey of 8 + 20 * i) whose packets start ``cut`` frames
+    before 0: mp4 writes an edit list, so its header counts n frames while n - cut decode (a stream copy
+    cut); mkv stores no frame count."""
+    import av
+
+    with av.open(str(path), "w") as out:
+        s = out.add_stream("mpeg4", rate=8)
+        s.width, s.height, s.pix_fmt = w, h, "yuv420p"
+
+        def mux(packets):
+            for pkt in packets:
+                shift = cut * round(1 / (pkt.time_base * 8))
+                pkt.pts, pkt.dts = pkt.pts - shift, pkt.dts - shift
+                out.mux(pkt)
+
+        for i in range(n):
+            frame = av.VideoFrame.from_ndarray(np.full((h, w, 3), 8 + 20 * i, np.uint8), format="rgb24")
+            frame.pts, frame.time_base = i, Fraction(1, 8)
+            mux(s.encode(frame))
+        mux(s.encode(None))
+
+
+@pytest.mark.parametrize("name,cut", [("cut.mp4", 3), ("cut.mp4", 8), ("v.mkv", 0), ("v.mp4", 0)])
+def test_sample_frames_do_not_trust_the_containers_frame_count(tmp_path, monkeypatch, name, cut):
+    """The frames are spread over what decodes, whatever stream.frames says: an edit-list mp4 counting 10
+    frames of which 10 - cut decode gave fewer frames than asked (missing ones between) or none for k=1;
+    a right count decodes the file once."""
+    import av
+
+    path = tmp_path / name
+    _write_cut_video(path, 10, cut)
+    with av.open(str(path)) as c:
+        claimed = c.streams.video[0].frames
+        every = [f.to_ndarray(format="rgb24") for f in c.decode(c.streams.video[0])]
+    assert len(every) == 10 - cut and claimed == (10 if name.endswith("mp4") else 0)
+    opened = []
+    real_open = av.open
+    monkeypatch.setattr(av, "open", lambda *a, **kw: opened.append(a) or real_open(*a, **kw))
+    for k in (1, 3, 4):
+        got = sample_frames(str(path), k)
+        want = [every[i] for i in even_indices(len(every), k)]
+        assert len(got) == len(want), (k, len(got), len(want))
+        for g, w in zip(got, want, strict=True):
+            np.testing.assert_array_equal(g, w)
+    if claimed == len(every):  # one decode per call
+        assert len(opened) == 3
 
 
 def test_sample_frames_errors(tmp_path):

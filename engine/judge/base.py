@@ -25,7 +25,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Protocol, runtime_checkable
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 
@@ -232,20 +232,26 @@ def sample_frames(path: str, k: int, *, layout: str = "separate") -> list[np.nda
     with av.open(path) as container:
         if not container.streams.video:
             raise ValueError(f"video {path!r}: no video stream")
-        stream = container.streams.video[0]
-        # Containers do not always know the frame count, so keep all decoded frames when unknown
-        # (judge videos are short); otherwise keep only the chosen ones.
-        wanted = set(even_indices(stream.frames, k)) if stream.frames > 0 else None
-        kept = [
-            frame.to_ndarray(format="rgb24")
-            for i, frame in enumerate(container.decode(stream))
-            if wanted is None or i in wanted
-        ]
-    if wanted is None:
-        kept = [kept[i] for i in even_indices(len(kept), k)]
+        # stream.frames is the container's metadata: 0 where it stores none (mkv, webm), and it can
+        # disagree with what decodes (an mp4 edit list trims frames it still counts)
+        claimed = container.streams.video[0].frames
+        kept, total = _decode_kept(container, set(even_indices(claimed, k)))
+    if total != claimed:
+        # absent or wrong: the first pass counted the frames; decode again keeping the right ones
+        with av.open(path) as container:
+            kept, total = _decode_kept(container, set(even_indices(total, k)))
     if not kept:
         raise ValueError(f"video {path!r}: 0 decodable frames (expected >= 1)")
     return [make_grid(kept)] if layout == "grid" else kept
+
+
+def _decode_kept(container: Any, wanted: set[int]) -> tuple[list[np.ndarray], int]:
+    """The frames at ``wanted`` indices of the first video stream, as HxWx3 uint8, and how many decoded."""
+    kept, total = [], 0
+    for total, frame in enumerate(container.decode(container.streams.video[0]), 1):
+        if total - 1 in wanted:
+            kept.append(frame.to_ndarray(format="rgb24"))
+    return kept, total
 
 
 def request_frames(request: JudgeRequest, k: int, *, layout: str = "separate") -> list[np.ndarray]:
