@@ -28,9 +28,7 @@ contains none of ``fp8_skip``.
 from __future__ import annotations
 
 import contextlib
-import ctypes
 import functools
-import os
 from collections.abc import Callable
 from typing import Any
 
@@ -40,6 +38,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig, PrecisionConfig
 from engine.log import get_logger
+from kernels.te_loader import import_te
 
 log = get_logger("precision")
 
@@ -69,47 +68,9 @@ def fp8_filter(model: nn.Module, prec: PrecisionConfig) -> Callable[[nn.Module, 
     return keep
 
 
-def loaded_library_dir(stem: str) -> str | None:
-    """The folder of the shared library ``<stem>.so*`` this process has mapped (Linux), else None."""
-    try:
-        with open("/proc/self/maps") as f:
-            paths = [line.split(None, 5)[-1].strip() for line in f if ".so" in line]
-    except OSError:
-        return None
-    for path in paths:
-        name = os.path.basename(path)
-        if name == f"{stem}.so" or name.startswith(f"{stem}.so."):
-            return os.path.dirname(path)
-    return None
-
-
-def _point_te_at_torch_cudnn() -> None:
-    """Make TE use the cuDNN torch loaded. TE looks for cuDNN in $CUDNN_PATH, CUDA_HOME and the loader's
-    path before pip's, and its core library names libcudnn_cnn etc. as dependencies. On a machine with a
-    system cuDNN older than torch's (the GPU image: 9.14 in /usr/lib, torch's wheel 9.19), the loader
-    took the system's libcudnn_cnn, which needs symbols of its own libcudnn_graph, not of the one torch
-    had loaded: "undefined symbol ... version libcudnn_graph.so.9" on import (H200, 2026-11-27; with
-    torch's folder first on LD_LIBRARY_PATH it loaded). So every library in torch's cuDNN folder is
-    loaded globally first (a dependency by soname then resolves to it), and $CUDNN_PATH points there."""
-    if os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH") or not torch.cuda.is_available():
-        return
-    with contextlib.suppress(Exception):
-        torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
-    folder = loaded_library_dir("libcudnn")
-    if not folder:
-        return
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("libcudnn") and ".so" in name:
-            with contextlib.suppress(OSError):
-                ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
-    os.environ["CUDNN_PATH"] = folder
-    log.info("Transformer Engine: CUDNN_PATH=%s (the cuDNN torch loaded)", folder)
-
-
 def _import_te() -> Any:
     try:
-        _point_te_at_torch_cudnn()
-        import transformer_engine.pytorch as te
+        te = import_te()
     except ImportError as e:
         raise FP8UnavailableError(
             f"precision.fp8 = 'te' needs Transformer Engine (pip install 'transformer-engine[pytorch]'): {e}"

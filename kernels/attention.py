@@ -750,7 +750,9 @@ _TE_MODULES: dict = {}
 
 def _te(q, k, v, scale, k_lengths, rope):
     try:
-        from transformer_engine.pytorch import DotProductAttention
+        from kernels.te_loader import import_te
+
+        DotProductAttention = import_te().DotProductAttention
     except (ImportError, RuntimeError, OSError) as e:
         raise RuntimeError(f"attention backend 'te': transformer_engine is not usable here ({e})") from e
     if k_lengths is not None:

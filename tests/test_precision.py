@@ -24,9 +24,9 @@ from engine.precision import (  # noqa: E402
     fp8_context,
     fp8_filter,
     is_te_module,
-    loaded_library_dir,
 )
 from engine.trainer import Trainer  # noqa: E402
+from kernels.te_loader import loaded_library_dir  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -170,8 +170,8 @@ def test_te_loads_after_torch_ran_cudnn():
         "q = torch.randn(1, 2, 256, 64, device='cuda', dtype=torch.bfloat16)\n"
         "with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):\n"
         "    F.scaled_dot_product_attention(q, q, q)\n"
-        "from engine.precision import _import_te\n"
-        "te = _import_te()\n"
+        "from kernels.te_loader import import_te\n"
+        "te = import_te()\n"
         "print('te ok', te.Linear)\n"
     )
     env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT), os.environ.get("PYTHONPATH", "")])}

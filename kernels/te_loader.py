@@ -1,0 +1,61 @@
+"""Importing Transformer Engine next to torch: one place for the attention backend "te" and the engine's
+FP8 linears (engine.precision).
+
+TE looks for cuDNN in $CUDNN_PATH, CUDA_HOME and the loader's path before pip's, and its core library
+names libcudnn_cnn etc. as dependencies. On a machine with a system cuDNN older than torch's (the lent GPU
+image: 9.14 in /usr/lib, torch's wheel 9.19), the loader took the system's libcudnn_cnn once torch had run
+cuDNN, and that needs symbols of its own libcudnn_graph, not of the one torch had loaded:
+"undefined symbol ... version libcudnn_graph.so.9" on import (H200, 2026-11-27; with torch's folder first on
+LD_LIBRARY_PATH, TE loaded). So before the import every library in torch's cuDNN folder is loaded
+globally (a dependency by soname then resolves to it), and $CUDNN_PATH points there.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ctypes
+import os
+from typing import Any
+
+import torch
+
+
+def loaded_library_dir(stem: str) -> str | None:
+    """The folder of the shared library ``<stem>.so*`` this process has mapped (Linux), else None."""
+    try:
+        with open("/proc/self/maps") as f:
+            paths = [line.split(None, 5)[-1].strip() for line in f if ".so" in line]
+    except OSError:
+        return None
+    for path in paths:
+        name = os.path.basename(path)
+        if name == f"{stem}.so" or name.startswith(f"{stem}.so."):
+            return os.path.dirname(path)
+    return None
+
+
+def use_torch_cudnn() -> str | None:
+    """Preload torch's cuDNN folder for TE (module doc); the folder, or None when there is nothing to do
+    ($CUDNN_HOME / $CUDNN_PATH set by the user, no CUDA, or no cuDNN mapped)."""
+    if os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH") or not torch.cuda.is_available():
+        return None
+    with contextlib.suppress(Exception):
+        torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
+    folder = loaded_library_dir("libcudnn")
+    if not folder:
+        return None
+    for name in sorted(os.listdir(folder)):
+        if name.startswith("libcudnn") and ".so" in name:
+            with contextlib.suppress(OSError):
+                ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
+    os.environ["CUDNN_PATH"] = folder
+    return folder
+
+
+def import_te() -> Any:
+    """``transformer_engine.pytorch``, loaded against torch's cuDNN. Raises what the import raises:
+    ImportError when TE is missing, RuntimeError / OSError when its CUDA libraries fail to load."""
+    use_torch_cudnn()
+    import transformer_engine.pytorch as te
+
+    return te
