@@ -182,6 +182,11 @@ class FaultServer:
         with self.lock:
             (self._conns.add if add else self._conns.discard)(conn)
 
+    def open_connections(self) -> int:
+        """Connections the server holds open (closed ones leave once their handler sees EOF)."""
+        with self.lock:
+            return len(self._conns)
+
     def __enter__(self) -> FaultServer:
         self._thread.start()
         return self

@@ -270,6 +270,47 @@ def test_variable_frame_rate_video_plays_at_the_target_fps(tmp_path):
                         width=64, fps=8, decoder="pyav")[0]["video"].shape[1] == 4  # fmt: skip
 
 
+def test_mp4_cut_with_stream_copy_counts_only_the_frames_its_edit_list_keeps(tmp_path):
+    """An MP4 cut at frame 4 without re-encoding (packets from the keyframe before the cut, an edit list that
+    starts at the cut; frame k's grey encodes k) plays 26 frames: probe counts those, not the 30 packets, so
+    random clip starts stay inside the video and clips start at the cut (probe counted 30, and starts past 2
+    failed to decode, quarantining the rows)."""
+    src, cut, k0 = tmp_path / "src.mp4", tmp_path / "cut.mp4", 4
+    with av.open(str(src), "w") as c:
+        s = c.add_stream("libx264", rate=10)
+        s.width = s.height = 32
+        s.pix_fmt = "yuv420p"
+        s.options = {"crf": "0", "preset": "ultrafast", "g": "10", "bf": "0"}
+        for k in range(30):
+            for pk in s.encode(
+                av.VideoFrame.from_ndarray(np.full((32, 32, 3), 8 * k, np.uint8), format="rgb24")
+            ):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    # stream copy with the first 4 frames before time 0: the MP4 muxer writes an edit list starting at frame 4
+    with av.open(str(src)) as i, av.open(str(cut), "w") as o:
+        ist = i.streams.video[0]
+        ost = o.add_stream_from_template(ist)
+        shift = k0 * round(1 / (10 * ist.time_base))
+        for pk in i.demux(ist):
+            if pk.size:
+                pk.pts, pk.dts, pk.stream = pk.pts - shift, pk.dts - shift, ost
+                o.mux(pk)
+    with av.open(str(cut)) as c:
+        decoded = sum(1 for _ in c.decode(video=0))
+    info = probe(cut)
+    assert decoded == 30 - k0 and info.num_frames == decoded and len(info.timestamps) == decoded
+    assert info.timestamps[0] == 0.0
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(cut)}] * 8)
+    ds = VideoDataset(m, num_frames=24, height=32, width=32, clip_start="random", decoder="pyav")
+    items = list(ds)
+    assert ds.skipped == [] and len(items) == 8
+    for it in items:
+        grey = ((it["video"][0, :, 16, 16] + 1) * 127.5 / 8).round().int().tolist()
+        assert grey == list(range(grey[0], grey[0] + 24)) and k0 <= grey[0] <= 30 - 24
+
+
 def test_buckets_keep_area_and_pick_nearest_aspect():
     buckets = make_buckets(32, 32, multiple=16, aspect=True)
     assert all(h % 16 == 0 and w % 16 == 0 for h, w in buckets)

@@ -2,10 +2,12 @@
 a 1,000-request load test; our own serve (tiny random Qwen2.5-VL, and a judge-mode chain)."""
 
 import asyncio
+import gc
 import os
 import subprocess
 import sys
 import time
+import warnings
 
 import numpy as np
 import pytest
@@ -98,6 +100,34 @@ def test_connection_refused_and_server_dying_mid_batch():
         t0 = time.perf_counter()
         vs = asyncio.run(run(srv))
     assert [v.status for v in vs] == ["connection_error"] * 6 and time.perf_counter() - t0 < 2.5
+
+
+def test_client_closes_with_its_event_loop():
+    """The judge used from successive asyncio.run() loops closes each loop's connection pool as the loop
+    ends (the client was dropped open on a loop change: the server kept the connection until GC, whose
+    transport finalizer warned 'unclosed transport'), and aclose from another loop leaves none open."""
+
+    def server_closed_all(srv) -> bool:
+        deadline = time.monotonic() + 5.0
+        while srv.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        return srv.open_connections() == 0
+
+    with FaultServer() as srv, warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always", ResourceWarning)
+        judge = _judge(srv.url, timeout_s=5.0)
+        for i in range(3):
+            (v,) = asyncio.run(judge.score([_req(None, i)]))
+            assert v.ok and srv.requests == i + 1
+            assert server_closed_all(srv), f"loop {i}: {srv.open_connections()} connection(s) left open"
+        asyncio.run(judge.score([_req(None, 3)]))
+        asyncio.run(judge.aclose())  # another loop: the pool closed with its own loop already
+        assert server_closed_all(srv)
+        vs = asyncio.run(judge.score([_req(None, i) for i in range(4, 6)]))  # aclose leaves it usable
+        assert [v.status for v in vs] == ["ok", "ok"]
+        gc.collect()
+    unclosed = [str(w.message) for w in caught if issubclass(w.category, ResourceWarning)]
+    assert not unclosed, unclosed
 
 
 def test_load_1000_requests_all_answered_explicitly():

@@ -65,7 +65,9 @@ class VideoInfo:
     height: int
     pix_fmt: str
     fps: float
-    num_frames: int  # counted from the demuxed video packets (container counts are often missing)
+    # counted from the demuxed video packets, less those an edit list discards (container counts are often
+    # missing)
+    num_frames: int
     # presentation times (s, from the first frame, sorted) of the frames, or () where packets lack them:
     # frame sampling goes by time for a variable-frame-rate file (engine.data.transforms.frame_indices)
     timestamps: tuple[float, ...] = ()
@@ -89,7 +91,9 @@ def probe(path: str | Path) -> VideoInfo:
             rate = s.average_rate or s.guessed_rate or s.base_rate
             n, pts = 0, []
             for pkt in container.demux(s):
-                if pkt.size > 0:
+                # an edit list (an MP4 cut with stream copy) marks its pre-roll packets discard: decoders
+                # (PyAV, DALI) drop those frames, so counting them would promise frames that never come
+                if pkt.size > 0 and not pkt.is_discard:
                     n += 1
                     if pkt.pts is not None and pkt.time_base is not None:
                         pts.append(float(pkt.pts * pkt.time_base))

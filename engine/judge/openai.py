@@ -14,6 +14,7 @@ import io
 import os
 import random
 import time
+from collections.abc import AsyncGenerator
 
 import httpx
 import numpy as np
@@ -96,28 +97,40 @@ class OpenAIChat:
         self._headers = {"Authorization": f"Bearer {key}"} if key else {}
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._life: AsyncGenerator[httpx.AsyncClient, None] | None = None
         self.retries = 0  # retried attempts, over the client's life
 
-    def _get_client(self) -> httpx.AsyncClient:
-        # A client's connections belong to the loop that opened them.
+    async def _get_client(self) -> httpx.AsyncClient:
+        # A client's connections belong to the loop that opened them: one client per loop, closed by the
+        # loop's shutdown_asyncgens (asyncio.run calls it before closing the loop) if not by aclose. A
+        # client whose loop had ended was dropped open (its sockets leaked until GC).
         loop = asyncio.get_running_loop()
-        if self._client is None or self._loop is not loop:
+        if self._client is None or self._client.is_closed or self._loop is not loop:
             limits = httpx.Limits(
                 max_connections=self.max_connections, max_keepalive_connections=self.max_connections
             )
-            self._client = httpx.AsyncClient(headers=self._headers, limits=limits, timeout=self.timeout_s)
-            self._loop = loop
+            client = httpx.AsyncClient(headers=self._headers, limits=limits, timeout=self.timeout_s)
+            self._life = self._client_life(client)
+            self._client, self._loop = await anext(self._life), loop
         return self._client
 
+    @staticmethod
+    async def _client_life(client: httpx.AsyncClient) -> AsyncGenerator[httpx.AsyncClient, None]:
+        """Yields ``client``; closes it when closed (by aclose, or by its loop's shutdown_asyncgens)."""
+        try:
+            yield client
+        finally:
+            await client.aclose()
+
     async def aclose(self) -> None:
-        """Close the connection pool (of the current loop's client)."""
-        if self._client is not None and self._loop is asyncio.get_running_loop():
-            await self._client.aclose()
-        self._client = None
+        """Close the connection pool of the current loop's client (another loop's closes with that loop)."""
+        if self._life is not None and self._loop is asyncio.get_running_loop():
+            await self._life.aclose()
+        self._client = self._loop = self._life = None
 
     async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
         """Answer all items concurrently (bounded by the pool); same order; never raises per item."""
-        client = self._get_client()
+        client = await self._get_client()
         payloads = await asyncio.to_thread(
             lambda: [chat_payload(self.model, it, temperature=self.temperature) for it in items]
         )
