@@ -147,6 +147,21 @@ def test_proposer_pairs_parse_and_are_solvable():
             assert f"the {target} block" in p.solution and str(abs(s.cols[b] - s.cols[a])) not in p.solution
 
 
+def test_proposer_pairs_of_an_image_do_not_depend_on_the_call():
+    """An image gets the same pairs proposed alone, first or second in a call: a resumed or re-batched
+    propose run (other images around it) must not change its tasks (it was shuffled by its position)."""
+    scenes = [s for s in _scenes(40, 9) if len(task_pairs(s)) >= 4][:4]
+    images = [render_one(s, None)[0] for s in scenes]
+    proposer = OracleProposer(seed=0)
+    together = asyncio.run(proposer.propose(images, 2))
+    reversed_ = asyncio.run(proposer.propose(images[::-1], 2))[::-1]
+    alone = [asyncio.run(proposer.propose([im], 2))[0] for im in images]
+    assert together == reversed_ == alone
+    # the seed still decides the shuffle
+    others = asyncio.run(OracleProposer(seed=1).propose(images, 4))
+    assert others != asyncio.run(proposer.propose(images, 4))
+
+
 def test_render_geometry():
     s = Scene(("yellow",), (1,), (2,))
     v = render_one(s, Move(0, -1))

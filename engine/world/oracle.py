@@ -23,6 +23,7 @@ model outputs.
 
 from __future__ import annotations
 
+import hashlib
 import random
 import re
 import time
@@ -202,8 +203,9 @@ def read_scene(image: np.ndarray) -> Scene:
 
 class OracleProposer:
     """The :class:`engine.propose.Proposer` protocol: parses the image, writes valid (task, solution)
-    pairs (every ordered block pair in different columns), shuffled by ``seed``; fewer than n when
-    the scene has fewer."""
+    pairs (every ordered block pair in different columns), shuffled by ``seed`` and the scene read from
+    the image (so an image gets the same pairs whatever else shares the call); fewer than n when the
+    scene has fewer."""
 
     def __init__(self, seed: int = 0):
         self.seed = seed
@@ -211,8 +213,11 @@ class OracleProposer:
     async def propose(self, images: list[np.ndarray], n: int) -> list[list[TaskPair]]:
         """Up to ``n`` (task, solution) pairs per scene image."""
         out = []
-        for i, image in enumerate(images):
-            pairs = [TaskPair(task, sol) for task, sol, _ in task_pairs(read_scene(image))]
-            random.Random(self.seed * 1_000_003 + i).shuffle(pairs)
+        for image in images:
+            scene = read_scene(image)
+            pairs = [TaskPair(task, sol) for task, sol, _ in task_pairs(scene)]
+            # keyed by the scene, not the image's place in the call: resumed or re-batched runs agree
+            key = f"{self.seed}/{scene.colours}/{scene.rows}/{scene.cols}".encode()
+            random.Random(int.from_bytes(hashlib.sha256(key).digest()[:8], "little")).shuffle(pairs)
             out.append(pairs[:n])
         return out
