@@ -38,7 +38,7 @@ from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from engine.world import latent as toy_latent  # noqa: E402
 from engine.world.demonstrator import ToyDemonstrator, eval_items, toy_pipeline  # noqa: E402
-from engine.world.scene import random_moves, random_scene, render, solution_text  # noqa: E402
+from engine.world.scene import SEED_TAG_PRETRAIN, random_moves, random_scene, render, solution_text  # noqa: E402
 from engine.world.text import ToyTextEncoder, tokenize  # noqa: E402
 from recipes.common import work_logs  # noqa: E402
 
@@ -83,11 +83,11 @@ class ToyVideoBatches:
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.drop = torch.device(device), drop
         self.t_sampling, self.shift = t_sampling, shift
-        self.rank = 0  # data differs per data-parallel rank: the stream is (seed, dp rank, step, micro)
+        self.rank = 0  # data differs per data-parallel rank: the stream is (tag, seed, dp rank, step, micro)
 
     def micro_batch(self, step: int, micro: int) -> dict[str, torch.Tensor]:
         """One micro-batch: x0 (B, 12, 4, 16, 16), image_latent, token ids, t (B,), noise."""
-        rng = np.random.default_rng([self.seed, self.rank, step, micro])
+        rng = np.random.default_rng([SEED_TAG_PRETRAIN, self.seed, self.rank, step, micro])
         scenes = [random_scene(rng) for _ in range(self.batch_size)]
         moves = [random_moves(s, rng) for s in scenes]
         texts = [solution_text(s, m) if rng.random() >= self.drop else "" for s, m in zip(scenes, moves)]

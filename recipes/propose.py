@@ -45,9 +45,9 @@ CHUNK = 16
 
 def toy_scene_images(seed: int, n: int, folder: Path) -> list[tuple[str, Path]]:
     """``n`` toy scenes from ``seed`` rendered as first-frame PNGs into ``folder``: (image id, path)."""
-    from engine.world.scene import random_scene, render_one
+    from engine.world.scene import SEED_TAG_PROPOSE, random_scene, render_one
 
-    rng = np.random.default_rng(seed)
+    rng = np.random.default_rng([SEED_TAG_PROPOSE, seed])
     out = []
     for i in range(n):
         scene = random_scene(rng)

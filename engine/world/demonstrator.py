@@ -14,7 +14,7 @@ from torch import nn
 
 from engine.evaluation import EvalItem, VideoPipeline
 from engine.world import latent as toy_latent
-from engine.world.scene import GRID, NUM_FRAMES, SIZE, random_scene, render_one, task_pairs
+from engine.world.scene import GRID, NUM_FRAMES, SEED_TAG_EVAL, SIZE, random_scene, render_one, task_pairs
 from engine.world.text import ToyTextEncoder
 
 
@@ -49,12 +49,13 @@ def toy_pipeline(model: ToyDemonstrator, device: torch.device | str | None = Non
 
 
 def eval_items(n: int, seed: int) -> list[EvalItem]:
-    """``n`` held-out items: a fresh scene from ``default_rng([seed, i])`` (seed streams disjoint from
-    pretraining's, which use ``[run.seed, step, micro]``) and one of its task pairs, uniformly."""
+    """``n`` held-out items: a fresh scene from ``default_rng([SEED_TAG_EVAL, seed, i])`` (disjoint from
+    pretraining's and proposing's streams, which start with their own tags) and one of its task pairs,
+    uniformly."""
     items = []
     i = 0
     while len(items) < n:
-        rng = np.random.default_rng([seed, 7, i])
+        rng = np.random.default_rng([SEED_TAG_EVAL, seed, i])
         i += 1
         scene = random_scene(rng)
         pairs = task_pairs(scene)

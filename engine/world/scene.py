@@ -20,6 +20,7 @@ to it: inferring the motion from the task needs the image (the reference block's
 
 from __future__ import annotations
 
+import zlib
 from dataclasses import dataclass
 
 import numpy as np
@@ -37,6 +38,12 @@ AGENT_RGB = (255, 255, 255)
 BACKGROUND_RGB = (0, 0, 0)
 NUMBER_WORDS = {1: "one", 2: "two", 3: "three"}
 WORD_NUMBERS = {w: n for n, w in NUMBER_WORDS.items()}
+# Domain tags, the first word of every toy-scene stream's seed entropy. SeedSequence pads entropy with
+# zeros ([s, 7, i] and [s, 7, i, 0] are one stream), so untagged streams met at some seed or rank count;
+# with distinct first words no seed or rank can make two purposes draw the same scenes.
+SEED_TAG_PRETRAIN = zlib.crc32(b"wmsd/toy-world/pretrain")
+SEED_TAG_EVAL = zlib.crc32(b"wmsd/toy-world/eval")
+SEED_TAG_PROPOSE = zlib.crc32(b"wmsd/toy-world/propose")
 
 
 @dataclass(frozen=True)
