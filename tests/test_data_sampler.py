@@ -6,7 +6,7 @@ from collections import Counter
 import pytest
 import torch
 
-from engine.data import BatchLoader, ResumableSampler, VideoDataset
+from engine.data import BatchLoader, ResumableSampler, SkipItem, VideoDataset
 from engine.data.synthetic import write_video
 
 
@@ -194,3 +194,53 @@ def test_batch_loader_resume_at_the_end_of_an_epoch_is_exact(drop_last):
     assert head + rest == full[0] and {e for e, _ in ds2.built} == {0}  # the old epoch's items, as epoch 0
     ds2.built.clear()
     assert [b["index"] for b in resumed] == full[1] and {e for e, _ in ds2.built} == {1}
+
+
+class _SomeBad(_Items):
+    """_Items whose ``bad`` indices raise SkipItem."""
+
+    def __init__(self, n: int, bad: set[int]) -> None:
+        super().__init__(n)
+        self.bad = bad
+
+    def __getitem__(self, i: int) -> dict:
+        if i in self.bad:
+            raise SkipItem("bad")
+        return super().__getitem__(i)
+
+
+@pytest.mark.parametrize("drop_last", [False, True])
+def test_batch_loader_resume_whose_rest_of_epoch_gives_no_batch(drop_last):
+    """A checkpoint after an epoch's last full batch, when what is left of the epoch gives no batch (items bad, or
+    fewer than batch_size with drop_last): the resumed pass ends empty, as the uninterrupted one did, and the next
+    pass is the next epoch (before, the resumed pass raised 'all 2 items of this pass were skipped'). A whole epoch
+    that gives no batch still raises, naming why."""
+    ref = BatchLoader(_Items(10), ResumableSampler(10, seed=0), batch_size=4, prefetch=2, collate=_indices)
+    epoch0 = [b["index"] for b in ref]
+    bad = set() if drop_last else set(epoch0[-1])  # the epoch's last (partial) batch, when not dropped
+
+    def make():
+        return BatchLoader(_SomeBad(10, bad), ResumableSampler(10, seed=0), batch_size=4, num_threads=1,
+                           prefetch=2, drop_last=drop_last, collate=_indices)  # fmt: skip
+
+    loader = make()
+    full = [[b["index"] for b in loader], [b["index"] for b in loader]]  # two uninterrupted epochs
+    assert full[0] == epoch0[:2]
+    loader = make()
+    it = iter(loader)
+    head = [next(it)["index"], next(it)["index"]]
+    state = json.loads(json.dumps(loader.state_dict()))
+    it.close()
+    assert state["pending"] or state["sampler"]["consumed"] < 10  # the rest of epoch 0 is still to come
+    resumed = make()
+    resumed.load_state_dict(state)
+    assert head + [b["index"] for b in resumed] == full[0]
+    assert [b["index"] for b in resumed] == full[1]
+    with pytest.raises(RuntimeError, match="all 10 items of this pass were skipped"):
+        list(BatchLoader(_SomeBad(10, set(range(10))), ResumableSampler(10), batch_size=4, collate=_indices))
+    with pytest.raises(RuntimeError, match="fewer than batch_size 11"):
+        list(BatchLoader(_Items(10), ResumableSampler(10), batch_size=11, drop_last=True, collate=_indices))
+
+
+def _indices(group: list[dict]) -> dict:
+    return {"index": [x["index"] for x in group]}

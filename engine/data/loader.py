@@ -74,10 +74,14 @@ class BatchLoader:
         """The rest of the current epoch (the pending indices of a resumed state first)."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.sampler.epoch - 1 if self._epoch_drawn else self.sampler.epoch)
+        # a pass over a whole epoch (not the rest of a resumed one) that gives no batch is an error
+        whole_epoch = (
+            not self._pending and not self._epoch_drawn and self.sampler.state_dict()["consumed"] == 0
+        )
         source = chain(list(self._pending), () if self._epoch_drawn else self._draw())
         queue: deque[tuple[int, Future]] = deque()
         buckets: dict[tuple[int, ...], list[tuple[int, dict[str, Any]]]] = {}  # shape -> (index, item)
-        tried = handed = 0
+        tried = skipped = handed = 0
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode") as pool:
             while True:
                 while len(queue) < self.prefetch and (i := next(source, None)) is not None:
@@ -90,6 +94,7 @@ class BatchLoader:
                     item = fut.result()
                 except SkipItem:
                     self._pending.remove(i)
+                    skipped += 1
                     continue
                 shape = tuple(item[self.key].shape)
                 group = buckets.setdefault(shape, [])
@@ -105,8 +110,15 @@ class BatchLoader:
                     for i, _ in group:
                         self._pending.remove(i)
         self._epoch_drawn = False  # the pass is over: the next one starts the sampler's (next) epoch
-        if tried and not handed:
-            raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped")
+        # only a pass over a whole epoch says the data is unusable: the rest of a resumed epoch may hold just
+        # a few items that are bad or that drop_last leaves out of a short bucket
+        if whole_epoch and tried and not handed:
+            if skipped == tried:
+                raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped")
+            raise RuntimeError(
+                f"BatchLoader: an epoch of {tried} items ({skipped} skipped) gave no batch: with drop_last, "
+                f"every shape bucket held fewer than batch_size {self.batch_size} items"
+            )
 
     def _draw(self) -> Iterator[int]:
         for i in self.sampler:
