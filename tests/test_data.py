@@ -351,6 +351,28 @@ def test_dataset_yields_the_right_frames_and_text(media, tmp_path):
     )
 
 
+def test_image_with_exif_orientation_is_read_upright(tmp_path):
+    """A phone photo: pixels stored in sensor order (portrait) plus EXIF Orientation 6 (rotate 90 degrees clockwise
+    to show). The dataset gives the landscape picture a viewer shows, as the same picture saved upright does
+    (before, it came out sideways, in the portrait bucket)."""
+    from PIL import Image
+
+    shown = make_frames(1, 32, 64, 5)[0]  # (H, W, 3): 64 wide, ident colour top-left
+    Image.fromarray(shown).save(tmp_path / "upright.png")
+    exif = Image.Exif()
+    exif[0x0112] = 6  # Orientation
+    Image.fromarray(shown).transpose(Image.Transpose.ROTATE_90).save(
+        tmp_path / "phone.jpg", exif=exif, quality=98
+    )
+    m = write_manifest(tmp_path / "m.jsonl", [{"image": "upright.png"}, {"image": "phone.jpg"}])
+    ds = VideoDataset(
+        m, num_frames=1, height=32, width=64, aspect_buckets=True, bucket_multiple=8, decoder="pyav"
+    )
+    upright, phone = ds[0]["video"], ds[1]["video"]
+    assert phone.shape == upright.shape == (3, 1, 32, 64)
+    assert _ident_of(phone) == 5 and psnr((phone + 1) * 127.5, (upright + 1) * 127.5) > 30
+
+
 def test_resize_and_buckets_in_the_dataset(media, tmp_path):
     write_video(tmp_path / "wide.webm", height=32, width=64, ident=7)
     m = write_manifest(tmp_path / "m.jsonl", [{"video": "wide.webm"}, {"video": str(media / "vp9_0.webm")}])

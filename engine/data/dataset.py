@@ -225,11 +225,13 @@ class VideoDataset:
         return bh, bw
 
     def _load_image(self, path: Path) -> torch.Tensor:
-        from PIL import Image, UnidentifiedImageError
+        from PIL import Image, ImageOps, UnidentifiedImageError
 
         try:
             with Image.open(path) as im:
-                arr = np.asarray(im.convert("RGB"))
+                # upright as a viewer shows it: phones store pixels in sensor order plus an EXIF orientation
+                # (diffusers' load_image applies it too)
+                arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
         except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise SkipItem(f"image cannot be read ({type(e).__name__}: {e})") from None
         frame = torch.from_numpy(arr.copy())[None]  # (H, W, 3) -> (1, H, W, 3)
