@@ -215,18 +215,26 @@ class CheckpointManager:
         path = Path(path)
         if not (path / MARKER).is_file():
             raise FileNotFoundError(f"checkpoint '{path}' is not complete (no {MARKER} marker)")
+        rank_file = path / f"rank{_rank():05d}.pt"
+        if self.rank_states:
+            # every rank decides alike, before DCP's collectives; a smaller world would drop the other ranks'
+            # state silently: their data-loader position (items drawn, not yet trained, that no rank would
+            # train this epoch) and their RNG streams
+            world = dist.get_world_size() if dist.is_initialized() else 1
+            saved = len(list(path.glob("rank[0-9][0-9][0-9][0-9][0-9].pt")))
+            if saved != world:
+                raise ValueError(
+                    f"checkpoint '{path}' holds the per-rank state (data position, RNG) of {saved} ranks, this "
+                    f"run has {world}: resume with {saved} ranks"
+                )
+            if not rank_file.is_file():
+                raise FileNotFoundError(f"checkpoint '{path}' has no per-rank state for rank {_rank()}")
         state = self._dcp_state()
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist(), process_group=self._pg)
         for k, s in self.states.items():
             s.load_state_dict(state[k])
-        rank_file = path / f"rank{_rank():05d}.pt"
         if self.rank_states:
-            if not rank_file.is_file():
-                raise FileNotFoundError(
-                    f"checkpoint '{path}' has no per-rank state for rank {_rank()} "
-                    "(saved with a different world size?)"
-                )
             per_rank = torch.load(rank_file, weights_only=False)
             for k, s in self.rank_states.items():
                 s.load_state_dict(per_rank[k])

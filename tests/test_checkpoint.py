@@ -164,3 +164,71 @@ def test_export_uses_to_diffusers_state_dict(tmp_path):
         assert torch.equal(exported[k], v)
     ema = load_file(tmp_path / "ema.safetensors")
     assert not torch.equal(ema["out.weight"], exported["out.weight"])
+
+
+SHRINK_SCRIPT = """
+import sys, torch, torch.distributed as dist
+from engine.checkpoint import CheckpointManager
+from engine.config import CheckpointConfig
+from engine.data import BatchLoader, ResumableSampler
+
+class Items:
+    def __len__(self): return 16
+    def __getitem__(self, i): return {"video": torch.zeros(1), "index": i}
+
+class Weights:
+    def __init__(self): self.x = torch.ones(2)
+    def state_dict(self): return {"x": self.x}
+    def load_state_dict(self, sd): self.x.copy_(sd["x"])
+
+dist.init_process_group("gloo")
+rank = dist.get_rank()
+loader = BatchLoader(Items(), ResumableSampler(16, rank=rank, world_size=2, seed=0), batch_size=2, num_threads=1,
+                     prefetch=4, collate=lambda g: {"index": [x["index"] for x in g]})
+it = iter(loader)
+next(it)
+CheckpointManager(CheckpointConfig(), sys.argv[1], {"w": Weights()}, {"data": loader}).save(1)
+print(f"rank {rank} pending {loader.state_dict()['pending']}", flush=True)
+dist.destroy_process_group()
+"""
+
+
+def test_resume_on_fewer_ranks_refuses_instead_of_dropping_their_data_position(tmp_path):
+    """A checkpoint of 2 gloo ranks, each with items drawn ahead and not yet trained, loaded by 1 process: it
+    refuses, naming both world sizes (before, rank 0 resumed alone and rank 1's drawn items were never trained in
+    that epoch, silently)."""
+    from engine.checkpoint import CheckpointManager
+    from engine.config import CheckpointConfig
+    from engine.data import BatchLoader, ResumableSampler
+
+    script = tmp_path / "save.py"
+    script.write_text(SHRINK_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    p = subprocess.run([*torchrun, str(script), str(tmp_path / "ck")], env=env, capture_output=True, text=True,
+                       timeout=120)  # fmt: skip
+    assert p.returncode == 0 and "rank 1 pending [" in p.stdout, (p.stdout + p.stderr)[-3000:]
+    assert (
+        "rank 1 pending []" not in p.stdout
+    )  # rank 1 drew items ahead: the state a smaller world would drop
+
+    class Items:
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"video": torch.zeros(1), "index": i}
+
+    loader = BatchLoader(Items(), ResumableSampler(16, seed=0), batch_size=2)
+    weights = {"x": torch.zeros(2)}
+
+    class Weights:
+        def state_dict(self):
+            return weights
+
+        def load_state_dict(self, sd):
+            weights["x"].copy_(sd["x"])
+
+    mgr = CheckpointManager(CheckpointConfig(), tmp_path / "ck", {"w": Weights()}, {"data": loader})
+    with pytest.raises(ValueError, match="state .* of 2 ranks, this run has 1"):
+        mgr.load(mgr.latest()[1])
