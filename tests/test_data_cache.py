@@ -228,3 +228,20 @@ def test_all_corrupt_and_mismatched_settings_fail_clearly(dataset_dir, tmp_path)
         list(LatentCacheDataset(out))
     with pytest.raises(FileNotFoundError, match="precompute"):
         LatentCacheDataset(tmp_path / "nothing")
+
+
+def test_collate_names_the_rows_without_a_requested_text(tmp_path):
+    """A manifest row without a 'solution' is cached without its embedding (text_fields lists fields a row may
+    lack); collating it for training with text_fields ('task', 'solution') names the row and the field (before, a
+    bare KeyError 'solution_emb')."""
+    d = tmp_path / "data"
+    for i in range(2):
+        write_video(d / f"v{i}.webm", ident=i, num_frames=6, height=16, width=16)
+    rows = [{"video": "v0.webm", "task": "t0", "solution": "s0"}, {"video": "v1.webm", "task": "t1"}]
+    (d / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    write(tmp_path / "cache", d)
+    cache = LatentCacheDataset(tmp_path / "cache")
+    assert "solution_emb" in cache[0] and "solution_emb" not in cache[1]
+    assert collate_latents([cache[0]], text_fields=FIELDS)["solution_emb"].shape[0] == 1
+    with pytest.raises(ValueError, match=r"rows \[1\] have no 'solution' embedding"):
+        collate_latents([cache[0], cache[1]], text_fields=FIELDS)

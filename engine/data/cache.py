@@ -358,6 +358,12 @@ def collate_latents(items: list[dict[str, Any]], text_fields: Sequence[str] = ()
     if all("first_frame_latent" in it for it in items):
         out["first_frame_latent"] = torch.stack([it["first_frame_latent"] for it in items])
     for field in text_fields:
+        lacking = [it.get("index") for it in items if f"{field}_emb" not in it]
+        if lacking:
+            raise ValueError(
+                f"collate_latents: the cache items of dataset rows {lacking} have no '{field}' embedding (their "
+                f"manifest rows lack a '{field}' text, or the cache was written without it in text_fields)"
+            )
         extra = sorted(
             k[: -len("_emb")] for k in items[0] if k.startswith(f"{field}_") and k.endswith("_emb")
         )
