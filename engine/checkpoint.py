@@ -57,6 +57,17 @@ from engine.log import get_logger
 log = get_logger("checkpoint")
 
 MARKER = "COMPLETE"
+
+
+def _fsync_dir(path: Path) -> None:
+    """Persist a rename in ``path`` (POSIX: the folder's own entry list needs its fsync)."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -160,7 +171,11 @@ class CheckpointManager:
                 shutil.rmtree(stale, ignore_errors=True)
             tmp.mkdir(parents=True, exist_ok=True)
         barrier("checkpoint mkdir")
-        torch.save({k: s.state_dict() for k, s in self.rank_states.items()}, tmp / f"rank{_rank():05d}.pt")
+        # fsync'd as DCP's own files are (sync_files): COMPLETE must never outlive a truncated file (power loss)
+        with open(tmp / f"rank{_rank():05d}.pt", "wb") as f:
+            torch.save({k: s.state_dict() for k, s in self.rank_states.items()}, f)
+            f.flush()
+            os.fsync(f.fileno())
         state = self._dcp_state()
         if self.cfg.async_save and not force_sync:
             with _quiet_single_process():
@@ -197,6 +212,7 @@ class CheckpointManager:
                 if final.exists():  # an incomplete leftover (not a checkpoint: no marker)
                     shutil.rmtree(final)
                 os.rename(tmp, final)
+                _fsync_dir(self.folder)
                 log.info("checkpoint saved: %s", final)
             self._prune()
         barrier("checkpoint commit")
