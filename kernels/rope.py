@@ -48,6 +48,9 @@ def rope_3d_tables(
     """
     if len(grid) != 3 or any(int(n) < 1 for n in grid):
         raise ValueError(f"grid: expected three positive sizes (T, H, W), got {grid}")
+    # zip() below would drop the axes past a short start silently: a table of the wrong row count
+    if len(start) != 3:
+        raise ValueError(f"start: expected three offsets (t, h, w), got {start}")
     axes_dims = _wan_axes_dims(head_dim) if axes_dims is None else tuple(axes_dims)
     if len(axes_dims) != 3 or sum(axes_dims) != head_dim or any(d % 2 or d < 0 for d in axes_dims):
         raise ValueError(

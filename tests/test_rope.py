@@ -30,6 +30,14 @@ def test_tables_match_diffusers_hunyuan15():
     torch.testing.assert_close(sin, ref_sin[:, 0::2].float(), rtol=0, atol=1e-6)
 
 
+def test_start_needs_three_offsets():
+    """A start of two offsets gave a (2, 6) table for a (3, 1, 1) grid (zip dropped the w axis), silently."""
+    with pytest.raises(ValueError, match="start: expected three offsets"):
+        rope_3d_tables((3, 1, 1), 12, start=(1, 2))
+    with pytest.raises(ValueError, match="start: expected three offsets"):
+        rope_3d_tables((3, 1, 1), 12, start=(1, 2, 0, 0))
+
+
 def test_start_offsets_the_positions():
     full_cos, full_sin = rope_3d_tables((5, 2, 3), 32)
     cos, sin = rope_3d_tables((3, 2, 3), 32, start=(2, 0, 0))
