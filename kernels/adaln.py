@@ -490,7 +490,8 @@ def adaln_modulate(
     backend: "triton" (fused kernels, autograd) or "torch" (the reference). float64 runs the reference.
     """
     _check_adaln(x, scale, shift, norm)
-    if not _use_triton(backend, x, scale, shift):
+    # an empty x has no rows to launch over (the launch geometry would divide by zero): the reference
+    if not _use_triton(backend, x, scale, shift) or x.numel() == 0:
         return adaln_modulate_reference(x, scale, shift, norm=norm, eps=eps)
     y, _, _ = _adaln_fwd_op(x.contiguous(), scale.contiguous(), shift.contiguous(), norm == "rms", float(eps))
     return y
@@ -501,6 +502,7 @@ def gated_residual(
 ) -> torch.Tensor:
     """``x + gate * y``; x, y (B, S, D), gate (B, 1, D) or (B, S, D). backend: "triton" or "torch"."""
     _check_gated(x, y, gate)
-    if not _use_triton(backend, x, y, gate):
+    # an empty x has no rows to launch over (the launch geometry would divide by zero): the reference
+    if not _use_triton(backend, x, y, gate) or x.numel() == 0:
         return gated_residual_reference(x, y, gate)
     return _gated_fwd_op(x.contiguous(), y.contiguous(), gate.contiguous())

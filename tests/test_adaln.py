@@ -100,6 +100,22 @@ def test_references_pass_gradcheck(norm, per_token):
     assert torch.autograd.gradcheck(gated_residual_reference, g_ins)
 
 
+@pytest.mark.parametrize("shape", [(2, 0, 8), (0, 3, 8), (2, 3, 0)])
+def test_empty_inputs_give_empty_outputs_and_grads(shape, device):
+    """No tokens (or samples, or features): the Triton path raised ZeroDivisionError in its launch geometry."""
+    B, S, D = shape
+    x = torch.randn(shape, device=device, requires_grad=True)
+    y = torch.randn(shape, device=device, requires_grad=True)
+    mod = [torch.randn(B, 1, D, device=device, requires_grad=True) for _ in range(3)]
+    out = adaln_modulate(x, mod[0], mod[1], backend="triton")
+    res = gated_residual(x, y, mod[2], backend="triton")
+    assert out.shape == res.shape == shape and out.dtype == res.dtype == torch.float32
+    # sums over no elements: every gradient is zero (the modulation's too)
+    grads = torch.autograd.grad(out.sum() + res.sum(), [x, y, *mod], allow_unused=True)
+    for g, t in zip(grads, [x, y, *mod]):
+        assert g is None or (g.shape == t.shape and not g.any())
+
+
 def test_bad_inputs():
     x = torch.randn(2, 3, 4)
     with pytest.raises(ValueError, match=r"scale: expected shape \(2, 1, 4\) or \(2, 3, 4\)"):
