@@ -46,13 +46,33 @@ inline std::string cuda_error(const char* what, cudaError_t e) {
 
 // A launch needs a usable device: report a missing driver or device before touching pointers,
 // then make `device` (the tensors' device) current for the launch.
-inline std::string check_device(int device) {
-  int n = 0;
-  cudaError_t e = cudaGetDeviceCount(&n);
-  if (e != cudaSuccess) return cuda_error("kernels._C: no usable CUDA device", e);
-  if (device < 0 || device >= n) return "kernels._C: device " + std::to_string(device) + " not among " + std::to_string(n) + " visible";
-  e = cudaSetDevice(device);
-  return e == cudaSuccess ? "" : cuda_error("kernels._C: cudaSetDevice", e);
-}
+// Makes `device` current for a launch and restores the caller's device when it goes out of scope (torch
+// keeps its own current device per thread; a launch on cuda:1 must not leave cuda:1 current behind it).
+class DeviceScope {
+ public:
+  DeviceScope() = default;
+  DeviceScope(const DeviceScope&) = delete;
+  DeviceScope& operator=(const DeviceScope&) = delete;
+  ~DeviceScope() {
+    if (prev_ >= 0) cudaSetDevice(prev_);
+  }
+  std::string enter(int device) {
+    int n = 0;
+    cudaError_t e = cudaGetDeviceCount(&n);
+    if (e != cudaSuccess) return cuda_error("kernels._C: no usable CUDA device", e);
+    if (device < 0 || device >= n) return "kernels._C: device " + std::to_string(device) + " not among " + std::to_string(n) + " visible";
+    int prev = -1;
+    e = cudaGetDevice(&prev);
+    if (e != cudaSuccess) return cuda_error("kernels._C: cudaGetDevice", e);
+    if (prev == device) return "";
+    e = cudaSetDevice(device);
+    if (e != cudaSuccess) return cuda_error("kernels._C: cudaSetDevice", e);
+    prev_ = prev;
+    return "";
+  }
+
+ private:
+  int prev_ = -1;
+};
 
 }  // namespace wmsd

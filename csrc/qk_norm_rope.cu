@@ -88,7 +88,8 @@ std::string qk_norm_rope(uintptr_t q, uintptr_t k, uintptr_t wq, uintptr_t wk, u
   if (B <= 0 || S <= 0 || D <= 0 || D % 2 != 0) return "qk_norm_rope: need B, S > 0 and D even";
   if (Hq <= 0 || Hk <= 0 || Hq > kMaxHeads || Hk > kMaxHeads) return "qk_norm_rope: need 0 < H <= 1024";
   if (B * S > 0x7fffffff) return "qk_norm_rope: B * S too large";
-  std::string err = check_device(device);
+  DeviceScope scope;
+  std::string err = scope.enter(device);
   if (!err.empty()) return err;
   QKArgs a{{q, k}, {wq, wk}, {Hq, Hk}, {qsb, ksb}, {qss, ksh_s}, {qsh, ksh},
            reinterpret_cast<const float*>(cos), reinterpret_cast<const float*>(sin), S, D, eps};

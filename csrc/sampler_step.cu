@@ -178,7 +178,8 @@ std::string flow_step(uintptr_t x, uintptr_t vc, uintptr_t vu, uintptr_t noise, 
   if (n_blocks > 0x7fffffff) return "flow_step: N too large";
   if (mode != 0 && (part == 0 || logprob == 0 || part_capacity < n_blocks))
     return "flow_step: part needs (B, " + std::to_string(n_blocks) + ") float32 and logprob (B,) float32";
-  std::string err = check_device(device);
+  DeviceScope scope;
+  std::string err = scope.enter(device);
   if (!err.empty()) return err;
   StepArgs a{x, vc, vu, noise, x_next, out, part, t_ptr, tn_ptr, t, tn, guidance, sigma, N, static_cast<int>(n_blocks)};
   cudaStream_t st = reinterpret_cast<cudaStream_t>(stream);
