@@ -274,6 +274,8 @@ def flow_step(
         raise ValueError(f"backend={backend!r}: expected 'triton', 'cuda' or 'torch'")
     # v_uncond + 1 (v_cond - v_uncond) is v_cond: the unconditional velocity plays no part
     if guidance == 1.0:
+        # checked before it is dropped: a wrong one is a caller's bug whatever the guidance
+        _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)
         v_uncond = None
     needs_grad = torch.is_grad_enabled() and any(
         v is not None and v.requires_grad for v in (x, v_cond, v_uncond, x_next, noise)

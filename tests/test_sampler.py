@@ -123,3 +123,6 @@ def test_bad_inputs(backend):
         flow_step(x, x, t=torch.ones(3), t_next=0.4, backend=backend)
     with pytest.raises(ValueError, match="backend="):
         flow_step(x, x, t=0.5, t_next=0.4, backend="nope")
+    # guidance 1 ignores v_uncond's values, not a wrong shape
+    with pytest.raises(ValueError, match="v_uncond: expected x's shape"):
+        flow_step(x, x, torch.randn(2, 3), guidance=1.0, t=0.5, t_next=0.4, backend=backend)
