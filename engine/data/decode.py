@@ -160,6 +160,10 @@ def yuv_to_rgb(y, u, v, *, full_range: bool = False) -> torch.Tensor:
     PyAV's own rgb24 path (swscale) differs from DALI by ~36-42 dB PSNR at colour edges; this one matches it
     to 1/255, so both backends give the same frames. NumPy, single-threaded: predictable inside data-loader
     workers.
+
+    BT.601 for every file, a BT.709 tag (HD video) included, on purpose: DALI's decoders ignore the tag, and
+    so does FFmpeg's swscale by default (decord, torchvision), the decoding pretrained video models saw. A
+    709-tagged file's saturated colours come out up to ~28 levels off its true RGB, as in those pipelines.
     """
     y, u, v = (np.asarray(p, dtype=np.float32) for p in (y, u, v))
     h, w = y.shape[-2:]
