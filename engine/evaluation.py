@@ -9,8 +9,8 @@ function of (seed, item index), so two conditions evaluated with the same seeds 
 Statistics (all over items, and over seeds when several are given):
 - :func:`mean_ci`: percentile bootstrap of the mean, resampling items (and seeds) with replacement.
 - :func:`wilson_interval`: the Wilson score interval of a binomial proportion k / n.
-- :func:`paired_test`: per-item differences d_i = mean_s a[s, i] - mean_s b[s, i]; a bootstrap CI of
-  mean(d) and an exact two-sided sign test on the non-zero d_i (p = P(|Bin(m, 1/2) - m/2| >= observed)).
+- :func:`paired_test`: per-item differences d_i = mean_s a[s, i] - mean_s b[s, i] over the seeds s judged
+  in both conditions; a bootstrap CI of mean(d) and an exact two-sided sign test on the non-zero d_i (p = P(|Bin(m, 1/2) - m/2| >= observed)).
 - :func:`gap_check`: Demonstrator with the solution vs with the task on the same items and noise;
   raises :class:`GapTooSmallError` when the Avg gap is below ``min_gap`` (config ``distill.min_gap``).
 """
@@ -234,6 +234,10 @@ def paired_test(
     a, b = _as_2d(a, "a"), _as_2d(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired_test: a {a.shape} and b {b.shape}: expected the same items and seeds")
+    # pairs are (seed, item) cells: a cell judged in one condition only is left out of both, so that
+    # an item's two means are over the same seeds (the same noise)
+    gone = np.isnan(a) | np.isnan(b)
+    a, b = np.where(gone, np.nan, a), np.where(gone, np.nan, b)
     with warnings.catch_warnings():  # an item every seed of which failed is NaN: left out
         warnings.simplefilter("ignore", RuntimeWarning)
         d = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)  # (N,)
@@ -260,14 +264,20 @@ def gap_closed(
     task, the Demonstrator given the task, and the Demonstrator given the solution, on the same items. An
     item without a score in one of them (every seed's judge call failed: NaN) is left out of all three.
     """
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", RuntimeWarning)
-        e, t, s = (np.nanmean(_as_2d(x, name), axis=0) for x, name in
-                   ((executor, "executor"), (task, "task"), (solution, "solution")))  # fmt: skip
-    if not e.shape == t.shape == s.shape:
+    e, t, s = (_as_2d(x, name) for x, name in
+               ((executor, "executor"), (task, "task"), (solution, "solution")))  # fmt: skip
+    if not e.shape[1] == t.shape[1] == s.shape[1]:
         raise ValueError(
             f"gap_closed: executor {e.shape}, task {t.shape}, solution {s.shape}: expected the same items"
         )
+    if e.shape == t.shape == s.shape:
+        # a (seed, item) cell judged in some conditions only is left out of all three: an item's means
+        # are over the same seeds (the same noise)
+        gone = np.isnan(e) | np.isnan(t) | np.isnan(s)
+        e, t, s = (np.where(gone, np.nan, x) for x in (e, t, s))
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)
+        e, t, s = (np.nanmean(x, axis=0) for x in (e, t, s))
     ok = np.isfinite(e) & np.isfinite(t) & np.isfinite(s)
     if not ok.any():  # no item has a score under all three conditions (reported as NaN)
         return math.nan, math.nan, math.nan

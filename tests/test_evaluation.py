@@ -146,3 +146,29 @@ def test_failed_judge_calls_are_left_out_not_nan():
     none = ev.paired_test(np.full(3, np.nan), np.zeros(3))  # nothing to compare: NaN, not an error
     assert none.n == 0 and np.isnan(none.diff)
     assert all(np.isnan(ev.gap_closed(np.full(3, np.nan), np.zeros(3), np.ones(3))))
+
+
+def test_paired_comparisons_pair_seeds_not_just_items():
+    """A (seed, item) score missing in one condition leaves that seed out of the item's difference in
+    both: conditions that differ by exactly 0.25 on every shared (seed, item) cell, with a large per-seed
+    offset (the noise of a seed moves both alike) and holes in different seeds, differ by 0.25."""
+    rng = np.random.default_rng(3)
+    seeds, n = 3, 120
+    b = rng.random((seeds, n)) + 5.0 * np.arange(seeds)[:, None]  # seed s shifts both conditions by 5 s
+    a = b + 0.25
+    a[2, : n // 2] = np.nan  # condition a lost seed 2 of the first half, b seed 0 of the second half
+    b[0, n // 2 :] = np.nan
+    r = ev.paired_test(a, b)
+    # independent reference: the mean over items of the per-item mean over the seeds judged in both
+    ref = [
+        np.mean([a[s, i] - b[s, i] for s in range(seeds) if np.isfinite(a[s, i] + b[s, i])]) for i in range(n)
+    ]
+    assert r.n == n and r.diff == pytest.approx(np.mean(ref)) == pytest.approx(0.25)
+    assert (r.n_pos, r.n_neg) == (n, 0)
+    # gap_closed: the Executor is the task condition + half the gap on every shared cell
+    task, solution = b, b + 0.5
+    executor = b + 0.25
+    executor[1, : n // 3] = np.nan
+    solution[2, n // 3 :] = np.nan
+    f, lo, hi = ev.gap_closed(executor, task, solution)
+    assert f == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
