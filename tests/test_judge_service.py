@@ -234,3 +234,34 @@ def test_an_unreadable_video_is_an_error_verdict_not_an_exception(tmp_path):
         service.close()
     assert (good.status, good.score) == ("ok", 0.7)
     assert bad.status == "error" and "missing.mp4" in bad.raw
+
+
+def test_drain_answers_a_submit_still_hashing_its_video(tmp_path):
+    """aclose() (drain) while a submit is still reading its video for the cache key (in a worker thread):
+    the request is judged and answered, not queued behind a dispatcher that had already stopped. The video
+    is a named pipe, so the test decides when its bytes arrive."""
+    import os
+
+    fifo = tmp_path / "video.mp4"
+    os.mkfifo(fifo)
+
+    class Any:
+        async def score(self, requests):
+            return [Verdict(0.5, "ok", "Score: 0.5", 0.0) for _ in requests]
+
+    def feed():
+        with open(fifo, "wb") as f:
+            f.write(b"not really a video")
+
+    async def run():
+        judge = AsyncJudge(Any(), max_batch=4, max_wait_ms=0)
+        sub = asyncio.create_task(judge.submit(JudgeRequest("[Agent]: push", "task", video=str(fifo))))
+        await asyncio.sleep(0.05)  # the submit is blocked reading the pipe
+        closing = asyncio.create_task(judge.aclose())
+        await asyncio.sleep(0.05)
+        await asyncio.to_thread(feed)
+        await asyncio.wait_for(closing, 5)
+        return await asyncio.wait_for(await asyncio.wait_for(sub, 5), 5)
+
+    v = asyncio.run(run())
+    assert (v.status, v.score) == ("ok", 0.5)

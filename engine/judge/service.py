@@ -85,7 +85,7 @@ class AsyncJudge:
         self._queue: asyncio.Queue | None = None
         self._dispatcher: asyncio.Task | None = None
         self._batches: dict[asyncio.Task, list[_Entry]] = {}  # running batch tasks and their entries
-        self._putting = 0  # submitters waiting for queue space
+        self._putting = 0  # submitters not yet queued (keying a video, or waiting for queue space)
         self._closed = False
         self._cancelling = False
         self._statuses: Counter = Counter()
@@ -109,6 +109,18 @@ class AsyncJudge:
         if not isinstance(request, JudgeRequest):
             raise TypeError(f"AsyncJudge.submit: expected a JudgeRequest, got {type(request).__name__}")
         self._start()
+        # counted from here: a draining aclose() waits for a submit still hashing its video, which
+        # would otherwise queue its request after the dispatcher had stopped (never answered)
+        self._putting += 1
+        try:
+            fut = await self._submit(request)
+        finally:
+            self._putting -= 1
+        if self._cancelling:
+            self._cancel_queued()
+        return fut
+
+    async def _submit(self, request: JudgeRequest) -> asyncio.Future:
         loop = asyncio.get_running_loop()
         fut, t0 = loop.create_future(), time.perf_counter()
         key = None
@@ -127,17 +139,11 @@ class AsyncJudge:
                 return fut
         inner = loop.create_future()
         self._follow(inner, fut, t0)
-        self._putting += 1
-        try:
-            await self._queue.put(_Entry(request, inner, key, t0))
-        finally:
-            self._putting -= 1
+        await self._queue.put(_Entry(request, inner, key, t0))
         # registered once queued: a cancelled wait leaves none
         if key is not None and key not in self._inflight:
             self._inflight[key] = inner
         self._max_depth = max(self._max_depth, self._queue.qsize())
-        if self._cancelling:
-            self._cancel_queued()
         return fut
 
     def _serve_from_cache(self, key: tuple, fut: asyncio.Future, t0: float) -> bool:
@@ -261,7 +267,8 @@ class AsyncJudge:
                 await self._queue.join()
                 if self._putting == 0 and self._queue.empty():
                     break
-                await asyncio.sleep(0)
+                # a submitter may be hashing its video in a thread: wait without spinning
+                await asyncio.sleep(0.001)
         else:
             self._cancelling = True
             self._cancel_queued()
