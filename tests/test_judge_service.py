@@ -265,3 +265,22 @@ def test_drain_answers_a_submit_still_hashing_its_video(tmp_path):
 
     v = asyncio.run(run())
     assert (v.status, v.score) == ("ok", 0.5)
+
+
+def test_a_drain_that_times_out_answers_every_handle():
+    """close(timeout=...) while a loopback server is still answering slowly: close raises TimeoutError,
+    and the handle's verdicts are "cancelled" (stopping the loop had left them unanswered forever); the
+    server's answer for a request that was already finished is kept."""
+    with FaultServer(slow_s=3.0) as srv:
+        service = JudgeService(
+            OpenAIJudge(srv.url, "m", timeout_s=30, max_retries=0, num_frames=1), max_batch=1, max_wait_ms=0
+        )
+        done = service.submit_many([_req(1)]).result(10)
+        h = service.submit_many([_req(i, "slow") for i in range(2, 5)])
+        t0 = time.perf_counter()
+        with pytest.raises(TimeoutError):
+            service.close(drain=True, timeout=0.3)
+        assert time.perf_counter() - t0 < 2.5
+        verdicts = h.result(timeout=5)
+    assert done[0].score == pytest.approx(expected_score(_req(1).frames[0]), abs=1e-4)
+    assert [v.status for v in verdicts] == ["cancelled"] * 3

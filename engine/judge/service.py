@@ -378,12 +378,18 @@ class JudgeService:
         return m
 
     def close(self, drain: bool = True, timeout: float | None = None) -> None:
-        """Drain (or cancel) pending work, then stop the loop thread."""
+        """Drain (or cancel) pending work, then stop the loop thread. A drain that does not finish within
+        ``timeout`` s cancels what is left (those verdicts are "cancelled"), then raises TimeoutError."""
         if self._closed:
             return
         self._closed = True
         try:
-            self._call(self.judge.aclose(drain=drain), timeout)
+            try:
+                self._call(self.judge.aclose(drain=drain), timeout)
+            except TimeoutError:
+                # stopping the loop now would leave the handles of unfinished work unanswered forever
+                self._call(self.judge.aclose(drain=False), 10.0)
+                raise
         finally:
             self._loop.call_soon_threadsafe(self._loop.stop)
             self._thread.join(timeout=5.0)
