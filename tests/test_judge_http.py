@@ -238,7 +238,8 @@ async def _post_to_judge_server(srv: FaultServer, send):
 
 def test_serve_answers_400_to_invalid_bodies():
     """Bodies that are not a chat request the server can judge get HTTP 400 with the reason (not a dropped
-    connection, which a client would retry): a JSON list, a judge prompt without an image."""
+    connection, which a client would retry): a JSON list, a judge prompt without an image, an image_url
+    whose url is not a string, a max_tokens of true."""
     import httpx
 
     from engine.judge import build_prompt
@@ -246,13 +247,23 @@ def test_serve_answers_400_to_invalid_bodies():
     prompt = build_prompt(JudgeRequest("[Agent]: push", "task", frames=[np.zeros((4, 4, 3), np.uint8)]))
     no_image = {"messages": [{"role": "user", "content": [{"type": "text", "text": prompt}]}]}
 
+    # an image_url whose url is not a string crashed the connection's handler (no answer at all)
+    odd_urls = [
+        {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": u}}]}]}
+        for u in (123, None)
+    ]
+    bool_tokens = {"max_tokens": True, "messages": [{"role": "user", "content": prompt}]}
+
     async def send(c: httpx.AsyncClient, url: str) -> list:
-        return [await c.post(url, json=b) for b in ([1, 2], no_image)]
+        return [await c.post(url, json=b) for b in ([1, 2], no_image, *odd_urls, bool_tokens)]
 
     with FaultServer() as srv:
-        as_list, no_image = asyncio.run(_post_to_judge_server(srv, send))
+        as_list, no_image, *odd, bool_tokens = asyncio.run(_post_to_judge_server(srv, send))
     assert as_list.status_code == 400 and "JSON object" in as_list.json()["error"]["message"]
     assert no_image.status_code == 400 and "frame" in no_image.json()["error"]["message"]
+    for r in odd:
+        assert r.status_code == 400 and "data: URL" in r.json()["error"]["message"]
+    assert bool_tokens.status_code == 400 and "max_tokens" in bool_tokens.json()["error"]["message"]
 
 
 def test_serve_refuses_a_chunked_body_and_answers_the_next_request():

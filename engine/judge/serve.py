@@ -45,8 +45,9 @@ def decode_image(url: str) -> np.ndarray:
     """A ``data:image/...;base64,`` URL -> HxWx3 uint8."""
     from PIL import Image
 
-    if not url.startswith("data:") or ";base64," not in url:
-        raise BadRequest(f"image_url must be a base64 data: URL, got {url[:40]!r}")
+    # a url that is not a string (a number, null) is a client error too, not a crash of the handler
+    if not isinstance(url, str) or not url.startswith("data:") or ";base64," not in url:
+        raise BadRequest(f"image_url must be a base64 data: URL, got {str(url)[:40]!r}")
     try:
         raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
         return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
@@ -82,7 +83,8 @@ def parse_chat_request(body: dict) -> ChatItem:
     max_tokens = next(
         (body[k] for k in ("max_tokens", "max_completion_tokens") if body.get(k) is not None), 64
     )
-    if not isinstance(max_tokens, int) or not 1 <= max_tokens <= MAX_TOKENS:
+    # a JSON true is a Python int; it is no token count
+    if not isinstance(max_tokens, int) or isinstance(max_tokens, bool) or not 1 <= max_tokens <= MAX_TOKENS:
         raise BadRequest(f"max_tokens must be an integer in [1, {MAX_TOKENS}], got {max_tokens!r}")
     return ChatItem(images, "\n".join(texts), max_tokens)
 
