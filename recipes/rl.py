@@ -6,10 +6,11 @@ The algorithm (the paper does not spell out its RL algorithm; this is Flow-GRPO'
   1. Prompts: ``rl.prompts_per_step`` items (I, task, solution) from the task file; each is repeated
      ``rl.group_size`` = G times. The group of rollouts for the step is drawn from (seed, step, rank).
   2. Rollouts: the SDE sampler (flow.num_steps steps, noise level flow.sde_sigma) under the current
-     Executor v_θ(· | task, I), no gradient; it records states x_k, timesteps t_k and the per-step
-     Gaussian log-probs log π_old(x_{k+1} | x_k) (kernels.sampler.flow_step). The first step (from
-     t = 1, where the SDE's noise scale diverges) and the last (onto t = 0) are deterministic
-     (engine.flow.sde_step) and never trained on.
+     Executor v_θ(· | task, I) with classifier-free guidance flow.guidance (empty-text uncond), the
+     policy evaluate.py samples (Flow-GRPO samples and trains with CFG too), no gradient; it records
+     states x_k, timesteps t_k and the per-step Gaussian log-probs log π_old(x_{k+1} | x_k)
+     (kernels.sampler.flow_step). The first step (from t = 1, where the SDE's noise scale diverges)
+     and the last (onto t = 0) are deterministic (engine.flow.sde_step) and never trained on.
   3. Rewards: the videos are decoded and submitted to the judge service at once (one request per
      video and question in ``rl.reward_questions``; reward = mean of their scores, a failed verdict
      counts as ``judge.fallback_score`` and is logged). With ``rl.prefetch`` the next step's group is
@@ -19,8 +20,9 @@ The algorithm (the paper does not spell out its RL algorithm; this is Flow-GRPO'
      / step time, logged every step.
   4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps).
   5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the
-     flow.num_steps - 2 stochastic ones): recompute v_θ(x_k | task, I) with grad, log π_θ(x_{k+1} | x_k) with the same
-     Gaussian, ratio ρ = exp(log π_θ - log π_old) (log-probs averaged over the latent's elements with
+     flow.num_steps - 2 stochastic ones): recompute v_θ(x_k | task, I) with grad (guided as in the
+     rollout, cond and uncond in one forward), log π_θ(x_{k+1} | x_k) with the same Gaussian, ratio
+     ρ = exp(log π_θ - log π_old) (log-probs averaged over the latent's elements with
      rl.logprob_reduction = "mean", as Flow-GRPO does; "sum" uses the joint density), and the loss
          L = mean max(-A ρ, -A clip(ρ, 1 - ε, 1 + ε))                    (ε = rl.clip_range)
            + β_d · mean ||v_θ(x_k | task, I) - v_φ(x_k | solution, I)||²   (β_d = rl.beta_d)
@@ -94,9 +96,11 @@ class GroupBatches:
         sde_gen = torch.Generator(device=self.kit.device).manual_seed(
             int(torch.randint(2**62, (1,), generator=g))
         )
+        # the policy evaluate.py samples: CFG at flow.guidance (train rows re-score with the same guidance)
+        uncond = self.table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
         traj = flow.sample(sampling_velocity(cfg, model), noise, self.table.cond(idx, "task"), num_steps=cfg.flow.num_steps,
-                           shift=cfg.flow.shift, sigma=cfg.flow.sde_sigma, generator=sde_gen,
-                           return_trajectory=True)  # fmt: skip
+                           shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond, sigma=cfg.flow.sde_sigma,
+                           generator=sde_gen, return_trajectory=True)  # fmt: skip
         items = [self.table.items[i] for i in idx.tolist()]
         handle = self.judge.submit_many(
             judge_requests(self.kit.decode(traj.x0), items, cfg.rl.reward_questions)
@@ -164,8 +168,11 @@ class GroupBatches:
         x, x_next = traj.states[ks_d, rows_d], traj.states[ks_d + 1, rows_d]
         t, t_next = traj.timesteps[ks_d], traj.timesteps[ks_d + 1]
         v_teacher = sampling_velocity(cfg, self.teacher)(x, t, self.table.cond(idx[rows], "solution"))
-        return {"x": x, "x_next": x_next, "t": t, "t_next": t_next, "logp_old": traj.logprobs[ks_d, rows_d],
-                "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher}  # fmt: skip
+        out = {"x": x, "x_next": x_next, "t": t, "t_next": t_next, "logp_old": traj.logprobs[ks_d, rows_d],
+               "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher}  # fmt: skip
+        if cfg.flow.guidance != 1.0:
+            out["uncond"] = self.table.cond(idx[rows], "empty")
+        return out
 
     def state_dict(self) -> dict:
         # every draw is a function of (seed, step, rank); a prefetched group is redrawn on resume. The judge
@@ -176,14 +183,21 @@ class GroupBatches:
         self.stats.update(state_dict.get("stats", {}))
 
 
+def rl_work_logs(model: torch.nn.Module, mb: dict) -> dict[str, float]:
+    """Tokens and FLOPs of the loss's forward: cond and uncond rows when the rows carry an uncond (CFG)."""
+    if "uncond" not in mb:
+        return work_logs(model, mb["x"], mb["cond"])
+    return work_logs(model, torch.cat([mb["x"], mb["x"]]), flow.cat_cond(mb["cond"], mb["uncond"]))
+
+
 def rl_loss_fn(cfg: JobConfig):
     """The clipped policy loss + Demonstrator anchor (module docstring, step 5)."""
 
     def loss_fn(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
-        v = model.predict_velocity(mb["x"], mb["t"], mb["cond"])
-        _, logp = flow_step(
-            mb["x"], v, t=mb["t"], t_next=mb["t_next"], sigma=cfg.flow.sde_sigma, x_next=mb["x_next"]
-        )
+        # the rollout's guided velocity (cond and uncond in one forward); the anchor takes the conditional one
+        v, v_u = flow.guided_velocity(model.predict_velocity, mb["x"], mb["t"], mb["cond"], mb.get("uncond"))
+        _, logp = flow_step(mb["x"], v, v_u, guidance=cfg.flow.guidance, t=mb["t"], t_next=mb["t_next"],
+                            sigma=cfg.flow.sde_sigma, x_next=mb["x_next"])  # fmt: skip
         logp_old = mb["logp_old"]
         if cfg.rl.logprob_reduction == "mean":  # per-element average log-density (Flow-GRPO)
             n = mb["x"][0].numel()
@@ -191,7 +205,7 @@ def rl_loss_fn(cfg: JobConfig):
         policy, stats = grpo_policy_loss(logp, logp_old, mb["adv"], cfg.rl.clip_range)
         anchor = demonstrator_anchor_loss(v, mb["v_teacher"], cfg.rl.beta_d)
         return policy + anchor, {"policy_loss": policy.detach(), "anchor_loss": anchor.detach(), **stats,
-                                 **mb["logs"], **work_logs(model, mb["x"], mb["cond"])}  # fmt: skip
+                                 **mb["logs"], **rl_work_logs(model, mb)}  # fmt: skip
 
     return loss_fn
 
