@@ -50,6 +50,8 @@ def test_parse_numeric_forms_roundtrip(x):
 def test_parse_yes_no_and_last_score_line():
     assert parse_answer("Yes, the block is left of the cube.") == (1.0, "ok")
     assert parse_answer("no.") == (0.0, "ok")
+    assert parse_answer("Yes - the block is left of the cube.") == (1.0, "ok")
+    assert parse_answer("No, or at least not by the end.") == (0.0, "ok")
     assert parse_answer('{"answer": "No"}') == (0.0, "ok")
     assert parse_answer("Score: 0.2 at first, but on reflection\nScore: 0.9")[0] == pytest.approx(0.9)
 
@@ -70,6 +72,9 @@ def test_parse_yes_no_and_last_score_line():
         "nothing 0.5 here",
         "Score: 2/0",
         "Yesterday it moved",
+        "Yes/No: No",  # a form's label, not the answer: it read as yes (1.0)
+        "yes or no? no",
+        "No-one can tell",
         "Score: 0,8",  # a decimal comma: reading "0" would make a reward up
         "Score: 1e-2",
         "Score: 1 (on a scale of 5)",

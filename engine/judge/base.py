@@ -129,7 +129,10 @@ _SCORE_LINE = re.compile(
     re.IGNORECASE,
 )
 _BARE_NUM = re.compile(r"^\s*" + _NUM + r"\s*\.?\s*$", re.IGNORECASE)
-_YES_NO = re.compile(r"^\W*(?:answer\s*[:=]\s*)?\**\s*(yes|no)\b", re.IGNORECASE)
+# the answer word alone: not the start of "Yes/No: no", "yes or no? no", "no-one", "yes-ish"
+_YES_NO = re.compile(
+    r"^\W*(?:answer\s*[:=]\s*)?\**\s*(yes|no)\b(?!-\w|\s*(?:/|\bor\b)\s*(?:yes|no)\b)", re.IGNORECASE
+)
 _JSON = re.compile(r"\{[^{}]*\}", re.DOTALL)
 
 
