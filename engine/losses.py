@@ -50,8 +50,10 @@ def timestep_weights(t: torch.Tensor, scheme: str) -> torch.Tensor:
     """Per-sample loss weights w(t) for t in [0, 1] (1 = noise), each with mean 1 over t ~ U(0, 1).
 
     - ``uniform``: w = 1.
-    - ``snr``: min-SNR-5 for v-prediction, w = min(SNR, 5) / (SNR + 1) with SNR = ((1-t)/t)², rescaled
-      by 1/0.7956 (its mean over U(0,1), computed once) so that lr keeps its meaning.
+    - ``snr``: min-SNR-5 (Hang et al. 2023: x0-loss weight min(SNR, 5)) carried to the rectified-flow
+      velocity: x0 = x_t - t v, so ||Δx0||² = t² ||Δv||² and w = min(SNR, 5) t² with SNR = ((1-t)/t)²
+      (the VP form min(SNR, 5) / (SNR + 1) assumes α² + σ² = 1), rescaled by 1 / its mean over U(0,1)
+      (computed once) so that lr keeps its meaning.
     - ``late``: w = 2 (1 - t), more weight late in sampling where the video's details form.
     """
     if scheme == "uniform":
@@ -59,7 +61,7 @@ def timestep_weights(t: torch.Tensor, scheme: str) -> torch.Tensor:
     if scheme == "snr":
         tc = t.float().clamp(1e-4, 1 - 1e-4)
         snr = ((1 - tc) / tc) ** 2
-        return snr.clamp(max=5.0) / (snr + 1) / _SNR_MEAN
+        return snr.clamp(max=5.0) * tc**2 / _SNR_MEAN
     if scheme == "late":
         return 2.0 * (1.0 - t.float())
     raise ValueError(f"t_weighting {scheme!r} is not one of {', '.join(T_WEIGHTINGS)}")
@@ -68,7 +70,7 @@ def timestep_weights(t: torch.Tensor, scheme: str) -> torch.Tensor:
 def _snr_weight_mean(n: int = 200_001) -> float:
     t = torch.linspace(0.5 / n, 1 - 0.5 / n, n, dtype=torch.float64)
     snr = ((1 - t) / t) ** 2
-    return float((snr.clamp(max=5.0) / (snr + 1)).mean())
+    return float((snr.clamp(max=5.0) * t**2).mean())
 
 
 _SNR_MEAN = _snr_weight_mean()

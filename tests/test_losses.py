@@ -1,5 +1,7 @@
 """engine/losses.py against analytic values and gradients."""
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,18 @@ def test_timestep_weights_average_to_one_over_uniform_t(scheme):
     w = timestep_weights(t, scheme)
     assert w.min() >= 0
     assert w.mean().item() == pytest.approx(1.0, abs=2e-3)
+
+
+def test_snr_weights_are_min_snr_in_x0_terms_for_rectified_flow():
+    """min-SNR-5 weights the x0 loss by min(SNR, 5) (Hang et al. 2023). In rectified flow x0 = x_t - t v, so a
+    velocity weight w(t) is an x0 weight w(t) / t²: w(t) = min(((1-t)/t)², 5) t² / M, with M its mean over
+    U(0, 1) in closed form, (5 a³ + (1 - a)³) / 3 at a = 1 / (1 + √5) where SNR = 5. The VP v-prediction
+    form min(SNR, 5) / (SNR + 1) was off by up to 1.8x across t."""
+    a = 1 / (1 + math.sqrt(5))
+    m = (5 * a**3 + (1 - a) ** 3) / 3
+    t = torch.tensor([0.05, 0.1, 0.2, a, 0.4, 0.5, 0.7, 0.9, 0.99], dtype=torch.float64)
+    expected = torch.minimum(((1 - t) / t) ** 2, torch.tensor(5.0, dtype=torch.float64)) * t**2 / m
+    torch.testing.assert_close(timestep_weights(t, "snr").double(), expected, rtol=1e-5, atol=1e-6)
 
 
 def test_timestep_weights_bad_scheme_names_choices():
