@@ -50,6 +50,7 @@ from engine.evaluation import (  # noqa: E402
     paired_test,
     summarize,
 )
+from engine.judge import base as judge_base  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
     TOY_ASSETS,
@@ -154,9 +155,10 @@ def _files_id(path: str | Path) -> list | str:
 
 
 def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str) -> str:
-    """What a condition's scores depend on (items with their prompt text and image, seeds, sampling, judge,
-    prompt, the weights file as written, and the Demonstrator and encoders the kit loads: model.family /
-    flavour / pretrained, world.demonstrator): saved scores with another fingerprint are scored again."""
+    """What a condition's scores depend on (items with their prompt text and image, seeds, sampling, judge
+    and its prompts' version, prompt, the weights file as written, precision.param_dtype, and the Demonstrator
+    and encoders the kit loads: model.family / flavour / pretrained, world.demonstrator): saved scores with
+    another fingerprint are scored again."""
     toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
     base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
     # each item's id, task, the text the model is prompted with, and its image
@@ -167,7 +169,10 @@ def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str
     return json.dumps({
         "items": h.hexdigest(), "n": len(items), "seeds": list(cfg.eval.seeds),
         "sampling": dataclasses.asdict(sampling_of(cfg)), "prompt": prompt, "world_seed": cfg.world.seed,
-        "judge": [cfg.judge.backend, cfg.judge.model, cfg.judge.base_url, cfg.judge.num_frames, cfg.judge.frame_layout],
+        "judge": [cfg.judge.backend, cfg.judge.model, cfg.judge.base_url, cfg.judge.num_frames, cfg.judge.frame_layout,
+                  judge_base.PROMPT_VERSION],
+        # the sampler's forwards run in this dtype (load_for_sampling, sampling_velocity)
+        "precision": cfg.precision.param_dtype,
         "weights": _files_id(weights) if weights else "",
         "model": [cfg.model.family, cfg.model.flavour, _files_id(base) if base else ""],
     }, sort_keys=True)  # fmt: skip
@@ -180,7 +185,8 @@ def _load_scores(path: Path, expected: str) -> dict[str, np.ndarray] | None:
     saved = dict(np.load(path))
     if str(saved.pop("fingerprint", "")) != expected:
         log.info(
-            "%s: made with other settings (items, seeds, sampling, judge, weights or Demonstrator); scoring again",
+            "%s: made with other settings (items, seeds, sampling, judge, precision, weights or Demonstrator); "
+            "scoring again",
             path.name,
         )
         return None

@@ -393,6 +393,28 @@ def test_evaluate_fingerprint_covers_the_prompt_text_and_image():
     assert fingerprint(cfg, other_solution, "", "task") == fingerprint(cfg, items, "", "task")
 
 
+def test_evaluate_fingerprint_covers_the_judge_prompts_and_the_sampling_precision(monkeypatch):
+    """Scores made under another judge prompt version or another precision.param_dtype (the dtype the
+    sampler's forwards run in) are not reused: neither was in the fingerprint, so a rerun with
+    --precision.param_dtype bfloat16 reported the float32 run's saved scores as 'already evaluated'."""
+    import dataclasses
+
+    import numpy as np
+
+    import engine.judge.base
+    from engine.config import JobConfig
+    from engine.evaluation import EvalItem
+    from recipes.evaluate import fingerprint
+
+    cfg = JobConfig()
+    items = [EvalItem(np.zeros((8, 8, 3), np.uint8), "put red left", "slide red one cell left", {"id": "a"})]
+    fp = fingerprint(cfg, items, "", "task")
+    bf16 = dataclasses.replace(cfg, precision=dataclasses.replace(cfg.precision, param_dtype="bfloat16"))
+    assert fingerprint(bf16, items, "", "task") != fp
+    monkeypatch.setattr(engine.judge.base, "PROMPT_VERSION", "wmsd-judge-v2")
+    assert fingerprint(cfg, items, "", "task") != fp
+
+
 def test_evaluate_executor_names_are_distinct_file_names():
     """Two Executors with one name wrote the same <name>.npz: the table kept one row and the other's scores
     were lost; a name with '/' crashed at the final write, after every condition had been scored."""
