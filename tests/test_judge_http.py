@@ -60,6 +60,22 @@ def test_slow_server_times_out_after_retries():
     assert 3 * TIMEOUT <= elapsed < 3 * TIMEOUT + 1.5  # cut by the client each time, not awaited
 
 
+def test_waiting_for_a_pooled_connection_does_not_count_against_the_deadline():
+    """12 requests over 2 connections to a server that answers each in 0.3 s, deadline 1 s: every one is
+    answered (the wait for a free connection counted against the deadline: 8 timed out, 6 never sent)."""
+    reqs = [_req("slow", i) for i in range(12)]
+
+    async def run(srv):
+        judge = _judge(srv.url, timeout_s=1.0, max_retries=0, max_connections=2, parse_retries=0)
+        return await judge.score(reqs)
+
+    with FaultServer(slow_s=0.3) as srv:
+        out = asyncio.run(run(srv))
+        assert srv.requests == 12 and srv.max_in_flight <= 2
+    for r, v in zip(reqs, out):
+        assert v.ok and v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4), v
+
+
 def test_every_fault_has_a_counted_outcome():
     with FaultServer() as srv:
         judge = _judge(srv.url, timeout_s=10.0)  # generous: only the injected faults may fail here

@@ -1,7 +1,7 @@
 """OpenAI-compatible ``/v1/chat/completions`` client (vLLM, SGLang, our engine.judge.serve, hosted APIs).
 
 One HTTP request per item over a pooled ``httpx.AsyncClient``; the server does the batching. Each
-request has a total deadline (``timeout_s``) and is retried ``max_retries`` times on timeouts,
+request has a total deadline (``timeout_s``, from when it gets one of the ``max_connections``) and is retried ``max_retries`` times on timeouts,
 connection errors, 408/429/5xx and malformed response bodies, with exponential backoff and jitter.
 Other 4xx answers are not retried. Images travel as base64 PNG data URLs.
 """
@@ -98,6 +98,7 @@ class OpenAIChat:
         self._client: httpx.AsyncClient | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._life: AsyncGenerator[httpx.AsyncClient, None] | None = None
+        self._slots: asyncio.Semaphore | None = None
         self.retries = 0  # retried attempts, over the client's life
 
     async def _get_client(self) -> httpx.AsyncClient:
@@ -112,6 +113,9 @@ class OpenAIChat:
             client = httpx.AsyncClient(headers=self._headers, limits=limits, timeout=self.timeout_s)
             self._life = self._client_life(client)
             self._client, self._loop = await anext(self._life), loop
+            # requests wait here for a connection, before their deadline starts: waiting in the pool
+            # counted against timeout_s, so a batch larger than the pool timed out requests never sent
+            self._slots = asyncio.Semaphore(self.max_connections)
         return self._client
 
     @staticmethod
@@ -139,7 +143,7 @@ class OpenAIChat:
     async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, str, bool]:
         """(status, text, retryable) of one HTTP attempt."""
         try:
-            async with asyncio.timeout(self.timeout_s):
+            async with self._slots, asyncio.timeout(self.timeout_s):
                 resp = await client.post(self.url, json=payload)
         except (TimeoutError, httpx.TimeoutException):
             return "timeout", f"no answer within {self.timeout_s}s", True
