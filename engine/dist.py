@@ -244,6 +244,17 @@ def all_reduce_mean(t: torch.Tensor, what: str = "all_reduce") -> torch.Tensor:
     return t
 
 
+def any_rank(flag: bool, device: torch.device | None = None, what: str = "any_rank") -> bool:
+    """Whether ``flag`` holds on any rank: a decision every rank must take alike although each measures it on
+    its own (a wall-clock budget); ``flag`` without a process group. ``device``: the backend's (cuda for nccl)."""
+    if not (dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1):
+        return flag
+    t = torch.tensor([float(flag)], device=device)
+    with collective(what):
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+    return bool(t.item())
+
+
 def shutdown() -> None:
     """Destroy the process group if one exists (safe to call twice)."""
     _CACHE.clear()

@@ -34,7 +34,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
-from engine.dist import end_process  # noqa: E402
+from engine.dist import any_rank, end_process  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from engine.world import latent as toy_latent  # noqa: E402
 from engine.world.demonstrator import ToyDemonstrator, eval_items, toy_pipeline  # noqa: E402
@@ -222,7 +222,8 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     t0, start = time.perf_counter(), trainer.step
     budget = cfg.world.time_budget_s
     for _ in progress(range(trainer.step, cfg.train.steps), desc="pretrain", total=cfg.train.steps - start):
-        if budget > 0 and time.perf_counter() - t0 > budget:
+        # decided together: a rank stopping alone would meet the others' training collectives with its close()'s
+        if budget > 0 and any_rank(time.perf_counter() - t0 > budget, trainer.dist.device, "time budget"):
             log.info("time budget of %.0f s reached at step %d", budget, trainer.step)
             break
         trainer.train_step()

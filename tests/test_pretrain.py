@@ -136,3 +136,51 @@ def test_empty_gap_guidance_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="world.gap_guidance is empty"):
         pretrain.main(argv)
     assert not (tmp_path / "wmsd").exists()
+
+
+BUDGET_SCRIPT = """
+import sys, time
+import torch
+from pathlib import Path
+from engine.config import JobConfig, build_config
+from engine.dist import end_process, init_distributed
+from recipes import pretrain
+
+torch.set_num_threads(1)
+cfg = build_config(JobConfig, {
+    "run": {"out_dir": sys.argv[1], "name": "p", "device": "cpu", "seed": 3},
+    "model": {"flavour": "debug"},
+    "train": {"steps": 1000, "batch_size": 2, "lr": 1e-3, "log_every": 1000},
+    "checkpoint": {"interval": 0, "export_safetensors": False},
+    "world": {"text_layers": 0, "time_budget_s": 3.0},
+    "parallel": {"fsdp": False, "timeout_s": 30},
+})
+info = init_distributed(cfg.parallel, "cpu")
+if info.rank == 1:  # rank 1 reads three times the elapsed time: it passes the budget steps before rank 0
+    real = time.perf_counter
+    time.perf_counter = lambda: 3 * real()
+_, trainer, _ = pretrain.train(cfg, Path(sys.argv[1]) / "p")
+print(f"rank {info.rank} stopped at step {trainer.step}", flush=True)
+end_process()
+"""
+
+
+@pytest.mark.dist
+def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
+    """world.time_budget_s under torchrun: each rank measures its own elapsed time, and a rank that stopped
+    alone went into close() (checkpoint, metrics) while the others trained on, a collective mismatch (gloo:
+    "Received data size doesn't match expected size", a hang on NCCL). With rank 1's clock running 3x fast,
+    both ranks must stop at the same step."""
+    import os
+    import subprocess
+
+    root = Path(__file__).resolve().parents[1]
+    script = tmp_path / "budget.py"
+    script.write_text(BUDGET_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(root), "WMSD_PROGRESS": "0"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(script),
+           str(tmp_path)]  # fmt: skip
+    p = subprocess.run(cmd, cwd=root, env=env, capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-3000:]
+    steps = sorted(line.split() for line in p.stdout.splitlines() if " stopped at step " in line)
+    assert len(steps) == 2 and steps[0][-1] == steps[1][-1] and int(steps[0][-1]) > 0, p.stdout
