@@ -118,6 +118,24 @@ def test_connection_refused_and_server_dying_mid_batch():
     assert [v.status for v in vs] == ["connection_error"] * 6 and time.perf_counter() - t0 < 2.5
 
 
+def test_two_concurrent_acloses_close_the_pool_once():
+    """Two aclose() at once (AsyncJudge closed twice, as JudgeService.close does when its drain times out):
+    the second found the pool's generator still closing and raised RuntimeError; both now return and the
+    server sees its connection closed."""
+
+    async def run(srv):
+        judge = _judge(srv.url)
+        await judge.score([_req(None, 1)])
+        return await asyncio.gather(judge.aclose(), judge.aclose(), return_exceptions=True)
+
+    with FaultServer() as srv:
+        assert asyncio.run(run(srv)) == [None, None]
+        deadline = time.monotonic() + 5.0
+        while srv.open_connections() and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert srv.open_connections() == 0
+
+
 def test_client_closes_with_its_event_loop():
     """The judge used from successive asyncio.run() loops closes each loop's connection pool as the loop
     ends (the client was dropped open on a loop change: the server kept the connection until GC, whose

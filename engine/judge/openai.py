@@ -128,9 +128,12 @@ class OpenAIChat:
 
     async def aclose(self) -> None:
         """Close the connection pool of the current loop's client (another loop's closes with that loop)."""
-        if self._life is not None and self._loop is asyncio.get_running_loop():
-            await self._life.aclose()
+        # taken before awaiting: a second aclose meanwhile (AsyncJudge closed twice) finds nothing to close
+        # (it called aclose on the generator still closing: RuntimeError, generator already running)
+        life, loop = self._life, self._loop
         self._client = self._loop = self._life = None
+        if life is not None and loop is asyncio.get_running_loop():
+            await life.aclose()
 
     async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
         """Answer all items concurrently (bounded by the pool); same order; never raises per item."""
