@@ -284,3 +284,34 @@ def test_a_drain_that_times_out_answers_every_handle():
         verdicts = h.result(timeout=5)
     assert done[0].score == pytest.approx(expected_score(_req(1).frames[0]), abs=1e-4)
     assert [v.status for v in verdicts] == ["cancelled"] * 3
+
+
+def test_a_backend_that_answers_short_or_with_none_fails_its_batch_not_its_callers():
+    """A chat backend that drops the last answer of a batch (VLMJudge left that request's verdict None),
+    and a Judge that returns None in place of a Verdict: every request of the batch gets an "error" verdict
+    (AsyncJudge's _resolve raised on the None and left the rest of the batch unanswered forever)."""
+    from engine.judge.chat import ChatResult
+    from engine.judge.vlm import VLMJudge
+
+    class ShortChat:
+        async def chat(self, items):
+            return [ChatResult("Score: 0.5", "ok", 0.0) for _ in items[:-1]]
+
+    class NoneJudge:
+        async def score(self, requests):
+            return [Verdict(0.5, "ok", "", 0.0)] + [None] * (len(requests) - 1)
+
+    reqs = [_req(i) for i in range(3)]
+    direct = asyncio.run(VLMJudge(ShortChat()).score(reqs))
+    assert [v.status for v in direct] == ["error"] * 3 and "2 results for 3" in direct[2].raw
+
+    async def run(backend):
+        judge = AsyncJudge(backend, max_batch=3, max_wait_ms=1000, cache=False)
+        futs = [await judge.submit(r) for r in reqs]
+        out = await asyncio.wait_for(asyncio.gather(*futs), 5)
+        await judge.aclose()
+        return out
+
+    assert [v.status for v in asyncio.run(run(VLMJudge(ShortChat())))] == ["error"] * 3
+    out = asyncio.run(run(NoneJudge()))
+    assert [v.status for v in out] == ["error"] * 3 and "NoneType" in out[0].raw

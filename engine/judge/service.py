@@ -220,6 +220,10 @@ class AsyncJudge:
                 if not isinstance(verdicts, list) or len(verdicts) != len(batch):
                     n = len(verdicts) if isinstance(verdicts, list) else type(verdicts).__name__
                     raise ValueError(f"backend returned {n} verdicts for {len(batch)} requests")
+                # a non-Verdict (None) failed in _resolve below, leaving the rest of the batch unanswered
+                bad = [type(v).__name__ for v in verdicts if not isinstance(v, Verdict)]
+                if bad:
+                    raise TypeError(f"backend returned {', '.join(sorted(set(bad)))} in place of Verdicts")
             except TimeoutError:
                 msg = f"batch of {len(batch)} exceeded {self.batch_timeout_s}s"
                 verdicts = [Verdict(None, "timeout", msg, time.perf_counter() - t0)] * len(batch)

@@ -6,7 +6,7 @@ import asyncio
 import time
 
 from engine.judge.base import JudgeRequest, Verdict, build_prompt, parse_answer, request_frames
-from engine.judge.chat import ChatBackend, ChatItem
+from engine.judge.chat import ChatBackend, ChatItem, ChatResult
 
 
 class VLMJudge:
@@ -62,6 +62,9 @@ class VLMJudge:
             if attempt:
                 self.parse_retried += len(items)
             results = await self.chat.chat(items)
+            if len(results) != len(items):  # a chat backend bug: zip would leave the last requests None
+                msg = f"chat backend returned {len(results)} results for {len(items)} items"
+                results = [ChatResult(msg, "error", 0.0)] * len(items)
             retry_items, retry_where = [], []
             for item, i, res in zip(items, where, results):
                 score, status = parse_answer(res.text) if res.status == "ok" else (None, res.status)
