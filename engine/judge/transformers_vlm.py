@@ -123,20 +123,23 @@ class TransformersVLM:
             return self.generate(items)
 
     async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
-        """Answer ``items`` in chunks of ``max_batch``; a failing chunk gets status "error"."""
+        """Answer ``items`` in chunks of ``max_batch``; an item that fails alone gets status "error"."""
         results: list[ChatResult] = []
         for s in range(0, len(items), self.max_batch):
-            chunk = items[s : s + self.max_batch]
-            t0 = time.perf_counter()
-            try:
-                texts = await asyncio.to_thread(self._generate_locked, chunk)
-                results += [ChatResult(t, "ok", time.perf_counter() - t0) for t in texts]
-            except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
-                log.warning("generation failed on a batch of %d: %r", len(chunk), e)
-                results += [ChatResult(f"{type(e).__name__}: {e}", "error", time.perf_counter() - t0)] * len(
-                    chunk
-                )
+            results += await self._chunk(items[s : s + self.max_batch])
         return results
+
+    async def _chunk(self, chunk: list[ChatItem]) -> list[ChatResult]:
+        t0 = time.perf_counter()
+        try:
+            texts = await asyncio.to_thread(self._generate_locked, chunk)
+            return [ChatResult(t, "ok", time.perf_counter() - t0) for t in texts]
+        except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
+            log.warning("generation failed on a batch of %d: %r", len(chunk), e)
+            if len(chunk) > 1:
+                # one bad item (an image the processor refuses) failed every request batched with it
+                return [r for it in chunk for r in await self._chunk([it])]
+            return [ChatResult(f"{type(e).__name__}: {e}", "error", time.perf_counter() - t0)]
 
 
 class TransformersJudge(VLMJudge):
