@@ -51,7 +51,7 @@ from torch.distributed.checkpoint.state_dict import (
 from torch.distributed.tensor import DTensor
 
 from engine.config import CheckpointConfig
-from engine.dist import barrier
+from engine.dist import barrier, new_group
 from engine.log import get_logger
 
 log = get_logger("checkpoint")
@@ -157,7 +157,7 @@ class CheckpointManager:
         # runs them on a background thread, and sharing training's group (gloo on CPU) would interleave them
         # with training's collectives in a different order per rank; on CUDA they also stay off the NCCL
         # stream, as DCP recommends for async saves.
-        self._pg = dist.new_group(backend="gloo") if dist.is_initialized() else None
+        self._pg = new_group(backend="gloo") if dist.is_initialized() else None
 
     def _dcp_state(self) -> dict[str, Any]:
         return {k: s.state_dict() for k, s in self.states.items()}

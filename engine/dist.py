@@ -172,6 +172,7 @@ def set_group_timeouts(mesh: DeviceMesh, timeout_s: float | None) -> DeviceMesh:
 
 _CACHE: dict[tuple, DistInfo] = {}
 _STARTED = False  # this process created a process group (end_process then skips finalisation)
+_TIMEOUT_S: float | None = None  # parallel.timeout_s of that group (new_group gives it to groups made later)
 
 
 def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
@@ -189,8 +190,8 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
     if dist.is_initialized() and key in _CACHE:
         return _CACHE[key]
     if not dist.is_initialized():
-        global _STARTED
-        _STARTED = True
+        global _STARTED, _TIMEOUT_S
+        _STARTED, _TIMEOUT_S = True, pcfg.timeout_s
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,
@@ -221,6 +222,13 @@ def collective(what: str, timeout_s: float | None = None) -> Iterator[None]:
                 f"{e}"
             ) from e
         raise
+
+
+def new_group(backend: str | None = None) -> dist.ProcessGroup:
+    """A process group over all ranks with the world group's ``parallel.timeout_s``: torch gives a new group
+    the backend's default timeout (30 min on gloo, 10 on nccl), so a stuck peer would hang that long."""
+    timeout = None if _TIMEOUT_S is None else datetime.timedelta(seconds=_TIMEOUT_S)
+    return dist.new_group(backend=backend, timeout=timeout)
 
 
 def barrier(what: str = "barrier", timeout_s: float | None = None) -> None:

@@ -279,3 +279,37 @@ def test_fsdp_bf16_keeps_the_timestep_in_fp32(tmp_path):
     assert len(rows) == 4, p.stdout  # three cases + the rounded-t check
     for name, what, diff in rows:
         assert (float(diff) > 0) if what == "rounded_t_diff" else (float(diff) == 0.0), (name, what, diff)
+
+
+CHECKPOINT_TIMEOUT_SCRIPT = """
+import os, sys, time
+import torch
+from engine.checkpoint import CheckpointManager, ModelState
+from engine.config import CheckpointConfig, ParallelConfig
+from engine.dist import barrier, init_distributed
+
+info = init_distributed(ParallelConfig(timeout_s=3), "cpu")
+ck = CheckpointManager(CheckpointConfig(), sys.argv[1], {"model": ModelState(torch.nn.Linear(4, 4))})
+if info.rank == 1:  # the save's first barrier, then stuck (12 s) before DCP's collectives
+    barrier("checkpoint mkdir")
+    time.sleep(12)
+    os._exit(0)
+t0 = time.time()
+try:
+    ck.save(1)
+    print("save returned after", round(time.time() - t0), "s", flush=True)
+except RuntimeError as e:
+    print("save failed after", round(time.time() - t0), "s:", str(e)[:200], flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.dist
+def test_checkpoint_group_gets_the_configured_timeout(tmp_path):
+    """The checkpoint manager's own gloo group (DCP's collectives) has parallel.timeout_s: a peer stuck inside
+    a save ends rank 0's save after about 3 s. It had the backend's default, 30 min: rank 0 waited until the
+    peer process exited."""
+    p = _two_ranks(tmp_path, CHECKPOINT_TIMEOUT_SCRIPT, str(tmp_path / "ck"))
+    line = next((x for x in p.stdout.splitlines() if x.startswith("save ")), p.stdout + p.stderr[-2000:])
+    assert line.startswith("save failed after"), line
+    assert int(line.split()[3]) <= 8 and "Timed out" in line, line
