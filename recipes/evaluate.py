@@ -12,7 +12,7 @@ scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
 Writes into <run>/eval/: ``partial/<condition>/items<a>-<b>.npz``, the per-item scores of each
 finished chunk of ``eval.batch_size`` items (atomic rename; a rerun reuses finished chunks made with the
 same items, seeds, sampling, judge, prompt, weights file and Demonstrator -- a fingerprint saved
-with them -- and scores the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
+with them, and holding no failed judge call (NaN) -- and scores the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
 per-item scores per finished condition (reused on the same terms), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
 ``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
 task) and ``results.md`` (the table).
@@ -179,7 +179,8 @@ def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str
 
 
 def _load_scores(path: Path, expected: str) -> dict[str, np.ndarray] | None:
-    """The scores saved at ``path`` if they were made with fingerprint ``expected``, else None."""
+    """The scores saved at ``path`` if they were made with fingerprint ``expected`` and hold no failed judge
+    call (NaN), else None."""
     if not path.is_file():
         return None
     saved = dict(np.load(path))
@@ -189,6 +190,11 @@ def _load_scores(path: Path, expected: str) -> dict[str, np.ndarray] | None:
             "scoring again",
             path.name,
         )
+        return None
+    # NaN: a judge call that failed (timeout, server down, parse error); reusing it made the failure
+    # permanent (a rerun with the judge back up reported the NaN scores as "already evaluated")
+    if any(np.isnan(v).any() for v in saved.values()):
+        log.info("%s: has items the judge did not score; scoring again", path.name)
         return None
     return saved
 

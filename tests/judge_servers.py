@@ -161,7 +161,7 @@ class FaultServer:
         def handle_error(self, request, client_address) -> None:  # cut connections are expected
             pass
 
-    def __init__(self, *, slow_s: float = 1.0, propose_garbage: bool = False) -> None:
+    def __init__(self, *, slow_s: float = 1.0, propose_garbage: bool = False, port: int = 0) -> None:
         self.slow_s, self.propose_garbage = slow_s, propose_garbage
         self.lock = threading.Lock()
         self.requests = 0
@@ -170,7 +170,7 @@ class FaultServer:
         self.images_seen: list[int] = []
         self.proposed: set[float] = set()
         self._conns: set[socket.socket] = set()
-        self._http = self._HTTP(("127.0.0.1", 0), _Handler)
+        self._http = self._HTTP(("127.0.0.1", port), _Handler)  # port 0: any free one
         self._http.owner = self
         self.port = self._http.server_address[1]
         self.url = f"http://127.0.0.1:{self.port}/v1"

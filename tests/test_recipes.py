@@ -415,6 +415,32 @@ def test_evaluate_fingerprint_covers_the_judge_prompts_and_the_sampling_precisio
     assert fingerprint(cfg, items, "", "task") != fp
 
 
+def test_evaluate_scores_again_what_the_judge_failed_to_score(tmp_path):
+    """A run whose judge server was down saved NaN scores; the rerun with the server back up (same URL,
+    same settings) reported them as 'already evaluated' and the table stayed NaN. Now it scores them again
+    and matches a fresh run on the live server."""
+    import numpy as np
+
+    from recipes.evaluate import BASELINE
+    from tests.judge_servers import FaultServer, free_port
+
+    port = free_port()
+    judge = ["--judge.backend", "openai", "--judge.model", "m", "--judge.base_url", f"http://127.0.0.1:{port}/v1",
+             "--judge.max_retries", "0", "--judge.timeout_s", "5"]  # fmt: skip
+    cli("evaluate", tmp_path, "down", *judge)
+    down = json.loads((tmp_path / "down" / "eval" / "results.json").read_text())
+    assert np.isnan(down["conditions"][BASELINE]["summary"]["avg"]["mean"])
+    with FaultServer(port=port):
+        p = cli("evaluate", tmp_path, "down", *judge)
+        cli("evaluate", tmp_path, "fresh", *judge)
+    assert "already evaluated" not in p.stderr and "did not score" in p.stderr
+    again, fresh = (
+        json.loads((tmp_path / n / "eval" / "results.json").read_text()) for n in ("down", "fresh")
+    )
+    assert again["conditions"] == fresh["conditions"]
+    assert np.isfinite(again["conditions"][BASELINE]["summary"]["avg"]["mean"])
+
+
 def test_evaluate_executor_names_are_distinct_file_names():
     """Two Executors with one name wrote the same <name>.npz: the table kept one row and the other's scores
     were lost; a name with '/' crashed at the final write, after every condition had been scored."""
