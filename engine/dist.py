@@ -232,9 +232,12 @@ def new_group(backend: str | None = None) -> dist.ProcessGroup:
 
 
 def barrier(what: str = "barrier", timeout_s: float | None = None) -> None:
-    """A barrier with a named, clear timeout error; a no-op without a process group."""
+    """A barrier with a named, clear timeout error after ``timeout_s`` (default ``parallel.timeout_s``); a no-op
+    without a process group."""
     if not (dist.is_available() and dist.is_initialized()):
         return
+    # gloo's monitored_barrier without a timeout waits the backend's default (30 min), not the group's
+    timeout_s = timeout_s or _TIMEOUT_S
     kwargs = {"timeout": datetime.timedelta(seconds=timeout_s)} if timeout_s else {}
     with collective(what, timeout_s):
         if dist.get_backend() == "gloo":

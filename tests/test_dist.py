@@ -313,3 +313,34 @@ def test_checkpoint_group_gets_the_configured_timeout(tmp_path):
     line = next((x for x in p.stdout.splitlines() if x.startswith("save ")), p.stdout + p.stderr[-2000:])
     assert line.startswith("save failed after"), line
     assert int(line.split()[3]) <= 8 and "Timed out" in line, line
+
+
+BARRIER_DEFAULT_TIMEOUT_SCRIPT = """
+import os, time
+from engine.config import ParallelConfig
+from engine.dist import DistTimeoutError, barrier, init_distributed
+
+info = init_distributed(ParallelConfig(timeout_s=3), "cpu")
+if info.rank == 1:  # 12 s late
+    time.sleep(12)
+t0 = time.time()
+try:
+    barrier("checkpoint commit")  # no timeout_s, as the checkpoint manager and the recipes call it
+    print(f"rank {info.rank}: returned after {time.time() - t0:.0f} s", flush=True)
+except DistTimeoutError as e:
+    print(f"rank {info.rank}: timed out after {time.time() - t0:.0f} s: {e}", flush=True)
+except RuntimeError:
+    pass
+os._exit(0)
+"""
+
+
+@pytest.mark.dist
+def test_barrier_without_a_timeout_uses_the_configured_one(tmp_path):
+    """engine.dist.barrier() without timeout_s times out after parallel.timeout_s (3 s) with a message naming
+    it: gloo's monitored_barrier given no timeout waits the backend's default, 30 min, so rank 0 waited for a
+    late peer (12 s here) or a stuck one (30 min)."""
+    p = _two_ranks(tmp_path, BARRIER_DEFAULT_TIMEOUT_SCRIPT)
+    line = next((x for x in p.stdout.splitlines() if x.startswith("rank 0:")), p.stdout + p.stderr[-2000:])
+    assert line.startswith("rank 0: timed out after"), line
+    assert int(line.split()[5]) <= 6 and "collective 'checkpoint commit' timed out after 3 s" in line, line
