@@ -104,3 +104,32 @@ def test_one_bad_image_fails_only_its_own_item(tiny_path):
     alone = [asyncio.run(vlm.chat([it]))[0] for it in good]
     assert [r.status for r in mixed] == ["ok", "error", "ok", "ok"] and "aspect ratio" in mixed[1].text
     assert [r.text for r in (mixed[0], *mixed[2:])] == [r.text for r in alone]
+
+
+def test_a_timed_out_batch_does_not_keep_the_model_busy(tiny_path):
+    """12 one-request batches at once with a batch timeout of 3.5 generations: most time out while waiting
+    for the model. A request sent after that is answered in time: the abandoned batches that had not started
+    are skipped (they were generated anyway, one after the other, and timed the new request out too)."""
+    import time
+
+    from engine.judge import AsyncJudge
+
+    backend = TransformersJudge(TransformersVLM(tiny_path, device="cpu"), num_frames=1, max_new_tokens=1024)
+    img = np.random.default_rng(0).integers(0, 256, (56, 56, 3), dtype=np.uint8)
+    req = lambda i: JudgeRequest(f"[Agent]: push block {i}", "task", frames=[img])  # noqa: E731
+
+    async def run():
+        t0 = time.perf_counter()
+        await backend.score([req(100)])
+        g = time.perf_counter() - t0  # one generation alone
+        judge = AsyncJudge(
+            backend, max_batch=1, max_wait_ms=0, max_concurrency=12, cache=False, batch_timeout_s=3.5 * g
+        )
+        first = await asyncio.gather(*[await judge.submit(req(100)) for _ in range(12)])
+        late = await (await judge.submit(req(100)))
+        await judge.aclose()
+        return first, late
+
+    first, late = asyncio.run(run())
+    assert "timeout" in [v.status for v in first]
+    assert late.status in ("ok", "parse_error"), late

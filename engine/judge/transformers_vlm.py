@@ -118,8 +118,12 @@ class TransformersVLM:
             for row, it in zip(new, items)
         ]
 
-    def _generate_locked(self, items: list[ChatItem]) -> list[str]:
+    def _generate_locked(self, items: list[ChatItem], abandoned: threading.Event) -> list[str]:
         with self._lock:
+            # its caller gave up (a batch timeout) while it waited for the model: generating it anyway
+            # kept the model busy with answers nobody reads and timed out the requests queued behind it
+            if abandoned.is_set():
+                return []
             return self.generate(items)
 
     async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
@@ -131,9 +135,13 @@ class TransformersVLM:
 
     async def _chunk(self, chunk: list[ChatItem]) -> list[ChatResult]:
         t0 = time.perf_counter()
+        abandoned = threading.Event()
         try:
-            texts = await asyncio.to_thread(self._generate_locked, chunk)
+            texts = await asyncio.to_thread(self._generate_locked, chunk, abandoned)
             return [ChatResult(t, "ok", time.perf_counter() - t0) for t in texts]
+        except asyncio.CancelledError:
+            abandoned.set()
+            raise
         except (RuntimeError, ValueError, torch.cuda.OutOfMemoryError) as e:
             log.warning("generation failed on a batch of %d: %r", len(chunk), e)
             if len(chunk) > 1:
