@@ -156,7 +156,7 @@ class JudgeConfig:
     max_retries: int = 2
     num_frames: int = 4  # frames sampled from a video for the judge
     frame_layout: Literal["separate", "grid"] = "separate"
-    fallback_score: float = 0.0  # reward used when the judge fails after retries (counted)
+    fallback_score: float = 0.0  # RL reward of a failed verdict with rl.failed_rollouts = "fallback"
 
 
 @dataclass
@@ -207,6 +207,9 @@ class RLConfig:
     # the policy ratio's log-prob per sample: "mean" over latent elements (Flow-GRPO) or "sum" (the
     # exact joint density: over ~1e4 elements even a tiny update moves the ratio far outside the clip)
     logprob_reduction: Literal["mean", "sum"] = "mean"
+    # a rollout whose verdicts failed (timeout, unparsable answer): "skip" leaves it out of its group's
+    # mean and std with advantage 0; "fallback" scores it judge.fallback_score like the others
+    failed_rollouts: Literal["skip", "fallback"] = "skip"
 
 
 @dataclass

@@ -132,15 +132,24 @@ def grpo_policy_loss(
     return loss, logs
 
 
-def group_advantages(rewards: torch.Tensor, group_size: int, eps: float = 1e-4) -> torch.Tensor:
+def group_advantages(
+    rewards: torch.Tensor, group_size: int, eps: float = 1e-4, valid: torch.Tensor | None = None
+) -> torch.Tensor:
     """(N,) rewards laid out as N / group_size consecutive groups -> group-normalised advantages.
 
-    A group whose rewards are all equal gets advantage 0 (it carries no preference signal).
+    A group whose rewards are all equal gets advantage 0 (it carries no preference signal). valid: (N,)
+    bool, the rewards to use (None: all); the others get advantage 0 and stay out of their group's mean
+    and std, so a failed verdict neither shifts the others nor is pushed itself.
     """
     if rewards.ndim != 1 or group_size < 1 or rewards.numel() % group_size:
         raise ValueError(
             f"rewards of shape {tuple(rewards.shape)}: expected (N,) with N a multiple of group_size={group_size}"
         )
+    if valid is not None and valid.shape != rewards.shape:
+        raise ValueError(f"valid of shape {tuple(valid.shape)}: expected rewards' {tuple(rewards.shape)}")
     r = rewards.float().view(-1, group_size)  # (N,) -> (groups, G)
-    std = r.std(dim=1, unbiased=False, keepdim=True) if group_size > 1 else torch.zeros_like(r[:, :1])
-    return ((r - r.mean(dim=1, keepdim=True)) / (std + eps)).view(-1)
+    w = torch.ones_like(r) if valid is None else valid.view(-1, group_size).float()
+    n = w.sum(dim=1, keepdim=True).clamp(min=1)
+    mean = (r * w).sum(dim=1, keepdim=True) / n
+    std = ((r - mean).square() * w).sum(dim=1, keepdim=True).div(n).sqrt()  # population std, as numpy's
+    return ((r - mean) / (std + eps) * w).view(-1)

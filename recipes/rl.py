@@ -12,13 +12,14 @@ The algorithm (the paper does not spell out its RL algorithm; this is Flow-GRPO'
      (kernels.sampler.flow_step). The first step (from t = 1, where the SDE's noise scale diverges)
      and the last (onto t = 0) are deterministic (engine.flow.sde_step) and never trained on.
   3. Rewards: the videos are decoded and submitted to the judge service at once (one request per
-     video and question in ``rl.reward_questions``; reward = mean of their scores, a failed verdict
-     counts as ``judge.fallback_score`` and is logged). With ``rl.prefetch`` the next step's group is
-     rolled out and submitted before this step's rewards are collected, so the judge works while the
+     video and question in ``rl.reward_questions``; reward = mean of their scores; a video with a
+     failed verdict is counted in the logs and, with rl.failed_rollouts = "skip" (default), left out
+     of step 4 with advantage 0; "fallback" scores the failed verdict judge.fallback_score instead).
+     With ``rl.prefetch`` the next step's group is rolled out and submitted before this step's rewards are collected, so the judge works while the
      trainer rolls out and updates; the one-step-old policy that sampled it is exactly what
      log π_old records, so the ratio stays correct. ``judge_wait_frac`` = time blocked on the judge
      / step time, logged every step.
-  4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps).
+  4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps), over the group's scored videos.
   5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the
      flow.num_steps - 2 stochastic ones): recompute v_θ(x_k | task, I) with grad (guided as in the
      rollout, cond and uncond in one forward), log π_θ(x_{k+1} | x_k) with the same Gaussian, ratio
@@ -129,30 +130,37 @@ class GroupBatches:
             verdicts = group["handle"].result(timeout=limit)
         except TimeoutError:  # the service's own timeouts should end every batch before this: never a crash
             log.warning(
-                "step %d: no verdicts within %.0f s; the group gets judge.fallback_score", step, limit
+                "step %d: no verdicts within %.0f s; the group counts as failed (rl.failed_rollouts)",
+                step,
+                limit,
             )
             verdicts = [Verdict(None, "timeout", "group wait limit", 0.0)] * n
         wait = time.perf_counter() - t_wait
-        rewards = self.rewards(verdicts, len(group["idx"]))
-        adv = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.adv_eps)
+        rewards, valid = self.rewards(verdicts, len(group["idx"]))
+        adv = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.adv_eps, valid)
         K = self.cfg.rl.train_timesteps
         batch["adv"] = adv.repeat_interleave(K).to(self.kit.device)
         step_time = time.perf_counter() - t_start  # this step's batch so far: rollout, targets, judge wait
         self.stats["judge_wait_s"] += wait
-        logs = {"reward_mean": float(rewards.mean()), "reward_std": float(rewards.std()),
+        scored = rewards[valid] if bool(valid.any()) else rewards
+        logs = {"reward_mean": float(scored.mean()), "reward_std": float(scored.std()) if len(scored) > 1 else 0.0,
                 "judge_wait_s": wait, "judge_wait_frac": wait / max(step_time, 1e-9)}  # fmt: skip
         micro = split_micro(batch, self.cfg.train.grad_accum)
         for mb in micro:
             mb["logs"] = logs
         return micro
 
-    def rewards(self, verdicts: list, n: int) -> torch.Tensor:
-        """Mean score over the reward questions per video; failed verdicts -> judge.fallback_score."""
+    def rewards(self, verdicts: list, n: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward (n,), valid (n,) bool): the mean score over the reward questions per video. A video
+        with a failed verdict is not valid (rl.failed_rollouts = "skip"), or scores its failed verdicts
+        as judge.fallback_score ("fallback": every video valid)."""
         q = len(self.cfg.rl.reward_questions)
         fb = self.cfg.judge.fallback_score
+        failed = torch.tensor([v.score is None for v in verdicts]).view(n, q).any(dim=1)
         self.stats["fallbacks"] += sum(1 for v in verdicts if v.score is None)
         scores = torch.tensor([v.reward(fb) for v in verdicts], dtype=torch.float32)
-        return scores.view(n, q).mean(dim=1)  # (n*q,) video-major -> (n,)
+        valid = ~failed if self.cfg.rl.failed_rollouts == "skip" else torch.ones(n, dtype=torch.bool)
+        return scores.view(n, q).mean(dim=1), valid  # (n*q,) video-major -> (n,)
 
     @torch.no_grad()
     def train_rows(self, group: dict) -> dict:

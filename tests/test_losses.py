@@ -101,6 +101,23 @@ def test_group_advantages_match_numpy_per_group():
         group_advantages(r, 5)
 
 
+def test_group_advantages_leave_failed_rollouts_out():
+    """A rollout without a verdict (valid False) gets advantage 0 and stays out of its group's statistics:
+    the others get what numpy gives on the scored rewards alone."""
+    r = torch.tensor([0.9, 0.8, 0.0, 0.85, 0.3, 0.0, 0.0, 0.0])
+    valid = torch.tensor([True, True, False, True, True, False, False, False])
+    adv = group_advantages(r, 4, eps=1e-6, valid=valid).numpy()
+    x = np.array([0.9, 0.8, 0.85])
+    np.testing.assert_allclose(adv[[0, 1, 3]], (x - x.mean()) / (x.std() + 1e-6), rtol=1e-5, atol=1e-5)
+    assert adv[1] < 0  # the worst scored video is pushed down, not up as with a 0.0 stand-in
+    assert adv[2] == 0 and np.all(adv[4:] == 0)  # one scored video alone carries no preference
+    np.testing.assert_array_equal(
+        group_advantages(r, 4, valid=torch.ones(8, dtype=torch.bool)), group_advantages(r, 4)
+    )
+    with pytest.raises(ValueError, match="valid of shape"):
+        group_advantages(r, 4, valid=valid[:4])
+
+
 @pytest.mark.parametrize("scheme", ["uniform", "snr", "late"])
 def test_timestep_weights_average_to_one_over_uniform_t(scheme):
     t = torch.linspace(0.0005, 0.9995, 1000)
