@@ -46,7 +46,9 @@ Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), d
       and dV accumulates in place in one unit without the per-tile rescale the forward's acc needs (64
       multiplies per thread and tile fewer); the cost is that P r's e4m3 subnormal range starts 1 / r
       higher in a block with r < 1, an absolute error floor the same for every block (the largest block's)
-    dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True
+    dP = dO V^T                               bf16 by default; FP8 (dO8 v8) with bwd_fp8_dp=True, which the
+                                              models' path (attention(precision="fp8")) sets by default
+                                              (fp8_backward_products)
     dS = P (dP - delta)
     dQ = scale dS (K - mean K), dK = scale dS^T Q      bf16 by default; with bwd_fp8_dqdk=True FP8:
     dQ = scale (FP8(dS) k8) H^T, dK = scale (FP8(dS)^T q8) H^T

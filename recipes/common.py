@@ -1,6 +1,7 @@
-"""What every WMSD recipe shares: the run folder, task files, and the one place that wires models/ into
-engine/ — building the denoiser (Demonstrator / Executor), the text encoder, the latent map, the judge
-and the proposer from a :class:`engine.config.JobConfig`.
+"""What every WMSD recipe shares: the run folder, task files, and the place that wires models/ into engine/
+for the recipes that train and sample (precompute and pretrain import their models/ pieces themselves) —
+building the denoiser (Demonstrator / Executor), the text encoder, the latent map, the judge and the
+proposer from a :class:`engine.config.JobConfig`.
 
 A :class:`Kit` holds the model-specific pieces a recipe needs:
 
@@ -14,7 +15,8 @@ A :class:`Kit` holds the model-specific pieces a recipe needs:
 Task files are JSONL rows ``{"id", "image", "task", "solution", "meta"}`` (image relative to the
 file's folder). Recipes resume where an interrupted run stopped: propose and demonstrate append rows and
 skip what is complete (propose an image with all its rows, demonstrate a demonstration whose latents file
-is there), evaluate reuses chunk scores saved with the same settings (a fingerprint).
+is there), evaluate reuses chunk scores saved with the same settings (a fingerprint) that hold no failed
+judge call.
 """
 
 from __future__ import annotations

@@ -11,11 +11,12 @@ scenes. Sampling: flow.num_steps, flow.shift, flow.guidance (ODE).
 
 Writes into <run>/eval/: ``partial/<condition>/items<a>-<b>.npz``, the per-item scores of each
 finished chunk of ``eval.batch_size`` items (atomic rename; a rerun reuses finished chunks made with the
-same items, seeds, sampling, judge, prompt, weights file and Demonstrator -- a fingerprint saved
-with them, and holding no failed judge call (NaN) -- and scores the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
-per-item scores per finished condition (reused on the same terms), ``videos/<condition>/<item>.mp4`` + a contact-sheet PNG for the first
-``eval.write_videos`` items, ``results.json`` (means, CIs, paired tests against the Demonstrator +
-task) and ``results.md`` (the table).
+same items, seeds, sampling, judge and its prompts' version, prompt, weights file, precision.param_dtype
+and Demonstrator -- a fingerprint saved with them -- and holding no failed judge call (NaN), and scores
+the others again, so an interruption costs at most one chunk per rank), one ``<condition>.npz`` of
+per-item scores per finished condition (reused on the same terms), ``videos/<condition>/item<NNNN>.mp4``
++ a contact-sheet PNG for the first ``eval.write_videos`` items (first seed), ``results.json`` (means,
+CIs, paired tests against the Demonstrator + task) and ``results.md`` (the table).
 
 Under ``torchrun --nproc_per_node N`` every rank holds its own copy of the model (with
 ``model.meta_init`` only rank 0 reads the weights, which are broadcast: recipes.common.load_for_sampling)

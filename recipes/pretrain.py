@@ -1,16 +1,19 @@
 """Pretrain the toy world's Demonstrator: a toy Wan I2V DiT + the toy text encoder, trained jointly by
-rectified flow on solution-captioned toy videos (random moves), with 10% caption dropout (for CFG)
-and an EMA copy for sampling. Runs on engine.trainer (checkpoints, resume, metrics).
+rectified flow on solution-captioned toy videos (random moves), with ``world.caption_dropout`` of the
+captions dropped (for CFG; default 10%) and, with ``train.ema_decay`` > 0, an EMA copy for sampling. Runs on
+engine.trainer (checkpoints, resume, metrics).
 
     python recipes/pretrain.py --config recipes/configs/toy_pretrain.toml [--section.key value ...]
     torchrun --nproc-per-node 2 recipes/pretrain.py --config ...          # also fine
 
 ``--world.time_budget_s`` stops training after that many wall-clock seconds (the last checkpoint and
-the export are still written). At the end the EMA weights are exported to ``<run>/demonstrator/``:
+the export are still written; under torchrun the ranks decide together and stop at the same step). At
+the end the EMA weights (the trained weights without EMA) are exported to ``<run>/demonstrator/``:
 
     demonstrator.safetensors   the DiT in diffusers' WanTransformer3DModel key layout
     text_encoder.safetensors   the toy text encoder (engine.world.text.ToyTextEncoder)
-    demonstrator.json          configs, command, seed, commit, steps, and the measured gap with CIs
+    demonstrator.json          configs, command, seed, commit, steps, the probe (engine.world.probe) and
+                               the measured gap with CIs
 
 Copy that folder's files into engine/world/assets/ to ship them; :func:`load_demonstrator` loads them.
 """

@@ -9,9 +9,10 @@ A judge looks at frames of a generated video and answers one question about a ta
 
 Every backend answers with a :class:`Verdict`: a score in [0, 1] or None, a status that says why
 not, the raw text and the latency. ``score`` never raises for a bad answer: parse failures,
-timeouts and HTTP errors are statuses, counted by :class:`engine.judge.AsyncJudge` and mapped to
-the configured fallback reward by the caller. A parse never guesses: text that does not match one
-of the accepted answer forms is a ``parse_error``, not a score.
+timeouts and HTTP errors are statuses, counted by :class:`engine.judge.AsyncJudge`; the caller decides
+what a failed verdict counts for (RL: left out of its group, or ``judge.fallback_score`` with
+``rl.failed_rollouts = "fallback"``; evaluation: NaN, scored again on a rerun). A parse never guesses:
+text that does not match one of the accepted answer forms is a ``parse_error``, not a score.
 
 Prompts are versioned by :data:`PROMPT_VERSION`, which is part of every cache key: change a
 template, bump the version.
