@@ -48,7 +48,7 @@ import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
 from engine.config import JobConfig, config_main  # noqa: E402
-from engine.dist import end_process  # noqa: E402
+from engine.dist import collective, end_process  # noqa: E402
 from engine.judge import Verdict  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from engine.losses import demonstrator_anchor_loss, group_advantages, grpo_policy_loss  # noqa: E402
@@ -58,6 +58,7 @@ from recipes.common import (  # noqa: E402
     PromptTable,
     build_judge,
     build_kit,
+    dist_info,
     judge_requests,
     load_items,
     prepare_teacher,
@@ -85,6 +86,12 @@ class GroupBatches:
         self.cfg, self.kit, self.table, self.teacher, self.judge = cfg, kit, table, teacher, judge
         self.pending: dict | None = None
         self.stats = {"judge_wait_s": 0.0, "fallbacks": 0}
+        # the ranks of a sequence-parallel group roll out the same videos: the group's first rank judges
+        # them and broadcasts the rewards (the others would send the judge the same requests again)
+        cp = dist_info(cfg).cp_mesh
+        self.cp_group = None if cp is None else cp.get_group()
+        self.cp_src = 0 if cp is None else torch.distributed.get_global_rank(self.cp_group, 0)
+        self.judges = cp is None or torch.distributed.get_rank() == self.cp_src
 
     @torch.no_grad()
     def rollout(self, step: int, model: torch.nn.Module) -> dict:
@@ -102,10 +109,12 @@ class GroupBatches:
         traj = flow.sample(sampling_velocity(cfg, model), noise, self.table.cond(idx, "task"), num_steps=cfg.flow.num_steps,
                            shift=cfg.flow.shift, guidance=cfg.flow.guidance, uncond=uncond, sigma=cfg.flow.sde_sigma,
                            generator=sde_gen, return_trajectory=True)  # fmt: skip
-        items = [self.table.items[i] for i in idx.tolist()]
-        handle = self.judge.submit_many(
-            judge_requests(self.kit.decode(traj.x0), items, cfg.rl.reward_questions)
-        )
+        handle = None
+        if self.judges:
+            items = [self.table.items[i] for i in idx.tolist()]
+            handle = self.judge.submit_many(
+                judge_requests(self.kit.decode(traj.x0), items, cfg.rl.reward_questions)
+            )
         return {"step": step, "idx": idx, "traj": traj, "handle": handle, "g": g}
 
     def wait_limit_s(self, n: int) -> float:
@@ -124,19 +133,8 @@ class GroupBatches:
         if self.cfg.rl.prefetch and step + 1 < self.cfg.train.steps:
             self.pending = self.rollout(step + 1, model)
         t_wait = time.perf_counter()
-        n = len(group["idx"]) * len(self.cfg.rl.reward_questions)
-        limit = self.wait_limit_s(n)
-        try:
-            verdicts = group["handle"].result(timeout=limit)
-        except TimeoutError:  # the service's own timeouts should end every batch before this: never a crash
-            log.warning(
-                "step %d: no verdicts within %.0f s; the group counts as failed (rl.failed_rollouts)",
-                step,
-                limit,
-            )
-            verdicts = [Verdict(None, "timeout", "group wait limit", 0.0)] * n
+        rewards, valid = self.judged(step, group)
         wait = time.perf_counter() - t_wait
-        rewards, valid = self.rewards(verdicts, len(group["idx"]))
         adv = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.adv_eps, valid)
         K = self.cfg.rl.train_timesteps
         batch["adv"] = adv.repeat_interleave(K).to(self.kit.device)
@@ -149,6 +147,31 @@ class GroupBatches:
         for mb in micro:
             mb["logs"] = logs
         return micro
+
+    def judged(self, step: int, group: dict) -> tuple[torch.Tensor, torch.Tensor]:
+        """(reward, valid) of the group's videos: from the judge on a judging rank, then broadcast over
+        the sequence-parallel group."""
+        N = len(group["idx"])
+        rewards, valid = torch.zeros(N), torch.zeros(N, dtype=torch.bool)
+        if self.judges:
+            n = N * len(self.cfg.rl.reward_questions)
+            limit = self.wait_limit_s(n)
+            try:
+                verdicts = group["handle"].result(timeout=limit)
+            except TimeoutError:  # the service's own timeouts should end every batch first: never a crash
+                log.warning(
+                    "step %d: no verdicts within %.0f s; the group counts as failed (rl.failed_rollouts)",
+                    step,
+                    limit,
+                )
+                verdicts = [Verdict(None, "timeout", "group wait limit", 0.0)] * n
+            rewards, valid = self.rewards(verdicts, N)
+        if self.cp_group is not None:
+            both = torch.cat([rewards, valid.float()]).to(self.kit.device)
+            with collective("rl rewards (sequence-parallel group)", self.cfg.parallel.timeout_s):
+                torch.distributed.broadcast(both, src=self.cp_src, group=self.cp_group)
+            rewards, valid = both[:N].cpu(), both[N:].cpu() > 0.5
+        return rewards, valid
 
     def rewards(self, verdicts: list, n: int) -> tuple[torch.Tensor, torch.Tensor]:
         """(reward (n,), valid (n,) bool): the mean score over the reward questions per video. A video

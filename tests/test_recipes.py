@@ -215,6 +215,27 @@ def test_rl_counts_judge_fallbacks_across_a_resume(proposed):
     assert "resumed at step 1" in again.stderr and f"judge fallbacks {2 * per_step}," in again.stderr
 
 
+@pytest.mark.dist
+def test_rl_with_sequence_parallel_judges_each_video_once(proposed):
+    """parallel.cp = 2 on 2 gloo ranks: both ranks roll out the same videos; only the group's first rank
+    sends them to the judge (a real loopback server counts the requests; each rank sent its own copy
+    before) and both train on the rewards it broadcasts."""
+    from tests.judge_servers import FaultServer
+
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    env = {**os.environ, "WMSD_PROGRESS": "0", "OMP_NUM_THREADS": "1", "PYTHONPATH": str(REPO)}
+    with FaultServer() as server:
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO / "recipes" / "rl.py"), "--run.out_dir", str(proposed), "--run.name", "rlcp", *TINY,
+               "--distill.tasks", tasks, "--rl.group_size", "2", "--flow.num_steps", "3",
+               "--rl.train_timesteps", "1", "--rl.steps", "2", "--parallel.cp", "2", "--judge.backend", "openai",
+               "--judge.base_url", server.url, "--judge.model", "m"]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=300, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "rl done at step 2" in p.stderr and "judge fallbacks 0," in p.stderr
+    assert server.requests == 2 * 2 * 2  # steps x group x reward questions, once
+
+
 def test_demonstrate_resumes_after_the_task_file_grows_or_a_file_is_lost(proposed, tmp_path):
     """A task file that gained a row in front, rerun into the same folder: the earlier demonstrations keep
     their latents (a new chunk file overwrote one the index still pointed into). A latents file lost after a
