@@ -16,6 +16,8 @@ length, as Wan's pipeline does), CLIP ViT-H/14 (penultimate hidden states, 257 t
 
 from __future__ import annotations
 
+import html
+import importlib.util
 import json
 import re
 from collections.abc import Callable
@@ -119,6 +121,16 @@ class WanVAE(VideoVAE):
         return self.vae.decode(z.to(self.vae.dtype)).sample.float().clamp(-1, 1)
 
 
+def _prompt_clean(text: str) -> str:
+    """Wan pipelines' prompt_clean: ftfy's fix_text where installed, HTML entities unescaped twice ("&amp;amp;"
+    -> "&"), whitespace runs collapsed. Without the unescape, "&amp;" reached the tokenizer as five characters."""
+    if importlib.util.find_spec("ftfy") is not None:
+        import ftfy
+
+        text = ftfy.fix_text(text)
+    return " ".join(html.unescape(html.unescape(text)).split())
+
+
 class TextEncoder(nn.Module):
     """Tokenizer + encoder (UMT5 for Wan): padded to ``max_length`` tokens, embeddings zeroed past length."""
 
@@ -151,7 +163,7 @@ class TextEncoder(nn.Module):
         """texts -> emb (B, max_length, D) float32 with rows >= lengths[b] zero, lengths (B,) int64."""
         if isinstance(texts, str) or not all(isinstance(t, str) for t in texts):
             raise ValueError("texts: expected a list of strings")
-        texts = [" ".join(t.split()) for t in texts]  # whitespace clean-up as Wan's prompt_clean
+        texts = [_prompt_clean(t) for t in texts]
         batch = self.tokenizer(
             texts,
             padding="max_length",

@@ -106,6 +106,28 @@ def test_text_encoder_pads_to_fixed_length_with_zeros():
         enc.encode("one string")
 
 
+def test_text_encoder_cleans_prompts_as_the_wan_pipeline():
+    """HTML entities and whitespace runs are cleaned as WanPipeline's prompt_clean does ("&amp;" reached the
+    tokenizer as "&", "amp", ";": other tokens, other lengths)."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanPipeline
+
+    tok, model = tiny_tokenizer(), tiny_umt5()
+    pipe = WanPipeline(
+        tokenizer=tok,
+        text_encoder=model,
+        vae=tiny_vae(),
+        scheduler=FlowMatchEulerDiscreteScheduler(),
+        transformer=None,
+    )
+    texts = ["put the red block &amp; the  blue one", " agent &amp;lt;moves&gt;\n"]
+    ref, _ = pipe.encode_prompt(
+        texts, do_classifier_free_guidance=False, max_sequence_length=12, device="cpu"
+    )
+    emb, lengths = TextEncoder(tok, model, max_length=12).encode(texts)
+    assert lengths.tolist() == ref.abs().sum(-1).gt(0).sum(1).tolist()
+    torch.testing.assert_close(emb, ref.float(), rtol=1e-5, atol=1e-6)
+
+
 def test_image_encoder_matches_the_pipelines_image_processor(tmp_path):
     """Tokens = the penultimate hidden states of the pipeline's own preprocessing (WanImageToVideoPipeline:
     CLIPImageProcessor, shortest edge then centre crop, PIL bicubic) on a non-square uint8 frame: within
