@@ -99,18 +99,27 @@ def propose_chunk(
             empty.append(str(path))
         path = Path(os.path.abspath(path))
         rel = path.relative_to(folder) if path.is_relative_to(folder) else path
-        for j, pair in enumerate(image_pairs):  # "pairs": how many rows make this image complete (resume)
+        # "pairs": how many rows make this image complete (resume); "asked": the n they were proposed for
+        for j, pair in enumerate(image_pairs):
             rows.append({"id": f"{image_id}-p{j}", "image": str(rel), "task": pair.task, "solution": pair.solution,
-                         "meta": {"image_id": image_id, "pairs": len(image_pairs)}})  # fmt: skip
+                         "meta": {"image_id": image_id, "pairs": len(image_pairs), "asked": n}})  # fmt: skip
     return rows, empty
 
 
-def complete_images(out: Path) -> set[str]:
+def complete_images(out: Path, n: int | None = None) -> set[str]:
     """Ids of the images whose rows are all in ``out``. Rows of an image cut short by a crash mid-write are
-    removed (the file is rewritten without them, atomically), so that the image is proposed again whole."""
+    removed (the file is rewritten without them, atomically), so that the image is proposed again whole. Rows
+    proposed for another number of pairs per image than ``n`` are an error (a rerun with another
+    distill.pairs_per_image kept the old count and said every image was done)."""
     if not out.is_file():
         return set()
     rows = read_jsonl(out)
+    asked = sorted({r["meta"]["asked"] for r in rows if r["meta"].get("asked") not in (None, n)})
+    if n is not None and asked:
+        raise ValueError(
+            f"{out}: its rows were proposed with distill.pairs_per_image = {', '.join(map(str, asked))}, this run asks for {n}; "
+            "rerun with that value, or write to another task file (distill.tasks) or run folder"
+        )
     count = Counter(r["meta"]["image_id"] for r in rows)
     short = {
         r["meta"]["image_id"]
@@ -132,7 +141,7 @@ def propose(
     With several ranks, round t gives chunk t * world + rank to each rank; rank 0 gathers the round's
     rows and appends them in chunk order (the file a single process would write, up to resume points).
     Every rank must pass the same ``images`` and see the same ``out``; rank 0 decides what is left."""
-    done = complete_images(out) if rank == 0 else set()
+    done = complete_images(out, n) if rank == 0 else set()
     todo = broadcast_from_main([(i, p) for i, p in images if i not in done], "propose: images left")
     if done:
         log.info("resuming: %d of %d images already proposed", len(images) - len(todo), len(images))

@@ -67,6 +67,21 @@ def test_propose_resume_after_a_torn_write_equals_the_full_run(proposed, tmp_pat
     assert sorted(got, key=lambda r: r["id"]) == sorted(map(json.loads, lines), key=lambda r: r["id"])
 
 
+def test_propose_rerun_with_another_pairs_per_image_is_refused(tmp_path):
+    """A task file proposed with 1 pair per image, rerun asking for 2: it said every image was done and kept 1
+    (a fresh run writes 2); now an error naming both counts, the file untouched."""
+    from engine.world.oracle import OracleProposer
+    from recipes.propose import propose, toy_scene_images
+
+    images, out = toy_scene_images(0, 4, tmp_path / "images"), tmp_path / "tasks.jsonl"
+    assert propose(OracleProposer(), images, out, 1) > 0
+    before = out.read_text()
+    with pytest.raises(ValueError, match="pairs_per_image = 1, this run asks for 2"):
+        propose(OracleProposer(), images, out, 2)
+    assert out.read_text() == before
+    assert propose(OracleProposer(), images, out, 1) == 0  # the same count resumes as before
+
+
 def test_propose_refuses_two_images_with_one_id(tmp_path):
     """Manifest images without an 'id' are keyed by file name: two folders holding 0001.png would share
     rows and resume state, so that is an error naming both files."""
