@@ -6,9 +6,9 @@ For every item of the task file (``distill.tasks``, "" = <run>/tasks.jsonl) and 
 ``distill.demos_per_task`` seeds, the Demonstrator samples a video from (I, solution) (ODE,
 flow.num_steps), the judge scores it against the task (Task / Agent / Consistency), and the latent
 is stored. Output in <run>/demos/ (or ``distill.demos``): ``latents/*.safetensors`` (one file per
-chunk), ``index.jsonl`` (one row per demonstration: id, item_id, file, row, scores), and mp4 +
+chunk), ``index.jsonl`` (one row per demonstration: id, item_id, file, row, scores, fingerprint), and mp4 +
 contact sheet for the first ``eval.write_videos`` demonstrations. A rerun skips demonstrations
-already in the index (resume). Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size``
+already in the index (resume), unless they were made with other settings (the row's fingerprint). Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size``
 demonstrations are dealt round-robin to the ranks (noise per (run.seed + j, item), as in one process);
 rank 0 gathers each round (torch.distributed gather_object) and writes the files above in chunk order.
 Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampling; with
@@ -18,6 +18,8 @@ Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampli
 from __future__ import annotations
 
 import asyncio
+import hashlib
+import json
 import re
 import sys
 from pathlib import Path
@@ -33,6 +35,7 @@ from engine.dist import barrier, broadcast_from_main, end_process, gather_to_mai
 from engine.evaluation import item_noise, score_videos  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
+    TOY_ASSETS,
     append_jsonl,
     build_judge_backend,
     build_kit,
@@ -116,7 +119,34 @@ def demonstrate_chunk(kit, model, table, judge, items, cfg: JobConfig, chunk: li
     return {"chunk": chunk, "latents": x0.float().cpu().contiguous(), "scores": scores, "videos": keep}
 
 
-def write_chunk(out: Path, items, part: dict, fps: int) -> None:
+def demo_fingerprints(cfg: JobConfig, items) -> dict[str, str]:
+    """Demonstration id -> what its latents and scores depend on (the item's texts and image, run.seed, the
+    sampling settings, precision, the Demonstrator and the judge), stored in its index row: a rerun with other
+    settings makes it again instead of keeping the old one under the new config.toml."""
+    from engine.judge import base as judge_base
+    from recipes.evaluate import _files_id
+
+    toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
+    base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
+    f, j = cfg.flow, cfg.judge
+    settings = json.dumps({
+        "seed": cfg.run.seed, "sampling": [f.num_steps, f.shift, f.guidance], "precision": cfg.precision.param_dtype,
+        "model": [cfg.model.family, cfg.model.flavour, _files_id(base) if base else ""],
+        "judge": [j.backend, j.model, j.base_url, j.num_frames, j.frame_layout, judge_base.PROMPT_VERSION],
+    }, sort_keys=True)  # fmt: skip
+    out = {}
+    for it in items:
+        # the image by name and size, not its absolute path: a moved run folder keeps its demonstrations
+        image = Path(it.image)
+        size = image.stat().st_size if image.is_file() else None
+        h = hashlib.sha256(f"{settings}|{it.task}|{it.solution}|{image.name}|{size}".encode()).hexdigest()[
+            :16
+        ]
+        out.update({f"{it.id}#{k}": h for k in range(cfg.distill.demos_per_task)})
+    return out
+
+
+def write_chunk(out: Path, items, part: dict, fps: int, fingerprints: dict[str, str] | None = None) -> None:
     """Rank 0: one chunk's latents file, its index rows and its videos."""
     from safetensors.torch import save_file
 
@@ -130,7 +160,8 @@ def write_chunk(out: Path, items, part: dict, fps: int) -> None:
     (out / "latents").mkdir(parents=True, exist_ok=True)
     save_file({"latents": part["latents"]}, str(out / name))
     rows = [{"id": f"{items[i].id}#{j}", "item_id": items[i].id, "file": name, "row": r,
-             "scores": {q: (None if np.isnan(v[r]) else float(v[r])) for q, v in scores.items()}}
+             "scores": {q: (None if np.isnan(v[r]) else float(v[r])) for q, v in scores.items()},
+             "fingerprint": (fingerprints or {}).get(f"{items[i].id}#{j}")}
             for r, (j, i) in enumerate(chunk)]  # fmt: skip
     append_jsonl(out / "index.jsonl", rows)
     for k, video in part["videos"].items():
@@ -138,21 +169,29 @@ def write_chunk(out: Path, items, part: dict, fps: int) -> None:
         contact_sheet(video, out / "videos" / f"demo{k:04d}.png")
 
 
-def finished_demos(out: Path) -> set[str]:
+def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set[str]:
     """Ids of the demonstrations in ``out/index.jsonl`` whose latents file is there. Rows whose file is
     missing (lost, or never synced before a crash) are removed from the index (rewritten atomically), so that
-    those demonstrations are made again and the index never points at nothing."""
+    those demonstrations are made again and the index never points at nothing. So are rows made with other
+    settings than ``fingerprints`` (:func:`demo_fingerprints`) gives for their id."""
     index = out / "index.jsonl"
     if not index.is_file():
         return set()
     rows = read_jsonl(index)
     missing = {r["file"] for r in rows if not (out / r["file"]).is_file()}
+    fps = fingerprints or {}
+    # rows without a fingerprint (written before it was stored) cannot be checked: kept
+    stale = [r for r in rows if r.get("fingerprint") and r["id"] in fps and r["fingerprint"] != fps[r["id"]]]
     if missing:
-        kept = [r for r in rows if r["file"] not in missing]
         log.warning("%s: %d row(s) point at missing latents files (%s); making them again", index,
-                    len(rows) - len(kept), sorted(missing)[0])  # fmt: skip
-        rewrite_jsonl(index, kept)
-        rows = kept
+                    sum(r["file"] in missing for r in rows), sorted(missing)[0])  # fmt: skip
+    if stale:
+        log.warning("%s: %d row(s) made with other settings (task text, seed, sampling, precision, Demonstrator "
+                    "or judge); making them again", index, len(stale))  # fmt: skip
+    if missing or stale:
+        drop = {r["id"] for r in stale}
+        rows = [r for r in rows if r["file"] not in missing and r["id"] not in drop]
+        rewrite_jsonl(index, rows)
     return {r["id"] for r in rows}
 
 
@@ -163,7 +202,10 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
     latents, scores and videos and writes them in chunk order (the files a single process writes)."""
     info = dist_info(cfg)
     items = load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else run_dir(cfg) / "tasks.jsonl")
-    done = broadcast_from_main(finished_demos(out) if info.is_main else None, "demonstrate: done")
+    fingerprints = demo_fingerprints(cfg, items)
+    done = broadcast_from_main(
+        finished_demos(out, fingerprints) if info.is_main else None, "demonstrate: done"
+    )
     todo = [(j, i) for j in range(cfg.distill.demos_per_task) for i in range(len(items))
             if f"{items[i].id}#{j}" not in done]  # fmt: skip
     if not todo:
@@ -181,7 +223,7 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
         gathered = gather_to_main(part, "demonstrate: gather chunk")
         for p in gathered or []:
             if p["chunk"]:
-                write_chunk(out, items, p, kit.fps)
+                write_chunk(out, items, p, kit.fps, fingerprints)
     return len(todo)
 
 

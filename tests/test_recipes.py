@@ -278,6 +278,54 @@ def test_demonstrate_resumes_after_the_task_file_grows_or_a_file_is_lost(propose
     assert sorted(ids2) == sorted(ids)
 
 
+def test_demonstrate_rerun_with_other_sampling_makes_the_demonstrations_again(proposed, tmp_path):
+    """A rerun into the same folder with another flow.num_steps: it kept the old latents ("0 new demonstrations")
+    under a config.toml that named the new value; now they are made again, equal to a fresh run's, one row per
+    demonstration."""
+    from recipes.demonstrate import read_demos
+
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    args = ["--distill.tasks", tasks, "--eval.batch_size", "4", "--eval.write_videos", "0"]
+    cli(
+        "demonstrate",
+        tmp_path,
+        "d",
+        *args,
+        "--distill.demos",
+        str(tmp_path / "demos"),
+        "--flow.num_steps",
+        "2",
+    )
+    old, _, _, _ = read_demos(tmp_path / "demos", None)
+    p = cli(
+        "demonstrate",
+        tmp_path,
+        "d",
+        *args,
+        "--distill.demos",
+        str(tmp_path / "demos"),
+        "--flow.num_steps",
+        "3",
+    )
+    assert "made with other settings" in p.stderr
+    cli(
+        "demonstrate",
+        tmp_path,
+        "f",
+        *args,
+        "--distill.demos",
+        str(tmp_path / "fresh"),
+        "--flow.num_steps",
+        "3",
+    )
+    lat, ids, _, _ = read_demos(tmp_path / "demos", None)
+    ref, ref_ids, _, _ = read_demos(tmp_path / "fresh", None)
+    assert sorted(ids) == sorted(ref_ids) and len(ids) == len(set(ids)) == old.shape[0]
+    assert not torch.equal(lat[ids.index(ref_ids[0])], old[0])
+    for i, item in enumerate(ref_ids):
+        assert torch.equal(lat[ids.index(item)], ref[i]), item
+
+
 def test_evaluate_writes_table_videos_and_skips_finished(proposed):
     import av
 
