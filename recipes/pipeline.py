@@ -3,7 +3,8 @@
     python recipes/pipeline.py                                   # = --config recipes/configs/wmsd_toy.toml
     python recipes/pipeline.py --distill.min_gap 0               # continue even without a Demonstrator gap
 
-Stages (each one a recipe, each resumable; a rerun skips finished work):
+Stages (each one a recipe, each resumable; a rerun skips finished work, and a training stage rerun with
+other settings or inputs stops and says what changed: <stage>/stage.json):
   1. propose       world.num_scenes toy scenes -> tasks.jsonl (oracle proposer)
   2. gap check     Demonstrator + task vs Demonstrator + solution on eval.num_items held-out scenes,
                    same noise; stops with a clear message when the paired Avg gap < distill.min_gap
@@ -19,6 +20,7 @@ on-policy distillation beats off-policy SFT by a paired test, whatever the answe
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import sys
 import time
@@ -49,13 +51,75 @@ def stage(cfg: JobConfig, out: Path, name: str, **sections) -> JobConfig:
     return c
 
 
-def trained(cfg: JobConfig, out: Path, name: str, fn, **sections) -> Path:
-    """Run a training stage unless its export exists; returns the Executor's weights."""
-    weights = out / name / "model.safetensors"
+# Settings that do not change what a stage trains (where and how often it logs and checkpoints,
+# evaluation, how long collectives and judge calls may take, how requests are batched): a rerun may change them
+_OPERATIONAL = {
+    "run": ("name", "out_dir", "device"),
+    "train": ("log_every",),
+    "parallel": ("timeout_s",),
+    "judge": ("max_batch", "max_wait_ms", "max_concurrency", "timeout_s", "max_retries", "api_key_env"),
+    "checkpoint": None,
+    "eval": None,
+}
+
+
+def _file_id(path: Path) -> str:
+    """A small text file by its content; weights by size and modification time (hashing 28 GB is slow)."""
+    if not path.is_file():
+        return "missing"
+    if path.suffix == ".jsonl":
+        return hashlib.sha256(path.read_bytes()).hexdigest()
+    st = path.stat()
+    return f"{st.st_size}:{st.st_mtime_ns}"
+
+
+def stage_fingerprint(c: JobConfig, inputs: list[Path]) -> dict:
+    """What a training stage's result depends on: its config (less :data:`_OPERATIONAL`), flattened to
+    "section.key", and its input files."""
+    flat = {}
+    for section, values in dataclasses.asdict(c).items():
+        skip = _OPERATIONAL.get(section, ())
+        if skip is None:
+            continue
+        flat.update({f"{section}.{k}": v for k, v in values.items() if k not in skip})
+    return {
+        "config": json.loads(json.dumps(flat, default=str)),
+        "inputs": {str(p): _file_id(p) for p in inputs},
+    }
+
+
+def trained(cfg: JobConfig, out: Path, name: str, fn, inputs: list[Path], **sections) -> Path:
+    """Run a training stage unless its export exists; returns the Executor's weights. Its fingerprint
+    (:func:`stage_fingerprint`) goes to <stage>/stage.json before it starts; a rerun whose fingerprint
+    differs stops with the keys and files that changed (the stage's export or checkpoints would
+    otherwise be reused or resumed under other settings)."""
+    c = stage(cfg, out, name, **sections)
+    weights, record = out / name / "model.safetensors", out / name / "stage.json"
+    fp = stage_fingerprint(c, inputs)
+    if record.is_file():
+        old = json.loads(record.read_text())
+        keys = sorted(k for k in fp["config"].keys() | old["config"].keys()
+                      if fp["config"].get(k) != old["config"].get(k))  # fmt: skip
+        files = sorted(k for k in fp["inputs"].keys() | old["inputs"].keys()
+                       if fp["inputs"].get(k) != old["inputs"].get(k))  # fmt: skip
+        if keys or files:
+            changed = [f"{k}: {old['config'].get(k)!r} -> {fp['config'].get(k)!r}" for k in keys]
+            raise SystemExit(
+                f"STOP: stage '{name}' in {out / name} was trained with other settings or inputs "
+                f"({'; '.join(changed + [f'{f} changed' for f in files])}). Rerun with another --run.name, "
+                f"or remove {out / name} to train it again."
+            )
+    elif weights.is_file():
+        log.warning(
+            "%s: reusing %s, trained before stages recorded their settings (unchecked)", name, weights
+        )
+        return weights
     if weights.is_file():
         log.info("%s: already trained (%s)", name, weights)
         return weights
-    return fn(stage(cfg, out, name, **sections))
+    record.parent.mkdir(parents=True, exist_ok=True)
+    record.write_text(json.dumps(fp, indent=1))
+    return fn(c)
 
 
 def gap_check(cfg: JobConfig, out: Path) -> dict:
@@ -72,14 +136,15 @@ def gap_check(cfg: JobConfig, out: Path) -> dict:
 def ablations(cfg: JobConfig, out: Path) -> dict[str, Path]:
     """Off-policy SFT on all Demonstrator videos, and on the judged-successful ones only."""
     demonstrate.run(stage(cfg, out, "demos"))
-    runs = {"sft": trained(cfg, out, "sft", distill.run, distill={"mode": "off_policy"})}
+    inputs = [out / "tasks.jsonl", out / "demos" / "index.jsonl"]
+    runs = {"sft": trained(cfg, out, "sft", distill.run, inputs, distill={"mode": "off_policy"})}
     rows = read_jsonl(out / "demos" / "index.jsonl")
     good = sum(1 for r in rows if (r["scores"].get("task") or 0.0) >= cfg.distill.filter_threshold)
     if good == 0:
         log.warning("filtered SFT skipped: none of %d demonstrations solves its task", len(rows))
     else:
         runs["sft_filtered"] = trained(
-            cfg, out, "sft_filtered", distill.run, distill={"mode": "off_policy_filtered"}
+            cfg, out, "sft_filtered", distill.run, inputs, distill={"mode": "off_policy_filtered"}
         )
     return runs
 
@@ -156,9 +221,13 @@ def run(cfg: JobConfig) -> dict:
             "does not carry what the task lacks, so distillation has nothing to teach. Table above; rerun "
             "with --distill.min_gap 0 to run the rest anyway."
         )
-    executors = {"onpolicy": trained(cfg, out, "onpolicy", distill.run, distill={"mode": "on_policy"})}
+    tasks = out / "tasks.jsonl"
+    executors = {
+        "onpolicy": trained(cfg, out, "onpolicy", distill.run, [tasks], distill={"mode": "on_policy"})
+    }
     executors.update(ablations(cfg, out))
-    executors["rl"] = trained(cfg, out, "rl", rl.run, rl={"init": str(executors["onpolicy"])})
+    onpolicy = executors["onpolicy"]
+    executors["rl"] = trained(cfg, out, "rl", rl.run, [tasks, onpolicy], rl={"init": str(onpolicy)})
     res = final_results(cfg, out, executors, gap, t0)
     table = evaluate.markdown_table(res) + "\n" + gap_closed_lines(res, cfg) + "\n" + res["verdict"] + "\n"
     (out / "results.json").write_text(json.dumps(res, indent=1))

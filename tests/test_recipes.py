@@ -413,6 +413,17 @@ def test_pipeline_end_to_end_tiny(tmp_path):
 
     saved = load_toml(tmp_path / "p" / "config.toml")  # the pipeline's own config, not a stage's
     assert saved["run"]["name"] == "p" and saved["train"]["steps"] == 2 and saved["distill"]["tasks"] == ""
+    # a rerun changing only how it logs reuses every stage; one changing what a stage trains stops there
+    again = subprocess.run(
+        [*cmd, "--train.log_every", "5"], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "onpolicy: already trained" in again.stderr and "rl: already trained" in again.stderr
+    other = subprocess.run(
+        [*cmd, "--train.steps", "3"], capture_output=True, text=True, timeout=600, cwd=REPO
+    )
+    assert other.returncode != 0 and "STOP: stage 'onpolicy'" in other.stderr, other.stderr[-3000:]
+    assert "train.steps: 2 -> 3" in other.stderr
 
 
 def test_gap_closed_lines_say_na_for_an_executor_without_scores():
