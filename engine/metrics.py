@@ -127,6 +127,11 @@ class MetricsLogger:
             return None
         return SummaryWriter(str(Path(run_dir) / "tb"))
 
+    def restart_clock(self) -> None:
+        """Start the current interval's clock now: the trainer calls it before its first step, so that the
+        first row's step time, tokens/s and MFU leave out what ran before (model build, checkpoint load)."""
+        self._t0 = time.perf_counter()
+
     def update(self, scalars: dict[str, torch.Tensor | float], tokens: int = 0, flops: float = 0.0) -> None:
         """Add one step's scalars (device tensors are summed on the device, no sync), tokens, forward FLOPs."""
         for k, v in scalars.items():

@@ -217,7 +217,7 @@ class Trainer:
         self.state = TrainState()
         self._build_components(extra_state or {})
         self._last_logs: dict[str, float] = {}
-        self._closed = False
+        self._closed, self._stepped = False, False
         self._resume()
 
     # ---- build steps ----------------------------------------------------------------------------
@@ -313,6 +313,10 @@ class Trainer:
 
     def train_step(self) -> dict[str, Any]:
         """One optimizer step over ``batches.next(step, model)``; returns this step's logs (tensors)."""
+        # the first logged interval is timed from here, not from construction (a resume's checkpoint load)
+        if not self._stepped:
+            self.metrics.restart_clock()
+            self._stepped = True
         micro = self.batches.next(self.state.step, self.model)
         if not isinstance(micro, list | tuple) or not micro:
             raise ValueError(

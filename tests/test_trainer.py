@@ -6,6 +6,7 @@ import importlib.util
 import json
 import math
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -213,6 +214,26 @@ def test_fit_lowers_loss_and_writes_metrics(tmp_path):
     assert (tmp_path / "config.toml").is_file()
     if importlib.util.find_spec("tensorboard"):
         assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
+
+
+def test_first_logged_interval_is_timed_from_the_first_step(tmp_path):
+    """A resumed run's first row timed its steps from the Trainer's construction, so the checkpoint load (and
+    whatever ran before the first step) counted as step time: step_time_s 0.61 s for 0.10 s steps, tokens/s and
+    MFU 6x too low. The logged step time must fit in the wall time of the steps themselves."""
+    cfg = _cfg(2)
+    cfg.checkpoint.enabled, cfg.checkpoint.interval = True, 2
+    Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path).fit()
+    cfg.train.steps = 4
+    tr = Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)  # resumes at step 2
+    assert tr.step == 2
+    time.sleep(0.5)  # stands in for a long checkpoint load or a recipe's setup before training
+    t0 = time.perf_counter()
+    tr.train_step()
+    tr.train_step()
+    wall = time.perf_counter() - t0
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and row["step_time_s"] * 2 <= wall
+    assert row["tokens_per_s"] >= 2 * 4 * 8 / wall  # 2 steps of 4 x 8 tokens
 
 
 def test_bad_batches_and_loss_are_reported(tmp_path):
