@@ -441,7 +441,10 @@ def describe(cls: type, prefix: str = "", inst: Any = None) -> str:
         if dataclasses.is_dataclass(tp):
             lines.append(describe(tp, f"{prefix}{f.name}.", getattr(inst, f.name)))
         else:
-            lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {getattr(inst, f.name)!r})")
+            v = getattr(inst, f.name)
+            # spelt as the CLI takes it (TOML: false, not Python's False); a string as quoted text
+            shown = repr(v) if isinstance(v, str) else _toml_value(v)
+            lines.append(f"  --{prefix}{f.name} ({_type_name(tp)}, default {shown})")
     return "\n".join(lines)
 
 

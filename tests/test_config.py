@@ -1,5 +1,6 @@
 """engine.config: TOML + dotted overrides, validation errors that name the key, round trip."""
 
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -106,3 +107,17 @@ def test_cli_error_is_one_line_exit_2(tmp_path):
     r = subprocess.run([sys.executable, "-c", code, "--train.nope", "1"], capture_output=True, text=True)
     assert r.returncode == 2
     assert r.stderr.strip().count("\n") == 0 and "train.nope" in r.stderr
+
+
+def test_help_spells_defaults_as_the_cli_takes_them(capsys):
+    """--help showed bool defaults as Python's 'False', which the CLI rejects ("expected bool, got str 'False'"):
+    every non-string default, passed back as shown, must rebuild the same config."""
+    with pytest.raises(SystemExit):
+        load_config(JobConfig, ["--help"])
+    argv = []
+    for line in capsys.readouterr().out.splitlines():
+        m = re.match(r"\s+--(\S+) \((.*), default (.*)\)$", line)
+        if m and m.group(2) != "str" and not m.group(2).startswith("'"):  # strings are taken as raw text
+            argv += [f"--{m.group(1)}", m.group(3)]
+    assert "--model.meta_init" in argv and "--train.lr" in argv and "--eval.seeds" in argv
+    assert load_config(JobConfig, argv) == JobConfig()
