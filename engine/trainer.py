@@ -213,7 +213,8 @@ class Trainer:
         self.unwrapped = model
         self.model = self._build_model(model)
         self.optimizer = build_optimizer(self.model, cfg, self.dist.device)
-        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay > 0 else None
+        # only 0 disables EMA: EMA() rejects a negative decay instead of it silently meaning "off"
+        self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay != 0 else None
         self.state = TrainState()
         self._build_components(extra_state or {})
         self._last_logs: dict[str, float] = {}

@@ -85,6 +85,12 @@ def test_ema_analytic():
         EMA(m, decay=1.5)
 
 
+def test_negative_ema_decay_is_rejected_not_ignored(tmp_path):
+    """Only 0 disables EMA (train.ema_decay's doc); -0.999 (a sign typo) silently trained without one."""
+    with pytest.raises(ValueError, match=r"train.ema_decay -0.999: expected 0 < decay < 1"):
+        Trainer(_cfg(ema_decay=-0.999), TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+
+
 def test_ema_resumes_under_another_activation_checkpointing(tmp_path):
     """AC wraps each block (a '_checkpoint_wrapped_module.' in parameter names): the EMA is keyed as the
     model's state dict, so a run resumes with AC switched on (it failed: missing key 'ema.blocks.0._checkpoint...')."""
