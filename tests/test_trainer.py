@@ -177,6 +177,25 @@ def test_consecutive_non_finite_steps_stop_with_clear_error(tmp_path):
     assert tr.step == 4 and tr.skipped_steps == 3
 
 
+def test_stopping_on_non_finite_steps_writes_the_interval_first(tmp_path):
+    """The stop raised before the metrics were flushed: with log_every 5, a run whose loss became NaN at step 8
+    wrote only the step-5 row (skipped_steps 0); the good steps 6-7 and the skips were lost."""
+    losses = []
+
+    def loss_fn(model, mb):
+        loss, logs = flow_loss(model, mb)
+        losses.append(loss.item())
+        return (loss * float("nan") if len(losses) > 7 else loss), logs
+
+    cfg = _cfg(20, max_bad_steps=2, log_every=5)
+    tr = Trainer(cfg, TinyDiT(), loss_fn, SeededBatches(), run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError):
+        tr.fit()
+    rows = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in rows] == [5, 8] and rows[-1]["skipped_steps"] == 2
+    assert rows[-1]["loss"] == pytest.approx(sum(losses[5:7]) / 2, rel=1e-6)  # the good steps 6 and 7
+
+
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
     """2 micro-batches of 2 == 1 batch of 4 with the same samples (mean loss over equal halves)."""
 
