@@ -53,8 +53,10 @@ if [ "${GPU_TESTS:-1}" = "1" ]; then
 step "pytest -m gpu"
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_TEST_WORKERS:-4}"  # Triton compiles in parallel
 SELECT=(); [ -n "${GPU_TEST_K:-}" ] && SELECT=(-k "$GPU_TEST_K")
+# --continue-on-collection-errors: test modules that import diffusers (not in the image unless .whl is
+# carried) fail to collect, and without xdist pytest then ran no test at all, the selected ones included
 timeout "${GPU_TEST_TIMEOUT:-150}" $PY -m pytest -v $XDIST -m gpu "${SELECT[@]}" -p no:cacheprovider --timeout 120 \
-  -rfE --junitxml "$LOGS/pytest_gpu.xml" tests > "$OUT/pytest_gpu.log" 2>&1
+  --continue-on-collection-errors -rfE --junitxml "$LOGS/pytest_gpu.xml" tests > "$OUT/pytest_gpu.log" 2>&1
 step "pytest exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
 fi
 
