@@ -97,6 +97,18 @@ def bench_fn(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10) -> float:
 JOURNAL: Path | None = None
 
 
+def module_budget(default: float, reserve: float) -> float:
+    """Seconds a module may spend starting new cases: ``default``, or more where bench.gpu_check gave the
+    module a longer limit ($GPU_MODULE_LIMIT_S, from GPU_MODULE_TIMEOUT) -- that limit less ``reserve`` (the
+    last case's run and the teardown). Without it a raised GPU_MODULE_TIMEOUT bought nothing: the modules'
+    own budgets were fixed."""
+    try:
+        limit = float(os.environ.get("GPU_MODULE_LIMIT_S", ""))
+    except ValueError:
+        return default
+    return max(default, limit - reserve)
+
+
 def record(
     name: str,
     case: str,

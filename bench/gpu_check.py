@@ -49,8 +49,10 @@ def _run_one(area: str, quick: bool, timeout_s: float, tmp: Path) -> list[dict]:
         ["--quick"] if quick else []
     )
     t0 = time.time()
+    # the module's limit, for its own budget (bench.common.module_budget)
+    env = {**os.environ, "GPU_MODULE_LIMIT_S": f"{timeout_s:.0f}"}
     proc = subprocess.Popen(
-        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True, env=env
     )
     try:
         stdout, stderr = proc.communicate(timeout=timeout_s)

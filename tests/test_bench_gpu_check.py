@@ -130,6 +130,31 @@ def test_a_crashed_module_keeps_its_records_and_a_killed_one_its_children_do_not
     )  # killed with the module (a zombie at most)
 
 
+LIMIT_MODULE = """
+from bench.common import module_budget, record
+
+def run(quick=False):
+    return [record("limit.budget", "a", "p", "s", module_budget(70.0, reserve=20.0))]
+"""
+
+
+def test_a_module_budget_follows_the_limit_gpu_check_gives_it(tmp_path, monkeypatch):
+    """GPU_MODULE_TIMEOUT reaches the modules' own budgets (the trainer's was fixed at 70 s: a raised limit
+    bought no case)."""
+    from bench.common import module_budget
+
+    pkg = tmp_path / "limitpkg"
+    pkg.mkdir()
+    (pkg / "__init__.py").write_text("")
+    (pkg / "limit.py").write_text(LIMIT_MODULE)
+    res = _gpu_check(tmp_path, "--only", "limitpkg.limit", "--timeout", "160")
+    assert res["records"][0]["value"] == 140.0
+    monkeypatch.setenv("GPU_MODULE_LIMIT_S", "60")
+    assert module_budget(70.0, reserve=20.0) == 70.0  # never below the module's own default
+    monkeypatch.delenv("GPU_MODULE_LIMIT_S", raising=False)
+    assert module_budget(70.0, reserve=20.0) == 70.0
+
+
 def test_trainer_cases_are_selected_by_name_after_the_baseline():
     from bench.gpu_trainer import CASES, selected_cases
 
