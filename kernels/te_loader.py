@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import warnings
 from typing import Any
 
 import torch
@@ -36,8 +37,9 @@ def loaded_library_dir(stem: str) -> str | None:
 
 def use_torch_cudnn() -> str | None:
     """Preload torch's cuDNN folder for TE (module doc); the folder, or None when there is nothing to do
-    ($CUDNN_HOME / $CUDNN_PATH set by the user, no CUDA, or no cuDNN mapped)."""
-    if os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH") or not torch.cuda.is_available():
+    (no CUDA, or no cuDNN mapped). A $CUDNN_PATH / $CUDNN_HOME the user set is kept (TE loads its
+    libcudnn from there), with a warning when it is not torch's folder: TE and torch then run two cuDNNs."""
+    if not torch.cuda.is_available():
         return None
     with contextlib.suppress(Exception):
         torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
@@ -48,7 +50,15 @@ def use_torch_cudnn() -> str | None:
         if name.startswith("libcudnn") and ".so" in name:
             with contextlib.suppress(OSError):
                 ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
-    os.environ["CUDNN_PATH"] = folder
+    user = os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH")
+    if not user:
+        os.environ["CUDNN_PATH"] = folder
+    elif os.path.realpath(user) not in (os.path.realpath(folder), os.path.realpath(os.path.dirname(folder))):
+        warnings.warn(
+            f"CUDNN_PATH/CUDNN_HOME={user} is not the cuDNN torch loaded ({folder}); Transformer Engine "
+            "will load its libcudnn from there, and two cuDNN versions in one process can fail to link",
+            stacklevel=2,
+        )
     return folder
 
 
