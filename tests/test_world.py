@@ -232,3 +232,16 @@ def test_probe_gives_no_credit_when_the_block_is_gone():
     frames = torch.zeros(2, 32, 32, 3, dtype=torch.uint8)
     frames[1, 9:15, 1:7] = torch.tensor(COLOURS["red"], dtype=torch.uint8)  # red in row 1, column 0
     assert final_columns(frames, ["red", "red"], [1, 1]).tolist() == [-1, 0]
+
+
+def test_invalid_scene_is_refused():
+    """Two blocks in one row rendered as one square of a colour no block has (red + blue summed to
+    (255, 130, 255)); a scene must say what it cannot draw."""
+    with pytest.raises(ValueError, match="one block per row"):
+        Scene(("red", "blue", "green"), (0, 0, 1), (1, 1, 2))
+    with pytest.raises(ValueError, match="distinct names"):
+        Scene(("red", "red", "green"), (0, 1, 2), (0, 1, 2))
+    with pytest.raises(ValueError, match="cells 0..3"):
+        Scene(("red", "blue", "green"), (0, 1, 4), (0, 1, 2))
+    with pytest.raises(ValueError, match="one each per block"):
+        Scene(("red", "blue", "green"), (0, 1), (0, 1, 2))

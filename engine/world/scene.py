@@ -54,6 +54,21 @@ class Scene:
     rows: tuple[int, ...]
     cols: tuple[int, ...]
 
+    def __post_init__(self):
+        # an invalid scene rendered silently: two blocks in one row were summed into a colour of no block
+        n = len(self.colours)
+        if len(self.rows) != n or len(self.cols) != n:
+            raise ValueError(
+                f"scene: {n} colours, {len(self.rows)} rows, {len(self.cols)} cols; expected one each per block"
+            )
+        unknown = [c for c in self.colours if c not in COLOURS]
+        if unknown or len(set(self.colours)) != n:
+            raise ValueError(f"scene colours {self.colours}: expected distinct names out of {COLOUR_NAMES}")
+        if len(set(self.rows)) != n:
+            raise ValueError(f"scene rows {self.rows}: expected one block per row (distinct rows)")
+        if not all(0 <= v < GRID for v in (*self.rows, *self.cols)):
+            raise ValueError(f"scene rows {self.rows}, cols {self.cols}: expected cells 0..{GRID - 1}")
+
     def index(self, colour: str) -> int:
         """The position of the block of ``colour`` in this scene."""
         if colour not in self.colours:
