@@ -508,7 +508,12 @@ def _pointers(q, cos, sin, k_lengths) -> tuple[torch.Tensor, torch.Tensor, torch
 
 def _int32_lengths(k_lengths: torch.Tensor | None, device: torch.device) -> torch.Tensor | None:
     """Key lengths as the kernels read them: contiguous int32 on q's device (None stays None)."""
-    return None if k_lengths is None else k_lengths.to(device=device, dtype=torch.int32).contiguous()
+    if k_lengths is None:
+        return None
+    # Clamped into int32 first (the kernels clamp to [0, Sk] themselves): a plain cast wrapped lengths past
+    # 2^31 (2^32 + 3 read as 3 keys, not all of them, unlike the torch and sdpa backends)
+    k_lengths = k_lengths.to(device=device, dtype=torch.int64).clamp(0, torch.iinfo(torch.int32).max)
+    return k_lengths.to(torch.int32).contiguous()
 
 
 def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):

@@ -397,3 +397,15 @@ def test_triton_on_cpu_without_interpreter_is_a_clear_error(monkeypatch):
     q = torch.randn(1, 8, 2, 32)
     with pytest.raises(ValueError, match="needs CUDA tensors"):
         attention(q, q, q)
+
+
+def test_key_lengths_outside_int32_are_clamped_not_wrapped(device):
+    """Lengths past Sk mean every key and negative ones no key, also beyond int32: a plain int32 cast had
+    read 2^32 + 3 as 3 keys and -2^32 + 2 as 2 keys (the torch and sdpa backends use all / none)."""
+    q, k, v, _, _ = _make(3, 8, 8, 1, 16, None, None, torch.float32, device)
+    kl = torch.tensor([2**32 + 3, 2**31 + 5, -(2**32) + 2], device=device)
+    valid = torch.arange(8, device=device)[None, :] < kl[:, None]  # int64 compare: all, all, none
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 0.25
+    p = s.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
+    exact = torch.einsum("bhqk,bkhd->bqhd", p, v.double())
+    torch.testing.assert_close(attention(q, k, v, k_lengths=kl).double(), exact, rtol=1e-5, atol=1e-5)
