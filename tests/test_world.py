@@ -20,6 +20,7 @@ from engine.world.scene import (
     render_one,
     task_move,
     task_pairs,
+    task_text,
 )
 from engine.world.text import PAD, UNK, ToyTextEncoder, tokenize
 
@@ -245,3 +246,11 @@ def test_invalid_scene_is_refused():
         Scene(("red", "blue", "green"), (0, 1, 4), (0, 1, 2))
     with pytest.raises(ValueError, match="one each per block"):
         Scene(("red", "blue", "green"), (0, 1), (0, 1, 2))
+
+
+def test_task_text_of_one_block_is_refused():
+    """target == reference wrote a task the oracle's own parser rejects."""
+    s = Scene(("red", "blue", "green"), (0, 2, 3), (0, 3, 1))
+    with pytest.raises(ValueError, match="same block"):
+        task_text(s, 1, 1)
+    assert parse_task(task_text(s, 1, 0)) == ("blue", "under", "red")

@@ -109,6 +109,9 @@ def solution_text(scene: Scene, move: Move) -> str:
 
 def task_text(scene: Scene, target: int, reference: int) -> str:
     """``[Agent]: put the <target> block under|above the <reference> block``."""
+    # target == reference wrote "put the red block above the red block", which parse_task rejects
+    if target == reference:
+        raise ValueError(f"task_text: target and reference are the same block ({target})")
     relation = "under" if scene.rows[target] > scene.rows[reference] else "above"
     return f"[Agent]: put the {scene.colours[target]} block {relation} the {scene.colours[reference]} block"
 
