@@ -254,3 +254,19 @@ def test_task_text_of_one_block_is_refused():
     with pytest.raises(ValueError, match="same block"):
         task_text(s, 1, 1)
     assert parse_task(task_text(s, 1, 0)) == ("blue", "under", "red")
+
+
+def test_render_refuses_an_illegal_move():
+    """Blue in column 3 sliding two cells right left the frame (0 blue pixels in the last frame), and a block
+    index past the scene's blocks rendered a still video: both silently."""
+    s = Scene(("red", "blue", "green"), (0, 2, 3), (0, 3, 1))
+    with pytest.raises(ValueError, match="not legal"):
+        render_one(s, Move(1, 2))
+    with pytest.raises(ValueError, match="not legal"):
+        render_one(s, Move(3, 1))
+    with pytest.raises(ValueError, match="not legal"):
+        render_one(s, Move(0, -1))
+    # the legal extremes still render: red from column 0 to 3, blue from column 3 to 0
+    last = render_one(s, Move(0, 3))[-1]
+    assert (last[1:7, 25:31] == COLOURS["red"]).all(-1).sum() == 32  # 36 less the 2x2 grip
+    assert (render_one(s, Move(1, -3))[-1][17:23, 1:7] == COLOURS["blue"]).all(-1).sum() == 32

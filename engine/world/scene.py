@@ -160,6 +160,13 @@ def render(
     """Videos as uint8 (B, T, H, W, 3). ``moves[i] = None`` renders a still scene (no agent)."""
     if len(scenes) != len(moves):
         raise ValueError(f"render: {len(scenes)} scenes but {len(moves)} moves; expected one move per scene")
+    # an illegal move rendered silently: a block slid off the frame, or no block moved at all
+    for i, (s, m) in enumerate(zip(scenes, moves)):
+        if m is not None and not (0 <= m.block < len(s.colours) and 0 <= s.cols[m.block] + m.dx < GRID):
+            raise ValueError(
+                f"render: moves[{i}] = {m} is not legal in scene {s}: expected a block index "
+                f"0..{len(s.colours) - 1} and an end column 0..{GRID - 1}"
+            )
     rgb, rows, cols, mover, dx = _scene_tensors(scenes, moves, device)
     B, K = rows.shape
     k = torch.arange(frames, device=device)
