@@ -270,3 +270,18 @@ def test_render_refuses_an_illegal_move():
     last = render_one(s, Move(0, 3))[-1]
     assert (last[1:7, 25:31] == COLOURS["red"]).all(-1).sum() == 32  # 36 less the 2x2 grip
     assert (render_one(s, Move(1, -3))[-1][17:23, 1:7] == COLOURS["blue"]).all(-1).sum() == 32
+
+
+def test_proposer_pairs_every_block_of_the_image():
+    """read_scene returns the blocks it sees: two of them made task_pairs raise IndexError (a crash, not a
+    clear status), four of them silently left the fourth out of every task."""
+    two = render_one(Scene(("red", "blue"), (0, 2), (0, 3)), None)[0]
+    pairs = asyncio.run(OracleProposer().propose([two], 8))[0]
+    assert sorted(p.task for p in pairs) == [
+        "[Agent]: put the blue block under the red block",
+        "[Agent]: put the red block above the blue block",
+    ]
+    four = Scene(("red", "yellow", "blue", "green"), (0, 1, 2, 3), (0, 1, 3, 1))
+    pairs = asyncio.run(OracleProposer().propose([render_one(four, None)[0]], 20))[0]
+    # ordered pairs in different columns: 12 ordered pairs less yellow/green both ways (same column)
+    assert len(pairs) == 10 and sum("green" in p.task for p in pairs) == 4

@@ -124,8 +124,11 @@ def task_move(scene: Scene, target: int, reference: int) -> Move:
 def task_pairs(scene: Scene) -> list[tuple[str, str, Move]]:
     """Every (task, solution, move) of the scene: ordered block pairs in different columns."""
     out = []
-    for a in range(NUM_BLOCKS):
-        for b in range(NUM_BLOCKS):
+    # over the scene's own blocks: a scene read from an image with two blocks raised IndexError, with four
+    # its fourth block was never paired
+    n = len(scene.colours)
+    for a in range(n):
+        for b in range(n):
             if a != b and scene.cols[a] != scene.cols[b]:
                 move = task_move(scene, a, b)
                 out.append((task_text(scene, a, b), solution_text(scene, move), move))
