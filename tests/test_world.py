@@ -285,3 +285,11 @@ def test_proposer_pairs_every_block_of_the_image():
     pairs = asyncio.run(OracleProposer().propose([render_one(four, None)[0]], 20))[0]
     # ordered pairs in different columns: 12 ordered pairs less yellow/green both ways (same column)
     assert len(pairs) == 10 and sum("green" in p.task for p in pairs) == 4
+
+
+def test_judge_needs_two_frames():
+    """One frame failed inside the agent question with "max() arg is an empty sequence"."""
+    s = Scene(("red", "blue", "green"), (0, 2, 3), (0, 3, 1))
+    frame = render_one(s, None)[0]
+    with pytest.raises(ValueError, match="expected >= 2"):
+        judge_frames([frame], "[Agent]: put the red block above the blue block")

@@ -157,6 +157,9 @@ def judge_frames(frames: list[np.ndarray], task: str, image: np.ndarray | None =
     """All three scores and their mean for one video (frames in time order) and its task. With the
     conditioning ``image``, consistency also requires the video to start from that scene."""
     target, relation, ref = parse_task(task)
+    # one frame failed deep in judge_agent with "max() arg is an empty sequence"
+    if len(frames) < 2:
+        raise ValueError(f"video: {len(frames)} frame(s); expected >= 2 (the scene, then the agent's move)")
     readings = [read_frame(f) for f in frames]
     reference = read_frame(image) if image is not None else None
     s = {
