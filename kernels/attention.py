@@ -803,8 +803,10 @@ def attention(
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")
     if precision not in ("bf16", "fp8"):
         raise ValueError(f"precision: expected 'bf16' or 'fp8', got {precision!r}")
-    if scale is not None and not float(scale) > 0:  # the FP8 kernel's running max assumes it too
-        raise ValueError(f"scale: expected a positive number, got {scale}")
+    # > 0: the kernels' running max assumes it (the FP8 one too); finite: scale = inf passed and gave NaN
+    # (triton, sdpa) or an arbitrary output (torch)
+    if scale is not None and not 0 < float(scale) < float("inf"):
+        raise ValueError(f"scale: expected a positive number (finite), got {scale}")
     if precision == "fp8":
         from kernels.attention_fp8 import attention_fp8_dispatch
 
@@ -813,8 +815,8 @@ def attention(
         )
     _check_inputs(q, k, v, k_lengths, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not scale > 0:
-        raise ValueError(f"scale: expected a positive number, got {scale}")
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"scale: expected a positive number (finite), got {scale}")
     if backend == "torch":
         return attention_reference(
             q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse

@@ -409,3 +409,13 @@ def test_key_lengths_outside_int32_are_clamped_not_wrapped(device):
     p = s.masked_fill(~valid[:, None, None, :], float("-inf")).softmax(-1).nan_to_num(0.0)
     exact = torch.einsum("bhqk,bkhd->bqhd", p, v.double())
     torch.testing.assert_close(attention(q, k, v, k_lengths=kl).double(), exact, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "sdpa"])
+def test_infinite_scale_is_an_error(backend, device):
+    """scale = inf passed the positivity check and gave NaN (triton, sdpa) or a meaningless output (torch)."""
+    q = torch.randn(1, 8, 1, 16, device=device)
+    with pytest.raises(ValueError, match="scale: expected a positive number"):
+        attention(q, q, q, scale=float("inf"), backend=backend)
+    with pytest.raises(ValueError, match="scale: expected a positive number"):
+        attention(q, q, q, scale=torch.tensor(float("inf")), backend=backend)
