@@ -250,6 +250,11 @@ def main(argv: list[str] | None = None) -> Path:
     # checked before training: the gap is measured and logged at these scales once training is done
     if not cfg.world.gap_guidance:
         raise ValueError("world.gap_guidance is empty; expected at least one CFG scale, e.g. [1.0]")
+    # 0 held-out scenes trained the whole run, then failed in the probe with "not enough values to unpack"
+    if cfg.world.eval_scenes < 1:
+        raise ValueError(
+            f"world.eval_scenes = {cfg.world.eval_scenes}; expected >= 1 held-out scene for the gap check"
+        )
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     model, trainer, info = train(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) != 0:

@@ -184,3 +184,13 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     steps = sorted(line.split() for line in p.stdout.splitlines() if " stopped at step " in line)
     assert len(steps) == 2 and steps[0][-1] == steps[1][-1] and int(steps[0][-1]) > 0, p.stdout
+
+
+def test_no_held_out_scenes_fails_before_training(tmp_path):
+    """world.eval_scenes = 0 trained the whole run, then the probe of the export failed with "not enough
+    values to unpack (expected 2, got 1)"."""
+    argv = ["--run.out_dir", str(tmp_path), "--train.steps", "1", "--train.batch_size", "2",
+            "--world.eval_scenes", "0", "--flow.num_steps", "2"]  # fmt: skip
+    with pytest.raises(ValueError, match="world.eval_scenes = 0"):
+        pretrain.main(argv)
+    assert not (tmp_path / "wmsd").exists()
