@@ -83,6 +83,9 @@ class ToyVideoBatches:
 
     def __init__(self, batch_size: int, grad_accum: int, seed: int, device: torch.device, drop: float = 0.1,
                  t_sampling: str = "logit_normal", shift: float = 1.0):  # fmt: skip
+        # 1.5 dropped every caption (an unconditional Demonstrator), a negative value none, both silently
+        if not 0.0 <= drop <= 1.0:
+            raise ValueError(f"world.caption_dropout = {drop}; expected a fraction in [0, 1]")
         self.batch_size, self.grad_accum, self.seed = batch_size, grad_accum, seed
         self.device, self.drop = torch.device(device), drop
         self.t_sampling, self.shift = t_sampling, shift

@@ -194,3 +194,13 @@ def test_no_held_out_scenes_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="world.eval_scenes = 0"):
         pretrain.main(argv)
     assert not (tmp_path / "wmsd").exists()
+
+
+def test_caption_dropout_outside_0_1_is_refused():
+    """world.caption_dropout = 1.5 dropped all 8 of 8 captions (an unconditional Demonstrator), -0.1 none;
+    both trained without a word. 1.0 (every caption dropped) is legal: all ids are pad."""
+    for drop in (1.5, -0.1):
+        with pytest.raises(ValueError, match="world.caption_dropout"):
+            pretrain.ToyVideoBatches(8, 1, seed=0, device=torch.device("cpu"), drop=drop)
+    all_dropped = pretrain.ToyVideoBatches(8, 1, seed=0, device=torch.device("cpu"), drop=1.0)
+    assert int(all_dropped.micro_batch(0, 0)["ids"].count_nonzero()) == 0
