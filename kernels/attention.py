@@ -534,12 +534,15 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
     return out, lse
 
 
-def _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
-    """delta = rowsum(dO * O), then the dK/dV kernel and the dQ kernel (no atomics)."""
+def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic):
+    """delta = rowsum(dO * O) - dlse, then the dK/dV kernel and the dQ kernel (no atomics)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
+    # d lse_i / d s_ij = P_ij, so lse's gradient joins dS = P (dP - delta) as delta - dlse
+    if dlse is not None:
+        delta -= dlse
     dk, dv = torch.empty_like(k), torch.empty_like(v)
     meta = _meta(q, k, cos, k_lengths)
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
@@ -571,7 +574,7 @@ def _attention_fwd_op(
     scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(q, k, v) contiguous (B, S, H, D) -> (out, lse); lse has no gradient."""
+    """(q, k, v) contiguous (B, S, H, D) -> (out, lse)."""
     return _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic)
 
 
@@ -589,18 +592,19 @@ def _attention_bwd_op(
     v: torch.Tensor,
     out: torch.Tensor,
     lse: torch.Tensor,
+    dlse: torch.Tensor | None,
     cos: torch.Tensor | None,
     sin: torch.Tensor | None,
     k_lengths: torch.Tensor | None,
     scale: float,
     deterministic: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """dO contiguous -> (dq, dk, dv)."""
-    return _attention_bwd(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic)
+    """dO contiguous (and lse's gradient, or None) -> (dq, dk, dv)."""
+    return _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, cos, sin, k_lengths, scale, deterministic):
+def _(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -609,18 +613,22 @@ def _attention_setup(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_lengths)
     ctx.scale, ctx.deterministic = scale, deterministic
-    ctx.mark_non_differentiable(lse)
+    # lse is differentiable (as in attention_reference; it was marked non-differentiable, and a loss using
+    # out and lse silently lost lse's part); unused outputs' gradients come as None, not zeros
+    ctx.set_materialize_grads(False)
 
 
-def _attention_backward(ctx, do, _dlse):
+def _attention_backward(ctx, do, dlse):
     q, k, v, out, lse, cos, sin, k_lengths = ctx.saved_tensors
+    do = torch.zeros_like(out) if do is None else do.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
     dq, dk, dv = _attention_bwd_op(
-        do.contiguous(), q, k, v, out, lse, cos, sin, k_lengths, ctx.scale, ctx.deterministic
+        do, q, k, v, out, lse, dlse, cos, sin, k_lengths, ctx.scale, ctx.deterministic
     )
     return dq, dk, dv, None, None, None, None, None
 
 
-# autograd of the forward op (lse is an output without gradient): the backward op
+# autograd of the forward op: the backward op
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 

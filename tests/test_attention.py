@@ -419,3 +419,28 @@ def test_infinite_scale_is_an_error(backend, device):
         attention(q, q, q, scale=float("inf"), backend=backend)
     with pytest.raises(ValueError, match="scale: expected a positive number"):
         attention(q, q, q, scale=torch.tensor(float("inf")), backend=backend)
+
+
+@pytest.mark.parametrize("fuse_rope", [True, False])
+def test_lse_gradient(fuse_rope, device):
+    """A loss of out and lse: lse's gradient reaches q and k as in float64 autograd (the forward op had
+    marked lse non-differentiable, so its part of the gradient was silently dropped)."""
+    q, k, v, rope, kl = _make(2, 9, 9, 1, 24, (1, 1, 9), [9, 4], torch.float32, device)
+    g, w = torch.randn_like(q), torch.randn(2, 1, 9, device=device)
+
+    def exact(q, k, v):
+        q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 24**-0.5
+        valid = torch.arange(9, device=device)[None, :] < kl[:, None]
+        s = s.masked_fill(~valid[:, None, None, :], float("-inf"))
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v), torch.logsumexp(s, -1)
+
+    q64, k64, v64 = (t.detach().double().requires_grad_() for t in (q, k, v))
+    out, lse = exact(q64, k64, v64)
+    want = torch.autograd.grad((out * g).sum() + (lse * w).sum(), (q64, k64, v64))
+    out, lse = attention(q, k, v, k_lengths=kl, rope=rope, fuse_rope=fuse_rope, return_lse=True)
+    got = torch.autograd.grad((out * g).sum() + (lse * w).sum(), (q, k, v))
+    for a, b in zip(got, want):
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+    (dq,) = torch.autograd.grad(attention(q, k, v, return_lse=True)[1].sum(), (q,))  # lse alone
+    assert torch.isfinite(dq).all()
