@@ -7,7 +7,8 @@ For every (name, case, provider, metric) present in both files it prints OLD, NE
 so that > 1 is better (throughput up or time down). A benchmark that got worse by more than the
 threshold is flagged REGRESSION and the exit code is 1; so is one whose new value is 0 or not a number,
 and one measured in OLD that fails in NEW (an error record for its case and provider, with its message;
-a "skipped: ..." record is not a failure). Other records only in one file are listed. Results from
+a "skipped: ..." record is not a failure). Other records only in one file, and failures in NEW with nothing
+measured in OLD to compare, are listed. Results from
 different devices are compared only with --allow-device-mismatch (their ratios mean little).
 """
 
@@ -152,6 +153,11 @@ def main(argv: list[str] | None = None) -> int:
     for label, keys in (("only in old", only_old), ("only in new", only_new)):
         for k in keys:
             print(f"{label}: {' / '.join(k)}")
+    # failures with no measurement in OLD to flag against (new benchmarks, or failing in both) are listed too
+    flagged = {r["key"][:3] for r in rows if r.get("error")}
+    for k, message in sorted(_failures(new["records"]).items()):
+        if k not in flagged:
+            print(f"failed in new: {' / '.join(k)}: {message[:200]}")
     n_reg = sum(r["regression"] for r in rows)
     print(f"{len(rows)} compared, {n_reg} regression(s) beyond {args.threshold:.0%}")
     return 1 if n_reg else 0

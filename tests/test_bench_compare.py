@@ -86,3 +86,21 @@ def test_plot_history(tmp_path):
     r = _run("--plot", "attention.fwd", "--case", "wan", a, b, "-o", out)
     assert r.returncode == 0, r.stderr
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_failure_without_old_measurement_is_listed(tmp_path):
+    """A benchmark that fails in NEW and has nothing measured in OLD (new, or failing in both) is listed with
+    its message, not dropped; it is no regression (exit 0)."""
+    from bench.common import error_record
+
+    old = _write(tmp_path, "a", 450.0, 10.0)
+    recs = [
+        record("attention.fwd", "wan", "triton", "tflops", 450.0, baseline="sdpa_flash"),
+        record("attention.fwd", "wan", "sdpa_flash", "tflops", 360.0),
+        record("trainer.step", "toy", "bf16", "ms", 10.0, higher_is_better=False),
+        error_record("trainer.step", "toy", "fp8_te", ImportError("no transformer_engine")),
+    ]
+    new = write_results(recs, tmp_path / "b", env=environment())
+    r = _run(old, new)
+    assert r.returncode == 0, r.stdout
+    assert "failed in new: trainer.step / toy / fp8_te: ImportError: no transformer_engine" in r.stdout
