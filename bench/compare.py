@@ -54,21 +54,30 @@ def _failures(records: list[dict]) -> dict[tuple[str, str, str], str]:
 
 def compare(old: dict, new: dict, threshold: float) -> tuple[list[dict], list[Key], list[Key]]:
     """Rows of (key, old, new, change) where change > 1 means better; plus keys only in old / new. A new
-    value of 0 or NaN (where the old one was a positive number) and a benchmark that fails in ``new`` are
-    regressions (change 0; ``new`` None and ``error`` its message for a failure)."""
+    value of 0 or NaN (where the old one was a positive number; for a lower-is-better metric NaN, or any value
+    where the old one was 0) and a benchmark that fails in ``new`` are regressions (change 0; ``new`` None and
+    ``error`` its message for a failure)."""
     a, b = _index(old["records"]), _index(new["records"])
     failed = _failures(new["records"])
     rows = []
     for key in sorted(a.keys() & b.keys()):
         ra, rb = a[key], b[key]
-        if not (ra["value"] > 0 and math.isfinite(ra["value"])):
-            continue  # no baseline to compare with
-        if not (rb["value"] > 0 and math.isfinite(rb["value"])):
-            change = 0.0  # collapsed to 0 or not a number
+        va, vb = ra["value"], rb["value"]
+        if rb.get("higher_is_better", True):
+            if not (va > 0 and math.isfinite(va)):
+                continue  # no baseline to compare with
+            # collapsed to 0 or not a number
+            change = vb / va if vb > 0 and math.isfinite(vb) else 0.0
         else:
-            change = rb["value"] / ra["value"]
-            if not rb.get("higher_is_better", True):
-                change = 1.0 / change
+            # lower is better (ms, wall_s, memory, error rates): 0 is the best value, not a missing one
+            if not (va >= 0 and math.isfinite(va)):
+                continue
+            if not (vb >= 0 and math.isfinite(vb)):
+                change = 0.0
+            elif vb == 0:
+                change = 1.0 if va == 0 else math.inf
+            else:
+                change = va / vb
         rows.append(
             {"key": key, "old": ra["value"], "new": rb["value"], "change": change,
              "regression": change < 1.0 - threshold}

@@ -104,3 +104,24 @@ def test_failure_without_old_measurement_is_listed(tmp_path):
     r = _run(old, new)
     assert r.returncode == 0, r.stdout
     assert "failed in new: trainer.step / toy / fp8_te: ImportError: no transformer_engine" in r.stdout
+
+
+def test_lower_is_better_zero_is_a_value(tmp_path):
+    """For a lower-is-better metric (an error rate) 0 is the best value: 0 -> 0.5 is a regression (it was
+    skipped as 'no baseline', exit 0), 0.008 -> 0 an improvement (it was flagged as a collapse)."""
+
+    def run(old_value, new_value):
+        files = []
+        for sub, v in (("a", old_value), ("b", new_value)):
+            recs = [record("fp8.accuracy", "out", "bf16", "rel_err", v, higher_is_better=False)]
+            files.append(write_results(recs, tmp_path / sub, env=environment()))
+        return _run(*files)
+
+    r = run(0.0, 0.5)
+    assert r.returncode == 1 and "1 compared, 1 regression(s)" in r.stdout, r.stdout
+    r = run(0.008, 0.0)
+    assert r.returncode == 0 and "1 compared, 0 regression(s)" in r.stdout, r.stdout
+    r = run(0.0, 0.0)
+    assert r.returncode == 0 and "1.000x" in r.stdout, r.stdout
+    r = run(0.010, 0.0125)  # 25% worse: new/old oriented 0.8
+    assert r.returncode == 1 and "0.800x  REGRESSION" in r.stdout, r.stdout
