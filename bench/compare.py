@@ -38,7 +38,17 @@ def load_results(path: str | Path) -> dict[str, Any]:
 
 
 def _index(records: list[dict]) -> dict[Key, dict]:
-    return {(r["name"], r["case"], r["provider"], r["metric"]): r for r in records if r["metric"] != "error"}
+    """Records by key; a key repeated in one file (a module's own wall_s and gpu_check's, peak_matmul of two
+    modules) keeps every record, paired in file order: the second's metric is "<metric>#2", and so on."""
+    out: dict[Key, dict] = {}
+    seen: dict[Key, int] = {}
+    for r in records:
+        if r["metric"] == "error":
+            continue
+        key = (r["name"], r["case"], r["provider"], r["metric"])
+        seen[key] = n = seen.get(key, 0) + 1
+        out[key if n == 1 else (*key[:3], f"{key[3]}#{n}")] = r
+    return out
 
 
 def _failures(records: list[dict]) -> dict[tuple[str, str, str], str]:

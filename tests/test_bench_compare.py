@@ -125,3 +125,18 @@ def test_lower_is_better_zero_is_a_value(tmp_path):
     assert r.returncode == 0 and "1.000x" in r.stdout, r.stdout
     r = run(0.010, 0.0125)  # 25% worse: new/old oriented 0.8
     assert r.returncode == 1 and "0.800x  REGRESSION" in r.stdout, r.stdout
+
+
+def test_duplicated_records_are_all_compared(tmp_path):
+    """The same (name, case, provider, metric) twice in a file (peak_matmul measured by two modules): each
+    record is compared with its counterpart in file order; the last one alone hid a regression of the first."""
+    files = []
+    for sub, first in (("a", 800.0), ("b", 600.0)):
+        recs = [
+            record("models.peak_matmul", "bf16-8192", "torch", "tflops", first),
+            record("models.peak_matmul", "bf16-8192", "torch", "tflops", 780.0),
+        ]
+        files.append(write_results(recs, tmp_path / sub, env=environment()))
+    r = _run(*files)
+    assert r.returncode == 1, r.stdout
+    assert "0.750x  REGRESSION" in r.stdout and "2 compared, 1 regression(s)" in r.stdout, r.stdout
