@@ -15,6 +15,7 @@ different devices are compared only with --allow-device-mismatch (their ratios m
 from __future__ import annotations
 
 import argparse
+import datetime
 import json
 import math
 import sys
@@ -134,7 +135,9 @@ def plot_history(paths: list[str], name: str, case: str | None, out: str) -> Pat
     fig, ax = plt.subplots(figsize=(8, 4))
     for label, pts in sorted(series.items()):
         pts.sort()
-        ax.plot([d[:16] for d, _ in pts], [v for _, v in pts], marker="o", label=label)
+        # dates, not strings: a categorical axis orders the dates by first appearance over the series
+        dates = [datetime.datetime.fromisoformat(d) for d, _ in pts]
+        ax.plot(dates, [v for _, v in pts], marker="o", label=label)
     ax.set_title(f"{name}" + (f" [{case}]" if case else ""))
     ax.tick_params(axis="x", rotation=30)
     ax.legend(fontsize=7)

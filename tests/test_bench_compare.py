@@ -140,3 +140,25 @@ def test_duplicated_records_are_all_compared(tmp_path):
     r = _run(*files)
     assert r.returncode == 1, r.stdout
     assert "0.750x  REGRESSION" in r.stdout and "2 compared, 1 regression(s)" in r.stdout, r.stdout
+
+
+def test_plot_history_x_axis_in_date_order(tmp_path):
+    """Providers measured on different dates: the x axis is in date order (string dates made a categorical
+    axis ordered by first appearance, so the first series' dates came before earlier ones of the next)."""
+    import matplotlib.pyplot as plt
+
+    from bench.compare import plot_history
+
+    # value = day of the month, so x order must give increasing values
+    runs = {"2026-11-02": ["a", "b"], "2026-11-03": ["a"], "2026-11-01": ["b"]}
+    paths = []
+    for date, providers in runs.items():
+        env = {**environment(), "date": f"{date}T12:00:00+00:00"}
+        recs = [record("attention.fwd", "wan", p, "tflops", float(date[-2:])) for p in providers]
+        paths.append(write_results(recs, tmp_path / date, env=env))
+    plot_history([str(p) for p in paths], "attention.fwd", "wan", str(tmp_path / "h.png"))
+    ax = plt.gcf().axes[0]
+    # the plotted points in axis units (category index or date number), sorted along the x axis
+    pts = sorted((float(x), float(y)) for line in ax.get_lines() for x, y in line.get_xydata())
+    plt.close("all")
+    assert [y for _, y in pts] == sorted(y for _, y in pts)
