@@ -479,10 +479,15 @@ def save_config(cfg: Any, run_dir: str | Path) -> Path:
     return path
 
 
-def config_main(cls: type = JobConfig, argv: list[str] | None = None, description: str = ""):
-    """``load_config`` for scripts: a ConfigError prints one line and exits with status 2."""
+def config_main(cls: type = JobConfig, argv: list[str] | None = None, description: str = "", validate=None):
+    """``load_config`` for scripts: a ConfigError prints one line and exits with status 2. ``validate(cfg)``
+    (a recipe's up-front check of its inputs: files, sizes, devices) runs before any work; the
+    ConfigError it raises is reported the same way."""
     try:
-        return load_config(cls, argv, description)
+        cfg = load_config(cls, argv, description)
+        if validate is not None:
+            validate(cfg)
+        return cfg
     except ConfigError as e:
         print(f"error: {e}", file=sys.stderr)
         raise SystemExit(2) from None

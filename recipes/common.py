@@ -32,7 +32,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from engine.config import JobConfig
+from engine.config import ConfigError, JobConfig
 from engine.log import get_logger
 
 REPO = Path(__file__).resolve().parents[1]
@@ -564,6 +564,84 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
         return model
     missing, extra = sorted(ours - set(sd))[:3], sorted(set(sd) - ours)[:3]
     raise ValueError(f"weights '{path}' do not fit the model: missing {missing}, unexpected {extra}")
+
+
+# ---------------------------------------------------------------------------------------------
+# Up-front checks of a recipe's inputs (engine.config.config_main's ``validate``): a user's mistake is a
+# one-line ConfigError naming the key, before models are loaded or anything is sampled
+# ---------------------------------------------------------------------------------------------
+
+
+def _as_config_error(key: str, fn: Callable, *args):
+    """``fn(*args)``; a missing or malformed input it reports (OSError, ValueError) becomes a ConfigError
+    naming ``key``."""
+    try:
+        return fn(*args)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(f"{key}: {e}") from None
+
+
+def check_tasks(path: str | Path, key: str) -> list[Item]:
+    """The task file a recipe reads: it exists, every row parses and has its fields, every image exists."""
+    items = _as_config_error(key, load_items, path)
+    for it in items:
+        if not Path(it.image).is_file():
+            raise ConfigError(f"{key}: '{path}' row {it.id!r}: image '{it.image}' does not exist")
+    return items
+
+
+def check_weights(path: str, key: str) -> None:
+    """A weights file a recipe loads later (an Executor's init, an evaluated Executor) exists."""
+    if path and not Path(path).is_file():
+        raise ConfigError(f"{key}: weights file '{path}' does not exist (expected a .safetensors export)")
+
+
+def check_model(cfg: JobConfig) -> None:
+    """What :func:`build_kit` reads: the toy Demonstrator's folder, or the diffusers pipeline folder."""
+    if cfg.model.family == "wan" and cfg.model.flavour == "toy":
+        folder = cfg.world.demonstrator
+        if folder and not (Path(folder) / "demonstrator.json").is_file():
+            raise ConfigError(
+                f"world.demonstrator: '{folder}' has no demonstrator.json (run recipes/pretrain.py)"
+            )
+        return
+    _as_config_error("model.pretrained", _require_pretrained, cfg)
+    folder = Path(cfg.model.pretrained)
+    if not folder.is_dir():
+        raise ConfigError(f"model.pretrained: folder '{folder}' does not exist")
+    missing = [d for d in ("transformer", "vae", "text_encoder", "tokenizer") if not (folder / d).is_dir()]
+    if missing:
+        raise ConfigError(f"model.pretrained: '{folder}' lacks the sub-folders {missing} (expected a diffusers "
+                          "pipeline folder: transformer/, vae/, text_encoder/, tokenizer/, ...)")  # fmt: skip
+
+
+def check_judge(cfg: JobConfig) -> None:
+    """The judge / proposer backend's settings (its endpoint is not contacted here)."""
+    j = cfg.judge
+    if j.backend != "oracle" and not j.model:
+        raise ConfigError(f"judge.model: the {j.backend} backend needs a model name or path, got ''")
+    if j.backend == "openai" and not j.base_url:
+        raise ConfigError(
+            "judge.base_url: the openai backend needs an endpoint, e.g. http://127.0.0.1:8000/v1"
+        )
+
+
+def check_run(cfg: JobConfig) -> None:
+    """Device and run folder (created here: a path that cannot be a writable folder fails now)."""
+    from engine.dist import resolve_device
+
+    # this rank's GPU, as init_distributed picks it (resolve_device selects it)
+    _as_config_error("run.device", resolve_device, cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    folder = _as_config_error("run.out_dir", run_dir, cfg)
+    if not os.access(folder, os.W_OK):
+        raise ConfigError(f"run.out_dir: run folder '{folder}' is not writable")
+
+
+def tasks_path(cfg: JobConfig) -> Path:
+    """The task file distill, demonstrate and rl read: ``distill.tasks`` or ``<run>/tasks.jsonl``."""
+    return (
+        Path(cfg.distill.tasks) if cfg.distill.tasks else Path(cfg.run.out_dir) / cfg.run.name / "tasks.jsonl"
+    )
 
 
 # ---------------------------------------------------------------------------------------------

@@ -39,6 +39,10 @@ from recipes.common import (  # noqa: E402
     append_jsonl,
     build_judge_backend,
     build_kit,
+    check_judge,
+    check_model,
+    check_run,
+    check_tasks,
     dist_info,
     load_for_sampling,
     load_items,
@@ -47,6 +51,7 @@ from recipes.common import (  # noqa: E402
     run_dir,
     sampling_velocity,
     save_image,
+    tasks_path,
 )
 
 log = get_logger("demonstrate")
@@ -227,6 +232,14 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
     return len(todo)
 
 
+def validate(cfg: JobConfig) -> None:
+    """The inputs, checked before any model is loaded: a ConfigError naming the key."""
+    check_run(cfg)
+    check_model(cfg)
+    check_judge(cfg)
+    check_tasks(tasks_path(cfg), "distill.tasks")
+
+
 def run(cfg: JobConfig) -> Path:
     """Write the demonstrations folder; returns its path (once rank 0 has written it)."""
     out = Path(cfg.distill.demos) if cfg.distill.demos else run_dir(cfg) / "demos"
@@ -244,7 +257,7 @@ def run(cfg: JobConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(config_main(JobConfig, argv, description=__doc__))
+    run(config_main(JobConfig, argv, description=__doc__, validate=validate))
 
 
 if __name__ == "__main__":

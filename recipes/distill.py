@@ -43,12 +43,17 @@ from recipes.common import (  # noqa: E402
     Kit,
     PromptTable,
     build_kit,
+    check_model,
+    check_run,
+    check_tasks,
+    check_weights,
     load_items,
     prepare_teacher,
     run_dir,
     sampling_velocity,
     split_micro,
     step_generator,
+    tasks_path,
     work_logs,
 )
 
@@ -160,6 +165,14 @@ def build(cfg: JobConfig) -> tuple:
     return kit, executor, sft_loss, DemoBatches(cfg, table, latents, item_idx)
 
 
+def validate(cfg: JobConfig) -> None:
+    """The inputs, checked before any model is loaded: a ConfigError naming the key."""
+    check_run(cfg)
+    check_model(cfg)
+    check_tasks(tasks_path(cfg), "distill.tasks")
+    check_weights(cfg.distill.init, "distill.init")
+
+
 def run(cfg: JobConfig) -> Path:
     """Train the Executor; returns the path of its exported weights."""
     from engine.trainer import Trainer
@@ -172,7 +185,7 @@ def run(cfg: JobConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(config_main(JobConfig, argv, description=__doc__))
+    run(config_main(JobConfig, argv, description=__doc__, validate=validate))
 
 
 if __name__ == "__main__":

@@ -40,7 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
-from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main, save_config  # noqa: E402
 from engine.dist import barrier, broadcast_from_main, end_process, gather_to_main, shard_of  # noqa: E402
 from engine.evaluation import (  # noqa: E402
     EvalItem,
@@ -58,6 +58,10 @@ from recipes.common import (  # noqa: E402
     Kit,
     build_judge_backend,
     build_kit,
+    check_judge,
+    check_model,
+    check_run,
+    check_tasks,
     dist_info,
     load_for_sampling,
     load_image,
@@ -110,6 +114,19 @@ def conditions(cfg: JobConfig) -> list[tuple[str, str, str]]:
     if not out:
         raise ValueError("nothing to evaluate: eval.baselines is false and eval.executors is empty")
     return out
+
+
+def validate(cfg: JobConfig) -> None:
+    """The inputs, checked before any model is loaded or video sampled: a ConfigError naming the key."""
+    check_run(cfg)
+    check_model(cfg)
+    check_judge(cfg)
+    if cfg.eval.tasks:
+        check_tasks(cfg.eval.tasks, "eval.tasks")
+    try:
+        conditions(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def pipeline_for(kit: Kit, model: torch.nn.Module, cfg: JobConfig) -> VideoPipeline:
@@ -319,7 +336,7 @@ def run(cfg: JobConfig, *, out: Path | None = None) -> dict:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(config_main(JobConfig, argv, description=__doc__))
+    run(config_main(JobConfig, argv, description=__doc__, validate=validate))
 
 
 if __name__ == "__main__":

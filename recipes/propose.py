@@ -25,12 +25,14 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main, save_config  # noqa: E402
 from engine.dist import barrier, broadcast_from_main, end_process, gather_to_main  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
     append_jsonl,
     build_proposer,
+    check_judge,
+    check_run,
     dist_info,
     load_image,
     read_jsonl,
@@ -164,6 +166,14 @@ def propose(
     return written
 
 
+def validate(cfg: JobConfig) -> None:
+    """The inputs, checked before the proposer is built: a ConfigError naming the key."""
+    check_run(cfg)
+    check_judge(cfg)
+    if cfg.data.manifest and not Path(cfg.data.manifest).is_file():
+        raise ConfigError(f"data.manifest: '{cfg.data.manifest}' does not exist (expected a JSONL of images)")
+
+
 def run(cfg: JobConfig) -> Path:
     """Write <run>/tasks.jsonl (or ``distill.tasks``); returns its path (once rank 0 has written it)."""
     out_dir = run_dir(cfg)
@@ -185,7 +195,7 @@ def run(cfg: JobConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(config_main(JobConfig, argv, description=__doc__))
+    run(config_main(JobConfig, argv, description=__doc__, validate=validate))
 
 
 if __name__ == "__main__":

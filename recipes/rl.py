@@ -58,6 +58,11 @@ from recipes.common import (  # noqa: E402
     PromptTable,
     build_judge,
     build_kit,
+    check_judge,
+    check_model,
+    check_run,
+    check_tasks,
+    check_weights,
     dist_info,
     judge_requests,
     load_items,
@@ -66,6 +71,7 @@ from recipes.common import (  # noqa: E402
     sampling_velocity,
     split_micro,
     step_generator,
+    tasks_path,
     work_logs,
 )
 
@@ -241,6 +247,15 @@ def rl_loss_fn(cfg: JobConfig):
     return loss_fn
 
 
+def validate(cfg: JobConfig) -> None:
+    """The inputs, checked before any model is loaded: a ConfigError naming the key."""
+    check_run(cfg)
+    check_model(cfg)
+    check_judge(cfg)
+    check_tasks(tasks_path(cfg), "distill.tasks")
+    check_weights(cfg.rl.init, "rl.init")
+
+
 def run(cfg: JobConfig) -> Path:
     """RL from ``rl.init``; returns the exported Executor's path."""
     from engine.trainer import Trainer
@@ -265,7 +280,7 @@ def run(cfg: JobConfig) -> Path:
 
 
 def main(argv: list[str] | None = None) -> None:
-    run(config_main(JobConfig, argv, description=__doc__))
+    run(config_main(JobConfig, argv, description=__doc__, validate=validate))
 
 
 if __name__ == "__main__":

@@ -669,3 +669,38 @@ def test_proposer_without_a_model_names_the_key():
     cfg.judge.backend = "transformers"
     with pytest.raises(ValueError, match="judge.model"):
         build_proposer(cfg)
+
+
+def _user_error_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
+    """(recipe, arguments, what the one-line error must say) for a user's typical input mistakes."""
+    import numpy as np
+
+    from recipes.common import save_image
+
+    (tmp / "bad.jsonl").write_text('not json\n{"id": "a"}\n')
+    (tmp / "fields.jsonl").write_text('{"id": "a", "image": "x.png"}\n')
+    (tmp / "afile").write_text("")
+    save_image(np.zeros((64, 64, 3), np.uint8), tmp / "x.png")
+    (tmp / "good.jsonl").write_text('{"id": "a", "image": "x.png", "task": "t", "solution": "s"}\n')
+    good = ["--distill.tasks", str(tmp / "good.jsonl")]
+    return [
+        ("distill", ["--distill.tasks", str(tmp / "none.jsonl")], "error: distill.tasks: task file"),
+        ("distill", ["--distill.tasks", str(tmp / "bad.jsonl")], "error: distill.tasks: " + str(tmp / "bad.jsonl:1")),
+        ("rl", ["--distill.tasks", str(tmp / "fields.jsonl")], "row 1 lacks ['task', 'solution']"),
+        ("rl", [*good, "--rl.init", str(tmp / "none.safetensors")], "error: rl.init: weights file"),
+        ("rl", [*good, "--judge.backend", "openai", "--judge.model", "m"], "error: judge.base_url:"),
+        ("demonstrate", ["--model.flavour", "1.3B", "--model.pretrained", str(tmp / "none")],
+         "error: model.pretrained: folder"),
+        ("evaluate", ["--eval.executors", '["x"]'], "eval.executors entry 'x': expected 'name="),
+        ("distill", ["--run.out_dir", str(tmp / "afile")], "error: run.out_dir:"),
+    ]  # fmt: skip
+
+
+def test_user_input_errors_are_one_line_before_any_work(tmp_path):
+    """A missing or malformed task file, weights file, judge endpoint, pretrained folder, executor spec or
+    run folder printed a Python traceback (raised while the models were being built); each recipe's
+    validate now reports it as one line naming the key, exit status 2."""
+    for recipe, args, needle in _user_error_cases(tmp_path):
+        p = cli(recipe, tmp_path / "runs", "u", *args, check=False)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (recipe, args, p.stderr[-2000:])
+        assert needle in p.stderr, (recipe, args, p.stderr[-2000:])
