@@ -62,6 +62,7 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
+    check_weights,
     dist_info,
     load_for_sampling,
     load_image,
@@ -124,9 +125,12 @@ def validate(cfg: JobConfig) -> None:
     if cfg.eval.tasks:
         check_tasks(cfg.eval.tasks, "eval.tasks")
     try:
-        conditions(cfg)
+        conds = conditions(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
+    # a missing Executor file was found only when its turn came, after the baselines had been sampled
+    for name, weights, _ in conds:
+        check_weights(weights, f"eval.executors entry {name!r}")
 
 
 def pipeline_for(kit: Kit, model: torch.nn.Module, cfg: JobConfig) -> VideoPipeline:

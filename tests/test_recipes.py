@@ -704,3 +704,18 @@ def test_user_input_errors_are_one_line_before_any_work(tmp_path):
         p = cli(recipe, tmp_path / "runs", "u", *args, check=False)
         assert p.returncode == 2 and "Traceback" not in p.stderr, (recipe, args, p.stderr[-2000:])
         assert needle in p.stderr, (recipe, args, p.stderr[-2000:])
+
+
+def test_evaluate_checks_executor_files_before_the_baselines(tmp_path):
+    """An eval.executors file that does not exist failed only when its condition's turn came, after both
+    baselines had been sampled and judged (hours at real sizes); validate now names it up front."""
+    from engine.config import ConfigError, load_config
+    from recipes.evaluate import validate
+
+    cfg = load_config(
+        argv=["--run.out_dir", str(tmp_path), "--eval.executors", f'["a={tmp_path}/none.safetensors"]']
+    )
+    with pytest.raises(
+        ConfigError, match="eval.executors entry 'a': weights file .*none.safetensors' does not exist"
+    ):
+        validate(cfg)
