@@ -632,6 +632,11 @@ def check_run(cfg: JobConfig) -> None:
 
     # this rank's GPU, as init_distributed picks it (resolve_device selects it)
     _as_config_error("run.device", resolve_device, cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
+    from engine.dist import mesh_shape
+
+    # a single process skipped the mesh check: parallel.cp = 3 ran silently without sequence parallelism
+    p, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
+    _as_config_error("parallel", mesh_shape, world, p.dp_replicate, p.dp_shard, p.cp)
     folder = _as_config_error("run.out_dir", run_dir, cfg)
     if not os.access(folder, os.W_OK):
         raise ConfigError(f"run.out_dir: run folder '{folder}' is not writable")

@@ -719,3 +719,16 @@ def test_evaluate_checks_executor_files_before_the_baselines(tmp_path):
         ConfigError, match="eval.executors entry 'a': weights file .*none.safetensors' does not exist"
     ):
         validate(cfg)
+
+
+def test_sequence_parallel_degree_that_does_not_fit_one_process_is_refused(tmp_path):
+    """parallel.cp = 3 in a single process was accepted and the run trained without sequence parallelism
+    (the mesh check ran only under torchrun); validate now refuses it, naming parallel.cp."""
+    from engine.config import ConfigError, load_config
+    from recipes.common import check_run
+
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path), "--parallel.cp", "3"])
+    with pytest.raises(
+        ConfigError, match="world size 1 is not divisible by parallel.dp_replicate \\* parallel.cp"
+    ):
+        check_run(cfg)
