@@ -634,6 +634,13 @@ def check_run(cfg: JobConfig) -> None:
     _as_config_error("run.device", resolve_device, cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
     from engine.dist import mesh_shape
 
+    # train.batch_size 0 failed inside the model ("cannot reshape tensor of 0 elements"), flow.num_steps 0
+    # with a traceback from the sampler
+    for key, v in (("train.batch_size", cfg.train.batch_size), ("train.grad_accum", cfg.train.grad_accum),
+                   ("flow.num_steps", cfg.flow.num_steps), ("eval.batch_size", cfg.eval.batch_size)):  # fmt: skip
+        if v < 1:
+            raise ConfigError(f"config key '{key}': expected >= 1, got {v}")
+
     # a single process skipped the mesh check: parallel.cp = 3 ran silently without sequence parallelism
     p, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
     _as_config_error("parallel", mesh_shape, world, p.dp_replicate, p.dp_shard, p.cp)

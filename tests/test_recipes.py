@@ -732,3 +732,15 @@ def test_sequence_parallel_degree_that_does_not_fit_one_process_is_refused(tmp_p
         ConfigError, match="world size 1 is not divisible by parallel.dp_replicate \\* parallel.cp"
     ):
         check_run(cfg)
+
+
+@pytest.mark.parametrize("key", ["train.batch_size", "flow.num_steps", "eval.batch_size"])
+def test_sizes_below_one_are_refused_up_front(tmp_path, key):
+    """train.batch_size 0 trained into "cannot reshape tensor of 0 elements" inside the model; flow.num_steps 0
+    failed with a traceback from the sampler; validate now names the key."""
+    from engine.config import ConfigError, load_config
+    from recipes.common import check_run
+
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path), f"--{key}", "0"])
+    with pytest.raises(ConfigError, match=f"config key '{key}': expected >= 1, got 0"):
+        check_run(cfg)
