@@ -422,8 +422,10 @@ def load_config(cls: type = JobConfig, argv: list[str] | None = None, descriptio
     parser = argparse.ArgumentParser(
         description=description,
         formatter_class=argparse.RawDescriptionHelpFormatter,
+        # the switch for progress bars is an environment variable: say so where users look
         epilog=f"overrides (--section.key value; defaults {in_effect}):\n"
-        + describe(cls, inst=build_config(cls, file_data)),
+        + describe(cls, inst=build_config(cls, file_data))
+        + "\n\nprogress bars: shown on rank 0 on a terminal outside CI; WMSD_PROGRESS=0 hides them, 1 forces them",
     )
     parser.add_argument("--config", default="", help="TOML config file (keys as in the list below)")
     args, rest = parser.parse_known_args(argv)

@@ -121,3 +121,10 @@ def test_help_spells_defaults_as_the_cli_takes_them(capsys):
             argv += [f"--{m.group(1)}", m.group(3)]
     assert "--model.meta_init" in argv and "--train.lr" in argv and "--eval.seeds" in argv
     assert load_config(JobConfig, argv) == JobConfig()
+
+
+def test_help_says_how_to_turn_progress_bars_off():
+    """Progress bars on long work are switched by WMSD_PROGRESS, which no --help mentioned."""
+    out = subprocess.run([sys.executable, "-c", "from engine.config import config_main; config_main(argv=['--help'])"],
+                         capture_output=True, text=True, cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    assert "WMSD_PROGRESS=0 hides them" in out.stdout
