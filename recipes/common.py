@@ -599,6 +599,10 @@ def check_weights(path: str, key: str) -> None:
 def check_model(cfg: JobConfig) -> None:
     """What :func:`build_kit` reads: the toy Demonstrator's folder, or the diffusers pipeline folder."""
     if cfg.model.family == "wan" and cfg.model.flavour == "toy":
+        # the toy kit never reads model.pretrained: a path there was silently ignored
+        if cfg.model.pretrained:
+            raise ConfigError(f"model.pretrained: '{cfg.model.pretrained}' is not read by the toy world (model 'wan' / "
+                              "'toy'); its Demonstrator comes from world.demonstrator (a recipes/pretrain.py export)")  # fmt: skip
         folder = cfg.world.demonstrator
         if folder and not (Path(folder) / "demonstrator.json").is_file():
             raise ConfigError(

@@ -744,3 +744,16 @@ def test_sizes_below_one_are_refused_up_front(tmp_path, key):
     cfg = load_config(argv=["--run.out_dir", str(tmp_path), f"--{key}", "0"])
     with pytest.raises(ConfigError, match=f"config key '{key}': expected >= 1, got 0"):
         check_run(cfg)
+
+
+def test_toy_world_refuses_a_model_pretrained_it_would_ignore(tmp_path):
+    """evaluate --model.pretrained /some/folder on the toy world ran to the end with the shipped Demonstrator,
+    the folder silently ignored; validate now says which key the toy world reads instead."""
+    from engine.config import ConfigError, load_config
+    from recipes.common import check_model
+
+    cfg = load_config(argv=["--model.pretrained", str(tmp_path)])
+    with pytest.raises(
+        ConfigError, match="model.pretrained: .* is not read by the toy world.*world.demonstrator"
+    ):
+        check_model(cfg)
