@@ -104,7 +104,8 @@ class OpenAIChat:
     async def _get_client(self) -> httpx.AsyncClient:
         # A client's connections belong to the loop that opened them: one client per loop, closed by the
         # loop's shutdown_asyncgens (asyncio.run calls it before closing the loop) if not by aclose. A
-        # client whose loop had ended was dropped open (its sockets leaked until GC).
+        # client whose loop had ended was dropped open (its sockets leaked until GC). A judge dropped
+        # inside its loop without aclose is closed by GC, which asyncio.run's shutdown may cut short.
         loop = asyncio.get_running_loop()
         if self._client is None or self._client.is_closed or self._loop is not loop:
             limits = httpx.Limits(
