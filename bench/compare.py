@@ -52,6 +52,10 @@ def _index(records: list[dict]) -> dict[Key, dict]:
     return out
 
 
+# metrics that describe a run rather than measure it (how many autotuner configs it chose): not compared
+INFORMATIONAL = {"count"}
+
+
 def _failures(records: list[dict]) -> dict[tuple[str, str, str], str]:
     """(name, case, provider) -> message of the error records that are failures (not "skipped: ...")."""
     out = {}
@@ -74,6 +78,8 @@ def compare(old: dict, new: dict, threshold: float) -> tuple[list[dict], list[Ke
     for key in sorted(a.keys() & b.keys()):
         ra, rb = a[key], b[key]
         va, vb = ra["value"], rb["value"]
+        if rb["metric"] in INFORMATIONAL:
+            continue
         if rb.get("higher_is_better", True):
             if not (va > 0 and math.isfinite(va)):
                 continue  # no baseline to compare with

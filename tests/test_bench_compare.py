@@ -162,3 +162,24 @@ def test_plot_history_x_axis_in_date_order(tmp_path):
     pts = sorted((float(x), float(y)) for line in ax.get_lines() for x, y in line.get_xydata())
     plt.close("all")
     assert [y for _, y in pts] == sorted(y for _, y in pts)
+
+
+def test_informational_counts_are_not_regressions(tmp_path):
+    """attention.configs records how many autotuner configs a run chose (metric "count"): fewer is no
+    regression (an H100 pair of real files flagged 25 -> 22 configs as one, exit 1)."""
+    env = environment()
+    recs = [record("attention.configs", "-", "triton", "count", 25.0)]
+    old = write_results(
+        [*recs, record("attention.fwd", "wan", "triton", "tflops", 450.0)], tmp_path / "a", env=env
+    )
+    new = write_results(
+        [
+            record("attention.configs", "-", "triton", "count", 22.0),
+            record("attention.fwd", "wan", "triton", "tflops", 451.0),
+        ],
+        tmp_path / "b",
+        env=env,
+    )
+    r = _run(old, new)
+    assert r.returncode == 0 and "0 regression(s)" in r.stdout, r.stdout + r.stderr
+    assert "attention.configs" not in r.stdout
