@@ -57,6 +57,7 @@ from engine.log import get_logger
 log = get_logger("checkpoint")
 
 MARKER = "COMPLETE"
+_STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -66,9 +67,6 @@ def _fsync_dir(path: Path) -> None:
         os.fsync(fd)
     finally:
         os.close(fd)
-
-
-_STEP_RE = re.compile(r"^step_(\d+)$")
 
 
 class Stateful(Protocol):

@@ -10,7 +10,8 @@ Statistics (all over items, and over seeds when several are given):
 - :func:`mean_ci`: percentile bootstrap of the mean, resampling items (and seeds) with replacement.
 - :func:`wilson_interval`: the Wilson score interval of a binomial proportion k / n.
 - :func:`paired_test`: per-item differences d_i = mean_s a[s, i] - mean_s b[s, i] over the seeds s judged
-  in both conditions; a bootstrap CI of mean(d) and an exact two-sided sign test on the non-zero d_i (p = P(|Bin(m, 1/2) - m/2| >= observed)).
+  in both conditions; a bootstrap CI of mean(d) and an exact two-sided sign test on the non-zero d_i
+  (p = P(|Bin(m, 1/2) - m/2| >= observed)).
 - :func:`gap_check`: Demonstrator with the solution vs with the task on the same items and noise;
   raises :class:`GapTooSmallError` when the Avg gap is below ``min_gap`` (config ``distill.min_gap``).
 """
@@ -173,6 +174,13 @@ def _as_2d(x: np.ndarray, name: str) -> np.ndarray:
     return x
 
 
+def _common_cells(*xs: np.ndarray) -> tuple[np.ndarray, ...]:
+    """Same-shape (seeds, N) scores with every (seed, item) cell NaN (not judged) in one of them made NaN in
+    all: an item's means are then over the same seeds (the same noise) in every condition."""
+    gone = np.logical_or.reduce([np.isnan(x) for x in xs])
+    return tuple(np.where(gone, np.nan, x) for x in xs)
+
+
 def mean_ci(
     scores: np.ndarray, conf: float = 0.95, n_boot: int = 2000, seed: int = 0
 ) -> tuple[float, float, float]:
@@ -234,10 +242,8 @@ def paired_test(
     a, b = _as_2d(a, "a"), _as_2d(b, "b")
     if a.shape != b.shape:
         raise ValueError(f"paired_test: a {a.shape} and b {b.shape}: expected the same items and seeds")
-    # pairs are (seed, item) cells: a cell judged in one condition only is left out of both, so that
-    # an item's two means are over the same seeds (the same noise)
-    gone = np.isnan(a) | np.isnan(b)
-    a, b = np.where(gone, np.nan, a), np.where(gone, np.nan, b)
+    # pairs are (seed, item) cells: a cell judged in one condition only is left out of both
+    a, b = _common_cells(a, b)
     with warnings.catch_warnings():  # an item every seed of which failed is NaN: left out
         warnings.simplefilter("ignore", RuntimeWarning)
         d = np.nanmean(a, axis=0) - np.nanmean(b, axis=0)  # (N,)
@@ -271,10 +277,8 @@ def gap_closed(
             f"gap_closed: executor {e.shape}, task {t.shape}, solution {s.shape}: expected the same items"
         )
     if e.shape == t.shape == s.shape:
-        # a (seed, item) cell judged in some conditions only is left out of all three: an item's means
-        # are over the same seeds (the same noise)
-        gone = np.isnan(e) | np.isnan(t) | np.isnan(s)
-        e, t, s = (np.where(gone, np.nan, x) for x in (e, t, s))
+        # a (seed, item) cell judged in some conditions only is left out of all three
+        e, t, s = _common_cells(e, t, s)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
         e, t, s = (np.nanmean(x, axis=0) for x in (e, t, s))

@@ -823,8 +823,6 @@ def attention(
         )
     _check_inputs(q, k, v, k_lengths, rope)
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not 0 < scale < float("inf"):
-        raise ValueError(f"scale: expected a positive number (finite), got {scale}")
     if backend == "torch":
         return attention_reference(
             q, k, v, scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse

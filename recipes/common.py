@@ -573,8 +573,8 @@ def load_weights(model: nn.Module, path: str) -> nn.Module:
 
 
 def _as_config_error(key: str, fn: Callable, *args):
-    """``fn(*args)``; a missing or malformed input it reports (OSError, ValueError) becomes a ConfigError
-    naming ``key``."""
+    """``fn(*args)``; a missing or malformed input it reports (OSError, ValueError, RuntimeError) becomes a
+    ConfigError naming ``key``."""
     try:
         return fn(*args)
     except (OSError, ValueError, RuntimeError) as e:
@@ -632,11 +632,10 @@ def check_judge(cfg: JobConfig) -> None:
 
 def check_run(cfg: JobConfig) -> None:
     """Device and run folder (created here: a path that cannot be a writable folder fails now)."""
-    from engine.dist import resolve_device
+    from engine.dist import mesh_shape, resolve_device
 
     # this rank's GPU, as init_distributed picks it (resolve_device selects it)
     _as_config_error("run.device", resolve_device, cfg.run.device, int(os.environ.get("LOCAL_RANK", "0")))
-    from engine.dist import mesh_shape
 
     # train.batch_size 0 failed inside the model ("cannot reshape tensor of 0 elements"), flow.num_steps 0
     # with a traceback from the sampler
@@ -653,11 +652,37 @@ def check_run(cfg: JobConfig) -> None:
         raise ConfigError(f"run.out_dir: run folder '{folder}' is not writable")
 
 
+def files_id(path: str | Path) -> list | str:
+    """A file as (path, size, mtime); a folder as that of every .safetensors file under it; else the text:
+    the fingerprint entry of weights that a rerun may find rewritten."""
+    p = Path(path)
+    if p.is_file():
+        return [str(p), p.stat().st_size, p.stat().st_mtime_ns]
+    if p.is_dir():
+        return [files_id(f) for f in sorted(p.rglob("*.safetensors"))]
+    return str(path)
+
+
+def demonstrator_id(cfg: JobConfig) -> list:
+    """The Demonstrator and encoders :func:`build_kit` loads, as a fingerprint entry: model.family / flavour
+    and the files of model.pretrained (the toy world: of world.demonstrator, or the shipped assets)."""
+    toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
+    base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
+    return [cfg.model.family, cfg.model.flavour, files_id(base) if base else ""]
+
+
+def judge_id(cfg: JobConfig) -> list:
+    """The judge's settings that change its scores, with its prompts' version, as a fingerprint entry."""
+    from engine.judge import base as judge_base
+
+    j = cfg.judge
+    return [j.backend, j.model, j.base_url, j.num_frames, j.frame_layout, judge_base.PROMPT_VERSION]
+
+
 def tasks_path(cfg: JobConfig) -> Path:
-    """The task file distill, demonstrate and rl read: ``distill.tasks`` or ``<run>/tasks.jsonl``."""
-    return (
-        Path(cfg.distill.tasks) if cfg.distill.tasks else Path(cfg.run.out_dir) / cfg.run.name / "tasks.jsonl"
-    )
+    """The task file propose writes and distill, demonstrate and rl read: ``distill.tasks`` or
+    ``<run>/tasks.jsonl`` (the run folder created)."""
+    return Path(cfg.distill.tasks) if cfg.distill.tasks else run_dir(cfg) / "tasks.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------

@@ -8,9 +8,9 @@ flow.num_steps), the judge scores it against the task (Task / Agent / Consistenc
 is stored. Output in <run>/demos/ (or ``distill.demos``): ``latents/*.safetensors`` (one file per
 chunk), ``index.jsonl`` (one row per demonstration: id, item_id, file, row, scores, fingerprint), and mp4 +
 contact sheet for the first ``eval.write_videos`` demonstrations. A rerun skips demonstrations
-already in the index (resume), unless they were made with other settings (the row's fingerprint). Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size``
-demonstrations are dealt round-robin to the ranks (noise per (run.seed + j, item), as in one process);
-rank 0 gathers each round (torch.distributed gather_object) and writes the files above in chunk order.
+already in the index (resume), unless they were made with other settings (the row's fingerprint).
+Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size`` demonstrations are dealt
+round-robin to the ranks (noise per (run.seed + j, item), as in one process); rank 0 gathers each round (torch.distributed gather_object) and writes the files above in chunk order.
 Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampling; with
 ``model.meta_init`` rank 0 alone reads its weights, which are broadcast).
 """
@@ -35,7 +35,6 @@ from engine.dist import barrier, broadcast_from_main, end_process, gather_to_mai
 from engine.evaluation import item_noise, score_videos  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
-    TOY_ASSETS,
     append_jsonl,
     build_judge_backend,
     build_kit,
@@ -43,7 +42,9 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
+    demonstrator_id,
     dist_info,
+    judge_id,
     load_for_sampling,
     load_items,
     read_jsonl,
@@ -128,25 +129,18 @@ def demo_fingerprints(cfg: JobConfig, items) -> dict[str, str]:
     """Demonstration id -> what its latents and scores depend on (the item's texts and image, run.seed, the
     sampling settings, precision, the Demonstrator and the judge), stored in its index row: a rerun with other
     settings makes it again instead of keeping the old one under the new config.toml."""
-    from engine.judge import base as judge_base
-    from recipes.evaluate import _files_id
-
-    toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
-    base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
-    f, j = cfg.flow, cfg.judge
+    f = cfg.flow
     settings = json.dumps({
         "seed": cfg.run.seed, "sampling": [f.num_steps, f.shift, f.guidance], "precision": cfg.precision.param_dtype,
-        "model": [cfg.model.family, cfg.model.flavour, _files_id(base) if base else ""],
-        "judge": [j.backend, j.model, j.base_url, j.num_frames, j.frame_layout, judge_base.PROMPT_VERSION],
+        "model": demonstrator_id(cfg), "judge": judge_id(cfg),
     }, sort_keys=True)  # fmt: skip
     out = {}
     for it in items:
         # the image by name and size, not its absolute path: a moved run folder keeps its demonstrations
         image = Path(it.image)
         size = image.stat().st_size if image.is_file() else None
-        h = hashlib.sha256(f"{settings}|{it.task}|{it.solution}|{image.name}|{size}".encode()).hexdigest()[
-            :16
-        ]
+        key = f"{settings}|{it.task}|{it.solution}|{image.name}|{size}"
+        h = hashlib.sha256(key.encode()).hexdigest()[:16]
         out.update({f"{it.id}#{k}": h for k in range(cfg.distill.demos_per_task)})
     return out
 
@@ -206,7 +200,7 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
     With several ranks, round t gives chunk t * world + rank to each rank; rank 0 gathers the round's
     latents, scores and videos and writes them in chunk order (the files a single process writes)."""
     info = dist_info(cfg)
-    items = load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else run_dir(cfg) / "tasks.jsonl")
+    items = load_items(tasks_path(cfg))
     fingerprints = demo_fingerprints(cfg, items)
     done = broadcast_from_main(
         finished_demos(out, fingerprints) if info.is_main else None, "demonstrate: done"

@@ -155,8 +155,7 @@ def build(cfg: JobConfig) -> tuple:
     """Kit, Executor, loss and batches for ``cfg.distill.mode``."""
     out = run_dir(cfg)
     kit = build_kit(cfg)
-    tasks = Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl"
-    table = kit.encode_items(load_items(tasks))
+    table = kit.encode_items(load_items(tasks_path(cfg)))
     executor = kit.load_denoiser(cfg.distill.init, meta=cfg.model.meta_init)
     if cfg.distill.mode == "on_policy":
         teacher = prepare_teacher(kit.load_denoiser("", meta=cfg.model.meta_init), cfg)

@@ -51,10 +51,8 @@ from engine.evaluation import (  # noqa: E402
     paired_test,
     summarize,
 )
-from engine.judge import base as judge_base  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
-    TOY_ASSETS,
     Kit,
     build_judge_backend,
     build_kit,
@@ -63,7 +61,10 @@ from recipes.common import (  # noqa: E402
     check_run,
     check_tasks,
     check_weights,
+    demonstrator_id,
     dist_info,
+    files_id,
+    judge_id,
     load_for_sampling,
     load_image,
     load_items,
@@ -166,23 +167,11 @@ def write_videos(
         contact_sheet(video, folder / f"item{i:04d}.png")
 
 
-def _files_id(path: str | Path) -> list | str:
-    """A file as (path, size, mtime); a folder as that of every .safetensors file under it; else the text."""
-    p = Path(path)
-    if p.is_file():
-        return [str(p), p.stat().st_size, p.stat().st_mtime_ns]
-    if p.is_dir():
-        return [_files_id(f) for f in sorted(p.rglob("*.safetensors"))]
-    return str(path)
-
-
 def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str) -> str:
     """What a condition's scores depend on (items with their prompt text and image, seeds, sampling, judge
     and its prompts' version, prompt, the weights file as written, precision.param_dtype, and the Demonstrator
     and encoders the kit loads: model.family / flavour / pretrained, world.demonstrator): saved scores with
     another fingerprint are scored again."""
-    toy = cfg.model.family == "wan" and cfg.model.flavour == "toy"
-    base = (cfg.world.demonstrator or TOY_ASSETS) if toy else cfg.model.pretrained
     # each item's id, task, the text the model is prompted with, and its image
     h = hashlib.sha256()
     for it in items:
@@ -191,12 +180,11 @@ def fingerprint(cfg: JobConfig, items: list[EvalItem], weights: str, prompt: str
     return json.dumps({
         "items": h.hexdigest(), "n": len(items), "seeds": list(cfg.eval.seeds),
         "sampling": dataclasses.asdict(sampling_of(cfg)), "prompt": prompt, "world_seed": cfg.world.seed,
-        "judge": [cfg.judge.backend, cfg.judge.model, cfg.judge.base_url, cfg.judge.num_frames, cfg.judge.frame_layout,
-                  judge_base.PROMPT_VERSION],
+        "judge": judge_id(cfg),
         # the sampler's forwards run in this dtype (load_for_sampling, sampling_velocity)
         "precision": cfg.precision.param_dtype,
-        "weights": _files_id(weights) if weights else "",
-        "model": [cfg.model.family, cfg.model.flavour, _files_id(base) if base else ""],
+        "weights": files_id(weights) if weights else "",
+        "model": demonstrator_id(cfg),
     }, sort_keys=True)  # fmt: skip
 
 

@@ -39,6 +39,7 @@ from recipes.common import (  # noqa: E402
     rewrite_jsonl,
     run_dir,
     save_image,
+    tasks_path,
 )
 
 log = get_logger("propose")
@@ -116,11 +117,12 @@ def complete_images(out: Path, n: int | None = None) -> set[str]:
     if not out.is_file():
         return set()
     rows = read_jsonl(out)
+    # rows written before "asked" was stored cannot be checked
     asked = sorted({r["meta"]["asked"] for r in rows if r["meta"].get("asked") not in (None, n)})
     if n is not None and asked:
         raise ValueError(
-            f"{out}: its rows were proposed with distill.pairs_per_image = {', '.join(map(str, asked))}, this run asks for {n}; "
-            "rerun with that value, or write to another task file (distill.tasks) or run folder"
+            f"{out}: its rows were proposed with distill.pairs_per_image = {', '.join(map(str, asked))}, this "
+            f"run asks for {n}; rerun with that value, or write to another task file (distill.tasks) or run folder"
         )
     count = Counter(r["meta"]["image_id"] for r in rows)
     short = {
@@ -177,7 +179,7 @@ def validate(cfg: JobConfig) -> None:
 def run(cfg: JobConfig) -> Path:
     """Write <run>/tasks.jsonl (or ``distill.tasks``); returns its path (once rank 0 has written it)."""
     out_dir = run_dir(cfg)
-    out = Path(cfg.distill.tasks) if cfg.distill.tasks else out_dir / "tasks.jsonl"
+    out = tasks_path(cfg)
     info = dist_info(cfg)
     images = None
     if info.is_main:

@@ -15,8 +15,8 @@ The algorithm (the paper does not spell out its RL algorithm; this is Flow-GRPO'
      video and question in ``rl.reward_questions``; reward = mean of their scores; a video with a
      failed verdict is counted in the logs and, with rl.failed_rollouts = "skip" (default), left out
      of step 4 with advantage 0; "fallback" scores the failed verdict judge.fallback_score instead).
-     With ``rl.prefetch`` the next step's group is rolled out and submitted before this step's rewards are collected, so the judge works while the
-     trainer rolls out and updates; the one-step-old policy that sampled it is exactly what
+     With ``rl.prefetch`` the next step's group is rolled out and submitted before this step's rewards
+     are collected, so the judge works while the trainer rolls out and updates; the one-step-old policy that sampled it is exactly what
      log π_old records, so the ratio stays correct. ``judge_wait_frac`` = time blocked on the judge
      / step time, logged every step.
   4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps), over the group's scored videos.
@@ -264,9 +264,7 @@ def run(cfg: JobConfig) -> Path:
     cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, steps=steps))
     out = run_dir(cfg)
     kit = build_kit(cfg)
-    table = kit.encode_items(
-        load_items(Path(cfg.distill.tasks) if cfg.distill.tasks else out / "tasks.jsonl")
-    )
+    table = kit.encode_items(load_items(tasks_path(cfg)))
     executor = kit.load_denoiser(cfg.rl.init, meta=cfg.model.meta_init)
     teacher = prepare_teacher(kit.load_denoiser("", meta=cfg.model.meta_init), cfg)
     with build_judge(cfg) as judge:

@@ -285,39 +285,17 @@ def test_demonstrate_rerun_with_other_sampling_makes_the_demonstrations_again(pr
     from recipes.demonstrate import read_demos
 
     tasks = str(proposed / "base" / "tasks.jsonl")
-    args = ["--distill.tasks", tasks, "--eval.batch_size", "4", "--eval.write_videos", "0"]
-    cli(
-        "demonstrate",
-        tmp_path,
-        "d",
-        *args,
-        "--distill.demos",
-        str(tmp_path / "demos"),
-        "--flow.num_steps",
-        "2",
-    )
+
+    def demonstrate(name: str, folder: str, steps: int):
+        return cli("demonstrate", tmp_path, name, "--distill.tasks", tasks, "--eval.batch_size", "4",
+                   "--eval.write_videos", "0", "--distill.demos", str(tmp_path / folder), "--flow.num_steps",
+                   str(steps))  # fmt: skip
+
+    demonstrate("d", "demos", 2)
     old, _, _, _ = read_demos(tmp_path / "demos", None)
-    p = cli(
-        "demonstrate",
-        tmp_path,
-        "d",
-        *args,
-        "--distill.demos",
-        str(tmp_path / "demos"),
-        "--flow.num_steps",
-        "3",
-    )
+    p = demonstrate("d", "demos", 3)
     assert "made with other settings" in p.stderr
-    cli(
-        "demonstrate",
-        tmp_path,
-        "f",
-        *args,
-        "--distill.demos",
-        str(tmp_path / "fresh"),
-        "--flow.num_steps",
-        "3",
-    )
+    demonstrate("f", "fresh", 3)
     lat, ids, _, _ = read_demos(tmp_path / "demos", None)
     ref, ref_ids, _, _ = read_demos(tmp_path / "fresh", None)
     assert sorted(ids) == sorted(ref_ids) and len(ids) == len(set(ids)) == old.shape[0]

@@ -1,8 +1,8 @@
 """OpenAI-compatible ``/v1/chat/completions`` client (vLLM, SGLang, our engine.judge.serve, hosted APIs).
 
 One HTTP request per item over a pooled ``httpx.AsyncClient``; the server does the batching. Each
-request has a total deadline (``timeout_s``, from when it gets one of the ``max_connections``) and is retried ``max_retries`` times on timeouts,
-connection errors, 408/429/5xx and malformed response bodies, with exponential backoff and jitter.
+request has a total deadline (``timeout_s``, from when it gets one of the ``max_connections``) and is
+retried ``max_retries`` times on timeouts, connection errors, 408/429/5xx and malformed response bodies, with exponential backoff and jitter.
 Other 4xx answers are not retried. Images travel as base64 PNG data URLs.
 """
 
