@@ -596,6 +596,59 @@ def check_weights(path: str, key: str) -> None:
         raise ConfigError(f"{key}: weights file '{path}' does not exist (expected a .safetensors export)")
 
 
+def _denoiser_on_meta(cfg: JobConfig) -> nn.Module:
+    """The denoiser ``kit.load_denoiser`` builds, on the meta device (no weights read): the toy Demonstrator's
+    DiT from its demonstrator.json (or the random one's config), else model.pretrained's transformer."""
+    import models
+
+    if cfg.model.family == "wan" and cfg.model.flavour == "toy":
+        from models.wan import WanConfig, WanModel
+        from recipes.pretrain import build_dit
+
+        meta_path = Path(cfg.world.demonstrator or TOY_ASSETS) / "demonstrator.json"
+        with torch.device("meta"):
+            if not meta_path.is_file():
+                return build_dit("toy")
+            dit_cfg = json.loads(meta_path.read_text())["dit_config"]
+            return WanModel(WanConfig.from_diffusers_config(dit_cfg, text_len=None))
+    model_cls, _ = models.model_classes(cfg.model.family)
+    return model_cls.meta_from_pretrained(cfg.model.pretrained)
+
+
+def check_weights_fit(cfg: JobConfig, path: str, key: str) -> None:
+    """A weights file loaded into the denoiser later (:func:`load_weights`) exists and has its keys and
+    shapes (the file's header against the model built on the meta device): a checkpoint of another model
+    config failed only once the prompts were encoded and the models loaded."""
+    from safetensors import safe_open
+
+    check_weights(path, key)
+    if not path:
+        return
+    try:
+        with safe_open(path, framework="pt") as f:
+            have = {k: tuple(f.get_slice(k).get_shape()) for k in f.keys()}
+    except Exception as e:  # safetensors raises its own error type for a file that is not one
+        raise ConfigError(f"{key}: weights file '{path}' is not a readable .safetensors file ({e})") from None
+    model = _as_config_error("model", _denoiser_on_meta, cfg)
+    layouts = [({k: tuple(v.shape) for k, v in model.state_dict().items()}, True)]
+    if hasattr(model, "to_diffusers_state_dict"):  # load_weights takes either layout
+        layouts.append(({k: tuple(v.shape) for k, v in model.to_diffusers_state_dict().items()}, False))
+    what = f"the model ({cfg.model.family} / {cfg.model.flavour})"
+    fits = [(want, exact) for want, exact in layouts if set(want) == set(have)]
+    if not fits:
+        want = max((w for w, _ in layouts), key=lambda w: len(set(w) & set(have)))
+        missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
+        raise ConfigError(f"{key}: weights '{path}' do not fit {what}: {len(missing)} keys missing, e.g. "
+                          f"{missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]}")  # fmt: skip
+    want, exact = fits[0]
+    # the diffusers layout is reshaped into ours when the sizes agree (models.adapter.to_ours)
+    bad = [k for k in sorted(want) if want[k] != have[k] and (exact or np.prod(want[k]) != np.prod(have[k]))]
+    if bad:
+        shown = "; ".join(f"{k}: file {list(have[k])}, model {list(want[k])}" for k in bad[:3])
+        raise ConfigError(f"{key}: weights '{path}' do not fit {what}: {len(bad)} of {len(want)} tensors have "
+                          f"another shape ({shown}); a checkpoint of another model config?")  # fmt: skip
+
+
 def check_model(cfg: JobConfig) -> None:
     """What :func:`build_kit` reads: the toy Demonstrator's folder, or the diffusers pipeline folder."""
     if cfg.model.family == "wan" and cfg.model.flavour == "toy":

@@ -47,7 +47,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
-from engine.config import JobConfig, config_main  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main  # noqa: E402
 from engine.dist import collective, end_process  # noqa: E402
 from engine.judge import Verdict  # noqa: E402
 from engine.log import get_logger  # noqa: E402
@@ -62,7 +62,7 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
-    check_weights,
+    check_weights_fit,
     dist_info,
     judge_requests,
     load_items,
@@ -247,13 +247,41 @@ def rl_loss_fn(cfg: JobConfig):
     return loss_fn
 
 
+def check_settings(cfg: JobConfig) -> None:
+    """RL's own settings (GroupBatches and the judge's requests refused them after the encoding, the model
+    loads and the first rollout); the pipeline checks them before its first stage."""
+    from engine.judge import QUESTIONS
+
+    f, r = cfg.flow, cfg.rl
+    if f.num_steps < 3:
+        raise ConfigError(
+            f"flow.num_steps = {f.num_steps}: rl needs >= 3 (the first and last steps are not trained on)"
+        )
+    if f.sde_sigma <= 0:
+        raise ConfigError(f"flow.sde_sigma = {f.sde_sigma}: rl needs an SDE noise level > 0")
+    if not 1 <= r.train_timesteps <= f.num_steps - 2:
+        raise ConfigError(f"rl.train_timesteps = {r.train_timesteps}: expected 1..flow.num_steps - 2 = "
+                          f"{f.num_steps - 2} (the stochastic steps)")  # fmt: skip
+    for k, v in (("rl.group_size", r.group_size), ("rl.prompts_per_step", r.prompts_per_step)):
+        if v < 1:
+            raise ConfigError(f"{k} = {v}: expected >= 1")
+    if r.steps < 0:
+        raise ConfigError(f"rl.steps = {r.steps}: expected >= 0 (0 = train.steps)")
+    bad = [q for q in r.reward_questions if q not in QUESTIONS]
+    if not r.reward_questions or bad:
+        raise ConfigError(
+            f"rl.reward_questions = {r.reward_questions}: expected a non-empty list of {list(QUESTIONS)}"
+        )
+
+
 def validate(cfg: JobConfig) -> None:
     """The inputs, checked before any model is loaded: a ConfigError naming the key."""
     check_run(cfg)
     check_model(cfg)
     check_judge(cfg)
     check_tasks(tasks_path(cfg), "distill.tasks")
-    check_weights(cfg.rl.init, "rl.init")
+    check_weights_fit(cfg, cfg.rl.init, "rl.init")
+    check_settings(cfg)
 
 
 def run(cfg: JobConfig) -> Path:

@@ -671,6 +671,11 @@ def _user_error_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
          "error: model.pretrained: folder"),
         ("evaluate", ["--eval.executors", '["x"]'], "eval.executors entry 'x': expected 'name="),
         ("distill", ["--run.out_dir", str(tmp / "afile")], "error: run.out_dir:"),
+        # rl's own settings: refused by GroupBatches / the judge's requests after the encoding and model loads
+        ("rl", good, "error: flow.num_steps = 2: rl needs >= 3"),
+        ("rl", [*good, "--flow.num_steps", "3", "--rl.train_timesteps", "2"], "error: rl.train_timesteps = 2"),
+        ("rl", [*good, "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--rl.reward_questions", '["tsak"]'],
+         "error: rl.reward_questions = ['tsak']"),
     ]  # fmt: skip
 
 
@@ -735,3 +740,44 @@ def test_toy_world_refuses_a_model_pretrained_it_would_ignore(tmp_path):
         ConfigError, match="model.pretrained: .* is not read by the toy world.*world.demonstrator"
     ):
         check_model(cfg)
+
+
+@pytest.mark.parametrize("layout", ["ours", "diffusers"])
+def test_rl_init_of_another_model_config_is_refused_before_any_work(proposed, tmp_path, layout):
+    """--rl.init with the weights of another model config (text_dim 32, not the toy Demonstrator's 64) failed
+    with a size-mismatch traceback from load_state_dict after the prompts had been encoded; validate now
+    reads the file's header and names the file and a tensor whose shape differs, with both shapes."""
+    from safetensors.torch import save_file
+
+    from models.wan import WanConfig, WanModel
+    from recipes.pretrain import load_demonstrator
+
+    other = WanModel(WanConfig.flavour("toy", in_channels=28, out_channels=12, text_dim=32, text_len=None))
+    shipped = load_demonstrator()[0].dit
+    sd, ref = ((other.state_dict(), shipped.state_dict()) if layout == "ours"
+               else (other.to_diffusers_state_dict(), shipped.to_diffusers_state_dict()))  # fmt: skip
+    bad = sorted(k for k in ref if ref[k].shape != sd[k].shape)
+    assert bad and set(sd) == set(ref)
+    path = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(path))
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    p = cli("rl", tmp_path, "r", "--distill.tasks", tasks, "--flow.num_steps", "3", "--rl.group_size", "2",
+            "--rl.train_timesteps", "1", "--train.steps", "1", "--rl.init", str(path), check=False)  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"error: rl.init: weights '{path}' do not fit" in p.stderr, p.stderr[-3000:]
+    k = bad[0]
+    assert f"{k}: file {list(sd[k].shape)}, model {list(ref[k].shape)}" in p.stderr, p.stderr[-3000:]
+    assert not any((tmp_path / "r").iterdir())  # nothing encoded, trained or written
+
+
+def test_rl_init_with_other_keys_is_refused_before_any_work(proposed, tmp_path):
+    """--rl.init naming the toy text encoder's file (not a DiT) is refused up front, naming the missing keys."""
+    from engine.world.text import ToyTextEncoder  # noqa: F401  (the file below is its weights)
+
+    path = REPO / "engine" / "world" / "assets" / "text_encoder.safetensors"
+    tasks = str(proposed / "base" / "tasks.jsonl")
+    p = cli("rl", tmp_path, "r", "--distill.tasks", tasks, "--flow.num_steps", "3", "--rl.group_size", "2",
+            "--rl.train_timesteps", "1", "--rl.init", str(path), check=False)  # fmt: skip
+    assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
+    assert f"error: rl.init: weights '{path}' do not fit" in p.stderr and "keys missing" in p.stderr
+    assert not any((tmp_path / "r").iterdir())
