@@ -63,6 +63,7 @@ from models.wan import WanImageEmbedding
 FREQ_DIM = 256  # timestep sinusoid size (diffusers' Timesteps(256))
 GLYPH_HIDDEN = 2048  # hidden size of the ByT5 projection (fixed in diffusers)
 IMAGE_TOKENS = 729  # SigLIP so400m/14 at 384px: 27 x 27 patch tokens
+REFINER_MLP_RATIO = 4.0  # the text refiner's FFN width / dim: fixed in diffusers, not the config's mlp_ratio
 
 # Fields of diffusers' HunyuanVideo15Transformer3DModel config (same names and defaults).
 _DIFFUSERS_FIELDS = (
@@ -121,6 +122,10 @@ class HunyuanVideo15Config:
     @property
     def ffn_dim(self) -> int:
         return int(self.dim * self.mlp_ratio)
+
+    @property
+    def refiner_ffn_dim(self) -> int:
+        return int(self.dim * REFINER_MLP_RATIO)
 
     @classmethod
     def flavour(cls, name: str, **overrides: Any) -> HunyuanVideo15Config:
@@ -188,7 +193,7 @@ class RefinerBlock(nn.Module):
         self.norm1 = LayerNormFP32(dim, eps=1e-6)
         self.attn = SelfAttention(dim, cfg.num_attention_heads, qk_norm=None, backend=cfg.attention_backend)
         self.norm2 = LayerNormFP32(dim, eps=1e-6)
-        self.ffn = MLP(dim, cfg.ffn_dim, act="silu")
+        self.ffn = MLP(dim, cfg.refiner_ffn_dim, act="silu")
         self.gates = nn.Linear(dim, 2 * dim)
 
     def forward(self, x: torch.Tensor, temb_act: torch.Tensor, lengths: torch.Tensor | None) -> torch.Tensor:
@@ -557,37 +562,56 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
 
     def flops_context(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
         """:meth:`flops_per_token`'s context arguments for what :meth:`predict_velocity` runs on ``cond``: the
-        text and glyph tokens trimmed to the longest valid length in the batch (as the model trims them)."""
+        refiner's text trimmed to the longest valid text, the glyph and image projections on all their tokens,
+        and the blocks' context trimmed as the model trims it: the longest per-sample count of valid text,
+        glyph and shown image tokens (an all-zero image embedding, T2V, is masked out)."""
+        text, glyph, image = cond["text"], cond.get("text_2"), cond.get("image_tokens")
+        B = text.shape[0]
 
-        def valid(x, n) -> int:
-            return 0 if x is None else (int(n.max()) if n is not None else x.shape[1])
+        def counts(x, n) -> torch.Tensor:  # (B,) valid tokens per sample
+            if x is None:
+                return torch.zeros(B, dtype=torch.long)
+            return torch.full((B,), x.shape[1]) if n is None else n.long().cpu().clamp(0, x.shape[1])
 
-        image = cond.get("image_tokens")
+        shown = torch.zeros(B, dtype=torch.long)
+        if image is not None:
+            shown = image.flatten(1).ne(0).any(dim=1).long().cpu() * image.shape[1]
+        n = counts(text, cond.get("text_lengths")) + counts(glyph, cond.get("text_2_lengths")) + shown
         return {
-            "text_len": valid(cond["text"], cond.get("text_lengths")),
-            "glyph_len": valid(cond.get("text_2"), cond.get("text_2_lengths")),
+            "text_len": max(int(counts(text, cond.get("text_lengths")).max()), 1),
+            "glyph_len": 0 if glyph is None else glyph.shape[1],
             "image_len": 0 if image is None else image.shape[1],
+            "context_len": max(int(n.max()), 1),
         }
 
     def flops_per_token(
-        self, seq_len: int, text_len: int, *, glyph_len: int = 0, image_len: int = IMAGE_TOKENS
+        self,
+        seq_len: int,
+        text_len: int,
+        *,
+        glyph_len: int = 0,
+        image_len: int = IMAGE_TOKENS,
+        context_len: int | None = None,
     ) -> float:
-        """Forward matmul FLOPs per video token (2 per multiply-add; training ~ 3x this), all context
-        tokens valid: text_len Qwen tokens, glyph_len ByT5 tokens, image_len SigLIP tokens (0 for T2V).
+        """Forward matmul FLOPs per video token (2 per multiply-add; training ~ 3x this): text_len Qwen tokens
+        through the refiner, glyph_len ByT5 tokens and image_len SigLIP tokens through their projections,
+        context_len context tokens in the blocks (default text_len + glyph_len + image_len: all valid; fewer
+        where the model trims padding or T2V's zero image tokens, see :meth:`flops_context`).
 
-        Per token of the joint sequence (S video + Lc = text + glyph + image context tokens), per block:
+        Per token of the joint sequence (S video + Lc = context_len tokens), per block:
         8 d^2 (qkv, out) + 4 d f (FFN) + 4 (S + Lc) d (QK^T, PV). Per sample: modulation 24 d^2 per
         block, time and head embeddings, the text refiner on text_len tokens, the glyph and image
         projections. Video tokens also pay the patch embedding and the head.
         """
         c, d, f, S = self.cfg, self.cfg.dim, self.cfg.ffn_dim, seq_len
-        Lc, p = text_len + glyph_len + image_len, math.prod(self.cfg.patch)
+        Lc = text_len + glyph_len + image_len if context_len is None else context_len
+        p, fr = math.prod(self.cfg.patch), self.cfg.refiner_ffn_dim
         per_joint_token = c.num_layers * (8 * d * d + 4 * d * f + 4 * (S + Lc) * d)
         per_token = per_joint_token + 2 * c.in_channels * p * d + 2 * d * c.out_channels * p
         time = 2 * d * (FREQ_DIM + d)
         per_sample = time * (2 if c.use_meanflow else 1) + c.num_layers * 24 * d * d + 4 * d * d
         refiner = text_len * (
-            2 * c.text_embed_dim * d + (8 * d * d + 4 * d * f + 4 * text_len * d) * c.num_refiner_layers
+            2 * c.text_embed_dim * d + (8 * d * d + 4 * d * fr + 4 * text_len * d) * c.num_refiner_layers
         )
         refiner += time + 2 * d * (c.text_embed_dim + d) + c.num_refiner_layers * 4 * d * d
         glyph = glyph_len * 2 * GLYPH_HIDDEN * (c.text_embed_2_dim + GLYPH_HIDDEN + d)

@@ -152,23 +152,52 @@ def test_flops_per_token_matches_flop_counter():
     assert abs(count / counter.get_total_flops() - 1) < 1e-9
 
 
-def test_recipes_work_logs_count_the_whole_context():
-    """recipes.common.work_logs (the trainer's tokens/s and MFU input) on a full I2V cond -- text, SigLIP
-    image tokens, glyph tokens -- equals torch's FLOP counter on that predict_velocity."""
+@pytest.mark.parametrize("case", ["i2v", "t2v_zero_image", "no_quoted_text", "mixed_lengths"])
+def test_recipes_work_logs_count_the_whole_context(case):
+    """recipes.common.work_logs (the trainer's tokens/s and MFU input) on a full cond -- text, SigLIP image
+    tokens, glyph tokens -- equals torch's FLOP counter on that predict_velocity. The blocks' context is
+    trimmed to the longest per-sample valid count: T2V's all-zero image tokens are masked out (not counted),
+    while the glyph and image projections still run on every token (prompts without quoted text)."""
     from recipes.common import work_logs
 
     _, ours = make_pair(attention_backend="torch")
     (_, _, text), kw = inputs(2, latent=(2, 4, 6))
     x = torch.randn(2, 4, 2, 4, 6)
+    L, L2 = text.shape[1], kw["encoder_hidden_states_2"].shape[1]
     # valid text shorter than its padding: the model trims the context, and the count must too
-    cond = {"text": text, "text_lengths": torch.tensor([2, text.shape[1] - 1]), "image_latent": x[:, :, :1],
+    cond = {"text": text, "text_lengths": torch.tensor([2, L - 1]), "image_latent": x[:, :, :1],
             "image_tokens": kw["image_embeds"], "text_2": kw["encoder_hidden_states_2"],
-            "text_2_lengths": torch.full((2,), kw["encoder_hidden_states_2"].shape[1])}  # fmt: skip
+            "text_2_lengths": torch.full((2,), L2)}  # fmt: skip
+    if case == "t2v_zero_image":
+        cond["image_tokens"] = torch.zeros_like(kw["image_embeds"])
+        del cond["image_latent"]
+    elif case == "no_quoted_text":
+        cond["text_2_lengths"] = torch.zeros(2, dtype=torch.long)
+    elif case == "mixed_lengths":  # longest text and longest glyph in different samples
+        cond["text_lengths"], cond["text_2_lengths"] = torch.tensor([L, 2]), torch.tensor([0, L2])
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         ours.predict_velocity(x, torch.tensor([0.3, 0.7]), cond)
     logs = work_logs(ours, x, cond)
     assert logs["num_tokens"] == 2 * 2 * 4 * 6
     assert abs(logs["num_flops"] / counter.get_total_flops() - 1) < 1e-6
+
+
+def test_refiner_ffn_width_is_fixed_as_in_diffusers():
+    """diffusers' token refiner uses an FFN of 4 x dim whatever the config's mlp_ratio (the blocks' width)."""
+    theirs, ours = make_pair(mlp_ratio=2.5, attention_backend="torch")
+    assert ours.text_refiner.blocks[0].ffn.fc1.out_features == 4 * ours.cfg.dim
+    assert ours.blocks[0].x_ffn.fc1.out_features == int(2.5 * ours.cfg.dim)
+    args, kw = inputs(2)
+    check_parity(theirs, ours, args, kw, allow_unused=True)
+    check_state_dict_round_trip(theirs, ours)
+    (x, t, text), kw = inputs(1, latent=(2, 4, 6))
+    kw["encoder_attention_mask_2"] = torch.ones(1, 5)
+    with FlopCounterMode(display=False) as counter, torch.no_grad():
+        ours(x, t, text, **kw)
+    S = 2 * 4 * 6
+    assert (
+        abs(ours.flops_per_token(S, 7, glyph_len=5, image_len=3) * S / counter.get_total_flops() - 1) < 1e-9
+    )
 
 
 def test_real_size_on_meta_matches_diffusers_and_paper():
