@@ -22,6 +22,8 @@ writer again re-creates it. Training from the cache never loads the VAE or the t
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -71,8 +73,37 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _tmp_name(path: Path, suffix: str) -> Path:
+    """A temporary name next to ``path`` that no other process or thread writing the same cache uses."""
+    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{suffix}")
+
+
+@contextlib.contextmanager
+def _exclusive(lock_path: Path) -> Iterator[None]:
+    """An exclusive lock between processes (flock: released when its holder dies)."""
+    with open(lock_path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _remove_orphans(folder: Path) -> None:
+    """Delete the temporary files of writers that died (a crash mid-shard)."""
+    for p in [*folder.glob("*.partial"), *folder.glob("*.tmp")]:
+        try:
+            os.kill(int(p.name.rsplit(".", 2)[-2].split("-")[0]), 0)
+        except (ValueError, IndexError):
+            continue  # not a name of _tmp_name
+        except ProcessLookupError:
+            p.unlink(missing_ok=True)
+        except PermissionError:
+            pass  # a live process of another user
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(path.name + ".tmp")
+    tmp = _tmp_name(path, ".tmp")
     with tmp.open("w") as f:
         f.write(text)
         f.flush()
@@ -183,26 +214,34 @@ class LatentCacheWriter:
         )
 
     def write(self, dataset: MapDataset) -> dict[str, Any]:
-        """Encode every shard not already complete; returns the index."""
+        """Encode every shard not already complete; returns the index.
+
+        Several writers (ranks) may write one cache at once: each shard goes to a temporary file of its own and
+        is renamed into place together with its index entry under a lock, the index re-read from disk there, so
+        no writer's shards are lost from the index and every entry matches the file on disk."""
         self.out.mkdir(parents=True, exist_ok=True)
         n = len(dataset)
-        index = self._load_index(n)
+        lock = self.out / "index.json.lock"
+        with _exclusive(lock):
+            index = self._load_index(n)
+            _remove_orphans(self.out)
         num_shards = -(-n // self.shard_size)
         for k in progress(range(num_shards), desc="cache shards", total=num_shards):
             name = f"shard-{k:05d}.safetensors"
-            if self._done(index, name):
-                continue
+            with _exclusive(lock):
+                index = self._load_index(n)  # another writer may have finished this shard
+                if self._done(index, name):
+                    continue
             rows = (k * self.shard_size, min(n, (k + 1) * self.shard_size))
             tensors, items = self._encode_rows(dataset, range(*rows))
-            self._save_shard(name, tensors, items)
-            path = self.out / name
-            index["shards"][name] = {
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-                "rows": list(rows),
-                "items": len(items),
-            }
-            _atomic_write_text(self.out / "index.json", json.dumps(index, indent=1))
+            tmp = self._save_shard(name, tensors, items)
+            entry = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size, "rows": list(rows),
+                     "items": len(items)}  # fmt: skip
+            with _exclusive(lock):
+                index = self._load_index(n)
+                os.replace(tmp, self.out / name)
+                index["shards"][name] = entry
+                _atomic_write_text(self.out / "index.json", json.dumps(index, indent=1))
         log.info(
             "cache '%s': %d shards, %d items",
             self.out,
@@ -211,14 +250,15 @@ class LatentCacheWriter:
         )
         return index
 
-    def _save_shard(self, name: str, tensors: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> None:
+    def _save_shard(self, name: str, tensors: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> Path:
+        """Write the shard to a temporary file of this writer's (synced); returns its path."""
         from safetensors.torch import save_file
 
-        tmp = self.out / (name + ".partial")
+        tmp = _tmp_name(self.out / name, ".partial")
         save_file(tensors, str(tmp), metadata={"items": json.dumps(items)})
         with open(tmp, "rb+") as f:
             os.fsync(f.fileno())
-        os.replace(tmp, self.out / name)
+        return tmp
 
     def _encode_rows(
         self, dataset: MapDataset, rows: range

@@ -1,0 +1,79 @@
+"""Latent cache written by several processes at once (every rank of a torchrun precompute runs the writer on
+the same cache_dir): none crashes, and the index lists every shard with the checksum of the file on disk."""
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+pytest.importorskip("av", reason="PyAV writes the test videos")
+
+ROOT = Path(__file__).resolve().parents[1]
+
+WRITER = """
+import sys, time, torch
+from engine.data import VideoDataset
+from engine.data.cache import LatentCacheWriter
+
+class PoolVAE:  # a fixed linear map as the VAE; slow enough that the writers overlap
+    def encode(self, video):
+        time.sleep(0.01)
+        return torch.nn.functional.avg_pool3d(video, (1, 4, 4))
+
+class Text:
+    def cond(self, texts):
+        emb = torch.stack([torch.full((3, 2), float(len(t))) for t in texts])
+        return {"text": emb, "text_lengths": torch.full((len(texts),), 3)}
+
+ds = VideoDataset(sys.argv[1], num_frames=2, height=16, width=16, decoder="pyav")
+LatentCacheWriter(sys.argv[2], vae=PoolVAE(), text_encoder=Text(), text_fields=("caption",), shard_size=1,
+                  batch_size=1).write(ds)
+"""
+
+
+def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path):
+    """Three writer processes, one cache folder: before, they shared the temporary names 'shard-k.partial' and
+    'index.json.tmp' (one renamed the other's file away: FileNotFoundError) and each wrote its own in-memory
+    index over the others'. A dead writer's temporary file is removed."""
+    from engine.data import VideoDataset
+    from engine.data.cache import LatentCacheDataset
+    from engine.data.synthetic import write_video
+
+    rows = []
+    for i in range(12):
+        write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=2, height=16, width=16)
+        rows.append(json.dumps({"video": f"v{i}.webm", "caption": f"c{i}"}))
+    manifest = tmp_path / "m.jsonl"
+    manifest.write_text("\n".join(rows))
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    out = tmp_path / "cache"
+    out.mkdir()
+    (out / "shard-00003.safetensors.999999999-1.partial").write_bytes(b"left by a writer that died")
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+    procs = [
+        subprocess.Popen(
+            [sys.executable, str(script), str(manifest), str(out)],
+            env=env,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.STDOUT,
+            text=True,
+        )  # fmt: skip
+        for _ in range(3)
+    ]
+    logs = [p.communicate(timeout=300)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-2000:] for log in logs)
+    assert not list(out.glob("*.partial")) and not list(out.glob("*.tmp"))
+    cache = LatentCacheDataset(out)  # verifies every shard's sha256 against the index
+    items = list(cache)
+    assert cache.skipped == [] and sorted(it["index"] for it in items) == list(range(12))
+    ds = VideoDataset(manifest, num_frames=2, height=16, width=16, decoder="pyav")
+    for it in items:
+        src = ds[it["index"]]
+        assert it["caption"] == src["caption"]
+        torch.testing.assert_close(
+            it["latent"], torch.nn.functional.avg_pool3d(src["video"][None], (1, 4, 4))[0]
+        )
