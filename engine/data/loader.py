@@ -10,6 +10,11 @@ epoch are still pending: the state records that (``epoch_drawn``), and a resumed
 as the uninterrupted one did, instead of bucketing them with the next epoch's. Each pass tells the dataset
 its epoch (``dataset.set_epoch``, where it has one: VideoDataset's random clip starts are seeded by it).
 
+Ranks of a distributed run (the sampler's world_size > 1 under torch.distributed) take the same number of
+batches per pass: skipped files and shape buckets make the counts differ (one rank's pass ended a step early and
+its next epoch's steps paired with the others' last ones), so before each batch the ranks agree (one all-reduce)
+that every rank has one; when one has none, every rank ends the pass there, dropping the rest of its epoch.
+
     loader = BatchLoader(dataset, sampler, batch_size=8)
     for batch in loader:                  # one epoch; batch["video"] (B, 3, T, H, W), text as lists
         ...
@@ -24,8 +29,31 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from itertools import chain
 from typing import Any
 
+import torch
+
 from engine.data.dataset import SkipItem, collate_videos
 from engine.data.sampler import ResumableSampler
+from engine.log import get_logger
+
+log = get_logger("data")
+
+
+def _distributed(world_size: int) -> bool:
+    import torch.distributed as dist
+
+    return world_size > 1 and dist.is_available() and dist.is_initialized()
+
+
+def _every_rank_has(has: bool) -> bool:
+    """Whether every rank of the default process group has a batch (one all-reduce)."""
+    import torch.distributed as dist
+
+    cuda = dist.get_backend() == "nccl"
+    flag = torch.tensor(
+        [int(has)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu"
+    )
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    return bool(flag.item())
 
 
 class BatchLoader:
@@ -74,6 +102,28 @@ class BatchLoader:
         """The rest of the current epoch (the pending indices of a resumed state first)."""
         if hasattr(self.dataset, "set_epoch"):
             self.dataset.set_epoch(self.sampler.epoch - 1 if self._epoch_drawn else self.sampler.epoch)
+        if not _distributed(self.sampler.world_size):
+            yield from self._batches()
+            return
+        batches = self._batches()
+        try:
+            while True:
+                batch = next(batches, None)
+                if not _every_rank_has(batch is not None):
+                    break
+                yield batch
+            if batch is not None:  # another rank's pass is over: end this one too, as if its epoch were drawn
+                batches.close()
+                log.info("BatchLoader: another rank's pass is over; this rank drops a batch and %d more items "
+                         "of the epoch so that every rank takes the same number of batches", len(self._pending))  # fmt: skip
+                self._pending.clear()
+                if not self._epoch_drawn:
+                    self.sampler.set_epoch(self.sampler.epoch + 1)
+                self._epoch_drawn = False
+        finally:
+            batches.close()
+
+    def _batches(self) -> Iterator[dict[str, Any]]:
         # a pass over a whole epoch (not the rest of a resumed one) that gives no batch is an error
         whole_epoch = (
             not self._pending and not self._epoch_drawn and self.sampler.state_dict()["consumed"] == 0
