@@ -87,10 +87,10 @@ def to_ours(
     for key, shape in our_shapes.items():
         names = keymap.theirs(key)
         absent = [n for n in names if n not in theirs_sd]
+        used.update(n for n in names if n in theirs_sd)  # a fused group's present parts: not unexpected
         if absent:
             missing.extend(absent)
             continue
-        used.update(names)
         parts = [theirs_sd[n] for n in names]
         value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(value.shape) != tuple(shape):

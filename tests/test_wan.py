@@ -72,6 +72,9 @@ def test_missing_and_unexpected_keys_are_listed():
         ours.load_diffusers_state_dict(sd)
     msg = str(err.value)
     assert "blocks.1.attn1.to_k.weight" in msg and "blocks.0.extra.weight" in msg
+    # the fused group's present parts (to_q, to_v) are neither missing nor unexpected
+    assert err.value.missing == ["blocks.1.attn1.to_k.weight"]
+    assert err.value.unexpected == ["blocks.0.extra.weight"]
     before = ours.blocks[1].self_attn.qkv.weight.clone()
     ours.load_diffusers_state_dict(sd, strict=False)  # lenient: the fused qkv stays as it was
     assert torch.equal(ours.blocks[1].self_attn.qkv.weight, before)
