@@ -22,7 +22,7 @@ REPO = Path(__file__).resolve().parents[1]
 if str(REPO) not in sys.path:  # `python recipes/precompute.py` from anywhere
     sys.path.insert(0, str(REPO))
 
-from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main, save_config  # noqa: E402
 from engine.data import VideoDataset  # noqa: E402
 from engine.data.cache import LatentCacheWriter  # noqa: E402
 from engine.dist import end_process  # noqa: E402
@@ -75,12 +75,99 @@ def build_encoders(cfg: JobConfig, device: torch.device):
     return _OnDevice(enc.vae, device), enc.text  # the text encoder takes strings and runs on its own device
 
 
-def main(argv: list[str] | None = None) -> dict:
-    cfg = config_main(JobConfig, argv, description=__doc__)
+def _is_toy(cfg: JobConfig) -> bool:
+    return cfg.model.family == "wan" and cfg.model.flavour == "toy"
+
+
+# the sub-folders of model.pretrained that models.encoders.load_encoders reads (the DiT's transformer/ is not)
+ENCODER_FOLDERS = ("vae", "text_encoder", "tokenizer", "text_encoder_2", "tokenizer_2")
+
+
+def encoders_id(cfg: JobConfig) -> list:
+    """The encoders' files as a fingerprint entry (recipes.common.files_id: path, size, mtime): weights
+    replaced at the same path make another cache. The toy world: its text encoder's file (the random one
+    drawn from run.seed when none is shipped)."""
+    from recipes.common import TOY_ASSETS, files_id
+
+    if _is_toy(cfg):
+        f = Path(cfg.world.demonstrator or TOY_ASSETS) / "text_encoder.safetensors"
+        return ["toy", files_id(f) if f.is_file() else f"random text encoder, run.seed {cfg.run.seed}"]
+    base = Path(cfg.model.pretrained)
+    files = sorted(
+        f for d in ENCODER_FOLDERS if (base / d).is_dir() for f in (base / d).rglob("*") if f.is_file()
+    )
+    return [cfg.model.family, str(base), [files_id(f) for f in files]]
+
+
+def _vae_temporal_compression(folder: Path) -> int | None:
+    """The VAE's frame compression from vae/config.json, as models.encoders computes it (None: unknown)."""
+    import json
+
+    try:
+        c = json.loads((folder / "vae" / "config.json").read_text())
+    except (OSError, ValueError):
+        return None
+    if "temperal_downsample" in c:  # diffusers' spelling (Wan)
+        return 2 ** sum(bool(x) for x in c["temperal_downsample"])
+    return c.get("temporal_compression_ratio")
+
+
+def validate(cfg: JobConfig) -> None:
+    """The inputs, checked before any encoder is loaded: a ConfigError naming the key."""
+    from engine.dist import resolve_device
+    from recipes.common import check_model
+
     d = cfg.data
-    if not d.manifest or not d.cache_dir:
-        raise SystemExit("error: set --data.manifest (JSONL) and --data.cache_dir (output folder)")
-    device = torch.device("cuda" if cfg.run.device != "cpu" and torch.cuda.is_available() else "cpu")
+    for key, value, what in (
+        ("data.manifest", d.manifest, "JSONL"),
+        ("data.cache_dir", d.cache_dir, "output folder"),
+    ):
+        if not value:
+            raise ConfigError(f"{key} is empty; set --{key} ({what})")
+    if not Path(d.manifest).is_file():
+        raise ConfigError(f"data.manifest: '{d.manifest}' does not exist (expected a JSONL manifest)")
+    if d.root and not Path(d.root).is_dir():
+        raise ConfigError(f"data.root: folder '{d.root}' does not exist")
+    if Path(d.cache_dir).exists() and not Path(d.cache_dir).is_dir():
+        raise ConfigError(f"data.cache_dir: '{d.cache_dir}' is not a folder")
+    sizes = (("data.num_frames", d.num_frames), ("data.height", d.height), ("data.width", d.width),
+             ("data.shard_size", d.shard_size), ("data.encode_batch", d.encode_batch),
+             ("data.bucket_multiple", d.bucket_multiple))  # fmt: skip
+    for key, v in sizes:
+        if v < 1:
+            raise ConfigError(f"config key '{key}': expected >= 1, got {v}")
+    if d.fps < 0 or d.max_upscale <= 0:
+        raise ConfigError(f"data.fps = {d.fps}, data.max_upscale = {d.max_upscale}: expected fps >= 0 (0 = native), "
+                          "max_upscale > 0")  # fmt: skip
+    try:
+        resolve_device(cfg.run.device)
+    except (ValueError, RuntimeError) as e:
+        raise ConfigError(f"run.device: {e}") from None
+    if _is_toy(cfg):
+        check_model(cfg)
+        return
+    from models.encoders import ENCODER_FAMILIES
+
+    if cfg.model.family not in ENCODER_FAMILIES:
+        raise ConfigError(f"model.family {cfg.model.family!r}: expected one of {sorted(ENCODER_FAMILIES)}")
+    folder = Path(cfg.model.pretrained)
+    if not cfg.model.pretrained or not folder.is_dir():
+        raise ConfigError(f"model.pretrained: {cfg.model.pretrained!r} is not a folder; expected a diffusers pipeline "
+                          "folder with vae/, text_encoder/, tokenizer/ (or model.flavour toy)")  # fmt: skip
+    missing = [s for s in ENCODER_FOLDERS[:3] if not (folder / s).is_dir()]
+    if missing:
+        raise ConfigError(f"model.pretrained: '{folder}' lacks the sub-folders {missing}")
+    tc = _vae_temporal_compression(folder)
+    if tc and (d.num_frames - 1) % tc:
+        raise ConfigError(f"data.num_frames = {d.num_frames}: this VAE needs 1 + k * {tc} frames")
+
+
+def main(argv: list[str] | None = None) -> dict:
+    from engine.dist import resolve_device
+
+    cfg = config_main(JobConfig, argv, description=__doc__, validate=validate)
+    d = cfg.data
+    device = resolve_device(cfg.run.device)  # "cuda" without a GPU fell back to the CPU without a word
     vae, text = build_encoders(cfg, device)
     tc = vae.temporal_compression
     if (d.num_frames - 1) % tc:
@@ -93,7 +180,7 @@ def main(argv: list[str] | None = None) -> dict:
         "num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
         "aspect_buckets": d.aspect_buckets, "bucket_multiple": d.bucket_multiple, "max_upscale": d.max_upscale,
         "clip_start": d.clip_start, "seed": cfg.run.seed if d.clip_start == "random" else None,
-        "model": f"{cfg.model.family}/{cfg.model.flavour}/{cfg.model.pretrained}",
+        "model": encoders_id(cfg),  # by the files' identity: new weights at the same path are another cache
         # the encoders run in it (the toy world's exact maps do not)
         "param_dtype": None if isinstance(vae, _ToyVAE) else cfg.precision.param_dtype,
     }  # fmt: skip

@@ -1,6 +1,7 @@
 """recipes/precompute.py end to end on the toy world's encoders: cache = encoders applied directly."""
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,6 +13,8 @@ from engine.data import VideoDataset
 from engine.data.cache import LatentCacheDataset
 from engine.data.synthetic import write_video
 from engine.world import latent as toy_latent
+
+ASSETS = Path(__file__).resolve().parents[1] / "engine" / "world" / "assets"
 
 
 @pytest.fixture
@@ -62,19 +65,12 @@ def test_precompute_toy_cache_matches_direct_encoding(manifest, tmp_path):
             main(args + changed)
 
 
-def test_precompute_rejects_missing_settings(manifest, tmp_path):
-    from recipes.precompute import main
-
-    with pytest.raises(SystemExit, match="data.cache_dir"):
-        main(["--data.manifest", str(manifest)])
-
-
-def test_precompute_refuses_to_resume_with_another_encoder_dtype(tmp_path):
-    """The real encoders run in precision.param_dtype: a cache resumed in bf16 after an fp32 start mixed text
-    embeddings 2e-2 apart (tiny UMT5) in one cache; that is now a fingerprint mismatch."""
-    from recipes.precompute import main
+def tiny_model(tmp_path, seed: int = 0) -> tuple[Path, list[str]]:
+    """A tiny diffusers-format Wan encoder folder (VAE with 2x frame compression, UMT5, CLIP), a one-video
+    manifest, and the precompute arguments for them."""
     from tests.test_encoders import tiny_clip, tiny_tokenizer, tiny_umt5, tiny_vae
 
+    torch.manual_seed(seed)
     model = tmp_path / "model"
     tiny_vae().save_pretrained(model / "vae")
     tiny_tokenizer().save_pretrained(model / "tokenizer")
@@ -86,6 +82,94 @@ def test_precompute_refuses_to_resume_with_another_encoder_dtype(tmp_path):
             "--data.manifest", str(tmp_path / "m.jsonl"), "--data.cache_dir", str(tmp_path / "cache"),
             "--data.num_frames", "5", "--data.height", "16", "--data.width", "16", "--data.decoder", "pyav",
             "--run.device", "cpu", "--data.text_fields", '["task"]']  # fmt: skip
+    return model, args
+
+
+def test_precompute_refuses_to_resume_with_another_encoder_dtype(tmp_path):
+    """The real encoders run in precision.param_dtype: a cache resumed in bf16 after an fp32 start mixed text
+    embeddings 2e-2 apart (tiny UMT5) in one cache; that is now a fingerprint mismatch."""
+    from recipes.precompute import main
+
+    _, args = tiny_model(tmp_path)
     main(args)
     with pytest.raises(ValueError, match="param_dtype"):
         main(args + ["--precision.param_dtype", "bfloat16"])
+
+
+def test_precompute_refuses_a_cache_made_with_other_weights_at_the_same_path(tmp_path):
+    """model.pretrained was fingerprinted by its path: a text encoder retrained and saved into the same folder
+    resumed the cache, which kept the old weights' embeddings. The encoders' files (path, size, mtime) are now
+    in the fingerprint; a fresh cache shows the new weights do embed the text differently."""
+    from engine.data.cache import LatentCacheDataset
+    from recipes.precompute import main
+    from tests.test_encoders import tiny_umt5
+
+    model, args = tiny_model(tmp_path)
+    main(args)
+    old = next(iter(LatentCacheDataset(tmp_path / "cache")))["task_emb"]
+    torch.manual_seed(1)
+    tiny_umt5().save_pretrained(model / "text_encoder")  # other weights, same path
+    with pytest.raises(ValueError, match="fingerprint"):
+        main(args)
+    new_args = [*args, "--data.cache_dir", str(tmp_path / "cache2")]
+    main(new_args)
+    new = next(iter(LatentCacheDataset(tmp_path / "cache2")))["task_emb"]
+    assert new.shape == old.shape and not torch.allclose(new, old)  # the reused cache was stale
+
+
+def test_precompute_toy_refuses_a_cache_made_with_another_text_encoder(manifest, tmp_path):
+    """The toy world's text encoder (world.demonstrator's text_encoder.safetensors) was not in the fingerprint
+    at all: another Demonstrator's, or new weights in the same folder, resumed the old cache."""
+    import shutil
+
+    from safetensors.torch import save_file
+
+    from engine.world.text import ToyTextEncoder
+    from recipes.precompute import main
+
+    demo = tmp_path / "demo"
+    shutil.copytree(ASSETS, demo)
+    args = ["--data.manifest", str(manifest), "--data.cache_dir", str(tmp_path / "cache"), "--data.decoder", "pyav",
+            "--run.device", "cpu", "--world.demonstrator", str(demo)]  # fmt: skip
+    main(args)
+    cfg = json.loads((demo / "demonstrator.json").read_text())["text_encoder_config"]
+    torch.manual_seed(5)
+    save_file(ToyTextEncoder(**cfg).state_dict(), str(demo / "text_encoder.safetensors"))
+    with pytest.raises(ValueError, match="fingerprint"):
+        main(args)
+
+
+def _bad_inputs(tmp: Path, manifest: Path, model_args: list[str]) -> list[tuple[list[str], str]]:
+    cache = ["--data.cache_dir", str(tmp / "cache")]
+    toy = ["--data.manifest", str(manifest), *cache, "--run.device", "cpu"]
+    return [
+        (["--data.manifest", str(manifest)], "data.cache_dir is empty"),
+        # the encoders were loaded before the manifest was read (FileNotFoundError traceback)
+        (["--data.manifest", str(tmp / "none.jsonl"), *cache], f"data.manifest: '{tmp / 'none.jsonl'}' does not"),
+        ([*toy, "--data.root", str(tmp / "nowhere")], "data.root: folder"),
+        ([*toy, "--data.shard_size", "0"], "config key 'data.shard_size': expected >= 1, got 0"),
+        ([*toy, "--data.height", "0"], "config key 'data.height': expected >= 1, got 0"),
+        # the toy world never reads model.pretrained: it was silently ignored
+        ([*toy, "--model.pretrained", str(tmp)], "model.pretrained: "),
+        ([*toy, "--world.demonstrator", str(tmp)], "world.demonstrator: "),
+        ([*toy, "--model.flavour", "1.3B"], "model.pretrained: '' is not a folder"),
+        ([*model_args, "--model.family", "hunyuan"], "model.family 'hunyuan': expected one of"),
+        # the VAE (2x frame compression) refused 4 frames only once the encoders were loaded
+        ([*model_args, "--data.num_frames", "4"], "data.num_frames = 4: this VAE needs 1 + k * 2 frames"),
+    ]  # fmt: skip
+
+
+def test_precompute_bad_inputs_fail_in_one_line_before_any_work(manifest, tmp_path, capsys):
+    """Each is refused up front by validate: one line naming the key, exit status 2, no cache written."""
+    from recipes.precompute import main
+
+    _, model_args = tiny_model(tmp_path / "m")
+    cases = _bad_inputs(tmp_path, manifest, model_args)
+    if not torch.cuda.is_available():  # "cuda" without a GPU fell back to the CPU without a word
+        cases.append(([*model_args, "--run.device", "cuda"], "run.device: run.device 'cuda' was asked for"))
+    for args, needle in cases:
+        with pytest.raises(SystemExit) as e:
+            main(args)
+        err = capsys.readouterr().err
+        assert e.value.code == 2 and f"error: {needle}" in err, (args, err[-2000:])
+        assert not (tmp_path / "cache").exists() and not (tmp_path / "m" / "cache").exists(), args
