@@ -231,7 +231,15 @@ class VideoDataset:
             with Image.open(path) as im:
                 # upright as a viewer shows it: phones store pixels in sensor order plus an EXIF orientation
                 # (diffusers' load_image applies it too)
-                arr = np.asarray(ImageOps.exif_transpose(im).convert("RGB"))
+                im = ImageOps.exif_transpose(im)
+                # 16-bit grey: convert("RGB") clips it (all but black is white)
+                if im.mode.startswith("I;16"):
+                    grey = np.rint(np.asarray(im).astype(np.float32) / 257).astype(np.uint8)
+                    arr = np.repeat(grey[..., None], 3, axis=-1)
+                elif im.mode in ("I", "F"):  # 32-bit int / float samples: no known range to scale from
+                    raise SkipItem(f"image mode '{im.mode}' (32-bit samples) not supported")
+                else:
+                    arr = np.asarray(im.convert("RGB"))
         except (FileNotFoundError, UnidentifiedImageError, OSError, Image.DecompressionBombError) as e:
             raise SkipItem(f"image cannot be read ({type(e).__name__}: {e})") from None
         frame = torch.from_numpy(arr.copy())[None]  # (H, W, 3) -> (1, H, W, 3)
