@@ -337,12 +337,13 @@ class WanModel(DiffusersInterop, nn.Module):
                 raise ValueError(
                     "encoder_hidden_states_image: this model has no image projection (image_dim is None)"
                 )
-            # FLF2V: the first and last frames' tokens
-            n = (batch, 2 * batch) if cfg.pos_embed_seq_len else (batch,)
-            if image.dim() != 3 or image.shape[0] not in n or image.shape[2] != cfg.image_dim:
+            # FLF2V: the first and last frames' tokens, two rows per sample (one row per sample was paired
+            # across samples by the position embedding's reshape)
+            n = 2 * batch if cfg.pos_embed_seq_len else batch
+            if image.dim() != 3 or image.shape[0] != n or image.shape[2] != cfg.image_dim:
                 raise ValueError(
-                    f"encoder_hidden_states_image: expected ({' or '.join(map(str, n))}, N, {cfg.image_dim}), "
-                    f"got {tuple(image.shape)}"
+                    f"encoder_hidden_states_image: expected ({n}, N, {cfg.image_dim}), got {tuple(image.shape)}"
+                    + (" (FLF2V: first and last frame per sample)" if cfg.pos_embed_seq_len else "")
                 )
         if lengths is not None and (lengths.shape != (batch,) or lengths.dtype.is_floating_point):
             raise ValueError(

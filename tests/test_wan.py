@@ -315,6 +315,11 @@ def test_bad_inputs_are_named():
         ours(x, t, torch.randn(2, 3, 24), torch.randn(2, 5, 8))
     with pytest.raises(ValueError, match=r"encoder_lengths: expected an int tensor of shape \(2,\)"):
         ours(x, t, torch.randn(2, 3, 24), encoder_lengths=torch.tensor([3, 3, 3]))
+    _, flf2v = make_pair(**i2v_overrides(), pos_embed_seq_len=10)
+    x, text = torch.randn(2, 12, 1, 4, 4), torch.randn(2, 3, 24)
+    for n in (1, 2):  # FLF2V needs two images per sample: one each was paired across samples, or crashed
+        with pytest.raises(ValueError, match=rf"encoder_hidden_states_image: expected \({2 * n}, N, 20\)"):
+            flf2v(x[:n], t[:n], text[:n], torch.randn(n, 5, 20))
 
 
 def test_training_after_an_inference_mode_forward():
