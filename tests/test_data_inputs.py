@@ -40,3 +40,51 @@ def test_16_bit_grey_image_keeps_its_levels_and_32_bit_ones_are_skipped(tmp_path
     reasons = dict(ds.skipped)
     assert "image mode 'F'" in reasons[str(tmp_path / "f32.tif")]
     assert "image mode 'I'" in reasons[str(tmp_path / "i32.tif")]
+
+
+def _encode(path: Path, frames: np.ndarray, codec: str, rotation: int = 0) -> Path:
+    import av
+
+    with av.open(str(path), "w") as c:
+        s = c.add_stream(codec, rate=8)
+        s.height, s.width = frames.shape[1:3]
+        s.pix_fmt = "yuv420p"
+        s.options = {"crf": "10", "b": "0", "cpu-used": "8"} if "vpx" in codec else {"crf": "10"}
+        if rotation:
+            s.set_display_rotation(rotation)
+        for f in frames:
+            for pk in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    return path
+
+
+@pytest.mark.parametrize(
+    "suffix,codec,decoder",
+    [(".mkv", "libvpx-vp9", "pyav"), (".mkv", "libvpx-vp9", "dali_cpu"), (".mp4", "libx264", "pyav")],
+)
+def test_phone_video_with_a_display_rotation_is_read_upright(tmp_path, suffix, codec, decoder):
+    """A phone's portrait video: frames stored landscape plus a display matrix that turns them (-90, 90 or 180
+    degrees, as players and ffmpeg show it). The dataset gives the clip a player shows, as the same frames
+    encoded upright do, in the portrait bucket (before, sideways or upside down, in the landscape bucket)."""
+    from engine.data.decode import dali_available, probe
+    from engine.data.synthetic import make_frames
+
+    if decoder == "dali_cpu" and dali_available():
+        pytest.skip(f"DALI CPU decoder unavailable: {dali_available()}")
+    shown = make_frames(4, 64, 32, ident=5)  # portrait, as a player shows it: 32 wide, 64 high
+    _encode(tmp_path / f"upright{suffix}", shown, codec)
+    rows = [{"video": f"upright{suffix}"}]
+    for r in (-90, 90, 180):  # shown = stored turned counterclockwise by r
+        stored = np.ascontiguousarray(np.rot90(shown, k=-r // 90, axes=(1, 2)))
+        assert probe(_encode(tmp_path / f"r{r}{suffix}", stored, codec, rotation=r)).rotation % 360 == r % 360
+        rows.append({"video": f"r{r}{suffix}"})
+    ds = VideoDataset(_manifest(tmp_path / "m.jsonl", rows), num_frames=3, height=64, width=32,
+                      aspect_buckets=True, bucket_multiple=8, decoder=decoder)  # fmt: skip
+    ref, *turned = [it["video"] for it in ds]
+    assert ds.skipped == [] and ref.shape == (3, 3, 64, 32)
+    for r, v in zip((-90, 90, 180), turned):
+        assert v.shape == ref.shape, r
+        mse = (((v - ref) * 127.5) ** 2).mean().item()
+        assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 30, r

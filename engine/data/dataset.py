@@ -266,7 +266,9 @@ class VideoDataset:
             )
         except ValueError as e:
             raise SkipItem(f"too few frames: {e}") from None
-        return self._decode(path, info.codec, idx)
+        frames = self._decode(path, info.codec, idx)
+        # upright as a player shows it (ffmpeg's autorotate): frames (T, H, W, 3) turned counterclockwise
+        return torch.rot90(frames, info.rotation // 90, dims=(1, 2)) if info.rotation else frames
 
     def _decode(self, path: Path, codec: str, idx: list[int]) -> torch.Tensor:
         usable = [d for d in self.decoders if d.supports(codec)]

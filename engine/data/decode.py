@@ -71,6 +71,21 @@ class VideoInfo:
     # presentation times (s, from the first frame, sorted) of the frames, or () where packets lack them:
     # frame sampling goes by time for a variable-frame-rate file (engine.data.transforms.frame_indices)
     timestamps: tuple[float, ...] = ()
+    # degrees the container's display matrix turns the stored frames counterclockwise for display (a phone's
+    # portrait video is stored landscape with -90 or 90); the decoders give the stored frames
+    rotation: int = 0
+
+
+def _display_rotation(ctx, packet) -> int | None:
+    """The display rotation (a multiple of 90) of the first frame ``ctx`` gives for ``packet`` (None: no frame
+    yet; the packet None flushes), read from the display matrix the decoder attaches to every frame."""
+    import av
+
+    try:
+        frames = ctx.decode(packet)
+    except (av.error.FFmpegError, ValueError, OSError):
+        return 0  # the pixel decoders report a stream they cannot decode
+    return (round(frames[0].rotation / 90) * 90 + 180) % 360 - 180 if frames else None
 
 
 def probe(path: str | Path) -> VideoInfo:
@@ -89,8 +104,10 @@ def probe(path: str | Path) -> VideoInfo:
             s = container.streams.video[0]
             ctx = s.codec_context
             rate = s.average_rate or s.guessed_rate or s.base_rate
-            n, pts = 0, []
+            n, pts, rotation = 0, [], None
             for pkt in container.demux(s):
+                if rotation is None and pkt.size > 0:
+                    rotation = _display_rotation(ctx, pkt)
                 # an edit list (an MP4 cut with stream copy) marks its pre-roll packets discard: decoders
                 # (PyAV, DALI) drop those frames, so counting them would promise frames that never come
                 if pkt.size > 0 and not pkt.is_discard:
@@ -98,6 +115,8 @@ def probe(path: str | Path) -> VideoInfo:
                     if pkt.pts is not None and pkt.time_base is not None:
                         pts.append(float(pkt.pts * pkt.time_base))
             pts.sort()
+            if rotation is None:
+                rotation = _display_rotation(ctx, None) or 0
             return VideoInfo(
                 codec=ctx.name,
                 width=int(ctx.width),
@@ -106,6 +125,7 @@ def probe(path: str | Path) -> VideoInfo:
                 fps=float(rate) if rate else 0.0,
                 num_frames=n,
                 timestamps=tuple(t - pts[0] for t in pts) if len(pts) == n and n else (),
+                rotation=rotation,
             )
     except DecodeError:
         raise
