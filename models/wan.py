@@ -442,7 +442,7 @@ class WanModel(DiffusersInterop, nn.Module):
         image = cond.get("image_latent")
         if image is not None and tuple(image.shape) != (B, C, 1, h, w):
             raise ValueError(f"cond['image_latent']: expected {(B, C, 1, h, w)}, got {tuple(image.shape)}")
-        timestep = 1000.0 * t
+        timestep = 1000.0 * t.float()  # fp32: a bf16 t times 1000 rounded to a multiple of 2 or 4
         ti2v = image is not None and cfg.in_channels == C
         if cfg.in_channels == 2 * C + 4:
             if image is None:

@@ -206,6 +206,18 @@ def test_predict_velocity_per_token_t_without_image():
         assert rel_err(v, theirs(x, 1000 * t, _pipeline_text(text), return_dict=False)[0]) <= 1e-5
 
 
+def test_predict_velocity_takes_a_bf16_t_at_full_precision():
+    """t in bf16 reaches diffusers' timestep as 1000 * t in fp32 (1000 * t in bf16 rounded 0.3008 * 1000 to
+    300, a step of 2 there), as HunyuanVideo15Model.predict_velocity does."""
+    theirs, ours = make_pair()
+    x, text = torch.randn(2, 4, 2, 4, 4), torch.randn(2, 5, 24)
+    t = torch.tensor([0.3, 0.7]).bfloat16()
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text})
+        ref = theirs(x, 1000 * t.float(), _pipeline_text(text), return_dict=False)[0]
+        assert rel_err(v, ref) <= 1e-5
+
+
 def test_predict_velocity_ti2v_first_frame():
     theirs, ours = make_pair()
     x, t, text = torch.randn(2, 4, 3, 4, 6), torch.tensor([0.3, 0.8]), torch.randn(2, 5, 24)
