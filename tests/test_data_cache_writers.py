@@ -77,3 +77,50 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
         torch.testing.assert_close(
             it["latent"], torch.nn.functional.avg_pool3d(src["video"][None], (1, 4, 4))[0]
         )
+
+
+class _Interrupted(RuntimeError):
+    pass
+
+
+class _PoolVAE:
+    """A fixed linear map as the VAE; raises at call ``stop`` (a crash mid-cache)."""
+
+    def __init__(self, stop: int = 0):
+        self.calls, self.stop = 0, stop
+
+    def encode(self, video: torch.Tensor) -> torch.Tensor:
+        self.calls += 1
+        if self.calls == self.stop:
+            raise _Interrupted
+        return torch.nn.functional.avg_pool3d(video, (1, 4, 4))
+
+
+def test_resume_with_another_dtype_is_refused(tmp_path):
+    """A cache interrupted after its first shard, resumed with dtype=bfloat16: before, the run went on and the
+    cache held float32 and bfloat16 latents side by side; now it is refused like any other changed setting, and
+    resuming with the same dtype still finishes the cache."""
+    from engine.data import VideoDataset
+    from engine.data.cache import LatentCacheDataset, LatentCacheWriter
+    from engine.data.synthetic import write_video
+
+    rows = []
+    for i in range(4):
+        write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=2, height=16, width=16)
+        rows.append(json.dumps({"video": f"v{i}.webm", "caption": f"c{i}"}))
+    (tmp_path / "m.jsonl").write_text("\n".join(rows))
+    ds = VideoDataset(tmp_path / "m.jsonl", num_frames=2, height=16, width=16, decoder="pyav")
+    out = tmp_path / "cache"
+
+    def writer(vae, dtype=None):
+        return LatentCacheWriter(out, vae=vae, shard_size=2, batch_size=2, first_frame=False, dtype=dtype)
+
+    with pytest.raises(_Interrupted):
+        writer(_PoolVAE(stop=2)).write(ds)  # shard 0 done, dies in shard 1
+    with pytest.raises(ValueError, match="fingerprint"):
+        writer(_PoolVAE(), torch.bfloat16).write(ds)
+    writer(_PoolVAE()).write(ds)
+    assert {it["latent"].dtype for it in LatentCacheDataset(out)} == {torch.float32}
+    out2 = tmp_path / "cache_bf16"
+    LatentCacheWriter(out2, vae=_PoolVAE(), shard_size=2, first_frame=False, dtype=torch.bfloat16).write(ds)
+    assert {it["latent"].dtype for it in LatentCacheDataset(out2)} == {torch.bfloat16}

@@ -180,6 +180,8 @@ class LatentCacheWriter:
         self.fingerprint = {
             "text_fields": self.text_fields,
             "first_frame": first_frame,
+            # the stored dtype (absent for the encoders' own, as caches written before it was recorded)
+            **({"dtype": str(dtype).removeprefix("torch.")} if dtype is not None else {}),
             **(fingerprint or {}),
         }
 
