@@ -1,4 +1,5 @@
-"""VideoDataset on less common inputs a real dataset holds: 16-bit and 32-bit images."""
+"""VideoDataset on less common inputs a real dataset holds: 16-bit and 32-bit images, phone videos with a display
+rotation, a manifest with a byte-order mark."""
 
 import json
 from pathlib import Path
@@ -88,3 +89,19 @@ def test_phone_video_with_a_display_rotation_is_read_upright(tmp_path, suffix, c
         assert v.shape == ref.shape, r
         mse = (((v - ref) * 127.5) ** 2).mean().item()
         assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 30, r
+
+
+def test_manifest_saved_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
+    """A manifest written by a Windows editor or a spreadsheet export: UTF-8 with a byte-order mark, CRLF line
+    ends, non-ASCII captions. Every row is read, the captions as written (before, the first row was skipped as
+    'malformed JSON (Unexpected UTF-8 BOM)')."""
+    from engine.data.synthetic import write_video
+
+    captions = ["un café sur la table", "Straße, 東京"]
+    rows = []
+    for i, c in enumerate(captions):
+        write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=2, height=16, width=16)
+        rows.append(json.dumps({"video": f"v{i}.webm", "caption": c}, ensure_ascii=False))
+    (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode("utf-8") + b"\r\n")
+    ds = VideoDataset(tmp_path / "m.jsonl", num_frames=2, height=16, width=16, decoder="pyav")
+    assert ds.skipped == [] and [it["caption"] for it in ds] == captions

@@ -93,7 +93,8 @@ def read_manifest(manifest: str | Path, root: str | Path | None, quarantine: Qua
         raise FileNotFoundError(f"manifest '{m}' does not exist (expected a JSONL file)")
     base = Path(root) if root else m.parent
     rows = []
-    for lineno, line in enumerate(m.read_text().splitlines(), 1):
+    # JSON is UTF-8; a byte-order mark (Windows editors, spreadsheet exports) is not part of the first row
+    for lineno, line in enumerate(m.read_text(encoding="utf-8-sig").splitlines(), 1):
         if not line.strip():
             continue
         try:
