@@ -111,6 +111,7 @@ class EMA:
         if not 0.0 < decay < 1.0:
             raise ValueError(f"train.ema_decay {decay}: expected 0 < decay < 1 (0 disables EMA)")
         self.decay = decay
+        self.model = model
         self.params = {
             n.replace(_CHECKPOINT_PREFIX, ""): p for n, p in model.named_parameters() if p.requires_grad
         }
@@ -126,13 +127,22 @@ class EMA:
     def swapped_in(self) -> Iterator[None]:
         """Temporarily load the EMA weights into the model (restored on exit)."""
         saved = {n: p.detach().clone() for n, p in self.params.items()}
+        self._reshard()
         for n, p in self.params.items():
             p.copy_(self.shadow[n])
         try:
             yield
         finally:
+            self._reshard()
             for n, p in self.params.items():
                 p.copy_(saved[n])
+
+    def _reshard(self) -> None:
+        """Free FSDP2's unsharded parameters: a no-grad forward leaves the root's and the last block's
+        gathered (not resharded after forward), and the next forward would reuse them, not the swapped shards."""
+        for m in self.model.modules():
+            if isinstance(m, FSDPModule):
+                m.reshard()
 
     def state_dict(self) -> dict[str, Any]:
         return dict(self.shadow)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -344,3 +345,74 @@ def test_barrier_without_a_timeout_uses_the_configured_one(tmp_path):
     line = next((x for x in p.stdout.splitlines() if x.startswith("rank 0:")), p.stdout + p.stderr[-2000:])
     assert line.startswith("rank 0: timed out after"), line
     assert int(line.split()[5]) <= 6 and "collective 'checkpoint commit' timed out after 3 s" in line, line
+
+
+EMA_EVAL_SCRIPT = """
+import sys, torch
+sys.path.insert(0, "tests/dist_scripts")
+from tiny import SeededBatches, TinyDiT, flow_loss
+from engine.checkpoint import full_state_dict
+from engine.config import JobConfig, build_config, overrides_to_dict
+from engine.dist import end_process, init_distributed
+from engine.trainer import Trainer
+
+torch.set_num_threads(1)
+args = "--train.lr 1e-2 --train.batch_size 2 --train.ema_decay 0.5 --checkpoint.enabled false --run.device cpu"
+cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, args.split()))
+info = init_distributed(cfg.parallel, "cpu")
+g = torch.Generator().manual_seed(5)
+x, t = torch.randn(2, 8, 16, generator=g), torch.rand(2, generator=g)
+
+def plain(sd):  # an unsharded TinyDiT holding sd
+    m = TinyDiT()
+    m.load_state_dict(sd)
+    return m
+
+def err(model, sd):  # the FSDP model's output vs the plain model's with the weights sd
+    with torch.no_grad():
+        return (model.predict_velocity(x, t, {}) - plain(sd).predict_velocity(x, t, {})).abs().max().item()
+
+final = {}
+for order in ("none", "weights_first", "ema_first"):  # the evaluations between steps 2 and 3
+    torch.manual_seed(0)
+    batches = SeededBatches(batch=2, rank=info.dp_rank, world=info.dp_size)
+    tr = Trainer(cfg, TinyDiT(), flow_loss, batches, run_dir=f"{sys.argv[1]}/{order}", dist_info=info)
+    tr.train_step()
+    tr.train_step()
+    # gathered first: a state_dict call reshards the model (and would hide what the forwards leave gathered)
+    weights = full_state_dict(tr.model)
+    ema = {k: v.full_tensor() for k, v in tr.ema.state_dict().items()}
+    errs = []
+    if order == "weights_first":
+        errs.append(err(tr.model, weights))
+    if order != "none":
+        with tr.ema_weights():
+            errs.append(err(tr.model, ema))
+    if order == "ema_first":
+        errs.append(err(tr.model, weights))
+    tr.train_step()
+    final[order] = full_state_dict(tr.model)
+    if errs:
+        diff = max((final[order][k] - final["none"][k]).abs().max().item() for k in final["none"])
+        print(f"rank {info.rank} {order} errors", *errs, "trained", diff, "end", flush=True)
+end_process()
+"""
+
+
+@pytest.mark.dist
+def test_fsdp_forward_after_ema_swap_uses_the_swapped_weights(tmp_path):
+    """FSDP2 on 2 gloo ranks: a no-grad forward leaves the root's and the last block's parameters gathered
+    (not resharded after forward), and the next forward reused them: after ``with trainer.ema_weights():``
+    the training model ran with part of the EMA weights (and trained from them), and an EMA evaluation after
+    one of the training weights ran with part of those. Every forward now matches an unsharded model holding
+    the weights it should use, and training after an evaluation is training without one."""
+    p = _two_ranks(tmp_path, EMA_EVAL_SCRIPT, str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for rank in range(2):  # the two ranks' lines can run together in the one pipe: found by regex
+        for order in ("weights_first", "ema_first"):
+            (errs,) = re.findall(rf"rank {rank} {order} errors (.*?) end", p.stdout)
+            # two forwards, each vs the plain model, then the weights after one more step vs a run without them
+            assert [float(e) for e in errs.split() if e != "trained"] == pytest.approx([0.0] * 3, abs=1e-6), (
+                order,
+                errs,
+            )
