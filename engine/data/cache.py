@@ -357,9 +357,12 @@ class LatentCacheDataset:
                 reason = f"unreadable shard ({type(e).__name__}: {e})"
         if reason is not None:
             self.quarantine.add(path, reason)
-            if path.is_file():
-                (self.dir / "quarantine").mkdir(exist_ok=True)
-                shutil.move(str(path), self.dir / "quarantine" / name)
+            try:
+                if path.is_file():
+                    (self.dir / "quarantine").mkdir(exist_ok=True)
+                    shutil.move(str(path), self.dir / "quarantine" / name)
+            except OSError as e:  # a read-only cache, or another rank moved it first: skipped all the same
+                log.warning("cache '%s': corrupt shard '%s' not moved to quarantine/ (%s)", self.dir, name, e)
         return reason is None
 
     def __getitem__(self, i: int) -> dict[str, Any]:

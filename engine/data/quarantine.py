@@ -28,9 +28,12 @@ class Quarantine:
         self.entries.append((str(path), reason))
         log.warning("skipping '%s': %s", path, reason)
         if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
-            with self.path.open("a") as f:
-                f.write(json.dumps({"path": str(path), "reason": reason, "time": time.time()}) + "\n")
+            try:
+                self.path.parent.mkdir(parents=True, exist_ok=True)
+                with self.path.open("a") as f:
+                    f.write(json.dumps({"path": str(path), "reason": reason, "time": time.time()}) + "\n")
+            except OSError as e:  # a read-only dataset or cache: the skip stands, only its record is lost
+                log.warning("quarantine file '%s' not written (%s)", self.path, e)
 
     def __len__(self) -> int:
         return len(self.entries)
