@@ -36,7 +36,7 @@ class RandomLatents:
     """Batches of random latents and text embeddings, sized by the config (profiling only).
 
     Reads the model family's config fields ``in_channels``, ``out_channels``, ``text_dim``,
-    ``patch_size`` and its ``flops_context(cond)`` / ``flops_per_token`` (the models/ API).
+    ``patch`` and its ``flops_context(cond)`` / ``flops_per_token`` (the models/ API).
     """
 
     def __init__(self, model: torch.nn.Module, cfg: JobConfig, device: torch.device):
@@ -46,7 +46,7 @@ class RandomLatents:
         self.text_shape = (cfg.train.batch_size, cfg.profile.text_len, mc.text_dim)
         self.i2v = mc.in_channels == 2 * mc.out_channels + 4
         self.device, self.grad_accum = device, cfg.train.grad_accum
-        patch = math.prod(mc.patch_size)
+        patch = math.prod(mc.patch)
         self.tokens = cfg.train.batch_size * F * h * w // patch
         seq = F * h * w // patch
         cond = {"text": torch.empty(self.text_shape, device="meta")}

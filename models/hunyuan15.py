@@ -117,7 +117,13 @@ class HunyuanVideo15Config:
 
     @property
     def patch(self) -> tuple[int, int, int]:
+        """(t, h, w) patch, the same property every family's config has."""
         return (self.patch_size_t, self.patch_size, self.patch_size)
+
+    @property
+    def text_dim(self) -> int:
+        """Width of cond["text"], the same property every family's config has (Wan: its field)."""
+        return self.text_embed_dim
 
     @property
     def ffn_dim(self) -> int:
