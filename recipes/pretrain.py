@@ -36,7 +36,7 @@ from torch import nn
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from engine import flow  # noqa: E402
-from engine.config import JobConfig, config_main  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main  # noqa: E402
 from engine.dist import any_rank, end_process  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from engine.world import latent as toy_latent  # noqa: E402
@@ -247,17 +247,45 @@ def train(cfg: JobConfig, run_dir: Path) -> tuple[ToyDemonstrator, Any, dict]:
     return model, trainer, info
 
 
+def validate(cfg: JobConfig) -> None:
+    """The settings, checked before training (the gap check after it used world.gap_batch, eval.seeds and
+    world.gap_guidance only then): a ConfigError naming the key."""
+    from models.wan import FLAVOURS
+    from recipes.common import check_run
+
+    check_run(cfg)
+    w = cfg.world
+    if cfg.model.family != "wan" or cfg.model.flavour not in FLAVOURS:
+        raise ConfigError(f"model.family / model.flavour = {cfg.model.family!r} / {cfg.model.flavour!r}: the toy "
+                          f"Demonstrator is a Wan DiT; expected 'wan' and one of {sorted(FLAVOURS)}")  # fmt: skip
+    if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "demonstrator.json").is_file():
+        raise ConfigError(f"model.pretrained: '{cfg.model.pretrained}' has no demonstrator.json (the warm start "
+                          "is an exported Demonstrator folder, <run>/demonstrator)")  # fmt: skip
+    if cfg.train.steps < 0:
+        raise ConfigError(f"train.steps = {cfg.train.steps}: expected >= 0")
+    if not 0.0 <= w.caption_dropout <= 1.0:
+        raise ConfigError(f"world.caption_dropout = {w.caption_dropout}; expected a fraction in [0, 1]")
+    if w.text_layers < 0:
+        raise ConfigError(f"world.text_layers = {w.text_layers}; expected >= 0 (0 = embeddings only)")
+    if w.time_budget_s < 0:
+        raise ConfigError(f"world.time_budget_s = {w.time_budget_s}; expected >= 0 seconds (0 = no limit)")
+    # the gap is measured at these scales once training is done
+    if not w.gap_guidance:
+        raise ConfigError("world.gap_guidance is empty; expected at least one CFG scale, e.g. [1.0]")
+    # 0 held-out scenes trained the whole run, then failed in the probe with "not enough values to unpack"
+    if w.eval_scenes < 1:
+        raise ConfigError(
+            f"world.eval_scenes = {w.eval_scenes}; expected >= 1 held-out scene for the gap check"
+        )
+    if w.gap_batch < 1:
+        raise ConfigError(f"world.gap_batch = {w.gap_batch}; expected >= 1 video per sampling batch")
+    if not cfg.eval.seeds:
+        raise ConfigError("eval.seeds is empty; expected at least one noise seed for the gap check, e.g. [0]")
+
+
 def main(argv: list[str] | None = None) -> Path:
     """Train, export the EMA weights, measure the gap at each world.gap_guidance; returns the export folder."""
-    cfg = config_main(JobConfig, argv, description=__doc__)
-    # checked before training: the gap is measured and logged at these scales once training is done
-    if not cfg.world.gap_guidance:
-        raise ValueError("world.gap_guidance is empty; expected at least one CFG scale, e.g. [1.0]")
-    # 0 held-out scenes trained the whole run, then failed in the probe with "not enough values to unpack"
-    if cfg.world.eval_scenes < 1:
-        raise ValueError(
-            f"world.eval_scenes = {cfg.world.eval_scenes}; expected >= 1 held-out scene for the gap check"
-        )
+    cfg = config_main(JobConfig, argv, description=__doc__, validate=validate)
     run_dir = Path(cfg.run.out_dir) / cfg.run.name
     model, trainer, info = train(cfg, run_dir)
     if int(os.environ.get("RANK", "0")) != 0:

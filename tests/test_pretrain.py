@@ -130,13 +130,42 @@ def test_pretrain_runs_under_torchrun_as_documented(tmp_path):
     assert (tmp_path / "two" / "demonstrator" / "demonstrator.safetensors").is_file()
 
 
-def test_empty_gap_guidance_fails_before_training(tmp_path):
-    """world.gap_guidance = [] raised an IndexError at the very end, after the whole training run."""
-    argv = ["--run.out_dir", str(tmp_path), "--train.steps", "1", "--train.batch_size", "2",
-            "--world.eval_scenes", "2", "--flow.num_steps", "2", "--world.gap_guidance", "[]"]  # fmt: skip
-    with pytest.raises(ValueError, match="world.gap_guidance is empty"):
+BAD_SETTINGS = [
+    # world.gap_guidance = [] raised an IndexError at the very end, after the whole training run
+    (["--world.gap_guidance", "[]"], "world.gap_guidance is empty"),
+    # 0 held-out scenes trained the whole run, then the probe failed with "not enough values to unpack"
+    (["--world.eval_scenes", "0"], "world.eval_scenes = 0"),
+    # trained the whole run, then the gap check failed: "range() arg 3 must not be zero"
+    (["--world.gap_batch", "0"], "world.gap_batch = 0"),
+    # trained the whole run, then the gap check failed: "seeds (eval.seeds) is empty"
+    (["--eval.seeds", "[]"], "eval.seeds is empty"),
+    # trained nothing and exported the random initialisation as a Demonstrator, exit 0
+    (["--train.steps", "-3"], "train.steps = -3: expected >= 0"),
+    # trained a text encoder without layers (range(-1) is empty), without a word
+    (["--world.text_layers", "-1"], "world.text_layers = -1"),
+    (["--world.caption_dropout", "1.5"], "world.caption_dropout = 1.5"),
+    # a FileNotFoundError traceback from load_demonstrator
+    (
+        ["--model.pretrained", "/nonexistent/demonstrator"],
+        "model.pretrained: '/nonexistent/demonstrator' has no",
+    ),
+    # trained a Wan DiT whatever model.family said
+    (["--model.family", "hunyuan15"], "model.family / model.flavour = 'hunyuan15' / 'debug'"),
+]
+
+
+@pytest.mark.parametrize("args,needle", BAD_SETTINGS)
+def test_bad_settings_fail_in_one_line_before_training(tmp_path, capsys, args, needle):
+    """Each of these trained (the whole run, for some) before it failed, or passed silently; validate now
+    refuses it up front with one line naming the key (exit status 2), and nothing is trained or written."""
+    argv = ["--run.out_dir", str(tmp_path), "--run.device", "cpu", "--model.flavour", "debug", "--train.steps", "1",
+            "--train.batch_size", "2", "--world.eval_scenes", "2", "--flow.num_steps", "2",
+            "--world.text_layers", "0", *args]  # fmt: skip
+    with pytest.raises(SystemExit) as e:
         pretrain.main(argv)
-    assert not (tmp_path / "wmsd").exists()
+    err = capsys.readouterr().err
+    assert e.value.code == 2 and f"error: {needle}" in err, err[-2000:]
+    assert not any((tmp_path / "wmsd").iterdir())  # no checkpoint, metrics or export
 
 
 BUDGET_SCRIPT = """
@@ -186,16 +215,6 @@ def test_time_budget_stops_every_rank_at_the_same_step(tmp_path):
     # the two ranks print to one pipe: their lines may run together ("... step 9rank 1 stopped ...")
     steps = dict(re.findall(r"rank (\d+) stopped at step (\d+)", p.stdout))
     assert sorted(steps) == ["0", "1"] and steps["0"] == steps["1"] and int(steps["0"]) > 0, p.stdout
-
-
-def test_no_held_out_scenes_fails_before_training(tmp_path):
-    """world.eval_scenes = 0 trained the whole run, then the probe of the export failed with "not enough
-    values to unpack (expected 2, got 1)"."""
-    argv = ["--run.out_dir", str(tmp_path), "--train.steps", "1", "--train.batch_size", "2",
-            "--world.eval_scenes", "0", "--flow.num_steps", "2"]  # fmt: skip
-    with pytest.raises(ValueError, match="world.eval_scenes = 0"):
-        pretrain.main(argv)
-    assert not (tmp_path / "wmsd").exists()
 
 
 def test_caption_dropout_outside_0_1_is_refused():
