@@ -324,6 +324,12 @@ class LatentCacheDataset:
         self._meta: dict[str, list[dict[str, Any]]] = {}
         self._lock = threading.Lock()  # BatchLoader's decode threads check a shard once between them
 
+    def __getstate__(self) -> dict:
+        return {**self.__dict__, "_lock": None}  # to a DataLoader worker (spawn), which makes its own
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     @property
     def skipped(self) -> list[tuple[str, str]]:
         return self.quarantine.entries

@@ -335,6 +335,13 @@ class DaliDecoder:
         self._pipes: dict[int, object] = {}
         self._lock = threading.Lock()  # one DALI iteration at a time per decoder (loader threads share it)
 
+    def __getstate__(self) -> dict:
+        # sent to a DataLoader worker (spawn): DALI pipelines and the lock stay behind, the worker builds its own
+        return {**self.__dict__, "_pipes": {}, "_lock": None}
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state, _lock=threading.Lock())
+
     def supports(self, codec: str) -> bool:
         return codec in self.codecs
 
