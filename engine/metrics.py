@@ -32,6 +32,7 @@ log = get_logger("metrics")
 # Dense peak FLOP/s per device (no sparsity), by a substring of torch.cuda.get_device_name(), the first
 # that matches (so the PCIe and NVL parts come before the SXM one they share a name with).
 PEAK_FLOPS: dict[str, dict[str, float]] = {
+    "H200 NVL": {"bf16": 835e12, "fp8": 1671e12},
     "H200": {"bf16": 989e12, "fp8": 1979e12},
     "H100 PCIe": {"bf16": 756e12, "fp8": 1513e12},
     "H100 NVL": {"bf16": 835e12, "fp8": 1671e12},
