@@ -31,6 +31,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import os
 import threading
 from collections.abc import Sequence
 from pathlib import Path
@@ -309,6 +310,9 @@ def nvdec_available(library: str = NVDEC_LIBRARY) -> str | None:
     return None
 
 
+_FORKED_AWAY: list[dict] = []  # DALI pipelines a forked process inherited and must neither run nor destroy
+
+
 class DaliDecoder:
     """DALI ``fn.decoders.video`` on in-memory files; ``device="gpu"`` uses the mixed (NVDEC) backend.
 
@@ -334,13 +338,14 @@ class DaliDecoder:
         self._device_id = device_id
         self._pipes: dict[int, object] = {}
         self._lock = threading.Lock()  # one DALI iteration at a time per decoder (loader threads share it)
+        self._pid = os.getpid()
 
     def __getstate__(self) -> dict:
         # sent to a DataLoader worker (spawn): DALI pipelines and the lock stay behind, the worker builds its own
         return {**self.__dict__, "_pipes": {}, "_lock": None}
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state, _lock=threading.Lock())
+        self.__dict__.update(state, _lock=threading.Lock(), _pid=os.getpid())
 
     def supports(self, codec: str) -> bool:
         return codec in self.codecs
@@ -393,6 +398,11 @@ class DaliDecoder:
     def decode_batch(self, items: Sequence[tuple[Path, Sequence[int]]]) -> list[torch.Tensor | DecodeError]:
         if not items:
             return []
+        if self._pid != os.getpid():
+            # a forked process (DataLoader worker): the parent's pipelines lost their threads (running one hangs)
+            # and its lock may have been held; kept referenced, as their destructors would wait on those threads
+            _FORKED_AWAY.append(self._pipes)
+            self._pipes, self._lock, self._pid = {}, threading.Lock(), os.getpid()
         try:
             with self._lock:
                 return list(self._run(items))
