@@ -124,3 +124,47 @@ def test_resume_with_another_dtype_is_refused(tmp_path):
     out2 = tmp_path / "cache_bf16"
     LatentCacheWriter(out2, vae=_PoolVAE(), shard_size=2, first_frame=False, dtype=torch.bfloat16).write(ds)
     assert {it["latent"].dtype for it in LatentCacheDataset(out2)} == {torch.bfloat16}
+
+
+MEASURE = """
+import json, resource, sys, torch
+from pathlib import Path
+from engine.data import VideoDataset
+from engine.data.cache import LatentCacheWriter
+
+class PoolVAE:
+    def encode(self, video):
+        return torch.nn.functional.avg_pool3d(video, (1, 8, 8))
+
+d = Path(sys.argv[1])
+ds = VideoDataset(d / "m.jsonl", num_frames=17, height=256, width=256, decoder="pyav")
+ds[0]  # imports, buffers, thread pools
+base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+LatentCacheWriter(d / "cache", vae=PoolVAE(), shard_size=32, batch_size=2).write(ds)
+grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+print("RESULT " + json.dumps({"grew": grew}), flush=True)
+"""
+
+
+def test_writer_memory_does_not_grow_with_the_shard(tmp_path):
+    """A shard of 32 clips encoded 2 at a time: before, the writer held every clip of the shard (float32) until
+    it was complete (64 x 81 frames of 480 x 832, the default shard_size at Wan's size, is 25 GB); now only the
+    clips waiting for a batch of their shape."""
+    from engine.data.cache import LatentCacheDataset
+    from engine.data.synthetic import write_video
+
+    for i in range(32):
+        write_video(tmp_path / f"v{i}.mkv", codec="mjpeg", pix_fmt="yuvj420p", num_frames=17, height=256,
+                    width=256, ident=i % 27)  # fmt: skip
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"video": f"v{i}.mkv"}) for i in range(32)))
+    (tmp_path / "measure.py").write_text(MEASURE)
+    # glibc maps a real clip (> 32 MB) on its own and unmaps it when freed; with a fixed threshold these small
+    # clips are too (else its heap keeps freed clips' pages, split by the small latents that stay)
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MALLOC_MMAP_THRESHOLD_": str(1 << 20)}
+    p = subprocess.run([sys.executable, str(tmp_path / "measure.py"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env=env)  # fmt: skip
+    assert p.returncode == 0 and "RESULT " in p.stdout, (p.stdout + p.stderr)[-3000:]
+    clip = 3 * 17 * 256 * 256 * 4  # one float32 clip
+    grew = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])["grew"]
+    assert grew < 16 * clip, f"peak grew by {grew / clip:.1f} clips"
+    assert sorted(it["index"] for it in LatentCacheDataset(tmp_path / "cache")) == list(range(32))

@@ -111,19 +111,28 @@ def _atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-def _batched_encode(fn, inputs: list[torch.Tensor], batch_size: int) -> list[torch.Tensor]:
-    """Encode tensors in batches of equal shape; returns per-input outputs in input order."""
-    out: list[torch.Tensor | None] = [None] * len(inputs)
-    by_shape: dict[tuple, list[int]] = {}
-    for j, x in enumerate(inputs):
-        by_shape.setdefault(tuple(x.shape), []).append(j)
-    for idx in by_shape.values():
-        for s in range(0, len(idx), batch_size):
-            chunk = idx[s : s + batch_size]
-            z = fn(torch.stack([inputs[j] for j in chunk]))  # n x (3, T, H, W) -> (n, 3, T, H, W)
-            for j, zj in zip(chunk, z):
-                out[j] = zj.detach().cpu().contiguous()
-    return out  # type: ignore[return-value]
+class _ShapeBatches:
+    """Encodes inputs in batches of ``batch_size`` of one shape as they come (the rest at ``flush``), so that a
+    shard's clips are never all in memory at once; batches are those of grouping the shard's inputs by shape."""
+
+    def __init__(self, fn, batch_size: int):
+        self.fn, self.batch_size = fn, batch_size
+        self.groups: dict[tuple, list[tuple[int, torch.Tensor]]] = {}
+
+    def add(self, j: int, x: torch.Tensor) -> list[tuple[int, torch.Tensor]]:
+        """Queue input ``j``; returns ``(j, output)`` of the batch it completed, if any."""
+        group = self.groups.setdefault(tuple(x.shape), [])
+        group.append((j, x))
+        return self._encode(self.groups.pop(tuple(x.shape))) if len(group) == self.batch_size else []
+
+    def flush(self) -> list[tuple[int, torch.Tensor]]:
+        out = [r for group in self.groups.values() for r in self._encode(group)]
+        self.groups.clear()
+        return out
+
+    def _encode(self, group: list[tuple[int, torch.Tensor]]) -> list[tuple[int, torch.Tensor]]:
+        z = self.fn(torch.stack([x for _, x in group]))  # n x (3, T, H, W) -> (n, 3, T, H, W)
+        return [(j, zj.detach().cpu().contiguous()) for (j, _), zj in zip(group, z)]
 
 
 def _encode_texts(enc: TextEncoder, texts: list[str], batch_size: int) -> list[dict[str, torch.Tensor]]:
@@ -265,24 +274,30 @@ class LatentCacheWriter:
     def _encode_rows(
         self, dataset: MapDataset, rows: range
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
-        videos, items = [], []
-        for i in rows:
-            try:
-                item = dataset[i]
-            except SkipItem:
-                continue
-            videos.append(item["video"])
-            meta = {k: v for k, v in item.items() if k not in ("video", "index", "path")}
-            items.append({"index": i, "path": item.get("path", ""), "fields": meta})
+        items: list[dict[str, Any]] = []
         tensors: dict[str, torch.Tensor] = {}
+        cast = (lambda t: t.to(self.dtype)) if self.dtype is not None else (lambda t: t)
+        clips = _ShapeBatches(self.vae.encode, self.batch_size)
+        firsts = _ShapeBatches(self.vae.encode, self.batch_size)
         with torch.no_grad():
-            cast = (lambda t: t.to(self.dtype)) if self.dtype is not None else (lambda t: t)
-            for j, z in enumerate(_batched_encode(self.vae.encode, videos, self.batch_size)):
-                tensors[f"{j}.latent"] = cast(z)
-            if self.first_frame:
-                firsts = [v[:, :1] for v in videos]  # (3, T, H, W) -> (3, 1, H, W)
-                for j, z in enumerate(_batched_encode(self.vae.encode, firsts, self.batch_size)):
-                    tensors[f"{j}.first_frame_latent"] = cast(z)
+            for i in rows:
+                try:
+                    item = dataset[i]
+                except SkipItem:
+                    continue
+                j, video = len(items), item["video"]
+                meta = {k: v for k, v in item.items() if k not in ("video", "index", "path")}
+                items.append({"index": i, "path": item.get("path", ""), "fields": meta})
+                for jj, z in clips.add(j, video):
+                    tensors[f"{jj}.latent"] = cast(z)
+                if self.first_frame:  # (3, T, H, W) -> (3, 1, H, W), a copy: the clip's memory is freed
+                    for jj, z in firsts.add(j, video[:, :1].clone()):
+                        tensors[f"{jj}.first_frame_latent"] = cast(z)
+                del item, video
+            for jj, z in clips.flush():
+                tensors[f"{jj}.latent"] = cast(z)
+            for jj, z in firsts.flush():
+                tensors[f"{jj}.first_frame_latent"] = cast(z)
             if self.text_encoder is not None:
                 for field in self.text_fields:
                     js = [j for j, it in enumerate(items) if isinstance(it["fields"].get(field), str)]
