@@ -44,15 +44,21 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
+_CPU_GROUP: list = []  # a gloo group beside an NCCL-only default group, made once by every rank
+
+
 def _every_rank_has(has: bool) -> bool:
-    """Whether every rank of the default process group has a batch (one all-reduce)."""
+    """Whether every rank of the default process group has a batch (one all-reduce of a CPU flag: through NCCL it
+    would wait for the GPU's queued work, the step the batch is fetched beside)."""
     import torch.distributed as dist
 
-    cuda = dist.get_backend() == "nccl"
-    flag = torch.tensor(
-        [int(has)], device=torch.device("cuda", torch.cuda.current_device()) if cuda else "cpu"
-    )
-    dist.all_reduce(flag, op=dist.ReduceOp.MIN)
+    group = None
+    if dist.get_backend() == "nccl":
+        if not _CPU_GROUP:
+            _CPU_GROUP.append(dist.new_group(backend="gloo"))
+        group = _CPU_GROUP[0]
+    flag = torch.tensor([int(has)])
+    dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
 
 
