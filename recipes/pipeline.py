@@ -30,12 +30,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import numpy as np  # noqa: E402
 
-from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main, save_config  # noqa: E402
 from engine.dist import end_process  # noqa: E402
 from engine.evaluation import NoGapError, gap_closed, paired_test  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from recipes import demonstrate, distill, evaluate, propose, rl  # noqa: E402
-from recipes.common import TOY_CONFIG, read_jsonl, run_dir  # noqa: E402
+from recipes.common import (  # noqa: E402
+    TOY_CONFIG,
+    check_judge,
+    check_model,
+    check_run,
+    check_tasks,
+    check_weights_fit,
+    read_jsonl,
+    run_dir,
+)
 
 log = get_logger("pipeline")
 
@@ -236,11 +245,52 @@ def run(cfg: JobConfig) -> dict:
     return res
 
 
+def validate(cfg: JobConfig) -> None:
+    """Every stage's inputs and settings, checked before the first stage: a ConfigError naming the key (rl's
+    refused flow.num_steps 2 only after propose, the gap check, distillation and both SFT runs)."""
+    check_run(cfg)
+    check_model(cfg)
+    check_judge(cfg)
+    # the pipeline sets these itself for its stages: a value given was silently ignored
+    for key, value in (("distill.tasks", cfg.distill.tasks), ("distill.demos", cfg.distill.demos),
+                       ("rl.init", cfg.rl.init), ("eval.executors", cfg.eval.executors)):  # fmt: skip
+        if value:
+            raise ConfigError(f"{key} = {value!r}: the pipeline sets it for its stages; leave it empty")
+    if cfg.data.manifest and not Path(cfg.data.manifest).is_file():
+        raise ConfigError(f"data.manifest: '{cfg.data.manifest}' does not exist (expected a JSONL of images)")
+    sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image), ("distill.demos_per_task",
+             cfg.distill.demos_per_task), ("eval.num_items", cfg.eval.num_items)]  # fmt: skip
+    if not cfg.data.manifest:
+        sizes.append(("world.num_scenes", cfg.world.num_scenes))
+    for key, v in sizes:
+        if v < 1:
+            raise ConfigError(f"config key '{key}': expected >= 1, got {v}")
+    # the trainer exports <stage>/model.safetensors, which the next stages load, only after >= 1 step
+    if cfg.train.steps < 1:
+        raise ConfigError(
+            f"train.steps = {cfg.train.steps}: expected >= 1 (each stage passes on its trained Executor)"
+        )
+    if not cfg.checkpoint.export_safetensors:
+        raise ConfigError("checkpoint.export_safetensors = false: the stages pass their Executors on as "
+                          "<stage>/model.safetensors; set it to true")  # fmt: skip
+    if not 0 < cfg.eval.ci < 1:
+        raise ConfigError(f"eval.ci = {cfg.eval.ci}: expected a confidence level between 0 and 1, e.g. 0.95")
+    if not cfg.eval.seeds:
+        raise ConfigError("eval.seeds is empty; expected at least one noise seed, e.g. [0]")
+    if cfg.eval.tasks:
+        check_tasks(cfg.eval.tasks, "eval.tasks")
+    if not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
+        raise ConfigError(f"distill.steps_per_rollout = {cfg.distill.steps_per_rollout}: expected 1..flow.num_steps "
+                          f"({cfg.flow.num_steps})")  # fmt: skip
+    check_weights_fit(cfg, cfg.distill.init, "distill.init")
+    rl.check_settings(cfg)
+
+
 def main(argv: list[str] | None = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
     if "--config" not in argv and not any(a.startswith("--config=") for a in argv):
         argv = ["--config", str(TOY_CONFIG), *argv]
-    run(config_main(JobConfig, argv, description=__doc__))
+    run(config_main(JobConfig, argv, description=__doc__, validate=validate))
 
 
 if __name__ == "__main__":

@@ -348,7 +348,7 @@ def test_pipeline_stops_on_a_small_gap_and_says_why(tmp_path):
     """An impossible min_gap: the pipeline must stop after the gap check, print the baseline table and
     name the measured gap, and train nothing."""
     cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
-           "p", *TINY, "--distill.min_gap", "1.5"]  # fmt: skip
+           "p", *TINY, "--distill.min_gap", "1.5", "--flow.num_steps", "3", "--rl.train_timesteps", "1"]  # fmt: skip
     p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
     assert p.returncode != 0
     assert "STOP: the Demonstrator's gap" in p.stderr and "below distill.min_gap = 1.5" in p.stderr
@@ -781,3 +781,46 @@ def test_rl_init_with_other_keys_is_refused_before_any_work(proposed, tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr, p.stderr[-3000:]
     assert f"error: rl.init: weights '{path}' do not fit" in p.stderr and "keys missing" in p.stderr
     assert not any((tmp_path / "r").iterdir())
+
+
+def _pipeline_error_cases(tmp: Path) -> list[tuple[list[str], str]]:
+    """(arguments, the one-line error) for settings a pipeline stage refused only when its turn came."""
+    from safetensors.torch import save_file
+
+    from models.wan import WanConfig, WanModel
+
+    other = WanModel(WanConfig.flavour("toy", in_channels=28, out_channels=12, text_dim=32, text_len=None))
+    save_file(other.state_dict(), str(tmp / "other.safetensors"))
+    ok = ["--flow.num_steps", "3", "--rl.train_timesteps", "1", "--distill.min_gap", "0"]
+    return [
+        # rl's GroupBatches: after propose, the gap check, on-policy distillation, demonstrations and both SFTs
+        (["--distill.min_gap", "0"], "error: flow.num_steps = 2: rl needs >= 3"),
+        ([*ok, "--rl.train_timesteps", "2"], "error: rl.train_timesteps = 2"),
+        # on-policy distillation's batches, after propose and the gap check
+        ([*ok, "--distill.steps_per_rollout", "4"], "error: distill.steps_per_rollout = 4: expected 1..flow.num_steps"),
+        ([*ok, "--distill.init", str(tmp / "other.safetensors")], "error: distill.init: weights"),
+        # the gap check's evaluation, after propose
+        ([*ok, "--eval.ci", "95"], "error: eval.ci = 95.0: expected a confidence level"),
+        ([*ok, "--eval.num_items", "0"], "error: config key 'eval.num_items': expected >= 1, got 0"),
+        # given to a stage the pipeline configures itself: silently ignored
+        ([*ok, "--rl.init", str(tmp / "other.safetensors")], "error: rl.init = "),
+        ([*ok, "--distill.tasks", str(tmp / "t.jsonl")], "error: distill.tasks = "),
+        # no stage exported its Executor (the trainer exports after >= 1 step): rl found no onpolicy weights
+        ([*ok, "--train.steps", "0"], "error: train.steps = 0: expected >= 1"),
+        ([*ok, "--checkpoint.export_safetensors", "false"], "error: checkpoint.export_safetensors = false"),
+    ]  # fmt: skip
+
+
+def test_pipeline_refuses_bad_settings_before_its_first_stage(tmp_path):
+    """The pipeline had no validate: a setting a later stage refuses (rl's flow.num_steps >= 3, distillation's
+    steps_per_rollout, evaluation's ci) failed with a traceback after the stages before it had run (minutes
+    on the toy world, hours at real sizes). Each is now one line naming the key, exit status 2, with nothing
+    proposed, sampled or trained."""
+    for args, needle in _pipeline_error_cases(tmp_path):
+        out = tmp_path / "runs"
+        cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(out), "--run.name", "p",
+               *TINY, "--train.steps", "1", "--rl.group_size", "2", *args]  # fmt: skip
+        p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+        assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr[-3000:])
+        assert needle in p.stderr, (args, p.stderr[-3000:])
+        assert not (out / "p").exists() or not any((out / "p").iterdir()), args
