@@ -44,7 +44,7 @@ def _distributed(world_size: int) -> bool:
     return world_size > 1 and dist.is_available() and dist.is_initialized()
 
 
-_CPU_GROUP: list = []  # a gloo group beside an NCCL-only default group, made once by every rank
+_CPU_GROUP: dict = {}  # default group -> a gloo group beside it where it is device-only (NCCL), made once
 
 
 def _every_rank_has(has: bool) -> bool:
@@ -53,10 +53,12 @@ def _every_rank_has(has: bool) -> bool:
     import torch.distributed as dist
 
     group = None
-    if dist.get_backend() == "nccl":
-        if not _CPU_GROUP:
-            _CPU_GROUP.append(dist.new_group(backend="gloo"))
-        group = _CPU_GROUP[0]
+    if "gloo" not in dist.get_backend():  # NCCL (or another device-only backend)
+        world = dist.group.WORLD
+        if world not in _CPU_GROUP:
+            _CPU_GROUP.clear()  # of a destroyed default group
+            _CPU_GROUP[world] = dist.new_group(backend="gloo")  # by every rank: they all iterate the loader
+        group = _CPU_GROUP[world]
     flag = torch.tensor([int(has)])
     dist.all_reduce(flag, op=dist.ReduceOp.MIN, group=group)
     return bool(flag.item())
