@@ -24,7 +24,7 @@ if str(REPO) not in sys.path:  # `python recipes/precompute.py` from anywhere
 
 from engine.config import ConfigError, JobConfig, config_main, save_config  # noqa: E402
 from engine.data import VideoDataset  # noqa: E402
-from engine.data.cache import LatentCacheWriter  # noqa: E402
+from engine.data.cache import LatentCacheWriter, sha256_file  # noqa: E402
 from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 
@@ -177,6 +177,7 @@ def main(argv: list[str] | None = None) -> dict:
     # every setting that changes what a shard holds: resuming with another value must not mix two caches
     fingerprint = {
         "manifest": str(Path(d.manifest).resolve()), "root": str(Path(d.root).resolve()) if d.root else "",
+        "manifest_sha256": sha256_file(d.manifest),  # captions edited in place kept their old embeddings
         "num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
         "aspect_buckets": d.aspect_buckets, "bucket_multiple": d.bucket_multiple, "max_upscale": d.max_upscale,
         "clip_start": d.clip_start, "seed": cfg.run.seed if d.clip_start == "random" else None,

@@ -173,3 +173,21 @@ def test_precompute_bad_inputs_fail_in_one_line_before_any_work(manifest, tmp_pa
         err = capsys.readouterr().err
         assert e.value.code == 2 and f"error: {needle}" in err, (args, err[-2000:])
         assert not (tmp_path / "cache").exists() and not (tmp_path / "m" / "cache").exists(), args
+
+
+def test_precompute_refuses_a_cache_made_from_an_edited_manifest(tmp_path):
+    """The manifest was fingerprinted by its path: a caption corrected in place (same number of rows) resumed
+    the cache, which kept serving the old caption and its embedding."""
+    from engine.data.cache import LatentCacheDataset
+    from recipes.precompute import main
+
+    write_video(tmp_path / "v0.webm", ident=0, num_frames=6, height=32, width=32)
+    m = tmp_path / "m.jsonl"
+    m.write_text(json.dumps({"video": "v0.webm", "task": "push the red block"}) + "\n")
+    args = ["--data.manifest", str(m), "--data.cache_dir", str(tmp_path / "cache"), "--data.decoder", "pyav",
+            "--run.device", "cpu"]  # fmt: skip
+    main(args)
+    assert next(iter(LatentCacheDataset(tmp_path / "cache")))["task"] == "push the red block"
+    m.write_text(json.dumps({"video": "v0.webm", "task": "push the blue block"}) + "\n")
+    with pytest.raises(ValueError, match="fingerprint"):
+        main(args)
