@@ -457,6 +457,8 @@ class Trainer:
         if self.state.bad_in_row >= limit:
             # the interval so far is written first: its good steps (the blow-up's run-up) and the skip count
             self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
+            # a pending async save holds the last good step: commit it, the checkpoint to resume from
+            self.checkpointer.wait()
             raise NonFiniteLossError(
                 f"{self.state.bad_in_row} consecutive steps (up to step {self.state.step}) had a non-finite loss "
                 f"or gradient norm (train.max_bad_steps = {limit}); stopping. Lower train.lr, check the data, "

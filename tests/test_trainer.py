@@ -196,6 +196,27 @@ def test_stopping_on_non_finite_steps_writes_the_interval_first(tmp_path):
     assert rows[-1]["loss"] == pytest.approx(sum(losses[5:7]) / 2, rel=1e-6)  # the good steps 6 and 7
 
 
+def test_stopping_on_non_finite_steps_commits_a_pending_async_save(tmp_path):
+    """With async saves, the checkpoint of the last good step is still pending when the NaN stop comes: it was
+    left as .tmp_step_* (written, never committed) and deleted by the next save, so resuming, as the error
+    advises, restarted from step 0. It is now committed and the run resumes from it, as it was then."""
+    from engine.checkpoint import complete_checkpoints
+
+    cfg = _cfg(10, max_bad_steps=2)
+    cfg.checkpoint.enabled, cfg.checkpoint.async_save, cfg.checkpoint.interval = True, True, 2
+    tr = Trainer(cfg, TinyDiT(), Poisoned(nan_loss={2, 3}), SeededBatches(), run_dir=tmp_path)
+    tr.train_step()
+    tr.train_step()
+    good = {k: v.clone() for k, v in tr.model.state_dict().items()}
+    with pytest.raises(NonFiniteLossError):
+        tr.fit()
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2]
+    resumed = Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+    assert resumed.step == 2 and resumed.batches.position == 2
+    for k, v in resumed.model.state_dict().items():
+        assert torch.equal(v, good[k]), k
+
+
 def test_grad_accumulation_equals_one_big_batch(tmp_path):
     """2 micro-batches of 2 == 1 batch of 4 with the same samples (mean loss over equal halves)."""
 
