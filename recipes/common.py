@@ -638,8 +638,10 @@ def check_weights_fit(cfg: JobConfig, path: str, key: str) -> None:
     if not fits:
         want = max((w for w, _ in layouts), key=lambda w: len(set(w) & set(have)))
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
-        raise ConfigError(f"{key}: weights '{path}' do not fit {what}: {len(missing)} keys missing, e.g. "
-                          f"{missing[:3]}; {len(extra)} unexpected, e.g. {extra[:3]}")  # fmt: skip
+        parts = [
+            f"{len(v)} keys {n}, e.g. {v[:3]}" for n, v in (("missing", missing), ("unexpected", extra)) if v
+        ]
+        raise ConfigError(f"{key}: weights '{path}' do not fit {what}: {'; '.join(parts)}")
     want, exact = fits[0]
     # the diffusers layout is reshaped into ours when the sizes agree (models.adapter.to_ours)
     bad = [k for k in sorted(want) if want[k] != have[k] and (exact or np.prod(want[k]) != np.prod(have[k]))]
