@@ -349,7 +349,8 @@ def test_cuda_bf16_training_reports_memory_and_mfu(tmp_path, ac):
 def test_peak_table_tells_the_h100_variants_apart(monkeypatch):
     """The PCIe and NVL H100s have lower peaks than the SXM part whose name they contain (MFU on a PCIe card
     was about 24% too low); so has the H200 NVL (NVIDIA's datasheet: 1,671 / 3,341 TFLOPS bf16 / fp8 with
-    sparsity, half that dense; it took the SXM H200's 989 / 1979: MFU about 16% too low)."""
+    sparsity, half that dense; it took the SXM H200's 989 / 1979: MFU about 16% too low); and the GB200's
+    GPU has higher ones than the B200 its name contains (5 / 10 PFLOPS with sparsity against 4.5 / 9)."""
     from engine.metrics import device_peak_flops
 
     for name, bf16, fp8 in (
@@ -358,6 +359,8 @@ def test_peak_table_tells_the_h100_variants_apart(monkeypatch):
         ("NVIDIA H100 80GB HBM3", 989e12, 1979e12),
         ("NVIDIA H200 NVL", 835e12, 1671e12),
         ("NVIDIA H200", 989e12, 1979e12),
+        ("NVIDIA GB200", 2500e12, 5000e12),
+        ("NVIDIA B200", 2250e12, 4500e12),
     ):
         monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None, name=name: name)
         assert device_peak_flops(torch.device("cuda"), "bf16") == bf16, name
