@@ -47,8 +47,11 @@ class SkipItem(Exception):
 def iterate_skipping(
     get: Callable[[int], dict[str, Any]], indices: Iterable[int], all_skipped: Callable[[int], str]
 ) -> Iterator[dict[str, Any]]:
-    """``get(i)`` for each index, leaving out items that raise :class:`SkipItem`; a pass that tried
-    items and yielded none raises RuntimeError(all_skipped(number tried))."""
+    """``get(i)`` for each index, leaving out items that raise :class:`SkipItem`; a pass over a whole epoch that
+    tried items and yielded none raises RuntimeError(all_skipped(number tried)). The rest of a resumed epoch (a
+    sampler whose state has consumed items) may hold only bad items, as the uninterrupted pass's end did."""
+    state = getattr(indices, "state_dict", None)
+    whole = not callable(state) or not state().get("consumed", 0)
     tried = yielded = 0
     for i in indices:
         tried += 1
@@ -58,7 +61,7 @@ def iterate_skipping(
             continue
         yielded += 1
         yield item
-    if tried and not yielded:
+    if whole and tried and not yielded:
         raise RuntimeError(all_skipped(tried))
 
 
