@@ -202,7 +202,10 @@ class VideoDataset:
         return {"video": video, "path": str(row["path"]), "index": i, **row["fields"]}
 
     def iterate(self, indices: Iterable[int]) -> Iterator[dict[str, Any]]:
-        """Items for ``indices`` (e.g. a ResumableSampler), skipping bad ones."""
+        """Items for ``indices`` (e.g. a ResumableSampler, whose epoch seeds the random clip starts), skipping
+        bad ones."""
+        if isinstance(getattr(indices, "epoch", None), int):
+            self.set_epoch(indices.epoch)
         return iterate_skipping(
             self.__getitem__,
             indices,
