@@ -267,6 +267,10 @@ def check_settings(cfg: JobConfig) -> None:
             raise ConfigError(f"{k} = {v}: expected >= 1")
     if r.steps < 0:
         raise ConfigError(f"rl.steps = {r.steps}: expected >= 0 (0 = train.steps)")
+    j = cfg.judge  # the judge service refused these when built, after the models were loaded
+    if j.max_batch < 1 or j.max_concurrency < 1 or j.max_wait_ms < 0:
+        raise ConfigError(f"judge.max_batch = {j.max_batch}, judge.max_concurrency = {j.max_concurrency}, "
+                          f"judge.max_wait_ms = {j.max_wait_ms}: expected >= 1, >= 1, >= 0")  # fmt: skip
     bad = [q for q in r.reward_questions if q not in QUESTIONS]
     if not r.reward_questions or bad:
         raise ConfigError(

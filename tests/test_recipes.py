@@ -676,6 +676,8 @@ def _user_error_cases(tmp: Path) -> list[tuple[str, list[str], str]]:
         ("rl", [*good, "--flow.num_steps", "3", "--rl.train_timesteps", "2"], "error: rl.train_timesteps = 2"),
         ("rl", [*good, "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--rl.reward_questions", '["tsak"]'],
          "error: rl.reward_questions = ['tsak']"),
+        ("rl", [*good, "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--judge.max_batch", "0"],
+         "error: judge.max_batch = 0"),
     ]  # fmt: skip
 
 
