@@ -2,6 +2,7 @@
 the same cache_dir): none crashes, and the index lists every shard with the checksum of the file on disk."""
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -52,7 +53,13 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
     script.write_text(WRITER)
     out = tmp_path / "cache"
     out.mkdir()
-    (out / "shard-00003.safetensors.999999999-1.partial").write_bytes(b"left by a writer that died")
+    from engine.data.cache import _tmp_name
+
+    dead = _tmp_name(out / "shard-00003.safetensors", ".partial")  # this machine's, of a process that is gone
+    dead = dead.with_name(dead.name.replace(f".{os.getpid()}-", ".999999999-"))
+    dead.write_bytes(b"left by a writer that died")
+    elsewhere = out / "shard-00004.safetensors.other-node.4242-1.partial"  # a live writer on another machine
+    elsewhere.write_bytes(b"being written")
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     procs = [
         subprocess.Popen(
@@ -66,7 +73,7 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
     ]
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-2000:] for log in logs)
-    assert not list(out.glob("*.partial")) and not list(out.glob("*.tmp"))
+    assert list(out.glob("*.partial")) == [elsewhere] and not list(out.glob("*.tmp"))
     cache = LatentCacheDataset(out)  # verifies every shard's sha256 against the index
     items = list(cache)
     assert cache.skipped == [] and sorted(it["index"] for it in items) == list(range(12))

@@ -27,7 +27,9 @@ import fcntl
 import hashlib
 import json
 import os
+import re
 import shutil
+import socket
 import threading
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
@@ -73,9 +75,14 @@ def sha256_file(path: str | Path, chunk: int = 1 << 22) -> str:
     return h.hexdigest()
 
 
+def _host() -> str:
+    return re.sub(r"[^A-Za-z0-9_-]", "_", socket.gethostname()) or "host"
+
+
 def _tmp_name(path: Path, suffix: str) -> Path:
-    """A temporary name next to ``path`` that no other process or thread writing the same cache uses."""
-    return path.with_name(f"{path.name}.{os.getpid()}-{threading.get_ident()}{suffix}")
+    """A temporary name next to ``path`` that no other process or thread writing the same cache (on a shared
+    file system: of any machine) uses."""
+    return path.with_name(f"{path.name}.{_host()}.{os.getpid()}-{threading.get_ident()}{suffix}")
 
 
 @contextlib.contextmanager
@@ -90,12 +97,13 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
 
 
 def _remove_orphans(folder: Path) -> None:
-    """Delete the temporary files of writers that died (a crash mid-shard)."""
+    """Delete the temporary files of this machine's writers that died (a crash mid-shard)."""
     for p in [*folder.glob("*.partial"), *folder.glob("*.tmp")]:
+        m = re.fullmatch(r".+\.([A-Za-z0-9_-]+)\.(\d+)-\d+\.(partial|tmp)", p.name)  # a name of _tmp_name
+        if m is None or m.group(1) != _host():
+            continue  # another machine's process ids are not ours to check
         try:
-            os.kill(int(p.name.rsplit(".", 2)[-2].split("-")[0]), 0)
-        except (ValueError, IndexError):
-            continue  # not a name of _tmp_name
+            os.kill(int(m.group(2)), 0)
         except ProcessLookupError:
             p.unlink(missing_ok=True)
         except PermissionError:
