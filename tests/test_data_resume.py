@@ -1,5 +1,5 @@
-"""VideoDataset.iterate(sampler) resumed from a checkpoint near the end of an epoch whose last item is a bad file:
-the resumed pass ends as the uninterrupted one did."""
+"""VideoDataset.iterate(sampler) across epochs and resumes: a resumed epoch whose rest is a bad file ends as the
+uninterrupted one did, and random clip starts follow the sampler's epoch."""
 
 import json
 
