@@ -22,6 +22,7 @@ import asyncio
 import math
 import statistics
 import warnings
+from collections import Counter
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -30,7 +31,9 @@ import torch
 
 from engine import flow
 from engine.judge.base import JudgeRequest
+from engine.log import get_logger
 
+log = get_logger("evaluation")
 QUESTIONS = ("task", "agent", "consistency")
 
 
@@ -124,6 +127,12 @@ async def score_videos(judge, videos: np.ndarray, tasks: list[str],
         JudgeRequest(task=t, question=q, frames=list(v)) for q in questions for v, t in zip(videos, tasks)
     ]
     verdicts = await judge.score(reqs)
+    # a failed call became a silent NaN (a judge that was down or misconfigured gave a table of nan)
+    failed = [v for v in verdicts if v.score is None]
+    if failed:
+        counts = Counter(v.status for v in failed)
+        log.warning("judge: %d of %d calls gave no score (%s), scored NaN; first: %s", len(failed), len(verdicts),
+                    ", ".join(f"{s} {c}" for s, c in counts.items()), str(failed[0].raw)[:300])  # fmt: skip
     n = len(tasks)
     scores = {}
     for j, q in enumerate(questions):

@@ -172,3 +172,28 @@ def test_paired_comparisons_pair_seeds_not_just_items():
     solution[2, n // 3 :] = np.nan
     f, lo, hi = ev.gap_closed(executor, task, solution)
     assert f == pytest.approx(0.5) and lo == pytest.approx(0.5) and hi == pytest.approx(0.5)
+
+
+def test_failed_judge_calls_are_reported_not_silent_nan():
+    """A judge endpoint that is down (a real closed loopback port): the scores are NaN and a warning says how
+    many calls failed and why (the evaluation printed a table of nan with no word of the cause)."""
+    import asyncio
+    import logging
+
+    from engine.judge import OpenAIJudge
+    from tests.judge_servers import free_port
+
+    records = []
+    handler = logging.Handler()
+    handler.emit = records.append
+    logger = logging.getLogger("wmsd.evaluation")
+    logger.addHandler(handler)
+    try:
+        judge = OpenAIJudge(f"http://127.0.0.1:{free_port()}/v1", "m", max_retries=0, timeout_s=5.0)
+        videos = np.zeros((2, 4, 32, 32, 3), dtype=np.uint8)
+        scores = asyncio.run(ev.score_videos(judge, videos, ["[Agent]: a task", "[Agent]: another task"]))
+    finally:
+        logger.removeHandler(handler)
+    assert all(np.isnan(v).all() for v in scores.values())
+    msgs = [r.getMessage() for r in records if r.levelno == logging.WARNING]
+    assert any("6 of 6 calls" in m and "connection_error" in m for m in msgs), msgs
