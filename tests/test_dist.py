@@ -394,7 +394,9 @@ for order in ("none", "weights_first", "ema_first"):  # the evaluations between 
     final[order] = full_state_dict(tr.model)
     if errs:
         diff = max((final[order][k] - final["none"][k]).abs().max().item() for k in final["none"])
-        print(f"rank {info.rank} {order} errors", *errs, "trained", diff, "end", flush=True)
+        # one write (torchrun's workers are unbuffered: print's arguments would be written one by one)
+        sys.stdout.write(f"rank {info.rank} {order} errors {' '.join(map(str, errs))} trained {diff} end\\n")
+        sys.stdout.flush()
 end_process()
 """
 
