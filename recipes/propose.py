@@ -162,8 +162,17 @@ def propose(
         append_jsonl(out, rows)
         written += len(rows)
     if empty:  # one line, not one per image: scenes with nothing to do are normal on the toy world
+        # why: an endpoint that was down and answers the VLM wrote that all failed validation looked the same
+        stats = getattr(proposer, "stats", None)
+        who = f"rank {rank}'s proposer" if world_size > 1 else "proposer"
+        why = (f"; {who}: {stats.requests} calls, failed (no answer) {stats.failed_calls}, rejected blocks "
+               f"{stats.reasons or 0}" if stats is not None else "")  # fmt: skip
         log.warning(
-            "%d of %d images got no valid pair from the proposer (e.g. %s)", len(empty), len(todo), empty[0]
+            "%d of %d images got no valid pair from the proposer (e.g. %s)%s",
+            len(empty),
+            len(todo),
+            empty[0],
+            why,
         )
     return written
 
