@@ -87,12 +87,26 @@ def _rotate(x, offs_s, row_ok, COS, SIN, BLOCK: tl.constexpr, D: tl.constexpr, S
 
 
 @triton.jit
-def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN, stride_s, BLOCK: tl.constexpr,
-        D: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr):
-    """Rows offs_s of a (S, stride_s) slab, all D channels, optionally RoPE-rotated (input dtype out).
-    A full tile (MASKED off) with TMA on comes through the tensor descriptor ``desc`` of the (B*S, H*D)
-    matrix instead, as the block at (desc_row, desc_col) (the Hopper bulk copy engine, no address math)."""
-    ptrs = base + offs_s[:, None] * stride_s + offs_d[None, :]
+def _rows_at(base, start, offs_s, offs_d, stride_s, BLOCK: tl.constexpr, I64: tl.constexpr):
+    """base (a pointer or an int64 offset) + the offsets of rows offs_s = start + arange(BLOCK), channels
+    offs_d, of a (S, stride_s) slab. int32 unless I64, which the launcher sets where S * stride_s passes 2^31
+    in one sample (~420k tokens at H*D = 5120): then the tile's first row costs one int64 multiply per tile,
+    and the rows within it (BLOCK * stride_s, small) stay int32."""
+    if I64:
+        rows = tl.arange(0, BLOCK)
+        return base + tl.cast(start, tl.int64) * stride_s + rows[:, None] * stride_s + offs_d[None, :]
+    return base + offs_s[:, None] * stride_s + offs_d[None, :]
+
+
+@triton.jit
+def _load_tile(base, desc, desc_row, desc_col, start, offs_s, offs_d, row_ok, COS, SIN, stride_s,
+        BLOCK: tl.constexpr, D: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr, TMA: tl.constexpr,
+        I64: tl.constexpr):
+    """Rows offs_s = start + arange(BLOCK) of a (S, stride_s) slab, all D channels, optionally RoPE-rotated
+    (input dtype out). A full tile (MASKED off) with TMA on comes through the tensor descriptor ``desc`` of the
+    (B*S, H*D) matrix instead, as the block at (desc_row, desc_col) (the Hopper bulk copy engine, no address
+    math; int32 coordinates: B*S rows fit)."""
+    ptrs = _rows_at(base, start, offs_s, offs_d, stride_s, BLOCK, I64)
     if MASKED:
         x = tl.load(ptrs, mask=row_ok[:, None], other=0.0)
     else:
@@ -108,15 +122,15 @@ def _load_tile(base, desc, desc_row, desc_col, offs_s, offs_d, row_ok, COS, SIN,
 @triton.jit
 def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
         D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr):
+        PRECISION: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr):
     """One key tile of the online softmax (base 2): returns the updated (acc, m, l)."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
-    k = _load_tile(K, KD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE,
-        MASKED, TMA)
-    v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
-        MASKED, TMA)
+    k = _load_tile(K, KD, row0 + start_n, col, start_n, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE,
+        MASKED, TMA, I64)
+    v = _load_tile(V, VD, row0 + start_n, col, start_n, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D,
+        False, MASKED, TMA, I64)
     qk = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
     if MASKED:
         qk = tl.where(k_ok[None, :], qk, float("-inf"))
@@ -132,7 +146,7 @@ def _fwd_tile(acc, m_i, l_i, q, K, V, KD, VD, row0, col, COS, SIN, start_n, n_en
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BUCKET, K_BUCKET,
         D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr = False):
     """out = softmax(scale q k^T) v for BLOCK_M queries of one (batch, head); lse alongside."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -143,7 +157,8 @@ def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BU
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(q_base, Q, 0, 0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True, False)
+    q = _load_tile(q_base, Q, 0, 0, pid_m * BLOCK_M, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE,
+        True, False, I64)
     n_end = Sk
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
@@ -154,27 +169,28 @@ def _attn_fwd(Q, K, V, KD, VD, O, LSE, COS, SIN, KLEN, Sq, Sk, H, qk_scale, Q_BU
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA, I64)
     if n_full < n_end:
         acc, m_i, l_i = _fwd_tile(acc, m_i, l_i, q, k_base, v_base, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA, I64)
     empty = l_i == 0.0  # no valid key: out = 0, lse = -inf
     out = acc / tl.where(empty, 1.0, l_i)[:, None]
     lse = tl.where(empty, float("-inf"), (m_i + tl.log2(tl.where(empty, 1.0, l_i))) * 0.6931471805599453)
-    o_ptrs = O + (b.to(tl.int64) * Sq * H + h) * D + offs_m[:, None] * stride_s + offs_d[None, :]
+    o_base = O + (b.to(tl.int64) * Sq * H + h) * D
+    o_ptrs = _rows_at(o_base, pid_m * BLOCK_M, offs_m, offs_d, stride_s, BLOCK_M, I64)
     tl.store(o_ptrs, out.to(O.dtype.element_ty), mask=q_ok[:, None])
     tl.store(LSE + bh.to(tl.int64) * Sq + offs_m, lse, mask=q_ok)
 
 
 @triton.jit
-def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr):
+def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr, I64: tl.constexpr = False):
     """delta_i = sum_d dO_id O_id, fp32, stored (B, H, Sq)."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     ok = offs_m < Sq
-    off = (b.to(tl.int64) * Sq * H + h) * D + offs_m[:, None] * (H * D) + offs_d[None, :]
+    off = _rows_at((b.to(tl.int64) * Sq * H + h) * D, pid_m * BLOCK_M, offs_m, offs_d, H * D, BLOCK_M, I64)
     o = tl.load(O + off, mask=ok[:, None], other=0.0).to(tl.float32)
     do = tl.load(DO + off, mask=ok[:, None], other=0.0).to(tl.float32)
     tl.store(DELTA + bh.to(tl.int64) * Sq + offs_m, tl.sum(o * do, 1), mask=ok)
@@ -183,15 +199,15 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr)
 @triton.jit
 def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
         D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr):
+        PRECISION: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr):
     """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(Q, QD, row0 + start_m, col, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE,
-        MASKED, TMA)
-    do = _load_tile(DO, DOD, row0 + start_m, col, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D,
-        False, MASKED, TMA)
+    q = _load_tile(Q, QD, row0 + start_m, col, start_m, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE,
+        MASKED, TMA, I64)
+    do = _load_tile(DO, DOD, row0 + start_m, col, start_m, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D,
+        False, MASKED, TMA, I64)
     if MASKED:
         lse = tl.load(LSE + offs_m, mask=q_ok, other=0.0)
         delta = tl.load(DELTA + offs_m, mask=q_ok, other=0.0)
@@ -212,7 +228,7 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, st
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
         Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr = False):
     """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -225,8 +241,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq,
     if HAS_KLEN:
         n_end = tl.minimum(tl.maximum(tl.load(KLEN + b), 0), Sk)
     k_ok = offs_n < n_end
-    k = _load_tile(K + k_off, K, 0, 0, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, True, False)
-    v = _load_tile(V + k_off, V, 0, 0, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, True, False)
+    n0 = pid_n * BLOCK_N
+    k = _load_tile(K + k_off, K, 0, 0, n0, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE, True, False,
+        I64)
+    v = _load_tile(V + k_off, V, 0, 0, n0, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False, True, False,
+        I64)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
@@ -235,15 +254,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq,
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
         dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
-            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA)
+            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA, I64)
     if m_full < m_hi:
         dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
-            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False)
+            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False, I64)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
         dk = _rotate(dk, offs_n, k_ok, COS, SIN, BLOCK_N, D, -1.0, True)
-    ptrs = k_off + offs_n[:, None] * stride_s + offs_d[None, :]
+    ptrs = _rows_at(k_off, n0, offs_n, offs_d, stride_s, BLOCK_N, I64)
     st_ok = (offs_n < Sk)[:, None]
     tl.store(DK + ptrs, dk.to(DK.dtype.element_ty), mask=st_ok)
     tl.store(DV + ptrs, dv.to(DV.dtype.element_ty), mask=st_ok)
@@ -252,15 +271,15 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq,
 @triton.jit
 def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n, n_end, stride_s, qk_scale,
         D: tl.constexpr, BLOCK_N: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr):
+        PRECISION: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr):
     """One key tile into dQ: P = 2^(s - lse log2 e), dS = P (dO V^T - delta), dQ += dS K."""
     offs_n = start_n + tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, D)
     k_ok = offs_n < n_end
-    k = _load_tile(K, KD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE,
-        MASKED, TMA)
-    v = _load_tile(V, VD, row0 + start_n, col, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, False,
-        MASKED, TMA)
+    k = _load_tile(K, KD, row0 + start_n, col, start_n, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D, ROPE,
+        MASKED, TMA, I64)
+    v = _load_tile(V, VD, row0 + start_n, col, start_n, offs_n, offs_d, k_ok, COS, SIN, stride_s, BLOCK_N, D,
+        False, MASKED, TMA, I64)
     s = tl.dot(q, tl.trans(k), input_precision=PRECISION)  # (BLOCK_M, BLOCK_N), unscaled
     p = tl.exp2(tl.fma(s, qk_scale, -lse2[:, None]))
     if MASKED:
@@ -274,7 +293,7 @@ def _dq_tile(dq, q, do, lse2, delta, K, V, KD, VD, row0, col, COS, SIN, start_n,
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
 def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale, Q_BUCKET,
         K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr):
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr = False):
     """dQ of BLOCK_M queries of one (batch, head), looping over the valid key tiles."""
     pid_m, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
@@ -284,9 +303,11 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
     offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
-    q = _load_tile(Q + q_off, Q, 0, 0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True, False)
-    do = _load_tile(DO + q_off, DO, 0, 0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, True,
-        False)
+    m0 = pid_m * BLOCK_M
+    q = _load_tile(Q + q_off, Q, 0, 0, m0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, ROPE, True, False,
+        I64)
+    do = _load_tile(DO + q_off, DO, 0, 0, m0, offs_m, offs_d, q_ok, COS, SIN, stride_s, BLOCK_M, D, False, True,
+        False, I64)
     lse2 = tl.load(LSE + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0) * 1.4426950408889634
     delta = tl.load(DELTA + bh.to(tl.int64) * Sq + offs_m, mask=q_ok, other=0.0)
     n_end = Sk
@@ -297,14 +318,14 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
     row0, col = b * Sk, h * D  # this (batch, head)'s slab in the (B*Sk, H*D) descriptors
     for start_n in range(0, n_full, BLOCK_N):
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, start_n, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, False, PRECISION, TMA, I64)
     if n_full < n_end:
         dq = _dq_tile(dq, q, do, lse2, delta, K + k_off, V + k_off, KD, VD, row0, col, COS, SIN, n_full, n_end,
-            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA)
+            stride_s, qk_scale, D, BLOCK_N, ROPE, True, PRECISION, TMA, I64)
     dq = dq * scale
     if ROPE:
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
-    tl.store(DQ + q_off + offs_m[:, None] * stride_s + offs_d[None, :], dq.to(DQ.dtype.element_ty),
+    tl.store(_rows_at(DQ + q_off, m0, offs_m, offs_d, stride_s, BLOCK_M, I64), dq.to(DQ.dtype.element_ty),
         mask=q_ok[:, None])
 # fmt: on
 
@@ -491,12 +512,18 @@ def _check_triton(q: torch.Tensor) -> None:
         )
 
 
+def _slab_i64(S: int, H: int, D: int) -> bool:
+    """True where a (B, S, H, D) tensor's per-sample tile offsets, up to (S + a tile) * H * D, pass int32."""
+    return (S + 256) * H * D >= 2**31
+
+
 def _meta(q, k, rope, k_lengths) -> dict:
     return dict(
         D=q.shape[-1],
         ROPE=rope is not None,
         HAS_KLEN=k_lengths is not None,
         PRECISION="ieee" if q.dtype == torch.float32 else "tf32",
+        I64=_slab_i64(max(q.shape[1], k.shape[1]), q.shape[2], q.shape[3]),
     )
 
 
@@ -539,7 +566,9 @@ def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, dete
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
-    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
+    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](
+        out, do, delta, Sq, H, D=D, BLOCK_M=64, I64=_slab_i64(Sq, H, D)
+    )
     # d lse_i / d s_ij = P_ij, so lse's gradient joins dS = P (dP - delta) as delta - dlse
     if dlse is not None:
         delta -= dlse

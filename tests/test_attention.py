@@ -444,3 +444,71 @@ def test_lse_gradient(fuse_rope, device):
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
     (dq,) = torch.autograd.grad(attention(q, k, v, return_lse=True)[1].sum(), (q,))  # lse alone
     assert torch.isfinite(dq).all()
+
+
+def _big_sample(Sq, Sk, H, D, w, dtype, device):
+    """q (1, Sq, H, D), k, v (1, Sk, H, D) with only the first and last w rows of each filled: the rest is left
+    unwritten (torch.empty: untouched pages cost no memory until the kernel writes the outputs)."""
+    q, k, v = (torch.empty(1, s, H, D, device=device, dtype=dtype) for s in (Sq, Sk, Sk))
+    for t in (q, k, v):
+        if t.shape[1] <= 2 * w:
+            t.normal_()
+        else:
+            t[:, :w].normal_()
+            t[:, -w:].normal_()
+    return q, k, v
+
+
+@pytest.mark.slow
+def test_sample_past_2_31_elements(device, monkeypatch):
+    """One sample whose q has 2^31+ elements (Sq * H * D; a 4 GB fp16 tensor): the tile offsets
+    offs_m * (H * D) ran in int32 within the sample and wrapped past 2^31, so the last queries were read and
+    written out of bounds. The kernel now takes the 64-bit tile offsets there; the first and last rows are
+    checked against the reference on those rows (rows of attention are independent). Under the interpreter
+    with 2^16-query tiles (few programs: the same offset arithmetic)."""
+    import kernels.attention as attention_module
+
+    if device != "cpu":
+        pytest.skip("CPU interpreter version; on a GPU: test_gpu_sample_past_2_31_elements")
+    gpu, _ = attention_module._TILES[("fwd", False)]
+    monkeypatch.setitem(attention_module._TILES, ("fwd", False), (gpu, (2**16, 16)))
+    Sq, Sk, H, D, w = 2**26 + 2**16, 16, 2, 16, 2**16
+    assert Sq * H * D > 2**31
+    q, k, v = _big_sample(Sq, Sk, H, D, w, torch.float16, device)
+    out, lse = attention(q, k, v, deterministic=True, return_lse=True)
+    for rows in (slice(0, w), slice(Sq - w, Sq)):
+        want, want_lse = attention_reference(q[:, rows], k, v, return_lse=True)
+        torch.testing.assert_close(out[:, rows], want, rtol=2e-3, atol=2e-3)
+        torch.testing.assert_close(lse[:, :, rows], want_lse, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize("fuse_rope", [True, False])
+@pytest.mark.parametrize("case", [CASES[2], CASES[3]], ids=["klen", "rope-klen"])
+def test_64bit_offsets_path_matches_reference(case, fuse_rope, device, monkeypatch):
+    """The kernels' 64-bit tile offsets (I64, taken where one sample passes 2^31 elements) in every load and
+    store of the forward and the three backward kernels, forced on at a small size: the same results as the
+    reference (the overflow itself: test_sample_past_2_31_elements and the GPU test)."""
+    import kernels.attention as attention_module
+
+    monkeypatch.setattr(attention_module, "_slab_i64", lambda S, H, D: True)
+    _assert_triton_matches_reference(
+        case, torch.float16 if device == "cpu" else torch.bfloat16, device, fuse_rope
+    )
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("side", ["q", "kv"])
+def test_gpu_sample_past_2_31_elements(side):
+    """One sample with 2^31+ elements on the query side (Sq * H * D) or the key side (Sk * H * D), bf16 (4 GB
+    per tensor): output, lse and gradients against SDPA on the same inputs (ours wrapped int32 tile
+    offsets there before the 64-bit path)."""
+    H, D, big, small = 8, 128, 2**31 // (8 * 128) + 4096, 384
+    Sq, Sk = (big, small) if side == "q" else (small, big)
+    q, k, v = (torch.randn(1, s, H, D, device="cuda", dtype=torch.bfloat16) for s in (Sq, Sk, Sk))
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    g = torch.randn_like(q)
+    ours = _outputs_and_grads(attention, q, k, v, g)
+    ref = _outputs_and_grads(attention, q, k, v, g, backend="sdpa")
+    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
+        err = (a.float() - b.float()).abs().max().item()
+        assert err <= 2e-2 * max(1.0, b.float().abs().max().item()), f"{name}: max error {err:.3g}"
