@@ -87,7 +87,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import _attn_bwd_delta, _bucket
+from kernels.attention import _attn_bwd_delta, _bucket, _slab_i64
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -823,7 +823,9 @@ def _quant_blocks_kernel(
     ok = (offs_s < S)[:, None]
     src = X + b.to(tl.int64) * stride_b + h.to(tl.int64) * stride_h
     x = tl.load(
-        src + offs_s.to(tl.int64)[:, None] * stride_s + offs_d[None, :] * stride_d, mask=ok, other=0.0
+        src + offs_s.to(tl.int64)[:, None] * stride_s + offs_d.to(tl.int64)[None, :] * stride_d,
+        mask=ok,
+        other=0.0,
     )
     dst = X8 + (bh.to(tl.int64) * SP + offs_s[:, None]) * D
     if ROTATE:
@@ -1167,7 +1169,9 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     SQP, SKP = q8.shape[2], k8.shape[2]
     fp8_ds = ds_format is not None
     delta = torch.empty((B, H, Sq), device=q.device, dtype=torch.float32)  # rowsum(dO * O), one read of each
-    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](out, do, delta, Sq, H, D=D, BLOCK_M=64)
+    _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](
+        out, do, delta, Sq, H, D=D, BLOCK_M=64, I64=_slab_i64(Sq, H, D)
+    )
     # (B, H, SQP) rows for the kernels (aligned per-tile vector loads; B H SQP floats, a small copy)
     lse_p, delta = F.pad(lse, (0, SQP - Sq)), F.pad(delta, (0, SQP - Sq))
     do8, sdo = quantize_blocks_fused(do, block, carrier=q8.dtype)
@@ -1298,10 +1302,14 @@ def _warn_once(reason: str) -> None:
         warnings.warn(f"attention precision 'fp8': {reason}; running the bf16 kernel instead", stacklevel=3)
 
 
-def fp8_unsupported_reason(q: torch.Tensor) -> str | None:
-    """Why the FP8 kernel cannot run on q (then the bf16 path runs), or None."""
+def fp8_unsupported_reason(q: torch.Tensor, k: torch.Tensor | None = None) -> str | None:
+    """Why the FP8 kernel cannot run on q (and k) (then the bf16 path runs), or None."""
     if q.shape[-1] not in FP8_HEAD_DIMS:
         return f"head dim {q.shape[-1]} is not one of {FP8_HEAD_DIMS}"
+    # the FP8 kernels' row offsets within one sample are int32 (the bf16 kernels switch to int64 there)
+    S = max(q.shape[1], q.shape[1] if k is None else k.shape[1])
+    if q.dim() == 4 and _slab_i64(S + QUANT_BLOCK, q.shape[2], q.shape[3]):
+        return f"a sample of {S} x {q.shape[2]} x {q.shape[3]} elements passes the FP8 kernels' int32 offsets"
     if q.device.type == "cuda":
         if q.dtype not in (torch.bfloat16, torch.float16):
             return f"dtype {q.dtype} (expected bfloat16 or float16)"
@@ -1350,7 +1358,7 @@ def attention_fp8(
     small ones).
     """
     _check_ds_format(ds_format)
-    reason = fp8_unsupported_reason(q)
+    reason = fp8_unsupported_reason(q, k)
     if reason is not None:
         from kernels.attention import attention
 

@@ -520,3 +520,30 @@ def test_gpu_fp8_path_taken_and_lse():
     ref, ref_lse = attention_reference(q, k, v, return_lse=True, k_lengths=torch.tensor([200], device="cuda"))
     assert _rel(out, ref) < 0.1
     torch.testing.assert_close(lse, ref_lse, atol=0.1, rtol=0.02)
+
+
+def test_fused_prepass_channel_stride_past_2_31(device):
+    """quantize_blocks_fused on a view whose channel stride puts its last channels more than 2^31 elements
+    past its start (a 4 GB fp16 buffer, only the view's elements written): d * stride_d ran in int32 and
+    wrapped, reading other memory. Now the same quantisation as quantize_blocks of a contiguous copy."""
+    S, D, stride_d = 200, 64, 2**25 + 2**20
+    assert (D - 1) * stride_d > 2**31
+    buf = torch.empty((D - 1) * stride_d + S, device=device, dtype=torch.float16)
+    x = buf.as_strided((1, S, 1, D), (S, 1, S, stride_d))
+    x.copy_(torch.randn(1, S, 1, D, device=device))
+    carrier = fp8._fp8_dtype(torch.device(device))
+    got = fp8.quantize_blocks_fused(x, carrier=carrier)
+    _assert_same_quantisation(got, quantize_blocks(x.contiguous(), carrier=carrier), exact=True)
+
+
+def test_samples_past_2_31_elements_run_the_bf16_kernel():
+    """The FP8 kernels index within one sample in int32: a sample of 2^31+ elements (query or key side) is
+    reported unsupported, so attention_fp8 runs the bf16 kernel (64-bit offsets there) after a warning
+    instead of wrapping. Expanded views: no memory."""
+    small = torch.zeros(1, 256, 8, 128, dtype=torch.float16)
+    big = torch.zeros(1, 1, 8, 128, dtype=torch.float16).expand(1, 2**31 // (8 * 128), 8, 128)
+    assert fp8.fp8_unsupported_reason(small, small) is None or "int32" not in fp8.fp8_unsupported_reason(
+        small
+    )
+    for q, k in ((big, small), (small, big)):
+        assert "int32" in fp8.fp8_unsupported_reason(q, k)
