@@ -36,6 +36,7 @@ from engine.evaluation import NoGapError, gap_closed, paired_test  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from recipes import demonstrate, distill, evaluate, propose, rl  # noqa: E402
 from recipes.common import (  # noqa: E402
+    TOY_ASSETS,
     TOY_CONFIG,
     check_judge,
     check_model,
@@ -82,6 +83,14 @@ def _file_id(path: Path) -> str:
     return f"{st.st_size}:{st.st_mtime_ns}"
 
 
+def model_files(c: JobConfig) -> list[Path]:
+    """The Demonstrator's weight files (the toy world's world.demonstrator or shipped assets, else those of
+    model.pretrained): a training stage's teacher and, without distill.init, its Executor's start."""
+    toy = c.model.family == "wan" and c.model.flavour == "toy"
+    folder = (c.world.demonstrator or TOY_ASSETS) if toy else c.model.pretrained
+    return sorted(Path(folder).rglob("*.safetensors")) if folder and Path(folder).is_dir() else []
+
+
 def stage_fingerprint(c: JobConfig, inputs: list[Path]) -> dict:
     """What a training stage's result depends on: its config (less :data:`_OPERATIONAL`), flattened to
     "section.key", and its input files."""
@@ -104,6 +113,12 @@ def trained(cfg: JobConfig, out: Path, name: str, fn, inputs: list[Path], **sect
     otherwise be reused or resumed under other settings)."""
     c = stage(cfg, out, name, **sections)
     weights, record = out / name / "model.safetensors", out / name / "stage.json"
+    # the weights it reads, by identity: new weights at the same path reused the stage trained from the old
+    inputs = [
+        *inputs,
+        *model_files(c),
+        *([Path(c.distill.init)] if fn is distill.run and c.distill.init else []),
+    ]
     fp = stage_fingerprint(c, inputs)
     if record.is_file():
         old = json.loads(record.read_text())

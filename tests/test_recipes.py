@@ -826,3 +826,27 @@ def test_pipeline_refuses_bad_settings_before_its_first_stage(tmp_path):
         assert p.returncode == 2 and "Traceback" not in p.stderr, (args, p.stderr[-3000:])
         assert needle in p.stderr, (args, p.stderr[-3000:])
         assert not (out / "p").exists() or not any((out / "p").iterdir()), args
+
+
+@pytest.mark.slow
+def test_pipeline_stops_when_the_executor_start_weights_change_at_the_same_path(tmp_path):
+    """A training stage's inputs listed only the task file (and rl's Executor): distill.init's weights, or the
+    Demonstrator's, replaced at the same path reused every stage trained from the old ones ("already
+    trained"). Their files' identity is now in <stage>/stage.json: the rerun stops and names the file."""
+    from safetensors.torch import save_file
+
+    from recipes.pretrain import load_demonstrator
+
+    init = tmp_path / "init.safetensors"
+    sd = {k: v.contiguous() for k, v in load_demonstrator()[0].dit.state_dict().items()}
+    save_file(sd, str(init))
+    args = ["--train.steps", "1", "--rl.steps", "1", "--rl.group_size", "2", "--rl.train_timesteps", "1",
+            "--flow.num_steps", "3", "--distill.min_gap", "0", "--eval.write_videos", "0", "--distill.init", str(init)]  # fmt: skip
+    cmd = [sys.executable, str(REPO / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name",
+           "p", *TINY, *args]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert p.returncode == 0, p.stderr[-3000:]
+    save_file({k: v + 0.01 for k, v in sd.items()}, str(init))  # other weights, same path and size
+    again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
+    assert again.returncode != 0 and "STOP: stage 'onpolicy'" in again.stderr, again.stderr[-3000:]
+    assert f"{init} changed" in again.stderr
