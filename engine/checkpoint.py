@@ -304,16 +304,17 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def export_safetensors(model: nn.Module, path: str | Path) -> Path | None:
-    """Write one consolidated safetensors file (rank 0); returns the path on rank 0, else None."""
+    """Write one consolidated safetensors file (rank 0); returns the path on rank 0, else None. Every rank
+    returns once the file is written (the others read it next: a later stage's input)."""
     from safetensors.torch import save_file
 
     sd = full_state_dict(model)
     path = Path(path)
-    if _rank() != 0:
-        return None
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
-    os.replace(tmp, path)
-    log.info("exported %d tensors to %s", len(sd), path)
-    return path
+    if _rank() == 0:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        save_file({k: v.clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+        os.replace(tmp, path)
+        log.info("exported %d tensors to %s", len(sd), path)
+    barrier("safetensors export")
+    return path if _rank() == 0 else None

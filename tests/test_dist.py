@@ -418,3 +418,46 @@ def test_fsdp_forward_after_ema_swap_uses_the_swapped_weights(tmp_path):
                 order,
                 errs,
             )
+
+
+EXPORT_SCRIPT = """
+import os, sys, torch
+sys.path.insert(0, "tests/dist_scripts")
+from safetensors.torch import load_file
+from tiny import SeededBatches, TinyDiT, flow_loss
+from engine.config import JobConfig, build_config, overrides_to_dict
+from engine.dist import end_process, init_distributed
+from engine.trainer import Trainer
+
+torch.set_num_threads(1)
+args = "--train.batch_size 2 --train.ema_decay 0.5 --checkpoint.enabled false --run.device cpu"
+cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, args.split()))
+info = init_distributed(cfg.parallel, "cpu")
+seen = []
+for i in range(3):
+    run = f"{sys.argv[1]}/{i}"
+    batches = SeededBatches(batch=2, rank=info.dp_rank, world=info.dp_size)
+    tr = Trainer(cfg, TinyDiT(dim=128), flow_loss, batches, run_dir=run, dist_info=info)
+    tr.train_step()
+    ema = {k: v.full_tensor() for k, v in tr.ema.state_dict().items()}
+    tr.close()
+    if not os.path.isfile(f"{run}/ema.safetensors"):
+        seen.append("missing")
+    else:
+        got = load_file(f"{run}/ema.safetensors")
+        seen.append("same" if all(torch.equal(got[k], v) for k, v in ema.items()) else "differs")
+sys.stdout.write(f"rank {info.rank} after close: {' '.join(seen)} end\\n")
+sys.stdout.flush()
+end_process()
+"""
+
+
+@pytest.mark.dist
+def test_every_rank_finds_the_export_after_close(tmp_path):
+    """Trainer.close() under FSDP2 on 2 gloo ranks: rank 0 writes the safetensors export after the gathers, and
+    rank 1 returned as soon as its part of the gathers was done, before the file existed (a next stage reading
+    it there found no file, or an earlier run's); every rank now returns once the file is written."""
+    p = _two_ranks(tmp_path, EXPORT_SCRIPT, str(tmp_path))
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    for rank in range(2):
+        assert re.findall(rf"rank {rank} after close: (.*?) end", p.stdout) == ["same same same"], p.stdout
