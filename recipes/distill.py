@@ -51,7 +51,6 @@ from recipes.common import (  # noqa: E402
     prepare_teacher,
     run_dir,
     sampling_velocity,
-    split_micro,
     step_generator,
     tasks_path,
     work_logs,
@@ -71,10 +70,15 @@ class OnPolicyBatches:
             )
         self.cfg, self.kit, self.table, self.teacher = cfg, kit, table, teacher
 
-    @torch.no_grad()
     def next(self, step: int, model: torch.nn.Module) -> list[dict]:
+        # train.batch_size is per micro-step (engine.config): grad_accum split it, shrinking the step's batch
+        return [self.micro(step, i, model) for i in range(self.cfg.train.grad_accum)]
+
+    @torch.no_grad()
+    def micro(self, step: int, i: int, model: torch.nn.Module) -> dict:
+        """Micro-batch ``i`` of ``step``: train.batch_size rollouts, steps_per_rollout states each."""
         cfg, B, K = self.cfg, self.cfg.train.batch_size, self.cfg.distill.steps_per_rollout
-        g = step_generator(cfg, step)
+        g = step_generator(cfg, step, salt=i)
         idx = torch.randint(len(self.table), (B,), generator=g)
         cond = self.table.cond(idx, "task")
         uncond = self.table.cond(idx, "empty") if cfg.flow.guidance != 1.0 else None
@@ -88,9 +92,8 @@ class OnPolicyBatches:
         x_t = traj.states[ks, rows.to(ks.device)]  # (K+1, B, ...) -> (B*K, ...)
         t = traj.timesteps[ks]
         v_teacher = sampling_velocity(cfg, self.teacher)(x_t, t, self.table.cond(idx[rows], "solution"))
-        batch = {"x_t": x_t, "t": t, "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher,
-                 "weight": timestep_weights(t, cfg.distill.t_weighting).to(x_t.device)}  # fmt: skip
-        return split_micro(batch, cfg.train.grad_accum)
+        return {"x_t": x_t, "t": t, "cond": self.table.cond(idx[rows], "task"), "v_teacher": v_teacher,
+                "weight": timestep_weights(t, cfg.distill.t_weighting).to(x_t.device)}  # fmt: skip
 
     def state_dict(self) -> dict:
         return {}  # every draw is a function of (seed, step, rank)
@@ -115,14 +118,16 @@ class DemoBatches:
         self.cfg, self.table, self.latents, self.item_idx = cfg, table, latents, item_idx
 
     def next(self, step: int, model: torch.nn.Module) -> list[dict]:
+        return [self.micro(step, i) for i in range(self.cfg.train.grad_accum)]  # batch_size per micro-step
+
+    def micro(self, step: int, i: int) -> dict:
         cfg, B = self.cfg, self.cfg.train.batch_size
-        g = step_generator(cfg, step)
+        g = step_generator(cfg, step, salt=i)
         j = torch.randint(len(self.latents), (B,), generator=g)
         x0 = self.latents[j].to(self.table.image["image_latent"].device)
         t = flow.sample_timesteps(B, cfg.flow.t_sampling, shift=cfg.flow.shift, generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        batch = {"x0": x0, "noise": noise, "t": t, "cond": self.table.cond(self.item_idx[j], "task")}
-        return split_micro(batch, cfg.train.grad_accum)
+        return {"x0": x0, "noise": noise, "t": t, "cond": self.table.cond(self.item_idx[j], "task")}
 
     def state_dict(self) -> dict:
         return {}

@@ -1,0 +1,42 @@
+"""recipes/distill.py as a user meets it: train.grad_accum with the batch size engine.config documents."""
+
+import torch
+
+from engine.config import load_config
+
+
+def _cfg(tmp_path, accum: int):
+    return load_config(argv=["--run.out_dir", str(tmp_path), "--run.name", "d", "--world.num_scenes", "4",
+                             "--distill.pairs_per_image", "1", "--train.batch_size", "3", "--train.grad_accum",
+                             str(accum), "--flow.num_steps", "2", "--distill.steps_per_rollout", "2",
+                             "--run.device", "cpu"])  # fmt: skip
+
+
+def test_grad_accum_keeps_batch_size_per_micro_step(tmp_path):
+    """train.batch_size is 'per rank, per micro-step' (engine.config; pretrain's ToyVideoBatches gives
+    grad_accum micro-batches of batch_size): distill split batch_size into grad_accum parts instead, so
+    grad_accum 2 halved the step's batch (and batch_size 3 failed to split). Micro-batch 0 stays the draw of
+    grad_accum 1."""
+    from recipes import propose
+    from recipes.common import build_kit, load_items, prepare_teacher, tasks_path
+    from recipes.distill import DemoBatches, OnPolicyBatches
+    from recipes.pretrain import ToyVideoBatches
+
+    one, two = _cfg(tmp_path, 1), _cfg(tmp_path, 2)
+    propose.run(one)
+    kit = build_kit(one)
+    table = kit.encode_items(load_items(tasks_path(one)))
+    model = kit.load_denoiser("")
+    teacher = prepare_teacher(kit.load_denoiser(""), one)
+    ref = ToyVideoBatches(3, 2, 0, torch.device("cpu")).next(0, model)
+    assert [len(mb["x0"]) for mb in ref] == [3, 3]
+    on1, on2 = (OnPolicyBatches(c, kit, table, teacher).next(5, model) for c in (one, two))
+    assert [len(mb["x_t"]) for mb in on2] == [3 * 2, 3 * 2]  # batch_size rollouts x steps_per_rollout each
+    assert torch.equal(on2[0]["x_t"], on1[0]["x_t"]) and not torch.equal(on2[1]["x_t"], on2[0]["x_t"])
+    latents = torch.randn(5, *kit.latent_shape)
+    item_idx = torch.arange(5) % len(table)
+    sft1, sft2 = (DemoBatches(c, table, latents, item_idx).next(5, model) for c in (one, two))
+    assert [len(mb["x0"]) for mb in sft2] == [3, 3]
+    assert torch.equal(sft2[0]["noise"], sft1[0]["noise"]) and not torch.equal(
+        sft2[1]["noise"], sft2[0]["noise"]
+    )
