@@ -242,8 +242,44 @@ def frames_to_rgb(frames: list) -> torch.Tensor:
     return out
 
 
+def _keyframe_plan(path: Path, first: int) -> tuple[int, dict[int, int]] | None:
+    """Where to start decoding for frame ``first``, from the packets alone (no pixel decoding): ``(keyframe
+    pts, pts -> frame index)``, the keyframe being the last one (in decode order) shown at
+    or before frame ``first``. None where decoding from the start is as good or the packets cannot tell (no
+    pts, duplicate pts, the first keyframe)."""
+    import av
+
+    try:
+        with av.open(str(path)) as container:
+            shown, keys = [], []
+            for pkt in container.demux(container.streams.video[0]):
+                if pkt.size <= 0:
+                    continue
+                if pkt.pts is None:
+                    return None
+                if pkt.is_keyframe:
+                    keys.append(pkt.pts)
+                if not pkt.is_discard:  # frames an edit list drops are never output (as probe counts)
+                    shown.append(pkt.pts)
+    except (av.error.FFmpegError, ValueError, OSError, IndexError):
+        return None
+    shown.sort()
+    index = {t: k for k, t in enumerate(shown)}
+    if len(index) != len(shown) or first >= len(shown):
+        return None
+    before = [j for j, pts in enumerate(keys) if pts <= shown[first]]
+    if not before or before[-1] == 0:
+        return None
+    return keys[before[-1]], index
+
+
 class PyAVDecoder:
-    """Sequential CPU decode with PyAV; keeps the requested frames (seeking is not worth it for clips)."""
+    """CPU decode with PyAV: from the keyframe at or before the clip's first frame (a seek), else from the start.
+
+    Frame k is the k-th frame shown (presentation order, edit-list drops left out), as a decode from the start
+    counts it: after a seek, decoded frames are matched to indices by their pts. Anything unexpected after the
+    seek (a frame past the clip's first, an unknown pts, a decode error) falls back to decoding from the start.
+    """
 
     name = "pyav"
     device = torch.device("cpu")
@@ -252,9 +288,47 @@ class PyAVDecoder:
         return True
 
     def decode(self, path: Path, indices: Sequence[int]) -> torch.Tensor:
+        idx = _check_indices(path, indices)
+        frames = self._decode_from_keyframe(path, idx)
+        if frames is None:
+            frames = self._decode_from_start(path, idx)
+        try:
+            return frames_to_rgb([frames[i] for i in idx])  # (T, H, W, 3)
+        except DecodeError as e:
+            raise DecodeError(f"video '{path}': {e}") from None
+
+    def _decode_from_keyframe(self, path: Path, idx: list[int]) -> dict[int, object] | None:
         import av
 
-        idx = _check_indices(path, indices)
+        plan = _keyframe_plan(path, min(idx))
+        if plan is None:
+            return None
+        kf_pts, index = plan
+        wanted, last = set(idx), max(idx)
+        frames: dict[int, object] = {}
+        try:
+            with av.open(str(path)) as container:
+                stream = container.streams.video[0]
+                stream.thread_type = "AUTO"
+                # MP4 and Matroska seek by pts (a keyframe's dts, earlier with B-frames, lands a GOP early)
+                container.seek(kf_pts, stream=stream, backward=True, any_frame=False)
+                for frame in container.decode(stream):
+                    if frame.pts is not None and frame.pts < kf_pts:
+                        continue  # an earlier keyframe's frames, or leading frames of an open GOP
+                    k = index.get(frame.pts)
+                    if k is None or getattr(frame, "is_corrupt", False):
+                        return None
+                    if k in wanted:
+                        frames[k] = frame
+                    if k >= last:
+                        break
+        except (av.error.FFmpegError, ValueError, OSError, IndexError):
+            return None
+        return frames if len(frames) == len(wanted) else None
+
+    def _decode_from_start(self, path: Path, idx: list[int]) -> dict[int, object]:
+        import av
+
         wanted, last = set(idx), max(idx)
         frames: dict[int, object] = {}
         n = 0
@@ -276,10 +350,7 @@ class PyAVDecoder:
             ) from None
         if n <= last:
             raise DecodeError(f"video '{path}': only {n} decodable frames (expected >= {last + 1})")
-        try:
-            return frames_to_rgb([frames[i] for i in idx])  # (T, H, W, 3)
-        except DecodeError as e:
-            raise DecodeError(f"video '{path}': {e}") from None
+        return frames
 
     def decode_batch(self, items: Sequence[tuple[Path, Sequence[int]]]) -> list[torch.Tensor | DecodeError]:
         out: list[torch.Tensor | DecodeError] = []
