@@ -109,9 +109,11 @@ def _rope_kernel(X, Y, COS, SIN, S, H, P: tl.constexpr, SIGN: tl.constexpr, BLOC
     c = tl.load(COS + offs_s[:, None] * P + offs_p[None, :], mask=t_mask, other=0.0)
     sn = tl.load(SIN + offs_s[:, None] * P + offs_p[None, :], mask=t_mask, other=0.0) * SIGN
     x_mask = s_ok[:, None] & (offs_d[None, :] < 2 * P)
-    base = b.to(tl.int64) * S * H * (2 * P)
+    # S * H * 2P can pass 2^31 in one sample: the tile's first token in int64, the tokens within it int32
+    base = (b.to(tl.int64) * S + pid_s * BLOCK_S) * H * (2 * P)
+    rows = tl.arange(0, BLOCK_S)
     for h in range(H):
-        off = base + (offs_s[:, None] * H + h) * (2 * P) + offs_d[None, :]
+        off = base + (rows[:, None] * H + h) * (2 * P) + offs_d[None, :]
         x = tl.load(X + off, mask=x_mask, other=0.0).to(tl.float32)
         xe, xo = tl.split(tl.reshape(x, (BLOCK_S, BLOCK_P, 2)))  # (BLOCK_S, 2P) -> 2 x (BLOCK_S, P)
         y = tl.reshape(tl.join(xe * c - xo * sn, xe * sn + xo * c), (BLOCK_S, 2 * BLOCK_P))

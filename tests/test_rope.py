@@ -105,3 +105,49 @@ def test_cpu_without_interpreter_runs_the_reference(monkeypatch):
     torch.testing.assert_close(y, apply_rope_reference(x, cos, sin), rtol=0, atol=0)
     y.sum().backward()  # differentiable through the reference
     assert x.grad is not None and x.grad.shape == x.shape
+
+
+def _windows(S, H, D, w, dtype, device):
+    """x (1, S, H, D) and tables (S, D/2) with only the first and last w tokens filled (the rest unwritten:
+    untouched pages cost no memory); the angles are random."""
+    x = torch.empty(1, S, H, D, device=device, dtype=dtype)
+    cos, sin = (torch.empty(S, D // 2, device=device) for _ in range(2))
+    for rows in (slice(0, w), slice(S - w, S)):
+        x[:, rows] = torch.randn(1, w, H, D, device=device).to(dtype)
+        ang = torch.rand(w, D // 2, device=device) * 6.3
+        cos[rows], sin[rows] = ang.cos(), ang.sin()
+    return x, cos, sin
+
+
+@pytest.mark.slow
+def test_sample_past_2_31_elements(device):
+    """One sample of 2^31+ elements (S * H * D; 4 GB fp16): the kernel's offsets (s * H + h) * D ran in int32
+    within the sample and wrapped, so the last tokens were read and written out of bounds. The first and
+    last tokens against the reference. The kernel launched as apply_rope does, with 2^13-token tiles (few
+    interpreter programs; the same offset arithmetic)."""
+    import triton
+
+    from kernels.rope import _rope_kernel
+
+    S, H, D, w, block_s = 2**21 + 2**13, 8, 128, 2**13, 2**13
+    assert S * H * D > 2**31
+    x, cos, sin = _windows(S, H, D, w, torch.float16, device)
+    y = torch.empty_like(x)
+    grid = (triton.cdiv(S, block_s), 1)
+    _rope_kernel[grid](x, y, cos, sin, S, H, D // 2, 1.0, BLOCK_S=block_s, BLOCK_P=D // 2, num_warps=8)
+    for rows in (slice(0, w), slice(S - w, S)):
+        want = apply_rope_reference(x[:, rows], cos[rows], sin[rows])
+        torch.testing.assert_close(y[:, rows], want, rtol=1e-3, atol=1e-3)
+
+
+@pytest.mark.gpu
+def test_gpu_apply_past_2_31_elements():
+    """apply_rope itself (its own tiles) on one sample of 2^31+ elements, bf16, forward and backward."""
+    S, H, D, w = 2**31 // (16 * 128) + 4096, 16, 128, 4096
+    x, cos, sin = _windows(S, H, D, w, torch.bfloat16, "cuda")
+    x.requires_grad_()
+    y = apply_rope(x, cos, sin)
+    (gx,) = torch.autograd.grad(y, x, y.detach())  # R^T R y = y: the gradient is x's rotation undone
+    for rows in (slice(0, w), slice(S - w, S)):
+        torch.testing.assert_close(y[:, rows], apply_rope_reference(x[:, rows], cos[rows], sin[rows]))
+        torch.testing.assert_close(gx[:, rows], x[:, rows].detach(), rtol=2e-2, atol=2e-2)
