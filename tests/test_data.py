@@ -487,6 +487,42 @@ def test_decoder_chains():
             build_decoders("dali")
 
 
+def test_building_decoders_does_not_fix_the_cuda_device(monkeypatch):
+    """A dataset is often made before ``torch.cuda.set_device``: building its decoders must not read the current
+    device (before, every rank's DALI GPU decoder took GPU 0 then). torch reports a GPU here; reading the device
+    fails."""
+
+    def no_device_yet():
+        raise AssertionError("the CUDA device was read while building the decoders")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", no_device_yet)
+    for choice in ("auto", "pyav") + (() if dali_available() else ("dali_cpu",)):
+        assert build_decoders(choice)
+
+
+@pytest.mark.gpu
+def test_dali_gpu_decoder_takes_the_device_current_at_first_use(media, tmp_path):
+    """A dataset made while GPU 0 was current, then ``set_device`` to another GPU (a rank's): its clips are
+    decoded on that GPU (before, on GPU 0). With one GPU: the device is read at the first decode, not before."""
+    if dali_available() or nvdec_available():
+        pytest.skip(f"DALI's GPU decoder unavailable: {dali_available() or nvdec_available()}")
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(media / "h264_4.mp4")}])
+    before = torch.cuda.current_device()
+    try:
+        torch.cuda.set_device(0)
+        ds = VideoDataset(m, num_frames=4, height=32, width=32, decoder="dali")
+        assert ds.decoders[0].name == "dali" and ds.decoders[0]._device_id is None
+        rank_gpu = torch.cuda.device_count() - 1
+        torch.cuda.set_device(rank_gpu)
+        video = ds[0]["video"]
+        assert video.device == torch.device("cuda", rank_gpu) == ds.decoders[0].device
+        torch.cuda.set_device(0)
+        assert ds[0]["video"].device == torch.device("cuda", rank_gpu)  # fixed from its first use on
+    finally:
+        torch.cuda.set_device(before)
+
+
 @pytest.mark.gpu
 def test_dataset_on_dali_gpu_yields_cuda_clips_matching_pyav(media, tmp_path):
     if dali_available() or nvdec_available():

@@ -398,9 +398,13 @@ class DaliDecoder:
 
     A batch runs as one DALI iteration with per-sample frame lists. When the batch fails, DALI does
     not say which sample broke, so each sample is retried alone to isolate it.
+
+    ``device_id``: the GPU it decodes on; None (default) takes the current CUDA device at first use (a decode,
+    ``device``, or pickling for a DataLoader worker), so a decoder made before ``torch.cuda.set_device`` (in a
+    dataset) decodes on the rank's GPU.
     """
 
-    def __init__(self, device: str = "cpu", *, num_threads: int = 2, device_id: int = 0):
+    def __init__(self, device: str = "cpu", *, num_threads: int = 2, device_id: int | None = None):
         if device not in ("cpu", "gpu"):
             raise ValueError(f"DaliDecoder device: expected 'cpu' or 'gpu', got {device!r}")
         reason = dali_available()
@@ -412,7 +416,6 @@ class DaliDecoder:
             raise RuntimeError(f"decoder 'dali': {reason} (or use 'dali_cpu' or 'pyav')")
         self.name = "dali" if device == "gpu" else "dali_cpu"
         self.codecs = DALI_GPU_CODECS if device == "gpu" else DALI_CPU_CODECS
-        self.device = torch.device(f"cuda:{device_id}") if device == "gpu" else torch.device("cpu")
         self._gpu = device == "gpu"
         self._num_threads = num_threads
         self._device_id = device_id
@@ -420,8 +423,20 @@ class DaliDecoder:
         self._lock = threading.Lock()  # one DALI iteration at a time per decoder (loader threads share it)
         self._pid = os.getpid()
 
+    @property
+    def device(self) -> torch.device:
+        return torch.device("cuda", self._gpu_id()) if self._gpu else torch.device("cpu")
+
+    def _gpu_id(self) -> int:
+        if self._device_id is None:
+            self._device_id = torch.cuda.current_device()
+        return self._device_id
+
     def __getstate__(self) -> dict:
-        # sent to a DataLoader worker (spawn): DALI pipelines and the lock stay behind, the worker builds its own
+        # sent to a DataLoader worker (spawn): DALI pipelines and the lock stay behind, the worker builds its own;
+        # the GPU is the sender's current one (a spawned worker's current device is GPU 0)
+        if self._gpu:
+            self._gpu_id()
         return {**self.__dict__, "_pipes": {}, "_lock": None}
 
     def __setstate__(self, state: dict) -> None:
@@ -439,7 +454,7 @@ class DaliDecoder:
         @pipeline_def(
             batch_size=batch_size,
             num_threads=self._num_threads,
-            device_id=self._device_id if self._gpu else None,
+            device_id=self._gpu_id() if self._gpu else None,
             exec_async=False,
             exec_pipelined=False,
             prefetch_queue_depth=1,
@@ -514,9 +529,9 @@ def build_decoders(choice: str = "auto") -> list[Decoder]:
         raise ValueError(f"decoder: expected one of {', '.join(DECODERS)}, got {choice!r}")
     if choice == "pyav":
         return [PyAVDecoder()]
-    gpu_id = torch.cuda.current_device() if torch.cuda.is_available() else 0  # this rank's device
+    # the GPU decoder takes its device at first use (the rank's, set after the dataset was made)
     if choice == "dali":  # NVDEC, then DALI's CPU path for the files NVDEC refuses (too small)
-        return [DaliDecoder("gpu", device_id=gpu_id), DaliDecoder("cpu")]
+        return [DaliDecoder("gpu"), DaliDecoder("cpu")]
     if choice == "dali_cpu":
         return [DaliDecoder("cpu")]
     chain: list[Decoder] = []
@@ -526,7 +541,7 @@ def build_decoders(choice: str = "auto") -> list[Decoder]:
             log.warning("decoder 'auto': DALI on the CPU, not the GPU: %s", reason)
             gpu = False
         if gpu:
-            chain.append(DaliDecoder("gpu", device_id=gpu_id))
+            chain.append(DaliDecoder("gpu"))
         chain.append(DaliDecoder("cpu"))
     chain.append(PyAVDecoder())
     return chain
