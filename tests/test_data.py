@@ -321,6 +321,24 @@ def test_buckets_keep_area_and_pick_nearest_aspect():
     assert make_buckets(32, 48, aspect=False) == [(32, 48)]
 
 
+def test_the_training_size_is_a_bucket_and_a_clip_at_it_is_not_resampled(tmp_path):
+    """Wan trains at 480 x 832 and 720 x 1280: with aspect buckets those sizes (and their portrait transposes) are
+    buckets, and a clip already at 832 x 480 comes out as decoded (before, it went to the 16:9 bucket 480 x 848:
+    upscaled 1.02x and cropped). 16:9 footage goes to the training size, and buckets stay multiples of 16."""
+    for h, w in ((480, 832), (720, 1280)):
+        buckets = make_buckets(h, w, multiple=16)
+        assert {(h, w), (w, h)} <= set(buckets) and all(a % 16 == 0 and b % 16 == 0 for a, b in buckets)
+        assert nearest_bucket(h, w, buckets) == (h, w) and nearest_bucket(w, h, buckets) == (w, h)
+        assert nearest_bucket(1080, 1920, buckets) == (h, w)
+        assert len(buckets) == len(make_buckets(h + 1, w, multiple=16))  # replaced the 16:9 / 9:16 ones
+    path = write_video(tmp_path / "wan.mp4", codec="libx264", num_frames=2, height=480, width=832, quality=30)
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}])
+    v = VideoDataset(m, num_frames=2, height=480, width=832, aspect_buckets=True, decoder="pyav")[0]["video"]
+    decoded = PyAVDecoder().decode(path, [0, 1])  # (T, H, W, 3)
+    assert v.shape == (3, 2, 480, 832)
+    assert torch.equal(v, decoded.permute(3, 0, 1, 2).float() / 127.5 - 1)
+
+
 def test_dataset_yields_the_right_frames_and_text(media, tmp_path):
     m = write_manifest(
         tmp_path / "m.jsonl",

@@ -3,7 +3,9 @@
 Buckets (the choice, documented): every bucket has about the target area ``height * width`` so
 each sample costs about the same number of latent tokens (flat step time and memory), with sides
 rounded to a multiple of ``multiple`` (16 = VAE stride 8 x patch 2, what Wan/HunyuanVideo need).
-The aspect ratios are the common video/photo ones, portrait to landscape. A clip goes to the bucket
+The aspect ratios are the common video/photo ones, portrait to landscape; the target ``(height, width)``
+and its transpose (when multiples of ``multiple``) take the place of the buckets nearest their shape, so a
+clip already at the training size (Wan's 480 x 832, whose 16:9 bucket is 480 x 848) is used as it is. A clip goes to the bucket
 with the nearest log aspect ratio, is resized to cover it (aspect preserved) and centre-cropped, so
 at most a thin border is lost and nothing is stretched. With bucketing off there is one bucket,
 ``(height, width)``, and every clip is cover-resized and centre-cropped to it.
@@ -124,6 +126,11 @@ def make_buckets(
         h = max(multiple, round(math.sqrt(area / r) / multiple) * multiple)
         w = max(multiple, round(math.sqrt(area * r) / multiple) * multiple)
         buckets.add((h, w))
+    if height % multiple == 0 and width % multiple == 0:
+        for hw in sorted({(height, width), (width, height)}):
+            if min(BUCKET_RATIOS) <= hw[1] / hw[0] <= max(BUCKET_RATIOS):
+                buckets.discard(nearest_bucket(*hw, sorted(buckets)))
+            buckets.add(hw)
     return sorted(buckets, key=lambda hw: hw[1] / hw[0])
 
 
