@@ -285,10 +285,12 @@ class CheckpointManager:
             self.save(step, force_sync=last)
 
 
-def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:
     """Unsharded CPU copy of the model's state dict (a collective under FSDP: call on every rank).
 
     If the model has ``to_diffusers_state_dict()`` that result is used (diffusers key layout).
+    rank0_only: the other ranks join the gathers but keep nothing and get {} (one host copy per job, not
+    one per rank: a 14B model in fp32 is 57 GB).
     """
     if hasattr(model, "to_diffusers_state_dict"):
         sd = model.to_diffusers_state_dict()
@@ -299,7 +301,9 @@ def full_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
         v = sd[k]
         if isinstance(v, DTensor):
             v = v.full_tensor()
-        out[k] = v.detach().to("cpu").contiguous()
+        if rank0_only and _rank() != 0:
+            continue
+        out[k] = v.detach().to("cpu", copy=True).contiguous()  # own storage: no aliasing of the model
     return out
 
 
@@ -308,12 +312,12 @@ def export_safetensors(model: nn.Module, path: str | Path) -> Path | None:
     returns once the file is written (the others read it next: a later stage's input)."""
     from safetensors.torch import save_file
 
-    sd = full_state_dict(model)
+    sd = full_state_dict(model, rank0_only=True)
     path = Path(path)
     if _rank() == 0:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
-        save_file({k: v.clone() for k, v in sd.items()}, str(tmp), metadata={"format": "pt"})
+        save_file(sd, str(tmp), metadata={"format": "pt"})
         os.replace(tmp, path)
         log.info("exported %d tensors to %s", len(sd), path)
     barrier("safetensors export")

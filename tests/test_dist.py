@@ -446,7 +446,9 @@ for i in range(3):
     else:
         got = load_file(f"{run}/ema.safetensors")
         seen.append("same" if all(torch.equal(got[k], v) for k, v in ema.items()) else "differs")
-sys.stdout.write(f"rank {info.rank} after close: {' '.join(seen)} end\\n")
+from engine.checkpoint import full_state_dict
+kept, full = len(full_state_dict(tr.model, rank0_only=True)), len(full_state_dict(tr.model))
+sys.stdout.write(f"rank {info.rank} after close: {' '.join(seen)} end kept {kept} of {full}\\n")
 sys.stdout.flush()
 end_process()
 """
@@ -461,3 +463,8 @@ def test_every_rank_finds_the_export_after_close(tmp_path):
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
     for rank in range(2):
         assert re.findall(rf"rank {rank} after close: (.*?) end", p.stdout) == ["same same same"], p.stdout
+    # the export's gathered copy lives on rank 0 only (it was one full host copy per rank)
+    (kept0, full0), (kept1, full1) = (
+        re.search(rf"rank {r} .* kept (\d+) of (\d+)", p.stdout).groups() for r in (0, 1)
+    )
+    assert kept0 == full0 == full1 != "0" and kept1 == "0", p.stdout
