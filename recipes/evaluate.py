@@ -228,7 +228,8 @@ def score_chunks(pipe: VideoPipeline, judge, items: list[EvalItem], cfg: JobConf
     with the same settings (fingerprint ``fp``)."""
     folder.mkdir(parents=True, exist_ok=True)
     out, reused = {}, 0
-    for r in chunks:
+    # the bar over conditions alone stood still for a whole condition (hours at real sizes)
+    for r in progress(chunks, desc=f"  {folder.name}: chunks", total=len(chunks), leave=False):
         path = folder / f"items{r.start:06d}-{r.stop:06d}.npz"
         saved = _load_scores(path, fp)
         if saved is not None:
