@@ -92,6 +92,12 @@ def parse_manifest_line(line: str, root: Path) -> dict[str, Any]:
 def read_manifest(manifest: str | Path, root: str | Path | None, quarantine: Quarantine) -> list[dict]:
     """Parse every line of ``manifest``; bad rows go to ``quarantine`` as ``<manifest>:<line>``."""
     m = Path(manifest)
+    if m.is_dir():
+        found = sorted(q.name for q in m.glob("*.jsonl"))[:3]
+        raise IsADirectoryError(
+            f"manifest '{m}' is a folder; expected a JSONL file (one JSON object per line, "
+            f'{{"video" | "image": path, "caption": text}})' + (f"; JSONL files in it: {found}" if found else "")
+        )
     if not m.is_file():
         raise FileNotFoundError(f"manifest '{m}' does not exist (expected a JSONL file)")
     base = Path(root) if root else m.parent
