@@ -163,9 +163,11 @@ def _flow_step_kernel(
         t = t_val
         tn = tn_val
     dt = tn - t
-    offs = j * BLOCK + tl.arange(0, BLOCK)
-    mask = offs < N
-    base = b.to(tl.int64) * N
+    # N (one sample's elements) can pass 2^31: the block's start in int64, offsets within the block int32
+    start = j.to(tl.int64) * BLOCK
+    offs = tl.arange(0, BLOCK)
+    mask = offs < tl.minimum(N - start, BLOCK).to(tl.int32)
+    base = b.to(tl.int64) * N + start
     v = tl.load(vc_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
     if HAS_UNCOND:
         vu = tl.load(vu_ptr + base + offs, mask=mask, other=0.0).to(tl.float32)
