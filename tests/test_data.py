@@ -475,7 +475,9 @@ def test_all_bad_stops_with_a_clear_error(media, tmp_path):
     with pytest.raises(FileNotFoundError, match="manifest"):
         VideoDataset(tmp_path / "nope.jsonl", num_frames=4, height=32, width=32)
     # a folder given as the manifest (said "does not exist" before): says it is a folder and names its JSONL files
-    with pytest.raises(IsADirectoryError, match=r"is a folder; expected a JSONL file.*\['m.jsonl', 'n.jsonl'\]"):
+    with pytest.raises(
+        IsADirectoryError, match=r"is a folder; expected a JSONL file.*\['m.jsonl', 'n.jsonl'\]"
+    ):
         VideoDataset(tmp_path, num_frames=4, height=32, width=32)
     with pytest.raises(ValueError, match="decoder"):
         VideoDataset(m, num_frames=4, height=32, width=32, decoder="ffmpeg")

@@ -96,7 +96,8 @@ def read_manifest(manifest: str | Path, root: str | Path | None, quarantine: Qua
         found = sorted(q.name for q in m.glob("*.jsonl"))[:3]
         raise IsADirectoryError(
             f"manifest '{m}' is a folder; expected a JSONL file (one JSON object per line, "
-            f'{{"video" | "image": path, "caption": text}})' + (f"; JSONL files in it: {found}" if found else "")
+            f'{{"video" | "image": path, "caption": text}})'
+            + (f"; JSONL files in it: {found}" if found else "")
         )
     if not m.is_file():
         raise FileNotFoundError(f"manifest '{m}' does not exist (expected a JSONL file)")
