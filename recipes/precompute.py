@@ -124,6 +124,8 @@ def validate(cfg: JobConfig) -> None:
     ):
         if not value:
             raise ConfigError(f"{key} is empty; set --{key} ({what})")
+    if Path(d.manifest).is_dir():
+        raise ConfigError(f"data.manifest: '{d.manifest}' is a folder; expected a JSONL manifest file")
     if not Path(d.manifest).is_file():
         raise ConfigError(f"data.manifest: '{d.manifest}' does not exist (expected a JSONL manifest)")
     if d.root and not Path(d.root).is_dir():
@@ -180,6 +182,7 @@ def main(argv: list[str] | None = None) -> dict:
         "manifest_sha256": sha256_file(d.manifest),  # captions edited in place kept their old embeddings
         "num_frames": d.num_frames, "height": d.height, "width": d.width, "fps": d.fps,
         "aspect_buckets": d.aspect_buckets, "bucket_multiple": d.bucket_multiple, "max_upscale": d.max_upscale,
+        "buckets": [list(b) for b in ds.buckets],  # the sizes themselves: make_buckets may change between versions
         "clip_start": d.clip_start, "seed": cfg.run.seed if d.clip_start == "random" else None,
         "model": encoders_id(cfg),  # by the files' identity: new weights at the same path are another cache
         # the encoders run in it (the toy world's exact maps do not)

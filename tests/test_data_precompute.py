@@ -43,6 +43,8 @@ def test_precompute_toy_cache_matches_direct_encoding(manifest, tmp_path):
     items = list(LatentCacheDataset(cache))
     assert [it["index"] for it in items] == [0, 1, 2]
     ds = VideoDataset(manifest, num_frames=4, height=32, width=32, decoder="pyav")
+    # the sizes the shards were made at
+    assert index["fingerprint"]["buckets"] == [list(b) for b in ds.buckets]
     text = load_toy_demonstrator(build_config(JobConfig)).text.eval()
     for it in items:
         clip = ds[it["index"]]["video"]  # (3, T, H, W) in [-1, 1]
@@ -147,6 +149,7 @@ def _bad_inputs(tmp: Path, manifest: Path, model_args: list[str]) -> list[tuple[
         # the encoders were loaded before the manifest was read (FileNotFoundError traceback)
         (["--data.manifest", str(tmp / "none.jsonl"), *cache], f"data.manifest: '{tmp / 'none.jsonl'}' does not"),
         ([*toy, "--data.root", str(tmp / "nowhere")], "data.root: folder"),
+        (["--data.manifest", str(tmp), *cache], f"data.manifest: '{tmp}' is a folder"),
         ([*toy, "--data.shard_size", "0"], "config key 'data.shard_size': expected >= 1, got 0"),
         ([*toy, "--data.height", "0"], "config key 'data.height': expected >= 1, got 0"),
         # the toy world never reads model.pretrained: it was silently ignored
