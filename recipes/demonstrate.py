@@ -8,7 +8,8 @@ flow.num_steps), the judge scores it against the task (Task / Agent / Consistenc
 is stored. Output in <run>/demos/ (or ``distill.demos``): ``latents/*.safetensors`` (one file per
 chunk), ``index.jsonl`` (one row per demonstration: id, item_id, file, row, scores, fingerprint), and mp4 +
 contact sheet for the first ``eval.write_videos`` demonstrations. A rerun skips demonstrations
-already in the index (resume), unless they were made with other settings (the row's fingerprint).
+already in the index (resume), unless they were made with other settings (the row's fingerprint) or hold
+a failed judge call (a null score).
 Under ``torchrun --nproc_per_node N`` the chunks of ``eval.batch_size`` demonstrations are dealt
 round-robin to the ranks (noise per (run.seed + j, item), as in one process); rank 0 gathers each round (torch.distributed gather_object) and writes the files above in chunk order.
 Every rank holds a full copy of the Demonstrator (recipes.common.load_for_sampling; with
@@ -172,7 +173,8 @@ def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set
     """Ids of the demonstrations in ``out/index.jsonl`` whose latents file is there. Rows whose file is
     missing (lost, or never synced before a crash) are removed from the index (rewritten atomically), so that
     those demonstrations are made again and the index never points at nothing. So are rows made with other
-    settings than ``fingerprints`` (:func:`demo_fingerprints`) gives for their id."""
+    settings than ``fingerprints`` (:func:`demo_fingerprints`) gives for their id, and rows with a failed
+    judge call (a None score)."""
     index = out / "index.jsonl"
     if not index.is_file():
         return set()
@@ -187,6 +189,12 @@ def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set
     if stale:
         log.warning("%s: %d row(s) made with other settings (task text, seed, sampling, precision, Demonstrator "
                     "or judge); making them again", index, len(stale))  # fmt: skip
+    # a failed judge call (None) was kept for good: a rerun with the judge back said "0 new demonstrations", and
+    # filtered SFT counted them as failures
+    unjudged = [r for r in rows if any(v is None for v in r["scores"].values()) and r not in stale]
+    if unjudged:
+        log.warning("%s: %d row(s) the judge did not score; making them again", index, len(unjudged))
+    stale += unjudged
     if missing or stale:
         drop = {r["id"] for r in stale}
         rows = [r for r in rows if r["file"] not in missing and r["id"] not in drop]
