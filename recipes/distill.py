@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
-from engine.config import JobConfig, config_main  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main  # noqa: E402
 from engine.dist import end_process  # noqa: E402
 from engine.log import get_logger  # noqa: E402
 from engine.losses import flow_matching_loss, timestep_weights, velocity_distill_loss  # noqa: E402
@@ -175,6 +175,15 @@ def validate(cfg: JobConfig) -> None:
     check_model(cfg)
     check_tasks(tasks_path(cfg), "distill.tasks")
     check_weights(cfg.distill.init, "distill.init")
+    # both failed only after the models were loaded, with a traceback (a missing demos folder as a "task file")
+    if cfg.distill.mode == "on_policy" and not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
+        raise ConfigError(f"distill.steps_per_rollout = {cfg.distill.steps_per_rollout}: expected "
+                          f"1..flow.num_steps ({cfg.flow.num_steps})")  # fmt: skip
+    if cfg.distill.mode != "on_policy":
+        demos = Path(cfg.distill.demos) if cfg.distill.demos else run_dir(cfg) / "demos"
+        if not (demos / "index.jsonl").is_file():
+            raise ConfigError(f"distill.demos: '{demos}' holds no demonstrations (no index.jsonl); distill.mode "
+                              f"{cfg.distill.mode} trains on them: run recipes/demonstrate.py first")  # fmt: skip
 
 
 def run(cfg: JobConfig) -> Path:

@@ -40,3 +40,35 @@ def test_grad_accum_keeps_batch_size_per_micro_step(tmp_path):
     assert torch.equal(sft2[0]["noise"], sft1[0]["noise"]) and not torch.equal(
         sft2[1]["noise"], sft2[0]["noise"]
     )
+
+
+def test_bad_distill_inputs_are_one_line_errors_before_loading(tmp_path):
+    """distill.steps_per_rollout above flow.num_steps, and an off-policy run without demonstrations (said to be
+    a missing "task file ... run recipes/propose.py first?"), failed with tracebacks after loading the models."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recipes import propose
+
+    propose.run(_cfg(tmp_path, 1))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
+    base = [
+        sys.executable,
+        str(recipe),
+        "--run.out_dir",
+        str(tmp_path),
+        "--run.name",
+        "d",
+        "--run.device",
+        "cpu",
+    ]
+    for extra, message in (
+        (
+            ["--flow.num_steps", "2", "--distill.steps_per_rollout", "3"],
+            "error: distill.steps_per_rollout = 3",
+        ),
+        (["--distill.mode", "off_policy_filtered"], "run recipes/demonstrate.py first"),
+    ):
+        r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
