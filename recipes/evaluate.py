@@ -123,6 +123,17 @@ def validate(cfg: JobConfig) -> None:
     check_run(cfg)
     check_model(cfg)
     check_judge(cfg)
+    # these failed with tracebacks (seeds after loading the model); write_videos -1 wrote all items but one
+    for key, value, least in (
+        ("num_items", cfg.eval.num_items, 1),
+        ("write_videos", cfg.eval.write_videos, 0),
+    ):
+        if value < least:
+            raise ConfigError(f"eval.{key} = {value}: expected >= {least}")
+    if not 0 < cfg.eval.ci < 1:
+        raise ConfigError(f"eval.ci = {cfg.eval.ci}: expected a confidence level between 0 and 1, e.g. 0.95")
+    if not cfg.eval.seeds:
+        raise ConfigError("eval.seeds is empty; expected at least one noise seed, e.g. [0]")
     if cfg.eval.tasks:
         check_tasks(cfg.eval.tasks, "eval.tasks")
     try:

@@ -26,3 +26,29 @@ def test_evaluation_shows_progress_within_a_condition(tmp_path, monkeypatch, cap
     for start in shown:
         for q in shown[start]:
             np.testing.assert_array_equal(shown[start][q], quiet[start][q])
+
+
+def test_bad_eval_settings_are_one_line_errors(tmp_path):
+    """eval.seeds [], eval.ci 1.5 and eval.num_items 0 failed with tracebacks (seeds only after loading the
+    model), and eval.write_videos -1 wrote the videos of all items but the last; each is now refused."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "evaluate.py"
+    base = [
+        sys.executable,
+        str(recipe),
+        "--run.out_dir",
+        str(tmp_path),
+        "--eval.num_items",
+        "2",
+        "--run.device",
+        "cpu",
+    ]
+    for key, value in (("seeds", "[]"), ("ci", "1.5"), ("num_items", "0"), ("write_videos", "-1")):
+        r = subprocess.run(base + [f"--eval.{key}", value], capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and f"error: eval.{key}" in r.stderr and "Traceback" not in r.stderr, (
+            r.stderr[-2000:]
+        )
+    assert not (tmp_path / "wmsd" / "eval" / "videos").exists()
