@@ -31,7 +31,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from engine import flow  # noqa: E402
-from engine.config import JobConfig, config_main, save_config  # noqa: E402
+from engine.config import ConfigError, JobConfig, config_main, save_config  # noqa: E402
 from engine.dist import barrier, broadcast_from_main, end_process, gather_to_main  # noqa: E402
 from engine.evaluation import item_noise, score_videos  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
@@ -240,6 +240,11 @@ def validate(cfg: JobConfig) -> None:
     check_model(cfg)
     check_judge(cfg)
     check_tasks(tasks_path(cfg), "distill.tasks")
+    # 0 made nothing and then failed reading the index it never wrote (a traceback about a "task file")
+    if cfg.distill.demos_per_task < 1:
+        raise ConfigError(
+            f"config key 'distill.demos_per_task': expected >= 1, got {cfg.distill.demos_per_task}"
+        )
 
 
 def run(cfg: JobConfig) -> Path:

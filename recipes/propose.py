@@ -183,6 +183,13 @@ def validate(cfg: JobConfig) -> None:
     check_judge(cfg)
     if cfg.data.manifest and not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"data.manifest: '{cfg.data.manifest}' does not exist (expected a JSONL of images)")
+    # 0 (or fewer) wrote an empty task file and exited 0
+    sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image)]
+    if not cfg.data.manifest:
+        sizes.append(("world.num_scenes", cfg.world.num_scenes))
+    for key, v in sizes:
+        if v < 1:
+            raise ConfigError(f"config key '{key}': expected >= 1, got {v}")
 
 
 def run(cfg: JobConfig) -> Path:

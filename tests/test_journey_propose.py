@@ -44,3 +44,36 @@ def test_propose_says_why_no_image_got_a_pair(tmp_path):
         strict = OpenAIProposer(srv.url, "m", timeout_s=10, max_attempts=1)
         msgs = _warnings(lambda: propose(strict, images, tmp_path / "strict.jsonl", 2))
     assert any("failed (no answer) 0" in m and "solution_length" in m for m in msgs), msgs
+
+
+def test_zero_sizes_are_refused_not_an_empty_task_file(tmp_path):
+    """propose with distill.pairs_per_image 0 or world.num_scenes 0 wrote an empty task file and exited 0 (0
+    pairs read as "no valid pair" for every image); demonstrate with distill.demos_per_task 0 made nothing,
+    then failed with a traceback about a missing "task file". Each is now a one-line error."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from engine.config import load_config
+    from recipes import propose as propose_recipe
+
+    recipes = Path(__file__).resolve().parents[1] / "recipes"
+    base = ["--run.out_dir", str(tmp_path), "--run.device", "cpu", "--world.num_scenes", "2"]
+    for recipe, key in (("propose", "distill.pairs_per_image"), ("propose", "world.num_scenes")):
+        cmd = [sys.executable, str(recipes / f"{recipe}.py"), *base, "--run.name", "z", f"--{key}", "0"]
+        r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+        assert r.returncode != 0 and f"'{key}': expected >= 1" in r.stderr, r.stderr[-2000:]
+        assert not (tmp_path / "z" / "tasks.jsonl").exists()
+    propose_recipe.run(load_config(argv=[*base, "--run.name", "d", "--distill.pairs_per_image", "1"]))
+    cmd = [
+        sys.executable,
+        str(recipes / "demonstrate.py"),
+        *base,
+        "--run.name",
+        "d",
+        "--distill.demos_per_task",
+        "0",
+    ]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert r.returncode != 0 and "'distill.demos_per_task': expected >= 1" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr
