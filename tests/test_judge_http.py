@@ -409,3 +409,30 @@ def test_serve_reads_a_null_max_tokens_as_unset():
     assert parse_chat_request({**body, "max_tokens": None, "max_completion_tokens": 20}).max_new_tokens == 20
     assert parse_chat_request({**body, "max_tokens": None}).max_new_tokens == 64
     assert parse_chat_request({**body, "max_tokens": 7, "max_completion_tokens": 20}).max_new_tokens == 7
+
+
+def test_serve_answers_422_to_a_verdict_no_retry_can_change():
+    """The oracle cannot judge a single frame (a parse_error, the same on every attempt): our serve answers
+    422 with the oracle's reason and the client does not retry it (a 502 was retried max_retries times, with
+    backoff, each attempt failing again); a temporary failure is still a 502 that is retried."""
+    pytest.importorskip("engine.world.oracle")
+    from engine.world.oracle import OracleJudge
+
+    async def run():
+        server = JudgeServer(OracleJudge(), mode="judge", model_name="oracle")
+        port = await server.start()
+        client = _judge(f"http://127.0.0.1:{port}/v1", timeout_s=5.0, max_retries=3, parse_retries=0)
+        try:
+            img = np.zeros((8, 8, 3), np.uint8)
+            out = await client.score(
+                [JudgeRequest("[Agent]: put the red block under the blue block", "task", frames=[img])]
+            )
+            return out, client.chat.retries, server.judge.metrics()["answered"]
+        finally:
+            await client.aclose()
+            await server.aclose()
+
+    out, retries, answered = asyncio.run(run())
+    assert out[0].status == "http_error" and "HTTP 422" in out[0].raw, out[0].raw
+    assert "parse_error" in out[0].raw and "1 frame(s)" in out[0].raw  # the oracle's reason passed through
+    assert retries == 0 and answered == 1

@@ -12,6 +12,9 @@ are batched through one :class:`engine.judge.service.AsyncJudge`:
   judge's own prompts (engine.judge.base.PROMPTS of this PROMPT_VERSION); the task and question are
   read back from the prompt and the reply is ``Score: <x>``. Other prompts get HTTP 400.
 
+A verdict no retry can change (a parse_error: e.g. the oracle given one frame) is HTTP 422, which
+clients do not retry; a temporary failure (timeout, backend error) is HTTP 502.
+
 Images must be ``data:`` URLs (base64). Routes: POST /v1/chat/completions, GET /v1/models, GET /health.
 """
 
@@ -39,6 +42,15 @@ MAX_TOKENS = 4096
 
 class BadRequest(ValueError):
     """A client error: answered with HTTP 400 and the message."""
+
+
+class Unanswerable(RuntimeError):
+    """A verdict that no retry can change (the oracle cannot read the video, an unparsable answer): HTTP 422
+    with the reason, which clients do not retry (a 502 was retried judge.max_retries times, each failing)."""
+
+
+# verdict statuses that are the same on every attempt; the others (timeout, error, cancelled) are 502
+PERMANENT = {"parse_error"}
 
 
 def decode_image(url: str) -> np.ndarray:
@@ -174,6 +186,8 @@ class JudgeServer:
 
     async def _answer(self, body: dict) -> str:
         verdict: Verdict = await (await self.judge.submit(self._request(body)))
+        if verdict.status in PERMANENT:
+            raise Unanswerable(f"backend answered {verdict.status}: {verdict.raw[:200]}")
         if verdict.status != "ok":
             raise RuntimeError(f"backend answered {verdict.status}: {verdict.raw[:200]}")
         return verdict.raw if self.mode == "chat" else f"Score: {verdict.score:.4f}"
@@ -205,6 +219,8 @@ class JudgeServer:
             return 200, self._completion(await self._answer(json.loads(body)))
         except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as e:
             return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
+        except Unanswerable as e:
+            return 422, {"error": {"message": str(e), "type": "unanswerable"}}
         except RuntimeError as e:
             return 502, {"error": {"message": str(e), "type": "backend_error"}}
 
@@ -254,7 +270,7 @@ class JudgeServer:
             writer.close()
 
 
-_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 502: "Bad Gateway"}
+_REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 422: "Unprocessable Content", 502: "Bad Gateway"}
 
 
 async def _write(writer: asyncio.StreamWriter, status: int, payload: dict, *, close: bool) -> None:
