@@ -778,6 +778,30 @@ def build_judge(cfg: JobConfig):
                         max_concurrency=j.max_concurrency, batch_timeout_s=j.timeout_s * (j.max_retries + 1))  # fmt: skip
 
 
+class BatchedJudge:
+    """The configured backend behind an :class:`engine.judge.AsyncJudge` for each ``score`` call: evaluate and
+    demonstrate called the backend directly, so judge.max_batch, max_wait_ms and max_concurrency did not apply
+    (an openai judge sent a whole chunk's requests at once, up to its pool of 16, whatever the settings).
+    One AsyncJudge per call: those recipes run each chunk on its own event loop (asyncio.run)."""
+
+    def __init__(self, cfg: JobConfig) -> None:
+        self.cfg, self.backend = cfg, build_judge_backend(cfg)
+
+    async def score(self, requests: list) -> list:
+        import asyncio
+
+        from engine.judge import AsyncJudge
+
+        j = self.cfg.judge
+        judge = AsyncJudge(self.backend, max_batch=j.max_batch, max_wait_ms=j.max_wait_ms, cache=False,
+                           max_concurrency=j.max_concurrency, batch_timeout_s=j.timeout_s * (j.max_retries + 1))  # fmt: skip
+        try:
+            futures = [await judge.submit(r) for r in requests]
+            return list(await asyncio.gather(*futures))
+        finally:
+            await judge.aclose()
+
+
 def build_proposer(cfg: JobConfig):
     """The :class:`engine.propose.Proposer` on the judge's VLM backend (the oracle on the toy world)."""
     j = cfg.judge

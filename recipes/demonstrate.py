@@ -36,8 +36,8 @@ from engine.dist import barrier, broadcast_from_main, end_process, gather_to_mai
 from engine.evaluation import item_noise, score_videos  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
+    BatchedJudge,
     append_jsonl,
-    build_judge_backend,
     build_kit,
     check_judge,
     check_model,
@@ -217,7 +217,7 @@ def demonstrate(cfg: JobConfig, out: Path) -> int:
             if f"{items[i].id}#{j}" not in done]  # fmt: skip
     if not todo:
         return 0
-    kit, judge = build_kit(cfg), build_judge_backend(cfg)
+    kit, judge = build_kit(cfg), BatchedJudge(cfg)
     table = kit.encode_items(items)
     model = load_for_sampling(kit, cfg, "")
     B, W = cfg.eval.batch_size, info.world_size

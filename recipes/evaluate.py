@@ -53,8 +53,8 @@ from engine.evaluation import (  # noqa: E402
 )
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
+    BatchedJudge,
     Kit,
-    build_judge_backend,
     build_kit,
     check_judge,
     check_model,
@@ -321,7 +321,7 @@ def run(cfg: JobConfig, *, out: Path | None = None) -> dict:
                 saved[name] = scores
         finished = list(saved)
     finished = broadcast_from_main(finished, "evaluate: finished conditions")
-    kit, judge = build_kit(cfg), build_judge_backend(cfg)
+    kit, judge = build_kit(cfg), BatchedJudge(cfg)
     all_scores = {}
     for name, weights, prompt in progress(conds, desc="evaluate", total=len(conds)):
         if name in finished:

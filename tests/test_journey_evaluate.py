@@ -52,3 +52,43 @@ def test_bad_eval_settings_are_one_line_errors(tmp_path):
             r.stderr[-2000:]
         )
     assert not (tmp_path / "wmsd" / "eval" / "videos").exists()
+
+
+def test_judge_concurrency_settings_bound_the_connections(tmp_path):
+    """evaluate and demonstrate called the judge backend directly: judge.max_concurrency, max_batch and
+    max_wait_ms had no effect, and an openai judge opened a connection per request of a chunk (up to 16) with
+    --judge.max_concurrency 1. They now go through the batching service: at most max_concurrency batches of
+    max_batch requests are in flight, counted by a real loopback server."""
+    from recipes import demonstrate, evaluate, propose
+    from tests.judge_servers import FaultServer
+
+    class CountingServer(FaultServer):  # the most connections it ever held open at once
+        def _track(self, conn, add):
+            super()._track(conn, add)
+            with self.lock:
+                self.max_conns = max(getattr(self, "max_conns", 0), len(self._conns))
+
+    base = ["--run.out_dir", str(tmp_path), "--flow.num_steps", "2", "--run.device", "cpu", "--eval.batch_size", "4",
+            "--eval.write_videos", "0", "--world.num_scenes", "4", "--distill.pairs_per_image", "1"]  # fmt: skip
+    propose.run(load_config(argv=base))
+    judge = ["--judge.backend", "openai", "--judge.model", "m", "--judge.max_concurrency", "1",
+             "--judge.max_batch", "2", "--judge.max_wait_ms", "5"]  # fmt: skip
+    for recipe, extra in ((evaluate, ["--eval.num_items", "4", "--eval.baselines", "false",
+                                      "--eval.executors", '["same=' + str(tmp_path / "dem.safetensors") + '"]']),
+                          (demonstrate, [])):  # fmt: skip
+        if recipe is evaluate:  # the Demonstrator's own weights as an Executor: one condition of 4 items
+            from safetensors.torch import save_file
+
+            from recipes.common import build_kit
+
+            cfg0 = load_config(argv=base)
+            save_file(build_kit(cfg0).load_denoiser("").state_dict(), str(tmp_path / "dem.safetensors"))
+        with CountingServer() as srv:
+            cfg = load_config(argv=base + judge + ["--judge.base_url", srv.url] + extra)
+            recipe.run(cfg)
+            assert srv.requests == 4 * 3, recipe.__name__  # 4 videos x 3 questions, all judged
+            assert srv.max_in_flight <= 2 and srv.max_conns <= 2, (
+                recipe.__name__,
+                srv.max_in_flight,
+                srv.max_conns,
+            )
