@@ -4,7 +4,7 @@
 # 1. installs carried wheels from .whl/ and slimmed ones from .carry/*.tar.xz (bench/slim_wheels.py), if any,
 #    into /tmp/site (no network needed),
 # 2. builds the CUDA extension kernels._C (csrc/) in place,
-# 3. runs `pytest -m gpu`,
+# 3. runs `pytest -m "gpu or huge"` (huge: 4+ GB tests, skipped on CPU by default),
 # 4. runs every bench/gpu_*.py module (python -m bench.gpu_check) with baselines in the same process,
 # 5. where ncu is on the PATH (GPU_NCU=0 skips it), profiles one launch of each kernel whose goal is
 #    missed (bench/ncu_kernels.py: attention pointer/TMA loads at the Wan shape, Euler step, a copy),
@@ -50,12 +50,12 @@ WMSD_BUILD_CUDA=1 timeout 45 $PY setup.py build_ext --inplace > "$LOGS/build_ext
   && step "build ok" || step "build FAILED (see build_ext.log in logs.tgz)"
 
 if [ "${GPU_TESTS:-1}" = "1" ]; then
-step "pytest -m gpu"
+step "pytest -m 'gpu or huge'"
 XDIST=""; $PY -c "import xdist" 2>/dev/null && XDIST="-n ${GPU_TEST_WORKERS:-4}"  # Triton compiles in parallel
 SELECT=(); [ -n "${GPU_TEST_K:-}" ] && SELECT=(-k "$GPU_TEST_K")
 # --continue-on-collection-errors: test modules that import diffusers (not in the image unless .whl is
 # carried) fail to collect, and without xdist pytest then ran no test at all, the selected ones included
-timeout "${GPU_TEST_TIMEOUT:-150}" $PY -m pytest -v $XDIST -m gpu "${SELECT[@]}" -p no:cacheprovider --timeout 120 \
+timeout "${GPU_TEST_TIMEOUT:-150}" $PY -m pytest -v $XDIST -m "gpu or huge" "${SELECT[@]}" -p no:cacheprovider --timeout 120 \
   --continue-on-collection-errors -rfE --junitxml "$LOGS/pytest_gpu.xml" tests > "$OUT/pytest_gpu.log" 2>&1
 step "pytest exit $? : $(tail -n 1 "$OUT/pytest_gpu.log")"
 fi

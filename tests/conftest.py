@@ -22,9 +22,15 @@ import pytest
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
+    skip_huge = pytest.mark.skip(
+        reason="4+ GB under the CPU interpreter (minutes): set WMSD_HUGE_TESTS=1 to run"
+    )
+    huge_on_cpu = os.environ.get("WMSD_HUGE_TESTS") == "1"
     for item in items:
         if "gpu" in item.keywords and not _HAS_CUDA:
             item.add_marker(skip_gpu)
+        if "huge" in item.keywords and not (_HAS_CUDA or huge_on_cpu):
+            item.add_marker(skip_huge)
 
 
 # Tests run tiny ops, often beside torchrun/subprocess workers: one intra-op thread avoids

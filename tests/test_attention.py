@@ -459,7 +459,7 @@ def _big_sample(Sq, Sk, H, D, w, dtype, device):
     return q, k, v
 
 
-@pytest.mark.slow
+@pytest.mark.huge
 def test_sample_past_2_31_elements(device, monkeypatch):
     """One sample whose q has 2^31+ elements (Sq * H * D; a 4 GB fp16 tensor): the tile offsets
     offs_m * (H * D) ran in int32 within the sample and wrapped past 2^31, so the last queries were read and

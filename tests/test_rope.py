@@ -119,7 +119,7 @@ def _windows(S, H, D, w, dtype, device):
     return x, cos, sin
 
 
-@pytest.mark.slow
+@pytest.mark.huge
 def test_sample_past_2_31_elements(device):
     """One sample of 2^31+ elements (S * H * D; 4 GB fp16): the kernel's offsets (s * H + h) * D ran in int32
     within the sample and wrapped, so the last tokens were read and written out of bounds. The first and

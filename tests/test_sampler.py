@@ -128,7 +128,7 @@ def test_bad_inputs(backend):
         flow_step(x, x, torch.randn(2, 3), guidance=1.0, t=0.5, t_next=0.4, backend=backend)
 
 
-@pytest.mark.slow
+@pytest.mark.huge
 def test_sample_past_2_31_elements(monkeypatch):
     """One sample of more than 2^31 elements (a 4 GB fp16 latent): the kernel's block offsets j * BLOCK ran in
     int32 and wrapped negative past 2^31, so the tail was read and written out of bounds. Checked against the
