@@ -46,7 +46,7 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
-    check_weights,
+    check_weights_fit,
     load_items,
     prepare_teacher,
     run_dir,
@@ -174,7 +174,8 @@ def validate(cfg: JobConfig) -> None:
     check_run(cfg)
     check_model(cfg)
     check_tasks(tasks_path(cfg), "distill.tasks")
-    check_weights(cfg.distill.init, "distill.init")
+    # a checkpoint of another model config failed with a traceback once the models were loaded
+    check_weights_fit(cfg, cfg.distill.init, "distill.init")
     # both failed only after the models were loaded, with a traceback (a missing demos folder as a "task file")
     if cfg.distill.mode == "on_policy" and not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
         raise ConfigError(f"distill.steps_per_rollout = {cfg.distill.steps_per_rollout}: expected "

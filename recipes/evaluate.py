@@ -60,7 +60,7 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
-    check_weights,
+    check_weights_fit,
     demonstrator_id,
     dist_info,
     files_id,
@@ -140,9 +140,9 @@ def validate(cfg: JobConfig) -> None:
         conds = conditions(cfg)
     except ValueError as e:
         raise ConfigError(str(e)) from None
-    # a missing Executor file was found only when its turn came, after the baselines had been sampled
+    # a missing or wrong-shape Executor file was found only when its turn came, after the baselines had been sampled
     for name, weights, _ in conds:
-        check_weights(weights, f"eval.executors entry {name!r}")
+        check_weights_fit(cfg, weights, f"eval.executors entry {name!r}")
 
 
 def pipeline_for(kit: Kit, model: torch.nn.Module, cfg: JobConfig) -> VideoPipeline:

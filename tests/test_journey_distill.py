@@ -72,3 +72,37 @@ def test_bad_distill_inputs_are_one_line_errors_before_loading(tmp_path):
     ):
         r = subprocess.run(base + extra, capture_output=True, text=True, timeout=300)
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_weights_of_another_model_config_are_one_line_errors_before_loading(tmp_path):
+    """distill.init and an eval.executors entry were only checked to exist: a checkpoint of another model
+    config (a tensor of another shape) failed with a traceback once the prompts were encoded and the models
+    loaded. Both are now checked against the model's shapes up front, in one line naming the key."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from safetensors.torch import save_file
+
+    from recipes import propose
+    from recipes.common import build_kit
+
+    cfg = _cfg(tmp_path, 1)
+    propose.run(cfg)
+    sd = build_kit(cfg).load_denoiser("").state_dict()
+    key = next(k for k, v in sd.items() if v.ndim == 2)
+    sd[key] = sd[key][:, :-1].contiguous()  # one column short: another config's width
+    wrong = tmp_path / "other.safetensors"
+    save_file({k: v.contiguous() for k, v in sd.items()}, str(wrong))
+    repo = Path(__file__).resolve().parents[1] / "recipes"
+    base = ["--run.out_dir", str(tmp_path), "--run.name", "d", "--run.device", "cpu", "--flow.num_steps", "2"]
+    for recipe, extra, message in (
+        ("distill.py", ["--distill.steps_per_rollout", "2", "--distill.init", str(wrong)], "error: distill.init"),
+        ("evaluate.py", ["--eval.num_items", "2", "--eval.executors", f'["other={wrong}"]'],
+         "error: eval.executors entry 'other'"),
+    ):  # fmt: skip
+        r = subprocess.run([sys.executable, str(repo / recipe), *base, *extra], capture_output=True, text=True,
+                           timeout=300)  # fmt: skip
+        assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
+        assert key in r.stderr and "another shape" in r.stderr, r.stderr[-2000:]
+    assert not (tmp_path / "d" / "eval" / "demonstrator+task.npz").exists()  # nothing sampled
