@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import time
 from pathlib import Path
 from typing import Any
@@ -117,17 +118,46 @@ class MetricsLogger:
         self._counts: dict[str, int] = {}  # steps that logged each scalar (a skipped step logs only lr)
         self._count, self._tokens, self._flops = 0, 0, 0.0
         self._t0 = time.perf_counter()
-        self._tb = self._open_tensorboard(run_dir) if (tensorboard and is_main) else None
+        self._run_dir, self._purge_step = Path(run_dir), None
+        self._tb = self._open_tensorboard() if (tensorboard and is_main) else None
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
 
-    @staticmethod
-    def _open_tensorboard(run_dir: str | Path) -> Any:
+    def _open_tensorboard(self) -> Any:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
             return None
-        return SummaryWriter(str(Path(run_dir) / "tb"))
+        return SummaryWriter(str(self._run_dir / "tb"), purge_step=self._purge_step)
+
+    def drop_after(self, step: int) -> None:
+        """A run resumed at ``step``: drop the rows of later steps (written before a crash, trained again now)
+        from metrics.jsonl (rewritten to a temp file, then renamed) and from TensorBoard (purge_step)."""
+        if not self.is_main:
+            return
+        if self._tb is not None:  # TensorBoard hides the earlier events from purge_step on
+            self._tb.close()
+            self._purge_step = step + 1
+            self._tb = self._open_tensorboard()
+        if not self.path.is_file():
+            return
+        lines = self.path.read_text().splitlines()
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= step:
+                    kept.append(line)
+            except (ValueError, KeyError, TypeError):  # a row torn by the crash
+                pass
+        if len(kept) == len(lines):
+            return
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        with open(tmp, "w") as f:
+            f.write("".join(line + "\n" for line in kept))
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, self.path)
+        log.info("metrics: dropped %d rows after step %d (resumed there)", len(lines) - len(kept), step)
 
     def restart_clock(self) -> None:
         """Start the current interval's clock now: the trainer calls it before its first step, so that the

@@ -294,6 +294,8 @@ class Trainer:
         step = self.checkpointer.maybe_resume()
         if step:
             log.info("resumed at step %d", self.state.step)
+        if self.cfg.checkpoint.enabled and self.cfg.checkpoint.resume:
+            self.metrics.drop_after(step)  # rows past the checkpoint are trained (and logged) again
 
     # ---- public API -----------------------------------------------------------------------------
     @property

@@ -39,12 +39,12 @@ def _run(run_dir: Path, *extra: str) -> subprocess.Popen:
     return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
 
 
-def _uninterrupted(run_dir: Path) -> dict[int, float]:
+def _uninterrupted(run_dir: Path, *extra: str) -> dict[int, float]:
     """The same job in this process (one thread, as the script): the reference losses per step."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)
     try:
-        cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, ARGS[1:]))
+        cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, [*ARGS[1:], *extra]))
         cfg.run.device = "cpu"
         torch.manual_seed(0)
         batches = SeededBatches(batch=cfg.train.batch_size, grad_accum=2, rng_noise=True)
@@ -75,6 +75,38 @@ def test_sigkill_during_save_then_resume_reproduces_losses(tmp_path):
     assert {int(k): v for k, v in res["losses"].items()} == {s: ref[s] for s in range(5, 9)}
     assert not half.exists()
     assert [s for s, _ in complete_checkpoints(ckpts)] == [6, 8]
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines()]
+
+
+def test_resume_drops_the_metrics_rows_it_trains_again(tmp_path):
+    """Killed while saving step 4, resumed from step 2: metrics.jsonl and TensorBoard hold each step once, steps
+    3-4 with the resumed run's values (before, steps 3 and 4 appeared twice in both)."""
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    run = tmp_path / "run"
+    proc = _run(run, "--kill-at-save", "4", "--train.log_every", "1")
+    ref = _uninterrupted(tmp_path / "full")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    first = _rows(run / "metrics.jsonl")
+    assert [r["step"] for r in first] == [1, 2, 3, 4]
+    proc = _run(run, "--train.log_every", "1")
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run / "out.json").read_text())["start"] == 2
+    rows = _rows(run / "metrics.jsonl")
+    assert [r["step"] for r in rows] == list(range(1, 9))
+    assert rows[:2] == first[:2]
+    assert [r["loss"] for r in rows] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-6)
+    assert not list(run.glob("metrics.jsonl.*"))  # no temp file left
+    ea = EventAccumulator(str(run / "tb"))
+    ea.Reload()
+    tb = ea.Scalars("loss")
+    assert [e.step for e in tb] == list(range(1, 9))
+    assert [e.value for e in tb] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-6)
 
 
 def _cfg(steps: int, **ckpt) -> JobConfig:
