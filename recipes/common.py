@@ -162,12 +162,14 @@ def model_autocast(cfg: JobConfig, model: nn.Module):
     return autocast(device_of(cfg), cfg.precision, isinstance(model, FSDPModule))
 
 
-def read_jsonl(path: str | Path) -> list[dict]:
-    """Rows of a JSONL file; a missing file is an error that names it. A torn last line (a run killed
-    mid-write) is dropped with a warning."""
+def read_jsonl(path: str | Path, what: str = "JSONL file", made_by: str = "") -> list[dict]:
+    """Rows of a JSONL file; a missing file is an error that names it as ``what`` and the recipe that makes
+    it (``made_by``; every file was called a task file of recipes/propose.py, a demonstrations index too).
+    A torn last line (a run killed mid-write) is dropped with a warning."""
     p = Path(path)
     if not p.is_file():
-        raise FileNotFoundError(f"task file '{p}' does not exist (run recipes/propose.py first?)")
+        hint = f" (run {made_by} first?)" if made_by else ""
+        raise FileNotFoundError(f"{what} '{p}' does not exist{hint}")
     rows = []
     lines = p.read_text().splitlines()
     for i, line in enumerate(lines):
@@ -231,7 +233,7 @@ def load_items(path: str | Path) -> list[Item]:
     """A task file -> items, with image paths resolved against the file's folder; checks the fields."""
     p = Path(path)
     items = []
-    for i, row in enumerate(read_jsonl(p)):
+    for i, row in enumerate(read_jsonl(p, "task file", "recipes/propose.py")):
         missing = [k for k in ("id", "image", "task", "solution") if not row.get(k)]
         if missing:
             raise ValueError(f"{p}: row {i + 1} lacks {missing}; expected id, image, task, solution")

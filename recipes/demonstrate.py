@@ -57,6 +57,7 @@ from recipes.common import (  # noqa: E402
 )
 
 log = get_logger("demonstrate")
+DEMOS_INDEX = "demonstrations index"
 
 
 def write_mp4(video: np.ndarray, path: Path, fps: int) -> None:
@@ -97,7 +98,7 @@ def read_demos(folder: Path, threshold: float | None) -> tuple[torch.Tensor, lis
     from safetensors.torch import load_file
 
     index = folder / "index.jsonl"
-    rows = read_jsonl(index)
+    rows = read_jsonl(index, DEMOS_INDEX, "recipes/demonstrate.py")
     kept = [r for r in rows if threshold is None or (r["scores"].get("task") or 0.0) >= threshold]
     files: dict[str, torch.Tensor] = {}
     latents = []
@@ -178,7 +179,7 @@ def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set
     index = out / "index.jsonl"
     if not index.is_file():
         return set()
-    rows = read_jsonl(index)
+    rows = read_jsonl(index, DEMOS_INDEX)
     missing = {r["file"] for r in rows if not (out / r["file"]).is_file()}
     fps = fingerprints or {}
     # rows without a fingerprint (written before it was stored) cannot be checked: kept
@@ -255,7 +256,7 @@ def run(cfg: JobConfig) -> Path:
         save_config(cfg, out)
     n = demonstrate(cfg, out)
     if dist_info(cfg).is_main:
-        rows = read_jsonl(out / "index.jsonl")
+        rows = read_jsonl(out / "index.jsonl", DEMOS_INDEX, "recipes/demonstrate.py")
         ok = sum(1 for r in rows if (r["scores"].get("task") or 0.0) >= cfg.distill.filter_threshold)
         log.info("%d new demonstrations; %d of %d solve their task (Task >= %.2f)", n, ok, len(rows),
                  cfg.distill.filter_threshold)  # fmt: skip

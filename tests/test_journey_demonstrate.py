@@ -26,3 +26,20 @@ def test_demonstrations_the_judge_did_not_score_are_made_again(tmp_path):
     again = read_jsonl(out / "index.jsonl")
     assert sorted(r["id"] for r in again) == sorted(r["id"] for r in rows)
     assert all(isinstance(v, float) for r in again for v in r["scores"].values())
+
+
+def test_a_missing_file_is_named_for_what_it_is(tmp_path):
+    """Every missing JSONL file was reported as a "task file ... (run recipes/propose.py first?)", a missing
+    demonstrations index too; each is now named for what it is and the recipe that writes it."""
+    import pytest
+
+    from recipes.common import load_items
+    from recipes.demonstrate import read_demos
+
+    with pytest.raises(FileNotFoundError) as e:
+        read_demos(tmp_path, 0.5)
+    assert str(e.value) == (
+        f"demonstrations index '{tmp_path / 'index.jsonl'}' does not exist (run recipes/demonstrate.py first?)"
+    )
+    with pytest.raises(FileNotFoundError, match=r"task file .* \(run recipes/propose.py first\?\)"):
+        load_items(tmp_path / "tasks.jsonl")
