@@ -49,6 +49,7 @@ from recipes.common import (  # noqa: E402
     check_weights_fit,
     load_items,
     prepare_teacher,
+    read_jsonl,
     run_dir,
     sampling_velocity,
     step_generator,
@@ -185,6 +186,23 @@ def validate(cfg: JobConfig) -> None:
         if not (demos / "index.jsonl").is_file():
             raise ConfigError(f"distill.demos: '{demos}' holds no demonstrations (no index.jsonl); distill.mode "
                               f"{cfg.distill.mode} trains on them: run recipes/demonstrate.py first")  # fmt: skip
+        # none kept (none passing the threshold) failed with a traceback after the models were loaded
+        from recipes.demonstrate import DEMOS_INDEX
+
+        try:
+            rows = read_jsonl(demos / "index.jsonl", DEMOS_INDEX)
+        except (OSError, ValueError) as e:
+            raise ConfigError(f"distill.demos: {e}") from None
+        if cfg.distill.mode == "off_policy_filtered":
+            t = cfg.distill.filter_threshold
+            if not any((r.get("scores", {}).get("task") or 0.0) >= t for r in rows):
+                best = max((r.get("scores", {}).get("task") or 0.0 for r in rows), default=None)
+                raise ConfigError(f"distill.filter_threshold = {t}: none of the {len(rows)} demonstrations in '{demos}' "
+                                  f"has a Task score >= it (best: {best}); nothing to train on")  # fmt: skip
+        elif not rows:
+            raise ConfigError(
+                f"distill.demos: '{demos}/index.jsonl' has no demonstrations; nothing to train on"
+            )
 
 
 def run(cfg: JobConfig) -> Path:

@@ -106,3 +106,28 @@ def test_weights_of_another_model_config_are_one_line_errors_before_loading(tmp_
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert key in r.stderr and "another shape" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "d" / "eval" / "demonstrator+task.npz").exists()  # nothing sampled
+
+
+def test_filtered_sft_with_no_demonstration_over_the_threshold_is_a_one_line_error(tmp_path):
+    """distill.mode off_policy_filtered with no demonstration whose Task score reaches distill.filter_threshold
+    failed with a ValueError traceback after the models were loaded; validate now reads the demonstrations
+    index and refuses it in one line. At the best score itself, one is kept and validate passes."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    from recipes import demonstrate, distill, propose
+    from recipes.common import read_jsonl
+
+    cfg = _cfg(tmp_path, 1)
+    propose.run(cfg)
+    out = demonstrate.run(cfg)
+    best = max((r["scores"]["task"] or 0.0) for r in read_jsonl(out / "index.jsonl"))
+    base = ["--run.out_dir", str(tmp_path), "--run.name", "d", "--run.device", "cpu", "--flow.num_steps", "2",
+            "--distill.mode", "off_policy_filtered"]  # fmt: skip
+    distill.validate(load_config(argv=[*base, "--distill.filter_threshold", str(best)]))
+    recipe = Path(__file__).resolve().parents[1] / "recipes" / "distill.py"
+    r = subprocess.run([sys.executable, str(recipe), *base, "--distill.filter_threshold", str(best + 0.01)],
+                       capture_output=True, text=True, timeout=300)  # fmt: skip
+    assert r.returncode != 0 and "error: distill.filter_threshold" in r.stderr, r.stderr[-2000:]
+    assert "Traceback" not in r.stderr, r.stderr[-2000:]
