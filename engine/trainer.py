@@ -25,6 +25,10 @@ Contracts:
   its own phases with ``engine.profile.span("rollout")`` or ``span("judge_wait")`` (torch.profiler +
   NVTX). ``profile.enabled`` records a window of steps to ``<run>/trace``.
 - The NaN guard costs one host sync per step (every rank must agree to skip an update).
+- SIGINT / SIGTERM while training: every rank stops after the same step (agreed in the NaN guard's
+  all-reduce), commits a pending async save, on SIGTERM (preemption) also saves that step, and exits
+  (status 128 + signal, :class:`TrainingInterrupted`) with one line naming the checkpoint to resume from;
+  a second signal stops at once. A resume drops metrics rows (JSONL, TensorBoard) past its checkpoint.
 - Under torchrun the trainer creates the process group (or takes ``dist_info=`` from
   ``engine.dist.init_distributed``); a script's ``__main__`` ends with ``engine.dist.end_process()`` (as the
   recipes do), or calls ``engine.dist.shutdown()`` if it goes on without a process group.
@@ -48,6 +52,9 @@ from __future__ import annotations
 import contextlib
 import math
 import random
+import signal
+import threading
+import weakref
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any, Protocol
@@ -61,7 +68,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from engine.checkpoint import CheckpointManager, ModelState, RNGState, export_safetensors
 from engine.config import JobConfig, save_config
-from engine.dist import DistInfo, collective, init_distributed
+from engine.dist import DistInfo, collective, end_process, init_distributed
 from engine.log import get_logger, progress
 from engine.metrics import MetricsLogger, device_peak_flops, model_flops_per_token
 from engine.parallel import is_meta, materialize, parallelize
@@ -81,6 +88,38 @@ class Batches(Protocol):
 
 class NonFiniteLossError(RuntimeError):
     """Too many consecutive steps with a non-finite loss or gradient norm."""
+
+
+class TrainingInterrupted(SystemExit):
+    """SIGINT / SIGTERM stopped training after a step (exit status 128 + the signal's number)."""
+
+
+# SIGINT / SIGTERM while a trainer trains: the first is acted on after the current step, by every rank at the
+# same step (agreed in the NaN guard's all-reduce); a second one gets the original handler (stops at once).
+_STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
+_ORIG_HANDLERS: dict[int, Any] = {}
+_ACTIVE: weakref.ref | None = None
+
+
+def _on_signal(signum: int, frame: Any) -> None:
+    trainer = _ACTIVE() if _ACTIVE is not None else None
+    if trainer is None or trainer._closed or trainer._stop_signal:
+        _restore_signal_handlers()
+        signal.raise_signal(signum)
+        return
+    trainer._stop_signal = signum
+    log.warning(
+        "%s received: stopping after this step, once its checkpoint is committed (send it again to stop now)",
+        signal.Signals(signum).name,
+    )
+
+
+def _restore_signal_handlers() -> None:
+    global _ACTIVE
+    for s, h in _ORIG_HANDLERS.items():
+        signal.signal(s, h)
+    _ORIG_HANDLERS.clear()
+    _ACTIVE = None
 
 
 def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
@@ -229,6 +268,7 @@ class Trainer:
         self._build_components(extra_state or {})
         self._last_logs: dict[str, float] = {}
         self._closed, self._stepped = False, False
+        self._stop_signal = 0  # a SIGINT / SIGTERM received while training (this rank)
         self._resume()
 
     # ---- build steps ----------------------------------------------------------------------------
@@ -330,6 +370,7 @@ class Trainer:
         if not self._stepped:
             self.metrics.restart_clock()
             self._stepped = True
+            self._install_signal_handlers()
         micro = self.batches.next(self.state.step, self.model)
         if not isinstance(micro, list | tuple) or not micro:
             raise ValueError(
@@ -337,7 +378,7 @@ class Trainer:
             )
         loss_sum, logs, work = self._forward_backward(list(micro))
         gnorm = self._clip_grad_norm()
-        ok = self._finite(loss_sum, gnorm)
+        ok, stop = self._finite(loss_sum, gnorm)
         lr = self.current_lr()
         if ok:
             for g in self.optimizer.param_groups:
@@ -353,6 +394,8 @@ class Trainer:
         self.state.step += 1
         logs.update(loss=loss_sum.detach(), grad_norm=gnorm.detach(), lr=lr)
         self._after_step(logs if ok else {"lr": lr}, *work)
+        if stop:
+            self._stop(stop)
         return logs
 
     def fit(self) -> dict[str, float]:
@@ -372,6 +415,7 @@ class Trainer:
         if self._closed:
             return
         self._closed = True
+        self._uninstall_signal_handlers()
         self.profiler.__exit__(None, None, None)
         self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
         self.metrics.close()
@@ -387,6 +431,49 @@ class Trainer:
             if self.ema is not None:
                 with self.ema_weights():
                     export_safetensors(self.model, self.run_dir / "ema.safetensors")
+        if self._stop_signal:  # received after the last step: everything is saved now
+            self._exit_interrupted(self._stop_signal)
+
+    # ---- SIGINT / SIGTERM -----------------------------------------------------------------------
+    def _install_signal_handlers(self) -> None:
+        global _ACTIVE
+        if threading.current_thread() is not threading.main_thread():
+            return
+        if not _ORIG_HANDLERS:
+            for s in _STOP_SIGNALS:
+                _ORIG_HANDLERS[s] = signal.signal(s, _on_signal)
+        _ACTIVE = weakref.ref(self)
+
+    def _uninstall_signal_handlers(self) -> None:
+        if _ACTIVE is not None and _ACTIVE() is self:
+            _restore_signal_handlers()
+
+    def _stop(self, signum: int) -> None:
+        """Every rank, after the same step: commit the pending async save; on SIGTERM (preemption) also save
+        this step (synchronously: a SIGKILL during it keeps the previous checkpoint); then exit."""
+        self._closed = True
+        self._uninstall_signal_handlers()
+        self.checkpointer.wait()
+        if signum == signal.SIGTERM and self.state.step > 0:
+            done = self.checkpointer.latest()
+            if done is None or done[0] != self.state.step:
+                self.checkpointer.maybe_save(self.state.step, last=True)
+        self.profiler.__exit__(None, None, None)
+        self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
+        self.metrics.close()
+        self._exit_interrupted(signum)
+
+    def _exit_interrupted(self, signum: int) -> None:
+        done = self.checkpointer.latest() if self.cfg.checkpoint.enabled else None
+        where = (
+            f"resume from checkpoint step {done[0]} ({done[1]})" if done else "no checkpoint to resume from"
+        )
+        if self.dist.is_main:
+            log.warning(
+                "%s: training stopped at step %d; %s", signal.Signals(signum).name, self.state.step, where
+            )
+        end_process(128 + signum)  # under torchrun (see engine.dist.end_process)
+        raise TrainingInterrupted(128 + signum)
 
     # ---- step internals -------------------------------------------------------------------------
     def _forward_backward(self, micro: list[Any]) -> tuple[torch.Tensor, dict[str, Any], tuple[int, float]]:
@@ -436,13 +523,16 @@ class Trainer:
                 norm = norm.full_tensor()
         return norm
 
-    def _finite(self, loss_sum: torch.Tensor, gnorm: torch.Tensor) -> bool:
-        """One host sync per step: every rank must agree to skip (the loss is per rank)."""
+    def _finite(self, loss_sum: torch.Tensor, gnorm: torch.Tensor) -> tuple[bool, int]:
+        """One host sync per step: every rank must agree to skip (the loss is per rank), and to stop after
+        this step on a signal (the highest signal number of any rank: SIGTERM wins over SIGINT)."""
         bad = (~torch.isfinite(loss_sum) | ~torch.isfinite(gnorm)).float().reshape(1)
+        flags = torch.cat([bad, bad.new_tensor([float(self._stop_signal)])])
         if self.dist.distributed:
             with collective("NaN-guard all-reduce", self.cfg.parallel.timeout_s):
-                dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        return bad.item() == 0.0
+                dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        bad_v, stop = flags.tolist()
+        return bad_v == 0.0, int(stop)
 
     def _on_bad_step(self, loss_sum: torch.Tensor, gnorm: torch.Tensor) -> None:
         self.state.skipped += 1

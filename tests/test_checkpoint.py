@@ -109,6 +109,86 @@ def test_resume_drops_the_metrics_rows_it_trains_again(tmp_path):
     assert [e.value for e in tb] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-6)
 
 
+SIGNAL_ARGS = ["--train.steps", "16", "--train.log_every", "1", "--checkpoint.async_save", "true"]
+
+
+@pytest.mark.parametrize(("sig", "interval"), [(signal.SIGINT, "1"), (signal.SIGTERM, "3")])
+def test_signal_commits_the_pending_save_and_resume_reproduces_losses(tmp_path, sig, interval):
+    """SIGINT / SIGTERM mid-run with async saves: the run stops after the current step with one line naming the
+    checkpoint to resume from, that checkpoint is the last trained step (SIGINT: the pending async save, committed;
+    SIGTERM: saved then, whatever checkpoint.interval), and the resumed run's losses match the uninterrupted run.
+    Before, SIGINT left a KeyboardInterrupt traceback and lost the pending save, SIGTERM killed the run."""
+    import re
+    import time
+
+    run = tmp_path / "run"
+    extra = [*SIGNAL_ARGS, "--checkpoint.interval", interval]
+    proc = _run(run, *extra)
+    ref = _uninterrupted(tmp_path / "full", *extra)
+    metrics, deadline = run / "metrics.jsonl", time.monotonic() + 120
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(sig)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + sig, out[-3000:]
+    assert "Traceback" not in out, out[-3000:]
+    m = re.findall(rf"{sig.name}: training stopped at step (\d+); resume from checkpoint step (\d+) \(", out)
+    assert len(m) == 1, out[-3000:]
+    stopped, resume_at = int(m[0][0]), int(m[0][1])
+    assert 2 <= stopped < 16 and resume_at == stopped
+    assert _rows(metrics)[-1]["step"] == stopped
+    assert complete_checkpoints(run / "checkpoints")[-1][0] == stopped
+
+    proc = _run(run, *extra)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    res = json.loads((run / "out.json").read_text())
+    assert res["start"] == stopped
+    assert {int(k): v for k, v in res["losses"].items()} == {s: ref[s] for s in range(stopped + 1, 17)}
+    assert [r["step"] for r in _rows(metrics)] == list(range(1, 17))
+
+
+def test_sigterm_under_torchrun_saves_the_same_step_on_every_rank(tmp_path):
+    """SIGTERM to torchrun (it forwards it to both ranks, as on preemption): both ranks stop after the same step
+    and save it (interval 4 would have kept an earlier one), and a resumed 2-rank run reproduces the
+    uninterrupted 2-rank run's later losses."""
+    import re
+    import time
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    extra = [*ARGS, *SIGNAL_ARGS, "--checkpoint.interval", "4"]
+
+    def start(run_dir: Path) -> subprocess.Popen:
+        return subprocess.Popen([*torchrun, str(SCRIPT), "--run-dir", str(run_dir), *extra], env=env, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    ref = start(tmp_path / "full")
+    out, _ = ref.communicate(timeout=300)
+    assert ref.returncode == 0, out[-3000:]
+    ref_losses = json.loads((tmp_path / "full" / "out.json").read_text())["losses"]
+    run = tmp_path / "run"
+    proc, metrics, deadline = start(run), run / "metrics.jsonl", time.monotonic() + 300
+    while not (metrics.is_file() and metrics.read_text().count("\n") >= 2) and proc.poll() is None:
+        assert time.monotonic() < deadline
+        time.sleep(0.005)
+    proc.send_signal(signal.SIGTERM)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode != 0, out[-3000:]  # torchrun reports the signal
+    m = re.findall(r"SIGTERM: training stopped at step (\d+); resume from checkpoint step (\d+) \(", out)
+    assert len(m) == 1 and m[0][0] == m[0][1], out[-3000:]
+    stopped = int(m[0][0])
+    assert 2 <= stopped < 16 and complete_checkpoints(run / "checkpoints")[-1][0] == stopped
+    assert len(list((run / "checkpoints" / f"step_{stopped:08d}").glob("rank*.pt"))) == 2
+    proc = start(run)
+    out, _ = proc.communicate(timeout=300)
+    assert proc.returncode == 0, out[-3000:]
+    res = json.loads((run / "out.json").read_text())
+    assert res["start"] == stopped
+    assert res["losses"] == {k: v for k, v in ref_losses.items() if int(k) > stopped}
+
+
 def _cfg(steps: int, **ckpt) -> JobConfig:
     cfg = JobConfig()
     cfg.run.device = "cpu"
