@@ -123,6 +123,18 @@ def validate(cfg: JobConfig) -> None:
     check_run(cfg)
     check_model(cfg)
     check_judge(cfg)
+    check_eval_settings(cfg)
+    try:
+        conds = conditions(cfg)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    # a missing or wrong-shape Executor file was found only when its turn came, after the baselines had been sampled
+    for name, weights, _ in conds:
+        check_weights_fit(cfg, weights, f"eval.executors entry {name!r}")
+
+
+def check_eval_settings(cfg: JobConfig) -> None:
+    """The eval section's sizes, CI level, seeds and task file (also the pipeline's final evaluation)."""
     # these failed with tracebacks (seeds after loading the model); write_videos -1 wrote all items but one
     for key, value, least in (
         ("num_items", cfg.eval.num_items, 1),
@@ -136,13 +148,6 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError("eval.seeds is empty; expected at least one noise seed, e.g. [0]")
     if cfg.eval.tasks:
         check_tasks(cfg.eval.tasks, "eval.tasks")
-    try:
-        conds = conditions(cfg)
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    # a missing or wrong-shape Executor file was found only when its turn came, after the baselines had been sampled
-    for name, weights, _ in conds:
-        check_weights_fit(cfg, weights, f"eval.executors entry {name!r}")
 
 
 def pipeline_for(kit: Kit, model: torch.nn.Module, cfg: JobConfig) -> VideoPipeline:

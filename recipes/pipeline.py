@@ -41,7 +41,6 @@ from recipes.common import (  # noqa: E402
     check_judge,
     check_model,
     check_run,
-    check_tasks,
     check_weights_fit,
     read_jsonl,
     run_dir,
@@ -162,7 +161,7 @@ def ablations(cfg: JobConfig, out: Path) -> dict[str, Path]:
     demonstrate.run(stage(cfg, out, "demos"))
     inputs = [out / "tasks.jsonl", out / "demos" / "index.jsonl"]
     runs = {"sft": trained(cfg, out, "sft", distill.run, inputs, distill={"mode": "off_policy"})}
-    rows = read_jsonl(out / "demos" / "index.jsonl")
+    rows = read_jsonl(out / "demos" / "index.jsonl", "demonstrations index", "recipes/demonstrate.py")
     good = sum(1 for r in rows if (r["scores"].get("task") or 0.0) >= cfg.distill.filter_threshold)
     if good == 0:
         log.warning("filtered SFT skipped: none of %d demonstrations solves its task", len(rows))
@@ -273,8 +272,8 @@ def validate(cfg: JobConfig) -> None:
             raise ConfigError(f"{key} = {value!r}: the pipeline sets it for its stages; leave it empty")
     if cfg.data.manifest and not Path(cfg.data.manifest).is_file():
         raise ConfigError(f"data.manifest: '{cfg.data.manifest}' does not exist (expected a JSONL of images)")
-    sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image), ("distill.demos_per_task",
-             cfg.distill.demos_per_task), ("eval.num_items", cfg.eval.num_items)]  # fmt: skip
+    sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image),
+             ("distill.demos_per_task", cfg.distill.demos_per_task)]  # fmt: skip
     if not cfg.data.manifest:
         sizes.append(("world.num_scenes", cfg.world.num_scenes))
     for key, v in sizes:
@@ -288,12 +287,7 @@ def validate(cfg: JobConfig) -> None:
     if not cfg.checkpoint.export_safetensors:
         raise ConfigError("checkpoint.export_safetensors = false: the stages pass their Executors on as "
                           "<stage>/model.safetensors; set it to true")  # fmt: skip
-    if not 0 < cfg.eval.ci < 1:
-        raise ConfigError(f"eval.ci = {cfg.eval.ci}: expected a confidence level between 0 and 1, e.g. 0.95")
-    if not cfg.eval.seeds:
-        raise ConfigError("eval.seeds is empty; expected at least one noise seed, e.g. [0]")
-    if cfg.eval.tasks:
-        check_tasks(cfg.eval.tasks, "eval.tasks")
+    evaluate.check_eval_settings(cfg)
     if not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
         raise ConfigError(f"distill.steps_per_rollout = {cfg.distill.steps_per_rollout}: expected 1..flow.num_steps "
                           f"({cfg.flow.num_steps})")  # fmt: skip

@@ -803,7 +803,7 @@ def _pipeline_error_cases(tmp: Path) -> list[tuple[list[str], str]]:
         ([*ok, "--distill.init", str(tmp / "other.safetensors")], "error: distill.init: weights"),
         # the gap check's evaluation, after propose
         ([*ok, "--eval.ci", "95"], "error: eval.ci = 95.0: expected a confidence level"),
-        ([*ok, "--eval.num_items", "0"], "error: config key 'eval.num_items': expected >= 1, got 0"),
+        ([*ok, "--eval.num_items", "0"], "error: eval.num_items = 0: expected >= 1"),
         # given to a stage the pipeline configures itself: silently ignored
         ([*ok, "--rl.init", str(tmp / "other.safetensors")], "error: rl.init = "),
         ([*ok, "--distill.tasks", str(tmp / "t.jsonl")], "error: distill.tasks = "),
