@@ -119,6 +119,7 @@ class MetricsLogger:
         self._count, self._tokens, self._flops = 0, 0, 0.0
         self._t0 = time.perf_counter()
         self._run_dir, self._purge_step = Path(run_dir), None
+        self._earlier_tb = any((self._run_dir / "tb").glob("events.*"))  # before this run's writer adds one
         self._tb = self._open_tensorboard() if (tensorboard and is_main) else None
         if is_main:
             self.path.parent.mkdir(parents=True, exist_ok=True)
@@ -158,6 +159,30 @@ class MetricsLogger:
             os.fsync(f.fileno())
         os.replace(tmp, self.path)
         log.info("metrics: dropped %d rows after step %d (resumed there)", len(lines) - len(kept), step)
+
+    def set_aside(self) -> None:
+        """A run that does not resume: an earlier run's metrics.jsonl and tb/ events in this folder are renamed
+        to ``*.before-<time>`` (its rows kept, not mixed with the new run's steps from 1 again)."""
+        earlier = [(self.path, "metrics.before-{}.jsonl")] if self.path.is_file() else []
+        earlier += [(self._run_dir / "tb", "tb.before-{}")] if self._earlier_tb else []
+        if not self.is_main or not earlier:
+            return
+        if self._tb is not None:
+            self._tb.close()
+        stamp = time.strftime("%Y%m%dT%H%M%S")
+        for old, name in earlier:
+            target, n = old.with_name(name.format(stamp)), 0
+            while target.exists():
+                n += 1
+                target = old.with_name(f"{name.format(stamp)}~{n}")
+            os.rename(old, target)
+            log.warning(
+                "metrics: an earlier run's %s in %s was moved to %s", old.name, self._run_dir, target.name
+            )
+        self._earlier_tb = False
+        if self._tb is not None:
+            self._purge_step = None
+            self._tb = self._open_tensorboard()
 
     def restart_clock(self) -> None:
         """Start the current interval's clock now: the trainer calls it before its first step, so that the

@@ -336,6 +336,8 @@ class Trainer:
             log.info("resumed at step %d", self.state.step)
         if self.cfg.checkpoint.enabled and self.cfg.checkpoint.resume:
             self.metrics.drop_after(step)  # rows past the checkpoint are trained (and logged) again
+        else:  # a new run from step 1: an earlier run's rows set aside, as its checkpoints are
+            self.metrics.set_aside()
 
     # ---- public API -----------------------------------------------------------------------------
     @property

@@ -262,6 +262,27 @@ def test_fit_lowers_loss_and_writes_metrics(tmp_path):
         assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
+def test_a_run_that_does_not_resume_sets_the_earlier_metrics_aside(tmp_path):
+    """A second run in the same folder without resuming (checkpoints off here) appended its steps 1.. to the
+    first run's rows, each step twice in metrics.jsonl and TensorBoard; the earlier rows are now moved aside."""
+    runs = []
+    for lr in (3e-3, 1e-2):
+        cfg = _cfg(4, lr=lr)
+        cfg.train.log_every = 2
+        Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path).fit()
+        runs.append([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
+    assert [r["step"] for r in runs[1]] == [2, 4] and runs[1] != runs[0]
+    (aside,) = tmp_path.glob("metrics.before-*.jsonl")
+    assert [json.loads(line) for line in aside.read_text().splitlines()] == runs[0]
+    if importlib.util.find_spec("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        acc = EventAccumulator(str(tmp_path / "tb"))
+        acc.Reload()
+        assert [e.step for e in acc.Scalars("loss")] == [2, 4]
+        assert len(list(tmp_path.glob("tb.before-*"))) == 1
+
+
 def test_first_logged_interval_is_timed_from_the_first_step(tmp_path):
     """A resumed run's first row timed its steps from the Trainer's construction, so the checkpoint load (and
     whatever ran before the first step) counted as step time: step_time_s 0.61 s for 0.10 s steps, tokens/s and
