@@ -97,6 +97,7 @@ EXTRAS = {
         "pybind11>=2.12",  # tests rebuild kernels._C with `python setup.py build_ext`
         "pytest-benchmark>=4",
         "pytest-timeout>=2",
+        "pytest-xdist>=3",  # the README's test command runs on both cores (-n 2): many tests wait on subprocesses
         "ruff>=0.6",
         "torchao>=0.10",
         "nvidia-dali-cuda130>=1.50",
