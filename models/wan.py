@@ -442,7 +442,8 @@ class WanModel(DiffusersInterop, nn.Module):
         image = cond.get("image_latent")
         if image is not None and tuple(image.shape) != (B, C, 1, h, w):
             raise ValueError(f"cond['image_latent']: expected {(B, C, 1, h, w)}, got {tuple(image.shape)}")
-        timestep = 1000.0 * t.float()  # fp32: a bf16 t times 1000 rounded to a multiple of 2 or 4
+        # a bf16 t times 1000 rounds to a multiple of 2 or 4: half types go to fp32, fp32/fp64 stay as they are
+        timestep = 1000.0 * (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
         ti2v = image is not None and cfg.in_channels == C
         if cfg.in_channels == 2 * C + 4:
             if image is None:
