@@ -267,12 +267,7 @@ class CheckpointManager:
 
     def _set_aside(self) -> None:
         if _rank() == 0 and complete_checkpoints(self.folder):
-            aside = self.folder.with_name(f"{self.folder.name}.before-{time.strftime('%Y%m%dT%H%M%S')}")
-            n = 0
-            while aside.exists():
-                n += 1
-                aside = aside.with_name(f"{aside.name.split('~')[0]}~{n}")
-            os.rename(self.folder, aside)
+            aside = move_aside(self.folder, f"{self.folder.name}.before-{time.strftime('%Y%m%dT%H%M%S')}")
             log.warning(
                 "checkpoint.resume = false: the checkpoints of an earlier run in %s were moved to %s",
                 self.folder,
@@ -283,6 +278,16 @@ class CheckpointManager:
     def maybe_save(self, step: int, *, last: bool = False) -> None:
         if self.cfg.enabled and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0)):
             self.save(step, force_sync=last)
+
+
+def move_aside(path: Path, name: str) -> Path:
+    """Rename ``path`` to its sibling ``name``, or ``name~1``, ``name~2``, ... (the first that is free)."""
+    target, n = path.with_name(name), 0
+    while target.exists():
+        n += 1
+        target = path.with_name(f"{name}~{n}")
+    os.rename(path, target)
+    return target
 
 
 def full_state_dict(model: nn.Module, *, rank0_only: bool = False) -> dict[str, torch.Tensor]:

@@ -26,6 +26,7 @@ import torch
 import torch.distributed as dist
 import torch.nn as nn
 
+from engine.checkpoint import move_aside
 from engine.log import get_logger
 
 log = get_logger("metrics")
@@ -171,11 +172,7 @@ class MetricsLogger:
             self._tb.close()
         stamp = time.strftime("%Y%m%dT%H%M%S")
         for old, name in earlier:
-            target, n = old.with_name(name.format(stamp)), 0
-            while target.exists():
-                n += 1
-                target = old.with_name(f"{name.format(stamp)}~{n}")
-            os.rename(old, target)
+            target = move_aside(old, name.format(stamp))
             log.warning(
                 "metrics: an earlier run's %s in %s was moved to %s", old.name, self._run_dir, target.name
             )
