@@ -125,8 +125,10 @@ def _restore_signal_handlers() -> None:
 def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_ratio: float) -> float:
     """LR for optimizer step ``step`` (0-based).
 
-    warmup: lr * (step + 1) / warmup for step < warmup; then "constant": lr, or "cosine":
-    lr * (r + (1 - r) * (1 + cos(pi * p)) / 2) with p = (step - warmup) / (total - warmup), r = min_ratio.
+    warmup: lr * (step + 1) / warmup for step < warmup (the peak lr at its last step, warmup - 1); then
+    "constant": lr, or "cosine": lr * (r + (1 - r) * (1 + cos(pi * p)) / 2), r = min_ratio, decaying from the
+    peak step s0 = max(warmup, 1) - 1 to the last step total - 1: p = (step - s0) / (total - 1 - s0), clamped
+    to 1 (the last step gets lr * r; with warmup 0, step 0 gets lr).
     """
     if step < warmup:
         return lr * (step + 1) / warmup
@@ -134,7 +136,8 @@ def lr_at(step: int, *, lr: float, warmup: int, total: int, schedule: str, min_r
         return lr
     if schedule != "cosine":
         raise ValueError(f"train.lr_schedule {schedule!r}: expected 'constant' or 'cosine'")
-    p = min(1.0, (step - warmup) / max(1, total - warmup))
+    peak = max(warmup, 1) - 1  # the step that had the peak lr
+    p = min(1.0, (step - peak) / max(1, total - 1 - peak))
     return lr * (min_ratio + (1.0 - min_ratio) * 0.5 * (1.0 + math.cos(math.pi * p)))
 
 

@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -32,30 +33,53 @@ def _cfg(steps: int = 4, **train) -> JobConfig:
     return cfg
 
 
-def test_lr_schedule_analytic():
-    kw = dict(lr=1.0, warmup=4, total=14, schedule="cosine", min_ratio=0.1)
-    assert [lr_at(s, **kw) for s in range(4)] == [0.25, 0.5, 0.75, 1.0]
-    assert lr_at(4, **kw) == pytest.approx(1.0)
-    assert lr_at(9, **kw) == pytest.approx(0.1 + 0.9 * 0.5)  # half way: cos(pi/2) = 0
-    assert lr_at(14, **kw) == pytest.approx(0.1)
-    assert lr_at(100, **kw) == pytest.approx(0.1)
-    for s in range(4, 14):  # the closed form at every step
-        p = (s - 4) / 10
-        assert lr_at(s, **kw) == pytest.approx(0.1 + 0.45 * (1 + math.cos(math.pi * p)))
+def _cosine_reference(lr: float, warmup: int, total: int, r: float) -> list[float]:
+    """Independent construction: a linear ramp to lr over the warmup steps, then a half cosine sampled at
+    evenly spaced angles from the peak (warmup's last step, or step 0 without warmup) to pi at step total - 1."""
+    ramp = [lr * (i + 1) / warmup for i in range(min(warmup, total))]
+    if warmup >= total:
+        return ramp
+    angles = np.linspace(0.0, np.pi, total - warmup + 1)[1:] if warmup else np.linspace(0.0, np.pi, total)
+    return ramp + [lr * (r + (1 - r) * (1 + math.cos(a)) / 2) for a in angles]
+
+
+@pytest.mark.parametrize("warmup,total", [(4, 14), (0, 10), (0, 2), (3, 4), (1, 3), (5, 5), (7, 5), (0, 1)])
+def test_lr_schedule_analytic(warmup, total):
+    """Cosine: peak at warmup's last step, decays after it, the last step (total - 1) gets exactly lr * r.
+    It had the peak twice (steps warmup - 1 and warmup) and never reached lr * r (p < 1 at the last step)."""
+    kw = dict(lr=2.0, warmup=warmup, total=total, schedule="cosine", min_ratio=0.1)
+    got = [lr_at(s, **kw) for s in range(total)]
+    assert got == pytest.approx(_cosine_reference(2.0, warmup, total, 0.1), rel=1e-12, abs=0)
+    if warmup:
+        assert got[: min(warmup, total)] == [2.0 * (i + 1) / warmup for i in range(min(warmup, total))]
+    if warmup < total:
+        peak = max(warmup, 1) - 1
+        assert got[peak] == 2.0
+        assert all(a > b for a, b in zip(got[peak:], got[peak + 1 :], strict=False))  # no second peak
+        if total - 1 > peak:
+            assert got[-1] == 2.0 * 0.1  # exactly the floor
+    assert lr_at(total + 50, **kw) == pytest.approx(0.2)  # past the run: stays at the floor
+
+
+def test_constant_schedule_is_warmup_then_flat():
+    kw = dict(lr=2.0, warmup=10, total=20, schedule="constant", min_ratio=0.1)
+    assert [lr_at(s, **kw) for s in range(20)] == [2.0 * (s + 1) / 10 for s in range(10)] + [2.0] * 10
     assert lr_at(7, lr=2.0, warmup=0, total=10, schedule="constant", min_ratio=0.1) == 2.0
     with pytest.raises(ValueError, match="lr_schedule 'linear'"):
         lr_at(5, lr=1.0, warmup=0, total=10, schedule="linear", min_ratio=0.0)
 
 
-def test_trainer_applies_the_schedule_to_the_optimizer(tmp_path):
-    cfg = _cfg(6, warmup_steps=2, lr_schedule="cosine", min_lr_ratio=0.0)
+@pytest.mark.parametrize("warmup,steps", [(2, 6), (0, 4), (3, 4)])
+def test_trainer_applies_the_schedule_to_the_optimizer(tmp_path, warmup, steps):
+    """The LR each optimizer.step() actually read (a step pre-hook) follows the reference schedule."""
+    cfg = _cfg(steps, warmup_steps=warmup, lr_schedule="cosine", min_lr_ratio=0.1)
     tr = Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
-    for s in range(6):
-        logs = tr.train_step()
-        expect = lr_at(s, lr=1e-2, warmup=2, total=6, schedule="cosine", min_ratio=0.0)
-        assert logs["lr"] == pytest.approx(expect) and tr.optimizer.param_groups[0]["lr"] == pytest.approx(
-            expect
-        )
+    used: list[float] = []
+    tr.optimizer.register_step_pre_hook(lambda opt, args, kwargs: used.append(opt.param_groups[0]["lr"]))
+    logged = [float(tr.train_step()["lr"]) for _ in range(steps)]
+    expect = _cosine_reference(1e-2, warmup, steps, 0.1)
+    assert used == pytest.approx(expect, rel=1e-12) and logged == pytest.approx(expect, rel=1e-12)
+    assert used[-1] == pytest.approx(1e-3, rel=1e-12)  # the last optimizer step at lr * min_lr_ratio
 
 
 def test_fp8_attention_needs_the_triton_backend(tmp_path):
