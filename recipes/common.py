@@ -47,9 +47,14 @@ log = get_logger("recipes")
 # ---------------------------------------------------------------------------------------------
 
 
+def run_path(cfg: JobConfig) -> Path:
+    """``<run.out_dir>/<run.name>``, not created (what a recipe's validate may name)."""
+    return Path(cfg.run.out_dir) / cfg.run.name
+
+
 def run_dir(cfg: JobConfig) -> Path:
     """``<run.out_dir>/<run.name>``, created."""
-    path = Path(cfg.run.out_dir) / cfg.run.name
+    path = run_path(cfg)
     path.mkdir(parents=True, exist_ok=True)
     return path
 
@@ -688,7 +693,7 @@ def check_judge(cfg: JobConfig) -> None:
 
 
 def check_run(cfg: JobConfig) -> None:
-    """Device and run folder (created here: a path that cannot be a writable folder fails now)."""
+    """Device and run folder (not created here; a path that cannot be a writable folder fails now)."""
     from engine.dist import mesh_shape, resolve_device
 
     # this rank's GPU, as init_distributed picks it (resolve_device selects it)
@@ -704,9 +709,16 @@ def check_run(cfg: JobConfig) -> None:
     # a single process skipped the mesh check: parallel.cp = 3 ran silently without sequence parallelism
     p, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
     _as_config_error("parallel", mesh_shape, world, p.dp_replicate, p.dp_shard, p.cp)
-    folder = _as_config_error("run.out_dir", run_dir, cfg)
-    if not os.access(folder, os.W_OK):
-        raise ConfigError(f"run.out_dir: run folder '{folder}' is not writable")
+    # the folder is not created here: a run refused by a later check left an empty run folder behind
+    folder = run_path(cfg)
+    base = folder
+    while not (base.exists() or base.is_symlink()) and base != base.parent:
+        base = base.parent
+    if not base.is_dir():
+        raise ConfigError(f"run.out_dir: run folder '{folder}' cannot be created: '{base}' is not a folder")
+    if not os.access(base, os.W_OK | os.X_OK):
+        what = "run folder" if base == folder else f"run folder '{folder}' cannot be created: folder"
+        raise ConfigError(f"run.out_dir: {what} '{base}' is not writable")
 
 
 def files_id(path: str | Path) -> list | str:
@@ -738,8 +750,8 @@ def judge_id(cfg: JobConfig) -> list:
 
 def tasks_path(cfg: JobConfig) -> Path:
     """The task file propose writes and distill, demonstrate and rl read: ``distill.tasks`` or
-    ``<run>/tasks.jsonl`` (the run folder created)."""
-    return Path(cfg.distill.tasks) if cfg.distill.tasks else run_dir(cfg) / "tasks.jsonl"
+    ``<run>/tasks.jsonl`` (the run folder not created: validate reads this path)."""
+    return Path(cfg.distill.tasks) if cfg.distill.tasks else run_path(cfg) / "tasks.jsonl"
 
 
 # ---------------------------------------------------------------------------------------------

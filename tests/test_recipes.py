@@ -850,3 +850,41 @@ def test_pipeline_stops_when_the_executor_start_weights_change_at_the_same_path(
     again = subprocess.run(cmd, capture_output=True, text=True, timeout=600, cwd=REPO)
     assert again.returncode != 0 and "STOP: stage 'onpolicy'" in again.stderr, again.stderr[-3000:]
     assert f"{init} changed" in again.stderr
+
+
+@pytest.mark.parametrize(
+    "recipe, args",
+    [
+        ("rl", ["--rl.reward_questions", '["tsak"]']),
+        ("evaluate", ["--eval.ci", "2"]),
+        ("demonstrate", ["--distill.demos_per_task", "0"]),
+        ("distill", []),  # no task file
+        ("propose", ["--distill.pairs_per_image", "0"]),
+        ("pretrain", ["--world.eval_scenes", "0"]),
+    ],
+)
+def test_a_refused_run_leaves_no_run_folder(tmp_path, recipe, args):
+    """check_run created <out_dir>/<name> before the recipe's later checks refused a setting: a typo left an
+    empty run folder behind; now nothing is created until validation passes."""
+    import importlib
+
+    from engine.config import ConfigError, load_config
+
+    validate = importlib.import_module(f"recipes.{recipe}").validate
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path / "runs" / "deep"), "--run.name", "x", *args])
+    with pytest.raises(ConfigError):
+        validate(cfg)
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_a_run_folder_under_an_unwritable_folder_is_refused(tmp_path):
+    """The run folder is no longer created by validate: the nearest existing folder above it is checked."""
+    from engine.config import ConfigError, load_config
+    from recipes.common import check_run
+
+    (tmp_path / "ro").mkdir(mode=0o555)
+    if os.access(tmp_path / "ro", os.W_OK):
+        pytest.skip("this process may write to any folder (root)")
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path / "ro" / "sub"), "--run.name", "x"])
+    with pytest.raises(ConfigError, match="run.out_dir: run folder .* cannot be created: folder .*ro' is not writable"):
+        check_run(cfg)
