@@ -267,6 +267,10 @@ def check_settings(cfg: JobConfig) -> None:
             raise ConfigError(f"{k} = {v}: expected >= 1")
     if r.steps < 0:
         raise ConfigError(f"rl.steps = {r.steps}: expected >= 0 (0 = train.steps)")
+    # 0 steps exported nothing, yet run returned <run>/model.safetensors (the pipeline refuses it too)
+    if r.steps == 0 and cfg.train.steps < 1:
+        raise ConfigError(f"rl.steps = 0 and train.steps = {cfg.train.steps}: rl would train no step and export no "
+                          "Executor; set rl.steps or train.steps >= 1")  # fmt: skip
     j = cfg.judge  # the judge service refused these when built, after the models were loaded
     if j.max_batch < 1 or j.max_concurrency < 1 or j.max_wait_ms < 0:
         raise ConfigError(f"judge.max_batch = {j.max_batch}, judge.max_concurrency = {j.max_concurrency}, "

@@ -888,3 +888,27 @@ def test_a_run_folder_under_an_unwritable_folder_is_refused(tmp_path):
     cfg = load_config(argv=["--run.out_dir", str(tmp_path / "ro" / "sub"), "--run.name", "x"])
     with pytest.raises(ConfigError, match="run.out_dir: run folder .* cannot be created: folder .*ro' is not writable"):
         check_run(cfg)
+
+
+def _one_task_file(tmp: Path) -> Path:
+    import numpy as np
+
+    from recipes.common import save_image
+
+    save_image(np.zeros((64, 64, 3), np.uint8), tmp / "x.png")
+    (tmp / "tasks.jsonl").write_text('{"id": "a", "image": "x.png", "task": "t", "solution": "s"}\n')
+    return tmp / "tasks.jsonl"
+
+
+def test_rl_with_no_steps_is_refused_before_it_returns_an_export_that_is_not_there(tmp_path):
+    """rl with rl.steps 0 (= train.steps) and train.steps 0 trained nothing, exported nothing and returned
+    <run>/model.safetensors all the same; validate now refuses it, as the pipeline refuses train.steps 0."""
+    from engine.config import ConfigError, load_config
+    from recipes import rl
+
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path)),
+            "--flow.num_steps", "3", "--rl.train_timesteps", "1"]  # fmt: skip
+    with pytest.raises(ConfigError, match="rl.steps = 0 and train.steps = 0: .* export no Executor"):
+        rl.validate(load_config(argv=[*base, "--train.steps", "0"]))
+    rl.validate(load_config(argv=[*base, "--train.steps", "0", "--rl.steps", "1"]))  # rl.steps decides
+    assert not (tmp_path / "runs").exists()
