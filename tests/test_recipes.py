@@ -886,7 +886,9 @@ def test_a_run_folder_under_an_unwritable_folder_is_refused(tmp_path):
     if os.access(tmp_path / "ro", os.W_OK):
         pytest.skip("this process may write to any folder (root)")
     cfg = load_config(argv=["--run.out_dir", str(tmp_path / "ro" / "sub"), "--run.name", "x"])
-    with pytest.raises(ConfigError, match="run.out_dir: run folder .* cannot be created: folder .*ro' is not writable"):
+    with pytest.raises(
+        ConfigError, match="run.out_dir: run folder .* cannot be created: folder .*ro' is not writable"
+    ):
         check_run(cfg)
 
 
