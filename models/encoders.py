@@ -101,14 +101,23 @@ class WanVAE(VideoVAE):
         return (z.float() - self.mean) / self.std
 
     @torch.no_grad()
-    def encode_i2v_condition(self, image: torch.Tensor, num_frames: int) -> torch.Tensor:
+    def encode_i2v_condition(
+        self, image: torch.Tensor, num_frames: int, last_image: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """Wan2.1 I2V's condition latent, as WanImageToVideoPipeline builds it: the video [image, then
         ``num_frames - 1`` zero (grey) frames] through the VAE, normalised -> (B, C, T', H', W'). Its frames
-        after the first are not zero: the causal VAE carries the image into them."""
-        if image.dim() != 4 or image.shape[1] != 3:
-            raise ValueError(f"image: expected (B, 3, H, W) in [-1, 1], got {tuple(image.shape)}")
-        zeros = image.new_zeros(image.shape[0], 3, num_frames - 1, *image.shape[2:])
-        return self.encode(torch.cat([image.unsqueeze(2), zeros], dim=2))
+        after the first are not zero: the causal VAE carries the image into them. FLF2V (``last_image``, the
+        same shape): [image, ``num_frames - 2`` zero frames, last_image]."""
+        for name, x in (("image", image), ("last_image", last_image)):
+            if x is not None and (x.dim() != 4 or x.shape[1] != 3 or x.shape != image.shape):
+                raise ValueError(f"{name}: expected (B, 3, H, W) in [-1, 1], got {tuple(x.shape)}")
+        frames = [image.unsqueeze(2)]
+        frames.append(
+            image.new_zeros(image.shape[0], 3, num_frames - 1 - (last_image is not None), *image.shape[2:])
+        )
+        if last_image is not None:
+            frames.append(last_image.unsqueeze(2).to(image.dtype))
+        return self.encode(torch.cat(frames, dim=2))
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> torch.Tensor:

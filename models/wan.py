@@ -427,7 +427,9 @@ class WanModel(DiffusersInterop, nn.Module):
         cond: "text" (B, L, text_dim); optional "text_lengths" (B,) (with ``cfg.text_len`` the text is zero-padded
         to that length past them and attended to whole, as WanPipeline does; without, keys past them are masked
         out); "image_latent" (B, C, 1, h, w) the
-        first frame's latent (I2V); "image_tokens" (B, 257, image_dim). The image mode follows the config:
+        first frame's latent (I2V); "image_tokens" (B, 257, image_dim) (FLF2V: (2B, 257, image_dim), each
+        sample's first then last frame); "last_image_latent" (B, C, 1, h, w) FLF2V's last frame (I2V models: the
+        mask also marks it, and the toy condition puts it on frame F-1). The image mode follows the config:
         in_channels == 2C + 4 is Wan2.1 I2V (input = [x_t, 4-channel frame-0 mask, condition]; the condition
         is cond["image_condition"] (B, C, F, h, w), the pipeline's VAE encoding of the image followed by zero
         frames (WanVAE.encode_i2v_condition), or without it the first-frame latent zero-padded over time, the
@@ -445,14 +447,26 @@ class WanModel(DiffusersInterop, nn.Module):
         # a bf16 t times 1000 rounds to a multiple of 2 or 4: half types go to fp32, fp32/fp64 stay as they are
         timestep = 1000.0 * (t.float() if t.dtype in (torch.float16, torch.bfloat16) else t)
         ti2v = image is not None and cfg.in_channels == C
+        last = cond.get("last_image_latent")  # FLF2V's last frame
+        if last is not None and (
+            cfg.in_channels != 2 * C + 4 or Fr < 2 or tuple(last.shape) != (B, C, 1, h, w)
+        ):
+            raise ValueError(
+                f"cond['last_image_latent']: expected {(B, C, 1, h, w)} with F >= 2 for a Wan2.1 I2V model "
+                f"(in_channels = 2C + 4 = {2 * C + 4}), got {tuple(last.shape)}, F={Fr}, in_channels={cfg.in_channels}"
+            )
         if cfg.in_channels == 2 * C + 4:
             if image is None:
                 raise ValueError("cond['image_latent']: required by this I2V model (in_channels = 2C + 4)")
             mask = torch.zeros_like(x_t[:, :4])
             mask[:, :, 0] = 1.0  # (B, 4, F, h, w): 1 on the conditioning frame
-            condition = cond.get("image_condition")  # the pipeline's VAE([image, zero frames]) (encoders.py)
+            if last is not None:  # the pipeline's mask: the last pixel frame is the last of frame F-1's four
+                mask[:, 3, -1] = 1.0
+            condition = cond.get("image_condition")  # the pipeline's VAE of [image, zeros(, last)]
             if condition is None:  # the toy world's convention: the image latent, zero latents after it
                 condition = F.pad(image, (0, 0, 0, 0, 0, Fr - 1))
+                if last is not None:
+                    condition = torch.cat([condition[:, :, :-1], last.to(condition.dtype)], dim=2)
             elif tuple(condition.shape) != (B, C, Fr, h, w):
                 raise ValueError(
                     f"cond['image_condition']: expected {(B, C, Fr, h, w)}, got {tuple(condition.shape)}"

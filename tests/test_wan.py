@@ -412,3 +412,63 @@ def test_gpu_bf16_error_within_twice_diffusers_bf16(backend):
     our_out, our_grad = run(ours.to(torch.bfloat16), torch.bfloat16, False)
     assert rel_err(our_out, ref_out) <= 2 * rel_err(their_out, ref_out) + 1e-3
     assert rel_err(our_grad, ref_grad) <= 2 * rel_err(their_grad, ref_grad) + 1e-3
+
+
+def _tiny_vae_4x():
+    """A tiny random Wan VAE with the real models' 4x temporal compression (4x spatial)."""
+    from diffusers import AutoencoderKLWan
+
+    return AutoencoderKLWan(base_dim=8, z_dim=4, dim_mult=[1, 1, 1], num_res_blocks=1,
+                            temperal_downsample=[True, True], latents_mean=[0.5, -0.2, 0.1, 0.3],
+                            latents_std=[2.0, 0.5, 1.5, 1.0]).eval()  # fmt: skip
+
+
+def _pipeline_flf2v(vae, image, last, num_frames):
+    """WanImageToVideoPipeline.prepare_latents' condition with last_image, one sample at a time:
+    (B, 4 + C, F, h, w), the 4 mask channels then VAE([image, zeros, last_image])."""
+    from diffusers import FlowMatchEulerDiscreteScheduler, WanImageToVideoPipeline
+
+    pipe = WanImageToVideoPipeline(
+        tokenizer=None, text_encoder=None, vae=vae, scheduler=FlowMatchEulerDiscreteScheduler()
+    )
+    pipe.vae_scale_factor_temporal = pipe.vae_scale_factor_spatial = 4
+    H, W = image.shape[2:]
+    parts = [
+        pipe.prepare_latents(
+            image[b : b + 1], 1, 4, H, W, num_frames, torch.float32, "cpu", last_image=last[b : b + 1]
+        )[1]  # fmt: skip
+        for b in range(image.shape[0])
+    ]
+    return torch.cat(parts)
+
+
+def test_predict_velocity_flf2v_matches_the_pipelines_condition():
+    """FLF2V (cond["last_image_latent"]): predict_velocity's input is the pipeline's [x, mask, condition] with
+    last_image: the mask also marks the last pixel frame (channel 3 of latent frame F-1); the condition is
+    the given image_condition (the pipeline's VAE encoding), or the toy world's first and last latents with
+    zeros between. It was built for the first frame only."""
+    from models.encoders import WanVAE
+
+    theirs, ours = make_pair(**i2v_overrides(), pos_embed_seq_len=10)
+    g = torch.Generator().manual_seed(0)
+    image, last = (torch.rand(2, 3, 16, 16, generator=g) * 2 - 1 for _ in range(2))
+    vae = _tiny_vae_4x()
+    with torch.no_grad():
+        pipe_cond = _pipeline_flf2v(vae, image, last, 9)  # (2, 4 + 4, 3, 4, 4)
+    x, t = torch.randn(2, 4, 3, 4, 4), torch.tensor([0.4, 0.85])
+    text, tokens = torch.randn(2, DIFFUSERS_TEXT_LEN, 24), torch.randn(4, 5, 20)  # first, last per sample
+    condition = WanVAE(vae).encode_i2v_condition(image, 9, last_image=last)
+    torch.testing.assert_close(condition, pipe_cond[:, 4:])
+    first, final = WanVAE(vae).encode(image.unsqueeze(2)), WanVAE(vae).encode(last.unsqueeze(2))
+    cond = {"text": text, "image_latent": first, "last_image_latent": final, "image_tokens": tokens}
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {**cond, "image_condition": condition})
+        ref = theirs(torch.cat([x, pipe_cond], 1), 1000 * t, text, tokens, return_dict=False)[0]
+        assert rel_err(v, ref) <= 1e-5
+        toy = torch.zeros_like(x)
+        toy[:, :, 0], toy[:, :, -1] = first[:, :, 0], final[:, :, 0]
+        v = ours.predict_velocity(x, t, cond)
+        ref = theirs(torch.cat([x, pipe_cond[:, :4], toy], 1), 1000 * t, text, tokens, return_dict=False)[0]
+        assert rel_err(v, ref) <= 1e-5
+    with pytest.raises(ValueError, match="last_image_latent"):
+        ours.predict_velocity(x[:, :, :1], t, cond)  # one frame: no room for a last frame
