@@ -23,7 +23,14 @@ from typing import Any
 import numpy as np
 import torch
 
-from engine.data.decode import SUPPORTED_PIX_FMTS, DecodeError, Decoder, build_decoders, probe
+from engine.data.decode import (
+    SUPPORTED_PIX_FMTS,
+    DecodeError,
+    Decoder,
+    build_decoders,
+    check_vp9,
+    probe,
+)
 from engine.data.quarantine import Quarantine
 from engine.data.transforms import (
     frame_indices,
@@ -280,6 +287,8 @@ class VideoDataset:
             )
         except ValueError as e:
             raise SkipItem(f"too few frames: {e}") from None
+        if info.codec == "vp9":
+            check_vp9(path, idx)  # damage that FFmpeg's decoder (PyAV's, DALI's) would conceal
         frames = self._decode(path, info.codec, idx)
         # upright as a player shows it (ffmpeg's autorotate): frames (T, H, W, 3) turned counterclockwise
         return torch.rot90(frames, info.rotation // 90, dims=(1, 2)) if info.rotation else frames

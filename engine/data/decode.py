@@ -22,6 +22,10 @@ library (``libnvcuvid.so.1``; a container has it only with ``NVIDIA_DRIVER_CAPAB
 ``video``): without it ``auto`` uses ``dali_cpu`` with a warning, and ``dali`` is an error that says so.
 DALI errors leave its pipeline unusable, so a failed pipeline is rebuilt (building one costs ~5 ms).
 
+FFmpeg's VP9 decoder (PyAV's and DALI's) conceals damaged data without an error, so the dataset first decodes a
+VP9 clip's packets with libvpx (:func:`check_vp9`, ~42 ms for 33 480p frames on one CPU core), which rejects
+them; :func:`probe` rejects a Matroska/WebM file shorter than its container says (a truncated copy).
+
 Measured on an H100 (bench/results/20261127_nvidia-h100.md): NVDEC decodes H.264 68-81x and VP9 15x as
 fast as PyAV, DALI's CPU path VP9 9.4x.
 """
@@ -89,6 +93,36 @@ def _display_rotation(ctx, packet) -> int | None:
     return (round(frames[0].rotation / 90) * 90 + 180) % 360 - 180 if frames else None
 
 
+def _ebml_vint(b: bytes, i: int, *, marker: bool = False) -> tuple[int, int]:
+    """The EBML variable-length integer at ``b[i]``: (value, length in bytes); IDs keep their length marker."""
+    n = next((k for k in range(1, 9) if b[i] & (0x80 >> (k - 1))), 8)
+    v = b[i] if marker else b[i] & (0xFF >> n)
+    for k in range(1, n):
+        v = (v << 8) | b[i + k]
+    return v, n
+
+
+def _matroska_end(p: Path) -> int | None:
+    """Where a Matroska/WebM file's Segment says the file ends (None: another container, or a segment of unknown
+    size, as live writers leave it). FFmpeg's demuxer reads a truncated file to where it stops, without an error."""
+    with p.open("rb") as f:
+        head = f.read(64)
+    try:
+        if head[:4] != b"\x1a\x45\xdf\xa3":
+            return None
+        i = 4
+        size, n = _ebml_vint(head, i)
+        i += n + size  # past the EBML header
+        seg, n = _ebml_vint(head, i, marker=True)
+        if seg != 0x18538067:
+            return None
+        i += n
+        size, n = _ebml_vint(head, i)
+        return None if size == (1 << (7 * n)) - 1 else i + n + size
+    except IndexError:
+        return None
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Read a video's stream parameters with PyAV, without decoding pixels. Raises DecodeError."""
     import av
@@ -98,6 +132,9 @@ def probe(path: str | Path) -> VideoInfo:
         raise DecodeError(f"video '{p}': file does not exist")
     if p.stat().st_size == 0:
         raise DecodeError(f"video '{p}': zero-length file")
+    end = _matroska_end(p)
+    if end is not None and p.stat().st_size < end:
+        raise DecodeError(f"video '{p}': truncated file ({p.stat().st_size} bytes, its container says {end})")
     try:
         with av.open(str(p)) as container:
             if not container.streams.video:
@@ -271,6 +308,51 @@ def _keyframe_plan(path: Path, first: int) -> tuple[int, dict[int, int]] | None:
     if not before or before[-1] == 0:
         return None
     return keys[before[-1]], index
+
+
+@functools.cache
+def _libvpx_vp9() -> bool:
+    import av
+
+    if "libvpx-vp9" in av.codecs_available:
+        return True
+    log.warning("PyAV has no libvpx-vp9 decoder: damaged VP9 files are not detected")
+    return False
+
+
+def check_vp9(path: str | Path, indices: Sequence[int]) -> None:
+    """Raise DecodeError where libvpx rejects a VP9 packet that frames ``indices`` depend on (from the keyframe at
+    or before the first through the last). FFmpeg's VP9 decoder, which PyAV and DALI use, conceals damage: a
+    file with garbage inside a frame's data decoded to wrong frames with no error and no corrupt flag."""
+    import av
+
+    if not _libvpx_vp9():
+        return
+    p = Path(path)
+    idx = _check_indices(p, indices)
+    plan = _keyframe_plan(p, min(idx))
+    last, n, k = max(idx), 0, None
+    try:
+        with av.open(str(p)) as container:
+            stream = container.streams.video[0]
+            ctx = av.CodecContext.create("libvpx-vp9", "r")
+            ctx.thread_count = 1
+            for pkt in container.demux(stream):
+                if pkt.size <= 0:
+                    continue
+                if plan is not None:
+                    if n == 0 and not (pkt.is_keyframe and pkt.pts == plan[0]):
+                        continue  # before the keyframe the clip starts from
+                    k = plan[1].get(pkt.pts)
+                else:
+                    k = n
+                n += 1
+                ctx.decode(pkt)
+                if k is not None and k >= last:
+                    break
+    except (av.error.FFmpegError, ValueError, OSError) as e:
+        where = f"frame {k}" if k is not None else "a packet"
+        raise DecodeError(f"video '{p}': damaged VP9 data at {where} ({type(e).__name__}: {e})") from None
 
 
 class PyAVDecoder:
