@@ -566,11 +566,12 @@ class HunyuanVideo15Model(DiffusersInterop, nn.Module):
 
     # ---- utilities ----------------------------------------------------------------------------
 
-    def flops_context(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
+    def flops_context(self, cond: dict[str, torch.Tensor], t: torch.Tensor | None = None) -> dict[str, Any]:
         """:meth:`flops_per_token`'s context arguments for what :meth:`predict_velocity` runs on ``cond``: the
         refiner's text trimmed to the longest valid text, the glyph and image projections on all their tokens,
         and the blocks' context trimmed as the model trims it: the longest per-sample count of valid text,
-        glyph and shown image tokens (an all-zero image embedding, T2V, is masked out)."""
+        glyph and shown image tokens (an all-zero image embedding, T2V, is masked out). ``t`` is taken as
+        WanModel.flops_context takes it; unused (one time per sample)."""
         text, glyph, image = cond["text"], cond.get("text_2"), cond.get("image_tokens")
         B = text.shape[0]
 

@@ -521,15 +521,17 @@ class WanModel(DiffusersInterop, nn.Module):
         cfg = self.cfg
         return {"patch_embedding.weight": (cfg.dim, cfg.in_channels, *cfg.patch_size)}
 
-    def flops_context(self, cond: dict[str, torch.Tensor]) -> dict[str, Any]:
-        """:meth:`flops_per_token`'s context arguments for what :meth:`predict_velocity` runs on ``cond``: the
-        text at ``cfg.text_len`` (it pads to it), the image tokens per sample (FLF2V's first and last frames'
-        together), per-token timesteps for TI2V."""
+    def flops_context(self, cond: dict[str, torch.Tensor], t: torch.Tensor | None = None) -> dict[str, Any]:
+        """:meth:`flops_per_token`'s context arguments for what :meth:`predict_velocity` runs on ``cond`` (and
+        ``t``): the text at ``cfg.text_len`` (it pads to it), the image tokens per sample (FLF2V's first and last
+        frames' together), per-token timesteps for TI2V or a per-token ``t`` (B, S) (the time embedding then
+        runs per token; without ``t`` only TI2V's are seen)."""
         cfg, text, tokens = self.cfg, cond["text"], cond.get("image_tokens")
+        ti2v = "image_latent" in cond and cfg.in_channels == cfg.out_channels
         return {
             "text_len": cfg.text_len or text.shape[1],
             "image_len": 0 if tokens is None else tokens.shape[0] * tokens.shape[1] // text.shape[0],
-            "per_token_timestep": "image_latent" in cond and cfg.in_channels == cfg.out_channels,
+            "per_token_timestep": ti2v or (t is not None and t.dim() == 2),
         }
 
     def flops_per_token(
