@@ -29,6 +29,7 @@ from engine.config import ConfigError, JobConfig, config_main, save_config  # no
 from engine.dist import barrier, broadcast_from_main, end_process, gather_to_main  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
+    _as_config_error,
     append_jsonl,
     build_proposer,
     check_judge,
@@ -109,6 +110,17 @@ def propose_chunk(
     return rows, empty
 
 
+def check_asked(out: Path, rows: list[dict], n: int | None) -> None:
+    """Rows of ``out`` proposed for another number of pairs per image than ``n``: a ValueError naming both."""
+    # rows written before "asked" was stored cannot be checked
+    asked = sorted({r["meta"]["asked"] for r in rows if r["meta"].get("asked") not in (None, n)})
+    if n is not None and asked:
+        raise ValueError(
+            f"{out}: its rows were proposed with distill.pairs_per_image = {', '.join(map(str, asked))}, this "
+            f"run asks for {n}; rerun with that value, or write to another task file (distill.tasks) or run folder"
+        )
+
+
 def complete_images(out: Path, n: int | None = None) -> set[str]:
     """Ids of the images whose rows are all in ``out``. Rows of an image cut short by a crash mid-write are
     removed (the file is rewritten without them, atomically), so that the image is proposed again whole. Rows
@@ -117,13 +129,7 @@ def complete_images(out: Path, n: int | None = None) -> set[str]:
     if not out.is_file():
         return set()
     rows = read_jsonl(out)
-    # rows written before "asked" was stored cannot be checked
-    asked = sorted({r["meta"]["asked"] for r in rows if r["meta"].get("asked") not in (None, n)})
-    if n is not None and asked:
-        raise ValueError(
-            f"{out}: its rows were proposed with distill.pairs_per_image = {', '.join(map(str, asked))}, this "
-            f"run asks for {n}; rerun with that value, or write to another task file (distill.tasks) or run folder"
-        )
+    check_asked(out, rows, n)
     count = Counter(r["meta"]["image_id"] for r in rows)
     short = {
         r["meta"]["image_id"]
@@ -177,12 +183,31 @@ def propose(
     return written
 
 
+def check_manifest(cfg: JobConfig) -> None:
+    """``data.manifest`` (when set) parses, its ids are unique and every image exists: each failed with a
+    traceback in run."""
+    m = cfg.data.manifest
+    if not m:
+        return
+    if not Path(m).is_file():
+        raise ConfigError(f"data.manifest: '{m}' does not exist (expected a JSONL of images)")
+    for image_id, path in _as_config_error("data.manifest", manifest_images, m, cfg.data.root):
+        if not path.is_file():
+            raise ConfigError(f"data.manifest: '{m}' image {image_id!r}: '{path}' does not exist")
+
+
 def validate(cfg: JobConfig) -> None:
     """The inputs, checked before the proposer is built: a ConfigError naming the key."""
     check_run(cfg)
     check_judge(cfg)
-    if cfg.data.manifest and not Path(cfg.data.manifest).is_file():
-        raise ConfigError(f"data.manifest: '{cfg.data.manifest}' does not exist (expected a JSONL of images)")
+    check_manifest(cfg)
+    # a malformed task file to resume, or one of another pairs_per_image, failed with a traceback in run
+    out = tasks_path(cfg)
+    if out.is_dir():
+        raise ConfigError(f"distill.tasks: '{out}' is a folder; expected the path of a JSONL task file")
+    if out.is_file():
+        rows = _as_config_error("distill.tasks", read_jsonl, out)
+        _as_config_error("distill.tasks", check_asked, out, rows, cfg.distill.pairs_per_image)
     # 0 (or fewer) wrote an empty task file and exited 0
     sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image)]
     if not cfg.data.manifest:
@@ -200,6 +225,7 @@ def run(cfg: JobConfig) -> Path:
     images = None
     if info.is_main:
         save_config(cfg, out_dir)
+        out.parent.mkdir(parents=True, exist_ok=True)  # a distill.tasks in a new folder failed after a chunk
         if cfg.data.manifest:
             images = manifest_images(cfg.data.manifest, cfg.data.root)
         else:

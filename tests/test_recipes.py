@@ -914,3 +914,45 @@ def test_rl_with_no_steps_is_refused_before_it_returns_an_export_that_is_not_the
         rl.validate(load_config(argv=[*base, "--train.steps", "0"]))
     rl.validate(load_config(argv=[*base, "--train.steps", "0", "--rl.steps", "1"]))  # rl.steps decides
     assert not (tmp_path / "runs").exists()
+
+
+def test_propose_refuses_a_bad_manifest_or_task_file_before_any_work(tmp_path):
+    """A manifest row without an image, a manifest image that does not exist, and a task file to resume that
+    was proposed with another distill.pairs_per_image each failed with a traceback in run (the last after
+    the proposer was built); validate now names the key."""
+    from engine.config import ConfigError, load_config
+    from engine.world.oracle import OracleProposer
+    from recipes import propose
+
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--run.name", "p"]
+    (tmp_path / "noimg.jsonl").write_text('{"img": "x.png"}\n')
+    (tmp_path / "missing.jsonl").write_text('{"image": "gone.png"}\n')
+    cases = [
+        ("noimg.jsonl", "data.manifest: .*noimg.jsonl: row 1 has no 'image' field"),
+        ("missing.jsonl", "data.manifest: .*missing.jsonl' image 'gone': .*gone.png' does not exist"),
+    ]
+    for name, needle in cases:
+        with pytest.raises(ConfigError, match=needle):
+            propose.validate(load_config(argv=[*base, "--data.manifest", str(tmp_path / name)]))
+    tasks = tmp_path / "tasks.jsonl"
+    propose.propose(OracleProposer(), propose.toy_scene_images(0, 2, tmp_path / "images"), tasks, 1)
+    argv = [*base, "--distill.tasks", str(tasks), "--world.num_scenes", "2"]
+    propose.validate(load_config(argv=[*argv, "--distill.pairs_per_image", "1"]))
+    with pytest.raises(ConfigError, match="distill.tasks: .*pairs_per_image = 1, this run asks for 2"):
+        propose.validate(load_config(argv=[*argv, "--distill.pairs_per_image", "2"]))
+    with pytest.raises(ConfigError, match="distill.tasks: .* is a folder"):
+        propose.validate(load_config(argv=[*base, "--distill.tasks", str(tmp_path)]))
+
+
+def test_propose_writes_a_task_file_in_a_folder_that_does_not_exist_yet(tmp_path):
+    """--distill.tasks new/sub/tasks.jsonl proposed the first chunk, then failed to open the file (its rows
+    lost); the folder is now created."""
+    from engine.config import load_config
+    from recipes import propose
+
+    tasks = tmp_path / "new" / "sub" / "tasks.jsonl"
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks), "--world.num_scenes", "2",
+            "--distill.pairs_per_image", "1"]  # fmt: skip
+    propose.run(load_config(argv=argv))
+    rows = [json.loads(line) for line in tasks.read_text().splitlines()]
+    assert rows and all((tasks.parent / r["image"]).is_file() for r in rows)
