@@ -684,6 +684,10 @@ def check_model(cfg: JobConfig) -> None:
 def check_judge(cfg: JobConfig) -> None:
     """The judge / proposer backend's settings (its endpoint is not contacted here)."""
     j = cfg.judge
+    # the judge service refused these when built (evaluate, demonstrate: after a chunk had been sampled)
+    if j.max_batch < 1 or j.max_concurrency < 1 or j.max_wait_ms < 0:
+        raise ConfigError(f"judge.max_batch = {j.max_batch}, judge.max_concurrency = {j.max_concurrency}, "
+                          f"judge.max_wait_ms = {j.max_wait_ms}: expected >= 1, >= 1, >= 0")  # fmt: skip
     if j.backend != "oracle" and not j.model:
         raise ConfigError(f"judge.model: the {j.backend} backend needs a model name or path, got ''")
     if j.backend == "openai" and not j.base_url:

@@ -271,10 +271,6 @@ def check_settings(cfg: JobConfig) -> None:
     if r.steps == 0 and cfg.train.steps < 1:
         raise ConfigError(f"rl.steps = 0 and train.steps = {cfg.train.steps}: rl would train no step and export no "
                           "Executor; set rl.steps or train.steps >= 1")  # fmt: skip
-    j = cfg.judge  # the judge service refused these when built, after the models were loaded
-    if j.max_batch < 1 or j.max_concurrency < 1 or j.max_wait_ms < 0:
-        raise ConfigError(f"judge.max_batch = {j.max_batch}, judge.max_concurrency = {j.max_concurrency}, "
-                          f"judge.max_wait_ms = {j.max_wait_ms}: expected >= 1, >= 1, >= 0")  # fmt: skip
     bad = [q for q in r.reward_questions if q not in QUESTIONS]
     if not r.reward_questions or bad:
         raise ConfigError(

@@ -956,3 +956,32 @@ def test_propose_writes_a_task_file_in_a_folder_that_does_not_exist_yet(tmp_path
     propose.run(load_config(argv=argv))
     rows = [json.loads(line) for line in tasks.read_text().splitlines()]
     assert rows and all((tasks.parent / r["image"]).is_file() for r in rows)
+
+
+@pytest.mark.parametrize("key, value", [("judge.max_batch", "0"), ("judge.max_concurrency", "0"),
+                                        ("judge.max_wait_ms", "-1")])  # fmt: skip
+def test_judge_settings_the_service_refuses_are_refused_up_front(tmp_path, key, value):
+    """evaluate and demonstrate took judge.max_batch 0 (and the like), loaded the models, sampled the first
+    chunk and then failed with the judge service's traceback; validate now names the key, for the values
+    the service itself refuses."""
+    import asyncio
+
+    from engine.config import ConfigError, load_config
+    from engine.judge import AsyncJudge
+    from engine.world.oracle import OracleJudge
+    from recipes import demonstrate, evaluate
+
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path / "runs"), f"--{key}", value,
+                            "--distill.tasks", str(_one_task_file(tmp_path))])  # fmt: skip
+    j = cfg.judge
+
+    async def build():
+        AsyncJudge(
+            OracleJudge(), max_batch=j.max_batch, max_wait_ms=j.max_wait_ms, max_concurrency=j.max_concurrency
+        )
+
+    with pytest.raises(ValueError):  # the service's own refusal
+        asyncio.run(build())
+    for recipe in (evaluate, demonstrate):
+        with pytest.raises(ConfigError, match=f"{key} = {value}"):
+            recipe.validate(cfg)
