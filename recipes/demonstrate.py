@@ -37,6 +37,7 @@ from engine.evaluation import item_noise, score_videos  # noqa: E402
 from engine.log import get_logger, progress  # noqa: E402
 from recipes.common import (  # noqa: E402
     BatchedJudge,
+    _as_config_error,
     append_jsonl,
     build_kit,
     check_judge,
@@ -50,7 +51,7 @@ from recipes.common import (  # noqa: E402
     load_items,
     read_jsonl,
     rewrite_jsonl,
-    run_dir,
+    run_path,
     sampling_velocity,
     save_image,
     tasks_path,
@@ -246,11 +247,26 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(
             f"config key 'distill.demos_per_task': expected >= 1, got {cfg.distill.demos_per_task}"
         )
+    # a file there, or an index that is not one, failed with a traceback in run
+    out = demos_path(cfg)
+    if out.exists() and not out.is_dir():
+        raise ConfigError(f"distill.demos: '{out}' is not a folder")
+    if (out / "index.jsonl").is_file():
+        rows = _as_config_error("distill.demos", read_jsonl, out / "index.jsonl", DEMOS_INDEX)
+        for i, r in enumerate(rows):
+            if not (isinstance(r, dict) and {"id", "file", "scores"} <= r.keys()):
+                raise ConfigError(f"distill.demos: '{out / 'index.jsonl'}' row {i + 1} is not a row of a "
+                                  "demonstrations index (id, item_id, file, row, scores)")  # fmt: skip
+
+
+def demos_path(cfg: JobConfig) -> Path:
+    """``distill.demos`` or ``<run>/demos`` (not created)."""
+    return Path(cfg.distill.demos) if cfg.distill.demos else run_path(cfg) / "demos"
 
 
 def run(cfg: JobConfig) -> Path:
     """Write the demonstrations folder; returns its path (once rank 0 has written it)."""
-    out = Path(cfg.distill.demos) if cfg.distill.demos else run_dir(cfg) / "demos"
+    out = demos_path(cfg)
     if dist_info(cfg).is_main:
         out.mkdir(parents=True, exist_ok=True)
         save_config(cfg, out)

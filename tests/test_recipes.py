@@ -985,3 +985,22 @@ def test_judge_settings_the_service_refuses_are_refused_up_front(tmp_path, key, 
     for recipe in (evaluate, demonstrate):
         with pytest.raises(ConfigError, match=f"{key} = {value}"):
             recipe.validate(cfg)
+
+
+def test_demonstrate_refuses_a_demos_path_that_is_not_a_demonstrations_folder(tmp_path):
+    """distill.demos naming a file (FileExistsError), or a folder whose index.jsonl is not JSON or not a
+    demonstrations index (KeyError 'file'), failed with a traceback in run; validate now names the key."""
+    from engine.config import ConfigError, load_config
+    from recipes import demonstrate
+
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path))]
+    (tmp_path / "afile").write_text("")
+    (tmp_path / "d1").mkdir()
+    (tmp_path / "d1" / "index.jsonl").write_text("garbage\n{}\n")
+    (tmp_path / "d2").mkdir()
+    (tmp_path / "d2" / "index.jsonl").write_text('{"id": "x"}\n')
+    for demos, needle in (("afile", "is not a folder"), ("d1", "index.jsonl:1: not valid JSON"),
+                          ("d2", "row 1 is not a row of a demonstrations index")):  # fmt: skip
+        with pytest.raises(ConfigError, match=f"distill.demos: .*{needle}"):
+            demonstrate.validate(load_config(argv=[*base, "--distill.demos", str(tmp_path / demos)]))
+    demonstrate.validate(load_config(argv=[*base, "--distill.demos", str(tmp_path / "new")]))
