@@ -237,11 +237,16 @@ class Item:
 def load_items(path: str | Path) -> list[Item]:
     """A task file -> items, with image paths resolved against the file's folder; checks the fields."""
     p = Path(path)
-    items = []
+    items, first_row = [], {}
     for i, row in enumerate(read_jsonl(p, "task file", "recipes/propose.py")):
         missing = [k for k in ("id", "image", "task", "solution") if not row.get(k)]
         if missing:
             raise ValueError(f"{p}: row {i + 1} lacks {missing}; expected id, image, task, solution")
+        # rows are keyed by id (demonstrations, resume): off-policy SFT paired one's videos with the other's prompt
+        if row["id"] in first_row:
+            raise ValueError(f"{p}: rows {first_row[row['id']] + 1} and {i + 1} have the same id {row['id']!r}; "
+                             "expected unique ids")  # fmt: skip
+        first_row[row["id"]] = i
         image = Path(row["image"])
         items.append(Item(row["id"], str(image if image.is_absolute() else p.parent / image), row["task"],
                           row["solution"], row.get("meta", {})))  # fmt: skip

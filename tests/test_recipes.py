@@ -1004,3 +1004,20 @@ def test_demonstrate_refuses_a_demos_path_that_is_not_a_demonstrations_folder(tm
         with pytest.raises(ConfigError, match=f"distill.demos: .*{needle}"):
             demonstrate.validate(load_config(argv=[*base, "--distill.demos", str(tmp_path / demos)]))
     demonstrate.validate(load_config(argv=[*base, "--distill.demos", str(tmp_path / "new")]))
+
+
+def test_a_task_file_with_a_repeated_id_is_refused(tmp_path):
+    """Two task rows with one id (a hand-made task file): demonstrate wrote two demonstrations '<id>#0' and
+    off-policy SFT trained both on the last row's prompt (items are looked up by id); validate now names
+    both rows."""
+    from engine.config import ConfigError, load_config
+    from recipes import demonstrate, rl
+
+    tasks = _one_task_file(tmp_path)
+    tasks.write_text(tasks.read_text() + '{"id": "a", "image": "x.png", "task": "other", "solution": "s2"}\n')
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks)])
+    for recipe in (demonstrate, rl):
+        with pytest.raises(
+            ConfigError, match="distill.tasks: .*tasks.jsonl: rows 1 and 2 have the same id 'a'"
+        ):
+            recipe.validate(cfg)
