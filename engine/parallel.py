@@ -147,7 +147,9 @@ def apply_fsdp(
     entry points other than ``forward`` (e.g. ``predict_velocity``) that must also run FSDP's root
     all-gather hooks. A model with ``casts_own_inputs`` (models/layers.py DiffusersInterop) gets its forward
     inputs as given: FSDP2 would cast every floating input to ``param_dtype``, the timestep (t = 0.99 to steps
-    of 2^-8 in bf16) and the RoPE tables included.
+    of 2^-8 in bf16) and the RoPE tables included. A parameter without a gradient on some rank (a branch its
+    batch did not use) is reduce-scattered as zeros, so the ranks' reduce-scatters match (FSDP2's default
+    leaves it out on that rank only: mismatched collectives); one that no rank used then gets a zero gradient.
     """
     cast = not getattr(model, "casts_own_inputs", False)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=cast)
@@ -156,6 +158,8 @@ def apply_fsdp(
         last = i == len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
+    if hasattr(model, "set_reduce_scatter_unused_params"):  # newer torch only; recurses into the blocks
+        model.set_reduce_scatter_unused_params(True)
     for name in forward_methods:
         if callable(getattr(model, name, None)):
             register_fsdp_forward_method(model, name)

@@ -511,10 +511,21 @@ class Trainer:
         return loss_sum, logs, (tokens, flops)
 
     def _all_reduce_grads(self) -> None:
-        """Data parallel without FSDP (parallel.fsdp = false): average gradients over all ranks."""
+        """Data parallel without FSDP (parallel.fsdp = false): average gradients over all ranks.
+
+        A parameter that got no gradient on some rank (a branch that rank's batch did not use) counts as a zero
+        gradient there, so every rank runs the same all-reduces; one that no rank used keeps None (as one
+        process on the whole batch would)."""
+        params = [p for p in self.model.parameters() if p.requires_grad]
         with collective("gradient all-reduce", self.cfg.parallel.timeout_s):
-            for p in self.model.parameters():
-                if p.grad is not None:
+            used = torch.tensor(
+                [p.grad is not None for p in params], dtype=torch.uint8, device=self.dist.device
+            )
+            dist.all_reduce(used, op=dist.ReduceOp.MAX)
+            for p, u in zip(params, used.tolist(), strict=True):
+                if u:
+                    if p.grad is None:
+                        p.grad = torch.zeros_like(p)
                     dist.all_reduce(p.grad, op=dist.ReduceOp.AVG)
 
     def _clip_grad_norm(self) -> torch.Tensor:

@@ -468,3 +468,38 @@ def test_every_rank_finds_the_export_after_close(tmp_path):
         re.search(rf"rank {r} .* kept (\d+) of (\d+)", p.stdout).groups() for r in (0, 1)
     )
     assert kept0 == full0 == full1 != "0" and kept1 == "0", p.stdout
+
+
+@pytest.mark.dist
+def test_parameters_unused_on_some_ranks_train_like_one_process(tmp_path):
+    """A conditioning branch used on one rank only (dist_scripts/unused_branch.py) had no grad there. Plain DP
+    (parallel.fsdp = false) skipped its all-reduces on that rank only, FSDP2 left it out of that rank's
+    reduce-scatter: either way the ranks' collectives mismatched and gloo aborted. Now the missing grad counts
+    as zero (plain DP keeps None for a branch no rank used, as one process does): both ranks end identical and
+    equal to one process trained on the whole batch with the branch masked to the same samples."""
+    from unused_branch import VARIANTS, BranchLoss, CondDiT, make_cfg
+
+    script = ROOT / "tests" / "dist_scripts" / "unused_branch.py"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    cmd = [*TORCHRUN_2, str(script), "--run-dir", str(tmp_path), "--variants", ",".join(VARIANTS)]
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    refs = {}
+    for name, (_, use) in VARIANTS.items():
+        torch.manual_seed(0)
+        batches = SeededBatches(batch=2, world=2, all_ranks=True)
+        ref = Trainer(
+            make_cfg(name), CondDiT(), BranchLoss(use, (0, 1)), batches, run_dir=tmp_path / f"ref_{name}"
+        )
+        ref.fit()
+        refs[name] = {k: p.detach() for k, p in ref.model.named_parameters()}
+    out, _ = proc.communicate(timeout=240)
+    assert proc.returncode == 0, out[-4000:]
+    torch.manual_seed(0)
+    init = CondDiT()  # the weights every run started from
+    for name, ref in refs.items():
+        assert not torch.equal(ref["cond.weight"], init.cond.weight)  # the branch trained
+        r0, r1 = (torch.load(tmp_path / name / f"rank{r}.pt") for r in (0, 1))
+        for k, w in ref.items():
+            assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ at {k}"
+            err = (r0[k] - w).abs().max().item()
+            assert err < 1e-5, f"{name}: {k} differs from the single-process run by {err}"
