@@ -15,17 +15,26 @@ pytest.importorskip("av", reason="PyAV writes and decodes the test videos")
 
 ROOT = Path(__file__).resolve().parents[1]
 
-MEASURE = """
-import json, resource, sys
+# the process's own peak RSS: ru_maxrss starts at the parent's (pytest's) peak, which can hide the growth
+PEAK = """
+def peak():
+    return next(int(x.split()[1]) * 1024 for x in open("/proc/self/status") if x.startswith("VmHWM:"))
+"""
+
+MEASURE = (
+    PEAK
+    + """
+import json, sys
 from pathlib import Path
 from engine.data import VideoDataset
 ds = VideoDataset(Path(sys.argv[1]) / "m.jsonl", num_frames=33, height=240, width=416, decoder="pyav")
 ds[1]  # a small clip first: imports, buffers, thread pools
-base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+base = peak()
 v = ds[0]["video"]
-grew = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024 - base
+grew = peak() - base
 print("RESULT " + json.dumps({"grew": grew, "shape": list(v.shape)}), flush=True)
 """
+)
 
 
 def test_a_720p_clip_peaks_at_a_small_multiple_of_its_frames(tmp_path):
@@ -71,3 +80,70 @@ def test_chunked_resize_equals_torch_on_the_whole_clip(size, out):
     got = resize_crop_normalize(frames, *out)
     assert got.shape == (3, t, *out) and got.is_contiguous()
     torch.testing.assert_close(got, ref, rtol=0, atol=1e-6)
+
+
+LOADER = (
+    PEAK
+    + """
+import json, sys
+from pathlib import Path
+from engine.data import BatchLoader, ResumableSampler, VideoDataset
+ds = VideoDataset(Path(sys.argv[1]) / "m.jsonl", num_frames=16, height=256, width=256, aspect_buckets=True,
+                  decoder="pyav")
+loader = BatchLoader(ds, ResumableSampler(len(ds), shuffle=False), batch_size=4, num_threads=2, prefetch=4)
+ds[0]  # imports, buffers, thread pools
+base = peak()
+shapes = []
+for b in loader:
+    shapes.append(list(b["video"].shape))
+    del b
+grew = peak() - base
+print("RESULT " + json.dumps({"grew": grew, "shapes": shapes}), flush=True)
+"""
+)
+
+
+def test_batch_loader_buckets_hold_less_than_their_items_in_float32(tmp_path):
+    """Five aspect buckets each wait with 3 of batch_size 4 items before any fills: the loader's peak stays under
+    those 15 clips in float32 (before, they waited as float32 with the prefetched ones: 26 clips' worth)."""
+    from engine.data.synthetic import write_video
+
+    sizes = [(96, 48), (96, 72), (96, 96), (72, 96), (48, 96)]  # (h, w): buckets 368x176 .. 176x368
+    for h, w in sizes:
+        write_video(
+            tmp_path / f"v{h}x{w}.mkv", codec="mjpeg", pix_fmt="yuvj420p", num_frames=16, height=h, width=w
+        )
+    rows = [json.dumps({"video": f"v{h}x{w}.mkv"}) for _ in range(4) for h, w in sizes]
+    (tmp_path / "m.jsonl").write_text("\n".join(rows))
+    (tmp_path / "loader.py").write_text(LOADER)
+    p = subprocess.run([sys.executable, str(tmp_path / "loader.py"), str(tmp_path)], capture_output=True,
+                       text=True, timeout=300, env={"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"})  # fmt: skip
+    assert p.returncode == 0 and "RESULT " in p.stdout, (p.stdout + p.stderr)[-3000:]
+    got = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])
+    assert sorted(s[3] * s[4] for s in got["shapes"]) == sorted(
+        [176 * 368] * 2 + [224 * 288] * 2 + [256 * 256]
+    )
+    assert all(s[:3] == [4, 3, 16] for s in got["shapes"]), got["shapes"]
+    clip = 3 * 16 * 256 * 256 * 4  # one item in float32 (every bucket holds about 256 x 256 pixels)
+    assert got["grew"] < 15 * clip, f"peak grew {got['grew'] / clip:.1f}x a float32 clip"
+
+
+def test_batch_loader_batches_equal_the_dataset_items(tmp_path):
+    """The loader's batches (clips held as uint8) against VideoDataset's float32 items: equal where no resize is
+    needed, within the 8-bit rounding (0.5 / 127.5) where the clip was resized."""
+    from engine.data import BatchLoader, ResumableSampler, VideoDataset
+    from engine.data.synthetic import write_video
+
+    write_video(tmp_path / "same.webm", num_frames=4, height=32, width=48)
+    write_video(tmp_path / "scaled.webm", num_frames=4, height=40, width=56, ident=1)
+    rows = [{"video": "same.webm"}, {"video": "scaled.webm"}] * 2
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    ds = VideoDataset(tmp_path / "m.jsonl", num_frames=4, height=32, width=48, decoder="pyav")
+    batches = list(BatchLoader(ds, ResumableSampler(4, shuffle=False), batch_size=2))
+    assert [b["index"] for b in batches] == [[0, 1], [2, 3]]
+    for b in batches:
+        assert b["video"].dtype == torch.float32 and b["video"].shape == (2, 3, 4, 32, 48)
+        same, scaled = ds[b["index"][0]]["video"], ds[b["index"][1]]["video"]
+        assert torch.equal(b["video"][0], same)
+        torch.testing.assert_close(b["video"][1], scaled, rtol=0, atol=0.5 / 127.5 + 1e-6)
+        assert not torch.equal(b["video"][1], scaled)  # rounded: the case under test

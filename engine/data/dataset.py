@@ -37,6 +37,7 @@ from engine.data.transforms import (
     make_buckets,
     max_start,
     nearest_bucket,
+    resize_crop,
     resize_crop_normalize,
 )
 from engine.log import get_logger
@@ -201,6 +202,14 @@ class VideoDataset:
 
     def __getitem__(self, i: int) -> dict[str, Any]:
         """Item ``i``; raises SkipItem (already quarantined) when it cannot be used."""
+        return self._item(i, compact=False)
+
+    def compact_item(self, i: int) -> dict[str, Any]:
+        """Item ``i`` with ``video`` uint8 ``(3, T, H, W)``, the resized clip rounded (a quarter of float32's
+        memory): what BatchLoader holds while a bucket fills; collate_videos scales it to [-1, 1]."""
+        return self._item(i, compact=True)
+
+    def _item(self, i: int, compact: bool) -> dict[str, Any]:
         row = self.rows[i]
         if i in self._bad:
             raise SkipItem("quarantined earlier")
@@ -208,7 +217,9 @@ class VideoDataset:
             frames = (
                 self._load_image(row["path"]) if row["kind"] == "image" else self._load_video(i, row["path"])
             )
-            video = resize_crop_normalize(frames, *self._bucket_for(row["path"], frames))
+            video = (resize_crop if compact else resize_crop_normalize)(
+                frames, *self._bucket_for(row["path"], frames)
+            )
         except (SkipItem, DecodeError) as e:
             self._bad.add(i)
             self.quarantine.add(row["path"], str(e))
@@ -313,10 +324,12 @@ class VideoDataset:
 
 
 def collate_videos(group: list[dict[str, Any]]) -> dict[str, Any]:
-    """Items of one shape -> ``video`` stacked (B, 3, T, H, W), every other key as a list."""
+    """Items of one shape -> ``video`` stacked (B, 3, T, H, W) float32 (uint8 videos scaled to [-1, 1]), every
+    other key as a list."""
     keys = set().union(*(g.keys() for g in group)) - {"video"}
     out = {k: [g.get(k) for g in group] for k in sorted(keys)}
-    out["video"] = torch.stack([g["video"] for g in group])  # B x (3, T, H, W) -> (B, 3, T, H, W)
+    video = torch.stack([g["video"] for g in group])  # B x (3, T, H, W) -> (B, 3, T, H, W)
+    out["video"] = video.float().div_(127.5).sub_(1.0) if video.dtype == torch.uint8 else video
     return out
 
 

@@ -9,6 +9,8 @@ can also run the sampler to the end of its epoch (it then moves itself to the ne
 epoch are still pending: the state records that (``epoch_drawn``), and a resumed pass ends after those items,
 as the uninterrupted one did, instead of bucketing them with the next epoch's. Each pass tells the dataset
 its epoch (``dataset.set_epoch``, where it has one: VideoDataset's random clip starts are seeded by it).
+With the default collate, a dataset's ``compact_item`` (VideoDataset's: the clip as uint8, rounded after the
+resize) is what waits in a bucket; collate_videos scales it to float32 [-1, 1] when the batch is handed out.
 
 Ranks of a distributed run (the sampler's world_size > 1 under torch.distributed) take the same number of
 batches per pass: skipped files and shape buckets make the counts differ (one rank's pass ended a step early and
@@ -140,10 +142,13 @@ class BatchLoader:
         queue: deque[tuple[int, Future]] = deque()
         buckets: dict[tuple[int, ...], list[tuple[int, dict[str, Any]]]] = {}  # shape -> (index, item)
         tried = skipped = handed = 0
+        # uint8 videos while they wait in a bucket (float32 ones took 4x: buckets x batch_size x clip)
+        compact = self.collate is collate_videos and hasattr(self.dataset, "compact_item")
+        get = self.dataset.compact_item if compact else self.dataset.__getitem__
         with ThreadPoolExecutor(self.num_threads, thread_name_prefix="decode") as pool:
             while True:
                 while len(queue) < self.prefetch and (i := next(source, None)) is not None:
-                    queue.append((i, pool.submit(self.dataset.__getitem__, i)))
+                    queue.append((i, pool.submit(get, i)))
                 if not queue:
                     break
                 i, fut = queue.popleft()
