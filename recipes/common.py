@@ -719,15 +719,20 @@ def check_run(cfg: JobConfig) -> None:
     p, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))
     _as_config_error("parallel", mesh_shape, world, p.dp_replicate, p.dp_shard, p.cp)
     # the folder is not created here: a run refused by a later check left an empty run folder behind
-    folder = run_path(cfg)
+    check_writable_folder(run_path(cfg), "run.out_dir", "run folder")
+
+
+def check_writable_folder(folder: Path, key: str, what: str) -> None:
+    """``folder`` is a writable folder or can be created as one (the nearest existing folder above it is
+    writable); nothing is created."""
     base = folder
     while not (base.exists() or base.is_symlink()) and base != base.parent:
         base = base.parent
     if not base.is_dir():
-        raise ConfigError(f"run.out_dir: run folder '{folder}' cannot be created: '{base}' is not a folder")
+        raise ConfigError(f"{key}: {what} '{folder}' cannot be created: '{base}' is not a folder")
     if not os.access(base, os.W_OK | os.X_OK):
-        what = "run folder" if base == folder else f"run folder '{folder}' cannot be created: folder"
-        raise ConfigError(f"run.out_dir: {what} '{base}' is not writable")
+        where = what if base == folder else f"{what} '{folder}' cannot be created: folder"
+        raise ConfigError(f"{key}: {where} '{base}' is not writable")
 
 
 def files_id(path: str | Path) -> list | str:

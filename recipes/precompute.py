@@ -115,7 +115,7 @@ def _vae_temporal_compression(folder: Path) -> int | None:
 def validate(cfg: JobConfig) -> None:
     """The inputs, checked before any encoder is loaded: a ConfigError naming the key."""
     from engine.dist import resolve_device
-    from recipes.common import check_model
+    from recipes.common import check_model, check_writable_folder
 
     d = cfg.data
     for key, value, what in (
@@ -132,6 +132,8 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"data.root: folder '{d.root}' does not exist")
     if Path(d.cache_dir).exists() and not Path(d.cache_dir).is_dir():
         raise ConfigError(f"data.cache_dir: '{d.cache_dir}' is not a folder")
+    # one under a file, or in a folder it cannot write to, failed with a traceback once the encoders were loaded
+    check_writable_folder(Path(d.cache_dir), "data.cache_dir", "cache folder")
     sizes = (("data.num_frames", d.num_frames), ("data.height", d.height), ("data.width", d.width),
              ("data.shard_size", d.shard_size), ("data.encode_batch", d.encode_batch),
              ("data.bucket_multiple", d.bucket_multiple))  # fmt: skip
@@ -164,18 +166,33 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"data.num_frames = {d.num_frames}: this VAE needs 1 + k * {tc} frames")
 
 
+def changed_settings(cache: Path, fingerprint: dict, shard_size: int) -> list[str]:
+    """The fingerprint keys (and shard_size) in which an existing cache's index.json differs from this run
+    (LatentCacheWriter refuses to resume such a cache); [] for a new or unreadable one (the writer reports it)."""
+    import json
+
+    try:
+        index = json.loads((cache / "index.json").read_text())
+    except (OSError, ValueError):
+        return []
+    old = index.get("fingerprint") or {}
+    changed = [k for k in fingerprint if old.get(k) != json.loads(json.dumps(fingerprint[k]))]
+    return changed + (["shard_size"] if index.get("shard_size") != shard_size else [])
+
+
 def main(argv: list[str] | None = None) -> dict:
     from engine.dist import resolve_device
 
     cfg = config_main(JobConfig, argv, description=__doc__, validate=validate)
     d = cfg.data
     device = resolve_device(cfg.run.device)  # "cuda" without a GPU fell back to the CPU without a word
-    vae, text = build_encoders(cfg, device)
-    tc = vae.temporal_compression
-    if (d.num_frames - 1) % tc:
-        raise SystemExit(f"error: data.num_frames {d.num_frames}: this VAE needs 1 + k * {tc} frames")
     cache = Path(d.cache_dir)
-    ds = VideoDataset.from_config(d, quarantine=cache / "quarantine.jsonl", seed=cfg.run.seed)
+    # the manifest is read and an existing cache compared before the encoders load: a manifest without a
+    # usable row and a cache of other settings failed with a traceback only after that
+    try:
+        ds = VideoDataset.from_config(d, quarantine=cache / "quarantine.jsonl", seed=cfg.run.seed)
+    except (OSError, ValueError, RuntimeError) as e:
+        raise ConfigError(str(e)) from None
     # every setting that changes what a shard holds: resuming with another value must not mix two caches
     fingerprint = {
         "manifest": str(Path(d.manifest).resolve()), "root": str(Path(d.root).resolve()) if d.root else "",
@@ -186,8 +203,16 @@ def main(argv: list[str] | None = None) -> dict:
         "clip_start": d.clip_start, "seed": cfg.run.seed if d.clip_start == "random" else None,
         "model": encoders_id(cfg),  # by the files' identity: new weights at the same path are another cache
         # the encoders run in it (the toy world's exact maps do not)
-        "param_dtype": None if isinstance(vae, _ToyVAE) else cfg.precision.param_dtype,
+        "param_dtype": None if _is_toy(cfg) else cfg.precision.param_dtype,
     }  # fmt: skip
+    changed = changed_settings(cache, {"text_fields": list(d.text_fields), **fingerprint}, d.shard_size)
+    if changed:
+        raise ConfigError(f"data.cache_dir: '{cache}' holds a cache made with other settings (fingerprint keys that "
+                          f"differ: {', '.join(changed)}); use another data.cache_dir or delete this one")  # fmt: skip
+    vae, text = build_encoders(cfg, device)
+    tc = vae.temporal_compression
+    if (d.num_frames - 1) % tc:
+        raise SystemExit(f"error: data.num_frames {d.num_frames}: this VAE needs 1 + k * {tc} frames")
     writer = LatentCacheWriter(
         cache, vae=vae, text_encoder=text, text_fields=d.text_fields, shard_size=d.shard_size,
         batch_size=d.encode_batch, fingerprint=fingerprint,
@@ -206,5 +231,9 @@ def main(argv: list[str] | None = None) -> dict:
 
 
 if __name__ == "__main__":
-    main()
+    try:
+        main()
+    except ConfigError as e:  # what main finds in the manifest and the cache: one line, as validate's errors
+        print(f"error: {e}", file=sys.stderr)
+        raise SystemExit(2) from None
     end_process()  # a torchrun worker leaves without interpreter finalisation (see engine.dist)

@@ -1021,3 +1021,37 @@ def test_a_task_file_with_a_repeated_id_is_refused(tmp_path):
             ConfigError, match="distill.tasks: .*tasks.jsonl: rows 1 and 2 have the same id 'a'"
         ):
             recipe.validate(cfg)
+
+
+def test_precompute_input_mistakes_are_one_line_errors(tmp_path):
+    """precompute with data.cache_dir under a file, a manifest without one usable row, or an existing cache
+    made with another data.height failed with a traceback once the encoders were loaded; each is now one
+    line naming the input (the resumed cache with the same settings still works)."""
+    import numpy as np
+
+    from engine.config import ConfigError, load_config
+    from recipes import precompute
+    from recipes.common import save_image
+
+    save_image(np.full((32, 32, 3), 90, np.uint8), tmp_path / "im.png")
+    (tmp_path / "m.jsonl").write_text('{"image": "im.png", "caption": "a block"}\n')
+    (tmp_path / "bad.jsonl").write_text("garbage\n")
+    (tmp_path / "afile").write_text("")
+    base = ["--data.manifest", str(tmp_path / "m.jsonl"), "--run.device", "cpu"]
+    with pytest.raises(
+        ConfigError, match="data.cache_dir: cache folder .* cannot be created: .*afile' is not a folder"
+    ):
+        precompute.validate(load_config(argv=[*base, "--data.cache_dir", str(tmp_path / "afile" / "c")]))
+    bad = ["--data.manifest", str(tmp_path / "bad.jsonl"), "--data.cache_dir", str(tmp_path / "c0")]
+    with pytest.raises(ConfigError, match="manifest .*bad.jsonl': no usable rows"):
+        precompute.main([*bad, "--run.device", "cpu"])
+    cache = ["--data.cache_dir", str(tmp_path / "c")]
+    assert precompute.main([*base, *cache])["num_rows"] == 1
+    assert precompute.main([*base, *cache])["num_rows"] == 1  # resumes
+    with pytest.raises(ConfigError, match="data.cache_dir: .* other settings .*differ: height, buckets\\)"):
+        precompute.main([*base, *cache, "--data.height", "64"])
+    cmd = [sys.executable, str(REPO / "recipes" / "precompute.py"), *base, *cache, "--data.height", "64"]
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=REPO)
+    assert p.returncode == 2 and "Traceback" not in p.stderr and "error: data.cache_dir:" in p.stderr, (
+        p.stderr[-2000:]
+    )
