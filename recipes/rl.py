@@ -265,6 +265,11 @@ def check_settings(cfg: JobConfig) -> None:
     for k, v in (("rl.group_size", r.group_size), ("rl.prompts_per_step", r.prompts_per_step)):
         if v < 1:
             raise ConfigError(f"{k} = {v}: expected >= 1")
+    # each step's rows are split into train.grad_accum micro-batches: a remainder failed after the first rollout
+    rows = r.prompts_per_step * r.group_size * r.train_timesteps
+    if cfg.train.grad_accum >= 1 and rows % cfg.train.grad_accum:
+        raise ConfigError(f"train.grad_accum = {cfg.train.grad_accum}: rl's {rows} rows per step (rl.prompts_per_step x "
+                          "rl.group_size x rl.train_timesteps) do not split into that many equal micro-batches")  # fmt: skip
     if r.steps < 0:
         raise ConfigError(f"rl.steps = {r.steps}: expected >= 0 (0 = train.steps)")
     # 0 steps exported nothing, yet run returned <run>/model.safetensors (the pipeline refuses it too)

@@ -1055,3 +1055,26 @@ def test_precompute_input_mistakes_are_one_line_errors(tmp_path):
     assert p.returncode == 2 and "Traceback" not in p.stderr and "error: data.cache_dir:" in p.stderr, (
         p.stderr[-2000:]
     )
+
+
+@pytest.mark.parametrize("grad_accum, fits", [(3, False), (2, True)])
+def test_rl_rows_that_do_not_split_into_grad_accum_are_refused_up_front(tmp_path, grad_accum, fits):
+    """rl with 2 rows per step (1 prompt x 2 rollouts x 1 timestep) and train.grad_accum 3 encoded the
+    prompts, loaded both models, rolled out and judged the first group, then failed in split_micro;
+    validate now refuses what split_micro refuses."""
+    from engine.config import ConfigError, load_config
+    from recipes import rl
+    from recipes.common import split_micro
+
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path)),
+            "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--rl.group_size", "2",
+            "--rl.prompts_per_step", "1", "--train.grad_accum", str(grad_accum)]  # fmt: skip
+    batch = {"x": torch.zeros(2, 3), "cond": {"text": torch.zeros(2, 4)}}
+    if fits:
+        assert len(split_micro(batch, grad_accum)) == grad_accum
+        rl.validate(load_config(argv=argv))
+        return
+    with pytest.raises(ValueError, match="cannot be split"):
+        split_micro(batch, grad_accum)
+    with pytest.raises(ConfigError, match="train.grad_accum = 3: rl's 2 rows per step"):
+        rl.validate(load_config(argv=argv))
