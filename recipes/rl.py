@@ -265,6 +265,10 @@ def check_settings(cfg: JobConfig) -> None:
     for k, v in (("rl.group_size", r.group_size), ("rl.prompts_per_step", r.prompts_per_step)):
         if v < 1:
             raise ConfigError(f"{k} = {v}: expected >= 1")
+    # advantages are relative to the group: one rollout always gets 0, and only the anchor trained
+    if r.group_size < 2:
+        raise ConfigError(f"rl.group_size = {r.group_size}: a group of one rollout has advantage 0 (no policy "
+                          "gradient); expected >= 2")  # fmt: skip
     # each step's rows are split into train.grad_accum micro-batches: a remainder failed after the first rollout
     rows = r.prompts_per_step * r.group_size * r.train_timesteps
     if cfg.train.grad_accum >= 1 and rows % cfg.train.grad_accum:

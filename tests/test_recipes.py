@@ -1078,3 +1078,18 @@ def test_rl_rows_that_do_not_split_into_grad_accum_are_refused_up_front(tmp_path
         split_micro(batch, grad_accum)
     with pytest.raises(ConfigError, match="train.grad_accum = 3: rl's 2 rows per step"):
         rl.validate(load_config(argv=argv))
+
+
+def test_rl_group_of_one_rollout_is_refused(tmp_path):
+    """rl.group_size 1 trained with every advantage 0 (group-relative: one rollout is its group's mean), so
+    only the Demonstrator anchor trained while the logs showed rewards; validate now refuses it."""
+    from engine.config import ConfigError, load_config
+    from engine.losses import group_advantages
+    from recipes import rl
+
+    assert torch.equal(group_advantages(torch.tensor([0.1, 0.9, 0.4]), 1), torch.zeros(3))
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path)),
+            "--flow.num_steps", "3", "--rl.train_timesteps", "1"]  # fmt: skip
+    with pytest.raises(ConfigError, match="rl.group_size = 1: .*advantage 0"):
+        rl.validate(load_config(argv=[*argv, "--rl.group_size", "1"]))
+    rl.validate(load_config(argv=[*argv, "--rl.group_size", "2"]))
