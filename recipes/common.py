@@ -239,9 +239,15 @@ def load_items(path: str | Path) -> list[Item]:
     p = Path(path)
     items, first_row = [], {}
     for i, row in enumerate(read_jsonl(p, "task file", "recipes/propose.py")):
+        if not isinstance(row, dict):  # a list or a string row failed with an AttributeError
+            raise ValueError(f"{p}: row {i + 1} is not a JSON object; expected id, image, task, solution")
         missing = [k for k in ("id", "image", "task", "solution") if not row.get(k)]
         if missing:
             raise ValueError(f"{p}: row {i + 1} lacks {missing}; expected id, image, task, solution")
+        not_text = [k for k in ("image", "task", "solution") if not isinstance(row[k], str)]
+        if not_text or not isinstance(row["id"], (str, int)):
+            raise ValueError(f"{p}: row {i + 1}: {not_text or ['id']} not text; expected id, image, task, solution "
+                             "strings")  # fmt: skip
         # rows are keyed by id (demonstrations, resume): off-policy SFT paired one's videos with the other's prompt
         if row["id"] in first_row:
             raise ValueError(f"{p}: rows {first_row[row['id']] + 1} and {i + 1} have the same id {row['id']!r}; "

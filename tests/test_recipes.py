@@ -1093,3 +1093,20 @@ def test_rl_group_of_one_rollout_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="rl.group_size = 1: .*advantage 0"):
         rl.validate(load_config(argv=[*argv, "--rl.group_size", "1"]))
     rl.validate(load_config(argv=[*argv, "--rl.group_size", "2"]))
+
+
+def test_a_task_row_that_is_not_an_object_of_strings_is_refused(tmp_path):
+    """A task-file row that is a JSON list failed validate with an AttributeError traceback; a task given as
+    a number passed validate and failed in the text encoder ('int' object has no attribute 'lower') after the
+    models were loaded. Both are now one line naming the row."""
+    from engine.config import ConfigError, load_config
+    from recipes import rl
+
+    tasks = _one_task_file(tmp_path)
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks), "--flow.num_steps", "3",
+            "--rl.train_timesteps", "1"]  # fmt: skip
+    for row, needle in (('["a", "b"]', "row 1 is not a JSON object"),
+                        ('{"id": "a", "image": "x.png", "task": 5, "solution": "s"}', "row 1: \\['task'\\] not text")):  # fmt: skip
+        tasks.write_text(row + "\n")
+        with pytest.raises(ConfigError, match=f"distill.tasks: .*tasks.jsonl: {needle}"):
+            rl.validate(load_config(argv=base))
