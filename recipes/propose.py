@@ -71,7 +71,7 @@ def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
     base = Path(root) if root else Path(manifest).parent
     out, first_row = [], {}
     for i, row in enumerate(read_jsonl(manifest)):
-        if "image" not in row:
+        if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise ValueError(f"{manifest}: row {i + 1} has no 'image' field; expected {{\"image\": path}}")
         path = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
         image_id = str(row.get("id", path.stem))

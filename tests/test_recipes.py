@@ -926,9 +926,11 @@ def test_propose_refuses_a_bad_manifest_or_task_file_before_any_work(tmp_path):
 
     base = ["--run.out_dir", str(tmp_path / "runs"), "--run.name", "p"]
     (tmp_path / "noimg.jsonl").write_text('{"img": "x.png"}\n')
+    (tmp_path / "strrow.jsonl").write_text('"image.png"\n')  # a TypeError (string indices) in run
     (tmp_path / "missing.jsonl").write_text('{"image": "gone.png"}\n')
     cases = [
         ("noimg.jsonl", "data.manifest: .*noimg.jsonl: row 1 has no 'image' field"),
+        ("strrow.jsonl", "data.manifest: .*strrow.jsonl: row 1 has no 'image' field"),
         ("missing.jsonl", "data.manifest: .*missing.jsonl' image 'gone': .*gone.png' does not exist"),
     ]
     for name, needle in cases:
