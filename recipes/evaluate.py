@@ -124,6 +124,11 @@ def validate(cfg: JobConfig) -> None:
     check_model(cfg)
     check_judge(cfg)
     check_eval_settings(cfg)
+    # the default items are the toy world's scenes: a real model was evaluated on 64 x 64 toy renders
+    if not cfg.eval.tasks and not (cfg.model.family == "wan" and cfg.model.flavour == "toy"):
+        raise ConfigError(f"eval.tasks is empty: without a task file the items are the toy world's held-out scenes, "
+                          f"not images for model {cfg.model.family!r} / {cfg.model.flavour!r}; set --eval.tasks to a "
+                          "held-out task file (recipes/propose.py on held-out images)")  # fmt: skip
     try:
         conds = conditions(cfg)
     except ValueError as e:

@@ -1112,3 +1112,20 @@ def test_a_task_row_that_is_not_an_object_of_strings_is_refused(tmp_path):
         tasks.write_text(row + "\n")
         with pytest.raises(ConfigError, match=f"distill.tasks: .*tasks.jsonl: {needle}"):
             rl.validate(load_config(argv=base))
+
+
+def test_evaluate_of_a_real_model_without_a_task_file_is_refused(tmp_path):
+    """evaluate with a diffusers model and no eval.tasks sampled and judged the toy world's held-out scenes
+    (64 x 64 renders of blocks) with it, silently; validate now asks for the task file."""
+    from engine.config import ConfigError, load_config
+    from recipes import evaluate
+
+    for d in ("transformer", "vae", "text_encoder", "tokenizer"):
+        (tmp_path / "pipe" / d).mkdir(parents=True)
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--model.flavour", "1.3B", "--model.pretrained",
+            str(tmp_path / "pipe"), "--eval.num_items", "2"]  # fmt: skip
+    cfg = load_config(argv=argv)
+    assert all("scene" in it.meta for it in evaluate.eval_items(cfg))  # what it would have evaluated
+    with pytest.raises(ConfigError, match="eval.tasks is empty: .*toy world's held-out scenes"):
+        evaluate.validate(cfg)
+    evaluate.validate(load_config(argv=[*argv, "--eval.tasks", str(_one_task_file(tmp_path))]))
