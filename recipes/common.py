@@ -170,20 +170,23 @@ def model_autocast(cfg: JobConfig, model: nn.Module):
 def read_jsonl(path: str | Path, what: str = "JSONL file", made_by: str = "") -> list[dict]:
     """Rows of a JSONL file; a missing file is an error that names it as ``what`` and the recipe that makes
     it (``made_by``; every file was called a task file of recipes/propose.py, a demonstrations index too).
-    A torn last line (a run killed mid-write) is dropped with a warning."""
+    A torn last line (a run killed mid-write: no newline at its end) is dropped with a warning."""
     p = Path(path)
     if not p.is_file():
         hint = f" (run {made_by} first?)" if made_by else ""
         raise FileNotFoundError(f"{what} '{p}' does not exist{hint}")
     rows = []
-    lines = p.read_text().splitlines()
+    # a byte-order mark (Windows editors, spreadsheet exports) made the first row invalid JSON
+    text = p.read_text(encoding="utf-8-sig")
+    lines = text.splitlines()
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
             rows.append(json.loads(line))
         except json.JSONDecodeError:
-            if i == len(lines) - 1:
+            # a torn write ends without its newline: a bad last line that has one is the file's own mistake
+            if i == len(lines) - 1 and not text.endswith("\n"):
                 log.warning("%s: dropping a torn last line (interrupted write)", p)
                 continue
             raise ValueError(f"{p}:{i + 1}: not valid JSON: {line[:80]!r}") from None

@@ -1129,3 +1129,23 @@ def test_evaluate_of_a_real_model_without_a_task_file_is_refused(tmp_path):
     with pytest.raises(ConfigError, match="eval.tasks is empty: .*toy world's held-out scenes"):
         evaluate.validate(cfg)
     evaluate.validate(load_config(argv=[*argv, "--eval.tasks", str(_one_task_file(tmp_path))]))
+
+
+def test_task_files_with_a_byte_order_mark_or_a_bad_last_row(tmp_path):
+    """A task file saved with a byte-order mark (Windows editors, spreadsheet exports) had its first row
+    read as a torn write ("has no rows" for one row); a hand-written file whose last row had a typo lost that
+    row with only a warning (evaluate scored one item less). A BOM is now skipped (as json.loads of the
+    utf-8-sig text), a bad last row that ends with its newline is an error, and a torn write (no newline at
+    the end) is still dropped."""
+    from recipes.common import load_items, read_jsonl
+
+    tasks = _one_task_file(tmp_path)
+    row = tasks.read_text()
+    tasks.write_bytes(b"\xef\xbb\xbf" + row.encode())
+    assert [it.id for it in load_items(tasks)] == [json.loads(row)["id"]]
+    bad = row.replace('"id": "a"', '"id": "b"').replace("}", ",}")
+    tasks.write_text(row + bad)
+    with pytest.raises(ValueError, match="tasks.jsonl:2: not valid JSON"):
+        read_jsonl(tasks)
+    tasks.write_text(row + bad[:20])  # a run killed mid-write
+    assert read_jsonl(tasks) == [json.loads(row)]
