@@ -684,6 +684,8 @@ def check_model(cfg: JobConfig) -> None:
             raise ConfigError(
                 f"world.demonstrator: '{folder}' has no demonstrator.json (run recipes/pretrain.py)"
             )
+        if folder:
+            check_demonstrator_folder(folder, "world.demonstrator")
         return
     _as_config_error("model.pretrained", _require_pretrained, cfg)
     folder = Path(cfg.model.pretrained)
@@ -693,6 +695,18 @@ def check_model(cfg: JobConfig) -> None:
     if missing:
         raise ConfigError(f"model.pretrained: '{folder}' lacks the sub-folders {missing} (expected a diffusers "
                           "pipeline folder: transformer/, vae/, text_encoder/, tokenizer/, ...)")  # fmt: skip
+
+
+def check_demonstrator_folder(folder: str | Path, key: str) -> None:
+    """An exported toy Demonstrator folder holds the weight files recipes.pretrain.load_demonstrator reads (a
+    folder with its demonstrator.json alone failed with a FileNotFoundError traceback)."""
+    missing = [f for f in DEMONSTRATOR_FILES if not (Path(folder) / f).is_file()]
+    if missing:
+        raise ConfigError(f"{key}: '{folder}' lacks {missing} (an exported Demonstrator folder holds "
+                          f"{', '.join(DEMONSTRATOR_FILES)}: recipes/pretrain.py's <run>/demonstrator)")  # fmt: skip
+
+
+DEMONSTRATOR_FILES = ("demonstrator.json", "demonstrator.safetensors", "text_encoder.safetensors")
 
 
 def check_judge(cfg: JobConfig) -> None:

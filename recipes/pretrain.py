@@ -251,7 +251,7 @@ def validate(cfg: JobConfig) -> None:
     """The settings, checked before training (the gap check after it used world.gap_batch, eval.seeds and
     world.gap_guidance only then): a ConfigError naming the key."""
     from models.wan import FLAVOURS
-    from recipes.common import check_run
+    from recipes.common import check_demonstrator_folder, check_run
 
     check_run(cfg)
     w = cfg.world
@@ -261,6 +261,8 @@ def validate(cfg: JobConfig) -> None:
     if cfg.model.pretrained and not (Path(cfg.model.pretrained) / "demonstrator.json").is_file():
         raise ConfigError(f"model.pretrained: '{cfg.model.pretrained}' has no demonstrator.json (the warm start "
                           "is an exported Demonstrator folder, <run>/demonstrator)")  # fmt: skip
+    if cfg.model.pretrained:
+        check_demonstrator_folder(cfg.model.pretrained, "model.pretrained")
     if cfg.train.steps < 0:
         raise ConfigError(f"train.steps = {cfg.train.steps}: expected >= 0")
     if not 0.0 <= w.caption_dropout <= 1.0:

@@ -1149,3 +1149,27 @@ def test_task_files_with_a_byte_order_mark_or_a_bad_last_row(tmp_path):
         read_jsonl(tasks)
     tasks.write_text(row + bad[:20])  # a run killed mid-write
     assert read_jsonl(tasks) == [json.loads(row)]
+
+
+def test_a_demonstrator_folder_without_its_weights_is_refused_up_front(tmp_path):
+    """world.demonstrator (evaluate, demonstrate, distill, rl) or pretrain's warm-start model.pretrained
+    naming a folder with demonstrator.json but not the weight files passed validate, then failed with a
+    FileNotFoundError traceback when loaded; validate now names the missing files."""
+    import shutil
+
+    from engine.config import ConfigError, load_config
+    from recipes import evaluate, pretrain
+    from recipes.common import TOY_ASSETS
+
+    folder = tmp_path / "dm"
+    folder.mkdir()
+    shutil.copy(TOY_ASSETS / "demonstrator.json", folder)
+    with pytest.raises(FileNotFoundError):  # what loading it does
+        pretrain.load_demonstrator(folder)
+    base = ["--run.out_dir", str(tmp_path / "runs")]
+    for recipe, key in ((evaluate, "world.demonstrator"), (pretrain, "model.pretrained")):
+        with pytest.raises(ConfigError, match=f"{key}: .*dm' lacks \\['demonstrator.safetensors'"):
+            recipe.validate(load_config(argv=[*base, f"--{key}", str(folder)]))
+    for f in ("demonstrator.safetensors", "text_encoder.safetensors"):
+        shutil.copy(TOY_ASSETS / f, folder)
+    evaluate.validate(load_config(argv=[*base, "--world.demonstrator", str(folder)]))
