@@ -276,6 +276,13 @@ def check_settings(cfg: JobConfig) -> None:
                           "rl.group_size x rl.train_timesteps) do not split into that many equal micro-batches")  # fmt: skip
     if r.steps < 0:
         raise ConfigError(f"rl.steps = {r.steps}: expected >= 0 (0 = train.steps)")
+    # the losses refused the first two at the first update (after a rollout); adv_eps 0 made a group of equal
+    # rewards 0 / 0 = NaN advantages, and the steps were skipped as non-finite
+    for k, v, ok, want in (("rl.clip_range", r.clip_range, r.clip_range > 0, "> 0"),
+                           ("rl.beta_d", r.beta_d, r.beta_d >= 0, ">= 0"),
+                           ("rl.adv_eps", r.adv_eps, r.adv_eps > 0, "> 0")):  # fmt: skip
+        if not ok:
+            raise ConfigError(f"{k} = {v}: expected {want}")
     # 0 steps exported nothing, yet run returned <run>/model.safetensors (the pipeline refuses it too)
     if r.steps == 0 and cfg.train.steps < 1:
         raise ConfigError(f"rl.steps = 0 and train.steps = {cfg.train.steps}: rl would train no step and export no "

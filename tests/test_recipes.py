@@ -1173,3 +1173,26 @@ def test_a_demonstrator_folder_without_its_weights_is_refused_up_front(tmp_path)
     for f in ("demonstrator.safetensors", "text_encoder.safetensors"):
         shutil.copy(TOY_ASSETS / f, folder)
     evaluate.validate(load_config(argv=[*base, "--world.demonstrator", str(folder)]))
+
+
+@pytest.mark.parametrize("key, value", [("rl.clip_range", "-0.1"), ("rl.beta_d", "-1"), ("rl.adv_eps", "0")])
+def test_rl_loss_settings_that_fail_or_give_nan_are_refused_up_front(tmp_path, key, value):
+    """rl.clip_range <= 0 and rl.beta_d < 0 are refused by the losses themselves, at the first update after the
+    models loaded and a group was rolled out and judged; rl.adv_eps 0 makes the advantages of a group whose
+    rewards are equal (common with a pass/fail judge) 0 / 0 = NaN. validate now names each key."""
+    from engine.config import ConfigError, load_config
+    from engine.losses import demonstrator_anchor_loss, group_advantages, grpo_policy_loss
+    from recipes import rl
+
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path)),
+            "--flow.num_steps", "3", "--rl.train_timesteps", "1", f"--{key}", value]  # fmt: skip
+    cfg = load_config(argv=argv)
+    r, z = cfg.rl, torch.zeros(2)
+    if key == "rl.adv_eps":
+        assert group_advantages(torch.ones(2), 2, r.adv_eps).isnan().all()
+    else:
+        with pytest.raises(ValueError):
+            grpo_policy_loss(z, z, z, r.clip_range)
+            demonstrator_anchor_loss(z, z, r.beta_d)
+    with pytest.raises(ConfigError, match=f"{key} = "):
+        rl.validate(cfg)
