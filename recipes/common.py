@@ -722,6 +722,14 @@ def check_judge(cfg: JobConfig) -> None:
         raise ConfigError(
             "judge.base_url: the openai backend needs an endpoint, e.g. http://127.0.0.1:8000/v1"
         )
+    # the VLM judges refused these when built: after the models were loaded
+    if j.backend != "oracle" and j.num_frames < 1:
+        raise ConfigError(
+            f"judge.num_frames = {j.num_frames}: expected >= 1 frame shown to the {j.backend} judge"
+        )
+    if j.backend == "openai" and (j.timeout_s <= 0 or j.max_retries < 0):
+        raise ConfigError(f"judge.timeout_s = {j.timeout_s}, judge.max_retries = {j.max_retries}: the openai backend "
+                          "needs timeout_s > 0 and max_retries >= 0")  # fmt: skip
 
 
 def check_run(cfg: JobConfig) -> None:

@@ -1196,3 +1196,26 @@ def test_rl_loss_settings_that_fail_or_give_nan_are_refused_up_front(tmp_path, k
             demonstrator_anchor_loss(z, z, r.beta_d)
     with pytest.raises(ConfigError, match=f"{key} = "):
         rl.validate(cfg)
+
+
+@pytest.mark.parametrize("key, value", [("judge.num_frames", "0"), ("judge.timeout_s", "0"),
+                                        ("judge.max_retries", "-1")])  # fmt: skip
+def test_openai_judge_settings_it_refuses_are_refused_up_front(tmp_path, key, value):
+    """An openai judge with judge.num_frames 0, timeout_s 0 or max_retries -1 failed when built: rl after
+    encoding the prompts and loading both models, evaluate and demonstrate after building the kit; validate
+    now names the key, for the values the judge itself refuses."""
+    from engine.config import ConfigError, load_config
+    from engine.judge import OpenAIJudge
+    from recipes import evaluate, rl
+
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path)),
+                            "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--judge.backend", "openai",
+                            "--judge.model", "m", "--judge.base_url", "http://127.0.0.1:9/v1", f"--{key}", value])  # fmt: skip
+    j = cfg.judge
+    with pytest.raises(ValueError):  # the judge's own refusal
+        OpenAIJudge(
+            j.base_url, j.model, timeout_s=j.timeout_s, max_retries=j.max_retries, num_frames=j.num_frames
+        )
+    for recipe in (rl, evaluate):
+        with pytest.raises(ConfigError, match=f"{key} = {value}"):
+            recipe.validate(cfg)
