@@ -687,6 +687,10 @@ def check_model(cfg: JobConfig) -> None:
         if folder:
             check_demonstrator_folder(folder, "world.demonstrator")
         return
+    import models
+
+    # an unknown family failed with a traceback when the encoders were built
+    _as_config_error("model.family", models.model_classes, cfg.model.family)
     _as_config_error("model.pretrained", _require_pretrained, cfg)
     folder = Path(cfg.model.pretrained)
     if not folder.is_dir():

@@ -1219,3 +1219,20 @@ def test_openai_judge_settings_it_refuses_are_refused_up_front(tmp_path, key, va
     for recipe in (rl, evaluate):
         with pytest.raises(ConfigError, match=f"{key} = {value}"):
             recipe.validate(cfg)
+
+
+def test_an_unknown_model_family_is_refused_up_front(tmp_path):
+    """model.family 'wan2' (a typo) with a pipeline folder passed validate and failed with a traceback when
+    the encoders were built; validate now names the key and the families there are."""
+    from engine.config import ConfigError, load_config
+    from models.encoders import ENCODER_FAMILIES
+    from recipes import rl
+
+    assert "wan2" not in ENCODER_FAMILIES
+    for d in ("transformer", "vae", "text_encoder", "tokenizer"):
+        (tmp_path / "pipe" / d).mkdir(parents=True)
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path)),
+            "--flow.num_steps", "3", "--rl.train_timesteps", "1", "--model.family", "wan2", "--model.flavour",
+            "1.3B", "--model.pretrained", str(tmp_path / "pipe")]  # fmt: skip
+    with pytest.raises(ConfigError, match="model.family: model family 'wan2': expected one of"):
+        rl.validate(load_config(argv=argv))
