@@ -76,7 +76,10 @@ def step_generator(cfg: JobConfig, step: int, salt: int = 0) -> torch.Generator:
     history, so a resumed run draws what the uninterrupted run would have; the ranks of a sequence-parallel
     group (``parallel.cp``) draw the same batch."""
     rank = dist_info(cfg).dp_rank
-    return torch.Generator().manual_seed(((cfg.run.seed * 1_000_003 + step) * 4099 + rank) * 31 + salt)
+    seed = ((cfg.run.seed * 1_000_003 + step) * 4099 + rank) * 31 + salt
+    # torch takes seeds in [-2**63, 2**64): a run.seed above ~7e7 (a timestamp, 2**31 - 1) overflowed at the
+    # first step; the seeds in that range keep their draws
+    return torch.Generator().manual_seed(seed if -(2**63) <= seed < 2**64 else seed % 2**64)
 
 
 def split_micro(batch: dict, n: int) -> list[dict]:

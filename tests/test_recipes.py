@@ -1236,3 +1236,23 @@ def test_an_unknown_model_family_is_refused_up_front(tmp_path):
             "1.3B", "--model.pretrained", str(tmp_path / "pipe")]  # fmt: skip
     with pytest.raises(ConfigError, match="model.family: model family 'wan2': expected one of"):
         rl.validate(load_config(argv=argv))
+
+
+def test_step_generator_takes_a_large_run_seed(tmp_path):
+    """rl and distill with run.seed 2**31 - 1 (or a timestamp) failed at their first step with torch's
+    "Overflow when unpacking long long" (the derived seed passed 2**64); such seeds now work, and a seed
+    that worked draws what it drew before (torch seeded with the same formula)."""
+    from engine.config import load_config
+    from recipes.common import step_generator
+
+    def draw(seed, step):
+        cfg = load_config(
+            argv=["--run.out_dir", str(tmp_path), "--run.seed", str(seed), "--run.device", "cpu"]
+        )
+        return torch.rand(4, generator=step_generator(cfg, step, salt=1))
+
+    for seed in (0, 7, -3):
+        want = torch.Generator().manual_seed(((seed * 1_000_003 + 5) * 4099) * 31 + 1)
+        assert torch.equal(draw(seed, 5), torch.rand(4, generator=want))
+    for seed in (2**31 - 1, 1_732_700_000):
+        assert not torch.equal(draw(seed, 0), draw(seed, 1))
