@@ -606,12 +606,29 @@ def _as_config_error(key: str, fn: Callable, *args):
 
 
 def check_tasks(path: str | Path, key: str) -> list[Item]:
-    """The task file a recipe reads: it exists, every row parses and has its fields, every image exists."""
+    """The task file a recipe reads: it exists, every row parses and has its fields, every image exists and
+    opens as an image."""
     items = _as_config_error(key, load_items, path)
+    seen = set()
     for it in items:
-        if not Path(it.image).is_file():
-            raise ConfigError(f"{key}: '{path}' row {it.id!r}: image '{it.image}' does not exist")
+        if it.image not in seen and (why := image_problem(it.image)):
+            raise ConfigError(f"{key}: '{path}' row {it.id!r}: {why}")
+        seen.add(it.image)
     return items
+
+
+def image_problem(path: str | Path) -> str | None:
+    """Why ``path`` is not an image :func:`load_image` can read (None if it is); the header only: a video or
+    another non-image file failed once the models were loaded."""
+    from PIL import Image
+
+    if not Path(path).is_file():
+        return f"image '{path}' does not exist"
+    try:
+        with Image.open(path):
+            return None
+    except (OSError, ValueError) as e:
+        return f"'{path}' is not a readable image ({e})"
 
 
 def check_weights(path: str, key: str) -> None:

@@ -35,6 +35,7 @@ from recipes.common import (  # noqa: E402
     check_judge,
     check_run,
     dist_info,
+    image_problem,
     load_image,
     read_jsonl,
     rewrite_jsonl,
@@ -192,8 +193,8 @@ def check_manifest(cfg: JobConfig) -> None:
     if not Path(m).is_file():
         raise ConfigError(f"data.manifest: '{m}' does not exist (expected a JSONL of images)")
     for image_id, path in _as_config_error("data.manifest", manifest_images, m, cfg.data.root):
-        if not path.is_file():
-            raise ConfigError(f"data.manifest: '{m}' image {image_id!r}: '{path}' does not exist")
+        if why := image_problem(path):
+            raise ConfigError(f"data.manifest: '{m}' image {image_id!r}: {why}")
 
 
 def validate(cfg: JobConfig) -> None:

@@ -1256,3 +1256,28 @@ def test_step_generator_takes_a_large_run_seed(tmp_path):
         assert torch.equal(draw(seed, 5), torch.rand(4, generator=want))
     for seed in (2**31 - 1, 1_732_700_000):
         assert not torch.equal(draw(seed, 0), draw(seed, 1))
+
+
+def test_a_task_or_manifest_image_that_is_not_an_image_is_refused_up_front(tmp_path):
+    """A task row (or a propose manifest row) naming a file that is not an image (a video, a text file) passed
+    validate and failed with PIL's UnidentifiedImageError once the models were loaded; validate now opens each
+    image's header (what load_image does) and names the row."""
+    from engine.config import ConfigError, load_config
+    from recipes import propose, rl
+    from recipes.common import load_image
+
+    (tmp_path / "clip.mp4").write_bytes(b"\x00\x00\x00\x18ftypmp42 not an image")
+    with pytest.raises(OSError):  # what loading it does
+        load_image(str(tmp_path / "clip.mp4"))
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text('{"id": "a", "image": "clip.mp4", "task": "t", "solution": "s"}\n')
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks), "--flow.num_steps", "3",
+            "--rl.train_timesteps", "1"]  # fmt: skip
+    with pytest.raises(ConfigError, match="distill.tasks: .* row 'a': .*clip.mp4' is not a readable image"):
+        rl.validate(load_config(argv=argv))
+    (tmp_path / "m.jsonl").write_text('{"image": "clip.mp4"}\n')
+    with pytest.raises(
+        ConfigError, match="data.manifest: .* image 'clip': .*clip.mp4' is not a readable image"
+    ):
+        propose.validate(load_config(argv=[*argv[:2], "--data.manifest", str(tmp_path / "m.jsonl")]))
+    rl.validate(load_config(argv=[*argv[:2], *argv[4:], "--distill.tasks", str(_one_task_file(tmp_path))]))
