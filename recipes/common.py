@@ -769,6 +769,9 @@ def check_run(cfg: JobConfig) -> None:
                    ("flow.num_steps", cfg.flow.num_steps), ("eval.batch_size", cfg.eval.batch_size)):  # fmt: skip
         if v < 1:
             raise ConfigError(f"config key '{key}': expected >= 1, got {v}")
+    # the sampler (or pretrain's timestep draw) refused it at its first call, after the models were loaded
+    if cfg.flow.shift <= 0:
+        raise ConfigError(f"flow.shift = {cfg.flow.shift}: expected > 0 (1 = no timestep shift)")
 
     # a single process skipped the mesh check: parallel.cp = 3 ran silently without sequence parallelism
     p, world = cfg.parallel, int(os.environ.get("WORLD_SIZE", "1"))

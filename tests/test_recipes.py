@@ -1281,3 +1281,20 @@ def test_a_task_or_manifest_image_that_is_not_an_image_is_refused_up_front(tmp_p
     ):
         propose.validate(load_config(argv=[*argv[:2], "--data.manifest", str(tmp_path / "m.jsonl")]))
     rl.validate(load_config(argv=[*argv[:2], *argv[4:], "--distill.tasks", str(_one_task_file(tmp_path))]))
+
+
+@pytest.mark.parametrize("shift", ["0", "-2"])
+def test_a_flow_shift_the_sampler_refuses_is_refused_up_front(tmp_path, shift):
+    """flow.shift 0 passed validate and failed in the sampler's first call (after the models were loaded);
+    check_run now refuses what engine.flow refuses, for every recipe that calls it."""
+    from engine import flow
+    from engine.config import ConfigError, load_config
+    from recipes import evaluate, pretrain
+
+    with pytest.raises(ValueError):
+        flow.timestep_schedule(4, float(shift))
+    for recipe in (evaluate, pretrain):
+        with pytest.raises(ConfigError, match=f"flow.shift = {float(shift)}: expected > 0"):
+            recipe.validate(
+                load_config(argv=["--run.out_dir", str(tmp_path / "runs"), "--flow.shift", shift])
+            )
