@@ -95,3 +95,29 @@ def test_damaged_and_truncated_vp9_are_quarantined(files, tmp_path, decoder):
     assert "truncated" in reasons[str(files / "truncated.webm")], reasons
     logged = [json.loads(line)["path"] for line in (tmp_path / "q.jsonl").read_text().splitlines()]
     assert logged == [str(files / "damaged.webm"), str(files / "truncated.webm")]
+
+
+@pytest.mark.parametrize("movflags", ["", "faststart", "frag_keyframe+empty_moov"])
+def test_a_truncated_mp4_is_refused_and_an_intact_one_is_not(tmp_path, movflags):
+    # a faststart copy cut short kept its index (moov first) and gave its first frames as a shorter video
+    from engine.data.decode import probe
+
+    good = tmp_path / "good.mp4"
+    with av.open(str(good), "w", options={"movflags": movflags} if movflags else {}) as c:
+        s = c.add_stream("mpeg4", rate=8)
+        s.width = s.height = 64
+        s.pix_fmt = "yuv420p"
+        for f in make_frames(16, 64, 64):
+            for pk in s.encode(av.VideoFrame.from_ndarray(f, format="rgb24")):
+                c.mux(pk)
+        for pk in s.encode():
+            c.mux(pk)
+    data = good.read_bytes()
+    assert probe(good).num_frames == 16
+    padded = tmp_path / "padded.mp4"  # a few stray bytes after the last box are not a cut
+    padded.write_bytes(data + b"\0\0\0")
+    assert probe(padded).num_frames == 16
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(data[: int(len(data) * 0.7)])
+    with pytest.raises(DecodeError, match="cut.mp4': truncated file"):
+        probe(cut)

@@ -24,7 +24,7 @@ DALI errors leave its pipeline unusable, so a failed pipeline is rebuilt (buildi
 
 FFmpeg's VP9 decoder (PyAV's and DALI's) conceals damaged data without an error, so the dataset first decodes a
 VP9 clip's packets with libvpx (:func:`check_vp9`, ~42 ms for 33 480p frames on one CPU core), which rejects
-them; :func:`probe` rejects a Matroska/WebM file shorter than its container says (a truncated copy).
+them; :func:`probe` rejects a Matroska/WebM or MP4/MOV file shorter than its container says (a truncated copy).
 
 Measured on an H100 (bench/results/20261127_nvidia-h100.md): NVDEC decodes H.264 68-81x and VP9 15x as
 fast as PyAV, DALI's CPU path VP9 9.4x.
@@ -123,6 +123,34 @@ def _matroska_end(p: Path) -> int | None:
         return None
 
 
+def _isobmff_end(p: Path) -> int | None:
+    """Where an MP4/MOV (ISO BMFF) file's top-level boxes say it ends (None: another container, or a last box
+    that runs to the end of the file, size 0). A copy cut short keeps a faststart file's index (moov first), and
+    FFmpeg's demuxer gives the frames before the cut without an error."""
+    size_on_disk = p.stat().st_size
+    with p.open("rb") as f:
+        head = f.read(8)
+        if len(head) < 8 or head[4:8] not in (b"ftyp", b"styp", b"moov", b"mdat", b"free", b"skip", b"wide"):
+            return None
+        at = 0
+        while at < size_on_disk:
+            f.seek(at)
+            h = f.read(16)
+            if len(h) < 8:
+                return None  # a few trailing bytes, not a box: some writers pad
+            size = int.from_bytes(h[:4], "big")
+            if size == 1:  # 64-bit size after the type
+                if len(h) < 16:
+                    return at + 16
+                size = int.from_bytes(h[8:16], "big")
+            elif size == 0:
+                return None  # the last box, to the end of the file
+            if size < 8:
+                return None  # not a box layout we know: leave it to FFmpeg
+            at += size
+        return at
+
+
 def probe(path: str | Path) -> VideoInfo:
     """Read a video's stream parameters with PyAV, without decoding pixels. Raises DecodeError."""
     import av
@@ -132,7 +160,7 @@ def probe(path: str | Path) -> VideoInfo:
         raise DecodeError(f"video '{p}': file does not exist")
     if p.stat().st_size == 0:
         raise DecodeError(f"video '{p}': zero-length file")
-    end = _matroska_end(p)
+    end = _matroska_end(p) or _isobmff_end(p)
     if end is not None and p.stat().st_size < end:
         raise DecodeError(f"video '{p}': truncated file ({p.stat().st_size} bytes, its container says {end})")
     try:
