@@ -175,8 +175,9 @@ def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set
     """Ids of the demonstrations in ``out/index.jsonl`` whose latents file is there. Rows whose file is
     missing (lost, or never synced before a crash) are removed from the index (rewritten atomically), so that
     those demonstrations are made again and the index never points at nothing. So are rows made with other
-    settings than ``fingerprints`` (:func:`demo_fingerprints`) gives for their id, and rows with a failed
-    judge call (a None score)."""
+    settings than ``fingerprints`` (:func:`demo_fingerprints`) gives for their id, rows with a failed
+    judge call (a None score), and rows whose id ``fingerprints`` does not list (a task no longer in the task
+    file, a seed beyond distill.demos_per_task)."""
     index = out / "index.jsonl"
     if not index.is_file():
         return set()
@@ -191,12 +192,20 @@ def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set
     if stale:
         log.warning("%s: %d row(s) made with other settings (task text, seed, sampling, precision, Demonstrator "
                     "or judge); making them again", index, len(stale))  # fmt: skip
+    # a task file that lost rows (or a smaller distill.demos_per_task): their demonstrations stayed in the
+    # index, and off-policy distill failed on them after loading the models
+    extra = [r for r in rows if fingerprints is not None and r["id"] not in fps]
+    if extra:
+        log.warning("%s: %d row(s) of tasks not in the task file or beyond distill.demos_per_task; dropping "
+                    "them from the index", index, len(extra))  # fmt: skip
     # a failed judge call (None) was kept for good: a rerun with the judge back said "0 new demonstrations", and
     # filtered SFT counted them as failures
-    unjudged = [r for r in rows if any(v is None for v in r["scores"].values()) and r not in stale]
+    dropped = {r["id"] for r in extra}
+    unjudged = [r for r in rows if any(v is None for v in r["scores"].values()) and r not in stale
+                and r["id"] not in dropped]  # fmt: skip
     if unjudged:
         log.warning("%s: %d row(s) the judge did not score; making them again", index, len(unjudged))
-    stale += unjudged
+    stale += unjudged + extra
     if missing or stale:
         drop = {r["id"] for r in stale}
         rows = [r for r in rows if r["file"] not in missing and r["id"] not in drop]

@@ -1298,3 +1298,27 @@ def test_a_flow_shift_the_sampler_refuses_is_refused_up_front(tmp_path, shift):
             recipe.validate(
                 load_config(argv=["--run.out_dir", str(tmp_path / "runs"), "--flow.shift", shift])
             )
+
+
+def test_demonstrate_drops_the_rows_of_tasks_no_longer_in_the_task_file(tmp_path):
+    """A task file that lost rows (or a smaller distill.demos_per_task): the resumed demonstrate kept their
+    demonstrations in the index ("4 of 4 solve their task" for 2 tasks) and off-policy distill then failed on
+    them ("demonstrations for items not in the task file") after loading the models. The index now holds
+    exactly the current tasks x demos_per_task, as a fresh run writes it."""
+    from engine.config import load_config
+    from engine.world.oracle import OracleProposer
+    from recipes import demonstrate, propose
+    from recipes.common import load_items, read_jsonl
+
+    tasks = tmp_path / "tasks.jsonl"
+    propose.propose(OracleProposer(), propose.toy_scene_images(0, 2, tmp_path / "images"), tasks, 2)
+    rows = tasks.read_text().splitlines()
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks), "--flow.num_steps", "2",
+            "--eval.batch_size", "8", "--eval.write_videos", "0", "--run.device", "cpu"]  # fmt: skip
+    demonstrate.run(load_config(argv=[*base, "--distill.demos_per_task", "2"]))
+    tasks.write_text("\n".join(rows[:2]) + "\n")
+    out = demonstrate.run(load_config(argv=[*base, "--distill.demos_per_task", "1"]))
+    ids = sorted(r["id"] for r in read_jsonl(out / "index.jsonl"))
+    assert ids == sorted(f"{it.id}#0" for it in load_items(tasks))
+    latents, item_ids, kept, total = demonstrate.read_demos(out, None)
+    assert total == 2 and len(latents) == 2 and set(item_ids) <= {it.id for it in load_items(tasks)}
