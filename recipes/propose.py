@@ -112,7 +112,12 @@ def propose_chunk(
 
 
 def check_asked(out: Path, rows: list[dict], n: int | None) -> None:
-    """Rows of ``out`` proposed for another number of pairs per image than ``n``: a ValueError naming both."""
+    """Rows of ``out`` proposed for another number of pairs per image than ``n``: a ValueError naming both;
+    so is a row propose did not write (no meta.image_id to resume by; a KeyError before)."""
+    for i, r in enumerate(rows):
+        if not (isinstance(r, dict) and isinstance(r.get("meta"), dict) and "image_id" in r["meta"]):
+            raise ValueError(f"{out}: row {i + 1} has no meta.image_id: not a task file recipes/propose.py wrote "
+                             "(it resumes by image); write to another task file (distill.tasks) or run folder")  # fmt: skip
     # rows written before "asked" was stored cannot be checked
     asked = sorted({r["meta"]["asked"] for r in rows if r["meta"].get("asked") not in (None, n)})
     if n is not None and asked:

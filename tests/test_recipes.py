@@ -1322,3 +1322,15 @@ def test_demonstrate_drops_the_rows_of_tasks_no_longer_in_the_task_file(tmp_path
     assert ids == sorted(f"{it.id}#0" for it in load_items(tasks))
     latents, item_ids, kept, total = demonstrate.read_demos(out, None)
     assert total == 2 and len(latents) == 2 and set(item_ids) <= {it.id for it in load_items(tasks)}
+
+
+def test_propose_into_a_task_file_it_did_not_write_is_refused(tmp_path):
+    """propose --distill.tasks naming a hand-written task file (rows without propose's meta) failed with
+    KeyError: 'meta' (resume reads meta.image_id); validate now says it is not a task file propose wrote."""
+    from engine.config import ConfigError, load_config
+    from recipes import propose
+
+    tasks = _one_task_file(tmp_path)
+    argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks), "--world.num_scenes", "2"]
+    with pytest.raises(ConfigError, match="distill.tasks: .*tasks.jsonl: row 1 has no meta.image_id"):
+        propose.validate(load_config(argv=argv))
