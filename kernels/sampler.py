@@ -126,7 +126,8 @@ def flow_step_reference(
         x_next = (mean + s * noise.to(ct)).to(x.dtype)
     z = (x_next.to(ct) - mean) / s
     n = x[0].numel()
-    logprob = -0.5 * z.pow(2).flatten(1).sum(1) - n * (torch.log(s.flatten()) + _HALF_LOG_2PI)
+    # reshape, not flatten(1): x of shape (B,) (one element per sample) has no dim 1
+    logprob = -0.5 * z.pow(2).reshape(B, -1).sum(1) - n * (torch.log(s.flatten()) + _HALF_LOG_2PI)
     return x_next, logprob.to(torch.float32) if ct == torch.float32 else logprob
 
 

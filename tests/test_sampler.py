@@ -147,3 +147,18 @@ def test_sample_past_2_31_elements(monkeypatch):
     for sl in (slice(0, w), slice(n - w, n)):
         want, _ = flow_step_reference(x[:, sl], vc[:, sl], t=0.8, t_next=0.65)
         torch.testing.assert_close(out[:, sl], want, **TOL[torch.float16])
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_sde_one_element_per_sample(backend, device):
+    """x of shape (B,): the torch path (also what any velocity with requires_grad runs) summed the log-prob
+    over dim 1 and raised IndexError; every backend gives Normal's log-density."""
+    x, vc, _, noise = _tensors((3,), torch.float32, device)
+    t, tn, sigma = 0.7, 0.6, 0.8
+    out, lp = flow_step(x, vc, t=t, t_next=tn, sigma=sigma, noise=noise, backend=backend)
+    mean, std = _flowgrpo_mean_std(x.double(), vc.double(), t, tn, sigma)
+    torch.testing.assert_close(out.double(), mean + std * noise.double(), atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(lp.double(), Normal(mean, std).log_prob(out.double()), atol=1e-4, rtol=1e-5)
+    vg = vc.clone().requires_grad_(True)  # the differentiable path, whatever the backend
+    _, lp2 = flow_step(x, vg, t=t, t_next=tn, sigma=sigma, x_next=out, backend=backend)
+    torch.testing.assert_close(lp2.detach(), lp, atol=1e-4, rtol=1e-5)
