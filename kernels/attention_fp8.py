@@ -1367,8 +1367,9 @@ def attention_fp8(
     if block not in (32, 64, 128):
         raise ValueError(f"block: expected 32, 64 or 128, got {block}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
-    if not scale > 0:  # the kernels take max(raw * c) = max(raw) * c, true for c > 0 only
-        raise ValueError(f"scale: expected a positive number, got {scale}")
+    # the kernels take max(raw * c) = max(raw) * c, true for c > 0 only; scale = inf gave NaN
+    if not 0 < scale < float("inf"):
+        raise ValueError(f"scale: expected a positive number (finite), got {scale}")
     q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope)
     ds = ds_format if bwd_fp8_dqdk else None
     out, lse, *_ = _fp8_fwd_op(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)

@@ -384,6 +384,9 @@ def test_attention_precision_dispatch_and_errors():
                  lambda: attention(q, k, v, scale=-0.125, precision="fp8", backend="torch")):  # fmt: skip
         with pytest.raises(ValueError, match="scale: expected a positive number"):
             call()
+    # attention_fp8 called directly with scale = inf returned all NaN (attention() refuses it)
+    with pytest.raises(ValueError, match="scale: expected a positive number"):
+        attention_fp8(q, k, v, scale=float("inf"))
 
 
 def test_emulation_falls_back_on_head_dims_its_rotation_cannot_take():
