@@ -367,8 +367,12 @@ class Kit:
         image, texts = {}, {"task": [], "solution": []}
         for s in range(0, len(items), batch):
             chunk = items[s : s + batch]
-            for k, v in self.encode_image_cond(np.stack([load_image(it.image) for it in chunk])).items():
-                image.setdefault(k, []).append(v)
+            pixels = [load_image(it.image) for it in chunk]
+            # images of several sizes (a real manifest's) cannot be stacked: each is encoded alone then
+            same = len({p.shape for p in pixels}) == 1
+            for px in [np.stack(pixels)] if same else [p[None] for p in pixels]:
+                for k, v in self.encode_image_cond(px).items():
+                    image.setdefault(k, []).append(v)
             for which in texts:
                 texts[which].append(self.encode_text([getattr(it, which) for it in chunk]))
         packed = {

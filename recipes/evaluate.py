@@ -64,6 +64,7 @@ from recipes.common import (  # noqa: E402
     demonstrator_id,
     dist_info,
     files_id,
+    fit_images,
     judge_id,
     load_for_sampling,
     load_image,
@@ -90,8 +91,15 @@ def eval_items(cfg: JobConfig) -> list[EvalItem]:
         if len(rows) > cfg.eval.num_items:
             log.warning("eval.tasks '%s' has %d rows; evaluating the first eval.num_items = %d",
                         cfg.eval.tasks, len(rows), cfg.eval.num_items)  # fmt: skip
-        return [EvalItem(load_image(it.image), it.task, it.solution, {"id": it.id})
-                for it in rows[: cfg.eval.num_items]]  # fmt: skip
+        images = [load_image(it.image) for it in rows[: cfg.eval.num_items]]
+        # the sampler stacks a batch's images: several sizes (a real task file's) failed there, after the model
+        # loaded; they are fitted to data.height x data.width as the model's kit fits them for its VAE
+        if len({im.shape for im in images}) > 1 and not (
+            cfg.model.family == "wan" and cfg.model.flavour == "toy"
+        ):
+            images = [fit_images(im[None], cfg.data.height, cfg.data.width, crop=cfg.model.family == "hunyuan15")[0]
+                      for im in images]  # fmt: skip
+        return [EvalItem(im, it.task, it.solution, {"id": it.id}) for im, it in zip(images, rows)]
     from engine.world.demonstrator import eval_items as toy_items
 
     return toy_items(cfg.eval.num_items, cfg.world.seed)

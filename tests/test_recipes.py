@@ -1334,3 +1334,44 @@ def test_propose_into_a_task_file_it_did_not_write_is_refused(tmp_path):
     argv = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(tasks), "--world.num_scenes", "2"]
     with pytest.raises(ConfigError, match="distill.tasks: .*tasks.jsonl: row 1 has no meta.image_id"):
         propose.validate(load_config(argv=argv))
+
+
+@pytest.mark.filterwarnings("ignore:Mean of empty slice")  # the toy oracle cannot read these videos: NaN
+def test_task_images_of_several_sizes_are_encoded_and_evaluated(tmp_path):
+    """A real model's task file of images of several sizes (a real manifest) failed in Kit.encode_items
+    (distill, rl, demonstrate) and in the evaluation sampler with numpy's "all input arrays must have the same
+    shape", after the models were loaded. Each image is now encoded alone when the sizes differ (the rows
+    equal those of task files with only same-sized images), and evaluate fits them to data.height x width."""
+    import numpy as np
+    from PIL import Image
+
+    from engine.config import load_config
+    from recipes import evaluate
+    from recipes.common import build_kit, load_items
+    from tests.test_meta_init import _wan_pipeline_folder
+
+    _wan_pipeline_folder(tmp_path / "pipe")
+    rng = np.random.default_rng(0)
+    rows = []
+    for i, size in enumerate([(16, 16), (24, 20), (16, 16)]):
+        Image.fromarray(rng.integers(0, 256, (*size, 3), dtype=np.uint8)).save(tmp_path / f"{i}.png")
+        rows.append(
+            json.dumps({"id": f"s{i}", "image": f"{i}.png", "task": "move it", "solution": "slide it"})
+        )
+    for name, keep in (("mixed", [0, 1, 2]), ("same", [0, 2]), ("one", [1])):
+        (tmp_path / f"{name}.jsonl").write_text("".join(rows[i] + "\n" for i in keep))
+    argv = ["--model.family", "wan", "--model.flavour", "debug", "--model.pretrained", str(tmp_path / "pipe"),
+            "--run.device", "cpu", "--run.out_dir", str(tmp_path), "--data.num_frames", "5", "--data.height", "16",
+            "--data.width", "16", "--flow.num_steps", "2", "--eval.num_items", "3", "--eval.batch_size", "3",
+            "--eval.write_videos", "0", "--eval.tasks", str(tmp_path / "mixed.jsonl")]  # fmt: skip
+    cfg = load_config(argv=argv)
+    kit = build_kit(cfg)
+    table = {
+        n: kit.encode_items(load_items(tmp_path / f"{n}.jsonl")).image["image_latent"]
+        for n in ("mixed", "same", "one")
+    }
+    torch.testing.assert_close(table["mixed"][[0, 2]], table["same"], rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(table["mixed"][[1]], table["one"], rtol=1e-4, atol=1e-5)
+    evaluate.validate(cfg)
+    res = evaluate.run(cfg)
+    assert res["n_items"] == 3
