@@ -36,7 +36,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.rope import apply_rope, apply_rope_reference
+from kernels.rope import apply_rope, apply_rope_reference, tables_need_grad
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
     from triton.tools.tensor_descriptor import TensorDescriptor
@@ -678,7 +678,9 @@ def _triton(q, k, v, scale, k_lengths, rope, deterministic, fuse_rope):
     cos = sin = None
     if rope is not None:
         cos, sin = (t.to(device=q.device, dtype=torch.float32).contiguous() for t in rope)
-        if not fuse_rope:  # one rotation pass (kernels.rope), then the kernel without RoPE
+        # one rotation pass (kernels.rope), then the kernel without RoPE; also where the tables need a
+        # gradient (the fused kernels take them as constants: it was silently None)
+        if not fuse_rope or tables_need_grad(cos, sin):
             (q, k), cos, sin = _rotate_qk(q, k, (cos, sin)), None, None
     D = q.shape[-1]
     if D not in HEAD_DIMS:

@@ -159,15 +159,23 @@ def _rope_backward(ctx, dy):
 _rope_op.register_autograd(_rope_backward, setup_context=_rope_setup)
 
 
+def tables_need_grad(cos: torch.Tensor, sin: torch.Tensor) -> bool:
+    """True when autograd wants a gradient for a RoPE table (the Triton kernels treat them as constants)."""
+    return torch.is_grad_enabled() and (cos.requires_grad or sin.requires_grad)
+
+
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
     """Interleaved RoPE of x (B, S, H, D) with tables cos/sin (S, D/2) (Triton, differentiable in x).
 
-    out[2i] = x[2i] cos_i - x[2i+1] sin_i ; out[2i+1] = x[2i] sin_i + x[2i+1] cos_i. The tables are
-    constants (no gradient). CPU tensors without TRITON_INTERPRET=1 run apply_rope_reference.
+    out[2i] = x[2i] cos_i - x[2i+1] sin_i ; out[2i+1] = x[2i] sin_i + x[2i+1] cos_i. The kernel takes the
+    tables as constants: tables that require grad (grad mode on), and CPU tensors without
+    TRITON_INTERPRET=1, run apply_rope_reference (differentiable in the tables too).
     """
     _check(x, cos, sin)
     if x.dtype not in (torch.float16, torch.bfloat16, torch.float32):
         raise ValueError(f"x: expected float16/bfloat16/float32, got {x.dtype}")
     if x.device.type != "cuda" and os.environ.get("TRITON_INTERPRET") != "1":
         return apply_rope_reference(x, cos, sin)  # no compiled Triton off the GPU: the same math in torch
+    if tables_need_grad(cos, sin):  # the custom op gave the tables no gradient, silently
+        return apply_rope_reference(x, cos, sin)
     return _rope_op(x, cos, sin, 1.0)

@@ -512,3 +512,26 @@ def test_gpu_sample_past_2_31_elements(side):
     for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
         err = (a.float() - b.float()).abs().max().item()
         assert err <= 2e-2 * max(1.0, b.float().abs().max().item()), f"{name}: max error {err:.3g}"
+
+
+@pytest.mark.parametrize("fuse_rope", [False, True])
+def test_rope_tables_that_require_grad_get_their_gradient(fuse_rope, device):
+    """fuse_rope=True gave RoPE tables that require grad no gradient (None), silently: they now get float64
+    autograd's through the rotation and softmax written out here."""
+    q, k, v, rope, _ = _make(1, 6, 6, 2, 6, (1, 2, 3), None, torch.float32, device)
+    g = torch.randn_like(q)
+
+    def table_grads(fn, dtype):
+        cos, sin = (t.to(dtype, copy=True).requires_grad_(True) for t in rope)
+        out = fn(*(t.detach().to(dtype) for t in (q, k, v)), (cos, sin))
+        return torch.autograd.grad((out * g.to(dtype)).sum(), (cos, sin), allow_unused=True)
+
+    def exact(q, k, v, rope):
+        q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 6**-0.5
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1), v)
+
+    got = table_grads(lambda q, k, v, rope: attention(q, k, v, rope=rope, fuse_rope=fuse_rope), torch.float32)
+    for a, b in zip(got, table_grads(exact, torch.float64)):
+        assert a is not None
+        torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)

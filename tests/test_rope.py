@@ -151,3 +151,24 @@ def test_gpu_apply_past_2_31_elements():
     for rows in (slice(0, w), slice(S - w, S)):
         torch.testing.assert_close(y[:, rows], apply_rope_reference(x[:, rows], cos[rows], sin[rows]))
         torch.testing.assert_close(gx[:, rows], x[:, rows].detach(), rtol=2e-2, atol=2e-2)
+
+
+def test_tables_that_require_grad_get_their_gradient(device):
+    """The Triton op gave cos/sin no gradient (None) while x's was right: tables requiring grad now get
+    the gradient of the rotation formula written out here (float64 autograd)."""
+    cos, sin = (t.to(device) for t in rope_3d_tables((1, 2, 3), 6))
+    x, w = torch.randn(2, 6, 3, 6, device=device), torch.randn(2, 6, 3, 6, device=device)
+
+    def formula(x, c, s):
+        xe, xo = x.unflatten(-1, (-1, 2)).unbind(-1)  # (B, S, H, D/2) each
+        c, s = c[:, None], s[:, None]
+        return torch.stack((xe * c - xo * s, xe * s + xo * c), -1).flatten(-2)
+
+    def table_grads(fn, dtype):
+        c, s = (t.to(dtype, copy=True).requires_grad_(True) for t in (cos, sin))
+        (fn(x.to(dtype), c, s) * w.to(dtype)).sum().backward()
+        return c.grad, s.grad
+
+    for got, want in zip(table_grads(apply_rope, torch.float32), table_grads(formula, torch.float64)):
+        assert got is not None
+        torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
