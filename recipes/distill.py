@@ -51,6 +51,7 @@ from recipes.common import (  # noqa: E402
     prepare_teacher,
     read_jsonl,
     run_dir,
+    run_path,
     sampling_velocity,
     step_generator,
     tasks_path,
@@ -177,12 +178,15 @@ def validate(cfg: JobConfig) -> None:
     check_tasks(tasks_path(cfg), "distill.tasks")
     # a checkpoint of another model config failed with a traceback once the models were loaded
     check_weights_fit(cfg, cfg.distill.init, "distill.init")
+    # 0 steps returned <run>/model.safetensors, never written (the export follows a step), as the Executor
+    if cfg.train.steps < 1:
+        raise ConfigError(f"train.steps = {cfg.train.steps}: expected >= 1 (distill exports the Executor it trains)")
     # both failed only after the models were loaded, with a traceback (a missing demos folder as a "task file")
     if cfg.distill.mode == "on_policy" and not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
         raise ConfigError(f"distill.steps_per_rollout = {cfg.distill.steps_per_rollout}: expected "
                           f"1..flow.num_steps ({cfg.flow.num_steps})")  # fmt: skip
     if cfg.distill.mode != "on_policy":
-        demos = Path(cfg.distill.demos) if cfg.distill.demos else run_dir(cfg) / "demos"
+        demos = Path(cfg.distill.demos) if cfg.distill.demos else run_path(cfg) / "demos"
         if not (demos / "index.jsonl").is_file():
             raise ConfigError(f"distill.demos: '{demos}' holds no demonstrations (no index.jsonl); distill.mode "
                               f"{cfg.distill.mode} trains on them: run recipes/demonstrate.py first")  # fmt: skip

@@ -165,7 +165,7 @@ def test_bad_settings_fail_in_one_line_before_training(tmp_path, capsys, args, n
         pretrain.main(argv)
     err = capsys.readouterr().err
     assert e.value.code == 2 and f"error: {needle}" in err, err[-2000:]
-    assert not any((tmp_path / "wmsd").iterdir())  # no checkpoint, metrics or export
+    assert not (tmp_path / "wmsd").exists()  # no run folder: no checkpoint, metrics or export
 
 
 BUDGET_SCRIPT = """

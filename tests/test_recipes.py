@@ -1375,3 +1375,18 @@ def test_task_images_of_several_sizes_are_encoded_and_evaluated(tmp_path):
     evaluate.validate(cfg)
     res = evaluate.run(cfg)
     assert res["n_items"] == 3
+
+
+def test_distill_refuses_zero_steps_and_its_off_policy_check_creates_no_run_folder(tmp_path):
+    """distill with train.steps 0 returned <run>/model.safetensors, never written; and its off-policy check
+    of <run>/demos created the run folder before refusing it."""
+    from engine.config import ConfigError, load_config
+    from recipes import distill
+
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--distill.tasks", str(_one_task_file(tmp_path))]
+    with pytest.raises(ConfigError, match="train.steps = 0: expected >= 1"):
+        distill.validate(load_config(argv=[*base, "--train.steps", "0"]))
+    with pytest.raises(ConfigError, match="distill.demos: .* holds no demonstrations"):
+        distill.validate(load_config(argv=[*base, "--distill.mode", "off_policy"]))
+    assert not (tmp_path / "runs").exists()
+    distill.validate(load_config(argv=base))
