@@ -180,7 +180,9 @@ def validate(cfg: JobConfig) -> None:
     check_weights_fit(cfg, cfg.distill.init, "distill.init")
     # 0 steps returned <run>/model.safetensors, never written (the export follows a step), as the Executor
     if cfg.train.steps < 1:
-        raise ConfigError(f"train.steps = {cfg.train.steps}: expected >= 1 (distill exports the Executor it trains)")
+        raise ConfigError(
+            f"train.steps = {cfg.train.steps}: expected >= 1 (distill exports the Executor it trains)"
+        )
     # both failed only after the models were loaded, with a traceback (a missing demos folder as a "task file")
     if cfg.distill.mode == "on_policy" and not 1 <= cfg.distill.steps_per_rollout <= cfg.flow.num_steps:
         raise ConfigError(f"distill.steps_per_rollout = {cfg.distill.steps_per_rollout}: expected "
