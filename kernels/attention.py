@@ -704,17 +704,29 @@ def _check_inputs(q, k, v, k_lengths, rope) -> None:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v: expected one device, got {q.device}, {k.device}, {v.device}")
     if k_lengths is not None:
-        if k_lengths.shape != (q.shape[0],) or k_lengths.dtype.is_floating_point:
-            raise ValueError(
-                f"k_lengths: expected an int tensor of shape ({q.shape[0]},), got "
-                f"{k_lengths.dtype} {tuple(k_lengths.shape)}"
-            )
+        # a list failed with AttributeError; a bool tensor was read as lengths 0 / 1
+        ok = isinstance(k_lengths, torch.Tensor)
+        if (
+            not ok
+            or k_lengths.shape != (q.shape[0],)
+            or k_lengths.dtype.is_floating_point
+            or (k_lengths.dtype in (torch.bool, torch.complex64, torch.complex128))
+        ):
+            got = f"{k_lengths.dtype} {tuple(k_lengths.shape)}" if ok else type(k_lengths).__name__
+            raise ValueError(f"k_lengths: expected an int tensor of shape ({q.shape[0]},), got {got}")
     if rope is not None:
+        try:  # one tensor (S, D/2) or a complex freqs_cis failed with "too many values to unpack"
+            cos, sin = rope
+        except (TypeError, ValueError):
+            cos = sin = None
+        if not (isinstance(cos, torch.Tensor) and isinstance(sin, torch.Tensor)):
+            raise ValueError(
+                f"rope: expected a pair (cos, sin) of (S, D/2) tensors, got {type(rope).__name__}"
+            )
         if q.shape[1] != k.shape[1]:
             raise ValueError(f"rope: needs self-attention (Sq == Sk), got Sq={q.shape[1]}, Sk={k.shape[1]}")
         if q.shape[3] % 2:
             raise ValueError(f"rope: needs an even head dim, got D={q.shape[3]}")
-        cos, sin = rope
         want = (q.shape[1], q.shape[3] // 2)
         if tuple(cos.shape) != want or tuple(sin.shape) != want:
             raise ValueError(

@@ -535,3 +535,18 @@ def test_rope_tables_that_require_grad_get_their_gradient(fuse_rope, device):
     for a, b in zip(got, table_grads(exact, torch.float64)):
         assert a is not None
         torch.testing.assert_close(a.double(), b, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "sdpa"])
+def test_key_lengths_and_rope_of_the_wrong_kind_are_clear_errors(backend, device):
+    """k_lengths as a list failed with AttributeError and a bool tensor ran as lengths 0/1; rope as one
+    tensor failed with "too many values to unpack": each is now a ValueError naming the argument."""
+    q = torch.randn(2, 4, 1, 16, device=device)
+    for bad in ([4, 2], torch.tensor([True, False], device=device)):
+        with pytest.raises(ValueError, match=r"k_lengths: expected an int tensor of shape \(2,\)"):
+            attention(q, q, q, k_lengths=bad, backend=backend)
+    cos, _ = rope_3d_tables((1, 1, 4), 16, device=device)
+    with pytest.raises(ValueError, match=r"rope: expected a pair \(cos, sin\)"):
+        attention(q, q, q, rope=cos, backend=backend)
+    with pytest.raises(ValueError, match=r"rope: expected a pair \(cos, sin\)"):
+        attention(q, q, q, rope=(cos, None), backend=backend)
