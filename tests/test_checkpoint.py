@@ -305,14 +305,10 @@ dist.destroy_process_group()
 """
 
 
-def test_resume_on_fewer_ranks_refuses_instead_of_dropping_their_data_position(tmp_path):
-    """A checkpoint of 2 gloo ranks, each with items drawn ahead and not yet trained, loaded by 1 process: it
-    refuses, naming both world sizes (before, rank 0 resumed alone and rank 1's drawn items were never trained in
-    that epoch, silently)."""
-    from engine.checkpoint import CheckpointManager
-    from engine.config import CheckpointConfig
-    from engine.data import BatchLoader, ResumableSampler
-
+@pytest.fixture(scope="module")
+def two_rank_loader_checkpoint(tmp_path_factory) -> Path:
+    """The checkpoints folder of SHRINK_SCRIPT under torchrun (2 gloo ranks), saved once for this module."""
+    tmp_path = tmp_path_factory.mktemp("shrink")
     script = tmp_path / "save.py"
     script.write_text(SHRINK_SCRIPT)
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
@@ -323,6 +319,16 @@ def test_resume_on_fewer_ranks_refuses_instead_of_dropping_their_data_position(t
     assert (
         "rank 1 pending []" not in p.stdout
     )  # rank 1 drew items ahead: the state a smaller world would drop
+    return tmp_path / "ck"
+
+
+def test_resume_on_fewer_ranks_refuses_instead_of_dropping_their_data_position(two_rank_loader_checkpoint):
+    """A checkpoint of 2 gloo ranks, each with items drawn ahead and not yet trained, loaded by 1 process: it
+    refuses, naming both world sizes (before, rank 0 resumed alone and rank 1's drawn items were never trained in
+    that epoch, silently)."""
+    from engine.checkpoint import CheckpointManager
+    from engine.config import CheckpointConfig
+    from engine.data import BatchLoader, ResumableSampler
 
     class Items:
         def __len__(self):
@@ -341,6 +347,34 @@ def test_resume_on_fewer_ranks_refuses_instead_of_dropping_their_data_position(t
         def load_state_dict(self, sd):
             weights["x"].copy_(sd["x"])
 
-    mgr = CheckpointManager(CheckpointConfig(), tmp_path / "ck", {"w": Weights()}, {"data": loader})
+    mgr = CheckpointManager(
+        CheckpointConfig(), two_rank_loader_checkpoint, {"w": Weights()}, {"data": loader}
+    )
     with pytest.raises(ValueError, match="state .* of 2 ranks, this run has 1"):
         mgr.load(mgr.latest()[1])
+
+
+def test_loader_state_of_another_world_size_mid_epoch_refuses(two_rank_loader_checkpoint):
+    """Rank 0's BatchLoader state of the 2-rank run, loaded into a 1-rank loader without the manager (a recipe's own
+    checkpointing, torchtitan style): it refuses, naming both world sizes. Before, the resumed pass handed out 9 of
+    the epoch's 16 items, the 2 ranks had 4: rank 1's 3 drawn items were never trained that epoch, silently."""
+    from engine.data import BatchLoader, ResumableSampler
+
+    class Items:
+        def __len__(self):
+            return 16
+
+        def __getitem__(self, i):
+            return {"video": torch.zeros(1), "index": i}
+
+    (rank0,) = two_rank_loader_checkpoint.glob("step_*/rank00000.pt")
+    state = torch.load(rank0, weights_only=False)["data"]
+    assert state["pending"] and state["sampler"]["world_size"] == 2
+    loader = BatchLoader(Items(), ResumableSampler(16, seed=0), batch_size=2, num_threads=1,
+                         collate=lambda g: {"index": [x["index"] for x in g]})  # fmt: skip
+    with pytest.raises(ValueError, match="saved mid-epoch by world_size 2 .* this loader has world_size 1"):
+        loader.load_state_dict(state)
+    # between passes (nothing drawn ahead) another world size resumes: the rest of the global order, once each
+    between = {**state, "pending": [], "sampler": {**state["sampler"], "consumed": 0, "epoch": 1}}
+    loader.load_state_dict(between)
+    assert sorted(i for b in loader for i in b["index"]) == list(range(16))

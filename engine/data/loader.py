@@ -4,7 +4,8 @@ Decoding runs ``prefetch`` items ahead of the consumer in a thread pool (PyAV an
 GIL while decoding). Prefetching moves the sampler past items the trainer has not seen yet, so the
 state is the sampler's state *plus* the indices already drawn but not yet handed out in a batch
 (``pending``: prefetched items and items waiting in a half-full bucket). Resuming decodes the pending
-indices first, then continues the sampler: every index is handed out exactly once per epoch. Prefetching
+indices first, then continues the sampler: every index is handed out exactly once per epoch (a state saved
+mid-epoch resumes with its world size only: the other ranks' pending indices are in their states). Prefetching
 can also run the sampler to the end of its epoch (it then moves itself to the next) while items of the old
 epoch are still pending: the state records that (``epoch_drawn``), and a resumed pass ends after those items,
 as the uninterrupted one did, instead of bucketing them with the next epoch's. Each pass tells the dataset
@@ -104,6 +105,15 @@ class BatchLoader:
         }
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
+        """Resume at ``state``. Another world size only between passes: mid-epoch, the other ranks' pending
+        items are in their own states (a smaller world would skip them, a larger one repeat these)."""
+        saved = state["sampler"].get("world_size", self.sampler.world_size)
+        if saved != self.sampler.world_size and (state["pending"] or state.get("epoch_drawn")):
+            raise ValueError(
+                f"BatchLoader state: saved mid-epoch by world_size {saved} ({len(state['pending'])} items of this "
+                f"rank drawn, not yet handed out), this loader has world_size {self.sampler.world_size}: resume "
+                f"with world_size {saved}"
+            )
         self.sampler.load_state_dict(state["sampler"])
         self._pending = [int(i) for i in state["pending"]]
         self._epoch_drawn = bool(state.get("epoch_drawn", False))
