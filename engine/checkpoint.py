@@ -18,7 +18,9 @@ later steps, and a later resume would load the old run.
 
 ``states`` is a dict of Stateful objects (``state_dict()`` / ``load_state_dict()``) saved with DCP;
 ``rank_states`` are Stateful objects whose state differs per rank (RNG, data-loader position) and go
-to the per-rank file. Works with and without a process group. With several nodes the run folder must be
+to the per-rank file. Resuming: DCP reshards ``states`` to any world size and sharding; the per-rank files
+need the world size that saved them and the ``layout`` given (the trainer's: ranks, data-parallel ranks,
+``parallel.cp``), else the load refuses naming both, before DCP. Works with and without a process group. With several nodes the run folder must be
 on a filesystem every rank sees (rank 0 commits the folder the others wrote into).
 """
 
@@ -57,6 +59,7 @@ from engine.log import get_logger
 log = get_logger("checkpoint")
 
 MARKER = "COMPLETE"
+_LAYOUT = "_layout"  # key of the per-rank files: the data-parallel layout that saved them
 _STEP_RE = re.compile(r"^step_(\d+)$")
 
 
@@ -138,6 +141,10 @@ def complete_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
     return sorted(found)
 
 
+def _describe(layout: dict[str, int]) -> str:
+    return ", ".join(f"{k} {v}" for k, v in layout.items())
+
+
 class CheckpointManager:
     """Saves every ``cfg.interval`` steps, keeps the last ``cfg.keep_last``, resumes the newest."""
 
@@ -147,9 +154,11 @@ class CheckpointManager:
         folder: str | Path,
         states: dict[str, Stateful],
         rank_states: dict[str, Stateful] | None = None,
+        layout: dict[str, int] | None = None,
     ):
         self.cfg, self.folder = cfg, Path(folder)
         self.states, self.rank_states = states, rank_states or {}
+        self.layout = dict(layout) if layout else None  # saved in the per-rank files, checked on load
         self._pending: tuple[Future, Path, Path] | None = None
         # DCP's own collectives (plan exchange, async finish) run on a group of their own: an async save
         # runs them on a background thread, and sharing training's group (gloo on CPU) would interleave them
@@ -171,7 +180,10 @@ class CheckpointManager:
         barrier("checkpoint mkdir")
         # fsync'd as DCP's own files are (sync_files): COMPLETE must never outlive a truncated file (power loss)
         with open(tmp / f"rank{_rank():05d}.pt", "wb") as f:
-            torch.save({k: s.state_dict() for k, s in self.rank_states.items()}, f)
+            per_rank = {k: s.state_dict() for k, s in self.rank_states.items()}
+            if self.layout:
+                per_rank[_LAYOUT] = self.layout
+            torch.save(per_rank, f)
             f.flush()
             os.fsync(f.fileno())
         state = self._dcp_state()
@@ -243,13 +255,21 @@ class CheckpointManager:
                 )
             if not rank_file.is_file():
                 raise FileNotFoundError(f"checkpoint '{path}' has no per-rank state for rank {_rank()}")
+            per_rank = torch.load(rank_file, weights_only=False)
+            # same world, other data-parallel layout (parallel.cp): rank r's file is not rank r's data shard
+            saved_layout = per_rank.get(_LAYOUT)
+            if saved_layout and self.layout and saved_layout != self.layout:
+                raise ValueError(
+                    f"checkpoint '{path}' was saved with the layout {_describe(saved_layout)}, this run has "
+                    f"{_describe(self.layout)}: its per-rank state (data position, RNG) follows the data-parallel "
+                    "layout; resume with the saved one"
+                )
         state = self._dcp_state()
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist(), process_group=self._pg)
         for k, s in self.states.items():
             s.load_state_dict(state[k])
         if self.rank_states:
-            per_rank = torch.load(rank_file, weights_only=False)
             for k, s in self.rank_states.items():
                 s.load_state_dict(per_rank[k])
         log.info("resumed from %s", path)

@@ -20,6 +20,9 @@ Contracts:
   accumulation = the list's length). It receives the current model because on-policy distillation
   and RL roll out the policy to make the batch. ``batches.state_dict()`` / ``load_state_dict()`` make
   the data position resume exactly (saved per rank).
+- Resuming on another layout: model, optimizer, EMA and step are resharded by DCP (FSDP2, HSDP or
+  ``parallel.fsdp = false``, any mix); the per-rank state (data position, RNG) needs the saved world size and
+  data-parallel layout (``parallel.cp``): another one is refused at start with one line naming both.
 - ``extra_state``: more Stateful objects to checkpoint with DCP (e.g. a judge's running stats).
 - Profiling: the step is split into ``forward`` / ``backward`` / ``optimizer`` spans; a recipe marks
   its own phases with ``engine.profile.span("rollout")`` or ``span("judge_wait")`` (torch.profiler +
@@ -318,8 +321,10 @@ class Trainer:
         }
         if self.ema is not None:
             states["ema"] = self.ema
+        # rank r's data shard and RNG are those of data-parallel rank r // cp: a resume keeps the layout
+        layout = {"ranks": d.world_size, "data-parallel ranks": d.dp_size, "parallel.cp": d.cp_size}
         self.checkpointer = CheckpointManager(
-            cfg.checkpoint, self.run_dir / "checkpoints", states, {"rank": _RankState(self.batches)}
+            cfg.checkpoint, self.run_dir / "checkpoints", states, {"rank": _RankState(self.batches)}, layout
         )
         peak = device_peak_flops(d.device, "fp8" if cfg.precision.fp8 != "none" else "bf16")
         self.metrics = MetricsLogger(

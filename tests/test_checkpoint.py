@@ -378,3 +378,24 @@ def test_loader_state_of_another_world_size_mid_epoch_refuses(two_rank_loader_ch
     between = {**state, "pending": [], "sampler": {**state["sampler"], "consumed": 0, "epoch": 1}}
     loader.load_state_dict(between)
     assert sorted(i for b in loader for i in b["index"]) == list(range(16))
+
+
+def test_resume_under_another_cp_layout_refuses_instead_of_mixing_the_ranks_state(tmp_path):
+    """Saved by 2 gloo ranks as 2 data-parallel ranks, resumed by the same 2 as one cp group (parallel.cp = 2): it
+    refuses, naming both layouts. Before, each rank loaded its own file: the cp group's ranks got different RNG
+    streams (a fresh cp run's draw alike) and data positions counted in another world (data seen again)."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    script = ROOT / "tests" / "dist_scripts" / "layout_resume.py"
+    p = subprocess.run([*torchrun, str(script), str(tmp_path), "--train.steps 2 --checkpoint.interval 2",
+                        "--train.steps 3 --parallel.cp 2"], env=env, capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert p.returncode == 0, (p.stdout + p.stderr)[-3000:]
+    for rank in range(2):
+        first, resumed = json.loads((tmp_path / f"rank{rank}.json").read_text())
+        assert first["start"] == 0
+        assert "error" in resumed, resumed
+        assert (
+            "saved with the layout ranks 2, data-parallel ranks 2, parallel.cp 1, this run has ranks 2, "
+            "data-parallel ranks 1, parallel.cp 2" in resumed["error"]
+        ), resumed["error"]
+    assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2]
