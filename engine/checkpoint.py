@@ -20,7 +20,8 @@ later steps, and a later resume would load the old run.
 ``rank_states`` are Stateful objects whose state differs per rank (RNG, data-loader position) and go
 to the per-rank file. Resuming: DCP reshards ``states`` to any world size and sharding; the per-rank files
 need the world size that saved them and the ``layout`` given (the trainer's: ranks, data-parallel ranks,
-``parallel.cp``), else the load refuses naming both, before DCP. Works with and without a process group. With several nodes the run folder must be
+``parallel.cp``), else the load refuses naming both, before DCP. A state the checkpoint does not hold is refused
+by name, before DCP. Works with and without a process group. With several nodes the run folder must be
 on a filesystem every rank sees (rank 0 commits the folder the others wrote into).
 """
 
@@ -265,6 +266,17 @@ class CheckpointManager:
                     "layout; resume with the saved one"
                 )
         state = self._dcp_state()
+        # a state this run has that the checkpoint lacks (EMA switched on at resume): DCP's error names a tensor
+        saved_keys = {
+            k.split(".")[0] for k in dcp.FileSystemReader(str(path)).read_metadata().state_dict_metadata
+        }
+        missing = [k for k, v in state.items() if v and k not in saved_keys]
+        if missing:
+            raise ValueError(
+                f"checkpoint '{path}' has no {', '.join(map(repr, missing))} state (the run that saved it had "
+                "none: for 'ema', train.ema_decay = 0); resume with the saved settings, or start a new run "
+                "(checkpoint.resume = false)"
+            )
         with _quiet_single_process():
             dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist(), process_group=self._pg)
         for k, s in self.states.items():

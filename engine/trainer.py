@@ -22,7 +22,8 @@ Contracts:
   the data position resume exactly (saved per rank).
 - Resuming on another layout: model, optimizer, EMA and step are resharded by DCP (FSDP2, HSDP or
   ``parallel.fsdp = false``, any mix); the per-rank state (data position, RNG) needs the saved world size and
-  data-parallel layout (``parallel.cp``): another one is refused at start with one line naming both.
+  data-parallel layout (``parallel.cp``): another one is refused at start with one line naming both. A
+  state the checkpoint lacks (EMA switched on at resume) is refused the same way.
 - ``extra_state``: more Stateful objects to checkpoint with DCP (e.g. a judge's running stats).
 - Profiling: the step is split into ``forward`` / ``backward`` / ``optimizer`` spans; a recipe marks
   its own phases with ``engine.profile.span("rollout")`` or ``span("judge_wait")`` (torch.profiler +

@@ -399,3 +399,15 @@ def test_resume_under_another_cp_layout_refuses_instead_of_mixing_the_ranks_stat
             "data-parallel ranks 1, parallel.cp 2" in resumed["error"]
         ), resumed["error"]
     assert [s for s, _ in complete_checkpoints(tmp_path / "checkpoints")] == [2]
+
+
+def test_resume_with_ema_switched_on_names_the_missing_state(tmp_path):
+    """A checkpoint saved with train.ema_decay = 0, resumed with EMA: one clear error before loading (before, DCP's
+    'Missing key in checkpoint state_dict: ema.inp.weight' from deep inside its load planner)."""
+    no_ema = _cfg(2, export_safetensors=False)
+    no_ema.train.ema_decay = 0
+    _train(no_ema, tmp_path)
+    with pytest.raises(ValueError, match="has no 'ema' state .*train.ema_decay = 0"):
+        _train(_cfg(4, export_safetensors=False), tmp_path)
+    again, _ = _train(no_ema, tmp_path)  # the saved settings still resume
+    assert again.step == 2
