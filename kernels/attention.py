@@ -661,6 +661,21 @@ def _attention_backward(ctx, do, dlse):
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
+def _no_double_backward(op, what: str, hint: str) -> None:
+    """Autograd of a backward op: a clear error on a second derivative (torch's error named the internal op
+    and asked for register_autograd)."""
+
+    def backward(ctx, *grads):
+        raise RuntimeError(f"{what}: no double backward (its backward is not differentiable); {hint}")
+
+    op.register_autograd(backward)
+
+
+_no_double_backward(
+    _attention_bwd_op, "attention backend 'triton'", "use backend='torch' for second derivatives"
+)
+
+
 def _pad_head_dim(q, k, v, cos, sin):
     """Zero-pad D up to the next kernel tile width: zero channels add nothing to q.k or to out, and padded
     RoPE pairs get cos 1, sin 0 (identity). Returns the padded tensors and tables."""

@@ -128,3 +128,20 @@ def test_bad_inputs():
         gated_residual(x, x, torch.randn(2, 1, 5))
     with pytest.raises(ValueError, match="backend="):
         gated_residual(x, x, torch.randn(2, 1, 4), backend="cuda")
+
+
+def test_double_backward_is_a_clear_error(device):
+    """A second derivative through the Triton ops failed with torch's "no autograd formula was registered"
+    for an internal op; it now names the function and the torch backend."""
+    x = torch.randn(1, 3, 8, device=device, requires_grad=True)
+    mod = torch.randn(1, 1, 8, device=device)
+    calls = {
+        "adaln_modulate": lambda x: adaln_modulate(x, mod, mod),
+        "gated_residual": lambda x: gated_residual(x.detach(), x, mod),
+    }
+    for name, fn in calls.items():
+        (g,) = torch.autograd.grad(fn(x).pow(2).sum(), x, create_graph=True)
+        with pytest.raises(
+            RuntimeError, match=f"{name} backend 'triton': no double backward.*backend='torch'"
+        ):
+            torch.autograd.grad(g.sum(), x)

@@ -550,3 +550,26 @@ def test_key_lengths_and_rope_of_the_wrong_kind_are_clear_errors(backend, device
         attention(q, q, q, rope=cos, backend=backend)
     with pytest.raises(ValueError, match=r"rope: expected a pair \(cos, sin\)"):
         attention(q, q, q, rope=(cos, None), backend=backend)
+
+
+def test_double_backward_is_a_clear_error(device):
+    """A second derivative through the triton backend failed with torch's "no autograd formula was
+    registered" for an internal op; it now says what has no double backward and what to use. The torch
+    backend's second derivative is float64 autograd's."""
+    q = torch.randn(1, 3, 1, 16, device=device, requires_grad=True)
+    k, v = torch.randn(1, 3, 1, 16, device=device), torch.randn(1, 3, 1, 16, device=device)
+    for precision in ("bf16", "fp8"):  # fp8: head dim 16 runs the bf16 kernel after a warning
+        out = attention(q, k, v, precision=precision)
+        (g,) = torch.autograd.grad(out.pow(2).sum(), q, create_graph=True)
+        with pytest.raises(
+            RuntimeError, match="attention backend 'triton': no double backward.*backend='torch'"
+        ):
+            torch.autograd.grad(g.sum(), q)
+    (g,) = torch.autograd.grad(attention(q, k, v, backend="torch").pow(2).sum(), q, create_graph=True)
+    (got,) = torch.autograd.grad(g.sum(), q)
+    q64 = q.detach().double().requires_grad_(True)
+    (g64,) = torch.autograd.grad(
+        attention_reference(q64, k.double(), v.double()).pow(2).sum(), q64, create_graph=True
+    )
+    (want,) = torch.autograd.grad(g64.sum(), q64)
+    torch.testing.assert_close(got.double(), want, rtol=1e-4, atol=1e-5)

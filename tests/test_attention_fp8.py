@@ -550,3 +550,13 @@ def test_samples_past_2_31_elements_run_the_bf16_kernel():
     )
     for q, k in ((big, small), (small, big)):
         assert "int32" in fp8.fp8_unsupported_reason(q, k)
+
+
+def test_double_backward_is_a_clear_error(device):
+    """A second derivative through the FP8 kernels failed with torch's "no autograd formula was registered"
+    for an internal op; it now names attention_fp8 and the alternative."""
+    q = torch.randn(1, 3, 1, 64, device=device, requires_grad=True)
+    k, v = torch.randn(1, 3, 1, 64, device=device), torch.randn(1, 3, 1, 64, device=device)
+    (g,) = torch.autograd.grad(attention_fp8(q, k, v, block=32).pow(2).sum(), q, create_graph=True)
+    with pytest.raises(RuntimeError, match="attention_fp8: no double backward.*attention_fp8_emulated"):
+        torch.autograd.grad(g.sum(), q)
