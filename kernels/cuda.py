@@ -161,20 +161,27 @@ def flow_step(
     return out, logprob
 
 
+def _period_extent(dims: list[tuple[int, int]], d: int, period: int) -> int | None:
+    """Elements of one period that rows (size, stride) dims of d contiguous elements span, or None when a
+    stride >= period is not a multiple of it."""
+    if any(st >= period and st % period for _, st in dims):
+        return None
+    return sum((n - 1) * st for n, st in dims if st < period) + d
+
+
 def _check_qk_disjoint(q: torch.Tensor, k: torch.Tensor) -> None:
-    """q and k are written in place: they must not share an element. Views of one fused qkv tensor
-    (same batch/token strides, disjoint per-token blocks) are accepted."""
+    """q and k are written in place: they must not share an element. Views of one fused qkv tensor are
+    accepted, token-major (B, S, 3, H, D) and head-major (B, 3, H, S, D) alike: some period P (one of q's
+    strides) divides every larger stride of q and k, and within a period q and k fill disjoint ranges
+    (the head-major layout was refused as overlapping: its token stride is no such period)."""
     if not _spans_overlap(q, k):
         return
-    B, S = q.shape[:2]
-    q_ext = (q.shape[2] - 1) * q.stride(2) + q.shape[3]  # elements of one token of q
-    k_ext = (k.shape[2] - 1) * k.stride(2) + k.shape[3]
-    ss = q.stride(1)
-    same_outer = q.stride()[:2] == k.stride()[:2] and (B == 1 or q.stride(0) % ss == 0)
     delta = (k.data_ptr() - q.data_ptr()) // q.element_size()
-    if same_outer and S > 0 and ss > 0:
-        d = delta % ss
-        if d >= q_ext and d + k_ext <= ss:
+    qdims = [(n, st) for n, st in zip(q.shape[:3], q.stride()[:3]) if n > 1]
+    kdims = [(n, st) for n, st in zip(k.shape[:3], k.stride()[:3]) if n > 1]
+    for period in sorted({st for _, st in qdims if st > 0}):
+        q_ext, k_ext = _period_extent(qdims, q.shape[3], period), _period_extent(kdims, k.shape[3], period)
+        if q_ext is not None and k_ext is not None and q_ext <= delta % period <= period - k_ext:
             return
     raise ValueError("q and k overlap in memory; they are updated in place and must be disjoint")
 

@@ -204,3 +204,56 @@ def test_cuda_flow_step_rejects_bad_tensors():
         cuda.flow_step(x, x.transpose(1, 2).contiguous().transpose(1, 2), t=0.5, t_next=0.4)
     with pytest.raises(ValueError, match="noise: shape"):
         cuda.flow_step(x, x, t=0.5, t_next=0.4, sigma=0.5, noise=x[:, :2])
+
+
+def _addresses(t: torch.Tensor) -> set[int]:
+    """Every element's address (in elements), enumerated."""
+    idx = torch.zeros(t.shape, dtype=torch.int64)
+    for i, (n, st) in enumerate(zip(t.shape, t.stride())):
+        idx = idx + torch.arange(n).view([n if j == i else 1 for j in range(t.dim())]) * st
+    return set((idx + t.data_ptr() // t.element_size()).flatten().tolist())
+
+
+def _fused_views(gen: torch.Generator) -> tuple[torch.Tensor, torch.Tensor]:
+    """q, k = two slots of a fused (B, S, 3, H, D) projection whose (B, S, 3, H) dims lie in memory in a
+    random order (token- or head-major, ...), k sometimes shifted by a few elements (then they may overlap)."""
+
+    def draw(n: int) -> int:
+        return int(torch.randint(n, (1,), generator=gen))
+
+    shape = [1 + draw(2), 1 + draw(3), 3, 1 + draw(3)]  # B, S, slots, H
+    D = 2 + 2 * draw(2)
+    strides, ext = [0, 0, 0, 0], D + draw(2)
+    for i in torch.randperm(4, generator=gen).tolist():
+        strides[i], ext = ext, ext * shape[i]
+    base = torch.randn(ext + 16)
+    fused = base.as_strided([*shape, D], [*strides, 1], 8)
+    a, b = torch.randperm(3, generator=gen)[:2].tolist()
+    q, k = fused[:, :, a], fused[:, :, b]
+    shift = (draw(5) - 2) * draw(2)  # mostly 0
+    return q, k.as_strided(k.shape, k.stride(), k.storage_offset() + shift)
+
+
+def test_qk_disjoint_accepts_head_major_qkv_and_never_misses_an_overlap():
+    """q, k as views of a head-major fused projection (B, 3, H, S, D) are disjoint but were refused as
+    overlapping; random fused layouts: whatever the check accepts shares no element (enumerated)."""
+    hm = torch.randn(2, 3, 4, 5, 8)
+    cuda._check_qk_disjoint(hm[:, 0].transpose(1, 2), hm[:, 1].transpose(1, 2))
+    cuda._check_qk_disjoint(hm[:, 2].transpose(1, 2), hm[:, 0].transpose(1, 2))
+    gen = torch.Generator().manual_seed(0)
+    accepted = refused = 0
+    for _ in range(300):
+        q, k = _fused_views(gen)
+        try:
+            cuda._check_qk_disjoint(q, k)
+        except ValueError:
+            refused += 1
+            continue
+        accepted += 1
+        assert not _addresses(q) & _addresses(k), (
+            q.stride(),
+            k.stride(),
+            q.storage_offset(),
+            k.storage_offset(),
+        )
+    assert accepted > 100 and refused > 20
