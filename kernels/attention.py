@@ -28,6 +28,7 @@ and rounded to the input dtype, exactly as rope-then-attention would.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import warnings
 
@@ -755,6 +756,13 @@ def _key_mask(k_lengths: torch.Tensor, Sk: int) -> torch.Tensor:
     return (torch.arange(Sk, device=k_lengths.device)[None, :] < k_lengths[:, None])[:, None, None, :]
 
 
+def fp32_math(device: torch.device):
+    """Autocast off on device: the references' fp32 matmuls ran in bf16 inside an autocast region."""
+    if device.type in ("cpu", "cuda"):
+        return torch.autocast(device.type, enabled=False)
+    return contextlib.nullcontext()
+
+
 def attention_reference(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -771,6 +779,11 @@ def attention_reference(
     give out = 0 and lse = -inf.
     """
     _check_inputs(q, k, v, k_lengths, rope)
+    with fp32_math(q.device):
+        return _attention_reference(q, k, v, scale, k_lengths, rope, return_lse)
+
+
+def _attention_reference(q, k, v, scale, k_lengths, rope, return_lse):
     if rope is not None:
         q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
     scale = q.shape[-1] ** -0.5 if scale is None else scale

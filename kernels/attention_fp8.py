@@ -87,7 +87,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import _attn_bwd_delta, _bucket, _no_double_backward, _slab_i64
+from kernels.attention import _attn_bwd_delta, _bucket, _no_double_backward, _slab_i64, fp32_math
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -1126,8 +1126,9 @@ class _EmulatedFP8Attention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, k_lengths, scale, block, bwd_fp8, ds_format, smooth_k, rotate):
-        quant = _quantize_qkv(q, k, v, k_lengths, block, torch.float32, smooth_k, rotate)
-        out, lse = _fwd_emulated(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
+        with fp32_math(q.device):  # the scheme's fp32 products, also inside an autocast region
+            quant = _quantize_qkv(q, k, v, k_lengths, block, torch.float32, smooth_k, rotate)
+            out, lse = _fwd_emulated(quant, k_lengths, scale, q.shape[1], k.shape[1], block, q.dtype)
         ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
         ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format = scale, block, bwd_fp8, ds_format
         ctx.smooth_k, ctx.rotate = smooth_k, rotate
@@ -1137,10 +1138,11 @@ class _EmulatedFP8Attention(torch.autograd.Function):
     @staticmethod
     def backward(ctx, do, _dlse):
         q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
-        grads = _bwd_emulated(
-            do, q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format,
-            ctx.smooth_k, ctx.rotate,
-        )  # fmt: skip
+        with fp32_math(q.device):
+            grads = _bwd_emulated(
+                do, q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format,
+                ctx.smooth_k, ctx.rotate,
+            )  # fmt: skip
         return (*grads, None, None, None, None, None, None, None)
 
 

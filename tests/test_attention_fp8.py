@@ -560,3 +560,18 @@ def test_double_backward_is_a_clear_error(device):
     (g,) = torch.autograd.grad(attention_fp8(q, k, v, block=32).pow(2).sum(), q, create_graph=True)
     with pytest.raises(RuntimeError, match="attention_fp8: no double backward.*attention_fp8_emulated"):
         torch.autograd.grad(g.sum(), q)
+
+
+def test_emulation_keeps_fp32_products_under_autocast(device):
+    """Inside torch.autocast (bf16) the emulation's fp32 products (Hadamard rotation, q8 k8^T, P V) ran in
+    bf16 and it left the kernel it models by ~4e-2 (from ~2e-7): autocast no longer changes it."""
+    q, k, v = (torch.randn(1, 40, 2, 64, device=device, requires_grad=True) for _ in range(3))
+    g = torch.randn(1, 40, 2, 64, device=device)
+    # the kernel where it runs fp32 inputs (the CPU interpreter), else the emulation outside autocast
+    want = (attention_fp8 if device == "cpu" else attention_fp8_emulated)(q, k, v, block=32)
+    (want_dq,) = torch.autograd.grad((want * g).sum(), q)
+    with torch.autocast(device, dtype=torch.bfloat16):
+        got = attention_fp8_emulated(q, k, v, block=32)
+        (got_dq,) = torch.autograd.grad((got * g).sum(), q)
+    torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(got_dq, want_dq, rtol=1e-4, atol=1e-4)
