@@ -269,7 +269,7 @@ def flow_step(
     """One sampler step from t to t_next (module doc) -> (x_next, logprob (B,) float32 or None).
 
     x_next: score a given transition instead of sampling one (RL ratios). When an input (a velocity,
-    tensor times or guidance) requires grad the differentiable torch path runs whatever the backend.
+    tensor times, guidance or sigma) requires grad the differentiable torch path runs whatever the backend.
     backend: "triton", "cuda" (kernels._C; Triton runs instead when it is not built, the device is
     not CUDA, or the tensors mix dtypes / are not contiguous) or "torch".
     """
@@ -280,10 +280,10 @@ def flow_step(
         # checked before it is dropped: a wrong one is a caller's bug whatever the guidance
         _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)
         v_uncond = None
-    # tensor times and guidance too: the kernels gave them no gradient, silently
+    # tensor times, guidance and sigma too: the kernels gave them no gradient, silently
     needs_grad = torch.is_grad_enabled() and any(
         isinstance(v, torch.Tensor) and v.requires_grad
-        for v in (x, v_cond, v_uncond, x_next, noise, t, t_next, guidance)
+        for v in (x, v_cond, v_uncond, x_next, noise, t, t_next, guidance, sigma)
     )
     on_triton = x.is_cuda or os.environ.get("TRITON_INTERPRET") == "1"
     if backend == "torch" or needs_grad or x.dtype == torch.float64 or not on_triton:

@@ -165,23 +165,31 @@ def test_sde_one_element_per_sample(backend, device):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_grad_wrt_per_sample_times(backend, device):
-    """(B,) times that require grad: the kernel path returned results without a gradient for them, silently;
-    d logprob / d t_next now matches a float64 central difference of Normal's log-density."""
+def test_grad_wrt_per_sample_times_and_sigma(backend, device):
+    """(B,) times or a sigma tensor that require grad: the kernel path returned results without a gradient
+    for them, silently; d logprob / d t_next and d sigma now match float64 central differences of Normal's
+    log-density."""
     x, vc, _, x_next = (a.double() for a in _tensors((2, 3, 5), torch.float32, device))
-    t, sigma = 0.7, 0.6
-    tn = torch.tensor([0.5, 0.4], dtype=torch.float64, device=device, requires_grad=True)
-    _, lp = flow_step(
-        x.float(), vc.float(), t=t, t_next=tn, sigma=sigma, x_next=x_next.float(), backend=backend
-    )
-    (got,) = torch.autograd.grad(lp.sum(), tn)
+    t, tn0, sigma0 = 0.7, [0.5, 0.4], 0.6
+    tn = torch.tensor(tn0, dtype=torch.float64, device=device, requires_grad=True)
+    sigma = torch.tensor(sigma0, dtype=torch.float64, device=device, requires_grad=True)
+    f32 = dict(x_next=x_next.float(), backend=backend)
+    _, lp = flow_step(x.float(), vc.float(), t=t, t_next=tn, sigma=sigma0, **f32)
+    (got_tn,) = torch.autograd.grad(lp.sum(), tn)
+    _, lp = flow_step(x.float(), vc.float(), t=t, t_next=tn0[0], sigma=sigma, **f32)
+    (got_sigma,) = torch.autograd.grad(lp.sum(), sigma)
 
-    def logprob(tn_i, i):
-        mean, std = _flowgrpo_mean_std(x[i], vc[i], t, tn_i, sigma)
+    def logprob(i, tn_i, s):
+        mean, std = _flowgrpo_mean_std(x[i], vc[i], t, tn_i, s)
         return Normal(mean, std).log_prob(x_next[i]).sum().item()
 
     h = 1e-6
-    want = [(logprob(tn[i].item() + h, i) - logprob(tn[i].item() - h, i)) / (2 * h) for i in range(2)]
-    torch.testing.assert_close(
-        got.double(), torch.tensor(want, dtype=torch.float64, device=device), rtol=1e-3, atol=1e-2
+    want_tn = [(logprob(i, tn0[i] + h, sigma0) - logprob(i, tn0[i] - h, sigma0)) / (2 * h) for i in range(2)]
+    want_sigma = sum(
+        (logprob(i, tn0[0], sigma0 + h) - logprob(i, tn0[0], sigma0 - h)) / (2 * h) for i in range(2)
     )
+    tol = dict(rtol=1e-3, atol=1e-2)
+    torch.testing.assert_close(
+        got_tn.double(), torch.tensor(want_tn, dtype=torch.float64, device=device), **tol
+    )
+    torch.testing.assert_close(got_sigma.double().item(), want_sigma, **tol)
