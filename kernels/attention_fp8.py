@@ -1339,6 +1339,16 @@ def _prepare(q, k, v, k_lengths, rope, rotate):
     return q.contiguous(), k.contiguous(), v.contiguous(), _int32_lengths(k_lengths, q.device)
 
 
+def _lse_of_keys(lse: torch.Tensor, q: torch.Tensor, kmean: torch.Tensor, scale: float) -> torch.Tensor:
+    """The scheme's lse is over the smoothed keys k - mean k: the keys' own lse adds scale q.mean k (returned
+    lse was off by it: 9 nats at a key offset of 3). Detached: lse stays without a gradient."""
+    with fp32_math(q.device):
+        shift = (
+            torch.einsum("bqhd,bhd->bhq", q.detach().float(), kmean.detach().float()) * scale
+        )  # (B, H, Sq)
+    return lse + shift
+
+
 def attention_fp8(
     q: torch.Tensor,
     k: torch.Tensor,
@@ -1375,8 +1385,8 @@ def attention_fp8(
         raise ValueError(f"scale: expected a positive number (finite), got {scale}")
     q, k, v, k_lengths = _prepare(q, k, v, k_lengths, rope, apply_rope)
     ds = ds_format if bwd_fp8_dqdk else None
-    out, lse, *_ = _fp8_fwd_op(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)
-    return (out, lse) if return_lse else out
+    out, lse, kmean, *_ = _fp8_fwd_op(q, k, v, k_lengths, scale, block, bwd_fp8_dp, ds)
+    return (out, _lse_of_keys(lse, q, kmean, scale)) if return_lse else out
 
 
 def attention_fp8_emulated(
@@ -1413,6 +1423,8 @@ def attention_fp8_emulated(
     out, lse = _EmulatedFP8Attention.apply(
         q, k, v, k_lengths, scale, block, tuple(bwd_fp8), ds_format, smooth_k, rotate
     )
+    if return_lse and smooth_k:
+        lse = _lse_of_keys(lse, q, key_mean(k.detach(), k_lengths)[:, 0], scale)
     return (out, lse) if return_lse else out
 
 

@@ -575,3 +575,21 @@ def test_emulation_keeps_fp32_products_under_autocast(device):
         (got_dq,) = torch.autograd.grad((got * g).sum(), q)
     torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(got_dq, want_dq, rtol=1e-4, atol=1e-4)
+
+
+def test_returned_lse_is_over_the_keys_not_the_smoothed_keys(device):
+    """return_lse gave the lse of the smoothed keys k - mean k, off from log sum_j exp(scale q.k_j) by
+    scale q.mean k (9 nats here, keys offset by 3): kernel and emulation now match float64 logsumexp to
+    FP8's logit error, with a row with no valid key at -inf."""
+    q, k, v = (torch.randn(2, 40, 2, 64, device=device) for _ in range(3))
+    k = k + 3.0
+    kl = torch.tensor([40, 0], device=device)
+    s = torch.einsum("bqhd,bkhd->bhqk", q.double(), k.double()) * 64**-0.5
+    want = torch.logsumexp(s, -1)
+    calls = {"emulation": attention_fp8_emulated}
+    if device == "cpu":  # the kernel runs fp32 inputs in the interpreter (on a GPU: bf16 inputs, other test)
+        calls["kernel"] = attention_fp8
+    for name, fn in calls.items():
+        _, lse = fn(q, k, v, k_lengths=kl, block=32, return_lse=True)
+        torch.testing.assert_close(lse[0].double(), want[0], rtol=0, atol=0.1, msg=name)
+        assert torch.isneginf(lse[1]).all(), name
