@@ -1080,7 +1080,9 @@ def quantize_groups(x: torch.Tensor, group: int, fmt: str = "e4m3") -> torch.Ten
     return (x8 * (a / fmax)).flatten(-2)[..., :n]
 
 
-def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8, ds_format, smooth_k, rotate):
+def _bwd_emulated(
+    do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8, ds_format, smooth_k, rotate, dlse=None
+):
     """The kernels' backward in fp32 torch: dV FP8 if "dv" in fp8; dP FP8 if "dp" in fp8; dQ = dS K and
     dK = dS^T Q FP8 if "dqdk" in fp8 (dS in ds_format per block/2 group, the rotated q8, k8, then H^T)."""
     q8, sq, k8, sk, v8, sv = quant
@@ -1091,6 +1093,8 @@ def _bwd_emulated(do, q, k, v, out, lse, quant, k_lengths, scale, block, fp8, ds
     p = torch.exp2(s2 - (lse * _LOG2E)[..., None])
     p = torch.where(_valid_keys(k_lengths, B, Sk, p.device), p, torch.zeros_like(p)).nan_to_num(0.0)
     delta = (lo(do) * lo(out)).sum(-1)  # (B, H, Sq)
+    if dlse is not None:  # d lse_i / d s_ij = P_ij: lse's gradient joins dS = P (dP - delta) as delta - dlse
+        delta = delta - dlse.float()
     do8, sdo = quantize_blocks(do, block, carrier=torch.float32)
     do_deq = do8[:, :, :Sq] * _rep(sdo, block, Sq)[..., None]
     if "dv" in fp8:  # P quantised times r = s_dO / s_ref per query block, as the dK/dV kernel does
@@ -1132,16 +1136,17 @@ class _EmulatedFP8Attention(torch.autograd.Function):
         ctx.save_for_backward(q, k, v, out, lse, k_lengths, *quant)
         ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format = scale, block, bwd_fp8, ds_format
         ctx.smooth_k, ctx.rotate = smooth_k, rotate
-        ctx.mark_non_differentiable(lse)
+        ctx.set_materialize_grads(False)  # lse is differentiable; an unused output's gradient is None
         return out, lse
 
     @staticmethod
-    def backward(ctx, do, _dlse):
+    def backward(ctx, do, dlse):
         q, k, v, out, lse, k_lengths, *quant = ctx.saved_tensors
+        do = torch.zeros_like(out) if do is None else do
         with fp32_math(q.device):
             grads = _bwd_emulated(
                 do, q, k, v, out, lse, quant, k_lengths, ctx.scale, ctx.block, ctx.bwd_fp8, ctx.ds_format,
-                ctx.smooth_k, ctx.rotate,
+                ctx.smooth_k, ctx.rotate, dlse,
             )  # fmt: skip
         return (*grads, None, None, None, None, None, None, None)
 
@@ -1162,7 +1167,9 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
     return out, lse
 
 
-def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format):
+def _fp8_bwd_launch(
+    do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse=None
+):
     """dq, dk, dv; ds_format None: dQ, dK from bf16 dS, else FP8 dS in that format times the rotated q8,
     k8 (written in fp32, then rotated back by H^T = H here). kmean: the forward's K mean (B, H, D) fp32."""
     q8, sq, k8, sk, v8, sv = quant
@@ -1174,6 +1181,8 @@ def _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block
     _attn_bwd_delta[(triton.cdiv(Sq, 64), B * H)](
         out, do, delta, Sq, H, D=D, BLOCK_M=64, I64=_slab_i64(Sq, H, D)
     )
+    if dlse is not None:  # lse's gradient joins dS = P (dP - delta) as delta - dlse
+        delta -= dlse
     # (B, H, SQP) rows for the kernels (aligned per-tile vector loads; B H SQP floats, a small copy)
     lse_p, delta = F.pad(lse, (0, SQP - Sq)), F.pad(delta, (0, SQP - Sq))
     do8, sdo = quantize_blocks_fused(do, block, carrier=q8.dtype)
@@ -1266,12 +1275,15 @@ def _fp8_bwd_op(
     block: int,
     fp8_dp: bool,
     ds_format: str | None,
+    dlse: torch.Tensor | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return _fp8_bwd_launch(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format)
+    return _fp8_bwd_launch(
+        do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse
+    )
 
 
 @_fp8_bwd_op.register_fake
-def _(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format):
+def _(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1280,14 +1292,16 @@ def _fp8_setup(ctx, inputs, output) -> None:
     out, lse, kmean, *quant = output
     ctx.save_for_backward(q, k, v, out, lse, k_lengths, kmean, *quant)
     ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format
-    ctx.mark_non_differentiable(lse, kmean, *quant)
+    ctx.mark_non_differentiable(kmean, *quant)  # lse is differentiable (it was not: its part was dropped)
+    ctx.set_materialize_grads(False)
 
 
-def _fp8_backward(ctx, do, *_):
+def _fp8_backward(ctx, do, dlse, *_):
     q, k, v, out, lse, k_lengths, kmean, *quant = ctx.saved_tensors
+    do = torch.zeros_like(out) if do is None else do.contiguous()
+    dlse = None if dlse is None else dlse.float().contiguous()
     grads = _fp8_bwd_op(
-        do.contiguous(), q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp,
-        ctx.ds_format,
+        do, q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format, dlse
     )  # fmt: skip
     return (*grads, None, None, None, None, None)
 
@@ -1341,12 +1355,12 @@ def _prepare(q, k, v, k_lengths, rope, rotate):
 
 def _lse_of_keys(lse: torch.Tensor, q: torch.Tensor, kmean: torch.Tensor, scale: float) -> torch.Tensor:
     """The scheme's lse is over the smoothed keys k - mean k: the keys' own lse adds scale q.mean k (returned
-    lse was off by it: 9 nats at a key offset of 3). Detached: lse stays without a gradient."""
+    lse was off by it: 9 nats at a key offset of 3). Differentiable in q only: the backward's dQ uses the
+    smoothed keys (dS (K - mean K)) and this adds scale mean K dlse; its dK omits the mean's Jacobian,
+    which this term's gradient through mean K would cancel."""
     with fp32_math(q.device):
-        shift = (
-            torch.einsum("bqhd,bhd->bhq", q.detach().float(), kmean.detach().float()) * scale
-        )  # (B, H, Sq)
-    return lse + shift
+        shift = torch.einsum("bqhd,bhd->bhq", q.float(), kmean.detach().float()) * scale  # (B, H, Sq)
+    return torch.where(torch.isinf(lse), lse, lse + shift)  # rows with no valid key stay -inf, no gradient
 
 
 def attention_fp8(

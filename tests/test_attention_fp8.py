@@ -3,6 +3,7 @@ emulation) against an fp32/fp64 reference on video-like activations with outlier
 (interpreted on CPU with exact fp16 carriers of the e4m3 values; real float8 under @gpu) against the
 emulation, the dispatch from kernels.attention, fallbacks, and the per-block opt-out on a model."""
 
+import functools
 import warnings
 
 import pytest
@@ -593,3 +594,37 @@ def test_returned_lse_is_over_the_keys_not_the_smoothed_keys(device):
         _, lse = fn(q, k, v, k_lengths=kl, block=32, return_lse=True)
         torch.testing.assert_close(lse[0].double(), want[0], rtol=0, atol=0.1, msg=name)
         assert torch.isneginf(lse[1]).all(), name
+
+
+def test_lse_gradient(device):
+    """lse was marked non-differentiable: a loss of out and lse silently lost lse's part, and lse alone had
+    no gradient. Kernel and emulation now give float64 autograd's gradients to FP8's error (keys offset by
+    3, so lse's q.mean k term matters; a row with no valid key masked out of the loss)."""
+    q, k, v = (torch.randn(2, 40, 2, 64, device=device) for _ in range(3))
+    k = k + 3.0
+    kl = torch.tensor([40, 0], device=device)
+    g, w = torch.randn_like(q), torch.randn(2, 2, 40, device=device)
+    w[1] = 0  # the row with no valid key: lse -inf, out of the loss
+
+    def grads(fn, dtype):
+        ts = [t.detach().to(dtype).requires_grad_(True) for t in (q, k, v)]
+        out, lse = fn(*ts)
+        lse = torch.where(w == 0, 0.0, lse)
+        return torch.autograd.grad((out * g.to(dtype)).sum() + (lse * w.to(dtype)).sum(), ts)
+
+    def exact(q, k, v):
+        s = torch.einsum("bqhd,bkhd->bhqk", q, k) * 64**-0.5
+        s = s.masked_fill(
+            ~(torch.arange(40, device=device)[None, :] < kl[:, None])[:, None, None, :], float("-inf")
+        )
+        return torch.einsum("bhqk,bkhd->bqhd", s.softmax(-1).nan_to_num(0.0), v), torch.logsumexp(s, -1)
+
+    want = grads(exact, torch.float64)
+    calls = {"emulation": attention_fp8_emulated}
+    if device == "cpu":  # the kernel runs fp32 inputs in the interpreter (on a GPU: bf16 inputs)
+        calls["kernel"] = attention_fp8
+    for name, fn in calls.items():
+        got = grads(functools.partial(fn, k_lengths=kl, block=32, return_lse=True), torch.float32)
+        for what, a, b in zip("qkv", got, want):
+            err = (a.double() - b).norm() / b.norm()
+            assert err < 0.1, (name, what, err.item())
