@@ -713,6 +713,8 @@ def _check_inputs(q, k, v, k_lengths, rope) -> None:
             raise ValueError(f"{name}: expected (B, S, H, D), got shape {tuple(t.shape)}")
     if k.shape != v.shape:
         raise ValueError(f"k, v: expected equal shapes, got {tuple(k.shape)} and {tuple(v.shape)}")
+    if q.shape[3] == 0:  # the default scale D^-0.5 and the kernels' tiles failed with ZeroDivisionError
+        raise ValueError(f"q: expected a head dim D >= 1, got shape {tuple(q.shape)}")
     if (q.shape[0], q.shape[2], q.shape[3]) != (k.shape[0], k.shape[2], k.shape[3]):
         raise ValueError(f"q {tuple(q.shape)} and k {tuple(k.shape)}: expected the same B, H and D")
     if not (q.dtype == k.dtype == v.dtype):

@@ -79,8 +79,9 @@ def apply_rope_reference(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) 
 
 
 def _check(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
-    if x.dim() != 4 or x.shape[-1] % 2:
-        raise ValueError(f"x: expected (B, S, H, D) with even D, got shape {tuple(x.shape)}")
+    # D = 0 failed in the launch with ZeroDivisionError
+    if x.dim() != 4 or x.shape[-1] % 2 or x.shape[-1] == 0:
+        raise ValueError(f"x: expected (B, S, H, D) with even D >= 2, got shape {tuple(x.shape)}")
     want = (x.shape[1], x.shape[3] // 2)
     for name, t in (("cos", cos), ("sin", sin)):
         if tuple(t.shape) != want:

@@ -591,3 +591,11 @@ def test_reference_keeps_fp32_math_under_autocast(device):
             got = attention(q, k, v, k_lengths=kl, rope=rope, backend=backend)
             assert got.dtype == torch.float32
             torch.testing.assert_close(got.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("backend", ["triton", "torch", "sdpa"])
+def test_head_dim_zero_is_a_clear_error(backend, device):
+    """D = 0 failed with ZeroDivisionError (the default scale D^-0.5, the tile sizes)."""
+    x = torch.randn(2, 3, 2, 0, device=device)
+    with pytest.raises(ValueError, match=r"q: expected a head dim D >= 1"):
+        attention(x, x, x, backend=backend)

@@ -172,3 +172,11 @@ def test_tables_that_require_grad_get_their_gradient(device):
     for got, want in zip(table_grads(apply_rope, torch.float32), table_grads(formula, torch.float64)):
         assert got is not None
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
+
+
+def test_head_dim_zero_is_a_clear_error(device):
+    """D = 0 failed in the launch with ZeroDivisionError."""
+    x = torch.randn(2, 3, 4, 0, device=device)
+    for fn in (apply_rope, apply_rope_reference):
+        with pytest.raises(ValueError, match=r"x: expected \(B, S, H, D\) with even D >= 2"):
+            fn(x, torch.ones(3, 0, device=device), torch.ones(3, 0, device=device))
