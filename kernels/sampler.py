@@ -246,11 +246,15 @@ def _cuda_fits(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
     return ok and all(o is None or (o.dtype == x.dtype and o.is_contiguous()) for o in others)
 
 
-def _check_float_times(t, t_next, sigma: float) -> None:
-    """Validate python-float times on the host; tensor times are not checked (that would sync the device)."""
-    if sigma > 0.0 and not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor):
-        if not (0.0 < t <= 1.0 and t_next < t):
+def _check_float_times(t, t_next, sigma: float, B: int) -> None:
+    """Validate times held on the host (python floats, CPU tensors: bad ones gave NaN where the torch path
+    raises); times on a GPU are not checked (that would sync the device)."""
+    if not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor):
+        if sigma > 0.0 and not (0.0 < t <= 1.0 and t_next < t):
             raise ValueError(f"t={t}, t_next={t_next}: the SDE step needs 0 < t <= 1 and t_next < t")
+    elif not any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in (t, t_next)):
+        cpu = torch.device("cpu")
+        _check_times(_per_sample(t, "t", B, cpu), _per_sample(t_next, "t_next", B, cpu), sigma)
 
 
 def flow_step(
@@ -299,7 +303,7 @@ def flow_step(
             x_next=x_next,
         )
     _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)
-    _check_float_times(t, t_next, sigma)
+    _check_float_times(t, t_next, sigma, x.shape[0])
     if backend == "cuda" and x.is_cuda and _cuda_fits(x, v_cond, v_uncond, noise, x_next):
         from kernels import cuda as _cuda
 

@@ -193,3 +193,15 @@ def test_grad_wrt_per_sample_times_and_sigma(backend, device):
         got_tn.double(), torch.tensor(want_tn, dtype=torch.float64, device=device), **tol
     )
     torch.testing.assert_close(got_sigma.double().item(), want_sigma, **tol)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_bad_per_sample_times_on_the_host(backend):
+    """(B,) CPU tensor times outside 0 < t <= 1, t_next < t: the kernel path returned NaN for that sample
+    (std_t of t = 0 / sqrt of -dt) where the torch path raised; both raise now."""
+    x = torch.randn(2, 3, 4)
+    for t, tn in ((torch.tensor([0.0, 0.5]), torch.tensor([0.1, 0.3])), (torch.tensor([0.9, 0.5]), 0.6)):
+        with pytest.raises(ValueError, match="the SDE step needs 0 < t <= 1 and t_next < t"):
+            flow_step(x, x, t=t, t_next=tn, sigma=0.5, backend=backend)
+    out, lp = flow_step(x, x, t=torch.tensor([0.9, 0.5]), t_next=0.3, sigma=0.5, backend=backend)  # valid
+    assert torch.isfinite(out).all() and torch.isfinite(lp).all()
