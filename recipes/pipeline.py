@@ -270,8 +270,7 @@ def validate(cfg: JobConfig) -> None:
                        ("rl.init", cfg.rl.init), ("eval.executors", cfg.eval.executors)):  # fmt: skip
         if value:
             raise ConfigError(f"{key} = {value!r}: the pipeline sets it for its stages; leave it empty")
-    if cfg.data.manifest and not Path(cfg.data.manifest).is_file():
-        raise ConfigError(f"data.manifest: '{cfg.data.manifest}' does not exist (expected a JSONL of images)")
+    propose.check_manifest(cfg)  # a bad row failed with a traceback in the propose stage
     sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image),
              ("distill.demos_per_task", cfg.distill.demos_per_task)]  # fmt: skip
     if not cfg.data.manifest:

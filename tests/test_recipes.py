@@ -1390,3 +1390,25 @@ def test_distill_refuses_zero_steps_and_its_off_policy_check_creates_no_run_fold
         distill.validate(load_config(argv=[*base, "--distill.mode", "off_policy"]))
     assert not (tmp_path / "runs").exists()
     distill.validate(load_config(argv=base))
+
+
+def test_pipeline_refuses_a_bad_manifest_row_and_a_real_model_without_eval_tasks(tmp_path):
+    """The pipeline checked only that data.manifest existed (a missing image failed with a traceback in the
+    propose stage), and with a model other than the toy it ran its gap check and evaluation on the toy
+    world's 64 x 64 scenes; standalone evaluate refused the latter, the pipeline now refuses both."""
+    from engine.config import ConfigError, load_config
+    from recipes import pipeline
+    from recipes.common import TOY_CONFIG
+
+    base = ["--config", str(TOY_CONFIG), "--run.out_dir", str(tmp_path / "runs")]
+    m = tmp_path / "m.jsonl"
+    m.write_text('{"id": "a", "image": "missing.png"}\n')
+    with pytest.raises(ConfigError, match="data.manifest: .* image 'a'"):
+        pipeline.validate(load_config(argv=[*base, "--data.manifest", str(m)]))
+    for d in ("transformer", "vae", "text_encoder", "tokenizer"):
+        (tmp_path / "pipe" / d).mkdir(parents=True)
+    real = [*base, "--model.flavour", "1.3B", "--model.pretrained", str(tmp_path / "pipe")]
+    with pytest.raises(ConfigError, match="eval.tasks is empty: .* not images for model 'wan' / '1.3B'"):
+        pipeline.validate(load_config(argv=real))
+    pipeline.validate(load_config(argv=base))
+    assert not (tmp_path / "runs").exists()
