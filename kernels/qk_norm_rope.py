@@ -90,13 +90,16 @@ def qk_norm_rope(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Fused QK RMSNorm + 3D RoPE (module doc) -> (q_out, k_out).
 
-    backend "cuda" uses kernels._C when built and q is on a CUDA device, else the torch reference.
+    backend "cuda" uses kernels._C when built and q is on a CUDA device, else the torch reference; with
+    autograd recording (an input requires grad) the reference, which has a backward (the kernel has none:
+    its in-place result would pass q's and k's gradients through unchanged and give wq, wk none).
     inplace=True overwrites q and k (cuda backend; the torch backend copies the result back).
     """
     _check(q, k, wq, wk, cos, sin, norm_over)
     if backend not in ("cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'cuda' or 'torch'")
-    if backend == "cuda" and q.is_cuda and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk, cos, sin))
+    if backend == "cuda" and not grad and q.is_cuda and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
         from kernels import cuda as _cuda
 
         if _cuda.available():

@@ -113,3 +113,21 @@ def test_cuda_gqa_and_overlap_errors():
     with pytest.raises(ValueError, match="last .* dim must be contiguous"):
         # the same shape, channels strided (a transposed view would fail the shape check first)
         cuda.qk_norm_rope_(q.transpose(2, 3).contiguous().transpose(2, 3), k, w, w, cos, sin)
+
+
+@pytest.mark.gpu
+def test_cuda_backend_with_inputs_that_require_grad_gives_the_references_gradients():
+    """The kernel writes a clone in place through raw pointers: autograd saw the clone only, so q's and k's
+    gradients passed through unchanged and wq, wk got none. With grad recording the backend takes the
+    reference (which has a backward)."""
+    B, S, H, D = 2, 9, 4, 64
+    cos, sin = (t.float() for t in _tables(S, D, "cuda"))
+    leaves = [torch.randn(B, S, H, D, device="cuda", requires_grad=True) for _ in range(2)]
+    leaves += [(torch.rand(D, device="cuda") + 0.5).requires_grad_() for _ in range(2)]
+    grads = []
+    for backend in ("cuda", "torch"):
+        out = qk_norm_rope(*leaves, cos, sin, backend=backend)
+        g = torch.autograd.grad(sum((o * o.detach().sin()).sum() for o in out), leaves)
+        grads.append(g)
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
