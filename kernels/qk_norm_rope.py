@@ -99,7 +99,8 @@ def qk_norm_rope(
     if backend not in ("cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'cuda' or 'torch'")
     grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, wq, wk, cos, sin))
-    if backend == "cuda" and not grad and q.is_cuda and q.dtype in (torch.float32, torch.float16, torch.bfloat16):
+    kernel_dtype = q.dtype in (torch.float32, torch.float16, torch.bfloat16)
+    if backend == "cuda" and not grad and q.is_cuda and kernel_dtype:
         from kernels import cuda as _cuda
 
         if _cuda.available():
