@@ -9,6 +9,8 @@ It is written independently of engine.judge.serve. The reply for a request is de
     empty      ""                        outofrange "Score: 1.7"         badbody    200, body not JSON
     500        HTTP 500 always           500once    HTTP 500 on the first attempt per text, then ok
     slow       sleeps ``slow_s`` then ok drop       closes the connection without an answer
+    ratelimit  HTTP 429 with "Retry-After: <retry_after_s>" until that long after the first attempt
+               per text, then ok
 
 A prompt that asks to "Propose N" tasks gets proposer blocks instead (see ``proposal_text``): on the
 first attempt per prompt one valid pair plus broken and duplicated blocks, on later attempts N valid
@@ -101,10 +103,17 @@ class _Handler(BaseHTTPRequestHandler):
             owner.requests += 1
             owner.attempts[text] = owner.attempts.get(text, 0) + 1
             first = owner.attempts[text] == 1
+            since_first = time.monotonic() - owner.first_seen.setdefault(text, time.monotonic())
             owner.in_flight += 1
             owner.max_in_flight = max(owner.max_in_flight, owner.in_flight)
             owner.images_seen.append(len(urls))
         try:
+            if fault == "ratelimit" and since_first < owner.retry_after_s:
+                self.send_response(429)
+                self.send_header("Retry-After", str(owner.retry_after_s))
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             self._reply(fault, first, mean_score(urls[0]) if urls else 0.0, body.get("model"), text)
         finally:
             with owner.lock:
@@ -161,8 +170,11 @@ class FaultServer:
         def handle_error(self, request, client_address) -> None:  # cut connections are expected
             pass
 
-    def __init__(self, *, slow_s: float = 1.0, propose_garbage: bool = False, port: int = 0) -> None:
-        self.slow_s, self.propose_garbage = slow_s, propose_garbage
+    def __init__(
+        self, *, slow_s: float = 1.0, propose_garbage: bool = False, port: int = 0, retry_after_s: int = 1
+    ) -> None:
+        self.slow_s, self.propose_garbage, self.retry_after_s = slow_s, propose_garbage, retry_after_s
+        self.first_seen: dict[str, float] = {}
         self.lock = threading.Lock()
         self.requests = 0
         self.attempts: dict[str, int] = {}

@@ -60,6 +60,24 @@ def test_slow_server_times_out_after_retries():
     assert 3 * TIMEOUT <= elapsed < 3 * TIMEOUT + 1.5  # cut by the client each time, not awaited
 
 
+def test_a_429_retry_waits_the_servers_retry_after():
+    # backoff 0.01 s: retrying at once spent all three attempts on 429s before the 1 s had passed
+    with FaultServer(retry_after_s=1) as srv:
+        judge = _judge(srv.url, timeout_s=5.0, parse_retries=0)
+        t0 = time.perf_counter()
+        (v,) = asyncio.run(judge.score([_req("ratelimit", 7)]))
+        elapsed = time.perf_counter() - t0
+    assert v.status == "ok" and v.score == pytest.approx(expected_score(_req(None, 7).frames[0]), abs=1e-4)
+    assert srv.requests == 2 and 1.0 <= elapsed < 3.0
+
+
+def test_bad_client_settings_are_one_line_errors():
+    # max_connections=0 made every request wait for a pool slot forever
+    for kw in ({"max_connections": 0}, {"timeout_s": float("nan")}, {"backoff_s": -1.0}):
+        with pytest.raises(ValueError, match="OpenAIChat: need"):
+            OpenAIChat("http://127.0.0.1:1/v1", "m", **kw)
+
+
 def test_waiting_for_a_pooled_connection_does_not_count_against_the_deadline():
     """12 requests over 2 connections to a server that answers each in 0.3 s, deadline 1 s: every one is
     answered (the wait for a free connection counted against the deadline: 8 timed out, 6 never sent)."""
@@ -396,6 +414,23 @@ def test_serve_oracle_backend_is_clear_about_its_dependency():
         assert mode == "judge" and hasattr(backend, "score")
     with pytest.raises(SystemExit, match="--model"):
         build_backend("transformers", "", device=None, max_batch=4)
+
+
+def test_serve_cli_bad_settings_are_one_line_errors(capsys):
+    import socket
+
+    from engine.judge.serve import main
+
+    for argv in (["--max-batch", "0"], ["--max-wait-ms", "nan"], ["--port", "70000"]):
+        with pytest.raises(SystemExit) as e:
+            main(["--backend", "oracle", *argv])
+        assert e.value.code == 2 and "need --max-batch >= 1" in capsys.readouterr().err
+    with socket.socket() as taken:  # a port in use: one line naming it, not an OSError traceback
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        with pytest.raises(SystemExit, match=f"cannot listen on 127.0.0.1:{port}"):
+            main(["--backend", "oracle", "--port", str(port)])
 
 
 def test_serve_reads_a_null_max_tokens_as_unset():

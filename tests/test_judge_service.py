@@ -315,3 +315,10 @@ def test_a_backend_that_answers_short_or_with_none_fails_its_batch_not_its_calle
     assert [v.status for v in asyncio.run(run(VLMJudge(ShortChat())))] == ["error"] * 3
     out = asyncio.run(run(NoneJudge()))
     assert [v.status for v in out] == ["error"] * 3 and "NoneType" in out[0].raw
+
+
+def test_bad_service_settings_are_one_line_errors():
+    # max_wait_ms NaN and batch_timeout_s 0 were accepted (the latter: every verdict a "timeout")
+    for kw in ({"max_wait_ms": float("nan")}, {"batch_timeout_s": 0}, {"batch_timeout_s": float("nan")}):
+        with pytest.raises(ValueError, match="AsyncJudge: "):
+            AsyncJudge(GatedJudge(), **kw)

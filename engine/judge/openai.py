@@ -2,7 +2,7 @@
 
 One HTTP request per item over a pooled ``httpx.AsyncClient``; the server does the batching. Each
 request has a total deadline (``timeout_s``, from when it gets one of the ``max_connections``) and is
-retried ``max_retries`` times on timeouts, connection errors, 408/429/5xx and malformed response bodies, with exponential backoff and jitter.
+retried ``max_retries`` times on timeouts, connection errors, 408/429/5xx and malformed response bodies, with exponential backoff and jitter, waiting at least an answer's Retry-After (capped at ``timeout_s``).
 Other 4xx answers are not retried. Images travel as base64 PNG data URLs.
 """
 
@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import email.utils
 import io
 import os
 import random
@@ -61,6 +62,20 @@ def _message_text(body: dict) -> str:
     return content
 
 
+def _retry_after_s(value: str | None) -> float:
+    """Seconds of a Retry-After header (delta-seconds or HTTP date); 0 when absent or unreadable."""
+    if not value:
+        return 0.0
+    try:
+        return max(0.0, float(value))
+    except ValueError:
+        pass
+    try:
+        return max(0.0, email.utils.parsedate_to_datetime(value).timestamp() - time.time())
+    except (TypeError, ValueError, OverflowError):
+        return 0.0
+
+
 class OpenAIChat:
     """:class:`engine.judge.chat.ChatBackend` over an OpenAI-compatible endpoint.
 
@@ -82,9 +97,11 @@ class OpenAIChat:
     ) -> None:
         if not base_url.startswith(("http://", "https://")):
             raise ValueError(f"OpenAIChat: base_url {base_url!r} must start with http:// or https://")
-        if timeout_s <= 0 or max_retries < 0:
+        # max_connections 0 left every request waiting for a slot forever; a NaN passes "x <= 0"
+        if not timeout_s > 0 or max_retries < 0 or max_connections < 1 or not backoff_s >= 0:
             raise ValueError(
-                f"OpenAIChat: need timeout_s > 0 and max_retries >= 0, got {timeout_s}, {max_retries}"
+                "OpenAIChat: need timeout_s > 0, max_retries >= 0, max_connections >= 1 and backoff_s >= 0, "
+                f"got {timeout_s}, {max_retries}, {max_connections}, {backoff_s}"
             )
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
@@ -144,37 +161,45 @@ class OpenAIChat:
         )
         return list(await asyncio.gather(*(self._one(client, p) for p in payloads)))
 
-    async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, str, bool]:
-        """(status, text, retryable) of one HTTP attempt."""
+    async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, str, bool, float]:
+        """(status, text, retryable, the answer's Retry-After in s or 0) of one HTTP attempt."""
         try:
             async with self._slots, asyncio.timeout(self.timeout_s):
                 resp = await client.post(self.url, json=payload)
         except (TimeoutError, httpx.TimeoutException):
-            return "timeout", f"no answer within {self.timeout_s}s", True
+            return "timeout", f"no answer within {self.timeout_s}s", True, 0.0
         except httpx.TransportError as e:
-            return "connection_error", f"{type(e).__name__}: {e}", True
+            return "connection_error", f"{type(e).__name__}: {e}", True, 0.0
         except httpx.HTTPError as e:  # e.g. a body that does not decode (DecodingError): this item fails
-            return "http_error", f"{type(e).__name__}: {e}", True
+            return "http_error", f"{type(e).__name__}: {e}", True, 0.0
         if resp.status_code != 200:
             return (
                 "http_error",
                 f"HTTP {resp.status_code}: {resp.text[:200]}",
                 resp.status_code in _RETRY_HTTP,
+                _retry_after_s(resp.headers.get("retry-after")),
             )
         try:
-            return "ok", _message_text(resp.json()), False
+            return "ok", _message_text(resp.json()), False, 0.0
         except (ValueError, KeyError, IndexError, TypeError) as e:
-            return "http_error", f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}", True
+            return (
+                "http_error",
+                f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}",
+                True,
+                0.0,
+            )
 
     async def _one(self, client: httpx.AsyncClient, payload: dict) -> ChatResult:
         t0 = time.perf_counter()
         for attempt in range(self.max_retries + 1):
-            status, text, retryable = await self._attempt(client, payload)
+            status, text, retryable, retry_after = await self._attempt(client, payload)
             if status == "ok" or not retryable or attempt == self.max_retries:
                 break
             self.retries += 1
-            # Exponential backoff with full jitter spreads retries of a failed batch apart.
-            await asyncio.sleep(self.backoff_s * (2**attempt) * (0.5 + random.random()))
+            # Exponential backoff with full jitter spreads retries of a failed batch apart; a 429/503's
+            # Retry-After (capped at timeout_s) is a floor: retrying earlier spent every retry on 429s.
+            delay = self.backoff_s * (2**attempt) * (0.5 + random.random())
+            await asyncio.sleep(max(delay, min(retry_after, self.timeout_s)))
         if status != "ok":
             log.debug("chat request failed after %d attempts: %s %s", attempt + 1, status, text[:120])
         return ChatResult(text, status, time.perf_counter() - t0)

@@ -311,7 +311,10 @@ async def _serve(args: argparse.Namespace) -> None:
         max_batch=args.max_batch,
         max_wait_ms=args.max_wait_ms,
     )
-    port = await server.start(args.host, args.port)
+    try:
+        port = await server.start(args.host, args.port)
+    except OSError as e:  # a port in use, an unknown host: one line, not a traceback
+        raise SystemExit(f"serve: cannot listen on {args.host}:{args.port}: {e}") from None
     print(f"serving {args.backend} on http://{args.host}:{port}/v1", flush=True)
     try:
         await asyncio.Event().wait()
@@ -330,6 +333,12 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("--max-batch", type=int, default=8)
     p.add_argument("--max-wait-ms", type=float, default=20.0)
     args = p.parse_args(argv)
+    # checked here: an AsyncJudge's ValueError or bind's OverflowError was a traceback
+    if args.max_batch < 1 or not args.max_wait_ms >= 0 or not 0 <= args.port <= 65535:
+        p.error(
+            f"need --max-batch >= 1, --max-wait-ms >= 0 and --port in [0, 65535]; got "
+            f"{args.max_batch}, {args.max_wait_ms}, {args.port}"
+        )
     try:
         asyncio.run(_serve(args))
     except KeyboardInterrupt:

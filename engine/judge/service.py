@@ -70,11 +70,14 @@ class AsyncJudge:
     ) -> None:
         if not hasattr(backend, "score"):
             raise TypeError(f"AsyncJudge: backend {type(backend).__name__} has no async score(requests)")
-        if max_batch < 1 or max_concurrency < 1 or max_queue < 1 or max_wait_ms < 0:
+        # written "not x >= 0": a NaN passes "x < 0"
+        if max_batch < 1 or max_concurrency < 1 or max_queue < 1 or not max_wait_ms >= 0:
             raise ValueError(
                 f"AsyncJudge: need max_batch, max_concurrency, max_queue >= 1 and max_wait_ms >= 0; got "
                 f"{max_batch}, {max_concurrency}, {max_queue}, {max_wait_ms}"
             )
+        if batch_timeout_s is not None and not batch_timeout_s > 0:  # 0: every verdict a "timeout"
+            raise ValueError(f"AsyncJudge: batch_timeout_s must be > 0 or None, got {batch_timeout_s}")
         self.backend = backend
         self.max_batch, self.max_wait_s = max_batch, max_wait_ms / 1e3
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
