@@ -78,6 +78,12 @@ def test_bad_client_settings_are_one_line_errors():
             OpenAIChat("http://127.0.0.1:1/v1", "m", **kw)
 
 
+def test_bad_judge_settings_are_one_line_errors():
+    # parse_retries=-1 sent nothing to the server and returned None in place of every Verdict
+    with pytest.raises(ValueError, match="VLMJudge: need parse_retries >= 0"):
+        _judge("http://127.0.0.1:1/v1", parse_retries=-1)
+
+
 def test_waiting_for_a_pooled_connection_does_not_count_against_the_deadline():
     """12 requests over 2 connections to a server that answers each in 0.3 s, deadline 1 s: every one is
     answered (the wait for a free connection counted against the deadline: 8 timed out, 6 never sent)."""
@@ -369,6 +375,36 @@ def test_serve_aclose_closes_idle_keep_alive_connections():
     with FaultServer() as srv:
         head, eof = asyncio.run(run(srv))
     assert head.startswith(b"HTTP/1.1 200") and eof == b""
+
+
+def test_serve_answers_expect_100_continue():
+    """curl sends "Expect: 100-continue" for large bodies (7.88: over 1 MiB, four frames) and holds them 1 s
+    unless the server says 100 Continue first: the server never did, so each curl request waited 1 s."""
+
+    async def run(srv: FaultServer):
+        server = JudgeServer(_judge(srv.url), mode="judge", model_name="m")
+        port = await server.start()
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        body = b"[1, 2]"
+        writer.write(
+            b"POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+            b"Expect: 100-continue\r\nContent-Length: %d\r\n\r\n" % len(body)
+        )
+        await writer.drain()
+        try:
+            interim = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 0.5)
+        except TimeoutError:
+            interim = b""
+        writer.write(body)  # as curl does after the 100 (or after its 1 s wait)
+        await writer.drain()
+        final = await asyncio.wait_for(reader.readuntil(b"\r\n\r\n"), 10)
+        writer.close()
+        await server.aclose()
+        return interim, final
+
+    with FaultServer() as srv:
+        interim, final = asyncio.run(run(srv))
+    assert interim.startswith(b"HTTP/1.1 100") and final.startswith(b"HTTP/1.1 400")
 
 
 def test_serve_cli_subprocess(tiny_vlm):

@@ -224,7 +224,9 @@ class JudgeServer:
         except RuntimeError as e:
             return 502, {"error": {"message": str(e), "type": "backend_error"}}
 
-    async def _read_request(self, reader: asyncio.StreamReader) -> tuple[str, str, dict, bytes] | None:
+    async def _read_request(
+        self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
+    ) -> tuple[str, str, dict, bytes] | None:
         try:
             head = await reader.readuntil(b"\r\n\r\n")
         except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, ConnectionError):
@@ -238,6 +240,10 @@ class JudgeServer:
         n = int(headers.get("content-length", "0") or 0)
         if n > MAX_BODY or n < 0:
             raise BadRequest(f"body of {n} bytes exceeds {MAX_BODY}")
+        if n and headers.get("expect", "").lower() == "100-continue":
+            # curl sends this for large bodies and waits 1 s for the 100 before sending the body
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
+            await writer.drain()
         body = await reader.readexactly(n) if n else b""
         return method, path.split("?")[0], headers, body
 
@@ -248,7 +254,7 @@ class JudgeServer:
         try:
             while True:
                 try:
-                    req = await self._read_request(reader)
+                    req = await self._read_request(reader, writer)
                 except (BadRequest, ValueError) as e:
                     await _write(writer, 400, {"error": {"message": str(e)}}, close=True)
                     return

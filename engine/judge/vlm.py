@@ -31,6 +31,11 @@ class VLMJudge:
             raise ValueError(f"VLMJudge: layout {layout!r} is not 'separate' or 'grid'")
         if num_frames < 1:
             raise ValueError(f"VLMJudge: num_frames must be >= 1, got {num_frames}")
+        # parse_retries -1 asked nothing and returned None for every request
+        if parse_retries < 0 or max_new_tokens < 1:
+            raise ValueError(
+                f"VLMJudge: need parse_retries >= 0 and max_new_tokens >= 1, got {parse_retries}, {max_new_tokens}"
+            )
         self.chat = chat
         self.num_frames = num_frames
         self.layout = layout
