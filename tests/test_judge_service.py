@@ -322,3 +322,11 @@ def test_bad_service_settings_are_one_line_errors():
     for kw in ({"max_wait_ms": float("nan")}, {"batch_timeout_s": 0}, {"batch_timeout_s": float("nan")}):
         with pytest.raises(ValueError, match="AsyncJudge: "):
             AsyncJudge(GatedJudge(), **kw)
+
+
+def test_a_service_with_bad_settings_leaves_no_thread_running():
+    before = {t for t in threading.enumerate() if t.name == "judge-service"}
+    with pytest.raises(ValueError, match="AsyncJudge: need max_batch"):
+        JudgeService(GatedJudge(), max_batch=0)
+    after = {t for t in threading.enumerate() if t.name == "judge-service" and t.is_alive()}
+    assert after <= before

@@ -340,7 +340,11 @@ class JudgeService:
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name="judge-service", daemon=True)
         self._thread.start()
-        self.judge = self._call(self._make(backend, async_judge_kwargs))
+        try:
+            self.judge = self._call(self._make(backend, async_judge_kwargs))
+        except BaseException:  # bad settings: the loop thread ran on forever behind the error
+            self._stop_loop()
+            raise
         self._waits: deque = deque(maxlen=10_000)
         self._wait_total = 0.0
         self._closed = False
@@ -398,10 +402,13 @@ class JudgeService:
                 self._call(self.judge.aclose(drain=False), 10.0)
                 raise
         finally:
-            self._loop.call_soon_threadsafe(self._loop.stop)
-            self._thread.join(timeout=5.0)
-            if not self._thread.is_alive():
-                self._loop.close()
+            self._stop_loop()
+
+    def _stop_loop(self) -> None:
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=5.0)
+        if not self._thread.is_alive():
+            self._loop.close()
 
     def __enter__(self) -> JudgeService:
         return self
