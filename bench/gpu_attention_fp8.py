@@ -201,13 +201,14 @@ def _accuracy_records() -> list[dict]:
 
 def run(quick: bool = False) -> list[dict]:
     """Accuracy records, then speed for every (shape, provider, fwd | fwd_bwd); quick: the LTX-2 shape only."""
-    if not torch.cuda.is_available():
-        return [record("attention_fp8.module", "-", "-", "error", 0.0, message="no CUDA device")]
-    t0, budget = time.time(), module_budget(TIME_BUDGET_S, reserve=60.0)
+    # before the CUDA check: a misspelt shape fails a CPU rehearsal, not only the GPU run
     shapes = [s for s in os.environ.get("GPU_FP8_SHAPES", "").split(",") if s] or list(SHAPES)
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise ValueError(f"GPU_FP8_SHAPES: unknown {unknown}; expected names from {list(SHAPES)}")
+    if not torch.cuda.is_available():
+        return [record("attention_fp8.module", "-", "-", "error", 0.0, message="no CUDA device")]
+    t0, budget = time.time(), module_budget(TIME_BUDGET_S, reserve=60.0)
     recs = _accuracy_records()
     for case in ["ltx2-512p-121f"] if quick else shapes:
         if time.time() - t0 > budget:

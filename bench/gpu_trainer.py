@@ -126,9 +126,10 @@ def _cleanup() -> None:
 
 def run(quick: bool = False) -> list[dict]:
     """Records for each case (tokens/s, mfu, peak memory), or an error record per failed case."""
+    # before the CUDA check: a misspelt case fails a CPU rehearsal, not only the GPU run
+    cases = selected_cases(quick, os.environ.get("GPU_TRAINER_CASES", ""))
     if not torch.cuda.is_available():
         return [record(NAME, CASE, "-", "error", 0.0, message="needs a CUDA device")]
-    cases = selected_cases(quick, os.environ.get("GPU_TRAINER_CASES", ""))
     # gpu_check gives a module 90 s by default; a raised GPU_MODULE_TIMEOUT raises the budget with it
     budget, t_start = (18.0 if quick else module_budget(70.0, reserve=20.0)), time.perf_counter()
     recs: list[dict] = []

@@ -193,3 +193,19 @@ def test_attention_profile_groups_every_attention_kernel():
         kernel_group("void at::native::vectorized_elementwise_kernel<4, at::native::FillFunctor<float>>")
         == "torch"
     )
+
+
+def test_a_misspelt_case_or_shape_fails_the_cpu_rehearsal(tmp_path):
+    """GPU_TRAINER_CASES and GPU_FP8_SHAPES are checked before the CUDA check: a typo shows in a CPU run of
+    gpu_check, not first on the GPU (both modules returned "no CUDA device" here whatever they named)."""
+    out = tmp_path / "out"
+    env = {"PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT), "WMSD_COMMIT": "abc1234",
+           "GPU_TRAINER_CASES": "fp8_tee", "GPU_FP8_SHAPES": "hy1.5-480p"}  # fmt: skip
+    subprocess.run(
+        [sys.executable, "-m", "bench.gpu_check", "--out", str(out), "--only", "trainer,attention_fp8"],
+        cwd=ROOT, check=True, capture_output=True, text=True, timeout=120, env=env,
+    )  # fmt: skip
+    (path,) = out.glob("*_gpu_check.json")
+    errors = {r["name"]: r["extra"]["message"] for r in json.loads(path.read_text())["records"]}
+    assert "GPU_TRAINER_CASES: unknown ['fp8_tee']" in errors["trainer.module"]
+    assert "GPU_FP8_SHAPES: unknown ['hy1.5-480p']" in errors["attention_fp8.module"]
