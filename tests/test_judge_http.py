@@ -452,6 +452,14 @@ def test_serve_oracle_backend_is_clear_about_its_dependency():
         build_backend("transformers", "", device=None, max_batch=4)
 
 
+def test_serve_a_bad_model_folder_is_a_one_line_error(tmp_path):
+    # both were transformers tracebacks (a missing folder read as a hub repo id)
+    with pytest.raises(SystemExit, match="is not a folder"):
+        build_backend("transformers", str(tmp_path / "missing"), device="cpu", max_batch=4)
+    with pytest.raises(SystemExit, match="cannot load --model"):
+        build_backend("transformers", str(tmp_path), device="cpu", max_batch=4)
+
+
 def test_serve_cli_bad_settings_are_one_line_errors(capsys):
     import socket
 

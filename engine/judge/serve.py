@@ -25,6 +25,7 @@ import asyncio
 import base64
 import io
 import json
+import os
 import time
 
 import numpy as np
@@ -296,7 +297,13 @@ def build_backend(kind: str, model: str, *, device: str | None, max_batch: int):
             raise SystemExit("serve: --backend transformers needs --model PATH (a local Qwen2.5-VL folder)")
         from engine.judge.transformers_vlm import TransformersVLM
 
-        return TransformersVLM(model, device=device, max_batch=max_batch), "chat"
+        # a missing or incomplete folder was a transformers traceback (a missing one read as a hub repo id)
+        if not os.path.isdir(model):
+            raise SystemExit(f"serve: --model {model!r} is not a folder (a local Qwen2.5-VL folder)")
+        try:
+            return TransformersVLM(model, device=device, max_batch=max_batch), "chat"
+        except OSError as e:
+            raise SystemExit(f"serve: cannot load --model {model!r}: {e}") from None
     if kind == "oracle":
         try:
             from engine.world.oracle import OracleJudge
