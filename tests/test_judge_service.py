@@ -330,3 +330,13 @@ def test_a_service_with_bad_settings_leaves_no_thread_running():
         JudgeService(GatedJudge(), max_batch=0)
     after = {t for t in threading.enumerate() if t.name == "judge-service" and t.is_alive()}
     assert after <= before
+
+
+def test_submit_many_with_a_bad_request_queues_none_of_them():
+    # the requests before the bad one were sent and judged, and no handle could read their verdicts
+    with FaultServer() as srv:
+        service = JudgeService(OpenAIJudge(srv.url, "m", num_frames=1, timeout_s=5.0), max_wait_ms=0)
+        with pytest.raises(TypeError, match="JudgeRequest"):
+            service.submit_many([_req(0), _req(1), "not a request"])
+        service.close()
+    assert srv.requests == 0 and service.metrics()["answered"] == 0

@@ -367,7 +367,14 @@ class JudgeService:
         """Queue ``requests``; returns a handle to their verdicts."""
         if self._closed:
             raise RuntimeError("JudgeService.submit_many: the service is closed")
-        futures = self._call(self._enqueue(list(requests)))
+        requests = list(requests)
+        # checked before any is queued: the ones before a bad one were judged with no handle to read them
+        bad = [type(r).__name__ for r in requests if not isinstance(r, JudgeRequest)]
+        if bad:
+            raise TypeError(
+                f"JudgeService.submit_many: expected JudgeRequests, got {', '.join(sorted(set(bad)))}"
+            )
+        futures = self._call(self._enqueue(requests))
 
         async def gather() -> list[Verdict]:
             return list(await asyncio.gather(*futures))
