@@ -13,6 +13,7 @@ run; it is filled in by :func:`add_ratios`.
 
 from __future__ import annotations
 
+import argparse
 import datetime as _dt
 import json
 import os
@@ -95,6 +96,16 @@ def bench_fn(fn: Callable[[], Any], *, warmup: int = 3, rep: int = 10) -> float:
 # Set by bench.gpu_check in a module's process: every record is also appended there as a JSON line, so the
 # records of a module killed at its time limit are kept.
 JOURNAL: Path | None = None
+
+
+def module_args(doc: str | None, argv: list[str] | None = None, **flags: str) -> argparse.Namespace:
+    """Options of a gpu_<area> module run alone: --quick and ``flags`` (name: help). --help prints the
+    module's docstring and an unknown option is an error; before, both ran the whole benchmark."""
+    ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="one shape per benchmark")
+    for name, help_ in flags.items():
+        ap.add_argument(f"--{name}", action="store_true", help=help_)
+    return ap.parse_args(argv)
 
 
 def module_budget(default: float, reserve: float) -> float:

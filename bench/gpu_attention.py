@@ -10,7 +10,6 @@ tile configs the autotuner chose (record "attention.configs").
 from __future__ import annotations
 
 import json
-import sys
 import time
 
 import torch
@@ -152,6 +151,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from bench.common import add_ratios
+    from bench.common import add_ratios, module_args
 
-    print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
+    args = module_args(__doc__)
+
+    print(json.dumps(add_ratios(run(quick=args.quick)), indent=1))

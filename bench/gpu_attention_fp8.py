@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import sys
 import time
 
 import torch
@@ -234,7 +233,10 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    if "--accuracy" in sys.argv:
+    from bench.common import module_args
+
+    args = module_args(__doc__, accuracy="CPU: the accuracy table with the emulation")
+    if args.accuracy:
         torch.manual_seed(0)
         t0 = time.time()
         for grid in ((4, 16, 24), (8, 16, 30)):
@@ -244,4 +246,4 @@ if __name__ == "__main__":
     else:
         from bench.common import add_ratios
 
-        print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
+        print(json.dumps(add_ratios(run(quick=args.quick)), indent=1))

@@ -23,7 +23,6 @@ attention modules time the totals with their baselines).
 from __future__ import annotations
 
 import json
-import sys
 from collections import defaultdict
 
 import torch
@@ -117,4 +116,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
+    from bench.common import module_args
+
+    args = module_args(__doc__)
+    print(json.dumps(run(quick=args.quick), indent=1))

@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-import sys
 import traceback
 from collections.abc import Callable
 
@@ -212,6 +211,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from bench.common import add_ratios
+    from bench.common import add_ratios, module_args
 
-    print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
+    args = module_args(__doc__)
+
+    print(json.dumps(add_ratios(run(quick=args.quick)), indent=1))

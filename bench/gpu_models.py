@@ -30,7 +30,6 @@ import contextlib
 import dataclasses
 import json
 import os
-import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -407,6 +406,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from bench.common import add_ratios
+    from bench.common import add_ratios, module_args
 
-    print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
+    args = module_args(__doc__)
+
+    print(json.dumps(add_ratios(run(quick=args.quick)), indent=1))

@@ -11,7 +11,6 @@ diffusers' HunyuanVideo15Transformer3DModel with the same config and weights, in
 from __future__ import annotations
 
 import json
-import sys
 
 import torch
 
@@ -69,6 +68,8 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    from bench.common import add_ratios
+    from bench.common import add_ratios, module_args
 
-    print(json.dumps(add_ratios(run(quick="--quick" in sys.argv)), indent=1))
+    args = module_args(__doc__)
+
+    print(json.dumps(add_ratios(run(quick=args.quick)), indent=1))

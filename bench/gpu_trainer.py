@@ -19,7 +19,6 @@ from __future__ import annotations
 import gc
 import json
 import os
-import sys
 import tempfile
 import time
 from typing import Any
@@ -159,4 +158,7 @@ def run(quick: bool = False) -> list[dict]:
 
 
 if __name__ == "__main__":
-    print(json.dumps(run(quick="--quick" in sys.argv), indent=1))
+    from bench.common import module_args
+
+    args = module_args(__doc__)
+    print(json.dumps(run(quick=args.quick), indent=1))

@@ -209,3 +209,24 @@ def test_a_misspelt_case_or_shape_fails_the_cpu_rehearsal(tmp_path):
     errors = {r["name"]: r["extra"]["message"] for r in json.loads(path.read_text())["records"]}
     assert "GPU_TRAINER_CASES: unknown ['fp8_tee']" in errors["trainer.module"]
     assert "GPU_FP8_SHAPES: unknown ['hy1.5-480p']" in errors["attention_fp8.module"]
+
+
+@pytest.mark.filterwarnings("ignore:'bench.gpu_:RuntimeWarning")  # runpy of a module imported for its doc
+@pytest.mark.parametrize("area", ["attention", "attention_fp8", "attention_profile", "data", "elementwise",
+                                  "models", "models_hunyuan", "trainer"])  # fmt: skip
+def test_a_module_run_alone_prints_its_help_and_refuses_an_unknown_option(area, monkeypatch, capsys):
+    """``python -m bench.gpu_<area> --help`` ran the whole benchmark (on a GPU: minutes), as did a misspelt
+    option such as --quik; now --help prints the module's docstring and an unknown option exits 2."""
+    import importlib
+    import runpy
+
+    doc = importlib.import_module(f"bench.gpu_{area}").__doc__
+    monkeypatch.setattr(sys, "argv", [f"gpu_{area}.py", "--help"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(f"bench.gpu_{area}", run_name="__main__")
+    out = capsys.readouterr().out
+    assert e.value.code == 0 and doc.splitlines()[0] in out and "CUDA" not in out.split("options:")[-1]
+    monkeypatch.setattr(sys, "argv", [f"gpu_{area}.py", "--quik"])
+    with pytest.raises(SystemExit) as e:
+        runpy.run_module(f"bench.gpu_{area}", run_name="__main__")
+    assert e.value.code == 2 and "unrecognized arguments: --quik" in capsys.readouterr().err
