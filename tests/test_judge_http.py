@@ -407,6 +407,34 @@ def test_serve_answers_expect_100_continue():
     assert interim.startswith(b"HTTP/1.1 100") and final.startswith(b"HTTP/1.1 400")
 
 
+def test_serve_aclose_does_not_wait_for_a_request_in_flight():
+    """aclose waited up to 5 s for the handler of a request whose backend was still busy (ctrl-C hung)."""
+    import httpx
+
+    from engine.judge import build_prompt
+    from engine.judge.openai import chat_payload
+
+    img = np.zeros((8, 8, 3), np.uint8)
+    prompt = build_prompt(JudgeRequest("[Agent]: push fault=slow", "task", frames=[img]))
+    body = chat_payload("m", ChatItem([img], prompt))
+
+    async def run(srv: FaultServer) -> float:
+        server = JudgeServer(_judge(srv.url, timeout_s=20.0), mode="judge", model_name="m")
+        port = await server.start()
+        async with httpx.AsyncClient(timeout=30) as c:
+            post = asyncio.create_task(c.post(f"http://127.0.0.1:{port}/v1/chat/completions", json=body))
+            while srv.in_flight == 0:  # the request reached the slow backend
+                await asyncio.sleep(0.01)
+            t0 = time.perf_counter()
+            await server.aclose()
+            elapsed = time.perf_counter() - t0
+            await asyncio.gather(post, return_exceptions=True)  # cut: no answer
+        return elapsed
+
+    with FaultServer(slow_s=8.0) as srv:
+        assert asyncio.run(run(srv)) < 2.0
+
+
 def test_serve_cli_subprocess(tiny_vlm):
     path, _ = tiny_vlm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WMSD_LOG_LEVEL": "WARNING"}

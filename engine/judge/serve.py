@@ -166,12 +166,15 @@ class JudgeServer:
             self._server.close()
             for writer in list(self._writers):
                 writer.close()
+        # before waiting for the handlers: one awaiting a verdict returned only when the backend answered
+        # (aclose hung 5 s)
+        await self.judge.aclose(drain=False)
+        if self._server is not None:
             await self._server.wait_closed()
             # the handlers see their connection closed and return; waiting for them leaves no task for the
             # event loop's shutdown to cancel (Python 3.11 logs such a cancelled stream handler as an error)
             if self._handlers:
                 await asyncio.wait(list(self._handlers), timeout=5.0)
-        await self.judge.aclose(drain=False)
 
     def _request(self, body: dict) -> JudgeRequest:
         """The JudgeRequest a chat completion body asks for; BadRequest (HTTP 400) for any invalid one."""
