@@ -328,6 +328,32 @@ def test_serve_answers_400_to_invalid_bodies():
     assert bool_tokens.status_code == 400 and "max_tokens" in bool_tokens.json()["error"]["message"]
 
 
+def test_serve_answers_400_to_a_decompression_bomb_image():
+    """A PNG whose header claims 10^10 pixels raised PIL's DecompressionBombError (not a ValueError or
+    OSError) in the connection's handler: the connection was cut without an answer, which clients retry."""
+    import base64
+    import struct
+    import zlib
+
+    def chunk(tag: bytes, data: bytes) -> bytes:
+        return struct.pack(">I", len(data)) + tag + data + struct.pack(">I", zlib.crc32(tag + data))
+
+    ihdr = struct.pack(">IIBBBBB", 100_000, 100_000, 8, 2, 0, 0, 0)
+    png = (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"")) + chunk(b"IEND", b"")
+    )
+    url = "data:image/png;base64," + base64.b64encode(png).decode()
+    body = {"messages": [{"role": "user", "content": [{"type": "image_url", "image_url": {"url": url}}]}]}
+
+    async def send(c, url: str) -> list:
+        return [await c.post(url, json=body), await c.get(url.replace("/v1/chat/completions", "/health"))]
+
+    with FaultServer() as srv:
+        bomb, health = asyncio.run(_post_to_judge_server(srv, send))
+    assert bomb.status_code == 400 and "undecodable image" in bomb.json()["error"]["message"]
+    assert health.status_code == 200
+
+
 def test_serve_refuses_a_chunked_body_and_answers_the_next_request():
     """A chunked upload (httpx streaming a body) gets 400 saying so; it read as an empty body ('Expecting
     value') and its chunks stayed in the keep-alive stream: the next, valid request got 404 'no route 64'."""

@@ -64,7 +64,8 @@ def decode_image(url: str) -> np.ndarray:
     try:
         raw = base64.b64decode(url.split(";base64,", 1)[1], validate=True)
         return np.asarray(Image.open(io.BytesIO(raw)).convert("RGB"))
-    except (ValueError, OSError) as e:
+    # a bomb (a header claiming 10^10 pixels) is no ValueError/OSError: it crashed the connection's handler
+    except (ValueError, OSError, EOFError, Image.DecompressionBombError) as e:
         raise BadRequest(f"image_url: undecodable image ({e})") from e
 
 
