@@ -28,6 +28,11 @@ LOGS="$(mktemp -d)"
 mkdir -p "$OUT"
 export PYTHONUNBUFFERED=1 PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 PY=${PYTHON:-python3}
+# a misspelt GPU_ONLY area is refused here, before the build and the tests spend device time
+GPU_ONLY="${GPU_ONLY:-}"; GPU_ONLY="${GPU_ONLY// /}"
+for area in ${GPU_ONLY//,/ }; do
+  [ -f "bench/gpu_$area.py" ] || { echo "GPU_ONLY: no module bench/gpu_$area.py (areas: bench/gpu_check.py MODULES)"; exit 2; }
+done
 t0=$(date +%s)
 step() { echo "[$(( $(date +%s) - t0 ))s] $*"; }
 

@@ -4,6 +4,7 @@ Each module runs in a real subprocess; without CUDA a module returns its "no CUD
 """
 
 import json
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -230,3 +231,27 @@ def test_a_module_run_alone_prints_its_help_and_refuses_an_unknown_option(area, 
     with pytest.raises(SystemExit) as e:
         runpy.run_module(f"bench.gpu_{area}", run_name="__main__")
     assert e.value.code == 2 and "unrecognized arguments: --quik" in capsys.readouterr().err
+
+
+def _gpu_check_sh(tmp_path: Path, only: str) -> subprocess.CompletedProcess:
+    """bench/gpu_check.sh from a copy of bench/ (no setup.py there: its build step fails at once and leaves
+    the checkout's kernels._C alone), tests and ncu off."""
+    import shutil
+
+    tree = tmp_path / "tree"
+    shutil.copytree(ROOT / "bench", tree / "bench", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "GPU_ONLY": only,
+           "GPU_TESTS": "0", "GPU_NCU": "0", "OUT": str(tmp_path / "out"), "WMSD_COMMIT": "abc1234"}  # fmt: skip
+    return subprocess.run(["bash", "bench/gpu_check.sh"], cwd=tree, capture_output=True, text=True, timeout=120,
+                          env=env)  # fmt: skip
+
+
+def test_gpu_check_sh_refuses_a_misspelt_area_before_the_build_and_takes_spaces(tmp_path):
+    """A misspelt GPU_ONLY area was found only after the build and the GPU tests ("module not present" at
+    the end); "attention, elementwise" split into two arguments and gpu_check refused them, no module ran."""
+    bad = _gpu_check_sh(tmp_path / "bad", "attention, atention")
+    assert bad.returncode == 2 and "bench/gpu_atention.py" in bad.stdout and "building" not in bad.stdout
+    good = _gpu_check_sh(tmp_path / "good", "attention, elementwise")
+    (path,) = (tmp_path / "good" / "out").glob("*_gpu_check.json")
+    names = {r["name"] for r in json.loads(path.read_text())["records"]}
+    assert {"attention.module", "elementwise.module"} <= names, good.stdout + good.stderr
