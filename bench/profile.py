@@ -182,6 +182,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--steps", type=int, default=6, help="training steps (the first is not profiled)")
     ap.add_argument("--run-dir", default="", help="where the trace goes (default: a temporary folder)")
     args, rest = ap.parse_known_args(argv)
+    if args.steps < 2:  # a usage error, not profile_training's traceback
+        ap.error(f"--steps {args.steps}: expected >= 2 (one warm-up step, then profiled steps)")
     try:
         cfg = build_config(JobConfig, load_toml(args.config) if args.config else {},
                            overrides_to_dict(JobConfig, rest))  # fmt: skip

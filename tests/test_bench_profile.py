@@ -24,3 +24,12 @@ def test_random_latents_fit_the_model_and_count_its_flops(family):
         v = model.predict_velocity(mb["x0"], torch.tensor([0.5]), cond)
     assert v.shape == mb["x0"].shape
     assert abs(batches.fwd_flops / counter.get_total_flops() - 1) < 1e-6
+
+
+def test_too_few_steps_is_a_usage_error_not_a_traceback(capsys):
+    """``--steps 1`` (nothing left to profile after the warm-up step) raised ValueError from profile_training."""
+    from bench.profile import main
+
+    with pytest.raises(SystemExit) as e:
+        main(["--steps", "1"])
+    assert e.value.code == 2 and "--steps 1: expected >= 2" in capsys.readouterr().err
