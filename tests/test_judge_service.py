@@ -340,3 +340,21 @@ def test_submit_many_with_a_bad_request_queues_none_of_them():
             service.submit_many([_req(0), _req(1), "not a request"])
         service.close()
     assert srv.requests == 0 and service.metrics()["answered"] == 0
+
+
+def test_the_cache_keeps_the_most_recently_used_verdicts_only():
+    """The cache of "ok" verdicts never shrank: a long RL run judging new videos held every verdict (its
+    raw answer included) for the whole run. It now keeps the cache_size most recently used."""
+
+    async def run():
+        backend = GatedJudge()
+        judge = AsyncJudge(backend, max_batch=1, max_wait_ms=0, max_concurrency=1, cache_size=2)
+        for i in (0, 1, 0, 2, 0, 1):  # 0 used again before 2 comes: 1 is the one dropped, not 0
+            assert (await (await judge.submit(_req(i)))).score == i / 1000
+        await judge.aclose()
+        return backend, judge.metrics()
+
+    backend, m = asyncio.run(run())
+    assert len(backend.batches) == 4 and m["cache_hits"] == 2  # 0, 1, 2 judged, then 1 again; 0 served twice
+    with pytest.raises(ValueError, match="cache_size must be >= 1"):
+        AsyncJudge(GatedJudge(), cache_size=0)

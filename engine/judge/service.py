@@ -8,7 +8,8 @@
 Batching: a dispatcher takes a concurrency slot, waits for the first queued request, then gathers
 more until ``max_batch`` requests or ``max_wait_ms`` have passed, and runs the batch as its own
 task. With every slot busy the queue grows, so batches grow with load. Requests with equal
-:func:`engine.judge.base.cache_key` share one verdict: finished "ok" verdicts are cached, and a
+:func:`engine.judge.base.cache_key` share one verdict: finished "ok" verdicts are cached (the
+``cache_size`` most recently used), and a
 duplicate of a request still in flight waits on the first one (on the request's own future, so a caller
 that cancels its future, e.g. by ``asyncio.wait_for``, cancels only its own wait). A request whose key
 cannot be made (an unreadable video) is judged uncached: its backend answers "error". Backend exceptions
@@ -27,7 +28,7 @@ import asyncio
 import concurrent.futures
 import threading
 import time
-from collections import Counter, deque
+from collections import Counter, OrderedDict, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -67,6 +68,7 @@ class AsyncJudge:
         max_queue: int = 1024,
         cache: bool = True,
         batch_timeout_s: float | None = None,
+        cache_size: int = 65536,
     ) -> None:
         if not hasattr(backend, "score"):
             raise TypeError(f"AsyncJudge: backend {type(backend).__name__} has no async score(requests)")
@@ -76,6 +78,10 @@ class AsyncJudge:
                 f"AsyncJudge: need max_batch, max_concurrency, max_queue >= 1 and max_wait_ms >= 0; got "
                 f"{max_batch}, {max_concurrency}, {max_queue}, {max_wait_ms}"
             )
+        if cache_size < 1:
+            raise ValueError(
+                f"AsyncJudge: cache_size must be >= 1 (cache=False turns the cache off), got {cache_size}"
+            )
         if batch_timeout_s is not None and not batch_timeout_s > 0:  # 0: every verdict a "timeout"
             raise ValueError(f"AsyncJudge: batch_timeout_s must be > 0 or None, got {batch_timeout_s}")
         self.backend = backend
@@ -83,7 +89,9 @@ class AsyncJudge:
         self.max_concurrency, self.max_queue = max_concurrency, max_queue
         self.batch_timeout_s = batch_timeout_s
         self.use_cache = cache
-        self._cache: dict[tuple, Verdict] = {}
+        # least recently used first: a long RL run judges new videos for days (the cache held them all)
+        self._cache: OrderedDict[tuple, Verdict] = OrderedDict()
+        self.cache_size = cache_size
         self._inflight: dict[tuple, asyncio.Future] = {}
         self._queue: asyncio.Queue | None = None
         self._dispatcher: asyncio.Task | None = None
@@ -152,6 +160,7 @@ class AsyncJudge:
     def _serve_from_cache(self, key: tuple, fut: asyncio.Future, t0: float) -> bool:
         if key in self._cache:
             self._cache_hits += 1
+            self._cache.move_to_end(key)
             v = self._cache[key]
             self._finish(fut, Verdict(v.score, v.status, v.raw, 0.0), t0)
             return True
@@ -252,6 +261,9 @@ class AsyncJudge:
         if entry.key is not None:
             if verdict.status == "ok":
                 self._cache[entry.key] = verdict
+                self._cache.move_to_end(entry.key)
+                if len(self._cache) > self.cache_size:
+                    self._cache.popitem(last=False)
             if self._inflight.get(entry.key) is entry.future:
                 del self._inflight[entry.key]
         entry.future.set_result(verdict)
