@@ -30,6 +30,8 @@ import torch
 import triton
 import triton.language as tl
 
+from kernels import no_double_backward
+
 _NORMS = ("layer", "rms")
 
 
@@ -468,18 +470,8 @@ def _gated_backward(ctx, dout):
 _gated_fwd_op.register_autograd(_gated_backward, setup_context=_gated_setup)
 
 
-def _no_double_backward(op, what: str, hint: str) -> None:
-    """Autograd of a backward op: a clear error on a second derivative (torch's error named the internal op
-    and asked for register_autograd)."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{what}: no double backward (its backward is not differentiable); {hint}")
-
-    op.register_autograd(backward)
-
-
-_no_double_backward(_adaln_bwd_op, "adaln_modulate backend 'triton'", "use backend='torch'")
-_no_double_backward(_gated_bwd_op, "gated_residual backend 'triton'", "use backend='torch'")
+no_double_backward(_adaln_bwd_op, "adaln_modulate backend 'triton'", "use backend='torch'")
+no_double_backward(_gated_bwd_op, "gated_residual backend 'triton'", "use backend='torch'")
 
 
 def _use_triton(backend: str, *tensors: torch.Tensor) -> bool:

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
+from kernels import no_double_backward
 from kernels.rope import apply_rope, apply_rope_reference, tables_need_grad
 
 try:  # host-side TMA descriptors (Triton >= 3.4)
@@ -662,17 +663,7 @@ def _attention_backward(ctx, do, dlse):
 _attention_fwd_op.register_autograd(_attention_backward, setup_context=_attention_setup)
 
 
-def _no_double_backward(op, what: str, hint: str) -> None:
-    """Autograd of a backward op: a clear error on a second derivative (torch's error named the internal op
-    and asked for register_autograd)."""
-
-    def backward(ctx, *grads):
-        raise RuntimeError(f"{what}: no double backward (its backward is not differentiable); {hint}")
-
-    op.register_autograd(backward)
-
-
-_no_double_backward(
+no_double_backward(
     _attention_bwd_op, "attention backend 'triton'", "use backend='torch' for second derivatives"
 )
 

@@ -87,7 +87,8 @@ import torch.nn.functional as F
 import triton
 import triton.language as tl
 
-from kernels.attention import _attn_bwd_delta, _bucket, _no_double_backward, _slab_i64, fp32_math
+from kernels import no_double_backward
+from kernels.attention import _attn_bwd_delta, _bucket, _slab_i64, fp32_math
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -1307,7 +1308,7 @@ def _fp8_backward(ctx, do, dlse, *_):
 
 
 _fp8_fwd_op.register_autograd(_fp8_backward, setup_context=_fp8_setup)
-_no_double_backward(_fp8_bwd_op, "attention_fp8", "use attention_fp8_emulated or backend='torch'")
+no_double_backward(_fp8_bwd_op, "attention_fp8", "use attention_fp8_emulated or backend='torch'")
 
 
 _WARNED: set[str] = set()
