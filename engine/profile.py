@@ -2,7 +2,9 @@
 
 ``Profiler(cfg.profile, trace_dir)`` is a context manager; call ``step()`` once per training step.
 With ``enabled`` it records ``wait`` idle, ``warmup`` and ``active`` steps (torch.profiler.schedule)
-and writes ``trace_<step>.json`` (open in chrome://tracing or Perfetto). :func:`span` marks a phase
+and writes ``trace_<step>.json`` (open in chrome://tracing or Perfetto), ``<step>`` the last recorded
+step counted from ``start_step`` (the trainer's step at its first training step: a resumed run's trace
+is named by the global step, not counted from the resume). :func:`span` marks a phase
 (forward / backward / optimizer / judge_wait) both for torch.profiler (record_function) and for
 Nsight Systems (NVTX ranges on CUDA).
 """
@@ -52,6 +54,7 @@ class Profiler:
         self.cfg, self.trace_dir = cfg, Path(trace_dir)
         self.prof: profile | None = None
         self.traces: list[Path] = []
+        self.start_step, self._entered = 0, False
         if cfg.enabled:
             for name in ("wait", "warmup", "active"):
                 if getattr(cfg, name) < (1 if name == "active" else 0):
@@ -69,18 +72,25 @@ class Profiler:
 
     def _export(self, prof: profile) -> None:
         self.trace_dir.mkdir(parents=True, exist_ok=True)
-        path = self.trace_dir / f"trace_{prof.step_num}.json"
+        path = self.trace_dir / f"trace_{self.start_step + prof.step_num}.json"
         prof.export_chrome_trace(str(path))
         self.traces.append(path)
         log.info("profiler trace written: %s", path)
 
+    def start(self, step: int = 0) -> Profiler:
+        """Enter the profiler at training step ``step`` (the steps done before it: a resume's)."""
+        self.start_step = step
+        return self.__enter__()
+
     def __enter__(self) -> Profiler:
-        if self.prof is not None:
+        if self.prof is not None and not self._entered:
             self.prof.__enter__()
+            self._entered = True
         return self
 
     def __exit__(self, *exc: Any) -> None:
-        if self.prof is not None:
+        if self.prof is not None and self._entered:
+            self._entered = False
             self.prof.__exit__(*exc)
 
     def step(self) -> None:

@@ -337,7 +337,8 @@ class Trainer:
             peak_flops=peak,
         )
         trace_dir = cfg.profile.trace_dir or str(self.run_dir / "trace")
-        self.profiler = Profiler(cfg.profile, trace_dir, is_main=d.is_main).__enter__()
+        # entered at the first step: its first window step is a training step, not construction + resume
+        self.profiler = Profiler(cfg.profile, trace_dir, is_main=d.is_main)
 
     def _resume(self) -> None:
         step = self.checkpointer.maybe_resume()
@@ -380,6 +381,7 @@ class Trainer:
         # the first logged interval is timed from here, not from construction (a resume's checkpoint load)
         if not self._stepped:
             self.metrics.restart_clock()
+            self.profiler.start(self.state.step)
             self._stepped = True
             self._install_signal_handlers()
         micro = self.batches.next(self.state.step, self.model)
