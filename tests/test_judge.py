@@ -59,6 +59,19 @@ def test_parse_yes_no_and_last_score_line():
 @pytest.mark.parametrize(
     "text",
     [
+        "Score: 1\nOn reflection the last frame shows it only partly.\nScore: 0,3",
+        "Score: 1\nScore: 2e-1",
+        "Score: 1.0\nScore: 0.2 (on a scale of 5)",
+    ],
+)
+def test_an_unread_last_score_line_is_not_replaced_by_an_earlier_one(text):
+    # the last score line decides; an earlier draft line read in its place made the reward up (1.0)
+    assert parse_answer(text) == (None, "parse_error")
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
         "",
         "   ",
         "I cannot tell.",

@@ -129,6 +129,8 @@ _SCORE_LINE = re.compile(
     r"\bscore\s*[:=]\s*\**\s*" + _NUM + _NUM_END + r"(?![^\n]*\b(?:out\s+of|scale\s+(?:of|from))\s+\d)",
     re.IGNORECASE,
 )
+# where a score line with a number starts, read or not: an earlier line must not stand in for an unread last one
+_SCORE_HEAD = re.compile(r"\bscore\s*[:=]\s*\**\s*[-+]?\d", re.IGNORECASE)
 _BARE_NUM = re.compile(r"^\s*" + _NUM + r"\s*\.?\s*$", re.IGNORECASE)
 # the answer word alone: not the start of "Yes/No: no", "yes or no? no", "no-one", "yes-ish"
 _YES_NO = re.compile(
@@ -176,9 +178,10 @@ def parse_answer(text: str) -> tuple[float | None, str]:
     found, score = _parse_json(text)
     if found:
         return (score, "ok") if score is not None else (None, "parse_error")
-    lines = _SCORE_LINE.findall(text)
-    if lines:
-        score = _to_unit(*lines[-1])
+    heads = list(_SCORE_HEAD.finditer(text))
+    if heads:
+        m = _SCORE_LINE.match(text, heads[-1].start())
+        score = _to_unit(m.group(1), m.group(2)) if m else None
         return (score, "ok") if score is not None else (None, "parse_error")
     m = _BARE_NUM.match(text)
     if m:
