@@ -91,6 +91,60 @@ def test_phone_video_with_a_display_rotation_is_read_upright(tmp_path, suffix, c
         assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 30, r
 
 
+@pytest.mark.parametrize(
+    "suffix,codec,decoder,rotation",
+    [(".mkv", "mjpeg", "pyav", 0), (".mkv", "mjpeg", "dali_cpu", 0), (".mp4", "libx264", "pyav", 0),
+     (".mp4", "libx264", "pyav", 90)],
+)  # fmt: skip
+def test_anamorphic_video_is_read_at_its_display_aspect(tmp_path, suffix, codec, decoder, rotation):
+    """Non-square pixels (DV, DVD, broadcast): frames stored 32 x 32 with a sample aspect ratio of 2:1 show 64 x 32
+    in a player. The dataset gives the clip of the same picture stored with square pixels, in the landscape bucket
+    (before, the stored frames as if square: the 1:1 bucket, or a crop of the middle half); with a quarter turn
+    the stretch is vertical."""
+    import av
+
+    from engine.data.decode import dali_available, probe
+    from engine.data.synthetic import make_frames
+
+    if decoder == "dali_cpu" and dali_available():
+        pytest.skip(f"DALI CPU decoder unavailable: {dali_available()}")
+
+    def encode(path: Path, frames: np.ndarray, sar: int = 1, rotation: int = 0) -> Path:
+        with av.open(str(path), "w") as c:
+            s = c.add_stream(codec, rate=8)
+            s.height, s.width = frames.shape[1:3]
+            s.pix_fmt = "yuvj444p" if codec == "mjpeg" else "yuv444p"
+            s.options = {"q:v": "2"} if codec == "mjpeg" else {"crf": "4", "preset": "ultrafast"}
+            if sar != 1:
+                s.codec_context.sample_aspect_ratio = sar
+            if rotation:
+                s.set_display_rotation(rotation)
+            for f in frames:
+                for pk in s.encode(av.VideoFrame.from_ndarray(np.ascontiguousarray(f), format="rgb24")):
+                    c.mux(pk)
+            for pk in s.encode():
+                c.mux(pk)
+        return path
+
+    shown = make_frames(4, 32, 64, ident=5).astype(np.uint16)  # as a player shows it: 64 wide, 32 high
+    if rotation:  # shown portrait, 32 wide and 64 high: stored landscape, turned by the display matrix
+        shown = np.ascontiguousarray(shown.transpose(0, 2, 1, 3))
+    stored = np.rot90(shown, k=-rotation // 90, axes=(1, 2))  # 64 wide, 32 high
+    squeezed = ((stored[:, :, 0::2] + stored[:, :, 1::2]) // 2).astype(np.uint8)  # 2:1 pixels, 32 x 32
+    encode(tmp_path / f"square{suffix}", shown.astype(np.uint8))
+    info = probe(encode(tmp_path / f"anamorphic{suffix}", squeezed, sar=2, rotation=rotation))
+    assert (info.width, info.height, info.pixel_aspect, info.rotation % 360) == (32, 32, 2.0, rotation)
+    rows = [{"video": f"square{suffix}"}, {"video": f"anamorphic{suffix}"}]
+    h, w = shown.shape[1:3]
+    for buckets in (False, True):
+        ds = VideoDataset(_manifest(tmp_path / "m.jsonl", rows), num_frames=3, height=h, width=w,
+                          aspect_buckets=buckets, bucket_multiple=8, decoder=decoder)  # fmt: skip
+        ref, v = [it["video"] for it in ds]
+        assert ds.skipped == [] and ref.shape == v.shape == (3, 3, h, w), buckets
+        mse = (((v - ref) * 127.5) ** 2).mean().item()
+        assert 10 * np.log10(255**2 / max(mse, 1e-9)) > 30, buckets
+
+
 def test_manifest_saved_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
     """A manifest written by a Windows editor or a spreadsheet export: UTF-8 with a byte-order mark, CRLF line
     ends, non-ASCII captions. Every row is read, the captions as written (before, the first row was skipped as

@@ -214,11 +214,13 @@ class VideoDataset:
         if i in self._bad:
             raise SkipItem("quarantined earlier")
         try:
-            frames = (
-                self._load_image(row["path"]) if row["kind"] == "image" else self._load_video(i, row["path"])
+            frames, aspect = (
+                (self._load_image(row["path"]), 1.0)
+                if row["kind"] == "image"
+                else self._load_video(i, row["path"])
             )
             video = (resize_crop if compact else resize_crop_normalize)(
-                frames, *self._bucket_for(row["path"], frames)
+                frames, *self._bucket_for(row["path"], frames, aspect), pixel_aspect=aspect
             )
         except (SkipItem, DecodeError) as e:
             self._bad.add(i)
@@ -245,10 +247,10 @@ class VideoDataset:
 
     # --- loading ------------------------------------------------------------------------------
 
-    def _bucket_for(self, path: Path, frames: torch.Tensor) -> tuple[int, int]:
+    def _bucket_for(self, path: Path, frames: torch.Tensor, pixel_aspect: float = 1.0) -> tuple[int, int]:
         h, w = int(frames.shape[1]), int(frames.shape[2])
-        bh, bw = nearest_bucket(h, w, self.buckets)
-        scale = max(bh / h, bw / w)
+        bh, bw = nearest_bucket(h, w * pixel_aspect, self.buckets)  # the shape a player shows
+        scale = max(bh / h, bw / (w * pixel_aspect))
         if scale > self.max_upscale:
             raise SkipItem(
                 f"resolution {w}x{h} too small for bucket {bw}x{bh} (needs {scale:.2f}x upscale > max_upscale "
@@ -282,7 +284,8 @@ class VideoDataset:
             return 0
         return random.Random(f"{self.seed}/{self.epoch}/{i}").randint(0, latest)
 
-    def _load_video(self, i: int, path: Path) -> torch.Tensor:
+    def _load_video(self, i: int, path: Path) -> tuple[torch.Tensor, float]:
+        """The clip's frames (T, H, W, 3) upright, and the width / height of their pixels."""
         info = probe(path)
         if info.pix_fmt not in SUPPORTED_PIX_FMTS:
             raise SkipItem(
@@ -301,8 +304,10 @@ class VideoDataset:
         if info.codec == "vp9":
             check_vp9(path, idx)  # damage that FFmpeg's decoder (PyAV's, DALI's) would conceal
         frames = self._decode(path, info.codec, idx)
-        # upright as a player shows it (ffmpeg's autorotate): frames (T, H, W, 3) turned counterclockwise
-        return torch.rot90(frames, info.rotation // 90, dims=(1, 2)) if info.rotation else frames
+        # upright as a player shows it (ffmpeg's autorotate): frames (T, H, W, 3) turned counterclockwise; a
+        # quarter turn makes a pixel's width its height
+        aspect = 1.0 / info.pixel_aspect if info.rotation % 180 else info.pixel_aspect
+        return (torch.rot90(frames, info.rotation // 90, dims=(1, 2)) if info.rotation else frames), aspect
 
     def _decode(self, path: Path, codec: str, idx: list[int]) -> torch.Tensor:
         usable = [d for d in self.decoders if d.supports(codec)]

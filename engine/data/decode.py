@@ -79,6 +79,9 @@ class VideoInfo:
     # degrees the container's display matrix turns the stored frames counterclockwise for display (a phone's
     # portrait video is stored landscape with -90 or 90); the decoders give the stored frames
     rotation: int = 0
+    # width / height of a stored pixel (the sample aspect ratio; anamorphic video: DV, DVD, broadcast): players
+    # show a frame w * pixel_aspect wide; the decoders give the stored frames
+    pixel_aspect: float = 1.0
 
 
 def _display_rotation(ctx, packet) -> int | None:
@@ -183,6 +186,7 @@ def probe(path: str | Path) -> VideoInfo:
             pts.sort()
             if rotation is None:
                 rotation = _display_rotation(ctx, None) or 0
+            sar = s.sample_aspect_ratio or ctx.sample_aspect_ratio  # the container's, else the bitstream's
             return VideoInfo(
                 codec=ctx.name,
                 width=int(ctx.width),
@@ -192,6 +196,7 @@ def probe(path: str | Path) -> VideoInfo:
                 num_frames=n,
                 timestamps=tuple(t - pts[0] for t in pts) if len(pts) == n and n else (),
                 rotation=rotation,
+                pixel_aspect=float(sar) if sar and sar > 0 else 1.0,
             )
     except DecodeError:
         raise

@@ -145,37 +145,44 @@ def cover_scale(h: int, w: int, out_h: int, out_w: int) -> float:
     return max(out_h / h, out_w / w)
 
 
-def resize_crop_normalize(frames: torch.Tensor, out_h: int, out_w: int, *, chunk: int = 8) -> torch.Tensor:
+def resize_crop_normalize(
+    frames: torch.Tensor, out_h: int, out_w: int, *, chunk: int = 8, pixel_aspect: float = 1.0
+) -> torch.Tensor:
     """uint8 ``(T, H, W, 3)`` -> float32 ``(3, T, out_h, out_w)`` in [-1, 1]: cover-resize, centre crop.
 
     Downscaling uses antialiased bilinear filtering; x_out = x / 127.5 - 1. Frames go through in chunks of
-    ``chunk``: float32 copies of a whole full-resolution clip took 4-8x its uint8 frames.
+    ``chunk``: float32 copies of a whole full-resolution clip took 4-8x its uint8 frames. ``pixel_aspect``: the
+    width / height of a stored pixel; the frames are resized as shown, ``W * pixel_aspect`` wide.
     """
     out = torch.empty((3, len(frames), out_h, out_w), dtype=torch.float32, device=frames.device)
-    for k, x in _resize_crop_chunks(frames, out_h, out_w, chunk):
+    for k, x in _resize_crop_chunks(frames, out_h, out_w, chunk, pixel_aspect):
         out[:, k : k + chunk] = (x / 127.5 - 1.0).clamp_(-1.0, 1.0).permute(1, 0, 2, 3)  # -> (3, t, h, w)
     return out
 
 
-def resize_crop(frames: torch.Tensor, out_h: int, out_w: int, *, chunk: int = 8) -> torch.Tensor:
+def resize_crop(
+    frames: torch.Tensor, out_h: int, out_w: int, *, chunk: int = 8, pixel_aspect: float = 1.0
+) -> torch.Tensor:
     """:func:`resize_crop_normalize`'s resize and crop, rounded to uint8 ``(3, T, out_h, out_w)`` (a quarter of
     float32's memory); ``x / 127.5 - 1`` of it is that function's output to within 0.5 / 127.5."""
     out = torch.empty((3, len(frames), out_h, out_w), dtype=torch.uint8, device=frames.device)
-    for k, x in _resize_crop_chunks(frames, out_h, out_w, chunk):
+    for k, x in _resize_crop_chunks(frames, out_h, out_w, chunk, pixel_aspect):
         out[:, k : k + chunk] = x.round_().clamp_(0, 255).permute(1, 0, 2, 3)
     return out
 
 
-def _resize_crop_chunks(frames: torch.Tensor, out_h: int, out_w: int, chunk: int):
-    """``(k, float32 (t, 3, out_h, out_w))`` for the frames from k: cover-resized and centre-cropped."""
+def _resize_crop_chunks(frames: torch.Tensor, out_h: int, out_w: int, chunk: int, pixel_aspect: float = 1.0):
+    """``(k, float32 (t, 3, out_h, out_w))`` for the frames from k: cover-resized (as shown: ``W * pixel_aspect``
+    wide) and centre-cropped."""
     if frames.dim() != 4 or frames.shape[-1] != 3 or frames.dtype != torch.uint8:
         raise ValueError(f"frames: expected uint8 (T, H, W, 3), got {frames.dtype} {tuple(frames.shape)}")
     t, h, w, _ = frames.shape
-    s = cover_scale(h, w, out_h, out_w)
-    rh, rw = max(out_h, round(h * s)), max(out_w, round(w * s))
+    s = cover_scale(h, w * pixel_aspect, out_h, out_w)
+    rh, rw = max(out_h, round(h * s)), max(out_w, round(w * pixel_aspect * s))
     top, left = (rh - out_h) // 2, (rw - out_w) // 2
     for k in range(0, t, chunk):
         x = frames[k : k + chunk].permute(0, 3, 1, 2).float()  # (t, H, W, 3) -> (t, 3, H, W)
         if (rh, rw) != (h, w):
-            x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=s < 1)
+            aa = s * min(pixel_aspect, 1.0) < 1  # either side shrinks
+            x = F.interpolate(x, size=(rh, rw), mode="bilinear", align_corners=False, antialias=aa)
         yield k, x[:, :, top : top + out_h, left : left + out_w]
