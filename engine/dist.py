@@ -189,9 +189,11 @@ def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
     key = (dev, mesh_shape(world_size, pcfg.dp_replicate, pcfg.dp_shard, pcfg.cp))
     if dist.is_initialized() and key in _CACHE:
         return _CACHE[key]
+    global _STARTED, _TIMEOUT_S
+    # barrier() and new_group() use it too when the script made the process group itself
+    _TIMEOUT_S = pcfg.timeout_s
     if not dist.is_initialized():
-        global _STARTED, _TIMEOUT_S
-        _STARTED, _TIMEOUT_S = True, pcfg.timeout_s
+        _STARTED = True
         backend = "nccl" if dev.type == "cuda" else "gloo"
         dist.init_process_group(
             backend=backend,

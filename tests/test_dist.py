@@ -317,10 +317,13 @@ def test_checkpoint_group_gets_the_configured_timeout(tmp_path):
 
 
 BARRIER_DEFAULT_TIMEOUT_SCRIPT = """
-import os, time
+import os, sys, time
+import torch.distributed as dist
 from engine.config import ParallelConfig
 from engine.dist import DistTimeoutError, barrier, init_distributed
 
+if sys.argv[1:] == ["own-group"]:  # the script makes the process group itself (gloo's default timeout, 30 min)
+    dist.init_process_group("gloo")
 info = init_distributed(ParallelConfig(timeout_s=3), "cpu")
 if info.rank == 1:  # 12 s late
     time.sleep(12)
@@ -337,11 +340,13 @@ os._exit(0)
 
 
 @pytest.mark.dist
-def test_barrier_without_a_timeout_uses_the_configured_one(tmp_path):
+@pytest.mark.parametrize("group", ["engine", "own-group"])
+def test_barrier_without_a_timeout_uses_the_configured_one(tmp_path, group):
     """engine.dist.barrier() without timeout_s times out after parallel.timeout_s (3 s) with a message naming
     it: gloo's monitored_barrier given no timeout waits the backend's default, 30 min, so rank 0 waited for a
-    late peer (12 s here) or a stuck one (30 min)."""
-    p = _two_ranks(tmp_path, BARRIER_DEFAULT_TIMEOUT_SCRIPT)
+    late peer (12 s here) or a stuck one (30 min). With a process group the script made before
+    init_distributed, the barrier (and the checkpoint manager's group) still had the 30 min default."""
+    p = _two_ranks(tmp_path, BARRIER_DEFAULT_TIMEOUT_SCRIPT, group)
     line = next((x for x in p.stdout.splitlines() if x.startswith("rank 0:")), p.stdout + p.stderr[-2000:])
     assert line.startswith("rank 0: timed out after"), line
     assert int(line.split()[5]) <= 6 and "collective 'checkpoint commit' timed out after 3 s" in line, line
