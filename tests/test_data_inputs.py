@@ -159,3 +159,46 @@ def test_manifest_saved_with_a_byte_order_mark_keeps_its_first_row(tmp_path):
     (tmp_path / "m.jsonl").write_bytes(b"\xef\xbb\xbf" + "\r\n".join(rows).encode("utf-8") + b"\r\n")
     ds = VideoDataset(tmp_path / "m.jsonl", num_frames=2, height=16, width=16, decoder="pyav")
     assert ds.skipped == [] and [it["caption"] for it in ds] == captions
+
+
+def test_unreadable_video_is_skipped_naming_the_file(tmp_path):
+    """A video the process may not read (mode 000: a dataset copied with another user's permissions) is skipped and
+    quarantined with the reason, the other rows are used (before, the container size check's open raised
+    PermissionError out of the dataset: the loader, and the training, stopped). Run in a child without the
+    capabilities that let root read any file."""
+    import os
+    import shutil
+    import subprocess
+    import sys
+
+    from engine.data.synthetic import write_video
+
+    for name in ("locked.webm", "ok.webm"):
+        write_video(tmp_path / name, num_frames=2, height=16, width=16)
+    (tmp_path / "locked.webm").chmod(0)
+    _manifest(tmp_path / "m.jsonl", [{"video": "locked.webm"}, {"video": "ok.webm"}])
+    script = (
+        "import json, sys\n"
+        "from engine.data import VideoDataset\n"
+        "try:\n"
+        "    open(sys.argv[1] + '/locked.webm', 'rb')\n"
+        "    sys.exit('the child can read the locked file')\n"
+        "except PermissionError:\n"
+        "    pass\n"
+        "ds = VideoDataset(sys.argv[1] + '/m.jsonl', num_frames=2, height=16, width=16, decoder='pyav')\n"
+        "print(json.dumps({'paths': [it['path'] for it in ds], 'skipped': ds.skipped}))\n"
+    )
+    cmd = [sys.executable, "-c", script, str(tmp_path)]
+    if os.geteuid() == 0:
+        if shutil.which("setpriv") is None:
+            pytest.skip("running as root without setpriv: cannot make a file unreadable")
+        caps = "-dac_override,-dac_read_search"
+        cmd = ["setpriv", f"--inh-caps={caps}", f"--bounding-set={caps}", *cmd]
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run(cmd, capture_output=True, text=True, timeout=120,
+                       env={**os.environ, "PYTHONPATH": str(root)})  # fmt: skip
+    assert r.returncode == 0, r.stderr[-3000:]
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["paths"] == [str(tmp_path / "ok.webm")]
+    [(path, reason)] = out["skipped"]
+    assert path == str(tmp_path / "locked.webm") and "locked.webm" in reason and "Permission denied" in reason

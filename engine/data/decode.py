@@ -163,7 +163,10 @@ def probe(path: str | Path) -> VideoInfo:
         raise DecodeError(f"video '{p}': file does not exist")
     if p.stat().st_size == 0:
         raise DecodeError(f"video '{p}': zero-length file")
-    end = _matroska_end(p) or _isobmff_end(p)
+    try:
+        end = _matroska_end(p) or _isobmff_end(p)
+    except OSError as e:  # unreadable (permissions, I/O error): a skip like any file PyAV cannot open
+        raise DecodeError(f"video '{p}': cannot read file ({type(e).__name__}: {e})") from None
     if end is not None and p.stat().st_size < end:
         raise DecodeError(f"video '{p}': truncated file ({p.stat().st_size} bytes, its container says {end})")
     try:
