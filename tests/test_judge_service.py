@@ -358,3 +358,27 @@ def test_the_cache_keeps_the_most_recently_used_verdicts_only():
     assert len(backend.batches) == 4 and m["cache_hits"] == 2  # 0, 1, 2 judged, then 1 again; 0 served twice
     with pytest.raises(ValueError, match="cache_size must be >= 1"):
         AsyncJudge(GatedJudge(), cache_size=0)
+
+
+def test_a_request_every_caller_gave_up_on_is_not_judged():
+    """A queued request whose only caller stopped waiting was judged anyway: the backend worked through answers
+    nobody read (a served client that timed out) while the requests behind it waited. It is now dropped when its
+    batch forms; one with a caller still waiting is judged."""
+
+    async def run():
+        gate = asyncio.Event()
+        backend = GatedJudge(gate)
+        judge = AsyncJudge(backend, max_batch=4, max_wait_ms=0, max_concurrency=1)
+        first = await judge.submit(_req(1))  # its batch holds the one slot until the gate opens
+        await asyncio.sleep(0.01)
+        alone, shared, kept = [await judge.submit(_req(i)) for i in (2, 3, 3)]
+        for fut in (alone, shared):
+            fut.cancel()
+        gate.set()
+        verdicts = await asyncio.wait_for(asyncio.gather(first, kept), 5)
+        await judge.aclose()
+        return backend, verdicts
+
+    backend, (first, kept) = asyncio.run(run())
+    assert first.score == 0.001 and kept.score == 0.003
+    assert backend.batches == [1, 1]  # request 2 never reached the backend

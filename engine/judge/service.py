@@ -93,6 +93,7 @@ class AsyncJudge:
         self._cache: OrderedDict[tuple, Verdict] = OrderedDict()
         self.cache_size = cache_size
         self._inflight: dict[tuple, asyncio.Future] = {}
+        self._callers: dict[asyncio.Future, list[asyncio.Future]] = {}  # request's future -> callers' futures
         self._queue: asyncio.Queue | None = None
         self._dispatcher: asyncio.Task | None = None
         self._batches: dict[asyncio.Task, list[_Entry]] = {}  # running batch tasks and their entries
@@ -149,9 +150,9 @@ class AsyncJudge:
             if key is not None and self._serve_from_cache(key, fut, t0):
                 return fut
         inner = loop.create_future()
-        self._follow(inner, fut, t0)
         await self._queue.put(_Entry(request, inner, key, t0))
         # registered once queued: a cancelled wait leaves none
+        self._follow(inner, fut, t0)
         if key is not None and key not in self._inflight:
             self._inflight[key] = inner
         self._max_depth = max(self._max_depth, self._queue.qsize())
@@ -173,6 +174,7 @@ class AsyncJudge:
 
     def _follow(self, inner: asyncio.Future, fut: asyncio.Future, t0: float) -> None:
         """Answer the caller's ``fut`` with the request's verdict when ``inner`` has it."""
+        self._callers.setdefault(inner, []).append(fut)
         inner.add_done_callback(
             lambda p: self._finish(fut, p.result() if not p.cancelled() else _cancelled(), t0)
         )
@@ -216,12 +218,25 @@ class AsyncJudge:
                     self._queue.task_done()
                     self._resolve(e, _cancelled())
                 raise
+            for _ in batch:
+                self._queue.task_done()
+            # every caller of a request stopped waiting (a served client that disconnected): judging it anyway
+            # kept the backend busy with answers nobody reads, and timed out the requests queued behind it
+            live = []
+            for e in batch:
+                callers = self._callers.get(e.future)
+                if callers and all(f.cancelled() for f in callers):
+                    self._resolve(e, _cancelled("every caller stopped waiting"))
+                else:
+                    live.append(e)
+            batch = live
+            if not batch:
+                self._sem.release()
+                continue
             self._batch_sizes[len(batch)] += 1
             task = asyncio.get_running_loop().create_task(self._run_batch(batch))
             self._batches[task] = batch
             task.add_done_callback(lambda t: self._batches.pop(t, None))
-            for _ in batch:
-                self._queue.task_done()
 
     async def _run_batch(self, batch: list[_Entry]) -> None:
         t0 = time.perf_counter()
@@ -266,6 +281,7 @@ class AsyncJudge:
                     self._cache.popitem(last=False)
             if self._inflight.get(entry.key) is entry.future:
                 del self._inflight[entry.key]
+        self._callers.pop(entry.future, None)
         entry.future.set_result(verdict)
 
     # -- shutdown and metrics -----------------------------------------------------------------
