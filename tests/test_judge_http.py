@@ -461,6 +461,33 @@ def test_serve_aclose_does_not_wait_for_a_request_in_flight():
         assert asyncio.run(run(srv)) < 2.0
 
 
+def test_serve_drops_a_request_whose_client_left_before_it_was_judged():
+    """A client that timed out (and closed its connection) while its request waited behind a slow one: the
+    server still judged it, for nobody, keeping the backend busy with answers no one reads (under load every
+    retry queued behind such work and timed out as well). It is now dropped; the slow one is answered."""
+
+    async def run(srv: FaultServer):
+        server = JudgeServer(_judge(srv.url, timeout_s=5.0), mode="judge", model_name="m", max_batch=1)
+        port = await server.start()
+        url = f"http://127.0.0.1:{port}/v1"
+        patient, hasty = _judge(url, timeout_s=5.0, max_retries=0), _judge(url, max_retries=0)
+        slow = asyncio.ensure_future(patient.score([_req("slow", 1)]))
+        while srv.in_flight == 0:  # the slow request holds the server's one batch slot
+            await asyncio.sleep(0.01)
+        left = await hasty.score([_req(None, 2)])  # queued behind it; gives up after TIMEOUT s
+        out = await asyncio.wait_for(slow, 10)
+        await asyncio.sleep(0.2)
+        for c in (patient, hasty, server):
+            await c.aclose()
+        return left[0], out[0]
+
+    with FaultServer(slow_s=1.5) as srv:
+        left, out = asyncio.run(run(srv))
+        asked = list(srv.attempts)
+    assert left.status == "timeout" and out.ok
+    assert len(asked) == 1 and "fault=slow" in asked[0], asked  # the left request never reached the backend
+
+
 def test_serve_cli_subprocess(tiny_vlm):
     path, _ = tiny_vlm
     env = {**os.environ, "OMP_NUM_THREADS": "1", "WMSD_LOG_LEVEL": "WARNING"}

@@ -39,6 +39,7 @@ log = get_logger("judge.serve")
 
 MAX_BODY = 64 << 20
 MAX_TOKENS = 4096
+EOF_POLL_S = 0.05  # how often a request in flight checks that its client is still connected
 
 
 class BadRequest(ValueError):
@@ -229,6 +230,21 @@ class JudgeServer:
         except RuntimeError as e:
             return 502, {"error": {"message": str(e), "type": "backend_error"}}
 
+    async def _route_while_connected(
+        self, reader: asyncio.StreamReader, method: str, path: str, body: bytes
+    ) -> tuple[int, dict] | None:
+        """The route's answer, or None once the client has closed its connection (a client that timed out):
+        its request is cancelled, so the judge drops it if not yet started instead of judging it for nobody."""
+        route = asyncio.ensure_future(self._route(method, path, body))
+        try:
+            while not route.done():
+                if reader.at_eof():
+                    return None
+                await asyncio.wait({route}, timeout=EOF_POLL_S)
+            return route.result()
+        finally:
+            route.cancel()
+
     async def _read_request(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> tuple[str, str, dict, bytes] | None:
@@ -268,7 +284,10 @@ class JudgeServer:
                 if req is None:
                     return
                 method, path, headers, body = req
-                status, payload = await self._route(method, path, body)
+                answer = await self._route_while_connected(reader, method, path, body)
+                if answer is None:  # the client left: nobody to answer
+                    return
+                status, payload = answer
                 close = headers.get("connection", "").lower() == "close"
                 await _write(writer, status, payload, close=close)
                 if close:
