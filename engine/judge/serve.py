@@ -237,10 +237,10 @@ class JudgeServer:
         its request is cancelled, so the judge drops it if not yet started instead of judging it for nobody."""
         route = asyncio.ensure_future(self._route(method, path, body))
         try:
-            while not route.done():
+            # waited on first: a quick answer (health) still reaches a client that half-closed after sending
+            while not (await asyncio.wait({route}, timeout=EOF_POLL_S))[0]:
                 if reader.at_eof():
                     return None
-                await asyncio.wait({route}, timeout=EOF_POLL_S)
             return route.result()
         finally:
             route.cancel()
