@@ -133,6 +133,39 @@ def test_resume_with_another_dtype_is_refused(tmp_path):
     assert {it["latent"].dtype for it in LatentCacheDataset(out2)} == {torch.bfloat16}
 
 
+def test_rerun_re_encodes_the_shards_whose_source_files_changed(tmp_path):
+    """A video replaced in place (re-encoded, repaired) and a missing one added after the cache was written: the
+    writer run again re-encodes the shards of those rows, and only those (before, every shard counted as done:
+    the cache kept the old clip's latents and left the added file out)."""
+    from engine.data import VideoDataset
+    from engine.data.cache import LatentCacheDataset, LatentCacheWriter
+    from engine.data.synthetic import write_video
+
+    for i in range(6):
+        if i != 5:
+            write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=2, height=16, width=16)
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"video": f"v{i}.webm"}) for i in range(6)))
+    out = tmp_path / "cache"
+
+    def write() -> None:  # a new run: a new dataset, as precompute makes
+        ds = VideoDataset(tmp_path / "m.jsonl", num_frames=2, height=16, width=16, decoder="pyav")
+        LatentCacheWriter(out, vae=_PoolVAE(), shard_size=2, batch_size=2, first_frame=False).write(ds)
+
+    write()
+    assert sorted(it["index"] for it in LatentCacheDataset(out)) == [0, 1, 2, 3, 4]  # v5 missing
+    kept = (out / "shard-00001.safetensors").stat()
+    write_video(tmp_path / "v1.webm", ident=20, num_frames=2, height=16, width=16)  # replaced in place
+    write_video(tmp_path / "v5.webm", ident=5, num_frames=2, height=16, width=16)  # added
+    write()
+    items = {it["index"]: it["latent"] for it in LatentCacheDataset(out)}
+    assert sorted(items) == list(range(6))
+    ds = VideoDataset(tmp_path / "m.jsonl", num_frames=2, height=16, width=16, decoder="pyav")
+    for i, latent in items.items():
+        torch.testing.assert_close(latent, torch.nn.functional.avg_pool3d(ds[i]["video"][None], (1, 4, 4))[0])
+    again = (out / "shard-00001.safetensors").stat()
+    assert (again.st_ino, again.st_mtime_ns) == (kept.st_ino, kept.st_mtime_ns)  # rows 2, 3: unchanged
+
+
 MEASURE = """
 import json, resource, sys, torch
 from pathlib import Path

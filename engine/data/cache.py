@@ -3,7 +3,8 @@
 Layout of a cache folder::
 
     index.json                 {"version", "fingerprint", "num_rows", "shard_size",
-                                "shards": {name: {"sha256", "bytes", "rows": [first, end), "items"}}}
+                                "shards": {name: {"sha256", "bytes", "rows": [first, end), "items",
+                                                  "sources": [[path, size, mtime_ns] | [path], ...]}}}
     shard-00000.safetensors    per item j: "j.latent" (C, T', H', W'), "j.first_frame_latent" (C, 1, H', W'),
                                "j.<field>" (L_j, D) text embedding cut to its length, and
                                "j.<field>.<name>" (L, D') for each further sequence the text encoder's
@@ -14,8 +15,9 @@ Layout of a cache folder::
 
 Shard k holds the usable items of dataset rows [k * shard_size, (k + 1) * shard_size), so the same
 row always lands in the same shard. The writer is resumable: a shard counts as done only once its
-file was renamed into place *and* the index lists it with a matching sha256; anything else (a crash
-mid-shard, a quarantined shard) is encoded again. The reader verifies each shard's sha256 on first
+file was renamed into place *and* the index lists it with a matching sha256 and its rows' source files are
+unchanged (size, mtime); anything else (a crash mid-shard, a quarantined shard, a video replaced in place) is
+encoded again. The reader verifies each shard's sha256 on first
 use; a mismatch is warned, the shard moved to ``quarantine/`` and its items skipped. Running the
 writer again re-creates it. Training from the cache never loads the VAE or the text encoder.
 """
@@ -108,6 +110,25 @@ def _remove_orphans(folder: Path) -> None:
             p.unlink(missing_ok=True)
         except PermissionError:
             pass  # a live process of another user
+
+
+def _sources(dataset: MapDataset, rows: range) -> list[list]:
+    """``[path, size, mtime_ns]`` (``[path]`` where missing) of the files of dataset rows ``rows`` (a dataset with
+    ``rows``, as VideoDataset: every row's, the skipped ones too); [] for a dataset without them."""
+    table = getattr(dataset, "rows", None)
+    if not isinstance(table, list):
+        return []
+    out = []
+    for i in rows:
+        path = table[i].get("path") if isinstance(table[i], dict) else None
+        if path is None:
+            continue
+        try:
+            st = os.stat(path)
+            out.append([str(path), st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([str(path)])
+    return out
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
@@ -222,11 +243,12 @@ class LatentCacheWriter:
                 )
         return index
 
-    def _done(self, index: dict[str, Any], name: str) -> bool:
+    def _done(self, index: dict[str, Any], name: str, sources: list[list]) -> bool:
         entry = index["shards"].get(name)
         path = self.out / name
         return (
             bool(entry)
+            and entry.get("sources", sources) == sources  # a source file replaced: its latents are stale
             and path.is_file()
             and path.stat().st_size == entry["bytes"]
             and sha256_file(path) == entry["sha256"]
@@ -247,15 +269,17 @@ class LatentCacheWriter:
         num_shards = -(-n // self.shard_size)
         for k in progress(range(num_shards), desc="cache shards", total=num_shards):
             name = f"shard-{k:05d}.safetensors"
+            rows = (k * self.shard_size, min(n, (k + 1) * self.shard_size))
+            # the files' identity before they are read: one changed while encoding is seen by the next run
+            sources = _sources(dataset, range(*rows))
             with _exclusive(lock):
                 index = self._load_index(n)  # another writer may have finished this shard
-                if self._done(index, name):
+                if self._done(index, name, sources):
                     continue
-            rows = (k * self.shard_size, min(n, (k + 1) * self.shard_size))
             tensors, items = self._encode_rows(dataset, range(*rows))
             tmp = self._save_shard(name, tensors, items)
             entry = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size, "rows": list(rows),
-                     "items": len(items)}  # fmt: skip
+                     "items": len(items), "sources": sources}  # fmt: skip
             with _exclusive(lock):
                 index = self._load_index(n)
                 os.replace(tmp, self.out / name)
