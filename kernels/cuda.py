@@ -122,7 +122,7 @@ def flow_step(
         noise = torch.randn_like(x)
     named = [("x", x), ("v_cond", v_cond), ("v_uncond", v_uncond), ("noise", noise), ("x_next", x_next)]
     for name, a in named:
-        if a is None:
+        if a is None and name != "v_cond":  # v_cond is required: None would pass a null pointer
             continue
         _check_cuda_tensor(name, a, x.device, x.dtype)
         if a.shape != x.shape:

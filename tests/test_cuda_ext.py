@@ -67,6 +67,19 @@ def test_wrappers_reject_bad_tensors_before_any_pointer():
         cuda.qk_norm_rope_(q, torch.randn(2, 8, 1, 4), *[torch.ones(4)] * 2, *[torch.ones(4, 2)] * 2)
 
 
+@needs_ext
+def test_flow_step_refuses_a_missing_v_cond():
+    """v_cond=None was skipped like the optional v_uncond, and address 0 went to the kernel as the velocity
+    (a null read on the GPU). CUDA tensors without a GPU: torch's fake tensors (device and shape, no memory)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    with FakeTensorMode():
+        x = torch.empty(2, 8, device="cuda")
+        for kw in ({}, {"sigma": 0.5}):
+            with pytest.raises(TypeError, match="v_cond: expected a torch.Tensor, got NoneType"):
+                cuda.flow_step(x, None, t=0.5, t_next=0.4, **kw)
+
+
 def test_overlap_checks_on_views():
     qkv = torch.randn(2, 5, 3, 4, 8)  # fused projection output: q, k, v interleaved per token
     cuda._check_qk_disjoint(qkv[:, :, 0], qkv[:, :, 1])  # disjoint: accepted
