@@ -90,13 +90,18 @@ def model_files(c: JobConfig) -> list[Path]:
     return sorted(Path(folder).rglob("*.safetensors")) if folder and Path(folder).is_dir() else []
 
 
-def stage_fingerprint(c: JobConfig, inputs: list[Path]) -> dict:
-    """What a training stage's result depends on: its config (less :data:`_OPERATIONAL`), flattened to
-    "section.key", and its input files."""
+# Sections distill.run never reads (no judge: filtered SFT reads its scores from demos/index.jsonl, an input;
+# no RL): a rerun changing them stopped the distillation stages
+_DISTILL_UNREAD = ("judge", "rl")
+
+
+def stage_fingerprint(c: JobConfig, inputs: list[Path], unread: tuple[str, ...] = ()) -> dict:
+    """What a training stage's result depends on: its config (less :data:`_OPERATIONAL` and the ``unread``
+    sections), flattened to "section.key", and its input files."""
     flat = {}
     for section, values in dataclasses.asdict(c).items():
         skip = _OPERATIONAL.get(section, ())
-        if skip is None:
+        if skip is None or section in unread:
             continue
         flat.update({f"{section}.{k}": v for k, v in values.items() if k not in skip})
     return {
@@ -118,9 +123,12 @@ def trained(cfg: JobConfig, out: Path, name: str, fn, inputs: list[Path], **sect
         *model_files(c),
         *([Path(c.distill.init)] if fn is distill.run and c.distill.init else []),
     ]
-    fp = stage_fingerprint(c, inputs)
+    unread = _DISTILL_UNREAD if fn is distill.run else ()
+    fp = stage_fingerprint(c, inputs, unread)
     if record.is_file():
         old = json.loads(record.read_text())
+        # records written before _DISTILL_UNREAD hold those sections too
+        old["config"] = {k: v for k, v in old["config"].items() if k.split(".")[0] not in unread}
         keys = sorted(k for k in fp["config"].keys() | old["config"].keys()
                       if fp["config"].get(k) != old["config"].get(k))  # fmt: skip
         files = sorted(k for k in fp["inputs"].keys() | old["inputs"].keys()
