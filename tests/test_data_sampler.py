@@ -196,6 +196,28 @@ def test_batch_loader_resume_at_the_end_of_an_epoch_is_exact(drop_last):
     assert [b["index"] for b in resumed] == full[1] and {e for e, _ in ds2.built} == {1}
 
 
+def test_batch_loader_state_at_an_epochs_last_batch_resumes_under_another_world_size():
+    """A state saved right after an epoch's last batch (prefetching drew the epoch, nothing is pending) is between
+    passes: a loader of another world size resumes it with the next epoch, the order a fresh loader of that world
+    size gives (before, it refused as 'saved mid-epoch ... 0 items of this rank drawn')."""
+
+    def make(ws):
+        return BatchLoader(_Items(8), ResumableSampler(8, world_size=ws, seed=0), batch_size=2, num_threads=1,
+                           prefetch=4, collate=_indices)  # fmt: skip
+
+    loader = make(2)
+    it = iter(loader)
+    head = [next(it)["index"], next(it)["index"]]  # rank 0's 4 items: its whole epoch
+    assert sorted(i for b in head for i in b) == sorted(ResumableSampler(8, world_size=2, seed=0))
+    state = json.loads(json.dumps(loader.state_dict()))
+    assert state["pending"] == [] and state["epoch_drawn"] and state["sampler"]["epoch"] == 1
+    resumed, fresh = make(1), make(1)
+    resumed.load_state_dict(state)
+    list(fresh)  # epoch 0
+    assert [b["index"] for b in resumed] == []  # what was left of epoch 0
+    assert [b["index"] for b in resumed] == [b["index"] for b in fresh]  # epoch 1 under world size 1
+
+
 class _SomeBad(_Items):
     """_Items whose ``bad`` indices raise SkipItem."""
 

@@ -108,7 +108,8 @@ class BatchLoader:
         """Resume at ``state``. Another world size only between passes: mid-epoch, the other ranks' pending
         items are in their own states (a smaller world would skip them, a larger one repeat these)."""
         saved = state["sampler"].get("world_size", self.sampler.world_size)
-        if saved != self.sampler.world_size and (state["pending"] or state.get("epoch_drawn")):
+        # drawn to the end with nothing pending (saved at the epoch's last batch): the sampler is at the next epoch
+        if saved != self.sampler.world_size and state["pending"]:
             raise ValueError(
                 f"BatchLoader state: saved mid-epoch by world_size {saved} ({len(state['pending'])} items of this "
                 f"rank drawn, not yet handed out), this loader has world_size {self.sampler.world_size}: resume "
