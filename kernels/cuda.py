@@ -55,7 +55,9 @@ def _check_cuda_tensor(
 ) -> None:
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name}: expected a torch.Tensor, got {type(t).__name__}")
-    if t.device != device or t.device.type != "cuda":
+    if t.device.type != "cuda":  # was "expected the CUDA device cpu" when x (or q) itself was on the CPU
+        raise ValueError(f"{name}: on {t.device}, expected a CUDA tensor")
+    if t.device != device:
         raise ValueError(f"{name}: on {t.device}, expected the CUDA device {device}")
     if dtype is not None and t.dtype != dtype:
         raise ValueError(f"{name}: dtype {t.dtype}, expected {dtype}")

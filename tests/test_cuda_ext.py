@@ -53,9 +53,10 @@ def test_calls_fail_clearly_without_a_gpu():
 @needs_ext
 def test_wrappers_reject_bad_tensors_before_any_pointer():
     x = torch.randn(2, 8)
-    with pytest.raises(ValueError, match="x: on cpu, expected the CUDA device"):
+    # the message named the CPU as "the CUDA device" ("expected the CUDA device cpu")
+    with pytest.raises(ValueError, match="x: on cpu, expected a CUDA tensor$"):
         cuda.flow_step(x, x, t=0.5, t_next=0.4)
-    with pytest.raises(ValueError, match="q: on cpu"):
+    with pytest.raises(ValueError, match="q: on cpu, expected a CUDA tensor$"):
         cuda.qk_norm_rope_(
             torch.randn(1, 2, 2, 4), torch.randn(1, 2, 2, 4), *[torch.ones(4)] * 2, *[torch.ones(2, 2)] * 2
         )
