@@ -307,6 +307,10 @@ class CheckpointManager:
             )
         barrier("checkpoint set aside")
 
+    def due(self, step: int) -> bool:
+        """Whether ``maybe_save(step)`` saves (every ``cfg.interval`` steps)."""
+        return self.cfg.enabled and self.cfg.interval > 0 and step % self.cfg.interval == 0
+
     def maybe_save(self, step: int, *, last: bool = False) -> None:
         if self.cfg.enabled and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0)):
             self.save(step, force_sync=last)

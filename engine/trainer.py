@@ -587,7 +587,8 @@ class Trainer:
     def _after_step(self, logs: dict[str, Any], tokens: int, flops: float) -> None:
         cp = self.dist.cp_size  # per device: its share of the tokens
         self.metrics.update(logs, tokens // cp, flops / cp)
-        if self.metrics.should_log(self.state.step):
+        # a checkpoint step ends a row too: a resume there drops only rows of steps it trains again
+        if self.metrics.should_log(self.state.step) or self.checkpointer.due(self.state.step):
             self._last_logs = self.metrics.flush(self.state.step, self._counters())
         self.profiler.step()
         self.checkpointer.maybe_save(self.state.step)

@@ -109,6 +109,28 @@ def test_resume_drops_the_metrics_rows_it_trains_again(tmp_path):
     assert [e.value for e in tb] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-6)
 
 
+def test_metrics_rows_cover_every_step_once_across_a_resume(tmp_path):
+    """Rows every 4 steps, checkpoints every 6: killed while saving step 12, resumed from step 6. The dropped row
+    of step 8 had held steps 5-8 and the resumed one held 7-8, so steps 5-6 were in no row; a checkpoint step now
+    ends a row too, and each row is the mean of the steps since the row before it, those covering 1-12 once."""
+    run = tmp_path / "run"
+    extra = ["--train.steps", "12", "--train.log_every", "4", "--checkpoint.interval", "6"]
+    proc = _run(run, "--kill-at-save", "12", *extra)
+    ref = _uninterrupted(tmp_path / "full", *extra)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    proc = _run(run, *extra)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run / "out.json").read_text())["start"] == 6
+    prev = 0
+    for row in _rows(run / "metrics.jsonl"):
+        steps = range(prev + 1, row["step"] + 1)
+        assert row["loss"] == pytest.approx(sum(ref[s] for s in steps) / len(steps), rel=1e-6), row["step"]
+        prev = row["step"]
+    assert prev == 12
+
+
 SIGNAL_ARGS = ["--train.steps", "16", "--train.log_every", "1", "--checkpoint.async_save", "true"]
 
 
