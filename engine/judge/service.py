@@ -11,7 +11,8 @@ task. With every slot busy the queue grows, so batches grow with load. Requests 
 :func:`engine.judge.base.cache_key` share one verdict: finished "ok" verdicts are cached (the
 ``cache_size`` most recently used), and a
 duplicate of a request still in flight waits on the first one (on the request's own future, so a caller
-that cancels its future, e.g. by ``asyncio.wait_for``, cancels only its own wait). A request whose key
+that cancels its future, e.g. by ``asyncio.wait_for``, cancels only its own wait; a request whose every
+caller did so before its batch formed is not judged). A request whose key
 cannot be made (an unreadable video) is judged uncached: its backend answers "error". Backend exceptions
 and per-batch timeouts become "error"/"timeout" verdicts for that batch; nothing is dropped silently:
 ``aclose()`` also drains requests whose submitters were still waiting for queue space, and
