@@ -149,7 +149,7 @@ def demo_fingerprints(cfg: JobConfig, items) -> dict[str, str]:
 
 
 def write_chunk(out: Path, items, part: dict, fps: int, fingerprints: dict[str, str] | None = None) -> None:
-    """Rank 0: one chunk's latents file, its index rows and its videos."""
+    """Rank 0: one chunk's latents file, its videos, then its index rows."""
     from safetensors.torch import save_file
 
     chunk, scores = part["chunk"], part["scores"]
@@ -161,14 +161,15 @@ def write_chunk(out: Path, items, part: dict, fps: int, fingerprints: dict[str, 
         name, n = f"latents/{stem}~{n}.safetensors", n + 1
     (out / "latents").mkdir(parents=True, exist_ok=True)
     save_file({"latents": part["latents"]}, str(out / name))
+    # the videos before the index rows: a row marks its demonstration done, so a crash in between lost its videos
+    for k, video in part["videos"].items():
+        write_mp4(video, out / "videos" / f"demo{k:04d}.mp4", fps)
+        contact_sheet(video, out / "videos" / f"demo{k:04d}.png")
     rows = [{"id": f"{items[i].id}#{j}", "item_id": items[i].id, "file": name, "row": r,
              "scores": {q: (None if np.isnan(v[r]) else float(v[r])) for q, v in scores.items()},
              "fingerprint": (fingerprints or {}).get(f"{items[i].id}#{j}")}
             for r, (j, i) in enumerate(chunk)]  # fmt: skip
     append_jsonl(out / "index.jsonl", rows)
-    for k, video in part["videos"].items():
-        write_mp4(video, out / "videos" / f"demo{k:04d}.mp4", fps)
-        contact_sheet(video, out / "videos" / f"demo{k:04d}.png")
 
 
 def finished_demos(out: Path, fingerprints: dict[str, str] | None = None) -> set[str]:

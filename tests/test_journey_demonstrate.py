@@ -43,3 +43,48 @@ def test_a_missing_file_is_named_for_what_it_is(tmp_path):
     )
     with pytest.raises(FileNotFoundError, match=r"task file .* \(run recipes/propose.py first\?\)"):
         load_items(tmp_path / "tasks.jsonl")
+
+
+def test_a_run_that_dies_writing_videos_makes_them_on_the_rerun(tmp_path):
+    """A demonstration's index row was appended before its mp4 and contact sheet were written: a run that died
+    in between (here: a folder in the way of one contact sheet, a real failing process) left rows that the
+    rerun skipped as done, so those videos were never written. The rows now follow the videos: the rerun makes
+    that chunk again, and every video equals the uninterrupted run's."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    import numpy as np
+    from PIL import Image
+
+    from recipes import propose
+    from recipes.common import read_jsonl
+
+    repo = Path(__file__).resolve().parents[1]
+    base = ["--run.out_dir", str(tmp_path), "--world.num_scenes", "2", "--distill.pairs_per_image", "1",
+            "--flow.num_steps", "2", "--eval.batch_size", "1", "--eval.write_videos", "2", "--run.device", "cpu",
+            "--distill.tasks", str(tmp_path / "tasks.jsonl")]  # fmt: skip
+    propose.run(load_config(argv=[*base, "--run.name", "p"]))
+
+    def run(name):
+        cmd = [sys.executable, str(repo / "recipes" / "demonstrate.py"), *base, "--run.name", name]
+        env = {**os.environ, "WMSD_PROGRESS": "0"}
+        return subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env, cwd=repo)
+
+    assert run("full").returncode == 0
+    blocker = tmp_path / "cut" / "demos" / "videos" / "demo0001.png"
+    blocker.mkdir(parents=True)
+    assert run("cut").returncode != 0  # died writing the second chunk's contact sheet
+    blocker.rmdir()
+    r = run("cut")
+    assert r.returncode == 0, r.stderr[-2000:]
+    full, cut = tmp_path / "full" / "demos", tmp_path / "cut" / "demos"
+    assert sorted(x["id"] for x in read_jsonl(cut / "index.jsonl")) == sorted(
+        x["id"] for x in read_jsonl(full / "index.jsonl")
+    )
+    for k in range(2):
+        for ext in ("mp4", "png"):
+            assert (cut / "videos" / f"demo{k:04d}.{ext}").is_file(), f"demo{k:04d}.{ext}"
+        a, b = (np.asarray(Image.open(d / "videos" / f"demo{k:04d}.png")) for d in (full, cut))
+        assert np.array_equal(a, b)
