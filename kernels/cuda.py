@@ -223,6 +223,8 @@ def qk_norm_rope_(
         if _spans_overlap(a, q) or _spans_overlap(a, k):
             raise ValueError(f"{name}: overlaps q or k in memory")
         tabs.append(a)
+    if q.numel() == 0 and k.numel() == 0:  # no token, head or feature: nothing to do (the launcher refuses)
+        return q, k
     B, S, Hq, D = q.shape
     mod.qk_norm_rope(
         q.data_ptr(),

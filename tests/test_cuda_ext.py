@@ -12,6 +12,7 @@ import pytest
 import torch
 
 from kernels import cuda
+from kernels.qk_norm_rope import qk_norm_rope_reference
 from kernels.sampler import flow_step, flow_step_reference
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -79,6 +80,25 @@ def test_flow_step_refuses_a_missing_v_cond():
         for kw in ({}, {"sigma": 0.5}):
             with pytest.raises(TypeError, match="v_cond: expected a torch.Tensor, got NoneType"):
                 cuda.flow_step(x, None, t=0.5, t_next=0.4, **kw)
+
+
+@needs_ext
+@pytest.mark.parametrize("shape", [(2, 0, 3, 8), (0, 4, 3, 8), (2, 4, 3, 0)])
+def test_qk_norm_rope_on_empty_inputs_returns_them(shape):
+    """No token, sample or feature: the extension refused the launch ('need B, S > 0 and D even', a
+    RuntimeError) where the torch reference returns the empty tensors; now nothing is launched."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    B, S, H, D = shape
+    with FakeTensorMode():
+        q, k = torch.empty(shape, device="cuda"), torch.empty(B, S, 1, D, device="cuda")
+        w, tab = torch.ones(D, device="cuda"), torch.ones(S, D // 2, device="cuda")
+        got = cuda.qk_norm_rope_(q, k, w, w, tab, tab)
+        assert got[0] is q and got[1] is k
+    want = qk_norm_rope_reference(
+        *(torch.empty(s) for s in (shape, (B, S, 1, D), (D,), (D,))), *[torch.ones(S, D // 2)] * 2
+    )
+    assert [t.shape for t in want] == [q.shape, k.shape]
 
 
 def test_overlap_checks_on_views():
