@@ -33,6 +33,7 @@ import dataclasses
 import hashlib
 import json
 import sys
+import zipfile
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -223,7 +224,13 @@ def _load_scores(path: Path, expected: str) -> dict[str, np.ndarray] | None:
     call (NaN), else None."""
     if not path.is_file():
         return None
-    saved = dict(np.load(path))
+    try:
+        with np.load(path) as f:
+            saved = dict(f)
+    # a file cut short (a crash before its bytes reached the disk) failed every rerun with a traceback
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile) as e:
+        log.warning("%s: unreadable (%s: %s); scoring again", path.name, type(e).__name__, e)
+        return None
     if str(saved.pop("fingerprint", "")) != expected:
         log.info(
             "%s: made with other settings (items, seeds, sampling, judge, precision, weights or Demonstrator); "

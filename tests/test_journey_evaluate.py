@@ -92,3 +92,27 @@ def test_judge_concurrency_settings_bound_the_connections(tmp_path):
                 srv.max_in_flight,
                 srv.max_conns,
             )
+
+
+def test_a_chunk_file_cut_short_is_scored_again(tmp_path):
+    """A chunk's score file cut short (a crash before its bytes reached the disk: the rename is not fsync'd) or
+    left empty failed every rerun with a zipfile / EOF traceback; such a chunk is now scored again, giving the
+    scores of a clean run."""
+    from engine.world.oracle import OracleJudge
+    from recipes.common import build_kit, load_for_sampling
+    from recipes.evaluate import chunk_ranges, eval_items, pipeline_for, score_chunks
+
+    cfg = load_config(argv=["--run.out_dir", str(tmp_path), "--eval.num_items", "4", "--eval.batch_size", "2",
+                            "--flow.num_steps", "2", "--run.device", "cpu"])  # fmt: skip
+    kit = build_kit(cfg)
+    pipe = pipeline_for(kit, load_for_sampling(kit, cfg, ""), cfg)
+    items, chunks, folder = eval_items(cfg), chunk_ranges(4, 2), tmp_path / "cond"
+    clean = score_chunks(pipe, OracleJudge(), items, cfg, "solution", chunks, folder, "fp")
+    first, second = sorted(folder.glob("items*.npz"))
+    first.write_bytes(first.read_bytes()[:100])
+    second.write_bytes(b"")
+    again = score_chunks(pipe, OracleJudge(), items, cfg, "solution", chunks, folder, "fp")
+    for start in clean:
+        for q in clean[start]:
+            np.testing.assert_array_equal(clean[start][q], again[start][q])
+    assert first.stat().st_size > 100 and second.stat().st_size > 0  # written again
