@@ -458,7 +458,7 @@ class WanModel(DiffusersInterop, nn.Module):
         if cfg.in_channels == 2 * C + 4:
             if image is None:
                 raise ValueError("cond['image_latent']: required by this I2V model (in_channels = 2C + 4)")
-            mask = torch.zeros_like(x_t[:, :4])
+            mask = x_t.new_zeros(B, 4, Fr, h, w)
             mask[:, :, 0] = 1.0  # (B, 4, F, h, w): 1 on the conditioning frame
             if last is not None:  # the pipeline's mask: the last pixel frame is the last of frame F-1's four
                 mask[:, 3, -1] = 1.0

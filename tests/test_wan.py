@@ -197,6 +197,18 @@ def test_predict_velocity_t2v_and_i2v():
         ours.predict_velocity(x, t, {"text": text})
 
 
+def test_predict_velocity_i2v_with_fewer_than_four_latent_channels():
+    """Wan2.1 I2V on C < 4 latent channels (in_channels = 2C + 4): the frame mask has 4 channels whatever C
+    (it was zeros_like(x_t[:, :4]), C channels: the input had 3C channels and the forward raised)."""
+    theirs, ours = make_pair(in_channels=8, out_channels=2, image_dim=20, added_kv_proj_dim=32)
+    x, t, image = torch.randn(2, 2, 2, 4, 4), torch.tensor([0.25, 0.9]), torch.randn(2, 2, 1, 4, 4)
+    text, tokens = torch.randn(2, DIFFUSERS_TEXT_LEN, 24), torch.randn(2, 5, 20)
+    with torch.no_grad():
+        v = ours.predict_velocity(x, t, {"text": text, "image_latent": image, "image_tokens": tokens})
+        ref = theirs(_pipeline_i2v_input(x, image), 1000 * t, text, tokens, return_dict=False)[0]
+    assert v.shape == x.shape and rel_err(v, ref) <= 1e-5
+
+
 def test_predict_velocity_per_token_t_without_image():
     theirs, ours = make_pair()
     x, text = torch.randn(1, 4, 2, 4, 4), torch.randn(1, 5, 24)
