@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 
 
@@ -210,7 +211,12 @@ def load_safetensors(path: str | Path, *, device: str | torch.device = "cpu") ->
     """All tensors of a .safetensors file, a folder with one, or a sharded folder (index.json)."""
     sd: dict[str, torch.Tensor] = {}
     for file in safetensors_files(path):
-        part = load_file(str(file), device=str(device))
+        try:
+            part = load_file(str(file), device=str(device))
+        except SafetensorError as e:  # its message names no file
+            raise ValueError(
+                f"{file}: not a readable .safetensors file ({e}); damaged or partly downloaded?"
+            ) from e
         dup = sorted(set(part) & set(sd))
         if dup:
             raise ValueError(f"{file}: keys also present in another shard: {dup[:5]}")

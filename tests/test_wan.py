@@ -98,6 +98,17 @@ def test_from_pretrained_reads_diffusers_folders(tmp_path, shard):
     WanModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_names_a_damaged_shard(tmp_path):
+    """A truncated shard (a partial download) is an error naming that file (safetensors' own error named
+    none: 'incomplete metadata, file not fully covered')."""
+    theirs, _ = make_pair()
+    theirs.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    shard = sorted(tmp_path.glob("*-0*.safetensors"))[1]
+    shard.write_bytes(shard.read_bytes()[: shard.stat().st_size // 2])
+    with pytest.raises(ValueError, match=shard.name):
+        WanModel.from_pretrained(tmp_path)
+
+
 def test_from_pretrained_takes_the_default_weights_beside_a_variant(tmp_path):
     """A folder with diffusion_pytorch_model.safetensors and a variant file beside it (save_pretrained with
     variant="fp16" writes diffusion_pytorch_model.fp16.safetensors) loads the default one, as diffusers does
