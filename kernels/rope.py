@@ -51,6 +51,9 @@ def rope_3d_tables(
     # zip() below would drop the axes past a short start silently: a table of the wrong row count
     if len(start) != 3:
         raise ValueError(f"start: expected three offsets (t, h, w), got {start}")
+    # head_dim 0 failed in the final reshape with torch's "cannot reshape tensor of 0 elements"
+    if head_dim < 2:
+        raise ValueError(f"head_dim={head_dim}: expected an even size >= 2")
     axes_dims = _wan_axes_dims(head_dim) if axes_dims is None else tuple(axes_dims)
     if len(axes_dims) != 3 or sum(axes_dims) != head_dim or any(d % 2 or d < 0 for d in axes_dims):
         raise ValueError(

@@ -174,6 +174,13 @@ def test_tables_that_require_grad_get_their_gradient(device):
         torch.testing.assert_close(got.double(), want, atol=1e-5, rtol=1e-5)
 
 
+def test_tables_of_head_dim_zero_are_a_clear_error():
+    """head_dim 0 failed in the tables' final reshape with torch's 'cannot reshape tensor of 0 elements'."""
+    for axes in (None, (0, 0, 0)):
+        with pytest.raises(ValueError, match=r"head_dim=0: expected an even size >= 2"):
+            rope_3d_tables((2, 2, 2), 0, axes_dims=axes)
+
+
 def test_head_dim_zero_is_a_clear_error(device):
     """D = 0 failed in the launch with ZeroDivisionError."""
     x = torch.randn(2, 3, 4, 0, device=device)
