@@ -344,9 +344,9 @@ class Trainer:
         step = self.checkpointer.maybe_resume()
         if step:
             log.info("resumed at step %d", self.state.step)
-        if self.cfg.checkpoint.enabled and self.cfg.checkpoint.resume:
+        if step and self.cfg.checkpoint.enabled and self.cfg.checkpoint.resume:
             self.metrics.drop_after(step)  # rows past the checkpoint are trained (and logged) again
-        else:  # a new run from step 1: an earlier run's rows set aside, as its checkpoints are
+        else:  # a new run from step 1 (no checkpoint to resume): an earlier run's rows set aside, not deleted
             self.metrics.set_aside()
 
     # ---- public API -----------------------------------------------------------------------------

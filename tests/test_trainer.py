@@ -307,6 +307,27 @@ def test_a_run_that_does_not_resume_sets_the_earlier_metrics_aside(tmp_path):
         assert len(list(tmp_path.glob("tb.before-*"))) == 1
 
 
+def test_a_run_with_no_checkpoint_to_resume_keeps_the_earlier_metrics(tmp_path):
+    """A run with checkpoints (resume on) in a folder whose earlier run saved none: finding nothing to resume, it
+    dropped every row of the earlier run from metrics.jsonl and purged its TensorBoard steps; they are moved aside."""
+    runs = []
+    for enabled, lr in ((False, 1e-2), (True, 3e-3)):
+        cfg = _cfg(4, lr=lr)
+        cfg.checkpoint.enabled = enabled
+        Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path).fit()
+        runs.append([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
+    assert [r["step"] for r in runs[1]] == [2, 4] and runs[1] != runs[0]
+    (aside,) = tmp_path.glob("metrics.before-*.jsonl")
+    assert [json.loads(line) for line in aside.read_text().splitlines()] == runs[0]
+    if importlib.util.find_spec("tensorboard"):
+        from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+        (tb_aside,) = tmp_path.glob("tb.before-*")
+        acc = EventAccumulator(str(tb_aside))
+        acc.Reload()
+        assert [e.value for e in acc.Scalars("loss")] == pytest.approx([r["loss"] for r in runs[0]], rel=1e-6)
+
+
 def test_first_logged_interval_is_timed_from_the_first_step(tmp_path):
     """A resumed run's first row timed its steps from the Trainer's construction, so the checkpoint load (and
     whatever ran before the first step) counted as step time: step_time_s 0.61 s for 0.10 s steps, tokens/s and
