@@ -20,7 +20,10 @@ from engine.data import VideoDataset
 from engine.data.cache import LatentCacheWriter
 
 class PoolVAE:  # a fixed linear map as the VAE; slow enough that the writers overlap
+    calls = 0
+
     def encode(self, video):
+        PoolVAE.calls += 1
         time.sleep(0.01)
         return torch.nn.functional.avg_pool3d(video, (1, 4, 4))
 
@@ -32,13 +35,16 @@ class Text:
 ds = VideoDataset(sys.argv[1], num_frames=2, height=16, width=16, decoder="pyav")
 LatentCacheWriter(sys.argv[2], vae=PoolVAE(), text_encoder=Text(), text_fields=("caption",), shard_size=1,
                   batch_size=1).write(ds)
+print("ENCODE CALLS", PoolVAE.calls)
 """
 
 
 def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path):
     """Three writer processes, one cache folder: before, they shared the temporary names 'shard-k.partial' and
     'index.json.tmp' (one renamed the other's file away: FileNotFoundError) and each wrote its own in-memory
-    index over the others'. A dead writer's temporary file is removed."""
+    index over the others'. A dead writer's temporary file is removed. The writers share the work: each shard is
+    encoded once (before, every writer encoded nearly every shard, 3x the work), one claimed by another machine's
+    writer that does not finish it too."""
     from engine.data import VideoDataset
     from engine.data.cache import LatentCacheDataset
     from engine.data.synthetic import write_video
@@ -60,6 +66,8 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
     dead.write_bytes(b"left by a writer that died")
     elsewhere = out / "shard-00004.safetensors.other-node.4242-1.partial"  # a live writer on another machine
     elsewhere.write_bytes(b"being written")
+    claimed_elsewhere = out / "shard-00005.safetensors.other-node.4242-1.claim"  # its writer never finishes
+    claimed_elsewhere.touch()
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     procs = [
         subprocess.Popen(
@@ -74,6 +82,9 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-2000:] for log in logs)
     assert list(out.glob("*.partial")) == [elsewhere] and not list(out.glob("*.tmp"))
+    assert list(out.glob("*.claim")) == [claimed_elsewhere]
+    calls = [int(log.split("ENCODE CALLS ")[1].split()[0]) for log in logs]
+    assert sum(calls) == 12 * 2, calls  # 12 shards of one row: the clip and its first frame
     cache = LatentCacheDataset(out)  # verifies every shard's sha256 against the index
     items = list(cache)
     assert cache.skipped == [] and sorted(it["index"] for it in items) == list(range(12))

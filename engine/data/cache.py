@@ -33,7 +33,8 @@ import re
 import shutil
 import socket
 import threading
-from collections.abc import Iterable, Iterator, Sequence
+import time
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -98,18 +99,26 @@ def _exclusive(lock_path: Path) -> Iterator[None]:
             fcntl.flock(f, fcntl.LOCK_UN)
 
 
+def _writer_alive(p: Path) -> bool | None:
+    """Whether the writer whose temporary file or claim ``p`` is (a name of _tmp_name) runs; None: another
+    machine's (its process ids are not ours to check) or not such a name."""
+    m = re.fullmatch(r".+\.([A-Za-z0-9_-]+)\.(\d+)-\d+\.(partial|tmp|claim)", p.name)
+    if m is None or m.group(1) != _host():
+        return None
+    try:
+        os.kill(int(m.group(2)), 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # a live process of another user
+    return True
+
+
 def _remove_orphans(folder: Path) -> None:
-    """Delete the temporary files of this machine's writers that died (a crash mid-shard)."""
-    for p in [*folder.glob("*.partial"), *folder.glob("*.tmp")]:
-        m = re.fullmatch(r".+\.([A-Za-z0-9_-]+)\.(\d+)-\d+\.(partial|tmp)", p.name)  # a name of _tmp_name
-        if m is None or m.group(1) != _host():
-            continue  # another machine's process ids are not ours to check
-        try:
-            os.kill(int(m.group(2)), 0)
-        except ProcessLookupError:
+    """Delete the temporary files and claims of this machine's writers that died (a crash mid-shard)."""
+    for p in [*folder.glob("*.partial"), *folder.glob("*.tmp"), *folder.glob("*.claim")]:
+        if _writer_alive(p) is False:
             p.unlink(missing_ok=True)
-        except PermissionError:
-            pass  # a live process of another user
 
 
 def _sources(dataset: MapDataset, rows: range) -> list[list]:
@@ -259,7 +268,10 @@ class LatentCacheWriter:
 
         Several writers (ranks) may write one cache at once: each shard goes to a temporary file of its own and
         is renamed into place together with its index entry under a lock, the index re-read from disk there, so
-        no writer's shards are lost from the index and every entry matches the file on disk."""
+        no writer's shards are lost from the index and every entry matches the file on disk. A writer claims the
+        shard it encodes (``<shard>.<host>.<pid>-<thread>.claim``) and first takes the shards nobody claimed, so
+        the writers share the work; then it waits for those a live writer of this machine encodes and encodes the
+        others still unfinished (another machine's writer's, or a dead one's)."""
         self.out.mkdir(parents=True, exist_ok=True)
         n = len(dataset)
         lock = self.out / "index.json.lock"
@@ -267,15 +279,38 @@ class LatentCacheWriter:
             index = self._load_index(n)
             _remove_orphans(self.out)
         num_shards = -(-n // self.shard_size)
-        for k in progress(range(num_shards), desc="cache shards", total=num_shards):
-            name = f"shard-{k:05d}.safetensors"
-            rows = (k * self.shard_size, min(n, (k + 1) * self.shard_size))
-            # the files' identity before they are read: one changed while encoding is seen by the next run
-            sources = _sources(dataset, range(*rows))
-            with _exclusive(lock):
-                index = self._load_index(n)  # another writer may have finished this shard
-                if self._done(index, name, sources):
-                    continue
+        claimed = [k for k in progress(range(num_shards), desc="cache shards", total=num_shards)
+                   if not self._write_shard(dataset, k, lock, defer=lambda c: True)]  # fmt: skip
+        while claimed:
+            claimed = [k for k in claimed if not self._write_shard(dataset, k, lock, defer=_writer_alive)]
+            time.sleep(0.2 if claimed else 0)
+        with _exclusive(lock):
+            index = self._load_index(n)
+        log.info(
+            "cache '%s': %d shards, %d items",
+            self.out,
+            num_shards,
+            sum(s["items"] for s in index["shards"].values()),
+        )
+        return index
+
+    def _write_shard(self, dataset: MapDataset, k: int, lock: Path, *, defer: Callable[[Path], Any]) -> bool:
+        """Encode and commit shard ``k`` unless it is done; False where it is left to a writer that claimed it
+        (a claim for which ``defer`` is true)."""
+        n = len(dataset)
+        name = f"shard-{k:05d}.safetensors"
+        rows = (k * self.shard_size, min(n, (k + 1) * self.shard_size))
+        # the files' identity before they are read: one changed while encoding is seen by the next run
+        sources = _sources(dataset, range(*rows))
+        with _exclusive(lock):
+            index = self._load_index(n)  # another writer may have finished this shard
+            if self._done(index, name, sources):
+                return True
+            if any(defer(c) for c in self.out.glob(f"{name}.*.claim")):
+                return False  # another writer is encoding it
+            claim = _tmp_name(self.out / name, ".claim")
+            claim.touch()
+        try:
             tensors, items = self._encode_rows(dataset, range(*rows))
             tmp = self._save_shard(name, tensors, items)
             entry = {"sha256": sha256_file(tmp), "bytes": tmp.stat().st_size, "rows": list(rows),
@@ -285,13 +320,9 @@ class LatentCacheWriter:
                 os.replace(tmp, self.out / name)
                 index["shards"][name] = entry
                 _atomic_write_text(self.out / "index.json", json.dumps(index, indent=1))
-        log.info(
-            "cache '%s': %d shards, %d items",
-            self.out,
-            num_shards,
-            sum(s["items"] for s in index["shards"].values()),
-        )
-        return index
+        finally:
+            claim.unlink(missing_ok=True)
+        return True
 
     def _save_shard(self, name: str, tensors: dict[str, torch.Tensor], items: list[dict[str, Any]]) -> Path:
         """Write the shard to a temporary file of this writer's (synced); returns its path."""
