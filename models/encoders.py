@@ -247,6 +247,8 @@ class ImageEncoder(nn.Module):
             size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
             kw = dict(mean=pc.get("image_mean", CLIP_MEAN), std=pc.get("image_std", CLIP_STD), size=size)
             resize = pc.get("size")
+            if isinstance(resize, int):  # an older config's int: the short side, as the processor reads it
+                resize = {"shortest_edge": resize}
             if pc.get("do_center_crop", False) and isinstance(resize, dict) and "shortest_edge" in resize:
                 kw["shortest_edge"] = resize["shortest_edge"]
         return cls(model, **kw)

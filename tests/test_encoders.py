@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -128,10 +130,13 @@ def test_text_encoder_cleans_prompts_as_the_wan_pipeline():
     torch.testing.assert_close(emb, ref.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_image_encoder_matches_the_pipelines_image_processor(tmp_path):
+@pytest.mark.parametrize("int_sizes", [False, True])
+def test_image_encoder_matches_the_pipelines_image_processor(tmp_path, int_sizes):
     """Tokens = the penultimate hidden states of the pipeline's own preprocessing (WanImageToVideoPipeline:
     CLIPImageProcessor, shortest edge then centre crop, PIL bicubic) on a non-square uint8 frame: within
-    the processor's uint8 rounding (squashing the whole frame instead was 99% off)."""
+    the processor's uint8 rounding (squashing the whole frame instead was 99% off). int_sizes: an older
+    preprocessor_config.json's "size": 32, which the processor reads as the shortest edge (it was read as
+    a square resize)."""
     import numpy as np
     from PIL import Image
     from transformers import CLIPImageProcessor
@@ -141,6 +146,11 @@ def test_image_encoder_matches_the_pipelines_image_processor(tmp_path):
     proc = CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32},
                               do_center_crop=True, resample=3, image_mean=CLIP_MEAN, image_std=CLIP_STD)  # fmt: skip
     proc.save_pretrained(tmp_path / "image_processor")
+    if int_sizes:
+        cfg_file = tmp_path / "image_processor" / "preprocessor_config.json"
+        cfg_file.write_text(json.dumps({**json.loads(cfg_file.read_text()), "size": 32, "crop_size": 32}))
+        proc = CLIPImageProcessor.from_pretrained(tmp_path / "image_processor")
+        assert proc.size["shortest_edge"] == 32 and proc.crop_size["height"] == 32
     enc = ImageEncoder.from_pretrained(tmp_path / "image_encoder", tmp_path / "image_processor")
     g = torch.Generator().manual_seed(0)
     smooth = F.interpolate(
