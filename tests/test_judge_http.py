@@ -328,6 +328,22 @@ def test_serve_answers_400_to_invalid_bodies():
     assert bool_tokens.status_code == 400 and "max_tokens" in bool_tokens.json()["error"]["message"]
 
 
+def test_serve_answers_400_to_a_body_over_the_limit():
+    """A body over MAX_BODY was refused unread and the connection closed while the body still arrived: the
+    client got a connection reset (ReadError, which OpenAIChat retried, uploading the body again) instead of
+    the answer. The answer now reaches it."""
+    from engine.judge.serve import MAX_BODY
+
+    body = b'{"messages": "' + b"x" * (MAX_BODY + (4 << 20)) + b'"}'
+
+    async def send(c, url):
+        return await c.post(url, content=body, headers={"Content-Type": "application/json"}, timeout=60)
+
+    with FaultServer() as srv:
+        r = asyncio.run(_post_to_judge_server(srv, send))
+    assert r.status_code == 400 and "exceeds" in r.json()["error"]["message"]
+
+
 def test_serve_answers_400_to_a_decompression_bomb_image():
     """A PNG whose header claims 10^10 pixels raised PIL's DecompressionBombError (not a ValueError or
     OSError) in the connection's handler: the connection was cut without an answer, which clients retry."""

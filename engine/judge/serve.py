@@ -46,6 +46,14 @@ class BadRequest(ValueError):
     """A client error: answered with HTTP 400 and the message."""
 
 
+class BodyTooLarge(BadRequest):
+    """A body over MAX_BODY: answered 400 unread, then ``pending`` bytes of it are read and dropped."""
+
+    def __init__(self, message: str, pending: int) -> None:
+        super().__init__(message)
+        self.pending = pending
+
+
 class Unanswerable(RuntimeError):
     """A verdict that no retry can change (the oracle cannot read the video, an unparsable answer): HTTP 422
     with the reason, which clients do not retry (a 502 was retried judge.max_retries times, each failing)."""
@@ -259,9 +267,11 @@ class JudgeServer:
             # its body would stay in the stream and be read as the next request
             raise BadRequest("chunked request bodies are not supported: send the body with a Content-Length")
         n = int(headers.get("content-length", "0") or 0)
+        expect = headers.get("expect", "").lower() == "100-continue"
         if n > MAX_BODY or n < 0:
-            raise BadRequest(f"body of {n} bytes exceeds {MAX_BODY}")
-        if n and headers.get("expect", "").lower() == "100-continue":
+            # a client told to wait for "100 Continue" sends no body
+            raise BodyTooLarge(f"body of {n} bytes exceeds {MAX_BODY}", 0 if expect else max(n, 0))
+        if n and expect:
             # curl sends this for large bodies and waits 1 s for the 100 before sending the body
             writer.write(b"HTTP/1.1 100 Continue\r\n\r\n")
             await writer.drain()
@@ -278,6 +288,8 @@ class JudgeServer:
                     req = await self._read_request(reader, writer)
                 except (BadRequest, ValueError) as e:
                     await _write(writer, 400, {"error": {"message": str(e)}}, close=True)
+                    if isinstance(e, BodyTooLarge):
+                        await _discard(reader, e.pending)
                     return
                 except (asyncio.IncompleteReadError, ConnectionError):
                     return
@@ -298,6 +310,17 @@ class JudgeServer:
             self._writers.discard(writer)
             self._handlers.discard(task)
             writer.close()
+
+
+async def _discard(reader: asyncio.StreamReader, n: int, limit_s: float = 30.0) -> None:
+    """Read and drop up to ``n`` bytes (at most ``limit_s`` s): closing with a body still arriving reset the
+    connection, and the client lost the answer (a ReadError it retried, sending the whole body again)."""
+    try:
+        async with asyncio.timeout(limit_s):
+            while n > 0 and (chunk := await reader.read(min(n, 1 << 20))):
+                n -= len(chunk)
+    except (TimeoutError, ConnectionError):
+        pass
 
 
 _REASONS = {200: "OK", 400: "Bad Request", 404: "Not Found", 422: "Unprocessable Content", 502: "Bad Gateway"}
