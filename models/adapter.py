@@ -169,7 +169,14 @@ def read_config(path: str | Path) -> dict:
     file = path / "config.json" if path.is_dir() else path
     if not file.is_file():
         raise FileNotFoundError(f"{path}: no config.json (expected a diffusers-format model folder)")
-    return json.loads(file.read_text())
+    return _read_json(file)
+
+
+def _read_json(file: Path) -> Any:
+    try:
+        return json.loads(file.read_text())
+    except json.JSONDecodeError as e:  # its message names no file
+        raise ValueError(f"{file}: not valid JSON ({e})") from e
 
 
 def safetensors_files(path: str | Path) -> list[Path]:
@@ -185,7 +192,8 @@ def safetensors_files(path: str | Path) -> list[Path]:
     if len(indexes) > 1:
         raise ValueError(f"{path}: several index files {[p.name for p in indexes]}; expected one")
     if indexes:
-        weight_map = json.loads(indexes[0].read_text()).get("weight_map")
+        index = _read_json(indexes[0])
+        weight_map = index.get("weight_map") if isinstance(index, dict) else None
         if not isinstance(weight_map, dict) or not weight_map:
             raise ValueError(f"{indexes[0]}: expected a non-empty 'weight_map' object")
         files = [path / name for name in sorted(set(weight_map.values()))]

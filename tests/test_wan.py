@@ -109,6 +109,20 @@ def test_from_pretrained_names_a_damaged_shard(tmp_path):
         WanModel.from_pretrained(tmp_path)
 
 
+def test_from_pretrained_names_a_damaged_config_or_index(tmp_path):
+    """A truncated config.json or shard index is an error naming that file (json's own error named none)."""
+    theirs, _ = make_pair()
+    theirs.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
+    for name in ("config.json", "diffusion_pytorch_model.safetensors.index.json"):
+        file = tmp_path / name
+        text = file.read_text()
+        file.write_text(text[: len(text) // 2])
+        with pytest.raises(ValueError, match=name):
+            WanModel.from_pretrained(tmp_path)
+        file.write_text(text)
+    WanModel.from_pretrained(tmp_path)
+
+
 def test_from_pretrained_takes_the_default_weights_beside_a_variant(tmp_path):
     """A folder with diffusion_pytorch_model.safetensors and a variant file beside it (save_pretrained with
     variant="fp16" writes diffusion_pytorch_model.fp16.safetensors) loads the default one, as diffusers does
