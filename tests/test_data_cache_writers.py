@@ -219,3 +219,26 @@ def test_writer_memory_does_not_grow_with_the_shard(tmp_path):
     grew = json.loads(p.stdout.split("RESULT ", 1)[1].splitlines()[0])["grew"]
     assert grew < 16 * clip, f"peak grew by {grew / clip:.1f} clips"
     assert sorted(it["index"] for it in LatentCacheDataset(tmp_path / "cache")) == list(range(32))
+
+
+def test_a_cache_whose_index_is_cut_short_fails_naming_the_file(tmp_path):
+    """index.json cut short (an interrupted copy of the cache folder): the reader and a writer resuming it raise an
+    error naming that file (before, a bare JSONDecodeError 'Expecting ... line 9 column 3')."""
+    import re
+
+    from engine.data import VideoDataset
+    from engine.data.cache import LatentCacheDataset, LatentCacheWriter
+    from engine.data.synthetic import write_video
+
+    for i in range(2):
+        write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=2, height=16, width=16)
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"video": f"v{i}.webm"}) for i in range(2)))
+    ds = VideoDataset(tmp_path / "m.jsonl", num_frames=2, height=16, width=16, decoder="pyav")
+    out = tmp_path / "cache"
+    LatentCacheWriter(out, vae=_PoolVAE(), shard_size=1, first_frame=False).write(ds)
+    index = out / "index.json"
+    index.write_text(index.read_text()[:100])
+    with pytest.raises(ValueError, match=re.escape(f"cache index '{index}' is unreadable")):
+        LatentCacheDataset(out)
+    with pytest.raises(ValueError, match=re.escape(f"cache index '{index}' is unreadable")):
+        LatentCacheWriter(out, vae=_PoolVAE(), shard_size=1, first_frame=False).write(ds)

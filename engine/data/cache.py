@@ -140,6 +140,18 @@ def _sources(dataset: MapDataset, rows: range) -> list[list]:
     return out
 
 
+def _read_index(path: Path) -> dict[str, Any]:
+    """A cache's index.json; ValueError naming it where it is no JSON object (an interrupted copy of the cache)."""
+    try:
+        index = json.loads(path.read_text())
+    except (ValueError, UnicodeDecodeError) as e:
+        raise ValueError(f"cache index '{path}' is unreadable ({type(e).__name__}: {e}); restore it from the "
+                         "original cache, or delete the cache folder and precompute it again") from None  # fmt: skip
+    if not isinstance(index, dict):
+        raise ValueError(f"cache index '{path}': expected a JSON object, got {str(index)[:100]}")
+    return index
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = _tmp_name(path, ".tmp")
     with tmp.open("w") as f:
@@ -243,7 +255,7 @@ class LatentCacheWriter:
         }
         if not path.exists():
             return fresh
-        index = json.loads(path.read_text())
+        index = _read_index(path)
         for key in ("version", "fingerprint", "num_rows", "shard_size"):
             if index.get(key) != fresh[key]:
                 raise ValueError(
@@ -386,7 +398,7 @@ class LatentCacheDataset:
         path = self.dir / "index.json"
         if not path.is_file():
             raise FileNotFoundError(f"cache '{self.dir}': no index.json (run recipes/precompute.py first)")
-        self.index = json.loads(path.read_text())
+        self.index = _read_index(path)
         if self.index.get("version") != CACHE_VERSION:
             raise ValueError(
                 f"cache '{self.dir}': version {self.index.get('version')}, expected {CACHE_VERSION}"
