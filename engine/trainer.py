@@ -467,13 +467,14 @@ class Trainer:
         self._closed = True
         self._uninstall_signal_handlers()
         self.checkpointer.wait()
+        self.profiler.__exit__(None, None, None)
+        # the row first: a kill right after the save below would leave a checkpoint past the last row
+        self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
+        self.metrics.close()
         if signum == signal.SIGTERM and self.state.step > 0:
             done = self.checkpointer.latest()
             if done is None or done[0] != self.state.step:
                 self.checkpointer.maybe_save(self.state.step, last=True)
-        self.profiler.__exit__(None, None, None)
-        self._last_logs = self.metrics.flush(self.state.step, self._counters()) or self._last_logs
-        self.metrics.close()
         self._exit_interrupted(signum)
 
     def _exit_interrupted(self, signum: int) -> None:

@@ -131,6 +131,29 @@ def test_metrics_rows_cover_every_step_once_across_a_resume(tmp_path):
     assert prev == 12
 
 
+def test_sigterm_writes_the_last_row_before_its_save(tmp_path):
+    """SIGTERM during step 5 (rows every 4 steps): the run saved step 5, then wrote the row of step 5. Killed
+    between the two (a preemption's grace period ending after the save), the resumed run started at step 5 with
+    the rows of steps 1-4 only, and step 5 was in no row. The row is now written first."""
+    run = tmp_path / "run"
+    extra = ["--train.steps", "8", "--train.log_every", "4", "--checkpoint.interval", "100"]
+    proc = _run(run, "--sigterm-at", "5", "--kill-after-commit", "5", *extra)
+    ref = _uninterrupted(tmp_path / "full", *extra)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == -signal.SIGKILL, out[-3000:]
+    assert [s for s, _ in complete_checkpoints(run / "checkpoints")] == [5]
+    proc = _run(run, *extra)
+    out, _ = proc.communicate(timeout=120)
+    assert proc.returncode == 0, out[-3000:]
+    assert json.loads((run / "out.json").read_text())["start"] == 5
+    prev = 0
+    for row in _rows(run / "metrics.jsonl"):
+        steps = range(prev + 1, row["step"] + 1)
+        assert row["loss"] == pytest.approx(sum(ref[s] for s in steps) / len(steps), rel=1e-6), row["step"]
+        prev = row["step"]
+    assert prev == 8
+
+
 SIGNAL_ARGS = ["--train.steps", "16", "--train.log_every", "1", "--checkpoint.async_save", "true"]
 
 

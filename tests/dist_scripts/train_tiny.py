@@ -5,6 +5,8 @@
 
 ``--kill-at-save N`` SIGKILLs this process in the middle of saving checkpoint N: after the DCP shards
 and per-rank files are written, before the COMPLETE marker and the rename (the worst moment).
+``--sigterm-at N`` sends this process SIGTERM during step N; ``--kill-after-commit N`` SIGKILLs it right after
+checkpoint N is committed (a preemption's grace period ending there).
 ``--timeout-check`` afterwards makes rank 1 skip a barrier so rank 0 must report a DistTimeoutError.
 """
 
@@ -39,6 +41,17 @@ def install_kill(step: int) -> None:
     ckpt.CheckpointManager._commit = killing_commit
 
 
+def install_kill_after_commit(step: int) -> None:
+    commit = ckpt.CheckpointManager._commit
+
+    def commit_then_kill(self, tmp: Path, final: Path) -> None:
+        commit(self, tmp, final)
+        if final.name == f"step_{step:08d}":
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    ckpt.CheckpointManager._commit = commit_then_kill
+
+
 VARIANTS = {  # name -> overrides; one torchrun trains each in turn (process start-up dominates test time)
     "fsdp": [],
     "hsdp": ["--parallel.dp_replicate", "2"],
@@ -49,13 +62,20 @@ VARIANTS = {  # name -> overrides; one torchrun trains each in turn (process sta
 }
 
 
-def train(cfg, run_dir: str, rng_noise: bool) -> dict:
+def train(cfg, run_dir: str, rng_noise: bool, sigterm_at: int = 0) -> dict:
     info = init_distributed(cfg.parallel, "cpu")
     torch.manual_seed(0)
     model = TinyDiT()
     batches = SeededBatches(batch=cfg.train.batch_size, grad_accum=cfg.train.grad_accum, rank=info.dp_rank,
                             world=info.dp_size, rng_noise=rng_noise)  # fmt: skip
-    trainer = Trainer(cfg, model, flow_loss, batches, run_dir=run_dir, dist_info=info)
+    trainer = None
+
+    def loss_fn(m, mb):
+        if sigterm_at and trainer.step + 1 == sigterm_at and not trainer._stop_signal:
+            os.kill(os.getpid(), signal.SIGTERM)
+        return flow_loss(m, mb)
+
+    trainer = Trainer(cfg, model, loss_fn, batches, run_dir=run_dir, dist_info=info)
     start, losses = trainer.step, {}
     while trainer.step < cfg.train.steps:
         loss = trainer.train_step()["loss"].detach().clone()
@@ -73,12 +93,16 @@ def main() -> None:
         "--variants", default="", help=f"comma list of {sorted(VARIANTS)}: run_dir/<name>/out.json"
     )
     ap.add_argument("--kill-at-save", type=int, default=0)
+    ap.add_argument("--sigterm-at", type=int, default=0)
+    ap.add_argument("--kill-after-commit", type=int, default=0)
     ap.add_argument("--timeout-check", action="store_true")
     ap.add_argument("--rng-noise", action="store_true")
     args, rest = ap.parse_known_args()
     torch.set_num_threads(1)
     if args.kill_at_save:
         install_kill(args.kill_at_save)
+    if args.kill_after_commit:
+        install_kill_after_commit(args.kill_after_commit)
     runs = {name: Path(args.run_dir) / name for name in args.variants.split(",")} if args.variants else {
         "": Path(args.run_dir)}  # fmt: skip
     for name, run_dir in runs.items():
@@ -90,7 +114,7 @@ def main() -> None:
             result = train(cfg, str(run_dir), args.rng_noise)
             result["losses"] = {**first["losses"], **result["losses"]}
         else:
-            result = train(cfg, str(run_dir), args.rng_noise)
+            result = train(cfg, str(run_dir), args.rng_noise, args.sigterm_at)
         if int(os.environ.get("RANK", "0")) == 0:
             (run_dir / "out.json").write_text(json.dumps(result))
     if args.timeout_check and torch.distributed.is_initialized():
