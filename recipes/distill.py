@@ -15,7 +15,8 @@ task file:
   Both velocities are conditional (guidance 1): the student learns to act as the teacher does given
   the solution; CFG at sampling then applies to both alike.
 off_policy (SFT ablation): flow-matching fine-tune of v_θ(· | task, I) on the Demonstrator's videos
-  for (I, solution), sampled once by recipes/demonstrate.py.
+  for (I, solution), sampled once by recipes/demonstrate.py; t from flow.t_sampling and flow.shift, the
+  loss weighted by distill.t_weighting as on-policy's.
 off_policy_filtered: the same on the demonstrations the judge scored as solving the task
   (Task score >= distill.filter_threshold).
 
@@ -129,7 +130,8 @@ class DemoBatches:
         x0 = self.latents[j].to(self.table.image["image_latent"].device)
         t = flow.sample_timesteps(B, cfg.flow.t_sampling, shift=cfg.flow.shift, generator=g).to(x0.device)
         noise = torch.randn(x0.shape, generator=g).to(x0.device)
-        return {"x0": x0, "noise": noise, "t": t, "cond": self.table.cond(self.item_idx[j], "task")}
+        return {"x0": x0, "noise": noise, "t": t, "cond": self.table.cond(self.item_idx[j], "task"),
+                "weight": timestep_weights(t, cfg.distill.t_weighting).to(x0.device)}  # fmt: skip
 
     def state_dict(self) -> dict:
         return {}
@@ -140,7 +142,7 @@ class DemoBatches:
 
 def sft_loss(model: torch.nn.Module, mb: dict) -> tuple[torch.Tensor, dict]:
     v = model.predict_velocity(flow.add_noise(mb["x0"], mb["noise"], mb["t"]), mb["t"], mb["cond"])
-    return flow_matching_loss(v, mb["x0"], mb["noise"]), work_logs(model, mb["x0"], mb["cond"])
+    return flow_matching_loss(v, mb["x0"], mb["noise"], mb["weight"]), work_logs(model, mb["x0"], mb["cond"])
 
 
 def load_demos(cfg: JobConfig, table: PromptTable, out: Path) -> tuple[torch.Tensor, torch.Tensor]:

@@ -131,3 +131,34 @@ def test_filtered_sft_with_no_demonstration_over_the_threshold_is_a_one_line_err
                        capture_output=True, text=True, timeout=300)  # fmt: skip
     assert r.returncode != 0 and "error: distill.filter_threshold" in r.stderr, r.stderr[-2000:]
     assert "Traceback" not in r.stderr, r.stderr[-2000:]
+
+
+def test_off_policy_sft_weights_its_loss_by_distill_t_weighting(tmp_path):
+    """distill.t_weighting weighted only the on-policy loss: an off-policy (SFT) run with 'late' trained
+    unweighted without a word, so the ablation compared two different objectives. The SFT loss is now
+    mean_b w(t_b) mean_i (v - (eps - x0))^2 with w = 2 (1 - t) for 'late', computed here from the model's
+    velocities at x_t = (1 - t) x0 + t eps; 'uniform' is the plain mean."""
+    from recipes import propose
+    from recipes.common import build_kit, load_items, tasks_path
+    from recipes.distill import DemoBatches, sft_loss
+
+    cfg = _cfg(tmp_path, 1)
+    propose.run(cfg)
+    kit = build_kit(cfg)
+    table = kit.encode_items(load_items(tasks_path(cfg)))
+    model = kit.load_denoiser("")
+    latents = torch.randn(4, *kit.latent_shape, generator=torch.Generator().manual_seed(0))
+    item_idx = torch.arange(4) % len(table)
+    for scheme in ("late", "uniform"):
+        c = load_config(argv=["--run.out_dir", str(tmp_path), "--run.name", "d", "--train.batch_size", "3",
+                              "--distill.t_weighting", scheme, "--run.device", "cpu"])  # fmt: skip
+        (mb,) = DemoBatches(c, table, latents, item_idx).next(3, model)
+        x0, eps, t = mb["x0"], mb["noise"], mb["t"]
+        tb = t.view(-1, 1, 1, 1, 1)
+        with torch.no_grad():
+            v = model.predict_velocity((1 - tb) * x0 + tb * eps, t, mb["cond"])
+            per_sample = (v.double() - (eps - x0).double()).pow(2).flatten(1).mean(1)
+            w = 2 * (1 - t.double()) if scheme == "late" else torch.ones_like(per_sample)
+            want = (w * per_sample).mean()
+            got, _ = sft_loss(model, mb)
+        assert torch.allclose(got.double(), want, rtol=1e-5), (scheme, float(got), float(want))
