@@ -319,21 +319,26 @@ def _keyframe_plan(path: Path, first: int) -> tuple[int, dict[int, int]] | None:
     """Where to start decoding for frame ``first``, from the packets alone (no pixel decoding): ``(keyframe
     pts, pts -> frame index)``, the keyframe being the last one (in decode order) shown at
     or before frame ``first``. None where decoding from the start is as good or the packets cannot tell (no
-    pts, duplicate pts, the first keyframe)."""
+    pts, duplicate pts, the first keyframe, B-frames whose packets' pts follow the decode order: AVI stores no
+    presentation times, and a seek matched frames by pts to the wrong indices)."""
     import av
 
     try:
         with av.open(str(path)) as container:
-            shown, keys = [], []
-            for pkt in container.demux(container.streams.video[0]):
+            stream = container.streams.video[0]
+            shown, keys, decoded = [], [], []
+            for pkt in container.demux(stream):
                 if pkt.size <= 0:
                     continue
                 if pkt.pts is None:
                     return None
+                decoded.append(pkt.pts)
                 if pkt.is_keyframe:
                     keys.append(pkt.pts)
                 if not pkt.is_discard:  # frames an edit list drops are never output (as probe counts)
                     shown.append(pkt.pts)
+            if stream.codec_context.has_b_frames and decoded == sorted(decoded):
+                return None  # B-frames, yet pts in decode order: not the frames' presentation times
     except (av.error.FFmpegError, ValueError, OSError, IndexError):
         return None
     shown.sort()
