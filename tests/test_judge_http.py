@@ -557,6 +557,13 @@ def test_serve_a_bad_model_folder_is_a_one_line_error(tmp_path):
         build_backend("transformers", str(tmp_path), device="cpu", max_batch=4)
 
 
+def test_serve_a_device_the_model_cannot_go_to_is_a_one_line_error(tiny_vlm):
+    # a misspelt --device and a CUDA device this machine lacks were tracebacks from the model's .to()
+    for device, why in (("gpu", "is not a device"), ("cuda:99", "CUDA device")):
+        with pytest.raises(SystemExit, match=f"--device '{device}'.*{why}"):
+            build_backend("transformers", tiny_vlm[0], device=device, max_batch=4)
+
+
 def test_serve_cli_bad_settings_are_one_line_errors(capsys):
     import socket
 

@@ -336,6 +336,21 @@ async def _write(writer: asyncio.StreamWriter, status: int, payload: dict, *, cl
     await writer.drain()
 
 
+def _check_device(device: str | None) -> None:
+    """A --device torch cannot place the model on (a misspelt one, CUDA absent) was a traceback at load."""
+    import torch
+
+    if not device:
+        return
+    try:
+        dev = torch.device(device)
+    except RuntimeError as e:
+        raise SystemExit(f"serve: --device {device!r} is not a device: {e}") from None
+    visible = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    if dev.type == "cuda" and (dev.index or 0) >= visible:
+        raise SystemExit(f"serve: --device {device!r}: this machine has {visible} CUDA device(s)")
+
+
 def build_backend(kind: str, model: str, *, device: str | None, max_batch: int):
     """(backend, mode) for ``--backend``; the oracle is imported lazily from engine.world."""
     if kind == "transformers":
@@ -346,6 +361,7 @@ def build_backend(kind: str, model: str, *, device: str | None, max_batch: int):
         # a missing or incomplete folder was a transformers traceback (a missing one read as a hub repo id)
         if not os.path.isdir(model):
             raise SystemExit(f"serve: --model {model!r} is not a folder (a local Qwen2.5-VL folder)")
+        _check_device(device)
         try:
             return TransformersVLM(model, device=device, max_batch=max_batch), "chat"
         except OSError as e:
