@@ -367,8 +367,10 @@ class DiffusersInterop:
         self.load_state_dict(ours, strict=strict, assign=assign)
 
     def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:
-        """Our state dict in diffusers' keys and shapes (exact inverse of load_diffusers_state_dict)."""
-        return to_theirs(self.state_dict(), self.keymap(), self.their_shapes())
+        """Our state dict in diffusers' keys and shapes (exact inverse of load_diffusers_state_dict); the
+        weights alone: modules' extra state (Transformer Engine's FP8 scaling) has no diffusers key."""
+        sd = {k: v for k, v in self.state_dict().items() if not k.endswith("._extra_state")}
+        return to_theirs(sd, self.keymap(), self.their_shapes())
 
     @classmethod
     def from_diffusers(cls, model: nn.Module, **overrides: Any):

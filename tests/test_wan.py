@@ -63,6 +63,35 @@ def test_state_dict_round_trip_is_bit_exact():
     check_state_dict_round_trip(theirs, ours)
 
 
+def test_export_leaves_out_the_extra_state_of_fp8_linears():
+    """Transformer Engine's linears (precision.fp8 = "te") keep their FP8 scaling state as a
+    '<name>._extra_state' uint8 entry of the state dict (torch's extra-state API, stood in for here): the
+    export holds the weights alone, in diffusers' keys (the extra state went through the key map, a fused
+    qkv's split three ways, and diffusers' strict load refused the file)."""
+
+    class ExtraStateLinear(torch.nn.Linear):  # the state-dict side of TE's Linear
+        def get_extra_state(self):
+            return torch.arange(10, dtype=torch.uint8)
+
+        def set_extra_state(self, state):
+            pass
+
+    theirs, ours = make_pair()
+    want = {k: v.clone() for k, v in theirs.state_dict().items()}
+    block = ours.blocks[0]
+    for parent, name in ((block.self_attn, "qkv"), (block.ffn, "fc1")):
+        lin = getattr(parent, name)
+        new = ExtraStateLinear(lin.in_features, lin.out_features)
+        with torch.no_grad():
+            new.weight.copy_(lin.weight)
+            new.bias.copy_(lin.bias)
+        setattr(parent, name, new)
+    assert "blocks.0.self_attn.qkv._extra_state" in ours.state_dict()
+    sd = ours.to_diffusers_state_dict()
+    theirs.load_state_dict(sd)  # strict: diffusers' keys exactly
+    assert all(torch.equal(sd[k], v) for k, v in want.items())
+
+
 def test_missing_and_unexpected_keys_are_listed():
     theirs, ours = make_pair()
     sd = dict(theirs.state_dict())
