@@ -339,6 +339,23 @@ def test_the_training_size_is_a_bucket_and_a_clip_at_it_is_not_resampled(tmp_pat
     assert torch.equal(v, decoded.permute(3, 0, 1, 2).float() / 127.5 - 1)
 
 
+def test_a_near_square_training_size_stays_a_bucket(tmp_path):
+    """A training size near square (240 x 256, 480 x 512): its transpose took the place of the bucket nearest to it,
+    the training size itself, so a clip at 256 x 240 went to the portrait bucket 240 x 256 (upscaled 1.07x and
+    cropped). Both are buckets now, in place of the 1:1 one, and a clip at the training size comes out as decoded."""
+    for h, w in ((240, 256), (480, 512), (512, 480)):
+        buckets = make_buckets(h, w, multiple=16)
+        assert {(h, w), (w, h)} <= set(buckets), (h, w, buckets)
+        assert nearest_bucket(h, w, buckets) == (h, w) and nearest_bucket(w, h, buckets) == (w, h)
+        assert len(buckets) == len(make_buckets(h + 1, w, multiple=16)) + 1  # both in place of the 1:1 bucket
+    path = write_video(tmp_path / "v.mp4", codec="libx264", num_frames=2, height=240, width=256, quality=30)
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}])
+    v = VideoDataset(m, num_frames=2, height=240, width=256, aspect_buckets=True, decoder="pyav")[0]["video"]
+    decoded = PyAVDecoder().decode(path, [0, 1])  # (T, H, W, 3)
+    assert v.shape == (3, 2, 240, 256)
+    assert torch.equal(v, decoded.permute(3, 0, 1, 2).float() / 127.5 - 1)
+
+
 def test_dataset_yields_the_right_frames_and_text(media, tmp_path):
     m = write_manifest(
         tmp_path / "m.jsonl",

@@ -127,10 +127,12 @@ def make_buckets(
         w = max(multiple, round(math.sqrt(area * r) / multiple) * multiple)
         buckets.add((h, w))
     if height % multiple == 0 and width % multiple == 0:
+        # the nearest ratio bucket, not the target itself (which a near-square target's transpose is nearest to)
+        ratio_buckets = sorted(buckets)
         for hw in sorted({(height, width), (width, height)}):
             if min(BUCKET_RATIOS) <= hw[1] / hw[0] <= max(BUCKET_RATIOS):
-                buckets.discard(nearest_bucket(*hw, sorted(buckets)))
-            buckets.add(hw)
+                buckets.discard(nearest_bucket(*hw, ratio_buckets))
+        buckets |= {(height, width), (width, height)}
     return sorted(buckets, key=lambda hw: hw[1] / hw[0])
 
 
