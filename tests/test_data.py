@@ -51,6 +51,7 @@ def media(tmp_path_factory) -> Path:
     corrupt[40:] = np.random.default_rng(1).integers(0, 256, len(good) - 40, dtype=np.uint8).tobytes()
     (d / "corrupt.webm").write_bytes(bytes(corrupt))
     (d / "empty.mp4").write_bytes(b"")
+    (d / "frames.mp4").mkdir()  # a folder named like a video (before: 'file does not exist')
     (d / "notes.mp4").write_text("this is not a video\n" * 20)
     write_video(d / "short.webm", num_frames=2)
     write_video(d / "tenbit.mp4", codec="libx264", pix_fmt="yuv420p10le")
@@ -88,6 +89,7 @@ BAD = {
     "tenbit.mp4": "pixel format",
     "tiny.webm": "resolution",
     "missing.webm": "does not exist",
+    "frames.mp4": "a folder, not a video file",
     "broken.png": "image",
     "damaged_h264.mkv": "frame 2 is corrupt",
     "bomb.png": "DecompressionBombError",

@@ -159,6 +159,8 @@ def probe(path: str | Path) -> VideoInfo:
     import av
 
     p = Path(path)
+    if p.is_dir():
+        raise DecodeError(f"video '{p}': a folder, not a video file")
     if not p.is_file():
         raise DecodeError(f"video '{p}': file does not exist")
     if p.stat().st_size == 0:
