@@ -126,6 +126,23 @@ def build_text(r: JudgeRequest) -> str:
     return build_prompt(r)
 
 
+def test_a_prompt_that_cannot_be_sent_fails_only_its_own_request():
+    """A task holding a lone surrogate (a JSON task file may escape one: "\\udc80") cannot be encoded as UTF-8;
+    httpx's UnicodeEncodeError raised out of OpenAIChat.chat, so every request batched with it failed ("error")
+    as well. Only that request fails now; the others get the server's answers."""
+    import json
+
+    reqs = [_req(None, i) for i in range(3)]
+    reqs.insert(
+        1, JudgeRequest(json.loads('"[Agent]: push the \\udc80 block"'), "task", frames=reqs[0].frames)
+    )
+    with FaultServer() as srv:
+        out = asyncio.run(_judge(srv.url, timeout_s=5.0).score(reqs))
+    assert out[1].status == "error" and "UnicodeEncodeError" in out[1].raw
+    for r, v in zip(reqs[:1] + reqs[2:], out[:1] + out[2:]):
+        assert v.ok and v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4)
+
+
 def test_connection_refused_and_server_dying_mid_batch():
     judge = _judge(f"http://127.0.0.1:{free_port()}/v1")
     vs = asyncio.run(judge.score([_req(None, i) for i in range(3)]))

@@ -172,6 +172,9 @@ class OpenAIChat:
             return "connection_error", f"{type(e).__name__}: {e}", True, 0.0
         except httpx.HTTPError as e:  # e.g. a body that does not decode (DecodingError): this item fails
             return "http_error", f"{type(e).__name__}: {e}", True, 0.0
+        # a payload JSON cannot carry (a lone surrogate in the prompt) raised out of chat: its whole batch failed
+        except ValueError as e:
+            return "error", f"request not sent ({type(e).__name__}: {e})", False, 0.0
         if resp.status_code != 200:
             return (
                 "http_error",
