@@ -242,3 +242,57 @@ def test_a_cache_whose_index_is_cut_short_fails_naming_the_file(tmp_path):
         LatentCacheDataset(out)
     with pytest.raises(ValueError, match=re.escape(f"cache index '{index}' is unreadable")):
         LatentCacheWriter(out, vae=_PoolVAE(), shard_size=1, first_frame=False).write(ds)
+
+
+SLOW_WRITER = """
+import sys, time, torch
+from engine.data import VideoDataset
+from engine.data.cache import LatentCacheWriter
+
+class SlowVAE:
+    def encode(self, video):
+        time.sleep(float(sys.argv[3]))
+        return torch.nn.functional.avg_pool3d(video, (1, 4, 4))
+
+ds = VideoDataset(sys.argv[1], num_frames=2, height=16, width=16, decoder="pyav")
+LatentCacheWriter(sys.argv[2], vae=SlowVAE(), shard_size=1, batch_size=1, first_frame=False).write(ds)
+"""
+
+
+def test_a_writer_killed_mid_shard_leaves_its_shard_to_the_others(tmp_path):
+    """Two writers; one is killed (SIGKILL) while it encodes a shard it claimed: the other encodes that shard too,
+    removes the dead writer's claim and finishes the cache."""
+    import signal
+    import time
+
+    from engine.data.cache import LatentCacheDataset
+    from engine.data.synthetic import write_video
+
+    for i in range(6):
+        write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=2, height=16, width=16)
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps({"video": f"v{i}.webm"}) for i in range(6)))
+    (tmp_path / "writer.py").write_text(SLOW_WRITER)
+    out = tmp_path / "cache"
+    env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
+
+    def start(delay: str) -> subprocess.Popen:
+        return subprocess.Popen([sys.executable, str(tmp_path / "writer.py"), str(tmp_path / "m.jsonl"), str(out),
+                                 delay], env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)  # fmt: skip
+
+    def wait_for(cond, what: str) -> None:
+        deadline = time.monotonic() + 120
+        while not cond():
+            assert time.monotonic() < deadline, what
+            time.sleep(0.05)
+
+    doomed = start("60")  # never finishes its first shard
+    wait_for(lambda: out.is_dir() and list(out.glob(f"*.{doomed.pid}-*.claim")), "the first writer's claim")
+    other = start("0.05")
+    wait_for(lambda: list(out.glob(f"*.{other.pid}-*.claim")), "the second writer's claim")
+    doomed.send_signal(signal.SIGKILL)
+    doomed.wait()
+    log = other.communicate(timeout=300)[0]
+    assert other.returncode == 0, log[-3000:]
+    cache = LatentCacheDataset(out)
+    assert sorted(it["index"] for it in cache) == list(range(6)) and cache.skipped == []
+    assert not list(out.glob("*.claim"))

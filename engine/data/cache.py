@@ -318,7 +318,10 @@ class LatentCacheWriter:
             index = self._load_index(n)  # another writer may have finished this shard
             if self._done(index, name, sources):
                 return True
-            if any(defer(c) for c in self.out.glob(f"{name}.*.claim")):
+            claims = [c for c in self.out.glob(f"{name}.*.claim") if _writer_alive(c) is not False]
+            for c in set(self.out.glob(f"{name}.*.claim")) - set(claims):
+                c.unlink(missing_ok=True)  # of a writer of this machine that died
+            if any(defer(c) for c in claims):
                 return False  # another writer is encoding it
             claim = _tmp_name(self.out / name, ".claim")
             claim.touch()
