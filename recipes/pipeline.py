@@ -278,6 +278,11 @@ def validate(cfg: JobConfig) -> None:
                        ("rl.init", cfg.rl.init), ("eval.executors", cfg.eval.executors)):  # fmt: skip
         if value:
             raise ConfigError(f"{key} = {value!r}: the pipeline sets it for its stages; leave it empty")
+    # so are these (each stage's mode; both baselines, which the gap check compares)
+    for key, ok, want in (("distill.mode", cfg.distill.mode == "on_policy", '"on_policy"'),
+                          ("eval.baselines", cfg.eval.baselines, "true")):  # fmt: skip
+        if not ok:
+            raise ConfigError(f"{key}: the pipeline sets it for its stages; leave it {want}")
     propose.check_manifest(cfg)  # a bad row failed with a traceback in the propose stage
     sizes = [("distill.pairs_per_image", cfg.distill.pairs_per_image),
              ("distill.demos_per_task", cfg.distill.demos_per_task)]  # fmt: skip

@@ -38,3 +38,21 @@ def test_rl_and_judge_settings_do_not_stop_the_distillation_stages(tmp_path):
     with pytest.raises(SystemExit, match=r"STOP: stage 'onpolicy'.*train\.lr"):
         trained(_cfg(tmp_path, "--train.lr", "1e-3"), out, "onpolicy", distill.run, [tasks],
                 distill={"mode": "on_policy"})  # fmt: skip
+
+
+@pytest.mark.parametrize("args, key", [(["--distill.mode", "off_policy"], "distill.mode"),
+                                       (["--eval.baselines", "false"], "eval.baselines")])  # fmt: skip
+def test_settings_the_pipeline_makes_for_its_stages_are_refused(tmp_path, args, key):
+    """distill.mode and eval.baselines were accepted and silently ignored: every stage sets its own mode (on-policy,
+    then SFT and filtered SFT) and both baselines (the gap check compares them). They are now one-line errors,
+    exit status 2, before anything is proposed or sampled."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    cmd = [sys.executable, str(repo / "recipes" / "pipeline.py"), "--run.out_dir", str(tmp_path), "--run.name", "p",
+           *TINY, *args]  # fmt: skip
+    p = subprocess.run(cmd, capture_output=True, text=True, timeout=300, cwd=repo)
+    assert p.returncode == 2 and f"error: {key}: the pipeline sets it" in p.stderr, p.stderr[-2000:]
+    assert not (tmp_path / "p").exists() or not any((tmp_path / "p").iterdir())
