@@ -115,8 +115,8 @@ def flow_step(
     mod = _require()
     if x.dtype not in DTYPE_CODES:
         raise ValueError(f"x: dtype {x.dtype}, expected one of {list(DTYPE_CODES)}")
-    if x.dim() < 1 or x.numel() == 0:
-        raise ValueError(f"x: expected a non-empty (B, ...) tensor, got shape {tuple(x.shape)}")
+    if x.dim() < 1 or x.shape[0] == 0:
+        raise ValueError(f"x: expected a (B, ...) tensor with B > 0, got shape {tuple(x.shape)}")
     B = x.shape[0]
     N = x.numel() // B
     mode = 0 if sigma == 0.0 else (2 if x_next is not None else 1)
@@ -136,6 +136,8 @@ def flow_step(
         tt = tt if tt is not None else torch.full((B,), float(t), device=x.device)
         tn = tn if tn is not None else torch.full((B,), float(t_next), device=x.device)
     out = x_next if mode == 2 else torch.empty_like(x)
+    if N == 0:  # empty samples (the launcher refuses N = 0): as the torch path, a zero log-prob
+        return out, torch.zeros((B,), device=x.device, dtype=torch.float32) if mode else None
     ptrs = [a.data_ptr() if a is not None else 0 for _, a in named]
     aligned = all(p % 16 == 0 for p in ptrs + [out.data_ptr()])
     n_blocks, _ = mod.flow_step_plan(N, DTYPE_CODES[x.dtype], aligned)

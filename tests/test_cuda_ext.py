@@ -83,6 +83,35 @@ def test_flow_step_refuses_a_missing_v_cond():
 
 
 @needs_ext
+@pytest.mark.parametrize("mode", ["ode", "sde", "score"])
+def test_flow_step_on_empty_samples_matches_the_torch_path(mode):
+    """x of shape (B, 0): the wrapper raised 'expected a non-empty tensor' (and flow_step(backend="cuda")
+    sent it there) where the torch path returns an empty sample and a zero log-prob (fake CUDA tensors)."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    kw = dict(t=0.5, t_next=0.4, sigma=0.0 if mode == "ode" else 0.5)
+    want = flow_step_reference(
+        torch.empty(3, 0),
+        torch.empty(3, 0),
+        **kw,
+        **({"x_next": torch.empty(3, 0)} if mode == "score" else {}),
+    )
+    with FakeTensorMode():
+        x = torch.empty(3, 0, device="cuda")
+        xn = torch.empty(3, 0, device="cuda") if mode == "score" else None
+        got = cuda.flow_step(x, torch.empty(3, 0, device="cuda"), x_next=xn, **kw)
+        assert got[0].shape == want[0].shape and got[0].device.type == "cuda"
+        if mode == "score":
+            assert got[0] is xn
+        if mode == "ode":
+            assert got[1] is None and want[1] is None
+        else:
+            assert got[1].shape == want[1].shape and got[1].dtype == want[1].dtype
+    with pytest.raises(ValueError, match="B > 0"), FakeTensorMode():  # no sample at all: still refused
+        cuda.flow_step(torch.empty(0, 4, device="cuda"), torch.empty(0, 4, device="cuda"), **kw)
+
+
+@needs_ext
 @pytest.mark.parametrize("shape", [(2, 0, 3, 8), (0, 4, 3, 8), (2, 4, 3, 0)])
 def test_qk_norm_rope_on_empty_inputs_returns_them(shape):
     """No token, sample or feature: the extension refused the launch ('need B, S > 0 and D even', a
