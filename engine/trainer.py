@@ -72,7 +72,7 @@ from torch.distributed.fsdp import FSDPModule
 
 from engine.checkpoint import CheckpointManager, ModelState, RNGState, export_safetensors
 from engine.config import JobConfig, save_config
-from engine.dist import DistInfo, collective, end_process, init_distributed
+from engine.dist import DistInfo, collective, end_process, init_distributed, new_group
 from engine.log import get_logger, progress
 from engine.metrics import MetricsLogger, device_peak_flops, model_flops_per_token
 from engine.parallel import is_meta, materialize, parallelize
@@ -272,6 +272,10 @@ class Trainer:
         # only 0 disables EMA: EMA() rejects a negative decay instead of it silently meaning "off"
         self.ema = EMA(self.model, cfg.train.ema_decay) if cfg.train.ema_decay != 0 else None
         self.state = TrainState()
+        # FSDP's gathers and sequence parallelism's all-to-alls run in every forward: the ranks must agree on
+        # the micro-batch count (a gloo group of its own: no device sync, apart from DCP's async collectives)
+        lockstep = self.dist.distributed and (self.sharded or self.dist.cp_size > 1)
+        self._count_pg = new_group(backend="gloo") if lockstep else None
         self._build_components(extra_state or {})
         self._last_logs: dict[str, float] = {}
         self._closed, self._stepped = False, False
@@ -389,6 +393,8 @@ class Trainer:
             raise ValueError(
                 f"batches.next() must return a non-empty list of micro-batches, got {type(micro)}"
             )
+        if self._count_pg is not None:
+            self._check_micro_count(len(micro))
         loss_sum, logs, work = self._forward_backward(list(micro))
         gnorm = self._clip_grad_norm()
         ok, stop = self._finite(loss_sum, gnorm)
@@ -518,6 +524,19 @@ class Trainer:
         if not self.sharded and self.dist.distributed:
             self._all_reduce_grads()
         return loss_sum, logs, (tokens, flops)
+
+    def _check_micro_count(self, n: int) -> None:
+        """Every rank raises when the ranks' micro-batch counts differ (it was a hang until parallel.timeout_s)."""
+        counts = torch.tensor([n, -n])
+        with collective("micro-batch count all-reduce", self.cfg.parallel.timeout_s):
+            dist.all_reduce(counts, op=dist.ReduceOp.MAX, group=self._count_pg)
+        hi, lo = int(counts[0]), -int(counts[1])
+        if hi != lo:
+            raise ValueError(
+                f"step {self.state.step + 1}: batches.next() gave {n} micro-batches on rank {self.dist.rank}, "
+                f"{lo} to {hi} across the ranks: with FSDP or parallel.cp > 1 every rank must run as many "
+                "micro-batches (each forward gathers parameters or exchanges tokens with the other ranks)"
+            )
 
     def _all_reduce_grads(self) -> None:
         """Data parallel without FSDP (parallel.fsdp = false): average gradients over all ranks.

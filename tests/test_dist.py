@@ -508,3 +508,56 @@ def test_parameters_unused_on_some_ranks_train_like_one_process(tmp_path):
             assert torch.equal(r0[k], r1[k]), f"{name}: ranks differ at {k}"
             err = (r0[k] - w).abs().max().item()
             assert err < 1e-5, f"{name}: {k} differs from the single-process run by {err}"
+
+
+UNEVEN_MICRO_SCRIPT = """
+import sys, time
+import torch
+sys.path.insert(0, "tests/dist_scripts")
+from tiny import SeededBatches, TinyDiT, flow_loss
+from engine.config import JobConfig, build_config, overrides_to_dict
+from engine.dist import end_process, init_distributed
+from engine.trainer import Trainer
+
+torch.set_num_threads(1)
+args = "--run.device cpu --train.batch_size 2 --checkpoint.enabled false --parallel.timeout_s 20 " + sys.argv[2]
+cfg = build_config(JobConfig, None, overrides_to_dict(JobConfig, args.split()))
+info = init_distributed(cfg.parallel, "cpu")
+
+
+class Uneven(SeededBatches):  # rank 0 gets a third micro-batch at step 2
+    def next(self, step, model):
+        out = super().next(step, model)
+        return out + out[:1] if self.rank == 0 and step == 1 else out
+
+
+tr = Trainer(cfg, TinyDiT(), flow_loss, Uneven(batch=2, grad_accum=2, rank=info.dp_rank, world=info.dp_size),
+             run_dir=sys.argv[1], dist_info=info)
+t0 = time.time()
+try:
+    for _ in range(2):
+        tr.train_step()
+    sys.stdout.write(f"rank {info.rank}: trained {tr.step} steps end\\n")
+except Exception as e:
+    sys.stdout.write(f"rank {info.rank}: {type(e).__name__} after {time.time() - t0:.0f} s: {e} end\\n")
+sys.stdout.flush()
+end_process()
+"""
+
+
+@pytest.mark.dist
+def test_ranks_with_unequal_micro_batch_counts_fail_at_once_under_fsdp(tmp_path):
+    """batches.next() gave rank 0 three micro-batches and rank 1 two: under FSDP2 the third forward's gathers had
+    no partner, and both ranks hung until parallel.timeout_s (600 s by default), then failed with gloo's bare
+    'Timed out waiting ... for recv'. Both ranks now stop at that step with an error naming the counts. Plain DP
+    (one all-reduce after the micro-batches) trains on as before."""
+    p = _two_ranks(tmp_path, UNEVEN_MICRO_SCRIPT, str(tmp_path / "fsdp"), "")
+    for rank, n in ((0, 3), (1, 2)):
+        (line,) = re.findall(rf"rank {rank}: (.*?) end", p.stdout, re.S) or [p.stdout + p.stderr[-2000:]]
+        assert line.startswith("ValueError after"), line
+        assert int(line.split()[2]) < 10, line
+        want = f"step 2: batches.next() gave {n} micro-batches on rank {rank}, 2 to 3 across the ranks"
+        assert want in line, line
+    p = _two_ranks(tmp_path, UNEVEN_MICRO_SCRIPT, str(tmp_path / "ddp"), "--parallel.fsdp false")
+    for rank in range(2):
+        assert f"rank {rank}: trained 2 steps end" in p.stdout, p.stdout + p.stderr[-2000:]
