@@ -21,6 +21,7 @@ judge call.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import sys
@@ -77,6 +78,11 @@ def step_generator(cfg: JobConfig, step: int, salt: int = 0) -> torch.Generator:
     group (``parallel.cp``) draw the same batch."""
     rank = dist_info(cfg).dp_rank
     seed = ((cfg.run.seed * 1_000_003 + step) * 4099 + rank) * 31 + salt
+    # salt 31 was the next rank's salt 0 (grad_accum >= 32 drew equal micro-batches on two ranks), rank 4099 the
+    # next step's rank 0: those draw from a hash instead (the others keep their draws)
+    if not 0 <= salt < 31 or rank >= 4099:
+        key = f"{cfg.run.seed}/{step}/{rank}/{salt}".encode()
+        seed = int.from_bytes(hashlib.sha256(key).digest()[:8], "little")
     # torch takes seeds in [-2**63, 2**64): a run.seed above ~7e7 (a timestamp, 2**31 - 1) overflowed at the
     # first step; the seeds in that range keep their draws
     return torch.Generator().manual_seed(seed if -(2**63) <= seed < 2**64 else seed % 2**64)
