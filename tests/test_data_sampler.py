@@ -266,3 +266,17 @@ def test_batch_loader_resume_whose_rest_of_epoch_gives_no_batch(drop_last):
 
 def _indices(group: list[dict]) -> dict:
     return {"index": [x["index"] for x in group]}
+
+
+def test_batch_loader_whose_every_item_is_skipped_names_the_files(tmp_path):
+    """Every file of an epoch unusable: the error names them and why (before, only 'all 2 items of this pass were
+    skipped', with nothing to say which files or why unless one read back through the log)."""
+    write_video(tmp_path / "short.webm", num_frames=2, height=16, width=16)
+    (tmp_path / "m.jsonl").write_text(
+        json.dumps({"video": "gone.webm"}) + "\n" + json.dumps({"video": "short.webm"})
+    )
+    ds = VideoDataset(tmp_path / "m.jsonl", num_frames=4, height=16, width=16, decoder="pyav")
+    with pytest.raises(RuntimeError, match="all 2 items of this pass were skipped") as e:
+        list(BatchLoader(ds, ResumableSampler(2, shuffle=False), batch_size=1, collate=_indices))
+    assert "gone.webm" in str(e.value) and "does not exist" in str(e.value)
+    assert "short.webm" in str(e.value) and "too few frames" in str(e.value)

@@ -188,7 +188,9 @@ class BatchLoader:
         # a few items that are bad or that drop_last leaves out of a short bucket
         if whole_epoch and tried and not handed:
             if skipped == tried:
-                raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped")
+                seen = getattr(self.dataset, "skipped", None)  # (path, reason) of each (VideoDataset, cache)
+                raise RuntimeError(f"BatchLoader: all {tried} items of this pass were skipped"
+                                   + (f" ({len(seen)} in the quarantine; first: {seen[:3]})" if seen else ""))  # fmt: skip
             raise RuntimeError(
                 f"BatchLoader: an epoch of {tried} items ({skipped} skipped) gave no batch: with drop_last, "
                 f"every shape bucket held fewer than batch_size {self.batch_size} items"
