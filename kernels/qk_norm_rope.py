@@ -42,6 +42,25 @@ def _check(q, k, wq, wk, cos, sin, norm_over: str) -> None:
             raise ValueError(f"{name}: on {t.device}, expected q's device {q.device}")
 
 
+_MAX_HEADS = 1024  # kMaxHeads of csrc/qk_norm_rope.cu
+
+
+def _cuda_operands(q, k, inplace: bool) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(q, k) for kernels._C to update in place (contiguous copies unless inplace), or None where it would
+    refuse them and the reference runs: q and k of two dtypes, no or more than 1024 heads, 2^31 tokens, or
+    (inplace) a head dim that is not contiguous (a plain clone kept such strides, refused too)."""
+    if k.dtype != q.dtype:
+        return None
+    if q.numel() or k.numel():  # both empty: the wrapper returns them without a launch
+        if not (0 < q.shape[2] <= _MAX_HEADS and 0 < k.shape[2] <= _MAX_HEADS):
+            return None
+        if q.shape[0] * q.shape[1] > 0x7FFFFFFF:
+            return None
+    if not inplace:
+        return q.clone(memory_format=torch.contiguous_format), k.clone(memory_format=torch.contiguous_format)
+    return (q, k) if q.stride(-1) == 1 and k.stride(-1) == 1 else None
+
+
 def _norm_rope_one(x, w, cos, sin, eps: float, norm_over: str) -> torch.Tensor:
     B, S, H, D = x.shape
     ct = torch.float64 if x.dtype == torch.float64 else torch.float32
@@ -103,10 +122,9 @@ def qk_norm_rope(
     if backend == "cuda" and not grad and q.is_cuda and kernel_dtype:
         from kernels import cuda as _cuda
 
-        if _cuda.available():
-            if not inplace:
-                q, k = q.clone(), k.clone()
-            return _cuda.qk_norm_rope_(q, k, wq, wk, cos, sin, eps=eps, norm_over=norm_over)
+        operands = _cuda_operands(q, k, inplace) if _cuda.available() else None
+        if operands is not None:
+            return _cuda.qk_norm_rope_(*operands, wq, wk, cos, sin, eps=eps, norm_over=norm_over)
     qo, ko = qk_norm_rope_reference(q, k, wq, wk, cos, sin, eps=eps, norm_over=norm_over)
     if inplace:
         q.copy_(qo)

@@ -131,3 +131,67 @@ def test_cuda_backend_with_inputs_that_require_grad_gives_the_references_gradien
         grads.append(g)
     for a, b in zip(*grads):
         torch.testing.assert_close(a, b)
+
+
+def _channels_strided(B, S, H, D, **kw):
+    """(B, S, H, D) with the channel dim strided (stride H), dense: a clone keeps these strides."""
+    return torch.randn(B, S, D, H, **kw).permute(0, 1, 3, 2)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="calls the launcher with null pointers: no GPU only")
+def test_cuda_backend_routes_what_the_kernel_refuses_to_the_reference():
+    """qk_norm_rope(backend="cuda") raised where the reference runs: inplace=False cloned q keeping a
+    strided channel dim (refused by the wrapper), more than 1024 heads (refused by the launcher), q and k
+    of two dtypes. The operands it now picks, on fake CUDA tensors, against the extension's own checks."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels import cuda
+    from kernels.qk_norm_rope import _cuda_operands
+
+    mod, err = cuda._module()
+    if mod is None:
+        pytest.skip(err)
+    w, tab = torch.ones(8), torch.ones(4, 4)
+    for Hq, Hk in ((1024, 1), (1, 1024), (1025, 1), (1, 1025), (0, 2)):
+        with FakeTensorMode():
+            q, k = torch.empty(1, 4, Hq, 8, device="cuda"), torch.empty(1, 4, Hk, 8, device="cuda")
+            takes = _cuda_operands(q, k, inplace=False) is not None
+        args = (0,) * 6 + (1, 4, Hq, Hk, 8) + (0,) * 6 + (1e-6, False, 0, 0, 0)
+        with pytest.raises(RuntimeError) as e:  # no GPU: a size it takes fails on the device only
+            mod.qk_norm_rope(*args)
+        assert ("need 0 < H" not in str(e.value)) == takes, (Hq, Hk, str(e.value))
+    with FakeTensorMode():
+        fake = dict(device="cuda")
+        q, k = _channels_strided(1, 4, 2, 8, **fake), torch.empty(1, 4, 2, 8, **fake)
+        wc, tabc = torch.ones(8, **fake), torch.ones(4, 4, **fake)
+        with pytest.raises(ValueError, match="last .* dim must be contiguous"):
+            cuda.qk_norm_rope_(q.clone(), k, wc, wc, tabc, tabc)  # the copy inplace=False made
+        qc, kc = _cuda_operands(q, k, inplace=False)
+        assert qc.is_contiguous() and kc.is_contiguous() and qc.shape == q.shape and qc is not q
+        assert _cuda_operands(q, k, inplace=True) is None  # in place on q: the reference, copied back
+        with pytest.raises(ValueError, match="k: dtype"):
+            cuda.qk_norm_rope_(k, k.half(), wc, wc, tabc, tabc)
+        assert _cuda_operands(k, k.half(), inplace=False) is None
+    q, k = _channels_strided(1, 4, 2, 8), torch.randn(1, 4, 2, 8)
+    want = qk_norm_rope_reference(q, k, w, w, tab, tab)
+    got = qk_norm_rope(q, k, w, w, tab, tab, inplace=True)  # the path these take: reference, copied back
+    assert got[0] is q and torch.equal(q, want[0]) and torch.equal(k, want[1])
+
+
+@pytest.mark.gpu
+@pytest.mark.parametrize("inplace", [False, True])
+@pytest.mark.parametrize("case", ["channels_strided", "1100_heads", "two_dtypes"])
+def test_cuda_backend_matches_reference_where_the_kernel_refuses(case, inplace):
+    B, S, D = 1, 5, 16
+    H = 1100 if case == "1100_heads" else 3
+    q = _channels_strided(B, S, H, D, device="cuda") if case == "channels_strided" else None
+    q = q if q is not None else torch.randn(B, S, H, D, device="cuda")
+    k = torch.randn(B, S, 2, D, device="cuda", dtype=torch.float16 if case == "two_dtypes" else torch.float32)
+    w = torch.rand(D, device="cuda") + 0.5
+    cos, sin = (t.float() for t in _tables(S, D, "cuda"))
+    want = qk_norm_rope_reference(q, k, w, w, cos, sin)
+    got = qk_norm_rope(q, k, w, w, cos, sin, backend="cuda", inplace=inplace)
+    for g, r in zip(got, want):
+        torch.testing.assert_close(g, r, atol=2e-3, rtol=1e-3)
+    if inplace:
+        assert got[0] is q and got[1] is k
