@@ -11,6 +11,9 @@ It is written independently of engine.judge.serve. The reply for a request is de
     slow       sleeps ``slow_s`` then ok drop       closes the connection without an answer
     ratelimit  HTTP 429 with "Retry-After: <retry_after_s>" until that long after the first attempt
                per text, then ok
+    cut        finish_reason "length" (stopped at max_tokens, as vLLM does) inside the score line:
+               "...\nScore: 0" of "...\nScore: <m>"
+    cutafter   finish_reason "length" after a whole score line: "Score: <m>\nThe agent"
 
 A prompt that asks to "Propose N" tasks gets proposer blocks instead (see ``proposal_text``): on the
 first attempt per prompt one valid pair plus broken and duplicated blocks, on later attempts N valid
@@ -147,8 +150,11 @@ class _Handler(BaseHTTPRequestHandler):
             self.end_headers()
             self.wfile.write(b"not gzip")
             return None
+        finish = "length" if fault in ("cut", "cutafter") else "stop"
         if fault != "proposal":
             replies = {
+                "cut": f"The agent pushes the block.\nScore: {m:.4f}"[: -len(f"{m:.4f}") + 1],
+                "cutafter": f"Score: {m:.4f}\nThe agent",
                 "json": json.dumps({"score": m}),
                 "yes": "Yes.",
                 "malformed": "I cannot tell.",
@@ -157,7 +163,8 @@ class _Handler(BaseHTTPRequestHandler):
             }
             content = replies.get(fault, f"Score: {m:.4f}")
         msg = {"role": "assistant", "content": content}
-        self._send(200, json.dumps({"choices": [{"index": 0, "message": msg}], "model": model}).encode())
+        choice = {"index": 0, "message": msg, "finish_reason": finish}
+        self._send(200, json.dumps({"choices": [choice], "model": model}).encode())
 
 
 class FaultServer:

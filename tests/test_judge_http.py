@@ -120,6 +120,25 @@ def test_every_fault_has_a_counted_outcome():
     assert judge.parse_retried == 3 and judge.chat.retries == 2 * 4 + 1
 
 
+def test_an_answer_cut_at_max_tokens_inside_its_score_is_no_score():
+    """A reply stopped at max_tokens (finish_reason "length", as vLLM sends it) inside its score line, "...Score: 0"
+    of "Score: 0.5", read as 0.0: a made-up reward. It is now a parse_error; a reply cut after a whole score line
+    still reads, and ChatResult.truncated says which replies were cut."""
+    reqs = [_req("cut", 1), _req("cutafter", 2), _req(None, 3)]
+    with FaultServer() as srv:
+        judge = _judge(srv.url, timeout_s=5.0)
+        out = asyncio.run(judge.score(reqs))
+        chat = asyncio.run(judge.chat.chat([judge._item(r) for r in reqs]))
+    assert [c.truncated for c in chat] == [True, True, False]
+    assert (
+        out[0].status == "parse_error"
+        and out[0].raw.endswith("Score: 0")
+        and expected_score(reqs[0].frames[0]) > 0.1
+    )
+    for r, v in zip(reqs[1:], out[1:]):
+        assert v.ok and v.score == pytest.approx(expected_score(r.frames[0]), abs=1e-4)
+
+
 def build_text(r: JudgeRequest) -> str:
     from engine.judge import build_prompt
 

@@ -133,3 +133,28 @@ def test_a_timed_out_batch_does_not_keep_the_model_busy(tiny_path):
     first, late = asyncio.run(run())
     assert "timeout" in [v.status for v in first]
     assert late.status in ("ok", "parse_error"), late
+
+
+def test_truncated_says_which_answers_were_cut_at_max_new_tokens(tiny_path):
+    """An answer stopped at its max_new_tokens may end mid-score ("Score: 0." of "Score: 0.75", read 0.0): its
+    ChatResult says truncated, checked against the model's own generation given room to finish (the end-of-answer
+    token within the first max_new_tokens or not)."""
+    from engine.judge.chat import ChatItem
+
+    vlm = TransformersVLM(tiny_path, device="cpu", max_batch=8)
+    rng = np.random.default_rng(7)
+    items = [
+        ChatItem(
+            [rng.integers(0, 256, (56, 56, 3), dtype=np.uint8)], f"the agent pushes the red block {i}", 3
+        )
+        for i in range(24)
+    ]
+    results = asyncio.run(vlm.chat(items))
+    eos, want = vlm.model.generation_config.eos_token_id, []
+    for it in items:
+        inputs = vlm._inputs([it])
+        out = vlm.model.generate(
+            **inputs, max_new_tokens=8, do_sample=False, pad_token_id=vlm.tokenizer.pad_token_id
+        )
+        want.append(eos not in out[0, inputs["input_ids"].shape[1] :][:3].tolist())
+    assert [r.truncated for r in results] == want and True in want and False in want

@@ -23,11 +23,13 @@ class ChatItem:
 
 @dataclass
 class ChatResult:
-    """The model's text and status ("ok" or a failure status of engine.judge.base.STATUSES)."""
+    """The model's text and status ("ok" or a failure status of engine.judge.base.STATUSES); ``truncated``:
+    the model was stopped at max_new_tokens, so the text may end mid-answer."""
 
     text: str
     status: str
     latency_s: float
+    truncated: bool = False
 
 
 @runtime_checkable

@@ -161,41 +161,45 @@ class OpenAIChat:
         )
         return list(await asyncio.gather(*(self._one(client, p) for p in payloads)))
 
-    async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, str, bool, float]:
-        """(status, text, retryable, the answer's Retry-After in s or 0) of one HTTP attempt."""
+    async def _attempt(self, client: httpx.AsyncClient, payload: dict) -> tuple[str, str, bool, float, bool]:
+        """(status, text, retryable, the answer's Retry-After in s or 0, cut at max_tokens) of one HTTP attempt."""
         try:
             async with self._slots, asyncio.timeout(self.timeout_s):
                 resp = await client.post(self.url, json=payload)
         except (TimeoutError, httpx.TimeoutException):
-            return "timeout", f"no answer within {self.timeout_s}s", True, 0.0
+            return "timeout", f"no answer within {self.timeout_s}s", True, 0.0, False
         except httpx.TransportError as e:
-            return "connection_error", f"{type(e).__name__}: {e}", True, 0.0
+            return "connection_error", f"{type(e).__name__}: {e}", True, 0.0, False
         except httpx.HTTPError as e:  # e.g. a body that does not decode (DecodingError): this item fails
-            return "http_error", f"{type(e).__name__}: {e}", True, 0.0
+            return "http_error", f"{type(e).__name__}: {e}", True, 0.0, False
         # a payload JSON cannot carry (a lone surrogate in the prompt) raised out of chat: its whole batch failed
         except ValueError as e:
-            return "error", f"request not sent ({type(e).__name__}: {e})", False, 0.0
+            return "error", f"request not sent ({type(e).__name__}: {e})", False, 0.0, False
         if resp.status_code != 200:
             return (
                 "http_error",
                 f"HTTP {resp.status_code}: {resp.text[:200]}",
                 resp.status_code in _RETRY_HTTP,
                 _retry_after_s(resp.headers.get("retry-after")),
+                False,
             )
         try:
-            return "ok", _message_text(resp.json()), False, 0.0
+            body = resp.json()
+            # finish_reason "length": stopped at max_tokens, the text may end mid-answer
+            return "ok", _message_text(body), False, 0.0, body["choices"][0].get("finish_reason") == "length"
         except (ValueError, KeyError, IndexError, TypeError) as e:
             return (
                 "http_error",
                 f"malformed response body ({type(e).__name__}: {e}): {resp.text[:200]}",
                 True,
                 0.0,
+                False,
             )
 
     async def _one(self, client: httpx.AsyncClient, payload: dict) -> ChatResult:
         t0 = time.perf_counter()
         for attempt in range(self.max_retries + 1):
-            status, text, retryable, retry_after = await self._attempt(client, payload)
+            status, text, retryable, retry_after, cut = await self._attempt(client, payload)
             if status == "ok" or not retryable or attempt == self.max_retries:
                 break
             self.retries += 1
@@ -205,7 +209,7 @@ class OpenAIChat:
             await asyncio.sleep(max(delay, min(retry_after, self.timeout_s)))
         if status != "ok":
             log.debug("chat request failed after %d attempts: %s %s", attempt + 1, status, text[:120])
-        return ChatResult(text, status, time.perf_counter() - t0)
+        return ChatResult(text, status, time.perf_counter() - t0, cut)
 
 
 class OpenAIJudge(VLMJudge):

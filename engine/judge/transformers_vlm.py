@@ -104,27 +104,35 @@ class TransformersVLM:
             if i + 1 < len(parts):
                 yield self._image_pad * next(counts)
 
-    @torch.inference_mode()
     def generate(self, items: list[ChatItem]) -> list[str]:
         """Greedy answers for one batch (blocking); raises on model errors."""
+        return [text for text, _ in self._generate(items)]
+
+    @torch.inference_mode()
+    def _generate(self, items: list[ChatItem]) -> list[tuple[str, bool]]:
+        """(answer, stopped at the item's max_new_tokens before its end-of-answer token) per item."""
         inputs = self._inputs(items)
         max_new = max(it.max_new_tokens for it in items)
         out = self.model.generate(
             **inputs, max_new_tokens=max_new, do_sample=False, pad_token_id=self.tokenizer.pad_token_id
         )
         new = out[:, inputs["input_ids"].shape[1] :]  # (B, prompt + new) -> (B, new)
-        return [
-            self.tokenizer.decode(row[: it.max_new_tokens], skip_special_tokens=True).strip()
-            for row, it in zip(new, items)
-        ]
+        eos = self.model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos if eos is not None else self.tokenizer.eos_token_id])
+        answers = []
+        for row, it in zip(new, items):
+            row = row[: it.max_new_tokens]
+            cut = len(row) == it.max_new_tokens and not eos.intersection(row.tolist())
+            answers.append((self.tokenizer.decode(row, skip_special_tokens=True).strip(), cut))
+        return answers
 
-    def _generate_locked(self, items: list[ChatItem], abandoned: threading.Event) -> list[str]:
+    def _generate_locked(self, items: list[ChatItem], abandoned: threading.Event) -> list[tuple[str, bool]]:
         with self._lock:
             # its caller gave up (a batch timeout) while it waited for the model: generating it anyway
             # kept the model busy with answers nobody reads and timed out the requests queued behind it
             if abandoned.is_set():
                 return []
-            return self.generate(items)
+            return self._generate(items)
 
     async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
         """Answer ``items`` in chunks of ``max_batch``; an item that fails alone gets status "error"."""
@@ -137,8 +145,8 @@ class TransformersVLM:
         t0 = time.perf_counter()
         abandoned = threading.Event()
         try:
-            texts = await asyncio.to_thread(self._generate_locked, chunk, abandoned)
-            return [ChatResult(t, "ok", time.perf_counter() - t0) for t in texts]
+            answers = await asyncio.to_thread(self._generate_locked, chunk, abandoned)
+            return [ChatResult(t, "ok", time.perf_counter() - t0, cut) for t, cut in answers]
         except asyncio.CancelledError:
             abandoned.set()
             raise

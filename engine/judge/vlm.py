@@ -73,6 +73,10 @@ class VLMJudge:
             retry_items, retry_where = [], []
             for item, i, res in zip(items, where, results):
                 score, status = parse_answer(res.text) if res.status == "ok" else (None, res.status)
+                # cut at max_new_tokens where more text would change the reading ("Score: 0." of "Score: 0.75"
+                # read 0.0): no answer, not a made-up score
+                if status == "ok" and res.truncated and parse_answer(res.text + "5") != (score, status):
+                    score, status = None, "parse_error"
                 verdicts[i] = Verdict(score, status, res.text, time.perf_counter() - t0)
                 if status == "parse_error":
                     retry_items.append(item)
