@@ -9,6 +9,8 @@ any pointer reaches a kernel. Launches go on torch's current stream of the tenso
 from __future__ import annotations
 
 import functools
+import re
+import struct
 
 import torch
 
@@ -25,8 +27,74 @@ def _module():
     return _C, None
 
 
-def load_error() -> str | None:
-    """Why the extension cannot be used here (not built, no driver, no device), or None."""
+def fatbin_archs(path: str) -> list[str] | None:
+    """The GPU code a shared library embeds (its ELF .nv_fatbin section), named as nvcc's -gencode code=
+    names it: "sm_90a" (SASS), "compute_90" (PTX); None when it cannot be read."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read()
+        if data[:5] != b"\x7fELF\x02" or data[5] != 1:  # 64-bit little-endian ELF only
+            return None
+        (shoff,) = struct.unpack_from("<Q", data, 0x28)
+        shentsize, shnum, shstrndx = struct.unpack_from("<3H", data, 0x3A)
+        secs = [struct.unpack_from("<IIQQQQ", data, shoff + i * shentsize) for i in range(shnum)]
+        names = secs[shstrndx][4]
+        archs: set[str] = set()
+        for name_off, _, _, _, off, size in secs:
+            if data[names + name_off : data.index(b"\0", names + name_off)] != b".nv_fatbin":
+                continue
+            end = off + size
+            while off + 16 <= end:  # fatbins one after another, 8-byte aligned
+                magic, _, hsize, fsize = struct.unpack_from("<IHHQ", data, off)
+                if magic != 0xBA55ED50:
+                    off += 8
+                    continue
+                p, stop = off + hsize, off + hsize + fsize
+                while p + 48 <= stop:  # entries: kind 1 PTX, 2 ELF; arch 90 = 9.0; flag bits 'a' / 'f'
+                    kind, _, ehsize, esize = struct.unpack_from("<HHIQ", data, p)
+                    (arch,), (flags,) = (
+                        struct.unpack_from("<I", data, p + 28),
+                        struct.unpack_from("<Q", data, p + 40),
+                    )
+                    suffix = "a" if flags & 0x100000 else ("f" if flags & 0x200000 else "")
+                    archs.add(f"{'compute' if kind == 1 else 'sm'}_{arch}{suffix}")
+                    p += max(ehsize + esize, 48)
+                off = max(stop, off + 8)
+        return sorted(archs) or None
+    except (OSError, struct.error, ValueError, IndexError):
+        return None
+
+
+def arch_runs_on(capability: tuple[int, int], archs: list[str]) -> bool:
+    """Whether code built for archs ("sm_80", "sm_90a", "compute_90", ...) runs on a GPU of this compute
+    capability: SASS sm_XY on X.Z with Z >= Y, PTX compute_XY (JIT) on any X.Y or newer, "a" code on X.Y
+    alone, "f" (family) code on X.Z with Z >= Y."""
+    for name in archs:
+        m = re.fullmatch(r"(sm|compute)_(\d+)([af]?)", name)
+        if m is None:
+            continue
+        major, minor = divmod(int(m.group(2)), 10)
+        if m.group(3) == "a":
+            ok = tuple(capability) == (major, minor)
+        elif m.group(1) == "sm" or m.group(3) == "f":
+            ok = capability[0] == major and capability[1] >= minor
+        else:
+            ok = tuple(capability) >= (major, minor)
+        if ok:
+            return True
+    return False
+
+
+@functools.cache
+def built_archs() -> list[str] | None:
+    """The architectures kernels._C holds code for (fatbin_archs), or None when not built / not readable."""
+    mod, _ = _module()
+    return fatbin_archs(mod.__file__) if mod is not None else None
+
+
+def load_error(device: torch.device | int | None = None) -> str | None:
+    """Why the extension cannot be used on device (default: the current one) here (not built, no driver, no
+    device, no code for its architecture), or None."""
     mod, err = _module()
     if mod is None:
         return err
@@ -34,13 +102,34 @@ def load_error() -> str | None:
         n = mod.device_count()
     except RuntimeError as e:
         return str(e)
-    return None if n > 0 else "kernels._C: no CUDA device visible"
+    if n == 0:
+        return "kernels._C: no CUDA device visible"
+    archs = built_archs()
+    try:
+        cap = torch.cuda.get_device_capability(device)
+    except (AssertionError, RuntimeError):  # a torch without CUDA: no CUDA tensor reaches the wrappers
+        return None
+    if archs is not None and not arch_runs_on(cap, archs):
+        return (
+            f"kernels._C holds code for {', '.join(archs)}, none of which runs on compute capability "
+            f"{cap[0]}.{cap[1]}: rebuild with WMSD_CUDA_ARCHS naming it (csrc/README.md)"
+        )
+    return None
+
+
+def available(device: torch.device | int | None = None) -> bool:
+    """True when kernels._C is built and the CUDA device (default: the current one) can run it."""
+    if device is not None:
+        device = torch.device("cuda", device) if isinstance(device, int) else torch.device(device)
+        device = device.index
+    if device is None and torch.cuda.is_available():
+        device = torch.cuda.current_device()
+    return _available(device)
 
 
 @functools.cache
-def available() -> bool:
-    """True when kernels._C is built and a CUDA device can run it."""
-    return load_error() is None
+def _available(index: int | None) -> bool:
+    return load_error(index) is None
 
 
 def _require() -> object:

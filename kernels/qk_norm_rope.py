@@ -122,7 +122,7 @@ def qk_norm_rope(
     if backend == "cuda" and not grad and q.is_cuda and kernel_dtype:
         from kernels import cuda as _cuda
 
-        operands = _cuda_operands(q, k, inplace) if _cuda.available() else None
+        operands = _cuda_operands(q, k, inplace) if _cuda.available(q.device) else None
         if operands is not None:
             return _cuda.qk_norm_rope_(*operands, wq, wk, cos, sin, eps=eps, norm_over=norm_over)
     qo, ko = qk_norm_rope_reference(q, k, wq, wk, cos, sin, eps=eps, norm_over=norm_over)

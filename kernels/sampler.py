@@ -274,8 +274,8 @@ def flow_step(
 
     x_next: score a given transition instead of sampling one (RL ratios). When an input (a velocity,
     tensor times, guidance or sigma) requires grad the differentiable torch path runs whatever the backend.
-    backend: "triton", "cuda" (kernels._C; Triton runs instead when it is not built, the device is
-    not CUDA, or the tensors mix dtypes / are not contiguous) or "torch".
+    backend: "triton", "cuda" (kernels._C; Triton runs instead when it is not built or has no code for
+    the GPU's architecture, the device is not CUDA, or the tensors mix dtypes / are not contiguous) or "torch".
     """
     if backend not in ("triton", "cuda", "torch"):
         raise ValueError(f"backend={backend!r}: expected 'triton', 'cuda' or 'torch'")
@@ -307,7 +307,7 @@ def flow_step(
     if backend == "cuda" and x.is_cuda and _cuda_fits(x, v_cond, v_uncond, noise, x_next):
         from kernels import cuda as _cuda
 
-        if _cuda.available():
+        if _cuda.available(x.device):
             return _cuda.flow_step(
                 x,
                 v_cond,

@@ -3,6 +3,7 @@ wrappers validate tensors; on a GPU (marked gpu) the sampler kernel matches the 
 and Triton, with 128-bit and scalar (misaligned offset views) paths."""
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -128,6 +129,47 @@ def test_qk_norm_rope_on_empty_inputs_returns_them(shape):
         *(torch.empty(s) for s in (shape, (B, S, 1, D), (D,), (D,))), *[torch.ones(S, D // 2)] * 2
     )
     assert [t.shape for t in want] == [q.shape, k.shape]
+
+
+@pytest.mark.parametrize(
+    "capability, archs, runs",
+    [
+        ((8, 0), ["sm_80", "sm_90a"], True),
+        ((8, 6), ["sm_80", "sm_90a"], True),  # SASS runs on a newer minor of its major
+        ((9, 0), ["sm_80", "sm_90a"], True),
+        ((7, 5), ["sm_80", "sm_90a"], False),  # the default build on an older GPU
+        ((10, 0), ["sm_80", "sm_90a"], False),  # ... and on Blackwell: no PTX to JIT
+        ((12, 0), ["sm_80", "sm_90a"], False),
+        ((10, 0), ["sm_80", "sm_90a", "compute_90a"], False),  # arch-specific PTX: 9.0 alone
+        ((10, 0), ["sm_80", "sm_90a", "compute_90"], True),  # "90+ptx": JIT for any newer GPU
+        ((12, 0), ["compute_90"], True),
+        ((8, 9), ["compute_90"], False),
+        ((10, 3), ["sm_100a"], False),
+        ((10, 3), ["sm_100f"], True),  # family code: same major, newer minor
+        ((11, 0), ["sm_100f", "compute_100f"], False),
+        ((10, 0), ["sm_103f"], False),
+        ((9, 0), [], False),
+    ],
+)
+def test_arch_runs_on(capability, archs, runs):
+    """available() counted devices only: on a GPU the build has no code for (the default 80;90a on sm_100,
+    sm_120, sm_75) every call raised 'no kernel image' instead of falling back (CUDA's compatibility rules)."""
+    assert cuda.arch_runs_on(capability, archs) is runs
+
+
+@needs_ext
+def test_fatbin_archs_reads_what_nvcc_built(tmp_path):
+    src = tmp_path / "k.cu"
+    src.write_text("__global__ void k(float* x) { x[0] = 1.f; }\n")
+    codes = {"75": "sm_75", "90a": "sm_90a", "100f": "sm_100f", "120": "compute_120"}
+    flags = [f"-gencode=arch=compute_{a},code={c}" for a, c in codes.items()]
+    so = tmp_path / "k.so"
+    nvcc = shutil.which("nvcc")
+    subprocess.run([nvcc, "-shared", "-Xcompiler", "-fPIC", *flags, str(src), "-o", str(so)], check=True)
+    assert cuda.fatbin_archs(str(so)) == sorted(codes.values())
+    assert cuda.fatbin_archs(str(src)) is None and cuda.fatbin_archs(str(tmp_path / "none.so")) is None
+    built = cuda.built_archs()  # the shipped extension: some SASS for the default 80;90a or WMSD_CUDA_ARCHS
+    assert built and all(re.fullmatch(r"(sm|compute)_\d+[af]?", a) for a in built), built
 
 
 def test_overlap_checks_on_views():
@@ -256,6 +298,14 @@ def test_cuda_flow_step_matches_reference_and_triton(dtype, shape, offset, mode)
         )[1]
         torch.testing.assert_close(got[1].double(), lp_ref, atol=1e-2, rtol=1e-5)
         torch.testing.assert_close(got[1], tri[1], atol=1e-2, rtol=1e-5)
+
+
+@pytest.mark.gpu
+def test_available_follows_the_device_architecture():
+    cap = torch.cuda.get_device_capability()
+    assert cuda.available(torch.device("cuda")) == cuda.arch_runs_on(cap, cuda.built_archs()), (
+        cuda.load_error()
+    )
 
 
 @pytest.mark.gpu
