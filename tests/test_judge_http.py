@@ -300,6 +300,30 @@ def test_serve_transformers_in_process_batches_and_matches_direct_generation(tin
     assert max(m["batch_size_hist"]) > 1
 
 
+def test_serve_says_finish_reason_length_for_an_answer_cut_at_max_tokens(tiny_vlm):
+    """The served chat mode answered finish_reason "stop" to every reply, so a client could not tell an answer
+    cut at max_tokens (which may end mid-score) from a whole one; such replies now say "length"."""
+    _, vlm = tiny_vlm
+    items = _chat_items(12)
+    for it in items:
+        it.max_new_tokens = 3
+    direct = asyncio.run(vlm.chat(items))
+
+    async def run():
+        server = JudgeServer(vlm, mode="chat", model_name="tiny", max_batch=4, max_wait_ms=30)
+        port = await server.start()
+        client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "tiny", timeout_s=30, max_retries=0)
+        out = await client.chat(items)
+        await client.aclose()
+        await server.aclose()
+        return out
+
+    out = asyncio.run(run())
+    assert [r.text for r in out] == [r.text for r in direct]
+    cut = [r.truncated for r in direct]
+    assert [r.truncated for r in out] == cut and True in cut and False in cut
+
+
 def test_serve_judge_mode_chain_and_bad_requests():
     """client -> our serve (judge mode over OpenAIJudge) -> fault server: scores survive both hops."""
 

@@ -120,6 +120,8 @@ class ChatAsJudge:
 
     async def score(self, requests: list[JudgeRequest]) -> list[Verdict]:
         results = await self.chat.chat([r.meta["chat"] for r in requests])
+        for req, res in zip(requests, results):  # answered as finish_reason "length"
+            req.meta["truncated"] = res.truncated
         return [Verdict(None, r.status, r.text, r.latency_s) for r in results]
 
 
@@ -198,15 +200,20 @@ class JudgeServer:
         except ValueError as e:  # JudgeRequest's own validation (e.g. a judge prompt without an image)
             raise BadRequest(str(e)) from e
 
-    async def _answer(self, body: dict) -> str:
-        verdict: Verdict = await (await self.judge.submit(self._request(body)))
+    async def _answer(self, body: dict) -> tuple[str, str]:
+        """(the reply, its finish_reason)."""
+        request = self._request(body)
+        verdict: Verdict = await (await self.judge.submit(request))
         if verdict.status in PERMANENT:
             raise Unanswerable(f"backend answered {verdict.status}: {verdict.raw[:200]}")
         if verdict.status != "ok":
             raise RuntimeError(f"backend answered {verdict.status}: {verdict.raw[:200]}")
-        return verdict.raw if self.mode == "chat" else f"Score: {verdict.score:.4f}"
+        if self.mode == "judge":
+            return f"Score: {verdict.score:.4f}", "stop"
+        # a reply cut at max_tokens said "stop": clients read it as a whole answer
+        return verdict.raw, "length" if request.meta.get("truncated") else "stop"
 
-    def _completion(self, text: str) -> dict:
+    def _completion(self, text: str, finish_reason: str = "stop") -> dict:
         self._count += 1
         return {
             "id": f"chatcmpl-{self._count}",
@@ -214,7 +221,11 @@ class JudgeServer:
             "created": int(time.time()),
             "model": self.model_name,
             "choices": [
-                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}
+                {
+                    "index": 0,
+                    "message": {"role": "assistant", "content": text},
+                    "finish_reason": finish_reason,
+                }
             ],
             "usage": {"prompt_tokens": 0, "completion_tokens": 0, "total_tokens": 0},
         }
@@ -230,7 +241,7 @@ class JudgeServer:
         if method != "POST" or path != "/v1/chat/completions":
             return 404, {"error": {"message": f"no route {method} {path}"}}
         try:
-            return 200, self._completion(await self._answer(json.loads(body)))
+            return 200, self._completion(*await self._answer(json.loads(body)))
         except (BadRequest, json.JSONDecodeError, UnicodeDecodeError) as e:
             return 400, {"error": {"message": str(e), "type": "invalid_request_error"}}
         except Unanswerable as e:
