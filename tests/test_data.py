@@ -222,6 +222,23 @@ def test_probe_reads_stream_parameters(media):
     assert probe(media / "h264_4.mp4").codec == "h264"
 
 
+def test_probe_names_the_format_not_the_decoder_pyav_picked(tmp_path):
+    """AV1 (PyAV decodes it with libdav1d): probe said 'libdav1d', a name no backend lists, so decoder 'dali' (NVDEC,
+    which takes AV1) skipped every AV1 file as an unsupported codec and 'auto' never gave one to NVDEC; it is
+    'av1' now, the format's name, as FFmpeg's codec table spells it."""
+    from engine.data.decode import DALI_GPU_CODECS
+
+    encoders = [e for e in ("libsvtav1", "libaom-av1", "librav1e") if e in av.codecs_available]
+    if not encoders:
+        pytest.skip("PyAV has no AV1 encoder")
+    path = write_video(tmp_path / "av1.mp4", codec=encoders[0], num_frames=4)
+    with av.open(str(path)) as c:
+        if c.streams.video[0].codec_context.name == "av1":
+            pytest.skip("PyAV decodes AV1 with FFmpeg's own 'av1' decoder here (the case: another name)")
+    info = probe(path)
+    assert info.codec == "av1" and info.codec in DALI_GPU_CODECS and info.num_frames == 4
+
+
 def test_frame_indices_at_target_fps():
     assert frame_indices(24, 24.0, 4, 8.0) == [0, 3, 6, 9]
     assert frame_indices(24, 24.0, 4, 8.0, start=14) == [14, 17, 20, 23]

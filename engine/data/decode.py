@@ -193,7 +193,8 @@ def probe(path: str | Path) -> VideoInfo:
                 rotation = _display_rotation(ctx, None) or 0
             sar = s.sample_aspect_ratio or ctx.sample_aspect_ratio  # the container's, else the bitstream's
             return VideoInfo(
-                codec=ctx.name,
+                # the format's name (av1), not the decoder PyAV picked for it (libdav1d), which no backend lists
+                codec=ctx.codec.canonical_name or ctx.name,
                 width=int(ctx.width),
                 height=int(ctx.height),
                 pix_fmt=str(ctx.pix_fmt or ""),
