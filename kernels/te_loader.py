@@ -6,8 +6,8 @@ names libcudnn_cnn etc. as dependencies. On a machine with a system cuDNN older 
 image: 9.14 in /usr/lib, torch's wheel 9.19), the loader took the system's libcudnn_cnn once torch had run
 cuDNN, and that needs symbols of its own libcudnn_graph, not of the one torch had loaded:
 "undefined symbol ... version libcudnn_graph.so.9" on import (H200, 2026-11-27; with torch's folder first on
-LD_LIBRARY_PATH, TE loaded). So before the import every library in torch's cuDNN folder is loaded
-globally (a dependency by soname then resolves to it), and $CUDNN_PATH points there.
+LD_LIBRARY_PATH, TE loaded). So before the import every library of torch's cuDNN major in its folder is
+loaded globally (a dependency by soname then resolves to it), and $CUDNN_PATH points there.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
+import re
 import warnings
 from typing import Any
 
@@ -35,21 +36,36 @@ def loaded_library_dir(stem: str) -> str | None:
     return None
 
 
+def cudnn_major(version: int | None) -> int | None:
+    """The major of torch.backends.cudnn.version(): 8.9.7 is 8907 (major * 1000 + ...), 9.19.0 is 91900
+    (major * 10000 + ..., from cuDNN 9 on)."""
+    if not version:
+        return None
+    return version // 10000 if version >= 10000 else version // 1000
+
+
+def cudnn_libraries(folder: str, major: int | None) -> list[str]:
+    """The paths of folder's libcudnn*.so.<major>[.*] in name order (all libcudnn*.so* when major is None): a
+    folder holding two cuDNN majors must not load the other one's libraries first."""
+    pattern = re.compile(r"libcudnn\w*\.so" + (rf"\.{major}(\.\d+)*" if major is not None else r".*"))
+    return [os.path.join(folder, n) for n in sorted(os.listdir(folder)) if pattern.fullmatch(n)]
+
+
 def use_torch_cudnn() -> str | None:
     """Preload torch's cuDNN folder for TE (module doc); the folder, or None when there is nothing to do
     (no CUDA, or no cuDNN mapped). A $CUDNN_PATH / $CUDNN_HOME the user set is kept (TE loads its
     libcudnn from there), with a warning when it is not torch's folder: TE and torch then run two cuDNNs."""
     if not torch.cuda.is_available():
         return None
+    version = None
     with contextlib.suppress(Exception):
-        torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
+        version = torch.backends.cudnn.version()  # loads torch's libcudnn if nothing has yet
     folder = loaded_library_dir("libcudnn")
     if not folder:
         return None
-    for name in sorted(os.listdir(folder)):
-        if name.startswith("libcudnn") and ".so" in name:
-            with contextlib.suppress(OSError):
-                ctypes.CDLL(os.path.join(folder, name), mode=ctypes.RTLD_GLOBAL)
+    for path in cudnn_libraries(folder, cudnn_major(version)):
+        with contextlib.suppress(OSError):
+            ctypes.CDLL(path, mode=ctypes.RTLD_GLOBAL)
     user = os.environ.get("CUDNN_HOME") or os.environ.get("CUDNN_PATH")
     if not user:
         os.environ["CUDNN_PATH"] = folder
