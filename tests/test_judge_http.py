@@ -388,6 +388,27 @@ def test_serve_answers_400_to_invalid_bodies():
     assert bool_tokens.status_code == 400 and "max_tokens" in bool_tokens.json()["error"]["message"]
 
 
+def test_serve_refuses_streaming_and_several_choices():
+    """ "stream": true got one plain JSON completion (a streaming client reads server-sent events and found none:
+    an empty answer, no error) and "n": 2 one choice; both are now refused with 400. A plain request is answered."""
+    import httpx
+
+    from engine.judge.openai import chat_payload
+
+    r = _req(None, 5)
+    body = chat_payload("m", ChatItem(r.frames, build_text(r)))
+
+    async def send(c: httpx.AsyncClient, url: str) -> list:
+        return [await c.post(url, json={**body, **extra}) for extra in ({"stream": True}, {"n": 2}, {"n": 1})]
+
+    with FaultServer() as srv:
+        streamed, two, plain = asyncio.run(_post_to_judge_server(srv, send))
+    for refused in (streamed, two):
+        assert refused.status_code == 400 and "not supported" in refused.json()["error"]["message"]
+    content = plain.json()["choices"][0]["message"]["content"]
+    assert plain.status_code == 200 and content == f"Score: {expected_score(r.frames[0]):.4f}"
+
+
 def test_serve_answers_400_to_a_body_over_the_limit():
     """A body over MAX_BODY was refused unread and the connection closed while the body still arrived: the
     client got a connection reset (ReadError, which OpenAIChat retried, uploading the body again) instead of

@@ -82,6 +82,9 @@ def parse_chat_request(body: dict) -> ChatItem:
     """The last user message of a chat completion request as a :class:`ChatItem`."""
     if not isinstance(body, dict):
         raise BadRequest(f"the request body must be a JSON object, got a JSON {type(body).__name__}")
+    # the reply is one JSON completion: a streaming client found no event in it (an empty answer, no error)
+    if body.get("stream") or body.get("n", 1) not in (1, None):
+        raise BadRequest("'stream': true and 'n' > 1 are not supported; ask for one completion, not streamed")
     msgs = body.get("messages")
     if not isinstance(msgs, list) or not msgs:
         raise BadRequest("'messages' must be a non-empty list")
