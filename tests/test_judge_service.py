@@ -382,3 +382,22 @@ def test_a_request_every_caller_gave_up_on_is_not_judged():
     backend, (first, kept) = asyncio.run(run())
     assert first.score == 0.001 and kept.score == 0.003
     assert backend.batches == [1, 1]  # request 2 never reached the backend
+
+
+def test_leaving_the_service_on_an_exception_does_not_wait_for_pending_verdicts():
+    """``with JudgeService(...)`` left by an exception (ctrl-C in the trainer) drained the queue first: the
+    exception surfaced only once a slow server had answered every pending request, which nobody would read.
+    Pending work is now cancelled; a normal exit still drains."""
+    with FaultServer(slow_s=4.0) as srv:
+        t0 = time.perf_counter()
+        with pytest.raises(KeyboardInterrupt):
+            with JudgeService(OpenAIJudge(srv.url, "m", timeout_s=30, num_frames=1), max_batch=4) as service:
+                handle = service.submit_many([_req(i, "slow") for i in range(4)])
+                while srv.in_flight == 0:
+                    time.sleep(0.01)
+                raise KeyboardInterrupt
+        assert time.perf_counter() - t0 < 3.0
+        assert [v.status for v in handle.result(timeout=5)] == ["cancelled"] * 4
+        with JudgeService(OpenAIJudge(srv.url, "m", timeout_s=30, num_frames=1)) as service:
+            handle = service.submit_many([_req(7)])
+        assert handle.done() and handle.result()[0].ok

@@ -449,5 +449,6 @@ class JudgeService:
     def __enter__(self) -> JudgeService:
         return self
 
-    def __exit__(self, *exc) -> None:
-        self.close()
+    def __exit__(self, exc_type, *_) -> None:
+        # leaving on an exception (ctrl-C in the trainer) waited for every pending verdict, which nobody reads
+        self.close(drain=exc_type is None)
