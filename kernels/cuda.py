@@ -220,6 +220,10 @@ def flow_step(
             raise ValueError(f"{name}: shape {tuple(a.shape)}, expected x's {tuple(x.shape)}")
         if not a.is_contiguous():
             raise ValueError(f"{name}: expected a contiguous tensor (strides {a.stride()})")
+    from kernels.sampler import _check_float_times, _check_inputs
+
+    _check_inputs(x, v_cond, v_uncond, noise, x_next, sigma)  # sigma, and x_next / noise given with it
+    _check_float_times(t, t_next, sigma, B)  # NaN from bad host times, as flow_step checks them
     tt, tn = _as_times(t, "t", B, x.device), _as_times(t_next, "t_next", B, x.device)
     if (tt is None) != (tn is None):
         tt = tt if tt is not None else torch.full((B,), float(t), device=x.device)

@@ -113,6 +113,40 @@ def test_flow_step_on_empty_samples_matches_the_torch_path(mode):
 
 
 @needs_ext
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(t=0.5, t_next=0.4, sigma=-0.5),
+        dict(t=0.5, t_next=0.4, sigma=float("nan")),
+        dict(t=0.0, t_next=-0.1, sigma=0.5),
+        dict(t=0.5, t_next=0.6, sigma=0.5),
+        dict(t=torch.tensor([0.5, 0.0]), t_next=-0.1, sigma=0.5),
+        dict(t=0.5, t_next=0.4, sigma=0.0, x_next=True),
+        dict(t=0.5, t_next=0.4, sigma=0.5, x_next=True, noise=True),
+    ],
+)
+def test_flow_step_refuses_what_the_torch_path_refuses(kw):
+    """The direct wrapper checked no sigma or time (NaN out, or x_next / noise ignored) where the torch path
+    raises; it now raises the same. Fake CUDA tensors without a GPU."""
+    import contextlib
+
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    x = torch.randn(2, 8)
+    host = {k: (x if v is True else v) for k, v in kw.items()}
+    with pytest.raises(ValueError) as want:
+        flow_step_reference(x, x, **host)
+    with contextlib.nullcontext() if torch.cuda.is_available() else FakeTensorMode():
+        xc = torch.randn(2, 8, device="cuda")
+    dev = {k: (xc if v is True else v) for k, v in kw.items()}
+    with pytest.raises(ValueError) as got:  # outside the mode: host times stay real tensors
+        cuda.flow_step(xc, xc, **dev)
+    assert (
+        str(got.value).rsplit(": ", 1)[-1] == str(want.value).rsplit(": ", 1)[-1]
+    )  # times print differently
+
+
+@needs_ext
 @pytest.mark.parametrize("shape", [(2, 0, 3, 8), (0, 4, 3, 8), (2, 4, 3, 0)])
 def test_qk_norm_rope_on_empty_inputs_returns_them(shape):
     """No token, sample or feature: the extension refused the launch ('need B, S > 0 and D even', a
