@@ -86,7 +86,7 @@ def sde_coefficients(t: torch.Tensor, t_next: torch.Tensor, sigma: float) -> tup
 
 
 def _check_times(t: torch.Tensor, t_next: torch.Tensor, sigma: float) -> None:
-    if sigma > 0.0 and bool(((t <= 0) | (t_next >= t) | (t > 1)).any()):
+    if sigma > 0.0 and not bool(((t > 0) & (t_next < t) & (t <= 1)).all()):  # NaN fails too
         raise ValueError(
             f"t={t.tolist()}, t_next={t_next.tolist()}: the SDE step needs 0 < t <= 1 and t_next < t"
         )
@@ -248,13 +248,18 @@ def _cuda_fits(x: torch.Tensor, *others: torch.Tensor | None) -> bool:
 
 def _check_float_times(t, t_next, sigma: float, B: int) -> None:
     """Validate times held on the host (python floats, CPU tensors: bad ones gave NaN where the torch path
-    raises); times on a GPU are not checked (that would sync the device)."""
+    raises); times on a GPU are not checked (that would sync the device), a host t beside them is."""
+    on_gpu = [isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in (t, t_next)]
     if not isinstance(t, torch.Tensor) and not isinstance(t_next, torch.Tensor):
         if sigma > 0.0 and not (0.0 < t <= 1.0 and t_next < t):
             raise ValueError(f"t={t}, t_next={t_next}: the SDE step needs 0 < t <= 1 and t_next < t")
-    elif not any(isinstance(a, torch.Tensor) and a.device.type != "cpu" for a in (t, t_next)):
+    elif not any(on_gpu):
         cpu = torch.device("cpu")
         _check_times(_per_sample(t, "t", B, cpu), _per_sample(t_next, "t_next", B, cpu), sigma)
+    elif sigma > 0.0 and not on_gpu[0]:  # t on the host, t_next on a GPU: t's range
+        tt = _per_sample(t, "t", B, torch.device("cpu"))
+        if not bool(((tt > 0) & (tt <= 1)).all()):
+            raise ValueError(f"t={tt.tolist()}: the SDE step needs 0 < t <= 1 and t_next < t")
 
 
 def flow_step(

@@ -205,3 +205,23 @@ def test_bad_per_sample_times_on_the_host(backend):
             flow_step(x, x, t=t, t_next=tn, sigma=0.5, backend=backend)
     out, lp = flow_step(x, x, t=torch.tensor([0.9, 0.5]), t_next=0.3, sigma=0.5, backend=backend)  # valid
     assert torch.isfinite(out).all() and torch.isfinite(lp).all()
+
+
+def test_bad_host_t_beside_times_on_a_gpu():
+    """t on the host, t_next on a GPU: flow_step checked nothing (the GPU side would need a sync), so t = 0
+    gave NaN where the torch path raises; t is checked now. NaN times passed the tensor check as well."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from kernels.sampler import _check_float_times
+
+    x, tn_host = torch.randn(2, 4), torch.full((2,), 0.3)
+    with FakeTensorMode():
+        tn_gpu = torch.full((2,), 0.3, device="cuda")  # a CUDA tensor without a GPU: never read
+    for t in (0.0, 1.5, float("nan"), torch.tensor([0.5, 0.0]), torch.tensor([0.5, float("nan")])):
+        with pytest.raises(ValueError, match="0 < t <= 1"):  # the torch path, all on the host
+            flow_step_reference(x, x, t=t, t_next=tn_host, sigma=0.5)
+        with pytest.raises(ValueError, match="0 < t <= 1"):
+            _check_float_times(t, tn_gpu, 0.5, 2)
+    _check_float_times(0.5, tn_gpu, 0.5, 2)
+    _check_float_times(torch.tensor([0.5, 1.0]), tn_gpu, 0.5, 2)
+    _check_float_times(0.0, tn_gpu, 0.0, 2)  # the ODE step takes any times
