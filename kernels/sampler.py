@@ -25,6 +25,7 @@ bitwise deterministic. Block 0 adds the constant -N (log s + 0.5 log 2 pi).
 from __future__ import annotations
 
 import math
+import numbers
 import os
 
 import torch
@@ -45,7 +46,7 @@ def _per_sample(t: float | torch.Tensor, name: str, B: int, device: torch.device
         if t.dim() != 1 or t.shape[0] != B:
             raise ValueError(f"{name}: expected a float or a ({B},) tensor, got shape {tuple(t.shape)}")
         return t.to(device=device, dtype=torch.float64)
-    if not isinstance(t, (int, float)):
+    if not isinstance(t, numbers.Real):  # numpy.float32 too, as the kernel paths take it
         raise TypeError(f"{name}: expected a float or a ({B},) tensor, got {type(t).__name__}")
     return torch.full((B,), float(t), dtype=torch.float64, device=device)
 

@@ -207,6 +207,17 @@ def test_bad_per_sample_times_on_the_host(backend):
     assert torch.isfinite(out).all() and torch.isfinite(lp).all()
 
 
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_numpy_float_times(backend):
+    """numpy.float32 times: the Triton path took them, the torch path raised a TypeError."""
+    np = pytest.importorskip("numpy")
+    x, v, noise = torch.randn(3, 2, 5), torch.randn(3, 2, 5), torch.randn(3, 2, 5)
+    t, tn = np.float32(0.7), np.float32(0.55)
+    got = flow_step(x, v, t=t, t_next=tn, sigma=0.6, noise=noise, backend=backend)
+    want = flow_step(x, v, t=float(t), t_next=float(tn), sigma=0.6, noise=noise, backend=backend)
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_bad_host_t_beside_times_on_a_gpu():
     """t on the host, t_next on a GPU: flow_step checked nothing (the GPU side would need a sync), so t = 0
     gave NaN where the torch path raises; t is checked now. NaN times passed the tensor check as well."""
