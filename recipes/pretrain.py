@@ -134,9 +134,13 @@ def pretrain_loss(model: nn.Module, mb: dict[str, torch.Tensor]) -> tuple[torch.
 
 
 def _git_commit() -> str:
+    """This repository's commit (not the working directory's: a run started elsewhere recorded another's)."""
     try:
         return subprocess.check_output(
-            ["git", "rev-parse", "HEAD"], text=True, stderr=subprocess.DEVNULL
+            ["git", "rev-parse", "HEAD"],
+            text=True,
+            stderr=subprocess.DEVNULL,
+            cwd=Path(__file__).resolve().parents[1],
         ).strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"
