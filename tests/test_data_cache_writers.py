@@ -66,7 +66,8 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
     dead.write_bytes(b"left by a writer that died")
     elsewhere = out / "shard-00004.safetensors.other-node.4242-1.partial"  # a live writer on another machine
     elsewhere.write_bytes(b"being written")
-    claimed_elsewhere = out / "shard-00005.safetensors.other-node.4242-1.claim"  # its writer never finishes
+    claimed_elsewhere = out / "claims" / "shard-00005.safetensors.other-node.4242-1.claim"  # never finished
+    claimed_elsewhere.parent.mkdir()
     claimed_elsewhere.touch()
     env = {"PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "PATH": "/usr/bin:/bin"}
     procs = [
@@ -82,7 +83,7 @@ def test_concurrent_writers_of_one_cache_finish_with_a_consistent_index(tmp_path
     logs = [p.communicate(timeout=300)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0, 0], "\n".join(log[-2000:] for log in logs)
     assert list(out.glob("*.partial")) == [elsewhere] and not list(out.glob("*.tmp"))
-    assert list(out.glob("*.claim")) == [claimed_elsewhere]
+    assert list(out.glob("**/*.claim")) == [claimed_elsewhere]
     calls = [int(log.split("ENCODE CALLS ")[1].split()[0]) for log in logs]
     assert sum(calls) == 12 * 2, calls  # 12 shards of one row: the clip and its first frame
     cache = LatentCacheDataset(out)  # verifies every shard's sha256 against the index
@@ -286,13 +287,13 @@ def test_a_writer_killed_mid_shard_leaves_its_shard_to_the_others(tmp_path):
             time.sleep(0.05)
 
     doomed = start("60")  # never finishes its first shard
-    wait_for(lambda: out.is_dir() and list(out.glob(f"*.{doomed.pid}-*.claim")), "the first writer's claim")
+    wait_for(lambda: list(out.glob(f"claims/*.{doomed.pid}-*.claim")), "the first writer's claim")
     other = start("0.05")
-    wait_for(lambda: list(out.glob(f"*.{other.pid}-*.claim")), "the second writer's claim")
+    wait_for(lambda: list(out.glob(f"claims/*.{other.pid}-*.claim")), "the second writer's claim")
     doomed.send_signal(signal.SIGKILL)
     doomed.wait()
     log = other.communicate(timeout=300)[0]
     assert other.returncode == 0, log[-3000:]
     cache = LatentCacheDataset(out)
     assert sorted(it["index"] for it in cache) == list(range(6)) and cache.skipped == []
-    assert not list(out.glob("*.claim"))
+    assert not list(out.glob("**/*.claim"))
