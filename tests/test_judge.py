@@ -111,6 +111,8 @@ def test_request_validation_names_the_input():
         JudgeRequest("[Agent]: push", "task", frames=[f[0], f[0].astype(np.float32)])
     with pytest.raises(ValueError, match="empty"):
         JudgeRequest("[Agent]: push", "task", frames=[])
+    with pytest.raises(ValueError, match=r"frames\[1\]: expected an HxWx3"):  # 0 pixels high
+        JudgeRequest("[Agent]: push", "task", frames=[f[0], np.zeros((0, 8, 3), np.uint8)])
 
 
 def test_prompts_carry_task_and_differ_per_question():

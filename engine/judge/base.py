@@ -78,7 +78,9 @@ class JudgeRequest:
             if len(self.frames) == 0:
                 raise ValueError("JudgeRequest.frames: expected at least one frame, got an empty list")
             for i, f in enumerate(self.frames):
-                if not isinstance(f, np.ndarray) or f.dtype != np.uint8 or f.ndim != 3 or f.shape[2] != 3:
+                ok = isinstance(f, np.ndarray) and f.dtype == np.uint8 and f.ndim == 3 and f.shape[2] == 3
+                # an empty one (0 x W) passed, then failed its whole batch's PNG encoding in OpenAIChat
+                if not ok or not f.size:
                     desc = f"{type(f).__name__} {getattr(f, 'dtype', '')} {getattr(f, 'shape', '')}"
                     raise ValueError(f"JudgeRequest.frames[{i}]: expected an HxWx3 uint8 array, got {desc}")
 
