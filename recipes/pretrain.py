@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import shlex
 import subprocess
 import sys
 import time
@@ -297,7 +298,8 @@ def main(argv: list[str] | None = None) -> Path:
     if int(os.environ.get("RANK", "0")) != 0:
         return run_dir
     meta = {
-        "command": " ".join(["python recipes/pretrain.py", *(sys.argv[1:] if argv is None else argv)]),
+        # quoted: "--world.gap_guidance [1.0, 3.0]" was written unquoted, a command that no longer ran
+        "command": "python recipes/pretrain.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": cfg.run.seed,
         "git_commit": _git_commit(),
         "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",

@@ -24,3 +24,26 @@ def test_pretrain_records_this_repositorys_commit_from_any_working_directory(tmp
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     got = subprocess.check_output([sys.executable, "-c", code], text=True, cwd=other, env=env).strip()
     assert got == ours
+
+
+def test_pretrain_records_a_command_that_runs_again(tmp_path):
+    """demonstrator.json's "command" joined the arguments with spaces: a value with a space in it (the TOML list
+    "--world.gap_guidance '[1.0, 3.0]'", as docs/TOYWORLD.md's command has it) came out unquoted, and the command
+    it recorded split it into two arguments. It is now quoted as a shell would need it: split again, the
+    arguments give the run's own config."""
+    import json
+    import shlex
+
+    from engine.config import load_config
+
+    args = ["--config", str(REPO / "recipes" / "configs" / "toy_pretrain.toml"), "--run.out_dir", str(tmp_path),
+            "--run.name", "p", "--train.steps", "0", "--world.eval_scenes", "1", "--world.gap_batch", "1",
+            "--flow.num_steps", "1", "--run.device", "cpu", "--world.gap_guidance", "[1.0, 3.0]"]  # fmt: skip
+    env = {**os.environ, "WMSD_PROGRESS": "0"}
+    p = subprocess.run([sys.executable, str(REPO / "recipes" / "pretrain.py"), *args], capture_output=True,
+                       text=True, timeout=600, env=env, cwd=REPO)  # fmt: skip
+    assert p.returncode == 0, p.stderr[-2000:]
+    command = json.loads((tmp_path / "p" / "demonstrator" / "demonstrator.json").read_text())["command"]
+    words = shlex.split(command)
+    assert words[:2] == ["python", "recipes/pretrain.py"] and words[2:] == args
+    assert load_config(argv=words[2:]).world.gap_guidance == [1.0, 3.0]
