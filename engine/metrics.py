@@ -215,9 +215,9 @@ class MetricsLogger:
         dt = time.perf_counter() - self._t0
         keys = list(self._sums)
         # every scalar, a device tensor or a Python float (the RL recipe's rewards, clip_frac), is averaged
-        # over ranks in one collective
+        # over ranks in one collective, in float64 (float32 logged lr 1e-4 as 9.9999997e-05)
         vals = [
-            torch.as_tensor(self._sums[k], dtype=torch.float32, device=self.device).reshape(()) for k in keys
+            torch.as_tensor(self._sums[k], dtype=torch.float64, device=self.device).reshape(()) for k in keys
         ]
         host = _mean_over_ranks(torch.stack(vals)).cpu().tolist() if vals else []
         row: dict[str, float] = {"step": step}
