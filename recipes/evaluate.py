@@ -157,12 +157,28 @@ def check_eval_settings(cfg: JobConfig) -> None:
     if not cfg.eval.seeds:
         raise ConfigError("eval.seeds is empty; expected at least one noise seed, e.g. [0]")
     if cfg.eval.tasks:
-        check_tasks(cfg.eval.tasks, "eval.tasks")
+        rows = check_tasks(cfg.eval.tasks, "eval.tasks")
+        if cfg.model.family == "wan" and cfg.model.flavour == "toy":
+            _check_toy_images(rows[: cfg.eval.num_items], cfg.eval.tasks)
     # the default items are the toy world's scenes: a real model was evaluated on 64 x 64 toy renders
     elif not (cfg.model.family == "wan" and cfg.model.flavour == "toy"):
         raise ConfigError(f"eval.tasks is empty: without a task file the items are the toy world's held-out scenes, "
                           f"not images for model {cfg.model.family!r} / {cfg.model.flavour!r}; set --eval.tasks to a "
                           "held-out task file (recipes/propose.py on held-out images)")  # fmt: skip
+
+
+def _check_toy_images(rows: list, path: str) -> None:
+    """The toy model takes its world's SIZE x SIZE scenes (its images are not fitted): another size failed after
+    the model loaded (mixed sizes in numpy's stack, one other size in the sampler's latent shape)."""
+    from PIL import Image
+
+    from engine.world.scene import SIZE
+
+    for row in rows:
+        with Image.open(row.image) as im:
+            if im.size != (SIZE, SIZE):
+                raise ConfigError(f"eval.tasks: '{path}' row {row.id!r}: image '{row.image}' is {im.size[0]} x "
+                                  f"{im.size[1]}; the toy model takes its world's {SIZE} x {SIZE} scenes")  # fmt: skip
 
 
 def pipeline_for(kit: Kit, model: torch.nn.Module, cfg: JobConfig) -> VideoPipeline:

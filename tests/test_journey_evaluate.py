@@ -116,3 +116,29 @@ def test_a_chunk_file_cut_short_is_scored_again(tmp_path):
         for q in clean[start]:
             np.testing.assert_array_equal(clean[start][q], again[start][q])
     assert first.stat().st_size > 100 and second.stat().st_size > 0  # written again
+
+
+def test_a_toy_task_file_with_other_image_sizes_is_refused_up_front(tmp_path):
+    """The toy model's task images are not fitted: an eval.tasks image of another size than the toy world's
+    scenes failed after the model loaded (numpy's "all input arrays must have the same shape" for mixed sizes);
+    validate now names the row and its size."""
+    import json
+
+    import pytest
+    from PIL import Image
+
+    from engine.config import ConfigError
+    from engine.world.demonstrator import eval_items
+    from recipes import evaluate
+
+    rows = []
+    for i, it in enumerate(eval_items(2, 5)):
+        image = Image.fromarray(it.image)
+        (image if i == 0 else image.resize((48, 48))).save(tmp_path / f"im{i}.png")
+        rows.append({"id": f"s{i}", "image": f"im{i}.png", "task": it.task, "solution": it.solution})
+    tasks = tmp_path / "tasks.jsonl"
+    tasks.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    base = ["--run.out_dir", str(tmp_path / "runs"), "--eval.tasks", str(tasks), "--run.device", "cpu"]
+    with pytest.raises(ConfigError, match="row 's1': image .* is 48 x 48; the toy model takes .* 32 x 32"):
+        evaluate.validate(load_config(argv=[*base, "--eval.num_items", "2"]))
+    evaluate.validate(load_config(argv=[*base, "--eval.num_items", "1"]))  # the first row alone is evaluated
