@@ -387,7 +387,15 @@ class Trainer:
             self.metrics.restart_clock()
             self.profiler.start(self.state.step)
             self._stepped = True
-            self._install_signal_handlers()
+        self._install_signal_handlers()  # again after a step that raised (which gave them back)
+        try:
+            return self._step()
+        except BaseException:
+            # no step follows an error: a SIGINT after it must interrupt, not wait for the end of a step
+            self._uninstall_signal_handlers()
+            raise
+
+    def _step(self) -> dict[str, Any]:
         micro = self.batches.next(self.state.step, self.model)
         if not isinstance(micro, list | tuple) or not micro:
             raise ValueError(

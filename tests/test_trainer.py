@@ -362,6 +362,36 @@ def test_bad_batches_and_loss_are_reported(tmp_path):
         tr.train_step()
 
 
+def test_sigint_after_a_step_that_raised_interrupts(tmp_path):
+    """A step that raised (here in the loss) left the trainer's SIGINT handler installed, which only stops after a
+    step, and none came: the next Ctrl-C (a notebook, a script's cleanup after the error) was logged and ignored.
+    A step that raises gives the handlers back; the next step installs them again."""
+    import signal
+
+    from engine.trainer import TrainingInterrupted
+
+    calls = []
+
+    def loss_fn(model, mb):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("bad sample")
+        if len(calls) == 3:
+            signal.raise_signal(signal.SIGINT)  # during the step after the error: stop after that step
+        return flow_loss(model, mb)
+
+    tr = Trainer(_cfg(6), TinyDiT(), loss_fn, SeededBatches(), run_dir=tmp_path)
+    tr.train_step()
+    with pytest.raises(RuntimeError, match="bad sample"):
+        tr.train_step()
+    with pytest.raises(KeyboardInterrupt):
+        signal.raise_signal(signal.SIGINT)
+    with pytest.raises(TrainingInterrupted) as stop:
+        tr.train_step()
+    assert stop.value.code == 128 + signal.SIGINT and tr.step == 2
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+
+
 def test_bench_profile_writes_trace_and_op_table(tmp_path):
     """python -m bench.profile on the Wan debug flavour: a Chrome trace, matmuls with FLOP counts."""
     pytest.importorskip("models.wan")
