@@ -619,4 +619,6 @@ class Trainer:
         if self.metrics.should_log(self.state.step) or self.checkpointer.due(self.state.step):
             self._last_logs = self.metrics.flush(self.state.step, self._counters())
         self.profiler.step()
-        self.checkpointer.maybe_save(self.state.step)
+        if self.checkpointer.due(self.state.step):
+            self.checkpointer.maybe_save(self.state.step)
+            self.metrics.restart_clock()  # the save is not step time: the next row's tokens/s and MFU leave it out

@@ -348,6 +348,37 @@ def test_first_logged_interval_is_timed_from_the_first_step(tmp_path):
     assert row["tokens_per_s"] >= 2 * 4 * 8 / wall  # 2 steps of 4 x 8 tokens
 
 
+def test_a_checkpoint_save_is_not_counted_as_step_time(tmp_path):
+    """The row after a checkpoint timed its steps from the previous row, before the save: a save taking 0.5 s
+    (here an extra state that is slow to gather the first time) counted as step time of the next row's steps,
+    their tokens/s and MFU too low. The logged step time must fit in the wall time of the steps themselves."""
+
+    class SlowOnce:  # e.g. a judge's statistics gathered from a service
+        calls = 0
+
+        def state_dict(self):
+            self.calls += 1
+            if self.calls == 1:
+                time.sleep(0.5)
+            return {"x": torch.zeros(1)}
+
+        def load_state_dict(self, sd):
+            pass
+
+    cfg = _cfg(4)
+    cfg.checkpoint.enabled, cfg.checkpoint.interval = True, 2
+    slow = {"slow": SlowOnce()}
+    tr = Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path, extra_state=slow)
+    tr.train_step()
+    tr.train_step()  # its save takes 0.5 s, after the row of steps 1-2
+    t0 = time.perf_counter()
+    tr.train_step()
+    tr.train_step()
+    wall = time.perf_counter() - t0
+    row = json.loads((tmp_path / "metrics.jsonl").read_text().splitlines()[-1])
+    assert row["step"] == 4 and row["step_time_s"] * 2 <= wall
+
+
 def test_bad_batches_and_loss_are_reported(tmp_path):
     class Empty(SeededBatches):
         def next(self, step, model):
