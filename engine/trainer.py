@@ -33,6 +33,7 @@ Contracts:
   all-reduce), commits a pending async save, on SIGTERM (preemption) also saves that step, and exits
   (status 128 + signal, :class:`TrainingInterrupted`) with one line naming the checkpoint to resume from;
   a second signal stops at once. A resume drops metrics rows (JSONL, TensorBoard) past its checkpoint.
+- Metrics rows: every ``train.log_every`` steps and at every checkpoint step (a save's time is not step time).
 - Under torchrun the trainer creates the process group (or takes ``dist_info=`` from
   ``engine.dist.init_distributed``); a script's ``__main__`` ends with ``engine.dist.end_process()`` (as the
   recipes do), or calls ``engine.dist.shutdown()`` if it goes on without a process group.
