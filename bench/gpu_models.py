@@ -8,8 +8,7 @@ peak measured as a bf16 8192^3 matmul in the same run.
 FP8 providers (a case's ``fp8_providers``, the Wan-1.3B case: issue 13's goal, FP8 linears + FP8
 attention >= 1.3x the bf16 step): the same model and step with FP8 linears (engine.precision.apply_fp8,
 torchao or Transformer Engine) and/or FP8 self-attention in every block
-(engine.precision.apply_attention_precision, kernels.attention_fp8; "_all": dP and dQ/dK in FP8 too;
-"[bwd_dq=atomic]": kernels.attention.BWD_DQ = "atomic"),
+(engine.precision.apply_attention_precision, kernels.attention_fp8; "_all": dP and dQ/dK in FP8 too),
 ratio vs ``ours_triton``, the bf16 step. MFU stays on the bf16 peak, so the rows compare on one scale.
 A missing backend (torchao, TE, an FP8 attention kernel for this device/dtype) or a spent time budget
 is an "error" record whose message starts with "skipped:" (extra skipped=True); other failures are
@@ -41,11 +40,10 @@ from bench.common import error_record, module_budget, record
 
 DTYPE = torch.bfloat16
 # (provider, FP8 linear backend "none" | "torchao" | "te", FP8 self-attention: None (bf16), "default"
-# (the models' default: dV and dP in FP8), "atomic" (the default with kernels.attention.BWD_DQ = "atomic": dQ
-# added up in the dK/dV kernel) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most wanted first)
+# (the models' default: dV and dP in FP8) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most
+# wanted first)
 FP8_PROVIDERS = (
     ("ours_fp8_torchao+fp8attn", "torchao", "default"),
-    ("ours_fp8_torchao+fp8attn[bwd_dq=atomic]", "torchao", "atomic"),
     ("ours_fp8_torchao+fp8attn_all", "torchao", "all"),
     ("ours_fp8attn", "none", "default"),
     ("ours_fp8_torchao", "torchao", None),
@@ -252,18 +250,6 @@ class _Skip(Exception):
     """Raised by _fp8_model when a backend is missing; becomes a skipped record."""
 
 
-@contextlib.contextmanager
-def _bwd_dq(mode: str):
-    """kernels.attention.BWD_DQ = mode around the forward (the forward's setting decides its backward)."""
-    import kernels.attention as attention_module
-
-    saved, attention_module.BWD_DQ = attention_module.BWD_DQ, mode
-    try:
-        yield
-    finally:
-        attention_module.BWD_DQ = saved
-
-
 def _fp8_model(case: Case, linears: str, attn: str | None):
     """(our bf16 model with FP8 linears / FP8 self-attention applied, forward context factory)."""
     from engine.config import ModelConfig, PrecisionConfig
@@ -282,8 +268,6 @@ def _fp8_model(case: Case, linears: str, attn: str | None):
         apply_attention_precision(model, ModelConfig(attention_precision="fp8", fp8_attention_skip_blocks=[]))
         if attn == "all":
             contexts.append(lambda: fp8_backward_products(dp=True, dqdk=True))
-        if attn == "atomic":
-            contexts.append(lambda: _bwd_dq("atomic"))
     if linears != "none":
         prec = PrecisionConfig(fp8=linears, fp8_min_features=case.fp8_min_features)
         try:

@@ -68,8 +68,7 @@ TMA = "auto"
 # dO v^T: 7 matmuls in all, no atomics, bitwise reproducible); "atomic" has the dK/dV kernel also compute
 # dS K per (query, key) tile pair and add it into an fp32 buffer with atomic adds (FA2/FA3's scheme: 5
 # matmuls, plus B*Sq*H*D*4 bytes of atomics per key tile; the order of the adds varies from run to run, so
-# dQ's last bits do too; deterministic=True always runs "split"). The setting at the forward call decides its
-# backward (as kernels.attention_fp8.fp8_backward_products does). Not yet timed on a GPU: "split" stays the
+# dQ's last bits do too; deterministic=True always runs "split"). Not yet timed on a GPU: "split" stays the
 # default until bench.gpu_attention_profile shows "atomic" faster.
 BWD_DQ = "split"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
@@ -616,7 +615,7 @@ def _bwd_dq_mode(deterministic: bool) -> str:
     return "split" if deterministic else BWD_DQ
 
 
-def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic, atomic_dq):
+def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic):
     """delta = rowsum(dO * O) - dlse, then the dK/dV kernel and the dQ kernel (no atomics), or with
     BWD_DQ = "atomic" the dK/dV kernel adding dQ's parts into an fp32 buffer, and a pass that scales it."""
     B, Sq, H, D = q.shape
@@ -633,7 +632,7 @@ def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, dete
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     dq = torch.empty_like(q)
-    atomic = atomic_dq and not deterministic
+    atomic = _bwd_dq_mode(deterministic) == "atomic"
     # with "split" the kernel's DQA is a pointer it never reads (dk)
     dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
 
@@ -693,14 +692,13 @@ def _attention_bwd_op(
     k_lengths: torch.Tensor | None,
     scale: float,
     deterministic: bool,
-    atomic_dq: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """dO contiguous (and lse's gradient, or None) -> (dq, dk, dv)."""
-    return _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic, atomic_dq)
+    return _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic)
 
 
 @_attention_bwd_op.register_fake
-def _(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic, atomic_dq):
+def _(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -709,7 +707,6 @@ def _attention_setup(ctx, inputs, output) -> None:
     out, lse = output
     ctx.save_for_backward(q, k, v, out, lse, cos, sin, k_lengths)
     ctx.scale, ctx.deterministic = scale, deterministic
-    ctx.atomic_dq = _bwd_dq_mode(deterministic) == "atomic"  # BWD_DQ as it was at the forward call
     # lse is differentiable (as in attention_reference; it was marked non-differentiable, and a loss using
     # out and lse silently lost lse's part); unused outputs' gradients come as None, not zeros
     ctx.set_materialize_grads(False)
@@ -720,7 +717,7 @@ def _attention_backward(ctx, do, dlse):
     do = torch.zeros_like(out) if do is None else do.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     dq, dk, dv = _attention_bwd_op(
-        do, q, k, v, out, lse, dlse, cos, sin, k_lengths, ctx.scale, ctx.deterministic, ctx.atomic_dq
+        do, q, k, v, out, lse, dlse, cos, sin, k_lengths, ctx.scale, ctx.deterministic
     )
     return dq, dk, dv, None, None, None, None, None
 

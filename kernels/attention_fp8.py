@@ -1207,21 +1207,7 @@ def _fp8_fwd_launch(quant, k_lengths, scale, Sq, Sk, block, dtype):
 
 
 def _fp8_bwd_launch(
-    do,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    quant,
-    kmean,
-    k_lengths,
-    scale,
-    block,
-    fp8_dp,
-    ds_format,
-    dlse=None,
-    atomic_dq=False,
+    do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse=None
 ):
     """dq, dk, dv; ds_format None: dQ, dK from bf16 dS, else FP8 dS in that format times the rotated q8,
     k8 (written in fp32, then rotated back by H^T = H here). kmean: the forward's K mean (B, H, D) fp32."""
@@ -1261,7 +1247,7 @@ def _fp8_bwd_launch(
     ks = k if fp8_ds else smoothed_keys_lp(k, kmean)  # FP8_DS reads k8t instead
     # kernels.attention.BWD_DQ = "atomic" (not with FP8 dS, whose dQ groups run along the keys): the dK/dV
     # kernel adds dS ks into an fp32 buffer, then one pass scales it; no dQ kernel
-    atomic = atomic_dq and not fp8_ds
+    atomic = not fp8_ds and _bwd_dq_mode(False) == "atomic"
     dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dk  # dk: never read
     _run(
         "dkdv_atomic" if atomic else "dkdv", Sk, B * H, block,
@@ -1338,31 +1324,14 @@ def _fp8_bwd_op(
     fp8_dp: bool,
     ds_format: str | None,
     dlse: torch.Tensor | None = None,
-    atomic_dq: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     return _fp8_bwd_launch(
-        do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse, atomic_dq
+        do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse
     )
 
 
 @_fp8_bwd_op.register_fake
-def _(
-    do,
-    q,
-    k,
-    v,
-    out,
-    lse,
-    quant,
-    kmean,
-    k_lengths,
-    scale,
-    block,
-    fp8_dp,
-    ds_format,
-    dlse=None,
-    atomic_dq=False,
-):
+def _(do, q, k, v, out, lse, quant, kmean, k_lengths, scale, block, fp8_dp, ds_format, dlse=None):
     return torch.empty_like(q), torch.empty_like(k), torch.empty_like(v)
 
 
@@ -1371,7 +1340,6 @@ def _fp8_setup(ctx, inputs, output) -> None:
     out, lse, kmean, *quant = output
     ctx.save_for_backward(q, k, v, out, lse, k_lengths, kmean, *quant)
     ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format = scale, block, fp8_dp, ds_format
-    ctx.atomic_dq = _bwd_dq_mode(False) == "atomic"  # kernels.attention.BWD_DQ as it was at the forward call
     ctx.mark_non_differentiable(kmean, *quant)  # lse is differentiable (it was not: its part was dropped)
     ctx.set_materialize_grads(False)
 
@@ -1381,8 +1349,7 @@ def _fp8_backward(ctx, do, dlse, *_):
     do = torch.zeros_like(out) if do is None else do.contiguous()
     dlse = None if dlse is None else dlse.float().contiguous()
     grads = _fp8_bwd_op(
-        do, q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format, dlse,
-        ctx.atomic_dq,
+        do, q, k, v, out, lse, quant, kmean, k_lengths, ctx.scale, ctx.block, ctx.fp8_dp, ctx.ds_format, dlse
     )  # fmt: skip
     return (*grads, None, None, None, None, None)
 

@@ -285,28 +285,11 @@ def test_bad_bwd_dq_setting(monkeypatch):
 
     monkeypatch.setattr(attention_module, "BWD_DQ", "fused")
     q = torch.randn(1, 8, 2, 32, dtype=torch.float16, requires_grad=True)
+    out = attention(q, q, q)
     with pytest.raises(
         ValueError, match="kernels.attention.BWD_DQ: expected 'split' or 'atomic', got 'fused'"
     ):
-        attention(q, q, q)  # read at the forward call, which decides the backward
-
-
-def test_bwd_dq_setting_of_the_forward_call_decides_the_backward(device, monkeypatch):
-    """BWD_DQ is read when the forward runs (as fp8_backward_products is): a forward under "atomic" whose
-    backward runs after the setting went back to "split" still takes the atomic path, and the reverse."""
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "_TUNED", {})  # to see which kernels this test launches
-    q, k, v, _, _ = _make(1, 40, 40, 2, 32, None, None, torch.float32, device)
-    monkeypatch.setattr(attention_module, "BWD_DQ", "atomic")
-    out = attention(q, k, v)
-    monkeypatch.setattr(attention_module, "BWD_DQ", "split")
-    out.sum().backward()
-    assert [key[0][0] for key in attention_module._TUNED] == ["fwd", "dkdv_atomic"]
-    out = attention(q, k, v)
-    monkeypatch.setattr(attention_module, "BWD_DQ", "atomic")
-    out.sum().backward()
-    assert [key[0][0] for key in attention_module._TUNED][2:] == ["dkdv", "dq"]
+        out.sum().backward()
 
 
 def test_flash_attn_missing_is_a_clear_error():
