@@ -55,7 +55,7 @@ SM_REGS, SM_SMEM, SMEM_RESERVED = 65536, 227 * 1024, 1024
 
 _FP8_OPERANDS = ("Q8", "K8", "V8", "V8T", "Q8T", "K8T", "DO8", "DO8T")
 _FP8_SCALES = ("SQ", "SK", "SV", "SDO", "SDOREF", "DVEXP", "DVU")  # the FP8 kernels' per-block scale vectors
-_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN", "DQA") + _FP8_SCALES
+_FP32_POINTERS = ("LSE", "DELTA", "COS", "SIN") + _FP8_SCALES
 _SIZES = ("Sq", "Sk", "H", "Q_BUCKET", "K_BUCKET", "SQP", "SKP")
 
 
@@ -63,7 +63,7 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
     """Triton types of the attention kernels' arguments (kernels.attention / attention_fp8 naming)."""
     sig = {}
     for a in fn.arg_names:
-        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV", "KS"):
+        if a in ("Q", "K", "V", "O", "DO", "DQ", "DK", "DV"):
             sig[a] = f"*{dtype}"
         elif a in _FP8_OPERANDS:
             sig[a] = "*fp8e4nv"
@@ -85,7 +85,7 @@ def _signature(fn, tiles: dict[str, int], tma: bool, dtype: str) -> dict[str, st
 
 def configs(kernel: str, rope: bool = False) -> list[tuple[int, ...]]:
     """The (BLOCK_M, BLOCK_N, num_warps, num_stages[, maxnreg]) configs the autotuner tries for a kernel: kernels.attention's
-    "fwd", "dkdv", "dkdv_atomic" (BWD_DQ = "atomic"), "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
+    "fwd", "dkdv", "dq", or kernels.attention_fp8's "fp8_fwd", "fp8_dkdv", "fp8_dq" (128-token
     quantisation blocks)."""
     if kernel.startswith("fp8_"):
         import kernels.attention_fp8 as F8
@@ -113,12 +113,11 @@ def compile_attention(kernel: str, config: tuple[int, ...], *, tma: bool = False
 
         fn = F8._KERNELS[kernel[4:]]
         consts.update(QBLK=F8.QUANT_BLOCK, EMULATE=False, FP8_DP=fp8_dp, FP8_DS=fp8_ds, DS_E5M2=False)
-        consts["ATOMIC"] = kernel == "fp8_dkdv_atomic"
     else:
         import kernels.attention as A
 
         fn = A._RAW[kernel]
-        consts.update(ROPE=rope, PRECISION="tf32", TMA=tma, ATOMIC=kernel == "dkdv_atomic")
+        consts.update(ROPE=rope, PRECISION="tf32", TMA=tma)
     consts = {c: v for c, v in consts.items() if c in fn.arg_names}
     sig = _signature(fn, dict(BLOCK_M=bm, BLOCK_N=bn, D=d), tma, dtype)
     for name, param in inspect.signature(fn.fn).parameters.items():  # constexprs left at their defaults
@@ -281,8 +280,6 @@ VARIANTS = {
     "fp8 + bwd_fp8_dqdk (e4m3 dS), split": (
         ("fp8_fwd", False, False), ("fp8_dkdv", False, True), ("fp8_dq", False, True)),
     "fp8, both options, split": (("fp8_fwd", False, False), ("fp8_dkdv", True, True), ("fp8_dq", True, True)),
-    "bf16, atomic dQ (BWD_DQ)": (("fwd", False, False), ("dkdv_atomic", False, False)),
-    "fp8 + bwd_fp8_dp, atomic dQ (BWD_DQ)": (("fp8_fwd", False, False), ("fp8_dkdv_atomic", True, False)),
 }  # fmt: skip
 PREDICT_BLOCK = 128  # the (query, key) block of work the prediction counts cycles for
 
@@ -360,7 +357,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument(
         "--kernel",
         default="fwd,dkdv,dq",
-        help="comma list of fwd, dkdv, dkdv_atomic, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
+        help="comma list of fwd, dkdv, dq (bf16) and fp8_fwd, fp8_dkdv, fp8_dq (FP8 attention)",
     )
     ap.add_argument("--tma", action="store_true", help="TMA tensor-descriptor loads (kernels.attention.TMA)")
     ap.add_argument("--rope", action="store_true", help="the fused-RoPE variants")

@@ -1,8 +1,6 @@
 """Attention TFLOP/s at video DiT shapes, bf16: our Triton kernel (no RoPE; RoPE as one apply_rope pass
 before it, the default; RoPE fused into it; with the module setting kernels.attention.TMA at its default,
-and as "triton[tma=off]" (pointer loads only); with kernels.attention.BWD_DQ at its default, and as
-"triton[bwd_dq=atomic]" (dQ added up by the dK/dV kernel with atomics)) vs SDPA flash, SDPA cuDNN and
-flash_attn (when importable).
+and as "triton[tma=off]" (pointer loads only)) vs SDPA flash, SDPA cuDNN and flash_attn (when importable).
 Forward FLOPs 4 * B * H * S^2 * D; forward+backward counted as 3.5x that. Also apply_rope GB/s, and the
 tile configs the autotuner chose (record "attention.configs").
 
@@ -26,18 +24,17 @@ SHAPES = {
 }
 
 
-def _providers(rope, quick: bool, tma: str, bwd_dq: str):
-    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable. tma, bwd_dq: the module's
-    TMA and BWD_DQ settings, which every Triton provider runs with but triton[tma=off] and
-    triton[bwd_dq=atomic]."""
+def _providers(rope, quick: bool, tma: str):
+    """name -> (fn(q, k, v) -> out, baseline name); flash_attn only when importable. tma: the module's TMA
+    setting, which every Triton provider runs with but triton[tma=off]."""
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
     import kernels.attention as attention_module
     from kernels.attention import attention
 
-    def modes(fn, tma_mode=tma, dq_mode=bwd_dq):  # for the call and the backward that follows it
+    def modes(fn, tma_mode=tma):  # for the call and the backward that follows it
         def run(q, k, v):
-            attention_module.TMA, attention_module.BWD_DQ = tma_mode, dq_mode
+            attention_module.TMA = tma_mode
             return fn(q, k, v)
 
         return run
@@ -54,7 +51,6 @@ def _providers(rope, quick: bool, tma: str, bwd_dq: str):
         "sdpa_cudnn": (sdpa(SDPBackend.CUDNN_ATTENTION, False), "sdpa_flash"),
         "triton": (modes(lambda q, k, v: attention(q, k, v)), "sdpa_flash"),
         "triton[tma=off]": (modes(lambda q, k, v: attention(q, k, v), tma_mode="off"), "sdpa_flash"),
-        "triton[bwd_dq=atomic]": (modes(lambda q, k, v: attention(q, k, v), dq_mode="atomic"), "triton"),
         "sdpa_flash+rope": (sdpa(SDPBackend.FLASH_ATTENTION, True), None),
         "triton+rope": (
             modes(lambda q, k, v: attention(q, k, v, rope=rope, fuse_rope=False)),
@@ -133,7 +129,7 @@ def run(quick: bool = False) -> list[dict]:
         return [record("attention.module", "-", "-", "error", 0.0, message="no CUDA device")]
     import kernels.attention as attention_module
 
-    tma, bwd_dq = attention_module.TMA, attention_module.BWD_DQ
+    tma = attention_module.TMA
     recs = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     t0 = time.time()
@@ -141,12 +137,12 @@ def run(quick: bool = False) -> list[dict]:
         try:
             recs += _bench_rope(case, SHAPES[case])
             recs += bench_providers(
-                "attention", case, SHAPES[case], lambda rope: _providers(rope, quick, tma, bwd_dq)
+                "attention", case, SHAPES[case], lambda rope: _providers(rope, quick, tma)
             )
         except Exception as e:
             recs.append(error_record("attention.case", case, "-", e))
         finally:
-            attention_module.TMA, attention_module.BWD_DQ = tma, bwd_dq
+            attention_module.TMA = tma
         torch.cuda.empty_cache()
     configs = attention_module.tuned_configs()
     recs.append(record("attention.configs", "-", "triton", "count", float(len(configs)), configs=configs))

@@ -1,8 +1,7 @@
 """FP8 attention: speed (GPU) and accuracy (GPU kernel, or the CPU emulation) at video DiT shapes.
 
 Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8;
-with GPU_FP8_BWD_ALL=1 also, forward+backward only, dQ/dK in FP8 and all five backward products in FP8; and,
-forward+backward only, bf16 and FP8 with dP in FP8 under kernels.attention.BWD_DQ = "atomic") vs
+with GPU_FP8_BWD_ALL=1 also, forward+backward only, dQ/dK in FP8 and all five backward products in FP8) vs
 our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that
 forward+backward. Accuracy: relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
 reference on activations with outliers (:func:`video_activations`), for bf16 and the FP8 variants.
@@ -177,30 +176,6 @@ def _bwd_providers(rope):
     }
 
 
-def _atomic_providers(rope):
-    """kernels.attention.BWD_DQ = "atomic" (the dK/dV kernel adds dQ up with atomics, no dQ kernel: 5 backward
-    products, not 7), forward+backward only (the forward is the providers' own). Each call sets the module
-    setting for itself and the backward after it; run() restores it."""
-    import kernels.attention as attention_module
-    from kernels.attention import attention
-    from kernels.attention_fp8 import attention_fp8
-
-    def atomic(fn):
-        def run(q, k, v):
-            attention_module.BWD_DQ = "atomic"
-            return fn(q, k, v)
-
-        return run
-
-    return {
-        "triton_bf16[bwd_dq=atomic]": (atomic(lambda q, k, v: attention(q, k, v)), "triton_bf16"),
-        "triton_fp8_dp[bwd_dq=atomic]": (
-            atomic(lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dp=True)),
-            "triton_bf16",
-        ),
-    }
-
-
 def _accuracy_records() -> list[dict]:
     """The kernel's error vs fp32 (and the emulation's) on the GPU at a CPU-sized video shape."""
     recs = []
@@ -232,9 +207,6 @@ def run(quick: bool = False) -> list[dict]:
         raise ValueError(f"GPU_FP8_SHAPES: unknown {unknown}; expected names from {list(SHAPES)}")
     if not torch.cuda.is_available():
         return [record("attention_fp8.module", "-", "-", "error", 0.0, message="no CUDA device")]
-    import kernels.attention as attention_module
-
-    bwd_dq = attention_module.BWD_DQ
     t0, budget = time.time(), module_budget(TIME_BUDGET_S, reserve=60.0)
     recs = _accuracy_records()
     for case in ["ltx2-512p-121f"] if quick else shapes:
@@ -247,13 +219,8 @@ def run(quick: bool = False) -> list[dict]:
                 recs += bench_providers(
                     "attention_fp8", case, SHAPES[case], _bwd_providers, modes=("fwd_bwd",)
                 )
-            recs += bench_providers(
-                "attention_fp8", case, SHAPES[case], _atomic_providers, modes=("fwd_bwd",)
-            )
         except Exception as e:
             recs.append(error_record("attention_fp8.case", case, "-", e))
-        finally:
-            attention_module.BWD_DQ = bwd_dq
         torch.cuda.empty_cache()
     from kernels.attention_fp8 import tuned_configs
 

@@ -9,8 +9,7 @@ the GPU time of its kernels by group:
 
     prepass   kernels.attention_fp8._quant_blocks_kernel (q, k, v, dO)
     forward   the attention forward kernel (bf16 or FP8)
-    dkdv, dq  the backward kernels (with BWD_DQ = "atomic": the dK/dV kernel, and dq the pass that scales
-              the atomically summed dQ)
+    dkdv, dq  the backward kernels
     delta     rowsum(dO * O)
     rope      kernels.rope (where RoPE is applied)
     torch     every other kernel (means, pads, transposed copies, casts, fills)
@@ -64,9 +63,6 @@ def group_times(events, iters: int) -> dict[str, float]:
 
 
 def _variants() -> dict:
-    """name -> fn(q, k, v); each sets kernels.attention.BWD_DQ for its call and the backward after it ("_atomic":
-    dQ added up by the dK/dV kernel with atomics, no dQ kernel; run() restores the setting)."""
-    import kernels.attention as attention_module
     from kernels.attention import attention
     from kernels.attention_fp8 import fp8_backward_products
 
@@ -80,20 +76,7 @@ def _variants() -> dict:
     def fp8_dp(q, k, v):  # the models' default: dV and dP
         return attention(q, k, v, precision="fp8")
 
-    def dq_mode(fn, mode):
-        def run(q, k, v):
-            attention_module.BWD_DQ = mode
-            return fn(q, k, v)
-
-        return run
-
-    return {
-        "triton_bf16": dq_mode(bf16, "split"),
-        "triton_fp8": dq_mode(fp8, "split"),
-        "triton_fp8_dp": dq_mode(fp8_dp, "split"),
-        "triton_bf16_atomic": dq_mode(bf16, "atomic"),
-        "triton_fp8_dp_atomic": dq_mode(fp8_dp, "atomic"),
-    }
+    return {"triton_bf16": bf16, "triton_fp8": fp8, "triton_fp8_dp": fp8_dp}
 
 
 def profile(fn, q, k, v, do, iters: int = 3) -> dict[str, float]:
@@ -113,16 +96,6 @@ def profile(fn, q, k, v, do, iters: int = 3) -> dict[str, float]:
 def run(quick: bool = False) -> list[dict]:
     if not torch.cuda.is_available():
         return [record(NAME, "-", "-", "error", 0.0, message="needs a CUDA device")]
-    import kernels.attention as attention_module
-
-    bwd_dq = attention_module.BWD_DQ
-    try:
-        return _run(quick)
-    finally:
-        attention_module.BWD_DQ = bwd_dq
-
-
-def _run(quick: bool) -> list[dict]:
     recs: list[dict] = []
     cases = ["ltx2-512p-121f"] if quick else list(SHAPES)
     for case in cases:

@@ -49,8 +49,7 @@ def test_gpu_attention_fp8_providers_run_on_cpu():
     """bench/gpu_attention_fp8.py's providers (the FP8 kernel with each backward option) on a tiny fp32
     shape in the interpreter: forward and gradients finite and within the FP8 scheme's error of the
     reference (cuDNN needs CUDA and is left out)."""
-    import kernels.attention as attention_module
-    from bench.gpu_attention_fp8 import _atomic_providers, _bwd_providers, _providers
+    from bench.gpu_attention_fp8 import _bwd_providers, _providers
 
     torch.manual_seed(0)
     q, k, v, g = (torch.randn(1, 96, 2, 64) for _ in range(4))
@@ -58,19 +57,15 @@ def test_gpu_attention_fp8_providers_run_on_cpu():
     leaves = [t.requires_grad_() for t in (q, k, v)]
     ref = attention(*leaves, backend="torch")
     ref_grads = torch.autograd.grad(ref, leaves, g)
-    provs = {**_providers(rope), **_bwd_providers(rope), **_atomic_providers(rope)}
-    saved = attention_module.BWD_DQ
-    assert {"triton_fp8_dqdk", "triton_fp8_all", "triton_fp8_dp[bwd_dq=atomic]"} <= set(provs)
-    try:
-        for name, (fn, _) in provs.items():
-            if name == "sdpa_cudnn" or name.endswith("+rope"):
-                continue
-            out = fn(*leaves)
-            grads = torch.autograd.grad(out, leaves, g)
-            for a, b in zip((out, *grads), (ref, *ref_grads)):
-                assert torch.isfinite(a).all() and ((a - b).norm() / b.norm()).item() < 0.15, name
-    finally:
-        attention_module.BWD_DQ = saved  # the atomic providers set it (gpu_attention_fp8.run restores it)
+    provs = {**_providers(rope), **_bwd_providers(rope)}
+    assert {"triton_fp8_dqdk", "triton_fp8_all"} <= set(provs)
+    for name, (fn, _) in provs.items():
+        if name == "sdpa_cudnn" or name.endswith("+rope"):
+            continue
+        out = fn(*leaves)
+        grads = torch.autograd.grad(out, leaves, g)
+        for a, b in zip((out, *grads), (ref, *ref_grads)):
+            assert torch.isfinite(a).all() and ((a - b).norm() / b.norm()).item() < 0.15, name
 
 
 def test_fp8_training_comparison_runs_on_cpu():

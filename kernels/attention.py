@@ -16,10 +16,9 @@ of the (B*S, H*D) matrix instead of pointer loads (see TMA; with "auto" the auto
 Backward (FA2, P recomputed from lse). delta_i = rowsum(dO_i * O_i). With P = exp(scale q k^T - lse):
 dV = P^T dO, dP = dO V^T, dS = P (dP - delta), dQ = scale dS K, dK = scale dS^T Q. One kernel per key
 tile accumulates dK, dV over all query tiles; a separate kernel per query tile accumulates dQ over key
-tiles, so there are no atomics and gradients are bitwise reproducible (with BWD_DQ = "atomic" the dK/dV
-kernel instead adds each tile pair's dS K into an fp32 dQ buffer: 5 matmuls, not 7). With RoPE the
-products use the rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue
-(gradients w.r.t. the unrotated inputs).
+tiles, so there are no atomics and gradients are bitwise reproducible. With RoPE the products use the
+rotated q/k and the inverse rotation R^T is applied to dQ, dK in the epilogue (gradients w.r.t. the
+unrotated inputs).
 
 RoPE pairs are interleaved (kernels/rope.py): out[2i] = x[2i] c_i - x[2i+1] s_i,
 out[2i+1] = x[2i+1] c_i + x[2i] s_i. In-kernel the tile is split into even/odd channels in registers
@@ -64,13 +63,6 @@ FUSE_ROPE = False
 # default since the H100 run at 23ee8ee (bench/results/20261126_nvidia-h100.md): forward 1.05-1.11x the
 # pointer loads at the LTX-2 / Wan / HY shapes (540 / 550 / 572 TFLOP/s), forward+backward within -3%..+2%.
 TMA = "auto"
-# dQ in the backward: "split" runs a dQ kernel of its own after the dK/dV kernel (it recomputes q k^T and
-# dO v^T: 7 matmuls in all, no atomics, bitwise reproducible); "atomic" has the dK/dV kernel also compute
-# dS K per (query, key) tile pair and add it into an fp32 buffer with atomic adds (FA2/FA3's scheme: 5
-# matmuls, plus B*Sq*H*D*4 bytes of atomics per key tile; the order of the adds varies from run to run, so
-# dQ's last bits do too; deterministic=True always runs "split"). Not yet timed on a GPU: "split" stays the
-# default until bench.gpu_attention_profile shows "atomic" faster.
-BWD_DQ = "split"
 _TMA_FAILED = False  # set when "auto" could not build the TMA configs (warned once, pointer loads after)
 # Sizes that vary from video to video are not specialised on (divisibility by 16), so one compiled binary
 # per tile config serves every sequence length; the autotuner keys on coarse length buckets.
@@ -207,11 +199,10 @@ def _attn_bwd_delta(O, DO, DELTA, Sq, H, D: tl.constexpr, BLOCK_M: tl.constexpr,
 
 
 @triton.jit
-def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, DQA, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s,
-        qk_scale, D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
-        PRECISION: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr, ATOMIC: tl.constexpr):
-    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q;
-    with ATOMIC also this key tile's part of dQ, dS K, added into the fp32 buffer DQA (unscaled)."""
+def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, row0, col, LSE, DELTA, COS, SIN, start_m, Sq, stride_s, qk_scale,
+        D: tl.constexpr, BLOCK_M: tl.constexpr, ROPE: tl.constexpr, MASKED: tl.constexpr,
+        PRECISION: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr):
+    """One query tile into dK, dV of a key tile (transposed: rows are keys): dV += P^T dO, dK += dS^T Q."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -231,25 +222,16 @@ def _dkdv_tile(dk, dv, k, v, Q, DO, QD, DOD, DQA, row0, col, LSE, DELTA, COS, SI
         p_t = tl.where(q_ok[None, :], p_t, 0.0)
     dv = tl.dot(p_t.to(do.dtype), do, dv, input_precision=PRECISION)
     dp_t = tl.dot(v, tl.trans(do), input_precision=PRECISION)  # (BLOCK_N, BLOCK_M)
-    ds_t = (p_t * (dp_t - delta[None, :])).to(q.dtype)
-    dk = tl.dot(ds_t, q, dk, input_precision=PRECISION)
-    if ATOMIC:
-        dq = tl.dot(tl.trans(ds_t), k, input_precision=PRECISION)  # (BLOCK_M, D); masked keys: k rows are 0
-        ptrs = _rows_at(DQA, start_m, offs_m, offs_d, stride_s, BLOCK_M, I64)
-        if MASKED:
-            tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
-        else:
-            tl.atomic_add(ptrs, dq, sem="relaxed")
+    ds_t = p_t * (dp_t - delta[None, :])
+    dk = tl.dot(ds_t.to(q.dtype), q, dk, input_precision=PRECISION)
     return dk, dv
 
 
 @triton.jit(do_not_specialize=_NO_SPECIALIZE)
-def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
+def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, COS, SIN, KLEN, Sq, Sk, H, scale, qk_scale,
         Q_BUCKET, K_BUCKET, D: tl.constexpr, ROPE: tl.constexpr, HAS_KLEN: tl.constexpr, PRECISION: tl.constexpr,
-        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr = False,
-        ATOMIC: tl.constexpr = False):
-    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles (and with ATOMIC their dQ
-    parts, added into DQA: see BWD_DQ)."""
+        BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, TMA: tl.constexpr, I64: tl.constexpr = False):
+    """dK, dV of BLOCK_N keys of one (batch, head), looping over all query tiles."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -273,11 +255,11 @@ def _attn_bwd_dkdv(Q, K, V, DO, QD, DOD, LSE, DELTA, DK, DV, DQA, COS, SIN, KLEN
     lse_ptr, delta_ptr = LSE + bh.to(tl.int64) * Sq, DELTA + bh.to(tl.int64) * Sq
     row0, col = b * Sq, h * D  # this (batch, head)'s slab in the (B*Sq, H*D) descriptors
     for start_m in range(0, m_full, BLOCK_M):
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, DQA + q_off, row0, col, lse_ptr, delta_ptr,
-            COS, SIN, start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA, I64, ATOMIC)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            start_m, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, False, PRECISION, TMA, I64)
     if m_full < m_hi:
-        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, DQA + q_off, row0, col, lse_ptr, delta_ptr,
-            COS, SIN, m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False, I64, ATOMIC)
+        dk, dv = _dkdv_tile(dk, dv, k, v, Q + q_off, DO + q_off, QD, DOD, row0, col, lse_ptr, delta_ptr, COS, SIN,
+            m_full, Sq, stride_s, qk_scale, D, BLOCK_M, ROPE, True, PRECISION, False, I64)
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # rows are independent: masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv, 0.0)
     if ROPE:
@@ -347,22 +329,6 @@ def _attn_bwd_dq(Q, K, V, DO, KD, VD, LSE, DELTA, DQ, COS, SIN, KLEN, Sq, Sk, H,
         dq = _rotate(dq, offs_m, q_ok, COS, SIN, BLOCK_M, D, -1.0, True)
     tl.store(_rows_at(DQ + q_off, m0, offs_m, offs_d, stride_s, BLOCK_M, I64), dq.to(DQ.dtype.element_ty),
         mask=q_ok[:, None])
-
-
-@triton.jit
-def _attn_bwd_dq_finish(DQA, DQ, COS, SIN, Sq, H, scale, D: tl.constexpr, ROPE: tl.constexpr, BLOCK_M: tl.constexpr,
-        I64: tl.constexpr = False):
-    """dQ = scale * DQA (the fp32 sum the ATOMIC dK/dV kernel added up), rotated back with RoPE, in DQ's dtype."""
-    pid_m, bh = tl.program_id(0), tl.program_id(1)
-    b, h = bh // H, bh % H
-    offs_m = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, D)
-    ok = offs_m < Sq
-    off = _rows_at((b.to(tl.int64) * Sq * H + h) * D, pid_m * BLOCK_M, offs_m, offs_d, H * D, BLOCK_M, I64)
-    dq = tl.load(DQA + off, mask=ok[:, None], other=0.0) * scale
-    if ROPE:
-        dq = _rotate(dq, offs_m, ok, COS, SIN, BLOCK_M, D, -1.0, True)
-    tl.store(DQ + off, dq.to(DQ.dtype.element_ty), mask=ok[:, None])
 # fmt: on
 
 
@@ -425,16 +391,8 @@ _TILES = {
 for _kernel, _tiles in (("fwd", (64, 32)), ("dkdv", (32, 64)), ("dq", (64, 32))):
     for _rope in (False, True):
         _TILES[(_kernel, _rope, "fp32")] = ([(*_tiles, 4, 2)], _tiles)
-# BWD_DQ = "atomic": the dK/dV kernel with the dQ product and its atomic adds (vectorised: 16-byte REDs). It
-# holds one more fp32 tile, so every config hits 255 registers; ptxas -v (bench/codegen.py, Triton 3.9)
-# spills 120 bytes at (64, 128, 8, 3), 32 at (64, 64, 8, 2), 0-16 at (32, 128, 8, 3) (whose dQ product,
-# M = 32, is not a wgmma), 136 with fused RoPE at (64, 64, 8, 2). Untimed on a GPU: the autotuner picks.
-_TILES[("dkdv_atomic", False)] = ([(64, 128, 8, 3), (32, 128, 8, 3), (64, 64, 8, 2)], (32, 64))
-_TILES[("dkdv_atomic", True)] = ([(64, 64, 8, 2)], (32, 64))
-for _rope in (False, True):
-    _TILES[("dkdv_atomic", _rope, "fp32")] = _TILES[("dkdv", _rope, "fp32")]
 _TUNE_KEY = ["Q_BUCKET", "K_BUCKET", "D", "ROPE", "HAS_KLEN"]
-_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dkdv_atomic": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
+_RAW = {"fwd": _attn_fwd, "dkdv": _attn_bwd_dkdv, "dq": _attn_bwd_dq}
 _TUNED: dict = {}  # (kernel, rope[, "fp32"], mode) -> autotuner, built on first use
 
 
@@ -452,11 +410,7 @@ def _config_list(key: tuple, mode: str) -> list[triton.Config]:
 
 def _tuned(key: tuple, mode: str):
     if (key, mode) not in _TUNED:
-        # the atomic dK/dV kernel adds into DQA: zeroed before each timed config and after tuning
-        reset = ["DQA"] if key[0] == "dkdv_atomic" else None
-        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY, reset_to_zero=reset)(
-            _RAW[key[0]]
-        )
+        _TUNED[(key, mode)] = triton.autotune(_config_list(key, mode), key=_TUNE_KEY)(_RAW[key[0]])
     return _TUNED[(key, mode)]
 
 
@@ -609,15 +563,8 @@ def _attention_fwd(q, k, v, cos, sin, k_lengths, scale, deterministic):
     return out, lse
 
 
-def _bwd_dq_mode(deterministic: bool) -> str:
-    if BWD_DQ not in ("split", "atomic"):
-        raise ValueError(f"kernels.attention.BWD_DQ: expected 'split' or 'atomic', got {BWD_DQ!r}")
-    return "split" if deterministic else BWD_DQ
-
-
 def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, deterministic):
-    """delta = rowsum(dO * O) - dlse, then the dK/dV kernel and the dQ kernel (no atomics), or with
-    BWD_DQ = "atomic" the dK/dV kernel adding dQ's parts into an fp32 buffer, and a pass that scales it."""
+    """delta = rowsum(dO * O) - dlse, then the dK/dV kernel and the dQ kernel (no atomics)."""
     B, Sq, H, D = q.shape
     Sk = k.shape[1]
     delta = torch.empty_like(lse)
@@ -632,20 +579,10 @@ def _attention_bwd(do, q, k, v, out, lse, dlse, cos, sin, k_lengths, scale, dete
     cos, sin, klen = _pointers(q, cos, sin, k_lengths)
     tail = (Sq, Sk, H, scale, scale * _LOG2E, _bucket(Sq), _bucket(Sk))
     dq = torch.empty_like(q)
-    atomic = _bwd_dq_mode(deterministic) == "atomic"
-    # with "split" the kernel's DQA is a pointer it never reads (dk)
-    dqa = torch.empty(q.shape, device=q.device, dtype=torch.float32) if atomic else dk
 
     def launch(mode):
         qd, dod, kd, vd = (q, do, k, v) if mode == "off" else tuple(map(_desc, (q, do, k, v)))
-        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, dqa, cos, sin, klen) + tail
-        if atomic:
-            dqa.zero_()  # also where a failed TMA launch is retried with pointer loads
-            _launch("dkdv_atomic", "BLOCK_N", Sk, B * H, args, dict(meta, ATOMIC=True), deterministic, mode)
-            _attn_bwd_dq_finish[(triton.cdiv(Sq, 64), B * H)](
-                dqa, dq, cos, sin, Sq, H, scale, D=D, ROPE=meta["ROPE"], BLOCK_M=64, I64=meta["I64"]
-            )
-            return
+        args = (q, k, v, do, qd, dod, lse, delta, dk, dv, cos, sin, klen) + tail
         _launch("dkdv", "BLOCK_N", Sk, B * H, args, meta, deterministic, mode)
         args = (q, k, v, do, kd, vd, lse, delta, dq, cos, sin, klen) + tail
         _launch("dq", "BLOCK_M", Sq, B * H, args, meta, deterministic, mode)
@@ -930,8 +867,7 @@ def attention(
     backend: "triton" (ours), "sdpa", "flash_attn", "te", or "torch" (the reference).
     triton only: fuse_rope rotates q/k inside the attention kernels instead of one apply_rope pass first;
     deterministic uses one fixed tile config (no autotuning), so results are bitwise reproducible across
-    processes (and with the default BWD_DQ = "split" the kernels use no atomics, so repeated calls in one
-    process always are; deterministic=True also turns BWD_DQ = "atomic" off).
+    processes (the kernels never use atomics, so repeated calls in one process always are).
     precision: "bf16" (the input dtype), or "fp8" (kernels.attention_fp8: the FP8 kernel for "triton", its
     pure-torch emulation for "torch"; other backends and unsupported inputs warn once and run bf16).
     """

@@ -66,9 +66,8 @@ Backward (P recomputed from lse with the same q8, k8): P = 2^(s - lse log2 e), d
   K - mean K is formed in fp32 and rounded to the input dtype once per backward (:func:`smoothed_keys_lp`),
   and the dQ kernel multiplies dS by it (no per-tile row sum of dS: ~100 fewer instructions per tile).
 Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query tiles), one dQ kernel (per
-query tile), no atomics; with kernels.attention.BWD_DQ = "atomic" (and bf16 dQ) the dK/dV kernel also adds
-dS (K - mean K) per tile pair into an fp32 dQ buffer with atomic adds and there is no dQ kernel.
-Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands travel in float16 (every e4m3 and e5m2 value is exact in fp16) and the in-kernel P and dS rounding is an
+query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
+travel in float16 (every e4m3 and e5m2 value is exact in fp16) and the in-kernel P and dS rounding is an
 exact bit-level rounding (_round_fp8), so the CPU tests compare the same kernel against the emulation.
 Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, or a GPU without FP8 (sm < 8.9) run the
 bf16 kernel with a one-time warning.
@@ -89,14 +88,7 @@ import triton
 import triton.language as tl
 
 from kernels import no_double_backward
-from kernels.attention import (
-    _attn_bwd_delta,
-    _attn_bwd_dq_finish,
-    _bucket,
-    _bwd_dq_mode,
-    _slab_i64,
-    fp32_math,
-)
+from kernels.attention import _attn_bwd_delta, _bucket, _slab_i64, fp32_math
 from kernels.rope import apply_rope, apply_rope_reference
 
 E4M3_MAX = 448.0
@@ -362,15 +354,10 @@ def _dkdv_step(
     EMULATE: tl.constexpr,
     MASKED: tl.constexpr,
     BLOCK_M: tl.constexpr,
-    ks=None,
-    DQA=None,
-    ATOMIC: tl.constexpr = False,
 ):
     """One query tile into a key tile's dK, dV (rows are keys): dV += E4M3(448 P r)^T dO8 with r = clamp(s_dO /
     s_ref, 2^-80, 1) carried in the exponent (dV in units of s_ref / 448, no rescale: module doc), dK += dS^T Q
-    (FP8_DS: dS8^T q8, q8 Hadamard-rotated: the launcher rotates dK back). ATOMIC (not with FP8_DS): also
-    this key tile's part of dQ, dS ks (ks: the tile's smoothed keys, zero rows past the valid keys), added
-    into the fp32 rows DQA (unscaled)."""
+    (FP8_DS: dS8^T q8, q8 Hadamard-rotated: the launcher rotates dK back)."""
     offs_m = start_m + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, D)
     q_ok = offs_m < Sq
@@ -408,15 +395,7 @@ def _dkdv_step(
         dk += tl.dot(ds8, tl.trans(q8t)) * (ds_scale * sq)[:, None]
     else:
         q = _rows(Q, offs_m, q_ok, stride_s, D, MASKED)
-        ds_lp = ds_t.to(q.dtype)
-        dk += tl.dot(ds_lp, q)
-        if ATOMIC:
-            dq = tl.dot(tl.trans(ds_lp), ks)  # (BLOCK_M, D)
-            ptrs = DQA + offs_m[:, None] * stride_s + offs_d[None, :]
-            if MASKED:
-                tl.atomic_add(ptrs, dq, mask=q_ok[:, None], sem="relaxed")
-            else:
-                tl.atomic_add(ptrs, dq, sem="relaxed")
+        dk += tl.dot(ds_t.to(q.dtype), q)
     return dk, dv
 
 
@@ -442,8 +421,6 @@ def _fp8_bwd_dkdv(
     DELTA,
     DK,
     DV,
-    KS,
-    DQA,
     KLEN,
     Sq,
     Sk,
@@ -463,10 +440,8 @@ def _fp8_bwd_dkdv(
     EMULATE: tl.constexpr,
     BLOCK_M: tl.constexpr,
     BLOCK_N: tl.constexpr,
-    ATOMIC: tl.constexpr = False,
 ):
-    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK. ATOMIC: also their
-    parts of dQ, with KS the smoothed keys in the input dtype, added into the fp32 (B, Sq, H, D) buffer DQA."""
+    """dK, dV of BLOCK_N keys of one (b, h) over all query tiles; BLOCK_N divides QUANT_BLOCK."""
     pid_n, bh = tl.program_id(0), tl.program_id(1)
     b, h = bh // H, bh % H
     stride_s = H * D
@@ -487,9 +462,6 @@ def _fp8_bwd_dkdv(
         v = tl.load(V8 + (bh.to(tl.int64) * SKP + offs_n[:, None]) * D + offs_d[None, :])
     else:
         v = _rows(V + k_off, offs_n, k_ok, stride_s, D, True)
-    ks = None
-    if ATOMIC:  # rows past the valid keys are 0: their dS (P there is not masked) adds nothing to dQ
-        ks = _rows(KS + k_off, offs_n, k_ok, stride_s, D, True)
     dk = tl.zeros([BLOCK_N, D], tl.float32)
     dv = tl.zeros([BLOCK_N, D], tl.float32)  # in units of s_ref / 448 (module doc)
     m_hi = tl.where(pid_n * BLOCK_N < n_end, Sq, 0)  # a tile of only masked keys gets zero grads
@@ -503,15 +475,13 @@ def _fp8_bwd_dkdv(
         dk, dv = _dkdv_step(
             dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
             DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr,
-            start_m, Sq, SQP, stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M, ks,
-            DQA + q_off, ATOMIC,
+            start_m, Sq, SQP, stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, False, BLOCK_M,
         )  # fmt: skip
     if m_full < m_hi:
         dk, dv = _dkdv_step(
             dk, dv, k8, sk, v, sv, Q + q_off, Q8 + row * D, Q8T + row * D, SQ + bh * nqb, DO + q_off,
             DO8 + row * D, DO8T + row * D, SDO + bh * nqb, DVEXP + bh * nqb, DVU + bh * nqb, lse_ptr, delta_ptr,
-            m_full, Sq, SQP, stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M, ks,
-            DQA + q_off, ATOMIC,
+            m_full, Sq, SQP, stride_s, qk_scale, D, QBLK, FP8_DP, FP8_DS, DS_E5M2, EMULATE, True, BLOCK_M,
         )  # fmt: skip
     dk = tl.where(k_ok[:, None], dk * scale, 0.0)  # masked keys get exactly 0
     dv = tl.where(k_ok[:, None], dv * (tl.load(SDOREF + bh) / 448.0), 0.0)
@@ -715,15 +685,11 @@ def _fp8_bwd_dq(
 # dq 128 x 64. GPU_LAUNCH: the (num_warps, num_stages) candidates each kernel is autotuned over on first
 # use per key (length buckets, head dim, flags: one compile per candidate); the first of each is the
 # fixed setting the first H200 measurement ran (docs/FP8_ATTENTION.md), the others are not measured yet.
-TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2), "dkdv_atomic": (2, 1)}
+TILE_DIVISORS = {"fwd": (1, 1), "dkdv": (2, 1), "dq": (1, 2)}
 GPU_LAUNCH = {
     "fwd": ((8, 3), (8, 2), (4, 3), (8, 4)),
     "dkdv": ((8, 2), (8, 3), (4, 2)),
     "dq": ((8, 2), (8, 3), (4, 2)),
-    # kernels.attention.BWD_DQ = "atomic": dQ's parts too. sm_90, Triton 3.9 (bench/codegen.py): 255 registers,
-    # 128-160 bytes spilled; 4 warps spill ~1.5 KB (left out); (8, 3) without FP8 dP needs 257 KB of shared
-    # memory (the autotuner skips what does not fit). Untimed on a GPU.
-    "dkdv_atomic": ((8, 2), (8, 3)),
 }
 # The forward also tries half-height query tiles (BLOCK_M = block / 2, one warpgroup per program; blocks of
 # 128+): 213-241 registers and <= 104 KB of shared memory on sm_90 (python -m bench.codegen --kernel
@@ -741,7 +707,6 @@ _TUNE_KEYS = {
     "fwd": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN"],
     "dkdv": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
     "dq": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP", "FP8_DS", "DS_E5M2"],
-    "dkdv_atomic": ["Q_BUCKET", "K_BUCKET", "D", "HAS_KLEN", "FP8_DP"],
 }
 
 
@@ -750,7 +715,7 @@ def _tiles(kernel: str, block: int) -> dict:
     return dict(BLOCK_M=block // dm, BLOCK_N=block // dn)
 
 
-_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq, "dkdv_atomic": _fp8_bwd_dkdv}
+_KERNELS = {"fwd": _fp8_fwd, "dkdv": _fp8_bwd_dkdv, "dq": _fp8_bwd_dq}
 
 
 def tile_configs(kernel: str, block: int) -> list[triton.Config]:
@@ -769,13 +734,11 @@ _TUNED: dict = {}  # (kernel, block) -> autotuner, built on first use
 
 
 def _autotuned(kernel: str, block: int):
-    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe, but
-    for the atomic dK/dV kernel's dQ buffer, zeroed before each timed config and after tuning)."""
+    """The kernel autotuned over tile_configs (its kernels only write their outputs, so re-runs are safe)."""
     if (kernel, block) not in _TUNED:
-        reset = ["DQA"] if kernel == "dkdv_atomic" else None
-        _TUNED[(kernel, block)] = triton.autotune(
-            tile_configs(kernel, block), key=_TUNE_KEYS[kernel], reset_to_zero=reset
-        )(_KERNELS[kernel])
+        _TUNED[(kernel, block)] = triton.autotune(tile_configs(kernel, block), key=_TUNE_KEYS[kernel])(
+            _KERNELS[kernel]
+        )
     return _TUNED[(kernel, block)]
 
 
@@ -788,8 +751,7 @@ def tuned_configs() -> dict[str, str]:
     }
 
 
-# the tile that splits n over programs
-_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M", "dkdv_atomic": "BLOCK_N"}
+_GRID_TILE = {"fwd": "BLOCK_M", "dkdv": "BLOCK_N", "dq": "BLOCK_M"}  # the tile that splits n over programs
 
 
 def _run(kernel: str, n: int, bh: int, block: int, *args, **meta) -> None:
@@ -1241,24 +1203,15 @@ def _fp8_bwd_launch(
         DS_E5M2=ds_format == "e5m2", EMULATE=_INTERPRET,
     )  # fmt: skip
     tail = (klen, Sq, Sk, SQP, SKP, H, scale, scale * _LOG2E, _bucket(SQP), _bucket(SKP))
+    _run(
+        "dkdv", Sk, B * H, block,
+        q, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta, dk, dv, *tail,
+        **meta,
+    )  # fmt: skip
     # bf16 dQ = dS (K - mean K): the forward saw smoothed keys, and the FP8 dS's rows do not sum to 0 as the
     # true ones do, so dS K would carry rowsum(dS) mean K (measured: 9.7% -> 6.7% dq error without it). The
     # smoothed keys are rounded to the input dtype once here (one read and write of K), not per tile
     ks = k if fp8_ds else smoothed_keys_lp(k, kmean)  # FP8_DS reads k8t instead
-    # kernels.attention.BWD_DQ = "atomic" (not with FP8 dS, whose dQ groups run along the keys): the dK/dV
-    # kernel adds dS ks into an fp32 buffer, then one pass scales it; no dQ kernel
-    atomic = not fp8_ds and _bwd_dq_mode(False) == "atomic"
-    dqa = torch.zeros(q.shape, device=q.device, dtype=torch.float32) if atomic else dk  # dk: never read
-    _run(
-        "dkdv_atomic" if atomic else "dkdv", Sk, B * H, block,
-        q, v, do, q8, k8, v8, q8t, do8, do8t, sq, sk, sv, sdo, dv_exp, dv_u, sdo_ref, lse_p, delta, dk, dv, ks, dqa,
-        *tail, **meta, **(dict(ATOMIC=True) if atomic else {}),
-    )  # fmt: skip
-    if atomic:
-        _attn_bwd_dq_finish[(triton.cdiv(Sq, 64), B * H)](
-            dqa, dq, dqa, dqa, Sq, H, scale, D=D, ROPE=False, BLOCK_M=64, I64=_slab_i64(Sq, H, D)
-        )
-        return dq, dk, dv
     _run(
         "dq", Sq, B * H, block,
         q, ks, v, do, q8, k8, v8, k8t, do8, sq, sk, sv, sdo, lse_p, delta, dq, *tail, **meta,

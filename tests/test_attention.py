@@ -251,47 +251,6 @@ def test_bad_tma_setting(monkeypatch):
         attention(q, q, q)
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
-@pytest.mark.parametrize(
-    "case,fuse_rope",
-    [(CASES[2], False), (CASES[3], True), (CASES[4], True), (CASES[5], False)],
-    ids=lambda x: "x".join(str(y) for y in x[:5]) if isinstance(x, tuple) else ("fused" if x else "apart"),
-)
-def test_atomic_dq_backward(case, fuse_rope, dtype, device, monkeypatch):
-    """BWD_DQ = "atomic" (dQ added up by the dK/dV kernel with atomics, then scaled and rotated back): within
-    the error budget against the fp64 reference (batch > 1, key lengths, ragged tiles, fused RoPE); dK and dV
-    are the "split" path's, bitwise, under the interpreter; deterministic=True keeps the "split" path."""
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "BWD_DQ", "atomic")
-    _assert_triton_matches_reference(case, dtype, device, fuse_rope)
-    assert any(key[0][0] == "dkdv_atomic" for key in attention_module._TUNED)  # the atomic kernel ran
-    q, k, v, rope, kl = _make(*case, dtype, device)
-    g = torch.randn_like(q)
-    kw = dict(k_lengths=kl, rope=rope, fuse_rope=fuse_rope)
-    atomic = _outputs_and_grads(attention, q, k, v, g, **kw)
-    fixed = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
-    monkeypatch.setattr(attention_module, "BWD_DQ", "split")
-    split = _outputs_and_grads(attention, q, k, v, g, **kw)
-    if device == "cpu":
-        assert all(torch.equal(a, b) for a, b in zip(atomic[2:], split[2:]))
-        assert all(torch.equal(a, b) for a, b in zip(fixed, split))
-    tol = 1e-5 if dtype == torch.float32 else 2e-3
-    torch.testing.assert_close(atomic[1], split[1], rtol=tol, atol=tol)
-
-
-def test_bad_bwd_dq_setting(monkeypatch):
-    import kernels.attention as attention_module
-
-    monkeypatch.setattr(attention_module, "BWD_DQ", "fused")
-    q = torch.randn(1, 8, 2, 32, dtype=torch.float16, requires_grad=True)
-    out = attention(q, q, q)
-    with pytest.raises(
-        ValueError, match="kernels.attention.BWD_DQ: expected 'split' or 'atomic', got 'fused'"
-    ):
-        out.sum().backward()
-
-
 def test_flash_attn_missing_is_a_clear_error():
     try:
         import flash_attn  # noqa: F401
@@ -364,25 +323,6 @@ def test_gpu_autotuned_matches_deterministic(fuse_rope):
         torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
     again = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
     assert all(torch.equal(a, b) for a, b in zip(fixed, again))
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fuse_rope", [False, True])
-def test_gpu_atomic_dq_matches_split(fuse_rope, monkeypatch):
-    """BWD_DQ = "atomic" in bf16 at a long ragged shape with key lengths, autotuned (the timed configs add into
-    the dQ buffer: it must be zeroed between them and after) and not, against the deterministic split path."""
-    import kernels.attention as attention_module
-
-    q, k, v, rope, kl = _make(2, 4100, 4100, 2, 128, (41, 10, 10), [4100, 1234], torch.bfloat16, "cuda")
-    g = torch.randn_like(q)
-    kw = dict(k_lengths=kl, rope=rope, fuse_rope=fuse_rope)
-    split = _outputs_and_grads(attention, q, k, v, g, deterministic=True, **kw)
-    monkeypatch.setattr(attention_module, "BWD_DQ", "atomic")
-    for _ in range(2):  # the first call autotunes
-        atomic = _outputs_and_grads(attention, q, k, v, g, **kw)
-        for a, b in zip(atomic, split):
-            torch.testing.assert_close(a, b, rtol=2e-2, atol=2e-2)
-    assert any(key[0][0] == "dkdv_atomic" for key in attention_module._TUNED)
 
 
 @pytest.mark.gpu

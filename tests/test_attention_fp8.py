@@ -313,42 +313,6 @@ def test_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, dev
     _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, device)
 
 
-class _Launches:
-    """A Triton kernel that counts its launches (kernel[grid](...)) and runs them."""
-
-    def __init__(self, kernel):
-        self.kernel, self.calls = kernel, 0
-
-    def __getitem__(self, grid):
-        self.calls += 1
-        return self.kernel[grid]
-
-
-@pytest.mark.parametrize(
-    "dtype,grid,k_lengths,fp8_dp,ds_format",
-    [
-        (torch.float32, (1, 5, 14), [70, 33], False, None),  # ragged: padded keys and queries, key lengths
-        (torch.float16, (2, 3, 9), None, True, None),
-        (torch.float16, (2, 4, 8), [64, 40], True, "e4m3"),  # FP8 dS: the split path (dQ groups run on keys)
-    ],
-)
-def test_atomic_dq_backward_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, monkeypatch):
-    """kernels.attention.BWD_DQ = "atomic": the dK/dV kernel adds dS (K - mean K) into an fp32 dQ buffer and
-    no dQ kernel runs; against the emulation as the split path is. Interpreter only (the GPU test below)."""
-    import kernels.attention as attention_module
-
-    if not fp8._INTERPRET:
-        pytest.skip("counts launches of the interpreter's direct calls; see test_gpu_fp8_atomic_dq")
-    monkeypatch.setattr(attention_module, "BWD_DQ", "atomic")
-    launches = {name: _Launches(fp8._KERNELS[name]) for name in ("dkdv", "dkdv_atomic", "dq")}
-    for name, spy in launches.items():
-        monkeypatch.setitem(fp8._KERNELS, name, spy)
-    _assert_kernel_matches_emulation(dtype, grid, k_lengths, fp8_dp, ds_format, "cpu")
-    atomic = ds_format is None
-    assert launches["dkdv_atomic"].calls == (1 if atomic else 0), launches["dkdv_atomic"].calls
-    assert launches["dq"].calls == (0 if atomic else 1) and launches["dkdv"].calls == (0 if atomic else 1)
-
-
 def test_half_height_tiles_match_emulation(monkeypatch):
     """The forward's and the dQ kernel's half-height query tiles (BLOCK_M = block / 2, which the GPU
     autotuner tries beside the full ones: two programs per SM) against the emulation, output and gradients:
@@ -550,30 +514,6 @@ def test_gpu_fp8_kernel_matches_emulation(fp8_dp, ds_format):
         assert a.dtype == torch.bfloat16 and torch.isfinite(a).all()
         gap, scheme = _rel(a, b), _rel(b, c)
         assert gap <= 0.1 * scheme + 8e-3, (name, gap, scheme)  # bf16 output rounding: ~4e-3
-
-
-@pytest.mark.gpu
-@pytest.mark.parametrize("fp8_dp", [False, True])
-def test_gpu_fp8_atomic_dq(fp8_dp, monkeypatch):
-    """kernels.attention.BWD_DQ = "atomic" on the GPU, autotuned (each timed config adds into the dQ buffer: it
-    must be zeroed between them and after): against the emulation, twice (the first call tunes)."""
-    import kernels.attention as attention_module
-
-    grid, D = (4, 16, 24), 128
-    q, k, v, g = (t.cuda().to(torch.bfloat16) for t in video_activations(grid, 2, D))
-    rope = rope_3d_tables(grid, D, device="cuda")
-    kl = torch.tensor([grid[0] * grid[1] * grid[2], 1000], device="cuda")
-    emu = _run(
-        attention_fp8_emulated, q, k, v, g, rope=rope, k_lengths=kl, bwd_fp8=("dv", "dp")[: 1 + fp8_dp]
-    )
-    ref = _run(attention_reference, q.float(), k.float(), v.float(), g.float(), rope=rope, k_lengths=kl)
-    monkeypatch.setattr(attention_module, "BWD_DQ", "atomic")
-    for _ in range(2):
-        ker = _run(attention_fp8, q, k, v, g, rope=rope, k_lengths=kl, bwd_fp8_dp=fp8_dp)
-        for name, a, b, c in zip(("out", "dq", "dk", "dv"), ker, emu, ref):
-            gap, scheme = _rel(a, b), _rel(b, c)
-            assert gap <= 0.1 * scheme + 8e-3, (name, gap, scheme)
-    assert any(kernel == "dkdv_atomic" for kernel, _ in fp8._TUNED)
 
 
 @pytest.mark.gpu

@@ -175,9 +175,6 @@ _PRODUCTS = {
     "fp8 + bwd_fp8_dp, split": (2, 7),
     "fp8 + bwd_fp8_dqdk (e4m3 dS), split": (2, 7),
     "fp8, both options, split": (0, 9),
-    # BWD_DQ = "atomic": the dK/dV kernel also forms dQ (bf16), and there is no dQ kernel
-    "bf16, atomic dQ (BWD_DQ)": (7, 0),
-    "fp8 + bwd_fp8_dp, atomic dQ (BWD_DQ)": (2, 5),
 }
 
 
