@@ -13,7 +13,8 @@ from setuptools.command.build_ext import build_ext
 
 # --- CUDA extension kernels._C (csrc/): plain pybind11 + nvcc, no torch headers -------------------
 # WMSD_BUILD_CUDA=0/1 forces the build off/on (default: on when nvcc is found);
-# WMSD_CUDA_ARCHS="80;90a" picks the SASS targets (a trailing "+ptx" on one also embeds its PTX).
+# WMSD_CUDA_ARCHS="80;90a" picks the SASS targets (a trailing "+ptx" on one also embeds the PTX of its
+# portable form, "90a+ptx" -> compute_90, which newer GPUs JIT).
 CUDA_SOURCES = ["csrc/bindings.cpp", "csrc/sampler_step.cu", "csrc/qk_norm_rope.cu"]
 
 
@@ -46,7 +47,9 @@ def _gencode_flags() -> list[str]:
         arch = arch.strip()
         if arch.endswith("+ptx"):
             arch = arch[: -len("+ptx")]
-            flags.append(f"-gencode=arch=compute_{arch},code=compute_{arch}")
+            # the portable PTX ("90", not "90a": arch-specific PTX JITs on 9.0 alone); csrc/ uses no 90a feature
+            ptx = arch.rstrip("af")
+            flags.append(f"-gencode=arch=compute_{ptx},code=compute_{ptx}")
         if arch:
             flags.append(f"-gencode=arch=compute_{arch},code=sm_{arch}")
     return flags
