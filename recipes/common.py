@@ -253,11 +253,12 @@ def load_items(path: str | Path) -> list[Item]:
     for i, row in enumerate(read_jsonl(p, "task file", "recipes/propose.py")):
         if not isinstance(row, dict):  # a list or a string row failed with an AttributeError
             raise ValueError(f"{p}: row {i + 1} is not a JSON object; expected id, image, task, solution")
-        missing = [k for k in ("id", "image", "task", "solution") if not row.get(k)]
+        # an id of 0 is an id ("not row.get(k)" called it missing); an empty text is still missing
+        missing = [k for k in ("id", "image", "task", "solution") if row.get(k) is None or row.get(k) == ""]
         if missing:
             raise ValueError(f"{p}: row {i + 1} lacks {missing}; expected id, image, task, solution")
         not_text = [k for k in ("image", "task", "solution") if not isinstance(row[k], str)]
-        if not_text or not isinstance(row["id"], (str, int)):
+        if not_text or not isinstance(row["id"], (str, int)) or isinstance(row["id"], bool):
             raise ValueError(f"{p}: row {i + 1}: {not_text or ['id']} not text; expected id, image, task, solution "
                              "strings")  # fmt: skip
         # rows are keyed by id (demonstrations, resume): off-policy SFT paired one's videos with the other's prompt

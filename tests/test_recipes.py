@@ -1412,3 +1412,26 @@ def test_pipeline_refuses_a_bad_manifest_row_and_a_real_model_without_eval_tasks
         pipeline.validate(load_config(argv=real))
     pipeline.validate(load_config(argv=base))
     assert not (tmp_path / "runs").exists()
+
+
+def test_a_task_file_with_an_id_of_zero_loads(tmp_path):
+    """An integer id 0 is an id: the check for missing fields called it missing ("row 1 lacks ['id']")."""
+    from recipes.common import load_items
+
+    rows = [{"id": 0, "image": "x.png", "task": "push", "solution": "push left"},
+            {"id": 1, "image": "x.png", "task": "lift", "solution": "lift up"}]  # fmt: skip
+    path = tmp_path / "tasks.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    items = load_items(path)
+    assert [(it.id, it.task, it.solution) for it in items] == [
+        (r["id"], r["task"], r["solution"]) for r in rows
+    ]
+    assert all(it.image == str(tmp_path / "x.png") for it in items)
+    for bad in (
+        {**rows[0], "id": ""},
+        {**rows[0], "id": None},
+        {k: v for k, v in rows[0].items() if k != "id"},
+    ):
+        path.write_text(json.dumps(bad) + "\n")
+        with pytest.raises(ValueError, match=r"row 1 lacks \['id'\]"):
+            load_items(path)
