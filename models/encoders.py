@@ -243,13 +243,14 @@ class ImageEncoder(nn.Module):
         kw = {}
         pc = _preprocessor_config(processor_path)
         if pc is not None:
-            crop = pc.get("crop_size", pc.get("size"))
+            # absent keys take CLIPImageProcessor's defaults (crop 224, shortest edge 224, centre crop on)
+            crop = pc.get("crop_size", {"height": 224, "width": 224})
             size = crop.get("height", crop.get("shortest_edge")) if isinstance(crop, dict) else crop
             kw = dict(mean=pc.get("image_mean", CLIP_MEAN), std=pc.get("image_std", CLIP_STD), size=size)
-            resize = pc.get("size")
+            resize = pc.get("size", {"shortest_edge": 224})
             if isinstance(resize, int):  # an older config's int: the short side, as the processor reads it
                 resize = {"shortest_edge": resize}
-            if pc.get("do_center_crop", False) and isinstance(resize, dict) and "shortest_edge" in resize:
+            if pc.get("do_center_crop", True) and isinstance(resize, dict) and "shortest_edge" in resize:
                 kw["shortest_edge"] = resize["shortest_edge"]
         return cls(model, **kw)
 
@@ -501,7 +502,7 @@ class SiglipImageEncoder(ImageEncoder):
         kw = dict(mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5))
         pc = _preprocessor_config(processor_path)
         if pc is not None:
-            size = pc.get("size", {})
+            size = pc.get("size", {"height": 224, "width": 224})  # SiglipImageProcessor's default
             kw = dict(mean=pc.get("image_mean", kw["mean"]), std=pc.get("image_std", kw["std"]),
                       size=size.get("height") if isinstance(size, dict) else size)  # fmt: skip
         return cls(model, **kw)
