@@ -43,7 +43,7 @@ class RunConfig:
 @dataclass
 class ModelConfig:
     family: str = "wan"  # "wan" | "hunyuan15"
-    flavour: str = "toy"  # a named size preset of the family (e.g. "toy", "1.3B", "14B", "i2v-480p")
+    flavour: str = "toy"  # named size preset: wan "toy", "1.3B", "14B", ...; hunyuan15 "i2v-480p", ...
     pretrained: str = ""  # local diffusers-format folder or .safetensors file; "" = random init
     attention: Literal["triton", "sdpa", "flash_attn", "te"] = "sdpa"  # attention backend
     attention_precision: Literal["bf16", "fp8"] = "bf16"  # fp8: our FP8 kernel (needs attention "triton")
@@ -162,7 +162,7 @@ class JudgeConfig:
 @dataclass
 class WorldConfig:
     num_scenes: int = 64  # scenes to propose tasks for
-    eval_scenes: int = 256  # held-out paired scenes for the gap check and evaluation
+    eval_scenes: int = 256  # held-out paired scenes for pretrain's gap check (evaluation: eval.num_items)
     seed: int = 1234
     text_layers: int = 1  # toy text encoder: transformer layers over learned embeddings (0 = embeddings only)
     caption_dropout: float = 0.1  # pretraining: fraction of captions replaced by "" (for CFG)

@@ -321,18 +321,18 @@ def summarize(scores: dict[str, np.ndarray], conf: float = 0.95) -> dict[str, di
 
 def gap_check(pipe: VideoPipeline, items: list[EvalItem], judge, *, min_gap: float = 0.25,
               seeds: tuple[int, ...] = (0,), sampling: SamplingConfig | None = None,
-              raise_if_small: bool = True) -> dict:  # fmt: skip
+              raise_if_small: bool = True, conf: float = 0.95) -> dict:  # fmt: skip
     """Demonstrator given the solution vs given the task, same items and noise.
 
     Returns {"solution": summary, "task": summary, "gap": {question: paired result}, "min_gap",
-    "passed"}. Raises GapTooSmallError (with the numbers) when the Avg gap < min_gap and
-    ``raise_if_small``."""
+    "passed"}, intervals at confidence ``conf`` (config ``eval.ci``). Raises GapTooSmallError (with the
+    numbers) when the Avg gap < min_gap and ``raise_if_small``."""
     if len(items) == 0:
         raise ValueError("gap_check: expected at least one item")
     sol = evaluate(pipe, items, judge, prompt="solution", seeds=seeds, sampling=sampling)
     task = evaluate(pipe, items, judge, prompt="task", seeds=seeds, sampling=sampling)
-    gap = {q: vars(paired_test(sol[q], task[q])) for q in sol}
-    report = {"n_items": len(items), "seeds": list(seeds), "solution": summarize(sol), "task": summarize(task),
+    gap = {q: vars(paired_test(sol[q], task[q], conf)) for q in sol}
+    report = {"n_items": len(items), "seeds": list(seeds), "solution": summarize(sol, conf), "task": summarize(task, conf),
               "gap": gap, "min_gap": min_gap, "passed": gap["avg"]["diff"] >= min_gap}  # fmt: skip
     if raise_if_small and not report["passed"]:
         g = gap["avg"]

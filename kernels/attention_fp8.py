@@ -69,8 +69,9 @@ Kernels: one forward kernel, one dK/dV kernel (per key tile, loops over query ti
 query tile), no atomics. Under TRITON_INTERPRET=1 (CPU) float8 is not available: the quantised operands
 travel in float16 (every e4m3 and e5m2 value is exact in fp16) and the in-kernel P and dS rounding is an
 exact bit-level rounding (_round_fp8), so the CPU tests compare the same kernel against the emulation.
-Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, or a GPU without FP8 (sm < 8.9) run the
-bf16 kernel with a one-time warning.
+Fallback: head dims other than 64/128, fp32/fp64 inputs on CUDA, a GPU without FP8 (sm < 8.9), or a sample
+whose (S + 128) * H * D elements pass the kernels' int32 offsets (2^31) run the bf16 kernel with a one-time
+warning.
 """
 
 from __future__ import annotations

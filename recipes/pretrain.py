@@ -288,6 +288,10 @@ def validate(cfg: JobConfig) -> None:
         raise ConfigError(f"world.gap_batch = {w.gap_batch}; expected >= 1 video per sampling batch")
     if not cfg.eval.seeds:
         raise ConfigError("eval.seeds is empty; expected at least one noise seed for the gap check, e.g. [0]")
+    if not 0 < cfg.eval.ci < 1:
+        raise ConfigError(
+            f"eval.ci = {cfg.eval.ci}: expected the gap check's confidence level between 0 and 1"
+        )
 
 
 def main(argv: list[str] | None = None) -> Path:
@@ -344,7 +348,8 @@ def measure_gap(model: ToyDemonstrator, cfg: JobConfig, guidance: float) -> dict
     items = eval_items(cfg.world.eval_scenes, cfg.world.seed)
     sampling = SamplingConfig(cfg.flow.num_steps, cfg.flow.shift, guidance, 0.0, cfg.world.gap_batch)
     report = gap_check(toy_pipeline(model), items, OracleJudge(), min_gap=cfg.distill.min_gap,
-                       seeds=tuple(cfg.eval.seeds), sampling=sampling, raise_if_small=False)  # fmt: skip
+                       seeds=tuple(cfg.eval.seeds), sampling=sampling, raise_if_small=False,
+                       conf=cfg.eval.ci)  # fmt: skip
     report["sampling"], report["items_seed"] = vars(sampling), cfg.world.seed
     log.info(
         "Demonstrator gap, %d held-out scenes, CFG %.1f:\n%s", len(items), guidance, format_report(report)
