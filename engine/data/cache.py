@@ -152,6 +152,38 @@ def _read_index(path: Path) -> dict[str, Any]:
     return index
 
 
+class _SilentQuarantine(Quarantine):
+    """A DataLoader worker's quarantine: records only; the main process adds the entries in row order."""
+
+    def add(self, path: str | Path, reason: str) -> None:
+        self.entries.append((str(path), reason))
+
+
+class _Rows(torch.utils.data.Dataset):
+    """Rows ``rows`` of ``dataset`` for DataLoader workers: ``(i, item or None, quarantine entries)``, None and
+    the entries the worker's copy of the dataset recorded for a row that raised SkipItem."""
+
+    def __init__(self, dataset: MapDataset, rows: range):
+        self.dataset, self.rows = dataset, rows
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def __getitem__(self, k: int) -> tuple[int, dict[str, Any] | None, list[tuple[str, str]]]:
+        i, q = self.rows[k], getattr(self.dataset, "quarantine", None)
+        seen = len(q.entries) if isinstance(q, Quarantine) else 0
+        try:
+            return i, self.dataset[i], []
+        except SkipItem:
+            return i, None, list(q.entries[seen:]) if isinstance(q, Quarantine) else []
+
+    @staticmethod
+    def init_worker(_: int) -> None:
+        ds = torch.utils.data.get_worker_info().dataset.dataset
+        if isinstance(getattr(ds, "quarantine", None), Quarantine):
+            ds.quarantine = _SilentQuarantine()
+
+
 def _atomic_write_text(path: Path, text: str) -> None:
     tmp = _tmp_name(path, ".tmp")
     with tmp.open("w") as f:
@@ -225,9 +257,13 @@ class LatentCacheWriter:
         first_frame: bool = True,
         dtype: torch.dtype | None = None,
         fingerprint: dict[str, Any] | None = None,
+        num_workers: int = 0,
     ):
         if shard_size < 1 or batch_size < 1:
             raise ValueError(f"cache: shard_size and batch_size must be >= 1, got {shard_size}, {batch_size}")
+        if num_workers < 0:
+            raise ValueError(f"cache: num_workers must be >= 0, got {num_workers}")
+        self.num_workers = num_workers  # not in the fingerprint: a shard holds the same either way
         self.out = Path(out_dir)
         self.vae, self.text_encoder, self.text_fields = vae, text_encoder, list(text_fields)
         self.shard_size, self.batch_size, self.first_frame, self.dtype = (
@@ -353,6 +389,30 @@ class LatentCacheWriter:
             os.fsync(f.fileno())
         return tmp
 
+    def _read(self, dataset: MapDataset, rows: range) -> Iterator[tuple[int, dict[str, Any]]]:
+        """``(i, dataset[i])`` in row order, rows that raise SkipItem left out: read here, or with ``num_workers``
+        in DataLoader worker processes (spawned where this process uses CUDA), so decoding overlaps encoding."""
+        if self.num_workers == 0:
+            for i in rows:
+                try:
+                    item = dataset[i]
+                except SkipItem:
+                    continue
+                yield i, item
+                del item  # the clip's memory is freed before the next is read
+            return
+        loader = torch.utils.data.DataLoader(
+            _Rows(dataset, rows), batch_size=None, num_workers=min(self.num_workers, len(rows)),
+            worker_init_fn=_Rows.init_worker, multiprocessing_context="spawn" if torch.cuda.is_initialized() else None,
+        )  # fmt: skip
+        q = getattr(dataset, "quarantine", None)
+        for i, item, skipped in loader:
+            for path, reason in skipped:  # the main process's quarantine, as dataset[i] here would have
+                q.add(path, reason)
+            if item is not None:
+                yield i, item
+            del item
+
     def _encode_rows(
         self, dataset: MapDataset, rows: range
     ) -> tuple[dict[str, torch.Tensor], list[dict[str, Any]]]:
@@ -362,11 +422,7 @@ class LatentCacheWriter:
         clips = _ShapeBatches(self.vae.encode, self.batch_size)
         firsts = _ShapeBatches(self.vae.encode, self.batch_size)
         with torch.no_grad():
-            for i in rows:
-                try:
-                    item = dataset[i]
-                except SkipItem:
-                    continue
+            for i, item in self._read(dataset, rows):
                 j, video = len(items), item["video"]
                 meta = {k: v for k, v in item.items() if k not in ("video", "index", "path")}
                 items.append({"index": i, "path": item.get("path", ""), "fields": meta})
