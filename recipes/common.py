@@ -854,11 +854,37 @@ def build_judge_backend(cfg: JobConfig):
             raise ValueError(
                 "judge.base_url: the openai judge needs an endpoint, e.g. http://127.0.0.1:8000/v1"
             )
+        # a connection for every request of the judge.max_concurrency batches (the client's 16 were shared by
+        # 4 batches of 16); backoff_s and parse_retries as judge_batch_s counts them
         return OpenAIJudge(j.base_url, j.model, timeout_s=j.timeout_s, max_retries=j.max_retries,
-                           api_key_env=j.api_key_env, num_frames=j.num_frames, layout=j.frame_layout)  # fmt: skip
+                           api_key_env=j.api_key_env, num_frames=j.num_frames, layout=j.frame_layout,
+                           max_connections=j.max_batch * j.max_concurrency, backoff_s=_BACKOFF_S, parse_retries=1)  # fmt: skip
     from engine.judge import TransformersJudge
 
     return TransformersJudge(j.model, max_batch=j.max_batch, num_frames=j.num_frames, layout=j.frame_layout)
+
+
+_BACKOFF_S = 0.25  # the openai judge's first retry back-off (x 0.5-1.5 jitter, doubling per retry)
+
+
+def judge_batch_s(cfg: JobConfig) -> float:
+    """The longest one judge batch may take. An openai request has its own deadline per attempt (from when it
+    gets a connection), bounded back-offs between its attempts, and one parse retry: every attempt, every
+    back-off (at most 1.5 x _BACKOFF_S x 2**a, or a Retry-After capped at timeout_s), twice. Others: timeout_s
+    per attempt."""
+    j = cfg.judge
+    attempts = j.timeout_s * (j.max_retries + 1)
+    if j.backend != "openai":
+        return attempts
+    return 2 * (attempts + sum(max(1.5 * _BACKOFF_S * 2**a, j.timeout_s) for a in range(j.max_retries)))
+
+
+def judge_batch_timeout_s(cfg: JobConfig) -> float | None:
+    """The service's batch timeout: none for the openai judge, which bounds each request itself (a batch
+    timeout counted waits for a connection and back-offs, and dropped the answers already in); else
+    timeout_s per attempt."""
+    j = cfg.judge
+    return None if j.backend == "openai" else j.timeout_s * (j.max_retries + 1)
 
 
 def build_judge(cfg: JobConfig):
@@ -867,7 +893,7 @@ def build_judge(cfg: JobConfig):
 
     j = cfg.judge
     return JudgeService(build_judge_backend(cfg), max_batch=j.max_batch, max_wait_ms=j.max_wait_ms,
-                        max_concurrency=j.max_concurrency, batch_timeout_s=j.timeout_s * (j.max_retries + 1))  # fmt: skip
+                        max_concurrency=j.max_concurrency, batch_timeout_s=judge_batch_timeout_s(cfg))  # fmt: skip
 
 
 class BatchedJudge:
@@ -886,7 +912,7 @@ class BatchedJudge:
 
         j = self.cfg.judge
         judge = AsyncJudge(self.backend, max_batch=j.max_batch, max_wait_ms=j.max_wait_ms, cache=False,
-                           max_concurrency=j.max_concurrency, batch_timeout_s=j.timeout_s * (j.max_retries + 1))  # fmt: skip
+                           max_concurrency=j.max_concurrency, batch_timeout_s=judge_batch_timeout_s(self.cfg))  # fmt: skip
         try:
             futures = [await judge.submit(r) for r in requests]
             return list(await asyncio.gather(*futures))

@@ -64,6 +64,7 @@ from recipes.common import (  # noqa: E402
     check_tasks,
     check_weights_fit,
     dist_info,
+    judge_batch_s,
     judge_requests,
     load_items,
     prepare_teacher,
@@ -125,11 +126,11 @@ class GroupBatches:
 
     def wait_limit_s(self, n: int) -> float:
         """How long ``n`` verdicts may take without anything failing: the service runs its batches
-        ``judge.max_concurrency`` at a time, each within its own timeout (the service's batch timeout,
-        judge.timeout_s * (max_retries + 1)), and a prefetched group's batches may be queued ahead."""
+        ``judge.max_concurrency`` at a time, each within recipes.common.judge_batch_s, and a prefetched
+        group's batches may be queued ahead."""
         j = self.cfg.judge
         waves = math.ceil(math.ceil(n / j.max_batch) / j.max_concurrency)
-        return 2 * waves * j.timeout_s * (j.max_retries + 1) + j.timeout_s
+        return 2 * waves * judge_batch_s(self.cfg) + j.timeout_s
 
     def next(self, step: int, model: torch.nn.Module) -> list[dict]:
         t_start = time.perf_counter()
