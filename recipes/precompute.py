@@ -140,6 +140,9 @@ def validate(cfg: JobConfig) -> None:
     for key, v in sizes:
         if v < 1:
             raise ConfigError(f"config key '{key}': expected >= 1, got {v}")
+    if d.num_workers < 0:
+        raise ConfigError(f"config key 'data.num_workers': expected >= 0 (0 = decode in this process), got "
+                          f"{d.num_workers}")  # fmt: skip
     if d.fps < 0 or d.max_upscale <= 0:
         raise ConfigError(f"data.fps = {d.fps}, data.max_upscale = {d.max_upscale}: expected fps >= 0 (0 = native), "
                           "max_upscale > 0")  # fmt: skip
@@ -215,7 +218,7 @@ def main(argv: list[str] | None = None) -> dict:
         raise SystemExit(f"error: data.num_frames {d.num_frames}: this VAE needs 1 + k * {tc} frames")
     writer = LatentCacheWriter(
         cache, vae=vae, text_encoder=text, text_fields=d.text_fields, shard_size=d.shard_size,
-        batch_size=d.encode_batch, fingerprint=fingerprint,
+        batch_size=d.encode_batch, fingerprint=fingerprint, num_workers=d.num_workers,
     )  # fmt: skip
     save_config(cfg, cache)
     index = writer.write(ds)

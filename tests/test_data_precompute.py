@@ -152,6 +152,8 @@ def _bad_inputs(tmp: Path, manifest: Path, model_args: list[str]) -> list[tuple[
         (["--data.manifest", str(tmp), *cache], f"data.manifest: '{tmp}' is a folder"),
         ([*toy, "--data.shard_size", "0"], "config key 'data.shard_size': expected >= 1, got 0"),
         ([*toy, "--data.height", "0"], "config key 'data.height': expected >= 1, got 0"),
+        # a negative count of decoding processes was accepted and ignored
+        ([*toy, "--data.num_workers", "-1"], "config key 'data.num_workers': expected >= 0"),
         # the toy world never reads model.pretrained: it was silently ignored
         ([*toy, "--model.pretrained", str(tmp)], "model.pretrained: "),
         ([*toy, "--world.demonstrator", str(tmp)], "world.demonstrator: "),
@@ -194,3 +196,57 @@ def test_precompute_refuses_a_cache_made_from_an_edited_manifest(tmp_path):
     m.write_text(json.dumps({"video": "v0.webm", "task": "push the blue block"}) + "\n")
     with pytest.raises(ValueError, match="fingerprint"):
         main(args)
+
+
+def test_precompute_num_workers_decodes_in_worker_processes_into_the_same_cache(tmp_path, monkeypatch):
+    """data.num_workers was accepted and read nowhere: every clip was decoded in the main process. With 2 the
+    rows are decoded in DataLoader worker processes, and the cache (shards, index, skipped files) is the one
+    num_workers = 0 writes; it is not in the fingerprint, so either resumes the other's cache."""
+    import os
+
+    from recipes.precompute import main
+
+    rows = []
+    for i in range(4):
+        write_video(tmp_path / f"v{i}.webm", ident=i, num_frames=6, height=32, width=32)
+        rows.append({"video": f"v{i}.webm", "task": f"push block {i}"})
+    good = (tmp_path / "v2.webm").read_bytes()
+    (tmp_path / "v2.webm").write_bytes(good[: len(good) // 3])  # damaged: cut short
+    rows.append({"video": "missing.webm", "task": "lost"})
+    (tmp_path / "m.jsonl").write_text("\n".join(json.dumps(r) for r in rows))
+    pids = tmp_path / "pids"
+    pids.mkdir()
+    read = VideoDataset.__getitem__
+
+    def noting(self, i):  # which process read row i
+        (pids / f"{i}.{os.getpid()}").touch()
+        return read(self, i)
+
+    monkeypatch.setattr(VideoDataset, "__getitem__", noting)
+    base = ["--data.manifest", str(tmp_path / "m.jsonl"), "--data.num_frames", "4", "--data.shard_size", "3",
+            "--data.decoder", "pyav", "--run.device", "cpu"]  # fmt: skip
+    out = {}
+    for workers in ("0", "2"):
+        cache = tmp_path / f"cache{workers}"
+        index = main([*base, "--data.cache_dir", str(cache), "--data.num_workers", workers])
+        readers = {int(p.name.split(".")[1]) for p in pids.iterdir()}
+        for p in pids.iterdir():
+            p.unlink()
+        q = [json.loads(line) for line in (cache / "quarantine.jsonl").read_text().splitlines()]
+        out[workers] = index, [(e["path"], e["reason"]) for e in q], readers, list(LatentCacheDataset(cache))
+    (index0, q0, readers0, items0), (index2, q2, readers2, items2) = out["0"], out["2"]
+    assert readers0 == {os.getpid()} and os.getpid() not in readers2 and len(readers2) >= 2
+    assert (
+        index2 == index0 and len(index0["shards"]) == 2
+    )  # the shards' sha256 and the fingerprint among them
+    assert q2 == q0 and [p for p, _ in q0] == [str(tmp_path / "v2.webm"), str(tmp_path / "missing.webm")]
+    assert [it["index"] for it in items0] == [0, 1, 3]
+    for a, b in zip(items0, items2):
+        assert a.keys() == b.keys() and all(
+            torch.equal(v, b[k]) if torch.is_tensor(v) else v == b[k] for k, v in a.items()
+        )
+    before = {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache0").glob("shard-*")}
+    main(
+        [*base, "--data.cache_dir", str(tmp_path / "cache0"), "--data.num_workers", "2"]
+    )  # resumes: all done
+    assert {p.name: p.stat().st_mtime_ns for p in (tmp_path / "cache0").glob("shard-*")} == before
