@@ -132,7 +132,7 @@ class DataConfig:
     height: int = 32
     width: int = 32
     cache_dir: str = ""  # latent / text-embedding cache ("" = none)
-    num_workers: int = 0
+    num_workers: int = 0  # precompute: processes decoding the clips while it encodes (0 = in this process)
     aspect_buckets: bool = False  # True: equal-area aspect-ratio buckets; False: one (height, width)
     bucket_multiple: int = 16  # bucket sides are multiples of this (VAE stride x patch size)
     clip_start: Literal["first", "random"] = "first"  # where a clip starts in a longer video
