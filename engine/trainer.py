@@ -392,8 +392,10 @@ class Trainer:
         try:
             return self._step()
         except BaseException:
-            # no step follows an error: a SIGINT after it must interrupt, not wait for the end of a step
+            # no step follows an error: a SIGINT after it must interrupt, not wait for the end of a step; the
+            # profiler window ends here, so the steps it recorded (the failing one included) are written
             self._uninstall_signal_handlers()
+            self.profiler.__exit__(None, None, None)
             raise
 
     def _step(self) -> dict[str, Any]:

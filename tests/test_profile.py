@@ -67,3 +67,26 @@ def test_the_window_starts_at_the_first_training_step(tmp_path):
     assert "recipe_setup" not in {e["name"] for e in ev}
     span_s = (max(e["ts"] + e.get("dur", 0) for e in ev) - min(e["ts"] for e in ev)) / 1e6
     assert span_s <= step_s
+
+
+def test_a_run_stopped_by_an_error_writes_the_steps_it_recorded(tmp_path):
+    """A step that raised (here the NaN guard's stop, NonFiniteLossError) left the profiler open: the window's
+    steps so far, the blow-up included, were never written (and the profiler kept recording). The error now
+    ends the window and its steps are written."""
+    from engine.trainer import NonFiniteLossError
+
+    calls = []
+
+    def nan_from_step_3(model, mb):
+        loss, logs = flow_loss(model, mb)
+        calls.append(1)
+        return (loss * float("nan") if len(calls) >= 3 else loss), logs
+
+    cfg = _cfg(10, 0, 0, 8)
+    cfg.train.max_bad_steps = 2
+    tr = Trainer(cfg, TinyDiT(), nan_from_step_3, SeededBatches(), run_dir=tmp_path)
+    with pytest.raises(NonFiniteLossError):
+        tr.fit()
+    (trace,) = tr.profiler.traces
+    names = [e["name"] for e in _events(trace)]
+    assert names.count("forward") == 4  # steps 1-4: two good, the two that stopped the run
