@@ -27,6 +27,7 @@ import torch.distributed as dist
 import torch.nn as nn
 
 from engine.checkpoint import move_aside
+from engine.dist import collective
 from engine.log import get_logger
 
 log = get_logger("metrics")
@@ -93,7 +94,8 @@ def _mean_over_ranks(t: torch.Tensor) -> torch.Tensor:
     """Average logged scalars over ranks (one collective per logging step; every rank logs the same keys)."""
     if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
         t = t.clone()
-        dist.all_reduce(t, op=dist.ReduceOp.SUM)
+        with collective("metrics all-reduce (logged scalars)"):  # a timeout names it, not gloo's bare recv
+            dist.all_reduce(t, op=dist.ReduceOp.SUM)
         t /= dist.get_world_size()
     return t
 

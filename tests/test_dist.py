@@ -561,3 +561,36 @@ def test_ranks_with_unequal_micro_batch_counts_fail_at_once_under_fsdp(tmp_path)
     p = _two_ranks(tmp_path, UNEVEN_MICRO_SCRIPT, str(tmp_path / "ddp"), "--parallel.fsdp false")
     for rank in range(2):
         assert f"rank {rank}: trained 2 steps end" in p.stdout, p.stdout + p.stderr[-2000:]
+
+
+METRICS_TIMEOUT_SCRIPT = """
+import os, sys, time
+import torch
+from engine.config import ParallelConfig
+from engine.dist import DistTimeoutError, init_distributed
+from engine.metrics import MetricsLogger
+
+info = init_distributed(ParallelConfig(timeout_s=3), "cpu")
+logger = MetricsLogger(sys.argv[1] + f"/r{info.rank}", device=torch.device("cpu"), is_main=False)
+logger.update({"loss": torch.tensor(1.0)}, 4, 0.0)
+if info.rank == 1:  # a peer stuck before its logging step
+    time.sleep(12)
+t0 = time.time()
+try:
+    logger.flush(1)
+    print(f"rank {info.rank}: returned", flush=True)
+except DistTimeoutError as e:
+    print(f"rank {info.rank}: timed out after {time.time() - t0:.0f} s: {e}", flush=True)
+except RuntimeError as e:
+    print(f"rank {info.rank}: bare error: {e}", flush=True)
+os._exit(0)
+"""
+
+
+@pytest.mark.dist
+def test_a_stuck_peer_at_a_logging_step_is_a_named_timeout(tmp_path):
+    """The metrics all-reduce of a logging step was not wrapped: a peer stuck there surfaced as gloo's bare
+    'Timed out waiting ... for recv'; it is now a DistTimeoutError naming the metrics all-reduce."""
+    p = _two_ranks(tmp_path, METRICS_TIMEOUT_SCRIPT, str(tmp_path))
+    line = next((x for x in p.stdout.splitlines() if x.startswith("rank 0:")), p.stdout + p.stderr[-2000:])
+    assert line.startswith("rank 0: timed out after") and "metrics all-reduce" in line, line
