@@ -818,12 +818,49 @@ def demonstrator_id(cfg: JobConfig) -> list:
     return [cfg.model.family, cfg.model.flavour, files_id(base) if base else ""]
 
 
+def safetensors_digest(path: str | Path, span: int = 4096) -> str:
+    """sha256 of a .safetensors file's header (names, dtypes, shapes) and the first and last ``span`` bytes of
+    every tensor: a retrained model of the same shapes differs in them, at a few MB read for a 7B model."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        n = int.from_bytes(f.read(8), "little")
+        header = f.read(n)
+        h.update(header)
+        tensors = [v for k, v in json.loads(header).items() if k != "__metadata__"]
+        for a, b in sorted(t["data_offsets"] for t in tensors):
+            for start in sorted({a, max(a, b - span)}):
+                f.seek(8 + n + start)
+                h.update(f.read(min(span, b - start)))
+    return h.hexdigest()
+
+
+def weights_id(path: str) -> list | str:
+    """A local model folder as (name, size, :func:`safetensors_digest`) of each .safetensors file under it
+    (other weight files as :func:`files_id`); else the text (a hub or served model name)."""
+    p = Path(path)
+    if not p.is_dir():
+        return str(path)
+    entries = []
+    for f in sorted(p.rglob("*")):
+        if f.suffix == ".safetensors":
+            try:
+                digest = safetensors_digest(f)
+            except (OSError, ValueError, KeyError, TypeError):  # not a readable safetensors file
+                digest = files_id(f)
+            entries.append([str(f.relative_to(p)), f.stat().st_size, digest])
+        elif f.suffix in (".bin", ".pt", ".pth") and f.is_file():
+            entries.append(files_id(f))
+    return entries
+
+
 def judge_id(cfg: JobConfig) -> list:
-    """The judge's settings that change its scores, with its prompts' version, as a fingerprint entry."""
+    """The judge's settings that change its scores, with its prompts' version, as a fingerprint entry; a local
+    transformers judge with its weights (its folder's path alone reused a retrained judge's stale scores)."""
     from engine.judge import base as judge_base
 
     j = cfg.judge
-    return [j.backend, j.model, j.base_url, j.num_frames, j.frame_layout, judge_base.PROMPT_VERSION]
+    entry = [j.backend, j.model, j.base_url, j.num_frames, j.frame_layout, judge_base.PROMPT_VERSION]
+    return entry + [weights_id(j.model)] if j.backend == "transformers" else entry
 
 
 def tasks_path(cfg: JobConfig) -> Path:

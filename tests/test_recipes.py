@@ -1435,3 +1435,37 @@ def test_a_task_file_with_an_id_of_zero_loads(tmp_path):
         path.write_text(json.dumps(bad) + "\n")
         with pytest.raises(ValueError, match=r"row 1 lacks \['id'\]"):
             load_items(path)
+
+
+def test_evaluate_scores_again_when_a_local_judge_is_retrained_in_its_folder(tmp_path):
+    """A transformers judge was fingerprinted by its folder's path: a judge retrained into the same folder
+    (same names and shapes, other values) reused the old judge's scores. Its weights are fingerprinted now."""
+    import numpy as np
+    from safetensors.torch import save_file
+
+    from engine.config import load_config
+    from engine.evaluation import EvalItem
+    from recipes.evaluate import fingerprint
+
+    folder = tmp_path / "judge"
+    folder.mkdir()
+    (folder / "config.json").write_text("{}")
+    cfg = load_config(argv=["--judge.backend", "transformers", "--judge.model", str(folder)])
+    items = [EvalItem(np.zeros((8, 8, 3), np.uint8), "put red left", "slide red one cell left", {"id": "a"})]
+    g = torch.Generator().manual_seed(0)
+    weights = {
+        "lm_head.weight": torch.randn(64, 32, generator=g),
+        "embed.weight": torch.randn(4000, 8, generator=g),
+    }
+    save_file(weights, folder / "model.safetensors")
+    fp = fingerprint(cfg, items, "", "task")
+    save_file(
+        {k: v.clone() for k, v in weights.items()}, folder / "model.safetensors"
+    )  # rewritten, same values
+    assert fingerprint(cfg, items, "", "task") == fp
+    for name in weights:  # one tensor retrained (a partial fine-tune), at its start or its end
+        for where in (0, -1):
+            changed = {k: v.clone() for k, v in weights.items()}
+            changed[name].view(-1)[where] += 1.0
+            save_file(changed, folder / "model.safetensors")
+            assert fingerprint(cfg, items, "", "task") != fp, (name, where)
