@@ -3,9 +3,10 @@
 A :class:`KeyMap` is a list of prefix rules ``(ours, (theirs, ...))``. ``{i}`` in a rule stands for a
 block index. A rule with several ``theirs`` prefixes fuses them: the tensors are concatenated along
 dim 0 on load (e.g. diffusers' to_q, to_k, to_v -> our qkv) and split into equal chunks on export.
-A tensor whose shape differs but whose element count matches is reshaped (e.g. a Conv3d patch
-embedding -> our Linear). Keys that no rule matches map to themselves. Both directions are exact:
-``to_theirs(to_ours(sd)) == sd`` bit for bit.
+Only known layout conversions are reshaped: the tensors ``their_shapes`` lists, with exactly that
+shape (e.g. a Conv3d patch embedding -> our Linear); without ``their_shapes``, trailing dims flattened
+into our last one. Any other shape difference raises. Keys that no rule matches map to themselves.
+Both directions are exact: ``to_theirs(to_ours(sd)) == sd`` bit for bit.
 
 Files: :func:`load_safetensors` reads one ``.safetensors`` file, a folder with one, or a sharded
 folder (``*.safetensors.index.json``). Pickled checkpoints are refused: never unpickle.
@@ -81,9 +82,13 @@ def to_ours(
     *,
     strict: bool = True,
     what: str = "model",
+    their_shapes: Mapping[str, tuple[int, ...]] | None = None,
 ) -> dict[str, torch.Tensor]:
     """Convert their state dict to our keys and shapes. strict: any missing or unexpected key raises
-    :class:`StateDictKeyError` listing them all; otherwise missing keys are left out of the result."""
+    :class:`StateDictKeyError` listing them all; otherwise missing keys are left out of the result.
+    their_shapes: their tensors whose layout differs from ours (as for :func:`to_theirs`); a tensor is
+    reshaped only when listed there and its shape is the listed one (None: trailing dims flattened into
+    our last, e.g. Conv3d -> Linear). Any other shape difference raises a ValueError."""
     out, used, missing = {}, set(), []
     for key, shape in our_shapes.items():
         names = keymap.theirs(key)
@@ -93,19 +98,35 @@ def to_ours(
             missing.extend(absent)
             continue
         parts = [theirs_sd[n] for n in names]
+        if their_shapes is not None and any(n in their_shapes for n in names):
+            # a known layout conversion: each part exactly as listed, then reshaped as to_theirs splits ours
+            if any(tuple(p.shape) != tuple(their_shapes.get(n, ())) for n, p in zip(names, parts)) or (
+                shape[0] % len(parts) or math_prod(their_shapes[names[0]]) * len(parts) != math_prod(shape)
+            ):
+                raise ValueError(_shape_error(what, key, names, parts, shape, their_shapes))
+            parts = [p.reshape(shape[0] // len(parts), *shape[1:]) for p in parts]
         value = parts[0] if len(parts) == 1 else torch.cat(parts, dim=0)
         if tuple(value.shape) != tuple(shape):
-            if value.numel() != math_prod(shape):
-                raise ValueError(
-                    f"{what}: {' + '.join(names)} has shape {tuple(value.shape)}, expected {tuple(shape)} "
-                    f"for {key}"
-                )
+            n = len(shape) - 1
+            flattened = n >= 0 and value.dim() > n + 1 and tuple(value.shape[:n]) == tuple(shape[:n])
+            if their_shapes is not None or not flattened or math_prod(value.shape[n:]) != shape[-1]:
+                raise ValueError(_shape_error(what, key, names, parts, shape, their_shapes))
             value = value.reshape(shape)
         out[key] = value
     unexpected = [k for k in theirs_sd if k not in used and not keymap.ignored(k)]
     if strict and (missing or unexpected):
         raise StateDictKeyError(what, missing, unexpected)
     return out
+
+
+def _shape_error(what, key, names, parts, shape, their_shapes) -> str:
+    got = " + ".join(f"{n} {tuple(p.shape)}" for n, p in zip(names, parts))
+    listed = [f"{n} {tuple(their_shapes[n])}" for n in names if their_shapes and n in their_shapes]
+    known = f" (the layout conversion expects {', '.join(listed)})" if listed else ""
+    return (
+        f"{what}: {key}: the checkpoint's {got} does not fit the model's shape {tuple(shape)}{known}; "
+        "weights of another model config?"
+    )
 
 
 def to_theirs(
