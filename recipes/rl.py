@@ -18,7 +18,7 @@ The algorithm (the paper does not spell out its RL algorithm; this is Flow-GRPO'
      With ``rl.prefetch`` the next step's group is rolled out and submitted before this step's rewards
      are collected, so the judge works while the trainer rolls out and updates; the one-step-old policy that sampled it is exactly what
      log π_old records, so the ratio stays correct. ``judge_wait_frac`` = time blocked on the judge
-     / step time, logged every step.
+     / step time (from one step's batch to the next: the update included), logged every step.
   4. Advantages: A = (r - mean_group r) / (std_group r + rl.adv_eps), over the group's scored videos.
   5. Update, for ``rl.train_timesteps`` SDE steps k per rollout (distinct, uniform among the
      flow.num_steps - 2 stochastic ones): recompute v_θ(x_k | task, I) with grad (guided as in the
@@ -93,6 +93,7 @@ class GroupBatches:
         self.cfg, self.kit, self.table, self.teacher, self.judge = cfg, kit, table, teacher, judge
         self.pending: dict | None = None
         self.stats = {"judge_wait_s": 0.0, "fallbacks": 0}
+        self.t_last: float | None = None  # when the last batch was handed to the trainer
         # the ranks of a sequence-parallel group roll out the same videos: the group's first rank judges
         # them and broadcasts the rewards (the others would send the judge the same requests again)
         cp = dist_info(cfg).cp_mesh
@@ -145,7 +146,11 @@ class GroupBatches:
         adv = group_advantages(rewards, self.cfg.rl.group_size, self.cfg.rl.adv_eps, valid)
         K = self.cfg.rl.train_timesteps
         batch["adv"] = adv.repeat_interleave(K).to(self.kit.device)
-        step_time = time.perf_counter() - t_start  # this step's batch so far: rollout, targets, judge wait
+        # a step: the previous step's update and this step's rollout, targets and judge wait (the batch
+        # alone left the update out); the first step has no update before it
+        t_end = time.perf_counter()
+        step_time = t_end - (t_start if self.t_last is None else self.t_last)
+        self.t_last = t_end
         self.stats["judge_wait_s"] += wait
         scored = rewards[valid] if bool(valid.any()) else rewards
         logs = {"reward_mean": float(scored.mean()), "reward_std": float(scored.std()) if len(scored) > 1 else 0.0,

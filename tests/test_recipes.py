@@ -1469,3 +1469,39 @@ def test_evaluate_scores_again_when_a_local_judge_is_retrained_in_its_folder(tmp
             changed[name].view(-1)[where] += 1.0
             save_file(changed, folder / "model.safetensors")
             assert fingerprint(cfg, items, "", "task") != fp, (name, where)
+
+
+def test_rl_judge_wait_frac_counts_the_update_in_the_step_time(tmp_path):
+    """judge_wait_frac is the judge wait / step time: it divided by the time spent preparing the batch
+    (rollout, targets, wait) and left out the trainer's update between two batches (3 s here, a sleep), so
+    it overstated the judge's share. A real loopback judge answers in 2.5 s so that there is a wait."""
+    import numpy as np
+
+    from engine.config import load_config
+    from recipes.common import build_judge, build_kit, load_items, prepare_teacher, save_image
+    from recipes.rl import GroupBatches
+    from tests.judge_servers import FaultServer
+
+    rows = []
+    for i in range(8):  # other images: the second step's videos are not the first's (the judge caches)
+        save_image(np.full((32, 32, 3), 20 * i, np.uint8), tmp_path / f"{i}.png")
+        rows.append({"id": str(i), "image": f"{i}.png", "task": "push the red block left fault=slow",
+                     "solution": "the agent pushes the red block left"})  # fmt: skip
+    (tmp_path / "tasks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    with FaultServer(slow_s=2.5) as srv:
+        cfg = load_config(argv=["--run.out_dir", str(tmp_path), "--flow.num_steps", "3", "--rl.group_size", "2",
+                                "--rl.train_timesteps", "1", "--rl.prefetch", "false", "--rl.reward_questions",
+                                '["task"]', "--judge.backend", "openai", "--judge.base_url", srv.url,
+                                "--judge.model", "m", "--train.steps", "4"])  # fmt: skip
+        kit = build_kit(cfg)
+        table = kit.encode_items(load_items(tmp_path / "tasks.jsonl"))
+        model, teacher = kit.load_denoiser(""), prepare_teacher(kit.load_denoiser(""), cfg)
+        with build_judge(cfg) as judge:
+            batches = GroupBatches(cfg, kit, table, teacher, judge)
+            batches.next(0, model)
+            t0 = time.perf_counter()
+            time.sleep(3.0)  # the trainer's update of step 0
+            logs = batches.next(1, model)[0]["logs"]
+            step_time = time.perf_counter() - t0
+    assert logs["judge_wait_s"] > 0.2, logs
+    assert logs["judge_wait_frac"] == pytest.approx(logs["judge_wait_s"] / step_time, rel=0.02)
