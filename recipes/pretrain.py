@@ -306,7 +306,8 @@ def main(argv: list[str] | None = None) -> Path:
         "command": "python recipes/pretrain.py " + shlex.join(sys.argv[1:] if argv is None else argv),
         "seed": cfg.run.seed,
         "git_commit": _git_commit(),
-        "device": torch.cuda.get_device_name(0) if torch.cuda.is_available() else "cpu",
+        # the device the run used (a run.device = cpu run on a GPU machine recorded the GPU)
+        "device": torch.cuda.get_device_name(dev) if (dev := trainer.dist.device).type == "cuda" else dev.type,
         "torch": torch.__version__,
         "train": {"batch_size": cfg.train.batch_size, "lr": cfg.train.lr, "ema_decay": cfg.train.ema_decay,
                   "text_layers": model.text.config["layers"], "init": cfg.model.pretrained,

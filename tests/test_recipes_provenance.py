@@ -47,3 +47,21 @@ def test_pretrain_records_a_command_that_runs_again(tmp_path):
     words = shlex.split(command)
     assert words[:2] == ["python", "recipes/pretrain.py"] and words[2:] == args
     assert load_config(argv=words[2:]).world.gap_guidance == [1.0, 3.0]
+
+
+def test_pretrain_records_the_device_the_run_used(tmp_path, monkeypatch):
+    """demonstrator.json's "device" was the first GPU's name whenever CUDA was available, even for a run on
+    run.device = cpu. Here CUDA reads as available (a GPU machine) and the run asks for the CPU: the record
+    says cpu."""
+    import json
+
+    import torch
+
+    from recipes import pretrain
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "get_device_name", lambda *a: "NVIDIA H100 80GB HBM3")
+    argv = ["--run.out_dir", str(tmp_path), "--run.name", "p", "--run.device", "cpu", "--model.flavour", "debug",
+            "--train.steps", "0", "--world.eval_scenes", "1", "--world.gap_batch", "1", "--flow.num_steps", "1"]  # fmt: skip
+    out = pretrain.main(argv)
+    assert json.loads((out / "demonstrator.json").read_text())["device"] == "cpu"
