@@ -20,6 +20,9 @@ off_policy (SFT ablation): flow-matching fine-tune of v_θ(· | task, I) on the 
 off_policy_filtered: the same on the demonstrations the judge scored as solving the task
   (Task score >= distill.filter_threshold).
 
+distill.min_gap is not checked here: measuring the Demonstrator's gap is a full evaluation of both prompts
+on held-out tasks, which recipes/pipeline.py runs before this stage and stops on.
+
 The Executor starts from ``distill.init`` ("" = the Demonstrator). Teacher and student go through the
 same placement, FP8 and FSDP as the trainer applies (engine.parallel). Every step's prompts, noise
 and state choices are drawn from (run.seed, step, rank), so a resumed run continues exactly.
