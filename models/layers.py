@@ -363,7 +363,14 @@ class DiffusersInterop:
         """Load a diffusers state dict. strict: missing or unexpected keys raise
         :class:`models.adapter.StateDictKeyError` listing all of them."""
         shapes = {k: v.shape for k, v in self.state_dict().items()}
-        ours = to_ours(sd, shapes, self.keymap(), strict=strict, what=type(self).__name__)
+        ours = to_ours(
+            sd,
+            shapes,
+            self.keymap(),
+            strict=strict,
+            their_shapes=self.their_shapes(),
+            what=type(self).__name__,
+        )
         self.load_state_dict(ours, strict=strict, assign=assign)
 
     def to_diffusers_state_dict(self) -> dict[str, torch.Tensor]:

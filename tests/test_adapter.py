@@ -66,3 +66,18 @@ def test_without_their_shapes_only_trailing_dims_are_flattened():
     torch.testing.assert_close(lin(x.reshape(1, 12)), conv(x).reshape(1, 5))
     with pytest.raises(ValueError, match=r"weight.*\(4, 6\).*\(6, 4\)"):
         to_ours(nn.Linear(6, 4, bias=False).state_dict(), {"weight": torch.Size((6, 4))}, KeyMap(()))
+
+
+@pytest.mark.parametrize("their_cls, our_cls, patch, other, key", FAMILIES)
+def test_from_pretrained_refuses_a_checkpoint_of_another_patch_shape(tmp_path, their_cls, our_cls, patch, other,
+                                                                     key):  # fmt: skip
+    """from_pretrained (load_diffusers_state_dict) called to_ours without the model's layout conversions, so a
+    (1, 2, 2)-patch folder loaded silently into a (2, 1, 2)-patch model; it is now the error naming the key."""
+    torch.manual_seed(0)
+    theirs = their_cls(**our_cls.config_cls.flavour("debug", **patch).to_diffusers_config())
+    theirs.save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match=re.escape(key)):
+        our_cls.from_pretrained(tmp_path, **other)
+    ours = our_cls.from_pretrained(tmp_path)
+    back, sd = ours.to_diffusers_state_dict(), theirs.state_dict()
+    assert set(back) == set(sd) and all(torch.equal(back[k], sd[k]) for k in sd)
