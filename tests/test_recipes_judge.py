@@ -17,15 +17,15 @@ def _requests(n: int, fault) -> list[JudgeRequest]:
     return [JudgeRequest(f"push block {i} {fault(i)}", "task", frames=[f, f]) for i, f in enumerate(frames)]
 
 
-def _cfg(url: str, *args: str):
+def _cfg(url: str, *args: str, timeout_s: float = 2.0):
     return load_config(argv=["--judge.backend", "openai", "--judge.base_url", url, "--judge.model", "m",
-                             "--judge.timeout_s", "2", "--judge.max_retries", "0", "--judge.num_frames", "1",
+                             "--judge.timeout_s", str(timeout_s), "--judge.max_retries", "0", "--judge.num_frames", "1",
                              *args])  # fmt: skip
 
 
 def test_batches_that_wait_for_a_connection_are_not_timed_out(monkeypatch):
-    """3 batches of 8 requests answered in 1.2 s each, timeout_s 2: the HTTP client had 16 connections for the
-    24 requests, so 8 waited 1.2 s for one and the batch timeout (timeout_s, counting that wait) failed whole
+    """3 batches of 8 requests answered in 1.5 s each, timeout_s 2.5: the HTTP client had 16 connections for the
+    24 requests, so 8 waited 1.5 s for one and the batch timeout (timeout_s, counting that wait) failed whole
     batches the server answered. Now every request of judge.max_concurrency batches has a connection, and
     every verdict is the server's score."""
     from recipes.common import build_judge
@@ -33,10 +33,9 @@ def test_batches_that_wait_for_a_connection_are_not_timed_out(monkeypatch):
     # the test server's listen backlog (5) refused some of 24 simultaneous connects
     monkeypatch.setattr(FaultServer._HTTP, "request_queue_size", 128)
     reqs = _requests(24, lambda i: "fault=slow")
-    with FaultServer(slow_s=1.2) as srv:
-        cfg = _cfg(
-            srv.url, "--judge.max_batch", "8", "--judge.max_concurrency", "3", "--judge.max_wait_ms", "200"
-        )
+    with FaultServer(slow_s=1.5) as srv:
+        args = ["--judge.max_batch", "8", "--judge.max_concurrency", "3", "--judge.max_wait_ms", "200"]
+        cfg = _cfg(srv.url, *args, timeout_s=2.5)
         with build_judge(cfg) as judge:
             verdicts = judge.submit_many(reqs).result(timeout=30)
         assert srv.max_in_flight == 24
