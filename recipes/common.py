@@ -682,21 +682,22 @@ def check_weights_fit(cfg: JobConfig, path: str, key: str) -> None:
     except Exception as e:  # safetensors raises its own error type for a file that is not one
         raise ConfigError(f"{key}: weights file '{path}' is not a readable .safetensors file ({e})") from None
     model = _as_config_error("model", _denoiser_on_meta, cfg)
-    layouts = [({k: tuple(v.shape) for k, v in model.state_dict().items()}, True)]
+    layouts = [{k: tuple(v.shape) for k, v in model.state_dict().items()}]
     if hasattr(model, "to_diffusers_state_dict"):  # load_weights takes either layout
-        layouts.append(({k: tuple(v.shape) for k, v in model.to_diffusers_state_dict().items()}, False))
+        layouts.append({k: tuple(v.shape) for k, v in model.to_diffusers_state_dict().items()})
     what = f"the model ({cfg.model.family} / {cfg.model.flavour})"
-    fits = [(want, exact) for want, exact in layouts if set(want) == set(have)]
+    fits = [want for want in layouts if set(want) == set(have)]
     if not fits:
-        want = max((w for w, _ in layouts), key=lambda w: len(set(w) & set(have)))
+        want = max(layouts, key=lambda w: len(set(w) & set(have)))
         missing, extra = sorted(set(want) - set(have)), sorted(set(have) - set(want))
         parts = [
             f"{len(v)} keys {n}, e.g. {v[:3]}" for n, v in (("missing", missing), ("unexpected", extra)) if v
         ]
         raise ConfigError(f"{key}: weights '{path}' do not fit {what}: {'; '.join(parts)}")
-    want, exact = fits[0]
-    # the diffusers layout is reshaped into ours when the sizes agree (models.adapter.to_ours)
-    bad = [k for k in sorted(want) if want[k] != have[k] and (exact or np.prod(want[k]) != np.prod(have[k]))]
+    # exact shapes in either layout: the diffusers layout's are those to_ours converts (a patch embedding of
+    # another patch shape has the same size, and passed here only to fail at load)
+    want = fits[0]
+    bad = [k for k in sorted(want) if want[k] != have[k]]
     if bad:
         shown = "; ".join(f"{k}: file {list(have[k])}, model {list(want[k])}" for k in bad[:3])
         raise ConfigError(f"{key}: weights '{path}' do not fit {what}: {len(bad)} of {len(want)} tensors have "

@@ -1,5 +1,6 @@
 """recipes/distill.py as a user meets it: train.grad_accum with the batch size engine.config documents."""
 
+import pytest
 import torch
 
 from engine.config import load_config
@@ -106,6 +107,27 @@ def test_weights_of_another_model_config_are_one_line_errors_before_loading(tmp_
         assert r.returncode != 0 and message in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
         assert key in r.stderr and "another shape" in r.stderr, r.stderr[-2000:]
     assert not (tmp_path / "d" / "eval" / "demonstrator+task.npz").exists()  # nothing sampled
+
+
+def test_weights_in_the_diffusers_layout_of_another_patch_shape_are_refused(tmp_path):
+    """check_weights_fit let a diffusers-layout file through when a tensor of another shape had the same size
+    (a patch embedding of another patch shape), since loading used to reshape it silently; shapes are now
+    compared exactly in either layout, and the model's own export still fits."""
+    from safetensors.torch import save_file
+
+    from recipes.common import ConfigError, build_kit, check_weights_fit
+
+    cfg = _cfg(tmp_path, 1)
+    theirs = build_kit(cfg).load_denoiser("").to_diffusers_state_dict()
+    good = tmp_path / "good.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(good))
+    check_weights_fit(cfg, str(good), "distill.init")
+    w = theirs["patch_embedding.weight"]  # (out, in, 1, 2, 2) -> the same numbers as a (2, 1, 2) patch
+    theirs["patch_embedding.weight"] = w.reshape(*w.shape[:2], 2, 1, 2).contiguous()
+    wrong = tmp_path / "other_patch.safetensors"
+    save_file({k: v.contiguous() for k, v in theirs.items()}, str(wrong))
+    with pytest.raises(ConfigError, match=r"distill.init.*patch_embedding.weight.*another model config"):
+        check_weights_fit(cfg, str(wrong), "distill.init")
 
 
 def test_filtered_sft_with_no_demonstration_over_the_threshold_is_a_one_line_error(tmp_path):
