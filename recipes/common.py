@@ -116,19 +116,24 @@ def work_logs(model: nn.Module, x: torch.Tensor, cond: dict) -> dict[str, float]
 
 
 def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:
-    """The frozen Demonstrator placed like the trainer places the Executor: same device, FP8 backend,
-    activation checkpointing off (no backward), FSDP2 over the same mesh (its forward all-gathers); a
-    meta-built one (``kit.load_denoiser("", meta=True)``) is materialised after sharding, as the trainer does."""
+    """The frozen Demonstrator placed like the trainer places the Executor: same device, FP8 backends (linears
+    and, with model.attention_precision "fp8", attention, in the same blocks), activation checkpointing off (no
+    backward), FSDP2 over the same mesh (its forward all-gathers); a meta-built one
+    (``kit.load_denoiser("", meta=True)``) is materialised after sharding, as the trainer does."""
     import dataclasses
 
     from engine.parallel import is_meta, materialize, parallelize
-    from engine.precision import apply_fp8
+    from engine.precision import apply_attention_precision, apply_fp8
 
     info = dist_info(cfg)
     meta = is_meta(frozen(model))  # model.meta_init: shard first, then materialise (rank 0 reads)
     if not meta:
         model.to(info.device)
     apply_fp8(model, cfg.precision)
+    if (
+        cfg.model.attention_precision == "fp8"
+    ):  # the teacher's forward ran bf16 attention beside an FP8 Executor
+        apply_attention_precision(model, cfg.model)
     pcfg = dataclasses.replace(cfg.parallel, activation_checkpointing="none")
     model = parallelize(model, pcfg, cfg.precision, info.fsdp_mesh, info.cp_mesh)
     if meta:

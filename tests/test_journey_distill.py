@@ -109,6 +109,28 @@ def test_weights_of_another_model_config_are_one_line_errors_before_loading(tmp_
     assert not (tmp_path / "d" / "eval" / "demonstrator+task.npz").exists()  # nothing sampled
 
 
+def test_the_teacher_runs_the_attention_precision_the_executor_trains_with(tmp_path):
+    """prepare_teacher applied the FP8 linear backend but not model.attention_precision: with "fp8" the frozen
+    Demonstrator's forwards (the targets of every step) ran bf16 attention beside an FP8 Executor. It now
+    gets FP8 attention in the same blocks (model.fp8_attention_skip_blocks stay bf16)."""
+    from recipes.common import build_kit, prepare_teacher
+
+    cfg = _cfg(tmp_path, 1)
+    cfg.model.attention, cfg.model.attention_precision = "triton", "fp8"
+    cfg.model.fp8_attention_skip_blocks = [-1]
+    teacher = prepare_teacher(build_kit(cfg).load_denoiser(""), cfg)
+    per_block = [
+        {m.attention_precision for m in block.modules() if hasattr(m, "attention_precision")}
+        for block in teacher.blocks
+    ]
+    assert per_block == [{"fp8"}] * (len(per_block) - 1) + [{"bf16"}], per_block
+    cfg.model.attention_precision = "bf16"
+    teacher = prepare_teacher(build_kit(cfg).load_denoiser(""), cfg)
+    assert all(p == {"bf16"} for p in (
+        {m.attention_precision for m in b.modules() if hasattr(m, "attention_precision")} for b in teacher.blocks
+    ))  # fmt: skip
+
+
 def test_weights_in_the_diffusers_layout_of_another_patch_shape_are_refused(tmp_path):
     """check_weights_fit let a diffusers-layout file through when a tensor of another shape had the same size
     (a patch embedding of another patch shape), since loading used to reshape it silently; shapes are now
