@@ -179,7 +179,9 @@ class DistillConfig:
     mode: Literal["on_policy", "off_policy", "off_policy_filtered"] = "on_policy"
     steps_per_rollout: int = 2  # rollout states trained on per iteration
     t_weighting: Literal["uniform", "snr", "late"] = "uniform"
-    min_gap: float = 0.25  # stop before distilling when Demonstrator gap (solution - task) is below
+    # recipes/pipeline.py stops before distilling when the Demonstrator's gap (solution - task, paired Avg, its
+    # gap check) is below this; distill.py alone does not measure it; pretrain.py records "passed" against it
+    min_gap: float = 0.25
     demos_per_task: int = 1  # off-policy: Demonstrator samples per task
     pairs_per_image: int = 8  # propose: task/solution pairs per image (the paper's 8)
     tasks: str = ""  # tasks.jsonl from recipes/propose.py ("" = <run>/tasks.jsonl); distill and rl read it

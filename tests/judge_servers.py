@@ -172,6 +172,7 @@ class FaultServer:
 
     class _HTTP(ThreadingHTTPServer):
         daemon_threads = True
+        request_queue_size = 128  # the listen backlog (default 5) refused some of many simultaneous connects
         owner: FaultServer
 
         def handle_error(self, request, client_address) -> None:  # cut connections are expected

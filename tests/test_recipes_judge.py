@@ -23,15 +23,13 @@ def _cfg(url: str, *args: str, timeout_s: float = 2.0):
                              *args])  # fmt: skip
 
 
-def test_batches_that_wait_for_a_connection_are_not_timed_out(monkeypatch):
+def test_batches_that_wait_for_a_connection_are_not_timed_out():
     """3 batches of 8 requests answered in 1.5 s each, timeout_s 2.5: the HTTP client had 16 connections for the
     24 requests, so 8 waited 1.5 s for one and the batch timeout (timeout_s, counting that wait) failed whole
     batches the server answered. Now every request of judge.max_concurrency batches has a connection, and
     every verdict is the server's score."""
     from recipes.common import build_judge
 
-    # the test server's listen backlog (5) refused some of 24 simultaneous connects
-    monkeypatch.setattr(FaultServer._HTTP, "request_queue_size", 128)
     reqs = _requests(24, lambda i: "fault=slow")
     with FaultServer(slow_s=1.5) as srv:
         args = ["--judge.max_batch", "8", "--judge.max_concurrency", "3", "--judge.max_wait_ms", "200"]
