@@ -175,12 +175,28 @@ _STARTED = False  # this process created a process group (end_process then skips
 _TIMEOUT_S: float | None = None  # parallel.timeout_s of that group (new_group gives it to groups made later)
 
 
+def _die_with_launcher() -> None:
+    """Under torchrun (Linux): this worker gets SIGKILL when its torchrun dies. torchrun starts each worker in
+    a session of its own, so a torchrun killed with SIGKILL (it cannot forward that) left the workers training
+    and writing checkpoints into the run folder, beside the resumed run."""
+    if not sys.platform.startswith("linux") or "TORCHELASTIC_RUN_ID" not in os.environ:
+        return
+    import ctypes
+    import signal
+
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() == 1:  # 1: PR_SET_PDEATHSIG
+        os.kill(os.getpid(), signal.SIGKILL)  # torchrun died before the call
+
+
 def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:
     """Read the torchrun environment, create the process group (gloo/nccl) and the mesh.
 
     Single-process runs (no WORLD_SIZE, or WORLD_SIZE=1) get a DistInfo without a mesh. Calls with the
     same mesh shape and device return the same DistInfo (a mesh creates process groups: build it once).
+    Under torchrun the process is also killed when its torchrun dies (:func:`_die_with_launcher`).
     """
+    _die_with_launcher()
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     dev = resolve_device(device, local_rank)

@@ -594,3 +594,54 @@ def test_a_stuck_peer_at_a_logging_step_is_a_named_timeout(tmp_path):
     p = _two_ranks(tmp_path, METRICS_TIMEOUT_SCRIPT, str(tmp_path))
     line = next((x for x in p.stdout.splitlines() if x.startswith("rank 0:")), p.stdout + p.stderr[-2000:])
     assert line.startswith("rank 0: timed out after") and "metrics all-reduce" in line, line
+
+
+ORPHAN_SCRIPT = """
+import os, sys, time
+import torch, torch.distributed as dist
+from pathlib import Path
+from engine.config import ParallelConfig
+from engine.dist import init_distributed
+
+info = init_distributed(ParallelConfig(), "cpu")
+Path(sys.argv[1], f"pid{info.rank}").write_text(str(os.getpid()))
+for _ in range(600):  # training steps: a collective every 0.1 s, for a minute
+    dist.all_reduce(torch.ones(1))
+    time.sleep(0.1)
+"""
+
+
+@pytest.mark.dist
+def test_workers_die_with_a_sigkilled_torchrun(tmp_path):
+    """SIGKILL to torchrun (a scheduler's hard kill): torchrun starts each worker in a session of its own and
+    cannot forward SIGKILL, so its workers went on training (and saving into the run folder, beside the
+    resumed run) with no launcher; now each worker dies with its torchrun."""
+    import signal
+    import time
+
+    script = tmp_path / "orphan.py"
+    script.write_text(ORPHAN_SCRIPT)
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
+    proc = subprocess.Popen([*TORCHRUN_2, str(script), str(tmp_path)], env=env,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    pids, deadline = [], time.time() + 60
+    while time.time() < deadline and len(pids) < 2:
+        pids = [int(p.read_text()) for p in tmp_path.glob("pid*") if p.read_text()]
+        time.sleep(0.1)
+    assert len(pids) == 2, "the workers did not start"
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+
+    def alive(pid: int) -> bool:
+        try:
+            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+        except FileNotFoundError:
+            return False
+
+    deadline = time.time() + 10
+    while time.time() < deadline and any(map(alive, pids)):
+        time.sleep(0.1)
+    left = [p for p in pids if alive(p)]
+    for p in left:  # do not leave them running
+        os.kill(p, signal.SIGKILL)
+    assert not left, f"workers {left} still running 10 s after torchrun was killed"
