@@ -40,7 +40,6 @@ from recipes.common import (  # noqa: E402
     read_jsonl,
     rewrite_jsonl,
     run_dir,
-    save_image,
     tasks_path,
 )
 
@@ -57,10 +56,25 @@ def toy_scene_images(seed: int, n: int, folder: Path) -> list[tuple[str, Path]]:
     for i in range(n):
         scene = random_scene(rng)
         path = folder / f"scene{seed}_{i:05d}.png"
-        if not path.is_file():
-            save_image(render_one(scene, None)[0], path)
+        image = render_one(scene, None)[0]
+        # a run killed mid-save left an empty or cut PNG that every resume failed to read: rewrite it, atomically
+        if not _same_image(path, image):
+            from PIL import Image
+
+            folder.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(path.name + ".tmp")
+            Image.fromarray(image).save(tmp, format="PNG")
+            os.replace(tmp, path)
         out.append((path.stem, path))
     return out
+
+
+def _same_image(path: Path, image: np.ndarray) -> bool:
+    """``path`` is a readable image equal to ``image``."""
+    try:
+        return path.is_file() and np.array_equal(load_image(str(path)), image)
+    except OSError:  # PIL's UnidentifiedImageError and a truncated file are OSErrors
+        return False
 
 
 def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
