@@ -8,9 +8,9 @@ The VLM is asked for blocks of the form
 :func:`parse_proposals` keeps only complete, valid blocks: the task is kept with its ``[Agent]: ``
 prefix (the Executor's prompt), the solution is the text after ``Description:`` (the Demonstrator's
 prompt). Word bounds are parameters (the paper's 40-90 for real VLMs; the toy world writes shorter
-solutions). Duplicated tasks are dropped. :class:`ChatProposer` asks again for images that are still
-short of N pairs, up to ``max_attempts`` rounds, then gives up on them and counts them: a half-parsed
-pair is never returned.
+solutions). Duplicated tasks are dropped, and so is the last block of an answer cut at max_new_tokens.
+:class:`ChatProposer` asks again for images that are still short of N pairs, up to ``max_attempts``
+rounds, then gives up on them and counts them: a half-parsed pair is never returned.
 """
 
 from __future__ import annotations
@@ -202,7 +202,7 @@ class ChatProposer:
             results = await self.chat.chat(items)
             self.stats.requests += len(items)
             for i, res in zip(todo, results):
-                self._accept(res.text if res.status == "ok" else None, out[i], seen[i], n)
+                self._accept(res.text if res.status == "ok" else None, out[i], seen[i], n, res.truncated)
         self.stats.short_images += sum(len(o) < n for o in out)
         log.debug(
             "proposed %d pairs for %d images in %.2fs",
@@ -212,10 +212,20 @@ class ChatProposer:
         )
         return out
 
-    def _accept(self, text: str | None, pairs: list[TaskPair], seen: set[str], n: int) -> None:
+    def _accept(
+        self, text: str | None, pairs: list[TaskPair], seen: set[str], n: int, truncated: bool = False
+    ) -> None:
         if text is None:
             self.stats.failed_calls += 1
             return
+        tags = list(_AGENT.finditer(text))
+        if truncated and tags:
+            # stopped at max_new_tokens: the last block may end mid-description (a half solution passed the bounds)
+            text = text[: tags[-1].start()]
+            self.stats.rejected_blocks += 1
+            self.stats.reasons["truncated"] = self.stats.reasons.get("truncated", 0) + 1
+            if len(tags) == 1:
+                return
         parsed, reasons = parse_proposals(text, **self.bounds)
         self.stats.rejected_blocks += sum(reasons.values())
         for r, c in reasons.items():

@@ -141,3 +141,69 @@ def test_transformers_proposer_on_tiny_random_vlm(tmp_path):
     # Random words cannot form a 40-word description: every image ends short, and says so.
     assert out == [[], []] and prop.stats.requests == 4 and prop.stats.short_images == 2
     assert prop.stats.failed_calls == 0 and sum(prop.stats.reasons.values()) >= 4
+
+
+class _CutServer:
+    """A loopback OpenAI-compatible server that answers "Propose N" with N blocks of 45-word descriptions and,
+    as vLLM does, stops after the request's max_tokens (here: words) with finish_reason "length"."""
+
+    def __init__(self):
+        import json
+        import re
+        import threading
+        from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+        self.full: set[str] = set()
+
+        def answer(n: int, start: int) -> str:
+            blocks = []
+            for k in range(start, start + n):
+                sol = " ".join(f"step{k}w{w}" for w in range(45))
+                self.full.add(sol)
+                blocks.append(f"[Agent]: push block {k} left\nDescription: {sol}")
+            return "\n\n".join(blocks)
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+
+            def log_message(self, *args):
+                pass
+
+            def do_POST(self):  # noqa: N802
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                prompt = " ".join(p["text"] for p in body["messages"][-1]["content"] if p["type"] == "text")
+                n = int(re.search(r"Propose (\d+)", prompt).group(1))
+                words = answer(n, start=10 * n).split(" ")
+                cut = len(words) > body["max_tokens"]
+                content = " ".join(words[: body["max_tokens"]])
+                choice = {"index": 0, "message": {"role": "assistant", "content": content},
+                          "finish_reason": "length" if cut else "stop"}  # fmt: skip
+                data = json.dumps({"choices": [choice]}).encode()
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+        self.http = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.url = f"http://127.0.0.1:{self.http.server_address[1]}/v1"
+        threading.Thread(target=self.http.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.http.shutdown()
+        self.http.server_close()
+
+
+def test_an_answer_cut_at_max_new_tokens_gives_no_half_solution():
+    """An answer stopped at max_new_tokens (finish_reason "length") ends mid-description: its last block, 41 of
+    45 words, passed the 40-90 bound and was kept as a half solution. It is dropped and asked for again."""
+    srv = _CutServer()
+    try:
+        # the answer's 148 space-separated words cut to 144: the third description keeps 41 of its 45
+        prop = OpenAIProposer(srv.url, "m", timeout_s=10, max_attempts=2, max_new_tokens=144)
+        out = asyncio.run(prop.propose(_images(2), 3))
+    finally:
+        srv.close()
+    assert [len(o) for o in out] == [3, 3]
+    assert all(p.solution in srv.full for o in out for p in o), [p.solution[-40:] for o in out for p in o]
+    assert prop.stats.reasons == {"truncated": 2} and prop.stats.requests == 4
