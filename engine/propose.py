@@ -65,8 +65,9 @@ class Proposer(Protocol):
     async def propose(self, images: list[np.ndarray], n: int) -> list[list[TaskPair]]: ...
 
 
-_AGENT = re.compile(r"\[\s*agent\s*\]\s*:", re.IGNORECASE)
-_DESC = re.compile(r"\bdescription\s*:", re.IGNORECASE)
+# emphasis may close before the colon ("**[Agent]**:", "**Description**:"), as it may after it
+_AGENT = re.compile(r"\[\s*agent\s*\][*_`]*\s*:", re.IGNORECASE)
+_DESC = re.compile(r"\bdescription[*_`]*\s*:", re.IGNORECASE)
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
 # a line that is only a list marker or an item heading ("2.", "-", "Task 2:", "**Proposal 3**", "### Task 4")
 _HEADING = re.compile(

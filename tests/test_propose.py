@@ -23,7 +23,7 @@ def _pairs(n: int, seed: int, lo: int, hi: int) -> list[TaskPair]:
     return out
 
 
-@pytest.mark.parametrize("style", ["plain", "numbered", "markdown", "headed", "tight"])
+@pytest.mark.parametrize("style", ["plain", "numbered", "markdown", "bold_labels", "headed", "tight"])
 def test_parse_roundtrip_of_formatted_pairs(style):
     """Each layout parses back to exactly the pairs written: headings, list markers and closing chatter
     around the blocks stay out of the solutions (a solution that ends in a number keeps it)."""
@@ -38,6 +38,8 @@ def test_parse_roundtrip_of_formatted_pairs(style):
             blocks.append(f"{i + 1}. [Agent]: {task}\n   Description: {p.solution}")
         elif style == "markdown":
             blocks.append(f"**[Agent]:** {task}\n**Description:** {p.solution}\n")
+        elif style == "bold_labels":  # the emphasis closes before the colon: every block was "no_agent_tag"
+            blocks.append(f"**[Agent]**: {task}\n**Description**: {p.solution}\n")
         elif style == "headed":
             blocks.append(f"### Task {i + 1}:\n[Agent]: {task}\nDescription: {p.solution}")
         else:  # no blank lines: the next item's marker ("2.") follows a description ending in a number
