@@ -104,6 +104,8 @@ def _validate(task: str, solution: str, bounds: tuple[int, int, int, int]) -> st
         return "solution_length"
     if _AGENT.search(solution):
         return "nested_agent_tag"
+    if _DESC.search(solution):  # the next item, written without its [Agent] tag, ran into this solution
+        return "merged_blocks"
     return None
 
 

@@ -209,3 +209,17 @@ def test_an_answer_cut_at_max_new_tokens_gives_no_half_solution():
     assert [len(o) for o in out] == [3, 3]
     assert all(p.solution in srv.full for o in out for p in o), [p.solution[-40:] for o in out for p in o]
     assert prop.stats.reasons == {"truncated": 2} and prop.stats.requests == 4
+
+
+def test_an_item_without_its_agent_tag_does_not_merge_into_the_previous_solution():
+    """The next item written without the [Agent] tag ("2. Pick up ...", "Agent: ...") ran into the previous
+    block's description: one solution held two items' texts, tasks and a second 'Description:' (within the
+    word bounds). Such a block is refused, never returned merged; a tagged item after it still parses."""
+    a, b, c = (_pairs(3, 7, 25, 30)[i] for i in range(3))
+    for untagged in (f"2. {b.task[9:]}", f"Agent: {b.task[9:]}", f"- Task: {b.task[9:]}"):
+        text = (
+            f"1. [Agent]: {a.task[9:]}\nDescription: {a.solution}\n{untagged}\nDescription: {b.solution}\n"
+            f"3. [Agent]: {c.task[9:]}\nDescription: {c.solution}\n"
+        )
+        got, reasons = parse_proposals(text, min_words=20, max_words=90)  # the merged text is within them
+        assert got == [c] and reasons == {"merged_blocks": 1}, (untagged, got)
