@@ -69,9 +69,11 @@ class Proposer(Protocol):
 _AGENT = re.compile(r"\[\s*agent\s*\][*_`]*\s*:", re.IGNORECASE)
 _DESC = re.compile(r"\bdescription[*_`]*\s*:", re.IGNORECASE)
 _LIST_MARK = re.compile(r"^\s*(?:[-*\u2022]|\d+[.)])\s*")
-# a line that is only a list marker or an item heading ("2.", "-", "Task 2:", "**Proposal 3**", "### Task 4")
+# a line that is only a list marker or an item heading ("2.", "(2)", "#2", "-", "Task 2:", "Task 2 -", "1) Task:",
+# "**Proposal 3**", "### Task 4")
 _HEADING = re.compile(
-    r"^\s*[-*\u2022#]*\s*(?:\d+[.)]|(?:task|item|proposal|example|pair)\s*#?\s*\d*\s*[:.)]?)?\s*\**\s*$",
+    r"^\s*[-*\u2022#]*\s*(?:(?:\(?\d+[.):-]|#\d+)\s*)?"
+    r"(?:(?:task|item|proposal|example|pair)\s*#?\s*\d*\s*[:.)-]?)?\s*\**\s*$",
     re.IGNORECASE,
 )
 

@@ -23,7 +23,11 @@ def _pairs(n: int, seed: int, lo: int, hi: int) -> list[TaskPair]:
     return out
 
 
-@pytest.mark.parametrize("style", ["plain", "numbered", "markdown", "bold_labels", "headed", "tight"])
+TIGHT = {"tight": "{i}. ", "tight_paren": "({i}) ", "tight_hash": "#{i} ", "tight_dash": "Task {i} - ",
+         "tight_label": "{i}) Task: "}  # fmt: skip
+
+
+@pytest.mark.parametrize("style", ["plain", "numbered", "markdown", "bold_labels", "headed", *TIGHT])
 def test_parse_roundtrip_of_formatted_pairs(style):
     """Each layout parses back to exactly the pairs written: headings, list markers and closing chatter
     around the blocks stay out of the solutions (a solution that ends in a number keeps it)."""
@@ -42,10 +46,11 @@ def test_parse_roundtrip_of_formatted_pairs(style):
             blocks.append(f"**[Agent]**: {task}\n**Description**: {p.solution}\n")
         elif style == "headed":
             blocks.append(f"### Task {i + 1}:\n[Agent]: {task}\nDescription: {p.solution}")
-        else:  # no blank lines: the next item's marker ("2.") follows a description ending in a number
-            blocks.append(f"{i + 1}. [Agent]: {task}\nDescription: {p.solution}")
-    text = "Here are the tasks:\n\n" + ("\n" if style == "tight" else "\n\n").join(blocks)
-    if style != "tight":
+        else:  # no blank lines: the next item's marker ("2.", "(2)", "Task 2 -") follows a description ending
+            # in a number; all but "2." ended up in the previous solution
+            blocks.append(f"{TIGHT[style].format(i=i + 1)}[Agent]: {task}\nDescription: {p.solution}")
+    text = "Here are the tasks:\n\n" + ("\n" if style in TIGHT else "\n\n").join(blocks)
+    if style not in TIGHT:
         text += "\n\nI hope these tasks are helpful!"
     got, reasons = parse_proposals(text)
     assert got == pairs and reasons == {}
