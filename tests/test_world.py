@@ -293,3 +293,13 @@ def test_judge_needs_two_frames():
     frame = render_one(s, None)[0]
     with pytest.raises(ValueError, match="expected >= 2"):
         judge_frames([frame], "[Agent]: put the red block above the blue block")
+
+
+def test_proposer_refuses_a_scene_at_another_size():
+    """A toy scene at twice the size (64x64, each pixel doubled) was read on the 8-pixel grid anyway: its blocks
+    landed in wrong columns and rows, and the proposer wrote solutions that move the wrong distance."""
+    s = Scene(("red", "green", "blue"), (0, 1, 2), (0, 1, 3))
+    image = render_one(s, None)[0]
+    assert _key(read_scene(image)) == _key(s)
+    with pytest.raises(ValueError, match="expected a 32x32"):
+        asyncio.run(OracleProposer().propose([image.repeat(2, 0).repeat(2, 1)], 2))

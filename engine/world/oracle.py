@@ -195,6 +195,9 @@ class OracleJudge:
 
 def read_scene(image: np.ndarray) -> Scene:
     """Parse a still scene image into blocks on the grid (as a VLM would describe it)."""
+    # cells are read at CELL pixels: a scene at another size (a 64x64 copy) read as wrong columns and rows
+    if image.shape[:2] != (SIZE, SIZE):
+        raise ValueError(f"image: shape {image.shape}; expected a {SIZE}x{SIZE} toy-world scene")
     r = read_frame(image)
     if not r.blocks:
         raise ValueError("image: no blocks found (expected a toy-world scene)")
