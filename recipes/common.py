@@ -758,6 +758,9 @@ def check_judge(cfg: JobConfig) -> None:
         raise ConfigError(
             "judge.base_url: the openai backend needs an endpoint, e.g. http://127.0.0.1:8000/v1"
         )
+    if j.backend == "transformers" and (why := _transformers_folder_problem(j.model)):
+        # transformers' OSError traceback came once the recipe's models were loaded
+        raise ConfigError(f"judge.model: {why}")
     # the VLM judges refused these when built: after the models were loaded
     if j.backend != "oracle" and j.num_frames < 1:
         raise ConfigError(
@@ -766,6 +769,28 @@ def check_judge(cfg: JobConfig) -> None:
     if j.backend == "openai" and (j.timeout_s <= 0 or j.max_retries < 0):
         raise ConfigError(f"judge.timeout_s = {j.timeout_s}, judge.max_retries = {j.max_retries}: the openai backend "
                           "needs timeout_s > 0 and max_retries >= 0")  # fmt: skip
+
+
+def _transformers_folder_problem(name: str) -> str | None:
+    """Why ``name`` is not a transformers model folder (None if it is, or if it can only be a hub id)."""
+    from huggingface_hub.utils import HFValidationError, validate_repo_id
+
+    path = Path(name).expanduser()
+    if not path.exists():
+        try:
+            validate_repo_id(name)
+            return None  # a hub id, e.g. Qwen/Qwen2.5-VL-7B-Instruct
+        except HFValidationError:
+            return f"folder '{name}' does not exist"
+    if not path.is_dir():
+        return f"'{name}' is not a folder (expected a transformers model folder with config.json)"
+    weights = ("model.safetensors", "model.safetensors.index.json", "pytorch_model.bin",
+               "pytorch_model.bin.index.json")  # fmt: skip
+    if not (path / "config.json").is_file() or not any((path / w).is_file() for w in weights):
+        return (
+            f"'{name}' is not a transformers model folder (config.json and {weights[0]} or a sharded index)"
+        )
+    return None
 
 
 def check_run(cfg: JobConfig) -> None:
