@@ -89,7 +89,8 @@ def manifest_images(manifest: str, root: str) -> list[tuple[str, Path]]:
         if not isinstance(row, dict) or not isinstance(row.get("image"), str):
             raise ValueError(f"{manifest}: row {i + 1} has no 'image' field; expected {{\"image\": path}}")
         path = Path(row["image"]) if Path(row["image"]).is_absolute() else base / row["image"]
-        image_id = str(row.get("id", path.stem))
+        # a null or empty id (a spreadsheet's blank cell) is none: it was the id "None" (or ""), shared by such rows
+        image_id = path.stem if row.get("id") is None or row.get("id") == "" else str(row["id"])
         # rows and resume are keyed by it: one image's rows would pass for another's
         if image_id in first_row:
             j = first_row[image_id]

@@ -103,3 +103,19 @@ def test_resume_after_a_kill_mid_image_save_equals_the_full_run(tmp_path):
     for path in pngs:  # the renderer's images, and no temporary file left beside them
         assert np.array_equal(load_image(str(path)), render_one(random_scene(rng), None)[0])
     assert sorted(p.name for p in (tmp_path / "killed" / "images").iterdir()) == [p.name for p in pngs]
+
+
+def test_manifest_rows_with_a_null_or_empty_id_are_keyed_by_their_file(tmp_path):
+    """A manifest row with "id": null (a blank cell exported from a table) got the image id "None" ("" for an
+    empty one): two such rows were refused as one id, and one wrote rows "None-p0". Such a row is keyed by its
+    file name, as a row without an id is; an id of 0 is still an id."""
+    import json
+
+    from recipes.propose import manifest_images
+
+    images = _images(tmp_path, 4)
+    ids = [None, "", None, 0]
+    rows = [{"image": p.name, "id": i} for (_, p), i in zip(images, ids)]
+    (tmp_path / "m.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    got = manifest_images(str(tmp_path / "m.jsonl"), "")
+    assert got == [("im0", images[0][1]), ("im1", images[1][1]), ("im2", images[2][1]), ("0", images[3][1])]
