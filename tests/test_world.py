@@ -303,3 +303,19 @@ def test_proposer_refuses_a_scene_at_another_size():
     assert _key(read_scene(image)) == _key(s)
     with pytest.raises(ValueError, match="expected a 32x32"):
         asyncio.run(OracleProposer().propose([image.repeat(2, 0).repeat(2, 1)], 2))
+
+
+def test_random_moves_of_two_and_four_block_scenes():
+    """random_moves drew the block among NUM_BLOCKS = 3 whatever the scene held: on a two-block scene it raised
+    IndexError, on a four-block one the fourth block never moved. Every draw is now legal (render accepts it)
+    and every block of the scene gets moved."""
+    from engine.world.scene import random_moves
+
+    rng = np.random.default_rng(0)
+    for scene in (
+        Scene(("red", "blue"), (0, 2), (0, 3)),
+        Scene(("red", "yellow", "blue", "green"), (0, 1, 2, 3), (0, 1, 3, 1)),
+    ):
+        moves = [random_moves(scene, rng) for _ in range(200)]
+        render([scene] * len(moves), moves)  # raises on an illegal move
+        assert {m.block for m in moves} == set(range(len(scene.colours)))

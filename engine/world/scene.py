@@ -137,7 +137,8 @@ def task_pairs(scene: Scene) -> list[tuple[str, str, Move]]:
 
 def random_moves(scene: Scene, rng: np.random.Generator) -> Move:
     """A uniformly random legal move (any block, any displacement that stays on the grid)."""
-    block = int(rng.integers(NUM_BLOCKS))
+    # over the scene's own blocks (NUM_BLOCKS raised IndexError on two, never moved a fourth); the same draws on 3
+    block = int(rng.integers(len(scene.colours)))
     options = [d for d in range(-scene.cols[block], GRID - scene.cols[block]) if d != 0]
     return Move(block, int(rng.choice(options)))
 
