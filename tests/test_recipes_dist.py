@@ -162,3 +162,39 @@ def test_distill_with_sequence_parallel_matches_one_process(tmp_path):
     for k in want:
         # Adam moves every weight by up to lr = 1e-3 a step: summation order alone leaves ~1.5e-5
         torch.testing.assert_close(got[k], want[k], rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.dist
+def test_distill_resumes_exactly_after_torchrun_is_sigkilled(tmp_path):
+    """FSDP2 distillation on 2 ranks, checkpoint every 2 steps; SIGKILL to torchrun (a hard kill, as a
+    scheduler's) right after the step-2 checkpoint, then the same command again: the resumed run writes the
+    uninterrupted run's rows (every step once, the same losses) and a bit-identical model.safetensors. Before,
+    the killed torchrun's workers (each in a session of its own) went on training beside the resumed run."""
+    tiny = ["--world.num_scenes", "3", "--distill.pairs_per_image", "2", "--train.batch_size", "2",
+            "--flow.num_steps", "2", "--train.warmup_steps", "0", "--train.log_every", "1", "--run.device", "cpu"]  # fmt: skip
+    cli("propose", tmp_path, "base", tiny)
+    train = [*tiny, "--distill.tasks", str(tmp_path / "base" / "tasks.jsonl"), "--train.steps", "8",
+             "--train.lr", "1e-3", "--checkpoint.interval", "2"]  # fmt: skip
+    cli("distill", tmp_path, "full", train, nproc=2)
+    proc = subprocess.Popen(command("distill", tmp_path, "k", train, nproc=2), env=env(), cwd=REPO,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+    marker = tmp_path / "k" / "checkpoints" / "step_00000002" / "COMPLETE"
+    deadline = time.time() + 120
+    while time.time() < deadline and proc.poll() is None and not marker.exists():
+        time.sleep(0.01)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert marker.exists()
+    p = cli("distill", tmp_path, "k", train, nproc=2)
+    assert "resumed at step 2" in p.stderr
+    rows = {
+        n: [json.loads(x) for x in (tmp_path / n / "metrics.jsonl").read_text().splitlines()]
+        for n in ("full", "k")
+    }
+    assert [r["step"] for r in rows["k"]] == list(range(1, 9))
+    for a, b in zip(rows["k"], rows["full"]):
+        assert (a["loss"], a["grad_norm"]) == (b["loss"], b["grad_norm"]), a["step"]
+    time.sleep(3)  # anything still training would rewrite the export
+    assert (tmp_path / "k" / "model.safetensors").read_bytes() == (
+        tmp_path / "full" / "model.safetensors"
+    ).read_bytes()
