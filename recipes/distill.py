@@ -207,7 +207,12 @@ def validate(cfg: JobConfig) -> None:
         if cfg.distill.mode == "off_policy_filtered":
             t = cfg.distill.filter_threshold
             if not any((r.get("scores", {}).get("task") or 0.0) >= t for r in rows):
-                best = max((r.get("scores", {}).get("task") or 0.0 for r in rows), default=None)
+                scored = [r["scores"]["task"] for r in rows if r.get("scores", {}).get("task") is not None]
+                if rows and not scored:  # "best: 0.0" read as the judge's verdict
+                    raise ConfigError(f"distill.demos: none of the {len(rows)} demonstrations in '{demos}' has a "
+                                      "Task score (every judge call failed); rerun recipes/demonstrate.py, which "
+                                      "scores them again")  # fmt: skip
+                best = max(scored, default=None)
                 raise ConfigError(f"distill.filter_threshold = {t}: none of the {len(rows)} demonstrations in '{demos}' "
                                   f"has a Task score >= it (best: {best}); nothing to train on")  # fmt: skip
         elif not rows:

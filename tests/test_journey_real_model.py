@@ -142,3 +142,25 @@ def test_a_missing_or_wrong_transformers_judge_folder_is_a_one_line_error(world,
         r.stderr
     )
     assert not (tmp_path / "wan21_i2v_14b_480p").exists()
+
+
+def test_filtered_sft_on_demonstrations_the_judge_never_scored_says_so(world, tmp_path):
+    """Demonstrations whose judge calls all failed (the tiny judge answers random words: null scores in the
+    index) were refused by distill off_policy_filtered as 'none has a Task score >= 0.5 (best: 0.0)', a score
+    no judge gave; it now says none was scored and that demonstrate scores them again."""
+    from engine.config import ConfigError, load_config
+    from recipes import demonstrate, distill
+
+    argv = [*_args(world), "--run.out_dir", str(tmp_path), "--run.name", "x", "--distill.tasks",
+            str(world / "tasks.jsonl"), *_judge(world), "--eval.batch_size", "3", "--eval.write_videos", "0",
+            "--flow.num_steps", "2"]  # fmt: skip
+    cfg = load_config(argv=argv)
+    demonstrate.validate(cfg)
+    demonstrate.run(cfg)
+    rows = [json.loads(line) for line in (tmp_path / "x" / "demos" / "index.jsonl").read_text().splitlines()]
+    assert len(rows) == 3 and all(r["scores"]["task"] is None for r in rows)
+    with pytest.raises(
+        ConfigError, match="none of the 3 demonstrations .* has a Task score \\(every judge call"
+    ):
+        distill.validate(load_config(argv=[*argv, "--distill.mode", "off_policy_filtered"]))
+    distill.validate(load_config(argv=[*argv, "--distill.mode", "off_policy"]))  # unfiltered SFT uses them
