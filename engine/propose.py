@@ -111,12 +111,19 @@ def _validate(task: str, solution: str, bounds: tuple[int, int, int, int]) -> st
     return None
 
 
+def _is_heading(line: str) -> bool:
+    """A short line that _HEADING matches: its runs of spaces backtracked without end (400 spaces took 8 s, a
+    thousand hung the proposer), so spaces are collapsed and a heading is short."""
+    line = " ".join(line.split())
+    return len(line) <= 40 and _HEADING.match(line) is not None
+
+
 def _description(text: str) -> str:
     """The description paragraph of one block: up to its first blank line (what follows is the next item's
     heading or the VLM's closing chatter), without trailing lines that are only the next item's list marker or
     heading ("2.", "Task 2:"), which end up in this block because it runs to the next [Agent] tag."""
     lines = re.split(r"\n[ \t]*\n", text.strip(), maxsplit=1)[0].splitlines()
-    while len(lines) > 1 and _HEADING.match(lines[-1]):
+    while len(lines) > 1 and _is_heading(lines[-1]):
         lines.pop()
     return "\n".join(lines)
 

@@ -228,3 +228,22 @@ def test_an_item_without_its_agent_tag_does_not_merge_into_the_previous_solution
         )
         got, reasons = parse_proposals(text, min_words=20, max_words=90)  # the merged text is within them
         assert got == [c] and reasons == {"merged_blocks": 1}, (untagged, got)
+
+
+def test_a_long_run_of_spaces_in_an_answer_does_not_hang_the_parser():
+    """A degenerate answer with a long run of spaces on a description's last line: the heading check backtracked
+    polynomially (400 spaces took seconds, a thousand minutes) and blocked the proposer's event loop."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    code = (
+        "from engine.propose import parse_proposals\n"
+        "sol = ' '.join(f'w{i}' for i in range(50))\n"
+        "text = f'[Agent]: push the cube\\nDescription: {sol}\\n' + ' ' * 3000 + 'x\\n[Agent]: next'\n"
+        "pairs, _ = parse_proposals(text)\n"
+        "assert [p.solution for p in pairs] == [sol + ' x'], pairs\n"
+    )
+    repo = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=30)
+    assert r.returncode == 0, r.stderr[-2000:]
