@@ -86,7 +86,7 @@ def _clean(s: str) -> str:
     """Without the markdown some VLMs add: emphasis (*, `, and _ that is not inside a word: red_block stays)
     and heading marks (a leading #)."""
     s = re.sub(r"[*`]+", "", s)
-    s = re.sub(r"(?<![A-Za-z0-9])_+|_+(?![A-Za-z0-9])", "", s)
+    s = re.sub(r"(?<![^\W_])_+|_+(?![^\W_])", "", s)  # any script's letters: tasse_à_café stays
     s = re.sub(r"^\s*#+", "", s)
     return " ".join(s.split()).strip().strip('"').strip()
 

@@ -247,3 +247,15 @@ def test_a_long_run_of_spaces_in_an_answer_does_not_hang_the_parser():
     repo = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, "-c", code], cwd=repo, capture_output=True, text=True, timeout=30)
     assert r.returncode == 0, r.stderr[-2000:]
+
+
+def test_underscores_beside_non_ascii_letters_stay():
+    """An underscore was kept only between ASCII letters or digits: 'tasse_à_café' became 'tasseàcafé' and
+    'Würfel_ä' 'Würfelä' (a non-English object name rewritten); emphasis underscores still go."""
+    text = (
+        "[Agent]: pousse la tasse_à_café vers le bloc_bleu\n"
+        "Description: l'agent saisit la _tasse_à_café_ et la pousse vers le __Würfel_ä__ à droite.\n"
+    )
+    (pair,), _ = parse_proposals(text, min_words=5, max_words=30)
+    assert pair.task == "[Agent]: pousse la tasse_à_café vers le bloc_bleu"
+    assert pair.solution == "l'agent saisit la tasse_à_café et la pousse vers le Würfel_ä à droite."
