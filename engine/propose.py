@@ -8,13 +8,15 @@ The VLM is asked for blocks of the form
 :func:`parse_proposals` keeps only complete, valid blocks: the task is kept with its ``[Agent]: ``
 prefix (the Executor's prompt), the solution is the text after ``Description:`` (the Demonstrator's
 prompt). Word bounds are parameters (the paper's 40-90 for real VLMs; the toy world writes shorter
-solutions). Duplicated tasks are dropped, and so is the last block of an answer cut at max_new_tokens.
+solutions). An answer in JSON (objects of task and description strings) is read as the same blocks.
+Duplicated tasks are dropped, and so is the last block of an answer cut at max_new_tokens.
 :class:`ChatProposer` asks again for images that are still short of N pairs, up to ``max_attempts``
 rounds, then gives up on them and counts them: a half-parsed pair is never returned.
 """
 
 from __future__ import annotations
 
+import json
 import re
 import time
 from dataclasses import dataclass, field
@@ -128,13 +130,51 @@ def _description(text: str) -> str:
     return "\n".join(lines)
 
 
+def _json_blocks(text: str) -> str | None:
+    """An answer written as JSON (optionally in a code fence) in the two-line text form: an object's task /
+    "[Agent]" and description / solution strings, a string as it is. None when the answer is not JSON (its
+    quotes and keys ended up in the task and solution: 'push it left", "solution":')."""
+    s = text.strip()
+    if m := re.fullmatch(r"```[A-Za-z]*\s*(.*?)\s*```", s, re.DOTALL):
+        s = m.group(1)
+    if s[:1] not in ("[", "{"):
+        return None
+    try:
+        data = json.loads(s)
+    except ValueError:
+        return None
+    blocks: list[str] = []
+
+    def walk(v) -> None:
+        if isinstance(v, str):
+            blocks.append(v)
+        elif isinstance(v, list):
+            for x in v:
+                walk(x)
+        elif isinstance(v, dict):
+            fields = {k.strip().strip("[]:").strip().lower(): x for k, x in v.items() if isinstance(x, str)}
+            task = fields.get("task", fields.get("agent"))
+            desc = fields.get("description", fields.get("solution"))
+            if task is None and desc is None:
+                for x in v.values():
+                    walk(x)
+            else:
+                task = _AGENT.sub("", task or "", count=1).strip()
+                desc = _DESC.sub("", desc or "", count=1).strip()
+                blocks.append(f"[Agent]: {task}\nDescription: {desc}")
+
+    walk(data)
+    return "\n\n".join(blocks)
+
+
 def parse_proposals(
     text: str, *, min_words: int = 40, max_words: int = 90, task_min_words: int = 2, task_max_words: int = 20
 ) -> tuple[list[TaskPair], dict[str, int]]:
     """Parse a proposer answer into valid pairs (in order) and a count of rejection reasons."""
     reasons: dict[str, int] = {}
     pairs: list[TaskPair] = []
-    starts = [m for m in _AGENT.finditer(text or "")]
+    text = _json_blocks(text or "") or text or ""
+    starts = [m for m in _AGENT.finditer(text)]
     if not starts:
         reasons["no_agent_tag"] = 1
     for i, m in enumerate(starts):

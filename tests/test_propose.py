@@ -259,3 +259,23 @@ def test_underscores_beside_non_ascii_letters_stay():
     (pair,), _ = parse_proposals(text, min_words=5, max_words=30)
     assert pair.task == "[Agent]: pousse la tasse_à_café vers le bloc_bleu"
     assert pair.solution == "l'agent saisit la tasse_à_café et la pousse vers le Würfel_ä à droite."
+
+
+def test_json_answers_parse_to_the_pairs_written():
+    """A VLM that answers in JSON: with 'Description:' inside a value, the JSON quotes and the next key were kept
+    in the task ('push ... 0", "solution":') and the solution; other JSON forms lost every pair. Each form now
+    parses to exactly the pairs written."""
+    import json
+
+    pairs = _pairs(3, seed=11, lo=40, hi=60)
+    objs = [{"task": p.task, "description": p.solution} for p in pairs]
+    forms = {
+        "description_inside": [{"task": p.task, "solution": f"Description: {p.solution}"} for p in pairs],
+        "objects": objs,
+        "wrapped": {"tasks": [{"[Agent]": p.task[9:], "Description": p.solution} for p in pairs]},
+        "strings": [f"{p.task}\nDescription: {p.solution}" for p in pairs],
+    }
+    for name, data in forms.items():
+        for text in (json.dumps(data), f"```json\n{json.dumps(data, indent=2)}\n```"):
+            got, reasons = parse_proposals(text)
+            assert got == pairs and reasons == {}, (name, got)
