@@ -733,6 +733,29 @@ def check_model(cfg: JobConfig) -> None:
                           "pipeline folder: transformer/, vae/, text_encoder/, tokenizer/, ...)")  # fmt: skip
 
 
+def check_training_precision(cfg: JobConfig) -> None:
+    """The FP8 settings the trainer and prepare_teacher refused with a traceback once the models were loaded."""
+    m = cfg.model
+    if m.attention_precision == "fp8" and m.attention != "triton":
+        raise ConfigError(f"model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "
+                          f"got {m.attention!r} (set --model.attention triton)")  # fmt: skip
+    toy = m.family == "wan" and m.flavour == "toy"  # the toy kit never builds on the meta device
+    if cfg.precision.fp8 == "te" and m.meta_init and not toy:
+        raise ConfigError("precision.fp8 = 'te' with model.meta_init = true is not supported (a TE Linear's FP8 "
+                          "state is not in the weights rank 0 reads); set --model.meta_init false, or "
+                          "--precision.fp8 torchao")  # fmt: skip
+    import importlib.util
+
+    module, pip = {
+        "te": ("transformer_engine", "'transformer-engine[pytorch]'"),
+        "torchao": ("torchao", "torchao"),
+    }.get(cfg.precision.fp8, (None, None))
+    if module and importlib.util.find_spec(module) is None:
+        raise ConfigError(
+            f"precision.fp8 = {cfg.precision.fp8!r}: {module} is not installed (pip install {pip})"
+        )
+
+
 def check_demonstrator_folder(folder: str | Path, key: str) -> None:
     """An exported toy Demonstrator folder holds the weight files recipes.pretrain.load_demonstrator reads (a
     folder with its demonstrator.json alone failed with a FileNotFoundError traceback)."""

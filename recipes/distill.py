@@ -50,6 +50,7 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
+    check_training_precision,
     check_weights_fit,
     load_items,
     prepare_teacher,
@@ -180,6 +181,7 @@ def validate(cfg: JobConfig) -> None:
     """The inputs, checked before any model is loaded: a ConfigError naming the key."""
     check_run(cfg)
     check_model(cfg)
+    check_training_precision(cfg)
     check_tasks(tasks_path(cfg), "distill.tasks")
     # a checkpoint of another model config failed with a traceback once the models were loaded
     check_weights_fit(cfg, cfg.distill.init, "distill.init")

@@ -62,6 +62,7 @@ from recipes.common import (  # noqa: E402
     check_model,
     check_run,
     check_tasks,
+    check_training_precision,
     check_weights_fit,
     dist_info,
     judge_batch_s,
@@ -304,6 +305,7 @@ def validate(cfg: JobConfig) -> None:
     """The inputs, checked before any model is loaded: a ConfigError naming the key."""
     check_run(cfg)
     check_model(cfg)
+    check_training_precision(cfg)
     check_judge(cfg)
     check_tasks(tasks_path(cfg), "distill.tasks")
     check_weights_fit(cfg, cfg.rl.init, "rl.init")

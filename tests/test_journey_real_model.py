@@ -164,3 +164,36 @@ def test_filtered_sft_on_demonstrations_the_judge_never_scored_says_so(world, tm
     ):
         distill.validate(load_config(argv=[*argv, "--distill.mode", "off_policy_filtered"]))
     distill.validate(load_config(argv=[*argv, "--distill.mode", "off_policy"]))  # unfiltered SFT uses them
+
+
+def test_fp8_settings_the_trainer_refuses_are_one_line_errors_before_loading(world, tmp_path):
+    """README's `--model.attention_precision fp8` on the shipped config (model.attention 'sdpa'), and
+    `--precision.fp8 te` with its model.meta_init = true (or without Transformer Engine installed), passed
+    distill's and rl's validate: the encoders, prompts and both models were loaded first, then the trainer or
+    prepare_teacher raised a ValueError traceback (the run folder left behind)."""
+    import importlib.util
+
+    from engine.config import ConfigError, load_config
+    from recipes import distill, rl
+
+    base = [*_args(world), "--run.out_dir", str(tmp_path), "--distill.tasks", str(world / "tasks.jsonl"),
+            "--train.steps", "1", *_judge(world), "--rl.group_size", "2", "--rl.train_timesteps", "1"]  # fmt: skip
+    cases = [(["--model.attention_precision", "fp8"], "model.attention_precision 'fp8' .* needs model.attention"),
+             (["--precision.fp8", "te"], "precision.fp8 = 'te' with model.meta_init = true")]  # fmt: skip
+    if importlib.util.find_spec("transformer_engine") is None:
+        cases.append(
+            (["--precision.fp8", "te", "--model.meta_init", "false"], "transformer_engine is not installed")
+        )
+    for extra, needle in cases:
+        for recipe in (distill, rl):
+            with pytest.raises(ConfigError, match=needle):
+                recipe.validate(load_config(argv=[*base, *extra]))
+    # what is allowed still passes: our FP8 attention with our kernel, TE without meta_init where installed
+    distill.validate(
+        load_config(argv=[*base, "--model.attention", "triton", "--model.attention_precision", "fp8"])
+    )
+    r = _run("distill", [*base, "--model.attention_precision", "fp8"], ok=False)
+    assert (
+        r.returncode == 2 and "error: model.attention_precision" in r.stderr and "Traceback" not in r.stderr
+    )
+    assert not (tmp_path / "wan21_i2v_14b_480p").exists()
