@@ -131,7 +131,7 @@ class DataConfig:
     fps: float = 0.0  # 0 = native
     height: int = 32
     width: int = 32
-    cache_dir: str = ""  # latent / text-embedding cache ("" = none)
+    cache_dir: str = ""  # latent / text cache recipes/precompute.py writes (no WMSD recipe reads it)
     num_workers: int = 0  # precompute: processes decoding the clips while it encodes (0 = in this process)
     aspect_buckets: bool = False  # True: equal-area aspect-ratio buckets; False: one (height, width)
     bucket_multiple: int = 16  # bucket sides are multiples of this (VAE stride x patch size)

@@ -7,8 +7,10 @@ buckets from the ``data`` section), encodes with the configured model's encoders
 exact latent map and text encoder for ``model.flavour = "toy"``, else ``models.encoders`` from the
 diffusers folder ``model.pretrained``), and writes ``data.cache_dir`` (layout in engine/data/cache.py).
 Rerunning resumes: finished shards are kept, an interrupted or corrupt one is encoded again. Files
-and rows that cannot be used are listed in ``<cache_dir>/quarantine.jsonl``. Training then reads the
-cache with :class:`engine.data.cache.LatentCacheDataset`, without loading any encoder.
+and rows that cannot be used are listed in ``<cache_dir>/quarantine.jsonl``. A training script of your
+own reads the cache with :class:`engine.data.cache.LatentCacheDataset` (batched by
+:class:`engine.data.BatchLoader`), without loading any encoder. The WMSD recipes do not read it:
+distill and rl train on-policy from scene images and tasks, off-policy SFT reads demonstrate's latents.
 """
 
 from __future__ import annotations
