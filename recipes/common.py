@@ -952,7 +952,9 @@ def build_judge_backend(cfg: JobConfig):
                            max_connections=j.max_batch * j.max_concurrency, backoff_s=_BACKOFF_S, parse_retries=1)  # fmt: skip
     from engine.judge import TransformersJudge
 
-    return TransformersJudge(j.model, max_batch=j.max_batch, num_frames=j.num_frames, layout=j.frame_layout)
+    # on the run's device (run.device cpu kept it off a GPU; under torchrun each rank's own GPU, not cuda:0)
+    return TransformersJudge(j.model, device=str(device_of(cfg)), max_batch=j.max_batch, num_frames=j.num_frames,
+                             layout=j.frame_layout)  # fmt: skip
 
 
 _BACKOFF_S = 0.25  # the openai judge's first retry back-off (x 0.5-1.5 jitter, doubling per retry)
@@ -1030,7 +1032,7 @@ def build_proposer(cfg: JobConfig):
     else:
         from engine.judge import TransformersVLM
 
-        chat = TransformersVLM(j.model, max_batch=j.max_batch)
+        chat = TransformersVLM(j.model, device=str(device_of(cfg)), max_batch=j.max_batch)
     return ChatProposer(chat)
 
 

@@ -52,3 +52,22 @@ def test_a_slow_request_does_not_take_its_batch_answers_with_it():
         verdicts = asyncio.run(BatchedJudge(_cfg(srv.url, "--judge.max_batch", "4")).score(reqs))
     assert [v.status for v in verdicts] == ["timeout", "ok", "ok", "ok"], [v.raw for v in verdicts]
     assert [v.score for v in verdicts[1:]] == pytest.approx([expected_score(r.frames[0]) for r in reqs[1:]])
+
+
+@pytest.mark.parametrize("build", ["build_judge_backend", "build_proposer"])
+def test_a_local_judge_loads_on_the_runs_device(tmp_path, monkeypatch, build):
+    """The local transformers judge / proposer took "cuda" whenever a GPU existed, whatever run.device said
+    (--run.device cpu loaded it on the GPU; under torchrun every rank's on cuda:0). It now takes the run's
+    device: here cpu on a machine that says it has a GPU (a load on "cuda" fails on this CPU torch)."""
+    import torch
+
+    import recipes.common as common
+    from engine.judge.tiny import build_tiny_qwen25vl
+
+    build_tiny_qwen25vl(tmp_path / "judge")
+    cfg = load_config(argv=["--judge.backend", "transformers", "--judge.model", str(tmp_path / "judge"),
+                            "--run.device", "cpu"])  # fmt: skip
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    built = getattr(common, build)(cfg)
+    vlm = built.chat  # VLMJudge and ChatProposer both hold their TransformersVLM as .chat
+    assert vlm.device == "cpu" and next(vlm.model.parameters()).device.type == "cpu"
