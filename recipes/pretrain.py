@@ -256,9 +256,13 @@ def validate(cfg: JobConfig) -> None:
     """The settings, checked before training (the gap check after it used world.gap_batch, eval.seeds and
     world.gap_guidance only then): a ConfigError naming the key."""
     from models.wan import FLAVOURS
-    from recipes.common import check_demonstrator_folder, check_run
+    from recipes.common import check_demonstrator_folder, check_run, check_training_precision
 
+    if cfg.parallel.cp > 1:  # the Trainer failed with a TypeError traceback once the model was built
+        raise ConfigError(f"parallel.cp = {cfg.parallel.cp}: the toy Demonstrator does not support sequence "
+                          "parallelism; use parallel.cp 1 (data-parallel ranks scale it)")  # fmt: skip
     check_run(cfg)
+    check_training_precision(cfg)  # FP8 settings the trainer refuses: one line before the data is built
     w = cfg.world
     if cfg.model.family != "wan" or cfg.model.flavour not in FLAVOURS:
         raise ConfigError(f"model.family / model.flavour = {cfg.model.family!r} / {cfg.model.flavour!r}: the toy "

@@ -151,6 +151,10 @@ BAD_SETTINGS = [
     ),
     # trained a Wan DiT whatever model.family said
     (["--model.family", "hunyuan15"], "model.family / model.flavour = 'hunyuan15' / 'debug'"),
+    # the Trainer failed with a TypeError traceback (ToyDemonstrator has no sequence parallelism)
+    (["--parallel.cp", "2"], "parallel.cp = 2: the toy Demonstrator does not support sequence parallelism"),
+    # the Trainer's ValueError traceback once the data and model were built
+    (["--model.attention_precision", "fp8"], "model.attention_precision 'fp8' runs our FP8 kernel"),
 ]
 
 
