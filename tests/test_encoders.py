@@ -230,13 +230,26 @@ def test_image_encoder_resizes_the_short_side_as_the_processor_rounds_it(hw):
     assert (ours - theirs).abs().mean().item() < 0.02
 
 
+def _assert_matches_processor(enc, proc) -> None:
+    """Our pixel values and the processor's for one smooth 240 x 420 uint8 frame: 224 x 224, within rounding."""
+    import numpy as np
+    from PIL import Image
+
+    g = torch.Generator().manual_seed(0)
+    smooth = F.interpolate(torch.rand(1, 3, 5, 9, generator=g), size=(240, 420), mode="bilinear")
+    px = (smooth * 255).round().to(torch.uint8)
+    ours = enc.pixel_values(px.float() / 127.5 - 1)
+    frame = Image.fromarray(np.ascontiguousarray(px[0].permute(1, 2, 0).numpy()))
+    theirs = proc(images=[frame], return_tensors="pt").pixel_values
+    assert ours.shape == theirs.shape == (1, 3, 224, 224)
+    assert (ours - theirs).abs().mean().item() < 0.02
+
+
 @pytest.mark.parametrize("absent", ["do_center_crop", "size", "crop_size", "image_mean", "image_std"])
 def test_image_encoder_takes_the_processors_defaults_for_absent_keys(tmp_path, absent):
     """A preprocessor_config.json without one of the keys the encoder reads is preprocessed as
     CLIPImageProcessor.from_pretrained reads it, with the class's default for that key (do_center_crop was
     taken as False: a non-square frame squashed instead of cropped; a missing size likewise)."""
-    import numpy as np
-    from PIL import Image
     from transformers import CLIPImageProcessor
 
     folder = tmp_path / "image_processor"
@@ -248,22 +261,13 @@ def test_image_encoder_takes_the_processors_defaults_for_absent_keys(tmp_path, a
     proc = CLIPImageProcessor.from_pretrained(folder)
     tiny_clip().save_pretrained(tmp_path / "image_encoder")
     enc = ImageEncoder.from_pretrained(tmp_path / "image_encoder", folder)
-    g = torch.Generator().manual_seed(0)
-    smooth = F.interpolate(torch.rand(1, 3, 5, 9, generator=g), size=(240, 420), mode="bilinear")
-    px = (smooth * 255).round().to(torch.uint8)
-    ours = enc.pixel_values(px.float() / 127.5 - 1)
-    frame = Image.fromarray(np.ascontiguousarray(px[0].permute(1, 2, 0).numpy()))
-    theirs = proc(images=[frame], return_tensors="pt").pixel_values
-    assert ours.shape == theirs.shape == (1, 3, 224, 224)
-    assert (ours - theirs).abs().mean().item() < 0.02
+    _assert_matches_processor(enc, proc)
 
 
 @pytest.mark.parametrize("absent", ["size", "image_mean", "image_std"])
 def test_siglip_image_encoder_takes_the_processors_defaults_for_absent_keys(tmp_path, absent):
     """As above for SiglipImageProcessor: without "size" it resizes to 224 x 224 (the tower's own
     image_size was taken instead)."""
-    import numpy as np
-    from PIL import Image
     from transformers import SiglipImageProcessor, SiglipVisionConfig, SiglipVisionModel
 
     from models.encoders import SiglipImageEncoder
@@ -279,11 +283,4 @@ def test_siglip_image_encoder_takes_the_processors_defaults_for_absent_keys(tmp_
                                                   num_attention_heads=2, image_size=16, patch_size=4))  # fmt: skip
     siglip.save_pretrained(tmp_path / "image_encoder")
     enc = SiglipImageEncoder.from_pretrained(tmp_path / "image_encoder", folder)
-    g = torch.Generator().manual_seed(0)
-    smooth = F.interpolate(torch.rand(1, 3, 5, 9, generator=g), size=(240, 420), mode="bilinear")
-    px = (smooth * 255).round().to(torch.uint8)
-    ours = enc.pixel_values(px.float() / 127.5 - 1)
-    frame = Image.fromarray(np.ascontiguousarray(px[0].permute(1, 2, 0).numpy()))
-    theirs = proc(images=[frame], return_tensors="pt").pixel_values
-    assert ours.shape == theirs.shape == (1, 3, 224, 224)
-    assert (ours - theirs).abs().mean().item() < 0.02
+    _assert_matches_processor(enc, proc)
