@@ -210,6 +210,17 @@ def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> cont
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
+def attention_precision_problem(model_cfg: ModelConfig) -> str | None:
+    """Why ``model_cfg.attention_precision`` cannot run as asked (None if it can): "fp8" is our FP8 kernel,
+    backend "triton" only (the others would warn and run bf16)."""
+    if model_cfg.attention_precision == "fp8" and model_cfg.attention != "triton":
+        return (
+            "model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "
+            f"got {model_cfg.attention!r} (set --model.attention triton)"
+        )
+    return None
+
+
 def apply_attention_precision(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
     """Set ``attention_precision`` ("bf16" | "fp8", kernels.attention) on the attention modules of each of
     ``model.blocks``; blocks listed in ``model_cfg.fp8_attention_skip_blocks`` (negative = from the end,

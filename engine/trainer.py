@@ -77,7 +77,13 @@ from engine.dist import DistInfo, collective, end_process, init_distributed, new
 from engine.log import get_logger, progress
 from engine.metrics import MetricsLogger, device_peak_flops, model_flops_per_token
 from engine.parallel import is_meta, materialize, parallelize
-from engine.precision import apply_attention_precision, apply_fp8, autocast, fp8_context
+from engine.precision import (
+    apply_attention_precision,
+    apply_fp8,
+    attention_precision_problem,
+    autocast,
+    fp8_context,
+)
 from engine.profile import Profiler, span
 
 log = get_logger("trainer")
@@ -300,11 +306,8 @@ class Trainer:
                 "set --parallel.compile true"
             )
         if self.cfg.model.attention_precision == "fp8":
-            if self.cfg.model.attention != "triton":  # other backends would warn and run bf16
-                raise ValueError(
-                    "model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "
-                    f"got {self.cfg.model.attention!r} (set --model.attention triton)"
-                )
+            if why := attention_precision_problem(self.cfg.model):
+                raise ValueError(why)
             apply_attention_precision(model, self.cfg.model)
         d = self.dist
         model = parallelize(model, self.cfg.parallel, self.cfg.precision, d.fsdp_mesh, d.cp_mesh)

@@ -130,9 +130,8 @@ def prepare_teacher(model: nn.Module, cfg: JobConfig) -> nn.Module:
     if not meta:
         model.to(info.device)
     apply_fp8(model, cfg.precision)
-    if (
-        cfg.model.attention_precision == "fp8"
-    ):  # the teacher's forward ran bf16 attention beside an FP8 Executor
+    # the teacher's forward ran bf16 attention beside an FP8 Executor
+    if cfg.model.attention_precision == "fp8":
         apply_attention_precision(model, cfg.model)
     pcfg = dataclasses.replace(cfg.parallel, activation_checkpointing="none")
     model = parallelize(model, pcfg, cfg.precision, info.fsdp_mesh, info.cp_mesh)
@@ -735,10 +734,11 @@ def check_model(cfg: JobConfig) -> None:
 
 def check_training_precision(cfg: JobConfig) -> None:
     """The FP8 settings the trainer and prepare_teacher refused with a traceback once the models were loaded."""
+    from engine.precision import attention_precision_problem
+
     m = cfg.model
-    if m.attention_precision == "fp8" and m.attention != "triton":
-        raise ConfigError(f"model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "
-                          f"got {m.attention!r} (set --model.attention triton)")  # fmt: skip
+    if why := attention_precision_problem(m):
+        raise ConfigError(why)
     toy = m.family == "wan" and m.flavour == "toy"  # the toy kit never builds on the meta device
     if cfg.precision.fp8 == "te" and m.meta_init and not toy:
         raise ConfigError("precision.fp8 = 'te' with model.meta_init = true is not supported (a TE Linear's FP8 "
@@ -976,8 +976,7 @@ def judge_batch_timeout_s(cfg: JobConfig) -> float | None:
     """The service's batch timeout: none for the openai judge, which bounds each request itself (a batch
     timeout counted waits for a connection and back-offs, and dropped the answers already in); else
     timeout_s per attempt."""
-    j = cfg.judge
-    return None if j.backend == "openai" else j.timeout_s * (j.max_retries + 1)
+    return None if cfg.judge.backend == "openai" else judge_batch_s(cfg)
 
 
 def build_judge(cfg: JobConfig):
