@@ -312,7 +312,7 @@ class CheckpointManager:
         return self.cfg.enabled and self.cfg.interval > 0 and step % self.cfg.interval == 0
 
     def maybe_save(self, step: int, *, last: bool = False) -> None:
-        if self.cfg.enabled and (last or (self.cfg.interval > 0 and step % self.cfg.interval == 0)):
+        if (last and self.cfg.enabled) or self.due(step):
             self.save(step, force_sync=last)
 
 
