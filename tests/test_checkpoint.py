@@ -109,6 +109,17 @@ def test_resume_drops_the_metrics_rows_it_trains_again(tmp_path):
     assert [e.value for e in tb] == pytest.approx([ref[s] for s in range(1, 9)], rel=1e-6)
 
 
+def _assert_rows_cover_each_step_once(metrics, ref: dict, last: int) -> None:
+    """Each row's loss is the mean of the uninterrupted run's (ref) over the steps since the row before it, and
+    the rows end at step ``last``: every step is in exactly one row."""
+    prev = 0
+    for row in _rows(metrics):
+        steps = range(prev + 1, row["step"] + 1)
+        assert row["loss"] == pytest.approx(sum(ref[s] for s in steps) / len(steps), rel=1e-6), row["step"]
+        prev = row["step"]
+    assert prev == last
+
+
 def test_metrics_rows_cover_every_step_once_across_a_resume(tmp_path):
     """Rows every 4 steps, checkpoints every 6: killed while saving step 12, resumed from step 6. The dropped row
     of step 8 had held steps 5-8 and the resumed one held 7-8, so steps 5-6 were in no row; a checkpoint step now
@@ -123,12 +134,7 @@ def test_metrics_rows_cover_every_step_once_across_a_resume(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert json.loads((run / "out.json").read_text())["start"] == 6
-    prev = 0
-    for row in _rows(run / "metrics.jsonl"):
-        steps = range(prev + 1, row["step"] + 1)
-        assert row["loss"] == pytest.approx(sum(ref[s] for s in steps) / len(steps), rel=1e-6), row["step"]
-        prev = row["step"]
-    assert prev == 12
+    _assert_rows_cover_each_step_once(run / "metrics.jsonl", ref, 12)
 
 
 def test_sigterm_writes_the_last_row_before_its_save(tmp_path):
@@ -146,12 +152,7 @@ def test_sigterm_writes_the_last_row_before_its_save(tmp_path):
     out, _ = proc.communicate(timeout=120)
     assert proc.returncode == 0, out[-3000:]
     assert json.loads((run / "out.json").read_text())["start"] == 5
-    prev = 0
-    for row in _rows(run / "metrics.jsonl"):
-        steps = range(prev + 1, row["step"] + 1)
-        assert row["loss"] == pytest.approx(sum(ref[s] for s in steps) / len(steps), rel=1e-6), row["step"]
-        prev = row["step"]
-    assert prev == 8
+    _assert_rows_cover_each_step_once(run / "metrics.jsonl", ref, 8)
 
 
 SIGNAL_ARGS = ["--train.steps", "16", "--train.log_every", "1", "--checkpoint.async_save", "true"]
