@@ -280,21 +280,23 @@ def _chat_items(n: int) -> list[ChatItem]:
     ]
 
 
+async def _chat_through_serve(vlm, items):
+    """``items`` sent by OpenAIChat to our serve in chat mode over ``vlm``: (the results, the server's judge
+    metrics)."""
+    server = JudgeServer(vlm, mode="chat", model_name="tiny", max_batch=4, max_wait_ms=30)
+    port = await server.start()
+    client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "tiny", timeout_s=30, max_retries=0)
+    out = await client.chat(items)
+    await client.aclose()
+    await server.aclose()
+    return out, server.judge.metrics()
+
+
 def test_serve_transformers_in_process_batches_and_matches_direct_generation(tiny_vlm):
     _, vlm = tiny_vlm
     items = _chat_items(6)
     direct = [vlm.generate([it])[0] for it in items]
-
-    async def run():
-        server = JudgeServer(vlm, mode="chat", model_name="tiny", max_batch=4, max_wait_ms=30)
-        port = await server.start()
-        client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "tiny", timeout_s=30, max_retries=0)
-        out = await client.chat(items)
-        await client.aclose()
-        await server.aclose()
-        return out, server.judge.metrics()
-
-    out, m = asyncio.run(run())
+    out, m = asyncio.run(_chat_through_serve(vlm, items))
     assert [r.status for r in out] == ["ok"] * 6
     assert [r.text for r in out] == direct  # PNG round trip is lossless; greedy decoding is repeatable
     assert max(m["batch_size_hist"]) > 1
@@ -308,17 +310,7 @@ def test_serve_says_finish_reason_length_for_an_answer_cut_at_max_tokens(tiny_vl
     for it in items:
         it.max_new_tokens = 3
     direct = asyncio.run(vlm.chat(items))
-
-    async def run():
-        server = JudgeServer(vlm, mode="chat", model_name="tiny", max_batch=4, max_wait_ms=30)
-        port = await server.start()
-        client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "tiny", timeout_s=30, max_retries=0)
-        out = await client.chat(items)
-        await client.aclose()
-        await server.aclose()
-        return out
-
-    out = asyncio.run(run())
+    out, _ = asyncio.run(_chat_through_serve(vlm, items))
     assert [r.text for r in out] == [r.text for r in direct]
     cut = [r.truncated for r in direct]
     assert [r.truncated for r in out] == cut and True in cut and False in cut
