@@ -340,6 +340,16 @@ def test_buckets_keep_area_and_pick_nearest_aspect():
     assert make_buckets(32, 48, aspect=False) == [(32, 48)]
 
 
+def _assert_training_size_clip_is_decoded_as_is(tmp_path, h: int, w: int) -> None:
+    """With aspect buckets, a clip at the training size h x w comes out as PyAV decodes it (no resize or crop)."""
+    path = write_video(tmp_path / "v.mp4", codec="libx264", num_frames=2, height=h, width=w, quality=30)
+    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}])
+    v = VideoDataset(m, num_frames=2, height=h, width=w, aspect_buckets=True, decoder="pyav")[0]["video"]
+    decoded = PyAVDecoder().decode(path, [0, 1])  # (T, H, W, 3)
+    assert v.shape == (3, 2, h, w)
+    assert torch.equal(v, decoded.permute(3, 0, 1, 2).float() / 127.5 - 1)
+
+
 def test_the_training_size_is_a_bucket_and_a_clip_at_it_is_not_resampled(tmp_path):
     """Wan trains at 480 x 832 and 720 x 1280: with aspect buckets those sizes (and their portrait transposes) are
     buckets, and a clip already at 832 x 480 comes out as decoded (before, it went to the 16:9 bucket 480 x 848:
@@ -350,12 +360,7 @@ def test_the_training_size_is_a_bucket_and_a_clip_at_it_is_not_resampled(tmp_pat
         assert nearest_bucket(h, w, buckets) == (h, w) and nearest_bucket(w, h, buckets) == (w, h)
         assert nearest_bucket(1080, 1920, buckets) == (h, w)
         assert len(buckets) == len(make_buckets(h + 1, w, multiple=16))  # replaced the 16:9 / 9:16 ones
-    path = write_video(tmp_path / "wan.mp4", codec="libx264", num_frames=2, height=480, width=832, quality=30)
-    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}])
-    v = VideoDataset(m, num_frames=2, height=480, width=832, aspect_buckets=True, decoder="pyav")[0]["video"]
-    decoded = PyAVDecoder().decode(path, [0, 1])  # (T, H, W, 3)
-    assert v.shape == (3, 2, 480, 832)
-    assert torch.equal(v, decoded.permute(3, 0, 1, 2).float() / 127.5 - 1)
+    _assert_training_size_clip_is_decoded_as_is(tmp_path, 480, 832)
 
 
 def test_a_near_square_training_size_stays_a_bucket(tmp_path):
@@ -367,12 +372,7 @@ def test_a_near_square_training_size_stays_a_bucket(tmp_path):
         assert {(h, w), (w, h)} <= set(buckets), (h, w, buckets)
         assert nearest_bucket(h, w, buckets) == (h, w) and nearest_bucket(w, h, buckets) == (w, h)
         assert len(buckets) == len(make_buckets(h + 1, w, multiple=16)) + 1  # both in place of the 1:1 bucket
-    path = write_video(tmp_path / "v.mp4", codec="libx264", num_frames=2, height=240, width=256, quality=30)
-    m = write_manifest(tmp_path / "m.jsonl", [{"video": str(path)}])
-    v = VideoDataset(m, num_frames=2, height=240, width=256, aspect_buckets=True, decoder="pyav")[0]["video"]
-    decoded = PyAVDecoder().decode(path, [0, 1])  # (T, H, W, 3)
-    assert v.shape == (3, 2, 240, 256)
-    assert torch.equal(v, decoded.permute(3, 0, 1, 2).float() / 127.5 - 1)
+    _assert_training_size_clip_is_decoded_as_is(tmp_path, 240, 256)
 
 
 def test_dataset_yields_the_right_frames_and_text(media, tmp_path):
