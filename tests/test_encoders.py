@@ -230,6 +230,16 @@ def test_image_encoder_resizes_the_short_side_as_the_processor_rounds_it(hw):
     assert (ours - theirs).abs().mean().item() < 0.02
 
 
+def _processor_without(cls, folder, key: str):
+    """``cls()`` saved to ``folder`` without ``key`` in its preprocessor_config.json, and read back."""
+    cls().save_pretrained(folder)
+    cfg_file = folder / "preprocessor_config.json"
+    cfg = json.loads(cfg_file.read_text())
+    del cfg[key]
+    cfg_file.write_text(json.dumps(cfg))
+    return cls.from_pretrained(folder)
+
+
 def _assert_matches_processor(enc, proc) -> None:
     """Our pixel values and the processor's for one smooth 240 x 420 uint8 frame: 224 x 224, within rounding."""
     import numpy as np
@@ -253,12 +263,7 @@ def test_image_encoder_takes_the_processors_defaults_for_absent_keys(tmp_path, a
     from transformers import CLIPImageProcessor
 
     folder = tmp_path / "image_processor"
-    CLIPImageProcessor().save_pretrained(folder)
-    cfg_file = folder / "preprocessor_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    del cfg[absent]
-    cfg_file.write_text(json.dumps(cfg))
-    proc = CLIPImageProcessor.from_pretrained(folder)
+    proc = _processor_without(CLIPImageProcessor, folder, absent)
     tiny_clip().save_pretrained(tmp_path / "image_encoder")
     enc = ImageEncoder.from_pretrained(tmp_path / "image_encoder", folder)
     _assert_matches_processor(enc, proc)
@@ -273,12 +278,7 @@ def test_siglip_image_encoder_takes_the_processors_defaults_for_absent_keys(tmp_
     from models.encoders import SiglipImageEncoder
 
     folder = tmp_path / "feature_extractor"
-    SiglipImageProcessor().save_pretrained(folder)
-    cfg_file = folder / "preprocessor_config.json"
-    cfg = json.loads(cfg_file.read_text())
-    del cfg[absent]
-    cfg_file.write_text(json.dumps(cfg))
-    proc = SiglipImageProcessor.from_pretrained(folder)
+    proc = _processor_without(SiglipImageProcessor, folder, absent)
     siglip = SiglipVisionModel(SiglipVisionConfig(hidden_size=16, intermediate_size=32, num_hidden_layers=2,
                                                   num_attention_heads=2, image_size=16, patch_size=4))  # fmt: skip
     siglip.save_pretrained(tmp_path / "image_encoder")
