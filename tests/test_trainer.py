@@ -286,18 +286,26 @@ def test_fit_lowers_loss_and_writes_metrics(tmp_path):
         assert any((tmp_path / "tb").glob("events.out.tfevents.*"))
 
 
-def test_a_run_that_does_not_resume_sets_the_earlier_metrics_aside(tmp_path):
-    """A second run in the same folder without resuming (checkpoints off here) appended its steps 1.. to the
-    first run's rows, each step twice in metrics.jsonl and TensorBoard; the earlier rows are now moved aside."""
+def _two_runs_in_one_folder(tmp_path, cfgs) -> list[list[dict]]:
+    """Two 4-step runs (rows at steps 2, 4) one after the other in ``tmp_path``: each run's metrics.jsonl rows;
+    the second run's rows are its own and the first run's are moved aside whole."""
     runs = []
-    for lr in (3e-3, 1e-2):
-        cfg = _cfg(4, lr=lr)
-        cfg.train.log_every = 2
+    for cfg in cfgs:
         Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path).fit()
         runs.append([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
     assert [r["step"] for r in runs[1]] == [2, 4] and runs[1] != runs[0]
     (aside,) = tmp_path.glob("metrics.before-*.jsonl")
     assert [json.loads(line) for line in aside.read_text().splitlines()] == runs[0]
+    return runs
+
+
+def test_a_run_that_does_not_resume_sets_the_earlier_metrics_aside(tmp_path):
+    """A second run in the same folder without resuming (checkpoints off here) appended its steps 1.. to the
+    first run's rows, each step twice in metrics.jsonl and TensorBoard; the earlier rows are now moved aside."""
+    cfgs = [_cfg(4, lr=lr) for lr in (3e-3, 1e-2)]
+    for cfg in cfgs:
+        cfg.train.log_every = 2
+    _two_runs_in_one_folder(tmp_path, cfgs)
     if importlib.util.find_spec("tensorboard"):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
@@ -310,15 +318,9 @@ def test_a_run_that_does_not_resume_sets_the_earlier_metrics_aside(tmp_path):
 def test_a_run_with_no_checkpoint_to_resume_keeps_the_earlier_metrics(tmp_path):
     """A run with checkpoints (resume on) in a folder whose earlier run saved none: finding nothing to resume, it
     dropped every row of the earlier run from metrics.jsonl and purged its TensorBoard steps; they are moved aside."""
-    runs = []
-    for enabled, lr in ((False, 1e-2), (True, 3e-3)):
-        cfg = _cfg(4, lr=lr)
-        cfg.checkpoint.enabled = enabled
-        Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path).fit()
-        runs.append([json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()])
-    assert [r["step"] for r in runs[1]] == [2, 4] and runs[1] != runs[0]
-    (aside,) = tmp_path.glob("metrics.before-*.jsonl")
-    assert [json.loads(line) for line in aside.read_text().splitlines()] == runs[0]
+    cfgs = [_cfg(4, lr=lr) for lr in (1e-2, 3e-3)]
+    cfgs[0].checkpoint.enabled, cfgs[1].checkpoint.enabled = False, True
+    runs = _two_runs_in_one_folder(tmp_path, cfgs)
     if importlib.util.find_spec("tensorboard"):
         from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
 
