@@ -272,7 +272,19 @@ def install(archive: Path, target: Path) -> list[str]:
         return marker.read_text().split()
     with tempfile.TemporaryDirectory() as tmp:
         with tarfile.open(archive, "r:xz") as tar:
-            tar.extractall(tmp, filter="data")
+            if hasattr(tarfile, "data_filter"):  # Python >= 3.11.4
+                tar.extractall(tmp, filter="data")
+            else:  # the same refusals by hand: no absolute paths, no "..", no links or devices
+                for m in tar.getmembers():
+                    if (
+                        Path(m.name).is_absolute()
+                        or ".." in Path(m.name).parts
+                        or not (m.isfile() or m.isdir())
+                    ):
+                        raise RuntimeError(
+                            f"slim_wheels install: {archive} holds {m.name!r}, not a plain file"
+                        )
+                tar.extractall(tmp)
         folder = Path(tmp, "wheels")
         wheels = []
         for line in (folder / "SHA256SUMS").read_text().splitlines():

@@ -185,8 +185,10 @@ def _die_with_launcher() -> None:
     import signal
 
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() == 1:  # 1: PR_SET_PDEATHSIG
-        os.kill(os.getpid(), signal.SIGKILL)  # torchrun died before the call
+    launcher = os.getppid()
+    # torchrun died before the call: this process was re-parented (to init, or to a subreaper)
+    if libc.prctl(1, int(signal.SIGKILL), 0, 0, 0) == 0 and os.getppid() != launcher:  # 1: PR_SET_PDEATHSIG
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def init_distributed(pcfg: ParallelConfig, device: str = "auto") -> DistInfo:

@@ -1,9 +1,13 @@
 """Test harness: Triton's interpreter on CPU-only machines, markers, deterministic seeding."""
 
+import contextlib
 import os
 import random
+import signal
 import subprocess
 import sys
+import time
+import warnings
 from pathlib import Path
 
 # Must happen before anything imports triton: without a CUDA device Triton runs only interpreted.
@@ -36,6 +40,73 @@ def pytest_collection_modifyitems(config, items):
 # Tests run tiny ops, often beside torchrun/subprocess workers: one intra-op thread avoids
 # oversubscribing a 2-core machine (measured ~40x slower fits with 2 threads under load).
 torch.set_num_threads(1)
+
+
+# Processes a test starts must end with it. Orphans (a SIGKILLed torchrun's workers, a killed writer's decoders)
+# are re-parented to this process rather than to init, so the check below finds and kills them; the helpers
+# Python and torch keep for a process's life are left alone.
+_PERSISTENT = ("multiprocessing.resource_tracker", "multiprocessing.forkserver", "compile_worker")
+if sys.platform.startswith("linux"):
+    import ctypes
+
+    ctypes.CDLL(None, use_errno=True).prctl(36, 1, 0, 0, 0)  # 36: PR_SET_CHILD_SUBREAPER
+
+
+def _descendants(root: int) -> dict[int, str]:
+    """``pid -> command line`` of every live process below ``root`` (zombies left out)."""
+    parent, state = {}, {}
+    for d in Path("/proc").iterdir():
+        if d.name.isdigit():
+            try:
+                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
+            except (OSError, IndexError):
+                continue
+            state[int(d.name)], parent[int(d.name)] = fields[0], int(fields[1])
+    below, todo = {}, [root]
+    while todo:
+        p = todo.pop()
+        for c in (c for c, pp in parent.items() if pp == p and c not in below):
+            todo.append(c)
+            if state[c] != "Z":
+                try:
+                    below[c] = (
+                        Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+                    )
+                except OSError:
+                    pass
+    return below
+
+
+@pytest.fixture(autouse=True)
+def _no_process_outlives_its_test(request):
+    """Kill (and name, in a warning) the processes a test left running: stray trainers or decoders took the CPU
+    from every later test."""
+    if not Path("/proc/self/stat").exists():
+        yield
+        return
+    before = set(_descendants(os.getpid()))
+    yield
+    left = {
+        p: c
+        for p, c in _descendants(os.getpid()).items()
+        if p not in before and not any(k in c for k in _PERSISTENT)
+    }
+    if not left:
+        return
+    for p in left:
+        with contextlib.suppress(OSError):
+            os.kill(p, signal.SIGKILL)
+    deadline = time.monotonic() + 5  # reap the orphans (our children now): no zombie is left behind
+    while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in left):
+        for p in left:
+            with contextlib.suppress(ChildProcessError, OSError):
+                os.waitpid(p, os.WNOHANG)
+        time.sleep(0.01)
+    warnings.warn(
+        f"{request.node.nodeid} left {len(left)} process(es) running, killed: "
+        + "; ".join(f"{p}: {c[:120]}" for p, c in left.items()),
+        stacklevel=1,
+    )
 
 
 @pytest.fixture(autouse=True)

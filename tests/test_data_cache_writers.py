@@ -297,3 +297,22 @@ def test_a_writer_killed_mid_shard_leaves_its_shard_to_the_others(tmp_path):
     cache = LatentCacheDataset(out)
     assert sorted(it["index"] for it in cache) == list(range(6)) and cache.skipped == []
     assert not list(out.glob("**/*.claim"))
+
+
+def test_a_writer_that_died_but_was_not_reaped_counts_as_dead(tmp_path):
+    """A writer that crashed while its parent had not reaped it yet (a zombie) answers signal 0 like a live one:
+    its claims and temporary files were kept, and its shards waited for a writer that would never come back."""
+    import time
+
+    from engine.data.cache import _host, _writer_alive
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    stat, deadline = Path(f"/proc/{dead.pid}/stat"), time.monotonic() + 60
+    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped (no wait() yet)
+        assert time.monotonic() < deadline, "the child did not exit"
+        time.sleep(0.01)
+    try:
+        assert _writer_alive(tmp_path / f"shard-00000.{_host()}.{dead.pid}-0.claim") is False
+        assert _writer_alive(tmp_path / f"shard-00000.{_host()}.{os.getpid()}-0.claim") is True
+    finally:
+        dead.wait()

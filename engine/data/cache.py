@@ -105,13 +105,17 @@ def _writer_alive(p: Path) -> bool | None:
     m = re.fullmatch(r".+\.([A-Za-z0-9_-]+)\.(\d+)-\d+\.(partial|tmp|claim)", p.name)
     if m is None or m.group(1) != _host():
         return None
+    pid = int(m.group(2))
     try:
-        os.kill(int(m.group(2)), 0)
+        os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
-        pass  # a live process of another user
-    return True
+        pass  # a process of another user
+    try:  # a writer that died and was not yet reaped (a zombie) answers signal 0 too
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True  # no /proc: signal 0 is all there is
 
 
 def _remove_orphans(folder: Path) -> None:
