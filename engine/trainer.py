@@ -109,6 +109,7 @@ class TrainingInterrupted(SystemExit):
 # same step (agreed in the NaN guard's all-reduce); a second one gets the original handler (stops at once).
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _ORIG_HANDLERS: dict[int, Any] = {}
+_DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
 _ACTIVE: weakref.ref | None = None
 
 
@@ -116,6 +117,8 @@ def _on_signal(signum: int, frame: Any) -> None:
     trainer = _ACTIVE() if _ACTIVE is not None else None
     if trainer is None or trainer._closed or trainer._stop_signal:
         _restore_signal_handlers()
+        if signal.getsignal(signum) is _on_signal:  # nothing to give back: raising again would come back here
+            signal.signal(signum, _DEFAULT_HANDLERS[signum])
         signal.raise_signal(signum)
         return
     trainer._stop_signal = signum
@@ -474,7 +477,9 @@ class Trainer:
             return
         if not _ORIG_HANDLERS:
             for s in _STOP_SIGNALS:
-                _ORIG_HANDLERS[s] = signal.signal(s, _on_signal)
+                prev = signal.signal(s, _on_signal)
+                # never _on_signal itself: given back, it would leave the signal with no handler to reach
+                _ORIG_HANDLERS[s] = _DEFAULT_HANDLERS[s] if prev is _on_signal else prev
         _ACTIVE = weakref.ref(self)
 
     def _uninstall_signal_handlers(self) -> None:

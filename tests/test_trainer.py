@@ -514,3 +514,26 @@ def test_bench_profile_counts_the_flops_predict_velocity_runs():
     with FlopCounterMode(display=False) as counter, torch.no_grad():
         model.predict_velocity(mb["x0"], torch.tensor([0.5]), {"text": mb["text"]})
     assert abs(batches.fwd_flops / counter.get_total_flops() - 1) < 1e-6
+
+
+def test_a_signal_with_no_handler_to_give_back_interrupts_instead_of_looping(tmp_path):
+    """_on_signal with no trainer gives the handlers back and raises the signal again; where its own handler was
+    all it had to give back (saved as the 'original' when a trainer installed over a trainer's handler), the signal
+    came back to _on_signal, forever: each raise re-raised, SIGINT never interrupted and the process crawled."""
+    import signal
+
+    from engine import trainer as T
+
+    signal.signal(signal.SIGINT, T._on_signal)  # the state a handler saved over itself left
+    try:
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        tr = Trainer(_cfg(2), TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+        signal.signal(signal.SIGINT, T._on_signal)
+        tr.train_step()  # installs over _on_signal: what it keeps to give back is the default handler
+        assert T._ORIG_HANDLERS[signal.SIGINT] is signal.default_int_handler
+        tr.close()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, signal.default_int_handler)
