@@ -115,8 +115,11 @@ def _signal_handlers_given_back():
     them with the next tests in this process (a Ctrl-C there read as "stop after this step")."""
     yield
     trainer = sys.modules.get("engine.trainer")
-    if trainer is not None and trainer._ORIG_HANDLERS:
+    if trainer is not None:
         trainer._restore_signal_handlers()
+        for s, default in trainer._DEFAULT_HANDLERS.items():
+            if signal.getsignal(s) is trainer._on_signal:
+                signal.signal(s, default)
 
 
 @pytest.fixture(autouse=True)

@@ -417,6 +417,10 @@ def test_sigint_after_a_step_that_raised_interrupts(tmp_path):
     tr.train_step()
     with pytest.raises(RuntimeError, match="bad sample"):
         tr.train_step()
+    from engine import trainer as T
+
+    given_back = signal.getsignal(signal.SIGINT)
+    assert given_back is signal.default_int_handler, (given_back, T._ORIG_HANDLERS, T._ACTIVE, tr)
     with pytest.raises(KeyboardInterrupt):
         signal.raise_signal(signal.SIGINT)
     with pytest.raises(TrainingInterrupted) as stop:
