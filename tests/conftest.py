@@ -54,20 +54,22 @@ if sys.platform.startswith("linux"):
 
 def _descendants(root: int) -> dict[int, str]:
     """``pid -> command line`` of every live process below ``root`` (zombies left out)."""
-    parent, state = {}, {}
+    children: dict[int, list[int]] = {}
+    zombie = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
             try:
                 fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
             except (OSError, IndexError):
                 continue
-            state[int(d.name)], parent[int(d.name)] = fields[0], int(fields[1])
+            children.setdefault(int(fields[1]), []).append(int(d.name))
+            if fields[0] == "Z":
+                zombie.add(int(d.name))
     below, todo = {}, [root]
     while todo:
-        p = todo.pop()
-        for c in (c for c, pp in parent.items() if pp == p and c not in below):
+        for c in children.get(todo.pop(), []):
             todo.append(c)
-            if state[c] != "Z":
+            if c not in zombie:
                 try:
                     below[c] = (
                         Path(f"/proc/{c}/cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
@@ -116,10 +118,7 @@ def _signal_handlers_given_back():
     yield
     trainer = sys.modules.get("engine.trainer")
     if trainer is not None:
-        trainer._restore_signal_handlers()
-        for s, default in trainer._DEFAULT_HANDLERS.items():
-            if signal.getsignal(s) is trainer._on_signal:
-                signal.signal(s, default)
+        trainer._restore_signal_handlers()  # gives back what it saved, never _on_signal itself
 
 
 @pytest.fixture(autouse=True)
