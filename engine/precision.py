@@ -170,13 +170,13 @@ def apply_fp8(model: nn.Module, prec: PrecisionConfig) -> nn.Module:
             "meta_init)"
         )
     keep = fp8_filter(model, prec)
+    total = sum(1 for m in model.modules() if isinstance(m, nn.Linear))  # before: a TE Linear is no nn.Linear
     if prec.fp8 == "te":
         n = _swap_te_linears(model, keep, prec.fp8_recipe)
     elif prec.fp8 == "torchao":
         n = _convert_torchao(model, keep)
     else:
         raise ValueError(f"precision.fp8 {prec.fp8!r}: expected 'none', 'te' or 'torchao'")
-    total = sum(1 for m in model.modules() if isinstance(m, nn.Linear))
     log.info("fp8 (%s): %d linears converted, %d stay in high precision", prec.fp8, n, total - n)
     if n == 0:
         log.warning(

@@ -8,14 +8,21 @@ cuDNN, and that needs symbols of its own libcudnn_graph, not of the one torch ha
 "undefined symbol ... version libcudnn_graph.so.9" on import (H200, 2026-11-27; with torch's folder first on
 LD_LIBRARY_PATH, TE loaded). So before the import every library of torch's cuDNN major in its folder is
 loaded globally (a dependency by soname then resolves to it), and $CUDNN_PATH points there.
+
+Other libraries import TE too (the image's accelerate and peft do when it is installed, and diffusers imports
+them): diffusers' Wan model failed to import with the same undefined symbol after our model had run cuDNN
+attention (H200, 2026-11-27, bench.gpu_models). So ``import kernels`` installs an import hook that preloads
+torch's cuDNN before the first lookup of ``transformer_engine``, whoever imports it.
 """
 
 from __future__ import annotations
 
 import contextlib
 import ctypes
+import importlib.abc
 import os
 import re
+import sys
 import warnings
 from typing import Any
 
@@ -85,3 +92,32 @@ def import_te() -> Any:
     import transformer_engine.pytorch as te
 
     return te
+
+
+_hook_ran = False  # the hook below has run (tests read it)
+
+
+class _PreloadBeforeTE(importlib.abc.MetaPathFinder):
+    """A meta path finder that finds nothing: the first lookup of ``transformer_engine`` (an import, or
+    importlib.util.find_spec) runs :func:`use_torch_cudnn` first, then the hook removes itself."""
+
+    def find_spec(self, fullname, path=None, target=None):
+        global _hook_ran
+        if fullname == "transformer_engine":
+            with contextlib.suppress(ValueError):
+                sys.meta_path.remove(self)
+            _hook_ran = True
+            try:
+                use_torch_cudnn()
+            except Exception as e:  # the import goes on and raises what it raises
+                warnings.warn(f"preloading torch's cuDNN for Transformer Engine failed: {e!r}", stacklevel=2)
+        return None
+
+
+def install_import_hook() -> bool:
+    """Preload torch's cuDNN before anyone's first import of Transformer Engine (module doc). False when TE is
+    imported already (too late) or the hook is in place."""
+    if "transformer_engine" in sys.modules or any(isinstance(f, _PreloadBeforeTE) for f in sys.meta_path):
+        return False
+    sys.meta_path.insert(0, _PreloadBeforeTE())
+    return True
