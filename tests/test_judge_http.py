@@ -692,3 +692,28 @@ def test_serve_answers_422_to_a_verdict_no_retry_can_change():
     assert out[0].status == "http_error" and "HTTP 422" in out[0].raw, out[0].raw
     assert "parse_error" in out[0].raw and "1 frame(s)" in out[0].raw  # the oracle's reason passed through
     assert retries == 0 and answered == 1
+
+
+def test_serve_answers_422_to_an_image_the_vlm_refuses(tiny_vlm):
+    """Chat mode over a local VLM whose processor refuses an image (aspect ratio over 200): every attempt fails
+    the same way, so the serve answers 422 and the client does not retry it (it was a 502, retried
+    max_retries times); the good item sent beside it is answered."""
+    _, vlm = tiny_vlm
+    rng = np.random.default_rng(0)
+    good = _chat_items(1)[0]
+    bad = ChatItem([rng.integers(0, 256, (28, 6000, 3), dtype=np.uint8)], "the agent pushes the block", 5)
+
+    async def run():
+        server = JudgeServer(vlm, mode="chat", model_name="tiny", max_batch=4, max_wait_ms=30)
+        port = await server.start()
+        client = OpenAIChat(f"http://127.0.0.1:{port}/v1", "tiny", timeout_s=30, max_retries=3)
+        try:
+            return await client.chat([good, bad]), client.retries
+        finally:
+            await client.aclose()
+            await server.aclose()
+
+    (ok, refused), retries = asyncio.run(run())
+    assert ok.status == "ok"
+    assert refused.status == "http_error" and "HTTP 422" in refused.text and "aspect ratio" in refused.text
+    assert retries == 0

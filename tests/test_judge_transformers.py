@@ -91,7 +91,8 @@ def test_video_requests_and_unreadable_video(tiny_path, tmp_path):
 
 def test_one_bad_image_fails_only_its_own_item(tiny_path):
     """An image the processor refuses (aspect ratio over 200) batched with good items: only its item is
-    an "error"; the others get the answers they get alone (the whole batch of 4 was "error")."""
+    "rejected" (the same on every attempt); the others get the answers they get alone (the whole batch of 4
+    was "error")."""
     from engine.judge.chat import ChatItem
 
     vlm = TransformersVLM(tiny_path, device="cpu", max_batch=4)
@@ -102,7 +103,7 @@ def test_one_bad_image_fails_only_its_own_item(tiny_path):
     bad = ChatItem([rng.integers(0, 256, (28, 6000, 3), dtype=np.uint8)], "push block", 5)
     mixed = asyncio.run(vlm.chat([good[0], bad, *good[1:]]))
     alone = [asyncio.run(vlm.chat([it]))[0] for it in good]
-    assert [r.status for r in mixed] == ["ok", "error", "ok", "ok"] and "aspect ratio" in mixed[1].text
+    assert [r.status for r in mixed] == ["ok", "rejected", "ok", "ok"] and "aspect ratio" in mixed[1].text
     assert [r.text for r in (mixed[0], *mixed[2:])] == [r.text for r in alone]
 
 

@@ -32,7 +32,18 @@ import numpy as np
 
 PROMPT_VERSION = "wmsd-judge-v1"
 QUESTIONS = ("task", "agent", "consistency", "reward")
-STATUSES = ("ok", "parse_error", "timeout", "http_error", "connection_error", "cancelled", "error")
+# "rejected": the backend refused the input itself (an image its processor cannot take), the same on every
+# attempt; "error": any other failure, which a retry may not repeat
+STATUSES = (
+    "ok",
+    "parse_error",
+    "rejected",
+    "timeout",
+    "http_error",
+    "connection_error",
+    "cancelled",
+    "error",
+)
 
 _ANSWER_FORMAT = (
     "Look at the frames in order. Answer on the last line exactly as 'Score: <number between 0 and 1>', "

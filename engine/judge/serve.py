@@ -12,8 +12,9 @@ are batched through one :class:`engine.judge.service.AsyncJudge`:
   judge's own prompts (engine.judge.base.PROMPTS of this PROMPT_VERSION); the task and question are
   read back from the prompt and the reply is ``Score: <x>``. Other prompts get HTTP 400.
 
-A verdict no retry can change (a parse_error: e.g. the oracle given one frame) is HTTP 422, which
-clients do not retry; a temporary failure (timeout, backend error) is HTTP 502.
+A verdict no retry can change (a parse_error: e.g. the oracle given one frame; "rejected": the VLM's processor
+refused the image) is HTTP 422, which clients do not retry; a temporary failure (timeout, backend error) is
+HTTP 502.
 
 Images must be ``data:`` URLs (base64). Routes: POST /v1/chat/completions, GET /v1/models, GET /health.
 """
@@ -60,7 +61,7 @@ class Unanswerable(RuntimeError):
 
 
 # verdict statuses that are the same on every attempt; the others (timeout, error, cancelled) are 502
-PERMANENT = {"parse_error"}
+PERMANENT = {"parse_error", "rejected"}
 
 
 def decode_image(url: str) -> np.ndarray:

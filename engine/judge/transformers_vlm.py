@@ -135,7 +135,8 @@ class TransformersVLM:
             return self._generate(items)
 
     async def chat(self, items: list[ChatItem]) -> list[ChatResult]:
-        """Answer ``items`` in chunks of ``max_batch``; an item that fails alone gets status "error"."""
+        """Answer ``items`` in chunks of ``max_batch``; an item that fails alone gets status "rejected" when
+        the processor refused it (a ValueError: the same on every attempt), else "error"."""
         results: list[ChatResult] = []
         for s in range(0, len(items), self.max_batch):
             results += await self._chunk(items[s : s + self.max_batch])
@@ -155,7 +156,10 @@ class TransformersVLM:
             if len(chunk) > 1:
                 # one bad item (an image the processor refuses) failed every request batched with it
                 return [r for it in chunk for r in await self._chunk([it])]
-            return [ChatResult(f"{type(e).__name__}: {e}", "error", time.perf_counter() - t0)]
+            # a ValueError is the processor refusing this input (aspect ratio, size); torch's RuntimeErrors
+            # (out of memory among them) may not repeat
+            status = "rejected" if isinstance(e, ValueError) else "error"
+            return [ChatResult(f"{type(e).__name__}: {e}", status, time.perf_counter() - t0)]
 
 
 class TransformersJudge(VLMJudge):
