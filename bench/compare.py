@@ -7,7 +7,8 @@ For every (name, case, provider, metric) present in both files it prints OLD, NE
 so that > 1 is better (throughput up or time down). A benchmark that got worse by more than the
 threshold is flagged REGRESSION and the exit code is 1; so is one whose new value is 0 or not a number,
 and one measured in OLD that fails in NEW (an error record for its case and provider, with its message;
-a "skipped: ..." record is not a failure). Other records only in one file, and failures in NEW with nothing
+a "skipped: ..." record is not a failure), or whose whole module failed in NEW (bench.gpu_check's
+"<module>.module" error record: the module crashed or timed out before measuring it). Other records only in one file, and failures in NEW with nothing
 measured in OLD to compare, are listed; informational metrics (a count of autotuner configs) are not
 compared. Results from different devices are compared only with --allow-device-mismatch (their ratios
 mean little).
@@ -100,9 +101,16 @@ def compare(old: dict, new: dict, threshold: float) -> tuple[list[dict], list[Ke
             {"key": key, "old": ra["value"], "new": rb["value"], "change": change,
              "regression": change < 1.0 - threshold}
         )  # fmt: skip
+    # modules that failed as a whole in new (bench.gpu_check: "<area>.module" / - / -): what they measured in
+    # old is missing from new because of the failure
+    failed_modules = {k[0][: -len(".module")]: m for k, m in failed.items() if k[0].endswith(".module")}
     only_old = []
     for key in sorted(a.keys() - b.keys()):
         message = failed.get(key[:3])
+        if message is None:
+            area = key[0].split(".", 1)[0]
+            if area in failed_modules:
+                message = f"module {area} failed: {failed_modules[area]}"
         if message is None:
             only_old.append(key)
         else:  # measured before, fails now

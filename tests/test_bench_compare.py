@@ -183,3 +183,31 @@ def test_informational_counts_are_not_regressions(tmp_path):
     r = _run(old, new)
     assert r.returncode == 0 and "0 regression(s)" in r.stdout, r.stdout + r.stderr
     assert "attention.configs" not in r.stdout
+
+
+def test_a_module_that_failed_as_a_whole_flags_what_it_measured_before(tmp_path):
+    """bench.gpu_check writes one "<area>.module" error record when a module crashes or times out before its
+    first record: compare listed its benchmarks as "only in old" and exited 0. They are regressions now, with
+    the module's message; another module's records (attention_fp8 beside attention) are not touched."""
+    old_recs = [
+        record("attention.fwd", "wan", "triton", "tflops", 450.0),
+        record("attention.module", "-", "-", "wall_s", 60.0, higher_is_better=False),
+        record("attention_fp8.fwd", "wan", "fp8", "tflops", 600.0),
+    ]
+    new_recs = [
+        record("attention.module", "-", "-", "error", 0.0, message="exit -11 (0 records kept): segfault"),
+        record("attention_fp8.fwd", "wan", "fp8", "tflops", 601.0),
+    ]
+    old = write_results(old_recs, tmp_path / "a", env=environment())
+    new = write_results(new_recs, tmp_path / "b", env=environment())
+    r = _run(old, new)
+    assert r.returncode == 1, r.stdout
+    assert "2 regression(s)" in r.stdout, r.stdout  # attention.fwd and the module's wall_s
+    assert "module attention failed: exit -11" in r.stdout and "only in old" not in r.stdout
+    skipped = write_results(
+        [record("attention.module", "-", "-", "error", 0.0, message="skipped: budget spent (270 s)"),
+         record("attention_fp8.fwd", "wan", "fp8", "tflops", 601.0)],
+        tmp_path / "c", env=environment(),
+    )  # fmt: skip
+    r = _run(old, skipped)
+    assert r.returncode == 0 and "only in old: attention.fwd / wan / triton / tflops" in r.stdout, r.stdout
