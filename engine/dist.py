@@ -175,6 +175,16 @@ _STARTED = False  # this process created a process group (end_process then skips
 _TIMEOUT_S: float | None = None  # parallel.timeout_s of that group (new_group gives it to groups made later)
 
 
+def proc_stat(pid: int) -> tuple[str, int] | None:
+    """(state letter, parent pid) of process ``pid`` from /proc/<pid>/stat ("Z": exited, not yet reaped);
+    None when it is gone or there is no /proc. The command name before them may hold spaces and ")"."""
+    try:
+        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        return fields[0], int(fields[1])
+    except (OSError, IndexError, ValueError):
+        return None
+
+
 def _die_with_launcher() -> None:
     """Under torchrun (Linux): this worker gets SIGKILL when its torchrun dies. torchrun starts each worker in
     a session of its own, so a torchrun killed with SIGKILL (it cannot forward that) left the workers training

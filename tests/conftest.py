@@ -23,6 +23,8 @@ if not _HAS_CUDA:
 import numpy as np
 import pytest
 
+from engine.dist import proc_stat
+
 
 def pytest_collection_modifyitems(config, items):
     skip_gpu = pytest.mark.skip(reason="needs a CUDA device")
@@ -58,12 +60,11 @@ def _descendants(root: int) -> dict[int, str]:
     zombie = set()
     for d in Path("/proc").iterdir():
         if d.name.isdigit():
-            try:
-                fields = (d / "stat").read_text().rsplit(")", 1)[1].split()
-            except (OSError, IndexError):
+            stat = proc_stat(int(d.name))
+            if stat is None:
                 continue
-            children.setdefault(int(fields[1]), []).append(int(d.name))
-            if fields[0] == "Z":
+            children.setdefault(stat[1], []).append(int(d.name))
+            if stat[0] == "Z":
                 zombie.add(int(d.name))
     below, todo = {}, [root]
     while todo:

@@ -305,10 +305,11 @@ def test_a_writer_that_died_but_was_not_reaped_counts_as_dead(tmp_path):
     import time
 
     from engine.data.cache import _host, _writer_alive
+    from engine.dist import proc_stat
 
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
-    stat, deadline = Path(f"/proc/{dead.pid}/stat"), time.monotonic() + 60
-    while stat.read_text().rsplit(")", 1)[1].split()[0] != "Z":  # exited, not reaped (no wait() yet)
+    deadline = time.monotonic() + 60
+    while proc_stat(dead.pid)[0] != "Z":  # exited, not reaped (no wait() yet)
         assert time.monotonic() < deadline, "the child did not exit"
         time.sleep(0.01)
     try:

@@ -18,7 +18,7 @@ sys.path.insert(0, str(Path(__file__).parent / "dist_scripts"))
 from tiny import SeededBatches, TinyDiT, flow_loss  # noqa: E402
 
 from engine.config import JobConfig, build_config, overrides_to_dict  # noqa: E402
-from engine.dist import mesh_shape  # noqa: E402
+from engine.dist import mesh_shape, proc_stat  # noqa: E402
 from engine.parallel import apply_ac, model_blocks  # noqa: E402
 from engine.trainer import Trainer  # noqa: E402
 
@@ -633,10 +633,8 @@ def test_workers_die_with_a_sigkilled_torchrun(tmp_path):
     proc.wait()
 
     def alive(pid: int) -> bool:
-        try:
-            return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-        except FileNotFoundError:
-            return False
+        stat = proc_stat(pid)
+        return stat is not None and stat[0] != "Z"
 
     deadline = time.time() + 10
     while time.time() < deadline and any(map(alive, pids)):
@@ -645,3 +643,21 @@ def test_workers_die_with_a_sigkilled_torchrun(tmp_path):
     for p in left:  # do not leave them running
         os.kill(p, signal.SIGKILL)
     assert not left, f"workers {left} still running 10 s after torchrun was killed"
+
+
+def test_proc_stat_reads_state_and_parent_past_a_command_name_with_parens(tmp_path):
+    """engine.dist.proc_stat: this process's parent is os.getppid(); a child whose command name holds ") Z 1"
+    (the fields after the name were split at the first ")") reads as its own state and parent; a pid that
+    does not exist is None."""
+    assert proc_stat(os.getpid()) == ("R", os.getppid())
+    exe = tmp_path / "x) Z 1 ("
+    exe.symlink_to(sys.executable)
+    child = subprocess.Popen([str(exe), "-c", "import time; time.sleep(30)"])
+    try:
+        state, parent = proc_stat(child.pid)
+        assert state in "RSD" and parent == os.getpid(), (state, parent)
+        assert ") Z 1 (" in open(f"/proc/{child.pid}/stat").read()  # the name really holds them
+    finally:
+        child.kill()
+        child.wait()
+    assert proc_stat(child.pid) is None

@@ -42,6 +42,7 @@ import torch
 
 from engine.data.dataset import SkipItem, iterate_skipping
 from engine.data.quarantine import Quarantine
+from engine.dist import proc_stat
 from engine.log import get_logger, progress
 
 log = get_logger("data")
@@ -112,10 +113,10 @@ def _writer_alive(p: Path) -> bool | None:
         return False
     except PermissionError:
         pass  # a process of another user
-    try:  # a writer that died and was not yet reaped (a zombie) answers signal 0 too
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except (OSError, IndexError):
-        return True  # no /proc: signal 0 is all there is
+    # a writer that died and was not yet reaped (a zombie) answers signal 0 too; without /proc (or a process
+    # that ended just now) signal 0 is all there is
+    stat = proc_stat(pid)
+    return stat is None or stat[0] != "Z"
 
 
 def _remove_orphans(folder: Path) -> None:
