@@ -2,7 +2,10 @@
 
 Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8;
 with GPU_FP8_BWD_ALL=1 also, forward+backward only, dQ/dK in FP8 and all five backward products in FP8) vs
-our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; FLOPs 4 B H S^2 D forward, 3.5x that
+our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; where Transformer Engine imports, also
+cuDNN's own FP8 attention through TE (``te_fp8_dpa``: DotProductAttention under a DelayedScaling recipe with
+fp8_dpa, per-tensor scales, E4M3 forward / E5M2 gradients), the other FP8 attention that trains, with its
+accuracy beside ours; FLOPs 4 B H S^2 D forward, 3.5x that
 forward+backward. Accuracy: relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
 reference on activations with outliers (:func:`video_activations`), for bf16 and the FP8 variants.
 
@@ -12,6 +15,7 @@ reference on activations with outliers (:func:`video_activations`), for bf16 and
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import time
@@ -100,6 +104,36 @@ def _variants(device: str) -> dict:
     }
 
 
+def te_fp8_dpa():
+    """fn(q, k, v, rope=None) -> out: cuDNN's FP8 fused attention through Transformer Engine (q, k, v bf16
+    (B, S, H, D); RoPE applied first by kernels.rope). Raises what importing TE raises."""
+    from transformer_engine.common import recipe
+
+    from kernels.rope import apply_rope
+    from kernels.te_loader import import_te
+
+    te = import_te()
+    rec = recipe.DelayedScaling(fp8_dpa=True)
+    modules: dict = {}
+
+    def fn(q, k, v, rope=None):
+        if rope is not None:
+            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+        H, D = q.shape[2], q.shape[3]
+        if (H, D) not in modules:
+            modules[H, D] = te.DotProductAttention(H, D, qkv_format="bshd", attn_mask_type="no_mask")
+        ctx = (
+            te.autocast(enabled=True, recipe=rec)  # TE >= 2.8 renamed fp8_autocast
+            if hasattr(te, "autocast")
+            else te.fp8_autocast(enabled=True, fp8_recipe=rec)
+        )
+        with ctx:
+            out = modules[H, D](q, k, v)
+        return out.view(q.shape)
+
+    return fn
+
+
 def _errors(got, ref) -> dict:
     out = {}
     for name, a, b in zip(("out", "dq", "dk", "dv"), got, ref):
@@ -108,8 +142,11 @@ def _errors(got, ref) -> dict:
     return out
 
 
-def accuracy(grid=(4, 16, 24), heads: int = 2, head_dim: int = 128, device: str = "cpu") -> dict:
-    """{variant: {tensor: (relative L2 error, cosine)}} vs the fp32 reference (inputs rounded to bf16)."""
+def accuracy(
+    grid=(4, 16, 24), heads: int = 2, head_dim: int = 128, device: str = "cpu", variants: dict | None = None
+) -> dict:
+    """{variant: {tensor: (relative L2 error, cosine)}} vs the fp32 reference (inputs rounded to bf16), for
+    ``variants`` (name -> fn(q, k, v, rope); default: :func:`_variants` of the device)."""
     from kernels.attention import attention_reference
     from kernels.rope import rope_3d_tables
 
@@ -125,7 +162,7 @@ def accuracy(grid=(4, 16, 24), heads: int = 2, head_dim: int = 128, device: str 
 
     ref = run(lambda q, k, v, rope: attention_reference(q, k, v, rope=rope), torch.float32)
     table = {}
-    for name, fn in _variants(device).items():
+    for name, fn in (variants or _variants(device)).items():
         dtype = torch.float32 if name.startswith("bf16 (fp32") else lp
         got = run(fn, dtype)
         if name.startswith("bf16 (fp32"):  # bf16 in/out with fp32 math: round outputs like a bf16 kernel
@@ -152,13 +189,23 @@ def _providers(rope):
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             return attention(q, k, v, backend="sdpa")
 
-    return {
+    providers = {
         "sdpa_cudnn": (cudnn, None),
         "triton_bf16": (lambda q, k, v: attention(q, k, v), "sdpa_cudnn"),
         "triton_fp8": (lambda q, k, v: attention_fp8(q, k, v), "triton_bf16"),
         "triton_fp8_dp": (lambda q, k, v: attention_fp8(q, k, v, bwd_fp8_dp=True), "triton_bf16"),
         "triton_fp8+rope": (lambda q, k, v: attention_fp8(q, k, v, rope=rope), "triton_bf16"),
     }
+    if importlib.util.find_spec("transformer_engine") is not None:  # a TE that fails to load: an error record
+        built: dict = {}
+
+        def te_fp8(q, k, v):  # TE imported and its modules built on first use, inside the provider's try
+            if "fn" not in built:
+                built["fn"] = te_fp8_dpa()
+            return built["fn"](q, k, v)
+
+        providers["te_fp8_dpa"] = (te_fp8, "triton_bf16")
+    return providers
 
 
 def _bwd_providers(rope):
@@ -195,6 +242,16 @@ def _accuracy_records() -> list[dict]:
                 )
     except Exception as e:
         recs.append(error_record("attention_fp8.accuracy", "-", "-", e))
+    if importlib.util.find_spec("transformer_engine") is None:
+        return recs
+    name = "te fp8 dpa (cuDNN, delayed scaling)"
+    try:
+        errs = accuracy(grid=(8, 16, 24), heads=2, device="cuda", variants={name: te_fp8_dpa()})[name]
+        for tensor, (err, cos) in errs.items():
+            recs.append(record("attention_fp8.accuracy", tensor, name, "rel_err", err, higher_is_better=False,
+                               cos=cos))  # fmt: skip
+    except Exception as e:
+        recs.append(error_record("attention_fp8.accuracy", "-", name, e))
     return recs
 
 
