@@ -27,14 +27,12 @@ on a filesystem every rank sees (rank 0 commits the folder the others wrote into
 
 from __future__ import annotations
 
-import contextlib
 import os
 import random
 import re
 import shutil
 import time
 import warnings
-from collections.abc import Iterator
 from concurrent.futures import Future
 from pathlib import Path
 from typing import Any, Protocol
@@ -121,12 +119,11 @@ def _no_dist() -> bool:
     return not dist.is_initialized()
 
 
-@contextlib.contextmanager
-def _quiet_single_process() -> Iterator[None]:
-    """DCP warns on every single-process save/load; that is a supported mode here."""
-    with warnings.catch_warnings():
-        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
-        yield
+def _quiet_single_process() -> None:
+    """DCP warns on every single-process save/load; that is a supported mode here. A filter for the process,
+    not a catch_warnings block: an async save warns from DCP's upload thread after the call has returned (a
+    block around the call let that one through on every save). Adding it again replaces the same filter."""
+    warnings.filterwarnings("ignore", message="torch.distributed is disabled, unavailable or uninitialized")
 
 
 def complete_checkpoints(folder: str | Path) -> list[tuple[int, Path]]:
@@ -189,14 +186,12 @@ class CheckpointManager:
             os.fsync(f.fileno())
         state = self._dcp_state()
         if self.cfg.async_save and not force_sync:
-            with _quiet_single_process():
-                fut = dcp.async_save(
-                    state, checkpoint_id=str(tmp), no_dist=_no_dist(), process_group=self._pg
-                )
+            _quiet_single_process()
+            fut = dcp.async_save(state, checkpoint_id=str(tmp), no_dist=_no_dist(), process_group=self._pg)
             self._pending = (fut, tmp, final)
         else:
-            with _quiet_single_process():
-                dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist(), process_group=self._pg)
+            _quiet_single_process()
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=_no_dist(), process_group=self._pg)
             self._commit(tmp, final)
         return final
 
@@ -277,8 +272,8 @@ class CheckpointManager:
                 "none: for 'ema', train.ema_decay = 0); resume with the saved settings, or start a new run "
                 "(checkpoint.resume = false)"
             )
-        with _quiet_single_process():
-            dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist(), process_group=self._pg)
+        _quiet_single_process()
+        dcp.load(state, checkpoint_id=str(path), no_dist=_no_dist(), process_group=self._pg)
         for k, s in self.states.items():
             s.load_state_dict(state[k])
         if self.rank_states:

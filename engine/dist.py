@@ -179,7 +179,8 @@ def proc_stat(pid: int) -> tuple[str, int] | None:
     """(state letter, parent pid) of process ``pid`` from /proc/<pid>/stat ("Z": exited, not yet reaped);
     None when it is gone or there is no /proc. The command name before them may hold spaces and ")"."""
     try:
-        fields = open(f"/proc/{pid}/stat").read().rsplit(")", 1)[1].split()
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
         return fields[0], int(fields[1])
     except (OSError, IndexError, ValueError):
         return None

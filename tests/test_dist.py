@@ -656,7 +656,7 @@ def test_proc_stat_reads_state_and_parent_past_a_command_name_with_parens(tmp_pa
     try:
         state, parent = proc_stat(child.pid)
         assert state in "RSD" and parent == os.getpid(), (state, parent)
-        assert ") Z 1 (" in open(f"/proc/{child.pid}/stat").read()  # the name really holds them
+        assert ") Z 1 (" in Path(f"/proc/{child.pid}/stat").read_text()  # the name really holds them
     finally:
         child.kill()
         child.wait()
