@@ -106,7 +106,8 @@ class TrainingInterrupted(SystemExit):
 
 
 # SIGINT / SIGTERM while a trainer trains: the first is acted on after the current step, by every rank at the
-# same step (agreed in the NaN guard's all-reduce); a second one gets the original handler (stops at once).
+# same step (agreed in the NaN guard's all-reduce); a second one gets the original handler (stops at once). A
+# signal the process was started to ignore stays ignored.
 _STOP_SIGNALS = (signal.SIGINT, signal.SIGTERM)
 _ORIG_HANDLERS: dict[int, Any] = {}
 _DEFAULT_HANDLERS = {signal.SIGINT: signal.default_int_handler, signal.SIGTERM: signal.SIG_DFL}
@@ -477,6 +478,10 @@ class Trainer:
             return
         if not _ORIG_HANDLERS:
             for s in _STOP_SIGNALS:
+                # a process started with the signal ignored (a background job of a shell script: SIGINT; nohup)
+                # keeps it ignored: a Ctrl-C meant for the foreground stopped the training
+                if signal.getsignal(s) is signal.SIG_IGN:
+                    continue
                 prev = signal.signal(s, _on_signal)
                 # never _on_signal itself: given back, it would leave the signal with no handler to reach
                 _ORIG_HANDLERS[s] = _DEFAULT_HANDLERS[s] if prev is _on_signal else prev

@@ -413,20 +413,52 @@ def test_sigint_after_a_step_that_raised_interrupts(tmp_path):
             signal.raise_signal(signal.SIGINT)  # during the step after the error: stop after that step
         return flow_loss(model, mb)
 
-    tr = Trainer(_cfg(6), TinyDiT(), loss_fn, SeededBatches(), run_dir=tmp_path)
-    tr.train_step()
-    with pytest.raises(RuntimeError, match="bad sample"):
+    # Python's own handler, whatever this process started with: a test process started in the background of a
+    # shell script ignores SIGINT, and this test failed in such runs unless an earlier test had reset it
+    orig = signal.signal(signal.SIGINT, signal.default_int_handler)
+    try:
+        tr = Trainer(_cfg(6), TinyDiT(), loss_fn, SeededBatches(), run_dir=tmp_path)
         tr.train_step()
+        with pytest.raises(RuntimeError, match="bad sample"):
+            tr.train_step()
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+        with pytest.raises(KeyboardInterrupt):
+            signal.raise_signal(signal.SIGINT)
+        with pytest.raises(TrainingInterrupted) as stop:
+            tr.train_step()
+        assert stop.value.code == 128 + signal.SIGINT and tr.step == 2
+        assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    finally:
+        signal.signal(signal.SIGINT, orig)
+
+
+def test_a_signal_the_process_ignores_stays_ignored(tmp_path):
+    """A process started with SIGINT ignored (a background job of a shell script, nohup) kept training through a
+    Ctrl-C meant for the foreground only until the trainer installed its handler, which made that Ctrl-C stop the
+    run. An ignored signal stays ignored while the trainer trains; the other one is still handled."""
+    import signal
+
     from engine import trainer as T
 
-    given_back = signal.getsignal(signal.SIGINT)
-    assert given_back is signal.default_int_handler, (given_back, T._ORIG_HANDLERS, T._ACTIVE, tr)
-    with pytest.raises(KeyboardInterrupt):
-        signal.raise_signal(signal.SIGINT)
-    with pytest.raises(TrainingInterrupted) as stop:
-        tr.train_step()
-    assert stop.value.code == 128 + signal.SIGINT and tr.step == 2
-    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
+    seen = []
+
+    def loss_fn(model, mb):
+        seen.append((signal.getsignal(signal.SIGINT), signal.getsignal(signal.SIGTERM)))
+        if len(seen) == 2:
+            signal.raise_signal(signal.SIGINT)  # ignored: the step and the next ones run on
+        return flow_loss(model, mb)
+
+    orig = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        tr = Trainer(_cfg(3), TinyDiT(), loss_fn, SeededBatches(), run_dir=tmp_path)
+        while tr.step < 3:
+            tr.train_step()
+        tr.close()
+        assert seen == [(signal.SIG_IGN, T._on_signal)] * 3
+        assert signal.getsignal(signal.SIGINT) is signal.SIG_IGN
+        assert signal.getsignal(signal.SIGTERM) is not T._on_signal
+    finally:
+        signal.signal(signal.SIGINT, orig)
 
 
 def test_bench_profile_writes_trace_and_op_table(tmp_path):
@@ -528,7 +560,7 @@ def test_a_signal_with_no_handler_to_give_back_interrupts_instead_of_looping(tmp
 
     from engine import trainer as T
 
-    signal.signal(signal.SIGINT, T._on_signal)  # the state a handler saved over itself left
+    orig = signal.signal(signal.SIGINT, T._on_signal)  # the state a handler saved over itself left
     try:
         with pytest.raises(KeyboardInterrupt):
             signal.raise_signal(signal.SIGINT)
@@ -540,4 +572,4 @@ def test_a_signal_with_no_handler_to_give_back_interrupts_instead_of_looping(tmp
         tr.close()
         assert signal.getsignal(signal.SIGINT) is signal.default_int_handler
     finally:
-        signal.signal(signal.SIGINT, signal.default_int_handler)
+        signal.signal(signal.SIGINT, orig)
