@@ -33,10 +33,17 @@ ARGS = (
 ).split()
 
 
+def _sigint_as_in_a_foreground_run() -> None:
+    """In the child before exec: SIGINT at its default, as a shell's foreground job has it (a test process started
+    in the background ignores SIGINT, its children inherit that, and the trainer keeps an ignored signal ignored)."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def _run(run_dir: Path, *extra: str) -> subprocess.Popen:
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
     cmd = [sys.executable, str(SCRIPT), "--run-dir", str(run_dir), *ARGS, *extra]
-    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    return subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=_sigint_as_in_a_foreground_run)  # fmt: skip
 
 
 def _uninterrupted(run_dir: Path, *extra: str) -> dict[int, float]:
