@@ -51,6 +51,9 @@ from engine.log import get_logger
 from engine.precision import is_te_module
 
 log = get_logger("parallel")
+# FSDP2 reduce-scatters a parameter that one rank's backward left without a gradient as zeros there, so the
+# ranks' collectives match (torch 2.11's FSDP2 has no such switch: they mismatch and the run aborts)
+FSDP_ZEROS_UNUSED_GRADS = hasattr(FSDPModule, "set_reduce_scatter_unused_params")
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -150,6 +153,8 @@ def apply_fsdp(
     of 2^-8 in bf16) and the RoPE tables included. A parameter without a gradient on some rank (a branch its
     batch did not use) is reduce-scattered as zeros, so the ranks' reduce-scatters match (FSDP2's default
     leaves it out on that rank only: mismatched collectives); one that no rank used then gets a zero gradient.
+    Needs a torch whose FSDP2 has ``set_reduce_scatter_unused_params`` (:data:`FSDP_ZEROS_UNUSED_GRADS`; a
+    warning says so otherwise).
     """
     cast = not getattr(model, "casts_own_inputs", False)
     mp = MixedPrecisionPolicy(param_dtype=param_dtype, reduce_dtype=reduce_dtype, cast_forward_inputs=cast)
@@ -158,8 +163,16 @@ def apply_fsdp(
         last = i == len(blocks) - 1
         fully_shard(block, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward and not last)
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
-    if hasattr(model, "set_reduce_scatter_unused_params"):  # newer torch only; recurses into the blocks
+    if FSDP_ZEROS_UNUSED_GRADS:  # recurses into the blocks
         model.set_reduce_scatter_unused_params(True)
+    else:
+        log.warning(
+            "this torch's FSDP2 (%s) has no set_reduce_scatter_unused_params: a parameter that gets no gradient "
+            "on some ranks only (a branch one rank's batch did not use) aborts the run in the reduce-scatter; "
+            "keep every branch in every rank's graph, or use a torch that has it (2.13 does, 2.11 does not) or "
+            "parallel.fsdp = false",
+            torch.__version__,
+        )
     for name in forward_methods:
         if callable(getattr(model, name, None)):
             register_fsdp_forward_method(model, name)

@@ -476,20 +476,27 @@ def test_every_rank_finds_the_export_after_close(tmp_path):
 
 
 @pytest.mark.dist
-def test_parameters_unused_on_some_ranks_train_like_one_process(tmp_path):
+@pytest.mark.parametrize("variant", ["ddp", "fsdp"])
+def test_parameters_unused_on_some_ranks_train_like_one_process(tmp_path, variant):
     """A conditioning branch used on one rank only (dist_scripts/unused_branch.py) had no grad there. Plain DP
     (parallel.fsdp = false) skipped its all-reduces on that rank only, FSDP2 left it out of that rank's
     reduce-scatter: either way the ranks' collectives mismatched and gloo aborted. Now the missing grad counts
     as zero (plain DP keeps None for a branch no rank used, as one process does): both ranks end identical and
-    equal to one process trained on the whole batch with the branch masked to the same samples."""
+    equal to one process trained on the whole batch with the branch masked to the same samples. FSDP2 needs a
+    torch whose FSDP2 can reduce-scatter the missing gradient as zeros (2.13 can, the GPU image's 2.11 cannot:
+    rank 1 aborted there; engine.parallel warns)."""
     from unused_branch import VARIANTS, BranchLoss, CondDiT, make_cfg
 
+    from engine.parallel import FSDP_ZEROS_UNUSED_GRADS
+
+    if variant == "fsdp" and not FSDP_ZEROS_UNUSED_GRADS:
+        pytest.skip(f"torch {torch.__version__}: FSDP2 has no set_reduce_scatter_unused_params")
     script = ROOT / "tests" / "dist_scripts" / "unused_branch.py"
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": str(ROOT)}
-    cmd = [*TORCHRUN_2, str(script), "--run-dir", str(tmp_path), "--variants", ",".join(VARIANTS)]
+    cmd = [*TORCHRUN_2, str(script), "--run-dir", str(tmp_path), "--variants", variant]
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     refs = {}
-    for name, (_, use) in VARIANTS.items():
+    for name, (_, use) in {variant: VARIANTS[variant]}.items():
         torch.manual_seed(0)
         batches = SeededBatches(batch=2, world=2, all_ranks=True)
         ref = Trainer(
