@@ -106,28 +106,27 @@ def _variants(device: str) -> dict:
 
 def te_fp8_dpa():
     """fn(q, k, v, rope=None) -> out: cuDNN's FP8 fused attention through Transformer Engine (q, k, v bf16
-    (B, S, H, D); RoPE applied first by kernels.rope). Raises what importing TE raises."""
-    from transformer_engine.common import recipe
-
+    (B, S, H, D); RoPE applied first by kernels.rope). TE is imported at the first call, which raises what
+    importing it raises (inside a provider's try, so a TE that fails to load is an error record)."""
+    from engine.precision import te_autocast
     from kernels.rope import apply_rope
     from kernels.te_loader import import_te
 
-    te = import_te()
-    rec = recipe.DelayedScaling(fp8_dpa=True)
-    modules: dict = {}
+    modules: dict = {}  # TE, its recipe and one DotProductAttention per (heads, head dim), made once (timed)
 
     def fn(q, k, v, rope=None):
+        if "te" not in modules:
+            modules["te"] = import_te()
+            from transformer_engine.common import recipe
+
+            modules["recipe"] = recipe.DelayedScaling(fp8_dpa=True)
+        te = modules["te"]
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
         H, D = q.shape[2], q.shape[3]
         if (H, D) not in modules:
             modules[H, D] = te.DotProductAttention(H, D, qkv_format="bshd", attn_mask_type="no_mask")
-        ctx = (
-            te.autocast(enabled=True, recipe=rec)  # TE >= 2.8 renamed fp8_autocast
-            if hasattr(te, "autocast")
-            else te.fp8_autocast(enabled=True, fp8_recipe=rec)
-        )
-        with ctx:
+        with te_autocast(modules["recipe"]):
             out = modules[H, D](q, k, v)
         return out.view(q.shape)
 
@@ -197,14 +196,7 @@ def _providers(rope):
         "triton_fp8+rope": (lambda q, k, v: attention_fp8(q, k, v, rope=rope), "triton_bf16"),
     }
     if importlib.util.find_spec("transformer_engine") is not None:  # a TE that fails to load: an error record
-        built: dict = {}
-
-        def te_fp8(q, k, v):  # TE imported and its modules built on first use, inside the provider's try
-            if "fn" not in built:
-                built["fn"] = te_fp8_dpa()
-            return built["fn"](q, k, v)
-
-        providers["te_fp8_dpa"] = (te_fp8, "triton_bf16")
+        providers["te_fp8_dpa"] = (te_fp8_dpa(), "triton_bf16")
     return providers
 
 

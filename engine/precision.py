@@ -195,11 +195,16 @@ def fp8_context(prec: PrecisionConfig, group: Any = None) -> contextlib.Abstract
     """
     if prec.fp8 != "te":
         return contextlib.nullcontext()
+    return te_autocast(te_recipe(prec.fp8_recipe), group)
+
+
+def te_autocast(recipe: Any, group: Any = None) -> contextlib.AbstractContextManager:
+    """TE's FP8 autocast with ``recipe`` (a transformer_engine.common.recipe object), amax reduced over
+    ``group``, under the name the installed TE has."""
     te = _import_te()
-    rec = te_recipe(prec.fp8_recipe)
     if hasattr(te, "autocast"):  # TE >= 2.8 renamed fp8_autocast
-        return te.autocast(enabled=True, recipe=rec, amax_reduction_group=group)
-    return te.fp8_autocast(enabled=True, fp8_recipe=rec, fp8_group=group)
+        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
+    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
 
 
 def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> contextlib.AbstractContextManager:
