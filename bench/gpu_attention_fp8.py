@@ -3,9 +3,11 @@
 Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in bf16, and with dP in FP8;
 with GPU_FP8_BWD_ALL=1 also, forward+backward only, dQ/dK in FP8 and all five backward products in FP8) vs
 our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; where Transformer Engine imports, also
-cuDNN's own FP8 attention through TE (``te_fp8_dpa``: DotProductAttention under a DelayedScaling recipe with
-fp8_dpa, per-tensor scales, E4M3 forward / E5M2 gradients), the other FP8 attention that trains, with its
-accuracy beside ours; FLOPs 4 B H S^2 D forward, 3.5x that
+cuDNN's own FP8 attention through TE: ``te_fp8`` is kernels.attention's backend "te" with precision "fp8"
+(Float8CurrentScaling with fp8_dpa, P's and dP's scales set at each call: kernels.attention._te_fp8), and
+``te_fp8_dpa`` the same kernel as TE leaves it (DelayedScaling with fp8_dpa: every scale from the amax seen
+before, 1 at the first call), with their accuracy beside ours (te_fp8_dpa's after 3 calls too, and te_fp8's
+with the output gradient scaled by 1e-6, a training step's size); FLOPs 4 B H S^2 D forward, 3.5x that
 forward+backward. Accuracy: relative L2 error and cosine similarity of out, dq, dk, dv against an fp32
 reference on activations with outliers (:func:`video_activations`), for bf16 and the FP8 variants.
 
@@ -142,14 +144,23 @@ def _errors(got, ref) -> dict:
 
 
 def accuracy(
-    grid=(4, 16, 24), heads: int = 2, head_dim: int = 128, device: str = "cpu", variants: dict | None = None
+    grid=(4, 16, 24),
+    heads: int = 2,
+    head_dim: int = 128,
+    device: str = "cpu",
+    variants: dict | None = None,
+    grad_scale: float = 1.0,
+    warmup: int = 0,
 ) -> dict:
     """{variant: {tensor: (relative L2 error, cosine)}} vs the fp32 reference (inputs rounded to bf16), for
-    ``variants`` (name -> fn(q, k, v, rope); default: :func:`_variants` of the device)."""
+    ``variants`` (name -> fn(q, k, v, rope); default: :func:`_variants` of the device); the output gradient
+    times ``grad_scale``; each variant first runs ``warmup`` forward+backward calls on the same inputs
+    (a delayed-scaling recipe's scales come from them)."""
     from kernels.attention import attention_reference
     from kernels.rope import rope_3d_tables
 
     q, k, v, do = video_activations(grid, heads, head_dim, device=device)
+    do = do * grad_scale
     rope = rope_3d_tables(grid, head_dim, device=device)
     lp = torch.bfloat16 if device == "cuda" else torch.float32
     q, k, v = (t.to(torch.bfloat16).to(lp) for t in (q, k, v))  # same bf16-representable inputs for all
@@ -163,6 +174,8 @@ def accuracy(
     table = {}
     for name, fn in (variants or _variants(device)).items():
         dtype = torch.float32 if name.startswith("bf16 (fp32") else lp
+        for _ in range(warmup):
+            run(fn, dtype)
         got = run(fn, dtype)
         if name.startswith("bf16 (fp32"):  # bf16 in/out with fp32 math: round outputs like a bf16 kernel
             got = tuple(t.to(torch.bfloat16) for t in got)
@@ -196,6 +209,10 @@ def _providers(rope):
         "triton_fp8+rope": (lambda q, k, v: attention_fp8(q, k, v, rope=rope), "triton_bf16"),
     }
     if importlib.util.find_spec("transformer_engine") is not None:  # a TE that fails to load: an error record
+        providers["te_fp8"] = (
+            lambda q, k, v: attention(q, k, v, backend="te", precision="fp8"),
+            "triton_bf16",
+        )
         providers["te_fp8_dpa"] = (te_fp8_dpa(), "triton_bf16")
     return providers
 
@@ -236,14 +253,25 @@ def _accuracy_records() -> list[dict]:
         recs.append(error_record("attention_fp8.accuracy", "-", "-", e))
     if importlib.util.find_spec("transformer_engine") is None:
         return recs
-    name = "te fp8 dpa (cuDNN, delayed scaling)"
-    try:
-        errs = accuracy(grid=(8, 16, 24), heads=2, device="cuda", variants={name: te_fp8_dpa()})[name]
-        for tensor, (err, cos) in errs.items():
-            recs.append(record("attention_fp8.accuracy", tensor, name, "rel_err", err, higher_is_better=False,
-                               cos=cos))  # fmt: skip
-    except Exception as e:
-        recs.append(error_record("attention_fp8.accuracy", "-", name, e))
+    from kernels.attention import attention
+
+    def te_fp8(q, k, v, rope=None):
+        return attention(q, k, v, rope=rope, backend="te", precision="fp8")
+
+    cases = (  # (name, variant, accuracy() keywords); te_fp8_dpa() anew each time: its scales start at 1
+        ("te fp8 [backend te] (cuDNN)", te_fp8, {}),
+        ("te fp8 [backend te] (cuDNN), dO x 1e-6", te_fp8, dict(grad_scale=1e-6)),
+        ("te fp8 dpa (cuDNN, delayed scaling), first call", te_fp8_dpa(), {}),
+        ("te fp8 dpa (cuDNN, delayed scaling), after 3 calls", te_fp8_dpa(), dict(warmup=3)),
+    )
+    for name, fn, kw in cases:
+        try:
+            errs = accuracy(grid=(8, 16, 24), heads=2, device="cuda", variants={name: fn}, **kw)[name]
+            for tensor, (err, cos) in errs.items():
+                recs.append(record("attention_fp8.accuracy", tensor, name, "rel_err", err,
+                                   higher_is_better=False, cos=cos))  # fmt: skip
+        except Exception as e:
+            recs.append(error_record("attention_fp8.accuracy", "-", name, e))
     return recs
 
 

@@ -8,7 +8,8 @@ peak measured as a bf16 8192^3 matmul in the same run.
 FP8 providers (a case's ``fp8_providers``, the Wan-1.3B case: issue 13's goal, FP8 linears + FP8
 attention >= 1.3x the bf16 step): the same model and step with FP8 linears (engine.precision.apply_fp8,
 torchao or Transformer Engine) and/or FP8 self-attention in every block
-(engine.precision.apply_attention_precision, kernels.attention_fp8; "_all": dP and dQ/dK in FP8 too),
+(engine.precision.apply_attention_precision: kernels.attention_fp8, "_all": dP and dQ/dK in FP8 too; or
+"te_fp8attn": cuDNN's FP8 attention through TE, model.fp8_attention_backend "te"),
 ratio vs ``ours_triton``, the bf16 step. MFU stays on the bf16 peak, so the rows compare on one scale.
 A missing backend (torchao, TE, an FP8 attention kernel for this device/dtype) or a spent time budget
 is an "error" record whose message starts with "skipped:" (extra skipped=True); other failures are
@@ -40,9 +41,11 @@ from bench.common import error_record, module_budget, record
 
 DTYPE = torch.bfloat16
 # (provider, FP8 linear backend "none" | "torchao" | "te", FP8 self-attention: None (bf16), "default"
-# (the models' default: dV and dP in FP8) or "all" (dV, dP, dQ/dK in FP8)), in the order they run (most
-# wanted first)
+# (our kernel with the models' default: dV and dP in FP8), "all" (ours, dV, dP, dQ/dK in FP8) or "te" (cuDNN's
+# FP8 attention through TE, model.fp8_attention_backend "te")), in the order they run (most wanted first)
 FP8_PROVIDERS = (
+    ("ours_te_fp8attn", "none", "te"),
+    ("ours_fp8_te+te_fp8attn", "te", "te"),
     ("ours_fp8_torchao+fp8attn", "torchao", "default"),
     ("ours_fp8_torchao+fp8attn_all", "torchao", "all"),
     ("ours_fp8attn", "none", "default"),
@@ -258,7 +261,18 @@ def _fp8_model(case: Case, linears: str, attn: str | None):
 
     model = case.build_ours("triton")
     contexts = []
-    if attn is not None:
+    if attn == "te":
+        from kernels.te_loader import import_te
+
+        try:
+            import_te()
+        except (ImportError, RuntimeError, OSError) as e:
+            raise _Skip(f"Transformer Engine is not usable here: {e}") from e
+        apply_attention_precision(
+            model,
+            ModelConfig(attention_precision="fp8", fp8_attention_backend="te", fp8_attention_skip_blocks=[]),
+        )
+    elif attn is not None:
         attn_mod = next(m for m in model.blocks.modules() if hasattr(m, "attention_precision"))
         head_dim = attn_mod.out.in_features // attn_mod.heads
         probe = torch.empty(1, 1, 1, head_dim, device=next(model.parameters()).device, dtype=DTYPE)

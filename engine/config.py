@@ -46,7 +46,10 @@ class ModelConfig:
     flavour: str = "toy"  # named size preset: wan "toy", "1.3B", "14B", ...; hunyuan15 "i2v-480p", ...
     pretrained: str = ""  # local diffusers-format folder or .safetensors file; "" = random init
     attention: Literal["triton", "sdpa", "flash_attn", "te"] = "sdpa"  # attention backend
-    attention_precision: Literal["bf16", "fp8"] = "bf16"  # fp8: our FP8 kernel (needs attention "triton")
+    attention_precision: Literal["bf16", "fp8"] = "bf16"  # fp8: FP8 self-attention (fp8_attention_backend's)
+    # the FP8 self-attention's kernel: "triton" (ours, needs attention "triton") or "te" (cuDNN's FP8 attention
+    # through Transformer Engine; the rest of the model's attention stays on model.attention)
+    fp8_attention_backend: Literal["triton", "te"] = "triton"
     fp8_attention_skip_blocks: list[int] = field(default_factory=list)  # blocks kept in bf16
     meta_init: bool = False  # build on the meta device (shape/param-count checks, no memory)
 

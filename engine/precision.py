@@ -38,7 +38,7 @@ import torch.nn.functional as F
 
 from engine.config import ModelConfig, PrecisionConfig
 from engine.log import get_logger
-from kernels.te_loader import import_te
+from kernels.te_loader import import_te, te_autocast
 
 log = get_logger("precision")
 
@@ -195,16 +195,9 @@ def fp8_context(prec: PrecisionConfig, group: Any = None) -> contextlib.Abstract
     """
     if prec.fp8 != "te":
         return contextlib.nullcontext()
-    return te_autocast(te_recipe(prec.fp8_recipe), group)
-
-
-def te_autocast(recipe: Any, group: Any = None) -> contextlib.AbstractContextManager:
-    """TE's FP8 autocast with ``recipe`` (a transformer_engine.common.recipe object), amax reduced over
-    ``group``, under the name the installed TE has."""
-    te = _import_te()
-    if hasattr(te, "autocast"):  # TE >= 2.8 renamed fp8_autocast
-        return te.autocast(enabled=True, recipe=recipe, amax_reduction_group=group)
-    return te.fp8_autocast(enabled=True, fp8_recipe=recipe, fp8_group=group)
+    return te_autocast(
+        te_recipe(prec.fp8_recipe), group
+    )  # te_recipe raised FP8UnavailableError if TE is unusable
 
 
 def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> contextlib.AbstractContextManager:
@@ -216,20 +209,30 @@ def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> cont
 
 
 def attention_precision_problem(model_cfg: ModelConfig) -> str | None:
-    """Why ``model_cfg.attention_precision`` cannot run as asked (None if it can): "fp8" is our FP8 kernel,
-    backend "triton" only (the others would warn and run bf16)."""
-    if model_cfg.attention_precision == "fp8" and model_cfg.attention != "triton":
+    """Why ``model_cfg.attention_precision`` cannot run as asked (None if it can): "fp8" with
+    ``fp8_attention_backend`` "triton" is our FP8 kernel, the FP8 mode of backend "triton", so it needs
+    ``model.attention`` "triton" (the other backends would warn and run bf16); with "te" (cuDNN's FP8 attention
+    through TE, a kernel of its own) any ``model.attention`` runs the rest."""
+    if model_cfg.fp8_attention_backend not in ("triton", "te"):
+        return (
+            f"model.fp8_attention_backend: expected 'triton' or 'te', got {model_cfg.fp8_attention_backend!r}"
+        )
+    m = model_cfg
+    if m.attention_precision == "fp8" and m.fp8_attention_backend == "triton" and m.attention != "triton":
         return (
             "model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "
-            f"got {model_cfg.attention!r} (set --model.attention triton)"
+            f"got {model_cfg.attention!r} (set --model.attention triton, or --model.fp8_attention_backend te "
+            "for cuDNN's FP8 attention through Transformer Engine)"
         )
     return None
 
 
 def apply_attention_precision(model: nn.Module, model_cfg: ModelConfig) -> nn.Module:
-    """Set ``attention_precision`` ("bf16" | "fp8", kernels.attention) on the attention modules of each of
-    ``model.blocks``; blocks listed in ``model_cfg.fp8_attention_skip_blocks`` (negative = from the end,
-    e.g. [0, -1] keeps the first and last blocks) stay "bf16". Composable with :func:`apply_fp8`."""
+    """Set ``attention_precision`` ("bf16" | "fp8", kernels.attention) and ``fp8_backend`` ("te" for
+    ``model_cfg.fp8_attention_backend`` "te": the "fp8" blocks' attention runs there; else None, the FP8 mode
+    of the module's own backend) on the attention modules of each of ``model.blocks``; blocks listed in
+    ``model_cfg.fp8_attention_skip_blocks`` (negative = from the end, e.g. [0, -1] keeps the first and last
+    blocks) stay "bf16". Composable with :func:`apply_fp8`."""
     blocks = getattr(model, "blocks", None)
     if not isinstance(blocks, nn.ModuleList):
         raise ValueError(f"apply_attention_precision: {type(model).__name__} has no ModuleList 'blocks'")
@@ -243,6 +246,9 @@ def apply_attention_precision(model: nn.Module, model_cfg: ModelConfig) -> nn.Mo
         for m in block.modules():
             if hasattr(m, "attention_precision"):
                 m.attention_precision = prec
+                # "triton": the FP8 mode of the module's own backend (the trainer checks that it is "triton")
+                m.fp8_backend = "te" if model_cfg.fp8_attention_backend == "te" else None
     if model_cfg.attention_precision == "fp8":
-        log.info("fp8 attention in %d of %d blocks (kept bf16: %s)", n - len(skip), n, sorted(skip))
+        log.info("fp8 attention (%s) in %d of %d blocks (kept bf16: %s)", model_cfg.fp8_attention_backend,
+                 n - len(skip), n, sorted(skip))  # fmt: skip
     return model

@@ -822,28 +822,93 @@ def _flash_attn(q, k, v, scale, k_lengths, rope):
     return flash_attn_func(q, k, v, softmax_scale=scale)
 
 
-_TE_MODULES: dict = {}
+_TE_MODULES: dict = {}  # (heads, head dim, scale, fp8) -> one DotProductAttention, shared by every call
+TE_FP8_P_SCALE = 448.0  # softmax P <= 1 quantised at E4M3's max, as our FP8 kernel's P
+_E5M2_MAX = 57344.0
 
 
-def _te(q, k, v, scale, k_lengths, rope):
+def _te_module(H: int, D: int, scale: float, fp8: bool, q: torch.Tensor):
+    from kernels.te_loader import import_te
+
+    key = (H, D, scale, fp8)
+    if key not in _TE_MODULES:
+        te = import_te()
+        mod = te.DotProductAttention(H, D, qkv_format="bshd", attn_mask_type="no_mask", softmax_scale=scale)
+        if fp8:  # TE makes its FP8 quantizers in the first FP8 forward: one on a few tokens, so the first
+            # real call already runs with P's scale set (_te_fp8)
+            x = torch.ones(1, 128, H, D, dtype=q.dtype, device=q.device)
+            with torch.no_grad(), _te_fp8_autocast():
+                mod(x, x, x)
+        _TE_MODULES[key] = mod
+    return _TE_MODULES[key]
+
+
+def _te_fp8_autocast():
+    from kernels.te_loader import te_autocast
+
+    if "recipe" not in _TE_MODULES:
+        from transformer_engine.common import recipe
+
+        # Q, K, V and dO scaled per tensor at each call, E4M3 forward and E5M2 gradients; O, dQ, dK, dV in the
+        # input dtype. Nested in the trainer's own TE autocast (precision.fp8 "te"), this one applies inside.
+        _TE_MODULES["recipe"] = recipe.Float8CurrentScaling(fp8_dpa=True)
+    return te_autocast(_TE_MODULES["recipe"])
+
+
+def _te_fp8(mod, q, k, v):
+    """cuDNN's FP8 attention through TE (Float8CurrentScaling with fp8_dpa). TE keeps two tensors inside the
+    kernel on delayed scales: softmax P and dP (the gradient that dQ and dK are computed from, E5M2). It
+    updates them from the last amax only at the exit of an outermost grad-enabled autocast, and dP's only in
+    a TE Linear's backward, so left alone P ran at scale 1 in no-grad sampling (values under 2^-10 lost),
+    dP at scale 1 for good (a training step's small gradients flushed to zero), and one module shared by
+    every layer carried one layer's scales into the next. Set here at every call instead: P's to 448 (P <= 1),
+    dP's, just before this call's backward, from the bound |dP_ij|, |dS_ij| <= 2 |dO_i| max_j |v_j|
+    (Cauchy-Schwarz; O is a convex combination of v), so nothing saturates and E5M2's range below the bound
+    keeps every entry that matters."""
+    from transformer_engine.pytorch.cpp_extensions.fused_attn import META_DP, META_S
+
+    with _te_fp8_autocast():
+        mod.quantizers["scaling_fwd"][META_S].scale.fill_(TE_FP8_P_SCALE)
+        out = mod(q, k, v)  # (B, S, H*D)
+    if out.requires_grad:
+        vmax = torch.linalg.vector_norm(v.detach(), dim=-1, dtype=torch.float32).amax()
+        dp_scale = mod.quantizers["scaling_bwd"][META_DP].scale
+
+        def set_dp_scale(grad):
+            gmax = torch.linalg.vector_norm(
+                grad.unflatten(-1, q.shape[2:]), dim=-1, dtype=torch.float32
+            ).amax()
+            dp_scale.copy_(_E5M2_MAX / (2 * gmax * vmax).clamp_min(1e-30))
+            return grad
+
+        out.register_hook(set_dp_scale)
+    return out
+
+
+def _te(q, k, v, scale, k_lengths, rope, fp8=False):
     try:
         from kernels.te_loader import import_te
 
-        DotProductAttention = import_te().DotProductAttention
+        import_te()
     except (ImportError, RuntimeError, OSError) as e:
         raise RuntimeError(f"attention backend 'te': transformer_engine is not usable here ({e})") from e
     if k_lengths is not None:
         raise ValueError("attention backend 'te': k_lengths is not supported; use 'triton' or 'sdpa'")
     if rope is not None:
         q, k = _rotate_qk(q, k, rope)
-    H, D = q.shape[2], q.shape[3]
-    key = (H, D, scale)
-    if key not in _TE_MODULES:
-        _TE_MODULES[key] = DotProductAttention(
-            H, D, qkv_format="bshd", attn_mask_type="no_mask", softmax_scale=scale
-        )
-    out = _TE_MODULES[key](q, k, v)  # (B, S, H*D)
+    mod = _te_module(q.shape[2], q.shape[3], scale, fp8, q)
+    out = _te_fp8(mod, q, k, v) if fp8 else mod(q, k, v)  # (B, S, H*D)
     return out.view(q.shape)  # (B, S, H*D) -> (B, S, H, D)
+
+
+def attention_te_fp8(q, k, v, *, scale=None, k_lengths=None, rope=None, return_lse=False) -> torch.Tensor:
+    """attention(backend="te", precision="fp8"): cuDNN's FP8 attention through Transformer Engine (:func:`_te_fp8`);
+    q, k, v bf16 or fp16 (B, S, H, D)."""
+    _check_inputs(q, k, v, k_lengths, rope)
+    if return_lse:
+        raise ValueError("return_lse: supported by backends 'triton' and 'torch', not 'te'")
+    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    return _te(q, k, v, scale, k_lengths, rope, fp8=True)
 
 
 def attention(
@@ -869,7 +934,8 @@ def attention(
     deterministic uses one fixed tile config (no autotuning), so results are bitwise reproducible across
     processes (the kernels never use atomics, so repeated calls in one process always are).
     precision: "bf16" (the input dtype), or "fp8" (kernels.attention_fp8: the FP8 kernel for "triton", its
-    pure-torch emulation for "torch"; other backends and unsupported inputs warn once and run bf16).
+    pure-torch emulation for "torch", cuDNN's FP8 attention through TE for "te"; "sdpa", "flash_attn" and
+    unsupported inputs warn once and run bf16).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend: expected one of {BACKENDS}, got {backend!r}")

@@ -1478,8 +1478,10 @@ def attention_fp8_dispatch(
     backend: str = "triton",
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """kernels.attention.attention(precision="fp8"): "triton" -> :func:`attention_fp8`, "torch" -> the
-    emulation, with the backward products of :func:`fp8_backward_products`; any other backend has no FP8
-    mode and runs in its own precision after a one-time warning."""
+    emulation, with the backward products of :func:`fp8_backward_products`; "te" -> cuDNN's FP8 attention
+    through Transformer Engine (per-tensor scales, kernels.attention._te_fp8; bf16/fp16 inputs, else bf16
+    after a one-time warning); "sdpa" and "flash_attn" have no FP8 mode and run in their own precision after
+    a one-time warning."""
     kw = dict(scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
     opts = _DISPATCH_BWD
     if backend == "triton":
@@ -1496,5 +1498,12 @@ def attention_fp8_dispatch(
         products = ("dv",) + (("dp",) if opts["dp"] else ()) + (("dqdk",) if opts["dqdk"] else ())
         return attention_fp8_emulated(q, k, v, bwd_fp8=products, ds_format=opts["ds_format"], **kw)
 
-    _warn_once(f"backend {backend!r} has no FP8 mode (use 'triton', or 'torch' for the emulation)")
+    if backend == "te":
+        if q.dtype in (torch.bfloat16, torch.float16):
+            from kernels.attention import attention_te_fp8
+
+            return attention_te_fp8(q, k, v, **kw)
+        _warn_once(f"backend 'te' takes FP8 attention in bf16 or fp16, not dtype {q.dtype}")
+        return attention(q, k, v, backend=backend, **kw)
+    _warn_once(f"backend {backend!r} has no FP8 mode (use 'triton' or 'te', or 'torch' for the emulation)")
     return attention(q, k, v, backend=backend, **kw)

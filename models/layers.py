@@ -159,6 +159,7 @@ class SelfAttention(nn.Module):
             raise ValueError(f"dim={dim} is not divisible by heads={heads}")
         self.heads, self.backend, self.per_head = heads, backend, qk_norm == "per_head"
         self.attention_precision = "bf16"  # or "fp8" (engine.precision.apply_attention_precision sets it)
+        self.fp8_backend: str | None = None  # "fp8" on another backend ("te"; the same setter), None: own
         self.sequence_parallel: SequenceParallel | None = None  # Ulysses (models/sp.py), set by the model
         self.qkv = nn.Linear(dim, 3 * dim, bias=bias)
         self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
@@ -183,7 +184,8 @@ class SelfAttention(nn.Module):
         if sp is not None:  # x holds this rank's tokens: attend over all of them with this rank's heads
             q, k, v = sp.seq_to_heads(q), sp.seq_to_heads(k), sp.seq_to_heads(v)
         prec = self.attention_precision
-        o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.backend, precision=prec)
+        backend = (prec == "fp8" and self.fp8_backend) or self.backend
+        o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend, precision=prec)
         if sp is not None:
             o = sp.heads_to_seq(o)
         return self.out(o.flatten(2))  # (B, S, H, D) -> (B, S, dim)
@@ -273,7 +275,8 @@ class JointAttention(nn.Module):
         S = qx.shape[1]
         q, k, v = (torch.cat(pair, dim=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, S + L, H, D)
         prec = self.x.attention_precision
-        o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=self.x.backend, precision=prec)
+        backend = (prec == "fp8" and self.x.fp8_backend) or self.x.backend
+        o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend, precision=prec)
         ox, oc = o[:, :S], o[:, S:]  # (B, S + L, H, D) split back
         if sp is not None:  # video: back to this rank's tokens; context: every rank's heads
             ox, oc = sp.heads_to_seq(ox), sp.gather(oc, dim=2)

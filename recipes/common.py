@@ -754,6 +754,10 @@ def check_training_precision(cfg: JobConfig) -> None:
         raise ConfigError(
             f"precision.fp8 = {cfg.precision.fp8!r}: {module} is not installed (pip install {pip})"
         )
+    if m.attention_precision == "fp8" and m.fp8_attention_backend == "te":
+        if importlib.util.find_spec("transformer_engine") is None:
+            raise ConfigError("model.fp8_attention_backend = 'te': transformer_engine is not installed "
+                              "(pip install 'transformer-engine[pytorch]')")  # fmt: skip
 
 
 def check_demonstrator_folder(folder: str | Path, key: str) -> None:

@@ -271,6 +271,15 @@ def test_te_unusable_is_a_clear_error():
         q = torch.randn(1, 8, 2, 32)
         with pytest.raises(RuntimeError, match="backend 'te'"):
             attention(q, q, q, backend="te")
+        # its FP8 mode: the same error in bf16; in fp32 (which it does not take) after a warning naming it
+        with pytest.raises(RuntimeError, match="backend 'te'"):
+            attention(q.bfloat16(), q.bfloat16(), q.bfloat16(), backend="te", precision="fp8")
+        import kernels.attention_fp8
+
+        kernels.attention_fp8._WARNED.clear()
+        with pytest.warns(UserWarning, match="backend 'te' takes FP8 attention in bf16 or fp16"):
+            with pytest.raises(RuntimeError, match="backend 'te'"):
+                attention(q, q, q, backend="te", precision="fp8")
     else:
         pytest.skip("transformer_engine is usable here")
 

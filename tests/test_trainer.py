@@ -85,8 +85,25 @@ def test_trainer_applies_the_schedule_to_the_optimizer(tmp_path, warmup, steps):
 def test_fp8_attention_needs_the_triton_backend(tmp_path):
     cfg = _cfg()
     cfg.model.attention_precision = "fp8"  # with the default backend, sdpa, it would silently run bf16
-    with pytest.raises(ValueError, match="needs model.attention 'triton', got 'sdpa'"):
+    with pytest.raises(
+        ValueError, match="needs model.attention 'triton', got 'sdpa'.*fp8_attention_backend te"
+    ):
         Trainer(cfg, TinyDiT(), flow_loss, SeededBatches(), run_dir=tmp_path)
+
+
+def test_fp8_attention_through_te_takes_any_backend():
+    """model.fp8_attention_backend "te" (cuDNN's FP8 attention, a kernel of its own) runs beside any
+    model.attention; "triton" is the triton backend's FP8 mode and needs it."""
+    from engine.config import ModelConfig
+    from engine.precision import attention_precision_problem
+
+    for attention in ("sdpa", "triton", "flash_attn", "te"):
+        m = ModelConfig(attention=attention, attention_precision="fp8", fp8_attention_backend="te")
+        assert attention_precision_problem(m) is None
+        m.fp8_attention_backend = "triton"
+        assert (attention_precision_problem(m) is None) == (attention == "triton")
+        m.attention_precision = "bf16"
+        assert attention_precision_problem(m) is None
 
 
 def test_ema_analytic():
