@@ -861,27 +861,31 @@ def _te_fp8(mod, q, k, v):
     updates them from the last amax only at the exit of an outermost grad-enabled autocast, and dP's only in
     a TE Linear's backward, so left alone P ran at scale 1 in no-grad sampling (values under 2^-10 lost),
     dP at scale 1 for good (a training step's small gradients flushed to zero), and one module shared by
-    every layer carried one layer's scales into the next. Set here at every call instead: P's to 448 (P <= 1),
-    dP's, just before this call's backward, from the bound |dP_ij|, |dS_ij| <= 2 |dO_i| max_j |v_j|
-    (Cauchy-Schwarz; O is a convex combination of v), so nothing saturates and E5M2's range below the bound
-    keeps every entry that matters."""
+    every layer carried one layer's scales into the next. Set here at every call instead: P's to 448 (P <= 1)
+    before the forward and again before the backward, and dP's, just before this call's backward, from the
+    bound |dP_ij|, |dS_ij| <= 2 |dO_i| max_j |v_j| (Cauchy-Schwarz; O is a convex combination of v), so
+    nothing saturates and E5M2's range below the bound keeps every entry that matters."""
     from transformer_engine.pytorch.cpp_extensions.fused_attn import META_DP, META_S
 
+    p_scale = mod.quantizers["scaling_fwd"][META_S].scale  # a view of TE's buffer, read at each launch
     with _te_fp8_autocast():
-        mod.quantizers["scaling_fwd"][META_S].scale.fill_(TE_FP8_P_SCALE)
+        p_scale.fill_(TE_FP8_P_SCALE)
         out = mod(q, k, v)  # (B, S, H*D)
     if out.requires_grad:
         vmax = torch.linalg.vector_norm(v.detach(), dim=-1, dtype=torch.float32).amax()
         dp_scale = mod.quantizers["scaling_bwd"][META_DP].scale
 
-        def set_dp_scale(grad):
+        def set_scales(grad):  # runs just before this call's backward kernel
             gmax = torch.linalg.vector_norm(
                 grad.unflatten(-1, q.shape[2:]), dim=-1, dtype=torch.float32
             ).amax()
             dp_scale.copy_(_E5M2_MAX / (2 * gmax * vmax).clamp_min(1e-30))
+            # the backward quantises the recomputed P with P's scale as it is then: TE's update at the
+            # autocast's exit set it from the last call's amax (another layer's, in a model)
+            p_scale.fill_(TE_FP8_P_SCALE)
             return grad
 
-        out.register_hook(set_dp_scale)
+        out.register_hook(set_scales)
     return out
 
 

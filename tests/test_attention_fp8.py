@@ -588,6 +588,30 @@ def test_gpu_te_fp8_first_call_without_grad_is_the_steady_state():
 
 @pytest.mark.gpu
 @needs_te
+def test_gpu_te_fp8_layers_with_different_softmax_peaks_train():
+    """Two attention calls of one shape (two layers sharing TE's module), the first peaked (P's max ~1), the
+    second diffuse (P ~ 1/S): TE's update at the second call's exit set P's scale to 448 / 5e-4, and the
+    first call's backward, run after it, quantised its P with that scale (saturated). Each call's gradients
+    are near the fp32 reference of that call alone."""
+    S, H, D = 2048, 2, 128
+    gen = torch.Generator(device="cuda").manual_seed(0)
+
+    def randn(scale=1.0):
+        return (torch.randn(1, S, H, D, device="cuda", generator=gen) * scale).to(torch.bfloat16)
+
+    peaked, diffuse = (randn(2.0), randn(2.0), randn()), (randn(0.01), randn(0.01), randn())
+    ga, gb = randn(), randn()
+    leaves = [t.clone().requires_grad_() for t in (*peaked, *diffuse)]
+    out_a, out_b = _te_fp8(*leaves[:3]), _te_fp8(*leaves[3:])
+    grads = torch.autograd.grad((out_a.float() * ga).sum() + (out_b.float() * gb).sum(), leaves)
+    for (q, k, v), g, got in ((peaked, ga, grads[:3]), (diffuse, gb, grads[3:])):
+        ref = _run(attention_reference, q.float(), k.float(), v.float(), g.float())[1:]
+        for name, a, c in zip(("dq", "dk", "dv"), got, ref):
+            assert torch.isfinite(a).all() and _rel(a, c) < 0.2, (name, _rel(a, c))
+
+
+@pytest.mark.gpu
+@needs_te
 def test_gpu_wan_with_te_fp8_attention_trains():
     """model.fp8_attention_backend "te" on a Wan model whose backend is sdpa: the FP8 blocks' self-attention
     runs cuDNN's FP8 attention through TE, cross-attention with padded text (k_lengths, which TE's path does
