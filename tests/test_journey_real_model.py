@@ -184,6 +184,8 @@ def test_fp8_settings_the_trainer_refuses_are_one_line_errors_before_loading(wor
         cases.append(
             (["--precision.fp8", "te", "--model.meta_init", "false"], "transformer_engine is not installed")
         )
+        fp8_te = ["--model.attention_precision", "fp8", "--model.fp8_attention_backend", "te"]
+        cases.append((fp8_te, "model.fp8_attention_backend = 'te': transformer_engine is not installed"))
     for extra, needle in cases:
         for recipe in (distill, rl):
             with pytest.raises(ConfigError, match=needle):
