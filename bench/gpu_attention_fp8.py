@@ -4,7 +4,7 @@ Speed: forward and forward+backward TFLOP/s of kernels.attention_fp8 (bwd dP in 
 with GPU_FP8_BWD_ALL=1 also, forward+backward only, dQ/dK in FP8 and all five backward products in FP8) vs
 our bf16 Triton kernel and torch SDPA (cuDNN) in the same run; where Transformer Engine imports, also
 cuDNN's own FP8 attention through TE: ``te_fp8`` is kernels.attention's backend "te" with precision "fp8"
-(Float8CurrentScaling with fp8_dpa, P's and dP's scales set at each call: kernels.attention._te_fp8), and
+(DelayedScaling with fp8_dpa, every scale set from the call's tensors: kernels.attention._te_fp8), and
 ``te_fp8_dpa`` the same kernel as TE leaves it (DelayedScaling with fp8_dpa: every scale from the amax seen
 before, 1 at the first call), with their accuracy beside ours (te_fp8_dpa's after 3 calls too, and te_fp8's
 with the output gradient scaled by 1e-6, a training step's size); FLOPs 4 B H S^2 D forward, 3.5x that

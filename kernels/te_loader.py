@@ -88,23 +88,9 @@ def use_torch_cudnn() -> str | None:
     return folder
 
 
-# TE reads these once, when it is imported; set unless the user set them. The FP8 attention of backend "te"
-# (kernels.attention) sets the scales of the two delayed-scaled tensors TE keeps inside cuDNN's FP8 attention
-# (softmax P and its gradient) itself at every call, so TE's all-reduce of their amaxes at the exit of each
-# outermost grad-enabled autocast (one per attention call over the default group in a multi-GPU run, and a
-# hang where one rank alone runs a forward) is work whose result is overwritten.
-TE_ENV_DEFAULTS = {"NVTE_DPA_FP8DS_REDUCE_AMAX": "0"}
-
-
-def set_te_env_defaults() -> None:
-    for name, value in TE_ENV_DEFAULTS.items():
-        os.environ.setdefault(name, value)
-
-
 def import_te() -> Any:
     """``transformer_engine.pytorch``, loaded against torch's cuDNN. Raises what the import raises:
     ImportError when TE is missing, RuntimeError / OSError when its CUDA libraries fail to load."""
-    set_te_env_defaults()
     use_torch_cudnn()
     import transformer_engine.pytorch as te
 
@@ -133,7 +119,6 @@ class _PreloadBeforeTE(importlib.abc.MetaPathFinder):
             with contextlib.suppress(ValueError):
                 sys.meta_path.remove(self)
             _hook_ran = True
-            set_te_env_defaults()
             try:
                 use_torch_cudnn()
             except Exception as e:  # the import goes on and raises what it raises

@@ -547,15 +547,16 @@ def _te_fp8(q, k, v, **kw):
 
 @pytest.mark.gpu
 @needs_te
-@pytest.mark.parametrize("grad_scale", [1.0, 1e-6])
-def test_gpu_te_fp8_backend_trains_within_fp8_error(grad_scale):
+@pytest.mark.parametrize("grad_scale,value_scale", [(1.0, 1.0), (1e-6, 1.0), (1.0, 1e3)])
+def test_gpu_te_fp8_backend_trains_within_fp8_error(grad_scale, value_scale):
     """attention(backend="te", precision="fp8"), cuDNN's FP8 attention through TE, on the video activations:
     output and gradients near the fp32 reference (a wrong layout or RoPE would be ~100% off) and not
-    bf16-close (bf16 is ~1% off; FP8 ran), with an output gradient of a training step's size too (1e-6: dP's
-    scale left at TE's 1 flushed the gradients to zero)."""
+    bf16-close (bf16 is ~1% off; FP8 ran), with an output gradient of a training step's size (1e-6: the
+    backward's scales left at TE's 1 flushed it to zero) and with values whose output passes E4M3's 448
+    (O's scale left at 1 saturated it)."""
     grid, D = (4, 16, 24), 128
-    q, k, v, g = (t.cuda().to(torch.bfloat16) for t in video_activations(grid, 2, D))
-    g = g * grad_scale
+    q, k, v, g = (t.cuda() for t in video_activations(grid, 2, D))
+    q, k, v, g = (t.to(torch.bfloat16) for t in (q, k, v * value_scale, g * grad_scale))
     rope = rope_3d_tables(grid, D, device="cuda")
     got = _run(_te_fp8, q, k, v, g, rope=rope)
     ref = _run(attention_reference, q.float(), k.float(), v.float(), g.float(), rope=rope)

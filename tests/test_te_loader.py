@@ -55,28 +55,3 @@ def test_import_hook_runs_before_anyones_import_of_te(tmp_path):
     env = {"PYTHONPATH": f"{root}:{tmp_path}", "PATH": "/usr/bin:/bin"}
     r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
     assert r.returncode == 0 and r.stdout.strip() == "ok", r.stderr[-3000:]
-
-
-def test_te_sees_the_env_defaults_unless_the_user_set_them(tmp_path):
-    """TE reads NVTE_DPA_FP8DS_REDUCE_AMAX once, at its import: the FP8 attention of backend "te" sets the
-    scales that amax reduction would update, so kernels.te_loader sets it to 0 before TE's first import
-    (the hook's path here), and a value the user set stays. The stand-in TE records what it saw."""
-    import subprocess
-    import sys
-    from pathlib import Path
-
-    from kernels.te_loader import TE_ENV_DEFAULTS
-
-    assert TE_ENV_DEFAULTS == {"NVTE_DPA_FP8DS_REDUCE_AMAX": "0"}
-    root = Path(__file__).resolve().parents[1]
-    (tmp_path / "transformer_engine").mkdir()
-    (tmp_path / "transformer_engine" / "__init__.py").write_text(
-        "import os\nSEEN = os.environ.get('NVTE_DPA_FP8DS_REDUCE_AMAX')\n"
-    )
-    code = "import kernels\nimport transformer_engine\nprint(transformer_engine.SEEN)\n"
-    for user, want in ((None, "0"), ("1", "1")):
-        env = {"PYTHONPATH": f"{root}:{tmp_path}", "PATH": "/usr/bin:/bin"}
-        if user is not None:
-            env["NVTE_DPA_FP8DS_REDUCE_AMAX"] = user
-        r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
-        assert r.returncode == 0 and r.stdout.strip() == want, (user, r.stdout, r.stderr[-3000:])
