@@ -898,11 +898,11 @@ def _te_fp8(mod, q, k, v, scale):
         fwd[META_S].scale.fill_(_E4M3_MAX)
         fwd[META_O].scale.copy_(_fp8_scale(_E4M3_MAX, TE_FP8_MARGIN * vmax))
         out = mod(q, k, v)  # (B, S, H*D)
-    if out.requires_grad:
-        v_row, Sq = _max_row_norm(v), q.shape[1]
+    if out.requires_grad:  # the hook keeps scalars and shapes only (q alive till the backward: 2 bytes/elem)
+        v_row, Sq, heads = _max_row_norm(v), q.shape[1], q.shape[2:]
 
         def set_backward_scales(grad):
-            g_max, g_row = _inf_norm(grad), _max_row_norm(grad.unflatten(-1, q.shape[2:]))
+            g_max, g_row = _inf_norm(grad), _max_row_norm(grad.unflatten(-1, heads))
             ds = 2 * g_row * v_row  # bounds |dP| and |dS|
             dqkv = torch.maximum(torch.maximum(scale * ds * kmax, Sq * scale * ds * qmax), Sq * g_max)
             bwd[META_DO].scale.copy_(_fp8_scale(_E5M2_MAX, g_max))
