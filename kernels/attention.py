@@ -868,6 +868,16 @@ def _fp8_scale(fmax: float, bound: torch.Tensor) -> torch.Tensor:
     return fmax / bound.clamp_min(1e-30)
 
 
+def te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale: float, Sq: int):
+    """(bound on |dP| and |dS|, bound on |dQ|, |dK| and |dV|) of attention softmax(scale q k^T) v, from
+    max|dO|, the largest row norm of dO and of v, max|q| and max|k| (post-RoPE) and the query count Sq
+    (:func:`_te_fp8`; tested against autograd's gradients in tests/test_attention.py)."""
+    ds = 2 * g_row * v_row
+    dqkv = torch.maximum(torch.maximum(scale * ds * kmax, Sq * scale * ds * qmax), Sq * g_max)
+    return ds, dqkv
+
+
+@torch.compiler.disable  # TE's module is a graph break anyway; the output's tensor hook stays eager
 def _te_fp8(mod, q, k, v, scale):
     """cuDNN's FP8 attention through TE (DelayedScaling with fp8_dpa), every scale set from this call's
     tensors. TE's delayed scales come from amaxes seen before: they start at 1, move only at the exit of an
@@ -903,8 +913,7 @@ def _te_fp8(mod, q, k, v, scale):
 
         def set_backward_scales(grad):
             g_max, g_row = _inf_norm(grad), _max_row_norm(grad.unflatten(-1, heads))
-            ds = 2 * g_row * v_row  # bounds |dP| and |dS|
-            dqkv = torch.maximum(torch.maximum(scale * ds * kmax, Sq * scale * ds * qmax), Sq * g_max)
+            ds, dqkv = te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale, Sq)
             bwd[META_DO].scale.copy_(_fp8_scale(_E5M2_MAX, g_max))
             bwd[META_DP].scale.copy_(_fp8_scale(_E5M2_MAX, TE_FP8_MARGIN * ds))
             bwd[META_DQKV].scale.copy_(_fp8_scale(_E5M2_MAX, TE_FP8_MARGIN * dqkv))

@@ -284,6 +284,53 @@ def test_te_unusable_is_a_clear_error():
         pytest.skip("transformer_engine is usable here")
 
 
+def _attention_backward_parts(q, k, v, g, scale):
+    """fp64 O, dP, dS by hand and dQ, dK, dV by autograd of the reference, (B, S, H, D) layout."""
+    q, k, v, g = (t.double().transpose(1, 2) for t in (q, k, v, g))  # (B, H, S, D)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    p = torch.softmax(scale * leaves[0] @ leaves[1].transpose(-1, -2), dim=-1)
+    o = p @ leaves[2]
+    dq, dk, dv = torch.autograd.grad(o, leaves, g)
+    dp = g @ v.transpose(-1, -2)
+    ds = p.detach() * (dp - (g * o.detach()).sum(-1, keepdim=True))
+    return o.detach(), dp, ds, (dq, dk, dv)
+
+
+@pytest.mark.parametrize("case", ["random", "peaked", "uniform", "one_key_takes_all"])
+def test_te_fp8_backward_bounds_hold(case):
+    """kernels.attention.te_fp8_backward_bounds, from which backend "te"'s FP8 mode sets the scales of dP/dS
+    and dQ/dK/dV before cuDNN computes them (a value above its scale's bound saturates): the bounds hold on
+    attention that is random, peaked, uniform, and where every query takes one key with the same dO (there
+    dV's term, Sq max|dO|, is reached within 2x: the factor Sq is needed). |O| <= max|v| too (O's scale)."""
+    from kernels.attention import te_fp8_backward_bounds
+
+    torch.manual_seed(0)
+    B, S, H, D, scale = 1, 96, 2, 32, 32**-0.5
+    q, k, v, g = (torch.randn(B, S, H, D, dtype=torch.float64) for _ in range(4))
+    if case == "peaked":
+        q, k = 6 * q, 6 * k
+    elif case == "uniform":
+        q = torch.zeros_like(q)
+    elif case == "one_key_takes_all":
+        k[:, 1:] = -k[:, :1]  # every other key points away from key 0 ...
+        q = 40 * k[:, :1].expand_as(q)  # ... and every query points at it
+        g = g[:, :1].expand_as(g)  # one output gradient for all
+        v = 1e-4 * v  # small values: dP, dS and so dQ, dK are small, dV = Sq dO is the largest gradient
+    o, dp, ds, grads = _attention_backward_parts(q, k, v, g, scale)
+
+    def row_max(x):
+        return torch.linalg.vector_norm(x, dim=-1).amax()
+
+    b_ds, b_dqkv = te_fp8_backward_bounds(g.abs().amax(), row_max(g), row_max(v), q.abs().amax(), k.abs().amax(),
+                                          scale, S)  # fmt: skip
+    assert o.abs().amax() <= v.abs().amax() * (1 + 1e-12)
+    assert dp.abs().amax() <= b_ds and ds.abs().amax() <= b_ds
+    top = max(t.abs().amax() for t in grads)
+    assert top <= b_dqkv * (1 + 1e-9), (case, float(top), float(b_dqkv))  # reached exactly in the last case
+    if case == "one_key_takes_all":  # the bound (its dV term, Sq max|dO|, here) is reached within 2x
+        assert grads[2].abs().amax() > 0.5 * b_dqkv
+
+
 # ----------------------------------------------------------------------------------------- GPU (bf16)
 GPU_CASES = [
     (1, 4096, 4096, 2, 128, (16, 16, 16), None),
