@@ -591,9 +591,10 @@ def test_gpu_te_fp8_first_call_without_grad_is_the_steady_state():
 @needs_te
 def test_gpu_te_fp8_layers_with_different_softmax_peaks_train():
     """Two attention calls of one shape (two layers sharing TE's module), the first peaked (P's max ~1), the
-    second diffuse (P ~ 1/S): TE's update at the second call's exit set P's scale to 448 / 5e-4, and the
-    first call's backward, run after it, quantised its P with that scale (saturated). Each call's gradients
-    are near the fp32 reference of that call alone."""
+    second diffuse (P ~ 1/S), backward in reverse order: each backward runs with the scales of its own call
+    (P's is read again in the backward, after TE's update at the later call's exit; from the diffuse call's
+    amax alone it would be 448 / 5e-4 and saturate the peaked call's P). Each call's gradients are near the
+    fp32 reference of that call alone."""
     S, H, D = 2048, 2, 128
     gen = torch.Generator(device="cuda").manual_seed(0)
 
