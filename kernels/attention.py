@@ -925,14 +925,18 @@ def _te_fp8(mod, q, k, v, scale):
 
 
 def _te(q, k, v, scale, k_lengths, rope, fp8=False):
+    if k_lengths is not None:
+        fix = "model.fp8_attention_backend 'triton'" if fp8 else "backend 'triton' or 'sdpa'"
+        raise ValueError(
+            "attention backend 'te': k_lengths is not supported (keys padded per sample, e.g. texts of different "
+            f"lengths in one batch); use {fix}"
+        )
     try:
         from kernels.te_loader import import_te
 
         import_te()
     except (ImportError, RuntimeError, OSError) as e:
         raise RuntimeError(f"attention backend 'te': transformer_engine is not usable here ({e})") from e
-    if k_lengths is not None:
-        raise ValueError("attention backend 'te': k_lengths is not supported; use 'triton' or 'sdpa'")
     if rope is not None:
         q, k = _rotate_qk(q, k, rope)
     mod = _te_module(q.shape[2], q.shape[3], scale, fp8, q)

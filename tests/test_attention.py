@@ -262,6 +262,17 @@ def test_flash_attn_missing_is_a_clear_error():
         pytest.skip("flash_attn is installed")
 
 
+def test_te_refuses_key_lengths_naming_what_takes_them():
+    q, lengths = torch.randn(2, 8, 2, 32), torch.tensor([8, 5])
+    with pytest.raises(ValueError, match="k_lengths is not supported .* use backend 'triton' or 'sdpa'"):
+        attention(q, q, q, backend="te", k_lengths=lengths)
+    q = q.bfloat16()
+    with pytest.raises(
+        ValueError, match="k_lengths is not supported .* use model.fp8_attention_backend 'triton'"
+    ):
+        attention(q, q, q, backend="te", k_lengths=lengths, precision="fp8")
+
+
 def test_te_unusable_is_a_clear_error():
     from kernels.te_loader import import_te
 
