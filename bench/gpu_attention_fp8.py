@@ -69,6 +69,63 @@ def video_activations(
     return tuple(t.to(device) for t in (q, k, v, do))
 
 
+def _fp8_round(x: torch.Tensor, scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """x quantised to ``dtype`` (torch.float8_e4m3fn / e5m2) at ``scale`` (saturating), back in x's dtype."""
+    top = torch.finfo(dtype).max
+    return (x * scale).clamp(-top, top).to(dtype).to(x.dtype) / scale
+
+
+class _TEFP8Scheme(torch.autograd.Function):
+    """cuDNN's FP8 attention as TE runs it under DelayedScaling (HYBRID), emulated in the input dtype at its
+    quantisation points, with the scales kernels.attention._te_fp8 sets: Q, K, V (one scale) and softmax P
+    (448) E4M3, O E4M3 at max|v|, dO E5M2 at its amax, dS E5M2 and dQ/dK/dV (one scale) E5M2 at
+    te_fp8_backward_bounds. P is the exact softmax of the quantised logits (cuDNN's exponentials are fp32)."""
+
+    @staticmethod
+    def forward(ctx, q, k, v, scale):  # (B, H, S, D)
+        e4 = torch.float8_e4m3fn
+        q8, k8, v8 = (_fp8_round(t, 448.0 / torch.stack([q.abs().max(), k.abs().max(), v.abs().max()]).max(), e4)
+                      for t in (q, k, v))  # fmt: skip
+        p = torch.softmax(scale * q8 @ k8.transpose(-1, -2), dim=-1)
+        p8 = _fp8_round(p, torch.tensor(448.0, dtype=p.dtype), e4)
+        o8 = _fp8_round(p8 @ v8, 448.0 / (2 * v.abs().max()), e4)
+        ctx.save_for_backward(q8, k8, v8, p, p8, o8, q.abs().max(), k.abs().max(), v.norm(dim=-1).max())
+        ctx.scale = scale
+        return o8
+
+    @staticmethod
+    def backward(ctx, g):
+        from kernels.attention import te_fp8_backward_bounds
+
+        q8, k8, v8, p, p8, o8, qmax, kmax, v_row = ctx.saved_tensors
+        e5, sc = torch.float8_e5m2, ctx.scale
+        g_max = g.abs().max()
+        ds_bound, dqkv_bound = te_fp8_backward_bounds(
+            g_max, g.norm(dim=-1).max(), v_row, qmax, kmax, sc, q8.shape[2]
+        )
+        g8 = _fp8_round(g, 57344.0 / g_max, e5)
+        ds = p * (g8 @ v8.transpose(-1, -2) - (g8 * o8).sum(-1, keepdim=True))
+        ds8 = _fp8_round(ds, 57344.0 / (2 * ds_bound), e5)
+        s = 57344.0 / (2 * dqkv_bound)
+        grads = (sc * ds8 @ k8, sc * ds8.transpose(-1, -2) @ q8, p8.transpose(-1, -2) @ g8)
+        return (*(_fp8_round(t, s, e5) for t in grads), None)
+
+
+def te_fp8_scheme_emulated(q, k, v, rope=None, prepare: bool = True):
+    """attention(backend="te", precision="fp8") emulated on the CPU (:class:`_TEFP8Scheme`), with or without its
+    pre-pass (kernels.attention._te_fp8_prepare); q, k, v (B, S, H, D)."""
+    from kernels.attention import _te_fp8_prepare
+    from kernels.rope import apply_rope_reference
+
+    if rope is not None:
+        q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
+    scale = q.shape[-1] ** -0.5
+    if prepare:
+        q, k, scale = _te_fp8_prepare(q, k, scale)
+    out = _TEFP8Scheme.apply(*(t.transpose(1, 2) for t in (q, k, v)), scale)
+    return out.transpose(1, 2)
+
+
 def _variants(device: str) -> dict:
     """name -> fn(q, k, v, rope) computing in the way named (inputs in the dtype given to it)."""
     from kernels.attention import attention, attention_reference
@@ -103,6 +160,10 @@ def _variants(device: str) -> dict:
         "fp8 (dV, dQ/dK fp8, dS e5m2)": emu(bwd_fp8=("dv", "dqdk"), ds_format="e5m2"),
         "fp8 (dV, dP, dQ/dK fp8, dS e4m3) [both]": emu(bwd_fp8=("dv", "dp", "dqdk")),
         "fp8 (dV, dP, dQ/dK fp8, dS e5m2)": emu(bwd_fp8=("dv", "dp", "dqdk"), ds_format="e5m2"),
+        "te fp8 scheme [backend te] (emulated)": te_fp8_scheme_emulated,
+        "te fp8 scheme without its pre-pass (emulated)": lambda q, k, v, rope: te_fp8_scheme_emulated(
+            q, k, v, rope, prepare=False
+        ),
     }
 
 

@@ -901,7 +901,7 @@ def quantize_blocks_fused(
         return x8, scale
     signs = scale  # unused stand-in when not rotating
     if rotate:
-        signs = _hadamard_signs(D, x.dtype, x.device)
+        signs = hadamard_signs(D, x.dtype, x.device)
         if mean is not None:  # (x - m) H = x H - m H: the kernel subtracts the rotated mean
             mean = (mean @ _hadamard_cached(D, x.device)).contiguous()
     launch = {} if _INTERPRET else dict(num_warps=PREPASS_WARPS[bool(rotate)], num_stages=1)
@@ -971,7 +971,7 @@ def _hadamard_cached(d: int, device: torch.device) -> torch.Tensor:
 
 
 @functools.lru_cache(maxsize=8)
-def _hadamard_signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+def hadamard_signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """hadamard(d) * sqrt(d): the +-1 matrix in ``dtype`` (exact in any float format), for the pre-pass."""
     return torch.sign(hadamard(d, device)).to(dtype).contiguous()
 
@@ -1479,9 +1479,9 @@ def attention_fp8_dispatch(
 ) -> torch.Tensor | tuple[torch.Tensor, torch.Tensor]:
     """kernels.attention.attention(precision="fp8"): "triton" -> :func:`attention_fp8`, "torch" -> the
     emulation, with the backward products of :func:`fp8_backward_products`; "te" -> cuDNN's FP8 attention
-    through Transformer Engine (per-tensor scales, kernels.attention._te_fp8; bf16/fp16 inputs, else bf16
-    after a one-time warning); "sdpa" and "flash_attn" have no FP8 mode and run in their own precision after
-    a one-time warning."""
+    through Transformer Engine (kernels.attention.attention_te_fp8; bf16/fp16 inputs and a head dim that is a
+    power of two, else TE's bf16 path after a one-time warning); "sdpa" and "flash_attn" have no FP8 mode and
+    run in their own precision after a one-time warning."""
     kw = dict(scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
     opts = _DISPATCH_BWD
     if backend == "triton":
@@ -1499,11 +1499,15 @@ def attention_fp8_dispatch(
         return attention_fp8_emulated(q, k, v, bwd_fp8=products, ds_format=opts["ds_format"], **kw)
 
     if backend == "te":
-        if q.dtype in (torch.bfloat16, torch.float16):
+        d = q.shape[-1]
+        if q.dtype not in (torch.bfloat16, torch.float16):
+            _warn_once(f"backend 'te' takes FP8 attention in bf16 or fp16, not dtype {q.dtype}")
+        elif d < 1 or d & (d - 1):  # its pre-pass rotates q and k by a Hadamard matrix
+            _warn_once(f"head dim {d} is not a power of two (the FP8 scheme's Hadamard rotation needs one)")
+        else:
             from kernels.attention import attention_te_fp8
 
             return attention_te_fp8(q, k, v, **kw)
-        _warn_once(f"backend 'te' takes FP8 attention in bf16 or fp16, not dtype {q.dtype}")
         return attention(q, k, v, backend=backend, **kw)
     _warn_once(f"backend {backend!r} has no FP8 mode (use 'triton' or 'te', or 'torch' for the emulation)")
     return attention(q, k, v, backend=backend, **kw)
