@@ -54,6 +54,7 @@ log = get_logger("parallel")
 # FSDP2 reduce-scatters a parameter that one rank's backward left without a gradient as zeros there, so the
 # ranks' collectives match (torch 2.11's FSDP2 has no such switch: they mismatch and the run aborts)
 FSDP_ZEROS_UNUSED_GRADS = hasattr(FSDPModule, "set_reduce_scatter_unused_params")
+_WARNED_UNUSED_GRADS: list = []  # non-empty once apply_fsdp warned that it is missing
 
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
@@ -165,7 +166,8 @@ def apply_fsdp(
     fully_shard(model, mesh=mesh, mp_policy=mp, reshard_after_forward=reshard_after_forward)
     if FSDP_ZEROS_UNUSED_GRADS:  # recurses into the blocks
         model.set_reduce_scatter_unused_params(True)
-    else:
+    elif not _WARNED_UNUSED_GRADS and (not dist.is_initialized() or dist.get_rank() == 0):
+        _WARNED_UNUSED_GRADS.append(True)  # once per run (it was once per rank and per model)
         log.warning(
             "this torch's FSDP2 (%s) has no set_reduce_scatter_unused_params: a parameter that gets no gradient "
             "on some ranks only (a branch one rank's batch did not use) aborts the run in the reduce-scatter; "

@@ -282,6 +282,30 @@ def test_fsdp_bf16_keeps_the_timestep_in_fp32(tmp_path):
         assert (float(diff) > 0) if what == "rounded_t_diff" else (float(diff) == 0.0), (name, what, diff)
 
 
+FSDP_UNUSED_WARNING_SCRIPT = """
+import torch
+import engine.parallel as parallel
+from engine.config import ParallelConfig
+from engine.dist import end_process, init_distributed
+
+parallel.FSDP_ZEROS_UNUSED_GRADS = False  # as on a torch whose FSDP2 lacks set_reduce_scatter_unused_params
+info = init_distributed(ParallelConfig(dp_shard=2), "cpu")
+for _ in range(2):  # two models, as the Executor and the Demonstrator
+    model = torch.nn.Module()
+    model.blocks = torch.nn.ModuleList([torch.nn.Linear(4, 4), torch.nn.Linear(4, 4)])
+    parallel.apply_fsdp(model, info.fsdp_mesh, param_dtype=torch.float32)
+end_process()
+"""
+
+
+def test_fsdp_without_unused_grads_warns_once_per_run(tmp_path):
+    """apply_fsdp's warning about a torch without set_reduce_scatter_unused_params came once per rank and
+    per model (2 x world lines per run); now once, from rank 0."""
+    p = _two_ranks(tmp_path, FSDP_UNUSED_WARNING_SCRIPT)
+    assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-3000:]
+    assert (p.stdout + p.stderr).count("has no set_reduce_scatter_unused_params") == 1, p.stderr[-3000:]
+
+
 CHECKPOINT_TIMEOUT_SCRIPT = """
 import os, sys, time
 import torch
