@@ -119,11 +119,11 @@ def te_fp8_scheme_emulated(q, k, v, rope=None, prepare: bool = True):
 
     if rope is not None:
         q, k = apply_rope_reference(q, *rope), apply_rope_reference(k, *rope)
-    scale = q.shape[-1] ** -0.5
+    scale, c = q.shape[-1] ** -0.5, 1.0
     if prepare:
-        q, k, scale = _te_fp8_prepare(q, k, scale)
+        q, k, v, scale, c = _te_fp8_prepare(q, k, v, scale)
     out = _TEFP8Scheme.apply(*(t.transpose(1, 2) for t in (q, k, v)), scale)
-    return out.transpose(1, 2)
+    return out.transpose(1, 2) * c
 
 
 def _variants(device: str) -> dict:

@@ -856,30 +856,38 @@ def _te_fp8_autocast():
     return te_autocast(_TE_MODULES["recipe"])
 
 
-def _inf_norm(x: torch.Tensor) -> torch.Tensor:
-    return torch.linalg.vector_norm(x.detach(), float("inf"), dtype=torch.float32)
+def _inf_norm(x: torch.Tensor) -> torch.Tensor:  # fp32 (fp64 for fp64 x)
+    return torch.linalg.vector_norm(
+        x.detach(), float("inf"), dtype=torch.promote_types(x.dtype, torch.float32)
+    )
 
 
 def _max_row_norm(x: torch.Tensor) -> torch.Tensor:  # x (B, S, H, D): max over (b, s, h) of |x[b, s, h, :]|
-    return torch.linalg.vector_norm(x.detach(), dim=-1, dtype=torch.float32).amax()
+    return torch.linalg.vector_norm(
+        x.detach(), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32)
+    ).amax()
 
 
 def _fp8_scale(fmax: float, bound: torch.Tensor) -> torch.Tensor:
     return fmax / bound.clamp_min(1e-30)
 
 
-def _te_fp8_prepare(q, k, scale: float):
-    """(q', k', scale') with softmax(scale' q' k'^T) = softmax(scale q k^T), for FP8: k minus its mean over the
-    keys (a constant per query row, which softmax ignores), then q and k times the +-1 Hadamard matrix with the
-    scale divided by D (q H (k H)^T = D q k^T, exact). Per-tensor E4M3 Q and K lose the logits' precision to
-    outlier channels and to a key offset common to every key: emulated on the video activations
-    (bench.gpu_attention_fp8.te_fp8_scheme_emulated), the output was 18% off without these and 6% with them."""
+def _te_fp8_prepare(q, k, v, scale: float):
+    """(q', k', v', scale', c) with softmax(scale' q' k'^T) v' c = softmax(scale q k^T) v, exactly, for FP8:
+    k minus its mean over the keys (a constant per query row, which softmax ignores), then q and k times the
+    +-1 Hadamard matrix with the scale divided by D (q H (k H)^T = D q k^T); v divided by c, the power of two
+    nearest its largest row norm. Per-tensor E4M3 Q and K lose the logits' precision to outlier channels and
+    to a key offset common to every key: emulated on the video activations
+    (bench.gpu_attention_fp8.te_fp8_scheme_emulated), the output was 18% off without these and 6% with them.
+    v at unit size makes dV's bound (Sq max|dO|, in the one scale cuDNN gives dQ, dK and dV) independent of
+    v's size (emulated with values 1000x the video activations', dV was 13% off, 9% at 1x)."""
     from kernels.attention_fp8 import hadamard_signs
 
     D = q.shape[-1]
     signs = hadamard_signs(D, q.dtype, q.device)
     k = k - k.mean(dim=1, keepdim=True)
-    return q @ signs, k @ signs, scale / D
+    c = torch.exp2(torch.round(torch.log2(_max_row_norm(v).clamp_min(1e-30))))  # 2^n: v / c is exact
+    return q @ signs, k @ signs, v / c.to(v.dtype), scale / D, c
 
 
 def te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale: float, Sq: int):
@@ -904,9 +912,8 @@ def _te_fp8(mod, q, k, v, scale):
     |dP_ij|, |dS_ij| <= 2 |dO_i| max_j |v_j| (Cauchy-Schwarz, |dO_i . O_i| <= |dO_i| max |v_j|),
     |dQ| <= scale 2 max|dO_i| max|v_j| max|k|, |dK| <= Sq scale 2 max|dO_i| max|v_j| max|q|,
     |dV| <= Sq max|dO| (softmax columns sum to at most Sq). A bound loose by Sq (2^15 at Wan's 32,760 tokens)
-    fits in E5M2's 30 binades of normal range unless dV is ~1000x smaller than dK (cuDNN gives dQ, dK, dV one
-    scale; emulated with values 1000x the video activations', dV is 13% off with the pre-pass, 9% at 1x, 83%
-    without it). All on the device, no host sync."""
+    fits in E5M2's 30 binades of normal range unless dV is far smaller than dK (cuDNN gives dQ, dK, dV one
+    scale; :func:`_te_fp8_prepare` brings v to unit size for that). All on the device, no host sync."""
     from transformer_engine.pytorch.cpp_extensions.fused_attn import (
         META_DO,
         META_DP,
@@ -955,11 +962,12 @@ def _te(q, k, v, scale, k_lengths, rope, fp8=False):
         raise RuntimeError(f"attention backend 'te': transformer_engine is not usable here ({e})") from e
     if rope is not None:
         q, k = _rotate_qk(q, k, rope)
-    if fp8:
-        q, k, scale = _te_fp8_prepare(q, k, scale)
-    mod = _te_module(q.shape[2], q.shape[3], scale, fp8, q)
-    out = _te_fp8(mod, q, k, v, scale) if fp8 else mod(q, k, v)  # (B, S, H*D)
-    return out.view(q.shape)  # (B, S, H*D) -> (B, S, H, D)
+    if not fp8:
+        out = _te_module(q.shape[2], q.shape[3], scale, False, q)(q, k, v)  # (B, S, H*D)
+        return out.view(q.shape)  # (B, S, H*D) -> (B, S, H, D)
+    q, k, v, scale, c = _te_fp8_prepare(q, k, v, scale)
+    out = _te_fp8(_te_module(q.shape[2], q.shape[3], scale, True, q), q, k, v, scale)
+    return out.view(q.shape) * c.to(q.dtype)
 
 
 def attention_te_fp8(q, k, v, *, scale=None, k_lengths=None, rope=None, return_lse=False) -> torch.Tensor:

@@ -539,18 +539,20 @@ def test_gpu_fp8_kernel_matches_emulation(fp8_dp, ds_format):
 
 
 def test_te_fp8_prepare_is_exact():
-    """kernels.attention._te_fp8_prepare (K minus its key mean, q and k times the +-1 Hadamard matrix, scale / D):
-    the same attention output and gradients as the untransformed inputs, in fp64."""
+    """kernels.attention._te_fp8_prepare (K minus its key mean, q and k times the +-1 Hadamard matrix, scale / D,
+    v over a power of two near its largest row norm): the same attention output and gradients as the
+    untransformed inputs, in fp64."""
     from kernels.attention import _te_fp8_prepare
 
     torch.manual_seed(0)
     q, k, v, g = (torch.randn(2, 50, 3, 64, dtype=torch.float64) for _ in range(4))
-    k = k + 3.0  # a key offset, as trained DiTs have
+    k, v = k + 3.0, 300 * v  # a key offset, as trained DiTs have; large values
 
     def prepared(q, k, v):
-        q2, k2, scale = _te_fp8_prepare(q, k, 64**-0.5)
-        assert scale == 64**-0.5 / 64
-        return attention_reference(q2, k2, v, scale=scale)
+        q2, k2, v2, scale, c = _te_fp8_prepare(q, k, v, 64**-0.5)
+        assert scale == 64**-0.5 / 64 and torch.log2(c) == torch.log2(c).round()
+        assert 0.7 < float(torch.linalg.vector_norm(v2.detach(), dim=-1).amax()) < 1.42
+        return attention_reference(q2, k2, v2, scale=scale) * c
 
     for a, b in zip(_run(prepared, q, k, v, g), _run(attention_reference, q, k, v, g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
