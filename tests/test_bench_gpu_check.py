@@ -166,6 +166,20 @@ def test_trainer_cases_are_selected_by_name_after_the_baseline():
         selected_cases(False, "fp8_tee")
 
 
+def test_trainer_te_attention_cases_configure_what_the_trainer_accepts(tmp_path):
+    """The te_attn cases set FP8 self-attention through TE on the job (the model's attention stays sdpa), a
+    configuration the trainer's check accepts; the others leave attention in bf16."""
+    from bench.gpu_trainer import CASES, _job
+    from engine.precision import attention_precision_problem
+
+    for provider, fp8, compile_, attn in CASES:
+        cfg = _job(fp8, compile_, str(tmp_path), attn)
+        assert attention_precision_problem(cfg.model) is None, provider
+        want = ("fp8", "te") if "te_attn" in provider else ("bf16", "triton")
+        assert (cfg.model.attention_precision, cfg.model.fp8_attention_backend) == want, provider
+        assert cfg.precision.fp8 == fp8 and cfg.parallel.compile == compile_
+
+
 def test_attention_profile_groups_every_attention_kernel():
     """bench.gpu_attention_profile sums GPU time by kernel name: each kernel the attention paths launch has
     its group (a renamed kernel would silently count as "torch")."""
