@@ -833,12 +833,17 @@ def _te_module(H: int, D: int, scale: float, fp8: bool, q: torch.Tensor):
     key = (H, D, scale, fp8)
     if key not in _TE_MODULES:
         te = import_te()
-        mod = te.DotProductAttention(H, D, qkv_format="bshd", attn_mask_type="no_mask", softmax_scale=scale)
-        if fp8:  # TE makes its FP8 quantizers in the first FP8 forward: one on a few tokens, so that the
-            # first real call finds the scales to set (_te_fp8)
-            x = torch.ones(1, 128, H, D, dtype=q.dtype, device=q.device)
-            with torch.no_grad(), _te_fp8_autocast():
-                mod(x, x, x)
+        # outside inference mode even under it: its FP8 scale buffers (never inference tensors) are updated
+        # in place by every later call, a training step's too
+        with torch.inference_mode(False):
+            mod = te.DotProductAttention(
+                H, D, qkv_format="bshd", attn_mask_type="no_mask", softmax_scale=scale
+            )
+            if fp8:  # TE makes its FP8 quantizers in the first FP8 forward: one on a few tokens, so that the
+                # first real call finds the scales to set (_te_fp8)
+                x = torch.ones(1, 128, H, D, dtype=q.dtype, device=q.device)
+                with torch.no_grad(), _te_fp8_autocast():
+                    mod(x, x, x)
         _TE_MODULES[key] = mod
     return _TE_MODULES[key]
 

@@ -966,14 +966,19 @@ def hadamard(d: int, device=None) -> torch.Tensor:
 
 @functools.lru_cache(maxsize=8)
 def _hadamard_cached(d: int, device: torch.device) -> torch.Tensor:
-    """hadamard(d), built once per (d, device) (read only)."""
-    return hadamard(d, device)
+    """hadamard(d), built once per (d, device) (read only; never an inference tensor, module doc of
+    :func:`hadamard_signs`)."""
+    with torch.inference_mode(False):
+        return hadamard(d, device)
 
 
 @functools.lru_cache(maxsize=8)
 def hadamard_signs(d: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """hadamard(d) * sqrt(d): the +-1 matrix in ``dtype`` (exact in any float format), for the pre-pass."""
-    return torch.sign(hadamard(d, device)).to(dtype).contiguous()
+    """hadamard(d) * sqrt(d): the +-1 matrix in ``dtype`` (exact in any float format), for the pre-pass. Built
+    outside inference mode even when the first call runs under it: a cached inference tensor could not be
+    saved for a later training step's backward (backend "te"'s FP8 path multiplies q and k by it)."""
+    with torch.inference_mode(False):
+        return torch.sign(hadamard(d, device)).to(dtype).contiguous()
 
 
 def _quantize_qkv(q, k, v, k_lengths, block, carrier, smooth_k=True, rotate=True, fused=False, kmean=None):

@@ -558,6 +558,22 @@ def test_te_fp8_prepare_is_exact():
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
 
 
+def test_te_fp8_prepare_first_run_under_inference_mode_then_trains():
+    """The +-1 Hadamard matrix backend "te"'s FP8 pre-pass multiplies q and k by is cached; made first under
+    torch.inference_mode (a sampler's), it was an inference tensor, and a later training step could not save it
+    for its backward."""
+    from kernels.attention import _te_fp8_prepare
+
+    fp8.hadamard_signs.cache_clear()
+    q, k, v = (torch.randn(1, 16, 2, 32) for _ in range(3))
+    with torch.inference_mode():
+        _te_fp8_prepare(q, k, v, 0.2)
+    leaves = [t.clone().requires_grad_() for t in (q, k, v)]
+    q2, k2, v2, _, _ = _te_fp8_prepare(*leaves, 0.2)
+    (q2.sum() + k2.sum() + v2.sum()).backward()
+    assert all(t.grad is not None for t in leaves)
+
+
 def test_te_fp8_scheme_emulated_needs_its_pre_pass():
     """cuDNN's FP8 attention as backend "te" runs it (per-tensor scales; bench.gpu_attention_fp8's CPU
     emulation with _te_fp8's scales and bounds) on the video activations: with the pre-pass, output and
