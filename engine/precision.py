@@ -208,16 +208,29 @@ def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> cont
     return torch.autocast(device_type=device.type, dtype=dtype)
 
 
-def attention_precision_problem(model_cfg: ModelConfig) -> str | None:
-    """Why ``model_cfg.attention_precision`` cannot run as asked (None if it can): "fp8" with
-    ``fp8_attention_backend`` "triton" is our FP8 kernel, the FP8 mode of backend "triton", so it needs
-    ``model.attention`` "triton" (the other backends would warn and run bf16); with "te" (cuDNN's FP8 attention
-    through TE, a kernel of its own) any ``model.attention`` runs the rest."""
+def attention_precision_problem(
+    model_cfg: ModelConfig, fp8_linears: str = "none", activation_checkpointing: str = "none"
+) -> str | None:
+    """Why ``model_cfg.attention_precision`` cannot run as asked (None if it can), given ``precision.fp8``
+    and ``parallel.activation_checkpointing``: "fp8" with ``fp8_attention_backend`` "triton" is our FP8
+    kernel, the FP8 mode of backend "triton", so it needs ``model.attention`` "triton" (the other backends
+    would warn and run bf16); with "te" (cuDNN's FP8 attention through TE, a kernel of its own) any
+    ``model.attention`` runs the rest, but not inside TE's activation checkpoint (TE linears and activation
+    checkpointing): its recompute restores each TE module's FP8 scales from a queue filled in forward order,
+    and backend "te" shares one module among the layers, so a block would be recomputed with another's."""
     if model_cfg.fp8_attention_backend not in ("triton", "te"):
         return (
             f"model.fp8_attention_backend: expected 'triton' or 'te', got {model_cfg.fp8_attention_backend!r}"
         )
     m = model_cfg
+    te_attention = m.attention_precision == "fp8" and m.fp8_attention_backend == "te"
+    if te_attention and fp8_linears == "te" and activation_checkpointing != "none":
+        return (
+            "model.fp8_attention_backend 'te' with precision.fp8 'te' and parallel.activation_checkpointing "
+            f"{activation_checkpointing!r} is not supported (TE's checkpoint would recompute a block with another "
+            "layer's FP8 attention scales); set --parallel.activation_checkpointing none, --precision.fp8 "
+            "torchao, or --model.fp8_attention_backend triton"
+        )
     if m.attention_precision == "fp8" and m.fp8_attention_backend == "triton" and m.attention != "triton":
         return (
             "model.attention_precision 'fp8' runs our FP8 kernel: it needs model.attention 'triton', "

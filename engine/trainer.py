@@ -310,7 +310,10 @@ class Trainer:
                 "set --parallel.compile true"
             )
         if self.cfg.model.attention_precision == "fp8":
-            if why := attention_precision_problem(self.cfg.model):
+            c = self.cfg
+            if why := attention_precision_problem(
+                c.model, c.precision.fp8, c.parallel.activation_checkpointing
+            ):
                 raise ValueError(why)
             apply_attention_precision(model, self.cfg.model)
         d = self.dist

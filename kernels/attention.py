@@ -29,6 +29,7 @@ and rounded to the input dtype, exactly as rope-then-attention would.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import warnings
 
@@ -839,11 +840,12 @@ def _te_module(H: int, D: int, scale: float, fp8: bool, q: torch.Tensor):
             mod = te.DotProductAttention(
                 H, D, qkv_format="bshd", attn_mask_type="no_mask", softmax_scale=scale
             )
-            if fp8:  # TE makes its FP8 quantizers in the first FP8 forward: one on a few tokens, so that the
-                # first real call finds the scales to set (_te_fp8)
-                x = torch.ones(1, 128, H, D, dtype=q.dtype, device=q.device)
-                with torch.no_grad(), _te_fp8_autocast():
-                    mod(x, x, x)
+            if (
+                fp8
+            ):  # its FP8 quantizers now, so that the first call finds the scales to set (_te_fp8); not by a
+                # forward, which inside TE's checkpoint would leave a stale entry in its queue of saved scales
+                with _te_fp8_autocast():
+                    mod.init_fp8_metadata(num_gemms=3)
         _TE_MODULES[key] = mod
     return _TE_MODULES[key]
 
@@ -855,9 +857,12 @@ def _te_fp8_autocast():
         from transformer_engine.common import recipe
 
         # Delayed scaling is the only FP8 recipe TE 2.20 runs fused (cuDNN) FP8 attention with on sm_90
-        # (Float8CurrentScaling and MXFP8 need sm_100); _te_fp8 sets its scales itself, so no amax reduction.
+        # (Float8CurrentScaling and MXFP8 need sm_100); _te_fp8 sets its scales itself, so no amax reduction
+        # and the cheapest history (TE's update at an outermost grad-enabled autocast's exit still runs).
         # Nested in the trainer's own TE autocast (precision.fp8 "te"), this one applies inside.
-        _TE_MODULES["recipe"] = recipe.DelayedScaling(fp8_dpa=True, reduce_amax=False)
+        _TE_MODULES["recipe"] = recipe.DelayedScaling(
+            fp8_dpa=True, reduce_amax=False, amax_history_len=1, amax_compute_algo="most_recent"
+        )
     return te_autocast(_TE_MODULES["recipe"])
 
 
@@ -878,21 +883,24 @@ def _fp8_scale(fmax: float, bound: torch.Tensor) -> torch.Tensor:
 
 
 def _te_fp8_prepare(q, k, v, scale: float):
-    """(q', k', v', scale', c) with softmax(scale' q' k'^T) v' c = softmax(scale q k^T) v, exactly, for FP8:
-    k minus its mean over the keys (a constant per query row, which softmax ignores), then q and k times the
-    +-1 Hadamard matrix with the scale divided by D (q H (k H)^T = D q k^T); v divided by c, the power of two
-    nearest its largest row norm. Per-tensor E4M3 Q and K lose the logits' precision to outlier channels and
-    to a key offset common to every key: emulated on the video activations
-    (bench.gpu_attention_fp8.te_fp8_scheme_emulated), the output was 18% off without these and 6% with them.
-    v at unit size makes dV's bound (Sq max|dO|, in the one scale cuDNN gives dQ, dK and dV) independent of
-    v's size (emulated with values 1000x the video activations', dV was 13% off, 9% at 1x)."""
+    """(q', k', v', scale', c) with softmax(scale' q' k'^T) v' c = softmax(scale q k^T) v in exact arithmetic
+    (in bf16 q', k' are rounded once), for FP8: k minus its mean over the keys (a constant per query row, which
+    softmax ignores), then q and k times the +-1 Hadamard matrix over D with the scale times D
+    (q H (k H)^T / D^2 = q k^T / D); v divided by c, the power of two nearest its largest row norm. Per-tensor
+    E4M3 Q and K lose the logits' precision to outlier channels and to a key offset common to every key:
+    emulated on the video activations (bench.gpu_attention_fp8.te_fp8_scheme_emulated), the output was 18% off
+    without these and 6% with them. v at unit size keeps dV's share of the one scale cuDNN gives dQ, dK and dV
+    (its bound Sq max|dO|) independent of v's size: emulated, the same errors with v 1000x or 1/1000 the size
+    (before, dV was 13% off at 1000x against 9%)."""
     from kernels.attention_fp8 import hadamard_signs
 
     D = q.shape[-1]
-    signs = hadamard_signs(D, q.dtype, q.device)
+    h = hadamard_signs(D, q.dtype, q.device) / D  # +-2^-log2(D), exact; |x h| <= max|x|: no fp16 overflow
     k = k - k.mean(dim=1, keepdim=True)
-    c = torch.exp2(torch.round(torch.log2(_max_row_norm(v).clamp_min(1e-30))))  # 2^n: v / c is exact
-    return q @ signs, k @ signs, v / c.to(v.dtype), scale / D, c
+    info = torch.finfo(v.dtype)  # c a power of two in v's normal range (fp16: 2^-14 .. 2^15): v / c exact
+    lo, hi = math.log2(info.tiny), math.floor(math.log2(info.max))
+    c = torch.exp2(torch.log2(_max_row_norm(v).clamp_min(info.tiny)).round().clamp(lo, hi))
+    return q @ h, k @ h, v / c.to(v.dtype), scale * D, c
 
 
 def te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale: float, Sq: int):
@@ -911,10 +919,9 @@ def _te_fp8(mod, q, k, v, scale):
     backward (never for attention alone), and one module shared by every layer would carry one layer's
     scales into the next; measured as TE leaves them (H200), out was 15% and dq 58% off. Here, before the
     forward: Q, K, V's (one scale) from their amax; softmax P's 448 (P <= 1); O's from max|v| (O is a convex
-    combination of v's rows). Before this call's backward (a hook on the output, which runs just before it):
-    dO's from its amax; P's again (the backward re-quantises the recomputed P with P's scale as it then is,
-    and TE's update at the autocast's exit set another call's); dP's and dQ/dK/dV's (one scale) from bounds:
-    |dP_ij|, |dS_ij| <= 2 |dO_i| max_j |v_j| (Cauchy-Schwarz, |dO_i . O_i| <= |dO_i| max |v_j|),
+    combination of v's rows). TE keeps a copy of P's scale for the call's backward. Before this call's backward
+    (a hook on the output, which runs just before it): dO's from its amax; dP's and dQ/dK/dV's (one scale)
+    from bounds: |dP_ij|, |dS_ij| <= 2 |dO_i| max_j |v_j| (Cauchy-Schwarz, |dO_i . O_i| <= |dO_i| max |v_j|),
     |dQ| <= scale 2 max|dO_i| max|v_j| max|k|, |dK| <= Sq scale 2 max|dO_i| max|v_j| max|q|,
     |dV| <= Sq max|dO| (softmax columns sum to at most Sq). A bound loose by Sq (2^15 at Wan's 32,760 tokens)
     fits in E5M2's 30 binades of normal range unless dV is far smaller than dK (cuDNN gives dQ, dK, dV one
@@ -944,7 +951,6 @@ def _te_fp8(mod, q, k, v, scale):
             bwd[META_DO].scale.copy_(_fp8_scale(_E5M2_MAX, g_max))
             bwd[META_DP].scale.copy_(_fp8_scale(_E5M2_MAX, TE_FP8_MARGIN * ds))
             bwd[META_DQKV].scale.copy_(_fp8_scale(_E5M2_MAX, TE_FP8_MARGIN * dqkv))
-            fwd[META_S].scale.fill_(_E4M3_MAX)
             return grad
 
         out.register_hook(set_backward_scales)

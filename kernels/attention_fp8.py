@@ -1485,8 +1485,9 @@ def attention_fp8_dispatch(
     """kernels.attention.attention(precision="fp8"): "triton" -> :func:`attention_fp8`, "torch" -> the
     emulation, with the backward products of :func:`fp8_backward_products`; "te" -> cuDNN's FP8 attention
     through Transformer Engine (kernels.attention.attention_te_fp8; bf16/fp16 inputs and a head dim that is a
-    power of two, else TE's bf16 path after a one-time warning); "sdpa" and "flash_attn" have no FP8 mode and
-    run in their own precision after a one-time warning."""
+    power of two, else TE's bf16 path after a one-time warning; calls with k_lengths run sdpa in bf16 after a
+    one-time warning); "sdpa" and "flash_attn" have no FP8 mode and run in their own precision after a
+    one-time warning."""
     kw = dict(scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
     opts = _DISPATCH_BWD
     if backend == "triton":
@@ -1505,6 +1506,12 @@ def attention_fp8_dispatch(
 
     if backend == "te":
         d = q.shape[-1]
+        if k_lengths is not None:  # a batch of texts of different lengths (HunyuanVideo-1.5 pads then): one
+            # such batch among many must not stop a run (under FSDP the other ranks would wait till the timeout)
+            _warn_once(
+                "backend 'te' takes no k_lengths (keys padded per sample): such calls run sdpa in bf16"
+            )
+            return attention(q, k, v, backend="sdpa", **kw)
         if q.dtype not in (torch.bfloat16, torch.float16):
             _warn_once(f"backend 'te' takes FP8 attention in bf16 or fp16, not dtype {q.dtype}")
         elif d < 1 or d & (d - 1):  # its pre-pass rotates q and k by a Hadamard matrix

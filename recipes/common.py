@@ -737,7 +737,7 @@ def check_training_precision(cfg: JobConfig) -> None:
     from engine.precision import attention_precision_problem
 
     m = cfg.model
-    if why := attention_precision_problem(m):
+    if why := attention_precision_problem(m, cfg.precision.fp8, cfg.parallel.activation_checkpointing):
         raise ConfigError(why)
     toy = m.family == "wan" and m.flavour == "toy"  # the toy kit never builds on the meta device
     if cfg.precision.fp8 == "te" and m.meta_init and not toy:

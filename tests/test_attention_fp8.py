@@ -539,9 +539,9 @@ def test_gpu_fp8_kernel_matches_emulation(fp8_dp, ds_format):
 
 
 def test_te_fp8_prepare_is_exact():
-    """kernels.attention._te_fp8_prepare (K minus its key mean, q and k times the +-1 Hadamard matrix, scale / D,
-    v over a power of two near its largest row norm): the same attention output and gradients as the
-    untransformed inputs, in fp64."""
+    """kernels.attention._te_fp8_prepare (K minus its key mean, q and k times the +-1 Hadamard matrix over D,
+    scale times D, v over a power of two near its largest row norm): the same attention output and gradients
+    as the untransformed inputs, in fp64; in fp16, values near its largest and all-zero values stay finite."""
     from kernels.attention import _te_fp8_prepare
 
     torch.manual_seed(0)
@@ -550,12 +550,17 @@ def test_te_fp8_prepare_is_exact():
 
     def prepared(q, k, v):
         q2, k2, v2, scale, c = _te_fp8_prepare(q, k, v, 64**-0.5)
-        assert scale == 64**-0.5 / 64 and torch.log2(c) == torch.log2(c).round()
+        assert scale == 64**-0.5 * 64 and torch.log2(c) == torch.log2(c).round()
         assert 0.7 < float(torch.linalg.vector_norm(v2.detach(), dim=-1).amax()) < 1.42
         return attention_reference(q2, k2, v2, scale=scale) * c
 
     for a, b in zip(_run(prepared, q, k, v, g), _run(attention_reference, q, k, v, g)):
         torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+    for scale_v in (6e4, 0.0):  # fp16: c was inf (v's row norm over 2^15.5) or 0 (v all zero): NaN out
+        q16, k16 = (500 * q).half(), (500 * k).half()
+        q2, k2, v2, _, c = _te_fp8_prepare(q16, k16, (scale_v * v / v.abs().max()).half(), 0.125)
+        assert all(torch.isfinite(t).all() for t in (q2, k2, v2, c.half())), scale_v
+        assert torch.isfinite(v2 * c.half()).all()
 
 
 def test_te_fp8_prepare_first_run_under_inference_mode_then_trains():
@@ -577,7 +582,7 @@ def test_te_fp8_prepare_first_run_under_inference_mode_then_trains():
 def test_te_fp8_scheme_emulated_needs_its_pre_pass():
     """cuDNN's FP8 attention as backend "te" runs it (per-tensor scales; bench.gpu_attention_fp8's CPU
     emulation with _te_fp8's scales and bounds) on the video activations: with the pre-pass, output and
-    gradients within FP8 error of the fp32 reference (here: out 6.0%, dq 13.6%; our kernel's scheme 4.9%, 7.9%);
+    gradients within FP8 error of the fp32 reference (here: out 5.9%, dq 13.6%; our kernel's scheme 4.9%, 7.9%);
     without it, outlier channels and the key offset cost the logits their precision (out 18%)."""
     from bench.gpu_attention_fp8 import te_fp8_scheme_emulated
 
@@ -669,12 +674,11 @@ def test_gpu_te_fp8_first_call_without_grad_is_the_steady_state():
 
 @pytest.mark.gpu
 @needs_te
-def test_gpu_te_fp8_layers_with_different_softmax_peaks_train():
-    """Two attention calls of one shape (two layers sharing TE's module), the first peaked (P's max ~1), the
-    second diffuse (P ~ 1/S), backward in reverse order: each backward runs with the scales of its own call
-    (P's is read again in the backward, after TE's update at the later call's exit; from the diffuse call's
-    amax alone it would be 448 / 5e-4 and saturate the peaked call's P). Each call's gradients are near the
-    fp32 reference of that call alone."""
+def test_gpu_te_fp8_layers_each_backward_takes_its_own_scales():
+    """Two attention calls of one shape (two layers sharing TE's module) with different softmax peaks and
+    magnitudes, backward in reverse order: each backward runs with the scales of its own call (dO's, dP's and
+    dQ/dK/dV's, set by the hook just before it, not the later call's; P's, which TE copies at the forward).
+    Each call's gradients are near the fp32 reference of that call alone."""
     S, H, D = 2048, 2, 128
     gen = torch.Generator(device="cuda").manual_seed(0)
 
@@ -682,7 +686,7 @@ def test_gpu_te_fp8_layers_with_different_softmax_peaks_train():
         return (torch.randn(1, S, H, D, device="cuda", generator=gen) * scale).to(torch.bfloat16)
 
     peaked, diffuse = (randn(2.0), randn(2.0), randn()), (randn(0.01), randn(0.01), randn())
-    ga, gb = randn(), randn()
+    ga, gb = randn(), randn(1e-4)  # output gradients 10^4 apart: each backward needs its own dO scale
     leaves = [t.clone().requires_grad_() for t in (*peaked, *diffuse)]
     out_a, out_b = _te_fp8(*leaves[:3]), _te_fp8(*leaves[3:])
     grads = torch.autograd.grad((out_a.float() * ga).sum() + (out_b.float() * gb).sum(), leaves)
@@ -714,15 +718,24 @@ def test_gpu_wan_with_te_fp8_attention_trains():
         model.zero_grad()
         out = model(x, t, ctx, encoder_lengths=lengths)
         out.float().square().mean().backward()
-        return out.detach(), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+        return out.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
 
     base, base_grads = step()
     apply_attention_precision(model, ModelConfig(attention_precision="fp8", fp8_attention_backend="te"))
     assert {b.self_attn.fp8_backend for b in model.blocks} == {"te"}
     got, grads = step()
-    assert not torch.equal(got, base) and _rel(got, base) < 0.1
-    gb, gg = torch.cat([g.flatten() for g in base_grads]), torch.cat([g.flatten() for g in grads])
-    assert _rel(gg, gb) < 0.15
+    assert not torch.equal(got, base) and _rel(got, base) < 0.1, _te_state()
+    gb, gg = (torch.cat([g[n].flatten() for n in sorted(base_grads)]) for g in (base_grads, grads))
+    assert _rel(gg, gb) < 0.15, _te_state()
+    for i in range(
+        len(model.blocks)
+    ):  # what the FP8 backward feeds directly (the sum is dominated by others)
+        name = f"blocks.{i}.self_attn.qkv.weight"
+        assert _rel(grads[name], base_grads[name]) < 0.25, (
+            name,
+            _rel(grads[name], base_grads[name]),
+            _te_state(),
+        )
 
 
 @pytest.mark.gpu

@@ -104,6 +104,20 @@ def test_fp8_attention_through_te_takes_any_backend():
         assert (attention_precision_problem(m) is None) == (attention == "triton")
         m.attention_precision = "bf16"
         assert attention_precision_problem(m) is None
+    # TE linears + activation checkpointing: TE's checkpoint restores FP8 scales per TE module in forward order,
+    # and backend "te" shares one among the layers: refused, naming the three keys
+    m = ModelConfig(attention_precision="fp8", fp8_attention_backend="te")
+    for linears, ac in (
+        ("te", "full"),
+        ("te", "selective"),
+        ("te", "none"),
+        ("torchao", "full"),
+        ("none", "full"),
+    ):
+        why = attention_precision_problem(m, linears, ac)
+        assert (why is None) == (linears != "te" or ac == "none"), (linears, ac)
+    why = attention_precision_problem(m, "te", "full")
+    assert all(key in why for key in ("fp8_attention_backend", "precision.fp8", "activation_checkpointing"))
 
 
 def test_ema_analytic():
