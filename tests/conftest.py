@@ -10,6 +10,8 @@ import time
 import warnings
 from pathlib import Path
 
+import engine  # noqa: F401, E402  (its MKL_DISABLE_FAST_MM, engine/__init__.py, before any GEMM of a test)
+
 # Must happen before anything imports triton: without a CUDA device Triton runs only interpreted.
 try:
     import torch
