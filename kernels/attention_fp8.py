@@ -1496,16 +1496,17 @@ def attention_fp8_dispatch(
         )
     from kernels.attention import attention
 
+    d = q.shape[-1]
+    not_pow2 = d < 1 or d & (d - 1)  # the emulation's and backend "te"'s pre-pass rotate by a Hadamard matrix
+    pow2_reason = f"head dim {d} is not a power of two (the FP8 scheme's Hadamard rotation needs one)"
     if backend == "torch":
-        d = q.shape[-1]
-        if d < 1 or d & (d - 1):  # the emulation's Hadamard rotation needs a power of two
-            _warn_once(f"head dim {d} is not a power of two (the FP8 scheme's Hadamard rotation needs one)")
+        if not_pow2:
+            _warn_once(pow2_reason)
             return attention(q, k, v, backend="torch", **kw)
         products = ("dv",) + (("dp",) if opts["dp"] else ()) + (("dqdk",) if opts["dqdk"] else ())
         return attention_fp8_emulated(q, k, v, bwd_fp8=products, ds_format=opts["ds_format"], **kw)
 
     if backend == "te":
-        d = q.shape[-1]
         if k_lengths is not None:  # a batch of texts of different lengths (HunyuanVideo-1.5 pads then): one
             # such batch among many must not stop a run (under FSDP the other ranks would wait till the timeout)
             _warn_once(
@@ -1514,8 +1515,8 @@ def attention_fp8_dispatch(
             return attention(q, k, v, backend="sdpa", **kw)
         if q.dtype not in (torch.bfloat16, torch.float16):
             _warn_once(f"backend 'te' takes FP8 attention in bf16 or fp16, not dtype {q.dtype}")
-        elif d < 1 or d & (d - 1):  # its pre-pass rotates q and k by a Hadamard matrix
-            _warn_once(f"head dim {d} is not a power of two (the FP8 scheme's Hadamard rotation needs one)")
+        elif not_pow2:
+            _warn_once(pow2_reason)
         else:
             from kernels.attention import attention_te_fp8
 
