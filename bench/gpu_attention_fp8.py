@@ -83,30 +83,34 @@ class _TEFP8Scheme(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, scale):  # (B, H, S, D)
+        from kernels.attention import TE_FP8_MARGIN
+
         e4 = torch.float8_e4m3fn
-        q8, k8, v8 = (_fp8_round(t, 448.0 / torch.stack([q.abs().max(), k.abs().max(), v.abs().max()]).max(), e4)
+        top = torch.finfo(e4).max
+        q8, k8, v8 = (_fp8_round(t, top / torch.stack([q.abs().max(), k.abs().max(), v.abs().max()]).max(), e4)
                       for t in (q, k, v))  # fmt: skip
         p = torch.softmax(scale * q8 @ k8.transpose(-1, -2), dim=-1)
-        p8 = _fp8_round(p, torch.tensor(448.0, dtype=p.dtype), e4)
-        o8 = _fp8_round(p8 @ v8, 448.0 / (2 * v.abs().max()), e4)
+        p8 = _fp8_round(p, torch.tensor(top, dtype=p.dtype), e4)
+        o8 = _fp8_round(p8 @ v8, top / (TE_FP8_MARGIN * v.abs().max()), e4)
         ctx.save_for_backward(q8, k8, v8, p, p8, o8, q.abs().max(), k.abs().max(), v.norm(dim=-1).max())
         ctx.scale = scale
         return o8
 
     @staticmethod
     def backward(ctx, g):
-        from kernels.attention import te_fp8_backward_bounds
+        from kernels.attention import TE_FP8_MARGIN, te_fp8_backward_bounds
 
         q8, k8, v8, p, p8, o8, qmax, kmax, v_row = ctx.saved_tensors
         e5, sc = torch.float8_e5m2, ctx.scale
+        top = torch.finfo(e5).max
         g_max = g.abs().max()
         ds_bound, dqkv_bound = te_fp8_backward_bounds(
             g_max, g.norm(dim=-1).max(), v_row, qmax, kmax, sc, q8.shape[2]
         )
-        g8 = _fp8_round(g, 57344.0 / g_max, e5)
+        g8 = _fp8_round(g, top / g_max, e5)
         ds = p * (g8 @ v8.transpose(-1, -2) - (g8 * o8).sum(-1, keepdim=True))
-        ds8 = _fp8_round(ds, 57344.0 / (2 * ds_bound), e5)
-        s = 57344.0 / (2 * dqkv_bound)
+        ds8 = _fp8_round(ds, top / (TE_FP8_MARGIN * ds_bound), e5)
+        s = top / (TE_FP8_MARGIN * dqkv_bound)
         grads = (sc * ds8 @ k8, sc * ds8.transpose(-1, -2) @ q8, p8.transpose(-1, -2) @ g8)
         return (*(_fp8_round(t, s, e5) for t in grads), None)
 
@@ -171,9 +175,8 @@ def te_fp8_dpa():
     """fn(q, k, v, rope=None) -> out: cuDNN's FP8 fused attention through Transformer Engine (q, k, v bf16
     (B, S, H, D); RoPE applied first by kernels.rope). TE is imported at the first call, which raises what
     importing it raises (inside a provider's try, so a TE that fails to load is an error record)."""
-    from engine.precision import te_autocast
     from kernels.rope import apply_rope
-    from kernels.te_loader import import_te
+    from kernels.te_loader import import_te, te_autocast
 
     modules: dict = {}  # TE, its recipe and one DotProductAttention per (heads, head dim), made once (timed)
 

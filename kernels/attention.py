@@ -824,7 +824,8 @@ def _flash_attn(q, k, v, scale, k_lengths, rope):
 
 
 _TE_MODULES: dict = {}  # (heads, head dim, scale, fp8) -> one DotProductAttention, shared by every call
-_E4M3_MAX, _E5M2_MAX = 448.0, 57344.0  # TE's HYBRID format: E4M3 forward, E5M2 gradients
+# TE's HYBRID format: E4M3 forward (max 448), E5M2 gradients (max 57344)
+_E4M3_MAX, _E5M2_MAX = torch.finfo(torch.float8_e4m3fn).max, torch.finfo(torch.float8_e5m2).max
 TE_FP8_MARGIN = 2.0  # headroom over a bound that FP8-rounded operands may exceed slightly
 
 
