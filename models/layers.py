@@ -165,6 +165,10 @@ class SelfAttention(nn.Module):
         self.norm_q, self.norm_k = _qk_norm(qk_norm, dim, heads, eps)
         self.out = nn.Linear(dim, dim, bias=bias)
 
+    def attention_backend(self) -> str:
+        """The backend this module's attention runs on: ``fp8_backend`` in FP8 where one is set, else its own."""
+        return (self.attention_precision == "fp8" and self.fp8_backend) or self.backend
+
     def project(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """x (B, S, dim) -> normalised q, k and v, each (B, S, H, D) (joint attention reuses this)."""
         q, k, v = self.qkv(x).chunk(3, dim=-1)  # 3 x (B, S, dim)
@@ -183,8 +187,7 @@ class SelfAttention(nn.Module):
         sp = self.sequence_parallel
         if sp is not None:  # x holds this rank's tokens: attend over all of them with this rank's heads
             q, k, v = sp.seq_to_heads(q), sp.seq_to_heads(k), sp.seq_to_heads(v)
-        prec = self.attention_precision
-        backend = (prec == "fp8" and self.fp8_backend) or self.backend
+        prec, backend = self.attention_precision, self.attention_backend()
         o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend, precision=prec)
         if sp is not None:
             o = sp.heads_to_seq(o)
@@ -274,8 +277,7 @@ class JointAttention(nn.Module):
             qc, kc, vc = sp.local(qc, dim=2), sp.local(kc, dim=2), sp.local(vc, dim=2)
         S = qx.shape[1]
         q, k, v = (torch.cat(pair, dim=1) for pair in ((qx, qc), (kx, kc), (vx, vc)))  # (B, S + L, H, D)
-        prec = self.x.attention_precision
-        backend = (prec == "fp8" and self.x.fp8_backend) or self.x.backend
+        prec, backend = self.x.attention_precision, self.x.attention_backend()
         o = attention(q, k, v, rope=rope, k_lengths=k_lengths, backend=backend, precision=prec)
         ox, oc = o[:, :S], o[:, S:]  # (B, S + L, H, D) split back
         if sp is not None:  # video: back to this rank's tokens; context: every rank's heads
