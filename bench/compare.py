@@ -9,8 +9,8 @@ threshold is flagged REGRESSION and the exit code is 1; so is one whose new valu
 and one measured in OLD that fails in NEW (an error record for its case and provider, with its message;
 a "skipped: ..." record is not a failure), or whose whole module failed in NEW (bench.gpu_check's
 "<module>.module" error record: the module crashed or timed out before measuring it). Other records only in
-one file, and failures in NEW with nothing measured in OLD to compare, are listed; informational metrics (a count of autotuner configs) are not
-compared. Results from different devices are compared only with --allow-device-mismatch (their ratios
+one file, and failures in NEW with nothing measured in OLD to compare, are listed; informational metrics (a
+count of autotuner configs) are not compared. Results from different devices are compared only with --allow-device-mismatch (their ratios
 mean little).
 """
 

@@ -195,9 +195,8 @@ def fp8_context(prec: PrecisionConfig, group: Any = None) -> contextlib.Abstract
     """
     if prec.fp8 != "te":
         return contextlib.nullcontext()
-    return te_autocast(
-        te_recipe(prec.fp8_recipe), group
-    )  # te_recipe raised FP8UnavailableError if TE is unusable
+    # te_recipe raises FP8UnavailableError if TE is unusable
+    return te_autocast(te_recipe(prec.fp8_recipe), group)
 
 
 def autocast(device: torch.device, prec: PrecisionConfig, sharded: bool) -> contextlib.AbstractContextManager:

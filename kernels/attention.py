@@ -841,10 +841,9 @@ def _te_module(H: int, D: int, scale: float, fp8: bool, q: torch.Tensor):
             mod = te.DotProductAttention(
                 H, D, qkv_format="bshd", attn_mask_type="no_mask", softmax_scale=scale
             )
-            if (
-                fp8
-            ):  # its FP8 quantizers now, so that the first call finds the scales to set (_te_fp8); not by a
-                # forward, which inside TE's checkpoint would leave a stale entry in its queue of saved scales
+            # its FP8 quantizers now, so that the first call finds the scales to set (_te_fp8); not by a
+            # forward, which inside TE's checkpoint would leave a stale entry in its queue of saved scales
+            if fp8:
                 with _te_fp8_autocast():
                     mod.init_fp8_metadata(num_gemms=3)
         _TE_MODULES[key] = mod

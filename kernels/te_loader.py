@@ -63,8 +63,9 @@ def cudnn_libraries(folder: str, major: int | None) -> list[str]:
 def use_torch_cudnn() -> str | None:
     """Preload torch's cuDNN folder for TE (module doc); the folder, or None when there is nothing to do
     (no CUDA, or no cuDNN mapped). Once per process: import_te runs it on every call, and the trainer's
-    fp8_context calls that every step (it read /proc/self/maps and reloaded the libraries each time). A $CUDNN_PATH / $CUDNN_HOME the user set is kept (TE loads its
-    libcudnn from there), with a warning when it is not torch's folder: TE and torch then run two cuDNNs."""
+    fp8_context calls that every step (it read /proc/self/maps and reloaded the libraries each time). A
+    $CUDNN_PATH / $CUDNN_HOME the user set is kept (TE loads its libcudnn from there), with a warning when it
+    is not torch's folder: TE and torch then run two cuDNNs."""
     if not torch.cuda.is_available():
         return None
     version = None
