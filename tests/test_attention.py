@@ -568,22 +568,50 @@ def test_64bit_offsets_path_matches_reference(case, fuse_rope, device, monkeypat
     )
 
 
+def _exact_head(q, k, v, g, scale):
+    """out, dq, dk, dv of softmax(q k^T scale) v for one head, (S, D) fp32 each, the products written out."""
+    p = ((q @ k.T) * scale).softmax(-1)
+    o = p @ v
+    ds = p * (g @ v.T - (g * o).sum(-1, keepdim=True))
+    return o, ds @ k * scale, ds.T @ q * scale, p.T @ g
+
+
+def test_exact_head_gives_autograds_gradients():
+    """The written-out products test_gpu_sample_past_2_31_elements checks against: autograd's in fp64."""
+    q, k, v = (torch.randn(s, 16, dtype=torch.float64, requires_grad=True) for s in (7, 11, 11))
+    g = torch.randn(7, 16, dtype=torch.float64)
+    o = ((q @ k.T) * 0.3).softmax(-1) @ v
+    want = (o, *torch.autograd.grad(o, (q, k, v), g))
+    for a, b in zip(_exact_head(q.detach(), k.detach(), v.detach(), g, 0.3), want):
+        torch.testing.assert_close(a, b)
+
+
 @pytest.mark.gpu
+@pytest.mark.huge
 @pytest.mark.parametrize("side", ["q", "kv"])
 def test_gpu_sample_past_2_31_elements(side):
     """One sample with 2^31+ elements on the query side (Sq * H * D) or the key side (Sk * H * D), bf16 (4 GB
-    per tensor): output, lse and gradients against SDPA on the same inputs (ours wrapped int32 tile
-    offsets there before the 64-bit path)."""
+    per tensor): output and gradients against the products written out in fp32, head by head (no tensor of
+    the reference passes 2^31 elements, unlike SDPA on the whole sample); ours wrapped int32 tile offsets
+    there before the 64-bit path. A failure names the worst row and where the 2^31 rows begin."""
     H, D, big, small = 8, 128, 2**31 // (8 * 128) + 4096, 384
     Sq, Sk = (big, small) if side == "q" else (small, big)
     q, k, v = (torch.randn(1, s, H, D, device="cuda", dtype=torch.bfloat16) for s in (Sq, Sk, Sk))
     q, k, v = (t.requires_grad_() for t in (q, k, v))
     g = torch.randn_like(q)
-    ours = _outputs_and_grads(attention, q, k, v, g)
-    ref = _outputs_and_grads(attention, q, k, v, g, backend="sdpa")
-    for name, a, b in zip(("out", "dq", "dk", "dv"), ours, ref):
-        err = (a.float() - b.float()).abs().max().item()
-        assert err <= 2e-2 * max(1.0, b.float().abs().max().item()), f"{name}: max error {err:.3g}"
+    ours = dict(zip(("out", "dq", "dk", "dv"), _outputs_and_grads(attention, q, k, v, g)))
+    past = 2**31 // (H * D)  # the first row whose elements lie past 2^31 in its sample
+    for h in range(H):
+        ref = _exact_head(*(t[0, :, h].detach().float() for t in (q, k, v, g)), D**-0.5)
+        for (name, a), b in zip(ours.items(), ref):
+            row_err = (a[0, :, h].float() - b).abs().amax(-1)
+            worst = int(row_err.argmax())
+            err, bound = row_err[worst].item(), 2e-2 * max(1.0, b.abs().max().item())
+            assert err <= bound, (
+                f"{name}, head {h}: max error {err:.3g} > {bound:.3g} at row {worst} of {len(row_err)} "
+                f"(rows from {past} on lie past 2^31 elements; {int((row_err > bound).sum())} rows off)"
+            )
+        del ref
 
 
 @pytest.mark.parametrize("fuse_rope", [False, True])

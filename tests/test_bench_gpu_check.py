@@ -247,17 +247,45 @@ def test_a_module_run_alone_prints_its_help_and_refuses_an_unknown_option(area, 
     assert e.value.code == 2 and "unrecognized arguments: --quik" in capsys.readouterr().err
 
 
-def _gpu_check_sh(tmp_path: Path, only: str) -> subprocess.CompletedProcess:
+def _gpu_check_sh(tmp_path: Path, only: str, tests: dict[str, str] | None = None, **env_more):
     """bench/gpu_check.sh from a copy of bench/ (no setup.py there: its build step fails at once and leaves
-    the checkout's kernels._C alone), tests and ncu off."""
+    the checkout's kernels._C alone), ncu off, the GPU tests off unless ``tests`` (file name -> source) gives
+    the copy a tests/ folder of its own."""
     import shutil
 
     tree = tmp_path / "tree"
     shutil.copytree(ROOT / "bench", tree / "bench", ignore=shutil.ignore_patterns("results", "__pycache__"))
+    for name, src in (tests or {}).items():
+        (tree / "tests").mkdir(exist_ok=True)
+        (tree / "tests" / name).write_text(src)
     env = {"PATH": os.environ["PATH"], "PYTHONPATH": str(ROOT), "PYTHON": sys.executable, "GPU_ONLY": only,
-           "GPU_TESTS": "0", "GPU_NCU": "0", "OUT": str(tmp_path / "out"), "WMSD_COMMIT": "abc1234"}  # fmt: skip
+           "GPU_TESTS": "1" if tests else "0", "GPU_NCU": "0", "OUT": str(tmp_path / "out"),
+           "WMSD_COMMIT": "abc1234", **env_more}  # fmt: skip
     return subprocess.run(["bash", "bench/gpu_check.sh"], cwd=tree, capture_output=True, text=True, timeout=120,
                           env=env)  # fmt: skip
+
+
+def test_gpu_check_sh_runs_huge_tests_alone_and_keeps_the_failures_of_a_run_cut_at_its_limit(tmp_path):
+    """The huge tests (up to ~50 GB each) ran beside the others on four workers, and a run cut at its limit
+    left no failure message (two failures on an H200, 2026-11-28): now `gpu and not huge` on the workers,
+    then `huge` in one process, each cut by SIGINT so that pytest still prints its failures and XML."""
+    import tarfile
+
+    src = (
+        "import os, time\nimport pytest\n\n"
+        "@pytest.mark.gpu\ndef test_gpu_one():\n    assert False, 'gpu failure message'\n\n"
+        "@pytest.mark.huge\ndef test_huge_a():\n    assert 'PYTEST_XDIST_WORKER' not in os.environ, 'on a worker'\n"
+        "    assert False, 'huge failure message'\n\n"
+        "@pytest.mark.huge\ndef test_huge_b():\n    time.sleep(100)\n"
+    )
+    r = _gpu_check_sh(tmp_path, "attention", tests={"test_marks.py": src}, GPU_BENCH="0",
+                      GPU_TEST_TIMEOUT="60", GPU_HUGE_TIMEOUT="8", GPU_TEST_WORKERS="2")  # fmt: skip
+    out = tmp_path / "out"
+    gpu, huge = (out / "pytest_gpu.log").read_text(), (out / "pytest_huge.log").read_text()
+    assert "gpu failure message" in gpu and "test_huge" not in gpu, gpu
+    assert "huge failure message" in huge and "AssertionError: on a worker" not in huge and "KeyboardInterrupt" in huge, huge
+    with tarfile.open(out / "logs.tgz") as tar:
+        assert {"./pytest_gpu.xml", "./pytest_huge.xml"} <= set(tar.getnames()), r.stdout
 
 
 def test_gpu_check_sh_refuses_a_misspelt_area_before_the_build_and_takes_spaces(tmp_path):

@@ -129,6 +129,8 @@ def test_sample_past_2_31_elements(device):
 
     from kernels.rope import _rope_kernel
 
+    if device != "cpu":  # its 2^13-token tiles had not compiled for an H200 after 140 s (2026-11-28)
+        pytest.skip("CPU interpreter version; on a GPU: test_gpu_apply_past_2_31_elements")
     S, H, D, w, block_s = 2**21 + 2**13, 8, 128, 2**13, 2**13
     assert S * H * D > 2**31
     x, cos, sin = _windows(S, H, D, w, torch.float16, device)
