@@ -13,6 +13,10 @@ reference on activations with outliers (:func:`video_activations`), for bf16 and
 
     python -m bench.gpu_attention_fp8 [--quick]        # GPU: records as JSON (bench.gpu_check runs run())
     python -m bench.gpu_attention_fp8 --accuracy       # CPU: the accuracy table with the emulation
+
+Environment: GPU_FP8_SHAPES (names of bench.gpu_attention.SHAPES), GPU_FP8_PROVIDERS (names of PROVIDERS;
+their baselines are timed with them), GPU_FP8_ACCURACY=0 (no accuracy rows), GPU_FP8_BWD_ALL=1; each list is
+checked before the CUDA check, so a typo fails a CPU rehearsal.
 """
 
 from __future__ import annotations
@@ -255,6 +259,28 @@ def format_table(table: dict) -> str:
     return "\n".join(lines)
 
 
+# speed providers (name: baseline), :func:`_providers`; the te ones where Transformer Engine imports
+PROVIDERS = {"sdpa_cudnn": None, "triton_bf16": "sdpa_cudnn", "triton_fp8": "triton_bf16",
+             "triton_fp8_dp": "triton_bf16", "triton_fp8+rope": "triton_bf16", "te_fp8": "triton_bf16",
+             "te_fp8_dpa": "triton_bf16"}  # fmt: skip
+
+
+def selected_providers(only: str) -> set[str] | None:
+    """The providers named in ``only`` (comma-separated) and their baselines, or None (all) for ''."""
+    names = {n.strip() for n in only.split(",") if n.strip()}
+    if not names:
+        return None
+    unknown = sorted(names - set(PROVIDERS))
+    if unknown:
+        raise ValueError(f"GPU_FP8_PROVIDERS: unknown {unknown}; expected names from {list(PROVIDERS)}")
+    picked = set()
+    for name in names:
+        while name is not None and name not in picked:
+            picked.add(name)
+            name = PROVIDERS[name]
+    return picked
+
+
 def _providers(rope):
     from torch.nn.attention import SDPBackend, sdpa_kernel
 
@@ -346,16 +372,21 @@ def run(quick: bool = False) -> list[dict]:
     unknown = sorted(set(shapes) - set(SHAPES))
     if unknown:
         raise ValueError(f"GPU_FP8_SHAPES: unknown {unknown}; expected names from {list(SHAPES)}")
+    picked = selected_providers(os.environ.get("GPU_FP8_PROVIDERS", ""))
+
+    def providers(rope):
+        return {n: p for n, p in _providers(rope).items() if picked is None or n in picked}
+
     if not torch.cuda.is_available():
         return [record("attention_fp8.module", "-", "-", "error", 0.0, message="no CUDA device")]
     t0, budget = time.time(), module_budget(TIME_BUDGET_S, reserve=60.0)
-    recs = _accuracy_records()
+    recs = _accuracy_records() if os.environ.get("GPU_FP8_ACCURACY", "1") != "0" else []
     for case in ["ltx2-512p-121f"] if quick else shapes:
         if time.time() - t0 > budget:
             recs.append(record("attention_fp8.case", case, "-", "error", 0.0, message="skipped: time budget"))
             continue
         try:
-            recs += bench_providers("attention_fp8", case, SHAPES[case], _providers)
+            recs += bench_providers("attention_fp8", case, SHAPES[case], providers)
             if os.environ.get("GPU_FP8_BWD_ALL") == "1":
                 recs += bench_providers(
                     "attention_fp8", case, SHAPES[case], _bwd_providers, modes=("fwd_bwd",)

@@ -866,20 +866,10 @@ def _te_fp8_autocast():
     return te_autocast(_TE_MODULES["recipe"])
 
 
-def _inf_norm(x: torch.Tensor) -> torch.Tensor:  # fp32 (fp64 for fp64 x)
-    return torch.linalg.vector_norm(
-        x.detach(), float("inf"), dtype=torch.promote_types(x.dtype, torch.float32)
-    )
-
-
 def _max_row_norm(x: torch.Tensor) -> torch.Tensor:  # x (B, S, H, D): max over (b, s, h) of |x[b, s, h, :]|
     return torch.linalg.vector_norm(
         x.detach(), dim=-1, dtype=torch.promote_types(x.dtype, torch.float32)
     ).amax()
-
-
-def _fp8_scale(fmax: float, bound: torch.Tensor) -> torch.Tensor:
-    return fmax / bound.clamp_min(1e-30)
 
 
 def _te_fp8_prepare(q, k, v, scale: float):
@@ -897,10 +887,151 @@ def _te_fp8_prepare(q, k, v, scale: float):
     D = q.shape[-1]
     h = hadamard_signs(D, q.dtype, q.device) / D  # +-2^-log2(D), exact; |x h| <= max|x|: no fp16 overflow
     k = k - k.mean(dim=1, keepdim=True)
-    info = torch.finfo(v.dtype)  # c a power of two in v's normal range (fp16: 2^-14 .. 2^15): v / c exact
-    lo, hi = math.log2(info.tiny), math.floor(math.log2(info.max))
-    c = torch.exp2(torch.log2(_max_row_norm(v).clamp_min(info.tiny)).round().clamp(lo, hi))
+    lo, hi, tiny = _pow2_range(v.dtype)  # c a power of two in v's normal range (fp16: 2^-14 .. 2^15)
+    # round half up, as the kernel (:func:`_te_prepass_kernel`; torch.round takes half to even)
+    c = torch.exp2(torch.floor(torch.log2(_max_row_norm(v).clamp_min(tiny)) + 0.5).clamp(lo, hi))
     return q @ h, k @ h, v / c.to(v.dtype), scale * D, c
+
+
+@triton.jit
+def _te_prepass_kernel(
+    X,
+    Y,
+    MEANH,
+    SIGNS,
+    STATS,
+    R,
+    SH,
+    H,
+    D: tl.constexpr,
+    BLOCK: tl.constexpr,
+    MODE: tl.constexpr,
+    SLOT: tl.constexpr,
+    LO: tl.constexpr,
+    HI: tl.constexpr,
+    TINY: tl.constexpr,
+):
+    """Backend "te"'s FP8 pre-pass (:func:`_te_fp8_prepare`) on BLOCK rows of D channels of a contiguous
+    (B, S, H, D) tensor (R = B*S*H rows; row r is head r % H of sample r // SH): MODE 0 (q) y = x SIGNS / D;
+    1 (k) y = (x SIGNS - MEANH[b, h]) / D, MEANH = (key mean) SIGNS fp32 (B, H, D); 2 (v) y = x / c, c =
+    2^clamp(round(log2 max(STATS[4], TINY)), LO, HI), also stored into STATS[5]; each stores y in x's dtype
+    and max|y| into STATS[SLOT] (atomic max). MODE 3 stores no y: max|x| into STATS[SLOT], the largest row
+    norm into STATS[SLOT + 1]. SIGNS is the +-1 Sylvester matrix in x's dtype: x times +-1 is exact, the dot
+    accumulates in fp32. STATS: :class:`_TePrepass`."""
+    rows = tl.program_id(0) * BLOCK + tl.arange(0, BLOCK)
+    ok = (rows < R)[:, None]
+    offs_d = tl.arange(0, D)
+    offs = rows.to(tl.int64)[:, None] * D + offs_d[None, :]
+    x = tl.load(X + offs, mask=ok, other=0.0)
+    if MODE == 3:
+        xf = x.to(tl.float32)
+        tl.atomic_max(STATS + SLOT, tl.max(tl.max(tl.abs(xf), 1), 0))
+        tl.atomic_max(STATS + SLOT + 1, tl.max(tl.sqrt(tl.sum(xf * xf, 1)), 0))
+    else:
+        if MODE == 2:
+            c = tl.exp2(
+                tl.minimum(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.load(STATS + 4), TINY)) + 0.5), LO), HI)
+            )
+            tl.store(STATS + 5, c)
+            y = x.to(tl.float32) / c
+        else:
+            signs = tl.load(SIGNS + offs_d[:, None] * D + offs_d[None, :])
+            if X.dtype.element_ty == tl.float32:
+                y = tl.dot(x, signs, input_precision="ieee")
+            else:
+                y = tl.dot(x, signs, out_dtype=tl.float32)
+            if MODE == 1:
+                bh = (rows // SH) * H + rows % H
+                y -= tl.load(MEANH + bh.to(tl.int64)[:, None] * D + offs_d[None, :], mask=ok, other=0.0)
+            y = y / D
+        y = y.to(Y.dtype.element_ty)
+        tl.store(Y + offs, y, mask=ok)
+        tl.atomic_max(STATS + SLOT, tl.max(tl.max(tl.abs(y.to(tl.float32)), 1), 0))
+
+
+@triton.jit
+def _te_fwd_scales_kernel(STATS, QKV, S, O, FMAX: tl.constexpr, MARGIN: tl.constexpr):
+    """From :class:`_TePrepass`'s STATS: v''s largest row norm into STATS[6]; the scales of Q/K/V (one, from
+    max|q'|, max|k'|, max|v'|), softmax P (FMAX: P <= 1) and O (from max|v'|: O is a convex combination of
+    v''s rows) into QKV, S, O (:func:`_te_fp8`)."""
+    vmax = tl.load(STATS + 2)
+    amax = tl.maximum(tl.maximum(tl.load(STATS), tl.load(STATS + 1)), vmax)
+    tl.store(STATS + 6, tl.load(STATS + 4) / tl.load(STATS + 5))
+    tl.store(QKV, FMAX / tl.maximum(amax, 1e-30))
+    tl.store(S, FMAX)
+    tl.store(O, FMAX / tl.maximum(MARGIN * vmax, 1e-30))
+
+
+@triton.jit
+def _te_bwd_scales_kernel(STATS, GSTATS, DO, DP, DQKV, scale, Sq, FMAX: tl.constexpr, MARGIN: tl.constexpr):
+    """From :class:`_TePrepass`'s STATS (completed by :func:`_te_fwd_scales_kernel`) and GSTATS [max|dO|, dO's
+    largest row norm]: the scales of dO, dP/dS and dQ/dK/dV (one) from :func:`te_fp8_backward_bounds`'s
+    bounds."""
+    qmax, kmax, v_row = tl.load(STATS), tl.load(STATS + 1), tl.load(STATS + 6)
+    g_max, g_row = tl.load(GSTATS), tl.load(GSTATS + 1)
+    ds = 2 * g_row * v_row
+    dqkv = tl.maximum(tl.maximum(scale * ds * kmax, Sq * scale * ds * qmax), Sq * g_max)
+    tl.store(DO, FMAX / tl.maximum(g_max, 1e-30))
+    tl.store(DP, FMAX / tl.maximum(MARGIN * ds, 1e-30))
+    tl.store(DQKV, FMAX / tl.maximum(MARGIN * dqkv, 1e-30))
+
+
+def _pow2_range(dtype: torch.dtype) -> tuple[float, float, float]:
+    """(log2 of the smallest normal, floor log2 of the largest finite, smallest normal) of ``dtype``: the range
+    of c, the power of two v is divided by (v / c exact, c finite)."""
+    info = torch.finfo(dtype)
+    return math.log2(info.tiny), float(math.floor(math.log2(info.max))), info.tiny
+
+
+def _te_prepass(
+    x: torch.Tensor, mode: int, stats: torch.Tensor, slot: int, meanh=None
+) -> torch.Tensor | None:
+    """One :func:`_te_prepass_kernel` launch over contiguous x (B, S, H, D); returns y (modes 0-2)."""
+    B, S, H, D = x.shape
+    y = torch.empty_like(x) if mode != 3 else None
+    lo, hi, tiny = _pow2_range(x.dtype)
+    block = 64 if D <= 128 else 32
+    launch = {} if _INTERPRET else dict(num_warps=4, num_stages=1)
+    _te_prepass_kernel[(triton.cdiv(B * S * H, block),)](
+        x, x if y is None else y, stats if meanh is None else meanh, x if mode >= 2 else
+        _hadamard_signs(D, x.dtype, x.device), stats, B * S * H, S * H, H, D=D, BLOCK=block, MODE=mode,
+        SLOT=slot, LO=lo, HI=hi, TINY=tiny, **launch,
+    )  # fmt: skip
+    return y
+
+
+def _hadamard_signs(D, dtype, device):
+    from kernels.attention_fp8 import hadamard_signs
+
+    return hadamard_signs(D, dtype, device)
+
+
+class _TePrepass(torch.autograd.Function):
+    """:func:`_te_fp8_prepare` in four launches of :func:`_te_prepass_kernel` (the key mean and its rotation
+    two more), filling ``stats`` (fp32, STATS_LEN zeros): [0] max|q'|, [1] max|k'|, [2] max|v'|, [3] max|v|,
+    [4] v's largest row norm, [5] c; later [6] v''s largest row norm (:func:`_te_fwd_scales_kernel`).
+    Backward: dq = dq' Hs / D, dk the same less its mean over the keys, dv = dv' / c (Hs is symmetric)."""
+
+    STATS_LEN = 7
+
+    @staticmethod
+    def forward(ctx, q, k, v, stats):
+        from kernels.attention_fp8 import key_mean
+
+        q, k, v = (t.contiguous() for t in (q, k, v))
+        D = q.shape[-1]
+        meanh = (key_mean(k, None)[:, 0] @ _hadamard_signs(D, torch.float32, k.device)).contiguous()
+        _te_prepass(v, 3, stats, 3)  # max|v|, v's largest row norm: c, before v / c
+        outs = _te_prepass(q, 0, stats, 0), _te_prepass(k, 1, stats, 1, meanh), _te_prepass(v, 2, stats, 2)
+        ctx.stats = stats
+        return outs
+
+    @staticmethod
+    def backward(ctx, dq, dk, dv):
+        D = dq.shape[-1]
+        h = _hadamard_signs(D, dq.dtype, dq.device) / D
+        dk = dk @ h
+        return dq @ h, dk - dk.mean(dim=1, keepdim=True), dv / ctx.stats[5].to(dv.dtype), None
 
 
 def te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale: float, Sq: int):
@@ -912,7 +1043,7 @@ def te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale: float, Sq: in
     return ds, dqkv
 
 
-def _te_fp8(mod, q, k, v, scale):
+def _te_fp8(q, k, v, scale):
     """cuDNN's FP8 attention through TE (DelayedScaling with fp8_dpa), every scale set from this call's
     tensors. TE's delayed scales come from amaxes seen before: they start at 1, move only at the exit of an
     outermost grad-enabled autocast (never in a no-grad sampler), the backward's only in a TE Linear's
@@ -935,26 +1066,35 @@ def _te_fp8(mod, q, k, v, scale):
         META_S,
     )
 
+    B, Sq, H, D = q.shape
+    stats = torch.zeros(_TePrepass.STATS_LEN, device=q.device, dtype=torch.float32)
+    q, k, v = _TePrepass.apply(q, k, v, stats)
+    scale = scale * D  # q H (k H)^T = q k^T / D with H the +-1 matrix over D (_te_fp8_prepare)
+    mod = _te_module(H, D, scale, True, q)
     fwd, bwd = mod.quantizers["scaling_fwd"], mod.quantizers["scaling_bwd"]  # views of TE's scale buffers
-    qmax, kmax, vmax = _inf_norm(q), _inf_norm(k), _inf_norm(v)
     with _te_fp8_autocast():
-        fwd[META_QKV].scale.copy_(_fp8_scale(_E4M3_MAX, torch.maximum(torch.maximum(qmax, kmax), vmax)))
-        fwd[META_S].scale.fill_(_E4M3_MAX)
-        fwd[META_O].scale.copy_(_fp8_scale(_E4M3_MAX, TE_FP8_MARGIN * vmax))
+        _te_fwd_scales_kernel[(1,)](
+            stats,
+            fwd[META_QKV].scale,
+            fwd[META_S].scale,
+            fwd[META_O].scale,
+            FMAX=_E4M3_MAX,
+            MARGIN=TE_FP8_MARGIN,
+        )
         out = mod(q, k, v)  # (B, S, H*D)
-    if out.requires_grad:  # the hook keeps scalars and shapes only (q alive till the backward: 2 bytes/elem)
-        v_row, Sq, heads = _max_row_norm(v), q.shape[1], q.shape[2:]
+    if out.requires_grad:  # the hook keeps the stats (28 bytes) and shapes
 
         def set_backward_scales(grad):
-            g_max, g_row = _inf_norm(grad), _max_row_norm(grad.unflatten(-1, heads))
-            ds, dqkv = te_fp8_backward_bounds(g_max, g_row, v_row, qmax, kmax, scale, Sq)
-            bwd[META_DO].scale.copy_(_fp8_scale(_E5M2_MAX, g_max))
-            bwd[META_DP].scale.copy_(_fp8_scale(_E5M2_MAX, TE_FP8_MARGIN * ds))
-            bwd[META_DQKV].scale.copy_(_fp8_scale(_E5M2_MAX, TE_FP8_MARGIN * dqkv))
+            gstats = torch.zeros(2, device=grad.device, dtype=torch.float32)
+            _te_prepass(grad.contiguous().view(B, Sq, H, D), 3, gstats, 0)
+            _te_bwd_scales_kernel[(1,)](
+                stats, gstats, bwd[META_DO].scale, bwd[META_DP].scale, bwd[META_DQKV].scale, scale, Sq,
+                FMAX=_E5M2_MAX, MARGIN=TE_FP8_MARGIN,
+            )  # fmt: skip
             return grad
 
         out.register_hook(set_backward_scales)
-    return out
+    return out.view(B, Sq, H, D) * stats[5]  # times c (a power of two: exact), v / c undone
 
 
 @torch.compiler.disable  # TE's modules are graph breaks anyway: their making, the FP8 hook stay eager
@@ -976,9 +1116,7 @@ def _te(q, k, v, scale, k_lengths, rope, fp8=False):
     if not fp8:
         out = _te_module(q.shape[2], q.shape[3], scale, False, q)(q, k, v)  # (B, S, H*D)
         return out.view(q.shape)  # (B, S, H*D) -> (B, S, H, D)
-    q, k, v, scale, c = _te_fp8_prepare(q, k, v, scale)
-    out = _te_fp8(_te_module(q.shape[2], q.shape[3], scale, True, q), q, k, v, scale)
-    return out.view(q.shape) * c.to(q.dtype)
+    return _te_fp8(q, k, v, scale)
 
 
 def attention_te_fp8(q, k, v, *, scale=None, k_lengths=None, rope=None, return_lse=False) -> torch.Tensor:
@@ -988,6 +1126,9 @@ def attention_te_fp8(q, k, v, *, scale=None, k_lengths=None, rope=None, return_l
     _check_inputs(q, k, v, k_lengths, rope)
     if return_lse:
         raise ValueError("return_lse: supported by backends 'triton' and 'torch', not 'te'")
+    D = q.shape[-1]
+    if D < 16 or D & (D - 1):  # the pre-pass's Hadamard product runs on tensor cores (16-wide)
+        raise ValueError(f"q: backend 'te' in FP8 takes a head dim that is a power of two >= 16, got {D}")
     scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
     return _te(q, k, v, scale, k_lengths, rope, fp8=True)
 

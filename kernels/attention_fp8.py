@@ -1485,7 +1485,7 @@ def attention_fp8_dispatch(
     """kernels.attention.attention(precision="fp8"): "triton" -> :func:`attention_fp8`, "torch" -> the
     emulation, with the backward products of :func:`fp8_backward_products`; "te" -> cuDNN's FP8 attention
     through Transformer Engine (kernels.attention.attention_te_fp8; bf16/fp16 inputs and a head dim that is a
-    power of two, else TE's bf16 path after a one-time warning; calls with k_lengths run sdpa in bf16 after a
+    power of two >= 16, else TE's bf16 path after a one-time warning; calls with k_lengths run sdpa in bf16 after a
     one-time warning); "sdpa" and "flash_attn" have no FP8 mode and run in their own precision after a
     one-time warning."""
     kw = dict(scale=scale, k_lengths=k_lengths, rope=rope, return_lse=return_lse)
@@ -1515,8 +1515,10 @@ def attention_fp8_dispatch(
             return attention(q, k, v, backend="sdpa", **kw)
         if q.dtype not in (torch.bfloat16, torch.float16):
             _warn_once(f"backend 'te' takes FP8 attention in bf16 or fp16, not dtype {q.dtype}")
-        elif not_pow2:
-            _warn_once(pow2_reason)
+        elif not_pow2 or d < 16:
+            _warn_once(
+                f"head dim {d}: backend 'te' in FP8 takes a power of two >= 16 (its pre-pass's Hadamard product)"
+            )
         else:
             from kernels.attention import attention_te_fp8
 

@@ -232,6 +232,45 @@ def test_fused_prepass_compiles_for_the_gpu(without_interpreter):
     assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
 
 
+_COMPILE_TE_PREPASS = """
+import sys
+try:
+    from bench.codegen import analyze, compile_kernel
+except ImportError as e:
+    print("no ahead-of-time compile API:", e)
+    sys.exit(3)
+import kernels.attention as A
+
+for x, D, block in (("*bf16", 128, 64), ("*fp16", 64, 64), ("*bf16", 256, 32)):
+    for mode in range(4):
+        lo, hi, tiny = A._pow2_range({"*bf16": A.torch.bfloat16, "*fp16": A.torch.float16}[x])
+        consts = dict(D=D, BLOCK=block, MODE=mode, SLOT=0, LO=lo, HI=hi, TINY=tiny)
+        types = dict(X=x, Y=x, MEANH="*fp32", SIGNS=x, STATS="*fp32", R="i32", SH="i32", H="i32",
+                     **{c: "constexpr" for c in consts})
+        k = compile_kernel(A._te_prepass_kernel, types, consts, num_warps=4, num_stages=1, capability=90,
+                           aligned=("X", "Y", "MEANH", "SIGNS", "STATS"))
+        assert k.metadata.shared <= 227 * 1024, (x, D, mode, k.metadata.shared)
+        assert analyze(k, 4)["spill"] in (0, None), (x, D, mode)
+        if mode < 2:  # the rotation on the tensor cores
+            assert "ttng.warp_group_dot " in k.asm["ttgir"] or "nvidia_mma" in k.asm["ttgir"], (x, D, mode)
+for fn, types in ((A._te_fwd_scales_kernel, dict(STATS="*fp32", QKV="*fp32", S="*fp32", O="*fp32")),
+                  (A._te_bwd_scales_kernel, dict(STATS="*fp32", GSTATS="*fp32", DO="*fp32", DP="*fp32",
+                                                 DQKV="*fp32", scale="fp32", Sq="i32"))):
+    consts = dict(FMAX=448.0, MARGIN=2.0)
+    compile_kernel(fn, dict(types, FMAX="constexpr", MARGIN="constexpr"), consts, num_warps=1, num_stages=1,
+                   capability=90, aligned=())
+print("ok")
+"""
+
+
+def test_te_fp8_pre_pass_kernels_compile_for_the_gpu(without_interpreter):
+    """Backend "te"'s FP8 pre-pass kernel (each mode, head dims 64 to 256) and its two scale kernels compiled
+    (not run) for sm_90 without the interpreter: within sm_90's shared memory, no register spills, the
+    Hadamard product on the tensor cores."""
+    r = without_interpreter("-c", _COMPILE_TE_PREPASS, timeout=300)
+    assert r.returncode == 0 and "ok" in r.stdout, r.stdout + r.stderr[-3000:]
+
+
 def _run(fn, q, k, v, g, **kw):
     leaves = [t.detach().clone().requires_grad_() for t in (q, k, v)]
     out = fn(*leaves, **kw)
@@ -561,6 +600,80 @@ def test_te_fp8_prepare_is_exact():
         q2, k2, v2, _, c = _te_fp8_prepare(q16, k16, (scale_v * v / v.abs().max()).half(), 0.125)
         assert all(torch.isfinite(t).all() for t in (q2, k2, v2, c.half())), scale_v
         assert torch.isfinite(v2 * c.half()).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
+    """Backend "te"'s FP8 pre-pass as the GPU runs it (kernels.attention._TePrepass: the Triton kernel, under
+    the interpreter here) against _te_fp8_prepare (torch, exact in fp64): the same q', k', v' and c, its stats
+    (max|q'|, max|k'|, max|v'|, max|v|, v's largest row norm) the same as computed from them, and the same
+    gradients of the attention output through it; B 2 and rows not a multiple of the kernel's 64."""
+    from kernels.attention import _te_fp8_prepare, _TePrepass
+
+    torch.manual_seed(0)
+    q, k, v, g = (torch.randn(2, 37, 3, 32, device=device) for _ in range(4))
+    k = k + torch.randn(2, 1, 3, 32, device=device)  # a key offset per sample and head
+    q, k, v = (t.to(dtype) for t in (20 * q, 20 * k, 700 * v))
+    stats = torch.zeros(_TePrepass.STATS_LEN, device=device)
+    got = _TePrepass.apply(q, k, v, stats)
+    *want, _, c = _te_fp8_prepare(q, k, v, 0.1)
+    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=2e-2)  # k: one rounding
+    for name, a, b in zip("qkv", got, want):
+        assert a.dtype == dtype
+        torch.testing.assert_close(a, b, **tol, msg=name)
+    assert stats[5] == c and stats[6] == 0
+    row = lambda t: torch.linalg.vector_norm(t.float(), dim=-1).amax()  # noqa: E731
+    expect = [t.float().abs().amax() for t in (*got, v)] + [row(v)]
+    torch.testing.assert_close(stats[:5], torch.stack(expect), rtol=1e-6, atol=0)
+
+    # gradients through each pre-pass (fp64 attention after it), against exact fp64 attention without one:
+    # the kernel's rounding (k - m rounded once, not twice) no worse than torch's
+    q, k, v = (t / s for t, s in ((q, 8), (k, 8), (v, 30)))  # fp16 gradients of the sizes above overflow
+
+    def through(prepare):
+        def fn(q, k, v):
+            q2, k2, v2, c = prepare(q, k, v)
+            return attention_reference(q2.double(), k2.double(), v2.double(), scale=0.1 * 32) * c.double()
+
+        return fn
+
+    def fused(q, k, v):
+        st = torch.zeros(_TePrepass.STATS_LEN, device=device)
+        return (*_TePrepass.apply(q, k, v, st), st[5])
+
+    def plain(q, k, v):
+        q2, k2, v2, _, c = _te_fp8_prepare(q, k, v, 0.1)
+        return q2, k2, v2, c
+
+    exact = _run(
+        functools.partial(attention_reference, scale=0.1), q.double(), k.double(), v.double(), g.double()
+    )
+    errs = {name: [_rel(a, b) for a, b in zip(_run(through(fn), q, k, v, g.double()), exact)]
+            for name, fn in (("fused", fused), ("torch", plain))}  # fmt: skip
+    floor, most = (1e-12, 1e-5) if dtype == torch.float32 else (1e-4, 2e-2)
+    assert all(a <= 1.5 * b + floor and a < most for a, b in zip(errs["fused"], errs["torch"])), errs
+
+
+def test_te_fp8_scale_kernels_set_the_scales_of_the_bounds(device):
+    """The two one-program kernels that set TE's FP8 scales from the stats (forward: Q/K/V, P, O; before the
+    backward: dO, dP, dQ/dK/dV) against the formulas in torch: the largest value over the bound
+    (te_fp8_backward_bounds, tested against autograd above), with TE_FP8_MARGIN's headroom."""
+    import kernels.attention as A
+
+    stats = torch.tensor([3.0, 5.0, 0.25, 40.0, 96.0, 64.0, 0.0], device=device)
+    gstats = torch.tensor([7e-4, 2e-3], device=device)  # max|dO|, dO's largest row norm
+    qkv, p, o, do, dp, dqkv = (torch.full((1,), -1.0, device=device) for _ in range(6))
+    margin = A.TE_FP8_MARGIN
+    A._te_fwd_scales_kernel[(1,)](stats, qkv, p, o, FMAX=A._E4M3_MAX, MARGIN=margin)
+    A._te_bwd_scales_kernel[(1,)](stats, gstats, do, dp, dqkv, 0.7, 3000, FMAX=A._E5M2_MAX, MARGIN=margin)
+    assert stats[6] == 96.0 / 64.0  # v''s largest row norm: v's over c
+    torch.testing.assert_close(qkv, torch.tensor([448.0 / 5.0], device=device))
+    torch.testing.assert_close(p, torch.tensor([448.0], device=device))
+    torch.testing.assert_close(o, torch.tensor([448.0 / (margin * 0.25)], device=device))
+    ds, dq_dk_dv = A.te_fp8_backward_bounds(gstats[0], gstats[1], stats[6], stats[0], stats[1], 0.7, 3000)
+    torch.testing.assert_close(do, (A._E5M2_MAX / gstats[0]).reshape(1))
+    torch.testing.assert_close(dp, (A._E5M2_MAX / (margin * ds)).reshape(1))
+    torch.testing.assert_close(dqkv, (A._E5M2_MAX / (margin * dq_dk_dv)).reshape(1))
 
 
 def test_te_fp8_prepare_first_run_under_inference_mode_then_trains():

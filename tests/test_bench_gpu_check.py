@@ -226,6 +226,22 @@ def test_a_misspelt_case_or_shape_fails_the_cpu_rehearsal(tmp_path):
     assert "GPU_FP8_SHAPES: unknown ['hy1.5-480p']" in errors["attention_fp8.module"]
 
 
+def test_fp8_providers_are_picked_with_their_baselines():
+    """GPU_FP8_PROVIDERS=te_fp8 times te_fp8 and the baselines its ratio needs (our bf16 kernel, and cuDNN
+    bf16 that one is compared with), in the same run; a misspelt name is refused, naming the choices."""
+    from bench.gpu_attention_fp8 import PROVIDERS, selected_providers
+
+    assert selected_providers("") is None
+    assert selected_providers(" te_fp8 ,") == {"te_fp8", "triton_bf16", "sdpa_cudnn"}
+    assert selected_providers("sdpa_cudnn") == {"sdpa_cudnn"}
+    with pytest.raises(ValueError, match=r"GPU_FP8_PROVIDERS: unknown \['te-fp8'\]"):
+        selected_providers("te-fp8")
+    from bench.gpu_attention_fp8 import _providers
+
+    names = set(_providers(None))  # without TE here: the te ones are absent, the others all named
+    assert names <= set(PROVIDERS) and set(PROVIDERS) - names <= {"te_fp8", "te_fp8_dpa"}
+
+
 @pytest.mark.filterwarnings("ignore:'bench.gpu_:RuntimeWarning")  # runpy of a module imported for its doc
 @pytest.mark.parametrize("area", ["attention", "attention_fp8", "attention_profile", "data", "elementwise",
                                   "models", "models_hunyuan", "trainer"])  # fmt: skip
@@ -283,7 +299,11 @@ def test_gpu_check_sh_runs_huge_tests_alone_and_keeps_the_failures_of_a_run_cut_
     out = tmp_path / "out"
     gpu, huge = (out / "pytest_gpu.log").read_text(), (out / "pytest_huge.log").read_text()
     assert "gpu failure message" in gpu and "test_huge" not in gpu, gpu
-    assert "huge failure message" in huge and "AssertionError: on a worker" not in huge and "KeyboardInterrupt" in huge, huge
+    assert (
+        "huge failure message" in huge
+        and "AssertionError: on a worker" not in huge
+        and "KeyboardInterrupt" in huge
+    ), huge
     with tarfile.open(out / "logs.tgz") as tar:
         assert {"./pytest_gpu.xml", "./pytest_huge.xml"} <= set(tar.getnames()), r.stdout
 
