@@ -607,11 +607,13 @@ def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
     """Backend "te"'s FP8 pre-pass as the GPU runs it (kernels.attention._TePrepass: the Triton kernel, under
     the interpreter here) against _te_fp8_prepare (torch, exact in fp64): the same q', k', v' and c, its stats
     (max|q'|, max|k'|, max|v'|, max|v|, v's largest row norm) the same as computed from them, and the same
-    gradients of the attention output through it; B 2 and rows not a multiple of the kernel's 64."""
+    gradients of the attention output through it; B 2, fewer keys than queries, rows not a multiple of the
+    kernel's 64."""
     from kernels.attention import _te_fp8_prepare, _TePrepass
 
     torch.manual_seed(0)
-    q, k, v, g = (torch.randn(2, 37, 3, 32, device=device) for _ in range(4))
+    q, g = (torch.randn(2, 37, 3, 32, device=device) for _ in range(2))
+    k, v = (torch.randn(2, 29, 3, 32, device=device) for _ in range(2))
     k = k + torch.randn(2, 1, 3, 32, device=device)  # a key offset per sample and head
     q, k, v = (t.to(dtype) for t in (20 * q, 20 * k, 700 * v))
     stats = torch.zeros(_TePrepass.STATS_LEN, device=device)
