@@ -602,7 +602,7 @@ def test_te_fp8_prepare_is_exact():
         assert torch.isfinite(v2 * c.half()).all()
 
 
-@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16])
 def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
     """Backend "te"'s FP8 pre-pass as the GPU runs it (kernels.attention._TePrepass: the Triton kernel, under
     the interpreter here) against _te_fp8_prepare (torch, exact in fp64): the same q', k', v' and c, its stats
@@ -611,6 +611,8 @@ def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
     kernel's 64."""
     from kernels.attention import _te_fp8_prepare, _TePrepass
 
+    if dtype == torch.bfloat16 and device == "cpu":
+        pytest.skip("the interpreter computes bf16 wrongly; bf16 on the GPU")
     torch.manual_seed(0)
     q, g = (torch.randn(2, 37, 3, 32, device=device) for _ in range(2))
     k, v = (torch.randn(2, 29, 3, 32, device=device) for _ in range(2))
@@ -619,7 +621,9 @@ def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
     stats = torch.zeros(_TePrepass.STATS_LEN, device=device)
     got = _TePrepass.apply(q, k, v, stats)
     *want, _, c = _te_fp8_prepare(q, k, v, 0.1)
-    tol = dict(rtol=0, atol=1e-5) if dtype == torch.float32 else dict(rtol=1e-3, atol=2e-2)  # k: one rounding
+    # k: rounded once (the kernel) or twice (torch, k - m first)
+    tol = {torch.float32: (0, 1e-5), torch.float16: (1e-3, 2e-2), torch.bfloat16: (8e-3, 0.2)}[dtype]
+    tol = dict(rtol=tol[0], atol=tol[1])
     for name, a, b in zip("qkv", got, want):
         assert a.dtype == dtype
         torch.testing.assert_close(a, b, **tol, msg=name)
@@ -652,7 +656,7 @@ def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
     )
     errs = {name: [_rel(a, b) for a, b in zip(_run(through(fn), q, k, v, g.double()), exact)]
             for name, fn in (("fused", fused), ("torch", plain))}  # fmt: skip
-    floor, most = (1e-12, 1e-5) if dtype == torch.float32 else (1e-4, 2e-2)
+    floor, most = {torch.float32: (1e-12, 1e-5), torch.float16: (1e-4, 2e-2), torch.bfloat16: (1e-3, 5e-2)}[dtype]
     assert all(a <= 1.5 * b + floor and a < most for a, b in zip(errs["fused"], errs["torch"])), errs
 
 
