@@ -50,14 +50,15 @@ def kernel_group(kernel_name: str) -> str:
     return "torch"
 
 
-def group_times(events, iters: int) -> dict[str, float]:
-    """Milliseconds per call of each group, from torch.profiler events (only the GPU kernels count)."""
+def group_times(events, iters: int, group=kernel_group) -> dict[str, float]:
+    """Milliseconds per call of each group (``group(kernel name)``), from torch.profiler events (only the GPU
+    kernels count), and their sum as "total"."""
     from torch.autograd import DeviceType
 
     out: dict[str, float] = defaultdict(float)
     for e in events:
         if e.device_type == DeviceType.CUDA:
-            out[kernel_group(e.name)] += e.time_range.elapsed_us() / 1000.0 / iters
+            out[group(e.name)] += e.time_range.elapsed_us() / 1000.0 / iters
     out["total"] = sum(out.values())
     return dict(out)
 

@@ -38,6 +38,7 @@ MODULES = [
     "models",
     "models_hunyuan",
     "trainer",
+    "step_profile",
     "data",
 ]
 MIN_MODULE_S = 15.0  # a module is not started with less than this left of the budget

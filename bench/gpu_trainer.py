@@ -88,9 +88,9 @@ class _Batches:
         pass
 
 
-def _measure(
-    fp8: str, compile_: bool, warmup: int, iters: int, attn_fp8: str | None = None
-) -> dict[str, float]:
+def build_trainer(fp8: str, compile_: bool, run_dir: str, attn_fp8: str | None = None):
+    """(Trainer, tokens per step, forward FLOPs per step) of a case on WanModel "1.3B" with LAYERS blocks, the
+    fixed input of :class:`_Batches` and the flow-matching loss (bench.gpu_step_profile profiles it too)."""
     from engine.flow import flow_matching_loss
     from engine.trainer import Trainer
     from models import build_model
@@ -105,10 +105,15 @@ def _measure(
         loss, logs = flow_matching_loss(m.predict_velocity, mb["x0"], {"text": mb["text"]})
         return loss, {"num_tokens": tokens}
 
+    job = _job(fp8, compile_, run_dir, attn_fp8)
+    return Trainer(job, model, loss_fn, _Batches(model.cfg.text_dim), run_dir=run_dir), tokens, fwd_flops
+
+
+def _measure(
+    fp8: str, compile_: bool, warmup: int, iters: int, attn_fp8: str | None = None
+) -> dict[str, float]:
     with tempfile.TemporaryDirectory() as d:
-        tr = Trainer(
-            _job(fp8, compile_, d, attn_fp8), model, loss_fn, _Batches(model.cfg.text_dim), run_dir=d
-        )
+        tr, tokens, fwd_flops = build_trainer(fp8, compile_, d, attn_fp8)
         for _ in range(warmup):
             tr.train_step()
         _sync()

@@ -118,13 +118,25 @@ class LayerNormFP32(nn.LayerNorm):
         return F.layer_norm(x.float(), self.normalized_shape, w, b, self.eps).to(x.dtype)
 
 
+class RMSNorm(nn.RMSNorm):
+    """nn.RMSNorm whose weight is cast to the input's dtype: under bf16 autocast an fp32 weight beside a bf16
+    input made torch.rms_norm take its unfused composite path in training (a weight that requires grad; torch
+    warns "Mismatch dtype between input and weight ... Cannot dispatch to fused implementation"): about ten
+    kernels over q or k forward and backward instead of one each. The fused kernel normalises in fp32 either
+    way; the weight is rounded to bf16 as under FSDP2's bf16 parameters. Same state dict as nn.RMSNorm."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        w = self.weight if self.weight is None or self.weight.dtype == x.dtype else self.weight.to(x.dtype)
+        return F.rms_norm(x, self.normalized_shape, w, self.eps)
+
+
 def _qk_norm(kind: str | None, dim: int, heads: int, eps: float) -> tuple[nn.Module, nn.Module]:
     """RMSNorm for q and k: "across_heads" normalises all H*D features of a token (Wan), "per_head" each
     head's D features (HunyuanVideo), None is the identity."""
     if kind == "across_heads":
-        return nn.RMSNorm(dim, eps=eps), nn.RMSNorm(dim, eps=eps)
+        return RMSNorm(dim, eps=eps), RMSNorm(dim, eps=eps)
     if kind == "per_head":
-        return nn.RMSNorm(dim // heads, eps=eps), nn.RMSNorm(dim // heads, eps=eps)
+        return RMSNorm(dim // heads, eps=eps), RMSNorm(dim // heads, eps=eps)
     if kind is None:
         return nn.Identity(), nn.Identity()
     raise ValueError(f"qk_norm: expected 'across_heads', 'per_head' or None, got {kind!r}")

@@ -656,7 +656,9 @@ def test_te_fp8_fused_pre_pass_matches_the_torch_one(dtype, device):
     )
     errs = {name: [_rel(a, b) for a, b in zip(_run(through(fn), q, k, v, g.double()), exact)]
             for name, fn in (("fused", fused), ("torch", plain))}  # fmt: skip
-    floor, most = {torch.float32: (1e-12, 1e-5), torch.float16: (1e-4, 2e-2), torch.bfloat16: (1e-3, 5e-2)}[dtype]
+    floor, most = {torch.float32: (1e-12, 1e-5), torch.float16: (1e-4, 2e-2), torch.bfloat16: (1e-3, 5e-2)}[
+        dtype
+    ]
     assert all(a <= 1.5 * b + floor and a < most for a, b in zip(errs["fused"], errs["torch"])), errs
 
 

@@ -210,6 +210,32 @@ def test_attention_profile_groups_every_attention_kernel():
     )
 
 
+def test_step_profile_sorts_the_kernels_of_a_training_step_by_kind():
+    """bench.gpu_step_profile's kinds on kernel names as the profiler shows them (cuDNN, torch's flash, our
+    kernels, cuBLAS, TE, inductor, torch's own), first match winning: our FP8 attention is attention, not an
+    FP8 cast; an inductor kernel with an amax in it is inductor's."""
+    from bench.gpu_step_profile import kernel_kind
+
+    names = {
+        "cudnn_generated_fort_native_sdpa_sm90_flash_fprop_wgmma_f16_knob_7_64x128x128_4x1x1_kernel0_0": "attention",
+        "flash_bwd_dq_dk_dv_loop_seqk_parallel_kernel": "attention",
+        "_attn_bwd_dkdv": "attention",
+        "_fp8_bwd_dq": "attention",
+        "sm90_xmma_gemm_bf16bf16_bf16f32_f32_tn_n_tilesize128x256x64_warpgroupsize2x1x1": "gemm",
+        "nvjet_tst_256x128_64x4_1x2_h_bz_coopA_NNT": "gemm",
+        "triton_red_fused__to_copy_abs_amax_0": "inductor",
+        "void multi_tensor_apply_kernel<TensorListMetadata<4>, FusedAdamMathFunctor<float, 4>>": "optimizer",
+        "void transformer_engine::cast_transpose_kernel<8, true, float, __nv_fp8_e4m3>": "fp8_cast",
+        "_adaln_modulate_kernel": "ours",
+        "_te_prepass_kernel": "ours",
+        "void at::native::unrolled_elementwise_kernel<at::native::direct_copy_kernel_cuda": "copy",
+        "void at::native::reduce_kernel<512, 1, at::native::ReduceOp<float>>": "reduce",
+        "void at::native::vectorized_elementwise_kernel<4, at::native::AUnaryFunctor<float>>": "elementwise",
+        "void cub::DeviceRadixSortOnesweepKernel": "other",
+    }
+    assert {n: kernel_kind(n) for n in names} == names
+
+
 def test_a_misspelt_case_or_shape_fails_the_cpu_rehearsal(tmp_path):
     """GPU_TRAINER_CASES and GPU_FP8_SHAPES are checked before the CUDA check: a typo shows in a CPU run of
     gpu_check, not first on the GPU (both modules returned "no CUDA device" here whatever they named)."""
@@ -244,7 +270,7 @@ def test_fp8_providers_are_picked_with_their_baselines():
 
 @pytest.mark.filterwarnings("ignore:'bench.gpu_:RuntimeWarning")  # runpy of a module imported for its doc
 @pytest.mark.parametrize("area", ["attention", "attention_fp8", "attention_profile", "data", "elementwise",
-                                  "models", "models_hunyuan", "trainer"])  # fmt: skip
+                                  "models", "models_hunyuan", "step_profile", "trainer"])  # fmt: skip
 def test_a_module_run_alone_prints_its_help_and_refuses_an_unknown_option(area, monkeypatch, capsys):
     """``python -m bench.gpu_<area> --help`` ran the whole benchmark (on a GPU: minutes), as did a misspelt
     option such as --quik; now --help prints the module's docstring and an unknown option exits 2."""

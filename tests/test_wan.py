@@ -556,3 +556,31 @@ def test_flops_context_counts_a_per_token_t(mode):
             ours.predict_velocity(x, t, cond)
         count = 2 * S * ours.flops_per_token(S, **ours.flops_context(cond, t))
         assert abs(count / counter.get_total_flops() - 1) < 1e-9, (t.shape, count, counter.get_total_flops())
+
+
+def test_training_under_bf16_autocast_takes_the_fused_qk_rms_norm():
+    """The single-process trainer's precision (fp32 weights, bf16 autocast): q and k's RMSNorm had an fp32
+    weight beside a bf16 input, and torch.rms_norm fell back to its composite path (about ten kernels over q or k
+    each way; torch warns "Cannot dispatch to fused implementation"). Now the weight is cast to the input's
+    dtype: no such warning in a training step, the same velocity as with the weights rounded to bf16 first
+    (what FSDP2's bf16 parameters give) and a gradient on the fp32 norm weights."""
+    import warnings
+
+    torch.manual_seed(0)
+    model = build_model("wan", "toy")
+    x = torch.randn(1, model.cfg.in_channels, 2, 8, 8)
+    t, text = torch.tensor([500.0]), torch.randn(1, 8, model.cfg.text_dim)
+    with warnings.catch_warnings(record=True) as caught, torch.autocast("cpu", dtype=torch.bfloat16):
+        warnings.simplefilter("always")
+        out = model(x, t, text)
+        out.float().square().mean().backward()
+    fallback = [str(w.message) for w in caught if "fused implementation" in str(w.message)]
+    assert not fallback, fallback[0]
+    norm = model.blocks[0].self_attn.norm_q
+    assert norm.weight.dtype == torch.float32 and norm.weight.grad is not None
+    assert norm.weight.grad.abs().sum() > 0
+    rounded = build_model("wan", "toy")
+    rounded.load_state_dict({k: v.bfloat16().float() for k, v in model.state_dict().items()})
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        a, b = model(x, t, text).float(), rounded(x, t, text).float()
+    assert rel_err(a, b) < 2e-2, rel_err(a, b)
