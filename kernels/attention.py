@@ -929,9 +929,9 @@ def _te_prepass_kernel(
         tl.atomic_max(STATS + SLOT + 1, tl.max(tl.sqrt(tl.sum(xf * xf, 1)), 0))
     else:
         if MODE == 2:
-            c = tl.exp2(
-                tl.minimum(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.load(STATS + 4), TINY)) + 0.5), LO), HI)
-            )
+            e = tl.minimum(tl.maximum(tl.floor(tl.log2(tl.maximum(tl.load(STATS + 4), TINY)) + 0.5), LO), HI)
+            # 2^e from its exponent bits: exact (the GPU's exp2 is an approximation), e within fp32's normals
+            c = ((e.to(tl.int32) + 127) << 23).to(tl.float32, bitcast=True)
             tl.store(STATS + 5, c)
             y = x.to(tl.float32) / c
         else:
