@@ -34,12 +34,14 @@ LATENT, TEXT_LEN, LAYERS, FLAVOUR, DEVICE = (16, 21, 60, 104), 512, 4, "1.3B", "
 PEAK_BF16 = 989e12
 # (provider, precision.fp8, parallel.compile, FP8 self-attention: model.fp8_attention_backend or None), most
 # wanted first: Transformer Engine's linears, then with cuDNN's FP8 attention through TE (te_attn: issue 8's
-# FP8 step goal needs the attention, ~70% of the step; never measured yet), then torchao, compiled before eager
-# (Float8Linear in eager mode: 0.70x bf16 on an H200, 0.66x on an H100). Without TE its cases fail at once.
+# FP8 step goal needs the attention, ~70% of the step; H200: 1.14-1.27x bf16 eager), then torchao, compiled
+# before eager (Float8Linear in eager mode: 0.70x bf16 on an H200, 0.66x on an H100), and torchao's linears
+# with TE's FP8 attention (untimed: inductor may fuse torchao's casts into the code around them, where TE's
+# linears cast in kernels of their own). Without TE its cases fail at once.
 CASES = [("bf16", "none", False, None), ("bf16+compile", "none", True, None), ("fp8_te+compile", "te", True, None),
          ("fp8_te", "te", False, None), ("te_attn", "none", False, "te"), ("fp8_te+te_attn", "te", False, "te"),
          ("fp8_te+te_attn+compile", "te", True, "te"), ("fp8_torchao+compile", "torchao", True, None),
-         ("fp8_torchao", "torchao", False, None)]  # fmt: skip
+         ("fp8_torchao+te_attn+compile", "torchao", True, "te"), ("fp8_torchao", "torchao", False, None)]  # fmt: skip
 
 
 def selected_cases(quick: bool, only: str = "") -> list[tuple[str, str, bool, str | None]]:
