@@ -10,13 +10,14 @@
 # 5. where ncu is on the PATH (GPU_NCU=0 skips it), profiles one launch of each kernel whose goal is
 #    missed (bench/ncu_kernels.py: attention pointer/TMA loads at the Wan shape, Euler step, a copy),
 # and writes under $OUT (default bench/results/gpu_<date>) six files: the results JSON (named by date
-# and device), pytest_gpu.log, pytest_huge.log, bench.log, ncu.txt and logs.tgz (build, wheels, nvidia-smi, junit XML and
-# each module's own JSON and log) -- few files, since the device tool returns at most eight.
+# and device), pytest_gpu.log, pytest_huge.log, bench.log, ncu.txt and logs.tgz (build, wheels, nvidia-smi,
+# junit XML and each module's own JSON and log) -- few files, since the device tool returns at most eight.
 # Time: build <= 45 s, tests <= GPU_TEST_TIMEOUT (150), huge tests <= GPU_HUGE_TIMEOUT (150; GPU_HUGE=0
 # skips them), benchmarks <= GPU_BENCH_TIMEOUT (285, the modules share it, each at most GPU_MODULE_TIMEOUT =
 # 90), ncu <= GPU_NCU_TIMEOUT (90): at most 12 minutes in all, more than one 10-minute device call, so a
-# session runs tests and benchmarks in separate calls (GPU_BENCH=0, then GPU_TESTS=0); GPU_ONLY=attention,elementwise limits the benchmark modules, GPU_TEST_K=attention the
-# tests (pytest -k), GPU_TESTS=0 skips them, GPU_BENCH=0 the benchmarks. The first H200 run
+# session runs tests and benchmarks in separate calls (GPU_BENCH=0, then GPU_TESTS=0). GPU_ONLY (e.g.
+# attention,elementwise) limits the benchmark modules, GPU_TEST_K (e.g. attention) the tests (pytest -k),
+# GPU_TESTS=0 skips them, GPU_BENCH=0 the benchmarks. The first H200 run
 # took: wheels + build under 15 s, tests 120 s (4 xdist workers), modules 378 s, of which 100 s the data
 # module timing out (it now skips at once without DALI; bench/results/20261126_nvidia-h200.md). The H100
 # run at 23ee8ee: tests 150 s, attention + elementwise + attention_fp8 modules 260 s, ncu 31 s (457 s in

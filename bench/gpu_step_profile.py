@@ -48,8 +48,10 @@ KINDS = (
     ("reduce", ("reduce",)),
     ("elementwise", ("elementwise",)),
 )
-# the models benchmark's bf16 step, then the trainer's, cheapest first
-VARIANTS = ("models_bf16", "trainer_bf16", "trainer_fp8_te+te_attn", "trainer_bf16+compile")
+# variant: None (bench.gpu_models' bf16 step) or the trainer's (precision.fp8, parallel.compile, FP8
+# self-attention backend or None); cheapest first
+VARIANTS = {"models_bf16": None, "trainer_bf16": ("none", False, None), "trainer_fp8_te+te_attn": ("te", False, "te"),
+            "trainer_bf16+compile": ("none", True, None)}  # fmt: skip
 
 
 def kernel_kind(name: str) -> str:
@@ -70,20 +72,15 @@ def _models_step():
     return step, None
 
 
-def _trainer_step(fp8: str, compile_: bool, attn_fp8: str | None):
+def _step(spec: tuple[str, bool, str | None] | None):
+    """(step(), a folder to clean up or None) of a VARIANTS entry."""
+    if spec is None:
+        return _models_step()
     from bench.gpu_trainer import build_trainer
 
     d = tempfile.TemporaryDirectory()
-    tr, _, _ = build_trainer(fp8, compile_, d.name, attn_fp8)
+    tr, _, _ = build_trainer(*spec[:2], d.name, spec[2])
     return tr.train_step, d
-
-
-def _step(variant: str):
-    """(step(), a folder to clean up or None) of a variant."""
-    if variant == "models_bf16":
-        return _models_step()
-    fp8, attn = ("te", "te") if "fp8_te" in variant else ("none", None)
-    return _trainer_step(fp8, variant.endswith("+compile"), attn)
 
 
 def profile_step(step, warmup: int = 2, iters: int = 2) -> dict[str, float]:
@@ -114,18 +111,18 @@ def run(quick: bool = False) -> list[dict]:
 
     budget, t0 = module_budget(70.0, reserve=20.0), time.perf_counter()
     recs: list[dict] = []
-    for variant in VARIANTS[:2] if quick else VARIANTS:
-        if "fp8_te" in variant and importlib.util.find_spec("transformer_engine") is None:
+    for variant, spec in list(VARIANTS.items())[: 2 if quick else None]:
+        if spec and "te" in (spec[0], spec[2]) and importlib.util.find_spec("transformer_engine") is None:
             recs.append(
                 record(NAME, CASE, variant, "error", 0.0, message="skipped: needs Transformer Engine")
             )
             continue
-        if time.perf_counter() - t0 > budget * (0.6 if variant.endswith("+compile") else 0.85):
+        if time.perf_counter() - t0 > budget * (0.6 if spec and spec[1] else 0.85):
             recs.append(record(NAME, CASE, variant, "error", 0.0, message="skipped: time budget"))
             continue
         tmp = None
         try:
-            step, tmp = _step(variant)
+            step, tmp = _step(spec)
             times = profile_step(step)
         except Exception as e:  # a variant that fails becomes a record, not a crash
             recs.append(error_record(NAME, CASE, variant, e))

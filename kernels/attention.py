@@ -829,7 +829,7 @@ _E4M3_MAX, _E5M2_MAX = torch.finfo(torch.float8_e4m3fn).max, torch.finfo(torch.f
 TE_FP8_MARGIN = 2.0  # headroom over a bound that FP8-rounded operands may exceed slightly
 
 
-def _te_module(H: int, D: int, scale: float, fp8: bool, q: torch.Tensor):
+def _te_module(H: int, D: int, scale: float, fp8: bool):
     from kernels.te_loader import import_te
 
     key = (H, D, scale, fp8)
@@ -882,10 +882,8 @@ def _te_fp8_prepare(q, k, v, scale: float):
     without these and 6% with them. v at unit size keeps dV's share of the one scale cuDNN gives dQ, dK and dV
     (its bound Sq max|dO|) independent of v's size: emulated, the same errors with v 1000x or 1/1000 the size
     (before, dV was 13% off at 1000x against 9%)."""
-    from kernels.attention_fp8 import hadamard_signs
-
     D = q.shape[-1]
-    h = hadamard_signs(D, q.dtype, q.device) / D  # +-2^-log2(D), exact; |x h| <= max|x|: no fp16 overflow
+    h = _hadamard_signs(D, q.dtype, q.device) / D  # +-2^-log2(D), exact; |x h| <= max|x|: no fp16 overflow
     k = k - k.mean(dim=1, keepdim=True)
     lo, hi, tiny = _pow2_range(v.dtype)  # c a power of two in v's normal range (fp16: 2^-14 .. 2^15)
     # round half up, as the kernel (:func:`_te_prepass_kernel`; torch.round takes half to even)
@@ -1000,7 +998,9 @@ def _te_prepass(
     return y
 
 
-def _hadamard_signs(D, dtype, device):
+def _hadamard_signs(
+    D, dtype, device
+):  # kernels.attention_fp8's (it imports this module: no top-level import)
     from kernels.attention_fp8 import hadamard_signs
 
     return hadamard_signs(D, dtype, device)
@@ -1070,7 +1070,7 @@ def _te_fp8(q, k, v, scale):
     stats = torch.zeros(_TePrepass.STATS_LEN, device=q.device, dtype=torch.float32)
     q, k, v = _TePrepass.apply(q, k, v, stats)
     scale = scale * D  # q H (k H)^T = q k^T / D with H the +-1 matrix over D (_te_fp8_prepare)
-    mod = _te_module(H, D, scale, True, q)
+    mod = _te_module(H, D, scale, True)
     fwd, bwd = mod.quantizers["scaling_fwd"], mod.quantizers["scaling_bwd"]  # views of TE's scale buffers
     with _te_fp8_autocast():
         _te_fwd_scales_kernel[(1,)](
@@ -1114,7 +1114,7 @@ def _te(q, k, v, scale, k_lengths, rope, fp8=False):
     if rope is not None:
         q, k = _rotate_qk(q, k, rope)
     if not fp8:
-        out = _te_module(q.shape[2], q.shape[3], scale, False, q)(q, k, v)  # (B, S, H*D)
+        out = _te_module(q.shape[2], q.shape[3], scale, False)(q, k, v)  # (B, S, H*D)
         return out.view(q.shape)  # (B, S, H*D) -> (B, S, H, D)
     return _te_fp8(q, k, v, scale)
 
@@ -1129,7 +1129,7 @@ def attention_te_fp8(q, k, v, *, scale=None, k_lengths=None, rope=None, return_l
     D = q.shape[-1]
     if D < 16 or D & (D - 1):  # the pre-pass's Hadamard product runs on tensor cores (16-wide)
         raise ValueError(f"q: backend 'te' in FP8 takes a head dim that is a power of two >= 16, got {D}")
-    scale = q.shape[-1] ** -0.5 if scale is None else float(scale)
+    scale = D**-0.5 if scale is None else float(scale)
     return _te(q, k, v, scale, k_lengths, rope, fp8=True)
 
 
