@@ -300,6 +300,26 @@ def test_te_unusable_is_a_clear_error():
         pytest.skip("transformer_engine is usable here")
 
 
+@pytest.mark.parametrize("d", [8, 24])
+def test_te_fp8_head_dims_it_cannot_take(d):
+    """Backend "te"'s FP8 pre-pass multiplies by the Hadamard matrix on tensor cores: a head dim below 16 or
+    not a power of two is a clear error named by attention_te_fp8 (before TE loads), and through
+    attention(precision="fp8") a one-time warning naming it, after which TE's bf16 path runs (here, without
+    TE, to its clear error)."""
+    import kernels.attention_fp8
+    from kernels.attention import attention_te_fp8
+
+    q = torch.randn(1, 8, 2, d, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match=f"power of two >= 16, got {d}"):
+        attention_te_fp8(q, q, q)
+    if importlib.util.find_spec("transformer_engine") is not None:
+        return  # TE's bf16 path at these head dims: cuDNN's to take or refuse, not this test's
+    kernels.attention_fp8._WARNED.clear()
+    with pytest.warns(UserWarning, match=f"head dim {d}: backend 'te' in FP8 takes a power of two >= 16"):
+        with pytest.raises(RuntimeError, match="backend 'te'"):  # no TE here: the bf16 path's own error
+            attention(q, q, q, backend="te", precision="fp8")
+
+
 def _attention_backward_parts(q, k, v, g, scale):
     """fp64 O, dP, dS by hand and dQ, dK, dV by autograd of the reference, (B, S, H, D) layout."""
     q, k, v, g = (t.double().transpose(1, 2) for t in (q, k, v, g))  # (B, H, S, D)
